@@ -1,0 +1,34 @@
+//! Store errors carry a kind that decides whether the caller retries.
+
+/// What went wrong, as far as a caller's retry decision is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The backend cannot be reached or is overloaded: retry later (HTTP 503).
+    Unavailable,
+    /// The stored data could not be decoded: not retryable.
+    Corrupt,
+    /// The request itself is wrong (bad URL, bad argument): not retryable.
+    Invalid,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { kind: StoreErrorKind::Unavailable, message: message.into() }
+    }
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self { kind: StoreErrorKind::Corrupt, message: message.into() }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self { kind: StoreErrorKind::Invalid, message: message.into() }
+    }
+    pub fn is_retryable(&self) -> bool {
+        self.kind == StoreErrorKind::Unavailable
+    }
+}

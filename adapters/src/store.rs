@@ -1,0 +1,106 @@
+//! The event journal (the embedded event bus) and the operational store.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cohort_messages::{
+    msgs::IdentityMerged, CustomerEvent, DeadLetter, DeadLetterStage, Identifier, ProfileId,
+    ProfileRecord, Source,
+};
+use tokio::sync::watch;
+
+use crate::StoreError;
+
+/// A raw payload exactly as received: the Bronze layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BronzeRecord {
+    pub source: Source,
+    /// `segment:track`, `twilio_form`, `sendgrid_events`, `salesforce_cdc`, `salesforce_csv`.
+    pub format: String,
+    pub content_type: String,
+    pub received_at: DateTime<Utc>,
+    pub body: Vec<u8>,
+}
+
+/// One ingest: the raw payload and the events normalized from it, made durable together.
+#[derive(Debug, Clone)]
+pub struct AppendBatch {
+    pub raw: Option<BronzeRecord>,
+    pub events: Vec<CustomerEvent>,
+}
+
+/// Result of an append: one entry per event, `None` where the event id had been journaled
+/// before (a duplicate, applied once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub raw_seq: Option<u64>,
+    pub seqs: Vec<Option<u64>>,
+}
+
+/// A journaled event with its sequence number.
+#[derive(Debug, Clone)]
+pub struct JournaledEvent {
+    pub seq: u64,
+    pub event: CustomerEvent,
+}
+
+/// The durable, ordered journal of normalized events: Cohort's embedded event bus.
+///
+/// An HTTP 2xx is only sent after `append` returned, so the journal is the source of truth for
+/// what was acknowledged. Consumers read from their checkpoint and re-apply idempotently.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends atomically and durably; concurrent calls are committed together (group commit).
+    async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError>;
+    /// Events with `seq > after`, in order, at most `limit`.
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<JournaledEvent>, StoreError>;
+    /// The highest journaled seq, updated on every append (0 when empty).
+    fn watch_head(&self) -> watch::Receiver<u64>;
+    /// Bronze records with `seq > after`, in order, at most `limit` (for replay and audit).
+    async fn read_bronze_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, BronzeRecord)>, StoreError>;
+}
+
+/// What a write-behind cycle persists, in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct FlushBatch {
+    pub identities: Vec<(Identifier, ProfileId)>,
+    pub profiles: Vec<ProfileRecord>,
+    pub merges: Vec<IdentityMerged>,
+    /// All journal events up to this seq are reflected in persisted profiles.
+    pub checkpoint: Option<u64>,
+}
+
+/// A dead letter before the store assigns its id.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub source: Source,
+    pub stage: DeadLetterStage,
+    pub reason: String,
+    pub event_id: Option<String>,
+    pub payload: String,
+    pub content_type: String,
+    pub received_at: DateTime<Utc>,
+    pub attempts: u32,
+}
+
+/// Profiles, the identity graph, merges, dead letters and the pipeline checkpoint.
+#[async_trait]
+pub trait OperationalStore: Send + Sync + 'static {
+    async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError>;
+    async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError>;
+    async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError>;
+    async fn checkpoint(&self) -> Result<u64, StoreError>;
+    async fn put_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError>;
+    /// Dead letters with `id > after`, oldest first, at most `limit`.
+    async fn list_dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    async fn count_dead_letters(&self) -> Result<u64, StoreError>;
+    async fn count_profiles(&self) -> Result<u64, StoreError>;
+    /// Profile ids with `id > after`, in id order, at most `limit` (for scans and exports).
+    async fn list_profile_ids(&self, after: Option<&ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError>;
+    async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError>;
+    /// Cheap liveness check used by `/health/ready`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

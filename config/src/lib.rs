@@ -1,0 +1,313 @@
+//! Typed configuration: built-in defaults, then a TOML file, then `COHORT__SECTION__KEY`
+//! environment variables. Unknown keys and invalid values fail at start, naming the key.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The embedded defaults, also shown by `cohort config defaults`.
+pub const DEFAULTS_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub sources: SourcesConfig,
+    pub identity: IdentityConfig,
+    pub profiles: ProfilesConfig,
+    pub supervision: SupervisionConfig,
+    pub telemetry: TelemetryConfig,
+    /// Passed to the normalizers, which validate it at start (`normalize.*` keys).
+    #[serde(default)]
+    pub normalize: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_import_body_bytes: usize,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub api_tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesConfig {
+    pub web: WriteKeySource,
+    pub mobile: WriteKeySource,
+    pub crm: CrmSource,
+    pub email: EmailSource,
+    pub whatsapp: WhatsappSource,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteKeySource {
+    pub write_key: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrmSource {
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSource {
+    pub sendgrid_public_key: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatsappSource {
+    pub auth_token: String,
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub shards: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfilesConfig {
+    pub history_limit: usize,
+    pub passivate_after_secs: u64,
+    pub flush_interval_ms: u64,
+    pub max_event_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisionConfig {
+    pub max_restarts: u32,
+    pub window_secs: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// A configuration problem, naming the offending key.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::check_file(file)?;
+        Self::from_figment(Self::figment(file, true))
+    }
+
+    /// Defaults and `file` only: what `cohort config check FILE` validates.
+    pub fn load_file_only(file: &Path) -> Result<Config, ConfigError> {
+        Self::check_file(Some(file))?;
+        Self::from_figment(Self::figment(Some(file), false))
+    }
+
+    /// Defaults overridden by a TOML string (tests and the demo).
+    pub fn from_toml_str(overrides: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(DEFAULTS_TOML)).merge(Toml::string(overrides)))
+    }
+
+    fn figment(file: Option<&Path>, env: bool) -> Figment {
+        let mut fig = Figment::from(Toml::string(DEFAULTS_TOML));
+        if let Some(path) = file {
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        if env {
+            fig = fig.merge(Env::prefixed("COHORT__").split("__").lowercase(true));
+        }
+        fig
+    }
+
+    fn check_file(file: Option<&Path>) -> Result<(), ConfigError> {
+        match file {
+            Some(path) if !path.is_file() => {
+                Err(ConfigError::Parse(format!("config file {} does not exist or is not a file", path.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+        let cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(render_figment_error(e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks value ranges serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| ConfigError::Invalid { key: key.into(), problem: problem.into() };
+        if self.server.max_body_bytes < 1024 {
+            return Err(bad("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return Err(bad("server.request_timeout_ms", "must be positive"));
+        }
+        let scheme_ok = self.storage.url.starts_with("embedded://") || self.storage.url == "memory://";
+        if !scheme_ok {
+            return Err(bad("storage.url", "must be embedded://PATH or memory://"));
+        }
+        if self.auth.api_tokens.iter().any(|t| t.trim().len() < 8) {
+            return Err(bad("auth.api_tokens", "every token must have at least 8 characters"));
+        }
+        for (key, value) in [
+            ("sources.web.write_key", &self.sources.web.write_key),
+            ("sources.mobile.write_key", &self.sources.mobile.write_key),
+            ("sources.crm.token", &self.sources.crm.token),
+            ("sources.whatsapp.auth_token", &self.sources.whatsapp.auth_token),
+        ] {
+            if value.trim().is_empty() {
+                return Err(bad(key, "must not be empty"));
+            }
+        }
+        if self.sources.web.write_key == self.sources.mobile.write_key {
+            return Err(bad("sources.mobile.write_key", "must differ from sources.web.write_key"));
+        }
+        if !(1..=256).contains(&self.identity.shards) {
+            return Err(bad("identity.shards", "must be between 1 and 256"));
+        }
+        if self.profiles.history_limit == 0 {
+            return Err(bad("profiles.history_limit", "must be positive"));
+        }
+        if self.profiles.flush_interval_ms == 0 {
+            return Err(bad("profiles.flush_interval_ms", "must be positive"));
+        }
+        if self.profiles.max_event_attempts == 0 {
+            return Err(bad("profiles.max_event_attempts", "must be positive"));
+        }
+        if self.supervision.backoff_initial_ms > self.supervision.backoff_max_ms {
+            return Err(bad("supervision.backoff_initial_ms", "must not exceed supervision.backoff_max_ms"));
+        }
+        if self.supervision.window_secs == 0 {
+            return Err(bad("supervision.window_secs", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Whether built-in development credentials are still in use.
+    pub fn uses_dev_credentials(&self) -> bool {
+        let defaults = match Config::from_toml_str("") {
+            Ok(d) => d,
+            Err(_) => return false,
+        };
+        self.auth.api_tokens == defaults.auth.api_tokens
+            || self.sources.web.write_key == defaults.sources.web.write_key
+            || self.sources.whatsapp.auth_token == defaults.sources.whatsapp.auth_token
+    }
+}
+
+/// Renders figment's error with the dotted key path first, so the message names the key.
+fn render_figment_error(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|err| {
+            let path = err.path.join(".");
+            let kind = err.kind.to_string();
+            let origin = err.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+            let kind = kind.trim().to_string();
+            match (path.is_empty(), origin.is_empty()) {
+                (false, false) => format!("`{path}`: {kind} (from {origin})"),
+                (false, true) => format!("`{path}`: {kind}"),
+                (true, false) => format!("{kind} (from {origin})"),
+                (true, true) => kind,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.identity.shards, 4);
+        assert_eq!(c.storage.url, "embedded://.cohort-data/cohort.redb");
+        assert!(c.uses_dev_credentials());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str("[server]\nlisten_port = 3\n").unwrap_err().to_string();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_path() {
+        let err = Config::from_toml_str("[identity]\nshards = \"many\"\n").unwrap_err().to_string();
+        assert!(err.contains("identity.shards"), "{err}");
+    }
+
+    #[test]
+    fn range_check_names_the_key() {
+        let err = Config::from_toml_str("[identity]\nshards = 0\n").unwrap_err().to_string();
+        assert!(err.contains("`identity.shards`"), "{err}");
+        let err = Config::from_toml_str("[storage]\nurl = \"ftp://x\"\n").unwrap_err().to_string();
+        assert!(err.contains("storage.url"), "{err}");
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.toml");
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(f, "[identity]\nshards = 8\n[profiles]\nhistory_limit = 7").unwrap();
+        let c = Config::load_file_only(&path).unwrap();
+        assert_eq!(c.identity.shards, 8);
+        assert_eq!(c.profiles.history_limit, 7);
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("COHORT__IDENTITY__SHARDS", "16");
+            let c = Config::load(Some(&path)).map_err(|e| e.to_string())?;
+            assert_eq!(c.identity.shards, 16);
+            assert_eq!(c.profiles.history_limit, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load_file_only(Path::new("/nonexistent/cohort.toml")).unwrap_err().to_string();
+        assert!(err.contains("cohort.toml"), "{err}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Cohort's domain types and the message enum of every actor.
+//!
+//! This crate does no I/O: it is shared by the adapters (which persist these types), the actors
+//! (which exchange them) and the API (which renders them). It depends on `ractor` only for
+//! `RpcReplyPort`, so that queries can carry their reply channel.
+
+pub mod dead_letter;
+pub mod event;
+pub mod ids;
+pub mod msgs;
+pub mod profile;
+
+pub use dead_letter::{DeadLetter, DeadLetterStage};
+pub use event::{CustomerEvent, EventKind, RawRef, Utm};
+pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
+pub use profile::{
+    EventSummary, LinkedIdentifier, ProfileCounters, ProfileRecord, ProfileView, TraitValue,
+};

@@ -1,0 +1,181 @@
+//! The message enum of every actor. Commands are verbs, queries carry an `RpcReplyPort`,
+//! events are in the past tense.
+
+use crate::dead_letter::DeadLetter;
+use crate::event::CustomerEvent;
+use crate::ids::{Identifier, ProfileId, Source};
+use crate::profile::{EventSummary, LinkedIdentifier, ProfileRecord, ProfileView};
+use chrono::{DateTime, Utc};
+use ractor::RpcReplyPort;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The wire shape of a payload handed to an ingest actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A Segment HTTP API call; `call` is the endpoint (`identify`, `track`, ..., `batch`).
+    Segment { call: SegmentCall },
+    /// A Twilio inbound-message webhook (form-encoded).
+    TwilioForm,
+    /// A SendGrid event-webhook array.
+    SendgridEvents,
+    /// A Salesforce Change Data Capture event (JSON).
+    SalesforceCdc,
+    /// A chunk of a Salesforce Bulk API 2.0 CSV export, header row first.
+    SalesforceCsv,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentCall {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+    Batch,
+}
+
+impl SegmentCall {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "identify" => SegmentCall::Identify,
+            "track" => SegmentCall::Track,
+            "page" => SegmentCall::Page,
+            "screen" => SegmentCall::Screen,
+            "group" => SegmentCall::Group,
+            "alias" => SegmentCall::Alias,
+            "batch" => SegmentCall::Batch,
+            _ => return None,
+        })
+    }
+}
+
+/// An authenticated payload, exactly as received.
+#[derive(Debug, Clone)]
+pub struct RawPayload {
+    pub source: Source,
+    pub format: PayloadFormat,
+    pub body: Arc<[u8]>,
+    pub content_type: String,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Why (part of) a payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// Index of the event in the payload (batch element, CSV data row), when it applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub reason: String,
+}
+
+/// The answer of an ingest actor once the accepted events are durable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestReceipt {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// Nothing in the payload could be accepted; it went to the dead-letter store.
+    #[error("{0}")]
+    Malformed(String),
+    /// The journal could not make the events durable; the caller should retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Per-source ingest actor.
+#[derive(Debug)]
+pub enum IngestMsg {
+    /// Validate, normalize and journal a payload; reply when durable.
+    Receive { payload: RawPayload, reply: RpcReplyPort<Result<IngestReceipt, IngestError>> },
+}
+
+/// Sharded identity resolver worker.
+#[derive(Debug)]
+pub enum IdentityMsg {
+    /// Place a journaled event on a profile (creating, linking or merging) and deliver it.
+    Resolve { seq: u64, event: Arc<CustomerEvent> },
+}
+
+/// One student's live profile.
+#[derive(Debug)]
+pub enum ProfileMsg {
+    /// Apply a journaled event (idempotent by `seq`).
+    Apply { seq: u64, event: Arc<CustomerEvent> },
+    /// Hand this profile's state to `survivor` and become a redirect to it.
+    MergeInto { survivor: ProfileId },
+    /// Absorb the state of a profile merged into this one.
+    Absorb { record: Box<ProfileRecord> },
+    GetView(RpcReplyPort<ProfileRecordReply<ProfileView>>),
+    GetEvents { offset: usize, limit: usize, reply: RpcReplyPort<ProfileRecordReply<Vec<EventSummary>>> },
+    GetIdentities(RpcReplyPort<ProfileRecordReply<Vec<LinkedIdentifier>>>),
+    /// Write-behind: the state to persist and the seqs applied since the previous snapshot.
+    TakeSnapshot(RpcReplyPort<ProfileSnapshot>),
+}
+
+/// A query answer, or the survivor this profile was merged into.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProfileRecordReply<T> {
+    Found(T),
+    MergedInto(ProfileId),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProfileSnapshot {
+    pub record: ProfileRecord,
+    pub applied_since_last: Vec<u64>,
+}
+
+/// Directory and supervisor of all ProfileActors: spawns on demand, passivates idle ones,
+/// restarts failed ones from the store and re-delivers their unflushed events.
+#[derive(Debug)]
+pub enum ProfilesMsg {
+    /// Deliver a message to the profile's actor, spawning (and rehydrating) it if needed.
+    Deliver { profile_id: ProfileId, msg: ProfileMsg },
+    /// Write-behind cycle: snapshot dirty profiles, persist them, then the checkpoint.
+    Flush { reply: Option<RpcReplyPort<Result<FlushReport, String>>> },
+    /// A flush task finished (internal).
+    Flushed { result: Result<FlushReport, String>, snapshots: Vec<(ProfileId, Vec<u64>)> },
+    /// Stop actors idle for longer than the configured time (internal timer).
+    PassivateIdle,
+    GetStats(RpcReplyPort<ProfilesStats>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushReport {
+    pub profiles: usize,
+    pub identities: usize,
+    pub checkpoint: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfilesStats {
+    pub live: usize,
+    pub passivating: usize,
+    pub unflushed_events: usize,
+    pub restarts: u64,
+    pub poison_events: u64,
+}
+
+/// Published when two profiles turned out to be one student.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityMerged {
+    pub survivor: ProfileId,
+    pub merged: ProfileId,
+    pub evidence: Vec<Identifier>,
+    pub at: DateTime<Utc>,
+    pub seq: u64,
+}
+
+/// Published when an event was given up on.
+#[derive(Debug, Clone)]
+pub struct EventDeadLettered {
+    pub letter: DeadLetter,
+}

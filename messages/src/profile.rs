@@ -1,0 +1,321 @@
+//! The golden record of one student, as persisted and as served by the Profile API.
+
+use crate::event::{CustomerEvent, EventKind};
+use crate::ids::{EventId, Identifier, ProfileId, Source};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Contact fields: Salesforce is their source of truth (slide 7).
+pub const CONTACT_TRAITS: &[&str] =
+    &["email", "phone", "first_name", "last_name", "name", "enrollment_status", "application_stage"];
+
+/// Behaviour fields: only the website and the app may set them.
+pub const BEHAVIOUR_TRAITS: &[&str] =
+    &["last_page_path", "last_screen", "last_utm_campaign", "app_version", "platform"];
+
+/// One trait value with its provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraitValue {
+    pub value: Value,
+    pub source: Source,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An identifier linked to a profile, with the source that first showed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkedIdentifier {
+    #[serde(flatten)]
+    pub identifier: Identifier,
+    pub source: Source,
+    pub first_seen: DateTime<Utc>,
+}
+
+/// A bounded history entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventSummary {
+    pub event_id: EventId,
+    pub source: Source,
+    pub kind: EventKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub properties: Map<String, Value>,
+}
+
+/// Basic counters, exact under replay because events are applied once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileCounters {
+    pub events_total: u64,
+    pub by_source: BTreeMap<Source, u64>,
+    pub by_kind: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// The persisted state of one student's profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub profile_id: ProfileId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub identifiers: Vec<LinkedIdentifier>,
+    pub traits: BTreeMap<String, TraitValue>,
+    pub counters: ProfileCounters,
+    pub recent_events: VecDeque<EventSummary>,
+    /// Journal sequence numbers applied after the last pipeline checkpoint. Replay after a crash
+    /// starts at the checkpoint; these make re-applying an event a no-op.
+    #[serde(default)]
+    pub applied_seqs: BTreeSet<u64>,
+    /// Set when this profile was merged into another; the record then only redirects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<ProfileId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<ProfileId>,
+}
+
+impl ProfileRecord {
+    pub fn new(profile_id: ProfileId, now: DateTime<Utc>) -> Self {
+        Self {
+            profile_id,
+            created_at: now,
+            updated_at: now,
+            identifiers: Vec::new(),
+            traits: BTreeMap::new(),
+            counters: ProfileCounters::default(),
+            recent_events: VecDeque::new(),
+            applied_seqs: BTreeSet::new(),
+            merged_into: None,
+            merged_from: Vec::new(),
+        }
+    }
+
+    /// Links an identifier; returns whether it was new to this profile.
+    pub fn link(&mut self, identifier: &Identifier, source: Source, at: DateTime<Utc>) -> bool {
+        if self.identifiers.iter().any(|l| &l.identifier == identifier) {
+            return false;
+        }
+        self.identifiers.push(LinkedIdentifier { identifier: identifier.clone(), source, first_seen: at });
+        true
+    }
+
+    /// Applies one trait by the golden-record rules: Salesforce wins contact fields, web and app
+    /// own behaviour fields, otherwise the most recent value wins.
+    pub fn set_trait(&mut self, name: &str, value: Value, source: Source, at: DateTime<Utc>) -> bool {
+        if BEHAVIOUR_TRAITS.contains(&name) && !source.is_behavioural() {
+            return false;
+        }
+        if let Some(existing) = self.traits.get(name) {
+            let contact = CONTACT_TRAITS.contains(&name);
+            let existing_wins = if contact && existing.source == Source::Crm && source != Source::Crm {
+                true
+            } else if contact && source == Source::Crm && existing.source != Source::Crm {
+                false
+            } else {
+                existing.updated_at > at
+            };
+            if existing_wins || existing.value == value {
+                return false;
+            }
+        }
+        self.traits.insert(name.to_string(), TraitValue { value, source, updated_at: at });
+        true
+    }
+
+    /// Applies an event: traits, counters and history. Returns false if it was already applied.
+    pub fn apply(&mut self, seq: u64, event: &CustomerEvent, history_limit: usize) -> bool {
+        if !self.applied_seqs.insert(seq) {
+            return false;
+        }
+        for id in &event.identifiers {
+            self.link(id, event.source, event.occurred_at);
+        }
+        for (k, v) in &event.traits {
+            if !v.is_null() {
+                self.set_trait(k, v.clone(), event.source, event.occurred_at);
+            }
+        }
+        if event.source.is_behavioural() {
+            if let Some(path) = event.properties.get("path").and_then(Value::as_str) {
+                if event.kind == EventKind::Page {
+                    self.set_trait("last_page_path", Value::from(path), event.source, event.occurred_at);
+                }
+            }
+            if event.kind == EventKind::Screen {
+                if let Some(name) = &event.name {
+                    self.set_trait("last_screen", Value::from(name.as_str()), event.source, event.occurred_at);
+                }
+            }
+            if let Some(c) = &event.utm.campaign {
+                self.set_trait("last_utm_campaign", Value::from(c.as_str()), event.source, event.occurred_at);
+            }
+        }
+        let c = &mut self.counters;
+        c.events_total += 1;
+        *c.by_source.entry(event.source).or_default() += 1;
+        *c.by_kind.entry(event.kind.as_str().to_string()).or_default() += 1;
+        c.first_seen = Some(c.first_seen.map_or(event.occurred_at, |f| f.min(event.occurred_at)));
+        c.last_seen = Some(c.last_seen.map_or(event.occurred_at, |l| l.max(event.occurred_at)));
+        self.push_history(
+            EventSummary {
+                event_id: event.event_id.clone(),
+                source: event.source,
+                kind: event.kind,
+                name: event.name.clone(),
+                occurred_at: event.occurred_at,
+                received_at: event.received_at,
+                properties: event.properties.clone(),
+            },
+            history_limit,
+        );
+        self.updated_at = self.updated_at.max(event.received_at);
+        true
+    }
+
+    /// Keeps history sorted newest first and bounded.
+    fn push_history(&mut self, entry: EventSummary, limit: usize) {
+        let pos = self.recent_events.iter().position(|e| e.occurred_at <= entry.occurred_at);
+        match pos {
+            Some(i) => self.recent_events.insert(i, entry),
+            None => self.recent_events.push_back(entry),
+        }
+        while self.recent_events.len() > limit.max(1) {
+            self.recent_events.pop_back();
+        }
+    }
+
+    /// Absorbs a merged profile: identifiers, traits by the same rules, counters added (each
+    /// event was applied to exactly one of the two), histories interleaved.
+    pub fn absorb(&mut self, other: ProfileRecord, history_limit: usize) {
+        for l in other.identifiers {
+            self.link(&l.identifier, l.source, l.first_seen);
+        }
+        for (k, t) in other.traits {
+            self.set_trait(&k, t.value, t.source, t.updated_at);
+        }
+        let c = &mut self.counters;
+        c.events_total += other.counters.events_total;
+        for (s, n) in other.counters.by_source {
+            *c.by_source.entry(s).or_default() += n;
+        }
+        for (k, n) in other.counters.by_kind {
+            *c.by_kind.entry(k).or_default() += n;
+        }
+        c.first_seen = match (c.first_seen, other.counters.first_seen) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        c.last_seen = match (c.last_seen, other.counters.last_seen) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        for e in other.recent_events {
+            self.push_history(e, history_limit);
+        }
+        self.applied_seqs.extend(other.applied_seqs);
+        self.merged_from.push(other.profile_id);
+        self.merged_from.extend(other.merged_from);
+        self.created_at = self.created_at.min(other.created_at);
+        self.updated_at = self.updated_at.max(other.updated_at);
+    }
+
+    pub fn view(&self) -> ProfileView {
+        ProfileView {
+            profile_id: self.profile_id.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            identifiers: self.identifiers.clone(),
+            traits: self.traits.clone(),
+            counters: self.counters.clone(),
+            merged_from: self.merged_from.clone(),
+            recent_events: self.recent_events.len(),
+        }
+    }
+}
+
+/// What the Profile API returns for a profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileView {
+    pub profile_id: ProfileId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub identifiers: Vec<LinkedIdentifier>,
+    pub traits: BTreeMap<String, TraitValue>,
+    pub counters: ProfileCounters,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<ProfileId>,
+    /// Number of events held in the recent history (see `/events`).
+    pub recent_events: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{RawRef, Utm};
+    use crate::ids::IdentifierKind;
+    use chrono::TimeZone;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + secs, 0).single().unwrap_or_default()
+    }
+
+    fn event(source: Source, id: &str, secs: i64, traits: &[(&str, &str)]) -> CustomerEvent {
+        CustomerEvent {
+            event_id: EventId::new(source, id),
+            source,
+            kind: EventKind::Identify,
+            name: None,
+            occurred_at: at(secs),
+            received_at: at(secs),
+            identifiers: vec![Identifier::new(IdentifierKind::Email, "max@gmail.com")],
+            traits: traits.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect(),
+            properties: Map::new(),
+            utm: Utm::default(),
+            raw: RawRef { seq: None, index: 0 },
+        }
+    }
+
+    #[test]
+    fn salesforce_wins_contact_fields_even_when_older() {
+        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("x")), at(0));
+        p.apply(1, &event(Source::Crm, "a", 10, &[("first_name", "Max")]), 10);
+        p.apply(2, &event(Source::Web, "b", 20, &[("first_name", "Maxi"), ("city", "Berlin")]), 10);
+        assert_eq!(p.traits["first_name"].value, Value::from("Max"));
+        assert_eq!(p.traits["city"].value, Value::from("Berlin"));
+        // most recent wins for non-contact fields
+        p.apply(3, &event(Source::Email, "c", 30, &[("city", "Hamburg")]), 10);
+        assert_eq!(p.traits["city"].value, Value::from("Hamburg"));
+        p.apply(4, &event(Source::Web, "d", 5, &[("city", "Munich")]), 10);
+        assert_eq!(p.traits["city"].value, Value::from("Hamburg"));
+    }
+
+    #[test]
+    fn applying_twice_counts_once_and_history_is_bounded_newest_first() {
+        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("x")), at(0));
+        for i in 0..5u64 {
+            assert!(p.apply(i, &event(Source::Web, &i.to_string(), i as i64, &[]), 3));
+        }
+        assert!(!p.apply(2, &event(Source::Web, "2", 2, &[]), 3));
+        assert_eq!(p.counters.events_total, 5);
+        assert_eq!(p.recent_events.len(), 3);
+        assert_eq!(p.recent_events[0].occurred_at, at(4));
+    }
+
+    #[test]
+    fn absorb_adds_counters_and_keeps_salesforce_contact_fields() {
+        let mut a = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("a")), at(0));
+        let mut b = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("b")), at(1));
+        a.apply(1, &event(Source::Web, "1", 50, &[("phone", "+491")]), 10);
+        b.apply(2, &event(Source::Crm, "2", 10, &[("phone", "+492")]), 10);
+        let b_id = b.profile_id.clone();
+        a.absorb(b, 10);
+        assert_eq!(a.counters.events_total, 2);
+        assert_eq!(a.traits["phone"].value, Value::from("+492"));
+        assert_eq!(a.merged_from, vec![b_id]);
+    }
+}

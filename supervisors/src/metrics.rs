@@ -1,0 +1,133 @@
+//! Every Prometheus metric Cohort exports, registered in one registry.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+/// The metric set; cheap to clone (all handles are reference counted).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_received: IntCounterVec,
+    pub events_accepted: IntCounterVec,
+    pub events_rejected: IntCounterVec,
+    pub events_duplicate: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub actor_restarts: IntCounterVec,
+    pub actor_escalations: IntCounterVec,
+    pub profile_actors_live: IntGauge,
+    pub mailbox_depth: IntGaugeVec,
+    pub api_latency: HistogramVec,
+    pub event_to_profile_latency: Histogram,
+    pub profiles_created: IntCounter,
+    pub identity_merges: IntCounter,
+    pub flush_duration: Histogram,
+    pub flush_failures: IntCounter,
+    pub checkpoint: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new_custom(Some("cohort".into()), None)?;
+        let events_received = counter_vec(&r, "ingest_events_received_total", "Events received per source, before validation", &["source"])?;
+        let events_accepted = counter_vec(&r, "ingest_events_accepted_total", "Events made durable per source", &["source"])?;
+        let events_rejected = counter_vec(&r, "ingest_events_rejected_total", "Events or payloads refused per source and reason", &["source", "reason"])?;
+        let events_duplicate = counter_vec(&r, "ingest_events_duplicate_total", "Events whose id had been accepted before", &["source"])?;
+        let dead_letters = counter_vec(&r, "dead_letters_total", "Dead-letter records written per stage", &["stage"])?;
+        let actor_restarts = counter_vec(&r, "actor_restarts_total", "Actor restarts per actor kind", &["kind"])?;
+        let actor_escalations = counter_vec(&r, "actor_escalations_total", "Failures escalated past a supervisor, per child kind", &["kind"])?;
+        let profile_actors_live = IntGauge::new("profile_actors_live", "ProfileActors currently running")?;
+        r.register(Box::new(profile_actors_live.clone()))?;
+        let mailbox_depth = IntGaugeVec::new(Opts::new("mailbox_depth", "Messages queued per actor kind"), &["actor"])?;
+        r.register(Box::new(mailbox_depth.clone()))?;
+        let api_latency = HistogramVec::new(
+            HistogramOpts::new("api_request_duration_seconds", "HTTP request latency").buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method", "status"],
+        )?;
+        r.register(Box::new(api_latency.clone()))?;
+        let event_to_profile_latency = histogram(&r, "event_to_profile_seconds", "From event received to applied on its profile", LATENCY_BUCKETS.to_vec())?;
+        let profiles_created = IntCounter::new("profiles_created_total", "Profiles created by identity resolution")?;
+        r.register(Box::new(profiles_created.clone()))?;
+        let identity_merges = IntCounter::new("identity_merges_total", "Profile merges")?;
+        r.register(Box::new(identity_merges.clone()))?;
+        let flush_duration = histogram(&r, "profile_flush_seconds", "Write-behind flush duration", LATENCY_BUCKETS.to_vec())?;
+        let flush_failures = IntCounter::new("profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
+        r.register(Box::new(flush_failures.clone()))?;
+        let checkpoint = IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
+        r.register(Box::new(checkpoint.clone()))?;
+        Ok(Self {
+            registry: r,
+            events_received,
+            events_accepted,
+            events_rejected,
+            events_duplicate,
+            dead_letters,
+            actor_restarts,
+            actor_escalations,
+            profile_actors_live,
+            mailbox_depth,
+            api_latency,
+            event_to_profile_latency,
+            profiles_created,
+            identity_merges,
+            flush_duration,
+            flush_failures,
+            checkpoint,
+        })
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        encoder.encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# encode error: {e}\n"))
+    }
+
+    /// A mailbox-depth tracker for one actor kind.
+    pub fn queue(&self, actor: &str) -> QueueDepth {
+        QueueDepth { count: Arc::new(AtomicI64::new(0)), gauge: self.mailbox_depth.with_label_values(&[actor]) }
+    }
+}
+
+/// ractor does not expose mailbox lengths, so senders count up and handlers count down.
+#[derive(Clone, Debug)]
+pub struct QueueDepth {
+    count: Arc<AtomicI64>,
+    gauge: IntGauge,
+}
+
+impl QueueDepth {
+    pub fn enqueued(&self) {
+        let v = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        self.gauge.set(v);
+    }
+    pub fn dequeued(&self) {
+        let v = self.count.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.gauge.set(v.max(0));
+    }
+    pub fn get(&self) -> i64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
