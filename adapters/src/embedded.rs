@@ -1,0 +1,525 @@
+//! The embedded backend: journal, Bronze layer and operational store in one redb database.
+//!
+//! This is what lets `cohort` run with nothing installed. Writes go through one writer thread
+//! that group-commits (see [`writer`]); reads run in read transactions on tokio's blocking
+//! pool, so neither ever stalls the async runtime.
+
+mod tables;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use cohort_messages::{
+    msgs::IdentityMerged, CustomerEvent, DeadLetter, Identifier, ProfileId, ProfileRecord,
+};
+use parking_lot::RwLock;
+use redb::backends::InMemoryBackend;
+use redb::{Database, DatabaseError, ReadTransaction, ReadableTableMetadata};
+use std::ops::Bound;
+use tokio::sync::{oneshot, watch};
+
+use self::tables::{
+    db_err, decode, merge_range, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS,
+    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, PROFILES,
+};
+use self::writer::{Command, Writer};
+use crate::{
+    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter,
+    OperationalStore, StoreError,
+};
+
+/// URL scheme of a file-backed store: `embedded:///abs/path.redb` or `embedded://rel/path.redb`.
+pub const EMBEDDED_SCHEME: &str = "embedded://";
+/// URL of an in-memory store (nothing survives the process).
+pub const MEMORY_URL: &str = "memory://";
+
+/// Where the database lives; kept for logs and `Debug`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Memory => f.write_str(MEMORY_URL),
+        }
+    }
+}
+
+/// What an open store holds; taken out as a whole on close so the file lock is released.
+struct Open {
+    db: Arc<Database>,
+    commands: mpsc::Sender<Command>,
+    writer: JoinHandle<()>,
+}
+
+/// The embedded [`EventLog`] and [`OperationalStore`], backed by a single redb database.
+///
+/// Cheap to share as `Arc<EmbeddedStore>` (coerces to both trait objects). Dropping the last
+/// `Arc`, or calling [`EmbeddedStore::close`], stops the writer thread and releases the file,
+/// so the same path can be opened again in the same process.
+pub struct EmbeddedStore {
+    location: Location,
+    state: RwLock<Option<Open>>,
+    head: watch::Sender<u64>,
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("location", &self.location)
+            .field("open", &self.state.read().is_some())
+            .field("head", &*self.head.borrow())
+            .finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) a durable store at `path`, creating missing parent directories.
+    ///
+    /// Blocking: opening may have to repair the file after a crash; call it at startup or from
+    /// a blocking context. Fails with `Unavailable` if the file is already open elsewhere.
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::unavailable(format!(
+                    "cannot create directory {} for the embedded store: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => StoreError::unavailable(format!(
+                "embedded store {} is already open (by this or another process)",
+                path.display()
+            )),
+            other => db_err("open the embedded store", other),
+        })?;
+        Self::start(db, Location::File(path.to_path_buf()))
+    }
+
+    /// Opens an empty store held in memory: for tests and throwaway runs.
+    pub fn in_memory() -> Result<Arc<Self>, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(InMemoryBackend::new())
+            .ctx("create the in-memory store")?;
+        Self::start(db, Location::Memory)
+    }
+
+    /// Opens the store named by a `storage.url`: `embedded://PATH` (a redb file, absolute with
+    /// `embedded:///abs/...`, else relative to the working directory) or `memory://`.
+    pub fn open_url(url: &str) -> Result<Arc<Self>, StoreError> {
+        match parse_url(url)? {
+            Location::File(path) => Self::open(&path),
+            Location::Memory => Self::in_memory(),
+        }
+    }
+
+    /// Stops the writer after it finished the pending writes and releases the database file.
+    ///
+    /// Afterwards every operation fails with `Unavailable`. Idempotent. Reads still running on
+    /// the blocking pool keep the database alive until they finish.
+    pub async fn close(&self) {
+        let Some(open) = self.state.write().take() else {
+            return;
+        };
+        let Open {
+            db,
+            commands,
+            writer,
+        } = open;
+        drop(commands);
+        drop(db);
+        match tokio::task::spawn_blocking(move || writer.join()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                tracing::error!(location = %self.location, "embedded store writer panicked")
+            }
+            Err(e) => {
+                tracing::error!(location = %self.location, error = %e, "embedded store close failed")
+            }
+        }
+        tracing::info!(location = %self.location, "embedded store closed");
+    }
+
+    /// Creates the tables, reads the head and starts the writer thread.
+    fn start(db: Database, location: Location) -> Result<Arc<Self>, StoreError> {
+        let head_seq = writer::initialize(&db)?;
+        let db = Arc::new(db);
+        let (head, _) = watch::channel(head_seq);
+        let (commands, queue) = mpsc::channel();
+        let writer = Writer {
+            db: Arc::clone(&db),
+            head: head.clone(),
+            commands: queue,
+        };
+        let writer = std::thread::Builder::new()
+            .name("cohort-embedded-writer".to_string())
+            .spawn(move || writer.run())
+            .map_err(|e| {
+                StoreError::unavailable(format!("cannot start the embedded writer thread: {e}"))
+            })?;
+        tracing::info!(location = %location, head = head_seq, "embedded store opened");
+        Ok(Arc::new(Self {
+            location,
+            state: RwLock::new(Some(Open {
+                db,
+                commands,
+                writer,
+            })),
+            head,
+        }))
+    }
+
+    fn closed(&self) -> StoreError {
+        StoreError::unavailable(format!("embedded store {} is closed", self.location))
+    }
+
+    /// Hands a write to the writer thread and waits for its group to commit.
+    async fn submit<T>(
+        &self,
+        (command, answer): (Command, oneshot::Receiver<Result<T, StoreError>>),
+    ) -> Result<T, StoreError> {
+        {
+            let state = self.state.read();
+            let open = state.as_ref().ok_or_else(|| self.closed())?;
+            open.commands
+                .send(command)
+                .map_err(|_| StoreError::unavailable("embedded store writer has stopped"))?;
+        }
+        answer.await.map_err(|_| {
+            StoreError::unavailable("embedded store writer stopped before answering")
+        })?
+    }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = {
+            let state = self.state.read();
+            Arc::clone(&state.as_ref().ok_or_else(|| self.closed())?.db)
+        };
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().ctx("begin read")?;
+            f(&txn)
+        })
+        .await
+        .map_err(|e| StoreError::unavailable(format!("embedded store read task failed: {e}")))?
+    }
+}
+
+impl Drop for EmbeddedStore {
+    /// Stops the writer and waits for it, so the database file is unlocked when the last
+    /// handle is gone. The wait is at most one in-flight commit.
+    fn drop(&mut self) {
+        if let Some(Open {
+            db,
+            commands,
+            writer,
+        }) = self.state.get_mut().take()
+        {
+            drop(commands);
+            drop(db);
+            if writer.join().is_err() {
+                tracing::error!(location = %self.location, "embedded store writer panicked");
+            }
+        }
+    }
+}
+
+/// Parses a storage URL into a location; errors name the URL and the accepted schemes.
+fn parse_url(url: &str) -> Result<Location, StoreError> {
+    let invalid = |why: &str| {
+        StoreError::invalid(format!(
+            "storage url `{url}` {why}: expected embedded://PATH (e.g. embedded://.cohort-data/cohort.redb \
+             or embedded:///var/lib/cohort/cohort.redb) or memory://"
+        ))
+    };
+    if url == MEMORY_URL {
+        return Ok(Location::Memory);
+    }
+    if let Some(path) = url.strip_prefix(EMBEDDED_SCHEME) {
+        if path.is_empty() || path.ends_with('/') {
+            return Err(invalid("has no file path"));
+        }
+        return Ok(Location::File(PathBuf::from(path)));
+    }
+    Err(invalid("has an unsupported scheme"))
+}
+
+fn range_after(after: u64) -> (Bound<u64>, Bound<u64>) {
+    (Bound::Excluded(after), Bound::Unbounded)
+}
+
+#[async_trait]
+impl EventLog for EmbeddedStore {
+    async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+        if batch.raw.is_none() && batch.events.is_empty() {
+            return Ok(AppendOutcome {
+                raw_seq: None,
+                seqs: Vec::new(),
+            });
+        }
+        self.submit(Command::append(batch)).await
+    }
+
+    async fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<JournaledEvent>, StoreError> {
+        self.read(move |txn| {
+            let journal = txn.open_table(JOURNAL).ctx("open journal")?;
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in journal
+                .range(range_after(after))
+                .ctx("read journal")?
+                .take(limit)
+            {
+                let (seq, bytes) = entry.ctx("read journal")?;
+                let event: CustomerEvent = decode("event", bytes.value())?;
+                out.push(JournaledEvent {
+                    seq: seq.value(),
+                    event,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    async fn read_bronze_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, BronzeRecord)>, StoreError> {
+        self.read(move |txn| {
+            let rows = txn.open_table(BRONZE).ctx("open bronze")?;
+            let bodies = txn.open_table(BRONZE_BODY).ctx("open bronze")?;
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in rows
+                .range(range_after(after))
+                .ctx("read bronze")?
+                .take(limit)
+            {
+                let (seq, bytes) = entry.ctx("read bronze")?;
+                let seq = seq.value();
+                let row: BronzeRow = decode("bronze record", bytes.value())?;
+                let body = bodies
+                    .get(seq)
+                    .ctx("read bronze")?
+                    .ok_or_else(|| StoreError::corrupt(format!("bronze record {seq} has no body")))?
+                    .value()
+                    .to_vec();
+                out.push((seq, row.into_record(body)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl OperationalStore for EmbeddedStore {
+    async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |txn| {
+            let profiles = txn.open_table(PROFILES).ctx("read profiles")?;
+            let found = profiles.get(id.as_str()).ctx("read profiles")?;
+            found
+                .map(|bytes| decode("profile", bytes.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn lookup_identity(
+        &self,
+        identifier: &Identifier,
+    ) -> Result<Option<ProfileId>, StoreError> {
+        let key = identifier.key();
+        self.read(move |txn| {
+            let identities = txn.open_table(IDENTITIES).ctx("read identities")?;
+            let found = identities.get(key.as_str()).ctx("read identities")?;
+            found
+                .map(|id| {
+                    ProfileId::parse(id.value()).ok_or_else(|| {
+                        StoreError::corrupt("identity points to a malformed profile id")
+                    })
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        if batch.identities.is_empty()
+            && batch.profiles.is_empty()
+            && batch.merges.is_empty()
+            && batch.checkpoint.is_none()
+        {
+            return Ok(());
+        }
+        self.submit(Command::flush(batch)).await
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META).ctx("read checkpoint")?;
+            let value = meta.get(META_CHECKPOINT).ctx("read checkpoint")?;
+            Ok(value.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn put_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError> {
+        if letters.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(Command::dead_letters(letters)).await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.read(move |txn| {
+            let letters = txn.open_table(DEAD_LETTERS).ctx("read dead letters")?;
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in letters
+                .range(range_after(after))
+                .ctx("read dead letters")?
+                .take(limit)
+            {
+                let (_, bytes) = entry.ctx("read dead letters")?;
+                out.push(decode("dead letter", bytes.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn count_dead_letters(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            txn.open_table(DEAD_LETTERS)
+                .ctx("count dead letters")?
+                .len()
+                .ctx("count dead letters")
+        })
+        .await
+    }
+
+    /// Counts stored profile records, including those merged away (they remain as redirects).
+    async fn count_profiles(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            txn.open_table(PROFILES)
+                .ctx("count profiles")?
+                .len()
+                .ctx("count profiles")
+        })
+        .await
+    }
+
+    async fn list_profile_ids(
+        &self,
+        after: Option<&ProfileId>,
+        limit: usize,
+    ) -> Result<Vec<ProfileId>, StoreError> {
+        let after = after.map(|id| id.as_str().to_string());
+        self.read(move |txn| {
+            let profiles = txn.open_table(PROFILES).ctx("list profiles")?;
+            let lower = match after.as_deref() {
+                Some(after) => Bound::Excluded(after),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in profiles
+                .range::<&str>((lower, Bound::Unbounded))
+                .ctx("list profiles")?
+                .take(limit)
+            {
+                let (id, _) = entry.ctx("list profiles")?;
+                let id = ProfileId::parse(id.value())
+                    .ok_or_else(|| StoreError::corrupt("profile stored under a malformed id"))?;
+                out.push(id);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError> {
+        let (lo, hi) = merge_range(profile);
+        self.read(move |txn| {
+            let merges = txn.open_table(MERGES).ctx("read merges")?;
+            let mut out = Vec::new();
+            for entry in merges
+                .range::<&str>(lo.as_str()..hi.as_str())
+                .ctx("read merges")?
+            {
+                let (_, bytes) = entry.ctx("read merges")?;
+                out.push(decode("merge", bytes.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|txn| txn.open_table(META).ctx("ping").map(drop))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_map_to_locations() {
+        assert_eq!(parse_url("memory://").ok(), Some(Location::Memory));
+        assert_eq!(
+            parse_url("embedded:///var/lib/cohort/cohort.redb").ok(),
+            Some(Location::File(PathBuf::from("/var/lib/cohort/cohort.redb")))
+        );
+        assert_eq!(
+            parse_url("embedded://.cohort-data/cohort.redb").ok(),
+            Some(Location::File(PathBuf::from(".cohort-data/cohort.redb")))
+        );
+    }
+
+    #[test]
+    fn bad_urls_name_the_url_and_the_schemes() {
+        for url in [
+            "ftp://x",
+            "embedded://",
+            "embedded:///tmp/",
+            "memory://x",
+            "mongodb://h/db",
+            "",
+        ] {
+            let err = parse_url(url).err();
+            let Some(err) = err else {
+                panic!("`{url}` must be rejected");
+            };
+            assert_eq!(err.kind, crate::StoreErrorKind::Invalid);
+            assert!(err.message.contains(&format!("`{url}`")), "{}", err.message);
+            assert!(err.message.contains("embedded://") && err.message.contains("memory://"));
+        }
+    }
+}

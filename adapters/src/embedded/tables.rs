@@ -1,0 +1,153 @@
+//! The redb layout of the embedded store: table definitions, key formats and value codecs.
+//!
+//! Values are JSON (serde_json) for now: easy to inspect and to evolve; a binary codec can
+//! replace it behind these helpers without touching the rest of the store.
+
+use chrono::{DateTime, Utc};
+use cohort_messages::{ProfileId, Source};
+use redb::TableDefinition;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{BronzeRecord, StoreError};
+
+/// Journal: seq → `CustomerEvent` (JSON).
+pub(super) const JOURNAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("journal");
+/// Idempotency: event id → the seq it was journaled at.
+pub(super) const IDEMPOTENCY: TableDefinition<'static, &str, u64> =
+    TableDefinition::new("idempotency");
+/// Bronze metadata: raw seq → [`BronzeRow`] (JSON).
+pub(super) const BRONZE: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("bronze");
+/// Bronze bodies: raw seq → the payload bytes, verbatim (no base64 blow-up, byte exact).
+pub(super) const BRONZE_BODY: TableDefinition<'static, u64, &[u8]> =
+    TableDefinition::new("bronze_body");
+/// Profiles: profile id → `ProfileRecord` (JSON).
+pub(super) const PROFILES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("profiles");
+/// Identity graph: `kind:value` → profile id.
+pub(super) const IDENTITIES: TableDefinition<'static, &str, &str> =
+    TableDefinition::new("identities");
+/// Merges: [`merge_key`] → `IdentityMerged` (JSON), once under each of the two profiles.
+pub(super) const MERGES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("merges");
+/// Dead letters: id → `DeadLetter` (JSON).
+pub(super) const DEAD_LETTERS: TableDefinition<'static, u64, &[u8]> =
+    TableDefinition::new("dead_letters");
+/// Counters and the pipeline checkpoint.
+pub(super) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+
+/// Meta key: all journal events up to this seq are reflected in persisted profiles.
+pub(super) const META_CHECKPOINT: &str = "checkpoint";
+/// Meta key: the last journal seq assigned (0 when empty).
+pub(super) const META_JOURNAL_SEQ: &str = "journal_seq";
+/// Meta key: the last Bronze raw seq assigned.
+pub(super) const META_RAW_SEQ: &str = "raw_seq";
+/// Meta key: the last dead-letter id assigned.
+pub(super) const META_DEAD_LETTER_ID: &str = "dead_letter_id";
+
+/// Storage mirror of [`BronzeRecord`] without its body (kept in [`BRONZE_BODY`]): the public
+/// type is deliberately not serde, so the on-disk shape is owned here.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct BronzeRow {
+    pub source: Source,
+    pub format: String,
+    pub content_type: String,
+    pub received_at: DateTime<Utc>,
+}
+
+impl BronzeRow {
+    pub(super) fn of(record: &BronzeRecord) -> Self {
+        Self {
+            source: record.source,
+            format: record.format.clone(),
+            content_type: record.content_type.clone(),
+            received_at: record.received_at,
+        }
+    }
+
+    pub(super) fn into_record(self, body: Vec<u8>) -> BronzeRecord {
+        BronzeRecord {
+            source: self.source,
+            format: self.format,
+            content_type: self.content_type,
+            received_at: self.received_at,
+            body,
+        }
+    }
+}
+
+/// Key of one merge under one of its profiles: `profile/seq(20 digits)/other`.
+///
+/// The zero-padded seq makes a prefix scan return a profile's merges in journal order; the
+/// other profile keeps two merges at the same seq (one survivor absorbing two) apart. Profile
+/// ids never contain `/`, so `profile/` is an exact prefix.
+pub(super) fn merge_key(profile: &ProfileId, seq: u64, other: &ProfileId) -> String {
+    format!("{}/{seq:020}/{}", profile.as_str(), other.as_str())
+}
+
+/// The half-open key range `[profile/, profile0)` holding every merge key of `profile`
+/// (`0` is the byte after `/`).
+pub(super) fn merge_range(profile: &ProfileId) -> (String, String) {
+    (
+        format!("{}/", profile.as_str()),
+        format!("{}0", profile.as_str()),
+    )
+}
+
+/// Serializes a value for storage; failing here is a caller bug, not a storage fault.
+pub(super) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| {
+        StoreError::invalid(format!("cannot encode {what} for the embedded store: {e}"))
+    })
+}
+
+/// Deserializes a stored value; failing here means the file holds something we cannot read.
+pub(super) fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::corrupt(format!("cannot decode stored {what}: {e}")))
+}
+
+/// Maps a redb error met while trying to `action` to a store error: corruption is not
+/// retryable, everything else (I/O, locks, transactions) means the backend is unavailable.
+pub(super) fn db_err(action: &'static str, err: impl Into<redb::Error>) -> StoreError {
+    let err: redb::Error = err.into();
+    let message = format!("embedded store: cannot {action}: {err}");
+    match err {
+        redb::Error::Corrupted(_) => StoreError::corrupt(message),
+        _ => StoreError::unavailable(message),
+    }
+}
+
+/// `.ctx("read journal")?` on any redb result: one mapping for redb's many error types.
+pub(super) trait DbResult<T> {
+    fn ctx(self, action: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> DbResult<T> for Result<T, E> {
+    fn ctx(self, action: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| db_err(action, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keys_of_a_profile_sort_by_seq_and_stay_inside_its_range() {
+        let a = ProfileId::parse("prof_000000000001aaaaaaaaaaaa");
+        let b = ProfileId::parse("prof_000000000002bbbbbbbbbbbb");
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("test ids must parse");
+        };
+        let k9 = merge_key(&a, 9, &b);
+        let k10 = merge_key(&a, 10, &b);
+        assert!(k9 < k10, "seqs must sort numerically");
+        let (lo, hi) = merge_range(&a);
+        for k in [&k9, &k10] {
+            assert!(lo.as_str() <= k.as_str() && k.as_str() < hi.as_str());
+        }
+        let other = merge_key(&b, 1, &a);
+        assert!(!(lo.as_str() <= other.as_str() && other.as_str() < hi.as_str()));
+    }
+}

@@ -1,0 +1,404 @@
+//! The single writer thread of the embedded store: group commit.
+//!
+//! redb allows one write transaction at a time and each durable commit costs an fsync, so
+//! instead of one transaction per caller, every write is sent to one dedicated thread that
+//! drains whatever is pending, applies it all in ONE write transaction, commits once, and only
+//! then answers each caller. Under load many appends share one fsync; with a single caller it
+//! degenerates to a plain commit.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use chrono::Utc;
+use cohort_messages::DeadLetter;
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use tokio::sync::{oneshot, watch};
+
+use super::tables::{
+    encode, merge_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY,
+    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ,
+    META_RAW_SEQ, PROFILES,
+};
+use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
+
+/// Upper bound on commands merged into one transaction, so one huge backlog cannot hold every
+/// caller's acknowledgement hostage to a single enormous commit.
+const MAX_GROUP: usize = 1024;
+
+/// One write request and the channel its answer goes back on.
+pub(super) struct Command {
+    op: Op,
+    reply: Reply,
+}
+
+impl Command {
+    pub(super) fn append(
+        batch: AppendBatch,
+    ) -> (Self, oneshot::Receiver<Result<AppendOutcome, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                op: Op::Append(batch),
+                reply: Reply::Append(tx),
+            },
+            rx,
+        )
+    }
+
+    pub(super) fn flush(batch: FlushBatch) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                op: Op::Flush(batch),
+                reply: Reply::Flush(tx),
+            },
+            rx,
+        )
+    }
+
+    pub(super) fn dead_letters(
+        letters: Vec<NewDeadLetter>,
+    ) -> (Self, oneshot::Receiver<Result<Vec<u64>, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                op: Op::DeadLetters(letters),
+                reply: Reply::DeadLetters(tx),
+            },
+            rx,
+        )
+    }
+}
+
+/// The result of one command inside a committed group, before it is sent back.
+enum Applied {
+    Append(AppendOutcome),
+    Flush,
+    DeadLetters(Vec<u64>),
+}
+
+/// The counters kept in `meta`, loaded at the start of each transaction and written back with
+/// it, so a failed commit can never leave a gap or a reused number behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counters {
+    journal_seq: u64,
+    raw_seq: u64,
+    dead_letter_id: u64,
+    checkpoint: u64,
+}
+
+/// Every table of one write transaction, opened once per group.
+struct Tables<'txn> {
+    journal: Table<'txn, u64, &'static [u8]>,
+    idempotency: Table<'txn, &'static str, u64>,
+    bronze: Table<'txn, u64, &'static [u8]>,
+    bronze_body: Table<'txn, u64, &'static [u8]>,
+    profiles: Table<'txn, &'static str, &'static [u8]>,
+    identities: Table<'txn, &'static str, &'static str>,
+    merges: Table<'txn, &'static str, &'static [u8]>,
+    dead_letters: Table<'txn, u64, &'static [u8]>,
+    meta: Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            journal: txn.open_table(JOURNAL).ctx("open table")?,
+            idempotency: txn.open_table(IDEMPOTENCY).ctx("open table")?,
+            bronze: txn.open_table(BRONZE).ctx("open table")?,
+            bronze_body: txn.open_table(BRONZE_BODY).ctx("open table")?,
+            profiles: txn.open_table(PROFILES).ctx("open table")?,
+            identities: txn.open_table(IDENTITIES).ctx("open table")?,
+            merges: txn.open_table(MERGES).ctx("open table")?,
+            dead_letters: txn.open_table(DEAD_LETTERS).ctx("open table")?,
+            meta: txn.open_table(META).ctx("open table")?,
+        })
+    }
+
+    fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(key)
+            .ctx("read meta")?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    fn counters(&self) -> Result<Counters, StoreError> {
+        Ok(Counters {
+            journal_seq: self.meta(META_JOURNAL_SEQ)?,
+            raw_seq: self.meta(META_RAW_SEQ)?,
+            dead_letter_id: self.meta(META_DEAD_LETTER_ID)?,
+            checkpoint: self.meta(META_CHECKPOINT)?,
+        })
+    }
+
+    fn save_counters(&mut self, before: Counters, after: Counters) -> Result<(), StoreError> {
+        let pairs = [
+            (META_JOURNAL_SEQ, before.journal_seq, after.journal_seq),
+            (META_RAW_SEQ, before.raw_seq, after.raw_seq),
+            (
+                META_DEAD_LETTER_ID,
+                before.dead_letter_id,
+                after.dead_letter_id,
+            ),
+            (META_CHECKPOINT, before.checkpoint, after.checkpoint),
+        ];
+        for (key, old, new) in pairs {
+            if old != new {
+                self.meta.insert(key, new).ctx("write meta")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Journals the events that were never seen before, in order; Bronze gets its own seq.
+    fn append(
+        &mut self,
+        c: &mut Counters,
+        batch: AppendBatch,
+    ) -> Result<AppendOutcome, StoreError> {
+        let raw_seq = match batch.raw {
+            Some(raw) => {
+                c.raw_seq += 1;
+                let row = encode("bronze record", &BronzeRow::of(&raw))?;
+                self.bronze
+                    .insert(c.raw_seq, row.as_slice())
+                    .ctx("append")?;
+                self.bronze_body
+                    .insert(c.raw_seq, raw.body.as_slice())
+                    .ctx("append")?;
+                Some(c.raw_seq)
+            }
+            None => None,
+        };
+        let mut seqs = Vec::with_capacity(batch.events.len());
+        for mut event in batch.events {
+            // The write transaction sees its own inserts, so this also catches an id repeated
+            // earlier in the same batch or in another batch of the same group.
+            if self
+                .idempotency
+                .get(event.event_id.as_str())
+                .ctx("append")?
+                .is_some()
+            {
+                seqs.push(None);
+                continue;
+            }
+            if raw_seq.is_some() {
+                event.raw.seq = raw_seq;
+            }
+            let seq = c.journal_seq + 1;
+            let bytes = encode("event", &event)?;
+            self.journal.insert(seq, bytes.as_slice()).ctx("append")?;
+            self.idempotency
+                .insert(event.event_id.as_str(), seq)
+                .ctx("append")?;
+            c.journal_seq = seq;
+            seqs.push(Some(seq));
+        }
+        Ok(AppendOutcome { raw_seq, seqs })
+    }
+
+    /// Upserts the write-behind state; the checkpoint only moves forward.
+    fn flush(&mut self, c: &mut Counters, batch: FlushBatch) -> Result<(), StoreError> {
+        for (identifier, profile) in &batch.identities {
+            self.identities
+                .insert(identifier.key().as_str(), profile.as_str())
+                .ctx("flush")?;
+        }
+        for record in &batch.profiles {
+            let bytes = encode("profile", record)?;
+            self.profiles
+                .insert(record.profile_id.as_str(), bytes.as_slice())
+                .ctx("flush")?;
+        }
+        for merge in &batch.merges {
+            let bytes = encode("merge", merge)?;
+            let survivor_key = merge_key(&merge.survivor, merge.seq, &merge.merged);
+            self.merges
+                .insert(survivor_key.as_str(), bytes.as_slice())
+                .ctx("flush")?;
+            if merge.merged != merge.survivor {
+                let merged_key = merge_key(&merge.merged, merge.seq, &merge.survivor);
+                self.merges
+                    .insert(merged_key.as_str(), bytes.as_slice())
+                    .ctx("flush")?;
+            }
+        }
+        if let Some(checkpoint) = batch.checkpoint {
+            // A late or replayed flush must never move replay start backwards.
+            c.checkpoint = c.checkpoint.max(checkpoint);
+        }
+        Ok(())
+    }
+
+    fn dead_letters(
+        &mut self,
+        c: &mut Counters,
+        letters: Vec<NewDeadLetter>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let recorded_at = Utc::now();
+        let mut ids = Vec::with_capacity(letters.len());
+        for l in letters {
+            c.dead_letter_id += 1;
+            let letter = DeadLetter {
+                id: c.dead_letter_id,
+                source: l.source,
+                stage: l.stage,
+                reason: l.reason,
+                event_id: l.event_id,
+                payload: l.payload,
+                content_type: l.content_type,
+                received_at: l.received_at,
+                recorded_at,
+                attempts: l.attempts,
+            };
+            let bytes = encode("dead letter", &letter)?;
+            self.dead_letters
+                .insert(letter.id, bytes.as_slice())
+                .ctx("record dead letter")?;
+            ids.push(letter.id);
+        }
+        Ok(ids)
+    }
+}
+
+/// The writer thread's state: the database, the head to publish, the queue to drain.
+pub(super) struct Writer {
+    pub db: Arc<Database>,
+    pub head: watch::Sender<u64>,
+    pub commands: mpsc::Receiver<Command>,
+}
+
+impl Writer {
+    /// Runs until every sender is gone (the store was closed or dropped), then releases the
+    /// database so the file can be reopened.
+    pub(super) fn run(self) {
+        while let Ok(first) = self.commands.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match self.commands.try_recv() {
+                    Ok(cmd) => group.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        tracing::debug!("embedded store writer stopped");
+    }
+
+    /// Applies a group in one transaction and answers every caller after the commit.
+    fn commit_group(&self, group: Vec<Command>) {
+        let (ops, replies): (Vec<Op>, Vec<Reply>) =
+            group.into_iter().map(|c| (c.op, c.reply)).unzip();
+        let commands = ops.len();
+        match self.apply(ops) {
+            Ok((results, head)) => {
+                tracing::trace!(commands, head, "embedded group committed");
+                self.head.send_if_modified(|h| {
+                    let advanced = head > *h;
+                    if advanced {
+                        *h = head;
+                    }
+                    advanced
+                });
+                for (reply, result) in replies.into_iter().zip(results) {
+                    // A caller that gave up (dropped its future) simply misses the answer; the
+                    // write is durable either way and a retry is a duplicate.
+                    match (reply, result) {
+                        (Reply::Append(tx), Applied::Append(outcome)) => {
+                            let _ = tx.send(Ok(outcome));
+                        }
+                        (Reply::Flush(tx), Applied::Flush) => {
+                            let _ = tx.send(Ok(()));
+                        }
+                        (Reply::DeadLetters(tx), Applied::DeadLetters(ids)) => {
+                            let _ = tx.send(Ok(ids));
+                        }
+                        (reply, _) => reply.fail(StoreError::unavailable(
+                            "embedded store: internal error pairing write results",
+                        )),
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(commands, error = %err, "embedded group commit failed");
+                // Nothing of the group is durable: every caller must retry, whatever the cause.
+                let err = StoreError::unavailable(format!(
+                    "embedded store commit failed: {}",
+                    err.message
+                ));
+                for reply in replies {
+                    reply.fail(err.clone());
+                }
+            }
+        }
+    }
+
+    /// One write transaction for the whole group; returns each command's result and the
+    /// journal head after the commit.
+    fn apply(&self, ops: Vec<Op>) -> Result<(Vec<Applied>, u64), StoreError> {
+        let mut txn = self.db.begin_write().ctx("begin write")?;
+        // Acknowledged means on disk: an HTTP 2xx follows this commit.
+        txn.set_durability(Durability::Immediate);
+        let mut results = Vec::with_capacity(ops.len());
+        let head = {
+            let mut tables = Tables::open(&txn)?;
+            let before = tables.counters()?;
+            let mut c = before;
+            for op in ops {
+                results.push(match op {
+                    Op::Append(batch) => Applied::Append(tables.append(&mut c, batch)?),
+                    Op::Flush(batch) => {
+                        tables.flush(&mut c, batch)?;
+                        Applied::Flush
+                    }
+                    Op::DeadLetters(letters) => {
+                        Applied::DeadLetters(tables.dead_letters(&mut c, letters)?)
+                    }
+                });
+            }
+            tables.save_counters(before, c)?;
+            c.journal_seq
+        };
+        txn.commit().ctx("commit")?;
+        Ok((results, head))
+    }
+}
+
+/// The data half of a [`Command`].
+enum Op {
+    Append(AppendBatch),
+    Flush(FlushBatch),
+    DeadLetters(Vec<NewDeadLetter>),
+}
+
+/// The reply half of a [`Command`].
+enum Reply {
+    Append(oneshot::Sender<Result<AppendOutcome, StoreError>>),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    DeadLetters(oneshot::Sender<Result<Vec<u64>, StoreError>>),
+}
+
+impl Reply {
+    fn fail(self, err: StoreError) {
+        let _ = match self {
+            Reply::Append(tx) => tx.send(Err(err)).map_err(drop),
+            Reply::Flush(tx) => tx.send(Err(err)).map_err(drop),
+            Reply::DeadLetters(tx) => tx.send(Err(err)).map_err(drop),
+        };
+    }
+}
+
+/// Creates every table (so readers never meet a missing one) and returns the journal head.
+pub(super) fn initialize(db: &Database) -> Result<u64, StoreError> {
+    let mut txn = db.begin_write().ctx("begin write")?;
+    txn.set_durability(Durability::Immediate);
+    let head = {
+        let tables = Tables::open(&txn)?;
+        tables.meta(META_JOURNAL_SEQ)?
+    };
+    txn.commit().ctx("initialize tables")?;
+    Ok(head)
+}

@@ -1,0 +1,15 @@
+//! Cohort's outside world: traits for every external system and their implementations.
+//!
+//! Each trait has an embedded default (so `cohort` runs with nothing installed) and, as the
+//! project grows, real backends chosen by URL in config.
+
+pub mod embedded;
+pub mod error;
+pub mod store;
+
+pub use embedded::EmbeddedStore;
+pub use error::{StoreError, StoreErrorKind};
+pub use store::{
+    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter,
+    OperationalStore,
+};

@@ -1,0 +1,240 @@
+//! The embedded store against the shared contract suite (file and in-memory backends), plus
+//! what only a file can do: survive a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod suite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cohort_adapters::{
+    AppendBatch, EmbeddedStore, EventLog, FlushBatch, OperationalStore, StoreErrorKind,
+};
+use cohort_messages::msgs::IdentityMerged;
+use suite::{
+    at, batch, dead_letter, email, event, profile, profile_id, raw, with_timeout, Fixture,
+};
+
+fn fixture_of(store: Arc<EmbeddedStore>, keep: Option<Box<dyn std::any::Any + Send>>) -> Fixture {
+    Fixture {
+        log: store.clone(),
+        store,
+        keep,
+    }
+}
+
+async fn file_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("cohort.redb")).unwrap();
+    fixture_of(store, Some(Box::new(dir)))
+}
+
+async fn memory_fixture() -> Fixture {
+    fixture_of(EmbeddedStore::in_memory().unwrap(), None)
+}
+
+mod file {
+    crate::suite::store_suite!(crate::file_fixture());
+}
+
+mod memory {
+    crate::suite::store_suite!(crate::memory_fixture());
+}
+
+/// Writes one of everything: journal (with Bronze), profiles, identities, a merge, the
+/// checkpoint and dead letters.
+async fn populate(store: &Arc<EmbeddedStore>) {
+    let out = store
+        .append(batch(Some(b"\x00raw\xffbody"), &["a", "b"]))
+        .await
+        .unwrap();
+    assert_eq!(out.seqs, vec![Some(1), Some(2)]);
+    store.append(batch(None, &["c"])).await.unwrap();
+    store
+        .commit_flush(FlushBatch {
+            identities: vec![(email(1), profile_id(1))],
+            profiles: vec![profile(1), profile(2)],
+            merges: vec![IdentityMerged {
+                survivor: profile_id(1),
+                merged: profile_id(2),
+                evidence: vec![email(1)],
+                at: at(5),
+                seq: 3,
+            }],
+            checkpoint: Some(3),
+        })
+        .await
+        .unwrap();
+    store
+        .put_dead_letters(vec![dead_letter(1), dead_letter(2)])
+        .await
+        .unwrap();
+}
+
+/// Checks everything [`populate`] wrote, then that counters continue rather than restart.
+async fn assert_populated(store: &Arc<EmbeddedStore>) {
+    assert_eq!(
+        *store.watch_head().borrow(),
+        3,
+        "the head is restored from the file"
+    );
+    let journal = store.read_after(0, 10).await.unwrap();
+    assert_eq!(
+        journal.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(journal[0].event.raw.seq, Some(1));
+    let mut expected_c = event("c");
+    expected_c.raw.seq = None;
+    assert_eq!(journal[2].event, expected_c);
+    let bronze = store.read_bronze_after(0, 10).await.unwrap();
+    assert_eq!(bronze, vec![(1, raw(b"\x00raw\xffbody"))]);
+
+    assert_eq!(
+        store.load_profile(&profile_id(1)).await.unwrap(),
+        Some(profile(1))
+    );
+    assert_eq!(
+        store.lookup_identity(&email(1)).await.unwrap(),
+        Some(profile_id(1))
+    );
+    assert_eq!(store.count_profiles().await.unwrap(), 2);
+    assert_eq!(store.checkpoint().await.unwrap(), 3);
+    assert_eq!(store.list_merges(&profile_id(2)).await.unwrap().len(), 1);
+    assert_eq!(store.count_dead_letters().await.unwrap(), 2);
+
+    // Idempotency survived: an old event id is still a duplicate, new ones continue the seqs.
+    let out = store
+        .append(batch(Some(b"again"), &["a", "d"]))
+        .await
+        .unwrap();
+    assert_eq!(out.seqs, vec![None, Some(4)]);
+    assert_eq!(out.raw_seq, Some(2));
+    assert_eq!(*store.watch_head().borrow(), 4);
+    assert_eq!(
+        store.put_dead_letters(vec![dead_letter(3)]).await.unwrap(),
+        vec![3]
+    );
+    store
+        .commit_flush(FlushBatch {
+            checkpoint: Some(1),
+            ..FlushBatch::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.checkpoint().await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_store_survives_drop_and_reopen() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        populate(&store).await;
+        // Both trait-object handles share the store; dropping the last one releases the file.
+        let as_log: Arc<dyn EventLog> = store.clone();
+        let as_store: Arc<dyn OperationalStore> = store.clone();
+        drop((store, as_log, as_store));
+
+        let reopened = EmbeddedStore::open(&path).unwrap();
+        assert_populated(&reopened).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_releases_the_file_and_refuses_further_work() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        populate(&store).await;
+        store.close().await;
+        store.close().await; // idempotent
+
+        let err = store.append(batch(None, &["z"])).await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Unavailable);
+        let err = store.ping().await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Unavailable);
+        assert!(store
+            .commit_flush(FlushBatch {
+                checkpoint: Some(9),
+                ..FlushBatch::default()
+            })
+            .await
+            .is_err());
+
+        // The old handle is still alive, yet the file can be opened again.
+        let reopened = EmbeddedStore::open(&path).unwrap();
+        assert_populated(&reopened).await;
+        drop(store);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_open_elsewhere_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cohort.redb");
+    let _store = EmbeddedStore::open(&path).unwrap();
+    let err = EmbeddedStore::open(&path).unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable);
+    assert!(err.message.contains("already open"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_url_accepts_embedded_and_memory_and_rejects_the_rest() {
+    for url in [
+        "ftp://example.com/cohort",
+        "mongodb://localhost/cohort",
+        "/tmp/cohort.redb",
+        "embedded://",
+    ] {
+        let err = EmbeddedStore::open_url(url).unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Invalid, "{url}");
+        assert!(
+            err.message.contains(url),
+            "the message names the url: {}",
+            err.message
+        );
+        assert!(
+            err.message.contains("embedded://") && err.message.contains("memory://"),
+            "{}",
+            err.message
+        );
+    }
+
+    let memory = EmbeddedStore::open_url("memory://").unwrap();
+    memory.ping().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("not/yet/there/cohort.redb");
+    assert!(nested.is_absolute());
+    let url = format!("embedded://{}", nested.display());
+    assert!(url.starts_with("embedded:///"));
+    let file = EmbeddedStore::open_url(&url).unwrap();
+    file.append(AppendBatch {
+        raw: None,
+        events: vec![event("x")],
+    })
+    .await
+    .unwrap();
+    assert!(
+        Path::new(&nested).is_file(),
+        "parent directories are created"
+    );
+    drop(file);
+    let again = EmbeddedStore::open_url(&url).unwrap();
+    assert_eq!(again.read_after(0, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_memory_stores_are_independent() {
+    let a = EmbeddedStore::in_memory().unwrap();
+    let b = EmbeddedStore::in_memory().unwrap();
+    a.append(batch(None, &["only-in-a"])).await.unwrap();
+    assert_eq!(a.read_after(0, 10).await.unwrap().len(), 1);
+    assert!(b.read_after(0, 10).await.unwrap().is_empty());
+}

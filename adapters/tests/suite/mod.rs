@@ -1,0 +1,618 @@
+//! The backend-independent contract of `EventLog` + `OperationalStore`.
+//!
+//! Every backend (embedded file, embedded memory, later MongoDB) runs the same functions via
+//! [`store_suite!`]: a test crate provides an async fixture factory returning a fresh, empty
+//! store, and the macro generates one `#[tokio::test]` per contract function.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cohort_adapters::{
+    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, NewDeadLetter, OperationalStore,
+};
+use cohort_messages::{
+    msgs::IdentityMerged, CustomerEvent, DeadLetterStage, EventId, EventKind, Identifier,
+    IdentifierKind, ProfileId, ProfileRecord, RawRef, Source, Utm,
+};
+use serde_json::{json, Map};
+
+/// A fresh, empty store as both trait objects, plus whatever must outlive it (a temp dir, a
+/// throwaway database handle).
+pub struct Fixture {
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<dyn OperationalStore>,
+    pub keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// Generates one test per contract function for the backend built by `$fixture` (an
+/// expression evaluating to a future of [`Fixture`]).
+macro_rules! store_suite {
+    ($fixture:expr) => {
+        $crate::suite::store_suite!(@tests $fixture;
+            append_assigns_consecutive_seqs_and_links_bronze,
+            duplicate_event_ids_are_not_journaled,
+            concurrent_appends_get_unique_gapless_seqs,
+            concurrent_appends_of_one_event_id_journal_it_once,
+            read_after_pages_in_order,
+            bronze_round_trip_is_byte_exact,
+            flushed_profiles_and_identities_can_be_read_back,
+            checkpoint_never_goes_backwards,
+            dead_letters_get_increasing_ids_and_page,
+            profile_ids_page_in_id_order,
+            merges_are_listed_for_both_profiles,
+            ping_answers,
+        );
+    };
+    (@tests $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let fixture = $fixture.await;
+                $crate::suite::with_timeout($crate::suite::$name(fixture)).await;
+            }
+        )*
+    };
+}
+pub(crate) use store_suite;
+
+/// No contract test may hang the run: a lost group-commit reply would otherwise wait forever.
+pub async fn with_timeout(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), test)
+        .await
+        .expect("store test timed out");
+}
+
+pub fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+}
+
+/// A web track event with a unique anonymous id and a property, so round trips are checked
+/// on more than the id.
+pub fn event(id: &str) -> CustomerEvent {
+    let mut properties = Map::new();
+    properties.insert("score".into(), json!(7));
+    properties.insert("path".into(), json!(format!("/quiz/{id}")));
+    CustomerEvent {
+        event_id: EventId::new(Source::Web, id),
+        source: Source::Web,
+        kind: EventKind::Track,
+        name: Some("quiz_completed".into()),
+        occurred_at: at(1),
+        received_at: at(2),
+        identifiers: vec![Identifier::new(
+            IdentifierKind::AnonymousId,
+            format!("anon_{id}"),
+        )],
+        traits: Map::new(),
+        properties,
+        utm: Utm {
+            campaign: Some("spring".into()),
+            ..Utm::default()
+        },
+        raw: RawRef {
+            seq: None,
+            index: 0,
+        },
+    }
+}
+
+pub fn raw(body: &[u8]) -> BronzeRecord {
+    BronzeRecord {
+        source: Source::Web,
+        format: "segment:track".into(),
+        content_type: "application/json".into(),
+        received_at: at(2),
+        body: body.to_vec(),
+    }
+}
+
+pub fn batch(raw_body: Option<&[u8]>, ids: &[&str]) -> AppendBatch {
+    AppendBatch {
+        raw: raw_body.map(raw),
+        events: ids.iter().map(|id| event(id)).collect(),
+    }
+}
+
+pub fn profile_id(n: u32) -> ProfileId {
+    ProfileId::derive_from_event(
+        &EventId::new(Source::Crm, &format!("p{n}")),
+        at(i64::from(n)),
+    )
+}
+
+/// A profile with one applied event, so traits, counters and history are all non-trivial.
+pub fn profile(n: u32) -> ProfileRecord {
+    let mut p = ProfileRecord::new(profile_id(n), at(i64::from(n)));
+    let mut e = event(&format!("profile-{n}"));
+    e.traits
+        .insert("first_name".into(), json!(format!("Student {n}")));
+    p.apply(u64::from(n), &e, 10);
+    p
+}
+
+pub fn email(n: u32) -> Identifier {
+    Identifier::new(IdentifierKind::Email, format!("student{n}@example.edu"))
+}
+
+pub fn dead_letter(n: u32) -> NewDeadLetter {
+    NewDeadLetter {
+        source: Source::Email,
+        stage: DeadLetterStage::Validation,
+        reason: format!("bad payload {n}"),
+        event_id: Some(format!("email:sg{n}")),
+        payload: format!("{{\"n\":{n}}}"),
+        content_type: "application/json".into(),
+        received_at: at(i64::from(n)),
+        attempts: n,
+    }
+}
+
+pub async fn append_assigns_consecutive_seqs_and_links_bronze(f: Fixture) {
+    let head = f.log.watch_head();
+    assert_eq!(*head.borrow(), 0);
+
+    let first = f
+        .log
+        .append(batch(Some(b"payload-1"), &["a", "b", "c"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        AppendOutcome {
+            raw_seq: Some(1),
+            seqs: vec![Some(1), Some(2), Some(3)]
+        }
+    );
+    let second = f.log.append(batch(None, &["d"])).await.unwrap();
+    assert_eq!(
+        second,
+        AppendOutcome {
+            raw_seq: None,
+            seqs: vec![Some(4)]
+        }
+    );
+    let empty = f.log.append(batch(None, &[])).await.unwrap();
+    assert_eq!(
+        empty,
+        AppendOutcome {
+            raw_seq: None,
+            seqs: vec![]
+        }
+    );
+    let third = f
+        .log
+        .append(batch(Some(b"payload-2"), &["e"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        third,
+        AppendOutcome {
+            raw_seq: Some(2),
+            seqs: vec![Some(5)]
+        }
+    );
+    assert_eq!(*head.borrow(), 5);
+    assert_eq!(*f.log.watch_head().borrow(), 5);
+
+    let journal = f.log.read_after(0, 100).await.unwrap();
+    assert_eq!(
+        journal.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    let raw_seqs: Vec<_> = journal.iter().map(|j| j.event.raw.seq).collect();
+    assert_eq!(raw_seqs, vec![Some(1), Some(1), Some(1), None, Some(2)]);
+    for (j, id) in journal.iter().zip(["a", "b", "c", "d", "e"]) {
+        let mut expected = event(id);
+        expected.raw.seq = j.event.raw.seq;
+        assert_eq!(j.event, expected, "event {id} must round-trip");
+    }
+}
+
+pub async fn duplicate_event_ids_are_not_journaled(f: Fixture) {
+    let out = f.log.append(batch(None, &["a", "b", "a"])).await.unwrap();
+    assert_eq!(
+        out.seqs,
+        vec![Some(1), Some(2), None],
+        "repeat within one batch"
+    );
+    let out = f
+        .log
+        .append(batch(Some(b"retry"), &["b", "c"]))
+        .await
+        .unwrap();
+    assert_eq!(out.seqs, vec![None, Some(3)], "repeat across calls");
+    let out = f
+        .log
+        .append(batch(Some(b"retry"), &["a", "b", "c"]))
+        .await
+        .unwrap();
+    assert_eq!(out.seqs, vec![None, None, None]);
+    assert!(
+        out.raw_seq.is_some(),
+        "the raw payload is kept for audit even when all are duplicates"
+    );
+
+    let journal = f.log.read_after(0, 100).await.unwrap();
+    let ids: Vec<_> = journal
+        .iter()
+        .map(|j| j.event.event_id.as_str().to_string())
+        .collect();
+    assert_eq!(ids, vec!["web:a", "web:b", "web:c"]);
+    assert_eq!(
+        journal.iter().map(|j| j.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(*f.log.watch_head().borrow(), 3);
+}
+
+pub async fn concurrent_appends_get_unique_gapless_seqs(f: Fixture) {
+    const TASKS: usize = 50;
+    let mut head = f.log.watch_head();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let log = Arc::clone(&f.log);
+            tokio::spawn(async move {
+                let ids = [format!("t{i}-0"), format!("t{i}-1")];
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                log.append(batch(Some(format!("body {i}").as_bytes()), &ids))
+                    .await
+            })
+        })
+        .collect();
+    let mut seqs = BTreeSet::new();
+    let mut raw_seqs = BTreeSet::new();
+    for task in tasks {
+        let out = task.await.unwrap().unwrap();
+        let [Some(a), Some(b)] = out.seqs[..] else {
+            panic!("every event is new: {out:?}");
+        };
+        assert_eq!(
+            b,
+            a + 1,
+            "one batch's events are journaled together, in order"
+        );
+        assert!(seqs.insert(a) && seqs.insert(b), "seqs must be unique");
+        assert!(
+            raw_seqs.insert(out.raw_seq.unwrap()),
+            "raw seqs must be unique"
+        );
+    }
+    let max = (TASKS * 2) as u64;
+    assert_eq!(
+        seqs,
+        (1..=max).collect::<BTreeSet<_>>(),
+        "seqs start at 1 with no gaps"
+    );
+    assert_eq!(raw_seqs, (1..=TASKS as u64).collect::<BTreeSet<_>>());
+    head.wait_for(|h| *h == max).await.unwrap();
+    assert_eq!(f.log.read_after(0, 1000).await.unwrap().len(), TASKS * 2);
+}
+
+pub async fn concurrent_appends_of_one_event_id_journal_it_once(f: Fixture) {
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let log = Arc::clone(&f.log);
+            tokio::spawn(async move { log.append(batch(None, &["same"])).await })
+        })
+        .collect();
+    let mut journaled = 0;
+    for task in tasks {
+        let out = task.await.unwrap().unwrap();
+        journaled += out.seqs.iter().flatten().count();
+    }
+    assert_eq!(
+        journaled, 1,
+        "a retry storm journals the event exactly once"
+    );
+    assert_eq!(f.log.read_after(0, 100).await.unwrap().len(), 1);
+}
+
+pub async fn read_after_pages_in_order(f: Fixture) {
+    let ids: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    f.log.append(batch(None, &ids[..12])).await.unwrap();
+    f.log.append(batch(None, &ids[12..])).await.unwrap();
+
+    let mut cursor = 0;
+    let mut sizes = Vec::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = f.log.read_after(cursor, 10).await.unwrap();
+        sizes.push(page.len());
+        let Some(last) = page.last() else { break };
+        cursor = last.seq;
+        seen.extend(page.into_iter().map(|j| (j.seq, j.event.event_id)));
+    }
+    assert_eq!(sizes, vec![10, 10, 5, 0]);
+    let expected: Vec<_> = (1..=25u64)
+        .zip(ids.iter().map(|id| EventId::new(Source::Web, id)))
+        .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(
+        f.log
+            .read_after(7, 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.seq)
+            .collect::<Vec<_>>(),
+        [8, 9]
+    );
+    assert!(f.log.read_after(25, 10).await.unwrap().is_empty());
+    assert!(f.log.read_after(u64::MAX, 10).await.unwrap().is_empty());
+    assert!(f.log.read_after(0, 0).await.unwrap().is_empty());
+}
+
+pub async fn bronze_round_trip_is_byte_exact(f: Fixture) {
+    let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3]).collect();
+    let bodies: [&[u8]; 3] = [&binary, b"", "Grüße, Ünïcödé ✓".as_bytes()];
+    for (i, body) in bodies.iter().enumerate() {
+        let mut record = raw(body);
+        record.source = Source::ALL[i];
+        record.format = format!("format-{i}");
+        f.log
+            .append(AppendBatch {
+                raw: Some(record),
+                events: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    let stored = f.log.read_bronze_after(0, 10).await.unwrap();
+    assert_eq!(
+        stored.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    for (i, (_, record)) in stored.iter().enumerate() {
+        let mut expected = raw(bodies[i]);
+        expected.source = Source::ALL[i];
+        expected.format = format!("format-{i}");
+        assert_eq!(record, &expected);
+    }
+    let page = f.log.read_bronze_after(1, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].0, 2);
+    assert!(page[0].1.body.is_empty());
+    assert!(f.log.read_bronze_after(3, 10).await.unwrap().is_empty());
+    assert_eq!(
+        *f.log.watch_head().borrow(),
+        0,
+        "bronze-only appends do not move the journal head"
+    );
+}
+
+pub async fn flushed_profiles_and_identities_can_be_read_back(f: Fixture) {
+    assert_eq!(f.store.load_profile(&profile_id(1)).await.unwrap(), None);
+    assert_eq!(f.store.lookup_identity(&email(1)).await.unwrap(), None);
+    assert_eq!(f.store.count_profiles().await.unwrap(), 0);
+
+    let (p1, p2) = (profile(1), profile(2));
+    let device = Identifier::new(IdentifierKind::DeviceId, "dev_1");
+    f.store
+        .commit_flush(FlushBatch {
+            identities: vec![
+                (email(1), p1.profile_id.clone()),
+                (device.clone(), p1.profile_id.clone()),
+                (email(2), p2.profile_id.clone()),
+            ],
+            profiles: vec![p1.clone(), p2.clone()],
+            merges: vec![],
+            checkpoint: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.load_profile(&p1.profile_id).await.unwrap(),
+        Some(p1.clone())
+    );
+    assert_eq!(
+        f.store.load_profile(&p2.profile_id).await.unwrap(),
+        Some(p2.clone())
+    );
+    assert_eq!(
+        f.store.lookup_identity(&email(1)).await.unwrap(),
+        Some(p1.profile_id.clone())
+    );
+    assert_eq!(
+        f.store.lookup_identity(&device).await.unwrap(),
+        Some(p1.profile_id.clone())
+    );
+    assert_eq!(
+        f.store.lookup_identity(&email(2)).await.unwrap(),
+        Some(p2.profile_id.clone())
+    );
+    assert_eq!(f.store.lookup_identity(&email(3)).await.unwrap(), None);
+    assert_eq!(f.store.count_profiles().await.unwrap(), 2);
+
+    // Upserts: a newer snapshot replaces the record, an identity can be re-pointed.
+    let mut p1_newer = p1.clone();
+    p1_newer.apply(99, &event("later"), 10);
+    f.store
+        .commit_flush(FlushBatch {
+            identities: vec![(device.clone(), p2.profile_id.clone())],
+            profiles: vec![p1_newer.clone()],
+            ..FlushBatch::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.load_profile(&p1.profile_id).await.unwrap(),
+        Some(p1_newer)
+    );
+    assert_eq!(
+        f.store.lookup_identity(&device).await.unwrap(),
+        Some(p2.profile_id.clone())
+    );
+    assert_eq!(f.store.count_profiles().await.unwrap(), 2);
+    assert_eq!(
+        f.store.checkpoint().await.unwrap(),
+        0,
+        "no checkpoint was given"
+    );
+}
+
+pub async fn checkpoint_never_goes_backwards(f: Fixture) {
+    assert_eq!(f.store.checkpoint().await.unwrap(), 0);
+    let flush = |checkpoint| FlushBatch {
+        checkpoint,
+        ..FlushBatch::default()
+    };
+    f.store.commit_flush(flush(Some(10))).await.unwrap();
+    assert_eq!(f.store.checkpoint().await.unwrap(), 10);
+    f.store.commit_flush(flush(Some(5))).await.unwrap();
+    assert_eq!(
+        f.store.checkpoint().await.unwrap(),
+        10,
+        "a lower checkpoint is ignored"
+    );
+    f.store.commit_flush(flush(None)).await.unwrap();
+    assert_eq!(f.store.checkpoint().await.unwrap(), 10);
+    f.store
+        .commit_flush(FlushBatch {
+            profiles: vec![profile(1)],
+            checkpoint: Some(12),
+            ..FlushBatch::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(f.store.checkpoint().await.unwrap(), 12);
+}
+
+pub async fn dead_letters_get_increasing_ids_and_page(f: Fixture) {
+    assert_eq!(f.store.count_dead_letters().await.unwrap(), 0);
+    assert!(f.store.list_dead_letters(0, 10).await.unwrap().is_empty());
+    let before = Utc::now();
+    let ids = f
+        .store
+        .put_dead_letters((1..=3).map(dead_letter).collect())
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(
+        f.store.put_dead_letters(vec![]).await.unwrap(),
+        Vec::<u64>::new()
+    );
+    let ids = f
+        .store
+        .put_dead_letters((4..=5).map(dead_letter).collect())
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![4, 5]);
+    assert_eq!(f.store.count_dead_letters().await.unwrap(), 5);
+
+    let first = f.store.list_dead_letters(0, 2).await.unwrap();
+    assert_eq!(first.iter().map(|d| d.id).collect::<Vec<_>>(), vec![1, 2]);
+    let rest = f.store.list_dead_letters(2, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|d| d.id).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert!(f.store.list_dead_letters(5, 10).await.unwrap().is_empty());
+
+    for letter in first.iter().chain(&rest) {
+        let n = u32::try_from(letter.id).unwrap();
+        let expected = dead_letter(n);
+        assert_eq!(letter.source, expected.source);
+        assert_eq!(letter.stage, expected.stage);
+        assert_eq!(letter.reason, expected.reason);
+        assert_eq!(letter.event_id, expected.event_id);
+        assert_eq!(letter.payload, expected.payload);
+        assert_eq!(letter.content_type, expected.content_type);
+        assert_eq!(letter.received_at, expected.received_at);
+        assert_eq!(letter.attempts, expected.attempts);
+        assert!(
+            letter.recorded_at >= before - chrono::Duration::seconds(1),
+            "recorded_at is set to now"
+        );
+        assert!(letter.recorded_at <= Utc::now());
+    }
+}
+
+pub async fn profile_ids_page_in_id_order(f: Fixture) {
+    let profiles: Vec<_> = (1..=7).rev().map(profile).collect();
+    f.store
+        .commit_flush(FlushBatch {
+            profiles: profiles.clone(),
+            ..FlushBatch::default()
+        })
+        .await
+        .unwrap();
+    let mut expected: Vec<_> = profiles.iter().map(|p| p.profile_id.clone()).collect();
+    expected.sort();
+
+    let mut seen = Vec::new();
+    let mut after: Option<ProfileId> = None;
+    let mut pages = 0;
+    loop {
+        let page = f.store.list_profile_ids(after.as_ref(), 3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        assert!(page.len() <= 3);
+        after = page.last().cloned();
+        seen.extend(page);
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, expected);
+    assert_eq!(f.store.list_profile_ids(None, 100).await.unwrap(), expected);
+    assert!(f.store.list_profile_ids(None, 0).await.unwrap().is_empty());
+}
+
+pub async fn merges_are_listed_for_both_profiles(f: Fixture) {
+    let (a, b, c, d) = (profile_id(1), profile_id(2), profile_id(3), profile_id(4));
+    let merge = |merged: &ProfileId, n: u32, seq| IdentityMerged {
+        survivor: a.clone(),
+        merged: merged.clone(),
+        evidence: vec![email(n)],
+        at: at(i64::from(n)),
+        seq,
+    };
+    // Two merges into `a` at the same seq (one event linked three profiles), one later.
+    let (ab, ac) = (merge(&b, 2, 40), merge(&c, 3, 40));
+    let ad = merge(&d, 4, 100);
+    f.store
+        .commit_flush(FlushBatch {
+            merges: vec![ad.clone(), ab.clone(), ac.clone()],
+            ..FlushBatch::default()
+        })
+        .await
+        .unwrap();
+    let of_a = f.store.list_merges(&a).await.unwrap();
+    assert_eq!(of_a.len(), 3);
+    assert_eq!(
+        of_a.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![40, 40, 100],
+        "in seq order"
+    );
+    for m in [&ab, &ac, &ad] {
+        assert!(of_a.contains(m));
+    }
+    assert_eq!(f.store.list_merges(&b).await.unwrap(), vec![ab.clone()]);
+    assert_eq!(f.store.list_merges(&c).await.unwrap(), vec![ac.clone()]);
+    assert_eq!(f.store.list_merges(&d).await.unwrap(), vec![ad]);
+    assert!(f
+        .store
+        .list_merges(&profile_id(5))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Re-flushing the same merge (a replay) does not list it twice.
+    f.store
+        .commit_flush(FlushBatch {
+            merges: vec![ab.clone()],
+            ..FlushBatch::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(f.store.list_merges(&b).await.unwrap(), vec![ab]);
+    assert_eq!(f.store.list_merges(&a).await.unwrap().len(), 3);
+}
+
+pub async fn ping_answers(f: Fixture) {
+    f.store.ping().await.unwrap();
+    f.log.append(batch(None, &["x"])).await.unwrap();
+    f.store.ping().await.unwrap();
+}
