@@ -1,1 +1,152 @@
-fn main() {}
+//! `cohort`: the command line of the Cohort customer data platform.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cohort::{Cohort, SystemOptions};
+use cohort_config::Config;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cohort", version, about = "Real-time customer data platform for education")]
+struct Cli {
+    /// TOML configuration file (defaults, then this file, then COHORT__SECTION__KEY variables).
+    #[arg(long, short, global = true, env = "COHORT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Start on embedded defaults, play slide 18 through the HTTP API, print the profile.
+    Demo {
+        /// Keep serving after the demo instead of exiting.
+        #[arg(long)]
+        keep_running: bool,
+        /// Where the demo keeps its data (a fresh temporary folder by default).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Bulk imports into a running Cohort.
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (with the built-in defaults underneath).
+    Check { file: PathBuf },
+    /// Print the built-in defaults.
+    Defaults,
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// Stream a Salesforce Bulk API 2.0 CSV export of Contacts into Cohort.
+    SalesforceContacts {
+        file: PathBuf,
+        /// Base URL of the Cohort API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The CRM source's bearer token (defaults to `sources.crm.token` from config).
+        #[arg(long, env = "COHORT_CRM_TOKEN")]
+        token: Option<String>,
+        /// Data rows per request.
+        #[arg(long, default_value_t = 5000)]
+        chunk_rows: usize,
+        /// No progress bar (for scripts).
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let config = Config::load(cli.config.as_deref())?;
+            cohort::telemetry::init(&config.telemetry);
+            serve(config).await
+        }
+        Command::Demo { keep_running, data_dir } => cohort::demo::run(keep_running, data_dir).await,
+        Command::Config { command: ConfigCommand::Check { file } } => match Config::load_file_only(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                std::process::exit(2);
+            }
+        },
+        Command::Config { command: ConfigCommand::Defaults } => {
+            print!("{}", cohort_config::DEFAULTS_TOML);
+            Ok(())
+        }
+        Command::Import { command: ImportCommand::SalesforceContacts { file, url, token, chunk_rows, quiet } } => {
+            let token = match token {
+                Some(t) => t,
+                None => Config::load(cli.config.as_deref())?.sources.crm.token,
+            };
+            let summary = cohort::import::salesforce_contacts(&file, &url, &token, chunk_rows, !quiet).await?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            if summary.rejected > 0 {
+                eprintln!("{} rows rejected; see GET /v1/dlq for the reasons", summary.rejected);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.server.listen;
+    let mut cohort = Cohort::start(config, SystemOptions::default()).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, "cohort listening");
+    let router = cohort.router();
+    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        r = server => r.context("http server")?,
+        _ = cohort.wait_root() => {
+            anyhow::bail!("the supervision tree stopped: a failure escalated to the root");
+        }
+    }
+    tracing::info!("shutting down");
+    cohort.shutdown(Duration::from_secs(20)).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

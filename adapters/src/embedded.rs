@@ -13,9 +13,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use cohort_messages::{
-    msgs::IdentityMerged, CustomerEvent, DeadLetter, Identifier, ProfileId, ProfileRecord,
-};
+use cohort_messages::{msgs::IdentityMerged, CustomerEvent, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use parking_lot::RwLock;
 use redb::backends::InMemoryBackend;
 use redb::{Database, DatabaseError, ReadTransaction, ReadableTableMetadata};
@@ -23,13 +21,13 @@ use std::ops::Bound;
 use tokio::sync::{oneshot, watch};
 
 use self::tables::{
-    db_err, decode, merge_range, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS,
-    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, PROFILES,
+    db_err, decode, merge_range, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDENTITIES, JOURNAL, MERGES,
+    META, META_CHECKPOINT, PROFILES,
 };
 use self::writer::{Command, Writer};
 use crate::{
-    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter,
-    OperationalStore, StoreError,
+    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
+    StoreError,
 };
 
 /// URL scheme of a file-backed store: `embedded:///abs/path.redb` or `embedded://rel/path.redb`.
@@ -107,9 +105,7 @@ impl EmbeddedStore {
 
     /// Opens an empty store held in memory: for tests and throwaway runs.
     pub fn in_memory() -> Result<Arc<Self>, StoreError> {
-        let db = Database::builder()
-            .create_with_backend(InMemoryBackend::new())
-            .ctx("create the in-memory store")?;
+        let db = Database::builder().create_with_backend(InMemoryBackend::new()).ctx("create the in-memory store")?;
         Self::start(db, Location::Memory)
     }
 
@@ -130,11 +126,7 @@ impl EmbeddedStore {
         let Some(open) = self.state.write().take() else {
             return;
         };
-        let Open {
-            db,
-            commands,
-            writer,
-        } = open;
+        let Open { db, commands, writer } = open;
         drop(commands);
         drop(db);
         match tokio::task::spawn_blocking(move || writer.join()).await {
@@ -155,27 +147,13 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (head, _) = watch::channel(head_seq);
         let (commands, queue) = mpsc::channel();
-        let writer = Writer {
-            db: Arc::clone(&db),
-            head: head.clone(),
-            commands: queue,
-        };
+        let writer = Writer { db: Arc::clone(&db), head: head.clone(), commands: queue };
         let writer = std::thread::Builder::new()
             .name("cohort-embedded-writer".to_string())
             .spawn(move || writer.run())
-            .map_err(|e| {
-                StoreError::unavailable(format!("cannot start the embedded writer thread: {e}"))
-            })?;
+            .map_err(|e| StoreError::unavailable(format!("cannot start the embedded writer thread: {e}")))?;
         tracing::info!(location = %location, head = head_seq, "embedded store opened");
-        Ok(Arc::new(Self {
-            location,
-            state: RwLock::new(Some(Open {
-                db,
-                commands,
-                writer,
-            })),
-            head,
-        }))
+        Ok(Arc::new(Self { location, state: RwLock::new(Some(Open { db, commands, writer })), head }))
     }
 
     fn closed(&self) -> StoreError {
@@ -190,13 +168,9 @@ impl EmbeddedStore {
         {
             let state = self.state.read();
             let open = state.as_ref().ok_or_else(|| self.closed())?;
-            open.commands
-                .send(command)
-                .map_err(|_| StoreError::unavailable("embedded store writer has stopped"))?;
+            open.commands.send(command).map_err(|_| StoreError::unavailable("embedded store writer has stopped"))?;
         }
-        answer.await.map_err(|_| {
-            StoreError::unavailable("embedded store writer stopped before answering")
-        })?
+        answer.await.map_err(|_| StoreError::unavailable("embedded store writer stopped before answering"))?
     }
 
     /// Runs `f` in a read transaction on the blocking pool.
@@ -222,12 +196,7 @@ impl Drop for EmbeddedStore {
     /// Stops the writer and waits for it, so the database file is unlocked when the last
     /// handle is gone. The wait is at most one in-flight commit.
     fn drop(&mut self) {
-        if let Some(Open {
-            db,
-            commands,
-            writer,
-        }) = self.state.get_mut().take()
-        {
+        if let Some(Open { db, commands, writer }) = self.state.get_mut().take() {
             drop(commands);
             drop(db);
             if writer.join().is_err() {
@@ -265,33 +234,19 @@ fn range_after(after: u64) -> (Bound<u64>, Bound<u64>) {
 impl EventLog for EmbeddedStore {
     async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
         if batch.raw.is_none() && batch.events.is_empty() {
-            return Ok(AppendOutcome {
-                raw_seq: None,
-                seqs: Vec::new(),
-            });
+            return Ok(AppendOutcome { raw_seq: None, seqs: Vec::new() });
         }
         self.submit(Command::append(batch)).await
     }
 
-    async fn read_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<JournaledEvent>, StoreError> {
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<JournaledEvent>, StoreError> {
         self.read(move |txn| {
             let journal = txn.open_table(JOURNAL).ctx("open journal")?;
             let mut out = Vec::with_capacity(limit.min(1024));
-            for entry in journal
-                .range(range_after(after))
-                .ctx("read journal")?
-                .take(limit)
-            {
+            for entry in journal.range(range_after(after)).ctx("read journal")?.take(limit) {
                 let (seq, bytes) = entry.ctx("read journal")?;
                 let event: CustomerEvent = decode("event", bytes.value())?;
-                out.push(JournaledEvent {
-                    seq: seq.value(),
-                    event,
-                });
+                out.push(JournaledEvent { seq: seq.value(), event });
             }
             Ok(out)
         })
@@ -302,20 +257,12 @@ impl EventLog for EmbeddedStore {
         self.head.subscribe()
     }
 
-    async fn read_bronze_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, BronzeRecord)>, StoreError> {
+    async fn read_bronze_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, BronzeRecord)>, StoreError> {
         self.read(move |txn| {
             let rows = txn.open_table(BRONZE).ctx("open bronze")?;
             let bodies = txn.open_table(BRONZE_BODY).ctx("open bronze")?;
             let mut out = Vec::with_capacity(limit.min(1024));
-            for entry in rows
-                .range(range_after(after))
-                .ctx("read bronze")?
-                .take(limit)
-            {
+            for entry in rows.range(range_after(after)).ctx("read bronze")?.take(limit) {
                 let (seq, bytes) = entry.ctx("read bronze")?;
                 let seq = seq.value();
                 let row: BronzeRow = decode("bronze record", bytes.value())?;
@@ -340,26 +287,20 @@ impl OperationalStore for EmbeddedStore {
         self.read(move |txn| {
             let profiles = txn.open_table(PROFILES).ctx("read profiles")?;
             let found = profiles.get(id.as_str()).ctx("read profiles")?;
-            found
-                .map(|bytes| decode("profile", bytes.value()))
-                .transpose()
+            found.map(|bytes| decode("profile", bytes.value())).transpose()
         })
         .await
     }
 
-    async fn lookup_identity(
-        &self,
-        identifier: &Identifier,
-    ) -> Result<Option<ProfileId>, StoreError> {
+    async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
         let key = identifier.key();
         self.read(move |txn| {
             let identities = txn.open_table(IDENTITIES).ctx("read identities")?;
             let found = identities.get(key.as_str()).ctx("read identities")?;
             found
                 .map(|id| {
-                    ProfileId::parse(id.value()).ok_or_else(|| {
-                        StoreError::corrupt("identity points to a malformed profile id")
-                    })
+                    ProfileId::parse(id.value())
+                        .ok_or_else(|| StoreError::corrupt("identity points to a malformed profile id"))
                 })
                 .transpose()
         })
@@ -393,19 +334,11 @@ impl OperationalStore for EmbeddedStore {
         self.submit(Command::dead_letters(letters)).await
     }
 
-    async fn list_dead_letters(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
+    async fn list_dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.read(move |txn| {
             let letters = txn.open_table(DEAD_LETTERS).ctx("read dead letters")?;
             let mut out = Vec::with_capacity(limit.min(1024));
-            for entry in letters
-                .range(range_after(after))
-                .ctx("read dead letters")?
-                .take(limit)
-            {
+            for entry in letters.range(range_after(after)).ctx("read dead letters")?.take(limit) {
                 let (_, bytes) = entry.ctx("read dead letters")?;
                 out.push(decode("dead letter", bytes.value())?);
             }
@@ -415,31 +348,15 @@ impl OperationalStore for EmbeddedStore {
     }
 
     async fn count_dead_letters(&self) -> Result<u64, StoreError> {
-        self.read(|txn| {
-            txn.open_table(DEAD_LETTERS)
-                .ctx("count dead letters")?
-                .len()
-                .ctx("count dead letters")
-        })
-        .await
+        self.read(|txn| txn.open_table(DEAD_LETTERS).ctx("count dead letters")?.len().ctx("count dead letters")).await
     }
 
     /// Counts stored profile records, including those merged away (they remain as redirects).
     async fn count_profiles(&self) -> Result<u64, StoreError> {
-        self.read(|txn| {
-            txn.open_table(PROFILES)
-                .ctx("count profiles")?
-                .len()
-                .ctx("count profiles")
-        })
-        .await
+        self.read(|txn| txn.open_table(PROFILES).ctx("count profiles")?.len().ctx("count profiles")).await
     }
 
-    async fn list_profile_ids(
-        &self,
-        after: Option<&ProfileId>,
-        limit: usize,
-    ) -> Result<Vec<ProfileId>, StoreError> {
+    async fn list_profile_ids(&self, after: Option<&ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError> {
         let after = after.map(|id| id.as_str().to_string());
         self.read(move |txn| {
             let profiles = txn.open_table(PROFILES).ctx("list profiles")?;
@@ -448,11 +365,7 @@ impl OperationalStore for EmbeddedStore {
                 None => Bound::Unbounded,
             };
             let mut out = Vec::with_capacity(limit.min(1024));
-            for entry in profiles
-                .range::<&str>((lower, Bound::Unbounded))
-                .ctx("list profiles")?
-                .take(limit)
-            {
+            for entry in profiles.range::<&str>((lower, Bound::Unbounded)).ctx("list profiles")?.take(limit) {
                 let (id, _) = entry.ctx("list profiles")?;
                 let id = ProfileId::parse(id.value())
                     .ok_or_else(|| StoreError::corrupt("profile stored under a malformed id"))?;
@@ -468,10 +381,7 @@ impl OperationalStore for EmbeddedStore {
         self.read(move |txn| {
             let merges = txn.open_table(MERGES).ctx("read merges")?;
             let mut out = Vec::new();
-            for entry in merges
-                .range::<&str>(lo.as_str()..hi.as_str())
-                .ctx("read merges")?
-            {
+            for entry in merges.range::<&str>(lo.as_str()..hi.as_str()).ctx("read merges")? {
                 let (_, bytes) = entry.ctx("read merges")?;
                 out.push(decode("merge", bytes.value())?);
             }
@@ -481,8 +391,7 @@ impl OperationalStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|txn| txn.open_table(META).ctx("ping").map(drop))
-            .await
+        self.read(|txn| txn.open_table(META).ctx("ping").map(drop)).await
     }
 }
 
@@ -505,14 +414,7 @@ mod tests {
 
     #[test]
     fn bad_urls_name_the_url_and_the_schemes() {
-        for url in [
-            "ftp://x",
-            "embedded://",
-            "embedded:///tmp/",
-            "memory://x",
-            "mongodb://h/db",
-            "",
-        ] {
+        for url in ["ftp://x", "embedded://", "embedded:///tmp/", "memory://x", "mongodb://h/db", ""] {
             let err = parse_url(url).err();
             let Some(err) = err else {
                 panic!("`{url}` must be rejected");

@@ -20,22 +20,13 @@ pub struct StoreError {
 
 impl StoreError {
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self {
-            kind: StoreErrorKind::Unavailable,
-            message: message.into(),
-        }
+        Self { kind: StoreErrorKind::Unavailable, message: message.into() }
     }
     pub fn corrupt(message: impl Into<String>) -> Self {
-        Self {
-            kind: StoreErrorKind::Corrupt,
-            message: message.into(),
-        }
+        Self { kind: StoreErrorKind::Corrupt, message: message.into() }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self {
-            kind: StoreErrorKind::Invalid,
-            message: message.into(),
-        }
+        Self { kind: StoreErrorKind::Invalid, message: message.into() }
     }
     pub fn is_retryable(&self) -> bool {
         self.kind == StoreErrorKind::Unavailable

@@ -10,6 +10,5 @@ pub mod store;
 pub use embedded::EmbeddedStore;
 pub use error::{StoreError, StoreErrorKind};
 pub use store::{
-    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter,
-    OperationalStore,
+    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
 };

@@ -3,8 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cohort_messages::{
-    msgs::IdentityMerged, CustomerEvent, DeadLetter, DeadLetterStage, Identifier, ProfileId,
-    ProfileRecord, Source,
+    msgs::IdentityMerged, CustomerEvent, DeadLetter, DeadLetterStage, Identifier, ProfileId, ProfileRecord, Source,
 };
 use tokio::sync::watch;
 
@@ -52,16 +51,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// Appends atomically and durably; concurrent calls are committed together (group commit).
     async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError>;
     /// Events with `seq > after`, in order, at most `limit`.
-    async fn read_after(&self, after: u64, limit: usize)
-        -> Result<Vec<JournaledEvent>, StoreError>;
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<JournaledEvent>, StoreError>;
     /// The highest journaled seq, updated on every append (0 when empty).
     fn watch_head(&self) -> watch::Receiver<u64>;
     /// Bronze records with `seq > after`, in order, at most `limit` (for replay and audit).
-    async fn read_bronze_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, BronzeRecord)>, StoreError>;
+    async fn read_bronze_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, BronzeRecord)>, StoreError>;
 }
 
 /// What a write-behind cycle persists, in one transaction.
@@ -91,27 +85,16 @@ pub struct NewDeadLetter {
 #[async_trait]
 pub trait OperationalStore: Send + Sync + 'static {
     async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError>;
-    async fn lookup_identity(
-        &self,
-        identifier: &Identifier,
-    ) -> Result<Option<ProfileId>, StoreError>;
+    async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError>;
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError>;
     async fn checkpoint(&self) -> Result<u64, StoreError>;
     async fn put_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError>;
     /// Dead letters with `id > after`, oldest first, at most `limit`.
-    async fn list_dead_letters(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError>;
+    async fn list_dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     async fn count_dead_letters(&self) -> Result<u64, StoreError>;
     async fn count_profiles(&self) -> Result<u64, StoreError>;
     /// Profile ids with `id > after`, in id order, at most `limit` (for scans and exports).
-    async fn list_profile_ids(
-        &self,
-        after: Option<&ProfileId>,
-        limit: usize,
-    ) -> Result<Vec<ProfileId>, StoreError>;
+    async fn list_profile_ids(&self, after: Option<&ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError>;
     async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError>;
     /// Cheap liveness check used by `/health/ready`.
     async fn ping(&self) -> Result<(), StoreError>;

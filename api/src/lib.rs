@@ -1,1 +1,97 @@
-//! api
+//! Cohort's HTTP surface (axum): ingest webhooks in the sources' real formats, the Profile API,
+//! and operations endpoints.
+
+pub mod auth;
+pub mod error;
+pub mod ingest;
+pub mod ops;
+pub mod profiles;
+pub mod state;
+
+pub use error::ApiError;
+pub use state::ApiState;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::time::{Duration, Instant};
+use tower_http::timeout::TimeoutLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Cohort", description = "Real-time customer data platform for education"),
+    paths(
+        ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
+        profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
+        ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+/// Records every request's latency by route template, method and status.
+async fn track_latency(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    state
+        .metrics
+        .api_latency
+        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// The whole HTTP API.
+pub fn router(state: ApiState) -> Router {
+    let cfg = &state.config.server;
+    let body_limit = cfg.max_body_bytes;
+    let import_limit = cfg.max_import_body_bytes;
+    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let import = Router::new()
+        .route("/v1/import/salesforce/contacts", post(ingest::salesforce_csv))
+        .layer(DefaultBodyLimit::max(import_limit));
+    let api = Router::new()
+        .route("/v1/{call}", post(ingest::segment))
+        .route("/webhooks/twilio/whatsapp", post(ingest::twilio))
+        .route("/webhooks/sendgrid/events", post(ingest::sendgrid))
+        .route("/webhooks/salesforce/cdc", post(ingest::salesforce_cdc))
+        .route("/v1/profiles/{ref}", get(profiles::get_profile))
+        .route("/v1/profiles/{ref}/traits", get(profiles::get_traits))
+        .route("/v1/profiles/{ref}/events", get(profiles::get_events))
+        .route("/v1/profiles/{ref}/identities", get(profiles::get_identities))
+        .route("/v1/dlq", get(ops::dlq))
+        .route("/v1/supervisors", get(ops::supervisors))
+        .route("/health/live", get(ops::live))
+        .route("/health/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(openapi))
+        .layer(DefaultBodyLimit::max(body_limit));
+    api.merge(import)
+        .layer(middleware::from_fn_with_state(state.clone(), track_latency))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .with_state(state)
+}

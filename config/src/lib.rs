@@ -288,6 +288,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure signature
     fn file_then_environment_override() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cohort.toml");

@@ -1,5 +1,6 @@
 //! Identifiers: of students (profiles), of events, of sources, and the identity keys that link them.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -130,10 +131,7 @@ impl FromStr for IdentifierKind {
             "whatsapp" | "wa_id" => "whatsapp_id",
             other => other,
         };
-        IdentifierKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == canonical)
-            .ok_or(ParseIdentifierError::UnknownKind(s))
+        IdentifierKind::ALL.into_iter().find(|k| k.as_str() == canonical).ok_or(ParseIdentifierError::UnknownKind(s))
     }
 }
 
@@ -193,10 +191,12 @@ impl FromStr for Identifier {
     }
 }
 
-/// A student's profile id, `prof_` followed by 24 hex digits.
+/// A student's profile id: `prof_`, 12 hex digits of the creating event's receipt time in
+/// milliseconds, then 12 hex digits of a hash of its event id.
 ///
 /// Ids are derived from the event that created the profile, so replaying the same journal after a
-/// crash recreates the same ids and never splits one student in two.
+/// crash recreates the same ids and never splits one student in two; and ids sort by age, so the
+/// survivor of a merge (the older profile) is simply the smaller id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ProfileId(String);
@@ -204,12 +204,14 @@ pub struct ProfileId(String);
 impl ProfileId {
     pub const PREFIX: &'static str = "prof_";
 
-    /// The id of a profile created by the event with this id.
-    pub fn derive_from_event(event_id: &EventId) -> Self {
+    /// The id of a profile created by the event with this id, received at `received_at`.
+    pub fn derive_from_event(event_id: &EventId, received_at: DateTime<Utc>) -> Self {
         let digest = Sha256::digest(event_id.as_str().as_bytes());
+        let millis = received_at.timestamp_millis().clamp(0, 0xffff_ffff_ffff);
         let mut s = String::with_capacity(Self::PREFIX.len() + 24);
         s.push_str(Self::PREFIX);
-        for b in &digest[..12] {
+        s.push_str(&format!("{millis:012x}"));
+        for b in &digest[..6] {
             s.push_str(&format!("{b:02x}"));
         }
         ProfileId(s)
@@ -292,7 +294,7 @@ mod tests {
 
     #[test]
     fn profile_ref_parses_ids_and_identifiers() {
-        let id = ProfileId::derive_from_event(&EventId::new(Source::Web, "m1"));
+        let id = ProfileId::derive_from_event(&EventId::new(Source::Web, "m1"), Utc::now());
         assert_eq!(id.as_str().parse::<ProfileRef>(), Ok(ProfileRef::Id(id.clone())));
         assert_eq!(
             "email:max@gmail.com".parse::<ProfileRef>(),
@@ -310,10 +312,15 @@ mod tests {
     #[test]
     fn derived_profile_ids_are_stable_and_well_formed() {
         let e = EventId::new(Source::Crm, "replay:42");
-        let a = ProfileId::derive_from_event(&e);
-        assert_eq!(a, ProfileId::derive_from_event(&e));
+        let t0 = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        let t1 = DateTime::<Utc>::from_timestamp(1_700_000_001, 0).unwrap_or_default();
+        let a = ProfileId::derive_from_event(&e, t0);
+        assert_eq!(a, ProfileId::derive_from_event(&e, t0));
         assert!(ProfileId::parse(a.as_str()).is_some());
-        assert_ne!(a, ProfileId::derive_from_event(&EventId::new(Source::Crm, "replay:43")));
+        let b = ProfileId::derive_from_event(&EventId::new(Source::Crm, "replay:43"), t0);
+        assert_ne!(a, b);
+        // ids sort by age: the older profile is the smaller id
+        assert!(a < ProfileId::derive_from_event(&EventId::new(Source::Crm, "replay:1"), t1));
     }
 
     #[test]

@@ -13,6 +13,4 @@ pub mod profile;
 pub use dead_letter::{DeadLetter, DeadLetterStage};
 pub use event::{CustomerEvent, EventKind, RawRef, Utm};
 pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
-pub use profile::{
-    EventSummary, LinkedIdentifier, ProfileCounters, ProfileRecord, ProfileView, TraitValue,
-};
+pub use profile::{EventSummary, LinkedIdentifier, ProfileCounters, ProfileRecord, ProfileView, TraitValue};

@@ -85,6 +85,9 @@ pub enum IngestError {
     /// Nothing in the payload could be accepted; it went to the dead-letter store.
     #[error("{0}")]
     Malformed(String),
+    /// The payload exceeds a source limit (HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
     /// The journal could not make the events durable; the caller should retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -108,13 +111,24 @@ pub enum IdentityMsg {
 #[derive(Debug)]
 pub enum ProfileMsg {
     /// Apply a journaled event (idempotent by `seq`).
-    Apply { seq: u64, event: Arc<CustomerEvent> },
+    Apply {
+        seq: u64,
+        event: Arc<CustomerEvent>,
+    },
     /// Hand this profile's state to `survivor` and become a redirect to it.
-    MergeInto { survivor: ProfileId },
+    MergeInto {
+        survivor: ProfileId,
+    },
     /// Absorb the state of a profile merged into this one.
-    Absorb { record: Box<ProfileRecord> },
+    Absorb {
+        record: Box<ProfileRecord>,
+    },
     GetView(RpcReplyPort<ProfileRecordReply<ProfileView>>),
-    GetEvents { offset: usize, limit: usize, reply: RpcReplyPort<ProfileRecordReply<Vec<EventSummary>>> },
+    GetEvents {
+        offset: usize,
+        limit: usize,
+        reply: RpcReplyPort<ProfileRecordReply<Vec<EventSummary>>>,
+    },
     GetIdentities(RpcReplyPort<ProfileRecordReply<Vec<LinkedIdentifier>>>),
     /// Write-behind: the state to persist and the seqs applied since the previous snapshot.
     TakeSnapshot(RpcReplyPort<ProfileSnapshot>),
@@ -125,25 +139,44 @@ pub enum ProfileMsg {
 pub enum ProfileRecordReply<T> {
     Found(T),
     MergedInto(ProfileId),
+    NotFound,
 }
 
+/// Write-behind: the state to persist (`None` for a profile that does not exist).
 #[derive(Debug, Clone)]
 pub struct ProfileSnapshot {
-    pub record: ProfileRecord,
-    pub applied_since_last: Vec<u64>,
+    pub record: Option<ProfileRecord>,
 }
 
 /// Directory and supervisor of all ProfileActors: spawns on demand, passivates idle ones,
-/// restarts failed ones from the store and re-delivers their unflushed events.
+/// restarts failed ones from the store and re-delivers their unflushed messages.
 #[derive(Debug)]
 pub enum ProfilesMsg {
     /// Deliver a message to the profile's actor, spawning (and rehydrating) it if needed.
-    Deliver { profile_id: ProfileId, msg: ProfileMsg },
-    /// Write-behind cycle: snapshot dirty profiles, persist them, then the checkpoint.
-    Flush { reply: Option<RpcReplyPort<Result<FlushReport, String>>> },
-    /// A flush task finished (internal).
-    Flushed { result: Result<FlushReport, String>, snapshots: Vec<(ProfileId, Vec<u64>)> },
-    /// Stop actors idle for longer than the configured time (internal timer).
+    Deliver {
+        profile_id: ProfileId,
+        msg: ProfileMsg,
+    },
+    /// Write-behind cycle: snapshot profiles with unflushed changes, persist them with the
+    /// identity graph, then advance the checkpoint.
+    Flush {
+        reply: Option<RpcReplyPort<Result<FlushReport, String>>>,
+    },
+    /// A flush task finished; `covered` says how many queued changes each snapshot covered.
+    Flushed {
+        result: Result<FlushReport, String>,
+        covered: Vec<(ProfileId, usize)>,
+    },
+    /// Restart a failed profile actor once its backoff has passed.
+    Respawn {
+        profile_id: ProfileId,
+    },
+    /// A profile actor could not start (its state could not be loaded).
+    SpawnFailed {
+        profile_id: ProfileId,
+        reason: String,
+    },
+    /// Stop actors idle for longer than the configured time (timer).
     PassivateIdle,
     GetStats(RpcReplyPort<ProfilesStats>),
 }

@@ -191,7 +191,10 @@ impl ProfileRecord {
 
     /// Absorbs a merged profile: identifiers, traits by the same rules, counters added (each
     /// event was applied to exactly one of the two), histories interleaved.
-    pub fn absorb(&mut self, other: ProfileRecord, history_limit: usize) {
+    pub fn absorb(&mut self, other: ProfileRecord, history_limit: usize) -> bool {
+        if other.profile_id == self.profile_id || self.merged_from.contains(&other.profile_id) {
+            return false;
+        }
         for l in other.identifiers {
             self.link(&l.identifier, l.source, l.first_seen);
         }
@@ -222,6 +225,7 @@ impl ProfileRecord {
         self.merged_from.extend(other.merged_from);
         self.created_at = self.created_at.min(other.created_at);
         self.updated_at = self.updated_at.max(other.updated_at);
+        true
     }
 
     pub fn view(&self) -> ProfileView {
@@ -282,7 +286,7 @@ mod tests {
 
     #[test]
     fn salesforce_wins_contact_fields_even_when_older() {
-        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("x")), at(0));
+        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("x"), at(0)), at(0));
         p.apply(1, &event(Source::Crm, "a", 10, &[("first_name", "Max")]), 10);
         p.apply(2, &event(Source::Web, "b", 20, &[("first_name", "Maxi"), ("city", "Berlin")]), 10);
         assert_eq!(p.traits["first_name"].value, Value::from("Max"));
@@ -296,7 +300,7 @@ mod tests {
 
     #[test]
     fn applying_twice_counts_once_and_history_is_bounded_newest_first() {
-        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("x")), at(0));
+        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("x"), at(0)), at(0));
         for i in 0..5u64 {
             assert!(p.apply(i, &event(Source::Web, &i.to_string(), i as i64, &[]), 3));
         }
@@ -308,12 +312,13 @@ mod tests {
 
     #[test]
     fn absorb_adds_counters_and_keeps_salesforce_contact_fields() {
-        let mut a = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("a")), at(0));
-        let mut b = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("b")), at(1));
+        let mut a = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("a"), at(0)), at(0));
+        let mut b = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("b"), at(1)), at(1));
         a.apply(1, &event(Source::Web, "1", 50, &[("phone", "+491")]), 10);
         b.apply(2, &event(Source::Crm, "2", 10, &[("phone", "+492")]), 10);
         let b_id = b.profile_id.clone();
-        a.absorb(b, 10);
+        assert!(a.absorb(b.clone(), 10));
+        assert!(!a.absorb(b, 10), "absorbing the same profile twice must be a no-op");
         assert_eq!(a.counters.events_total, 2);
         assert_eq!(a.traits["phone"].value, Value::from("+492"));
         assert_eq!(a.merged_from, vec![b_id]);

@@ -15,4 +15,4 @@ pub use health::{ChildHealth, ChildStatus, FailureRecord, HealthRegistry};
 pub use metrics::{Metrics, QueueDepth};
 pub use policy::{RestartDecision, RestartPolicy, RestartTracker};
 pub use slot::Slot;
-pub use supervisor::{ChildSpec, SpawnFuture, SupervisorActor, SupervisorArgs, SupervisorMsg};
+pub use supervisor::{ChildSpec, SpawnFuture, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg};

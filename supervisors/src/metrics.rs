@@ -52,31 +52,57 @@ const LATENCY_BUCKETS: &[f64] =
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new_custom(Some("cohort".into()), None)?;
-        let events_received = counter_vec(&r, "ingest_events_received_total", "Events received per source, before validation", &["source"])?;
-        let events_accepted = counter_vec(&r, "ingest_events_accepted_total", "Events made durable per source", &["source"])?;
-        let events_rejected = counter_vec(&r, "ingest_events_rejected_total", "Events or payloads refused per source and reason", &["source", "reason"])?;
-        let events_duplicate = counter_vec(&r, "ingest_events_duplicate_total", "Events whose id had been accepted before", &["source"])?;
+        let events_received = counter_vec(
+            &r,
+            "ingest_events_received_total",
+            "Events received per source, before validation",
+            &["source"],
+        )?;
+        let events_accepted =
+            counter_vec(&r, "ingest_events_accepted_total", "Events made durable per source", &["source"])?;
+        let events_rejected = counter_vec(
+            &r,
+            "ingest_events_rejected_total",
+            "Events or payloads refused per source and reason",
+            &["source", "reason"],
+        )?;
+        let events_duplicate =
+            counter_vec(&r, "ingest_events_duplicate_total", "Events whose id had been accepted before", &["source"])?;
         let dead_letters = counter_vec(&r, "dead_letters_total", "Dead-letter records written per stage", &["stage"])?;
         let actor_restarts = counter_vec(&r, "actor_restarts_total", "Actor restarts per actor kind", &["kind"])?;
-        let actor_escalations = counter_vec(&r, "actor_escalations_total", "Failures escalated past a supervisor, per child kind", &["kind"])?;
+        let actor_escalations = counter_vec(
+            &r,
+            "actor_escalations_total",
+            "Failures escalated past a supervisor, per child kind",
+            &["kind"],
+        )?;
         let profile_actors_live = IntGauge::new("profile_actors_live", "ProfileActors currently running")?;
         r.register(Box::new(profile_actors_live.clone()))?;
         let mailbox_depth = IntGaugeVec::new(Opts::new("mailbox_depth", "Messages queued per actor kind"), &["actor"])?;
         r.register(Box::new(mailbox_depth.clone()))?;
         let api_latency = HistogramVec::new(
-            HistogramOpts::new("api_request_duration_seconds", "HTTP request latency").buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("api_request_duration_seconds", "HTTP request latency")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["route", "method", "status"],
         )?;
         r.register(Box::new(api_latency.clone()))?;
-        let event_to_profile_latency = histogram(&r, "event_to_profile_seconds", "From event received to applied on its profile", LATENCY_BUCKETS.to_vec())?;
+        let event_to_profile_latency = histogram(
+            &r,
+            "event_to_profile_seconds",
+            "From event received to applied on its profile",
+            LATENCY_BUCKETS.to_vec(),
+        )?;
         let profiles_created = IntCounter::new("profiles_created_total", "Profiles created by identity resolution")?;
         r.register(Box::new(profiles_created.clone()))?;
         let identity_merges = IntCounter::new("identity_merges_total", "Profile merges")?;
         r.register(Box::new(identity_merges.clone()))?;
-        let flush_duration = histogram(&r, "profile_flush_seconds", "Write-behind flush duration", LATENCY_BUCKETS.to_vec())?;
-        let flush_failures = IntCounter::new("profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
+        let flush_duration =
+            histogram(&r, "profile_flush_seconds", "Write-behind flush duration", LATENCY_BUCKETS.to_vec())?;
+        let flush_failures =
+            IntCounter::new("profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
         r.register(Box::new(flush_failures.clone()))?;
-        let checkpoint = IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
+        let checkpoint =
+            IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
         r.register(Box::new(checkpoint.clone()))?;
         Ok(Self {
             registry: r,

@@ -37,9 +37,21 @@ impl ChildSpec {
     }
 }
 
+/// Which children restart when one fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Only the failed child (independent children, e.g. the per-source ingest actors).
+    OneForOne,
+    /// All children, in order (children that share in-memory state, e.g. the pipeline whose
+    /// dispatcher must replay from the checkpoint whenever a downstream stage lost its queue).
+    OneForAll,
+}
+
+#[derive(Clone)]
 pub struct SupervisorArgs {
     /// This supervisor's path in the tree, e.g. `root/ingest`.
     pub path: String,
+    pub strategy: Strategy,
     pub policy: RestartPolicy,
     pub children: Vec<ChildSpec>,
     pub health: HealthRegistry,
@@ -56,6 +68,8 @@ pub struct SupervisorState {
 pub enum SupervisorMsg {
     /// Start a child again once its backoff has passed (internal timer).
     RestartChild { name: String },
+    /// Start every child again, in order (one-for-all).
+    RestartAll,
 }
 
 /// Supervises static children with a restart policy; escalates by failing itself.
@@ -79,6 +93,16 @@ impl SupervisorState {
         Ok(())
     }
 
+    /// Stops the siblings of a failed child (one-for-all); their exits are expected, not failures.
+    async fn stop_all_children(&mut self, myself: &ActorRef<SupervisorMsg>) {
+        self.running.clear();
+        for spec in &self.args.children {
+            let path = self.child_path(&spec.name);
+            self.args.health.set_status(&path, &spec.kind, ChildStatus::Restarting);
+        }
+        myself.stop_children_and_wait(Some("sibling failed, restarting all".into()), None).await;
+    }
+
     /// Applies the restart policy to a child that went down.
     async fn child_down(
         &mut self,
@@ -90,11 +114,23 @@ impl SupervisorState {
         let path = self.child_path(&name);
         self.args.health.record_failure(&path, &spec.kind, &reason);
         tracing::warn!(child = %path, kind = %spec.kind, reason = %reason, "supervised child failed");
-        let tracker = self.trackers.entry(name.clone()).or_default();
+        let key = match self.args.strategy {
+            Strategy::OneForOne => name.clone(),
+            Strategy::OneForAll => String::from("*"),
+        };
+        let tracker = self.trackers.entry(key).or_default();
         match tracker.decide(&self.args.policy, Instant::now()) {
             RestartDecision::Restart { after, attempt } => {
                 tracing::info!(child = %path, attempt, backoff_ms = after.as_millis() as u64, "restarting child");
-                myself.send_after(after, move || SupervisorMsg::RestartChild { name });
+                match self.args.strategy {
+                    Strategy::OneForOne => {
+                        myself.send_after(after, move || SupervisorMsg::RestartChild { name });
+                    }
+                    Strategy::OneForAll => {
+                        self.stop_all_children(myself).await;
+                        myself.send_after(after, || SupervisorMsg::RestartAll);
+                    }
+                }
                 Ok(())
             }
             RestartDecision::Escalate => {
@@ -113,7 +149,11 @@ impl Actor for SupervisorActor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut state = SupervisorState { args, running: HashMap::new(), trackers: HashMap::new() };
         let specs = state.args.children.clone();
         for spec in &specs {
@@ -125,7 +165,11 @@ impl Actor for SupervisorActor {
         Ok(state)
     }
 
-    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         state.running.clear();
         myself.stop_children_and_wait(None, None).await;
         for spec in &state.args.children {
@@ -137,7 +181,12 @@ impl Actor for SupervisorActor {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::RestartChild { name } => {
                 let Some(spec) = state.spec(&name) else { return Ok(()) };
@@ -149,6 +198,21 @@ impl Actor for SupervisorActor {
                     }
                     Err(e) => state.child_down(&myself, name, format!("restart failed: {e}")).await,
                 }
+            }
+            SupervisorMsg::RestartAll => {
+                let specs = state.args.children.clone();
+                for spec in &specs {
+                    match state.start_child(&myself, spec).await {
+                        Ok(()) => {
+                            state.args.health.record_restart(&state.child_path(&spec.name));
+                            state.args.metrics.actor_restarts.with_label_values(&[spec.kind.as_str()]).inc();
+                        }
+                        Err(e) => {
+                            return state.child_down(&myself, spec.name.clone(), format!("restart failed: {e}")).await;
+                        }
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -198,7 +262,12 @@ mod tests {
         async fn pre_start(&self, _: ActorRef<FlakyMsg>, gen: usize) -> Result<usize, ActorProcessingErr> {
             Ok(gen)
         }
-        async fn handle(&self, _: ActorRef<FlakyMsg>, msg: FlakyMsg, gen: &mut usize) -> Result<(), ActorProcessingErr> {
+        async fn handle(
+            &self,
+            _: ActorRef<FlakyMsg>,
+            msg: FlakyMsg,
+            gen: &mut usize,
+        ) -> Result<(), ActorProcessingErr> {
             match msg {
                 FlakyMsg::Panic => panic!("injected failure"),
                 FlakyMsg::Ping(r) => {
@@ -252,6 +321,7 @@ mod tests {
         let starts = Arc::new(AtomicUsize::new(0));
         let args = SupervisorArgs {
             path: "root".into(),
+            strategy: Strategy::OneForOne,
             policy: policy(3),
             children: vec![flaky_spec(slot.clone(), starts.clone())],
             health: health.clone(),
@@ -279,6 +349,7 @@ mod tests {
         let starts = Arc::new(AtomicUsize::new(0));
         let args = SupervisorArgs {
             path: "root/sub".into(),
+            strategy: Strategy::OneForOne,
             policy: policy(2),
             children: vec![flaky_spec(slot.clone(), starts.clone())],
             health: health.clone(),
@@ -295,5 +366,33 @@ mod tests {
         assert_eq!(metrics.actor_escalations.with_label_values(&["flaky"]).get(), 1);
         assert_eq!(metrics.actor_restarts.with_label_values(&["flaky"]).get(), 2);
         assert!(!health.is_ready());
+    }
+
+    #[tokio::test]
+    async fn one_for_all_restarts_the_siblings_too() {
+        let metrics = Metrics::new().unwrap();
+        let health = HealthRegistry::new();
+        let (a, b) = (Slot::default(), Slot::default());
+        let (sa, sb) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut spec_b = flaky_spec(b.clone(), sb.clone());
+        spec_b.name = "flaky-b".into();
+        let args = SupervisorArgs {
+            path: "root/pipeline".into(),
+            strategy: Strategy::OneForAll,
+            policy: policy(3),
+            children: vec![flaky_spec(a.clone(), sa.clone()), spec_b],
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        let (sup, handle) = Actor::spawn(None, SupervisorActor, args).await.unwrap();
+        wait_for_gen(&a, 0).await;
+        wait_for_gen(&b, 0).await;
+        a.get().unwrap().send_message(FlakyMsg::Panic).unwrap();
+        wait_for_gen(&a, 1).await;
+        wait_for_gen(&b, 1).await;
+        assert_eq!(health.get("root/pipeline/flaky-b").unwrap().restarts, 1);
+        assert!(health.is_ready());
+        sup.stop(None);
+        handle.await.unwrap();
     }
 }

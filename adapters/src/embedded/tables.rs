@@ -13,23 +13,19 @@ use crate::{BronzeRecord, StoreError};
 /// Journal: seq → `CustomerEvent` (JSON).
 pub(super) const JOURNAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("journal");
 /// Idempotency: event id → the seq it was journaled at.
-pub(super) const IDEMPOTENCY: TableDefinition<'static, &str, u64> =
-    TableDefinition::new("idempotency");
+pub(super) const IDEMPOTENCY: TableDefinition<'static, &str, u64> = TableDefinition::new("idempotency");
 /// Bronze metadata: raw seq → [`BronzeRow`] (JSON).
 pub(super) const BRONZE: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("bronze");
 /// Bronze bodies: raw seq → the payload bytes, verbatim (no base64 blow-up, byte exact).
-pub(super) const BRONZE_BODY: TableDefinition<'static, u64, &[u8]> =
-    TableDefinition::new("bronze_body");
+pub(super) const BRONZE_BODY: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("bronze_body");
 /// Profiles: profile id → `ProfileRecord` (JSON).
 pub(super) const PROFILES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("profiles");
 /// Identity graph: `kind:value` → profile id.
-pub(super) const IDENTITIES: TableDefinition<'static, &str, &str> =
-    TableDefinition::new("identities");
+pub(super) const IDENTITIES: TableDefinition<'static, &str, &str> = TableDefinition::new("identities");
 /// Merges: [`merge_key`] → `IdentityMerged` (JSON), once under each of the two profiles.
 pub(super) const MERGES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("merges");
 /// Dead letters: id → `DeadLetter` (JSON).
-pub(super) const DEAD_LETTERS: TableDefinition<'static, u64, &[u8]> =
-    TableDefinition::new("dead_letters");
+pub(super) const DEAD_LETTERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Counters and the pipeline checkpoint.
 pub(super) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
@@ -85,26 +81,18 @@ pub(super) fn merge_key(profile: &ProfileId, seq: u64, other: &ProfileId) -> Str
 /// The half-open key range `[profile/, profile0)` holding every merge key of `profile`
 /// (`0` is the byte after `/`).
 pub(super) fn merge_range(profile: &ProfileId) -> (String, String) {
-    (
-        format!("{}/", profile.as_str()),
-        format!("{}0", profile.as_str()),
-    )
+    (format!("{}/", profile.as_str()), format!("{}0", profile.as_str()))
 }
 
 /// Serializes a value for storage; failing here is a caller bug, not a storage fault.
 pub(super) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| {
-        StoreError::invalid(format!("cannot encode {what} for the embedded store: {e}"))
-    })
+    serde_json::to_vec(value)
+        .map_err(|e| StoreError::invalid(format!("cannot encode {what} for the embedded store: {e}")))
 }
 
 /// Deserializes a stored value; failing here means the file holds something we cannot read.
-pub(super) fn decode<T: DeserializeOwned>(
-    what: &'static str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| StoreError::corrupt(format!("cannot decode stored {what}: {e}")))
+pub(super) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(format!("cannot decode stored {what}: {e}")))
 }
 
 /// Maps a redb error met while trying to `action` to a store error: corruption is not

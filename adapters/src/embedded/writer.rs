@@ -15,9 +15,8 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::tables::{
-    encode, merge_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY,
-    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ,
-    META_RAW_SEQ, PROFILES,
+    encode, merge_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY, IDENTITIES, JOURNAL,
+    MERGES, META, META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_RAW_SEQ, PROFILES,
 };
 use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
 
@@ -32,41 +31,19 @@ pub(super) struct Command {
 }
 
 impl Command {
-    pub(super) fn append(
-        batch: AppendBatch,
-    ) -> (Self, oneshot::Receiver<Result<AppendOutcome, StoreError>>) {
+    pub(super) fn append(batch: AppendBatch) -> (Self, oneshot::Receiver<Result<AppendOutcome, StoreError>>) {
         let (tx, rx) = oneshot::channel();
-        (
-            Self {
-                op: Op::Append(batch),
-                reply: Reply::Append(tx),
-            },
-            rx,
-        )
+        (Self { op: Op::Append(batch), reply: Reply::Append(tx) }, rx)
     }
 
     pub(super) fn flush(batch: FlushBatch) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
         let (tx, rx) = oneshot::channel();
-        (
-            Self {
-                op: Op::Flush(batch),
-                reply: Reply::Flush(tx),
-            },
-            rx,
-        )
+        (Self { op: Op::Flush(batch), reply: Reply::Flush(tx) }, rx)
     }
 
-    pub(super) fn dead_letters(
-        letters: Vec<NewDeadLetter>,
-    ) -> (Self, oneshot::Receiver<Result<Vec<u64>, StoreError>>) {
+    pub(super) fn dead_letters(letters: Vec<NewDeadLetter>) -> (Self, oneshot::Receiver<Result<Vec<u64>, StoreError>>) {
         let (tx, rx) = oneshot::channel();
-        (
-            Self {
-                op: Op::DeadLetters(letters),
-                reply: Reply::DeadLetters(tx),
-            },
-            rx,
-        )
+        (Self { op: Op::DeadLetters(letters), reply: Reply::DeadLetters(tx) }, rx)
     }
 }
 
@@ -116,12 +93,7 @@ impl<'txn> Tables<'txn> {
     }
 
     fn meta(&self, key: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .meta
-            .get(key)
-            .ctx("read meta")?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        Ok(self.meta.get(key).ctx("read meta")?.map(|v| v.value()).unwrap_or(0))
     }
 
     fn counters(&self) -> Result<Counters, StoreError> {
@@ -137,11 +109,7 @@ impl<'txn> Tables<'txn> {
         let pairs = [
             (META_JOURNAL_SEQ, before.journal_seq, after.journal_seq),
             (META_RAW_SEQ, before.raw_seq, after.raw_seq),
-            (
-                META_DEAD_LETTER_ID,
-                before.dead_letter_id,
-                after.dead_letter_id,
-            ),
+            (META_DEAD_LETTER_ID, before.dead_letter_id, after.dead_letter_id),
             (META_CHECKPOINT, before.checkpoint, after.checkpoint),
         ];
         for (key, old, new) in pairs {
@@ -153,21 +121,13 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Journals the events that were never seen before, in order; Bronze gets its own seq.
-    fn append(
-        &mut self,
-        c: &mut Counters,
-        batch: AppendBatch,
-    ) -> Result<AppendOutcome, StoreError> {
+    fn append(&mut self, c: &mut Counters, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
         let raw_seq = match batch.raw {
             Some(raw) => {
                 c.raw_seq += 1;
                 let row = encode("bronze record", &BronzeRow::of(&raw))?;
-                self.bronze
-                    .insert(c.raw_seq, row.as_slice())
-                    .ctx("append")?;
-                self.bronze_body
-                    .insert(c.raw_seq, raw.body.as_slice())
-                    .ctx("append")?;
+                self.bronze.insert(c.raw_seq, row.as_slice()).ctx("append")?;
+                self.bronze_body.insert(c.raw_seq, raw.body.as_slice()).ctx("append")?;
                 Some(c.raw_seq)
             }
             None => None,
@@ -176,12 +136,7 @@ impl<'txn> Tables<'txn> {
         for mut event in batch.events {
             // The write transaction sees its own inserts, so this also catches an id repeated
             // earlier in the same batch or in another batch of the same group.
-            if self
-                .idempotency
-                .get(event.event_id.as_str())
-                .ctx("append")?
-                .is_some()
-            {
+            if self.idempotency.get(event.event_id.as_str()).ctx("append")?.is_some() {
                 seqs.push(None);
                 continue;
             }
@@ -191,9 +146,7 @@ impl<'txn> Tables<'txn> {
             let seq = c.journal_seq + 1;
             let bytes = encode("event", &event)?;
             self.journal.insert(seq, bytes.as_slice()).ctx("append")?;
-            self.idempotency
-                .insert(event.event_id.as_str(), seq)
-                .ctx("append")?;
+            self.idempotency.insert(event.event_id.as_str(), seq).ctx("append")?;
             c.journal_seq = seq;
             seqs.push(Some(seq));
         }
@@ -203,27 +156,19 @@ impl<'txn> Tables<'txn> {
     /// Upserts the write-behind state; the checkpoint only moves forward.
     fn flush(&mut self, c: &mut Counters, batch: FlushBatch) -> Result<(), StoreError> {
         for (identifier, profile) in &batch.identities {
-            self.identities
-                .insert(identifier.key().as_str(), profile.as_str())
-                .ctx("flush")?;
+            self.identities.insert(identifier.key().as_str(), profile.as_str()).ctx("flush")?;
         }
         for record in &batch.profiles {
             let bytes = encode("profile", record)?;
-            self.profiles
-                .insert(record.profile_id.as_str(), bytes.as_slice())
-                .ctx("flush")?;
+            self.profiles.insert(record.profile_id.as_str(), bytes.as_slice()).ctx("flush")?;
         }
         for merge in &batch.merges {
             let bytes = encode("merge", merge)?;
             let survivor_key = merge_key(&merge.survivor, merge.seq, &merge.merged);
-            self.merges
-                .insert(survivor_key.as_str(), bytes.as_slice())
-                .ctx("flush")?;
+            self.merges.insert(survivor_key.as_str(), bytes.as_slice()).ctx("flush")?;
             if merge.merged != merge.survivor {
                 let merged_key = merge_key(&merge.merged, merge.seq, &merge.survivor);
-                self.merges
-                    .insert(merged_key.as_str(), bytes.as_slice())
-                    .ctx("flush")?;
+                self.merges.insert(merged_key.as_str(), bytes.as_slice()).ctx("flush")?;
             }
         }
         if let Some(checkpoint) = batch.checkpoint {
@@ -233,11 +178,7 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    fn dead_letters(
-        &mut self,
-        c: &mut Counters,
-        letters: Vec<NewDeadLetter>,
-    ) -> Result<Vec<u64>, StoreError> {
+    fn dead_letters(&mut self, c: &mut Counters, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError> {
         let recorded_at = Utc::now();
         let mut ids = Vec::with_capacity(letters.len());
         for l in letters {
@@ -255,9 +196,7 @@ impl<'txn> Tables<'txn> {
                 attempts: l.attempts,
             };
             let bytes = encode("dead letter", &letter)?;
-            self.dead_letters
-                .insert(letter.id, bytes.as_slice())
-                .ctx("record dead letter")?;
+            self.dead_letters.insert(letter.id, bytes.as_slice()).ctx("record dead letter")?;
             ids.push(letter.id);
         }
         Ok(ids)
@@ -290,8 +229,7 @@ impl Writer {
 
     /// Applies a group in one transaction and answers every caller after the commit.
     fn commit_group(&self, group: Vec<Command>) {
-        let (ops, replies): (Vec<Op>, Vec<Reply>) =
-            group.into_iter().map(|c| (c.op, c.reply)).unzip();
+        let (ops, replies): (Vec<Op>, Vec<Reply>) = group.into_iter().map(|c| (c.op, c.reply)).unzip();
         let commands = ops.len();
         match self.apply(ops) {
             Ok((results, head)) => {
@@ -316,19 +254,16 @@ impl Writer {
                         (Reply::DeadLetters(tx), Applied::DeadLetters(ids)) => {
                             let _ = tx.send(Ok(ids));
                         }
-                        (reply, _) => reply.fail(StoreError::unavailable(
-                            "embedded store: internal error pairing write results",
-                        )),
+                        (reply, _) => {
+                            reply.fail(StoreError::unavailable("embedded store: internal error pairing write results"))
+                        }
                     }
                 }
             }
             Err(err) => {
                 tracing::error!(commands, error = %err, "embedded group commit failed");
                 // Nothing of the group is durable: every caller must retry, whatever the cause.
-                let err = StoreError::unavailable(format!(
-                    "embedded store commit failed: {}",
-                    err.message
-                ));
+                let err = StoreError::unavailable(format!("embedded store commit failed: {}", err.message));
                 for reply in replies {
                     reply.fail(err.clone());
                 }
@@ -354,9 +289,7 @@ impl Writer {
                         tables.flush(&mut c, batch)?;
                         Applied::Flush
                     }
-                    Op::DeadLetters(letters) => {
-                        Applied::DeadLetters(tables.dead_letters(&mut c, letters)?)
-                    }
+                    Op::DeadLetters(letters) => Applied::DeadLetters(tables.dead_letters(&mut c, letters)?),
                 });
             }
             tables.save_counters(before, c)?;

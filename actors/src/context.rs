@@ -1,0 +1,45 @@
+//! What every pipeline actor shares: backends, metrics and the pipeline's progress markers.
+
+use crate::identity::IdentityIndex;
+use crate::watermark::Watermark;
+use cohort_adapters::{EventLog, OperationalStore};
+use cohort_messages::{CustomerEvent, ProfileId};
+use cohort_supervisors::{Metrics, RestartPolicy};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Test hook: lets a test make a ProfileActor fail on chosen events (supervision tests).
+pub trait FaultInjector: Send + Sync + 'static {
+    /// Called before a profile applies an event; a panic here is a profile actor crash.
+    fn before_apply(&self, profile: &ProfileId, event: &CustomerEvent);
+}
+
+/// Profile settings taken from configuration.
+#[derive(Debug, Clone)]
+pub struct ProfileSettings {
+    pub history_limit: usize,
+    pub passivate_after: Duration,
+    pub flush_interval: Duration,
+    pub max_event_attempts: u32,
+    pub restart_policy: RestartPolicy,
+}
+
+#[derive(Clone)]
+pub struct PipelineContext {
+    pub store: Arc<dyn OperationalStore>,
+    pub log: Arc<dyn EventLog>,
+    pub metrics: Metrics,
+    pub watermark: Arc<Watermark>,
+    pub index: Arc<IdentityIndex>,
+    /// The durable checkpoint: every journal event up to it is reflected in persisted profiles.
+    pub checkpoint: Arc<AtomicU64>,
+    pub profiles: ProfileSettings,
+    pub fault: Option<Arc<dyn FaultInjector>>,
+}
+
+impl std::fmt::Debug for PipelineContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineContext").field("profiles", &self.profiles).finish_non_exhaustive()
+    }
+}

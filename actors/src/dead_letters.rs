@@ -1,0 +1,45 @@
+//! Writing dead letters: never lose what was given up on, always count it.
+
+use crate::context::PipelineContext;
+use crate::identity::event_dead_letter;
+use cohort_adapters::{NewDeadLetter, OperationalStore};
+use cohort_messages::{CustomerEvent, DeadLetterStage};
+use cohort_supervisors::Metrics;
+use std::time::Duration;
+
+/// Persists dead letters, retrying while the store is unavailable (they must not be lost).
+pub async fn record(store: &dyn OperationalStore, metrics: &Metrics, letters: Vec<NewDeadLetter>) {
+    if letters.is_empty() {
+        return;
+    }
+    let stages: Vec<DeadLetterStage> = letters.iter().map(|l| l.stage).collect();
+    let mut backoff = Duration::from_millis(20);
+    for attempt in 0.. {
+        match store.put_dead_letters(letters.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.is_retryable() && attempt < 50 => {
+                tracing::warn!(error = %e, attempt, "dead-letter store unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, count = letters.len(), "dead letters could not be stored");
+                break;
+            }
+        }
+    }
+    for s in stages {
+        metrics.dead_letters.with_label_values(&[s.as_str()]).inc();
+    }
+}
+
+pub async fn record_event(
+    ctx: &PipelineContext,
+    stage: DeadLetterStage,
+    event: &CustomerEvent,
+    reason: &str,
+    attempts: u32,
+) {
+    tracing::warn!(event_id = %event.event_id, source = %event.source, stage = stage.as_str(), reason, "event dead-lettered");
+    record(ctx.store.as_ref(), &ctx.metrics, vec![event_dead_letter(event, stage, reason, attempts)]).await;
+}

@@ -1,0 +1,459 @@
+//! The ProfileActor directory: one actor per student, spawned on demand, passivated when idle,
+//! restarted from the store after a failure, and persisted write-behind.
+//!
+//! Every message for a profile passes through here, so the directory knows which state changes
+//! a ProfileActor holds only in memory (its *unflushed* queue). A snapshot requested through the
+//! same mailbox covers exactly the changes queued before it; after a crash the directory restarts
+//! the actor from its persisted record and re-delivers that queue, so nothing applied is lost.
+
+use crate::context::PipelineContext;
+use crate::dead_letters;
+use crate::profile::{ProfileActor, ProfileArgs};
+use cohort_adapters::FlushBatch;
+use cohort_messages::msgs::{FlushReport, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats};
+use cohort_messages::{CustomerEvent, DeadLetterStage, ProfileId, ProfileRecord};
+use cohort_supervisors::{RestartDecision, RestartTracker};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// A state change held in a ProfileActor's memory until the next successful flush.
+#[derive(Debug, Clone)]
+enum Change {
+    Apply { seq: u64, event: Arc<CustomerEvent> },
+    MergeInto { survivor: ProfileId },
+    Absorb { record: Box<ProfileRecord> },
+}
+
+impl Change {
+    fn to_msg(&self) -> ProfileMsg {
+        match self {
+            Change::Apply { seq, event } => ProfileMsg::Apply { seq: *seq, event: event.clone() },
+            Change::MergeInto { survivor } => ProfileMsg::MergeInto { survivor: survivor.clone() },
+            Change::Absorb { record } => ProfileMsg::Absorb { record: record.clone() },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Live,
+    Passivating,
+    Restarting,
+}
+
+struct Entry {
+    actor: Option<ActorRef<ProfileMsg>>,
+    status: Status,
+    last_used: Instant,
+    unflushed: VecDeque<Change>,
+    /// Queries that arrived while the actor was passivating or restarting.
+    waiting: Vec<ProfileMsg>,
+    in_progress: Arc<AtomicU64>,
+    tracker: RestartTracker,
+    attempts: HashMap<u64, u32>,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            actor: None,
+            status: Status::Live,
+            last_used: Instant::now(),
+            unflushed: VecDeque::new(),
+            waiting: Vec::new(),
+            in_progress: Arc::new(AtomicU64::new(0)),
+            tracker: RestartTracker::default(),
+            attempts: HashMap::new(),
+        }
+    }
+}
+
+pub struct ProfilesDirectory;
+
+pub struct ProfilesArgs {
+    pub ctx: PipelineContext,
+}
+
+pub struct ProfilesState {
+    ctx: PipelineContext,
+    entries: HashMap<ProfileId, Entry>,
+    by_actor: HashMap<ActorId, ProfileId>,
+    flushing: bool,
+    flush_waiters: Vec<RpcReplyPort<Result<FlushReport, String>>>,
+    flush_again: bool,
+    timers: Vec<JoinHandle<()>>,
+    restarts: u64,
+    poison_events: u64,
+}
+
+fn change_of(msg: &ProfileMsg) -> Option<Change> {
+    match msg {
+        ProfileMsg::Apply { seq, event } => Some(Change::Apply { seq: *seq, event: event.clone() }),
+        ProfileMsg::MergeInto { survivor } => Some(Change::MergeInto { survivor: survivor.clone() }),
+        ProfileMsg::Absorb { record } => Some(Change::Absorb { record: record.clone() }),
+        _ => None,
+    }
+}
+
+impl ProfilesState {
+    fn spawn(&mut self, myself: &ActorRef<ProfilesMsg>, profile_id: &ProfileId) -> Result<(), ActorProcessingErr> {
+        let Some(entry) = self.entries.get_mut(profile_id) else { return Ok(()) };
+        let args = ProfileArgs {
+            profile_id: profile_id.clone(),
+            ctx: self.ctx.clone(),
+            directory: myself.clone(),
+            in_progress: entry.in_progress.clone(),
+        };
+        let (actor, started) = ractor::ActorRuntime::spawn_linked_instant(None, ProfileActor, args, myself.get_cell())?;
+        self.by_actor.insert(actor.get_id(), profile_id.clone());
+        entry.actor = Some(actor);
+        entry.status = Status::Live;
+        self.ctx.metrics.profile_actors_live.inc();
+        let directory = myself.clone();
+        let id = profile_id.clone();
+        tokio::spawn(async move {
+            let failed = match started.await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(reason) = failed {
+                let _ = directory.send_message(ProfilesMsg::SpawnFailed { profile_id: id, reason });
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts the actor again and re-delivers what it held only in memory, then held queries.
+    fn respawn(&mut self, myself: &ActorRef<ProfilesMsg>, profile_id: &ProfileId) -> Result<(), ActorProcessingErr> {
+        self.spawn(myself, profile_id)?;
+        if let Some(entry) = self.entries.get_mut(profile_id) {
+            if let Some(actor) = &entry.actor {
+                for change in &entry.unflushed {
+                    let _ = actor.send_message(change.to_msg());
+                }
+                for q in entry.waiting.drain(..) {
+                    let _ = actor.send_message(q);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(
+        &mut self,
+        myself: &ActorRef<ProfilesMsg>,
+        profile_id: ProfileId,
+        msg: ProfileMsg,
+    ) -> Result<(), ActorProcessingErr> {
+        let entry = self.entries.entry(profile_id.clone()).or_insert_with(Entry::new);
+        entry.last_used = Instant::now();
+        let change = change_of(&msg);
+        if let Some(c) = &change {
+            entry.unflushed.push_back(c.clone());
+        }
+        match entry.status {
+            Status::Live => {
+                if entry.actor.is_none() {
+                    self.spawn(myself, &profile_id)?;
+                }
+                if let Some(actor) = self.entries.get(&profile_id).and_then(|e| e.actor.clone()) {
+                    // A send to a dying actor fails; the failure handler re-delivers changes.
+                    let _ = actor.send_message(msg);
+                }
+            }
+            Status::Passivating | Status::Restarting => {
+                if change.is_none() {
+                    entry.waiting.push(msg);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the restart policy to a failed profile actor.
+    async fn failed(
+        &mut self,
+        myself: &ActorRef<ProfilesMsg>,
+        profile_id: ProfileId,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
+        let max_attempts = self.ctx.profiles.max_event_attempts;
+        let policy = self.ctx.profiles.restart_policy;
+        let Some(entry) = self.entries.get_mut(&profile_id) else { return Ok(()) };
+        self.ctx.metrics.profile_actors_live.dec();
+        entry.actor = None;
+        let seq = entry.in_progress.swap(0, Ordering::SeqCst);
+        let mut poison = None;
+        if seq != 0 {
+            let n = entry.attempts.entry(seq).or_insert(0);
+            *n += 1;
+            if *n >= max_attempts {
+                let attempts = *n;
+                entry.attempts.remove(&seq);
+                if let Some(pos) =
+                    entry.unflushed.iter().position(|c| matches!(c, Change::Apply { seq: s, .. } if *s == seq))
+                {
+                    if let Some(Change::Apply { event, .. }) = entry.unflushed.remove(pos) {
+                        poison = Some((event, attempts));
+                    }
+                }
+            }
+        }
+        tracing::warn!(profile_id = %profile_id, seq, reason = %reason, "profile actor failed");
+        let decision = entry.tracker.decide(&policy, Instant::now());
+        self.restarts += 1;
+        self.ctx.metrics.actor_restarts.with_label_values(&["profile"]).inc();
+        if let Some((event, attempts)) = poison {
+            self.poison_events += 1;
+            let why = format!("profile actor failed {attempts} times on this event: {reason}");
+            dead_letters::record_event(&self.ctx, DeadLetterStage::Profile, &event, &why, attempts).await;
+        }
+        let Some(entry) = self.entries.get_mut(&profile_id) else { return Ok(()) };
+        match decision {
+            RestartDecision::Restart { after, .. } => {
+                entry.status = Status::Restarting;
+                let id = profile_id.clone();
+                myself.send_after(after, move || ProfilesMsg::Respawn { profile_id: id });
+                Ok(())
+            }
+            RestartDecision::Escalate => {
+                self.ctx.metrics.actor_escalations.with_label_values(&["profile"]).inc();
+                myself.stop_children_and_wait(Some("directory escalating".into()), None).await;
+                Err(format!("profile {profile_id} exceeded its restart budget: {reason}").into())
+            }
+        }
+    }
+
+    fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>) {
+        self.flushing = true;
+        let watermark = self.ctx.watermark.low();
+        let mut complete = true;
+        let mut pending = Vec::new();
+        for (id, entry) in &self.entries {
+            if entry.unflushed.is_empty() {
+                continue;
+            }
+            match (&entry.actor, entry.status) {
+                (Some(actor), Status::Live) | (Some(actor), Status::Passivating) => {
+                    let (tx, rx) = ractor::concurrency::oneshot();
+                    if actor.send_message(ProfileMsg::TakeSnapshot(tx.into())).is_ok() {
+                        pending.push((id.clone(), entry.unflushed.len(), rx));
+                    } else {
+                        complete = false;
+                    }
+                }
+                _ => complete = false,
+            }
+        }
+        let ctx = self.ctx.clone();
+        let directory = myself.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut covered = Vec::new();
+            let mut profiles = Vec::new();
+            for (id, n, rx) in pending {
+                match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                    Ok(Ok(ProfileSnapshot { record })) => {
+                        if let Some(r) = record {
+                            profiles.push(r);
+                        }
+                        covered.push((id, n));
+                    }
+                    _ => complete = false,
+                }
+            }
+            let (identities, merges) = ctx.index.take_pending();
+            let checkpoint = complete.then_some(watermark);
+            let report = FlushReport {
+                profiles: profiles.len(),
+                identities: identities.len(),
+                checkpoint: checkpoint.unwrap_or_else(|| ctx.checkpoint.load(Ordering::SeqCst)),
+            };
+            let batch = FlushBatch { identities: identities.clone(), profiles, merges: merges.clone(), checkpoint };
+            let result = match ctx.store.commit_flush(batch).await {
+                Ok(()) => {
+                    if let Some(cp) = checkpoint {
+                        ctx.checkpoint.fetch_max(cp, Ordering::SeqCst);
+                        ctx.metrics.checkpoint.set(ctx.checkpoint.load(Ordering::SeqCst) as i64);
+                    }
+                    ctx.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
+                    Ok(report)
+                }
+                Err(e) => {
+                    ctx.index.restore_pending(identities, merges);
+                    ctx.metrics.flush_failures.inc();
+                    tracing::warn!(error = %e, "profile flush failed, will retry");
+                    covered.clear();
+                    Err(e.to_string())
+                }
+            };
+            let _ = directory.send_message(ProfilesMsg::Flushed { result, covered });
+        });
+    }
+}
+
+impl Actor for ProfilesDirectory {
+    type Msg = ProfilesMsg;
+    type State = ProfilesState;
+    type Arguments = ProfilesArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ProfilesMsg>,
+        args: ProfilesArgs,
+    ) -> Result<ProfilesState, ActorProcessingErr> {
+        Ok(ProfilesState {
+            ctx: args.ctx,
+            entries: HashMap::new(),
+            by_actor: HashMap::new(),
+            flushing: false,
+            flush_waiters: Vec::new(),
+            flush_again: false,
+            timers: Vec::new(),
+            restarts: 0,
+            poison_events: 0,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<ProfilesMsg>,
+        state: &mut ProfilesState,
+    ) -> Result<(), ActorProcessingErr> {
+        let flush_every = state.ctx.profiles.flush_interval;
+        let sweep_every = (state.ctx.profiles.passivate_after / 4).max(Duration::from_millis(250));
+        state.timers.push(myself.send_interval(flush_every, || ProfilesMsg::Flush { reply: None }));
+        state.timers.push(myself.send_interval(sweep_every, || ProfilesMsg::PassivateIdle));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<ProfilesMsg>,
+        state: &mut ProfilesState,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in state.timers.drain(..) {
+            t.abort();
+        }
+        let live = state.entries.values().filter(|e| e.actor.is_some()).count() as i64;
+        state.ctx.metrics.profile_actors_live.sub(live);
+        state.by_actor.clear();
+        myself.stop_children_and_wait(None, None).await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ProfilesMsg>,
+        msg: ProfilesMsg,
+        state: &mut ProfilesState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ProfilesMsg::Deliver { profile_id, msg } => state.deliver(&myself, profile_id, msg)?,
+            ProfilesMsg::Flush { reply } => {
+                if let Some(r) = reply {
+                    state.flush_waiters.push(r);
+                }
+                if state.flushing {
+                    state.flush_again = true;
+                } else {
+                    state.start_flush(&myself);
+                }
+            }
+            ProfilesMsg::Flushed { result, covered } => {
+                for (id, n) in covered {
+                    if let Some(e) = state.entries.get_mut(&id) {
+                        let n = n.min(e.unflushed.len());
+                        e.unflushed.drain(..n);
+                    }
+                }
+                state.flushing = false;
+                for w in state.flush_waiters.drain(..) {
+                    let _ = w.send(result.clone());
+                }
+                if state.flush_again {
+                    state.flush_again = false;
+                    state.start_flush(&myself);
+                }
+            }
+            ProfilesMsg::Respawn { profile_id } => {
+                if state.entries.get(&profile_id).is_some_and(|e| e.status == Status::Restarting) {
+                    state.respawn(&myself, &profile_id)?;
+                }
+            }
+            ProfilesMsg::SpawnFailed { profile_id, reason } => {
+                if let Some(actor) = state.entries.get(&profile_id).and_then(|e| e.actor.clone()) {
+                    state.by_actor.remove(&actor.get_id());
+                }
+                state.failed(&myself, profile_id, format!("start failed: {reason}")).await?;
+            }
+            ProfilesMsg::PassivateIdle => {
+                let idle = state.ctx.profiles.passivate_after;
+                for entry in state.entries.values_mut() {
+                    let quiet = entry.status == Status::Live
+                        && entry.unflushed.is_empty()
+                        && entry.waiting.is_empty()
+                        && entry.last_used.elapsed() >= idle;
+                    if let (true, Some(actor)) = (quiet, &entry.actor) {
+                        entry.status = Status::Passivating;
+                        // Drain: messages already queued are processed, later sends fail.
+                        let _ = actor.drain();
+                    }
+                }
+            }
+            ProfilesMsg::GetStats(reply) => {
+                let _ = reply.send(ProfilesStats {
+                    live: state.entries.values().filter(|e| e.actor.is_some()).count(),
+                    passivating: state.entries.values().filter(|e| e.status == Status::Passivating).count(),
+                    unflushed_events: state.entries.values().map(|e| e.unflushed.len()).sum(),
+                    restarts: state.restarts,
+                    poison_events: state.poison_events,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ProfilesMsg>,
+        evt: SupervisionEvent,
+        state: &mut ProfilesState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if let Some(id) = state.by_actor.remove(&cell.get_id()) {
+                    state.failed(&myself, id, err.to_string()).await?;
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some(id) = state.by_actor.remove(&cell.get_id()) {
+                    let passivated = state.entries.get(&id).is_some_and(|e| e.status == Status::Passivating);
+                    if passivated {
+                        state.ctx.metrics.profile_actors_live.dec();
+                        let resume =
+                            state.entries.get(&id).is_some_and(|e| !e.unflushed.is_empty() || !e.waiting.is_empty());
+                        if resume {
+                            if let Some(e) = state.entries.get_mut(&id) {
+                                e.actor = None;
+                            }
+                            state.respawn(&myself, &id)?;
+                        } else {
+                            state.entries.remove(&id);
+                        }
+                    } else {
+                        let why = reason.unwrap_or_else(|| "stopped unexpectedly".into());
+                        state.failed(&myself, id, why).await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

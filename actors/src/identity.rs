@@ -1,0 +1,369 @@
+//! Deterministic identity resolution: a shared identity index and a sharded pool of
+//! IdentityResolver workers (a ractor factory routed by identifier key).
+
+use crate::context::PipelineContext;
+use crate::dead_letters;
+use chrono::Utc;
+use cohort_adapters::{NewDeadLetter, OperationalStore, StoreError};
+use cohort_messages::msgs::{IdentityMerged, IdentityMsg, ProfileMsg, ProfilesMsg};
+use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, ProfileId};
+use cohort_supervisors::Slot;
+use dashmap::{DashMap, DashSet};
+use parking_lot::Mutex;
+use ractor::factory::{
+    queues::DefaultQueue, routing::KeyPersistentRouting, Factory, FactoryArguments, FactoryMessage, Job, Worker,
+    WorkerBuilder, WorkerId,
+};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The identity graph in memory, in front of the store: identifier → owning profile, and merged
+/// profile → survivor. Ownership is claimed atomically, so two shards can never give one
+/// identifier two owners; changes are persisted by the write-behind flush.
+pub struct IdentityIndex {
+    store: Arc<dyn OperationalStore>,
+    owners: DashMap<Identifier, ProfileId>,
+    redirects: DashMap<ProfileId, ProfileId>,
+    known_roots: DashSet<ProfileId>,
+    dirty: Mutex<HashMap<Identifier, ProfileId>>,
+    merges: Mutex<Vec<IdentityMerged>>,
+}
+
+impl std::fmt::Debug for IdentityIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityIndex").field("owners", &self.owners.len()).finish_non_exhaustive()
+    }
+}
+
+impl IdentityIndex {
+    pub fn new(store: Arc<dyn OperationalStore>) -> Self {
+        Self {
+            store,
+            owners: DashMap::new(),
+            redirects: DashMap::new(),
+            known_roots: DashSet::new(),
+            dirty: Mutex::new(HashMap::new()),
+            merges: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The profile owning `identifier`, from memory or the store.
+    pub async fn owner(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        if let Some(p) = self.owners.get(identifier) {
+            return Ok(Some(p.clone()));
+        }
+        match self.store.lookup_identity(identifier).await? {
+            Some(p) => Ok(Some(self.owners.entry(identifier.clone()).or_insert(p).clone())),
+            None => Ok(None),
+        }
+    }
+
+    /// Claims an unowned identifier for `profile`; returns the owner if someone was first.
+    fn claim(&self, identifier: &Identifier, profile: &ProfileId) -> Result<(), ProfileId> {
+        match self.owners.entry(identifier.clone()) {
+            dashmap::Entry::Occupied(e) if e.get() != profile => Err(e.get().clone()),
+            dashmap::Entry::Occupied(_) => Ok(()),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(profile.clone());
+                self.dirty.lock().insert(identifier.clone(), profile.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Points an identifier at a merge survivor.
+    fn repoint(&self, identifier: &Identifier, profile: &ProfileId) {
+        let changed = self.owners.insert(identifier.clone(), profile.clone()).as_ref() != Some(profile);
+        if changed {
+            self.dirty.lock().insert(identifier.clone(), profile.clone());
+        }
+    }
+
+    /// Follows merge redirects to the surviving profile, consulting the store for profiles this
+    /// process has not seen yet (their records say whether they were merged).
+    pub async fn root(&self, profile: &ProfileId) -> Result<ProfileId, StoreError> {
+        let mut current = profile.clone();
+        for _ in 0..64 {
+            if let Some(next) = self.redirects.get(&current).map(|r| r.clone()) {
+                current = next;
+                continue;
+            }
+            if self.known_roots.contains(&current) {
+                return Ok(current);
+            }
+            match self.store.load_profile(&current).await? {
+                Some(rec) => match rec.merged_into {
+                    Some(next) => {
+                        self.redirects.insert(current.clone(), next.clone());
+                        current = next;
+                    }
+                    None => {
+                        self.known_roots.insert(current.clone());
+                        return Ok(current);
+                    }
+                },
+                None => {
+                    self.known_roots.insert(current.clone());
+                    return Ok(current);
+                }
+            }
+        }
+        Err(StoreError::corrupt(format!("merge redirects of {profile} form a cycle")))
+    }
+
+    fn record_merge(&self, merged: IdentityMerged) {
+        self.known_roots.remove(&merged.merged);
+        self.redirects.insert(merged.merged.clone(), merged.survivor.clone());
+        self.merges.lock().push(merged);
+    }
+
+    /// Resolves an identifier ref to the live profile id (following merges).
+    pub async fn resolve(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        match self.owner(identifier).await? {
+            Some(p) => Ok(Some(self.root(&p).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Changes not yet persisted, taken by the write-behind flush.
+    pub fn take_pending(&self) -> (Vec<(Identifier, ProfileId)>, Vec<IdentityMerged>) {
+        let ids = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
+        let merges = std::mem::take(&mut *self.merges.lock());
+        (ids, merges)
+    }
+
+    /// Puts back what a failed flush took, unless newer changes replaced it meanwhile.
+    pub fn restore_pending(&self, ids: Vec<(Identifier, ProfileId)>, merges: Vec<IdentityMerged>) {
+        let mut dirty = self.dirty.lock();
+        for (i, p) in ids {
+            dirty.entry(i).or_insert(p);
+        }
+        let mut m = self.merges.lock();
+        let newer = std::mem::take(&mut *m);
+        *m = merges;
+        m.extend(newer);
+    }
+
+    pub fn len(&self) -> usize {
+        self.owners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owners.is_empty()
+    }
+}
+
+/// Places one event: returns the profile it belongs to, creating, linking or merging profiles.
+pub async fn resolve_event(
+    ctx: &PipelineContext,
+    directory: &ActorRef<ProfilesMsg>,
+    seq: u64,
+    event: &CustomerEvent,
+) -> Result<Option<ProfileId>, StoreError> {
+    if event.identifiers.is_empty() {
+        return Ok(None);
+    }
+    let index = &ctx.index;
+    let mut roots = BTreeSet::new();
+    let mut unowned = Vec::new();
+    for id in &event.identifiers {
+        match index.owner(id).await? {
+            Some(owner) => {
+                roots.insert(index.root(&owner).await?);
+            }
+            None => unowned.push(id),
+        }
+    }
+    let created = roots.is_empty();
+    let mut target = match roots.first() {
+        Some(p) => p.clone(),
+        None => ProfileId::derive_from_event(&event.event_id, event.received_at),
+    };
+    for id in unowned {
+        if let Err(other) = index.claim(id, &target) {
+            // Another shard claimed it first: that profile is this student too.
+            roots.insert(index.root(&other).await?);
+        }
+    }
+    roots.insert(target.clone());
+    if let Some(first) = roots.first() {
+        target = first.clone();
+    }
+    if created && roots.len() == 1 {
+        index.known_roots.insert(target.clone());
+        ctx.metrics.profiles_created.inc();
+    }
+    for merged in roots.iter().filter(|p| **p != target) {
+        let evidence: Vec<Identifier> = event.identifiers.clone();
+        tracing::info!(survivor = %target, merged = %merged, seq, "profiles merged");
+        index.record_merge(IdentityMerged {
+            survivor: target.clone(),
+            merged: merged.clone(),
+            evidence,
+            at: Utc::now(),
+            seq,
+        });
+        ctx.metrics.identity_merges.inc();
+        directory
+            .send_message(ProfilesMsg::Deliver {
+                profile_id: merged.clone(),
+                msg: ProfileMsg::MergeInto { survivor: target.clone() },
+            })
+            .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
+    }
+    if roots.len() > 1 {
+        for id in &event.identifiers {
+            index.repoint(id, &target);
+        }
+    }
+    Ok(Some(target))
+}
+
+/// One shard of the resolver pool.
+pub struct IdentityResolver;
+
+pub struct IdentityResolverArgs {
+    pub ctx: PipelineContext,
+    pub directory: Slot<ProfilesMsg>,
+}
+
+pub struct IdentityResolverState {
+    ctx: PipelineContext,
+    directory: Slot<ProfilesMsg>,
+}
+
+pub type IdentityFactoryMsg = FactoryMessage<String, IdentityMsg>;
+
+impl Worker for IdentityResolver {
+    type Key = String;
+    type Message = IdentityMsg;
+    type State = IdentityResolverState;
+    type Arguments = IdentityResolverArgs;
+
+    async fn pre_start(
+        &self,
+        _wid: WorkerId,
+        _factory: &ActorRef<IdentityFactoryMsg>,
+        args: IdentityResolverArgs,
+    ) -> Result<IdentityResolverState, ActorProcessingErr> {
+        Ok(IdentityResolverState { ctx: args.ctx, directory: args.directory })
+    }
+
+    async fn handle(
+        &self,
+        _wid: WorkerId,
+        _factory: &ActorRef<IdentityFactoryMsg>,
+        job: Job<String, IdentityMsg>,
+        state: &mut IdentityResolverState,
+    ) -> Result<String, ActorProcessingErr> {
+        let IdentityMsg::Resolve { seq, event } = job.msg;
+        let directory = state.directory.get().ok_or("profile directory is not running")?;
+        let mut backoff = Duration::from_millis(20);
+        let target = loop {
+            match resolve_event(&state.ctx, &directory, seq, &event).await {
+                Ok(t) => break t,
+                Err(e) if e.is_retryable() => {
+                    // Backpressure: hold this shard until the store answers again.
+                    tracing::warn!(seq, error = %e, backoff_ms = backoff.as_millis() as u64, "identity store unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
+                    break None;
+                }
+            }
+        };
+        match target {
+            Some(profile_id) => {
+                directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
+            }
+            None if event.identifiers.is_empty() => {
+                dead_letters::record_event(
+                    &state.ctx,
+                    DeadLetterStage::Identity,
+                    &event,
+                    "event carries no identifier",
+                    1,
+                )
+                .await;
+            }
+            None => {}
+        }
+        state.ctx.watermark.delivered(seq);
+        Ok(job.key)
+    }
+}
+
+struct ResolverBuilder {
+    ctx: PipelineContext,
+    directory: Slot<ProfilesMsg>,
+}
+
+impl WorkerBuilder<IdentityResolver, IdentityResolverArgs> for ResolverBuilder {
+    fn build(&mut self, _wid: WorkerId) -> (IdentityResolver, IdentityResolverArgs) {
+        (IdentityResolver, IdentityResolverArgs { ctx: self.ctx.clone(), directory: self.directory.clone() })
+    }
+}
+
+pub type IdentityFactory = Factory<
+    String,
+    IdentityMsg,
+    IdentityResolverArgs,
+    IdentityResolver,
+    KeyPersistentRouting<String, IdentityMsg>,
+    DefaultQueue<String, IdentityMsg>,
+>;
+
+/// Starts the resolver pool under `supervisor`; the factory replaces crashed workers itself.
+pub async fn spawn_identity_pool(
+    ctx: PipelineContext,
+    directory: Slot<ProfilesMsg>,
+    shards: usize,
+    supervisor: ActorCell,
+) -> Result<ActorRef<IdentityFactoryMsg>, SpawnErr> {
+    let args = FactoryArguments {
+        worker_builder: Box::new(ResolverBuilder { ctx, directory }),
+        num_initial_workers: shards,
+        router: KeyPersistentRouting::default(),
+        queue: DefaultQueue::default(),
+        discard_handler: None,
+        discard_settings: ractor::factory::DiscardSettings::None,
+        dead_mans_switch: None,
+        capacity_controller: None,
+        lifecycle_hooks: None,
+        stats: None,
+    };
+    let (factory, _) = Actor::spawn_linked(None, IdentityFactory::default(), args, supervisor).await?;
+    Ok(factory)
+}
+
+/// Routing key of an event: its strongest identifier (or its id when it has none, so it still
+/// reaches a worker that dead-letters it).
+pub fn routing_key(event: &CustomerEvent) -> String {
+    match event.routing_identifier() {
+        Some(id) => id.key(),
+        None => event.event_id.to_string(),
+    }
+}
+
+/// Builds a dead letter for an event that could not be placed.
+pub(crate) fn event_dead_letter(
+    event: &CustomerEvent,
+    stage: DeadLetterStage,
+    reason: &str,
+    attempts: u32,
+) -> NewDeadLetter {
+    NewDeadLetter {
+        source: event.source,
+        stage,
+        reason: reason.to_string(),
+        event_id: Some(event.event_id.to_string()),
+        payload: serde_json::to_string(event).unwrap_or_default(),
+        content_type: "application/json".into(),
+        received_at: event.received_at,
+        attempts,
+    }
+}

@@ -1,0 +1,156 @@
+//! One IngestActor per source: Gate 1 (validation), normalization, and the durable append that
+//! must complete before the HTTP answer.
+
+use crate::dead_letters;
+use crate::normalize::{normalize, NormalizeError, NormalizeOptions};
+use cohort_adapters::{AppendBatch, BronzeRecord, EventLog, NewDeadLetter, OperationalStore};
+use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection};
+use cohort_messages::{DeadLetterStage, Source};
+use cohort_supervisors::{Metrics, QueueDepth};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::Arc;
+
+pub struct IngestActor;
+
+pub struct IngestArgs {
+    pub source: Source,
+    pub options: Arc<NormalizeOptions>,
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<dyn OperationalStore>,
+    pub metrics: Metrics,
+    pub queue: QueueDepth,
+}
+
+pub type IngestState = IngestArgs;
+
+/// The Bronze format label of a payload.
+pub fn format_label(format: PayloadFormat) -> String {
+    match format {
+        PayloadFormat::Segment { call } => format!(
+            "segment:{}",
+            serde_json::to_value(call).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+        ),
+        PayloadFormat::TwilioForm => "twilio_form".into(),
+        PayloadFormat::SendgridEvents => "sendgrid_events".into(),
+        PayloadFormat::SalesforceCdc => "salesforce_cdc".into(),
+        PayloadFormat::SalesforceCsv => "salesforce_csv".into(),
+    }
+}
+
+fn raw_dead_letter(payload: &RawPayload, reason: String, event_id: Option<String>) -> NewDeadLetter {
+    NewDeadLetter {
+        source: payload.source,
+        stage: DeadLetterStage::Validation,
+        reason,
+        event_id,
+        payload: String::from_utf8_lossy(&payload.body).into_owned(),
+        content_type: payload.content_type.clone(),
+        received_at: payload.received_at,
+        attempts: 1,
+    }
+}
+
+impl Actor for IngestActor {
+    type Msg = IngestMsg;
+    type State = IngestState;
+    type Arguments = IngestArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<IngestMsg>,
+        args: IngestArgs,
+    ) -> Result<IngestState, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<IngestMsg>,
+        msg: IngestMsg,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
+        let IngestMsg::Receive { payload, reply } = msg;
+        state.queue.dequeued();
+        let source = state.source.as_str();
+        let m = &state.metrics;
+        match normalize(&payload, &state.options) {
+            Err(e) => {
+                let (reason_label, err) = match &e {
+                    NormalizeError::TooLarge { .. } => ("too_large", IngestError::TooLarge(e.to_string())),
+                    _ => ("invalid", IngestError::Malformed(e.to_string())),
+                };
+                m.events_received.with_label_values(&[source]).inc();
+                m.events_rejected.with_label_values(&[source, reason_label]).inc();
+                tracing::info!(source, reason = reason_label, error = %e, "payload rejected at gate 1");
+                let store = state.store.clone();
+                let metrics = m.clone();
+                let letter = raw_dead_letter(&payload, e.to_string(), None);
+                tokio::spawn(async move {
+                    dead_letters::record(store.as_ref(), &metrics, vec![letter]).await;
+                    let _ = reply.send(Err(err));
+                });
+            }
+            Ok(normalized) => {
+                let rejected: Vec<Rejection> = normalized.rejected;
+                let events = normalized.events;
+                m.events_received.with_label_values(&[source]).inc_by((events.len() + rejected.len()) as u64);
+                if !rejected.is_empty() {
+                    m.events_rejected.with_label_values(&[source, "invalid"]).inc_by(rejected.len() as u64);
+                }
+                let letters: Vec<NewDeadLetter> = rejected
+                    .iter()
+                    .map(|r| {
+                        let at = r.index.map(|i| format!("element {i}: ")).unwrap_or_default();
+                        raw_dead_letter(&payload, format!("{at}{}", r.reason), None)
+                    })
+                    .collect();
+                let bronze = BronzeRecord {
+                    source: payload.source,
+                    format: format_label(payload.format),
+                    content_type: payload.content_type.clone(),
+                    received_at: payload.received_at,
+                    body: payload.body.to_vec(),
+                };
+                let log = state.log.clone();
+                let store = state.store.clone();
+                let metrics = m.clone();
+                let source_label = source.to_string();
+                // Appends are group-committed by the journal; awaiting them off the actor keeps
+                // this source's ingest loop free. Order within a payload is kept; concurrent
+                // requests have no order to keep.
+                tokio::spawn(async move {
+                    let append = if events.is_empty() {
+                        None
+                    } else {
+                        Some(log.append(AppendBatch { raw: Some(bronze), events }))
+                    };
+                    dead_letters::record(store.as_ref(), &metrics, letters).await;
+                    let answer = match append {
+                        None => match rejected.first() {
+                            Some(first) => Err(IngestError::Malformed(format!(
+                                "no valid event in payload; first problem: {}",
+                                first.reason
+                            ))),
+                            None => Ok(IngestReceipt::default()),
+                        },
+                        Some(fut) => match fut.await {
+                            Ok(outcome) => {
+                                let accepted = outcome.seqs.iter().filter(|s| s.is_some()).count();
+                                let duplicates = outcome.seqs.len() - accepted;
+                                metrics.events_accepted.with_label_values(&[&source_label]).inc_by(accepted as u64);
+                                metrics.events_duplicate.with_label_values(&[&source_label]).inc_by(duplicates as u64);
+                                Ok(IngestReceipt { accepted, duplicates, rejected })
+                            }
+                            Err(e) => {
+                                tracing::warn!(source = %source_label, error = %e, "journal append failed");
+                                Err(IngestError::Unavailable(e.to_string()))
+                            }
+                        },
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+        }
+        Ok(())
+    }
+}

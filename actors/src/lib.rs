@@ -1,0 +1,21 @@
+//! Cohort's behaviour: ingest, identity resolution and profiles, as ractor actors.
+//!
+//! Actors depend on the adapter traits only; the `cohort` binary chooses the backends.
+
+pub mod context;
+pub mod dead_letters;
+pub mod directory;
+pub mod dispatcher;
+pub mod identity;
+pub mod ingest;
+pub mod normalize;
+pub mod profile;
+pub mod watermark;
+
+pub use context::{FaultInjector, PipelineContext, ProfileSettings};
+pub use directory::{ProfilesArgs, ProfilesDirectory};
+pub use dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
+pub use identity::{spawn_identity_pool, IdentityFactoryMsg, IdentityIndex};
+pub use ingest::{IngestActor, IngestArgs};
+pub use profile::{ProfileActor, ProfileArgs};
+pub use watermark::Watermark;

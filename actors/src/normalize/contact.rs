@@ -1,0 +1,136 @@
+//! Contact identifiers in one canonical form, so the same student found by two sources links.
+
+use phonenumber::country;
+
+/// Trims and lower-cases an email address; `None` unless it has exactly one `@` with non-empty
+/// parts and no spaces or mail-header punctuation (`Max <max@x.de>` is not an address).
+pub fn normalize_email(raw: &str) -> Option<String> {
+    let s = raw.trim();
+    let s = s.strip_prefix("mailto:").unwrap_or(s);
+    if s.is_empty() || s.len() > 254 {
+        return None;
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control() || "<>,;\"()[]\\".contains(c)) {
+        return None;
+    }
+    let (local, domain) = s.split_once('@')?;
+    if local.is_empty() || domain.is_empty() || domain.contains('@') || domain.starts_with('.') || domain.ends_with('.')
+    {
+        return None;
+    }
+    Some(s.to_lowercase())
+}
+
+/// Strips the channel prefixes sources put in front of numbers (`whatsapp:+49...`, `tel:`).
+fn strip_channel_prefix(raw: &str) -> &str {
+    let s = raw.trim();
+    for prefix in ["whatsapp:", "tel:", "sms:"] {
+        if s.len() >= prefix.len() && s.is_char_boundary(prefix.len()) && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+        {
+            return s[prefix.len()..].trim();
+        }
+    }
+    s
+}
+
+/// A phone number in E.164 (`+4915123456789`), parsed with `region` (ISO 3166 alpha-2, e.g.
+/// `DE`) for numbers written nationally; `None` unless libphonenumber's metadata says the
+/// number is valid. Accepts a `whatsapp:` prefix as Twilio sends it.
+pub fn normalize_phone(raw: &str, region: &str) -> Option<String> {
+    let s = strip_channel_prefix(raw);
+    // Cheap syntax gate before the parser: phone punctuation only, a plausible digit count.
+    if s.is_empty() || s.len() > 40 {
+        return None;
+    }
+    if !s.chars().all(|c| c.is_ascii_digit() || " +-().-/\u{a0}".contains(c)) {
+        return None;
+    }
+    let digits = s.chars().filter(char::is_ascii_digit).count();
+    if !(4..=17).contains(&digits) || s.rfind('+').is_some_and(|p| p != 0) {
+        return None;
+    }
+    let region: Option<country::Id> = region.trim().to_ascii_uppercase().parse().ok();
+    let input = s.to_string();
+    // The parser has internal unwraps on some inputs; no input may bring ingest down.
+    std::panic::catch_unwind(move || {
+        let n = phonenumber::parse(region, &input).ok()?;
+        if !n.is_valid() {
+            return None;
+        }
+        Some(format!("+{}{}", n.code().value(), n.national()))
+    })
+    .ok()
+    .flatten()
+}
+
+/// A number the sender guarantees to be E.164 (Twilio's `From`, WhatsApp's `WaId` digits):
+/// validated when the metadata knows it, otherwise accepted on syntax (`+` and 8-15 digits).
+pub(crate) fn trusted_e164(raw: &str, region: &str) -> Option<String> {
+    let s = strip_channel_prefix(raw);
+    let with_plus = if s.starts_with('+') { s.to_string() } else { format!("+{s}") };
+    if let Some(n) = normalize_phone(&with_plus, region) {
+        return Some(n);
+    }
+    let digits = &with_plus[1..];
+    ((8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'))
+        .then_some(with_plus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails() {
+        assert_eq!(normalize_email("  Max.Mustermann@GMAIL.com "), Some("max.mustermann@gmail.com".into()));
+        assert_eq!(normalize_email("mailto:a@b.de"), Some("a@b.de".into()));
+        for bad in ["", "max", "@gmail.com", "max@", "a@b@c", "Max <max@x.de>", "max @x.de", "a@.de", "a@de."] {
+            assert_eq!(normalize_email(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn phones() {
+        let want = Some("+4915123456789".to_string());
+        assert_eq!(normalize_phone("+49 1512 3456789", "DE"), want);
+        assert_eq!(normalize_phone("01512 3456789", "DE"), want);
+        assert_eq!(normalize_phone("0049 151 23456789", "DE"), want);
+        assert_eq!(normalize_phone("whatsapp:+4915123456789", "DE"), want);
+        assert_eq!(normalize_phone("WhatsApp:+49 (151) 234-56789", "de"), want);
+        assert_eq!(normalize_phone("+49 30 12345678", "DE"), Some("+493012345678".into()));
+        assert_eq!(normalize_phone("030 12345678", "DE"), Some("+493012345678".into()));
+        for bad in ["", "abc", "+49", "12", "+49 1512 3456789 ext. 5", "++4915123456789", "1+2", "0"] {
+            assert_eq!(normalize_phone(bad, "DE"), None, "{bad}");
+        }
+        // without a usable region only international numbers parse
+        assert_eq!(normalize_phone("01512 3456789", "??"), None);
+        assert_eq!(normalize_phone("+4915123456789", "??"), want);
+    }
+
+    #[test]
+    fn trusted_numbers() {
+        assert_eq!(trusted_e164("4915123456789", "DE"), Some("+4915123456789".into()));
+        assert_eq!(trusted_e164("whatsapp:+4915000000001", "DE").as_deref().map(|s| s.starts_with("+49")), Some(true));
+        assert_eq!(trusted_e164("whatsapp:hello", "DE"), None);
+    }
+
+    #[test]
+    fn hostile_phone_inputs_never_panic() {
+        for s in [
+            "+",
+            "+0",
+            "+00000000000000000",
+            "+999999999999999",
+            "(((((",
+            "+1 (",
+            "00",
+            "+80012345678",
+            "+8",
+            "+979123456789",
+        ] {
+            let _ = normalize_phone(s, "DE");
+            let _ = normalize_phone(s, "US");
+            let _ = normalize_phone(s, "");
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Ingest endpoints, speaking each source's real format.
+
+use crate::auth::{basic_user, ct_eq, require_bearer};
+use crate::error::ApiError;
+use crate::state::ApiState;
+use axum::body::Bytes;
+use axum::extract::{OriginalUri, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use cohort_actors::normalize::signature::{verify_sendgrid, verify_twilio};
+use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, SegmentCall};
+use cohort_messages::Source;
+use ractor::rpc::CallResult;
+use serde::Deserialize;
+use serde_json::json;
+
+/// Hands a payload to its source's IngestActor and waits until it is durable.
+pub async fn submit(state: &ApiState, payload: RawPayload) -> Result<IngestReceipt, ApiError> {
+    let (slot, queue) = state
+        .ingest
+        .get(&payload.source)
+        .ok_or_else(|| ApiError::Unavailable(format!("no ingest actor for {}", payload.source)))?;
+    let actor = slot.get().ok_or_else(|| ApiError::Unavailable("ingest actor restarting".into()))?;
+    queue.enqueued();
+    let result = actor.call(|reply| IngestMsg::Receive { payload, reply }, Some(state.call_timeout)).await;
+    match result {
+        Ok(CallResult::Success(Ok(receipt))) => Ok(receipt),
+        Ok(CallResult::Success(Err(IngestError::Malformed(m)))) => Err(ApiError::BadRequest(m)),
+        Ok(CallResult::Success(Err(IngestError::TooLarge(m)))) => Err(ApiError::PayloadTooLarge(m)),
+        Ok(CallResult::Success(Err(IngestError::Unavailable(m)))) => Err(ApiError::Unavailable(m)),
+        Ok(CallResult::Timeout) => Err(ApiError::Unavailable("ingest timed out".into())),
+        Ok(CallResult::SenderError) => Err(ApiError::Unavailable("ingest actor stopped".into())),
+        Err(_) => {
+            queue.dequeued();
+            Err(ApiError::Unavailable("ingest actor unavailable".into()))
+        }
+    }
+}
+
+fn receipt_json(r: &IngestReceipt) -> Json<serde_json::Value> {
+    Json(json!({
+        "success": true,
+        "accepted": r.accepted,
+        "duplicates": r.duplicates,
+        "rejected": r.rejected,
+    }))
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+#[derive(Deserialize)]
+struct WriteKeyOnly {
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+/// Which source a Segment write key belongs to.
+fn segment_source(state: &ApiState, headers: &HeaderMap, body: &[u8]) -> Result<Source, ApiError> {
+    let key = match basic_user(headers) {
+        Some(k) => k,
+        None => serde_json::from_slice::<WriteKeyOnly>(body).ok().and_then(|w| w.write_key).ok_or_else(|| {
+            ApiError::Unauthorized("missing write key (Basic auth `writeKey:` or body `writeKey`)".into())
+        })?,
+    };
+    let s = &state.config.sources;
+    if ct_eq(&key, &s.web.write_key) {
+        Ok(Source::Web)
+    } else if ct_eq(&key, &s.mobile.write_key) {
+        Ok(Source::Mobile)
+    } else {
+        Err(ApiError::Unauthorized("invalid write key".into()))
+    }
+}
+
+/// Segment HTTP Tracking API: `POST /v1/{identify,track,page,screen,group,alias,batch}`.
+#[utoipa::path(post, path = "/v1/{call}", tag = "ingest",
+    params(("call" = String, Path, description = "identify, track, page, screen, group, alias or batch")),
+    request_body(content = serde_json::Value, description = "A Segment Spec call or batch", content_type = "application/json"),
+    responses((status = 200, description = "Accepted and durable"), (status = 400, description = "Malformed"),
+        (status = 401, description = "Wrong write key"), (status = 413, description = "Over Segment's size limits"),
+        (status = 503, description = "Storage unavailable, retry")))]
+pub async fn segment(
+    State(state): State<ApiState>,
+    Path(call): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let call = SegmentCall::parse(&call).ok_or_else(|| ApiError::NotFound(format!("no Segment call `{call}`")))?;
+    let source = segment_source(&state, &headers, &body)?;
+    let payload = RawPayload {
+        source,
+        format: PayloadFormat::Segment { call },
+        body: body.to_vec().into(),
+        content_type: content_type(&headers),
+        received_at: Utc::now(),
+    };
+    let receipt = submit(&state, payload).await?;
+    Ok(receipt_json(&receipt).into_response())
+}
+
+/// The URL Twilio signed: the configured public URL, or the one the request was sent to.
+fn twilio_url(state: &ApiState, headers: &HeaderMap, uri: &axum::http::Uri) -> String {
+    let path_q = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let public = state.config.sources.whatsapp.public_url.trim_end_matches('/');
+    if !public.is_empty() {
+        return format!("{public}{path_q}");
+    }
+    let proto = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http");
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+    format!("{proto}://{host}{path_q}")
+}
+
+/// Twilio inbound WhatsApp message webhook (form-encoded, `X-Twilio-Signature`).
+#[utoipa::path(post, path = "/webhooks/twilio/whatsapp", tag = "ingest",
+    request_body(content = String, description = "Twilio webhook form", content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "Accepted (empty TwiML)"), (status = 400, description = "Malformed"),
+        (status = 401, description = "Missing or invalid signature"), (status = 503, description = "Retry")))]
+pub async fn twilio(
+    State(state): State<ApiState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let signature = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::Unauthorized("missing X-Twilio-Signature".into()))?;
+    let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let url = twilio_url(&state, &headers, &uri);
+    if !verify_twilio(&state.config.sources.whatsapp.auth_token, &url, &params, signature) {
+        return Err(ApiError::Unauthorized("invalid X-Twilio-Signature".into()));
+    }
+    let payload = RawPayload {
+        source: Source::Whatsapp,
+        format: PayloadFormat::TwilioForm,
+        body: body.to_vec().into(),
+        content_type: content_type(&headers),
+        received_at: Utc::now(),
+    };
+    submit(&state, payload).await?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/xml")],
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>",
+    )
+        .into_response())
+}
+
+/// SendGrid Event Webhook (JSON array; ECDSA-signed when a key is configured).
+#[utoipa::path(post, path = "/webhooks/sendgrid/events", tag = "ingest",
+    request_body(content = serde_json::Value, description = "Array of SendGrid events", content_type = "application/json"),
+    responses((status = 200, description = "Accepted"), (status = 400, description = "Malformed"),
+        (status = 401, description = "Missing or invalid signature"), (status = 503, description = "Retry")))]
+pub async fn sendgrid(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    if let Some(key) = &state.sendgrid_key {
+        let sig = headers.get("x-twilio-email-event-webhook-signature").and_then(|v| v.to_str().ok());
+        let ts = headers.get("x-twilio-email-event-webhook-timestamp").and_then(|v| v.to_str().ok());
+        match (sig, ts) {
+            (Some(sig), Some(ts)) if verify_sendgrid(key, &body, sig, ts) => {}
+            (None, _) | (_, None) => return Err(ApiError::Unauthorized("missing SendGrid signature headers".into())),
+            _ => return Err(ApiError::Unauthorized("invalid SendGrid signature".into())),
+        }
+    }
+    let payload = RawPayload {
+        source: Source::Email,
+        format: PayloadFormat::SendgridEvents,
+        body: body.to_vec().into(),
+        content_type: content_type(&headers),
+        received_at: Utc::now(),
+    };
+    let receipt = submit(&state, payload).await?;
+    Ok(receipt_json(&receipt).into_response())
+}
+
+/// Salesforce Change Data Capture event, relayed as JSON (bearer token of the CRM source).
+#[utoipa::path(post, path = "/webhooks/salesforce/cdc", tag = "ingest",
+    request_body(content = serde_json::Value, description = "A ChangeEvent", content_type = "application/json"),
+    responses((status = 200, description = "Accepted"), (status = 400, description = "Malformed"),
+        (status = 401, description = "Wrong token"), (status = 503, description = "Retry")),
+    security(("bearer" = [])))]
+pub async fn salesforce_cdc(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_bearer(&headers, std::slice::from_ref(&state.config.sources.crm.token))?;
+    let payload = RawPayload {
+        source: Source::Crm,
+        format: PayloadFormat::SalesforceCdc,
+        body: body.to_vec().into(),
+        content_type: content_type(&headers),
+        received_at: Utc::now(),
+    };
+    let receipt = submit(&state, payload).await?;
+    Ok(receipt_json(&receipt).into_response())
+}
+
+/// A chunk of a Salesforce Bulk API 2.0 CSV export (header row first).
+#[utoipa::path(post, path = "/v1/import/salesforce/contacts", tag = "ingest",
+    request_body(content = String, description = "CSV with a header row of field API names", content_type = "text/csv"),
+    responses((status = 200, description = "Rows accepted, duplicates and rejected rows"), (status = 400, description = "Malformed"),
+        (status = 401, description = "Wrong token"), (status = 413, description = "Chunk too large"), (status = 503, description = "Retry")),
+    security(("bearer" = [])))]
+pub async fn salesforce_csv(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_bearer(&headers, std::slice::from_ref(&state.config.sources.crm.token))?;
+    let payload = RawPayload {
+        source: Source::Crm,
+        format: PayloadFormat::SalesforceCsv,
+        body: body.to_vec().into(),
+        content_type: content_type(&headers),
+        received_at: Utc::now(),
+    };
+    let receipt = submit(&state, payload).await?;
+    Ok(receipt_json(&receipt).into_response())
+}

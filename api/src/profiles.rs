@@ -1,0 +1,148 @@
+//! The Profile API, answered by the live ProfileActor.
+
+use crate::auth::require_bearer;
+use crate::error::ApiError;
+use crate::state::ApiState;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use cohort_actors::normalize::{normalize_email, normalize_phone};
+use cohort_messages::msgs::{ProfileMsg, ProfileRecordReply, ProfilesMsg};
+use cohort_messages::{Identifier, IdentifierKind, ProfileId, ProfileRef};
+use ractor::rpc::CallResult;
+use ractor::RpcReplyPort;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Normalizes an identifier from a URL the way ingest normalizes it.
+fn normalize_ref_identifier(state: &ApiState, id: Identifier) -> Result<Identifier, ApiError> {
+    let value = match id.kind {
+        IdentifierKind::Email => normalize_email(&id.value),
+        IdentifierKind::Phone | IdentifierKind::WhatsappId => {
+            normalize_phone(&id.value, &state.normalize.default_region)
+        }
+        _ => Some(id.value.clone()),
+    };
+    value
+        .map(|v| Identifier::new(id.kind, v))
+        .ok_or_else(|| ApiError::BadRequest(format!("`{}` is not a valid {}", id.value, id.kind)))
+}
+
+/// Resolves `{ref}` to a profile id.
+pub async fn resolve_ref(state: &ApiState, raw: &str) -> Result<ProfileId, ApiError> {
+    let parsed: ProfileRef = raw.parse().map_err(|e| ApiError::BadRequest(format!("invalid profile ref: {e}")))?;
+    match parsed {
+        ProfileRef::Id(id) => Ok(id),
+        ProfileRef::Identifier(id) => {
+            let id = normalize_ref_identifier(state, id)?;
+            state
+                .index
+                .resolve(&id)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?
+                .ok_or_else(|| ApiError::NotFound(format!("no profile with {}", id.kind)))
+        }
+    }
+}
+
+/// Asks the live ProfileActor, following merges to the survivor.
+pub async fn ask<T: Send + 'static>(
+    state: &ApiState,
+    mut id: ProfileId,
+    make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
+) -> Result<(ProfileId, T), ApiError> {
+    let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
+    for _ in 0..8 {
+        let target = id.clone();
+        let result = directory
+            .call(|reply| ProfilesMsg::Deliver { profile_id: target, msg: make(reply) }, Some(state.call_timeout))
+            .await;
+        match result {
+            Ok(CallResult::Success(ProfileRecordReply::Found(v))) => return Ok((id, v)),
+            Ok(CallResult::Success(ProfileRecordReply::MergedInto(s))) => id = s,
+            Ok(CallResult::Success(ProfileRecordReply::NotFound)) => {
+                return Err(ApiError::NotFound(format!("no profile {id}")))
+            }
+            Ok(CallResult::Timeout) => return Err(ApiError::Unavailable("profile actor timed out".into())),
+            Ok(CallResult::SenderError) | Err(_) => {
+                return Err(ApiError::Unavailable("profile actor restarting".into()))
+            }
+        }
+    }
+    Err(ApiError::Unavailable("too many merge redirects".into()))
+}
+
+#[utoipa::path(get, path = "/v1/profiles/{ref}", tag = "profiles",
+    params(("ref" = String, Path, description = "A profile id or `type:value`, e.g. `email:max@gmail.com`")),
+    responses((status = 200, description = "The golden record"), (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_profile(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let id = resolve_ref(&state, &r).await?;
+    let (_, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    Ok(Json(serde_json::to_value(view).unwrap_or(Value::Null)))
+}
+
+#[utoipa::path(get, path = "/v1/profiles/{ref}/traits", tag = "profiles",
+    params(("ref" = String, Path, description = "A profile id or `type:value`")),
+    responses((status = 200, description = "Traits with their source and update time"), (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_traits(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let id = resolve_ref(&state, &r).await?;
+    let (id, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    Ok(Json(json!({ "profile_id": id, "traits": view.traits })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Paging {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/profiles/{ref}/events", tag = "profiles",
+    params(("ref" = String, Path, description = "A profile id or `type:value`"),
+        ("offset" = Option<usize>, Query, description = "Events to skip (default 0)"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1-500 (default 50)")),
+    responses((status = 200, description = "Recent events, newest first"), (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    Query(p): Query<Paging>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let offset = p.offset.unwrap_or(0);
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
+    }
+    let id = resolve_ref(&state, &r).await?;
+    let (id, events) = ask(&state, id, |reply| ProfileMsg::GetEvents { offset, limit, reply }).await?;
+    let next = (events.len() == limit).then_some(offset + limit);
+    Ok(Json(json!({ "profile_id": id, "events": events, "offset": offset, "next_offset": next })))
+}
+
+#[utoipa::path(get, path = "/v1/profiles/{ref}/identities", tag = "profiles",
+    params(("ref" = String, Path, description = "A profile id or `type:value`")),
+    responses((status = 200, description = "Linked identifiers"), (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_identities(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let id = resolve_ref(&state, &r).await?;
+    let (id, ids) = ask(&state, id, ProfileMsg::GetIdentities).await?;
+    Ok(Json(json!({ "profile_id": id, "identities": ids })))
+}

@@ -1,0 +1,29 @@
+//! What the handlers share.
+
+use cohort_actors::normalize::NormalizeOptions;
+use cohort_actors::IdentityIndex;
+use cohort_adapters::OperationalStore;
+use cohort_config::Config;
+use cohort_messages::msgs::{IngestMsg, ProfilesMsg};
+use cohort_messages::Source;
+use cohort_supervisors::{HealthRegistry, Metrics, QueueDepth, Slot};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub config: Arc<Config>,
+    pub ingest: Arc<HashMap<Source, (Slot<IngestMsg>, QueueDepth)>>,
+    pub profiles: Slot<ProfilesMsg>,
+    pub index: Arc<IdentityIndex>,
+    pub store: Arc<dyn OperationalStore>,
+    pub metrics: Metrics,
+    pub health: HealthRegistry,
+    pub normalize: Arc<NormalizeOptions>,
+    pub sendgrid_key: Option<p256::ecdsa::VerifyingKey>,
+    /// False while starting and while shutting down.
+    pub ready: Arc<AtomicBool>,
+    pub call_timeout: Duration,
+}

@@ -1,0 +1,11 @@
+//! The `cohort` binary's library: system wiring, the demo, the CSV importer and telemetry setup,
+//! kept in a library so end-to-end tests start exactly what the binary starts.
+
+pub mod client;
+pub mod demo;
+pub mod import;
+pub mod payloads;
+pub mod system;
+pub mod telemetry;
+
+pub use system::{Cohort, SystemOptions};

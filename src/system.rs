@@ -1,0 +1,282 @@
+//! Wires the supervised actor system: backends chosen by config, the supervision tree, the
+//! HTTP API, and an orderly shutdown.
+
+use anyhow::{anyhow, Context};
+use cohort_actors::normalize::signature::parse_sendgrid_public_key;
+use cohort_actors::normalize::NormalizeOptions;
+use cohort_actors::{
+    spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IngestActor,
+    IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, Watermark,
+};
+use cohort_adapters::embedded::EmbeddedStore;
+use cohort_adapters::{EventLog, OperationalStore};
+use cohort_api::ApiState;
+use cohort_config::Config;
+use cohort_messages::msgs::{FlushReport, IngestMsg, ProfilesMsg, ProfilesStats};
+use cohort_messages::Source;
+use cohort_supervisors::{
+    ChildSpec, HealthRegistry, Metrics, RestartPolicy, Slot, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg,
+};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Options that are not configuration: test hooks.
+#[derive(Default, Clone)]
+pub struct SystemOptions {
+    pub fault: Option<Arc<dyn FaultInjector>>,
+}
+
+/// A running Cohort: the actor tree and what the API needs to reach it.
+pub struct Cohort {
+    pub config: Arc<Config>,
+    pub api: ApiState,
+    pub ctx: PipelineContext,
+    pub health: HealthRegistry,
+    root: ActorRef<SupervisorMsg>,
+    root_handle: Option<JoinHandle<()>>,
+}
+
+fn ingest_spec(source: Source, slot: Slot<IngestMsg>, args: Arc<dyn Fn() -> IngestArgs + Send + Sync>) -> ChildSpec {
+    ChildSpec::new(source.as_str(), "ingest", move |sup| {
+        let slot = slot.clone();
+        let args = args();
+        async move {
+            let (r, _) = Actor::spawn_linked(None, IngestActor, args, sup).await?;
+            slot.set(r.clone());
+            Ok(r.get_cell())
+        }
+    })
+}
+
+fn supervisor_spec(name: &str, args: SupervisorArgs) -> ChildSpec {
+    ChildSpec::new(name, "supervisor", move |sup| {
+        let args = args.clone();
+        async move {
+            let (r, _) = Actor::spawn_linked(None, SupervisorActor, args, sup).await?;
+            Ok(r.get_cell())
+        }
+    })
+}
+
+impl Cohort {
+    /// Opens the backends named in `config` and starts the supervision tree.
+    pub async fn start(config: Config, options: SystemOptions) -> anyhow::Result<Cohort> {
+        let config = Arc::new(config);
+        let normalize: NormalizeOptions = serde_json::from_value(serde_json::Value::Object(config.normalize.clone()))
+            .map_err(|e| anyhow!("invalid configuration: `normalize`: {e}"))?;
+        let normalize = Arc::new(normalize);
+        let sendgrid_key = match config.sources.email.sendgrid_public_key.trim() {
+            "" => None,
+            k => Some(
+                parse_sendgrid_public_key(k)
+                    .map_err(|e| anyhow!("invalid configuration: `sources.email.sendgrid_public_key`: {e}"))?,
+            ),
+        };
+        if sendgrid_key.is_none() {
+            tracing::warn!("sources.email.sendgrid_public_key is empty: SendGrid webhook signatures are not verified");
+        }
+        if config.uses_dev_credentials() {
+            tracing::warn!(
+                "development credentials from the built-in defaults are in use: set real tokens before exposing cohort"
+            );
+        }
+        let embedded = EmbeddedStore::open_url(&config.storage.url)
+            .with_context(|| format!("opening storage `{}`", config.storage.url))?;
+        let store: Arc<dyn OperationalStore> = embedded.clone();
+        let log: Arc<dyn EventLog> = embedded;
+        let metrics = Metrics::new().context("registering metrics")?;
+        let health = HealthRegistry::new();
+        let policy = RestartPolicy::from_config(&config.supervision);
+        let checkpoint = store.checkpoint().await.context("reading the pipeline checkpoint")?;
+        let ctx = PipelineContext {
+            store: store.clone(),
+            log: log.clone(),
+            metrics: metrics.clone(),
+            watermark: Arc::new(Watermark::new(checkpoint)),
+            index: Arc::new(IdentityIndex::new(store.clone())),
+            checkpoint: Arc::new(AtomicU64::new(checkpoint)),
+            profiles: ProfileSettings {
+                history_limit: config.profiles.history_limit,
+                passivate_after: Duration::from_secs(config.profiles.passivate_after_secs),
+                flush_interval: Duration::from_millis(config.profiles.flush_interval_ms),
+                max_event_attempts: config.profiles.max_event_attempts,
+                restart_policy: policy,
+            },
+            fault: options.fault.clone(),
+        };
+
+        // Ingest: one actor per source, independent of each other.
+        let mut ingest_slots = HashMap::new();
+        let mut ingest_children = Vec::new();
+        for source in Source::ALL {
+            let slot: Slot<IngestMsg> = Slot::default();
+            let queue = metrics.queue(&format!("ingest_{}", source.as_str()));
+            let (o, l, s, m, q) = (normalize.clone(), log.clone(), store.clone(), metrics.clone(), queue.clone());
+            let make = Arc::new(move || IngestArgs {
+                source,
+                options: o.clone(),
+                log: l.clone(),
+                store: s.clone(),
+                metrics: m.clone(),
+                queue: q.clone(),
+            });
+            ingest_children.push(ingest_spec(source, slot.clone(), make));
+            ingest_slots.insert(source, (slot, queue));
+        }
+
+        // Pipeline: directory, resolver pool, dispatcher. They share in-memory queues, so a
+        // failure restarts all three and the dispatcher replays from the durable checkpoint.
+        let profiles_slot: Slot<ProfilesMsg> = Slot::default();
+        let resolvers_slot: Slot<IdentityFactoryMsg> = Slot::default();
+        let shards = config.identity.shards;
+        let pipeline_children = vec![
+            {
+                let (ctx, slot) = (ctx.clone(), profiles_slot.clone());
+                ChildSpec::new("profiles", "profile_directory", move |sup| {
+                    let (ctx, slot) = (ctx.clone(), slot.clone());
+                    async move {
+                        let (r, _) = Actor::spawn_linked(None, ProfilesDirectory, ProfilesArgs { ctx }, sup).await?;
+                        slot.set(r.clone());
+                        Ok(r.get_cell())
+                    }
+                })
+            },
+            {
+                let (ctx, dir, slot) = (ctx.clone(), profiles_slot.clone(), resolvers_slot.clone());
+                ChildSpec::new("identity", "identity_pool", move |sup| {
+                    let (ctx, dir, slot) = (ctx.clone(), dir.clone(), slot.clone());
+                    async move {
+                        let r = spawn_identity_pool(ctx, dir, shards, sup).await?;
+                        slot.set(r.clone());
+                        Ok(r.get_cell())
+                    }
+                })
+            },
+            {
+                let (ctx, resolvers) = (ctx.clone(), resolvers_slot.clone());
+                ChildSpec::new("dispatcher", "dispatcher", move |sup| {
+                    let args = DispatcherArgs {
+                        ctx: ctx.clone(),
+                        resolvers: resolvers.clone(),
+                        batch: 1024,
+                        max_in_flight: 20_000,
+                    };
+                    async move {
+                        let (r, _) = Actor::spawn_linked(None, Dispatcher, args, sup).await?;
+                        Ok(r.get_cell())
+                    }
+                })
+            },
+        ];
+        let sub = |path: &str, strategy, children| SupervisorArgs {
+            path: format!("root/{path}"),
+            strategy,
+            policy,
+            children,
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        let root_args = SupervisorArgs {
+            path: "root".into(),
+            strategy: Strategy::OneForOne,
+            policy,
+            children: vec![
+                supervisor_spec("ingest", sub("ingest", Strategy::OneForOne, ingest_children)),
+                supervisor_spec("pipeline", sub("pipeline", Strategy::OneForAll, pipeline_children)),
+            ],
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        let (root, root_handle) = Actor::spawn(None, SupervisorActor, root_args)
+            .await
+            .map_err(|e| anyhow!("starting the supervision tree: {e}"))?;
+        let api = ApiState {
+            config: config.clone(),
+            ingest: Arc::new(ingest_slots),
+            profiles: profiles_slot,
+            index: ctx.index.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            normalize,
+            sendgrid_key,
+            ready: Arc::new(AtomicBool::new(true)),
+            call_timeout: Duration::from_secs(10),
+        };
+        Ok(Cohort { config, api, ctx, health, root, root_handle: Some(root_handle) })
+    }
+
+    /// The HTTP router of this instance.
+    pub fn router(&self) -> axum::Router {
+        cohort_api::router(self.api.clone())
+    }
+
+    /// Waits until every journaled event has reached its profile, then persists all profiles.
+    pub async fn settle(&self, timeout: Duration) -> anyhow::Result<FlushReport> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let head_rx = self.ctx.log.watch_head();
+        loop {
+            let head = *head_rx.borrow();
+            let caught_up = self.ctx.watermark.low() >= head && self.ctx.watermark.in_flight() == 0;
+            if caught_up {
+                let report = self.flush().await?;
+                if report.checkpoint >= head {
+                    return Ok(report);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(anyhow!(
+                    "pipeline did not settle: head {head}, low watermark {}, in flight {}",
+                    self.ctx.watermark.low(),
+                    self.ctx.watermark.in_flight()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Runs a write-behind cycle now.
+    pub async fn flush(&self) -> anyhow::Result<FlushReport> {
+        let dir = self.api.profiles.get().ok_or_else(|| anyhow!("profile directory is not running"))?;
+        match dir.call(|r| ProfilesMsg::Flush { reply: Some(r) }, Some(Duration::from_secs(30))).await {
+            Ok(CallResult::Success(Ok(report))) => Ok(report),
+            Ok(CallResult::Success(Err(e))) => Err(anyhow!("flush failed: {e}")),
+            _ => Err(anyhow!("profile directory did not answer")),
+        }
+    }
+
+    pub async fn profile_stats(&self) -> anyhow::Result<ProfilesStats> {
+        let dir = self.api.profiles.get().ok_or_else(|| anyhow!("profile directory is not running"))?;
+        match dir.call(ProfilesMsg::GetStats, Some(Duration::from_secs(5))).await {
+            Ok(CallResult::Success(s)) => Ok(s),
+            _ => Err(anyhow!("profile directory did not answer")),
+        }
+    }
+
+    /// Stops accepting work, lets the pipeline catch up, persists, and stops the tree.
+    pub async fn shutdown(mut self, grace: Duration) -> anyhow::Result<()> {
+        self.api.ready.store(false, Ordering::SeqCst);
+        let settled = self.settle(grace).await;
+        if let Err(e) = &settled {
+            tracing::warn!(error = %e, "shutting down before the pipeline settled; the journal replays on next start");
+        }
+        self.root.stop(Some("shutdown".into()));
+        if let Some(h) = self.root_handle.take() {
+            let _ = h.await;
+        }
+        Ok(())
+    }
+
+    /// Completes when the root supervisor stops (an escalation reached the top).
+    pub async fn wait_root(&mut self) {
+        if let Some(h) = self.root_handle.as_mut() {
+            let _ = h.await;
+            self.root_handle = None;
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! End-to-end tests through the HTTP API on embedded defaults.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use chrono::Utc;
+use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
+use cohort::payloads;
+use cohort::SystemOptions;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+async fn start() -> DemoServer {
+    DemoServer::start(None, "", SystemOptions::default()).await.expect("cohort starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slide_18_becomes_one_profile_with_every_identifier_and_source() {
+    let demo = start().await;
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let r = fetch_profile(&demo.client, "email:MAX@gmail.com").await.unwrap();
+    let p = &r["profile"];
+    let kinds: BTreeSet<&str> =
+        p["identifiers"].as_array().unwrap().iter().filter_map(|i| i["kind"].as_str()).collect();
+    for k in ["anonymous_id", "email", "user_id", "device_id", "salesforce_id", "phone", "whatsapp_id"] {
+        assert!(kinds.contains(k), "missing identifier kind {k} in {kinds:?}");
+    }
+    let by_source = p["counters"]["by_source"].as_object().unwrap();
+    for s in ["web", "mobile", "crm", "email", "whatsapp"] {
+        assert!(by_source.get(s).and_then(Value::as_u64).unwrap_or(0) >= 1, "no {s} events: {by_source:?}");
+    }
+    assert_eq!(p["counters"]["events_total"], json!(6));
+    // Salesforce wins contact fields over the web form, even though the form came first.
+    assert_eq!(p["traits"]["first_name"]["value"], json!("Maximilian"));
+    assert_eq!(p["traits"]["first_name"]["source"], json!("crm"));
+    assert_eq!(p["traits"]["enrollment_status"]["value"], json!("inquiry"));
+    // Web owns behaviour.
+    assert_eq!(p["traits"]["last_page_path"]["value"], json!("/programmes/mba"));
+    // Every ref form reaches the same live profile.
+    let id = p["profile_id"].as_str().unwrap().to_string();
+    for r in [id.as_str(), "phone:+49 1512 3456789", "device_id:dev_456", "anonymous_id:abc", "user_id:student-1001"] {
+        let a = demo.client.get(&format!("/v1/profiles/{r}")).await.unwrap();
+        assert_eq!(a.status, 200, "{r}: {}", a.body);
+        assert_eq!(a.body["profile_id"], json!(id), "{r}");
+    }
+    let events = r["events"].as_array().unwrap();
+    assert_eq!(events.len(), 6);
+    // newest first
+    let times: Vec<&str> = events.iter().map(|e| e["occurred_at"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(times, sorted);
+    // the WhatsApp message was understood
+    let wa = events.iter().find(|e| e["source"] == json!("whatsapp")).unwrap();
+    assert_eq!(wa["properties"]["intent"], json!("deadline_question"));
+    assert!(wa["properties"]["entities"].as_array().unwrap().iter().any(|e| e == "MBA"));
+    let traits = demo.client.get(&format!("/v1/profiles/{id}/traits")).await.unwrap();
+    assert_eq!(traits.body["traits"]["email"]["value"], json!("max@gmail.com"));
+    let ids = demo.client.get(&format!("/v1/profiles/{id}/identities")).await.unwrap();
+    assert!(ids.body["identities"].as_array().unwrap().len() >= 7);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_pages_newest_first() {
+    let demo = start().await;
+    let now = Utc::now();
+    let batch: Vec<Value> = (0..12)
+        .map(|i| {
+            payloads::segment_track(
+                &format!("pg-{i}"),
+                "pager",
+                "Lesson Completed",
+                json!({"lesson": i}),
+                now - chrono::Duration::seconds(100 - i),
+            )
+        })
+        .collect();
+    let a = demo.client.segment(true, "batch", &payloads::segment_batch(batch)).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let p1 = demo.client.get("/v1/profiles/user_id:pager/events?limit=5").await.unwrap();
+    let lessons: Vec<i64> =
+        p1.body["events"].as_array().unwrap().iter().map(|e| e["properties"]["lesson"].as_i64().unwrap()).collect();
+    assert_eq!(lessons, vec![11, 10, 9, 8, 7]);
+    assert_eq!(p1.body["next_offset"], json!(5));
+    let p3 = demo.client.get("/v1/profiles/user_id:pager/events?offset=10&limit=5").await.unwrap();
+    assert_eq!(p3.body["events"].as_array().unwrap().len(), 2);
+    assert_eq!(p3.body["next_offset"], Value::Null);
+    let bad = demo.client.get("/v1/profiles/user_id:pager/events?limit=0").await.unwrap();
+    assert_eq!(bad.status, 400);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_event_ids_are_applied_once() {
+    let demo = start().await;
+    let ev = payloads::segment_track("dup-1", "student-dup", "Quiz Completed", json!({"score": 9}), Utc::now());
+    let first = demo.client.segment(true, "track", &ev).await.unwrap();
+    assert_eq!(first.body["accepted"], json!(1));
+    let second = demo.client.segment(true, "track", &ev).await.unwrap();
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body["accepted"], json!(0));
+    assert_eq!(second.body["duplicates"], json!(1));
+    // The same event inside a batch is a duplicate too.
+    let batch = payloads::segment_batch(vec![ev.clone(), ev]);
+    let third = demo.client.segment(true, "batch", &batch).await.unwrap();
+    assert_eq!(third.body["duplicates"], json!(2));
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let p = demo.client.get("/v1/profiles/user_id:student-dup").await.unwrap();
+    assert_eq!(p.body["counters"]["events_total"], json!(1));
+    let m = demo.client.get("/metrics").await.unwrap();
+    let text = m.body.as_str().unwrap();
+    assert!(text.contains("cohort_ingest_events_duplicate_total{source=\"mobile\"} 3"), "{text}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_401_and_never_reach_the_pipeline() {
+    let demo = start().await;
+    let c = &demo.client;
+    let ev = payloads::segment_track("auth-1", "u1", "X", json!({}), Utc::now());
+    let mut wrong = c.clone();
+    wrong.web_key = "not-a-key".into();
+    assert_eq!(wrong.segment(false, "track", &ev).await.unwrap().status, 401);
+    // no credentials at all
+    let r = c.http.post(format!("{}/v1/track", c.base)).json(&ev).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // write key in the body is accepted, as Segment does
+    let mut with_key = ev.clone();
+    with_key["writeKey"] = json!(c.web_key);
+    let r = c.http.post(format!("{}/v1/track", c.base)).json(&with_key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Twilio: missing and invalid signatures
+    let form = payloads::twilio_whatsapp_form("SMx1", "+4915100000001", "Hallo", "A");
+    let body = serde_urlencoded::to_string(&form).unwrap();
+    let url = format!("{}/webhooks/twilio/whatsapp", c.base);
+    let r = c
+        .http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", "bm90IGEgc2lnbmF0dXJl")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let mut twilio_wrong = c.clone();
+    twilio_wrong.twilio_token = "another-auth-token".into();
+    assert_eq!(twilio_wrong.twilio(&form).await.unwrap().status, 401);
+    assert_eq!(c.twilio(&form).await.unwrap().status, 200);
+    // Salesforce relay and Profile API need their bearer tokens
+    let mut crm_wrong = c.clone();
+    crm_wrong.crm_token = "wrong-token".into();
+    let cdc = payloads::salesforce_contact_cdc(1, "003A", "CREATE", json!({"Email": "a@b.de"}), Utc::now());
+    assert_eq!(crm_wrong.salesforce_cdc(&cdc).await.unwrap().status, 401);
+    let mut api_wrong = c.clone();
+    api_wrong.api_token = "wrong-token".into();
+    let a = api_wrong.get("/v1/profiles/user_id:u1").await.unwrap();
+    assert_eq!(a.status, 401);
+    assert_eq!(a.body["error"]["code"], json!("unauthorized"));
+    assert_eq!(api_wrong.get("/v1/dlq").await.unwrap().status, 401);
+    assert_eq!(api_wrong.get("/v1/supervisors").await.unwrap().status, 401);
+    // Rejected credentials leave no dead letters: nothing unauthenticated is stored.
+    let dlq = c.get("/v1/dlq").await.unwrap();
+    assert_eq!(dlq.body["total"], json!(0));
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_payloads_are_refused_and_dead_lettered() {
+    let demo = start().await;
+    let c = &demo.client;
+    // invalid JSON → 400 with a JSON error body
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{}:", c.web_key));
+    let r = c
+        .http
+        .post(format!("{}/v1/track", c.base))
+        .header("authorization", format!("Basic {auth}"))
+        .header("content-type", "application/json")
+        .body("{\"type\": \"track\", \"userId\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], json!("bad_request"));
+    assert!(body["error"]["message"].as_str().unwrap().len() > 5);
+    // a batch with one bad element: the rest is accepted, the bad one dead-lettered
+    let good = payloads::segment_track("mixed-1", "u-mixed", "Lesson Completed", json!({}), Utc::now());
+    let bad = json!({"type": "track", "event": "No identity", "messageId": "mixed-2"});
+    let a = c.segment(false, "batch", &payloads::segment_batch(vec![good, bad])).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["accepted"], json!(1));
+    assert_eq!(a.body["rejected"].as_array().unwrap().len(), 1);
+    // SendGrid body that is not an array
+    let a = c.sendgrid(&json!({"email": "x@y.de"})).await.unwrap();
+    assert_eq!(a.status, 400);
+    // CDC without a change event header
+    let a = c.salesforce_cdc(&json!({"data": {"payload": {}}})).await.unwrap();
+    assert_eq!(a.status, 400);
+    // over Segment's 500 KB request limit → 413
+    let huge = json!({"type": "track", "userId": "u", "event": "big", "properties": {"blob": "x".repeat(600_000)}});
+    let a = c.segment(false, "track", &huge).await.unwrap();
+    assert_eq!(a.status, 413);
+    // unknown profile → 404, bad ref → 400
+    assert_eq!(c.get("/v1/profiles/email:nobody@example.org").await.unwrap().status, 404);
+    assert_eq!(c.get("/v1/profiles/prof_000000000000000000000000").await.unwrap().status, 404);
+    assert_eq!(c.get("/v1/profiles/shoe:12").await.unwrap().status, 400);
+    let dlq = c.get("/v1/dlq").await.unwrap();
+    let letters = dlq.body["dead_letters"].as_array().unwrap();
+    assert_eq!(dlq.body["total"], json!(4), "{}", dlq.body);
+    assert!(letters.iter().all(|l| l["stage"] == json!("validation")));
+    assert!(letters.iter().any(|l| l["payload"].as_str().unwrap().contains("\"userId\": ")));
+    assert!(letters.iter().any(|l| l["reason"].as_str().unwrap().starts_with("element 1")));
+    let m = c.get("/metrics").await.unwrap();
+    let text = m.body.as_str().unwrap();
+    assert!(text.contains("cohort_dead_letters_total{stage=\"validation\"} 4"), "{text}");
+    assert!(text.contains("cohort_ingest_events_rejected_total{reason=\"invalid\",source=\"web\"} 2"), "{text}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints_answer() {
+    let demo = start().await;
+    let c = &demo.client;
+    assert_eq!(c.get("/health/live").await.unwrap().status, 200);
+    let ready = c.get("/health/ready").await.unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let sup = c.get("/v1/supervisors").await.unwrap();
+    let paths: Vec<&str> = sup.body["children"].as_array().unwrap().iter().filter_map(|c| c["path"].as_str()).collect();
+    for p in [
+        "root/ingest",
+        "root/ingest/web",
+        "root/ingest/whatsapp",
+        "root/pipeline",
+        "root/pipeline/profiles",
+        "root/pipeline/identity",
+        "root/pipeline/dispatcher",
+    ] {
+        assert!(paths.contains(&p), "{p} missing from {paths:?}");
+    }
+    let openapi = c.get("/openapi.json").await.unwrap();
+    assert_eq!(openapi.status, 200);
+    let doc_paths = openapi.body["paths"].as_object().unwrap();
+    for p in [
+        "/v1/{call}",
+        "/webhooks/twilio/whatsapp",
+        "/v1/profiles/{ref}",
+        "/v1/profiles/{ref}/events",
+        "/v1/dlq",
+        "/metrics",
+    ] {
+        assert!(doc_paths.contains_key(p), "{p} missing from the OpenAPI document");
+    }
+    play_slide_18(c).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let m = c.get("/metrics").await.unwrap();
+    let text = m.body.as_str().unwrap();
+    for needle in [
+        "cohort_ingest_events_received_total{source=\"whatsapp\"} 1",
+        "cohort_ingest_events_accepted_total{source=\"crm\"} 1",
+        "cohort_profile_actors_live",
+        "cohort_mailbox_depth",
+        "cohort_api_request_duration_seconds_bucket",
+        "cohort_event_to_profile_seconds_count",
+        "cohort_profiles_created_total 1",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    demo.stop().await.unwrap();
+}

@@ -1,0 +1,198 @@
+//! Process-level tests: the real `cohort` binary, killed with SIGKILL under load and restarted,
+//! must reflect every acknowledged event exactly once; and the CSV importer CLI.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use chrono::Utc;
+use cohort::client::CohortClient;
+use cohort::payloads;
+use cohort_config::Config;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_cohort(data: &Path, port: u16) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .arg("serve")
+        .env("COHORT__STORAGE__URL", format!("embedded://{}", data.join("cohort.redb").display()))
+        .env("COHORT__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cohort binary starts");
+    Proc(child)
+}
+
+async fn wait_ready(c: &CohortClient) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(a) = c.get("/health/ready").await {
+            if a.status == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cohort did not become ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = Config::from_toml_str("").unwrap();
+    let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &config).unwrap();
+    let mut proc = spawn_cohort(dir.path(), port);
+    wait_ready(&c).await;
+
+    const STUDENTS: usize = 20;
+    const PER_STUDENT: usize = 40;
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for s in 0..STUDENTS {
+        let (c, acked, sent) = (c.clone(), acked.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_STUDENT {
+                let id = format!("k{s}-{i}");
+                let ev = payloads::segment_track(
+                    &id,
+                    &format!("student-{s}"),
+                    "Lesson Completed",
+                    json!({"i": i}),
+                    Utc::now(),
+                );
+                sent.lock().unwrap().insert(format!("mobile:{id}"));
+                match c.segment(true, "track", &ev).await {
+                    Ok(a) if a.status == 200 => {
+                        acked.lock().unwrap().insert(format!("mobile:{id}"));
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    // Kill the process mid-load, without any chance to flush.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < STUDENTS * PER_STUDENT / 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let sent = sent.lock().unwrap().clone();
+    assert!(acked.len() >= STUDENTS * PER_STUDENT / 3, "load did not run: {} acked", acked.len());
+    assert!(acked.len() < STUDENTS * PER_STUDENT, "the kill came too late to test anything");
+
+    // Restart on the same data and wait for the pipeline to replay the journal.
+    let _proc = spawn_cohort(dir.path(), port);
+    wait_ready(&c).await;
+    let mut by_student: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'outer: loop {
+        by_student.clear();
+        let mut total_acked_seen = 0;
+        for s in 0..STUDENTS {
+            let p = c.get(&format!("/v1/profiles/user_id:student-{s}/events?limit=500")).await.unwrap();
+            let ids: Vec<String> = match p.body["events"].as_array() {
+                Some(a) => a.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect(),
+                None => Vec::new(),
+            };
+            total_acked_seen += ids.iter().filter(|i| acked.contains(*i)).count();
+            by_student.insert(s, ids);
+        }
+        if total_acked_seen == acked.len() || Instant::now() > deadline {
+            break 'outer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen = HashSet::new();
+    for (s, ids) in &by_student {
+        let p = c.get(&format!("/v1/profiles/user_id:student-{s}")).await.unwrap();
+        let total = p.body["counters"]["events_total"].as_u64().unwrap_or(0) as usize;
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "student {s}: an event appears twice");
+        assert_eq!(total, ids.len(), "student {s}: counter {total} disagrees with history {}", ids.len());
+        for id in ids {
+            assert!(sent.contains(id), "unknown event {id}");
+            seen.insert(id.clone());
+        }
+    }
+    let lost: Vec<&String> = acked.iter().filter(|a| !seen.contains(*a)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        lost.iter().take(5).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_import_cli_streams_a_bulk_export_and_summarises() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = Config::from_toml_str("").unwrap();
+    let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &config).unwrap();
+    let _proc = spawn_cohort(dir.path(), port);
+    wait_ready(&c).await;
+    // A Bulk API 2.0 export with semicolons and CRLF, one bad row (empty Id).
+    let csv_path = dir.path().join("contacts.csv");
+    let mut csv = String::from("Id;FirstName;LastName;Email;Phone;HasOptedOutOfEmail;LastModifiedDate\r\n");
+    for i in 0..2500 {
+        csv.push_str(&format!(
+            "003Dp{i:08}AAA;Lena;Schmidt{i};lena.schmidt{i}@uni-example.de;+49 30 1234{i:04};false;2026-11-01T10:00:00.000Z\r\n"
+        ));
+    }
+    csv.push_str(";Nobody;Missing;nobody@example.de;;false;2026-11-01T10:00:00.000Z\r\n");
+    std::fs::write(&csv_path, csv).unwrap();
+    let run = |path: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_cohort"))
+            .args(["import", "salesforce-contacts"])
+            .arg(path)
+            .args(["--url", &c.base, "--chunk-rows", "700", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&csv_path);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["rows"], json!(2501));
+    assert_eq!(summary["accepted"], json!(2500));
+    assert_eq!(summary["rejected"], json!(1));
+    assert_eq!(summary["requests"], json!(4));
+    // importing the same export again is idempotent
+    let again: Value = serde_json::from_slice(&run(&csv_path).stdout).unwrap();
+    assert_eq!(again["accepted"], json!(0));
+    assert_eq!(again["duplicates"], json!(2500));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = c.get("/v1/profiles/email:lena.schmidt2499@uni-example.de").await.unwrap();
+        if p.status == 200 {
+            assert_eq!(p.body["traits"]["last_name"]["value"], json!("Schmidt2499"));
+            assert!(p.body["identifiers"].as_array().unwrap().iter().any(|i| i["kind"] == json!("salesforce_id")));
+            break;
+        }
+        assert!(Instant::now() < deadline, "imported contact never appeared: {}", p.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
