@@ -24,7 +24,7 @@ pub fn segment_page(message_id: &str, anonymous_id: &str, path: &str, at: DateTi
             "library": { "name": "analytics.js", "version": "2.11.1" }
         },
         "timestamp": iso(at),
-        "sentAt": iso(at),
+        "sentAt": iso(Utc::now()),
         "version": 2
     })
 }
@@ -44,7 +44,7 @@ pub fn segment_identify(
         "traits": traits,
         "context": { "ip": "203.0.113.7" },
         "timestamp": iso(at),
-        "sentAt": iso(at),
+        "sentAt": iso(Utc::now()),
     });
     if let Some(a) = anonymous_id {
         v["anonymousId"] = json!(a);
@@ -68,7 +68,7 @@ pub fn segment_track(message_id: &str, user_id: &str, event: &str, properties: V
         "event": event,
         "properties": properties,
         "timestamp": iso(at),
-        "sentAt": iso(at),
+        "sentAt": iso(Utc::now()),
     })
 }
 

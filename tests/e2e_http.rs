@@ -34,6 +34,7 @@ async fn slide_18_becomes_one_profile_with_every_identifier_and_source() {
     // Salesforce wins contact fields over the web form, even though the form came first.
     assert_eq!(p["traits"]["first_name"]["value"], json!("Maximilian"));
     assert_eq!(p["traits"]["first_name"]["source"], json!("crm"));
+    assert_eq!(p["traits"]["last_name"]["source"], json!("crm"));
     assert_eq!(p["traits"]["enrollment_status"]["value"], json!("inquiry"));
     // Web owns behaviour.
     assert_eq!(p["traits"]["last_page_path"]["value"], json!("/programmes/mba"));

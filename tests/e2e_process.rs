@@ -196,3 +196,53 @@ async fn csv_import_cli_streams_a_bulk_export_and_summarises() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[test]
+fn config_check_names_the_bad_key_and_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[identity]\nshards = 8\n[server]\nlisten = \"0.0.0.0:9000\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort")).args(["config", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[profiles]\nhistory_limit = -3\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort")).args(["config", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("profiles.history_limit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the same error stops `serve` before it binds anything
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .arg("serve")
+        .env("COHORT__IDENTITY__SHARDS", "0")
+        .env("COHORT__STORAGE__URL", "memory://")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("identity.shards"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn demo_command_prints_one_profile_from_five_sources() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .arg("demo")
+        .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("One profile: \"prof_"), "{stdout}");
+    for kind in ["anonymous_id", "email", "user_id", "device_id", "salesforce_id", "phone", "whatsapp_id"] {
+        assert!(stdout.contains(kind), "{kind} missing:\n{stdout}");
+    }
+    for source in ["\"web\"", "\"mobile\"", "\"crm\"", "\"email\"", "\"whatsapp\""] {
+        assert!(stdout.contains(source), "{source} missing:\n{stdout}");
+    }
+}

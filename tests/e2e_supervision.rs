@@ -103,3 +103,76 @@ async fn a_failing_profile_actor_restarts_and_poison_goes_to_the_dead_letter_sto
     assert_eq!(c.get("/health/ready").await.unwrap().status, 200);
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_profile_actors_passivate_and_rehydrate_on_demand() {
+    let demo = DemoServer::start(
+        None,
+        "[profiles]\npassivate_after_secs = 1\nflush_interval_ms = 20\n",
+        SystemOptions::default(),
+    )
+    .await
+    .unwrap();
+    let c = &demo.client;
+    let batch: Vec<Value> = (0..3).map(|i| track(&format!("p-{i}"), &format!("idle-{i}"), "App Opened", i)).collect();
+    assert_eq!(c.segment(true, "batch", &payloads::segment_batch(batch)).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(demo.cohort.profile_stats().await.unwrap().live, 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while demo.cohort.profile_stats().await.unwrap().live > 0 {
+        assert!(std::time::Instant::now() < deadline, "idle actors were not passivated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A query rehydrates the actor from the store, with all its state.
+    let p = c.get("/v1/profiles/user_id:idle-1").await.unwrap();
+    assert_eq!(p.status, 200);
+    assert_eq!(p.body["counters"]["events_total"], json!(1));
+    assert_eq!(demo.cohort.profile_stats().await.unwrap().live, 1);
+    // New events reach a passivated profile too.
+    let more = track("p-9", "idle-2", "App Opened", 9);
+    assert_eq!(c.segment(true, "track", &more).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let p = c.get("/v1/profiles/user_id:idle-2").await.unwrap();
+    assert_eq!(p.body["counters"]["events_total"], json!(2));
+    demo.stop().await.unwrap();
+}
+
+/// Panics on every event named "Poison".
+struct AlwaysPoison;
+
+impl FaultInjector for AlwaysPoison {
+    fn before_apply(&self, _profile: &ProfileId, event: &CustomerEvent) {
+        if event.name.as_deref() == Some("Poison") {
+            panic!("injected permanent failure");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_beyond_the_restart_budget_escalate_up_the_tree() {
+    // Attempts per event exceed the restart budget, so the profile escalates instead of
+    // dead-lettering: the pipeline restarts (one-for-all), replays, fails again, and finally
+    // exhausts its own budget; the root sees it and readiness goes red.
+    let extra = "[profiles]\nmax_event_attempts = 100\n[supervision]\nmax_restarts = 2\nbackoff_initial_ms = 5\nbackoff_max_ms = 20\n";
+    let mut demo = DemoServer::start(None, extra, SystemOptions { fault: Some(Arc::new(AlwaysPoison)) }).await.unwrap();
+    let c = demo.client.clone();
+    assert_eq!(c.segment(true, "track", &track("e-0", "eve", "Poison", 1)).await.unwrap().status, 200);
+    tokio::time::timeout(Duration::from_secs(20), demo.cohort.wait_root()).await.expect("root supervisor stops");
+    let ready = c.get("/health/ready").await.unwrap();
+    assert_eq!(ready.status, 503);
+    let sup = c.get("/v1/supervisors").await.unwrap();
+    let pipeline = sup.body["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ch| ch["path"] == json!("root/pipeline"))
+        .unwrap()
+        .clone();
+    assert_eq!(pipeline["status"], json!("failed"), "{}", sup.body);
+    let m = c.get("/metrics").await.unwrap();
+    let text = m.body.as_str().unwrap();
+    assert!(text.contains("cohort_actor_escalations_total{kind=\"profile\"}"), "{text}");
+    assert!(text.contains("cohort_actor_escalations_total{kind=\"supervisor\"} 1"), "{text}");
+    // The accepted event is still in the journal: nothing acknowledged was dropped.
+    demo.stop().await.unwrap();
+}

@@ -119,7 +119,10 @@ impl ProfileRecord {
             } else {
                 existing.updated_at > at
             };
-            if existing_wins || existing.value == value {
+            // Salesforce claims a contact field even when the value is unchanged, so a later
+            // non-CRM value cannot override it.
+            let crm_claims = contact && source == Source::Crm && existing.source != Source::Crm;
+            if existing_wins || (existing.value == value && !crm_claims) {
                 return false;
             }
         }
@@ -290,6 +293,12 @@ mod tests {
         p.apply(1, &event(Source::Crm, "a", 10, &[("first_name", "Max")]), 10);
         p.apply(2, &event(Source::Web, "b", 20, &[("first_name", "Maxi"), ("city", "Berlin")]), 10);
         assert_eq!(p.traits["first_name"].value, Value::from("Max"));
+        // an equal value from Salesforce still makes Salesforce the owner
+        p.apply(5, &event(Source::Web, "e", 21, &[("last_name", "Muster")]), 10);
+        p.apply(6, &event(Source::Crm, "f", 22, &[("last_name", "Muster")]), 10);
+        assert_eq!(p.traits["last_name"].source, Source::Crm);
+        p.apply(7, &event(Source::Web, "g", 23, &[("last_name", "Other")]), 10);
+        assert_eq!(p.traits["last_name"].value, Value::from("Muster"));
         assert_eq!(p.traits["city"].value, Value::from("Berlin"));
         // most recent wins for non-contact fields
         p.apply(3, &event(Source::Email, "c", 30, &[("city", "Hamburg")]), 10);
