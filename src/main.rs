@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cohort::{Cohort, SystemOptions};
+use cohort_actors::normalize::NormalizeOptions;
 use cohort_config::Config;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -84,16 +85,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(config).await
         }
         Command::Demo { keep_running, data_dir } => cohort::demo::run(keep_running, data_dir).await,
-        Command::Config { command: ConfigCommand::Check { file } } => match Config::load_file_only(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                Ok(())
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            match Config::load_file_only(&file).map_err(|e| e.to_string()).and_then(|c| {
+                NormalizeOptions::from_config(&c.normalize).map_err(|e| format!("invalid configuration: {e}"))
+            }) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    std::process::exit(2);
+                }
             }
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
-                std::process::exit(2);
-            }
-        },
+        }
         Command::Config { command: ConfigCommand::Defaults } => {
             print!("{}", cohort_config::DEFAULTS_TOML);
             Ok(())

@@ -214,6 +214,16 @@ fn config_check_names_the_bad_key_and_accepts_a_good_file() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // normalizer options are checked too
+    let bad_region = dir.path().join("region.toml");
+    std::fs::write(&bad_region, "[normalize]\ndefault_region = \"XX\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort")).args(["config", "check"]).arg(&bad_region).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("normalize.default_region"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // the same error stops `serve` before it binds anything
     let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
         .arg("serve")

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Installs (once, cached) and starts/stops the real-protocol servers the tests use:
+#   Tansu (Kafka protocol), SecantusDB (MongoDB wire protocol), bqemulator (BigQuery REST API).
+# Usage: scripts/services.sh install | start | stop | env
+# Everything listens on 127.0.0.1 on free ports; `start` writes $COHORT_SERVICES_DIR/env with the
+# URLs, and `stop` stops exactly the processes it started (by PID).
+set -euo pipefail
+
+CACHE="${COHORT_CACHE:-$HOME/.cache/cohort}"
+TOOLS="$CACHE/services"
+RUN_DIR="${COHORT_SERVICES_DIR:-$CACHE/run}"
+TANSU_VERSION=0.6.0
+SECANTUS_VERSION=0.5.3-beta.196
+BQEMU_VERSION=1.4.0
+DUCKDB_VERSION=1.5.5
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+tansu_bin() { echo "$TOOLS/tansu-$TANSU_VERSION/bin/tansu"; }
+secantus_bin() { echo "$TOOLS/secantus-$SECANTUS_VERSION/bin/secantusd-rs"; }
+bq_venv() { echo "$TOOLS/bqemulator-$BQEMU_VERSION"; }
+
+install_tansu() {
+  if [ -x "$(tansu_bin)" ]; then return; fi
+  log "building tansu $TANSU_VERSION with sqlite storage (about 13 minutes on 2 cores, once)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$TOOLS/tansu-$TANSU_VERSION" --quiet
+}
+
+install_secantus() {
+  if [ -x "$(secantus_bin)" ]; then return; fi
+  if ! command -v cmake >/dev/null 2>&1; then
+    log "installing cmake"
+    (apt-get update -qq && apt-get install -y -qq cmake) >/dev/null
+  fi
+  log "building secantusd-rs $SECANTUS_VERSION (about 10 minutes on 2 cores, once)"
+  cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version --locked \
+    --root "$TOOLS/secantus-$SECANTUS_VERSION" --quiet 2>/dev/null \
+  || cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version \
+    --root "$TOOLS/secantus-$SECANTUS_VERSION" --quiet
+}
+
+install_bqemulator() {
+  local v; v="$(bq_venv)"
+  if [ -x "$v/bin/bqemulator" ] && [ -d "$v/home/.duckdb" ]; then return; fi
+  log "installing bqemulator $BQEMU_VERSION into a virtualenv"
+  python3 -m venv "$v"
+  "$v/bin/pip" install --quiet "bqemulator==$BQEMU_VERSION" "duckdb==$DUCKDB_VERSION" \
+    "duckdb-extension-spatial==$DUCKDB_VERSION" numpy
+  # bqemulator loads DuckDB's spatial extension at start; offline it must come from the wheel.
+  local ext; ext="$(find "$v/lib" -name spatial.duckdb_extension | head -n1)"
+  mkdir -p "$v/home/.duckdb/extensions/v$DUCKDB_VERSION/linux_amd64"
+  ln -sf "$ext" "$v/home/.duckdb/extensions/v$DUCKDB_VERSION/linux_amd64/"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() {
+  local port=$1 name=$2
+  for _ in $(seq 1 200); do
+    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$port)))" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "$name did not open port $port"; return 1
+}
+
+start() {
+  stop_quiet
+  mkdir -p "$RUN_DIR"
+  local kport mport bport gport
+  kport=$(free_port); mport=$(free_port); bport=$(free_port); gport=$(free_port)
+
+  # Tansu reads a .env file from its working directory: run it in an empty folder.
+  mkdir -p "$RUN_DIR/tansu" && rm -f "$RUN_DIR/tansu/tansu.db"*
+  (cd "$RUN_DIR/tansu" && exec "$(tansu_bin)" broker \
+      --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
+      --storage-engine "sqlite://$RUN_DIR/tansu/tansu.db" >"$RUN_DIR/tansu.log" 2>&1) &
+  echo $! >"$RUN_DIR/tansu.pid"
+
+  rm -rf "$RUN_DIR/mongo" && mkdir -p "$RUN_DIR/mongo"
+  "$(secantus_bin)" --host 127.0.0.1 --port "$mport" --storage-path "$RUN_DIR/mongo" --cache-size 512M \
+      >"$RUN_DIR/mongo.log" 2>&1 &
+  echo $! >"$RUN_DIR/mongo.pid"
+
+  local v; v="$(bq_venv)"
+  HOME="$v/home" "$v/bin/bqemulator" start --rest-host 127.0.0.1 --rest-port "$bport" \
+      --grpc-host 127.0.0.1 --grpc-port "$gport" --project test-project --log-level warning \
+      >"$RUN_DIR/bq.log" 2>&1 &
+  echo $! >"$RUN_DIR/bq.pid"
+
+  wait_port "$kport" tansu && wait_port "$mport" secantusdb && wait_port "$bport" bqemulator
+  cat >"$RUN_DIR/env" <<ENV
+export COHORT_TEST_KAFKA=127.0.0.1:$kport
+export COHORT_TEST_MONGODB=mongodb://127.0.0.1:$mport
+export COHORT_TEST_BIGQUERY=http://127.0.0.1:$bport/bigquery/v2
+export COHORT_TEST_TANSU_DIR=$RUN_DIR/tansu
+ENV
+  log "started: kafka 127.0.0.1:$kport, mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
+  cat "$RUN_DIR/env"
+}
+
+stop_quiet() {
+  for name in tansu mongo bq; do
+    local pidfile="$RUN_DIR/$name.pid"
+    if [ -f "$pidfile" ]; then
+      local pid; pid=$(cat "$pidfile")
+      if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+      rm -f "$pidfile"
+    fi
+  done
+}
+
+case "${1:-}" in
+  install) install_bqemulator; install_secantus; install_tansu ;;
+  start) start ;;
+  stop) stop_quiet; log "stopped" ;;
+  env) cat "$RUN_DIR/env" ;;
+  *) echo "usage: $0 install|start|stop|env" >&2; exit 2 ;;
+esac
