@@ -67,8 +67,8 @@ impl Cohort {
     /// Opens the backends named in `config` and starts the supervision tree.
     pub async fn start(config: Config, options: SystemOptions) -> anyhow::Result<Cohort> {
         let config = Arc::new(config);
-        let normalize = NormalizeOptions::from_config(&config.normalize)
-            .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+        let normalize =
+            NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow!("invalid configuration: {e}"))?;
         let normalize = Arc::new(normalize);
         let sendgrid_key = match config.sources.email.sendgrid_public_key.trim() {
             "" => None,

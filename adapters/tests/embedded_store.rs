@@ -8,20 +8,12 @@ mod suite;
 use std::path::Path;
 use std::sync::Arc;
 
-use cohort_adapters::{
-    AppendBatch, EmbeddedStore, EventLog, FlushBatch, OperationalStore, StoreErrorKind,
-};
+use cohort_adapters::{AppendBatch, EmbeddedStore, EventLog, FlushBatch, OperationalStore, StoreErrorKind};
 use cohort_messages::msgs::IdentityMerged;
-use suite::{
-    at, batch, dead_letter, email, event, profile, profile_id, raw, with_timeout, Fixture,
-};
+use suite::{at, batch, dead_letter, email, event, profile, profile_id, raw, with_timeout, Fixture};
 
 fn fixture_of(store: Arc<EmbeddedStore>, keep: Option<Box<dyn std::any::Any + Send>>) -> Fixture {
-    Fixture {
-        log: store.clone(),
-        store,
-        keep,
-    }
+    Fixture { log: store.clone(), store, keep }
 }
 
 async fn file_fixture() -> Fixture {
@@ -45,10 +37,7 @@ mod memory {
 /// Writes one of everything: journal (with Bronze), profiles, identities, a merge, the
 /// checkpoint and dead letters.
 async fn populate(store: &Arc<EmbeddedStore>) {
-    let out = store
-        .append(batch(Some(b"\x00raw\xffbody"), &["a", "b"]))
-        .await
-        .unwrap();
+    let out = store.append(batch(Some(b"\x00raw\xffbody"), &["a", "b"])).await.unwrap();
     assert_eq!(out.seqs, vec![Some(1), Some(2)]);
     store.append(batch(None, &["c"])).await.unwrap();
     store
@@ -66,24 +55,14 @@ async fn populate(store: &Arc<EmbeddedStore>) {
         })
         .await
         .unwrap();
-    store
-        .put_dead_letters(vec![dead_letter(1), dead_letter(2)])
-        .await
-        .unwrap();
+    store.put_dead_letters(vec![dead_letter(1), dead_letter(2)]).await.unwrap();
 }
 
 /// Checks everything [`populate`] wrote, then that counters continue rather than restart.
 async fn assert_populated(store: &Arc<EmbeddedStore>) {
-    assert_eq!(
-        *store.watch_head().borrow(),
-        3,
-        "the head is restored from the file"
-    );
+    assert_eq!(*store.watch_head().borrow(), 3, "the head is restored from the file");
     let journal = store.read_after(0, 10).await.unwrap();
-    assert_eq!(
-        journal.iter().map(|j| j.seq).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(journal.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(journal[0].event.raw.seq, Some(1));
     let mut expected_c = event("c");
     expected_c.raw.seq = None;
@@ -91,38 +70,20 @@ async fn assert_populated(store: &Arc<EmbeddedStore>) {
     let bronze = store.read_bronze_after(0, 10).await.unwrap();
     assert_eq!(bronze, vec![(1, raw(b"\x00raw\xffbody"))]);
 
-    assert_eq!(
-        store.load_profile(&profile_id(1)).await.unwrap(),
-        Some(profile(1))
-    );
-    assert_eq!(
-        store.lookup_identity(&email(1)).await.unwrap(),
-        Some(profile_id(1))
-    );
+    assert_eq!(store.load_profile(&profile_id(1)).await.unwrap(), Some(profile(1)));
+    assert_eq!(store.lookup_identity(&email(1)).await.unwrap(), Some(profile_id(1)));
     assert_eq!(store.count_profiles().await.unwrap(), 2);
     assert_eq!(store.checkpoint().await.unwrap(), 3);
     assert_eq!(store.list_merges(&profile_id(2)).await.unwrap().len(), 1);
     assert_eq!(store.count_dead_letters().await.unwrap(), 2);
 
     // Idempotency survived: an old event id is still a duplicate, new ones continue the seqs.
-    let out = store
-        .append(batch(Some(b"again"), &["a", "d"]))
-        .await
-        .unwrap();
+    let out = store.append(batch(Some(b"again"), &["a", "d"])).await.unwrap();
     assert_eq!(out.seqs, vec![None, Some(4)]);
     assert_eq!(out.raw_seq, Some(2));
     assert_eq!(*store.watch_head().borrow(), 4);
-    assert_eq!(
-        store.put_dead_letters(vec![dead_letter(3)]).await.unwrap(),
-        vec![3]
-    );
-    store
-        .commit_flush(FlushBatch {
-            checkpoint: Some(1),
-            ..FlushBatch::default()
-        })
-        .await
-        .unwrap();
+    assert_eq!(store.put_dead_letters(vec![dead_letter(3)]).await.unwrap(), vec![3]);
+    store.commit_flush(FlushBatch { checkpoint: Some(1), ..FlushBatch::default() }).await.unwrap();
     assert_eq!(store.checkpoint().await.unwrap(), 3);
 }
 
@@ -158,13 +119,7 @@ async fn close_releases_the_file_and_refuses_further_work() {
         assert_eq!(err.kind, StoreErrorKind::Unavailable);
         let err = store.ping().await.unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::Unavailable);
-        assert!(store
-            .commit_flush(FlushBatch {
-                checkpoint: Some(9),
-                ..FlushBatch::default()
-            })
-            .await
-            .is_err());
+        assert!(store.commit_flush(FlushBatch { checkpoint: Some(9), ..FlushBatch::default() }).await.is_err());
 
         // The old handle is still alive, yet the file can be opened again.
         let reopened = EmbeddedStore::open(&path).unwrap();
@@ -186,24 +141,11 @@ async fn a_file_open_elsewhere_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_url_accepts_embedded_and_memory_and_rejects_the_rest() {
-    for url in [
-        "ftp://example.com/cohort",
-        "mongodb://localhost/cohort",
-        "/tmp/cohort.redb",
-        "embedded://",
-    ] {
+    for url in ["ftp://example.com/cohort", "mongodb://localhost/cohort", "/tmp/cohort.redb", "embedded://"] {
         let err = EmbeddedStore::open_url(url).unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::Invalid, "{url}");
-        assert!(
-            err.message.contains(url),
-            "the message names the url: {}",
-            err.message
-        );
-        assert!(
-            err.message.contains("embedded://") && err.message.contains("memory://"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains(url), "the message names the url: {}", err.message);
+        assert!(err.message.contains("embedded://") && err.message.contains("memory://"), "{}", err.message);
     }
 
     let memory = EmbeddedStore::open_url("memory://").unwrap();
@@ -215,16 +157,8 @@ async fn open_url_accepts_embedded_and_memory_and_rejects_the_rest() {
     let url = format!("embedded://{}", nested.display());
     assert!(url.starts_with("embedded:///"));
     let file = EmbeddedStore::open_url(&url).unwrap();
-    file.append(AppendBatch {
-        raw: None,
-        events: vec![event("x")],
-    })
-    .await
-    .unwrap();
-    assert!(
-        Path::new(&nested).is_file(),
-        "parent directories are created"
-    );
+    file.append(AppendBatch { raw: None, events: vec![event("x")] }).await.unwrap();
+    assert!(Path::new(&nested).is_file(), "parent directories are created");
     drop(file);
     let again = EmbeddedStore::open_url(&url).unwrap();
     assert_eq!(again.read_after(0, 10).await.unwrap().len(), 1);

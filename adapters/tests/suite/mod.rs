@@ -15,8 +15,8 @@ use cohort_adapters::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, NewDeadLetter, OperationalStore,
 };
 use cohort_messages::{
-    msgs::IdentityMerged, CustomerEvent, DeadLetterStage, EventId, EventKind, Identifier,
-    IdentifierKind, ProfileId, ProfileRecord, RawRef, Source, Utm,
+    msgs::IdentityMerged, CustomerEvent, DeadLetterStage, EventId, EventKind, Identifier, IdentifierKind, ProfileId,
+    ProfileRecord, RawRef, Source, Utm,
 };
 use serde_json::{json, Map};
 
@@ -61,9 +61,7 @@ pub(crate) use store_suite;
 
 /// No contract test may hang the run: a lost group-commit reply would otherwise wait forever.
 pub async fn with_timeout(test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(60), test)
-        .await
-        .expect("store test timed out");
+    tokio::time::timeout(Duration::from_secs(60), test).await.expect("store test timed out");
 }
 
 pub fn at(secs: i64) -> DateTime<Utc> {
@@ -83,20 +81,11 @@ pub fn event(id: &str) -> CustomerEvent {
         name: Some("quiz_completed".into()),
         occurred_at: at(1),
         received_at: at(2),
-        identifiers: vec![Identifier::new(
-            IdentifierKind::AnonymousId,
-            format!("anon_{id}"),
-        )],
+        identifiers: vec![Identifier::new(IdentifierKind::AnonymousId, format!("anon_{id}"))],
         traits: Map::new(),
         properties,
-        utm: Utm {
-            campaign: Some("spring".into()),
-            ..Utm::default()
-        },
-        raw: RawRef {
-            seq: None,
-            index: 0,
-        },
+        utm: Utm { campaign: Some("spring".into()), ..Utm::default() },
+        raw: RawRef { seq: None, index: 0 },
     }
 }
 
@@ -111,25 +100,18 @@ pub fn raw(body: &[u8]) -> BronzeRecord {
 }
 
 pub fn batch(raw_body: Option<&[u8]>, ids: &[&str]) -> AppendBatch {
-    AppendBatch {
-        raw: raw_body.map(raw),
-        events: ids.iter().map(|id| event(id)).collect(),
-    }
+    AppendBatch { raw: raw_body.map(raw), events: ids.iter().map(|id| event(id)).collect() }
 }
 
 pub fn profile_id(n: u32) -> ProfileId {
-    ProfileId::derive_from_event(
-        &EventId::new(Source::Crm, &format!("p{n}")),
-        at(i64::from(n)),
-    )
+    ProfileId::derive_from_event(&EventId::new(Source::Crm, &format!("p{n}")), at(i64::from(n)))
 }
 
 /// A profile with one applied event, so traits, counters and history are all non-trivial.
 pub fn profile(n: u32) -> ProfileRecord {
     let mut p = ProfileRecord::new(profile_id(n), at(i64::from(n)));
     let mut e = event(&format!("profile-{n}"));
-    e.traits
-        .insert("first_name".into(), json!(format!("Student {n}")));
+    e.traits.insert("first_name".into(), json!(format!("Student {n}")));
     p.apply(u64::from(n), &e, 10);
     p
 }
@@ -155,54 +137,19 @@ pub async fn append_assigns_consecutive_seqs_and_links_bronze(f: Fixture) {
     let head = f.log.watch_head();
     assert_eq!(*head.borrow(), 0);
 
-    let first = f
-        .log
-        .append(batch(Some(b"payload-1"), &["a", "b", "c"]))
-        .await
-        .unwrap();
-    assert_eq!(
-        first,
-        AppendOutcome {
-            raw_seq: Some(1),
-            seqs: vec![Some(1), Some(2), Some(3)]
-        }
-    );
+    let first = f.log.append(batch(Some(b"payload-1"), &["a", "b", "c"])).await.unwrap();
+    assert_eq!(first, AppendOutcome { raw_seq: Some(1), seqs: vec![Some(1), Some(2), Some(3)] });
     let second = f.log.append(batch(None, &["d"])).await.unwrap();
-    assert_eq!(
-        second,
-        AppendOutcome {
-            raw_seq: None,
-            seqs: vec![Some(4)]
-        }
-    );
+    assert_eq!(second, AppendOutcome { raw_seq: None, seqs: vec![Some(4)] });
     let empty = f.log.append(batch(None, &[])).await.unwrap();
-    assert_eq!(
-        empty,
-        AppendOutcome {
-            raw_seq: None,
-            seqs: vec![]
-        }
-    );
-    let third = f
-        .log
-        .append(batch(Some(b"payload-2"), &["e"]))
-        .await
-        .unwrap();
-    assert_eq!(
-        third,
-        AppendOutcome {
-            raw_seq: Some(2),
-            seqs: vec![Some(5)]
-        }
-    );
+    assert_eq!(empty, AppendOutcome { raw_seq: None, seqs: vec![] });
+    let third = f.log.append(batch(Some(b"payload-2"), &["e"])).await.unwrap();
+    assert_eq!(third, AppendOutcome { raw_seq: Some(2), seqs: vec![Some(5)] });
     assert_eq!(*head.borrow(), 5);
     assert_eq!(*f.log.watch_head().borrow(), 5);
 
     let journal = f.log.read_after(0, 100).await.unwrap();
-    assert_eq!(
-        journal.iter().map(|j| j.seq).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5]
-    );
+    assert_eq!(journal.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
     let raw_seqs: Vec<_> = journal.iter().map(|j| j.event.raw.seq).collect();
     assert_eq!(raw_seqs, vec![Some(1), Some(1), Some(1), None, Some(2)]);
     for (j, id) in journal.iter().zip(["a", "b", "c", "d", "e"]) {
@@ -214,38 +161,17 @@ pub async fn append_assigns_consecutive_seqs_and_links_bronze(f: Fixture) {
 
 pub async fn duplicate_event_ids_are_not_journaled(f: Fixture) {
     let out = f.log.append(batch(None, &["a", "b", "a"])).await.unwrap();
-    assert_eq!(
-        out.seqs,
-        vec![Some(1), Some(2), None],
-        "repeat within one batch"
-    );
-    let out = f
-        .log
-        .append(batch(Some(b"retry"), &["b", "c"]))
-        .await
-        .unwrap();
+    assert_eq!(out.seqs, vec![Some(1), Some(2), None], "repeat within one batch");
+    let out = f.log.append(batch(Some(b"retry"), &["b", "c"])).await.unwrap();
     assert_eq!(out.seqs, vec![None, Some(3)], "repeat across calls");
-    let out = f
-        .log
-        .append(batch(Some(b"retry"), &["a", "b", "c"]))
-        .await
-        .unwrap();
+    let out = f.log.append(batch(Some(b"retry"), &["a", "b", "c"])).await.unwrap();
     assert_eq!(out.seqs, vec![None, None, None]);
-    assert!(
-        out.raw_seq.is_some(),
-        "the raw payload is kept for audit even when all are duplicates"
-    );
+    assert!(out.raw_seq.is_some(), "the raw payload is kept for audit even when all are duplicates");
 
     let journal = f.log.read_after(0, 100).await.unwrap();
-    let ids: Vec<_> = journal
-        .iter()
-        .map(|j| j.event.event_id.as_str().to_string())
-        .collect();
+    let ids: Vec<_> = journal.iter().map(|j| j.event.event_id.as_str().to_string()).collect();
     assert_eq!(ids, vec!["web:a", "web:b", "web:c"]);
-    assert_eq!(
-        journal.iter().map(|j| j.seq).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(journal.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(*f.log.watch_head().borrow(), 3);
 }
 
@@ -258,8 +184,7 @@ pub async fn concurrent_appends_get_unique_gapless_seqs(f: Fixture) {
             tokio::spawn(async move {
                 let ids = [format!("t{i}-0"), format!("t{i}-1")];
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                log.append(batch(Some(format!("body {i}").as_bytes()), &ids))
-                    .await
+                log.append(batch(Some(format!("body {i}").as_bytes()), &ids)).await
             })
         })
         .collect();
@@ -270,23 +195,12 @@ pub async fn concurrent_appends_get_unique_gapless_seqs(f: Fixture) {
         let [Some(a), Some(b)] = out.seqs[..] else {
             panic!("every event is new: {out:?}");
         };
-        assert_eq!(
-            b,
-            a + 1,
-            "one batch's events are journaled together, in order"
-        );
+        assert_eq!(b, a + 1, "one batch's events are journaled together, in order");
         assert!(seqs.insert(a) && seqs.insert(b), "seqs must be unique");
-        assert!(
-            raw_seqs.insert(out.raw_seq.unwrap()),
-            "raw seqs must be unique"
-        );
+        assert!(raw_seqs.insert(out.raw_seq.unwrap()), "raw seqs must be unique");
     }
     let max = (TASKS * 2) as u64;
-    assert_eq!(
-        seqs,
-        (1..=max).collect::<BTreeSet<_>>(),
-        "seqs start at 1 with no gaps"
-    );
+    assert_eq!(seqs, (1..=max).collect::<BTreeSet<_>>(), "seqs start at 1 with no gaps");
     assert_eq!(raw_seqs, (1..=TASKS as u64).collect::<BTreeSet<_>>());
     head.wait_for(|h| *h == max).await.unwrap();
     assert_eq!(f.log.read_after(0, 1000).await.unwrap().len(), TASKS * 2);
@@ -304,10 +218,7 @@ pub async fn concurrent_appends_of_one_event_id_journal_it_once(f: Fixture) {
         let out = task.await.unwrap().unwrap();
         journaled += out.seqs.iter().flatten().count();
     }
-    assert_eq!(
-        journaled, 1,
-        "a retry storm journals the event exactly once"
-    );
+    assert_eq!(journaled, 1, "a retry storm journals the event exactly once");
     assert_eq!(f.log.read_after(0, 100).await.unwrap().len(), 1);
 }
 
@@ -328,20 +239,9 @@ pub async fn read_after_pages_in_order(f: Fixture) {
         seen.extend(page.into_iter().map(|j| (j.seq, j.event.event_id)));
     }
     assert_eq!(sizes, vec![10, 10, 5, 0]);
-    let expected: Vec<_> = (1..=25u64)
-        .zip(ids.iter().map(|id| EventId::new(Source::Web, id)))
-        .collect();
+    let expected: Vec<_> = (1..=25u64).zip(ids.iter().map(|id| EventId::new(Source::Web, id))).collect();
     assert_eq!(seen, expected);
-    assert_eq!(
-        f.log
-            .read_after(7, 2)
-            .await
-            .unwrap()
-            .iter()
-            .map(|j| j.seq)
-            .collect::<Vec<_>>(),
-        [8, 9]
-    );
+    assert_eq!(f.log.read_after(7, 2).await.unwrap().iter().map(|j| j.seq).collect::<Vec<_>>(), [8, 9]);
     assert!(f.log.read_after(25, 10).await.unwrap().is_empty());
     assert!(f.log.read_after(u64::MAX, 10).await.unwrap().is_empty());
     assert!(f.log.read_after(0, 0).await.unwrap().is_empty());
@@ -354,19 +254,10 @@ pub async fn bronze_round_trip_is_byte_exact(f: Fixture) {
         let mut record = raw(body);
         record.source = Source::ALL[i];
         record.format = format!("format-{i}");
-        f.log
-            .append(AppendBatch {
-                raw: Some(record),
-                events: vec![],
-            })
-            .await
-            .unwrap();
+        f.log.append(AppendBatch { raw: Some(record), events: vec![] }).await.unwrap();
     }
     let stored = f.log.read_bronze_after(0, 10).await.unwrap();
-    assert_eq!(
-        stored.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(stored.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
     for (i, (_, record)) in stored.iter().enumerate() {
         let mut expected = raw(bodies[i]);
         expected.source = Source::ALL[i];
@@ -378,11 +269,7 @@ pub async fn bronze_round_trip_is_byte_exact(f: Fixture) {
     assert_eq!(page[0].0, 2);
     assert!(page[0].1.body.is_empty());
     assert!(f.log.read_bronze_after(3, 10).await.unwrap().is_empty());
-    assert_eq!(
-        *f.log.watch_head().borrow(),
-        0,
-        "bronze-only appends do not move the journal head"
-    );
+    assert_eq!(*f.log.watch_head().borrow(), 0, "bronze-only appends do not move the journal head");
 }
 
 pub async fn flushed_profiles_and_identities_can_be_read_back(f: Fixture) {
@@ -405,26 +292,11 @@ pub async fn flushed_profiles_and_identities_can_be_read_back(f: Fixture) {
         })
         .await
         .unwrap();
-    assert_eq!(
-        f.store.load_profile(&p1.profile_id).await.unwrap(),
-        Some(p1.clone())
-    );
-    assert_eq!(
-        f.store.load_profile(&p2.profile_id).await.unwrap(),
-        Some(p2.clone())
-    );
-    assert_eq!(
-        f.store.lookup_identity(&email(1)).await.unwrap(),
-        Some(p1.profile_id.clone())
-    );
-    assert_eq!(
-        f.store.lookup_identity(&device).await.unwrap(),
-        Some(p1.profile_id.clone())
-    );
-    assert_eq!(
-        f.store.lookup_identity(&email(2)).await.unwrap(),
-        Some(p2.profile_id.clone())
-    );
+    assert_eq!(f.store.load_profile(&p1.profile_id).await.unwrap(), Some(p1.clone()));
+    assert_eq!(f.store.load_profile(&p2.profile_id).await.unwrap(), Some(p2.clone()));
+    assert_eq!(f.store.lookup_identity(&email(1)).await.unwrap(), Some(p1.profile_id.clone()));
+    assert_eq!(f.store.lookup_identity(&device).await.unwrap(), Some(p1.profile_id.clone()));
+    assert_eq!(f.store.lookup_identity(&email(2)).await.unwrap(), Some(p2.profile_id.clone()));
     assert_eq!(f.store.lookup_identity(&email(3)).await.unwrap(), None);
     assert_eq!(f.store.count_profiles().await.unwrap(), 2);
 
@@ -439,44 +311,23 @@ pub async fn flushed_profiles_and_identities_can_be_read_back(f: Fixture) {
         })
         .await
         .unwrap();
-    assert_eq!(
-        f.store.load_profile(&p1.profile_id).await.unwrap(),
-        Some(p1_newer)
-    );
-    assert_eq!(
-        f.store.lookup_identity(&device).await.unwrap(),
-        Some(p2.profile_id.clone())
-    );
+    assert_eq!(f.store.load_profile(&p1.profile_id).await.unwrap(), Some(p1_newer));
+    assert_eq!(f.store.lookup_identity(&device).await.unwrap(), Some(p2.profile_id.clone()));
     assert_eq!(f.store.count_profiles().await.unwrap(), 2);
-    assert_eq!(
-        f.store.checkpoint().await.unwrap(),
-        0,
-        "no checkpoint was given"
-    );
+    assert_eq!(f.store.checkpoint().await.unwrap(), 0, "no checkpoint was given");
 }
 
 pub async fn checkpoint_never_goes_backwards(f: Fixture) {
     assert_eq!(f.store.checkpoint().await.unwrap(), 0);
-    let flush = |checkpoint| FlushBatch {
-        checkpoint,
-        ..FlushBatch::default()
-    };
+    let flush = |checkpoint| FlushBatch { checkpoint, ..FlushBatch::default() };
     f.store.commit_flush(flush(Some(10))).await.unwrap();
     assert_eq!(f.store.checkpoint().await.unwrap(), 10);
     f.store.commit_flush(flush(Some(5))).await.unwrap();
-    assert_eq!(
-        f.store.checkpoint().await.unwrap(),
-        10,
-        "a lower checkpoint is ignored"
-    );
+    assert_eq!(f.store.checkpoint().await.unwrap(), 10, "a lower checkpoint is ignored");
     f.store.commit_flush(flush(None)).await.unwrap();
     assert_eq!(f.store.checkpoint().await.unwrap(), 10);
     f.store
-        .commit_flush(FlushBatch {
-            profiles: vec![profile(1)],
-            checkpoint: Some(12),
-            ..FlushBatch::default()
-        })
+        .commit_flush(FlushBatch { profiles: vec![profile(1)], checkpoint: Some(12), ..FlushBatch::default() })
         .await
         .unwrap();
     assert_eq!(f.store.checkpoint().await.unwrap(), 12);
@@ -486,21 +337,10 @@ pub async fn dead_letters_get_increasing_ids_and_page(f: Fixture) {
     assert_eq!(f.store.count_dead_letters().await.unwrap(), 0);
     assert!(f.store.list_dead_letters(0, 10).await.unwrap().is_empty());
     let before = Utc::now();
-    let ids = f
-        .store
-        .put_dead_letters((1..=3).map(dead_letter).collect())
-        .await
-        .unwrap();
+    let ids = f.store.put_dead_letters((1..=3).map(dead_letter).collect()).await.unwrap();
     assert_eq!(ids, vec![1, 2, 3]);
-    assert_eq!(
-        f.store.put_dead_letters(vec![]).await.unwrap(),
-        Vec::<u64>::new()
-    );
-    let ids = f
-        .store
-        .put_dead_letters((4..=5).map(dead_letter).collect())
-        .await
-        .unwrap();
+    assert_eq!(f.store.put_dead_letters(vec![]).await.unwrap(), Vec::<u64>::new());
+    let ids = f.store.put_dead_letters((4..=5).map(dead_letter).collect()).await.unwrap();
     assert_eq!(ids, vec![4, 5]);
     assert_eq!(f.store.count_dead_letters().await.unwrap(), 5);
 
@@ -521,23 +361,14 @@ pub async fn dead_letters_get_increasing_ids_and_page(f: Fixture) {
         assert_eq!(letter.content_type, expected.content_type);
         assert_eq!(letter.received_at, expected.received_at);
         assert_eq!(letter.attempts, expected.attempts);
-        assert!(
-            letter.recorded_at >= before - chrono::Duration::seconds(1),
-            "recorded_at is set to now"
-        );
+        assert!(letter.recorded_at >= before - chrono::Duration::seconds(1), "recorded_at is set to now");
         assert!(letter.recorded_at <= Utc::now());
     }
 }
 
 pub async fn profile_ids_page_in_id_order(f: Fixture) {
     let profiles: Vec<_> = (1..=7).rev().map(profile).collect();
-    f.store
-        .commit_flush(FlushBatch {
-            profiles: profiles.clone(),
-            ..FlushBatch::default()
-        })
-        .await
-        .unwrap();
+    f.store.commit_flush(FlushBatch { profiles: profiles.clone(), ..FlushBatch::default() }).await.unwrap();
     let mut expected: Vec<_> = profiles.iter().map(|p| p.profile_id.clone()).collect();
     expected.sort();
 
@@ -573,40 +404,22 @@ pub async fn merges_are_listed_for_both_profiles(f: Fixture) {
     let (ab, ac) = (merge(&b, 2, 40), merge(&c, 3, 40));
     let ad = merge(&d, 4, 100);
     f.store
-        .commit_flush(FlushBatch {
-            merges: vec![ad.clone(), ab.clone(), ac.clone()],
-            ..FlushBatch::default()
-        })
+        .commit_flush(FlushBatch { merges: vec![ad.clone(), ab.clone(), ac.clone()], ..FlushBatch::default() })
         .await
         .unwrap();
     let of_a = f.store.list_merges(&a).await.unwrap();
     assert_eq!(of_a.len(), 3);
-    assert_eq!(
-        of_a.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![40, 40, 100],
-        "in seq order"
-    );
+    assert_eq!(of_a.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![40, 40, 100], "in seq order");
     for m in [&ab, &ac, &ad] {
         assert!(of_a.contains(m));
     }
     assert_eq!(f.store.list_merges(&b).await.unwrap(), vec![ab.clone()]);
     assert_eq!(f.store.list_merges(&c).await.unwrap(), vec![ac.clone()]);
     assert_eq!(f.store.list_merges(&d).await.unwrap(), vec![ad]);
-    assert!(f
-        .store
-        .list_merges(&profile_id(5))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(f.store.list_merges(&profile_id(5)).await.unwrap().is_empty());
 
     // Re-flushing the same merge (a replay) does not list it twice.
-    f.store
-        .commit_flush(FlushBatch {
-            merges: vec![ab.clone()],
-            ..FlushBatch::default()
-        })
-        .await
-        .unwrap();
+    f.store.commit_flush(FlushBatch { merges: vec![ab.clone()], ..FlushBatch::default() }).await.unwrap();
     assert_eq!(f.store.list_merges(&b).await.unwrap(), vec![ab]);
     assert_eq!(f.store.list_merges(&a).await.unwrap().len(), 3);
 }
