@@ -4,12 +4,13 @@
 use anyhow::{anyhow, Context};
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
 use cohort_actors::normalize::NormalizeOptions;
+use cohort_actors::watermark::{Checkpoints, Watermark};
 use cohort_actors::{
     spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IngestActor,
-    IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, Watermark,
+    IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory,
 };
 use cohort_adapters::embedded::EmbeddedStore;
-use cohort_adapters::{EventLog, OperationalStore};
+use cohort_adapters::{EmbeddedBus, EventBus, EventLog, OperationalStore, StreamPositions};
 use cohort_api::ApiState;
 use cohort_config::Config;
 use cohort_messages::msgs::{FlushReport, IngestMsg, ProfilesMsg, ProfilesStats};
@@ -20,7 +21,7 @@ use cohort_supervisors::{
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -89,17 +90,17 @@ impl Cohort {
             .with_context(|| format!("opening storage `{}`", config.storage.url))?;
         let store: Arc<dyn OperationalStore> = embedded.clone();
         let log: Arc<dyn EventLog> = embedded;
+        let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(log, store.clone()));
         let metrics = Metrics::new().context("registering metrics")?;
         let health = HealthRegistry::new();
         let policy = RestartPolicy::from_config(&config.supervision);
-        let checkpoint = store.checkpoint().await.context("reading the pipeline checkpoint")?;
         let ctx = PipelineContext {
             store: store.clone(),
-            log: log.clone(),
+            bus: bus.clone(),
             metrics: metrics.clone(),
-            watermark: Arc::new(Watermark::new(checkpoint)),
+            watermark: Arc::new(Watermark::default()),
             index: Arc::new(IdentityIndex::new(store.clone())),
-            checkpoint: Arc::new(AtomicU64::new(checkpoint)),
+            checkpoints: Arc::new(Checkpoints::default()),
             profiles: ProfileSettings {
                 history_limit: config.profiles.history_limit,
                 passivate_after: Duration::from_secs(config.profiles.passivate_after_secs),
@@ -116,11 +117,11 @@ impl Cohort {
         for source in Source::ALL {
             let slot: Slot<IngestMsg> = Slot::default();
             let queue = metrics.queue(&format!("ingest_{}", source.as_str()));
-            let (o, l, s, m, q) = (normalize.clone(), log.clone(), store.clone(), metrics.clone(), queue.clone());
+            let (o, b, s, m, q) = (normalize.clone(), bus.clone(), store.clone(), metrics.clone(), queue.clone());
             let make = Arc::new(move || IngestArgs {
                 source,
                 options: o.clone(),
-                log: l.clone(),
+                bus: b.clone(),
                 store: s.clone(),
                 metrics: m.clone(),
                 queue: q.clone(),
@@ -216,23 +217,24 @@ impl Cohort {
         cohort_api::router(self.api.clone())
     }
 
-    /// Waits until every journaled event has reached its profile, then persists all profiles.
-    pub async fn settle(&self, timeout: Duration) -> anyhow::Result<FlushReport> {
+    /// Waits until every event this process published is reflected in persisted profiles.
+    pub async fn settle(&self, timeout: Duration) -> anyhow::Result<StreamPositions> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let head_rx = self.ctx.log.watch_head();
+        let target = self.ctx.bus.published();
         loop {
-            let head = *head_rx.borrow();
-            let caught_up = self.ctx.watermark.low() >= head && self.ctx.watermark.in_flight() == 0;
-            if caught_up {
-                let report = self.flush().await?;
-                if report.checkpoint >= head {
-                    return Ok(report);
+            if self.ctx.watermark.covers(&target) && self.ctx.watermark.in_flight() == 0 {
+                self.flush().await?;
+                let durable = self.ctx.checkpoints.get();
+                let done = target.iter().all(|(s, off)| *off == 0 || durable.iter().any(|(ds, d)| ds == s && d >= off));
+                if done {
+                    return Ok(durable);
                 }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(anyhow!(
-                    "pipeline did not settle: head {head}, low watermark {}, in flight {}",
-                    self.ctx.watermark.low(),
+                    "pipeline did not settle: published {:?}, delivered up to {:?}, in flight {}",
+                    target,
+                    self.ctx.watermark.lows(),
                     self.ctx.watermark.in_flight()
                 ));
             }

@@ -1,11 +1,10 @@
 //! What every pipeline actor shares: backends, metrics and the pipeline's progress markers.
 
 use crate::identity::IdentityIndex;
-use crate::watermark::Watermark;
-use cohort_adapters::{EventLog, OperationalStore};
+use crate::watermark::{Checkpoints, Watermark};
+use cohort_adapters::{EventBus, OperationalStore};
 use cohort_messages::{CustomerEvent, ProfileId};
 use cohort_supervisors::{Metrics, RestartPolicy};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +27,12 @@ pub struct ProfileSettings {
 #[derive(Clone)]
 pub struct PipelineContext {
     pub store: Arc<dyn OperationalStore>,
-    pub log: Arc<dyn EventLog>,
+    pub bus: Arc<dyn EventBus>,
     pub metrics: Metrics,
     pub watermark: Arc<Watermark>,
     pub index: Arc<IdentityIndex>,
-    /// The durable checkpoint: every journal event up to it is reflected in persisted profiles.
-    pub checkpoint: Arc<AtomicU64>,
+    /// The durable checkpoints: per stream, every event up to them is in persisted profiles.
+    pub checkpoints: Arc<Checkpoints>,
     pub profiles: ProfileSettings,
     pub fault: Option<Arc<dyn FaultInjector>>,
 }

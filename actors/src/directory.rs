@@ -231,7 +231,7 @@ impl ProfilesState {
 
     fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>) {
         self.flushing = true;
-        let watermark = self.ctx.watermark.low();
+        let lows = self.ctx.watermark.lows();
         let mut complete = true;
         let mut pending = Vec::new();
         for (id, entry) in &self.entries {
@@ -268,21 +268,31 @@ impl ProfilesState {
                 }
             }
             let (identities, merges) = ctx.index.take_pending();
-            let checkpoint = complete.then_some(watermark);
-            let report = FlushReport {
-                profiles: profiles.len(),
-                identities: identities.len(),
-                checkpoint: checkpoint.unwrap_or_else(|| ctx.checkpoint.load(Ordering::SeqCst)),
+            let in_store = ctx.bus.checkpoint_in_store();
+            let checkpoint = match (complete, in_store) {
+                (true, true) => lows.iter().find(|(s, _)| *s == 0).map(|(_, o)| *o),
+                _ => None,
             };
             let batch = FlushBatch { identities: identities.clone(), profiles, merges: merges.clone(), checkpoint };
-            let result = match ctx.store.commit_flush(batch).await {
+            let n_profiles = batch.profiles.len();
+            let mut result = ctx.store.commit_flush(batch).await;
+            if result.is_ok() && complete && !in_store {
+                // The store has the effects; only now may the bus forget the events.
+                result = ctx.bus.commit(&lows).await;
+            }
+            let result = match result {
                 Ok(()) => {
-                    if let Some(cp) = checkpoint {
-                        ctx.checkpoint.fetch_max(cp, Ordering::SeqCst);
-                        ctx.metrics.checkpoint.set(ctx.checkpoint.load(Ordering::SeqCst) as i64);
+                    if complete {
+                        ctx.checkpoints.advance(&lows);
+                        let total: u64 = ctx.checkpoints.get().iter().map(|(_, o)| *o).sum();
+                        ctx.metrics.checkpoint.set(total as i64);
                     }
                     ctx.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
-                    Ok(report)
+                    Ok(FlushReport {
+                        profiles: n_profiles,
+                        identities: identities.len(),
+                        checkpoint: ctx.checkpoints.stream0(),
+                    })
                 }
                 Err(e) => {
                     ctx.index.restore_pending(identities, merges);

@@ -1,35 +1,34 @@
-//! Reads the journal from the durable checkpoint and feeds the identity resolver pool.
+//! Reads the bus from the durable checkpoints and feeds the identity resolver pool.
 
 use crate::context::PipelineContext;
 use crate::identity::{routing_key, IdentityFactoryMsg};
+use crate::watermark::describe;
+use cohort_adapters::Subscription;
 use cohort_messages::msgs::IdentityMsg;
 use cohort_supervisors::Slot;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 pub struct Dispatcher;
 
 pub struct DispatcherArgs {
     pub ctx: PipelineContext,
     pub resolvers: Slot<IdentityFactoryMsg>,
-    /// Events read from the journal per step.
+    /// Events read from the bus per step.
     pub batch: usize,
-    /// Backpressure: stop reading while this many events are between journal and profiles.
+    /// Backpressure: stop reading while this many events are between bus and profiles.
     pub max_in_flight: usize,
 }
 
 pub struct DispatcherState {
     args: DispatcherArgs,
-    next_after: u64,
-    head: watch::Receiver<u64>,
+    subscription: Box<dyn Subscription>,
 }
 
 #[derive(Debug)]
 pub enum DispatcherMsg {
-    /// Read and dispatch the next journal batch (self-sent).
+    /// Read and dispatch the next batch (self-sent).
     Pump,
 }
 
@@ -43,13 +42,13 @@ impl Actor for Dispatcher {
         _myself: ActorRef<DispatcherMsg>,
         args: DispatcherArgs,
     ) -> Result<DispatcherState, ActorProcessingErr> {
-        // Restart point: everything up to the durable checkpoint is already in stored profiles.
-        let checkpoint = args.ctx.store.checkpoint().await?;
-        args.ctx.checkpoint.fetch_max(checkpoint, Ordering::SeqCst);
-        args.ctx.watermark.reset(checkpoint);
-        tracing::info!(checkpoint, "pipeline dispatcher starting from checkpoint");
-        let head = args.ctx.log.watch_head();
-        Ok(DispatcherState { args, next_after: checkpoint, head })
+        // Restart point: everything up to the durable checkpoints is already in stored profiles.
+        let subscription = args.ctx.bus.subscribe().await?;
+        let start = subscription.start();
+        args.ctx.checkpoints.advance(&start);
+        args.ctx.watermark.reset(&start);
+        tracing::info!(bus = args.ctx.bus.name(), start = %describe(&start), "pipeline dispatcher starting");
+        Ok(DispatcherState { args, subscription })
     }
 
     async fn post_start(
@@ -75,22 +74,18 @@ impl Actor for Dispatcher {
             myself.send_message(DispatcherMsg::Pump)?;
             return Ok(());
         }
-        let events = ctx.log.read_after(state.next_after, state.args.batch).await?;
-        if events.is_empty() {
-            // Caught up: wait for the next append (bounded, so stop signals are seen promptly).
-            let _ = tokio::time::timeout(Duration::from_millis(200), state.head.changed()).await;
-            myself.send_message(DispatcherMsg::Pump)?;
-            return Ok(());
-        }
-        let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
-        for je in events {
-            let seq = je.seq;
-            let key = routing_key(&je.event);
-            ctx.watermark.dispatched(seq);
-            resolvers
-                .dispatch(key, IdentityMsg::Resolve { seq, event: Arc::new(je.event) })
-                .map_err(|e| format!("identity pool unavailable: {e}"))?;
-            state.next_after = seq;
+        // Bounded wait when idle, so stop signals are seen promptly.
+        let events = state.subscription.poll(state.args.batch, Duration::from_millis(200)).await?;
+        if !events.is_empty() {
+            let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
+            for je in events {
+                let seq = je.seq;
+                let key = routing_key(&je.event);
+                ctx.watermark.dispatched(seq);
+                resolvers
+                    .dispatch(key, IdentityMsg::Resolve { seq, event: Arc::new(je.event) })
+                    .map_err(|e| format!("identity pool unavailable: {e}"))?;
+            }
         }
         myself.send_message(DispatcherMsg::Pump)?;
         Ok(())

@@ -3,7 +3,7 @@
 
 use crate::dead_letters;
 use crate::normalize::{normalize, NormalizeError, NormalizeOptions};
-use cohort_adapters::{AppendBatch, BronzeRecord, EventLog, NewDeadLetter, OperationalStore};
+use cohort_adapters::{AppendBatch, BronzeRecord, EventBus, NewDeadLetter, OperationalStore};
 use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection};
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::{Metrics, QueueDepth};
@@ -15,7 +15,7 @@ pub struct IngestActor;
 pub struct IngestArgs {
     pub source: Source,
     pub options: Arc<NormalizeOptions>,
-    pub log: Arc<dyn EventLog>,
+    pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn OperationalStore>,
     pub metrics: Metrics,
     pub queue: QueueDepth,
@@ -111,7 +111,7 @@ impl Actor for IngestActor {
                     received_at: payload.received_at,
                     body: payload.body.to_vec(),
                 };
-                let log = state.log.clone();
+                let bus = state.bus.clone();
                 let store = state.store.clone();
                 let metrics = m.clone();
                 let source_label = source.to_string();
@@ -122,7 +122,7 @@ impl Actor for IngestActor {
                     let append = if events.is_empty() {
                         None
                     } else {
-                        Some(log.append(AppendBatch { raw: Some(bronze), events }))
+                        Some(bus.publish(AppendBatch { raw: Some(bronze), events }))
                     };
                     dead_letters::record(store.as_ref(), &metrics, letters).await;
                     let answer = match append {

@@ -18,4 +18,4 @@ pub use dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 pub use identity::{spawn_identity_pool, IdentityFactoryMsg, IdentityIndex};
 pub use ingest::{IngestActor, IngestArgs};
 pub use profile::{ProfileActor, ProfileArgs};
-pub use watermark::Watermark;
+pub use watermark::{Checkpoints, Watermark};

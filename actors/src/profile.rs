@@ -142,10 +142,10 @@ impl Actor for ProfileActor {
                 let _ = reply.send(state.reply(|r| r.identifiers.clone()));
             }
             ProfileMsg::TakeSnapshot(reply) => {
-                let checkpoint = state.ctx.checkpoint.load(Ordering::SeqCst);
                 if let Some(r) = state.record.as_mut() {
-                    // Seqs at or below the durable checkpoint are never replayed again.
-                    r.applied_seqs = r.applied_seqs.split_off(&(checkpoint + 1));
+                    // Positions covered by a durable checkpoint are never replayed again.
+                    let checkpoints = &state.ctx.checkpoints;
+                    r.applied_seqs.retain(|p| !checkpoints.covers(*p));
                 }
                 let _ = reply.send(ProfileSnapshot { record: state.record.clone() });
             }

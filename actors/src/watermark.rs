@@ -1,70 +1,159 @@
-//! Which journal events are still on their way to a profile.
+//! Pipeline progress per stream: what is still on its way to a profile, and what is durable.
 
+use cohort_adapters::{unpack, StreamPositions};
 use parking_lot::Mutex;
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap};
 
-/// Tracks dispatched events until they have been handed to the profile directory. The low
-/// watermark is the highest seq such that every event up to it has been delivered: a flush that
-/// starts after reading it covers all of those events.
+#[derive(Debug, Default, Clone)]
+struct StreamMark {
+    in_flight: BTreeSet<u64>,
+    highest: u64,
+}
+
+/// Tracks dispatched events until they have been handed to the profile directory. Per stream,
+/// the low watermark is the highest offset such that every event up to it has been delivered: a
+/// flush that starts after reading it covers all of those events.
 #[derive(Debug, Default)]
 pub struct Watermark {
-    in_flight: Mutex<BTreeSet<u64>>,
-    highest: AtomicU64,
+    streams: Mutex<HashMap<u32, StreamMark>>,
 }
 
 impl Watermark {
-    pub fn new(start: u64) -> Self {
-        Self { in_flight: Mutex::new(BTreeSet::new()), highest: AtomicU64::new(start) }
+    pub fn new(start: &StreamPositions) -> Self {
+        let w = Self::default();
+        w.reset(start);
+        w
     }
 
     /// Registers a dispatched event.
-    pub fn dispatched(&self, seq: u64) {
-        self.in_flight.lock().insert(seq);
-        self.highest.fetch_max(seq, Ordering::SeqCst);
+    pub fn dispatched(&self, position: u64) {
+        let (stream, offset) = unpack(position);
+        let mut streams = self.streams.lock();
+        let mark = streams.entry(stream).or_default();
+        mark.in_flight.insert(offset);
+        mark.highest = mark.highest.max(offset);
     }
 
     /// Marks an event delivered (or dead-lettered).
-    pub fn delivered(&self, seq: u64) {
-        self.in_flight.lock().remove(&seq);
-    }
-
-    pub fn low(&self) -> u64 {
-        let guard = self.in_flight.lock();
-        match guard.first() {
-            Some(first) => first.saturating_sub(1),
-            None => self.highest.load(Ordering::SeqCst),
+    pub fn delivered(&self, position: u64) {
+        let (stream, offset) = unpack(position);
+        if let Some(mark) = self.streams.lock().get_mut(&stream) {
+            mark.in_flight.remove(&offset);
         }
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.lock().len()
+    /// Per stream, the offset up to which everything has been delivered.
+    pub fn lows(&self) -> StreamPositions {
+        let mut v: StreamPositions = self
+            .streams
+            .lock()
+            .iter()
+            .map(|(s, m)| (*s, m.in_flight.first().map_or(m.highest, |f| f.saturating_sub(1))))
+            .collect();
+        v.sort_unstable();
+        v
     }
 
-    /// Forgets everything in flight and restarts from `seq` (pipeline restart).
-    pub fn reset(&self, seq: u64) {
-        let mut guard = self.in_flight.lock();
-        guard.clear();
-        self.highest.store(seq, Ordering::SeqCst);
+    /// Whether every event up to `positions` (per stream) has been delivered.
+    pub fn covers(&self, positions: &StreamPositions) -> bool {
+        let lows = self.lows();
+        positions.iter().all(|(s, off)| *off == 0 || lows.iter().any(|(ls, lo)| ls == s && lo >= off))
     }
+
+    pub fn in_flight(&self) -> usize {
+        self.streams.lock().values().map(|m| m.in_flight.len()).sum()
+    }
+
+    /// Forgets everything in flight and restarts from `start` (pipeline restart).
+    pub fn reset(&self, start: &StreamPositions) {
+        let mut streams = self.streams.lock();
+        streams.clear();
+        for (s, off) in start {
+            streams.insert(*s, StreamMark { in_flight: BTreeSet::new(), highest: *off });
+        }
+    }
+}
+
+/// The durable checkpoints: per stream, every event up to the offset is in persisted profiles.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    streams: Mutex<HashMap<u32, u64>>,
+}
+
+impl Checkpoints {
+    pub fn new(start: &StreamPositions) -> Self {
+        let c = Self::default();
+        c.advance(start);
+        c
+    }
+
+    /// Moves checkpoints forward (never back).
+    pub fn advance(&self, positions: &StreamPositions) {
+        let mut streams = self.streams.lock();
+        for (s, off) in positions {
+            let e = streams.entry(*s).or_insert(0);
+            *e = (*e).max(*off);
+        }
+    }
+
+    /// Whether the event at `position` is covered by a durable checkpoint (never replayed again).
+    pub fn covers(&self, position: u64) -> bool {
+        let (s, off) = unpack(position);
+        self.streams.lock().get(&s).is_some_and(|c| off <= *c)
+    }
+
+    pub fn get(&self) -> StreamPositions {
+        let mut v: StreamPositions = self.streams.lock().iter().map(|(s, o)| (*s, *o)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The checkpoint of the embedded journal (stream 0).
+    pub fn stream0(&self) -> u64 {
+        self.streams.lock().get(&0).copied().unwrap_or(0)
+    }
+}
+
+/// The positions of `lows` as packed values, for logs.
+pub fn describe(positions: &StreamPositions) -> String {
+    positions.iter().map(|(s, o)| format!("{s}:{o}")).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cohort_adapters::pack;
 
     #[test]
-    fn low_watermark_waits_for_the_oldest_event() {
-        let w = Watermark::new(10);
-        assert_eq!(w.low(), 10);
+    fn low_watermark_waits_for_the_oldest_event_per_stream() {
+        let w = Watermark::new(&vec![(0, 10)]);
+        assert_eq!(w.lows(), vec![(0, 10)]);
         w.dispatched(11);
         w.dispatched(12);
         w.dispatched(13);
         w.delivered(12);
-        assert_eq!(w.low(), 10);
+        assert_eq!(w.lows(), vec![(0, 10)]);
         w.delivered(11);
-        assert_eq!(w.low(), 12);
+        assert_eq!(w.lows(), vec![(0, 12)]);
         w.delivered(13);
-        assert_eq!(w.low(), 13);
+        assert_eq!(w.lows(), vec![(0, 13)]);
+        // a second stream is independent
+        w.dispatched(pack(2, 5));
+        assert_eq!(w.lows(), vec![(0, 13), (2, 4)]);
+        w.delivered(pack(2, 5));
+        assert_eq!(w.lows(), vec![(0, 13), (2, 5)]);
+        assert!(w.covers(&vec![(0, 13), (2, 5)]));
+        assert!(!w.covers(&vec![(0, 14)]));
+    }
+
+    #[test]
+    fn checkpoints_only_move_forward() {
+        let c = Checkpoints::new(&vec![(0, 5)]);
+        c.advance(&vec![(0, 3), (1, 9)]);
+        assert_eq!(c.get(), vec![(0, 5), (1, 9)]);
+        assert!(c.covers(5));
+        assert!(!c.covers(6));
+        assert!(c.covers(pack(1, 9)));
+        assert!(!c.covers(pack(2, 1)));
     }
 }

@@ -4,10 +4,12 @@
 //! project grows, real backends chosen by URL in config.
 
 pub mod embedded;
+pub mod bus;
 pub mod error;
 pub mod store;
 
 pub use embedded::EmbeddedStore;
+pub use bus::{pack, unpack, EmbeddedBus, EventBus, StreamPositions, Subscription};
 pub use error::{StoreError, StoreErrorKind};
 pub use store::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
