@@ -78,7 +78,7 @@ start() {
   mkdir -p "$RUN_DIR/tansu" && rm -f "$RUN_DIR/tansu/tansu.db"*
   (cd "$RUN_DIR/tansu" && exec "$(tansu_bin)" broker \
       --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
-      --storage-engine "sqlite://$RUN_DIR/tansu/tansu.db" >"$RUN_DIR/tansu.log" 2>&1) &
+      --storage-engine "sqlite://tansu.db" >"$RUN_DIR/tansu.log" 2>&1) &
   echo $! >"$RUN_DIR/tansu.pid"
 
   rm -rf "$RUN_DIR/mongo" && mkdir -p "$RUN_DIR/mongo"
@@ -92,7 +92,9 @@ start() {
       >"$RUN_DIR/bq.log" 2>&1 &
   echo $! >"$RUN_DIR/bq.pid"
 
-  wait_port "$kport" tansu && wait_port "$mport" secantusdb && wait_port "$bport" bqemulator
+  wait_port "$kport" tansu || { log "tansu failed to start, see $RUN_DIR/tansu.log"; stop_quiet; exit 1; }
+  wait_port "$mport" secantusdb || { log "secantusdb failed to start, see $RUN_DIR/mongo.log"; stop_quiet; exit 1; }
+  wait_port "$bport" bqemulator || { log "bqemulator failed to start, see $RUN_DIR/bq.log"; stop_quiet; exit 1; }
   cat >"$RUN_DIR/env" <<ENV
 export COHORT_TEST_KAFKA=127.0.0.1:$kport
 export COHORT_TEST_MONGODB=mongodb://127.0.0.1:$mport

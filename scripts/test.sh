@@ -24,5 +24,12 @@ echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --all-targets --locked
+echo "== test services (Kafka protocol: Tansu, MongoDB wire: SecantusDB, BigQuery API: bqemulator)"
+scripts/services.sh install
+scripts/services.sh start
+trap 'scripts/services.sh stop' EXIT
+# shellcheck disable=SC1091
+source "${COHORT_SERVICES_DIR:-$HOME/.cache/cohort/run}/env"
+
 echo "== test"
 cargo test --workspace --all-targets --locked -- --test-threads 2

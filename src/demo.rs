@@ -31,8 +31,8 @@ impl DemoServer {
             }
         };
         let url = format!("embedded://{}", dir.join("cohort.redb").display());
-        let overrides = format!("[storage]\nurl = \"{url}\"\n{extra_config}");
-        let config = Config::from_toml_str(&overrides)?;
+        let storage = format!("[storage]\nurl = \"{url}\"\n");
+        let config = Config::from_toml_layers(&[&storage, extra_config])?;
         let cohort = Cohort::start(config.clone(), options).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);

@@ -10,7 +10,8 @@ use cohort_actors::{
     IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory,
 };
 use cohort_adapters::embedded::EmbeddedStore;
-use cohort_adapters::{EmbeddedBus, EventBus, EventLog, OperationalStore, StreamPositions};
+use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
+use cohort_adapters::{EmbeddedBus, EventBus, MongoStore, OperationalStore, StreamPositions};
 use cohort_api::ApiState;
 use cohort_config::Config;
 use cohort_messages::msgs::{FlushReport, IngestMsg, ProfilesMsg, ProfilesStats};
@@ -25,6 +26,49 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
+
+/// Opens the operational store and the event bus named by `storage.url` and `bus.url`.
+pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn OperationalStore>, Arc<dyn EventBus>)> {
+    let url = config.storage.url.as_str();
+    let (store, embedded): (Arc<dyn OperationalStore>, Option<Arc<EmbeddedStore>>) =
+        if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
+            let mongo = MongoStore::connect(url, &config.storage.database)
+                .await
+                .with_context(|| format!("connecting to the operational store `{}`", redact_url(url)))?;
+            (mongo, None)
+        } else {
+            let e = EmbeddedStore::open_url(url).with_context(|| format!("opening storage `{url}`"))?;
+            (e.clone(), Some(e))
+        };
+    let bus_url = config.bus.url.as_str();
+    let bus: Arc<dyn EventBus> = if bus_url == "embedded" {
+        let journal = embedded.ok_or_else(|| anyhow!("bus.url \"embedded\" needs an embedded storage.url"))?;
+        Arc::new(EmbeddedBus::new(journal, store.clone()))
+    } else if bus_url.starts_with("embedded://") {
+        let journal = EmbeddedStore::open_url(bus_url).with_context(|| format!("opening the journal `{bus_url}`"))?;
+        Arc::new(EmbeddedBus::new(journal, store.clone()))
+    } else {
+        let settings = KafkaSettings {
+            brokers: KafkaSettings::brokers_from_url(bus_url)?,
+            group_id: config.bus.group_id.clone(),
+            topic_prefix: config.bus.topic_prefix.clone(),
+            partitions: config.bus.partitions,
+            replication_factor: config.bus.replication_factor,
+            produce_timeout: Duration::from_millis(config.bus.produce_timeout_ms),
+            session_timeout: Duration::from_millis(config.bus.session_timeout_ms),
+        };
+        KafkaBus::connect(settings).await.with_context(|| format!("connecting to Kafka `{bus_url}`"))?
+    };
+    Ok((store, bus))
+}
+
+/// A URL without its credentials, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
 
 /// Options that are not configuration: test hooks.
 #[derive(Default, Clone)]
@@ -86,11 +130,7 @@ impl Cohort {
                 "development credentials from the built-in defaults are in use: set real tokens before exposing cohort"
             );
         }
-        let embedded = EmbeddedStore::open_url(&config.storage.url)
-            .with_context(|| format!("opening storage `{}`", config.storage.url))?;
-        let store: Arc<dyn OperationalStore> = embedded.clone();
-        let log: Arc<dyn EventLog> = embedded;
-        let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(log, store.clone()));
+        let (store, bus) = open_backends(&config).await?;
         let metrics = Metrics::new().context("registering metrics")?;
         let health = HealthRegistry::new();
         let policy = RestartPolicy::from_config(&config.supervision);

@@ -1,10 +1,13 @@
 //! Reads the bus from the durable checkpoints and feeds the identity resolver pool.
 
 use crate::context::PipelineContext;
-use crate::identity::{routing_key, IdentityFactoryMsg};
+use crate::dead_letters;
+use crate::identity::IdentityFactoryMsg;
 use crate::watermark::describe;
-use cohort_adapters::Subscription;
+use chrono::Utc;
+use cohort_adapters::{NewDeadLetter, Subscription};
 use cohort_messages::msgs::IdentityMsg;
+use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::Slot;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
@@ -75,12 +78,35 @@ impl Actor for Dispatcher {
             return Ok(());
         }
         // Bounded wait when idle, so stop signals are seen promptly.
-        let events = state.subscription.poll(state.args.batch, Duration::from_millis(200)).await?;
-        if !events.is_empty() {
+        let polled = state.subscription.poll(state.args.batch, Duration::from_millis(200)).await?;
+        if !polled.undecodable.is_empty() {
+            let letters = polled
+                .undecodable
+                .iter()
+                .map(|u| {
+                    ctx.watermark.dispatched(u.seq);
+                    NewDeadLetter {
+                        source: u.source.unwrap_or(Source::Web),
+                        stage: DeadLetterStage::Validation,
+                        reason: format!("undecodable bus record: {}", u.reason),
+                        event_id: None,
+                        payload: u.payload.clone(),
+                        content_type: "application/octet-stream".into(),
+                        received_at: Utc::now(),
+                        attempts: 1,
+                    }
+                })
+                .collect();
+            dead_letters::record(ctx.store.as_ref(), &ctx.metrics, letters).await;
+            for u in &polled.undecodable {
+                ctx.watermark.delivered(u.seq);
+            }
+        }
+        if !polled.events.is_empty() {
             let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
-            for je in events {
+            for je in polled.events {
                 let seq = je.seq;
-                let key = routing_key(&je.event);
+                let key = je.event.routing_key();
                 ctx.watermark.dispatched(seq);
                 resolvers
                     .dispatch(key, IdentityMsg::Resolve { seq, event: Arc::new(je.event) })

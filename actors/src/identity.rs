@@ -340,15 +340,6 @@ pub async fn spawn_identity_pool(
     Ok(factory)
 }
 
-/// Routing key of an event: its strongest identifier (or its id when it has none, so it still
-/// reaches a worker that dead-letters it).
-pub fn routing_key(event: &CustomerEvent) -> String {
-    match event.routing_identifier() {
-        Some(id) => id.key(),
-        None => event.event_id.to_string(),
-    }
-}
-
 /// Builds a dead letter for an event that could not be placed.
 pub(crate) fn event_dead_letter(
     event: &CustomerEvent,

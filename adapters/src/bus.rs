@@ -26,6 +26,29 @@ pub fn unpack(position: u64) -> (u32, u64) {
 /// How far the pipeline has durably processed each stream: `(stream, last processed offset)`.
 pub type StreamPositions = Vec<(u32, u64)>;
 
+/// A record on the bus that is not a Cohort event (written by something else, or corrupted):
+/// it is dead-lettered, never allowed to stop the pipeline.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    pub seq: u64,
+    pub source: Option<cohort_messages::Source>,
+    pub payload: String,
+    pub reason: String,
+}
+
+/// One poll's worth of records, in position order per stream.
+#[derive(Debug, Clone, Default)]
+pub struct Polled {
+    pub events: Vec<JournaledEvent>,
+    pub undecodable: Vec<Undecodable>,
+}
+
+impl Polled {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.undecodable.is_empty()
+    }
+}
+
 #[async_trait]
 pub trait EventBus: Send + Sync + 'static {
     /// Makes a batch durable (broker-acknowledged or committed) before returning.
@@ -50,7 +73,7 @@ pub trait Subscription: Send + 'static {
     /// Where consumption starts: per stream, the last offset already processed.
     fn start(&self) -> StreamPositions;
     /// The next events in position order per stream; waits up to `wait` when there are none.
-    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<JournaledEvent>, StoreError>;
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError>;
 }
 
 /// The embedded bus: the journal in the embedded store, one stream, checkpoint in the store.
@@ -109,18 +132,16 @@ impl Subscription for JournalSubscription {
         vec![(0, self.next_after)]
     }
 
-    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<JournaledEvent>, StoreError> {
-        let events = self.log.read_after(self.next_after, max).await?;
-        if let Some(last) = events.last() {
-            self.next_after = last.seq;
-            return Ok(events);
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError> {
+        let mut events = self.log.read_after(self.next_after, max).await?;
+        if events.is_empty() {
+            let _ = tokio::time::timeout(wait, self.head.changed()).await;
+            events = self.log.read_after(self.next_after, max).await?;
         }
-        let _ = tokio::time::timeout(wait, self.head.changed()).await;
-        let events = self.log.read_after(self.next_after, max).await?;
         if let Some(last) = events.last() {
             self.next_after = last.seq;
         }
-        Ok(events)
+        Ok(Polled { events, undecodable: Vec::new() })
     }
 }
 

@@ -6,11 +6,19 @@
 pub mod embedded;
 pub mod bus;
 pub mod error;
+pub mod kafka;
+pub mod mongo;
 pub mod store;
+pub mod warehouse;
 
 pub use embedded::EmbeddedStore;
-pub use bus::{pack, unpack, EmbeddedBus, EventBus, StreamPositions, Subscription};
+pub use bus::{pack, unpack, EmbeddedBus, EventBus, Polled, StreamPositions, Subscription, Undecodable};
 pub use error::{StoreError, StoreErrorKind};
+pub use mongo::MongoStore;
 pub use store::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
+};
+pub use warehouse::{
+    open_warehouse, BigQueryWarehouse, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,
+    SilverRow, SqliteWarehouse, Warehouse,
 };

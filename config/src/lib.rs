@@ -15,6 +15,7 @@ pub const DEFAULTS_TOML: &str = include_str!("default.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub bus: BusConfig,
     pub auth: AuthConfig,
     pub sources: SourcesConfig,
     pub identity: IdentityConfig,
@@ -39,6 +40,19 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     pub url: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    pub url: String,
+    pub group_id: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub produce_timeout_ms: u64,
+    pub session_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,7 +158,13 @@ impl Config {
 
     /// Defaults overridden by a TOML string (tests and the demo).
     pub fn from_toml_str(overrides: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(DEFAULTS_TOML)).merge(Toml::string(overrides)))
+        Self::from_toml_layers(&[overrides])
+    }
+
+    /// Defaults overridden by TOML strings, later ones winning.
+    pub fn from_toml_layers(layers: &[&str]) -> Result<Config, ConfigError> {
+        let fig = layers.iter().fold(Figment::from(Toml::string(DEFAULTS_TOML)), |f, l| f.merge(Toml::string(l)));
+        Self::from_figment(fig)
     }
 
     fn figment(file: Option<&Path>, env: bool) -> Figment {
@@ -182,9 +202,27 @@ impl Config {
         if self.server.request_timeout_ms == 0 {
             return Err(bad("server.request_timeout_ms", "must be positive"));
         }
-        let scheme_ok = self.storage.url.starts_with("embedded://") || self.storage.url == "memory://";
-        if !scheme_ok {
-            return Err(bad("storage.url", "must be embedded://PATH or memory://"));
+        let store_url = self.storage.url.as_str();
+        let embedded_store = store_url.starts_with("embedded://") || store_url == "memory://";
+        let mongo_store = store_url.starts_with("mongodb://") || store_url.starts_with("mongodb+srv://");
+        if !embedded_store && !mongo_store {
+            return Err(bad("storage.url", "must be embedded://PATH, memory:// or mongodb://HOST:PORT"));
+        }
+        let bus_url = self.bus.url.as_str();
+        if bus_url == "embedded" && !embedded_store {
+            return Err(bad("bus.url", "\"embedded\" keeps the journal in the embedded store; with MongoDB use embedded://PATH or kafka://HOST:PORT"));
+        }
+        if bus_url != "embedded" && !bus_url.starts_with("embedded://") && !bus_url.starts_with("kafka://") {
+            return Err(bad("bus.url", "must be \"embedded\", embedded://PATH or kafka://HOST:PORT[,HOST:PORT]"));
+        }
+        if !(1..=1024).contains(&self.bus.partitions) {
+            return Err(bad("bus.partitions", "must be between 1 and 1024"));
+        }
+        if self.bus.replication_factor < 1 {
+            return Err(bad("bus.replication_factor", "must be at least 1"));
+        }
+        if self.bus.produce_timeout_ms == 0 {
+            return Err(bad("bus.produce_timeout_ms", "must be positive"));
         }
         if self.auth.api_tokens.iter().any(|t| t.trim().len() < 8) {
             return Err(bad("auth.api_tokens", "every token must have at least 8 characters"));
@@ -285,6 +323,12 @@ mod tests {
         assert!(err.contains("`identity.shards`"), "{err}");
         let err = Config::from_toml_str("[storage]\nurl = \"ftp://x\"\n").unwrap_err().to_string();
         assert!(err.contains("storage.url"), "{err}");
+        let err = Config::from_toml_str("[storage]\nurl = \"mongodb://db:27017\"\n").unwrap_err().to_string();
+        assert!(err.contains("`bus.url`"), "the embedded journal needs the embedded store: {err}");
+        let ok = Config::from_toml_str("[storage]\nurl = \"mongodb://db:27017\"\n[bus]\nurl = \"kafka://k:9092\"\n");
+        assert!(ok.is_ok());
+        let err = Config::from_toml_str("[bus]\nurl = \"amqp://x\"\n").unwrap_err().to_string();
+        assert!(err.contains("bus.url"), "{err}");
     }
 
     #[test]

@@ -115,4 +115,13 @@ impl CustomerEvent {
     pub fn routing_identifier(&self) -> Option<&Identifier> {
         self.identifiers.iter().max_by_key(|i| (i.kind.strength(), &i.value))
     }
+
+    /// The partitioning and shard key: the strongest identifier, or the event id when the event
+    /// carries none (so it still reaches a worker that dead-letters it).
+    pub fn routing_key(&self) -> String {
+        match self.routing_identifier() {
+            Some(id) => id.key(),
+            None => self.event_id.to_string(),
+        }
+    }
 }

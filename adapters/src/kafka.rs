@@ -1,0 +1,378 @@
+//! The Kafka event bus (`rdkafka`).
+//!
+//! Ingest produces each normalized event to `cdp.raw.{source}`, keyed by its strongest
+//! identifier, with `acks=all` and idempotence, and answers HTTP only after every delivery
+//! report came back. The pipeline consumes the raw topics as one consumer group with automatic
+//! offset storing off, and commits an offset only after the store holds the effects of every
+//! event before it.
+
+use crate::bus::{pack, EventBus, Polled, StreamPositions, Subscription, Undecodable};
+use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, JournaledEvent};
+use crate::StoreError;
+use async_trait::async_trait;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use cohort_messages::{CustomerEvent, Source};
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Streams of raw topic partitions: `(source index + 1) * 1024 + partition`, so they never
+/// collide with the embedded journal's stream 0.
+const PARTITIONS_PER_TOPIC: u32 = 1024;
+
+/// Topic names, optionally prefixed (tests use a unique prefix per run).
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub prefix: String,
+}
+
+impl Topics {
+    pub fn raw(&self, source: Source) -> String {
+        format!("{}cdp.raw.{}", self.prefix, source.as_str())
+    }
+    pub fn processed(&self) -> String {
+        format!("{}cdp.processed.events", self.prefix)
+    }
+    pub fn dlq(&self) -> String {
+        format!("{}cdp.dlq", self.prefix)
+    }
+    pub fn segment_change(&self) -> String {
+        format!("{}cdp.segment.change", self.prefix)
+    }
+    pub fn gdpr(&self) -> String {
+        format!("{}cdp.gdpr", self.prefix)
+    }
+}
+
+/// Settings of the Kafka bus, from the `bus.*` configuration.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `host:port[,host:port...]`
+    pub brokers: String,
+    pub group_id: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// How long a produce may wait for the broker before ingest answers 503.
+    pub produce_timeout: Duration,
+    pub session_timeout: Duration,
+}
+
+impl KafkaSettings {
+    /// Parses `kafka://host:port[,host:port]`.
+    pub fn brokers_from_url(url: &str) -> Result<String, StoreError> {
+        let rest = url.strip_prefix("kafka://").ok_or_else(|| {
+            StoreError::invalid(format!("bus url `{url}` must look like kafka://host:port[,host:port]"))
+        })?;
+        let brokers = rest.trim_end_matches('/');
+        if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':')) {
+            return Err(StoreError::invalid(format!("bus url `{url}` must list host:port brokers")));
+        }
+        Ok(brokers.to_string())
+    }
+}
+
+/// The raw-topic record: the normalized event and, on the first event of a payload, the raw
+/// payload itself (Bronze), so nothing received is lost even before the warehouse sees it.
+#[derive(Debug, Serialize, Deserialize)]
+struct RawTopicRecord {
+    event: CustomerEvent,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    raw: Option<RawPayloadRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RawPayloadRecord {
+    format: String,
+    content_type: String,
+    received_at: DateTime<Utc>,
+    body_base64: String,
+}
+
+impl From<&BronzeRecord> for RawPayloadRecord {
+    fn from(b: &BronzeRecord) -> Self {
+        Self {
+            format: b.format.clone(),
+            content_type: b.content_type.clone(),
+            received_at: b.received_at,
+            body_base64: base64::engine::general_purpose::STANDARD.encode(&b.body),
+        }
+    }
+}
+
+fn kafka_unavailable(context: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::unavailable(format!("kafka {context}: {e}"))
+}
+
+pub struct KafkaBus {
+    settings: KafkaSettings,
+    topics: Topics,
+    producer: FutureProducer,
+    /// The pipeline's consumer, shared with `commit`.
+    consumer: Mutex<Option<Arc<StreamConsumer>>>,
+    published: Mutex<HashMap<u32, u64>>,
+}
+
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus").field("brokers", &self.settings.brokers).finish_non_exhaustive()
+    }
+}
+
+fn source_index(source: Source) -> u32 {
+    Source::ALL.iter().position(|s| *s == source).unwrap_or(0) as u32
+}
+
+impl KafkaBus {
+    /// Connects, and creates the topics that are missing.
+    pub async fn connect(settings: KafkaSettings) -> Result<Arc<Self>, StoreError> {
+        let topics = Topics { prefix: settings.topic_prefix.clone() };
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .set("compression.type", "none")
+            .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
+            .create()
+            .map_err(|e| StoreError::invalid(format!("kafka producer config: {e}")))?;
+        let bus = Arc::new(Self {
+            settings,
+            topics,
+            producer,
+            consumer: Mutex::new(None),
+            published: Mutex::new(HashMap::new()),
+        });
+        bus.ensure_topics().await?;
+        Ok(bus)
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    async fn ensure_topics(&self) -> Result<(), StoreError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .create()
+            .map_err(|e| StoreError::invalid(format!("kafka admin config: {e}")))?;
+        let partitions = self.settings.partitions;
+        let rf = self.settings.replication_factor;
+        let mut names: Vec<(String, bool)> = Source::ALL.iter().map(|s| (self.topics.raw(*s), false)).collect();
+        names.push((self.topics.processed(), false));
+        names.push((self.topics.dlq(), false));
+        names.push((self.topics.segment_change(), false));
+        names.push((self.topics.gdpr(), true));
+        let new_topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|(name, compacted)| {
+                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(rf));
+                if *compacted {
+                    t.set("cleanup.policy", "compact")
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results =
+            admin.create_topics(new_topics.iter(), &opts).await.map_err(|e| kafka_unavailable("create topics", e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => return Err(kafka_unavailable(&format!("create topic {name}"), code)),
+            }
+        }
+        Ok(())
+    }
+
+    fn topic_of(&self, stream: u32) -> Option<(String, i32)> {
+        let idx = (stream / PARTITIONS_PER_TOPIC).checked_sub(1)? as usize;
+        let source = Source::ALL.get(idx)?;
+        Some((self.topics.raw(*source), (stream % PARTITIONS_PER_TOPIC) as i32))
+    }
+
+    fn source_of_stream(stream: u32) -> Option<Source> {
+        let idx = (stream / PARTITIONS_PER_TOPIC).checked_sub(1)? as usize;
+        Source::ALL.get(idx).copied()
+    }
+}
+
+/// Kafka offsets start at 0, positions at 1: position = offset + 1, which is also the offset a
+/// consumer commits ("the next one to read").
+fn position_offset(kafka_offset: i64) -> u64 {
+    (kafka_offset.max(0) as u64) + 1
+}
+
+#[async_trait]
+impl EventBus for KafkaBus {
+    async fn publish(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+        let mut futures = Vec::with_capacity(batch.events.len());
+        for (i, event) in batch.events.iter().enumerate() {
+            let topic = self.topics.raw(event.source);
+            let key = event.routing_key();
+            let record = RawTopicRecord {
+                event: event.clone(),
+                raw: if i == 0 { batch.raw.as_ref().map(RawPayloadRecord::from) } else { None },
+            };
+            let value = serde_json::to_vec(&record).map_err(|e| StoreError::invalid(format!("encoding event: {e}")))?;
+            let fut = self
+                .producer
+                .send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+                .map_err(|(e, _)| kafka_unavailable("produce", e))?;
+            futures.push((event.source, fut));
+        }
+        let mut seqs = Vec::with_capacity(futures.len());
+        for (source, fut) in futures {
+            let delivery = fut
+                .await
+                .map_err(|_| StoreError::unavailable("kafka producer dropped a delivery"))?
+                .map_err(|(e, _)| kafka_unavailable("delivery", e))?;
+            let stream = (source_index(source) + 1) * PARTITIONS_PER_TOPIC + delivery.partition.max(0) as u32;
+            let off = position_offset(delivery.offset);
+            let mut published = self.published.lock();
+            let e = published.entry(stream).or_insert(0);
+            *e = (*e).max(off);
+            seqs.push(Some(pack(stream, off)));
+        }
+        Ok(AppendOutcome { raw_seq: None, seqs })
+    }
+
+    async fn subscribe(&self) -> Result<Box<dyn Subscription>, StoreError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .set("group.id", &self.settings.group_id)
+            .set("enable.auto.commit", "false")
+            // Store nothing automatically: a rebalance commit must never cover unprocessed events.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
+            .create()
+            .map_err(|e| StoreError::invalid(format!("kafka consumer config: {e}")))?;
+        let names: Vec<String> = Source::ALL.iter().map(|s| self.topics.raw(*s)).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs).map_err(|e| kafka_unavailable("subscribe", e))?;
+        let consumer = Arc::new(consumer);
+        *self.consumer.lock() = Some(consumer.clone());
+        let topics: HashMap<String, u32> =
+            Source::ALL.iter().enumerate().map(|(i, s)| (self.topics.raw(*s), i as u32 + 1)).collect();
+        Ok(Box::new(KafkaSubscription { consumer, topics }))
+    }
+
+    async fn commit(&self, positions: &StreamPositions) -> Result<(), StoreError> {
+        let Some(consumer) = self.consumer.lock().clone() else {
+            return Err(StoreError::unavailable("kafka consumer not subscribed"));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (stream, off) in positions {
+            if *off == 0 {
+                continue;
+            }
+            if let Some((topic, partition)) = self.topic_of(*stream) {
+                tpl.add_partition_offset(&topic, partition, Offset::Offset(*off as i64))
+                    .map_err(|e| StoreError::invalid(format!("kafka offsets: {e}")))?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| StoreError::unavailable(format!("kafka commit task: {e}")))?
+            .map_err(|e| kafka_unavailable("commit", e))
+    }
+
+    fn checkpoint_in_store(&self) -> bool {
+        false
+    }
+
+    fn deduplicates_on_publish(&self) -> bool {
+        false
+    }
+
+    fn published(&self) -> StreamPositions {
+        let mut v: StreamPositions = self.published.lock().iter().map(|(s, o)| (*s, *o)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+}
+
+struct KafkaSubscription {
+    consumer: Arc<StreamConsumer>,
+    /// Raw topic name → source index + 1.
+    topics: HashMap<String, u32>,
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    fn start(&self) -> StreamPositions {
+        // Partitions are assigned by the group on the first polls; each stream starts at the
+        // group's committed offset, which the first delivered position reveals.
+        Vec::new()
+    }
+
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError> {
+        let mut out = Polled::default();
+        let mut timeout = wait;
+        while out.events.len() + out.undecodable.len() < max {
+            let msg = match tokio::time::timeout(timeout, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(kafka_unavailable("consume", e)),
+                Ok(Ok(m)) => m,
+            };
+            // After the first message, only take what is already buffered.
+            timeout = Duration::from_millis(1);
+            let Some(idx) = self.topics.get(msg.topic()).copied() else { continue };
+            let stream = idx * PARTITIONS_PER_TOPIC + msg.partition().max(0) as u32;
+            let seq = pack(stream, position_offset(msg.offset()));
+            let payload = msg.payload().unwrap_or_default();
+            match serde_json::from_slice::<RawTopicRecord>(payload) {
+                Ok(rec) => out.events.push(JournaledEvent { seq, event: rec.event }),
+                Err(e) => out.undecodable.push(Undecodable {
+                    seq,
+                    source: KafkaBus::source_of_stream(stream),
+                    payload: String::from_utf8_lossy(payload).into_owned(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::unpack;
+
+    #[test]
+    fn broker_urls_are_checked() {
+        assert_eq!(KafkaSettings::brokers_from_url("kafka://127.0.0.1:9092").ok().as_deref(), Some("127.0.0.1:9092"));
+        assert_eq!(KafkaSettings::brokers_from_url("kafka://a:1,b:2/").ok().as_deref(), Some("a:1,b:2"));
+        assert!(KafkaSettings::brokers_from_url("http://a:1").is_err());
+        assert!(KafkaSettings::brokers_from_url("kafka://").is_err());
+        assert!(KafkaSettings::brokers_from_url("kafka://nohostport").is_err());
+    }
+
+    #[test]
+    fn kafka_offsets_map_to_positions_after_zero() {
+        assert_eq!(position_offset(0), 1);
+        assert_eq!(position_offset(41), 42);
+        let (s, o) = unpack(pack(2 * PARTITIONS_PER_TOPIC + 3, position_offset(9)));
+        assert_eq!((s, o), (2 * PARTITIONS_PER_TOPIC + 3, 10));
+    }
+}

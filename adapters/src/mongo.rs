@@ -1,0 +1,374 @@
+//! The MongoDB backend of the operational store: profiles, the identity graph, merges, dead
+//! letters and the pipeline checkpoint in one database (document layouts: `mongo/codec.rs`).
+//!
+//! Only [`OperationalStore`]: in production the journal is the event bus (Kafka), so there is no
+//! MongoDB `EventLog`. Flushes are batched with `bulkWrite` (MongoDB 8.0+), because one round trip
+//! per profile would cap the pipeline at a few thousand profiles per second; the checkpoint is
+//! written only after everything else of its flush, so a failure half-way never moves replay
+//! start past data that is not stored. Every write is an idempotent upsert, so retrying a failed
+//! flush is always safe.
+
+mod codec;
+mod errors;
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::options::{ClientOptions, ReplaceOneModel, ReturnDocument, WriteModel};
+use mongodb::{Client, Collection, Database, IndexModel, Namespace};
+
+use self::codec::{
+    as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, profile_doc,
+    profile_from_doc, profile_id_of, to_i64, DEAD_LETTERS, IDENTITIES, MERGES, META, META_CHECKPOINT,
+    META_DEAD_LETTER_ID, PROFILES,
+};
+use self::errors::store_error;
+use crate::{FlushBatch, NewDeadLetter, OperationalStore, StoreError};
+
+/// How long the driver looks for a usable server before an operation fails: an unreachable
+/// database must turn into a quick, retryable `Unavailable` (and a failing readiness probe),
+/// not a request that hangs. Applied unless the URL sets its own.
+pub const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP + TLS handshake limit for one connection (unless the URL sets `connectTimeoutMS`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound on one operation (one bulk chunk, one query with its cursor): a server that
+/// accepts connections but never answers must not stall the pipeline forever.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Write models per `bulkWrite` call: large enough to amortise round trips, small enough that
+/// one call stays well inside the operation timeout and the 48 MB message limit.
+pub const BULK_CHUNK: usize = 1000;
+
+/// The MongoDB [`OperationalStore`]. Cheap to share as `Arc<MongoStore>`; the driver pools
+/// connections internally.
+pub struct MongoStore {
+    client: Client,
+    db: Database,
+    profiles: Collection<Document>,
+    identities: Collection<Document>,
+    merges: Collection<Document>,
+    dead_letters: Collection<Document>,
+    meta: Collection<Document>,
+}
+
+impl fmt::Debug for MongoStore {
+    /// Names the database only: the URL may carry credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MongoStore").field("database", &self.db.name()).finish_non_exhaustive()
+    }
+}
+
+impl MongoStore {
+    /// Connects to `url` (`mongodb://...` or `mongodb+srv://...`), checks the server answers and
+    /// creates the indexes (idempotent), so a misconfigured store fails at startup.
+    ///
+    /// An unreachable server gives `Unavailable` after about [`SERVER_SELECTION_TIMEOUT`]; a
+    /// malformed URL or database name gives `Invalid`.
+    pub async fn connect(url: &str, database: &str) -> Result<Arc<Self>, StoreError> {
+        if !(url.starts_with("mongodb://") || url.starts_with("mongodb+srv://")) {
+            return Err(StoreError::invalid(
+                "MongoDB url must start with mongodb:// or mongodb+srv:// (e.g. mongodb://127.0.0.1:27017)",
+            ));
+        }
+        validate_database_name(database)?;
+        // Parsing resolves SRV and TXT records for mongodb+srv://, so it can hang on DNS too.
+        let mut options = timed("parse the MongoDB url", ClientOptions::parse(url)).await?;
+        options.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
+        options.app_name.get_or_insert_with(|| "cohort".to_string());
+        let client = Client::with_options(options).map_err(|e| store_error("create the MongoDB client", e))?;
+        let db = client.database(database);
+        let store = Self {
+            profiles: db.collection(PROFILES),
+            identities: db.collection(IDENTITIES),
+            merges: db.collection(MERGES),
+            dead_letters: db.collection(DEAD_LETTERS),
+            meta: db.collection(META),
+            db,
+            client,
+        };
+        store.ping().await?;
+        store.create_indexes().await?;
+        tracing::info!(database, "MongoDB operational store connected");
+        Ok(Arc::new(store))
+    }
+
+    /// The database this store lives in.
+    pub fn database_name(&self) -> &str {
+        self.db.name()
+    }
+
+    /// Drops the whole database: for tests, each of which uses a database of its own.
+    pub async fn drop_database(&self) -> Result<(), StoreError> {
+        timed("drop the database", self.db.drop()).await
+    }
+
+    /// `_id` already indexes every natural key (profile id, `kind:value`, merge key, dead-letter
+    /// id); these serve the other access paths.
+    async fn create_indexes(&self) -> Result<(), StoreError> {
+        // The reverse lookup, all identifiers of one profile: what a merge has to re-point.
+        let by_profile = IndexModel::builder().keys(doc! { "profile_id": 1 }).build();
+        timed("create the identities index", self.identities.create_index(by_profile)).await?;
+        // A profile's merges in seq order (the `_id` suffix) without a sort in memory.
+        let by_profile = IndexModel::builder().keys(doc! { "profile": 1, "_id": 1 }).build();
+        timed("create the merges index", self.merges.create_index(by_profile)).await?;
+        Ok(())
+    }
+
+    /// Runs ordered upserts in chunks of [`BULK_CHUNK`]; stops at the first failure.
+    async fn bulk_upsert(&self, mut models: Vec<WriteModel>) -> Result<(), StoreError> {
+        let mut offset = 0;
+        while !models.is_empty() {
+            let rest = models.split_off(models.len().min(BULK_CHUNK));
+            let chunk = std::mem::replace(&mut models, rest);
+            let len = chunk.len();
+            timed("write the flush", self.client.bulk_write(chunk).ordered(true)).await.map_err(|mut e| {
+                e.message.push_str(&format!(" (in the chunk starting at write {offset})"));
+                e
+            })?;
+            offset += len;
+        }
+        Ok(())
+    }
+
+    /// Reserves `n` consecutive dead-letter ids and returns the first: one atomic `$inc` per
+    /// batch, so concurrent writers (also in other processes) never share an id.
+    async fn reserve_dead_letter_ids(&self, n: u64) -> Result<u64, StoreError> {
+        let step = to_i64("dead letter batch size", n)?;
+        let counter = timed(
+            "reserve dead letter ids",
+            self.meta
+                .find_one_and_update(doc! { "_id": META_DEAD_LETTER_ID }, doc! { "$inc": { "value": step } })
+                .upsert(true)
+                .return_document(ReturnDocument::After),
+        )
+        .await?
+        .ok_or_else(|| StoreError::unavailable("MongoDB: the dead letter counter upsert returned nothing"))?;
+        let last = as_u64("dead letter counter", counter.get("value"))?;
+        last.checked_sub(n)
+            .map(|before| before + 1)
+            .ok_or_else(|| StoreError::corrupt(format!("dead letter counter {last} is below the batch size {n}")))
+    }
+
+    /// Runs a find with sort and limit and decodes every document; `limit == 0` is "nothing",
+    /// not MongoDB's "no limit".
+    async fn find_sorted<T>(
+        &self,
+        action: &'static str,
+        collection: &Collection<Document>,
+        filter: Document,
+        projection: Option<Document>,
+        limit: Option<usize>,
+        decode: impl Fn(Document) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        if limit == Some(0) {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Document> = timed(action, async {
+            let find = collection.find(filter).sort(doc! { "_id": 1 });
+            let find = match projection {
+                Some(projection) => find.projection(projection),
+                None => find,
+            };
+            let find = match limit {
+                Some(limit) => find.limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+                None => find,
+            };
+            find.await?.try_collect().await
+        })
+        .await?;
+        docs.into_iter().map(decode).collect()
+    }
+}
+
+/// Runs a driver operation under [`OPERATION_TIMEOUT`], mapping both failure kinds.
+async fn timed<T, F>(action: &'static str, operation: F) -> Result<T, StoreError>
+where
+    F: IntoFuture<Output = mongodb::error::Result<T>>,
+    F::IntoFuture: Future<Output = mongodb::error::Result<T>>,
+{
+    match tokio::time::timeout(OPERATION_TIMEOUT, operation.into_future()).await {
+        Ok(result) => result.map_err(|e| store_error(action, e)),
+        Err(_) => Err(StoreError::unavailable(format!(
+            "MongoDB: cannot {action}: no answer within {} s",
+            OPERATION_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// MongoDB refuses these names only at the first write; checking up front gives a clear error.
+fn validate_database_name(name: &str) -> Result<(), StoreError> {
+    let bad = name.is_empty() || name.len() > 63 || name.chars().any(|c| "/\\. \"$\0".contains(c));
+    if bad {
+        return Err(StoreError::invalid(format!(
+            "`{name}` is not a valid MongoDB database name (1-63 characters, none of / \\ . space \" $)"
+        )));
+    }
+    Ok(())
+}
+
+fn replace_one(namespace: &Namespace, doc: Document) -> Result<WriteModel, StoreError> {
+    let id = doc.get("_id").cloned().ok_or_else(|| StoreError::invalid("MongoDB: a document to write has no _id"))?;
+    Ok(ReplaceOneModel::builder()
+        .namespace(namespace.clone())
+        .filter(doc! { "_id": id })
+        .replacement(doc)
+        .upsert(true)
+        .build()
+        .into())
+}
+
+#[async_trait]
+impl OperationalStore for MongoStore {
+    async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError> {
+        let found = timed("load a profile", self.profiles.find_one(doc! { "_id": id.as_str() })).await?;
+        found.map(profile_from_doc).transpose()
+    }
+
+    async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        let found = timed(
+            "look up an identity",
+            self.identities.find_one(doc! { "_id": identifier.key() }).projection(doc! { "profile_id": 1 }),
+        )
+        .await?;
+        found.map(|doc| profile_id_of(&doc, "profile_id")).transpose()
+    }
+
+    /// Profiles first, then the identities pointing at them, then merges, then the checkpoint:
+    /// after a failure half-way an identity may be missing (the replay from the checkpoint
+    /// re-creates it) but never points at a profile that was not written.
+    async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        // Encode everything before the first write, so a record that cannot be stored fails the
+        // flush without writing any of it.
+        let mut models = Vec::with_capacity(batch.profiles.len() + batch.identities.len() + 2 * batch.merges.len());
+        let (profiles, identities, merges) =
+            (self.profiles.namespace(), self.identities.namespace(), self.merges.namespace());
+        for record in &batch.profiles {
+            models.push(replace_one(&profiles, profile_doc(record)?)?);
+        }
+        for (identifier, profile) in &batch.identities {
+            models.push(replace_one(&identities, identity_doc(identifier, profile))?);
+        }
+        for merge in &batch.merges {
+            for doc in merge_docs(merge)? {
+                models.push(replace_one(&merges, doc)?);
+            }
+        }
+        let checkpoint = batch.checkpoint.map(|c| to_i64("checkpoint", c)).transpose()?;
+
+        let started = std::time::Instant::now();
+        let writes = models.len();
+        self.bulk_upsert(models).await?;
+        if let Some(checkpoint) = checkpoint {
+            // `$max`: a late or replayed flush never moves replay start backwards.
+            timed(
+                "advance the checkpoint",
+                self.meta
+                    .update_one(doc! { "_id": META_CHECKPOINT }, doc! { "$max": { "value": checkpoint } })
+                    .upsert(true),
+            )
+            .await?;
+        }
+        tracing::debug!(writes, checkpoint, elapsed_ms = started.elapsed().as_millis() as u64, "MongoDB flush");
+        Ok(())
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        let found = timed("read the checkpoint", self.meta.find_one(doc! { "_id": META_CHECKPOINT })).await?;
+        found.map_or(Ok(0), |doc| as_u64("checkpoint", doc.get("value")))
+    }
+
+    async fn put_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError> {
+        if letters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.reserve_dead_letter_ids(letters.len() as u64).await?;
+        let recorded_at = Utc::now();
+        let mut ids = Vec::with_capacity(letters.len());
+        let mut docs = Vec::with_capacity(letters.len());
+        for (id, l) in (first..).zip(letters) {
+            let letter = DeadLetter {
+                id,
+                source: l.source,
+                stage: l.stage,
+                reason: l.reason,
+                event_id: l.event_id,
+                payload: l.payload,
+                content_type: l.content_type,
+                received_at: l.received_at,
+                recorded_at,
+                attempts: l.attempts,
+            };
+            docs.push(dead_letter_doc(&letter)?);
+            ids.push(id);
+        }
+        // A failure here leaves a gap in the ids (they stay reserved), never a reused id.
+        timed("record dead letters", self.dead_letters.insert_many(docs).ordered(true)).await?;
+        Ok(ids)
+    }
+
+    async fn list_dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        self.find_sorted(
+            "list dead letters",
+            &self.dead_letters,
+            doc! { "_id": { "$gt": after } },
+            None,
+            Some(limit),
+            dead_letter_from_doc,
+        )
+        .await
+    }
+
+    async fn count_dead_letters(&self) -> Result<u64, StoreError> {
+        timed("count dead letters", self.dead_letters.count_documents(doc! {})).await
+    }
+
+    /// Counts stored profile records, including those merged away (they remain as redirects).
+    async fn count_profiles(&self) -> Result<u64, StoreError> {
+        timed("count profiles", self.profiles.count_documents(doc! {})).await
+    }
+
+    async fn list_profile_ids(&self, after: Option<&ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError> {
+        let filter = match after {
+            Some(after) => doc! { "_id": { "$gt": after.as_str() } },
+            None => doc! {},
+        };
+        self.find_sorted("list profile ids", &self.profiles, filter, Some(doc! { "_id": 1 }), Some(limit), |doc| {
+            profile_id_of(&doc, "_id")
+        })
+        .await
+    }
+
+    async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError> {
+        self.find_sorted("list merges", &self.merges, doc! { "profile": profile.as_str() }, None, None, merge_from_doc)
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed("ping", self.db.run_command(doc! { "ping": 1 })).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_checked_before_connecting() {
+        for ok in ["cohort", "cohort_test_1", "Cohort-Prod"] {
+            assert!(validate_database_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a.b", "a/b", "a b", "a$b", &"x".repeat(64)] {
+            assert!(validate_database_name(bad).is_err(), "{bad}");
+        }
+    }
+}

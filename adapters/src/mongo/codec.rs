@@ -1,0 +1,274 @@
+//! The MongoDB document layouts of the operational store, in one place.
+//!
+//! Records are stored as real BSON documents (not opaque blobs) so analysts can query them:
+//! each record's serde fields become document fields, with the natural key as `_id`. Unsigned
+//! integers become `Int64` (BSON has no unsigned type; values above `i64::MAX` are refused on
+//! write rather than wrapped). Timestamps stay RFC 3339 strings exactly as serde writes them, so
+//! a record reads back equal to what was written, nanoseconds included (a BSON date keeps only
+//! milliseconds).
+//!
+//! | collection     | `_id`                              | other fields                                  |
+//! |----------------|------------------------------------|-----------------------------------------------|
+//! | `profiles`     | profile id                         | the fields of `ProfileRecord`                 |
+//! | `identities`   | `kind:value`                       | `kind`, `value`, `profile_id`                 |
+//! | `merges`       | `profile/seq(20 digits)/other`     | `profile`, `merge` (the `IdentityMerged`)     |
+//! | `dead_letters` | id (`Int64`, from 1)               | the fields of `DeadLetter` except `id`        |
+//! | `meta`         | `checkpoint`, `dead_letter_id`     | `value` (`Int64`)                             |
+
+use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
+use mongodb::bson::{self, doc, Bson, Document};
+
+use crate::StoreError;
+
+pub(super) const PROFILES: &str = "profiles";
+pub(super) const IDENTITIES: &str = "identities";
+pub(super) const MERGES: &str = "merges";
+pub(super) const DEAD_LETTERS: &str = "dead_letters";
+pub(super) const META: &str = "meta";
+
+/// Meta document: all journal events up to `value` are reflected in persisted profiles.
+pub(super) const META_CHECKPOINT: &str = "checkpoint";
+/// Meta document: the last dead-letter id handed out (ids are reserved in blocks).
+pub(super) const META_DEAD_LETTER_ID: &str = "dead_letter_id";
+
+/// `u64` → `Int64`; larger values cannot be stored faithfully, so they are refused.
+pub(super) fn to_i64(what: &str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::invalid(format!("{what} {value} exceeds what MongoDB can store (i64)")))
+}
+
+/// An integer field back to `u64`; accepts `Int32` too, since a hand-edited document may have one.
+pub(super) fn as_u64(what: &str, value: Option<&Bson>) -> Result<u64, StoreError> {
+    let n = match value {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(other) => {
+            return Err(StoreError::corrupt(format!("stored {what} is a {:?}, not an integer", other.element_type())))
+        }
+        None => return Err(StoreError::corrupt(format!("stored {what} is missing"))),
+    };
+    u64::try_from(n).map_err(|_| StoreError::corrupt(format!("stored {what} is negative ({n})")))
+}
+
+/// Serde error texts can quote stored values (`invalid type: string "..."`), and those may be
+/// personal data; callers log these messages, so quoted parts are blanked.
+pub(super) fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if quoted {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn encode_error(what: &str, id: &str, err: bson::ser::Error) -> StoreError {
+    StoreError::invalid(format!("cannot encode {what} {id} for MongoDB: {}", redact_quoted(&err.to_string())))
+}
+
+fn decode_error(what: &str, id: &str, err: bson::de::Error) -> StoreError {
+    StoreError::corrupt(format!("cannot decode stored {what} {id}: {}", redact_quoted(&err.to_string())))
+}
+
+/// The document's `_id` as a string, for error messages and keys.
+fn string_id(doc: &Document) -> String {
+    match doc.get("_id") {
+        Some(Bson::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "(without _id)".to_string(),
+    }
+}
+
+/// `{_id: profile id, ...fields of ProfileRecord}`.
+pub(super) fn profile_doc(record: &ProfileRecord) -> Result<Document, StoreError> {
+    let id = record.profile_id.as_str();
+    let fields = bson::to_document(record).map_err(|e| encode_error("profile", id, e))?;
+    let mut doc = doc! { "_id": id };
+    doc.extend(fields);
+    Ok(doc)
+}
+
+pub(super) fn profile_from_doc(mut doc: Document) -> Result<ProfileRecord, StoreError> {
+    let id = string_id(&doc);
+    doc.remove("_id");
+    bson::from_document(doc).map_err(|e| decode_error("profile", &id, e))
+}
+
+/// `{_id: "kind:value", kind, value, profile_id}`: the key is unique by construction.
+pub(super) fn identity_doc(identifier: &Identifier, profile: &ProfileId) -> Document {
+    doc! {
+        "_id": identifier.key(),
+        "kind": identifier.kind.as_str(),
+        "value": identifier.value.as_str(),
+        "profile_id": profile.as_str(),
+    }
+}
+
+pub(super) fn profile_id_of(doc: &Document, field: &str) -> Result<ProfileId, StoreError> {
+    let raw =
+        doc.get_str(field).map_err(|_| StoreError::corrupt(format!("stored {field} is missing or not a string")))?;
+    ProfileId::parse(raw).ok_or_else(|| StoreError::corrupt(format!("stored {field} is a malformed profile id")))
+}
+
+/// Key of one merge under one of its profiles: `profile/seq(20 digits)/other`, the same key as
+/// the embedded store's. The zero-padded seq makes `_id` order journal order; `other` keeps two
+/// merges at one seq (a survivor absorbing two profiles) apart.
+pub(super) fn merge_key(profile: &ProfileId, seq: u64, other: &ProfileId) -> String {
+    format!("{}/{seq:020}/{}", profile.as_str(), other.as_str())
+}
+
+/// The merge documents to upsert: one under the survivor and one under the merged profile.
+pub(super) fn merge_docs(merge: &IdentityMerged) -> Result<Vec<Document>, StoreError> {
+    let key = merge_key(&merge.survivor, merge.seq, &merge.merged);
+    let body = bson::to_bson(merge).map_err(|e| encode_error("merge", &key, e))?;
+    let mut docs = vec![doc! { "_id": key, "profile": merge.survivor.as_str(), "merge": body.clone() }];
+    if merge.merged != merge.survivor {
+        let key = merge_key(&merge.merged, merge.seq, &merge.survivor);
+        docs.push(doc! { "_id": key, "profile": merge.merged.as_str(), "merge": body });
+    }
+    Ok(docs)
+}
+
+pub(super) fn merge_from_doc(doc: Document) -> Result<IdentityMerged, StoreError> {
+    let id = string_id(&doc);
+    let body = doc.get_document("merge").map_err(|_| StoreError::corrupt(format!("stored merge {id} has no body")))?;
+    bson::from_document(body.clone()).map_err(|e| decode_error("merge", &id, e))
+}
+
+/// `{_id: id, ...fields of DeadLetter except id}`.
+pub(super) fn dead_letter_doc(letter: &DeadLetter) -> Result<Document, StoreError> {
+    let id = to_i64("dead letter id", letter.id)?;
+    let mut fields = bson::to_document(letter).map_err(|e| encode_error("dead letter", &id.to_string(), e))?;
+    fields.remove("id");
+    let mut doc = doc! { "_id": id };
+    doc.extend(fields);
+    Ok(doc)
+}
+
+pub(super) fn dead_letter_from_doc(mut doc: Document) -> Result<DeadLetter, StoreError> {
+    let id = as_u64("dead letter id", doc.get("_id"))?;
+    doc.remove("_id");
+    doc.insert("id", to_i64("dead letter id", id).map_err(|e| StoreError::corrupt(e.message))?);
+    bson::from_document(doc).map_err(|e| decode_error("dead letter", &id.to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use chrono::{DateTime, Utc};
+    use cohort_messages::{CustomerEvent, DeadLetterStage, EventId, EventKind, IdentifierKind, RawRef, Source, Utm};
+    use serde_json::{json, Map};
+
+    fn at(secs: i64, nanos: u32) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, nanos).unwrap()
+    }
+
+    fn id(n: u32) -> ProfileId {
+        ProfileId::derive_from_event(&EventId::new(Source::Crm, &format!("p{n}")), at(i64::from(n), 0))
+    }
+
+    fn rich_profile() -> ProfileRecord {
+        let mut p = ProfileRecord::new(id(1), at(0, 123_456_789));
+        let mut properties = Map::new();
+        properties.insert("score".into(), json!(7));
+        properties.insert("ratio".into(), json!(0.25));
+        properties.insert("negative".into(), json!(-3));
+        properties.insert("nested".into(), json!({"a": [1, "two", null, true], "b": {}}));
+        let event = CustomerEvent {
+            event_id: EventId::new(Source::Web, "e1"),
+            source: Source::Web,
+            kind: EventKind::Track,
+            name: Some("quiz_completed".into()),
+            occurred_at: at(5, 1),
+            received_at: at(6, 999_999_999),
+            identifiers: vec![Identifier::new(IdentifierKind::Email, "grüße@example.edu")],
+            traits: [("first_name".to_string(), json!("Zoë")), ("age".to_string(), json!(19))].into_iter().collect(),
+            properties,
+            utm: Utm { campaign: Some("spring".into()), ..Utm::default() },
+            raw: RawRef { seq: None, index: 0 },
+        };
+        p.apply(1 << 40, &event, 10);
+        p.merged_into = Some(id(2));
+        p.merged_from = vec![id(3)];
+        p
+    }
+
+    #[test]
+    fn profiles_round_trip_exactly_with_numbers_as_int64() {
+        let p = rich_profile();
+        let doc = profile_doc(&p).unwrap();
+        assert_eq!(doc.get_str("_id").unwrap(), p.profile_id.as_str());
+        assert_eq!(doc.get_document("counters").unwrap().get("events_total"), Some(&Bson::Int64(1)));
+        assert_eq!(doc.get_array("applied_seqs").unwrap(), &vec![Bson::Int64(1 << 40)]);
+        assert_eq!(profile_from_doc(doc).unwrap(), p);
+    }
+
+    #[test]
+    fn oversized_numbers_are_refused_not_wrapped() {
+        let mut p = rich_profile();
+        p.applied_seqs.insert(u64::MAX);
+        let err = profile_doc(&p).unwrap_err();
+        assert_eq!(err.kind, crate::StoreErrorKind::Invalid);
+    }
+
+    #[test]
+    fn merges_are_keyed_under_both_profiles_in_seq_order() {
+        let m = IdentityMerged {
+            survivor: id(1),
+            merged: id(2),
+            evidence: vec![Identifier::new(IdentifierKind::Email, "a@b.c")],
+            at: at(1, 5),
+            seq: 9,
+        };
+        let docs = merge_docs(&m).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].get_str("profile").unwrap(), id(1).as_str());
+        assert_eq!(docs[1].get_str("profile").unwrap(), id(2).as_str());
+        assert!(merge_key(&id(1), 9, &id(2)) < merge_key(&id(1), 10, &id(2)));
+        for d in docs {
+            assert_eq!(merge_from_doc(d).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn dead_letters_use_their_id_as_int64_key() {
+        let letter = DeadLetter {
+            id: 42,
+            source: Source::Email,
+            stage: DeadLetterStage::Validation,
+            reason: "bad".into(),
+            event_id: None,
+            payload: "{}".into(),
+            content_type: "application/json".into(),
+            received_at: at(1, 1),
+            recorded_at: at(2, 2),
+            attempts: 3,
+        };
+        let doc = dead_letter_doc(&letter).unwrap();
+        assert_eq!(doc.get("_id"), Some(&Bson::Int64(42)));
+        assert!(!doc.contains_key("id"));
+        assert_eq!(dead_letter_from_doc(doc).unwrap(), letter);
+    }
+
+    #[test]
+    fn decode_errors_do_not_echo_stored_values() {
+        let doc = doc! { "_id": "prof_x", "profile_id": 5, "created_at": "student@example.edu" };
+        let err = profile_from_doc(doc).unwrap_err();
+        assert_eq!(err.kind, crate::StoreErrorKind::Corrupt);
+        assert!(!err.message.contains("student@example.edu"), "{}", err.message);
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "a@b.c", expected u64"#),
+            r#"invalid type: string "…", expected u64"#
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! The same end-to-end promises on the real backends: Kafka (Tansu) as the bus and MongoDB
+//! (SecantusDB) as the operational store. `scripts/services.sh start` starts them and writes the
+//! `COHORT_TEST_*` variables these tests read.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use chrono::Utc;
+use cohort::client::CohortClient;
+use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
+use cohort::payloads;
+use cohort::SystemOptions;
+use cohort_config::Config;
+use serde_json::json;
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `scripts/services.sh start` and `source ~/.cache/cohort/run/env` (scripts/test.sh does both)")
+    })
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}_{}_{}", std::process::id(), Utc::now().timestamp_micros())
+}
+
+/// Config for Kafka + MongoDB with a fresh topic prefix and database.
+fn backends_toml(prefix: &str, database: &str) -> String {
+    format!(
+        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n",
+        service("COHORT_TEST_MONGODB"),
+        service("COHORT_TEST_KAFKA"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slide_18_on_kafka_and_mongodb() {
+    let id = unique("slide18");
+    // DemoServer puts [storage] first; our TOML overrides it.
+    let demo = DemoServer::start(None, &backends_toml(&id, &id), SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
+    let r = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap();
+    let p = &r["profile"];
+    let kinds: BTreeSet<&str> =
+        p["identifiers"].as_array().unwrap().iter().filter_map(|i| i["kind"].as_str()).collect();
+    assert!(
+        kinds.is_superset(&BTreeSet::from([
+            "anonymous_id",
+            "email",
+            "user_id",
+            "device_id",
+            "salesforce_id",
+            "phone",
+            "whatsapp_id"
+        ])),
+        "{kinds:?}"
+    );
+    assert_eq!(p["counters"]["events_total"], json!(6));
+    assert_eq!(p["traits"]["first_name"]["value"], json!("Maximilian"));
+    demo.stop().await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_cohort(config_file: &Path, port: u16) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["--config"])
+        .arg(config_file)
+        .arg("serve")
+        .env("COHORT__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cohort binary starts");
+    Proc(child)
+}
+
+async fn wait_ready(c: &CohortClient) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(a) = c.get("/health/ready").await {
+            if a.status == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cohort did not become ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_on_kafka_and_mongodb_loses_nothing_acknowledged_and_counts_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("kill");
+    let cfg = dir.path().join("cohort.toml");
+    std::fs::write(&cfg, backends_toml(&id, &id)).unwrap();
+    let port = free_port();
+    let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
+    let mut proc = spawn_cohort(&cfg, port);
+    wait_ready(&c).await;
+
+    const STUDENTS: usize = 10;
+    const PER_STUDENT: usize = 30;
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for s in 0..STUDENTS {
+        let (c, acked) = (c.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_STUDENT {
+                let mid = format!("{s}-{i}");
+                let ev = payloads::segment_track(
+                    &mid,
+                    &format!("kstudent-{s}"),
+                    "Lesson Completed",
+                    json!({"i": i}),
+                    Utc::now(),
+                );
+                match c.segment(true, "track", &ev).await {
+                    Ok(a) if a.status == 200 => {
+                        acked.lock().unwrap().insert(format!("mobile:{mid}"));
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < STUDENTS * PER_STUDENT / 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= STUDENTS * PER_STUDENT / 3 && acked.len() < STUDENTS * PER_STUDENT, "{} acked", acked.len());
+
+    let _proc = spawn_cohort(&cfg, port);
+    wait_ready(&c).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen: HashSet<String>;
+    loop {
+        seen = HashSet::new();
+        let mut problems = Vec::new();
+        for s in 0..STUDENTS {
+            let p = c.get(&format!("/v1/profiles/user_id:kstudent-{s}/events?limit=500")).await.unwrap();
+            let ids: Vec<String> = p.body["events"]
+                .as_array()
+                .map(|a| a.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect())
+                .unwrap_or_default();
+            let unique: HashSet<&String> = ids.iter().collect();
+            if unique.len() != ids.len() {
+                problems.push(format!("student {s}: an event appears twice"));
+            }
+            let profile = c.get(&format!("/v1/profiles/user_id:kstudent-{s}")).await.unwrap();
+            let total = profile.body["counters"]["events_total"].as_u64().unwrap_or(0) as usize;
+            if total != ids.len() {
+                problems.push(format!("student {s}: counter {total} != history {}", ids.len()));
+            }
+            seen.extend(ids);
+        }
+        let lost = acked.iter().filter(|a| !seen.contains(*a)).count();
+        if lost == 0 && problems.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{lost} acknowledged events missing; {problems:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
