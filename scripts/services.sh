@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (once, cached) and starts/stops the real-protocol servers the tests use:
 #   Tansu (Kafka protocol), SecantusDB (MongoDB wire protocol), bqemulator (BigQuery REST API).
-# Usage: scripts/services.sh install | start | stop | env
+# Usage: scripts/services.sh install | start | stop | env | stop-one|start-one|pause|resume kafka|mongo
 # Everything listens on 127.0.0.1 on free ports; `start` writes $COHORT_SERVICES_DIR/env with the
 # URLs, and `stop` stops exactly the processes it started (by PID).
 set -euo pipefail
@@ -68,23 +68,34 @@ wait_port() {
   log "$name did not open port $port"; return 1
 }
 
+start_tansu() {
+  local port=$1
+  (cd "$RUN_DIR/tansu" && exec "$(tansu_bin)" broker \
+      --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "sqlite://tansu.db" >>"$RUN_DIR/tansu.log" 2>&1) &
+  echo $! >"$RUN_DIR/tansu.pid"
+}
+
+start_mongo() {
+  local port=$1
+  "$(secantus_bin)" --host 127.0.0.1 --port "$port" --storage-path "$RUN_DIR/mongo" --cache-size 512M \
+      >>"$RUN_DIR/mongo.log" 2>&1 &
+  echo $! >"$RUN_DIR/mongo.pid"
+}
+
 start() {
   stop_quiet
   mkdir -p "$RUN_DIR"
   local kport mport bport gport
   kport=$(free_port); mport=$(free_port); bport=$(free_port); gport=$(free_port)
 
-  # Tansu reads a .env file from its working directory: run it in an empty folder.
-  mkdir -p "$RUN_DIR/tansu" && rm -f "$RUN_DIR/tansu/tansu.db"*
-  (cd "$RUN_DIR/tansu" && exec "$(tansu_bin)" broker \
-      --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
-      --storage-engine "sqlite://tansu.db" >"$RUN_DIR/tansu.log" 2>&1) &
-  echo $! >"$RUN_DIR/tansu.pid"
+  # Tansu reads a .env file from its working directory: run it in an empty folder, with a fresh
+  # database every run (a reused one has been seen to break it).
+  rm -rf "$RUN_DIR/tansu" && mkdir -p "$RUN_DIR/tansu"
+  start_tansu "$kport"
 
   rm -rf "$RUN_DIR/mongo" && mkdir -p "$RUN_DIR/mongo"
-  "$(secantus_bin)" --host 127.0.0.1 --port "$mport" --storage-path "$RUN_DIR/mongo" --cache-size 512M \
-      >"$RUN_DIR/mongo.log" 2>&1 &
-  echo $! >"$RUN_DIR/mongo.pid"
+  start_mongo "$mport"
 
   local v; v="$(bq_venv)"
   HOME="$v/home" "$v/bin/bqemulator" start --rest-host 127.0.0.1 --rest-port "$bport" \
@@ -99,31 +110,53 @@ start() {
 export COHORT_TEST_KAFKA=127.0.0.1:$kport
 export COHORT_TEST_MONGODB=mongodb://127.0.0.1:$mport
 export COHORT_TEST_BIGQUERY=http://127.0.0.1:$bport/bigquery/v2
-export COHORT_TEST_TANSU_DIR=$RUN_DIR/tansu
+export COHORT_SERVICES_DIR=$RUN_DIR
+export COHORT_TEST_TANSU_BIN=$(tansu_bin)
 ENV
   log "started: kafka 127.0.0.1:$kport, mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
   cat "$RUN_DIR/env"
 }
 
-stop_quiet() {
-  for name in tansu mongo bq; do
-    local pidfile="$RUN_DIR/$name.pid"
-    if [ -f "$pidfile" ]; then
-      local pid; pid=$(cat "$pidfile")
-      if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-      fi
-      rm -f "$pidfile"
+stop_one() {
+  local pidfile="$RUN_DIR/$1.pid"
+  if [ -f "$pidfile" ]; then
+    local pid; pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
     fi
-  done
+    rm -f "$pidfile"
+  fi
+}
+
+# Restarts one server on the same port with its data kept (outage tests).
+restart_one() {
+  # shellcheck disable=SC1091
+  source "$RUN_DIR/env"
+  case "$1" in
+    kafka) stop_one tansu; start_tansu "${COHORT_TEST_KAFKA##*:}"; wait_port "${COHORT_TEST_KAFKA##*:}" tansu ;;
+    mongo) stop_one mongo; start_mongo "${COHORT_TEST_MONGODB##*:}"; wait_port "${COHORT_TEST_MONGODB##*:}" secantusdb ;;
+    *) echo "restart: kafka or mongo" >&2; exit 2 ;;
+  esac
+}
+
+stop_quiet() {
+  for name in tansu mongo bq; do stop_one "$name"; done
 }
 
 case "${1:-}" in
   install) install_bqemulator; install_secantus; install_tansu ;;
   start) start ;;
   stop) stop_quiet; log "stopped" ;;
+  stop-one) case "${2:-}" in kafka) stop_one tansu ;; mongo) stop_one mongo ;; *) echo "stop-one kafka|mongo" >&2; exit 2 ;; esac ;;
+  start-one) restart_one "${2:-}" ;;
+  # Freeze or thaw a server (SIGSTOP/SIGCONT): an outage without a restart. Tansu's SQLite engine
+  # has been seen to panic when restarted on its own database, so outage tests pause it instead.
+  pause|resume)
+    case "${2:-}" in kafka) name=tansu ;; mongo) name=mongo ;; *) echo "$1 kafka|mongo" >&2; exit 2 ;; esac
+    sig=STOP; [ "$1" = resume ] && sig=CONT
+    kill -"$sig" "$(cat "$RUN_DIR/$name.pid")" ;;
   env) cat "$RUN_DIR/env" ;;
-  *) echo "usage: $0 install|start|stop|env" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|env|stop-one kafka|mongo|start-one kafka|mongo" >&2; exit 2 ;;
 esac

@@ -184,3 +184,99 @@ async fn sigkill_on_kafka_and_mongodb_loses_nothing_acknowledged_and_counts_noth
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A broker of this test's own (Tansu, in-memory storage), so freezing it cannot disturb other
+/// tests sharing the suite's broker.
+struct OwnBroker {
+    proc: Proc,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    async fn start() -> OwnBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(service("COHORT_TEST_TANSU_BIN"))
+            .current_dir(dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://{addr}"),
+                "--advertised-listener-url",
+                &format!("tcp://{addr}"),
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "own broker did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        OwnBroker { proc: Proc(child), addr, _dir: dir }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.proc.0.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_answers_503_and_loses_nothing() {
+    let broker = OwnBroker::start().await;
+    let id = unique("outage");
+    let extra = format!(
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\npartitions = 2\nproduce_timeout_ms = 2000\n",
+        service("COHORT_TEST_MONGODB"),
+        broker.addr
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let send = |n: usize| {
+        let ev = payloads::segment_track(
+            &format!("o-{n}"),
+            "outage-student",
+            "Lesson Completed",
+            json!({"n": n}),
+            Utc::now(),
+        );
+        let c = c.clone();
+        async move { c.segment(true, "track", &ev).await.unwrap() }
+    };
+    for n in 0..5 {
+        assert_eq!(send(n).await.status, 200);
+    }
+    // Freeze the broker: connections hang and time out, as in a network partition.
+    broker.signal("-STOP");
+    let during = send(5).await;
+    assert_eq!(during.status, 503, "{}", during.body);
+    assert_eq!(during.body["error"]["code"], json!("unavailable"));
+    broker.signal("-CONT");
+    // The producer reconnects by itself; the first requests may still see the outage.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 6..12 {
+        loop {
+            let a = send(n).await;
+            if a.status == 200 {
+                break;
+            }
+            assert_eq!(a.status, 503, "{}", a.body);
+            assert!(Instant::now() < deadline, "ingest did not recover after the broker came back: {}", a.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
+    let p = c.get("/v1/profiles/user_id:outage-student/events?limit=100").await.unwrap();
+    let ids: BTreeSet<String> =
+        p.body["events"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), p.body["events"].as_array().unwrap().len(), "an event was applied twice");
+    for n in (0..5).chain(6..12) {
+        assert!(ids.contains(&format!("mobile:o-{n}")), "acknowledged event o-{n} lost: {ids:?}");
+    }
+    demo.stop().await.unwrap();
+}

@@ -78,7 +78,17 @@ impl Actor for Dispatcher {
             return Ok(());
         }
         // Bounded wait when idle, so stop signals are seen promptly.
-        let polled = state.subscription.poll(state.args.batch, Duration::from_millis(200)).await?;
+        let polled = match state.subscription.poll(state.args.batch, Duration::from_millis(200)).await {
+            Ok(p) => p,
+            Err(e) if e.is_retryable() => {
+                // A bus outage is not a dispatcher failure: wait and read again.
+                tracing::warn!(error = %e, "bus unavailable, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                myself.send_message(DispatcherMsg::Pump)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         if !polled.undecodable.is_empty() {
             let letters = polled
                 .undecodable

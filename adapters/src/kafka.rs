@@ -19,7 +19,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -110,6 +110,17 @@ impl From<&BronzeRecord> for RawPayloadRecord {
     }
 }
 
+fn is_fenced(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::UnknownProducerId
+        )
+    )
+}
+
 fn kafka_unavailable(context: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::unavailable(format!("kafka {context}: {e}"))
 }
@@ -117,7 +128,9 @@ fn kafka_unavailable(context: &str, e: impl std::fmt::Display) -> StoreError {
 pub struct KafkaBus {
     settings: KafkaSettings,
     topics: Topics,
-    producer: FutureProducer,
+    /// Replaced when librdkafka declares it fatally failed (an idempotent producer whose
+    /// messages timed out during a broker outage cannot continue).
+    producer: parking_lot::RwLock<FutureProducer>,
     /// The pipeline's consumer, shared with `commit`.
     consumer: Mutex<Option<Arc<StreamConsumer>>>,
     published: Mutex<HashMap<u32, u64>>,
@@ -137,7 +150,20 @@ impl KafkaBus {
     /// Connects, and creates the topics that are missing.
     pub async fn connect(settings: KafkaSettings) -> Result<Arc<Self>, StoreError> {
         let topics = Topics { prefix: settings.topic_prefix.clone() };
-        let producer: FutureProducer = ClientConfig::new()
+        let producer = Self::new_producer(&settings)?;
+        let bus = Arc::new(Self {
+            settings,
+            topics,
+            producer: parking_lot::RwLock::new(producer),
+            consumer: Mutex::new(None),
+            published: Mutex::new(HashMap::new()),
+        });
+        bus.ensure_topics().await?;
+        Ok(bus)
+    }
+
+    fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, StoreError> {
+        ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
@@ -145,16 +171,22 @@ impl KafkaBus {
             .set("compression.type", "none")
             .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string())
             .create()
-            .map_err(|e| StoreError::invalid(format!("kafka producer config: {e}")))?;
-        let bus = Arc::new(Self {
-            settings,
-            topics,
-            producer,
-            consumer: Mutex::new(None),
-            published: Mutex::new(HashMap::new()),
-        });
-        bus.ensure_topics().await?;
-        Ok(bus)
+            .map_err(|e| StoreError::invalid(format!("kafka producer config: {e}")))
+    }
+
+    /// Replaces the producer if librdkafka reports a fatal error on it, or the broker fenced it
+    /// (after an outage the broker may refuse the old producer id and epoch for good).
+    fn recover_producer(&self, fenced: bool) {
+        let fatal = self.producer.read().client().fatal_error();
+        let fatal =
+            fatal.or_else(|| fenced.then(|| (RDKafkaErrorCode::ProducerFenced, "fenced by the broker".to_string())));
+        if let Some((code, reason)) = fatal {
+            tracing::warn!(?code, reason = %reason, "kafka producer failed fatally, creating a new one");
+            match Self::new_producer(&self.settings) {
+                Ok(p) => *self.producer.write() = p,
+                Err(e) => tracing::error!(error = %e, "kafka producer could not be recreated"),
+            }
+        }
     }
 
     pub fn topics(&self) -> &Topics {
@@ -217,6 +249,44 @@ fn position_offset(kafka_offset: i64) -> u64 {
 #[async_trait]
 impl EventBus for KafkaBus {
     async fn publish(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+        let result = self.publish_once(batch).await;
+        if let Err((_, fenced)) = &result {
+            self.recover_producer(*fenced);
+        }
+        result.map_err(|(e, _)| e)
+    }
+
+    async fn subscribe(&self) -> Result<Box<dyn Subscription>, StoreError> {
+        self.subscribe_group().await
+    }
+
+    async fn commit(&self, positions: &StreamPositions) -> Result<(), StoreError> {
+        self.commit_positions(positions).await
+    }
+
+    fn checkpoint_in_store(&self) -> bool {
+        false
+    }
+
+    fn deduplicates_on_publish(&self) -> bool {
+        false
+    }
+
+    fn published(&self) -> StreamPositions {
+        let mut v: StreamPositions = self.published.lock().iter().map(|(s, o)| (*s, *o)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+}
+
+impl KafkaBus {
+    /// Produces a batch; on failure also says whether the broker fenced the producer.
+    async fn publish_once(&self, batch: AppendBatch) -> Result<AppendOutcome, (StoreError, bool)> {
+        let producer = self.producer.read().clone();
         let mut futures = Vec::with_capacity(batch.events.len());
         for (i, event) in batch.events.iter().enumerate() {
             let topic = self.topics.raw(event.source);
@@ -225,19 +295,19 @@ impl EventBus for KafkaBus {
                 event: event.clone(),
                 raw: if i == 0 { batch.raw.as_ref().map(RawPayloadRecord::from) } else { None },
             };
-            let value = serde_json::to_vec(&record).map_err(|e| StoreError::invalid(format!("encoding event: {e}")))?;
-            let fut = self
-                .producer
+            let value = serde_json::to_vec(&record)
+                .map_err(|e| (StoreError::invalid(format!("encoding event: {e}")), false))?;
+            let fut = producer
                 .send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                .map_err(|(e, _)| kafka_unavailable("produce", e))?;
+                .map_err(|(e, _)| (kafka_unavailable("produce", &e), is_fenced(&e)))?;
             futures.push((event.source, fut));
         }
         let mut seqs = Vec::with_capacity(futures.len());
         for (source, fut) in futures {
             let delivery = fut
                 .await
-                .map_err(|_| StoreError::unavailable("kafka producer dropped a delivery"))?
-                .map_err(|(e, _)| kafka_unavailable("delivery", e))?;
+                .map_err(|_| (StoreError::unavailable("kafka producer dropped a delivery"), false))?
+                .map_err(|(e, _)| (kafka_unavailable("delivery", &e), is_fenced(&e)))?;
             let stream = (source_index(source) + 1) * PARTITIONS_PER_TOPIC + delivery.partition.max(0) as u32;
             let off = position_offset(delivery.offset);
             let mut published = self.published.lock();
@@ -248,7 +318,7 @@ impl EventBus for KafkaBus {
         Ok(AppendOutcome { raw_seq: None, seqs })
     }
 
-    async fn subscribe(&self) -> Result<Box<dyn Subscription>, StoreError> {
+    async fn subscribe_group(&self) -> Result<Box<dyn Subscription>, StoreError> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
             .set("group.id", &self.settings.group_id)
@@ -269,7 +339,7 @@ impl EventBus for KafkaBus {
         Ok(Box::new(KafkaSubscription { consumer, topics }))
     }
 
-    async fn commit(&self, positions: &StreamPositions) -> Result<(), StoreError> {
+    async fn commit_positions(&self, positions: &StreamPositions) -> Result<(), StoreError> {
         let Some(consumer) = self.consumer.lock().clone() else {
             return Err(StoreError::unavailable("kafka consumer not subscribed"));
         };
@@ -290,24 +360,6 @@ impl EventBus for KafkaBus {
             .await
             .map_err(|e| StoreError::unavailable(format!("kafka commit task: {e}")))?
             .map_err(|e| kafka_unavailable("commit", e))
-    }
-
-    fn checkpoint_in_store(&self) -> bool {
-        false
-    }
-
-    fn deduplicates_on_publish(&self) -> bool {
-        false
-    }
-
-    fn published(&self) -> StreamPositions {
-        let mut v: StreamPositions = self.published.lock().iter().map(|(s, o)| (*s, *o)).collect();
-        v.sort_unstable();
-        v
-    }
-
-    fn name(&self) -> &'static str {
-        "kafka"
     }
 }
 

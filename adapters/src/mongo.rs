@@ -44,6 +44,8 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Write models per `bulkWrite` call: large enough to amortise round trips, small enough that
 /// one call stays well inside the operation timeout and the 48 MB message limit.
 pub const BULK_CHUNK: usize = 1000;
+/// Attempts at reserving dead-letter ids when the server answers an increment without its result.
+const RESERVE_ATTEMPTS: usize = 3;
 
 /// The MongoDB [`OperationalStore`]. Cheap to share as `Arc<MongoStore>`; the driver pools
 /// connections internally.
@@ -95,6 +97,7 @@ impl MongoStore {
         };
         store.ping().await?;
         store.create_indexes().await?;
+        store.seed_dead_letter_counter().await?;
         tracing::info!(database, "MongoDB operational store connected");
         Ok(Arc::new(store))
     }
@@ -137,23 +140,37 @@ impl MongoStore {
         Ok(())
     }
 
+    /// Creates the dead-letter counter if it is missing, before any concurrent use: concurrent
+    /// `findAndModify` upserts racing to create one document can answer "no document" although
+    /// their `$inc` was applied (seen on SecantusDB), which would cost a retry and a gap in the ids.
+    async fn seed_dead_letter_counter(&self) -> Result<(), StoreError> {
+        let seed = self
+            .meta
+            .update_one(doc! { "_id": META_DEAD_LETTER_ID }, doc! { "$setOnInsert": { "value": 0_i64 } })
+            .upsert(true);
+        timed("create the dead letter counter", seed).await.map(drop)
+    }
+
     /// Reserves `n` consecutive dead-letter ids and returns the first: one atomic `$inc` per
     /// batch, so concurrent writers (also in other processes) never share an id.
     async fn reserve_dead_letter_ids(&self, n: u64) -> Result<u64, StoreError> {
         let step = to_i64("dead letter batch size", n)?;
-        let counter = timed(
-            "reserve dead letter ids",
-            self.meta
+        for _ in 0..RESERVE_ATTEMPTS {
+            let reserve = self
+                .meta
                 .find_one_and_update(doc! { "_id": META_DEAD_LETTER_ID }, doc! { "$inc": { "value": step } })
                 .upsert(true)
-                .return_document(ReturnDocument::After),
-        )
-        .await?
-        .ok_or_else(|| StoreError::unavailable("MongoDB: the dead letter counter upsert returned nothing"))?;
-        let last = as_u64("dead letter counter", counter.get("value"))?;
-        last.checked_sub(n)
-            .map(|before| before + 1)
-            .ok_or_else(|| StoreError::corrupt(format!("dead letter counter {last} is below the batch size {n}")))
+                .return_document(ReturnDocument::After);
+            // No answer: the increment may still have happened, so those ids are skipped (a gap),
+            // never guessed; a fresh `$inc` gets a block nobody else has.
+            let Some(counter) = timed("reserve dead letter ids", reserve).await? else { continue };
+            let last = as_u64("dead letter counter", counter.get("value"))?;
+            return last
+                .checked_sub(n)
+                .map(|before| before + 1)
+                .ok_or_else(|| StoreError::corrupt(format!("dead letter counter {last} is below the batch size {n}")));
+        }
+        Err(StoreError::unavailable("MongoDB: the dead letter counter did not answer with its new value"))
     }
 
     /// Runs a find with sort and limit and decodes every document; `limit == 0` is "nothing",
