@@ -3,16 +3,16 @@
 //! Each trait has an embedded default (so `cohort` runs with nothing installed) and, as the
 //! project grows, real backends chosen by URL in config.
 
-pub mod embedded;
 pub mod bus;
+pub mod embedded;
 pub mod error;
 pub mod kafka;
 pub mod mongo;
 pub mod store;
 pub mod warehouse;
 
-pub use embedded::EmbeddedStore;
 pub use bus::{pack, unpack, EmbeddedBus, EventBus, Polled, StreamPositions, Subscription, Undecodable};
+pub use embedded::EmbeddedStore;
 pub use error::{StoreError, StoreErrorKind};
 pub use mongo::MongoStore;
 pub use store::{
