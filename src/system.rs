@@ -42,7 +42,14 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn Operation
         };
     let bus_url = config.bus.url.as_str();
     let bus: Arc<dyn EventBus> = if bus_url == "embedded" {
-        let journal = embedded.ok_or_else(|| anyhow!("bus.url \"embedded\" needs an embedded storage.url"))?;
+        if embedded.is_none() {
+            return Err(anyhow!("bus.url \"embedded\" needs an embedded storage.url"));
+        }
+        // The journal gets a file (and writer thread) of its own beside the store, so appends
+        // never queue behind a large profile flush.
+        let journal_url = if url == "memory://" { url.to_string() } else { format!("{url}.journal") };
+        let journal =
+            EmbeddedStore::open_url(&journal_url).with_context(|| format!("opening the journal `{journal_url}`"))?;
         Arc::new(EmbeddedBus::new(journal, store.clone()))
     } else if bus_url.starts_with("embedded://") {
         let journal = EmbeddedStore::open_url(bus_url).with_context(|| format!("opening the journal `{bus_url}`"))?;

@@ -12,10 +12,12 @@ use cohort::SystemOptions;
 use cohort_config::Config;
 use serde_json::json;
 use std::collections::{BTreeSet, HashSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{free_port, spawn_cohort, wait_ready, Proc};
 
 fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -64,46 +66,6 @@ async fn slide_18_on_kafka_and_mongodb() {
     demo.stop().await.unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_cohort(config_file: &Path, port: u16) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
-        .args(["--config"])
-        .arg(config_file)
-        .arg("serve")
-        .env("COHORT__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cohort binary starts");
-    Proc(child)
-}
-
-async fn wait_ready(c: &CohortClient) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(a) = c.get("/health/ready").await {
-            if a.status == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cohort did not become ready");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_on_kafka_and_mongodb_loses_nothing_acknowledged_and_counts_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,7 +74,7 @@ async fn sigkill_on_kafka_and_mongodb_loses_nothing_acknowledged_and_counts_noth
     std::fs::write(&cfg, backends_toml(&id, &id)).unwrap();
     let port = free_port();
     let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
-    let mut proc = spawn_cohort(&cfg, port);
+    let mut proc = spawn_cohort(&["--config", cfg.to_str().unwrap()], &[], port);
     wait_ready(&c).await;
 
     const STUDENTS: usize = 10;
@@ -152,7 +114,7 @@ async fn sigkill_on_kafka_and_mongodb_loses_nothing_acknowledged_and_counts_noth
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= STUDENTS * PER_STUDENT / 3 && acked.len() < STUDENTS * PER_STUDENT, "{} acked", acked.len());
 
-    let _proc = spawn_cohort(&cfg, port);
+    let _proc = spawn_cohort(&["--config", cfg.to_str().unwrap()], &[], port);
     wait_ready(&c).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen: HashSet<String>;

@@ -10,48 +10,12 @@ use cohort_config::Config;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_cohort(data: &Path, port: u16) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
-        .arg("serve")
-        .env("COHORT__STORAGE__URL", format!("embedded://{}", data.join("cohort.redb").display()))
-        .env("COHORT__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cohort binary starts");
-    Proc(child)
-}
-
-async fn wait_ready(c: &CohortClient) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(a) = c.get("/health/ready").await {
-            if a.status == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("cohort did not become ready");
-}
+mod common;
+use common::{free_port, spawn_cohort, wait_ready};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() {
@@ -59,7 +23,11 @@ async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() 
     let port = free_port();
     let config = Config::from_toml_str("").unwrap();
     let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &config).unwrap();
-    let mut proc = spawn_cohort(dir.path(), port);
+    let mut proc = spawn_cohort(
+        &[],
+        &[("COHORT__STORAGE__URL", format!("embedded://{}", dir.path().join("cohort.redb").display()))],
+        port,
+    );
     wait_ready(&c).await;
 
     const STUDENTS: usize = 20;
@@ -105,7 +73,11 @@ async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() 
     assert!(acked.len() < STUDENTS * PER_STUDENT, "the kill came too late to test anything");
 
     // Restart on the same data and wait for the pipeline to replay the journal.
-    let _proc = spawn_cohort(dir.path(), port);
+    let _proc = spawn_cohort(
+        &[],
+        &[("COHORT__STORAGE__URL", format!("embedded://{}", dir.path().join("cohort.redb").display()))],
+        port,
+    );
     wait_ready(&c).await;
     let mut by_student: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -153,7 +125,11 @@ async fn csv_import_cli_streams_a_bulk_export_and_summarises() {
     let port = free_port();
     let config = Config::from_toml_str("").unwrap();
     let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &config).unwrap();
-    let _proc = spawn_cohort(dir.path(), port);
+    let _proc = spawn_cohort(
+        &[],
+        &[("COHORT__STORAGE__URL", format!("embedded://{}", dir.path().join("cohort.redb").display()))],
+        port,
+    );
     wait_ready(&c).await;
     // A Bulk API 2.0 export with semicolons and CRLF, one bad row (empty Id).
     let csv_path = dir.path().join("contacts.csv");

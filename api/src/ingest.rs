@@ -52,6 +52,23 @@ fn content_type(headers: &HeaderMap) -> String {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
 }
 
+/// An authenticated request body, stamped with its receipt time.
+fn raw(source: Source, format: PayloadFormat, headers: &HeaderMap, body: &Bytes) -> RawPayload {
+    RawPayload {
+        source,
+        format,
+        body: body.to_vec().into(),
+        content_type: content_type(headers),
+        received_at: Utc::now(),
+    }
+}
+
+/// Submits and answers with the receipt.
+async fn ingest_json(state: &ApiState, payload: RawPayload) -> Result<Response, ApiError> {
+    let receipt = submit(state, payload).await?;
+    Ok(receipt_json(&receipt).into_response())
+}
+
 #[derive(Deserialize)]
 struct WriteKeyOnly {
     #[serde(rename = "writeKey")]
@@ -91,15 +108,7 @@ pub async fn segment(
 ) -> Result<Response, ApiError> {
     let call = SegmentCall::parse(&call).ok_or_else(|| ApiError::NotFound(format!("no Segment call `{call}`")))?;
     let source = segment_source(&state, &headers, &body)?;
-    let payload = RawPayload {
-        source,
-        format: PayloadFormat::Segment { call },
-        body: body.to_vec().into(),
-        content_type: content_type(&headers),
-        received_at: Utc::now(),
-    };
-    let receipt = submit(&state, payload).await?;
-    Ok(receipt_json(&receipt).into_response())
+    ingest_json(&state, raw(source, PayloadFormat::Segment { call }, &headers, &body)).await
 }
 
 /// The URL Twilio signed: the configured public URL, or the one the request was sent to.
@@ -134,13 +143,7 @@ pub async fn twilio(
     if !verify_twilio(&state.config.sources.whatsapp.auth_token, &url, &params, signature) {
         return Err(ApiError::Unauthorized("invalid X-Twilio-Signature".into()));
     }
-    let payload = RawPayload {
-        source: Source::Whatsapp,
-        format: PayloadFormat::TwilioForm,
-        body: body.to_vec().into(),
-        content_type: content_type(&headers),
-        received_at: Utc::now(),
-    };
+    let payload = raw(Source::Whatsapp, PayloadFormat::TwilioForm, &headers, &body);
     submit(&state, payload).await?;
     Ok((
         StatusCode::OK,
@@ -165,15 +168,8 @@ pub async fn sendgrid(State(state): State<ApiState>, headers: HeaderMap, body: B
             _ => return Err(ApiError::Unauthorized("invalid SendGrid signature".into())),
         }
     }
-    let payload = RawPayload {
-        source: Source::Email,
-        format: PayloadFormat::SendgridEvents,
-        body: body.to_vec().into(),
-        content_type: content_type(&headers),
-        received_at: Utc::now(),
-    };
-    let receipt = submit(&state, payload).await?;
-    Ok(receipt_json(&receipt).into_response())
+    let payload = raw(Source::Email, PayloadFormat::SendgridEvents, &headers, &body);
+    ingest_json(&state, payload).await
 }
 
 /// Salesforce Change Data Capture event, relayed as JSON (bearer token of the CRM source).
@@ -188,15 +184,8 @@ pub async fn salesforce_cdc(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_bearer(&headers, std::slice::from_ref(&state.config.sources.crm.token))?;
-    let payload = RawPayload {
-        source: Source::Crm,
-        format: PayloadFormat::SalesforceCdc,
-        body: body.to_vec().into(),
-        content_type: content_type(&headers),
-        received_at: Utc::now(),
-    };
-    let receipt = submit(&state, payload).await?;
-    Ok(receipt_json(&receipt).into_response())
+    let payload = raw(Source::Crm, PayloadFormat::SalesforceCdc, &headers, &body);
+    ingest_json(&state, payload).await
 }
 
 /// A chunk of a Salesforce Bulk API 2.0 CSV export (header row first).
@@ -211,13 +200,6 @@ pub async fn salesforce_csv(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_bearer(&headers, std::slice::from_ref(&state.config.sources.crm.token))?;
-    let payload = RawPayload {
-        source: Source::Crm,
-        format: PayloadFormat::SalesforceCsv,
-        body: body.to_vec().into(),
-        content_type: content_type(&headers),
-        received_at: Utc::now(),
-    };
-    let receipt = submit(&state, payload).await?;
-    Ok(receipt_json(&receipt).into_response())
+    let payload = raw(Source::Crm, PayloadFormat::SalesforceCsv, &headers, &body);
+    ingest_json(&state, payload).await
 }
