@@ -1,0 +1,1892 @@
+//! `cohort-bench`: the load generator behind BENCHMARKS.md.
+//!
+//! It plays realistic mixed traffic from synthetic EU students through the public HTTP API (the
+//! same paths, authentication and payload shapes the real sources use), then measures what a
+//! customer of Cohort feels: how fast accepted events reach their profiles, and how fast the
+//! Profile API answers under a fixed offered load. The figures are a report: missing a target
+//! still exits 0; only a broken harness (no server, bad flags, unwritable output) does not.
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine;
+use chrono::{SecondsFormat, Utc};
+use clap::Parser;
+use cohort::demo::DemoServer;
+use cohort::payloads;
+use cohort::SystemOptions;
+use cohort_actors::normalize::signature::sign_twilio;
+use cohort_config::Config;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The targets of the issue, for a 2-core machine.
+const TARGET_EVENTS_PER_SEC: f64 = 50_000.0;
+const TARGET_BATCH: u64 = 100;
+const TARGET_E2P_P99_MS: f64 = 50.0;
+const TARGET_PROFILE_P99_MS: f64 = 5.0;
+const TARGET_PROFILE_RPS: u64 = 5_000;
+/// The Profile API target only counts if the offered rate was actually delivered.
+const PROFILE_RPS_TOLERANCE: f64 = 0.95;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "cohort-bench",
+    version,
+    about = "Load generator: mixed source traffic from synthetic students, end-to-end events/s, \
+             event-to-profile and Profile API latency"
+)]
+struct Cli {
+    /// Target an already running Cohort at this base URL instead of starting one in-process.
+    #[arg(long)]
+    url: Option<String>,
+    /// Profile API bearer token (default: the built-in development token).
+    #[arg(long, env = "COHORT_API_TOKEN")]
+    api_token: Option<String>,
+    /// Segment write key of the web source (default: the built-in development key).
+    #[arg(long)]
+    web_write_key: Option<String>,
+    /// Segment write key of the mobile source (default: the built-in development key).
+    #[arg(long)]
+    mobile_write_key: Option<String>,
+    /// Bearer token of the Salesforce CDC relay (default: the built-in development token).
+    #[arg(long)]
+    crm_token: Option<String>,
+    /// Twilio auth token the WhatsApp webhooks are signed with (default: the development token).
+    #[arg(long)]
+    twilio_auth_token: Option<String>,
+    /// The URL Twilio signatures cover, when the server sets `sources.whatsapp.public_url`.
+    #[arg(long)]
+    twilio_url: Option<String>,
+    /// Extra TOML for the in-process Cohort, e.g. "[identity]\nshards = 8" (ignored with --url).
+    #[arg(long, default_value = "")]
+    server_toml: String,
+    /// Synthetic students (default 10,000; 1,000 with --quick).
+    #[arg(long)]
+    students: Option<u32>,
+    /// Events to send in phase 1 (default 200,000; 10,000 with --quick).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Events per Segment batch request.
+    #[arg(long, default_value_t = TARGET_BATCH)]
+    batch: u64,
+    /// Concurrent ingest requests (HTTP connections).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Share of events sent as single calls from Salesforce CDC, SendGrid and Twilio WhatsApp;
+    /// the rest are Segment batches from the web and the mobile app.
+    #[arg(long, default_value_t = 0.10)]
+    other_share: f64,
+    /// Share of students who reveal email and phone (identify, CRM, email, WhatsApp).
+    #[arg(long, default_value_t = 0.30)]
+    identified_share: f64,
+    /// Pace ingest at this many events/s (default: as fast as --concurrency allows).
+    #[arg(long)]
+    ingest_rate: Option<f64>,
+    /// Offered Profile API request rate in phase 2 (0 skips phase 2).
+    #[arg(long)]
+    profile_rps: Option<u64>,
+    /// Duration of phase 2 in seconds (default 10; 2 with --quick).
+    #[arg(long)]
+    profile_seconds: Option<f64>,
+    /// Give up waiting for accepted events to reach their profiles after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    settle_timeout_secs: u64,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench-results/bench.json")]
+    out: PathBuf,
+    /// Small smoke run (1,000 students, 10,000 events, 2 s of profile load) for CI.
+    #[arg(long)]
+    quick: bool,
+    /// Seed of the traffic generator, so runs are repeatable.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The run's parameters after --quick and defaults are applied.
+#[derive(Debug, Clone)]
+struct Settings {
+    students: u32,
+    events: u64,
+    batch: u64,
+    concurrency: usize,
+    other_share: f64,
+    identified_share: f64,
+    ingest_rate: Option<f64>,
+    profile_rps: u64,
+    profile_seconds: f64,
+    settle_timeout: Duration,
+    seed: u64,
+    quick: bool,
+    quiet: bool,
+}
+
+impl Settings {
+    fn from_cli(cli: &Cli) -> anyhow::Result<Self> {
+        let s = Settings {
+            students: cli.students.unwrap_or(if cli.quick { 1_000 } else { 10_000 }),
+            events: cli.events.unwrap_or(if cli.quick { 10_000 } else { 200_000 }),
+            batch: cli.batch,
+            concurrency: cli.concurrency,
+            other_share: cli.other_share,
+            identified_share: cli.identified_share,
+            ingest_rate: cli.ingest_rate,
+            profile_rps: cli.profile_rps.unwrap_or(TARGET_PROFILE_RPS),
+            profile_seconds: cli.profile_seconds.unwrap_or(if cli.quick { 2.0 } else { 10.0 }),
+            settle_timeout: Duration::from_secs(cli.settle_timeout_secs),
+            seed: cli.seed,
+            quick: cli.quick,
+            quiet: cli.quiet,
+        };
+        if s.students == 0 || s.events == 0 {
+            bail!("--students and --events must be at least 1");
+        }
+        if s.students > 10_000_000 {
+            bail!("--students is limited to 10,000,000 (phone numbers are unique per student)");
+        }
+        if !(1..=2_500).contains(&s.batch) {
+            bail!("--batch must be between 1 and 2,500 (Segment's batch limit)");
+        }
+        if s.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&s.other_share) || !(0.0..=1.0).contains(&s.identified_share) {
+            bail!("--other-share and --identified-share are fractions between 0 and 1");
+        }
+        if s.ingest_rate.is_some_and(|r| r.is_nan() || r <= 0.0 || r.is_infinite()) {
+            bail!("--ingest-rate must be a positive number of events per second");
+        }
+        if s.profile_rps > 0
+            && (s.profile_seconds.is_nan() || s.profile_seconds <= 0.0 || s.profile_seconds.is_infinite())
+        {
+            bail!("--profile-seconds must be positive");
+        }
+        Ok(s)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials and synthetic students
+
+/// Prebuilt header values, so the hot loop does no base64 or formatting per request.
+#[derive(Debug, Clone)]
+struct Creds {
+    web_basic: String,
+    mobile_basic: String,
+    crm_bearer: String,
+    api_bearer: String,
+    twilio_token: String,
+    twilio_url: String,
+}
+
+impl Creds {
+    fn new(cli: &Cli, config: &Config, base: &str) -> anyhow::Result<Self> {
+        let b64 = |key: &str| base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+        let web = cli.web_write_key.clone().unwrap_or_else(|| config.sources.web.write_key.clone());
+        let mobile = cli.mobile_write_key.clone().unwrap_or_else(|| config.sources.mobile.write_key.clone());
+        let crm = cli.crm_token.clone().unwrap_or_else(|| config.sources.crm.token.clone());
+        let api = match &cli.api_token {
+            Some(t) => t.clone(),
+            None => config.auth.api_tokens.first().cloned().ok_or_else(|| anyhow!("no API token configured"))?,
+        };
+        let twilio_token = cli.twilio_auth_token.clone().unwrap_or_else(|| config.sources.whatsapp.auth_token.clone());
+        let twilio_base = match (&cli.twilio_url, config.sources.whatsapp.public_url.trim()) {
+            (Some(u), _) => u.trim_end_matches('/').to_string(),
+            (None, "") => format!("{base}/webhooks/twilio/whatsapp"),
+            (None, public) => format!("{}/webhooks/twilio/whatsapp", public.trim_end_matches('/')),
+        };
+        Ok(Creds {
+            web_basic: format!("Basic {}", b64(&web)),
+            mobile_basic: format!("Basic {}", b64(&mobile)),
+            crm_bearer: format!("Bearer {crm}"),
+            api_bearer: format!("Bearer {api}"),
+            twilio_token,
+            twilio_url: twilio_base,
+        })
+    }
+}
+
+const FIRST_NAMES: &[&str] = &[
+    "Max", "Sophie", "Lukas", "Emma", "Luca", "Chiara", "Hugo", "Lea", "Mateo", "Lucia", "Daan", "Julia", "Jakub",
+    "Zuzana", "Sean", "Aoife", "Elias", "Ingrid", "Nikos", "Eleni", "Jonas", "Marta", "Pierre", "Anna",
+];
+const LAST_NAMES: &[&str] = &[
+    "Mustermann",
+    "Dubois",
+    "Rossi",
+    "Garcia",
+    "Devries",
+    "Nowak",
+    "Novak",
+    "Murphy",
+    "Andersson",
+    "Papadopoulos",
+    "Schmidt",
+    "Moreau",
+    "Bianchi",
+    "Fernandez",
+    "Jansen",
+    "Kowalski",
+    "Svoboda",
+    "Kelly",
+    "Nilsson",
+    "Georgiou",
+];
+/// Country, city and a mobile prefix that leaves seven digits for the subscriber number.
+const COUNTRIES: &[(&str, &str, &str)] = &[
+    ("DE", "Berlin", "+491512"),
+    ("FR", "Paris", "+3361"),
+    ("ES", "Madrid", "+3461"),
+    ("NL", "Amsterdam", "+3161"),
+    ("IT", "Milano", "+39347"),
+    ("DE", "Munich", "+491522"),
+];
+const PROGRAMMES: &[(&str, &str)] = &[
+    ("/programmes/mba", "MBA"),
+    ("/programmes/msc-data-science", "MSc Data Science"),
+    ("/programmes/bsc-computer-science", "BSc Computer Science"),
+    ("/programmes/psychology", "Psychology"),
+    ("/programmes/ma-international-management", "MA International Management"),
+    ("/programmes/msc-artificial-intelligence", "MSc Artificial Intelligence"),
+];
+const WEB_PAGES: &[&str] = &["/", "/admissions/apply", "/fees", "/scholarships", "/campus/berlin", "/open-days"];
+const WEB_TRACKS: &[&str] = &["Brochure Downloaded", "Application Started", "Open Day Registered", "Chat Opened"];
+const APP_TRACKS: &[&str] =
+    &["App Opened", "Lecture Viewed", "Assignment Submitted", "Timetable Viewed", "Course Enrolled", "Grade Viewed"];
+const SENDGRID_EVENTS: &[&str] = &["delivered", "delivered", "open", "open", "click", "processed"];
+const WHATSAPP_TEXTS: &[&str] = &[
+    "Hi, when is the deadline for the MBA?",
+    "How much are the tuition fees for MSc Data Science?",
+    "Is there a scholarship for Computer Science?",
+    "Thanks, the open day was great!",
+    "I still have not received my admission letter, this is frustrating",
+    "Wann ist die Bewerbungsfrist für Psychologie?",
+    "Do I need a visa to study Artificial Intelligence in Berlin?",
+];
+const ENROLLMENT_STATUSES: &[&str] = &["inquiry", "applicant", "admitted", "enrolled"];
+
+/// A cheap integer hash, so student attributes are a pure function of (seed, index).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Synthetic students. Nothing is stored per student: every identifier derives from the
+/// index and the run tag (so reruns against one server never collide), keeping memory flat.
+#[derive(Debug, Clone)]
+struct Students {
+    n: u32,
+    run: String,
+    seed: u64,
+    identified_permille: u64,
+    phone_offset: u64,
+}
+
+impl Students {
+    fn pick(&self, rng: &mut StdRng) -> u32 {
+        rng.gen_range(0..self.n)
+    }
+    fn identified(&self, i: u32) -> bool {
+        mix(self.seed ^ u64::from(i)) % 1000 < self.identified_permille
+    }
+    fn user_id(&self, i: u32) -> String {
+        format!("stu-{}-{i:06}", self.run)
+    }
+    fn anonymous_id(&self, i: u32) -> String {
+        format!("anon-{}-{i:06}", self.run)
+    }
+    fn device_id(&self, i: u32) -> String {
+        format!("dev-{}-{i:06}", self.run)
+    }
+    fn first(&self, i: u32) -> &'static str {
+        FIRST_NAMES[i as usize % FIRST_NAMES.len()]
+    }
+    fn last(&self, i: u32) -> &'static str {
+        LAST_NAMES[(i as usize / FIRST_NAMES.len()) % LAST_NAMES.len()]
+    }
+    fn email(&self, i: u32) -> String {
+        format!("{}.{}.{}{i}@students.example.eu", self.first(i), self.last(i), self.run).to_lowercase()
+    }
+    fn country(&self, i: u32) -> (&'static str, &'static str, &'static str) {
+        COUNTRIES[(i as usize / 7) % COUNTRIES.len()]
+    }
+    /// E.164, unique within the run (fewer than 10 million students per country prefix).
+    fn phone(&self, i: u32) -> String {
+        format!("{}{:07}", self.country(i).2, (u64::from(i) + self.phone_offset) % 10_000_000)
+    }
+    /// An 18-character Contact id.
+    fn salesforce_id(&self, i: u32) -> String {
+        format!("003{}{i:09}", &self.run[..6])
+    }
+    fn identify_traits(&self, i: u32) -> Value {
+        let (country, city, _) = self.country(i);
+        json!({
+            "email": self.email(i),
+            "phone": self.phone(i),
+            "firstName": self.first(i),
+            "lastName": self.last(i),
+            "address": { "city": city, "country": country },
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic plan and request building
+
+/// Which kind of request a unit of work is; also the key of per-kind statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    WebBatch,
+    MobileBatch,
+    SalesforceCdc,
+    Sendgrid,
+    Whatsapp,
+}
+
+impl Kind {
+    const ALL: [Kind; 5] = [Kind::WebBatch, Kind::MobileBatch, Kind::SalesforceCdc, Kind::Sendgrid, Kind::Whatsapp];
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::WebBatch => "segment_web_batch",
+            Kind::MobileBatch => "segment_mobile_batch",
+            Kind::SalesforceCdc => "salesforce_cdc",
+            Kind::Sendgrid => "sendgrid",
+            Kind::Whatsapp => "twilio_whatsapp",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How phase 1's events are cut into requests. Batches and single calls are interleaved evenly
+/// over the run, so the mix is the same at every moment rather than batches first.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    segment_events: u64,
+    batch: u64,
+    batches: u64,
+    singles: u64,
+    units: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    Batch { events: u64 },
+    Single { index: u64 },
+}
+
+impl Plan {
+    fn new(s: &Settings) -> Self {
+        let segment_events = ((s.events as f64) * (1.0 - s.other_share)).round() as u64;
+        let singles = s.events - segment_events;
+        let batches = segment_events.div_ceil(s.batch);
+        Plan { segment_events, batch: s.batch, batches, singles, units: batches + singles }
+    }
+
+    /// Unit `j` is a batch when the even spread of batches over units steps at `j`.
+    fn unit(&self, j: u64) -> Unit {
+        let before = (u128::from(j) * u128::from(self.batches) / u128::from(self.units)) as u64;
+        let after = (u128::from(j + 1) * u128::from(self.batches) / u128::from(self.units)) as u64;
+        if after > before {
+            Unit::Batch { events: self.batch.min(self.segment_events - before * self.batch) }
+        } else {
+            Unit::Single { index: j - before }
+        }
+    }
+}
+
+/// One request ready to send.
+struct Built {
+    kind: Kind,
+    url: String,
+    auth: Option<String>,
+    content_type: &'static str,
+    extra_header: Option<(&'static str, String)>,
+    body: Vec<u8>,
+    events: u64,
+    /// Students whose `userId` this request carries: once accepted, the Profile API can find them.
+    user_ids: Vec<u32>,
+}
+
+/// Everything the ingest workers share.
+struct IngestCtx {
+    http: reqwest::Client,
+    base: String,
+    creds: Creds,
+    students: Students,
+    plan: Plan,
+    next_unit: AtomicU64,
+    replay_base: u64,
+    known: Vec<AtomicBool>,
+    answered_events: AtomicU64,
+    accepted_events: AtomicU64,
+    started: Instant,
+    seconds_per_unit: Option<f64>,
+}
+
+fn pick<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
+    items[rng.gen_range(0..items.len())]
+}
+
+impl IngestCtx {
+    fn build(&self, unit: Unit, rng: &mut StdRng, msg_prefix: &str, msg_seq: &mut u64) -> anyhow::Result<Built> {
+        let mut next_id = || {
+            *msg_seq += 1;
+            format!("{msg_prefix}-{}", *msg_seq)
+        };
+        let st = &self.students;
+        let now = Utc::now();
+        match unit {
+            Unit::Batch { events } => {
+                let mobile = rng.gen_bool(0.4);
+                let mut items = Vec::with_capacity(events as usize);
+                let mut user_ids = Vec::new();
+                for _ in 0..events {
+                    let i = st.pick(rng);
+                    let r: f64 = rng.gen();
+                    let item = if mobile {
+                        user_ids.push(i);
+                        let mut v = if r < 0.05 {
+                            let traits = if st.identified(i) {
+                                st.identify_traits(i)
+                            } else {
+                                json!({ "firstName": st.first(i) })
+                            };
+                            payloads::segment_identify(&next_id(), None, Some(&st.user_id(i)), traits, None, now)
+                        } else {
+                            let (_, programme) = PROGRAMMES[rng.gen_range(0..PROGRAMMES.len())];
+                            let props = json!({ "programme": programme, "screen": "Home", "session_length_s": rng.gen_range(5..900) });
+                            payloads::segment_track(&next_id(), &st.user_id(i), pick(rng, APP_TRACKS), props, now)
+                        };
+                        v["context"]["device"] = json!({ "id": st.device_id(i), "manufacturer": "Google", "model": "Pixel 8", "type": "android" });
+                        v["context"]["app"] = json!({ "name": "Campus", "version": "4.2.0", "build": "420" });
+                        v["context"]["os"] = json!({ "name": "Android", "version": "14" });
+                        v
+                    } else if r < 0.06 && st.identified(i) {
+                        user_ids.push(i);
+                        let anon = st.anonymous_id(i);
+                        payloads::segment_identify(
+                            &next_id(),
+                            Some(&anon),
+                            Some(&st.user_id(i)),
+                            st.identify_traits(i),
+                            None,
+                            now,
+                        )
+                    } else if r < 0.20 {
+                        user_ids.push(i);
+                        let (_, programme) = PROGRAMMES[rng.gen_range(0..PROGRAMMES.len())];
+                        let mut v = payloads::segment_track(
+                            &next_id(),
+                            &st.user_id(i),
+                            pick(rng, WEB_TRACKS),
+                            json!({ "programme": programme }),
+                            now,
+                        );
+                        v["anonymousId"] = json!(st.anonymous_id(i));
+                        v
+                    } else {
+                        let path = if rng.gen_bool(0.6) {
+                            PROGRAMMES[rng.gen_range(0..PROGRAMMES.len())].0
+                        } else {
+                            pick(rng, WEB_PAGES)
+                        };
+                        let mut v = payloads::segment_page(&next_id(), &st.anonymous_id(i), path, now);
+                        // Logged-in visitors carry their userId on page views too.
+                        if rng.gen_bool(0.5) {
+                            user_ids.push(i);
+                            v["userId"] = json!(st.user_id(i));
+                        }
+                        v
+                    };
+                    items.push(item);
+                }
+                let body = serde_json::to_vec(&payloads::segment_batch(items))?;
+                let (kind, auth) = if mobile {
+                    (Kind::MobileBatch, &self.creds.mobile_basic)
+                } else {
+                    (Kind::WebBatch, &self.creds.web_basic)
+                };
+                Ok(Built {
+                    kind,
+                    url: format!("{}/v1/batch", self.base),
+                    auth: Some(auth.clone()),
+                    content_type: "application/json",
+                    extra_header: None,
+                    body,
+                    events,
+                    user_ids,
+                })
+            }
+            Unit::Single { index } => {
+                let i = st.pick(rng);
+                match index % 3 {
+                    0 => {
+                        let replay = self.replay_base + index;
+                        let status = pick(rng, ENROLLMENT_STATUSES);
+                        let (change, fields) = if rng.gen_bool(0.3) {
+                            let (country, city, _) = st.country(i);
+                            let fields = json!({
+                                "Name": { "FirstName": st.first(i), "LastName": st.last(i) },
+                                "Email": st.email(i),
+                                "Phone": st.phone(i),
+                                "MailingAddress": { "City": city, "Country": country },
+                                "Enrollment_Status__c": status,
+                            });
+                            ("CREATE", fields)
+                        } else {
+                            ("UPDATE", json!({ "Enrollment_Status__c": status, "Email": st.email(i) }))
+                        };
+                        let body = payloads::salesforce_contact_cdc(replay, &st.salesforce_id(i), change, fields, now);
+                        Ok(Built {
+                            kind: Kind::SalesforceCdc,
+                            url: format!("{}/webhooks/salesforce/cdc", self.base),
+                            auth: Some(self.creds.crm_bearer.clone()),
+                            content_type: "application/json",
+                            extra_header: None,
+                            body: serde_json::to_vec(&body)?,
+                            events: 1,
+                            user_ids: Vec::new(),
+                        })
+                    }
+                    1 => {
+                        let event = pick(rng, SENDGRID_EVENTS);
+                        let mut body = payloads::sendgrid_event(&next_id(), &st.email(i), event, now);
+                        if event == "click" {
+                            body[0]["url"] = json!("https://www.example-university.eu/admissions/apply");
+                        }
+                        Ok(Built {
+                            kind: Kind::Sendgrid,
+                            url: format!("{}/webhooks/sendgrid/events", self.base),
+                            auth: None,
+                            content_type: "application/json",
+                            extra_header: None,
+                            body: serde_json::to_vec(&body)?,
+                            events: 1,
+                            user_ids: Vec::new(),
+                        })
+                    }
+                    _ => {
+                        // `x` keeps worker and sequence apart: "w3x12" and "w31x2" must differ.
+                        let sid = format!("SM{}", next_id().replace('-', "x"));
+                        let form =
+                            payloads::twilio_whatsapp_form(&sid, &st.phone(i), pick(rng, WHATSAPP_TEXTS), st.first(i));
+                        let signature = sign_twilio(&self.creds.twilio_token, &self.creds.twilio_url, &form);
+                        let body = serde_urlencoded::to_string(&form).context("encoding the Twilio form")?;
+                        Ok(Built {
+                            kind: Kind::Whatsapp,
+                            url: format!("{}/webhooks/twilio/whatsapp", self.base),
+                            auth: None,
+                            content_type: "application/x-www-form-urlencoded",
+                            extra_header: Some(("x-twilio-signature", signature)),
+                            body: body.into_bytes(),
+                            events: 1,
+                            user_ids: Vec::new(),
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: ingest
+
+/// Per-kind counters of one worker, merged at the end (no shared locks on the hot path).
+#[derive(Debug, Default, Clone)]
+struct KindStats {
+    requests: u64,
+    events: u64,
+    accepted: u64,
+    duplicates: u64,
+    rejected: u64,
+    http_errors: BTreeMap<u16, u64>,
+    transport_errors: u64,
+    first_error: Option<String>,
+    latencies_us: Vec<u64>,
+}
+
+impl KindStats {
+    fn merge(&mut self, other: KindStats) {
+        self.requests += other.requests;
+        self.events += other.events;
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.rejected += other.rejected;
+        for (k, v) in other.http_errors {
+            *self.http_errors.entry(k).or_default() += v;
+        }
+        self.transport_errors += other.transport_errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.latencies_us.extend(other.latencies_us);
+    }
+    fn errors(&self) -> u64 {
+        self.http_errors.values().sum::<u64>() + self.transport_errors
+    }
+}
+
+fn count_field(v: &Value) -> u64 {
+    v.as_u64().or_else(|| v.as_array().map(|a| a.len() as u64)).unwrap_or(0)
+}
+
+async fn ingest_worker(ctx: Arc<IngestCtx>, worker: usize, seed: u64) -> anyhow::Result<Vec<KindStats>> {
+    let mut rng = StdRng::seed_from_u64(mix(seed ^ (worker as u64 + 1)));
+    let mut stats: Vec<KindStats> = Kind::ALL.iter().map(|_| KindStats::default()).collect();
+    let prefix = format!("{}-w{worker}", ctx.students.run);
+    let mut seq = 0u64;
+    loop {
+        let j = ctx.next_unit.fetch_add(1, Ordering::Relaxed);
+        if j >= ctx.plan.units {
+            break;
+        }
+        if let Some(spu) = ctx.seconds_per_unit {
+            let due = ctx.started + Duration::from_secs_f64(spu * j as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let built = ctx.build(ctx.plan.unit(j), &mut rng, &prefix, &mut seq)?;
+        let s = &mut stats[built.kind.index()];
+        s.requests += 1;
+        s.events += built.events;
+        let mut req = ctx.http.post(&built.url).header(CONTENT_TYPE, built.content_type).body(built.body);
+        if let Some(a) = &built.auth {
+            req = req.header(AUTHORIZATION, a);
+        }
+        if let Some((k, v)) = &built.extra_header {
+            req = req.header(*k, v);
+        }
+        let sent = Instant::now();
+        let outcome = match req.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                resp.bytes().await.map(|b| (status, b))
+            }
+            Err(e) => Err(e),
+        };
+        s.latencies_us.push(sent.elapsed().as_micros() as u64);
+        match outcome {
+            Ok((status, body)) if status.is_success() => {
+                let (accepted, duplicates, rejected) = if built.kind == Kind::Whatsapp {
+                    // Twilio gets empty TwiML back: a 200 means the message was made durable.
+                    (built.events, 0, 0)
+                } else {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    (count_field(&v["accepted"]), count_field(&v["duplicates"]), count_field(&v["rejected"]))
+                };
+                s.accepted += accepted;
+                s.duplicates += duplicates;
+                s.rejected += rejected;
+                if rejected > 0 && s.first_error.is_none() {
+                    s.first_error = Some(format!("HTTP {status} with rejections: {}", String::from_utf8_lossy(&body)));
+                }
+                ctx.accepted_events.fetch_add(accepted, Ordering::Relaxed);
+                if accepted > 0 {
+                    for i in built.user_ids {
+                        if let Some(flag) = ctx.known.get(i as usize) {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Ok((status, body)) => {
+                *s.http_errors.entry(status.as_u16()).or_default() += 1;
+                if s.first_error.is_none() {
+                    let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+                    s.first_error = Some(format!("HTTP {status}: {text}"));
+                }
+            }
+            Err(e) => {
+                s.transport_errors += 1;
+                if s.first_error.is_none() {
+                    s.first_error = Some(format!("transport: {e}"));
+                }
+            }
+        }
+        ctx.answered_events.fetch_add(built.events, Ordering::Relaxed);
+    }
+    Ok(stats)
+}
+
+#[derive(Debug, Clone)]
+struct IngestResult {
+    by_kind: Vec<(Kind, KindStats)>,
+    total: KindStats,
+    /// Accepted events the pipeline must apply: the answers' sum, capped by the server counter.
+    expected: u64,
+    http_elapsed: Duration,
+    applied_elapsed: Duration,
+    all_applied: bool,
+    applied: u64,
+    e2p: HistogramDelta,
+    server: ServerDeltas,
+}
+
+/// What the server's counters moved by during the phase.
+#[derive(Debug, Clone, Default)]
+struct ServerDeltas {
+    accepted: f64,
+    duplicates: f64,
+    rejected: f64,
+    dead_letters_pipeline: f64,
+    dead_letters_validation: f64,
+    profiles_created: f64,
+    identity_merges: f64,
+    actor_restarts: f64,
+    flushes: f64,
+    flush_seconds_mean: Option<f64>,
+}
+
+impl ServerDeltas {
+    fn between(before: &Scrape, after: &Scrape) -> Self {
+        let d = |name: &str, filter: &[(&str, &str)]| after.sum(name, filter) - before.sum(name, filter);
+        let flushes = d("cohort_profile_flush_seconds_count", &[]);
+        let flush_sum = d("cohort_profile_flush_seconds_sum", &[]);
+        ServerDeltas {
+            accepted: d("cohort_ingest_events_accepted_total", &[]),
+            duplicates: d("cohort_ingest_events_duplicate_total", &[]),
+            rejected: d("cohort_ingest_events_rejected_total", &[]),
+            dead_letters_pipeline: d("cohort_dead_letters_total", &[])
+                - d("cohort_dead_letters_total", &[("stage", "validation")]),
+            dead_letters_validation: d("cohort_dead_letters_total", &[("stage", "validation")]),
+            profiles_created: d("cohort_profiles_created_total", &[]),
+            identity_merges: d("cohort_identity_merges_total", &[]),
+            actor_restarts: d("cohort_actor_restarts_total", &[]),
+            flushes,
+            flush_seconds_mean: (flushes > 0.0).then(|| flush_sum / flushes),
+        }
+    }
+}
+
+/// Events that left the pipeline since `before`: applied on a profile, or dead-lettered after
+/// acceptance (an event the pipeline gave up on will never be applied, so waiting is futile).
+fn settled_since(before: &Scrape, now: &Scrape) -> u64 {
+    let applied = now.sum("cohort_event_to_profile_seconds_count", &[])
+        - before.sum("cohort_event_to_profile_seconds_count", &[]);
+    let dead = |s: &Scrape| {
+        s.sum("cohort_dead_letters_total", &[]) - s.sum("cohort_dead_letters_total", &[("stage", "validation")])
+    };
+    (applied + dead(now) - dead(before)).max(0.0) as u64
+}
+
+async fn run_ingest(
+    http: &reqwest::Client,
+    base: &str,
+    creds: &Creds,
+    students: &Students,
+    s: &Settings,
+) -> anyhow::Result<(IngestResult, Vec<u32>)> {
+    let plan = Plan::new(s);
+    let before = scrape(http, base).await.context("reading /metrics before the ingest phase")?;
+    let started = Instant::now();
+    let ctx = Arc::new(IngestCtx {
+        http: http.clone(),
+        base: base.to_string(),
+        creds: creds.clone(),
+        students: students.clone(),
+        plan,
+        next_unit: AtomicU64::new(0),
+        replay_base: (Utc::now().timestamp_millis().max(0) as u64) * 1_000,
+        known: (0..students.n).map(|_| AtomicBool::new(false)).collect(),
+        answered_events: AtomicU64::new(0),
+        accepted_events: AtomicU64::new(0),
+        started,
+        seconds_per_unit: s.ingest_rate.map(|rate| (s.events as f64 / plan.units as f64) / rate),
+    });
+    let progress = (!s.quiet).then(|| {
+        let ctx = ctx.clone();
+        let total = s.events;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                eprintln!(
+                    "[ingest] {:>5.1} s  {} / {} events answered, {} accepted",
+                    ctx.started.elapsed().as_secs_f64(),
+                    thousands(ctx.answered_events.load(Ordering::Relaxed)),
+                    thousands(total),
+                    thousands(ctx.accepted_events.load(Ordering::Relaxed)),
+                );
+            }
+        })
+    });
+    let workers: Vec<_> = (0..s.concurrency).map(|w| tokio::spawn(ingest_worker(ctx.clone(), w, s.seed))).collect();
+    let mut per_kind: Vec<KindStats> = Kind::ALL.iter().map(|_| KindStats::default()).collect();
+    let mut failure = None;
+    for w in workers {
+        match w.await {
+            Ok(Ok(stats)) => {
+                for (acc, st) in per_kind.iter_mut().zip(stats) {
+                    acc.merge(st);
+                }
+            }
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(anyhow!("ingest worker panicked: {e}")),
+        }
+    }
+    if let Some(p) = &progress {
+        p.abort();
+    }
+    if let Some(e) = failure {
+        return Err(e.context("building or sending ingest traffic"));
+    }
+    let http_elapsed = started.elapsed();
+    let mut total = KindStats::default();
+    for st in &per_kind {
+        total.merge(st.clone());
+    }
+
+    // Wait until every accepted event has reached its profile. A Twilio 200 carries no count,
+    // so the server's own counter (final once every answer is in) caps what the answers claim;
+    // the cap never lets another client's traffic on a shared server inflate the target.
+    let mid = scrape(http, base).await.context("reading /metrics after the last ingest answer")?;
+    let server_accepted =
+        mid.sum("cohort_ingest_events_accepted_total", &[]) - before.sum("cohort_ingest_events_accepted_total", &[]);
+    let expected = total.accepted.min(server_accepted.max(0.0) as u64);
+    let deadline = Instant::now() + s.settle_timeout;
+    let mut last_print = Instant::now();
+    let (after, applied_elapsed, all_applied, applied) = loop {
+        let now = scrape(http, base).await.context("reading /metrics while waiting for profiles")?;
+        let settled = settled_since(&before, &now);
+        let elapsed = started.elapsed();
+        if settled >= expected {
+            break (now, elapsed, true, settled);
+        }
+        if Instant::now() > deadline {
+            break (now, elapsed, false, settled);
+        }
+        if !s.quiet && last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            eprintln!(
+                "[apply]  {:>5.1} s  {} / {} accepted events applied to profiles",
+                elapsed.as_secs_f64(),
+                thousands(settled),
+                thousands(expected)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let e2p = HistogramDelta::between(&before, &after, "cohort_event_to_profile_seconds", &[]);
+    let server = ServerDeltas::between(&before, &after);
+    let known: Vec<u32> =
+        ctx.known.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).map(|(i, _)| i as u32).collect();
+    let by_kind = Kind::ALL.iter().copied().zip(per_kind).collect();
+    let result =
+        IngestResult { by_kind, total, expected, http_elapsed, applied_elapsed, all_applied, applied, e2p, server };
+    Ok((result, known))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: Profile API under a fixed offered rate
+
+#[derive(Debug, Clone, Default)]
+struct ProfileResult {
+    scheduled: u64,
+    ok: u64,
+    not_found: u64,
+    http_errors: BTreeMap<u16, u64>,
+    transport_errors: u64,
+    first_error: Option<String>,
+    window: Duration,
+    /// From the scheduled send time to the full response (corrects coordinated omission).
+    latency_us: Vec<u64>,
+    /// From the actual send to the full response (what the server and network took).
+    service_us: Vec<u64>,
+    /// Latencies by the second of the schedule they belong to: tells a stall from a steady state.
+    per_second_us: Vec<Vec<u64>>,
+    server: HistogramDelta,
+}
+
+impl ProfileResult {
+    fn errors(&self) -> u64 {
+        self.http_errors.values().sum::<u64>() + self.transport_errors
+    }
+    fn achieved_rps(&self) -> f64 {
+        if self.window.is_zero() {
+            0.0
+        } else {
+            self.ok as f64 / self.window.as_secs_f64()
+        }
+    }
+}
+
+enum ProfileOutcome {
+    Ok,
+    Status(u16, String),
+    Transport(String),
+}
+
+/// Sends one Profile API request; `scheduled` is when the open-loop schedule wanted it sent.
+async fn profile_request(
+    http: reqwest::Client,
+    url: String,
+    auth: Arc<str>,
+    scheduled: Instant,
+    second: usize,
+    tx: mpsc::UnboundedSender<(u64, u64, ProfileOutcome, Instant, usize)>,
+) {
+    let sent = Instant::now();
+    let outcome = match http.get(&url).header(AUTHORIZATION, &*auth).send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            match resp.bytes().await {
+                Ok(_) if status.is_success() => ProfileOutcome::Ok,
+                Ok(body) => {
+                    ProfileOutcome::Status(status.as_u16(), String::from_utf8_lossy(&body).chars().take(300).collect())
+                }
+                Err(e) => ProfileOutcome::Transport(e.to_string()),
+            }
+        }
+        Err(e) => ProfileOutcome::Transport(e.to_string()),
+    };
+    let done = Instant::now();
+    let latency = done.saturating_duration_since(scheduled).as_micros() as u64;
+    let service = done.saturating_duration_since(sent).as_micros() as u64;
+    let _ = tx.send((latency, service, outcome, done, second));
+}
+
+async fn run_profiles(
+    http: &reqwest::Client,
+    base: &str,
+    creds: &Creds,
+    students: &Students,
+    known: &[u32],
+    s: &Settings,
+) -> anyhow::Result<ProfileResult> {
+    if known.is_empty() {
+        bail!("no student's userId was accepted in phase 1, so the Profile API has nothing to look up");
+    }
+    let urls: Arc<Vec<String>> =
+        Arc::new(known.iter().map(|&i| format!("{base}/v1/profiles/user_id:{}", students.user_id(i))).collect());
+    let auth: Arc<str> = Arc::from(creds.api_bearer.as_str());
+
+    // Warm-up, not measured: opens connections the way a steady client already has them.
+    let warm: Vec<_> = (0..256)
+        .map(|k| {
+            let (http, url, auth) = (http.clone(), urls[k % urls.len()].clone(), auth.clone());
+            tokio::spawn(async move {
+                if let Ok(r) = http.get(&url).header(AUTHORIZATION, &*auth).send().await {
+                    let _ = r.bytes().await;
+                }
+            })
+        })
+        .collect();
+    for w in warm {
+        let _ = w.await;
+    }
+
+    let before = scrape(http, base).await.context("reading /metrics before the Profile API phase")?;
+    let total = ((s.profile_rps as f64) * s.profile_seconds).round() as u64;
+    let interval_ns = 1e9 / s.profile_rps as f64;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let start = Instant::now() + Duration::from_millis(5);
+    let handle = tokio::runtime::Handle::current();
+    let (http2, urls2, seed) = (http.clone(), urls.clone(), s.seed);
+    // The schedule runs on its own OS thread: std sleeps are precise to tens of microseconds,
+    // where tokio's timer wheel has 1 ms ticks, which would add up to 1 ms of harness latency.
+    let scheduler = tokio::task::spawn_blocking(move || {
+        let mut rng = StdRng::seed_from_u64(mix(seed ^ 0x5052_4F46));
+        for k in 0..total {
+            let offset = Duration::from_nanos((k as f64 * interval_ns) as u64);
+            let scheduled = start + offset;
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            let url = urls2[rng.gen_range(0..urls2.len())].clone();
+            let second = offset.as_secs() as usize;
+            handle.spawn(profile_request(http2.clone(), url, auth.clone(), scheduled, second, tx.clone()));
+        }
+    });
+    let mut result = ProfileResult { scheduled: total, ..ProfileResult::default() };
+    let mut last_done = start;
+    let mut last_print = Instant::now();
+    let collect = async {
+        while let Some((latency, service, outcome, done, second)) = rx.recv().await {
+            if result.per_second_us.len() <= second {
+                result.per_second_us.resize_with(second + 1, Vec::new);
+            }
+            result.per_second_us[second].push(latency);
+            result.latency_us.push(latency);
+            result.service_us.push(service);
+            last_done = last_done.max(done);
+            match outcome {
+                ProfileOutcome::Ok => result.ok += 1,
+                ProfileOutcome::Status(code, body) => {
+                    if code == 404 {
+                        result.not_found += 1;
+                    }
+                    *result.http_errors.entry(code).or_default() += 1;
+                    result.first_error.get_or_insert_with(|| format!("HTTP {code}: {body}"));
+                }
+                ProfileOutcome::Transport(e) => {
+                    result.transport_errors += 1;
+                    result.first_error.get_or_insert_with(|| format!("transport: {e}"));
+                }
+            }
+            if !s.quiet && last_print.elapsed() >= Duration::from_secs(1) {
+                last_print = Instant::now();
+                eprintln!(
+                    "[profile] {:>4.1} s  {} / {} requests answered",
+                    start.elapsed().as_secs_f64(),
+                    thousands(result.latency_us.len() as u64),
+                    thousands(total)
+                );
+            }
+        }
+    };
+    let (sched, ()) = tokio::join!(scheduler, collect);
+    sched.context("the Profile API scheduler thread failed")?;
+    result.window = last_done.saturating_duration_since(start);
+    let after = scrape(http, base).await.context("reading /metrics after the Profile API phase")?;
+    result.server = HistogramDelta::between(
+        &before,
+        &after,
+        "cohort_api_request_duration_seconds",
+        &[("route", "/v1/profiles/{ref}"), ("method", "GET")],
+    );
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text format
+
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// One scrape of `/metrics`.
+#[derive(Debug, Clone, Default)]
+struct Scrape {
+    samples: Vec<Sample>,
+}
+
+fn parse_value(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        other => other.parse().ok(),
+    }
+}
+
+/// Label pairs after `{`; returns them and the rest after `}`. Label values may hold `{`, `}`
+/// and `,` (route templates do), so this reads quoted strings rather than splitting.
+fn parse_labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
+    let mut labels = Vec::new();
+    let mut rest = s;
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        if let Some(r) = rest.strip_prefix('}') {
+            return Some((labels, r));
+        }
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim().to_string();
+        rest = rest[eq + 1..].trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => {
+                    let (_, e) = chars.next()?;
+                    value.push(if e == 'n' { '\n' } else { e });
+                }
+                '"' => break i,
+                other => value.push(other),
+            }
+        };
+        rest = &rest[end + 1..];
+        labels.push((key, value));
+    }
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let name = line[..name_end].to_string();
+    let rest = &line[name_end..];
+    let (labels, rest) = match rest.strip_prefix('{') {
+        Some(r) => parse_labels(r)?,
+        None => (Vec::new(), rest),
+    };
+    let value = parse_value(rest.split_whitespace().next()?)?;
+    Some(Sample { name, labels, value })
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(parse_sample)
+            .collect();
+        Scrape { samples }
+    }
+
+    fn matching<'a>(&'a self, name: &'a str, filter: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name && filter.iter().all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+    }
+
+    /// Sum over every label set matching `filter`.
+    fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.matching(name, filter).map(|s| s.value).sum()
+    }
+
+    /// Cumulative buckets `(le, count)` summed over label sets, sorted by `le`.
+    fn buckets(&self, base: &str, filter: &[(&str, &str)]) -> Vec<(f64, f64)> {
+        let name = format!("{base}_bucket");
+        let mut by_le: Vec<(f64, f64)> = Vec::new();
+        for s in self.matching(&name, filter) {
+            let Some(le) = s.labels.iter().find(|(k, _)| k == "le").and_then(|(_, v)| parse_value(v)) else {
+                continue;
+            };
+            match by_le.iter_mut().find(|(l, _)| *l == le) {
+                Some(entry) => entry.1 += s.value,
+                None => by_le.push((le, s.value)),
+            }
+        }
+        by_le.sort_by(|a, b| a.0.total_cmp(&b.0));
+        by_le
+    }
+}
+
+async fn scrape(http: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> {
+    let resp = http.get(format!("{base}/metrics")).send().await?;
+    if !resp.status().is_success() {
+        bail!("GET /metrics answered {}", resp.status());
+    }
+    Ok(Scrape::parse(&resp.text().await?))
+}
+
+/// A histogram's growth between two scrapes: what happened during one phase only.
+#[derive(Debug, Clone, Default)]
+struct HistogramDelta {
+    buckets: Vec<(f64, f64)>,
+    count: f64,
+    sum: f64,
+}
+
+impl HistogramDelta {
+    fn between(before: &Scrape, after: &Scrape, base: &str, filter: &[(&str, &str)]) -> Self {
+        let old = before.buckets(base, filter);
+        let buckets = after
+            .buckets(base, filter)
+            .into_iter()
+            .map(|(le, c)| (le, c - old.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, o)| *o)))
+            .collect();
+        let d = |suffix: &str| {
+            let name = format!("{base}_{suffix}");
+            after.sum(&name, filter) - before.sum(&name, filter)
+        };
+        HistogramDelta { buckets, count: d("count"), sum: d("sum") }
+    }
+
+    /// Prometheus-style `histogram_quantile`: linear interpolation inside the bucket holding
+    /// the rank. The flag is true when the rank falls in `+Inf` (the value is a lower bound).
+    fn quantile(&self, q: f64) -> Option<(f64, bool)> {
+        let total = self.buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let (mut prev_le, mut prev_cum) = (0.0, 0.0);
+        for &(le, cum) in &self.buckets {
+            if cum >= rank {
+                if le.is_infinite() {
+                    return Some((prev_le, true));
+                }
+                if cum <= prev_cum {
+                    return Some((le, false));
+                }
+                return Some((prev_le + (le - prev_le) * (rank - prev_cum) / (cum - prev_cum), false));
+            }
+            (prev_le, prev_cum) = (le, cum);
+        }
+        None
+    }
+
+    /// The exact share of observations at or below a bucket boundary.
+    fn share_within(&self, le: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        let at = self.buckets.iter().find(|(l, _)| (*l - le).abs() < 1e-12)?.1;
+        (total > 0.0).then(|| at / total)
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    fn to_json_ms(&self) -> Value {
+        let q = |p: f64| self.quantile(p).map(|(v, open)| json!({ "ms": v * 1e3, "lower_bound_only": open }));
+        json!({
+            "method": "bucket-interpolated from the Prometheus histogram (delta over the phase, linear within buckets)",
+            "observations": self.count,
+            "p50": q(0.50),
+            "p99": q(0.99),
+            "mean_ms": self.mean().map(|m| m * 1e3),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting
+
+fn percentile_us(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let idx = ((q * sorted.len() as f64).ceil() as usize).saturating_sub(1).min(sorted.len() - 1);
+    Some(sorted[idx])
+}
+
+/// p50 / p99 / max in milliseconds from microsecond samples.
+fn latency_summary(samples: &[u64]) -> Option<(f64, f64, f64)> {
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let ms = |us: u64| us as f64 / 1e3;
+    Some((ms(percentile_us(&v, 0.50)?), ms(percentile_us(&v, 0.99)?), ms(*v.last()?)))
+}
+
+fn latency_json(samples: &[u64]) -> Value {
+    match latency_summary(samples) {
+        Some((p50, p99, max)) => json!({ "samples": samples.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max }),
+        None => json!({ "samples": 0 }),
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.2} ms"))
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One target of the issue and how this run did against it.
+#[derive(Debug, Clone)]
+struct TargetCheck {
+    name: &'static str,
+    target: String,
+    measured: String,
+    value: Option<f64>,
+    pass: bool,
+    /// False when the run's settings differ from the target's conditions (e.g. --quick).
+    comparable: bool,
+}
+
+fn machine() -> Value {
+    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    // Other work on the machine skews every figure; the load average shows whether there was any.
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loadavg: Vec<f64> = loadavg.split_whitespace().take(3).filter_map(|v| v.parse().ok()).collect();
+    json!({
+        "nproc": nproc,
+        "cpu_model": model,
+        "memory_gib": mem_kib.map(|k| (k as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0),
+        "kernel": kernel,
+        "loadavg_1_5_15": loadavg,
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+struct Report<'a> {
+    mode: &'a str,
+    base: &'a str,
+    settings: &'a Settings,
+    plan: Plan,
+    run: &'a str,
+    machine: Value,
+    ingest: &'a IngestResult,
+    profile: Option<&'a ProfileResult>,
+    profile_skipped: Option<String>,
+}
+
+impl Report<'_> {
+    fn e2e_events_per_sec(&self) -> f64 {
+        let secs = self.ingest.applied_elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.ingest.applied.min(self.ingest.expected) as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn targets(&self) -> Vec<TargetCheck> {
+        let s = self.settings;
+        let eps = self.e2e_events_per_sec();
+        let mut out = vec![TargetCheck {
+            name: "end-to-end throughput (accepted -> profile updated)",
+            target: format!(">= {} events/s in batches of {TARGET_BATCH}", thousands(TARGET_EVENTS_PER_SEC as u64)),
+            measured: format!("{} events/s", thousands(eps.round() as u64)),
+            value: Some(eps),
+            pass: self.ingest.all_applied && eps >= TARGET_EVENTS_PER_SEC && self.ingest.total.errors() == 0,
+            comparable: !s.quick && s.batch == TARGET_BATCH && s.ingest_rate.is_none(),
+        }];
+        let p99 = self.ingest.e2p.quantile(0.99);
+        out.push(TargetCheck {
+            name: "event-to-profile p99 (server histogram, bucket-interpolated)",
+            target: format!("< {TARGET_E2P_P99_MS} ms"),
+            measured: match p99 {
+                Some((v, true)) => format!("> {:.1} ms", v * 1e3),
+                Some((v, false)) => format!("{:.2} ms", v * 1e3),
+                None => "n/a".into(),
+            },
+            value: p99.map(|(v, _)| v * 1e3),
+            pass: matches!(p99, Some((v, false)) if v * 1e3 < TARGET_E2P_P99_MS) && self.ingest.all_applied,
+            comparable: !s.quick,
+        });
+        match self.profile {
+            Some(p) => {
+                let summary = latency_summary(&p.latency_us);
+                let rps = p.achieved_rps();
+                let p99 = summary.map(|(_, p99, _)| p99);
+                out.push(TargetCheck {
+                    name: "Profile API p99 at 5,000 requests/s (client, from scheduled send)",
+                    target: format!("< {TARGET_PROFILE_P99_MS} ms at {} req/s", thousands(TARGET_PROFILE_RPS)),
+                    measured: format!(
+                        "{} at {} req/s, {} errors",
+                        fmt_ms(p99),
+                        thousands(rps.round() as u64),
+                        p.errors()
+                    ),
+                    value: p99,
+                    pass: p99.is_some_and(|v| v < TARGET_PROFILE_P99_MS)
+                        && rps >= PROFILE_RPS_TOLERANCE * TARGET_PROFILE_RPS as f64
+                        && p.errors() == 0,
+                    comparable: !s.quick && s.profile_rps >= TARGET_PROFILE_RPS && s.profile_seconds >= 10.0,
+                });
+            }
+            None => out.push(TargetCheck {
+                name: "Profile API p99 at 5,000 requests/s (client, from scheduled send)",
+                target: format!("< {TARGET_PROFILE_P99_MS} ms at {} req/s", thousands(TARGET_PROFILE_RPS)),
+                measured: "not run".into(),
+                value: None,
+                pass: false,
+                comparable: false,
+            }),
+        }
+        out
+    }
+
+    fn kind_json(k: Kind, st: &KindStats) -> Value {
+        json!({
+            "kind": k.as_str(),
+            "requests": st.requests,
+            "events": st.events,
+            "accepted": st.accepted,
+            "duplicates": st.duplicates,
+            "rejected": st.rejected,
+            "http_errors": st.http_errors.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "transport_errors": st.transport_errors,
+            "first_error": st.first_error,
+            "request_latency": latency_json(&st.latencies_us),
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        let s = self.settings;
+        let i = self.ingest;
+        let targets: Vec<Value> = self
+            .targets()
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "target": t.target,
+                    "measured": t.measured,
+                    "value": t.value,
+                    "pass": t.pass,
+                    "comparable": t.comparable,
+                })
+            })
+            .collect();
+        let profile = match self.profile {
+            Some(p) => json!({
+                "offered_rps": s.profile_rps,
+                "seconds": s.profile_seconds,
+                "scheduled_requests": p.scheduled,
+                "ok": p.ok,
+                "not_found": p.not_found,
+                "errors": p.errors(),
+                "http_errors": p.http_errors.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "transport_errors": p.transport_errors,
+                "first_error": p.first_error,
+                "achieved_rps": p.achieved_rps(),
+                "window_s": p.window.as_secs_f64(),
+                "latency_from_scheduled_send": latency_json(&p.latency_us),
+                "service_time_from_actual_send": latency_json(&p.service_us),
+                "latency_per_second": p.per_second_us.iter().enumerate()
+                    .map(|(sec, v)| json!({ "second": sec, "latency": latency_json(v) }))
+                    .collect::<Vec<_>>(),
+                "server_side": p.server.to_json_ms(),
+                "server_share_within_5ms": p.server.share_within(0.005),
+            }),
+            None => json!({ "skipped": self.profile_skipped }),
+        };
+        json!({
+            "tool": "cohort-bench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "finished_at": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+            "mode": self.mode,
+            "url": self.base,
+            "run_tag": self.run,
+            "machine": self.machine,
+            "config": {
+                "students": s.students,
+                "events": s.events,
+                "batch": s.batch,
+                "concurrency": s.concurrency,
+                "other_share": s.other_share,
+                "identified_share": s.identified_share,
+                "ingest_rate": s.ingest_rate,
+                "profile_rps": s.profile_rps,
+                "profile_seconds": s.profile_seconds,
+                "settle_timeout_s": s.settle_timeout.as_secs(),
+                "seed": s.seed,
+                "quick": s.quick,
+                "segment_batches": self.plan.batches,
+                "single_calls": self.plan.singles,
+            },
+            "ingest": {
+                "requests": i.total.requests,
+                "events_sent": i.total.events,
+                "accepted": i.total.accepted,
+                "duplicates": i.total.duplicates,
+                "rejected": i.total.rejected,
+                "errors": i.total.errors(),
+                "http_elapsed_s": i.http_elapsed.as_secs_f64(),
+                "accepted_events_per_sec_http": i.total.accepted as f64 / i.http_elapsed.as_secs_f64().max(1e-9),
+                "expected_to_apply": i.expected,
+                "applied": i.applied,
+                "all_applied": i.all_applied,
+                "end_to_end_elapsed_s": i.applied_elapsed.as_secs_f64(),
+                "end_to_end_events_per_sec": self.e2e_events_per_sec(),
+                "request_latency": latency_json(&i.total.latencies_us),
+                "by_kind": i.by_kind.iter().map(|(k, st)| Self::kind_json(*k, st)).collect::<Vec<_>>(),
+                "event_to_profile": i.e2p.to_json_ms(),
+                "event_to_profile_share_within_50ms": i.e2p.share_within(0.05),
+                "server": {
+                    "accepted": i.server.accepted,
+                    "duplicates": i.server.duplicates,
+                    "rejected": i.server.rejected,
+                    "dead_letters_pipeline": i.server.dead_letters_pipeline,
+                    "dead_letters_validation": i.server.dead_letters_validation,
+                    "profiles_created": i.server.profiles_created,
+                    "identity_merges": i.server.identity_merges,
+                    "actor_restarts": i.server.actor_restarts,
+                    "flushes": i.server.flushes,
+                    "flush_mean_ms": i.server.flush_seconds_mean.map(|m| m * 1e3),
+                },
+            },
+            "profile_api": profile,
+            "targets": targets,
+        })
+    }
+
+    fn print(&self) {
+        let s = self.settings;
+        let i = self.ingest;
+        let m = &self.machine["at_start"];
+        println!();
+        println!("Cohort benchmark ({}, {})", self.mode, self.base);
+        println!(
+            "machine: {} cores, {}, {} GiB RAM",
+            m["nproc"],
+            m["cpu_model"].as_str().unwrap_or("unknown"),
+            m["memory_gib"]
+        );
+        if self.mode == "in-process" {
+            println!("note: the load generator shares these cores with Cohort");
+        }
+        let load = |at: &str| self.machine[at]["loadavg_1_5_15"][0].as_f64().map_or("?".into(), |l| format!("{l:.2}"));
+        println!("load average (1 min) at start {}, at end {}", load("at_start"), load("at_end"));
+        println!(
+            "config: {} students, {} events, batch {}, concurrency {}, {:.0}% single calls (CRM/email/WhatsApp){}",
+            thousands(u64::from(s.students)),
+            thousands(s.events),
+            s.batch,
+            s.concurrency,
+            s.other_share * 100.0,
+            if s.quick { ", QUICK smoke run" } else { "" }
+        );
+        println!();
+        println!("Phase 1: ingest ({} requests)", thousands(i.total.requests));
+        println!(
+            "  {:<22} {:>8} {:>9} {:>9} {:>7} {:>10} {:>10}",
+            "kind", "requests", "events", "accepted", "errors", "p50", "p99"
+        );
+        for (k, st) in &i.by_kind {
+            if st.requests == 0 {
+                continue;
+            }
+            let lat = latency_summary(&st.latencies_us);
+            println!(
+                "  {:<22} {:>8} {:>9} {:>9} {:>7} {:>10} {:>10}",
+                k.as_str(),
+                thousands(st.requests),
+                thousands(st.events),
+                thousands(st.accepted),
+                st.errors(),
+                fmt_ms(lat.map(|l| l.0)),
+                fmt_ms(lat.map(|l| l.1)),
+            );
+        }
+        let lat = latency_summary(&i.total.latencies_us);
+        println!(
+            "  {:<22} {:>8} {:>9} {:>9} {:>7} {:>10} {:>10}",
+            "all",
+            thousands(i.total.requests),
+            thousands(i.total.events),
+            thousands(i.total.accepted),
+            i.total.errors(),
+            fmt_ms(lat.map(|l| l.0)),
+            fmt_ms(lat.map(|l| l.1)),
+        );
+        for (k, st) in &i.by_kind {
+            if let Some(e) = &st.first_error {
+                println!("  first problem ({}): {e}", k.as_str());
+            }
+        }
+        println!(
+            "  accepted over HTTP:        {} events in {:.2} s = {} events/s",
+            thousands(i.total.accepted),
+            i.http_elapsed.as_secs_f64(),
+            thousands((i.total.accepted as f64 / i.http_elapsed.as_secs_f64().max(1e-9)).round() as u64)
+        );
+        println!(
+            "  applied to profiles:       {} events in {:.2} s = {} events/s end to end{}",
+            thousands(i.applied.min(i.expected)),
+            i.applied_elapsed.as_secs_f64(),
+            thousands(self.e2e_events_per_sec().round() as u64),
+            if i.all_applied { "" } else { "  (NOT all applied before the timeout)" }
+        );
+        let q = |p: f64| match i.e2p.quantile(p) {
+            Some((v, true)) => format!("> {:.1} ms", v * 1e3),
+            Some((v, false)) => format!("{:.2} ms", v * 1e3),
+            None => "n/a".into(),
+        };
+        println!(
+            "  event-to-profile:          p50 {}, p99 {}, mean {} (bucket-interpolated from cohort_event_to_profile_seconds)",
+            q(0.50),
+            q(0.99),
+            fmt_ms(i.e2p.mean().map(|v| v * 1e3))
+        );
+        if let Some(share) = i.e2p.share_within(0.05) {
+            println!("  events applied within 50 ms: {:.2}% (exact, bucket boundary)", share * 100.0);
+        }
+        println!(
+            "  server: {} profiles created, {} merges, {} dead letters after acceptance, {} restarts, {} flushes (mean {})",
+            thousands(i.server.profiles_created as u64),
+            thousands(i.server.identity_merges as u64),
+            i.server.dead_letters_pipeline,
+            i.server.actor_restarts,
+            i.server.flushes,
+            fmt_ms(i.server.flush_seconds_mean.map(|v| v * 1e3)),
+        );
+        if (i.server.accepted - i.total.accepted as f64).abs() > 0.5 {
+            println!(
+                "  note: the server counted {} accepted events, the responses said {}",
+                i.server.accepted, i.total.accepted
+            );
+        }
+        println!();
+        match self.profile {
+            Some(p) => {
+                println!(
+                    "Phase 2: Profile API, open loop at {} req/s for {} s (GET /v1/profiles/user_id:...)",
+                    thousands(s.profile_rps),
+                    s.profile_seconds
+                );
+                let lat = latency_summary(&p.latency_us);
+                let svc = latency_summary(&p.service_us);
+                println!(
+                    "  {} scheduled, {} ok, {} errors ({} not found); achieved {} req/s",
+                    thousands(p.scheduled),
+                    thousands(p.ok),
+                    p.errors(),
+                    p.not_found,
+                    thousands(p.achieved_rps().round() as u64)
+                );
+                println!(
+                    "  latency from scheduled send: p50 {}, p99 {}, max {}",
+                    fmt_ms(lat.map(|l| l.0)),
+                    fmt_ms(lat.map(|l| l.1)),
+                    fmt_ms(lat.map(|l| l.2))
+                );
+                println!(
+                    "  service time from actual send: p50 {}, p99 {}, max {}",
+                    fmt_ms(svc.map(|l| l.0)),
+                    fmt_ms(svc.map(|l| l.1)),
+                    fmt_ms(svc.map(|l| l.2))
+                );
+                let per_second: Vec<String> = p
+                    .per_second_us
+                    .iter()
+                    .map(|v| latency_summary(v).map_or_else(|| "-".into(), |l| format!("{:.1}", l.1)))
+                    .collect();
+                println!("  p99 per second of the schedule (ms): {}", per_second.join(" "));
+                let sq = |q: f64| p.server.quantile(q).map(|(v, _)| v * 1e3);
+                println!(
+                    "  server-side (api_request_duration_seconds, bucket-interpolated): p50 {}, p99 {}",
+                    fmt_ms(sq(0.5)),
+                    fmt_ms(sq(0.99))
+                );
+                if let Some(e) = &p.first_error {
+                    println!("  first problem: {e}");
+                }
+            }
+            None => println!("Phase 2: Profile API skipped ({})", self.profile_skipped.as_deref().unwrap_or("")),
+        }
+        println!();
+        println!("Targets (2-core machine):");
+        for t in self.targets() {
+            let verdict = match (t.pass, t.comparable) {
+                (true, true) => "PASS",
+                (false, true) => "FAIL",
+                (true, false) => "pass*",
+                (false, false) => "fail*",
+            };
+            println!("  [{verdict:<5}] {:<62} target {:<28} measured {}", t.name, t.target, t.measured);
+        }
+        if self.targets().iter().any(|t| !t.comparable) {
+            println!("  * this run's settings differ from the target's conditions; not a verdict");
+        }
+    }
+}
+
+fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(v)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+
+async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match http.get(format!("{base}/health/ready")).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if Instant::now() > deadline => bail!("{base}/health/ready answered {}", r.status()),
+            Err(e) if Instant::now() > deadline => return Err(anyhow!(e).context(format!("reaching {base}"))),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::from_cli(&cli)?;
+    let (demo, base, config) = match &cli.url {
+        Some(url) => (None, url.trim_end_matches('/').to_string(), Config::from_toml_str("")?),
+        None => {
+            let demo = DemoServer::start(None, &cli.server_toml, SystemOptions::default())
+                .await
+                .context("starting Cohort in-process")?;
+            let (base, config) = (demo.base.clone(), (*demo.cohort.config).clone());
+            (Some(demo), base, config)
+        }
+    };
+    let mode = if demo.is_some() { "in-process" } else { "remote" };
+    let machine_before = machine();
+    let creds = Creds::new(&cli, &config, &base)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(settings.concurrency.max(256))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    wait_ready(&http, &base).await?;
+
+    let run_tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let run_hash = mix(u64::from_str_radix(&run_tag, 16).unwrap_or(0));
+    let students = Students {
+        n: settings.students,
+        run: run_tag.clone(),
+        seed: settings.seed,
+        identified_permille: (settings.identified_share * 1000.0).round() as u64,
+        phone_offset: run_hash % 10_000_000,
+    };
+    let plan = Plan::new(&settings);
+    if !settings.quiet {
+        eprintln!(
+            "cohort-bench: {mode} at {base}; run {run_tag}: {} students, {} events ({} batches of {}, {} single calls), concurrency {}",
+            thousands(u64::from(settings.students)),
+            thousands(settings.events),
+            thousands(plan.batches),
+            settings.batch,
+            thousands(plan.singles),
+            settings.concurrency
+        );
+    }
+    let (ingest, known) = run_ingest(&http, &base, &creds, &students, &settings).await?;
+
+    // Phase boundary: let the write-behind flush of phase 1's profiles finish, so phase 2
+    // measures reads, not the tail of phase 1.
+    match &demo {
+        Some(d) => {
+            if let Err(e) = d.cohort.settle(Duration::from_secs(60)).await {
+                eprintln!("warning: Cohort did not settle after phase 1: {e:#}");
+            }
+        }
+        None => tokio::time::sleep(Duration::from_secs(1)).await,
+    }
+    let (profile, profile_skipped) = if settings.profile_rps == 0 {
+        (None, Some("--profile-rps 0".to_string()))
+    } else if known.is_empty() {
+        (None, Some("no student's userId was accepted in phase 1".to_string()))
+    } else {
+        // The profile client gets its own pool so ingest connections do not skew it.
+        let profile_http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        (Some(run_profiles(&profile_http, &base, &creds, &students, &known, &settings).await?), None)
+    };
+
+    let report = Report {
+        mode,
+        base: &base,
+        settings: &settings,
+        plan,
+        run: &run_tag,
+        machine: json!({ "at_start": machine_before, "at_end": machine() }),
+        ingest: &ingest,
+        profile: profile.as_ref(),
+        profile_skipped,
+    };
+    report.print();
+    write_json(&cli.out, &report.to_json())?;
+    println!("\nwrote {}", cli.out.display());
+
+    if let Some(demo) = demo {
+        if let Err(e) = demo.stop().await {
+            eprintln!("warning: stopping the in-process Cohort: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(run(cli))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels_with_braces_and_quantiles() {
+        let text = "# HELP x\n\
+            cohort_api_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/profiles/{ref}\",status=\"200\",le=\"0.001\"} 50\n\
+            cohort_api_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/profiles/{ref}\",status=\"200\",le=\"0.005\"} 100\n\
+            cohort_api_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/profiles/{ref}\",status=\"200\",le=\"+Inf\"} 100\n\
+            cohort_api_request_duration_seconds_count{method=\"GET\",route=\"/v1/profiles/{ref}\",status=\"200\"} 100\n";
+        let after = Scrape::parse(text);
+        let h = HistogramDelta::between(
+            &Scrape::default(),
+            &after,
+            "cohort_api_request_duration_seconds",
+            &[("route", "/v1/profiles/{ref}")],
+        );
+        assert_eq!(h.count, 100.0);
+        let (p50, open) = h.quantile(0.5).unwrap_or((f64::NAN, true));
+        assert!(!open && (p50 - 0.001).abs() < 1e-9);
+        let (p99, _) = h.quantile(0.99).unwrap_or((f64::NAN, true));
+        assert!((p99 - (0.001 + 0.004 * 49.0 / 50.0)).abs() < 1e-9);
+        assert_eq!(h.share_within(0.005), Some(1.0));
+    }
+
+    #[test]
+    fn synthetic_contacts_are_valid_identifiers() {
+        let st =
+            Students { n: 100, run: "0123abcd".into(), seed: 7, identified_permille: 300, phone_offset: 9_999_990 };
+        for i in [0, 1, 6, 7, 13, 20, 41, 99] {
+            let phone = st.phone(i);
+            assert_eq!(
+                cohort_actors::normalize::normalize_phone(&phone, "DE").as_deref(),
+                Some(phone.as_str()),
+                "{phone}"
+            );
+            let email = st.email(i);
+            assert_eq!(cohort_actors::normalize::normalize_email(&email).as_deref(), Some(email.as_str()));
+            assert_eq!(st.salesforce_id(i).len(), 18);
+        }
+    }
+
+    #[test]
+    fn plan_spreads_batches_and_singles_exactly() {
+        let s = Settings {
+            students: 10,
+            events: 1_005,
+            batch: 100,
+            concurrency: 1,
+            other_share: 0.1,
+            identified_share: 0.3,
+            ingest_rate: None,
+            profile_rps: 0,
+            profile_seconds: 1.0,
+            settle_timeout: Duration::from_secs(1),
+            seed: 1,
+            quick: true,
+            quiet: true,
+        };
+        let plan = Plan::new(&s);
+        let (mut events, mut singles) = (0, 0);
+        for j in 0..plan.units {
+            match plan.unit(j) {
+                Unit::Batch { events: e } => events += e,
+                Unit::Single { index } => {
+                    assert_eq!(index, singles);
+                    singles += 1;
+                }
+            }
+        }
+        assert_eq!(events + singles, s.events);
+        assert_eq!(singles, plan.singles);
+    }
+}
