@@ -8,6 +8,10 @@ use cohort_config::Config;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// mimalloc: malloc/free were a fifth of CPU samples under load with the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cohort", version, about = "Real-time customer data platform for education")]
 struct Cli {

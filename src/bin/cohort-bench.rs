@@ -26,6 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// The same allocator as the `cohort` binary, so in-process figures match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The targets of the issue, for a 2-core machine.
 const TARGET_EVENTS_PER_SEC: f64 = 50_000.0;
 const TARGET_BATCH: u64 = 100;
