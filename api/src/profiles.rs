@@ -72,6 +72,18 @@ pub async fn ask<T: Send + 'static>(
     Err(ApiError::Unavailable("too many merge redirects".into()))
 }
 
+/// The shared path of every Profile API read: token, ref resolution, live-actor query.
+async fn query<T: Send + 'static>(
+    state: &ApiState,
+    headers: &HeaderMap,
+    reference: &str,
+    make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
+) -> Result<(ProfileId, T), ApiError> {
+    require_bearer(headers, &state.config.auth.api_tokens)?;
+    let id = resolve_ref(state, reference).await?;
+    ask(state, id, make).await
+}
+
 #[utoipa::path(get, path = "/v1/profiles/{ref}", tag = "profiles",
     params(("ref" = String, Path, description = "A profile id or `type:value`, e.g. `email:max@gmail.com`")),
     responses((status = 200, description = "The golden record"), (status = 401), (status = 404), (status = 503)),
@@ -81,9 +93,7 @@ pub async fn get_profile(
     headers: HeaderMap,
     Path(r): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
-    let id = resolve_ref(&state, &r).await?;
-    let (_, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    let (_, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
     Ok(Json(serde_json::to_value(view).unwrap_or(Value::Null)))
 }
 
@@ -96,9 +106,7 @@ pub async fn get_traits(
     headers: HeaderMap,
     Path(r): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
-    let id = resolve_ref(&state, &r).await?;
-    let (id, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
     Ok(Json(json!({ "profile_id": id, "traits": view.traits })))
 }
 
@@ -120,14 +128,14 @@ pub async fn get_events(
     Path(r): Path<String>,
     Query(p): Query<Paging>,
 ) -> Result<Json<Value>, ApiError> {
+    // Authenticate before validating, so the answer to a stranger is always 401.
     require_bearer(&headers, &state.config.auth.api_tokens)?;
     let offset = p.offset.unwrap_or(0);
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
     }
-    let id = resolve_ref(&state, &r).await?;
-    let (id, events) = ask(&state, id, |reply| ProfileMsg::GetEvents { offset, limit, reply }).await?;
+    let (id, events) = query(&state, &headers, &r, |reply| ProfileMsg::GetEvents { offset, limit, reply }).await?;
     let next = (events.len() == limit).then_some(offset + limit);
     Ok(Json(json!({ "profile_id": id, "events": events, "offset": offset, "next_offset": next })))
 }
@@ -141,8 +149,6 @@ pub async fn get_identities(
     headers: HeaderMap,
     Path(r): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
-    let id = resolve_ref(&state, &r).await?;
-    let (id, ids) = ask(&state, id, ProfileMsg::GetIdentities).await?;
+    let (id, ids) = query(&state, &headers, &r, ProfileMsg::GetIdentities).await?;
     Ok(Json(json!({ "profile_id": id, "identities": ids })))
 }
