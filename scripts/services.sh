@@ -84,6 +84,9 @@ start_mongo() {
 }
 
 start() {
+  for bin in "$(tansu_bin)" "$(secantus_bin)" "$(bq_venv)/bin/bqemulator"; do
+    [ -x "$bin" ] || { log "$bin is missing: run scripts/services.sh install first"; exit 1; }
+  done
   stop_quiet
   mkdir -p "$RUN_DIR"
   local kport mport bport gport
