@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Context};
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
 use cohort_actors::normalize::NormalizeOptions;
-use cohort_actors::watermark::{Checkpoints, Watermark};
+use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
     spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IngestActor,
     IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory,
@@ -148,6 +148,7 @@ impl Cohort {
             watermark: Arc::new(Watermark::default()),
             index: Arc::new(IdentityIndex::new(store.clone())),
             checkpoints: Arc::new(Checkpoints::default()),
+            pending_ids: Arc::new(PendingIds::default()),
             profiles: ProfileSettings {
                 history_limit: config.profiles.history_limit,
                 passivate_after: Duration::from_secs(config.profiles.passivate_after_secs),

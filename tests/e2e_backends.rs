@@ -242,3 +242,27 @@ async fn a_broker_outage_answers_503_and_loses_nothing() {
     }
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_resent_event_is_applied_once() {
+    let id = unique("dedupe");
+    let demo = DemoServer::start(None, &backends_toml(&id, &id), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let ev = payloads::segment_track("dup-k1", "dup-student", "Quiz Completed", json!({"score": 9}), Utc::now());
+    // Kafka cannot refuse a duplicate when publishing: both are acknowledged and produced.
+    assert_eq!(c.segment(true, "track", &ev).await.unwrap().status, 200);
+    assert_eq!(c.segment(true, "track", &ev).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
+    // once more after the first was flushed: now the store's idempotency keys catch it
+    assert_eq!(c.segment(true, "track", &ev).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
+    let p = c.get("/v1/profiles/user_id:dup-student").await.unwrap();
+    assert_eq!(p.body["counters"]["events_total"], json!(1), "{}", p.body);
+    let m = c.get("/metrics").await.unwrap();
+    assert!(
+        m.body.as_str().unwrap().contains("cohort_ingest_events_duplicate_total{source=\"mobile\"} 2"),
+        "{}",
+        m.body
+    );
+    demo.stop().await.unwrap();
+}

@@ -1,7 +1,7 @@
 //! What every pipeline actor shares: backends, metrics and the pipeline's progress markers.
 
 use crate::identity::IdentityIndex;
-use crate::watermark::{Checkpoints, Watermark};
+use crate::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_adapters::{EventBus, OperationalStore};
 use cohort_messages::{CustomerEvent, ProfileId};
 use cohort_supervisors::{Metrics, RestartPolicy};
@@ -33,6 +33,7 @@ pub struct PipelineContext {
     pub index: Arc<IdentityIndex>,
     /// The durable checkpoints: per stream, every event up to them is in persisted profiles.
     pub checkpoints: Arc<Checkpoints>,
+    pub pending_ids: Arc<PendingIds>,
     pub profiles: ProfileSettings,
     pub fault: Option<Arc<dyn FaultInjector>>,
 }

@@ -156,6 +156,10 @@ impl ProfilesState {
         if let Some(c) = &change {
             entry.unflushed.push_back(c.clone());
         }
+        if let ProfileMsg::Apply { seq, .. } = &msg {
+            // Now in the unflushed queue, so any flush handled after this message covers it.
+            self.ctx.watermark.delivered(*seq);
+        }
         match entry.status {
             Status::Live => {
                 if entry.actor.is_none() {
@@ -268,12 +272,19 @@ impl ProfilesState {
                 }
             }
             let (identities, merges) = ctx.index.take_pending();
+            let ids = if complete { ctx.pending_ids.take_covered(&lows) } else { Vec::new() };
             let in_store = ctx.bus.checkpoint_in_store();
             let checkpoint = match (complete, in_store) {
                 (true, true) => lows.iter().find(|(s, _)| *s == 0).map(|(_, o)| *o),
                 _ => None,
             };
-            let batch = FlushBatch { identities: identities.clone(), profiles, merges: merges.clone(), checkpoint };
+            let batch = FlushBatch {
+                identities: identities.clone(),
+                profiles,
+                merges: merges.clone(),
+                checkpoint,
+                event_ids: ids.iter().map(|(_, id)| id.clone()).collect(),
+            };
             let n_profiles = batch.profiles.len();
             let mut result = ctx.store.commit_flush(batch).await;
             if result.is_ok() && complete && !in_store {
@@ -282,6 +293,7 @@ impl ProfilesState {
             }
             let result = match result {
                 Ok(()) => {
+                    ctx.pending_ids.persisted(&ids);
                     if complete {
                         ctx.checkpoints.advance(&lows);
                         let total: u64 = ctx.checkpoints.get().iter().map(|(_, o)| *o).sum();
@@ -296,6 +308,7 @@ impl ProfilesState {
                 }
                 Err(e) => {
                     ctx.index.restore_pending(identities, merges);
+                    ctx.pending_ids.restore(ids);
                     ctx.metrics.flush_failures.inc();
                     tracing::warn!(error = %e, "profile flush failed, will retry");
                     covered.clear();

@@ -5,7 +5,7 @@ use crate::dead_letters;
 use crate::identity::IdentityFactoryMsg;
 use crate::watermark::describe;
 use chrono::Utc;
-use cohort_adapters::{NewDeadLetter, Subscription};
+use cohort_adapters::{JournaledEvent, NewDeadLetter, Subscription};
 use cohort_messages::msgs::IdentityMsg;
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::Slot;
@@ -50,6 +50,7 @@ impl Actor for Dispatcher {
         let start = subscription.start();
         args.ctx.checkpoints.advance(&start);
         args.ctx.watermark.reset(&start);
+        args.ctx.pending_ids.reset();
         tracing::info!(bus = args.ctx.bus.name(), start = %describe(&start), "pipeline dispatcher starting");
         Ok(DispatcherState { args, subscription })
     }
@@ -112,9 +113,13 @@ impl Actor for Dispatcher {
                 ctx.watermark.delivered(u.seq);
             }
         }
-        if !polled.events.is_empty() {
+        let mut events = polled.events;
+        if !ctx.bus.deduplicates_on_publish() && !events.is_empty() {
+            events = deduplicate(ctx, events).await?;
+        }
+        if !events.is_empty() {
             let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
-            for je in polled.events {
+            for je in events {
                 let seq = je.seq;
                 let key = je.event.routing_key();
                 ctx.watermark.dispatched(seq);
@@ -126,4 +131,26 @@ impl Actor for Dispatcher {
         myself.send_message(DispatcherMsg::Pump)?;
         Ok(())
     }
+}
+
+/// Drops events whose id was applied before (a redelivery, or a client re-sending): one store
+/// look-up per batch, and the ids dispatched since the last flush.
+async fn deduplicate(
+    ctx: &PipelineContext,
+    events: Vec<JournaledEvent>,
+) -> Result<Vec<JournaledEvent>, ActorProcessingErr> {
+    let ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
+    let seen = ctx.store.seen_event_ids(&ids).await?;
+    let mut fresh = Vec::with_capacity(events.len());
+    for (je, seen) in events.into_iter().zip(seen) {
+        if !seen && ctx.pending_ids.claim(je.seq, je.event.event_id.as_str()) {
+            fresh.push(je);
+        } else {
+            // Keep the watermark moving past it.
+            ctx.watermark.dispatched(je.seq);
+            ctx.watermark.delivered(je.seq);
+            ctx.metrics.events_duplicate.with_label_values(&[je.event.source.as_str()]).inc();
+        }
+    }
+    Ok(fresh)
 }

@@ -278,7 +278,10 @@ impl Worker for IdentityResolver {
         };
         match target {
             Some(profile_id) => {
+                // The directory marks it delivered when it takes the message: only then is the
+                // event certain to be covered by the directory's next flush.
                 directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
+                return Ok(job.key);
             }
             None if event.identifiers.is_empty() => {
                 dead_letters::record_event(

@@ -2,7 +2,7 @@
 
 use cohort_adapters::{unpack, StreamPositions};
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 #[derive(Debug, Default, Clone)]
 struct StreamMark {
@@ -111,6 +111,55 @@ impl Checkpoints {
     /// The checkpoint of the embedded journal (stream 0).
     pub fn stream0(&self) -> u64 {
         self.streams.lock().get(&0).copied().unwrap_or(0)
+    }
+}
+
+/// Event ids dispatched but not yet recorded by a flush, for buses that redeliver (Kafka): the
+/// dispatcher skips an id seen here or in the store, and the flush records ids whose effects it
+/// persists.
+#[derive(Debug, Default)]
+pub struct PendingIds {
+    inner: Mutex<(HashSet<String>, Vec<(u64, String)>)>,
+}
+
+impl PendingIds {
+    /// Claims an id; false if it was already dispatched since the last flush.
+    pub fn claim(&self, position: u64, id: &str) -> bool {
+        let mut g = self.inner.lock();
+        if !g.0.insert(id.to_string()) {
+            return false;
+        }
+        g.1.push((position, id.to_string()));
+        true
+    }
+
+    /// Takes the ids of events covered by `lows` (their effects are in this flush).
+    pub fn take_covered(&self, lows: &StreamPositions) -> Vec<(u64, String)> {
+        let mut g = self.inner.lock();
+        let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut g.1).into_iter().partition(|(p, _)| {
+            let (s, off) = unpack(*p);
+            lows.iter().any(|(ls, lo)| *ls == s && off <= *lo)
+        });
+        g.1 = rest;
+        covered
+    }
+
+    /// Forgets ids the store now holds.
+    pub fn persisted(&self, ids: &[(u64, String)]) {
+        let mut g = self.inner.lock();
+        for (_, id) in ids {
+            g.0.remove(id);
+        }
+    }
+
+    /// Puts back ids a failed flush took.
+    pub fn restore(&self, ids: Vec<(u64, String)>) {
+        self.inner.lock().1.extend(ids);
+    }
+
+    /// Forgets everything (pipeline restart: all of it is replayed).
+    pub fn reset(&self) {
+        *self.inner.lock() = Default::default();
     }
 }
 

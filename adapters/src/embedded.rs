@@ -21,8 +21,8 @@ use std::ops::Bound;
 use tokio::sync::{oneshot, watch};
 
 use self::tables::{
-    db_err, decode, merge_range, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDENTITIES, JOURNAL, MERGES,
-    META, META_CHECKPOINT, PROFILES,
+    db_err, decode, merge_range, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY, IDENTITIES,
+    JOURNAL, MERGES, META, META_CHECKPOINT, PROFILES,
 };
 use self::writer::{Command, Writer};
 use crate::{
@@ -292,6 +292,15 @@ impl OperationalStore for EmbeddedStore {
         .await
     }
 
+    async fn seen_event_ids(&self, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+        let ids = ids.to_vec();
+        self.read(move |txn| {
+            let table = txn.open_table(IDEMPOTENCY).ctx("read idempotency keys")?;
+            ids.iter().map(|id| Ok(table.get(id.as_str()).ctx("read idempotency keys")?.is_some())).collect()
+        })
+        .await
+    }
+
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
         let key = identifier.key();
         self.read(move |txn| {
@@ -311,6 +320,7 @@ impl OperationalStore for EmbeddedStore {
         if batch.identities.is_empty()
             && batch.profiles.is_empty()
             && batch.merges.is_empty()
+            && batch.event_ids.is_empty()
             && batch.checkpoint.is_none()
         {
             return Ok(());

@@ -26,7 +26,7 @@ use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use self::codec::{
     as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, profile_doc,
-    profile_from_doc, profile_id_of, to_i64, DEAD_LETTERS, IDENTITIES, MERGES, META, META_CHECKPOINT,
+    profile_from_doc, profile_id_of, to_i64, DEAD_LETTERS, EVENT_IDS, IDENTITIES, MERGES, META, META_CHECKPOINT,
     META_DEAD_LETTER_ID, PROFILES,
 };
 use self::errors::store_error;
@@ -55,6 +55,8 @@ pub struct MongoStore {
     profiles: Collection<Document>,
     identities: Collection<Document>,
     merges: Collection<Document>,
+    /// Ids of events whose effects are persisted (idempotency keys for buses that redeliver).
+    event_ids: Collection<Document>,
     dead_letters: Collection<Document>,
     meta: Collection<Document>,
 }
@@ -90,6 +92,7 @@ impl MongoStore {
             profiles: db.collection(PROFILES),
             identities: db.collection(IDENTITIES),
             merges: db.collection(MERGES),
+            event_ids: db.collection(EVENT_IDS),
             dead_letters: db.collection(DEAD_LETTERS),
             meta: db.collection(META),
             db,
@@ -248,6 +251,20 @@ impl OperationalStore for MongoStore {
         found.map(profile_from_doc).transpose()
     }
 
+    async fn seen_event_ids(&self, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cursor = timed(
+            "look up event ids",
+            self.event_ids.find(doc! { "_id": { "$in": ids.to_vec() } }).projection(doc! { "_id": 1 }),
+        )
+        .await?;
+        let found: Vec<Document> = timed("read event ids", futures::TryStreamExt::try_collect(cursor)).await?;
+        let seen: std::collections::HashSet<&str> = found.iter().filter_map(|d| d.get_str("_id").ok()).collect();
+        Ok(ids.iter().map(|id| seen.contains(id.as_str())).collect())
+    }
+
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
         let found = timed(
             "look up an identity",
@@ -276,6 +293,11 @@ impl OperationalStore for MongoStore {
             for doc in merge_docs(merge)? {
                 models.push(replace_one(&merges, doc)?);
             }
+        }
+        // After the effects, before the checkpoint: an id is only recorded once what it did is.
+        let event_ids = self.event_ids.namespace();
+        for id in &batch.event_ids {
+            models.push(replace_one(&event_ids, doc! { "_id": id.as_str() })?);
         }
         let checkpoint = batch.checkpoint.map(|c| to_i64("checkpoint", c)).transpose()?;
 

@@ -66,6 +66,9 @@ pub struct FlushBatch {
     pub merges: Vec<IdentityMerged>,
     /// All journal events up to this seq are reflected in persisted profiles.
     pub checkpoint: Option<u64>,
+    /// Ids of events whose effects this flush persists, for buses that cannot refuse duplicates
+    /// when publishing (Kafka): a redelivered or re-sent event with one of these ids is skipped.
+    pub event_ids: Vec<String>,
 }
 
 /// A dead letter before the store assigns its id.
@@ -88,6 +91,8 @@ pub trait OperationalStore: Send + Sync + 'static {
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError>;
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError>;
     async fn checkpoint(&self) -> Result<u64, StoreError>;
+    /// For each id, whether a flush already recorded it in `event_ids`.
+    async fn seen_event_ids(&self, ids: &[String]) -> Result<Vec<bool>, StoreError>;
     async fn put_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError>;
     /// Dead letters with `id > after`, oldest first, at most `limit`.
     async fn list_dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;

@@ -52,6 +52,7 @@ async fn populate(store: &Arc<EmbeddedStore>) {
                 seq: 3,
             }],
             checkpoint: Some(3),
+            event_ids: vec![],
         })
         .await
         .unwrap();

@@ -108,6 +108,7 @@ async fn documents_are_queryable_bson_not_blobs() {
                 profiles: vec![p.clone()],
                 merges: vec![merge],
                 checkpoint: Some(9),
+                event_ids: vec![],
             })
             .await
             .unwrap();

@@ -171,6 +171,9 @@ impl<'txn> Tables<'txn> {
                 self.merges.insert(merged_key.as_str(), bytes.as_slice()).ctx("flush")?;
             }
         }
+        for id in &batch.event_ids {
+            self.idempotency.insert(id.as_str(), 0).ctx("flush")?;
+        }
         if let Some(checkpoint) = batch.checkpoint {
             // A late or replayed flush must never move replay start backwards.
             c.checkpoint = c.checkpoint.max(checkpoint);

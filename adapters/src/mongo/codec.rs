@@ -23,6 +23,7 @@ use crate::StoreError;
 pub(super) const PROFILES: &str = "profiles";
 pub(super) const IDENTITIES: &str = "identities";
 pub(super) const MERGES: &str = "merges";
+pub(super) const EVENT_IDS: &str = "event_ids";
 pub(super) const DEAD_LETTERS: &str = "dead_letters";
 pub(super) const META: &str = "meta";
 

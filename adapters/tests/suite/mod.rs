@@ -86,6 +86,7 @@ macro_rules! operational_store_suite {
             profile_ids_page_in_id_order,
             merges_are_listed_for_both_profiles,
             large_flush_round_trips,
+            flushed_event_ids_are_seen,
             store_ping_answers,
         );
     };
@@ -322,6 +323,7 @@ pub async fn flushed_profiles_and_identities_can_be_read_back(f: StoreFixture) {
             profiles: vec![p1.clone(), p2.clone()],
             merges: vec![],
             checkpoint: None,
+            event_ids: vec![],
         })
         .await
         .unwrap();
@@ -532,7 +534,13 @@ pub async fn large_flush_round_trips(f: StoreFixture) {
     let identities: Vec<_> = (1..=N).map(|n| (email(n), profile_id(n))).collect();
     let started = Instant::now();
     f.store
-        .commit_flush(FlushBatch { identities, profiles: profiles.clone(), merges: vec![], checkpoint: Some(77) })
+        .commit_flush(FlushBatch {
+            identities,
+            profiles: profiles.clone(),
+            merges: vec![],
+            checkpoint: Some(77),
+            event_ids: vec![],
+        })
         .await
         .unwrap();
     let elapsed = started.elapsed();
@@ -568,6 +576,18 @@ pub async fn large_flush_round_trips(f: StoreFixture) {
         .try_collect::<()>()
         .await
         .unwrap();
+}
+
+/// Idempotency keys: ids recorded by a flush are seen afterwards, others are not.
+pub async fn flushed_event_ids_are_seen(f: StoreFixture) {
+    let ids: Vec<String> = ["web:a", "web:b", "crm:cdc:1:003x"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![false, false, false]);
+    assert!(f.store.seen_event_ids(&[]).await.unwrap().is_empty());
+    f.store.commit_flush(FlushBatch { event_ids: ids[..2].to_vec(), ..FlushBatch::default() }).await.unwrap();
+    assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![true, true, false]);
+    // recording again is harmless
+    f.store.commit_flush(FlushBatch { event_ids: ids.clone(), ..FlushBatch::default() }).await.unwrap();
+    assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![true, true, true]);
 }
 
 pub async fn store_ping_answers(f: StoreFixture) {
