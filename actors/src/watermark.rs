@@ -119,28 +119,36 @@ impl Checkpoints {
 /// persists.
 #[derive(Debug, Default)]
 pub struct PendingIds {
-    inner: Mutex<(HashSet<String>, Vec<(u64, String)>)>,
+    inner: Mutex<PendingInner>,
+}
+
+#[derive(Debug, Default)]
+struct PendingInner {
+    /// Ids dispatched and not yet known to be in the store.
+    claimed: HashSet<String>,
+    /// `(position, id)` not yet handed to a flush.
+    unrecorded: Vec<(u64, String)>,
 }
 
 impl PendingIds {
     /// Claims an id; false if it was already dispatched since the last flush.
     pub fn claim(&self, position: u64, id: &str) -> bool {
         let mut g = self.inner.lock();
-        if !g.0.insert(id.to_string()) {
+        if !g.claimed.insert(id.to_string()) {
             return false;
         }
-        g.1.push((position, id.to_string()));
+        g.unrecorded.push((position, id.to_string()));
         true
     }
 
     /// Takes the ids of events covered by `lows` (their effects are in this flush).
     pub fn take_covered(&self, lows: &StreamPositions) -> Vec<(u64, String)> {
         let mut g = self.inner.lock();
-        let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut g.1).into_iter().partition(|(p, _)| {
+        let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut g.unrecorded).into_iter().partition(|(p, _)| {
             let (s, off) = unpack(*p);
             lows.iter().any(|(ls, lo)| *ls == s && off <= *lo)
         });
-        g.1 = rest;
+        g.unrecorded = rest;
         covered
     }
 
@@ -148,13 +156,13 @@ impl PendingIds {
     pub fn persisted(&self, ids: &[(u64, String)]) {
         let mut g = self.inner.lock();
         for (_, id) in ids {
-            g.0.remove(id);
+            g.claimed.remove(id);
         }
     }
 
     /// Puts back ids a failed flush took.
     pub fn restore(&self, ids: Vec<(u64, String)>) {
-        self.inner.lock().1.extend(ids);
+        self.inner.lock().unrecorded.extend(ids);
     }
 
     /// Forgets everything (pipeline restart: all of it is replayed).
