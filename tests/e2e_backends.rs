@@ -11,13 +11,12 @@ use cohort::payloads;
 use cohort::SystemOptions;
 use cohort_config::Config;
 use serde_json::json;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, spawn_cohort, wait_ready, Proc};
+use common::{assert_exactly_once, free_port, load_then_kill, spawn_cohort, wait_ready, Proc};
 
 fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -78,73 +77,11 @@ async fn sigkill_on_kafka_and_mongodb_loses_nothing_acknowledged_and_counts_noth
     wait_ready(&c).await;
 
     const STUDENTS: usize = 10;
-    const PER_STUDENT: usize = 30;
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for s in 0..STUDENTS {
-        let (c, acked) = (c.clone(), acked.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in 0..PER_STUDENT {
-                let mid = format!("{s}-{i}");
-                let ev = payloads::segment_track(
-                    &mid,
-                    &format!("kstudent-{s}"),
-                    "Lesson Completed",
-                    json!({"i": i}),
-                    Utc::now(),
-                );
-                match c.segment(true, "track", &ev).await {
-                    Ok(a) if a.status == 200 => {
-                        acked.lock().unwrap().insert(format!("mobile:{mid}"));
-                    }
-                    _ => return,
-                }
-            }
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.lock().unwrap().len() < STUDENTS * PER_STUDENT / 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    proc.0.kill().unwrap();
-    proc.0.wait().unwrap();
-    for t in tasks {
-        let _ = t.await;
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= STUDENTS * PER_STUDENT / 3 && acked.len() < STUDENTS * PER_STUDENT, "{} acked", acked.len());
+    let load = load_then_kill(&c, &mut proc, STUDENTS, 30, "kstudent").await;
 
     let _proc = spawn_cohort(&["--config", cfg.to_str().unwrap()], &[], port);
     wait_ready(&c).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen: HashSet<String>;
-    loop {
-        seen = HashSet::new();
-        let mut problems = Vec::new();
-        for s in 0..STUDENTS {
-            let p = c.get(&format!("/v1/profiles/user_id:kstudent-{s}/events?limit=500")).await.unwrap();
-            let ids: Vec<String> = p.body["events"]
-                .as_array()
-                .map(|a| a.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect())
-                .unwrap_or_default();
-            let unique: HashSet<&String> = ids.iter().collect();
-            if unique.len() != ids.len() {
-                problems.push(format!("student {s}: an event appears twice"));
-            }
-            let profile = c.get(&format!("/v1/profiles/user_id:kstudent-{s}")).await.unwrap();
-            let total = profile.body["counters"]["events_total"].as_u64().unwrap_or(0) as usize;
-            if total != ids.len() {
-                problems.push(format!("student {s}: counter {total} != history {}", ids.len()));
-            }
-            seen.extend(ids);
-        }
-        let lost = acked.iter().filter(|a| !seen.contains(*a)).count();
-        if lost == 0 && problems.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{lost} acknowledged events missing; {problems:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    assert_exactly_once(&c, STUDENTS, "kstudent", &load).await;
 }
 
 /// A broker of this test's own (Tansu, in-memory storage), so freezing it cannot disturb other

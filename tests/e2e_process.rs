@@ -3,19 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use chrono::Utc;
 use cohort::client::CohortClient;
-use cohort::payloads;
 use cohort_config::Config;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, spawn_cohort, wait_ready};
+use common::{assert_exactly_once, free_port, load_then_kill, spawn_cohort, wait_ready};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() {
@@ -31,46 +27,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() 
     wait_ready(&c).await;
 
     const STUDENTS: usize = 20;
-    const PER_STUDENT: usize = 40;
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for s in 0..STUDENTS {
-        let (c, acked, sent) = (c.clone(), acked.clone(), sent.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in 0..PER_STUDENT {
-                let id = format!("k{s}-{i}");
-                let ev = payloads::segment_track(
-                    &id,
-                    &format!("student-{s}"),
-                    "Lesson Completed",
-                    json!({"i": i}),
-                    Utc::now(),
-                );
-                sent.lock().unwrap().insert(format!("mobile:{id}"));
-                match c.segment(true, "track", &ev).await {
-                    Ok(a) if a.status == 200 => {
-                        acked.lock().unwrap().insert(format!("mobile:{id}"));
-                    }
-                    _ => return,
-                }
-            }
-        }));
-    }
-    // Kill the process mid-load, without any chance to flush.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() < STUDENTS * PER_STUDENT / 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    proc.0.kill().unwrap();
-    proc.0.wait().unwrap();
-    for t in tasks {
-        let _ = t.await;
-    }
-    let acked = acked.lock().unwrap().clone();
-    let sent = sent.lock().unwrap().clone();
-    assert!(acked.len() >= STUDENTS * PER_STUDENT / 3, "load did not run: {} acked", acked.len());
-    assert!(acked.len() < STUDENTS * PER_STUDENT, "the kill came too late to test anything");
+    let load = load_then_kill(&c, &mut proc, STUDENTS, 40, "student").await;
 
     // Restart on the same data and wait for the pipeline to replay the journal.
     let _proc = spawn_cohort(
@@ -79,44 +36,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() 
         port,
     );
     wait_ready(&c).await;
-    let mut by_student: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    'outer: loop {
-        by_student.clear();
-        let mut total_acked_seen = 0;
-        for s in 0..STUDENTS {
-            let p = c.get(&format!("/v1/profiles/user_id:student-{s}/events?limit=500")).await.unwrap();
-            let ids: Vec<String> = match p.body["events"].as_array() {
-                Some(a) => a.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect(),
-                None => Vec::new(),
-            };
-            total_acked_seen += ids.iter().filter(|i| acked.contains(*i)).count();
-            by_student.insert(s, ids);
-        }
-        if total_acked_seen == acked.len() || Instant::now() > deadline {
-            break 'outer;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut seen = HashSet::new();
-    for (s, ids) in &by_student {
-        let p = c.get(&format!("/v1/profiles/user_id:student-{s}")).await.unwrap();
-        let total = p.body["counters"]["events_total"].as_u64().unwrap_or(0) as usize;
-        let unique: HashSet<&String> = ids.iter().collect();
-        assert_eq!(unique.len(), ids.len(), "student {s}: an event appears twice");
-        assert_eq!(total, ids.len(), "student {s}: counter {total} disagrees with history {}", ids.len());
-        for id in ids {
-            assert!(sent.contains(id), "unknown event {id}");
-            seen.insert(id.clone());
-        }
-    }
-    let lost: Vec<&String> = acked.iter().filter(|a| !seen.contains(*a)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged events lost, e.g. {:?}",
-        lost.len(),
-        lost.iter().take(5).collect::<Vec<_>>()
-    );
+    assert_exactly_once(&c, STUDENTS, "student", &load).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

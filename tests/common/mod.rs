@@ -47,3 +47,102 @@ pub async fn wait_ready(c: &CohortClient) {
     }
     panic!("cohort did not become ready");
 }
+
+/// What a load run sent and what Cohort acknowledged (event ids as Cohort names them).
+pub struct LoadResult {
+    pub sent: std::collections::HashSet<String>,
+    pub acked: std::collections::HashSet<String>,
+}
+
+/// Sends `students × per_student` track events from concurrent students (user ids
+/// `{user_prefix}-{s}`), SIGKILLs `proc` once a third is acknowledged, and returns what was sent
+/// and acknowledged. Asserts the kill really came mid-load.
+pub async fn load_then_kill(
+    c: &CohortClient,
+    proc: &mut Proc,
+    students: usize,
+    per_student: usize,
+    user_prefix: &str,
+) -> LoadResult {
+    use std::sync::{Arc, Mutex};
+    let acked: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let sent: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for s in 0..students {
+        let (c, acked, sent, user) = (c.clone(), acked.clone(), sent.clone(), format!("{user_prefix}-{s}"));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_student {
+                let mid = format!("{user}-{i}");
+                let ev = cohort::payloads::segment_track(
+                    &mid,
+                    &user,
+                    "Lesson Completed",
+                    serde_json::json!({"i": i}),
+                    chrono::Utc::now(),
+                );
+                sent.lock().unwrap().insert(format!("mobile:{mid}"));
+                match c.segment(true, "track", &ev).await {
+                    Ok(a) if a.status == 200 => {
+                        acked.lock().unwrap().insert(format!("mobile:{mid}"));
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    // Kill the process mid-load, without any chance to flush.
+    let total = students * per_student;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < total / 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let result = LoadResult { sent: sent.lock().unwrap().clone(), acked: acked.lock().unwrap().clone() };
+    assert!(result.acked.len() >= total / 3, "load did not run: {} acked", result.acked.len());
+    assert!(result.acked.len() < total, "the kill came too late to test anything");
+    result
+}
+
+/// Waits until every acknowledged event is in a profile history, then checks exactly-once:
+/// no event twice, counters equal histories, nothing that was never sent.
+pub async fn assert_exactly_once(c: &CohortClient, students: usize, user_prefix: &str, load: &LoadResult) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut histories = Vec::new();
+        for s in 0..students {
+            let p = c.get(&format!("/v1/profiles/user_id:{user_prefix}-{s}/events?limit=500")).await.unwrap();
+            let ids: Vec<String> = p.body["events"]
+                .as_array()
+                .map(|a| a.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect())
+                .unwrap_or_default();
+            histories.push(ids);
+        }
+        let seen: std::collections::HashSet<&String> = histories.iter().flatten().collect();
+        let lost: Vec<&String> = load.acked.iter().filter(|a| !seen.contains(a)).collect();
+        if !lost.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} acknowledged events lost, e.g. {:?}",
+                lost.len(),
+                lost.iter().take(5).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        for (s, ids) in histories.iter().enumerate() {
+            let unique: std::collections::HashSet<&String> = ids.iter().collect();
+            assert_eq!(unique.len(), ids.len(), "student {s}: an event appears twice");
+            let p = c.get(&format!("/v1/profiles/user_id:{user_prefix}-{s}")).await.unwrap();
+            let total = p.body["counters"]["events_total"].as_u64().unwrap_or(0) as usize;
+            assert_eq!(total, ids.len(), "student {s}: counter {total} disagrees with history {}", ids.len());
+            for id in ids {
+                assert!(load.sent.contains(id), "unknown event {id}");
+            }
+        }
+        return;
+    }
+}
