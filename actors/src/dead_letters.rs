@@ -1,7 +1,6 @@
 //! Writing dead letters: never lose what was given up on, always count it.
 
 use crate::context::PipelineContext;
-use crate::identity::event_dead_letter;
 use cohort_adapters::{NewDeadLetter, OperationalStore};
 use cohort_messages::{CustomerEvent, DeadLetterStage};
 use cohort_supervisors::Metrics;
@@ -42,4 +41,18 @@ pub async fn record_event(
 ) {
     tracing::warn!(event_id = %event.event_id, source = %event.source, stage = stage.as_str(), reason, "event dead-lettered");
     record(ctx.store.as_ref(), &ctx.metrics, vec![event_dead_letter(event, stage, reason, attempts)]).await;
+}
+
+/// Builds a dead letter for an event that could not be placed.
+fn event_dead_letter(event: &CustomerEvent, stage: DeadLetterStage, reason: &str, attempts: u32) -> NewDeadLetter {
+    NewDeadLetter {
+        source: event.source,
+        stage,
+        reason: reason.to_string(),
+        event_id: Some(event.event_id.to_string()),
+        payload: serde_json::to_string(event).unwrap_or_default(),
+        content_type: "application/json".into(),
+        received_at: event.received_at,
+        attempts,
+    }
 }

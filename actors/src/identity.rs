@@ -4,7 +4,7 @@
 use crate::context::PipelineContext;
 use crate::dead_letters;
 use chrono::Utc;
-use cohort_adapters::{NewDeadLetter, OperationalStore, StoreError};
+use cohort_adapters::{OperationalStore, StoreError};
 use cohort_messages::msgs::{IdentityMerged, IdentityMsg, ProfileMsg, ProfilesMsg};
 use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, ProfileId};
 use cohort_supervisors::Slot;
@@ -341,23 +341,4 @@ pub async fn spawn_identity_pool(
     };
     let (factory, _) = Actor::spawn_linked(None, IdentityFactory::default(), args, supervisor).await?;
     Ok(factory)
-}
-
-/// Builds a dead letter for an event that could not be placed.
-pub(crate) fn event_dead_letter(
-    event: &CustomerEvent,
-    stage: DeadLetterStage,
-    reason: &str,
-    attempts: u32,
-) -> NewDeadLetter {
-    NewDeadLetter {
-        source: event.source,
-        stage,
-        reason: reason.to_string(),
-        event_id: Some(event.event_id.to_string()),
-        payload: serde_json::to_string(event).unwrap_or_default(),
-        content_type: "application/json".into(),
-        received_at: event.received_at,
-        attempts,
-    }
 }
