@@ -5,6 +5,7 @@ pub mod client;
 pub mod demo;
 pub mod import;
 pub mod payloads;
+pub mod replay;
 pub mod system;
 pub mod telemetry;
 

@@ -45,6 +45,19 @@ enum Command {
         #[command(subcommand)]
         command: ImportCommand,
     },
+    /// Rebuild profiles and Silver from the raw payloads in Bronze (idempotent). With the
+    /// embedded store, stop the server first: the replay opens the same files.
+    Replay {
+        /// The layer to replay from (only `bronze`).
+        #[arg(long, value_parser = ["bronze"])]
+        from: String,
+        /// Only payloads received at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only this source (web, mobile, crm, email, whatsapp).
+        #[arg(long)]
+        source: Option<cohort_messages::Source>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -87,6 +100,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref())?;
             cohort::telemetry::init(&config.telemetry);
             serve(config).await
+        }
+        Command::Replay { from: _, since, source } => {
+            let config = Config::load(cli.config.as_deref())?;
+            cohort::telemetry::init(&config.telemetry);
+            let filter = cohort::replay::ReplayFilter { since, source };
+            let summary = cohort::replay::run(config, filter, SystemOptions::default()).await?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
         }
         Command::Demo { keep_running, data_dir } => cohort::demo::run(keep_running, data_dir).await,
         Command::Config { command: ConfigCommand::Check { file } } => {

@@ -7,14 +7,19 @@ use cohort_actors::normalize::NormalizeOptions;
 use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
     spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IngestActor,
-    IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory,
+    IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, RetentionActor, RetentionArgs,
+    WarehouseSink, WarehouseSinkArgs,
 };
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
-use cohort_adapters::{EmbeddedBus, EventBus, MongoStore, OperationalStore, StreamPositions};
+use cohort_adapters::{
+    open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, StreamPositions, Warehouse,
+};
 use cohort_api::ApiState;
 use cohort_config::Config;
-use cohort_messages::msgs::{FlushReport, IngestMsg, ProfilesMsg, ProfilesStats};
+use cohort_messages::msgs::{
+    FlushReport, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport, RetentionMsg, WarehouseMsg,
+};
 use cohort_messages::Source;
 use cohort_supervisors::{
     ChildSpec, HealthRegistry, Metrics, RestartPolicy, Slot, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg,
@@ -69,6 +74,28 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn Operation
     Ok((store, bus))
 }
 
+/// Opens the warehouse `warehouse.url` names; `None` when it is `none://`. "embedded" is a
+/// SQLite file beside the embedded store (in memory when the store is).
+pub async fn open_configured_warehouse(config: &Config) -> anyhow::Result<Option<Arc<dyn Warehouse>>> {
+    let url = match config.warehouse.url.trim() {
+        "none://" | "none" => return Ok(None),
+        "embedded" => {
+            let store = config.storage.url.as_str();
+            match store.strip_prefix("embedded://") {
+                Some(path) => {
+                    format!("sqlite://{}", std::path::Path::new(path).with_extension("warehouse.db").display())
+                }
+                None if store == "memory://" => "memory://".to_string(),
+                None => return Err(anyhow!("warehouse.url \"embedded\" needs an embedded storage.url")),
+            }
+        }
+        other => other.to_string(),
+    };
+    let warehouse =
+        open_warehouse(&url).await.with_context(|| format!("opening the warehouse `{}`", redact_url(&url)))?;
+    Ok(Some(warehouse))
+}
+
 /// A URL without its credentials, for messages.
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -89,6 +116,8 @@ pub struct Cohort {
     pub api: ApiState,
     pub ctx: PipelineContext,
     pub health: HealthRegistry,
+    pub warehouse: Slot<WarehouseMsg>,
+    pub retention: Slot<RetentionMsg>,
     root: ActorRef<SupervisorMsg>,
     root_handle: Option<JoinHandle<()>>,
 }
@@ -138,6 +167,7 @@ impl Cohort {
             );
         }
         let (store, bus) = open_backends(&config).await?;
+        let warehouse = open_configured_warehouse(&config).await?;
         let metrics = Metrics::new().context("registering metrics")?;
         let health = HealthRegistry::new();
         let policy = RestartPolicy::from_config(&config.supervision);
@@ -157,6 +187,8 @@ impl Cohort {
                 restart_policy: policy,
             },
             fault: options.fault.clone(),
+            warehouse: warehouse.clone(),
+            staged_bronze: Arc::default(),
         };
 
         // Ingest: one actor per source, independent of each other.
@@ -222,6 +254,56 @@ impl Cohort {
                 })
             },
         ];
+        // Scheduled jobs: independent of each other and of the pipeline.
+        let warehouse_slot: Slot<WarehouseMsg> = Slot::default();
+        let retention_slot: Slot<RetentionMsg> = Slot::default();
+        let mut job_children = Vec::new();
+        if let Some(warehouse) = warehouse {
+            let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
+            let relay_interval = Duration::from_millis(config.warehouse.relay_interval_ms);
+            let reconcile_interval = match config.warehouse.reconcile_interval_secs {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            };
+            job_children.push(ChildSpec::new("warehouse", "warehouse_sink", move |sup| {
+                let args = WarehouseSinkArgs {
+                    store: store.clone(),
+                    bus: bus.clone(),
+                    warehouse: warehouse.clone(),
+                    metrics: metrics.clone(),
+                    relay_interval,
+                    reconcile_interval,
+                };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, WarehouseSink, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
+        {
+            let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), retention_slot.clone());
+            let checkpoints = ctx.checkpoints.clone();
+            let keep = Duration::from_secs(config.retention.idempotency_hours.saturating_mul(3600));
+            let every = Duration::from_secs(config.retention.interval_secs);
+            job_children.push(ChildSpec::new("retention", "retention", move |sup| {
+                let args = RetentionArgs {
+                    store: store.clone(),
+                    bus: bus.clone(),
+                    checkpoints: checkpoints.clone(),
+                    metrics: metrics.clone(),
+                    keep,
+                    every,
+                };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, RetentionActor, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         let sub = |path: &str, strategy, children| SupervisorArgs {
             path: format!("root/{path}"),
             strategy,
@@ -237,6 +319,7 @@ impl Cohort {
             children: vec![
                 supervisor_spec("ingest", sub("ingest", Strategy::OneForOne, ingest_children)),
                 supervisor_spec("pipeline", sub("pipeline", Strategy::OneForAll, pipeline_children)),
+                supervisor_spec("jobs", sub("jobs", Strategy::OneForOne, job_children)),
             ],
             health: health.clone(),
             metrics: metrics.clone(),
@@ -257,7 +340,16 @@ impl Cohort {
             ready: Arc::new(AtomicBool::new(true)),
             call_timeout: Duration::from_secs(10),
         };
-        Ok(Cohort { config, api, ctx, health, root, root_handle: Some(root_handle) })
+        Ok(Cohort {
+            config,
+            api,
+            ctx,
+            health,
+            warehouse: warehouse_slot,
+            retention: retention_slot,
+            root,
+            root_handle: Some(root_handle),
+        })
     }
 
     /// The HTTP router of this instance.
@@ -300,6 +392,39 @@ impl Cohort {
         }
     }
 
+    /// Relays the warehouse outbox now; `None` when no warehouse is configured.
+    pub async fn relay_warehouse(&self) -> anyhow::Result<Option<RelayReport>> {
+        if self.ctx.warehouse.is_none() {
+            return Ok(None);
+        }
+        let sink = self.warehouse.get().ok_or_else(|| anyhow!("warehouse sink is not running"))?;
+        match sink.call(|r| WarehouseMsg::Relay { reply: Some(r) }, Some(Duration::from_secs(300))).await {
+            Ok(CallResult::Success(Ok(report))) => Ok(Some(report)),
+            Ok(CallResult::Success(Err(e))) => Err(anyhow!("warehouse relay failed: {e}")),
+            _ => Err(anyhow!("warehouse sink did not answer")),
+        }
+    }
+
+    /// Reconciles Gold with the operational store now.
+    pub async fn reconcile(&self) -> anyhow::Result<ReconcileReport> {
+        let sink = self.warehouse.get().ok_or_else(|| anyhow!("no warehouse is configured (warehouse.url)"))?;
+        match sink.call(|r| WarehouseMsg::Reconcile { reply: Some(r) }, Some(Duration::from_secs(600))).await {
+            Ok(CallResult::Success(Ok(report))) => Ok(report),
+            Ok(CallResult::Success(Err(e))) => Err(anyhow!("reconciliation failed: {e}")),
+            _ => Err(anyhow!("warehouse sink did not answer")),
+        }
+    }
+
+    /// Runs a retention pass now; returns the idempotency keys removed.
+    pub async fn expire(&self) -> anyhow::Result<u64> {
+        let job = self.retention.get().ok_or_else(|| anyhow!("retention job is not running"))?;
+        match job.call(|r| RetentionMsg::Expire { reply: Some(r) }, Some(Duration::from_secs(300))).await {
+            Ok(CallResult::Success(Ok(n))) => Ok(n),
+            Ok(CallResult::Success(Err(e))) => Err(anyhow!("retention failed: {e}")),
+            _ => Err(anyhow!("retention job did not answer")),
+        }
+    }
+
     pub async fn profile_stats(&self) -> anyhow::Result<ProfilesStats> {
         let dir = self.api.profiles.get().ok_or_else(|| anyhow!("profile directory is not running"))?;
         match dir.call(ProfilesMsg::GetStats, Some(Duration::from_secs(5))).await {
@@ -314,6 +439,12 @@ impl Cohort {
         let settled = self.settle(grace).await;
         if let Err(e) = &settled {
             tracing::warn!(error = %e, "shutting down before the pipeline settled; the journal replays on next start");
+        }
+        // Best effort: what is not relayed now stays in the outbox for the next start.
+        match tokio::time::timeout(grace, self.relay_warehouse()).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "warehouse outbox not relayed at shutdown; it is kept"),
+            Err(_) => tracing::warn!("warehouse relay did not finish within the grace period; the outbox is kept"),
+            Ok(Ok(_)) => {}
         }
         self.root.stop(Some("shutdown".into()));
         if let Some(h) = self.root_handle.take() {

@@ -9,6 +9,7 @@ use cohort::client::CohortClient;
 use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
 use cohort::payloads;
 use cohort::SystemOptions;
+use cohort_adapters::{Layer, Warehouse};
 use cohort_config::Config;
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -28,13 +29,39 @@ fn unique(tag: &str) -> String {
     format!("{tag}_{}_{}", std::process::id(), Utc::now().timestamp_micros())
 }
 
-/// Config for Kafka + MongoDB with a fresh topic prefix and database.
+/// Config for Kafka + MongoDB + BigQuery (emulator) with a fresh topic prefix, database and
+/// dataset.
 fn backends_toml(prefix: &str, database: &str) -> String {
     format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n",
         service("COHORT_TEST_MONGODB"),
         service("COHORT_TEST_KAFKA"),
+        service("COHORT_TEST_BIGQUERY"),
     )
+}
+
+/// Reads every record of a topic from the start (until it has been quiet for a while).
+fn read_topic(topic: &str) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", service("COHORT_TEST_KAFKA"))
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(5) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            out.push((key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap()));
+            quiet_since = Instant::now();
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,6 +89,25 @@ async fn slide_18_on_kafka_and_mongodb() {
     );
     assert_eq!(p["counters"]["events_total"], json!(6));
     assert_eq!(p["traits"]["first_name"]["value"], json!("Maximilian"));
+
+    // The outbox reaches BigQuery (Bronze, Silver, Gold) and cdp.processed.events.
+    let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
+    assert_eq!((relayed.silver, relayed.remaining), (6, 0), "{relayed:?}");
+    let wh = demo.cohort.ctx.warehouse.clone().unwrap();
+    assert_eq!(wh.backend(), "bigquery");
+    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 6);
+    assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 6);
+    let stored = demo.cohort.ctx.store.count_profiles().await.unwrap();
+    assert_eq!(wh.count_rows(Layer::Gold).await.unwrap(), stored);
+    let reconciled = demo.cohort.reconcile().await.unwrap();
+    assert_eq!((reconciled.missing, reconciled.stale, reconciled.orphaned), (0, 0, 0), "{reconciled:?}");
+    let processed = read_topic(&format!("{id}.cdp.processed.events"));
+    assert_eq!(processed.len(), 6, "one processed event per event");
+    let keys: BTreeSet<&str> = processed.iter().map(|(k, _)| k.as_str()).collect();
+    for (key, row) in &processed {
+        assert_eq!(row["profile_id"].as_str(), Some(key.as_str()), "processed events are keyed by profile id");
+    }
+    assert!(keys.iter().all(|k| k.starts_with("prof_")), "{keys:?}");
     demo.stop().await.unwrap();
 }
 
@@ -130,7 +176,7 @@ async fn a_broker_outage_answers_503_and_loses_nothing() {
     let broker = OwnBroker::start().await;
     let id = unique("outage");
     let extra = format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\npartitions = 2\nproduce_timeout_ms = 2000\n",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\npartitions = 2\nproduce_timeout_ms = 2000\n[warehouse]\nurl = \"none://\"\n",
         service("COHORT_TEST_MONGODB"),
         broker.addr
     );

@@ -2,9 +2,10 @@
 
 use crate::identity::IdentityIndex;
 use crate::watermark::{Checkpoints, PendingIds, Watermark};
-use cohort_adapters::{EventBus, OperationalStore};
+use cohort_adapters::{BronzeRow, EventBus, OperationalStore, Warehouse};
 use cohort_messages::{CustomerEvent, ProfileId};
 use cohort_supervisors::{Metrics, RestartPolicy};
+use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,10 @@ pub struct PipelineContext {
     pub pending_ids: Arc<PendingIds>,
     pub profiles: ProfileSettings,
     pub fault: Option<Arc<dyn FaultInjector>>,
+    /// The warehouse, when one is configured: flushes then write outbox rows for it.
+    pub warehouse: Option<Arc<dyn Warehouse>>,
+    /// Raw payloads read from the bus, waiting for the next flush's outbox.
+    pub staged_bronze: Arc<Mutex<Vec<BronzeRow>>>,
 }
 
 impl std::fmt::Debug for PipelineContext {

@@ -9,7 +9,7 @@
 use crate::context::PipelineContext;
 use crate::dead_letters;
 use crate::profile::{ProfileActor, ProfileArgs};
-use cohort_adapters::FlushBatch;
+use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{FlushReport, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats};
 use cohort_messages::{CustomerEvent, DeadLetterStage, ProfileId, ProfileRecord};
 use cohort_supervisors::{RestartDecision, RestartTracker};
@@ -236,8 +236,11 @@ impl ProfilesState {
     fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>) {
         self.flushing = true;
         let lows = self.ctx.watermark.lows();
+        let warehouse = self.ctx.warehouse.is_some();
+        let bronze = if warehouse { std::mem::take(&mut *self.ctx.staged_bronze.lock()) } else { Vec::new() };
         let mut complete = true;
         let mut pending = Vec::new();
+        let mut applied: Vec<(ProfileId, Arc<CustomerEvent>)> = Vec::new();
         for (id, entry) in &self.entries {
             if entry.unflushed.is_empty() {
                 continue;
@@ -246,6 +249,13 @@ impl ProfilesState {
                 (Some(actor), Status::Live) | (Some(actor), Status::Passivating) => {
                     let (tx, rx) = ractor::concurrency::oneshot();
                     if actor.send_message(ProfileMsg::TakeSnapshot(tx.into())).is_ok() {
+                        if warehouse {
+                            for change in &entry.unflushed {
+                                if let Change::Apply { event, .. } = change {
+                                    applied.push((id.clone(), event.clone()));
+                                }
+                            }
+                        }
                         pending.push((id.clone(), entry.unflushed.len(), rx));
                     } else {
                         complete = false;
@@ -278,12 +288,28 @@ impl ProfilesState {
                 (true, true) => lows.iter().find(|(s, _)| *s == 0).map(|(_, o)| *o),
                 _ => None,
             };
+            let outbox = if warehouse {
+                // A snapshot that timed out is flushed later; its events go with it then.
+                let taken: std::collections::HashSet<&ProfileId> = covered.iter().map(|(id, _)| id).collect();
+                WarehouseBatch {
+                    bronze: bronze.clone(),
+                    silver: applied
+                        .iter()
+                        .filter(|(id, _)| taken.contains(id))
+                        .map(|(id, event)| SilverRow::from_event(event, id))
+                        .collect(),
+                    gold: profiles.iter().map(|p| p.profile_id.clone()).collect(),
+                }
+            } else {
+                WarehouseBatch::default()
+            };
             let batch = FlushBatch {
                 identities: identities.clone(),
                 profiles,
                 merges: merges.clone(),
                 checkpoint,
                 event_ids: ids.iter().map(|(_, id)| id.clone()).collect(),
+                outbox,
             };
             let n_profiles = batch.profiles.len();
             let mut result = ctx.store.commit_flush(batch).await;
@@ -307,6 +333,7 @@ impl ProfilesState {
                     })
                 }
                 Err(e) => {
+                    ctx.staged_bronze.lock().extend(bronze);
                     ctx.index.restore_pending(identities, merges);
                     ctx.pending_ids.restore(ids);
                     ctx.metrics.flush_failures.inc();

@@ -5,7 +5,7 @@ use crate::dead_letters;
 use crate::identity::IdentityFactoryMsg;
 use crate::watermark::describe;
 use chrono::Utc;
-use cohort_adapters::{JournaledEvent, NewDeadLetter, Subscription};
+use cohort_adapters::{BronzeRow, JournaledEvent, NewDeadLetter, Subscription};
 use cohort_messages::msgs::IdentityMsg;
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::Slot;
@@ -112,6 +112,11 @@ impl Actor for Dispatcher {
             for u in &polled.undecodable {
                 ctx.watermark.delivered(u.seq);
             }
+        }
+        if ctx.warehouse.is_some() && !polled.raw.is_empty() {
+            // Staged before the events are delivered, so the flush covering them carries them.
+            let rows = polled.raw.iter().map(|(seq, rec)| BronzeRow::from_record(*seq, rec));
+            ctx.staged_bronze.lock().extend(rows);
         }
         let mut events = polled.events;
         if !ctx.bus.deduplicates_on_publish() && !events.is_empty() {

@@ -4,7 +4,7 @@
 use crate::dead_letters;
 use crate::normalize::{normalize, NormalizeError, NormalizeOptions};
 use cohort_adapters::{AppendBatch, BronzeRecord, EventBus, NewDeadLetter, OperationalStore};
-use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection};
+use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection, SegmentCall};
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::{Metrics, QueueDepth};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -35,6 +35,17 @@ pub fn format_label(format: PayloadFormat) -> String {
         PayloadFormat::SalesforceCdc => "salesforce_cdc".into(),
         PayloadFormat::SalesforceCsv => "salesforce_csv".into(),
     }
+}
+
+/// The inverse of [`format_label`], for payloads read back from Bronze.
+pub fn parse_format_label(label: &str) -> Option<PayloadFormat> {
+    Some(match label {
+        "twilio_form" => PayloadFormat::TwilioForm,
+        "sendgrid_events" => PayloadFormat::SendgridEvents,
+        "salesforce_cdc" => PayloadFormat::SalesforceCdc,
+        "salesforce_csv" => PayloadFormat::SalesforceCsv,
+        other => PayloadFormat::Segment { call: SegmentCall::parse(other.strip_prefix("segment:")?)? },
+    })
 }
 
 fn raw_dead_letter(payload: &RawPayload, reason: String, event_id: Option<String>) -> NewDeadLetter {
@@ -152,5 +163,28 @@ impl Actor for IngestActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_labels_round_trip() {
+        let mut formats = vec![
+            PayloadFormat::TwilioForm,
+            PayloadFormat::SendgridEvents,
+            PayloadFormat::SalesforceCdc,
+            PayloadFormat::SalesforceCsv,
+        ];
+        for call in ["identify", "track", "page", "screen", "group", "alias", "batch"] {
+            formats.push(PayloadFormat::Segment { call: SegmentCall::parse(call).unwrap() });
+        }
+        for f in formats {
+            assert_eq!(parse_format_label(&format_label(f)), Some(f), "{f:?}");
+        }
+        assert_eq!(parse_format_label("segment:nope"), None);
+        assert_eq!(parse_format_label("csv"), None);
     }
 }

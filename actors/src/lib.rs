@@ -10,6 +10,8 @@ pub mod identity;
 pub mod ingest;
 pub mod normalize;
 pub mod profile;
+pub mod retention;
+pub mod warehouse_sink;
 pub mod watermark;
 
 pub use context::{FaultInjector, PipelineContext, ProfileSettings};
@@ -18,4 +20,6 @@ pub use dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 pub use identity::{spawn_identity_pool, IdentityFactoryMsg, IdentityIndex};
 pub use ingest::{IngestActor, IngestArgs};
 pub use profile::{ProfileActor, ProfileArgs};
+pub use retention::{RetentionActor, RetentionArgs};
+pub use warehouse_sink::{WarehouseSink, WarehouseSinkArgs};
 pub use watermark::{Checkpoints, Watermark};

@@ -4,9 +4,10 @@
 //! embedded journal is stream 0; a Kafka topic partition is a stream), so the pipeline tracks
 //! progress per stream without caring which bus it runs on.
 
-use crate::store::{AppendBatch, AppendOutcome, EventLog, JournaledEvent, OperationalStore};
-use crate::StoreError;
+use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, EventLog, JournaledEvent, OperationalStore};
+use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ pub struct Undecodable {
 pub struct Polled {
     pub events: Vec<JournaledEvent>,
     pub undecodable: Vec<Undecodable>,
+    /// Raw payloads (Bronze) of these events, keyed by the `raw.seq` the events carry.
+    pub raw: Vec<(u64, BronzeRecord)>,
 }
 
 impl Polled {
@@ -65,6 +68,12 @@ pub trait EventBus: Send + Sync + 'static {
     fn deduplicates_on_publish(&self) -> bool;
     /// The highest position this process has published to, per stream (for draining).
     fn published(&self) -> StreamPositions;
+    /// Publishes events attributed to their profiles (`cdp.processed.events`, keyed by profile
+    /// id) for downstream consumers. A bus without such a stream accepts and keeps nothing.
+    async fn publish_processed(&self, rows: &[SilverRow]) -> Result<(), StoreError>;
+    /// Retention of a bus that keeps its own log (the embedded journal): forgets what was
+    /// received before `before` and is covered by `covered`. Kafka's retention is the broker's.
+    async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError>;
     fn name(&self) -> &'static str;
 }
 
@@ -118,6 +127,15 @@ impl EventBus for EmbeddedBus {
     fn name(&self) -> &'static str {
         "embedded"
     }
+
+    async fn publish_processed(&self, _rows: &[SilverRow]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError> {
+        let covered = covered.iter().find(|(s, _)| *s == 0).map_or(0, |(_, o)| *o);
+        self.log.compact(before, covered).await
+    }
 }
 
 struct JournalSubscription {
@@ -141,7 +159,16 @@ impl Subscription for JournalSubscription {
         if let Some(last) = events.last() {
             self.next_after = last.seq;
         }
-        Ok(Polled { events, undecodable: Vec::new() })
+        // Bronze seqs grow with journal seqs, so one range read finds every payload referenced.
+        let seqs = events.iter().filter_map(|e| e.event.raw.seq);
+        let raw = match (seqs.clone().min(), seqs.max()) {
+            (Some(lo), Some(hi)) => {
+                let span = usize::try_from(hi - lo + 1).unwrap_or(usize::MAX);
+                self.log.read_bronze_after(lo - 1, span).await?
+            }
+            _ => Vec::new(),
+        };
+        Ok(Polled { events, undecodable: Vec::new(), raw })
     }
 }
 

@@ -16,19 +16,20 @@ use async_trait::async_trait;
 use cohort_messages::{msgs::IdentityMerged, CustomerEvent, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use parking_lot::RwLock;
 use redb::backends::InMemoryBackend;
-use redb::{Database, DatabaseError, ReadTransaction, ReadableTableMetadata};
+use redb::{Database, DatabaseError, ReadTransaction, ReadableTable, ReadableTableMetadata};
 use std::ops::Bound;
 use tokio::sync::{oneshot, watch};
 
 use self::tables::{
-    db_err, decode, merge_range, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY, IDENTITIES,
-    JOURNAL, MERGES, META, META_CHECKPOINT, PROFILES,
+    db_err, decode, merge_range, outbox_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY,
+    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX, PROFILES,
 };
 use self::writer::{Command, Writer};
 use crate::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
-    StoreError,
+    OutboxId, StoreError, WarehouseBatch,
 };
+use chrono::{DateTime, Utc};
 
 /// URL scheme of a file-backed store: `embedded:///abs/path.redb` or `embedded://rel/path.redb`.
 pub const EMBEDDED_SCHEME: &str = "embedded://";
@@ -278,6 +279,10 @@ impl EventLog for EmbeddedStore {
         })
         .await
     }
+
+    async fn compact(&self, before: DateTime<Utc>, covered: u64) -> Result<u64, StoreError> {
+        self.submit(Command::expire(before, covered)).await
+    }
 }
 
 #[async_trait]
@@ -321,6 +326,7 @@ impl OperationalStore for EmbeddedStore {
             && batch.profiles.is_empty()
             && batch.merges.is_empty()
             && batch.event_ids.is_empty()
+            && batch.outbox.is_empty()
             && batch.checkpoint.is_none()
         {
             return Ok(());
@@ -402,6 +408,51 @@ impl OperationalStore for EmbeddedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|txn| txn.open_table(META).ctx("ping").map(drop)).await
+    }
+
+    async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError> {
+        let ids = ids.to_vec();
+        self.read(move |txn| {
+            let profiles = txn.open_table(PROFILES).ctx("read profiles")?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(bytes) = profiles.get(id.as_str()).ctx("read profiles")? {
+                    out.push(decode("profile", bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
+        self.read(move |txn| {
+            let outbox = txn.open_table(OUTBOX).ctx("read outbox")?;
+            let mut out = Vec::with_capacity(limit.min(256));
+            for entry in outbox.iter().ctx("read outbox")?.take(limit) {
+                let (id, bytes) = entry.ctx("read outbox")?;
+                out.push((outbox_key(id.value()), decode("outbox batch", bytes.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack_outbox(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        let ids: Vec<u64> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.submit(Command::ack_outbox(ids)).await.map(drop)
+    }
+
+    async fn outbox_len(&self) -> Result<u64, StoreError> {
+        self.read(|txn| txn.open_table(OUTBOX).ctx("count outbox")?.len().ctx("count outbox")).await
+    }
+
+    async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        // The store file holds no journal, so `covered` 0 removes keys only.
+        self.submit(Command::expire(before, 0)).await
     }
 }
 

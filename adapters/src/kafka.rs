@@ -8,7 +8,7 @@
 
 use crate::bus::{pack, EventBus, Polled, StreamPositions, Subscription, Undecodable};
 use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, JournaledEvent};
-use crate::StoreError;
+use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -97,6 +97,21 @@ struct RawPayloadRecord {
     content_type: String,
     received_at: DateTime<Utc>,
     body_base64: String,
+}
+
+impl RawPayloadRecord {
+    /// Back to the payload; `None` if the body is not base64 (then the payload is not Cohort's
+    /// and its event alone is processed).
+    fn into_record(self, source: Source) -> Option<BronzeRecord> {
+        let body = base64::engine::general_purpose::STANDARD.decode(self.body_base64).ok()?;
+        Some(BronzeRecord {
+            source,
+            format: self.format,
+            content_type: self.content_type,
+            received_at: self.received_at,
+            body,
+        })
+    }
 }
 
 impl From<&BronzeRecord> for RawPayloadRecord {
@@ -281,6 +296,30 @@ impl EventBus for KafkaBus {
     fn name(&self) -> &'static str {
         "kafka"
     }
+
+    async fn publish_processed(&self, rows: &[SilverRow]) -> Result<(), StoreError> {
+        let producer = self.producer.read().clone();
+        let topic = self.topics.processed();
+        let mut futures = Vec::with_capacity(rows.len());
+        for row in rows {
+            let value =
+                serde_json::to_vec(row).map_err(|e| StoreError::invalid(format!("encoding a processed event: {e}")))?;
+            let fut = producer
+                .send_result(FutureRecord::to(&topic).key(row.profile_id.as_str()).payload(&value))
+                .map_err(|(e, _)| kafka_unavailable("produce processed event", &e))?;
+            futures.push(fut);
+        }
+        for fut in futures {
+            fut.await
+                .map_err(|_| StoreError::unavailable("kafka producer dropped a delivery"))?
+                .map_err(|(e, _)| kafka_unavailable("processed event delivery", &e))?;
+        }
+        Ok(())
+    }
+
+    async fn apply_retention(&self, _before: DateTime<Utc>, _covered: &StreamPositions) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 impl KafkaBus {
@@ -393,7 +432,14 @@ impl Subscription for KafkaSubscription {
             let seq = pack(stream, position_offset(msg.offset()));
             let payload = msg.payload().unwrap_or_default();
             match serde_json::from_slice::<RawTopicRecord>(payload) {
-                Ok(rec) => out.events.push(JournaledEvent { seq, event: rec.event }),
+                Ok(RawTopicRecord { mut event, raw }) => {
+                    // The record carrying the raw payload names it by its own position.
+                    if let Some(raw) = raw.and_then(|r| r.into_record(event.source)) {
+                        event.raw.seq = Some(seq);
+                        out.raw.push((seq, raw));
+                    }
+                    out.events.push(JournaledEvent { seq, event })
+                }
                 Err(e) => out.undecodable.push(Undecodable {
                     seq,
                     source: KafkaBus::source_of_stream(stream),

@@ -17,8 +17,9 @@ pub use error::{StoreError, StoreErrorKind};
 pub use mongo::MongoStore;
 pub use store::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
+    OutboxId,
 };
 pub use warehouse::{
     open_warehouse, BigQueryWarehouse, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,
-    SilverRow, SqliteWarehouse, Warehouse,
+    SilverRow, SqliteWarehouse, Warehouse, WarehouseBatch,
 };

@@ -17,20 +17,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
-use mongodb::options::{ClientOptions, ReplaceOneModel, ReturnDocument, WriteModel};
+use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
+use mongodb::options::{ClientOptions, InsertOneModel, ReplaceOneModel, ReturnDocument, WriteModel};
 use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use self::codec::{
     as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, profile_doc,
     profile_from_doc, profile_id_of, to_i64, DEAD_LETTERS, EVENT_IDS, IDENTITIES, MERGES, META, META_CHECKPOINT,
-    META_DEAD_LETTER_ID, PROFILES,
+    META_DEAD_LETTER_ID, OUTBOX, PROFILES,
 };
 use self::errors::store_error;
-use crate::{FlushBatch, NewDeadLetter, OperationalStore, StoreError};
+use crate::{FlushBatch, NewDeadLetter, OperationalStore, OutboxId, StoreError, WarehouseBatch};
+
+/// Rows of outbox data per outbox document, well under MongoDB's 16 MB document limit.
+const OUTBOX_DOC_ROWS: usize = 1000;
 
 /// How long the driver looks for a usable server before an operation fails: an unreachable
 /// database must turn into a quick, retryable `Unavailable` (and a failing readiness probe),
@@ -59,6 +62,7 @@ pub struct MongoStore {
     event_ids: Collection<Document>,
     dead_letters: Collection<Document>,
     meta: Collection<Document>,
+    outbox: Collection<Document>,
 }
 
 impl fmt::Debug for MongoStore {
@@ -95,6 +99,7 @@ impl MongoStore {
             event_ids: db.collection(EVENT_IDS),
             dead_letters: db.collection(DEAD_LETTERS),
             meta: db.collection(META),
+            outbox: db.collection(OUTBOX),
             db,
             client,
         };
@@ -124,6 +129,9 @@ impl MongoStore {
         // A profile's merges in seq order (the `_id` suffix) without a sort in memory.
         let by_profile = IndexModel::builder().keys(doc! { "profile": 1, "_id": 1 }).build();
         timed("create the merges index", self.merges.create_index(by_profile)).await?;
+        // Expiry deletes idempotency keys by age.
+        let by_age = IndexModel::builder().keys(doc! { "at": 1 }).build();
+        timed("create the event ids index", self.event_ids.create_index(by_age)).await?;
         Ok(())
     }
 
@@ -296,8 +304,20 @@ impl OperationalStore for MongoStore {
         }
         // After the effects, before the checkpoint: an id is only recorded once what it did is.
         let event_ids = self.event_ids.namespace();
+        let now = mongodb::bson::DateTime::now();
         for id in &batch.event_ids {
-            models.push(replace_one(&event_ids, doc! { "_id": id.as_str() })?);
+            models.push(replace_one(&event_ids, doc! { "_id": id.as_str(), "at": now })?);
+        }
+        // A retried flush inserts its outbox rows again; the warehouse's keys absorb that.
+        let outbox = self.outbox.namespace();
+        for part in batch.outbox.split(OUTBOX_DOC_ROWS) {
+            let bytes = serde_json::to_vec(&part)
+                .map_err(|e| StoreError::invalid(format!("cannot encode an outbox batch: {e}")))?;
+            let document = doc! {
+                "_id": ObjectId::new(),
+                "batch": Binary { subtype: BinarySubtype::Generic, bytes },
+            };
+            models.push(InsertOneModel::builder().namespace(outbox.clone()).document(document).build().into());
         }
         let checkpoint = batch.checkpoint.map(|c| to_i64("checkpoint", c)).transpose()?;
 
@@ -394,6 +414,51 @@ impl OperationalStore for MongoStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         timed("ping", self.db.run_command(doc! { "ping": 1 })).await.map(drop)
+    }
+
+    async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = ids.iter().map(ProfileId::as_str).collect();
+        self.find_sorted("load profiles", &self.profiles, doc! { "_id": { "$in": ids } }, None, None, profile_from_doc)
+            .await
+    }
+
+    async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
+        self.find_sorted("read the warehouse outbox", &self.outbox, doc! {}, None, Some(limit), |d| {
+            let id = d
+                .get_object_id("_id")
+                .map_err(|_| StoreError::corrupt("an outbox document has no ObjectId _id"))?
+                .to_hex();
+            let bytes = match d.get("batch") {
+                Some(Bson::Binary(b)) => &b.bytes,
+                _ => return Err(StoreError::corrupt(format!("outbox document {id} has no binary batch"))),
+            };
+            let batch = serde_json::from_slice(bytes)
+                .map_err(|e| StoreError::corrupt(format!("outbox document {id} does not decode: {e}")))?;
+            Ok((id, batch))
+        })
+        .await
+    }
+
+    async fn ack_outbox(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        let ids: Vec<ObjectId> = ids.iter().filter_map(|id| ObjectId::parse_str(id).ok()).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        timed("acknowledge outbox batches", self.outbox.delete_many(doc! { "_id": { "$in": ids } })).await.map(drop)
+    }
+
+    async fn outbox_len(&self) -> Result<u64, StoreError> {
+        timed("count the warehouse outbox", self.outbox.count_documents(doc! {})).await
+    }
+
+    async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let before = mongodb::bson::DateTime::from_millis(before.timestamp_millis());
+        let deleted =
+            timed("expire idempotency keys", self.event_ids.delete_many(doc! { "at": { "$lt": before } })).await?;
+        Ok(deleted.deleted_count)
     }
 }
 

@@ -7,6 +7,7 @@ use cohort_messages::{
 };
 use tokio::sync::watch;
 
+use crate::warehouse::WarehouseBatch;
 use crate::StoreError;
 
 /// A raw payload exactly as received: the Bronze layer.
@@ -56,6 +57,10 @@ pub trait EventLog: Send + Sync + 'static {
     fn watch_head(&self) -> watch::Receiver<u64>;
     /// Bronze records with `seq > after`, in order, at most `limit` (for replay and audit).
     async fn read_bronze_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, BronzeRecord)>, StoreError>;
+    /// Retention: forgets the idempotency keys of events journaled before `before`, and the
+    /// journal events and raw payloads received before it up to seq `covered` (the pipeline's
+    /// checkpoint; nothing it has not persisted is removed). Returns the keys removed.
+    async fn compact(&self, before: DateTime<Utc>, covered: u64) -> Result<u64, StoreError>;
 }
 
 /// What a write-behind cycle persists, in one transaction.
@@ -69,7 +74,13 @@ pub struct FlushBatch {
     /// Ids of events whose effects this flush persists, for buses that cannot refuse duplicates
     /// when publishing (Kafka): a redelivered or re-sent event with one of these ids is skipped.
     pub event_ids: Vec<String>,
+    /// Warehouse rows describing this flush, stored with it (a transactional outbox) and relayed
+    /// to the warehouse later, so a warehouse outage neither stalls profiles nor loses rows.
+    pub outbox: WarehouseBatch,
 }
+
+/// Key of one stored outbox batch; ordered by when it was written.
+pub type OutboxId = String;
 
 /// A dead letter before the store assigns its id.
 #[derive(Debug, Clone)]
@@ -103,4 +114,16 @@ pub trait OperationalStore: Send + Sync + 'static {
     async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError>;
     /// Cheap liveness check used by `/health/ready`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The stored records of these profiles (missing ones are skipped), in one round trip.
+    async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError>;
+    /// The oldest outbox batches not yet acknowledged, at most `limit`.
+    async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError>;
+    /// Forgets outbox batches the warehouse has stored (unknown ids are ignored).
+    async fn ack_outbox(&self, ids: &[OutboxId]) -> Result<(), StoreError>;
+    /// Outbox batches waiting for the warehouse.
+    async fn outbox_len(&self) -> Result<u64, StoreError>;
+    /// Forgets the idempotency keys flushes recorded (`FlushBatch::event_ids`) before `before`.
+    /// Returns how many were removed. An event redelivered after its key expired counts again:
+    /// the retention is the deduplication window.
+    async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 }

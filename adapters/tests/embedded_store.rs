@@ -53,6 +53,7 @@ async fn populate(store: &Arc<EmbeddedStore>) {
             }],
             checkpoint: Some(3),
             event_ids: vec![],
+            ..FlushBatch::default()
         })
         .await
         .unwrap();

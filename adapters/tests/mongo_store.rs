@@ -109,6 +109,7 @@ async fn documents_are_queryable_bson_not_blobs() {
                 merges: vec![merge],
                 checkpoint: Some(9),
                 event_ids: vec![],
+                ..FlushBatch::default()
             })
             .await
             .unwrap();

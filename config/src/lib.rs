@@ -22,6 +22,8 @@ pub struct Config {
     pub profiles: ProfilesConfig,
     pub supervision: SupervisionConfig,
     pub telemetry: TelemetryConfig,
+    pub warehouse: WarehouseConfig,
+    pub retention: RetentionConfig,
     /// Passed to the normalizers, which validate it at start (`normalize.*` keys).
     #[serde(default)]
     pub normalize: serde_json::Map<String, serde_json::Value>,
@@ -118,6 +120,21 @@ pub struct SupervisionConfig {
     pub window_secs: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseConfig {
+    pub url: String,
+    pub relay_interval_ms: u64,
+    pub reconcile_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub idempotency_hours: u64,
+    pub interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +275,27 @@ impl Config {
         if self.supervision.window_secs == 0 {
             return Err(bad("supervision.window_secs", "must be positive"));
         }
+        let wh = self.warehouse.url.as_str();
+        let known = ["sqlite://", "sqlite::memory:", "memory://", "bigquery://", "none://"];
+        if wh == "embedded" {
+            if !embedded_store {
+                return Err(bad("warehouse.url", "\"embedded\" keeps the warehouse beside the embedded store; with MongoDB use sqlite://PATH, bigquery://PROJECT/DATASET or none://"));
+            }
+        } else if !known.iter().any(|k| wh.starts_with(k)) {
+            return Err(bad(
+                "warehouse.url",
+                "must be \"embedded\", sqlite://PATH, bigquery://PROJECT/DATASET[?endpoint=URL] or none://",
+            ));
+        }
+        if self.warehouse.relay_interval_ms == 0 {
+            return Err(bad("warehouse.relay_interval_ms", "must be positive"));
+        }
+        if self.retention.idempotency_hours == 0 {
+            return Err(bad("retention.idempotency_hours", "must be positive (it is the deduplication window)"));
+        }
+        if self.retention.interval_secs == 0 {
+            return Err(bad("retention.interval_secs", "must be positive"));
+        }
         Ok(())
     }
 
@@ -325,8 +363,15 @@ mod tests {
         assert!(err.contains("storage.url"), "{err}");
         let err = Config::from_toml_str("[storage]\nurl = \"mongodb://db:27017\"\n").unwrap_err().to_string();
         assert!(err.contains("`bus.url`"), "the embedded journal needs the embedded store: {err}");
-        let ok = Config::from_toml_str("[storage]\nurl = \"mongodb://db:27017\"\n[bus]\nurl = \"kafka://k:9092\"\n");
+        let mongo_kafka = "[storage]\nurl = \"mongodb://db:27017\"\n[bus]\nurl = \"kafka://k:9092\"\n";
+        let err = Config::from_toml_str(mongo_kafka).unwrap_err().to_string();
+        assert!(err.contains("`warehouse.url`"), "the embedded warehouse needs the embedded store: {err}");
+        let ok = Config::from_toml_str(&format!("{mongo_kafka}[warehouse]\nurl = \"bigquery://p/cdp\"\n"));
         assert!(ok.is_ok());
+        let err = Config::from_toml_str("[warehouse]\nurl = \"duckdb://x\"\n").unwrap_err().to_string();
+        assert!(err.contains("warehouse.url"), "{err}");
+        let err = Config::from_toml_str("[retention]\nidempotency_hours = 0\n").unwrap_err().to_string();
+        assert!(err.contains("retention.idempotency_hours"), "{err}");
         let err = Config::from_toml_str("[bus]\nurl = \"amqp://x\"\n").unwrap_err().to_string();
         assert!(err.contains("bus.url"), "{err}");
     }

@@ -197,6 +197,47 @@ pub struct ProfilesStats {
     pub poison_events: u64,
 }
 
+/// The warehouse sink: relays the outbox to the warehouse and the processed-events stream, and
+/// reconciles Gold with the operational store.
+#[derive(Debug)]
+pub enum WarehouseMsg {
+    /// Relay what the outbox holds (timer, or a caller that waits for the outcome).
+    Relay { reply: Option<RpcReplyPort<Result<RelayReport, String>>> },
+    /// Compare operational profiles with Gold and repair drift (timer, or a caller).
+    Reconcile { reply: Option<RpcReplyPort<Result<ReconcileReport, String>>> },
+}
+
+/// What one relay pass moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayReport {
+    pub batches: usize,
+    pub bronze: usize,
+    pub silver: usize,
+    pub gold: usize,
+    /// Outbox batches still waiting afterwards.
+    pub remaining: u64,
+}
+
+/// What one reconciliation found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileReport {
+    pub profiles_checked: u64,
+    /// Profiles with no Gold snapshot.
+    pub missing: u64,
+    /// Profiles whose latest Gold snapshot is older than the stored record.
+    pub stale: u64,
+    /// Gold profiles the operational store no longer has (erased): removed from Gold.
+    pub orphaned: u64,
+    /// Snapshots written and orphans removed.
+    pub repaired: u64,
+}
+
+/// The retention job: forgets expired idempotency keys and compacts the embedded journal.
+#[derive(Debug)]
+pub enum RetentionMsg {
+    Expire { reply: Option<RpcReplyPort<Result<u64, String>>> },
+}
+
 /// Published when two profiles turned out to be one student.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdentityMerged {

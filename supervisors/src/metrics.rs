@@ -26,6 +26,14 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     pub flush_failures: IntCounter,
     pub checkpoint: IntGauge,
+    pub warehouse_rows: IntCounterVec,
+    pub warehouse_failures: IntCounter,
+    pub warehouse_outbox: IntGauge,
+    pub processed_published: IntCounter,
+    pub reconcile_runs: IntCounter,
+    pub reconcile_drift: IntGaugeVec,
+    pub reconcile_repaired: IntCounter,
+    pub idempotency_expired: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -104,8 +112,42 @@ impl Metrics {
         let checkpoint =
             IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
         r.register(Box::new(checkpoint.clone()))?;
+        let warehouse_rows =
+            counter_vec(&r, "warehouse_rows_written_total", "Rows written to the warehouse per layer", &["layer"])?;
+        let warehouse_failures = IntCounter::new(
+            "warehouse_relay_failures_total",
+            "Outbox relays that failed (the outbox keeps the rows; retried with backoff)",
+        )?;
+        r.register(Box::new(warehouse_failures.clone()))?;
+        let warehouse_outbox =
+            IntGauge::new("warehouse_outbox_batches", "Outbox batches waiting for the warehouse after the last relay")?;
+        r.register(Box::new(warehouse_outbox.clone()))?;
+        let processed_published =
+            IntCounter::new("processed_events_published_total", "Events published to cdp.processed.events")?;
+        r.register(Box::new(processed_published.clone()))?;
+        let reconcile_runs = IntCounter::new("reconcile_runs_total", "Completed Gold reconciliations")?;
+        r.register(Box::new(reconcile_runs.clone()))?;
+        let reconcile_drift = IntGaugeVec::new(
+            Opts::new("reconcile_drift_profiles", "Profiles out of step with Gold at the last reconciliation, by kind"),
+            &["kind"],
+        )?;
+        r.register(Box::new(reconcile_drift.clone()))?;
+        let reconcile_repaired =
+            IntCounter::new("reconcile_repaired_total", "Gold snapshots written or removed by reconciliation")?;
+        r.register(Box::new(reconcile_repaired.clone()))?;
+        let idempotency_expired =
+            IntCounter::new("idempotency_keys_expired_total", "Idempotency keys removed by retention")?;
+        r.register(Box::new(idempotency_expired.clone()))?;
         Ok(Self {
             registry: r,
+            warehouse_rows,
+            warehouse_failures,
+            warehouse_outbox,
+            processed_published,
+            reconcile_runs,
+            reconcile_drift,
+            reconcile_repaired,
+            idempotency_expired,
             events_received,
             events_accepted,
             events_rejected,

@@ -26,6 +26,10 @@ pub(super) const IDENTITIES: TableDefinition<'static, &str, &str> = TableDefinit
 pub(super) const MERGES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("merges");
 /// Dead letters: id → `DeadLetter` (JSON).
 pub(super) const DEAD_LETTERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Idempotency key ages: (recorded at, ms since epoch; event id), for expiry in time order.
+pub(super) const IDEMPOTENCY_AT: TableDefinition<'static, (u64, &str), ()> = TableDefinition::new("idempotency_at");
+/// Warehouse outbox: id → `WarehouseBatch` (JSON), relayed to the warehouse and then removed.
+pub(super) const OUTBOX: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("warehouse_outbox");
 /// Counters and the pipeline checkpoint.
 pub(super) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
@@ -37,6 +41,13 @@ pub(super) const META_JOURNAL_SEQ: &str = "journal_seq";
 pub(super) const META_RAW_SEQ: &str = "raw_seq";
 /// Meta key: the last dead-letter id assigned.
 pub(super) const META_DEAD_LETTER_ID: &str = "dead_letter_id";
+/// Meta key: the last outbox id assigned.
+pub(super) const META_OUTBOX_ID: &str = "outbox_id";
+
+/// Outbox ids are zero-padded so the trait's string ids sort like the numbers.
+pub(super) fn outbox_key(id: u64) -> String {
+    format!("{id:020}")
+}
 
 /// Storage mirror of [`BronzeRecord`] without its body (kept in [`BRONZE_BODY`]): the public
 /// type is deliberately not serde, so the on-disk shape is owned here.

@@ -9,16 +9,23 @@
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use cohort_messages::DeadLetter;
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::tables::{
-    encode, merge_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY, IDENTITIES, JOURNAL,
-    MERGES, META, META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_RAW_SEQ, PROFILES,
+    decode, encode, merge_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY, IDEMPOTENCY_AT,
+    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID,
+    META_RAW_SEQ, OUTBOX, PROFILES,
 };
 use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
+use cohort_messages::CustomerEvent;
+
+/// Rows of outbox data per stored outbox entry.
+const OUTBOX_ENTRY_ROWS: usize = 2000;
+/// Entries one expiry pass removes at most, so one pass never holds the writer for long.
+const EXPIRE_LIMIT: usize = 50_000;
 
 /// Upper bound on commands merged into one transaction, so one huge backlog cannot hold every
 /// caller's acknowledgement hostage to a single enormous commit.
@@ -45,6 +52,16 @@ impl Command {
         let (tx, rx) = oneshot::channel();
         (Self { op: Op::DeadLetters(letters), reply: Reply::DeadLetters(tx) }, rx)
     }
+
+    pub(super) fn ack_outbox(ids: Vec<u64>) -> (Self, oneshot::Receiver<Result<u64, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { op: Op::AckOutbox(ids), reply: Reply::Count(tx) }, rx)
+    }
+
+    pub(super) fn expire(before: DateTime<Utc>, covered: u64) -> (Self, oneshot::Receiver<Result<u64, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { op: Op::Expire { before, covered }, reply: Reply::Count(tx) }, rx)
+    }
 }
 
 /// The result of one command inside a committed group, before it is sent back.
@@ -52,6 +69,7 @@ enum Applied {
     Append(AppendOutcome),
     Flush,
     DeadLetters(Vec<u64>),
+    Count(u64),
 }
 
 /// The counters kept in `meta`, loaded at the start of each transaction and written back with
@@ -62,12 +80,15 @@ struct Counters {
     raw_seq: u64,
     dead_letter_id: u64,
     checkpoint: u64,
+    outbox_id: u64,
 }
 
 /// Every table of one write transaction, opened once per group.
 struct Tables<'txn> {
     journal: Table<'txn, u64, &'static [u8]>,
     idempotency: Table<'txn, &'static str, u64>,
+    idempotency_at: Table<'txn, (u64, &'static str), ()>,
+    outbox: Table<'txn, u64, &'static [u8]>,
     bronze: Table<'txn, u64, &'static [u8]>,
     bronze_body: Table<'txn, u64, &'static [u8]>,
     profiles: Table<'txn, &'static str, &'static [u8]>,
@@ -82,6 +103,8 @@ impl<'txn> Tables<'txn> {
         Ok(Self {
             journal: txn.open_table(JOURNAL).ctx("open table")?,
             idempotency: txn.open_table(IDEMPOTENCY).ctx("open table")?,
+            idempotency_at: txn.open_table(IDEMPOTENCY_AT).ctx("open table")?,
+            outbox: txn.open_table(OUTBOX).ctx("open table")?,
             bronze: txn.open_table(BRONZE).ctx("open table")?,
             bronze_body: txn.open_table(BRONZE_BODY).ctx("open table")?,
             profiles: txn.open_table(PROFILES).ctx("open table")?,
@@ -102,6 +125,7 @@ impl<'txn> Tables<'txn> {
             raw_seq: self.meta(META_RAW_SEQ)?,
             dead_letter_id: self.meta(META_DEAD_LETTER_ID)?,
             checkpoint: self.meta(META_CHECKPOINT)?,
+            outbox_id: self.meta(META_OUTBOX_ID)?,
         })
     }
 
@@ -111,6 +135,7 @@ impl<'txn> Tables<'txn> {
             (META_RAW_SEQ, before.raw_seq, after.raw_seq),
             (META_DEAD_LETTER_ID, before.dead_letter_id, after.dead_letter_id),
             (META_CHECKPOINT, before.checkpoint, after.checkpoint),
+            (META_OUTBOX_ID, before.outbox_id, after.outbox_id),
         ];
         for (key, old, new) in pairs {
             if old != new {
@@ -121,7 +146,7 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Journals the events that were never seen before, in order; Bronze gets its own seq.
-    fn append(&mut self, c: &mut Counters, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+    fn append(&mut self, c: &mut Counters, batch: AppendBatch, now_ms: u64) -> Result<AppendOutcome, StoreError> {
         let raw_seq = match batch.raw {
             Some(raw) => {
                 c.raw_seq += 1;
@@ -147,6 +172,7 @@ impl<'txn> Tables<'txn> {
             let bytes = encode("event", &event)?;
             self.journal.insert(seq, bytes.as_slice()).ctx("append")?;
             self.idempotency.insert(event.event_id.as_str(), seq).ctx("append")?;
+            self.idempotency_at.insert((now_ms, event.event_id.as_str()), ()).ctx("append")?;
             c.journal_seq = seq;
             seqs.push(Some(seq));
         }
@@ -154,7 +180,7 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Upserts the write-behind state; the checkpoint only moves forward.
-    fn flush(&mut self, c: &mut Counters, batch: FlushBatch) -> Result<(), StoreError> {
+    fn flush(&mut self, c: &mut Counters, batch: FlushBatch, now_ms: u64) -> Result<(), StoreError> {
         for (identifier, profile) in &batch.identities {
             self.identities.insert(identifier.key().as_str(), profile.as_str()).ctx("flush")?;
         }
@@ -173,12 +199,72 @@ impl<'txn> Tables<'txn> {
         }
         for id in &batch.event_ids {
             self.idempotency.insert(id.as_str(), 0).ctx("flush")?;
+            self.idempotency_at.insert((now_ms, id.as_str()), ()).ctx("flush")?;
+        }
+        for part in batch.outbox.split(OUTBOX_ENTRY_ROWS) {
+            c.outbox_id += 1;
+            let bytes = encode("outbox batch", &part)?;
+            self.outbox.insert(c.outbox_id, bytes.as_slice()).ctx("flush")?;
         }
         if let Some(checkpoint) = batch.checkpoint {
             // A late or replayed flush must never move replay start backwards.
             c.checkpoint = c.checkpoint.max(checkpoint);
         }
         Ok(())
+    }
+
+    fn ack_outbox(&mut self, ids: &[u64]) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for id in ids {
+            if self.outbox.remove(*id).ctx("ack outbox")?.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes idempotency keys recorded before `before`, then journal events received before
+    /// it up to seq `covered` (what the pipeline has persisted), and the raw payloads only those
+    /// events referenced.
+    fn expire(&mut self, before: DateTime<Utc>, covered: u64) -> Result<u64, StoreError> {
+        let cutoff = u64::try_from(before.timestamp_millis()).unwrap_or(0);
+        let mut keys: Vec<(u64, String)> = Vec::new();
+        for entry in self.idempotency_at.range((0, "")..(cutoff, "")).ctx("expire")?.take(EXPIRE_LIMIT) {
+            let (key, _) = entry.ctx("expire")?;
+            let (at, id) = key.value();
+            keys.push((at, id.to_string()));
+        }
+        for (at, id) in &keys {
+            self.idempotency_at.remove((*at, id.as_str())).ctx("expire")?;
+            self.idempotency.remove(id.as_str()).ctx("expire")?;
+        }
+        let mut expired_seqs = Vec::new();
+        let mut last_raw = 0;
+        for entry in self.journal.range(..=covered).ctx("expire")?.take(EXPIRE_LIMIT) {
+            let (seq, bytes) = entry.ctx("expire")?;
+            let event: CustomerEvent = decode("event", bytes.value())?;
+            if event.received_at >= before {
+                break;
+            }
+            last_raw = last_raw.max(event.raw.seq.unwrap_or(0));
+            expired_seqs.push(seq.value());
+        }
+        for seq in expired_seqs {
+            self.journal.remove(seq).ctx("expire")?;
+        }
+        let raw: Vec<u64> = self
+            .bronze
+            .range(..=last_raw)
+            .ctx("expire")?
+            .take(EXPIRE_LIMIT)
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .ctx("expire")?;
+        for seq in raw {
+            self.bronze.remove(seq).ctx("expire")?;
+            self.bronze_body.remove(seq).ctx("expire")?;
+        }
+        Ok(keys.len() as u64)
     }
 
     fn dead_letters(&mut self, c: &mut Counters, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError> {
@@ -257,6 +343,9 @@ impl Writer {
                         (Reply::DeadLetters(tx), Applied::DeadLetters(ids)) => {
                             let _ = tx.send(Ok(ids));
                         }
+                        (Reply::Count(tx), Applied::Count(n)) => {
+                            let _ = tx.send(Ok(n));
+                        }
                         (reply, _) => {
                             reply.fail(StoreError::unavailable("embedded store: internal error pairing write results"))
                         }
@@ -285,14 +374,17 @@ impl Writer {
             let mut tables = Tables::open(&txn)?;
             let before = tables.counters()?;
             let mut c = before;
+            let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
             for op in ops {
                 results.push(match op {
-                    Op::Append(batch) => Applied::Append(tables.append(&mut c, batch)?),
+                    Op::Append(batch) => Applied::Append(tables.append(&mut c, batch, now_ms)?),
                     Op::Flush(batch) => {
-                        tables.flush(&mut c, batch)?;
+                        tables.flush(&mut c, batch, now_ms)?;
                         Applied::Flush
                     }
                     Op::DeadLetters(letters) => Applied::DeadLetters(tables.dead_letters(&mut c, letters)?),
+                    Op::AckOutbox(ids) => Applied::Count(tables.ack_outbox(&ids)?),
+                    Op::Expire { before, covered } => Applied::Count(tables.expire(before, covered)?),
                 });
             }
             tables.save_counters(before, c)?;
@@ -308,6 +400,8 @@ enum Op {
     Append(AppendBatch),
     Flush(FlushBatch),
     DeadLetters(Vec<NewDeadLetter>),
+    AckOutbox(Vec<u64>),
+    Expire { before: DateTime<Utc>, covered: u64 },
 }
 
 /// The reply half of a [`Command`].
@@ -315,6 +409,7 @@ enum Reply {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),
     DeadLetters(oneshot::Sender<Result<Vec<u64>, StoreError>>),
+    Count(oneshot::Sender<Result<u64, StoreError>>),
 }
 
 impl Reply {
@@ -323,6 +418,7 @@ impl Reply {
             Reply::Append(tx) => tx.send(Err(err)).map_err(drop),
             Reply::Flush(tx) => tx.send(Err(err)).map_err(drop),
             Reply::DeadLetters(tx) => tx.send(Err(err)).map_err(drop),
+            Reply::Count(tx) => tx.send(Err(err)).map_err(drop),
         };
     }
 }

@@ -14,6 +14,8 @@
 //! | `merges`       | `profile/seq(20 digits)/other`     | `profile`, `merge` (the `IdentityMerged`)     |
 //! | `dead_letters` | id (`Int64`, from 1)               | the fields of `DeadLetter` except `id`        |
 //! | `meta`         | `checkpoint`, `dead_letter_id`     | `value` (`Int64`)                             |
+//! | `event_ids`    | event id                           | `at` (BSON date it was recorded, for expiry)  |
+//! | `warehouse_outbox` | ObjectId (time ordered)        | `batch` (binary: the `WarehouseBatch` JSON)   |
 
 use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use mongodb::bson::{self, doc, Bson, Document};
@@ -26,6 +28,7 @@ pub(super) const MERGES: &str = "merges";
 pub(super) const EVENT_IDS: &str = "event_ids";
 pub(super) const DEAD_LETTERS: &str = "dead_letters";
 pub(super) const META: &str = "meta";
+pub(super) const OUTBOX: &str = "warehouse_outbox";
 
 /// Meta document: all journal events up to `value` are reflected in persisted profiles.
 pub(super) const META_CHECKPOINT: &str = "checkpoint";

@@ -227,6 +227,68 @@ impl GoldProfileRow {
     }
 }
 
+/// Warehouse rows produced by one profile flush, waiting in the operational store's outbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WarehouseBatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bronze: Vec<BronzeRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub silver: Vec<SilverRow>,
+    /// Profiles whose Gold snapshot is stale: the relay snapshots their current records, so a
+    /// profile changed by many flushes costs one Gold row per relay cycle, not one per flush.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gold: Vec<ProfileId>,
+}
+
+impl WarehouseBatch {
+    pub fn is_empty(&self) -> bool {
+        self.bronze.is_empty() && self.silver.is_empty() && self.gold.is_empty()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.bronze.len() + self.silver.len() + self.gold.len()
+    }
+
+    /// Appends another batch's rows.
+    pub fn extend(&mut self, other: WarehouseBatch) {
+        self.bronze.extend(other.bronze);
+        self.silver.extend(other.silver);
+        self.gold.extend(other.gold);
+    }
+
+    /// Splits into batches of at most `max_rows` rows each (at least one row per batch), so no
+    /// stored outbox document outgrows a backend's size limit.
+    pub fn split(mut self, max_rows: usize) -> Vec<WarehouseBatch> {
+        let max_rows = max_rows.max(1);
+        if self.rows() <= max_rows {
+            return if self.is_empty() { Vec::new() } else { vec![self] };
+        }
+        let mut out = Vec::new();
+        let mut current = WarehouseBatch::default();
+        let take = |current: &mut WarehouseBatch, out: &mut Vec<WarehouseBatch>| {
+            if current.rows() >= max_rows {
+                out.push(std::mem::take(current));
+            }
+        };
+        for row in std::mem::take(&mut self.bronze) {
+            current.bronze.push(row);
+            take(&mut current, &mut out);
+        }
+        for row in std::mem::take(&mut self.silver) {
+            current.silver.push(row);
+            take(&mut current, &mut out);
+        }
+        for id in std::mem::take(&mut self.gold) {
+            current.gold.push(id);
+            take(&mut current, &mut out);
+        }
+        if !current.is_empty() {
+            out.push(current);
+        }
+        out
+    }
+}
+
 /// A named query parameter value (`@name` in SQL on both backends).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum QueryValue {
@@ -501,6 +563,34 @@ mod tests {
             format_timestamp(Utc.timestamp_opt(1_704_164_645, 0).single().unwrap()),
             "2024-01-02T03:04:05.000000Z"
         );
+    }
+
+    #[test]
+    fn outbox_batches_split_without_losing_or_reordering_rows() {
+        let at = Utc.timestamp_opt(1_700_000_000, 0).single().unwrap();
+        let rec = BronzeRecord {
+            source: Source::Web,
+            format: "segment:track".into(),
+            content_type: "application/json".into(),
+            received_at: at,
+            body: b"{}".to_vec(),
+        };
+        let batch = WarehouseBatch {
+            bronze: (1..=5).map(|i| BronzeRow::from_record(i, &rec)).collect(),
+            silver: Vec::new(),
+            gold: (0..4)
+                .map(|i| ProfileId::derive_from_event(&EventId::new(Source::Web, &i.to_string()), at))
+                .collect(),
+        };
+        let parts = batch.clone().split(3);
+        assert_eq!(parts.iter().map(WarehouseBatch::rows).collect::<Vec<_>>(), vec![3, 3, 3]);
+        let mut joined = WarehouseBatch::default();
+        for p in parts {
+            joined.extend(p);
+        }
+        assert_eq!(joined, batch);
+        assert!(WarehouseBatch::default().split(10).is_empty());
+        assert_eq!(batch.clone().split(100), vec![batch]);
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use cohort_adapters::{
-    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, NewDeadLetter, OperationalStore,
+    AppendBatch, AppendOutcome, BronzeRecord, BronzeRow, EventLog, FlushBatch, NewDeadLetter, OperationalStore,
+    SilverRow, WarehouseBatch,
 };
 use cohort_messages::{
     msgs::IdentityMerged, CustomerEvent, DeadLetterStage, EventId, EventKind, Identifier, IdentifierKind, ProfileId,
@@ -57,6 +58,7 @@ macro_rules! store_suite {
             concurrent_appends_of_one_event_id_journal_it_once,
             read_after_pages_in_order,
             bronze_round_trip_is_byte_exact,
+            compaction_forgets_only_old_covered_events,
             ping_answers,
         );
         $crate::suite::operational_store_suite!(async { $fixture.await.into_store() });
@@ -87,6 +89,10 @@ macro_rules! operational_store_suite {
             merges_are_listed_for_both_profiles,
             large_flush_round_trips,
             flushed_event_ids_are_seen,
+            outbox_keeps_batches_in_order_until_acknowledged,
+            large_outbox_batches_are_split_and_kept_whole,
+            profiles_load_in_one_call,
+            flushed_event_ids_expire,
             store_ping_answers,
         );
     };
@@ -324,6 +330,7 @@ pub async fn flushed_profiles_and_identities_can_be_read_back(f: StoreFixture) {
             merges: vec![],
             checkpoint: None,
             event_ids: vec![],
+            outbox: WarehouseBatch::default(),
         })
         .await
         .unwrap();
@@ -540,6 +547,7 @@ pub async fn large_flush_round_trips(f: StoreFixture) {
             merges: vec![],
             checkpoint: Some(77),
             event_ids: vec![],
+            outbox: WarehouseBatch::default(),
         })
         .await
         .unwrap();
@@ -600,4 +608,85 @@ pub async fn ping_answers(f: Fixture) {
     f.store.ping().await.unwrap();
     f.log.append(batch(None, &["x"])).await.unwrap();
     f.store.ping().await.unwrap();
+}
+
+pub async fn compaction_forgets_only_old_covered_events(f: Fixture) {
+    f.log.append(batch(Some(b"one"), &["c1", "c2"])).await.unwrap();
+    f.log.append(batch(Some(b"two"), &["c3"])).await.unwrap();
+    // Nothing was received (at(2)) or journaled (now) before at(0).
+    assert_eq!(f.log.compact(at(0), 3).await.unwrap(), 0);
+    assert_eq!(f.log.read_after(0, 10).await.unwrap().len(), 3);
+    // Everything is older than a future cutoff, but only seqs up to `covered` may go.
+    let removed = f.log.compact(Utc::now() + chrono::Duration::seconds(5), 2).await.unwrap();
+    assert_eq!(removed, 3, "every idempotency key is older than the cutoff");
+    let left: Vec<u64> = f.log.read_after(0, 10).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(left, vec![3], "seq 3 is not covered by the checkpoint");
+    let bronze: Vec<u64> = f.log.read_bronze_after(0, 10).await.unwrap().iter().map(|(s, _)| *s).collect();
+    assert_eq!(bronze, vec![2], "the raw payload of the remaining event stays");
+    // An expired id is accepted again: retention is the deduplication window.
+    let again = f.log.append(batch(None, &["c1"])).await.unwrap();
+    assert!(again.seqs[0].is_some());
+    assert_eq!(again.seqs[0], Some(4), "seqs keep counting after compaction");
+}
+
+fn outbox_batch(n: u64) -> WarehouseBatch {
+    WarehouseBatch {
+        bronze: vec![BronzeRow::from_record(n, &raw(format!("payload {n}").as_bytes()))],
+        silver: vec![SilverRow::from_event(&event(&format!("o{n}")), &profile_id(n as u32))],
+        gold: vec![profile_id(n as u32)],
+    }
+}
+
+pub async fn outbox_keeps_batches_in_order_until_acknowledged(f: StoreFixture) {
+    assert_eq!(f.store.outbox_len().await.unwrap(), 0);
+    assert!(f.store.read_outbox(10).await.unwrap().is_empty());
+    for n in 1..=3 {
+        f.store.commit_flush(FlushBatch { outbox: outbox_batch(n), ..FlushBatch::default() }).await.unwrap();
+    }
+    assert_eq!(f.store.outbox_len().await.unwrap(), 3);
+    let first_two = f.store.read_outbox(2).await.unwrap();
+    assert_eq!(first_two.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), vec![outbox_batch(1), outbox_batch(2)]);
+    f.store.ack_outbox(&[first_two[0].0.clone()]).await.unwrap();
+    // Acknowledging twice, or an id that never existed, is harmless.
+    f.store.ack_outbox(&[first_two[0].0.clone(), "not-an-id".into()]).await.unwrap();
+    let rest = f.store.read_outbox(10).await.unwrap();
+    assert_eq!(rest.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), vec![outbox_batch(2), outbox_batch(3)]);
+    f.store.ack_outbox(&rest.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(f.store.outbox_len().await.unwrap(), 0);
+}
+
+pub async fn large_outbox_batches_are_split_and_kept_whole(f: StoreFixture) {
+    let mut big = WarehouseBatch::default();
+    for n in 0..5000u64 {
+        big.silver.push(SilverRow::from_event(&event(&format!("big{n}")), &profile_id((n % 50) as u32)));
+    }
+    f.store.commit_flush(FlushBatch { outbox: big.clone(), ..FlushBatch::default() }).await.unwrap();
+    let stored = f.store.read_outbox(1000).await.unwrap();
+    assert!(stored.len() > 1, "5000 rows are stored as several outbox entries");
+    let mut joined = WarehouseBatch::default();
+    for (_, b) in stored {
+        joined.extend(b);
+    }
+    assert_eq!(joined, big);
+}
+
+pub async fn profiles_load_in_one_call(f: StoreFixture) {
+    let profiles: Vec<ProfileRecord> = (1..=5).map(profile).collect();
+    f.store.commit_flush(FlushBatch { profiles: profiles.clone(), ..FlushBatch::default() }).await.unwrap();
+    let wanted = vec![profile_id(4), profile_id(2), profile_id(99)];
+    let mut loaded = f.store.load_profiles(&wanted).await.unwrap();
+    loaded.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
+    let mut expected = vec![profiles[1].clone(), profiles[3].clone()];
+    expected.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
+    assert_eq!(loaded, expected, "missing ids are skipped");
+    assert!(f.store.load_profiles(&[]).await.unwrap().is_empty());
+}
+
+pub async fn flushed_event_ids_expire(f: StoreFixture) {
+    let ids = vec!["ev-a".to_string(), "ev-b".to_string()];
+    f.store.commit_flush(FlushBatch { event_ids: ids.clone(), ..FlushBatch::default() }).await.unwrap();
+    assert_eq!(f.store.expire_before(Utc::now() - chrono::Duration::hours(1)).await.unwrap(), 0);
+    assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![true, true]);
+    assert_eq!(f.store.expire_before(Utc::now() + chrono::Duration::seconds(5)).await.unwrap(), 2);
+    assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![false, false]);
 }

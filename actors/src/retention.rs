@@ -1,0 +1,85 @@
+//! Retention: forgets idempotency keys older than the deduplication window and compacts the
+//! embedded journal behind the pipeline's checkpoint, so neither grows without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use cohort_adapters::{EventBus, OperationalStore, StoreError};
+use cohort_messages::msgs::RetentionMsg;
+use cohort_supervisors::Metrics;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+use crate::watermark::Checkpoints;
+
+pub struct RetentionActor;
+
+pub struct RetentionArgs {
+    pub store: Arc<dyn OperationalStore>,
+    pub bus: Arc<dyn EventBus>,
+    pub checkpoints: Arc<Checkpoints>,
+    pub metrics: Metrics,
+    /// How long an event id is remembered (and the embedded journal kept).
+    pub keep: Duration,
+    pub every: Duration,
+}
+
+pub struct RetentionState {
+    args: RetentionArgs,
+    timer: Option<JoinHandle<()>>,
+}
+
+impl Actor for RetentionActor {
+    type Msg = RetentionMsg;
+    type State = RetentionState;
+    type Arguments = RetentionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RetentionMsg>,
+        args: RetentionArgs,
+    ) -> Result<RetentionState, ActorProcessingErr> {
+        let timer = myself.send_interval(args.every, || RetentionMsg::Expire { reply: None });
+        Ok(RetentionState { args, timer: Some(timer) })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<RetentionMsg>,
+        state: &mut RetentionState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.timer.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<RetentionMsg>,
+        msg: RetentionMsg,
+        state: &mut RetentionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let RetentionMsg::Expire { reply } = msg;
+        let result = expire(&state.args).await;
+        match &result {
+            Ok(n) => tracing::info!(expired = n, "retention pass done"),
+            Err(e) => tracing::warn!(error = %e, "retention pass failed; the next one retries"),
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result.map_err(|e| e.to_string()));
+        }
+        Ok(())
+    }
+}
+
+async fn expire(args: &RetentionArgs) -> Result<u64, StoreError> {
+    let keep = chrono::Duration::from_std(args.keep).unwrap_or(chrono::Duration::MAX);
+    let before = Utc::now().checked_sub_signed(keep).unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+    let from_store = args.store.expire_before(before).await?;
+    let from_bus = args.bus.apply_retention(before, &args.checkpoints.get()).await?;
+    let n = from_store + from_bus;
+    args.metrics.idempotency_expired.inc_by(n);
+    Ok(n)
+}

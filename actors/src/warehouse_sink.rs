@@ -1,0 +1,297 @@
+//! The warehouse sink: relays the outbox that profile flushes fill to the warehouse (Bronze,
+//! Silver, Gold) and to the processed-events stream, and reconciles Gold with the operational
+//! store on a schedule (slide 8).
+//!
+//! The outbox lives in the operational store and is written in the same flush as the profiles
+//! it describes, so rows are never lost and a warehouse outage never stalls the real-time path:
+//! the outbox grows, failed relays back off, and everything is caught up when the warehouse
+//! answers again. Every layer has a natural key, so relaying a batch twice is harmless.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cohort_adapters::warehouse::format_timestamp;
+use cohort_adapters::{
+    EventBus, GoldProfileRow, Layer, OperationalStore, QueryValue, StoreError, Warehouse, WarehouseBatch,
+};
+use cohort_messages::msgs::{ReconcileReport, RelayReport, WarehouseMsg};
+use cohort_messages::ProfileId;
+use cohort_supervisors::Metrics;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+/// Outbox batches merged into one warehouse write.
+const BATCHES_PER_WRITE: usize = 16;
+/// Profiles loaded (and snapshotted) per store call.
+const PROFILE_PAGE: usize = 500;
+/// Longest wait between relay attempts while the warehouse keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+pub struct WarehouseSink;
+
+pub struct WarehouseSinkArgs {
+    pub store: Arc<dyn OperationalStore>,
+    pub bus: Arc<dyn EventBus>,
+    pub warehouse: Arc<dyn Warehouse>,
+    pub metrics: Metrics,
+    pub relay_interval: Duration,
+    /// `None`: reconciliation only runs when asked.
+    pub reconcile_interval: Option<Duration>,
+}
+
+pub struct WarehouseSinkState {
+    args: WarehouseSinkArgs,
+    timers: Vec<JoinHandle<()>>,
+    failures: u32,
+    next_relay: Instant,
+    /// Tables are created on the first successful contact, not at start: a warehouse that is
+    /// down when Cohort starts must not keep the rest from running.
+    schema_ready: bool,
+}
+
+impl Actor for WarehouseSink {
+    type Msg = WarehouseMsg;
+    type State = WarehouseSinkState;
+    type Arguments = WarehouseSinkArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WarehouseMsg>,
+        args: WarehouseSinkArgs,
+    ) -> Result<WarehouseSinkState, ActorProcessingErr> {
+        let mut timers = vec![myself.send_interval(args.relay_interval, || WarehouseMsg::Relay { reply: None })];
+        if let Some(every) = args.reconcile_interval {
+            timers.push(myself.send_interval(every, || WarehouseMsg::Reconcile { reply: None }));
+        }
+        tracing::info!(backend = args.warehouse.backend(), "warehouse sink started");
+        Ok(WarehouseSinkState { args, timers, failures: 0, next_relay: Instant::now(), schema_ready: false })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<WarehouseMsg>,
+        state: &mut WarehouseSinkState,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in state.timers.drain(..) {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<WarehouseMsg>,
+        msg: WarehouseMsg,
+        state: &mut WarehouseSinkState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WarehouseMsg::Relay { reply } => {
+                // Timer ticks wait out the backoff; an explicit request always tries.
+                if reply.is_none() && Instant::now() < state.next_relay {
+                    return Ok(());
+                }
+                let result = state.relay().await.map_err(|e| e.to_string());
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            WarehouseMsg::Reconcile { reply } => {
+                let result = match state.relay().await {
+                    Ok(_) => reconcile(&state.args).await,
+                    Err(e) => Err(e),
+                };
+                match &result {
+                    Ok(r) => tracing::info!(
+                        checked = r.profiles_checked,
+                        missing = r.missing,
+                        stale = r.stale,
+                        orphaned = r.orphaned,
+                        repaired = r.repaired,
+                        "Gold reconciled with the operational store"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "Gold reconciliation failed; next run retries"),
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WarehouseSinkState {
+    /// One relay pass with its bookkeeping: metrics, and backoff after a failure.
+    async fn relay(&mut self) -> Result<RelayReport, StoreError> {
+        let attempt = async {
+            if !self.schema_ready {
+                self.args.warehouse.ensure_schema().await?;
+                self.schema_ready = true;
+            }
+            relay(&self.args).await
+        };
+        match attempt.await {
+            Ok(report) => {
+                self.failures = 0;
+                self.next_relay = Instant::now();
+                Ok(report)
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                let wait = self.args.relay_interval.saturating_mul(1 << self.failures.min(10)).min(MAX_BACKOFF);
+                self.next_relay = Instant::now() + wait;
+                self.args.metrics.warehouse_failures.inc();
+                tracing::warn!(
+                    error = %e,
+                    failures = self.failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "warehouse relay failed; the outbox keeps the rows"
+                );
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Moves everything the outbox holds now, oldest first.
+async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
+    let mut report = RelayReport::default();
+    loop {
+        let batches = args.store.read_outbox(BATCHES_PER_WRITE).await?;
+        if batches.is_empty() {
+            break;
+        }
+        let full = batches.len() == BATCHES_PER_WRITE;
+        let mut merged = WarehouseBatch::default();
+        let mut ids = Vec::with_capacity(batches.len());
+        for (id, batch) in batches {
+            ids.push(id);
+            merged.extend(batch);
+        }
+        let counts = write(args, merged).await?;
+        args.store.ack_outbox(&ids).await?;
+        report.batches += ids.len();
+        report.bronze += counts.0;
+        report.silver += counts.1;
+        report.gold += counts.2;
+        if !full {
+            break;
+        }
+    }
+    report.remaining = args.store.outbox_len().await?;
+    args.metrics.warehouse_outbox.set(i64::try_from(report.remaining).unwrap_or(i64::MAX));
+    Ok(report)
+}
+
+/// Writes one merged batch: processed events, then Bronze, Silver and Gold.
+async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize, usize, usize), StoreError> {
+    let WarehouseBatch { bronze, silver, gold } = batch;
+    let (n_bronze, n_silver) = (bronze.len(), silver.len());
+    if !silver.is_empty() {
+        args.bus.publish_processed(&silver).await?;
+        args.metrics.processed_published.inc_by(n_silver as u64);
+    }
+    if !bronze.is_empty() {
+        args.warehouse.write_bronze(bronze).await?;
+        args.metrics.warehouse_rows.with_label_values(&["bronze"]).inc_by(n_bronze as u64);
+    }
+    if !silver.is_empty() {
+        args.warehouse.write_silver(silver).await?;
+        args.metrics.warehouse_rows.with_label_values(&["silver"]).inc_by(n_silver as u64);
+    }
+    let mut seen = HashSet::new();
+    let gold: Vec<ProfileId> = gold.into_iter().filter(|id| seen.insert(id.clone())).collect();
+    let mut n_gold = 0;
+    for page in gold.chunks(PROFILE_PAGE) {
+        n_gold += snapshot(args, page).await?;
+    }
+    Ok((n_bronze, n_silver, n_gold))
+}
+
+/// Writes a Gold snapshot of each profile's current stored record.
+async fn snapshot(args: &WarehouseSinkArgs, ids: &[ProfileId]) -> Result<usize, StoreError> {
+    let records = args.store.load_profiles(ids).await?;
+    let rows: Vec<GoldProfileRow> = records.iter().map(GoldProfileRow::from_record).collect();
+    let n = rows.len();
+    if n > 0 {
+        args.warehouse.write_gold_profiles(rows).await?;
+        args.metrics.warehouse_rows.with_label_values(&["gold"]).inc_by(n as u64);
+    }
+    Ok(n)
+}
+
+/// Latest Gold snapshot time per profile id in `(after, upto]` (`upto` `None`: no upper bound).
+async fn gold_snapshots(
+    warehouse: &dyn Warehouse,
+    after: &str,
+    upto: Option<&str>,
+) -> Result<HashMap<String, String>, StoreError> {
+    let gold = warehouse.table(Layer::Gold);
+    let mut params = vec![("after".to_string(), QueryValue::String(after.to_string()))];
+    let sql = match upto {
+        Some(upto) => {
+            params.push(("upto".to_string(), QueryValue::String(upto.to_string())));
+            format!("SELECT profile_id, snapshot_at FROM {gold} WHERE profile_id > @after AND profile_id <= @upto")
+        }
+        None => format!("SELECT profile_id, snapshot_at FROM {gold} WHERE profile_id > @after"),
+    };
+    let result = warehouse.query(&sql, &params).await?;
+    let mut out = HashMap::with_capacity(result.rows.len());
+    for row in result.rows {
+        if let (Some(id), Some(at)) = (row.first().and_then(|v| v.as_str()), row.get(1).and_then(|v| v.as_str())) {
+            out.insert(id.to_string(), at.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Compares every stored profile with its latest Gold snapshot, page by page, and writes a new
+/// snapshot where Gold is missing or differs. Gold profiles the store does not have are only
+/// reported: absence in the store is not proof enough to destroy analytics data (erasure
+/// deletes from the warehouse explicitly).
+async fn reconcile(args: &WarehouseSinkArgs) -> Result<ReconcileReport, StoreError> {
+    let mut report = ReconcileReport::default();
+    let mut after: Option<ProfileId> = None;
+    loop {
+        let ids = args.store.list_profile_ids(after.as_ref(), PROFILE_PAGE).await?;
+        let lower = after.as_ref().map_or("", ProfileId::as_str).to_string();
+        let Some(last) = ids.last().cloned() else {
+            let tail = gold_snapshots(args.warehouse.as_ref(), &lower, None).await?;
+            report.orphaned += tail.len() as u64;
+            break;
+        };
+        let gold = gold_snapshots(args.warehouse.as_ref(), &lower, Some(last.as_str())).await?;
+        let known: HashSet<&str> = ids.iter().map(ProfileId::as_str).collect();
+        report.orphaned += gold.keys().filter(|id| !known.contains(id.as_str())).count() as u64;
+        let records = args.store.load_profiles(&ids).await?;
+        let mut repair = Vec::new();
+        for record in &records {
+            report.profiles_checked += 1;
+            match gold.get(record.profile_id.as_str()) {
+                None => report.missing += 1,
+                Some(at) if *at != format_timestamp(record.updated_at) => report.stale += 1,
+                Some(_) => continue,
+            }
+            repair.push(GoldProfileRow::from_record(record));
+        }
+        if !repair.is_empty() {
+            let n = repair.len() as u64;
+            args.warehouse.write_gold_profiles(repair).await?;
+            report.repaired += n;
+        }
+        if ids.len() < PROFILE_PAGE {
+            let tail = gold_snapshots(args.warehouse.as_ref(), last.as_str(), None).await?;
+            report.orphaned += tail.len() as u64;
+            break;
+        }
+        after = Some(last);
+    }
+    let m = &args.metrics;
+    m.reconcile_runs.inc();
+    m.reconcile_repaired.inc_by(report.repaired);
+    for (kind, n) in [("missing", report.missing), ("stale", report.stale), ("orphaned", report.orphaned)] {
+        m.reconcile_drift.with_label_values(&[kind]).set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    Ok(report)
+}

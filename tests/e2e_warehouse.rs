@@ -1,0 +1,131 @@
+//! The warehouse on embedded defaults: every payload reaches Bronze, every event Silver, every
+//! profile Gold, through the outbox; analysts open the file with SQL; reconciliation finds and
+//! repairs drift.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
+use cohort::SystemOptions;
+use cohort_adapters::{Layer, QueryValue, SqliteWarehouse, Warehouse};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let report = demo.cohort.relay_warehouse().await.unwrap().expect("a warehouse is configured by default");
+    assert_eq!(report.remaining, 0, "{report:?}");
+    let profile = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap();
+    let survivor = profile["profile"]["profile_id"].as_str().unwrap().to_string();
+
+    // The analyst's view: the file beside the store, opened on its own.
+    let file = dir.path().join("cohort.warehouse.db");
+    assert!(file.exists(), "the embedded warehouse is a file beside the store");
+    let analyst = SqliteWarehouse::open(&file).await.unwrap();
+    assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 6, "six payloads were received");
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6, "six events were normalized");
+    let gold = analyst
+        .query(
+            "SELECT profile_id, events_total FROM gold_profiles_latest \
+             WHERE json_extract(traits, '$.email') = @email AND merged_into IS NULL",
+            &[("email".into(), QueryValue::String("max@gmail.com".into()))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(gold.rows.len(), 1, "{gold:?}");
+    assert_eq!(gold.rows[0][0], serde_json::json!(survivor));
+    assert_eq!(gold.rows[0][1], serde_json::json!(6));
+    let whatsapp = analyst
+        .query("SELECT count(*) FROM silver_dedup WHERE source = 'whatsapp' AND raw_seq IS NOT NULL", &[])
+        .await
+        .unwrap();
+    assert_eq!(whatsapp.rows[0][0], serde_json::json!(1), "Silver rows point back at their Bronze payload");
+    let bronze = analyst.query("SELECT payload FROM bronze_dedup WHERE format = 'twilio_form'", &[]).await.unwrap();
+    let body = bronze.rows[0][0].as_str().unwrap();
+    assert!(body.contains("MessageSid=SM1f0e8ae6ade43cb3c0ce4525424e404f"), "Bronze keeps the payload as received");
+
+    // Nothing drifted; every stored profile (merged ones too) has its latest snapshot.
+    let clean = demo.cohort.reconcile().await.unwrap();
+    assert_eq!((clean.missing, clean.stale, clean.orphaned, clean.repaired), (0, 0, 0, 0), "{clean:?}");
+    let stored = demo.cohort.ctx.store.count_profiles().await.unwrap();
+    assert_eq!(clean.profiles_checked, stored);
+
+    // Drift: Gold loses the survivor; reconciliation notices, repairs and reports it.
+    let pid = cohort_messages::ProfileId::parse(&survivor).unwrap();
+    analyst.delete_profile(&pid).await.unwrap();
+    let drift = demo.cohort.reconcile().await.unwrap();
+    assert_eq!((drift.missing, drift.stale, drift.repaired), (1, 0, 1), "{drift:?}");
+    let metrics = demo.client.get("/metrics").await.unwrap().body;
+    let text = metrics.as_str().unwrap_or_default().to_string();
+    assert!(text.contains("cohort_reconcile_drift_profiles{kind=\"missing\"} 1"), "{text}");
+    assert!(text.contains("cohort_warehouse_rows_written_total{layer=\"silver\"} 6"), "{text}");
+    let again = demo.cohort.reconcile().await.unwrap();
+    assert_eq!((again.missing, again.stale), (0, 0), "the repair holds: {again:?}");
+    let gold = analyst
+        .query(
+            "SELECT events_total FROM gold_profiles_latest WHERE profile_id = @p",
+            &[("p".into(), QueryValue::String(survivor.clone()))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(gold.rows.len(), 1);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_warehouse_nothing_waits_in_the_outbox() {
+    let demo = DemoServer::start(None, "[warehouse]\nurl = \"none://\"\n", SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    assert!(demo.cohort.relay_warehouse().await.unwrap().is_none());
+    assert_eq!(demo.cohort.ctx.store.outbox_len().await.unwrap(), 0);
+    assert!(demo.cohort.reconcile().await.is_err(), "reconciliation needs a warehouse");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
+    use cohort::replay::{run, ReplayFilter};
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let before = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap()["profile"].clone();
+    demo.stop().await.unwrap();
+
+    // Disaster: the operational store and journal are gone, and Silver was emptied; Bronze is left.
+    std::fs::remove_file(dir.path().join("cohort.redb")).unwrap();
+    std::fs::remove_file(dir.path().join("cohort.redb.journal")).unwrap();
+    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    analyst.query("DELETE FROM silver", &[]).await.unwrap();
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 0);
+
+    let storage = format!("[storage]\nurl = \"embedded://{}\"\n", dir.path().join("cohort.redb").display());
+    let config = cohort_config::Config::from_toml_layers(&[&storage]).unwrap();
+    let first = run(config.clone(), ReplayFilter::default(), SystemOptions::default()).await.unwrap();
+    assert_eq!((first.payloads, first.events, first.new_events, first.refused_payloads), (6, 6, 6, 0), "{first:?}");
+    assert_eq!(first.silver_rows, 6);
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6, "Silver is rebuilt");
+    assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 6, "replay adds nothing to Bronze");
+
+    // Again: nothing is new, nothing is counted twice.
+    let second = run(config.clone(), ReplayFilter::default(), SystemOptions::default()).await.unwrap();
+    assert_eq!((second.payloads, second.new_events), (6, 0), "{second:?}");
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6);
+
+    // Filters: one source, and a start time after everything.
+    let whatsapp = ReplayFilter { source: Some(cohort_messages::Source::Whatsapp), since: None };
+    assert_eq!(run(config.clone(), whatsapp, SystemOptions::default()).await.unwrap().payloads, 1);
+    let later = ReplayFilter { since: Some(chrono::Utc::now() + chrono::Duration::hours(1)), source: None };
+    assert_eq!(run(config.clone(), later, SystemOptions::default()).await.unwrap().payloads, 0);
+
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let after = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap()["profile"].clone();
+    assert_eq!(after["profile_id"], before["profile_id"], "profile ids are derived from the events, so they come back");
+    assert_eq!(after["counters"]["events_total"], serde_json::json!(6));
+    assert_eq!(after["counters"]["by_source"], before["counters"]["by_source"]);
+    assert_eq!(after["traits"]["first_name"], before["traits"]["first_name"]);
+    demo.stop().await.unwrap();
+}
