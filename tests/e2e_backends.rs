@@ -9,7 +9,7 @@ use cohort::client::CohortClient;
 use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
 use cohort::payloads;
 use cohort::SystemOptions;
-use cohort_adapters::{Layer, Warehouse};
+use cohort_adapters::Layer;
 use cohort_config::Config;
 use serde_json::json;
 use std::collections::BTreeSet;
