@@ -115,6 +115,7 @@ export COHORT_TEST_MONGODB=mongodb://127.0.0.1:$mport
 export COHORT_TEST_BIGQUERY=http://127.0.0.1:$bport/bigquery/v2
 export COHORT_SERVICES_DIR=$RUN_DIR
 export COHORT_TEST_TANSU_BIN=$(tansu_bin)
+export COHORT_TEST_SECANTUS_BIN=$(secantus_bin)
 ENV
   log "started: kafka 127.0.0.1:$kport, mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
   cat "$RUN_DIR/env"

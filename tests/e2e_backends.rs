@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{assert_exactly_once, free_port, load_then_kill, spawn_cohort, wait_ready, Proc};
+use common::{assert_exactly_once, free_port, load_during, load_then_kill, spawn_cohort, wait_ready, Proc};
 
 fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -248,4 +248,87 @@ async fn on_kafka_a_resent_event_is_applied_once() {
         m.body
     );
     demo.stop().await.unwrap();
+}
+
+/// A SecantusDB of this test's own, on a data folder that outlives its restarts.
+struct OwnDatabase {
+    proc: Option<Proc>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl OwnDatabase {
+    async fn start() -> OwnDatabase {
+        let mut db = OwnDatabase { proc: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
+        db.launch().await;
+        db
+    }
+
+    async fn launch(&mut self) {
+        let child = Command::new(service("COHORT_TEST_SECANTUS_BIN"))
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--storage-path", self.dir.path().to_str().unwrap(), "--cache-size", "128M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "own database did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A clean shutdown (SIGTERM), waited for.
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let ok = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap().success();
+            assert!(ok, "kill -TERM failed");
+            p.0.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mongodb://127.0.0.1:{}", self.port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_during_load_loses_nothing_and_counts_nothing_twice() {
+    let mut db = OwnDatabase::start().await;
+    let id = unique("dbrestart");
+    let extra = format!(
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 2\n[warehouse]\nurl = \"none://\"\n",
+        db.url(),
+        service("COHORT_TEST_KAFKA"),
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = demo.client.clone();
+    const STUDENTS: usize = 6;
+    const PER_STUDENT: usize = 40;
+    let checkpoint = |c: CohortClient| async move {
+        let m = c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+        m.lines().find_map(|l| l.strip_prefix("cohort_pipeline_checkpoint ")?.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    let mut during = 0;
+    let load = load_during(&c, STUDENTS, PER_STUDENT, "dbstudent", async {
+        db.stop();
+        // Longer than the driver's server selection timeout, so store calls really fail.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        during = checkpoint(c.clone()).await;
+        db.launch().await;
+    })
+    .await;
+    assert_eq!(load.acked.len(), STUDENTS * PER_STUDENT, "ingest needs the broker, not the database");
+    assert!(during < (STUDENTS * PER_STUDENT) as u64, "the pipeline cannot persist without its database");
+    demo.cohort.settle(Duration::from_secs(120)).await.unwrap();
+    assert_eq!(checkpoint(c.clone()).await, (STUDENTS * PER_STUDENT) as u64);
+    assert_exactly_once(&c, STUDENTS, "dbstudent", &load).await;
+    demo.stop().await.unwrap();
+
+    // A fresh instance sees the same from the database alone.
+    let again = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    assert_exactly_once(&again.client, STUDENTS, "dbstudent", &load).await;
+    again.stop().await.unwrap();
 }

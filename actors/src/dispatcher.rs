@@ -5,7 +5,7 @@ use crate::dead_letters;
 use crate::identity::IdentityFactoryMsg;
 use crate::watermark::describe;
 use chrono::Utc;
-use cohort_adapters::{BronzeRow, JournaledEvent, NewDeadLetter, Subscription};
+use cohort_adapters::{BronzeRow, JournaledEvent, NewDeadLetter, StoreError, Subscription};
 use cohort_messages::msgs::IdentityMsg;
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::Slot;
@@ -120,7 +120,20 @@ impl Actor for Dispatcher {
         }
         let mut events = polled.events;
         if !ctx.bus.deduplicates_on_publish() && !events.is_empty() {
-            events = deduplicate(ctx, events).await?;
+            // The events are already taken from the bus: hold them until the store answers.
+            let mut backoff = Duration::from_millis(50);
+            events = loop {
+                match deduplicate(ctx, events).await {
+                    Ok(fresh) => break fresh,
+                    Err((e, held)) if e.is_retryable() => {
+                        events = held;
+                        tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "idempotency keys unavailable, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            };
         }
         if !events.is_empty() {
             let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
@@ -140,12 +153,16 @@ impl Actor for Dispatcher {
 
 /// Drops events whose id was applied before (a redelivery, or a client re-sending): one store
 /// look-up per batch, and the ids dispatched since the last flush.
+/// On a store failure the events come back with the error, to be tried again.
 async fn deduplicate(
     ctx: &PipelineContext,
     events: Vec<JournaledEvent>,
-) -> Result<Vec<JournaledEvent>, ActorProcessingErr> {
+) -> Result<Vec<JournaledEvent>, (StoreError, Vec<JournaledEvent>)> {
     let ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
-    let seen = ctx.store.seen_event_ids(&ids).await?;
+    let seen = match ctx.store.seen_event_ids(&ids).await {
+        Ok(seen) => seen,
+        Err(e) => return Err((e, events)),
+    };
     let mut fresh = Vec::with_capacity(events.len());
     for (je, seen) in events.into_iter().zip(seen) {
         if !seen && ctx.pending_ids.claim(je.seq, je.event.event_id.as_str()) {

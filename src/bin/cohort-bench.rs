@@ -114,6 +114,13 @@ struct Cli {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Kafka mode: also run phase 1 on Kafka (these brokers, host:port) + MongoDB, and measure
+    /// the broker's raw produce/consume rate in the same run; prints both ratios.
+    #[arg(long, requires = "compare_mongodb")]
+    compare_kafka: Option<String>,
+    /// The MongoDB URL of the Kafka mode.
+    #[arg(long, requires = "compare_kafka")]
+    compare_mongodb: Option<String>,
 }
 
 /// The run's parameters after --quick and defaults are applied.
@@ -1723,6 +1730,9 @@ async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::from_cli(&cli)?;
+    if let (Some(brokers), Some(mongodb)) = (&cli.compare_kafka, &cli.compare_mongodb) {
+        return compare_kafka(&cli, &settings, brokers, mongodb).await;
+    }
     let (demo, base, config) = match &cli.url {
         Some(url) => (None, url.trim_end_matches('/').to_string(), Config::from_toml_str("")?),
         None => {
@@ -1810,6 +1820,187 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("warning: stopping the in-process Cohort: {e:#}");
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kafka mode
+
+/// One phase-1 run against an in-process Cohort built from `server_toml`.
+struct ModeResult {
+    events_per_sec: f64,
+    e2p_p99_ms: Option<(f64, bool)>,
+    applied: u64,
+    all_applied: bool,
+}
+
+async fn phase1_on(cli: &Cli, settings: &Settings, server_toml: &str) -> anyhow::Result<ModeResult> {
+    let demo = DemoServer::start(None, server_toml, SystemOptions::default()).await.context("starting Cohort")?;
+    let config = (*demo.cohort.config).clone();
+    let creds = Creds::new(cli, &config, &demo.base)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(settings.concurrency.max(256))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    wait_ready(&http, &demo.base).await?;
+    let run_tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let students = Students {
+        n: settings.students,
+        run: run_tag.clone(),
+        seed: settings.seed,
+        identified_permille: (settings.identified_share * 1000.0).round() as u64,
+        phone_offset: mix(u64::from_str_radix(&run_tag, 16).unwrap_or(0)) % 10_000_000,
+    };
+    let (ingest, _) = run_ingest(&http, &demo.base, &creds, &students, settings).await?;
+    let secs = ingest.applied_elapsed.as_secs_f64();
+    let applied = ingest.applied.min(ingest.expected);
+    let result = ModeResult {
+        events_per_sec: if secs > 0.0 { applied as f64 / secs } else { 0.0 },
+        e2p_p99_ms: ingest.e2p.quantile(0.99).map(|(v, open)| (v * 1e3, open)),
+        applied,
+        all_applied: ingest.all_applied,
+    };
+    if let Err(e) = demo.stop().await {
+        eprintln!("warning: stopping the in-process Cohort: {e:#}");
+    }
+    Ok(result)
+}
+
+/// The broker's own ceiling, measured like Cohort uses it: `n` records of `size` bytes produced
+/// with acks=all and idempotence to a fresh topic, and consumed back by a fresh group. The rate
+/// is records over the time from the first send to the last record consumed.
+async fn raw_broker_rate(brokers: &str, partitions: i32, n: u64, size: usize) -> anyhow::Result<(f64, f64)> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::ClientConfig;
+    let topic = format!("bench.raw.{}", uuid::Uuid::new_v4().simple());
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    admin
+        .create_topics(&[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .context("creating the raw benchmark topic")?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-raw-{}", uuid::Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[&topic])?;
+    let payload = vec![b'x'; size];
+    type Delivery =
+        Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+    let delivered = |r: Delivery| match r {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(anyhow!("producing to the raw benchmark topic: {e}")),
+        Err(_) => Err(anyhow!("the producer dropped a delivery")),
+    };
+    let started = Instant::now();
+    let consume = async {
+        let mut got = 0u64;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+                Ok(Ok(_)) => got += 1,
+                Ok(Err(e)) => bail!("consuming the raw benchmark topic: {e}"),
+                Err(_) => bail!("raw benchmark: only {got} of {n} records came back within 30 s"),
+            }
+        }
+        Ok(started.elapsed())
+    };
+    let produce = async {
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for i in 0..n {
+            let key = (i % 10_000).to_string();
+            // Bounded below librdkafka's queue, so a send is never refused for space.
+            let fut = producer
+                .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
+                .map_err(|(e, _)| anyhow!("producing to the raw benchmark topic: {e}"))?;
+            pending.push(fut);
+            if pending.len() >= 10_000 {
+                if let Some(r) = futures::StreamExt::next(&mut pending).await {
+                    delivered(r)?;
+                }
+            }
+        }
+        while let Some(r) = futures::StreamExt::next(&mut pending).await {
+            delivered(r)?;
+        }
+        Ok(started.elapsed())
+    };
+    let (produced, consumed) = tokio::try_join!(produce, consume)?;
+    let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+    Ok((n as f64 / produced.as_secs_f64().max(1e-9), n as f64 / consumed.as_secs_f64().max(1e-9)))
+}
+
+async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &str) -> anyhow::Result<()> {
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    // Same pipeline in both modes; the warehouse is off in both so only bus and store differ.
+    let embedded_toml = format!("[warehouse]\nurl = \"none://\"\n{}", cli.server_toml);
+    let kafka_toml = format!(
+        "[storage]\nurl = \"{mongodb}\"\ndatabase = \"bench_{tag}\"\n[bus]\nurl = \"kafka://{brokers}\"\n\
+         topic_prefix = \"bench{tag}.\"\ngroup_id = \"bench{tag}\"\n[warehouse]\nurl = \"none://\"\n{}",
+        cli.server_toml
+    );
+    let partitions = Config::from_toml_layers(&[&kafka_toml])?.bus.partitions;
+    eprintln!(
+        "cohort-bench (Kafka mode): {} events, embedded first, then Kafka + MongoDB, then the raw broker",
+        thousands(settings.events)
+    );
+    let embedded = phase1_on(cli, settings, &embedded_toml).await.context("embedded mode")?;
+    let kafka = phase1_on(cli, settings, &kafka_toml).await.context("Kafka mode")?;
+    const RAW_RECORD_BYTES: usize = 1024;
+    let (raw_produce, raw_e2e) = raw_broker_rate(brokers, partitions, settings.events, RAW_RECORD_BYTES).await?;
+    let p99 = |m: &ModeResult| match m.e2p_p99_ms {
+        Some((v, true)) => format!("> {v:.1} ms"),
+        Some((v, false)) => format!("{v:.2} ms"),
+        None => "n/a".into(),
+    };
+    let vs_embedded = kafka.events_per_sec / embedded.events_per_sec.max(1e-9);
+    let vs_raw = kafka.events_per_sec / raw_e2e.max(1e-9);
+    println!(
+        "Kafka mode ({} events, concurrency {}, batch {})",
+        thousands(settings.events),
+        settings.concurrency,
+        settings.batch
+    );
+    for (name, m) in [("embedded (redb journal + redb store)", &embedded), ("Kafka + MongoDB", &kafka)] {
+        println!(
+            "  {name:<38} {:>8} events/s end to end, event-to-profile p99 {}{}",
+            thousands(m.events_per_sec.round() as u64),
+            p99(m),
+            if m.all_applied { "" } else { "  (NOT all applied before the timeout)" }
+        );
+    }
+    println!(
+        "  raw broker, same harness ({RAW_RECORD_BYTES} B records, acks=all, idempotent): {} produced/s, {} produced+consumed/s",
+        thousands(raw_produce.round() as u64),
+        thousands(raw_e2e.round() as u64)
+    );
+    println!(
+        "  Kafka mode / embedded mode: {:.0}% (target >= 50%: {})",
+        vs_embedded * 100.0,
+        if vs_embedded >= 0.5 { "PASS" } else { "FAIL" }
+    );
+    println!("  Kafka mode / raw broker produce+consume: {:.0}%", vs_raw * 100.0);
+    let report = json!({
+        "mode": "kafka-compare",
+        "events": settings.events,
+        "embedded": { "events_per_sec": embedded.events_per_sec, "e2p_p99_ms": embedded.e2p_p99_ms.map(|v| v.0), "applied": embedded.applied },
+        "kafka_mongodb": { "events_per_sec": kafka.events_per_sec, "e2p_p99_ms": kafka.e2p_p99_ms.map(|v| v.0), "applied": kafka.applied },
+        "raw_broker": { "record_bytes": RAW_RECORD_BYTES, "produce_per_sec": raw_produce, "produce_consume_per_sec": raw_e2e },
+        "ratio_kafka_to_embedded": vs_embedded,
+        "ratio_kafka_to_raw_broker": vs_raw,
+        "machine": machine(),
+    });
+    write_json(&cli.out, &report)?;
+    println!("\nwrote {}", cli.out.display());
     Ok(())
 }
 

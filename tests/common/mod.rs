@@ -64,6 +64,26 @@ pub async fn load_then_kill(
     per_student: usize,
     user_prefix: &str,
 ) -> LoadResult {
+    // Kill the process mid-load, without any chance to flush.
+    let result = load_during(c, students, per_student, user_prefix, async {
+        proc.0.kill().unwrap();
+        proc.0.wait().unwrap();
+    })
+    .await;
+    assert!(result.acked.len() < students * per_student, "the kill came too late to test anything");
+    result
+}
+
+/// Sends `per_student` track events for each of `students` users concurrently and runs
+/// `disruption` once a third of them are acknowledged; a user's sender stops at its first
+/// refused request. Returns what was sent and what was acknowledged.
+pub async fn load_during(
+    c: &CohortClient,
+    students: usize,
+    per_student: usize,
+    user_prefix: &str,
+    disruption: impl std::future::Future<Output = ()>,
+) -> LoadResult {
     use std::sync::{Arc, Mutex};
     let acked: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let sent: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
@@ -90,20 +110,17 @@ pub async fn load_then_kill(
             }
         }));
     }
-    // Kill the process mid-load, without any chance to flush.
     let total = students * per_student;
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked.lock().unwrap().len() < total / 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    proc.0.kill().unwrap();
-    proc.0.wait().unwrap();
+    disruption.await;
     for t in tasks {
         let _ = t.await;
     }
     let result = LoadResult { sent: sent.lock().unwrap().clone(), acked: acked.lock().unwrap().clone() };
     assert!(result.acked.len() >= total / 3, "load did not run: {} acked", result.acked.len());
-    assert!(result.acked.len() < total, "the kill came too late to test anything");
     result
 }
 
