@@ -136,6 +136,11 @@ impl Actor for Dispatcher {
             };
         }
         if !events.is_empty() {
+            // One store round trip for the batch's unknown identifiers instead of one each;
+            // on failure the resolvers look them up themselves.
+            if let Err(e) = ctx.index.prefetch(events.iter().flat_map(|je| je.event.identifiers.iter())).await {
+                tracing::debug!(error = %e, "identity prefetch failed");
+            }
             let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
             for je in events {
                 let seq = je.seq;

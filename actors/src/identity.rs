@@ -27,6 +27,11 @@ pub struct IdentityIndex {
     owners: DashMap<Identifier, ProfileId>,
     redirects: DashMap<ProfileId, ProfileId>,
     known_roots: DashSet<ProfileId>,
+    /// Identifiers the store did not have when last asked (see [`IdentityIndex::prefetch`]);
+    /// `owners` always wins over this set, and claims take entries out of it.
+    absent: DashSet<Identifier>,
+    /// Profiles this process created and has not started an actor for yet: nothing to load.
+    created: DashSet<ProfileId>,
     dirty: Mutex<HashMap<Identifier, ProfileId>>,
     merges: Mutex<Vec<IdentityMerged>>,
 }
@@ -44,6 +49,8 @@ impl IdentityIndex {
             owners: DashMap::new(),
             redirects: DashMap::new(),
             known_roots: DashSet::new(),
+            absent: DashSet::new(),
+            created: DashSet::new(),
             dirty: Mutex::new(HashMap::new()),
             merges: Mutex::new(Vec::new()),
         }
@@ -53,6 +60,9 @@ impl IdentityIndex {
     pub async fn owner(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
         if let Some(p) = self.owners.get(identifier) {
             return Ok(Some(p.clone()));
+        }
+        if self.absent.contains(identifier) {
+            return Ok(None);
         }
         match self.store.lookup_identity(identifier).await? {
             Some(p) => Ok(Some(self.owners.entry(identifier.clone()).or_insert(p).clone())),
@@ -67,10 +77,44 @@ impl IdentityIndex {
             dashmap::Entry::Occupied(_) => Ok(()),
             dashmap::Entry::Vacant(v) => {
                 v.insert(profile.clone());
+                self.absent.remove(identifier);
                 self.dirty.lock().insert(identifier.clone(), profile.clone());
                 Ok(())
             }
         }
+    }
+
+    /// Looks up, in one store round trip, every identifier of a batch this index does not know
+    /// yet, so resolving the batch's events needs no store call per new identifier.
+    pub async fn prefetch(&self, identifiers: impl IntoIterator<Item = &Identifier>) -> Result<(), StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let unknown: Vec<Identifier> = identifiers
+            .into_iter()
+            .filter(|i| !self.owners.contains_key(*i) && !self.absent.contains(*i) && seen.insert(*i))
+            .cloned()
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.lookup_identities(&unknown).await?;
+        for (identifier, owner) in unknown.into_iter().zip(found) {
+            match owner {
+                Some(p) => {
+                    self.owners.entry(identifier).or_insert(p);
+                }
+                None if !self.owners.contains_key(&identifier) => {
+                    self.absent.insert(identifier);
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `profile` was created by this process and never loaded: then the store has no
+    /// record of it and its actor can start empty. Answers true once.
+    pub fn take_created(&self, profile: &ProfileId) -> bool {
+        self.created.remove(profile).is_some()
     }
 
     /// Points an identifier at a merge survivor.
@@ -193,6 +237,7 @@ pub async fn resolve_event(
     }
     if created && roots.len() == 1 {
         index.known_roots.insert(target.clone());
+        index.created.insert(target.clone());
         ctx.metrics.profiles_created.inc();
     }
     for merged in roots.iter().filter(|p| **p != target) {

@@ -60,7 +60,11 @@ impl Actor for ProfileActor {
         _myself: ActorRef<ProfileMsg>,
         args: ProfileArgs,
     ) -> Result<ProfileState, ActorProcessingErr> {
-        let record = args.ctx.store.load_profile(&args.profile_id).await?;
+        let record = if args.ctx.index.take_created(&args.profile_id) {
+            None
+        } else {
+            args.ctx.store.load_profile(&args.profile_id).await?
+        };
         Ok(ProfileState {
             profile_id: args.profile_id,
             record,

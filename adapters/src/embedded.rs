@@ -321,6 +321,25 @@ impl OperationalStore for EmbeddedStore {
         .await
     }
 
+    async fn lookup_identities(&self, identifiers: &[Identifier]) -> Result<Vec<Option<ProfileId>>, StoreError> {
+        let keys: Vec<String> = identifiers.iter().map(Identifier::key).collect();
+        self.read(move |txn| {
+            let identities = txn.open_table(IDENTITIES).ctx("read identities")?;
+            keys.iter()
+                .map(|key| {
+                    let found = identities.get(key.as_str()).ctx("read identities")?;
+                    found
+                        .map(|id| {
+                            ProfileId::parse(id.value())
+                                .ok_or_else(|| StoreError::corrupt("identity points to a malformed profile id"))
+                        })
+                        .transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError> {
         if batch.identities.is_empty()
             && batch.profiles.is_empty()

@@ -282,6 +282,28 @@ impl OperationalStore for MongoStore {
         found.map(|doc| profile_id_of(&doc, "profile_id")).transpose()
     }
 
+    async fn lookup_identities(&self, identifiers: &[Identifier]) -> Result<Vec<Option<ProfileId>>, StoreError> {
+        if identifiers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = identifiers.iter().map(Identifier::key).collect();
+        let found = self
+            .find_sorted(
+                "look up identities",
+                &self.identities,
+                doc! { "_id": { "$in": keys.clone() } },
+                Some(doc! { "profile_id": 1 }),
+                None,
+                |d| {
+                    let key = d.get_str("_id").map_err(|_| StoreError::corrupt("an identity has no string _id"))?;
+                    Ok((key.to_string(), profile_id_of(&d, "profile_id")?))
+                },
+            )
+            .await?;
+        let found: std::collections::HashMap<String, ProfileId> = found.into_iter().collect();
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
     /// Profiles first, then the identities pointing at them, then merges, then the checkpoint:
     /// after a failure half-way an identity may be missing (the replay from the checkpoint
     /// re-creates it) but never points at a profile that was not written.

@@ -100,6 +100,8 @@ pub struct NewDeadLetter {
 pub trait OperationalStore: Send + Sync + 'static {
     async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError>;
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError>;
+    /// [`OperationalStore::lookup_identity`] for many identifiers in one round trip, in order.
+    async fn lookup_identities(&self, identifiers: &[Identifier]) -> Result<Vec<Option<ProfileId>>, StoreError>;
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError>;
     async fn checkpoint(&self) -> Result<u64, StoreError>;
     /// For each id, whether a flush already recorded it in `event_ids`.

@@ -1935,7 +1935,7 @@ async fn raw_broker_rate(brokers: &str, partitions: i32, n: u64, size: usize) ->
         Ok(started.elapsed())
     };
     let (produced, consumed) = tokio::try_join!(produce, consume)?;
-    let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+    // Not deleted: topic deletion has wedged Tansu's admin API for later creates.
     Ok((n as f64 / produced.as_secs_f64().max(1e-9), n as f64 / consumed.as_secs_f64().max(1e-9)))
 }
 

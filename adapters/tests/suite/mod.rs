@@ -340,6 +340,13 @@ pub async fn flushed_profiles_and_identities_can_be_read_back(f: StoreFixture) {
     assert_eq!(f.store.lookup_identity(&device).await.unwrap(), Some(p1.profile_id.clone()));
     assert_eq!(f.store.lookup_identity(&email(2)).await.unwrap(), Some(p2.profile_id.clone()));
     assert_eq!(f.store.lookup_identity(&email(3)).await.unwrap(), None);
+    let many = f.store.lookup_identities(&[email(2), email(3), device.clone(), email(1)]).await.unwrap();
+    assert_eq!(
+        many,
+        vec![Some(p2.profile_id.clone()), None, Some(p1.profile_id.clone()), Some(p1.profile_id.clone())],
+        "in the order asked, misses as None"
+    );
+    assert!(f.store.lookup_identities(&[]).await.unwrap().is_empty());
     assert_eq!(f.store.count_profiles().await.unwrap(), 2);
 
     // Upserts: a newer snapshot replaces the record, an identity can be re-pointed.
