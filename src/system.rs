@@ -96,6 +96,25 @@ pub async fn open_configured_warehouse(config: &Config) -> anyhow::Result<Option
     Ok(Some(warehouse))
 }
 
+/// Asks a scheduled job to run now and waits for its outcome.
+async fn ask<M, T>(
+    slot: &Slot<M>,
+    job: &str,
+    msg: impl FnOnce(ractor::RpcReplyPort<Result<T, String>>) -> M,
+    timeout_secs: u64,
+) -> anyhow::Result<T>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    let actor = slot.get().ok_or_else(|| anyhow!("{job} is not running"))?;
+    match actor.call(msg, Some(Duration::from_secs(timeout_secs))).await {
+        Ok(CallResult::Success(Ok(v))) => Ok(v),
+        Ok(CallResult::Success(Err(e))) => Err(anyhow!("{job} failed: {e}")),
+        _ => Err(anyhow!("{job} did not answer")),
+    }
+}
+
 /// A URL without its credentials, for messages.
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -397,32 +416,21 @@ impl Cohort {
         if self.ctx.warehouse.is_none() {
             return Ok(None);
         }
-        let sink = self.warehouse.get().ok_or_else(|| anyhow!("warehouse sink is not running"))?;
-        match sink.call(|r| WarehouseMsg::Relay { reply: Some(r) }, Some(Duration::from_secs(300))).await {
-            Ok(CallResult::Success(Ok(report))) => Ok(Some(report)),
-            Ok(CallResult::Success(Err(e))) => Err(anyhow!("warehouse relay failed: {e}")),
-            _ => Err(anyhow!("warehouse sink did not answer")),
-        }
+        let report = ask(&self.warehouse, "warehouse sink", |r| WarehouseMsg::Relay { reply: Some(r) }, 300).await?;
+        Ok(Some(report))
     }
 
     /// Reconciles Gold with the operational store now.
     pub async fn reconcile(&self) -> anyhow::Result<ReconcileReport> {
-        let sink = self.warehouse.get().ok_or_else(|| anyhow!("no warehouse is configured (warehouse.url)"))?;
-        match sink.call(|r| WarehouseMsg::Reconcile { reply: Some(r) }, Some(Duration::from_secs(600))).await {
-            Ok(CallResult::Success(Ok(report))) => Ok(report),
-            Ok(CallResult::Success(Err(e))) => Err(anyhow!("reconciliation failed: {e}")),
-            _ => Err(anyhow!("warehouse sink did not answer")),
+        if self.ctx.warehouse.is_none() {
+            return Err(anyhow!("no warehouse is configured (warehouse.url)"));
         }
+        ask(&self.warehouse, "warehouse sink", |r| WarehouseMsg::Reconcile { reply: Some(r) }, 600).await
     }
 
     /// Runs a retention pass now; returns the idempotency keys removed.
     pub async fn expire(&self) -> anyhow::Result<u64> {
-        let job = self.retention.get().ok_or_else(|| anyhow!("retention job is not running"))?;
-        match job.call(|r| RetentionMsg::Expire { reply: Some(r) }, Some(Duration::from_secs(300))).await {
-            Ok(CallResult::Success(Ok(n))) => Ok(n),
-            Ok(CallResult::Success(Err(e))) => Err(anyhow!("retention failed: {e}")),
-            _ => Err(anyhow!("retention job did not answer")),
-        }
+        ask(&self.retention, "retention job", |r| RetentionMsg::Expire { reply: Some(r) }, 300).await
     }
 
     pub async fn profile_stats(&self) -> anyhow::Result<ProfilesStats> {

@@ -307,18 +307,7 @@ impl OperationalStore for EmbeddedStore {
     }
 
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
-        let key = identifier.key();
-        self.read(move |txn| {
-            let identities = txn.open_table(IDENTITIES).ctx("read identities")?;
-            let found = identities.get(key.as_str()).ctx("read identities")?;
-            found
-                .map(|id| {
-                    ProfileId::parse(id.value())
-                        .ok_or_else(|| StoreError::corrupt("identity points to a malformed profile id"))
-                })
-                .transpose()
-        })
-        .await
+        Ok(self.lookup_identities(std::slice::from_ref(identifier)).await?.pop().flatten())
     }
 
     async fn lookup_identities(&self, identifiers: &[Identifier]) -> Result<Vec<Option<ProfileId>>, StoreError> {
