@@ -21,15 +21,20 @@ use std::ops::Bound;
 use tokio::sync::{oneshot, watch};
 
 use self::tables::{
-    db_err, decode, merge_range, outbox_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY,
-    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX, PROFILES,
+    db_err, decode, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS,
+    DEAD_LETTERS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX, PROFILES, REVIEWS, SAGAS,
+    SUPPRESSIONS,
 };
-use self::writer::{Command, Writer};
+use self::writer::{Command, DocTable, Writer};
+use crate::store::{consent_key, suppression_key};
 use crate::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
     OutboxId, StoreError, WarehouseBatch,
 };
 use chrono::{DateTime, Utc};
+use cohort_messages::{
+    AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, Suppression,
+};
 
 /// URL scheme of a file-backed store: `embedded:///abs/path.redb` or `embedded://rel/path.redb`.
 pub const EMBEDDED_SCHEME: &str = "embedded://";
@@ -461,6 +466,134 @@ impl OperationalStore for EmbeddedStore {
     async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         // The store file holds no journal, so `covered` 0 removes keys only.
         self.submit(Command::expire(before, 0)).await
+    }
+
+    async fn record_consents(&self, consents: Vec<ConsentRecord>) -> Result<(), StoreError> {
+        let docs = consents
+            .iter()
+            .map(|c| Ok((consent_key(c), Some(encode("consent", c)?))))
+            .collect::<Result<_, StoreError>>()?;
+        self.submit(Command::docs(DocTable::Consents, docs)).await.map(drop)
+    }
+
+    async fn consents(&self, profile: &ProfileId) -> Result<Vec<ConsentRecord>, StoreError> {
+        let (lo, hi) = (format!("{profile}/"), format!("{profile}0"));
+        self.read(move |txn| {
+            let table = txn.open_table(CONSENTS).ctx("read consents")?;
+            let mut out = Vec::new();
+            for entry in table.range::<&str>(lo.as_str()..hi.as_str()).ctx("read consents")? {
+                out.push(decode("consent", entry.ctx("read consents")?.1.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), StoreError> {
+        let docs = entries
+            .iter()
+            .map(|e| Ok((suppression_key(e.channel, &e.address), Some(encode("suppression", e)?))))
+            .collect::<Result<_, StoreError>>()?;
+        self.submit(Command::docs(DocTable::Suppressions, docs)).await.map(drop)
+    }
+
+    async fn unsuppress(&self, addresses: &[(Channel, String)]) -> Result<(), StoreError> {
+        let docs = addresses.iter().map(|(c, a)| (suppression_key(*c, a), None)).collect();
+        self.submit(Command::docs(DocTable::Suppressions, docs)).await.map(drop)
+    }
+
+    async fn suppressed(&self, addresses: &[(Channel, String)]) -> Result<Vec<Option<Suppression>>, StoreError> {
+        let keys: Vec<String> = addresses.iter().map(|(c, a)| suppression_key(*c, a)).collect();
+        self.read(move |txn| {
+            let table = txn.open_table(SUPPRESSIONS).ctx("read suppressions")?;
+            keys.iter()
+                .map(|k| {
+                    let found = table.get(k.as_str()).ctx("read suppressions")?;
+                    found.map(|v| decode("suppression", v.value())).transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn save_saga(&self, saga: &SagaRecord) -> Result<(), StoreError> {
+        self.submit(Command::save_saga(saga.clone())).await
+    }
+
+    async fn load_saga(&self, saga_id: &str) -> Result<Option<SagaRecord>, StoreError> {
+        let id = saga_id.to_string();
+        self.read(move |txn| {
+            let table = txn.open_table(SAGAS).ctx("read sagas")?;
+            let found = table.get(id.as_str()).ctx("read sagas")?;
+            found.map(|v| decode("saga", v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list_sagas(&self, after: Option<&str>, limit: usize) -> Result<Vec<SagaRecord>, StoreError> {
+        let after = after.map(str::to_string);
+        self.read(move |txn| {
+            let table = txn.open_table(SAGAS).ctx("list sagas")?;
+            let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in table.range::<&str>((lower, Bound::Unbounded)).ctx("list sagas")?.take(limit) {
+                out.push(decode("saga", entry.ctx("list sagas")?.1.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entries: Vec<NewAuditEntry>) -> Result<Vec<u64>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(Command::audit(entries)).await
+    }
+
+    async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(AUDIT).ctx("read audit log")?;
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in table.range(range_after(after)).ctx("read audit log")?.take(limit) {
+                out.push(decode("audit entry", entry.ctx("read audit log")?.1.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_review_items(&self, items: Vec<ReviewItem>) -> Result<(), StoreError> {
+        let docs = items
+            .iter()
+            .map(|i| Ok((i.id.clone(), Some(encode("review item", i)?))))
+            .collect::<Result<_, StoreError>>()?;
+        self.submit(Command::docs(DocTable::Reviews, docs)).await.map(drop)
+    }
+
+    async fn list_review_items(
+        &self,
+        status: Option<ReviewStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError> {
+        let after = after.map(str::to_string);
+        self.read(move |txn| {
+            let table = txn.open_table(REVIEWS).ctx("read review queue")?;
+            let lower = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in table.range::<&str>((lower, Bound::Unbounded)).ctx("read review queue")? {
+                if out.len() >= limit {
+                    break;
+                }
+                let item: ReviewItem = decode("review item", entry.ctx("read review queue")?.1.value())?;
+                if status.is_none_or(|s| s == item.status) {
+                    out.push(item);
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -9,6 +9,8 @@ pub enum StoreErrorKind {
     Corrupt,
     /// The request itself is wrong (bad URL, bad argument): not retryable.
     Invalid,
+    /// A concurrent writer got there first (a saga version was taken): reload and decide again.
+    Conflict,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -27,6 +29,9 @@ impl StoreError {
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self { kind: StoreErrorKind::Invalid, message: message.into() }
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { kind: StoreErrorKind::Conflict, message: message.into() }
     }
     pub fn is_retryable(&self) -> bool {
         self.kind == StoreErrorKind::Unavailable

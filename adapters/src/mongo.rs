@@ -26,11 +26,16 @@ use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use self::codec::{
     as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, profile_doc,
-    profile_from_doc, profile_id_of, to_i64, DEAD_LETTERS, EVENT_IDS, IDENTITIES, MERGES, META, META_CHECKPOINT,
-    META_DEAD_LETTER_ID, OUTBOX, PROFILES,
+    profile_from_doc, profile_id_of, record_doc, record_from_doc, to_i64, AUDIT, CONSENTS, DEAD_LETTERS, EVENT_IDS,
+    IDENTITIES, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID, OUTBOX, PROFILES, REVIEWS, SAGAS,
+    SUPPRESSIONS,
 };
 use self::errors::store_error;
+use crate::store::{consent_key, suppression_key};
 use crate::{FlushBatch, NewDeadLetter, OperationalStore, OutboxId, StoreError, WarehouseBatch};
+use cohort_messages::{
+    AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, Suppression,
+};
 
 /// Rows of outbox data per outbox document, well under MongoDB's 16 MB document limit.
 const OUTBOX_DOC_ROWS: usize = 1000;
@@ -63,6 +68,11 @@ pub struct MongoStore {
     dead_letters: Collection<Document>,
     meta: Collection<Document>,
     outbox: Collection<Document>,
+    consents: Collection<Document>,
+    suppressions: Collection<Document>,
+    sagas: Collection<Document>,
+    audit: Collection<Document>,
+    reviews: Collection<Document>,
 }
 
 impl fmt::Debug for MongoStore {
@@ -100,12 +110,18 @@ impl MongoStore {
             dead_letters: db.collection(DEAD_LETTERS),
             meta: db.collection(META),
             outbox: db.collection(OUTBOX),
+            consents: db.collection(CONSENTS),
+            suppressions: db.collection(SUPPRESSIONS),
+            sagas: db.collection(SAGAS),
+            audit: db.collection(AUDIT),
+            reviews: db.collection(REVIEWS),
             db,
             client,
         };
         store.ping().await?;
         store.create_indexes().await?;
-        store.seed_dead_letter_counter().await?;
+        store.seed_counter(META_DEAD_LETTER_ID).await?;
+        store.seed_counter(META_AUDIT_ID).await?;
         tracing::info!(database, "MongoDB operational store connected");
         Ok(Arc::new(store))
     }
@@ -132,6 +148,12 @@ impl MongoStore {
         // Expiry deletes idempotency keys by age.
         let by_age = IndexModel::builder().keys(doc! { "at": 1 }).build();
         timed("create the event ids index", self.event_ids.create_index(by_age)).await?;
+        let by_profile = IndexModel::builder().keys(doc! { "profile_id": 1, "_id": 1 }).build();
+        timed("create the consents index", self.consents.create_index(by_profile)).await?;
+        let by_status = IndexModel::builder().keys(doc! { "status": 1, "_id": 1 }).build();
+        timed("create the review queue index", self.reviews.create_index(by_status)).await?;
+        let by_status = IndexModel::builder().keys(doc! { "status": 1 }).build();
+        timed("create the sagas index", self.sagas.create_index(by_status)).await?;
         Ok(())
     }
 
@@ -151,37 +173,44 @@ impl MongoStore {
         Ok(())
     }
 
-    /// Creates the dead-letter counter if it is missing, before any concurrent use: concurrent
-    /// `findAndModify` upserts racing to create one document can answer "no document" although
-    /// their `$inc` was applied (seen on SecantusDB), which would cost a retry and a gap in the ids.
-    async fn seed_dead_letter_counter(&self) -> Result<(), StoreError> {
-        let seed = self
-            .meta
-            .update_one(doc! { "_id": META_DEAD_LETTER_ID }, doc! { "$setOnInsert": { "value": 0_i64 } })
-            .upsert(true);
-        timed("create the dead letter counter", seed).await.map(drop)
+    /// Creates a counter (`meta` document) if it is missing, before any concurrent use:
+    /// concurrent `findAndModify` upserts racing to create one document can answer "no document"
+    /// although their `$inc` was applied (seen on SecantusDB), which would cost a retry and a gap.
+    async fn seed_counter(&self, counter: &'static str) -> Result<(), StoreError> {
+        let seed =
+            self.meta.update_one(doc! { "_id": counter }, doc! { "$setOnInsert": { "value": 0_i64 } }).upsert(true);
+        timed("create a counter", seed).await.map(drop)
     }
 
-    /// Reserves `n` consecutive dead-letter ids and returns the first: one atomic `$inc` per
+    /// Reserves `n` consecutive ids of a counter and returns the first: one atomic `$inc` per
     /// batch, so concurrent writers (also in other processes) never share an id.
-    async fn reserve_dead_letter_ids(&self, n: u64) -> Result<u64, StoreError> {
-        let step = to_i64("dead letter batch size", n)?;
+    async fn reserve_ids(&self, counter: &'static str, n: u64) -> Result<u64, StoreError> {
+        let step = to_i64("id batch size", n)?;
         for _ in 0..RESERVE_ATTEMPTS {
             let reserve = self
                 .meta
-                .find_one_and_update(doc! { "_id": META_DEAD_LETTER_ID }, doc! { "$inc": { "value": step } })
+                .find_one_and_update(doc! { "_id": counter }, doc! { "$inc": { "value": step } })
                 .upsert(true)
                 .return_document(ReturnDocument::After);
             // No answer: the increment may still have happened, so those ids are skipped (a gap),
             // never guessed; a fresh `$inc` gets a block nobody else has.
-            let Some(counter) = timed("reserve dead letter ids", reserve).await? else { continue };
-            let last = as_u64("dead letter counter", counter.get("value"))?;
-            return last
-                .checked_sub(n)
-                .map(|before| before + 1)
-                .ok_or_else(|| StoreError::corrupt(format!("dead letter counter {last} is below the batch size {n}")));
+            let Some(doc) = timed("reserve ids", reserve).await? else { continue };
+            let last = as_u64(counter, doc.get("value"))?;
+            return last.checked_sub(n).map(|before| before + 1).ok_or_else(|| {
+                StoreError::corrupt(format!("counter {counter} at {last} is below the batch size {n}"))
+            });
         }
-        Err(StoreError::unavailable("MongoDB: the dead letter counter did not answer with its new value"))
+        Err(StoreError::unavailable(format!("MongoDB: the counter {counter} did not answer with its new value")))
+    }
+
+    /// Upserts documents by `_id` in one bulk write.
+    async fn upsert_docs(&self, collection: &Collection<Document>, docs: Vec<Document>) -> Result<(), StoreError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let ns = collection.namespace();
+        let models = docs.into_iter().map(|d| replace_one(&ns, d)).collect::<Result<Vec<_>, _>>()?;
+        self.bulk_upsert(models).await
     }
 
     /// Runs a find with sort and limit and decodes every document; `limit == 0` is "nothing",
@@ -228,6 +257,12 @@ where
             OPERATION_TIMEOUT.as_secs()
         ))),
     }
+}
+
+/// A unique-index violation: for inserts that claim an id, someone else claimed it first.
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
 }
 
 /// MongoDB refuses these names only at the first write; checking up front gives a clear error.
@@ -369,7 +404,7 @@ impl OperationalStore for MongoStore {
         if letters.is_empty() {
             return Ok(Vec::new());
         }
-        let first = self.reserve_dead_letter_ids(letters.len() as u64).await?;
+        let first = self.reserve_ids(META_DEAD_LETTER_ID, letters.len() as u64).await?;
         let recorded_at = Utc::now();
         let mut ids = Vec::with_capacity(letters.len());
         let mut docs = Vec::with_capacity(letters.len());
@@ -474,6 +509,133 @@ impl OperationalStore for MongoStore {
 
     async fn outbox_len(&self) -> Result<u64, StoreError> {
         timed("count the warehouse outbox", self.outbox.count_documents(doc! {})).await
+    }
+
+    async fn record_consents(&self, consents: Vec<ConsentRecord>) -> Result<(), StoreError> {
+        let docs = consents.iter().map(|c| record_doc("consent", consent_key(c), c)).collect::<Result<_, _>>()?;
+        self.upsert_docs(&self.consents, docs).await
+    }
+
+    async fn consents(&self, profile: &ProfileId) -> Result<Vec<ConsentRecord>, StoreError> {
+        let filter = doc! { "profile_id": profile.as_str() };
+        self.find_sorted("read consents", &self.consents, filter, None, None, |d| record_from_doc("consent", d)).await
+    }
+
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), StoreError> {
+        let docs = entries
+            .iter()
+            .map(|e| record_doc("suppression", suppression_key(e.channel, &e.address), e))
+            .collect::<Result<_, _>>()?;
+        self.upsert_docs(&self.suppressions, docs).await
+    }
+
+    async fn unsuppress(&self, addresses: &[(Channel, String)]) -> Result<(), StoreError> {
+        if addresses.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = addresses.iter().map(|(c, a)| suppression_key(*c, a)).collect();
+        timed("unsuppress", self.suppressions.delete_many(doc! { "_id": { "$in": keys } })).await.map(drop)
+    }
+
+    async fn suppressed(&self, addresses: &[(Channel, String)]) -> Result<Vec<Option<Suppression>>, StoreError> {
+        if addresses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = addresses.iter().map(|(c, a)| suppression_key(*c, a)).collect();
+        let filter = doc! { "_id": { "$in": keys.clone() } };
+        let found: Vec<Suppression> = self
+            .find_sorted("read suppressions", &self.suppressions, filter, None, None, |d| {
+                record_from_doc("suppression", d)
+            })
+            .await?;
+        let by_key: std::collections::HashMap<String, Suppression> =
+            found.into_iter().map(|s| (suppression_key(s.channel, &s.address), s)).collect();
+        Ok(keys.iter().map(|k| by_key.get(k).cloned()).collect())
+    }
+
+    /// Version 1 inserts (a duplicate `_id` means someone else created it); later versions
+    /// replace only the document still at the previous version.
+    async fn save_saga(&self, saga: &SagaRecord) -> Result<(), StoreError> {
+        let doc = record_doc("saga", saga.saga_id.clone(), saga)?;
+        let conflict = || StoreError::conflict(format!("saga {} was advanced by another writer", saga.saga_id));
+        if saga.version <= 1 {
+            if saga.version == 0 {
+                return Err(StoreError::invalid("saga versions start at 1"));
+            }
+            let insert = tokio::time::timeout(OPERATION_TIMEOUT, self.sagas.insert_one(doc).into_future()).await;
+            return match insert {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) if is_duplicate_key(&e) => Err(conflict()),
+                Ok(Err(e)) => Err(store_error("create a saga", e)),
+                Err(_) => Err(StoreError::unavailable("MongoDB: cannot create a saga: no answer in time")),
+            };
+        }
+        let previous = to_i64("saga version", saga.version - 1)?;
+        let replaced = timed(
+            "save a saga",
+            self.sagas.replace_one(doc! { "_id": saga.saga_id.as_str(), "version": previous }, doc),
+        )
+        .await?;
+        if replaced.matched_count == 0 {
+            return Err(conflict());
+        }
+        Ok(())
+    }
+
+    async fn load_saga(&self, saga_id: &str) -> Result<Option<SagaRecord>, StoreError> {
+        let found = timed("load a saga", self.sagas.find_one(doc! { "_id": saga_id })).await?;
+        found.map(|d| record_from_doc("saga", d)).transpose()
+    }
+
+    async fn list_sagas(&self, after: Option<&str>, limit: usize) -> Result<Vec<SagaRecord>, StoreError> {
+        let filter = after.map_or_else(Document::new, |a| doc! { "_id": { "$gt": a } });
+        self.find_sorted("list sagas", &self.sagas, filter, None, Some(limit), |d| record_from_doc("saga", d)).await
+    }
+
+    async fn append_audit(&self, entries: Vec<NewAuditEntry>) -> Result<Vec<u64>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.reserve_ids(META_AUDIT_ID, entries.len() as u64).await?;
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut docs = Vec::with_capacity(entries.len());
+        for (id, e) in (first..).zip(entries) {
+            docs.push(record_doc("audit entry", to_i64("audit id", id)?, &AuditEntry::numbered(id, e))?);
+            ids.push(id);
+        }
+        timed("append to the audit log", self.audit.insert_many(docs).ordered(true)).await?;
+        Ok(ids)
+    }
+
+    async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let Ok(after) = i64::try_from(after) else { return Ok(Vec::new()) };
+        self.find_sorted("read the audit log", &self.audit, doc! { "_id": { "$gt": after } }, None, Some(limit), |d| {
+            record_from_doc("audit entry", d)
+        })
+        .await
+    }
+
+    async fn put_review_items(&self, items: Vec<ReviewItem>) -> Result<(), StoreError> {
+        let docs = items.iter().map(|i| record_doc("review item", i.id.clone(), i)).collect::<Result<_, _>>()?;
+        self.upsert_docs(&self.reviews, docs).await
+    }
+
+    async fn list_review_items(
+        &self,
+        status: Option<ReviewStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError> {
+        let mut filter = after.map_or_else(Document::new, |a| doc! { "_id": { "$gt": a } });
+        if let Some(status) = status {
+            let status = mongodb::bson::to_bson(&status)
+                .map_err(|e| StoreError::invalid(format!("cannot encode a review status: {e}")))?;
+            filter.insert("status", status);
+        }
+        self.find_sorted("read the review queue", &self.reviews, filter, None, Some(limit), |d| {
+            record_from_doc("review item", d)
+        })
+        .await
     }
 
     async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -3,7 +3,8 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cohort_messages::{
-    msgs::IdentityMerged, CustomerEvent, DeadLetter, DeadLetterStage, Identifier, ProfileId, ProfileRecord, Source,
+    msgs::IdentityMerged, AuditEntry, Channel, ConsentRecord, CustomerEvent, DeadLetter, DeadLetterStage, Identifier,
+    NewAuditEntry, ProfileId, ProfileRecord, ReviewItem, ReviewStatus, SagaRecord, Source, Suppression,
 };
 use tokio::sync::watch;
 
@@ -128,4 +129,44 @@ pub trait OperationalStore: Send + Sync + 'static {
     /// Returns how many were removed. An event redelivered after its key expired counts again:
     /// the retention is the deduplication window.
     async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Stores consent decisions; one per (profile, purpose, channel), the latest replaces.
+    async fn record_consents(&self, consents: Vec<ConsentRecord>) -> Result<(), StoreError>;
+    /// A profile's consent decisions, by purpose then channel.
+    async fn consents(&self, profile: &ProfileId) -> Result<Vec<ConsentRecord>, StoreError>;
+    /// Adds addresses to the suppression list (an address listed again keeps the new reason).
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), StoreError>;
+    /// Takes addresses off the suppression list (absent ones are ignored).
+    async fn unsuppress(&self, addresses: &[(Channel, String)]) -> Result<(), StoreError>;
+    /// For each address, its suppression entry if it is listed.
+    async fn suppressed(&self, addresses: &[(Channel, String)]) -> Result<Vec<Option<Suppression>>, StoreError>;
+    /// Saves a saga whose `version` is one more than the stored one (1 for a new saga); any
+    /// other version is a `Conflict`: another writer advanced it.
+    async fn save_saga(&self, saga: &SagaRecord) -> Result<(), StoreError>;
+    async fn load_saga(&self, saga_id: &str) -> Result<Option<SagaRecord>, StoreError>;
+    /// Sagas with `saga_id > after`, in id order, at most `limit`.
+    async fn list_sagas(&self, after: Option<&str>, limit: usize) -> Result<Vec<SagaRecord>, StoreError>;
+    /// Appends to the audit log; returns the ids given, increasing.
+    async fn append_audit(&self, entries: Vec<NewAuditEntry>) -> Result<Vec<u64>, StoreError>;
+    /// Audit entries with `id > after`, oldest first, at most `limit`.
+    async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Creates or replaces review items (by id).
+    async fn put_review_items(&self, items: Vec<ReviewItem>) -> Result<(), StoreError>;
+    /// Review items with `id > after` (and the given status), in id order, at most `limit`.
+    async fn list_review_items(
+        &self,
+        status: Option<ReviewStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError>;
+}
+
+/// Key of a suppression entry: `channel:address`.
+pub fn suppression_key(channel: Channel, address: &str) -> String {
+    format!("{}:{address}", channel.as_str())
+}
+
+/// Key of a consent decision: `profile/purpose/channel` (a profile's decisions share a prefix).
+pub fn consent_key(c: &ConsentRecord) -> String {
+    format!("{}/{}/{}", c.profile_id, c.purpose, c.channel.as_str())
 }

@@ -9,8 +9,13 @@ pub mod event;
 pub mod ids;
 pub mod msgs;
 pub mod profile;
+pub mod records;
 
 pub use dead_letter::{DeadLetter, DeadLetterStage};
 pub use event::{CustomerEvent, EventKind, RawRef, Utm};
 pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
 pub use profile::{EventSummary, LinkedIdentifier, ProfileCounters, ProfileRecord, ProfileView, TraitValue};
+pub use records::{
+    AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, SagaStatus, Suppression,
+    SuppressionReason,
+};

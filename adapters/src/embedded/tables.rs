@@ -30,6 +30,16 @@ pub(super) const DEAD_LETTERS: TableDefinition<'static, u64, &[u8]> = TableDefin
 pub(super) const IDEMPOTENCY_AT: TableDefinition<'static, (u64, &str), ()> = TableDefinition::new("idempotency_at");
 /// Warehouse outbox: id → `WarehouseBatch` (JSON), relayed to the warehouse and then removed.
 pub(super) const OUTBOX: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("warehouse_outbox");
+/// Consent decisions: `profile/purpose/channel` → `ConsentRecord` (JSON).
+pub(super) const CONSENTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("consents");
+/// Suppression list: `channel:address` → `Suppression` (JSON).
+pub(super) const SUPPRESSIONS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("suppressions");
+/// Sagas: saga id → `SagaRecord` (JSON).
+pub(super) const SAGAS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("sagas");
+/// Audit log: id → `AuditEntry` (JSON).
+pub(super) const AUDIT: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("audit_log");
+/// Review queue: item id → `ReviewItem` (JSON).
+pub(super) const REVIEWS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("review_queue");
 /// Counters and the pipeline checkpoint.
 pub(super) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
@@ -41,6 +51,8 @@ pub(super) const META_JOURNAL_SEQ: &str = "journal_seq";
 pub(super) const META_RAW_SEQ: &str = "raw_seq";
 /// Meta key: the last dead-letter id assigned.
 pub(super) const META_DEAD_LETTER_ID: &str = "dead_letter_id";
+/// Meta key: the last audit-log id assigned.
+pub(super) const META_AUDIT_ID: &str = "audit_id";
 /// Meta key: the last outbox id assigned.
 pub(super) const META_OUTBOX_ID: &str = "outbox_id";
 

@@ -15,12 +15,12 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::tables::{
-    decode, encode, merge_key, BronzeRow, DbResult, BRONZE, BRONZE_BODY, DEAD_LETTERS, IDEMPOTENCY, IDEMPOTENCY_AT,
-    IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID,
-    META_RAW_SEQ, OUTBOX, PROFILES,
+    decode, encode, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, IDEMPOTENCY,
+    IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID,
+    META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
-use cohort_messages::CustomerEvent;
+use cohort_messages::{AuditEntry, CustomerEvent, NewAuditEntry, SagaRecord};
 
 /// Rows of outbox data per stored outbox entry.
 const OUTBOX_ENTRY_ROWS: usize = 2000;
@@ -50,7 +50,26 @@ impl Command {
 
     pub(super) fn dead_letters(letters: Vec<NewDeadLetter>) -> (Self, oneshot::Receiver<Result<Vec<u64>, StoreError>>) {
         let (tx, rx) = oneshot::channel();
-        (Self { op: Op::DeadLetters(letters), reply: Reply::DeadLetters(tx) }, rx)
+        (Self { op: Op::DeadLetters(letters), reply: Reply::Ids(tx) }, rx)
+    }
+
+    pub(super) fn audit(entries: Vec<NewAuditEntry>) -> (Self, oneshot::Receiver<Result<Vec<u64>, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { op: Op::Audit(entries), reply: Reply::Ids(tx) }, rx)
+    }
+
+    /// Puts (`Some`) and deletes (`None`) documents of a keyed table.
+    pub(super) fn docs(
+        table: DocTable,
+        docs: Vec<(String, Option<Vec<u8>>)>,
+    ) -> (Self, oneshot::Receiver<Result<u64, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { op: Op::Docs(table, docs), reply: Reply::Count(tx) }, rx)
+    }
+
+    pub(super) fn save_saga(saga: SagaRecord) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { op: Op::SaveSaga(Box::new(saga)), reply: Reply::Unit(tx) }, rx)
     }
 
     pub(super) fn ack_outbox(ids: Vec<u64>) -> (Self, oneshot::Receiver<Result<u64, StoreError>>) {
@@ -68,8 +87,18 @@ impl Command {
 enum Applied {
     Append(AppendOutcome),
     Flush,
-    DeadLetters(Vec<u64>),
+    Ids(Vec<u64>),
     Count(u64),
+    /// A per-command outcome that must not abort the group (a saga version conflict).
+    Unit(Result<(), StoreError>),
+}
+
+/// The keyed document tables written through [`Command::docs`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum DocTable {
+    Consents,
+    Suppressions,
+    Reviews,
 }
 
 /// The counters kept in `meta`, loaded at the start of each transaction and written back with
@@ -81,6 +110,7 @@ struct Counters {
     dead_letter_id: u64,
     checkpoint: u64,
     outbox_id: u64,
+    audit_id: u64,
 }
 
 /// Every table of one write transaction, opened once per group.
@@ -126,6 +156,7 @@ impl<'txn> Tables<'txn> {
             dead_letter_id: self.meta(META_DEAD_LETTER_ID)?,
             checkpoint: self.meta(META_CHECKPOINT)?,
             outbox_id: self.meta(META_OUTBOX_ID)?,
+            audit_id: self.meta(META_AUDIT_ID)?,
         })
     }
 
@@ -136,6 +167,7 @@ impl<'txn> Tables<'txn> {
             (META_DEAD_LETTER_ID, before.dead_letter_id, after.dead_letter_id),
             (META_CHECKPOINT, before.checkpoint, after.checkpoint),
             (META_OUTBOX_ID, before.outbox_id, after.outbox_id),
+            (META_AUDIT_ID, before.audit_id, after.audit_id),
         ];
         for (key, old, new) in pairs {
             if old != new {
@@ -340,8 +372,11 @@ impl Writer {
                         (Reply::Flush(tx), Applied::Flush) => {
                             let _ = tx.send(Ok(()));
                         }
-                        (Reply::DeadLetters(tx), Applied::DeadLetters(ids)) => {
+                        (Reply::Ids(tx), Applied::Ids(ids)) => {
                             let _ = tx.send(Ok(ids));
+                        }
+                        (Reply::Unit(tx), Applied::Unit(result)) => {
+                            let _ = tx.send(result);
                         }
                         (Reply::Count(tx), Applied::Count(n)) => {
                             let _ = tx.send(Ok(n));
@@ -382,7 +417,10 @@ impl Writer {
                         tables.flush(&mut c, batch, now_ms)?;
                         Applied::Flush
                     }
-                    Op::DeadLetters(letters) => Applied::DeadLetters(tables.dead_letters(&mut c, letters)?),
+                    Op::DeadLetters(letters) => Applied::Ids(tables.dead_letters(&mut c, letters)?),
+                    Op::Audit(entries) => Applied::Ids(audit(&txn, &mut c, entries)?),
+                    Op::Docs(table, docs) => Applied::Count(put_docs(&txn, table, docs)?),
+                    Op::SaveSaga(saga) => Applied::Unit(save_saga(&txn, &saga)?),
                     Op::AckOutbox(ids) => Applied::Count(tables.ack_outbox(&ids)?),
                     Op::Expire { before, covered } => Applied::Count(tables.expire(before, covered)?),
                 });
@@ -400,6 +438,9 @@ enum Op {
     Append(AppendBatch),
     Flush(FlushBatch),
     DeadLetters(Vec<NewDeadLetter>),
+    Audit(Vec<NewAuditEntry>),
+    Docs(DocTable, Vec<(String, Option<Vec<u8>>)>),
+    SaveSaga(Box<SagaRecord>),
     AckOutbox(Vec<u64>),
     Expire { before: DateTime<Utc>, covered: u64 },
 }
@@ -408,7 +449,8 @@ enum Op {
 enum Reply {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),
-    DeadLetters(oneshot::Sender<Result<Vec<u64>, StoreError>>),
+    Ids(oneshot::Sender<Result<Vec<u64>, StoreError>>),
+    Unit(oneshot::Sender<Result<(), StoreError>>),
     Count(oneshot::Sender<Result<u64, StoreError>>),
 }
 
@@ -417,10 +459,60 @@ impl Reply {
         let _ = match self {
             Reply::Append(tx) => tx.send(Err(err)).map_err(drop),
             Reply::Flush(tx) => tx.send(Err(err)).map_err(drop),
-            Reply::DeadLetters(tx) => tx.send(Err(err)).map_err(drop),
+            Reply::Ids(tx) => tx.send(Err(err)).map_err(drop),
+            Reply::Unit(tx) => tx.send(Err(err)).map_err(drop),
             Reply::Count(tx) => tx.send(Err(err)).map_err(drop),
         };
     }
+}
+
+/// Numbers and appends audit entries.
+fn audit(txn: &WriteTransaction, c: &mut Counters, entries: Vec<NewAuditEntry>) -> Result<Vec<u64>, StoreError> {
+    let mut table = txn.open_table(AUDIT).ctx("append audit")?;
+    let mut ids = Vec::with_capacity(entries.len());
+    for e in entries {
+        c.audit_id += 1;
+        let bytes = encode("audit entry", &AuditEntry::numbered(c.audit_id, e))?;
+        table.insert(c.audit_id, bytes.as_slice()).ctx("append audit")?;
+        ids.push(c.audit_id);
+    }
+    Ok(ids)
+}
+
+fn put_docs(txn: &WriteTransaction, table: DocTable, docs: Vec<(String, Option<Vec<u8>>)>) -> Result<u64, StoreError> {
+    let def = match table {
+        DocTable::Consents => CONSENTS,
+        DocTable::Suppressions => SUPPRESSIONS,
+        DocTable::Reviews => REVIEWS,
+    };
+    let mut t = txn.open_table(def).ctx("write documents")?;
+    let mut changed = 0;
+    for (key, doc) in docs {
+        let had = match doc {
+            Some(bytes) => t.insert(key.as_str(), bytes.as_slice()).ctx("write documents")?.is_some(),
+            None => t.remove(key.as_str()).ctx("write documents")?.is_some(),
+        };
+        changed += u64::from(had);
+    }
+    Ok(changed)
+}
+
+/// Compare-and-set on the saga's version; a conflict is this command's answer, not the group's.
+fn save_saga(txn: &WriteTransaction, saga: &SagaRecord) -> Result<Result<(), StoreError>, StoreError> {
+    let mut t = txn.open_table(SAGAS).ctx("save saga")?;
+    let stored = match t.get(saga.saga_id.as_str()).ctx("save saga")? {
+        Some(bytes) => decode::<SagaRecord>("saga", bytes.value())?.version,
+        None => 0,
+    };
+    if saga.version != stored + 1 {
+        return Ok(Err(StoreError::conflict(format!(
+            "saga {} is at version {stored}; version {} cannot follow it",
+            saga.saga_id, saga.version
+        ))));
+    }
+    let bytes = encode("saga", saga)?;
+    t.insert(saga.saga_id.as_str(), bytes.as_slice()).ctx("save saga")?;
+    Ok(Ok(()))
 }
 
 /// Creates every table (so readers never meet a missing one) and returns the journal head.
@@ -429,6 +521,11 @@ pub(super) fn initialize(db: &Database) -> Result<u64, StoreError> {
     txn.set_durability(Durability::Immediate);
     let head = {
         let tables = Tables::open(&txn)?;
+        txn.open_table(CONSENTS).ctx("open table")?;
+        txn.open_table(SUPPRESSIONS).ctx("open table")?;
+        txn.open_table(SAGAS).ctx("open table")?;
+        txn.open_table(AUDIT).ctx("open table")?;
+        txn.open_table(REVIEWS).ctx("open table")?;
         tables.meta(META_JOURNAL_SEQ)?
     };
     txn.commit().ctx("initialize tables")?;

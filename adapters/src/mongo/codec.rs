@@ -16,6 +16,11 @@
 //! | `meta`         | `checkpoint`, `dead_letter_id`     | `value` (`Int64`)                             |
 //! | `event_ids`    | event id                           | `at` (BSON date it was recorded, for expiry)  |
 //! | `warehouse_outbox` | ObjectId (time ordered)        | `batch` (binary: the `WarehouseBatch` JSON)   |
+//! | `consents`     | `profile/purpose/channel`          | the fields of `ConsentRecord`                 |
+//! | `suppressions` | `channel:address`                  | the fields of `Suppression`                   |
+//! | `sagas`        | saga id                            | the fields of `SagaRecord` (`version` guards) |
+//! | `audit_log`    | id (`Int64`, from 1)               | the fields of `AuditEntry`                    |
+//! | `review_queue` | item id                            | the fields of `ReviewItem`                    |
 
 use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use mongodb::bson::{self, doc, Bson, Document};
@@ -29,11 +34,18 @@ pub(super) const EVENT_IDS: &str = "event_ids";
 pub(super) const DEAD_LETTERS: &str = "dead_letters";
 pub(super) const META: &str = "meta";
 pub(super) const OUTBOX: &str = "warehouse_outbox";
+pub(super) const CONSENTS: &str = "consents";
+pub(super) const SUPPRESSIONS: &str = "suppressions";
+pub(super) const SAGAS: &str = "sagas";
+pub(super) const AUDIT: &str = "audit_log";
+pub(super) const REVIEWS: &str = "review_queue";
 
 /// Meta document: all journal events up to `value` are reflected in persisted profiles.
 pub(super) const META_CHECKPOINT: &str = "checkpoint";
 /// Meta document: the last dead-letter id handed out (ids are reserved in blocks).
 pub(super) const META_DEAD_LETTER_ID: &str = "dead_letter_id";
+/// Meta document: the last audit-log id handed out.
+pub(super) const META_AUDIT_ID: &str = "audit_id";
 
 /// `u64` → `Int64`; larger values cannot be stored faithfully, so they are refused.
 pub(super) fn to_i64(what: &str, value: u64) -> Result<i64, StoreError> {
@@ -148,6 +160,25 @@ pub(super) fn merge_from_doc(doc: Document) -> Result<IdentityMerged, StoreError
 }
 
 /// `{_id: id, ...fields of DeadLetter except id}`.
+/// A record's serde fields with `_id` first.
+pub(super) fn record_doc<T: serde::Serialize>(
+    what: &str,
+    id: impl Into<Bson>,
+    record: &T,
+) -> Result<Document, StoreError> {
+    let id = id.into();
+    let fields = bson::to_document(record).map_err(|e| encode_error(what, &id.to_string(), e))?;
+    let mut doc = doc! { "_id": id };
+    doc.extend(fields);
+    Ok(doc)
+}
+
+pub(super) fn record_from_doc<T: serde::de::DeserializeOwned>(what: &str, mut doc: Document) -> Result<T, StoreError> {
+    let id = string_id(&doc);
+    doc.remove("_id");
+    bson::from_document(doc).map_err(|e| decode_error(what, &id, e))
+}
+
 pub(super) fn dead_letter_doc(letter: &DeadLetter) -> Result<Document, StoreError> {
     let id = to_i64("dead letter id", letter.id)?;
     let mut fields = bson::to_document(letter).map_err(|e| encode_error("dead letter", &id.to_string(), e))?;

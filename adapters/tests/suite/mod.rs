@@ -22,6 +22,10 @@ use cohort_messages::{
     msgs::IdentityMerged, CustomerEvent, DeadLetterStage, EventId, EventKind, Identifier, IdentifierKind, ProfileId,
     ProfileRecord, RawRef, Source, Utm,
 };
+use cohort_messages::{
+    AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, SagaStatus, Suppression,
+    SuppressionReason,
+};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Map};
 
@@ -93,6 +97,11 @@ macro_rules! operational_store_suite {
             large_outbox_batches_are_split_and_kept_whole,
             profiles_load_in_one_call,
             flushed_event_ids_expire,
+            consents_keep_the_latest_decision_per_purpose_and_channel,
+            suppression_list_adds_looks_up_and_removes,
+            sagas_advance_one_version_at_a_time,
+            audit_log_numbers_and_pages_entries,
+            review_queue_filters_by_status_and_pages,
             store_ping_answers,
         );
     };
@@ -696,4 +705,146 @@ pub async fn flushed_event_ids_expire(f: StoreFixture) {
     assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![true, true]);
     assert_eq!(f.store.expire_before(Utc::now() + chrono::Duration::seconds(5)).await.unwrap(), 2);
     assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![false, false]);
+}
+
+fn consent(p: u32, purpose: &str, channel: Channel, granted: bool, secs: i64) -> ConsentRecord {
+    ConsentRecord {
+        profile_id: profile_id(p),
+        purpose: purpose.into(),
+        channel,
+        granted,
+        source: "web_form".into(),
+        recorded_at: at(secs),
+    }
+}
+
+pub async fn consents_keep_the_latest_decision_per_purpose_and_channel(f: StoreFixture) {
+    assert!(f.store.consents(&profile_id(1)).await.unwrap().is_empty());
+    f.store
+        .record_consents(vec![
+            consent(1, "marketing", Channel::Email, true, 1),
+            consent(1, "marketing", Channel::Whatsapp, true, 1),
+            consent(2, "marketing", Channel::Email, true, 1),
+        ])
+        .await
+        .unwrap();
+    f.store.record_consents(vec![consent(1, "marketing", Channel::Email, false, 5)]).await.unwrap();
+    let mine = f.store.consents(&profile_id(1)).await.unwrap();
+    assert_eq!(
+        mine,
+        vec![consent(1, "marketing", Channel::Email, false, 5), consent(1, "marketing", Channel::Whatsapp, true, 1)]
+    );
+    assert_eq!(f.store.consents(&profile_id(2)).await.unwrap().len(), 1, "another profile's are its own");
+}
+
+pub async fn suppression_list_adds_looks_up_and_removes(f: StoreFixture) {
+    let bounce = Suppression {
+        channel: Channel::Email,
+        address: "max@gmail.com".into(),
+        reason: SuppressionReason::Bounce,
+        since: at(3),
+    };
+    let stop = Suppression {
+        channel: Channel::Whatsapp,
+        address: "+4915123456789".into(),
+        reason: SuppressionReason::Unsubscribe,
+        since: at(4),
+    };
+    f.store.suppress(vec![bounce.clone(), stop.clone()]).await.unwrap();
+    let ask = vec![
+        (Channel::Email, "max@gmail.com".to_string()),
+        (Channel::Sms, "+4915123456789".to_string()),
+        (Channel::Whatsapp, "+4915123456789".to_string()),
+    ];
+    assert_eq!(f.store.suppressed(&ask).await.unwrap(), vec![Some(bounce.clone()), None, Some(stop.clone())]);
+    let spam = Suppression { reason: SuppressionReason::SpamReport, since: at(9), ..bounce.clone() };
+    f.store.suppress(vec![spam.clone()]).await.unwrap();
+    f.store.unsuppress(&[(Channel::Whatsapp, "+4915123456789".into()), (Channel::Push, "x".into())]).await.unwrap();
+    assert_eq!(f.store.suppressed(&ask).await.unwrap(), vec![Some(spam), None, None]);
+    assert!(f.store.suppressed(&[]).await.unwrap().is_empty());
+}
+
+fn saga(id: &str, version: u64, status: SagaStatus) -> SagaRecord {
+    SagaRecord {
+        saga_id: id.into(),
+        kind: "erasure".into(),
+        subject: profile_id(1).to_string(),
+        status,
+        version,
+        state: json!({ "steps_done": version - 1 }),
+        created_at: at(1),
+        updated_at: at(version as i64),
+    }
+}
+
+pub async fn sagas_advance_one_version_at_a_time(f: StoreFixture) {
+    assert_eq!(f.store.load_saga("s1").await.unwrap(), None);
+    f.store.save_saga(&saga("s1", 1, SagaStatus::Running)).await.unwrap();
+    let again = f.store.save_saga(&saga("s1", 1, SagaStatus::Running)).await.unwrap_err();
+    assert_eq!(again.kind, cohort_adapters::StoreErrorKind::Conflict, "a second creator loses");
+    f.store.save_saga(&saga("s1", 2, SagaStatus::Running)).await.unwrap();
+    let stale = f.store.save_saga(&saga("s1", 2, SagaStatus::Failed)).await.unwrap_err();
+    assert_eq!(stale.kind, cohort_adapters::StoreErrorKind::Conflict, "a writer on an old version loses");
+    let skip = f.store.save_saga(&saga("s1", 4, SagaStatus::Completed)).await.unwrap_err();
+    assert_eq!(skip.kind, cohort_adapters::StoreErrorKind::Conflict);
+    f.store.save_saga(&saga("s1", 3, SagaStatus::Completed)).await.unwrap();
+    assert_eq!(f.store.load_saga("s1").await.unwrap(), Some(saga("s1", 3, SagaStatus::Completed)));
+    f.store.save_saga(&saga("s0", 1, SagaStatus::Running)).await.unwrap();
+    f.store.save_saga(&saga("s2", 1, SagaStatus::Running)).await.unwrap();
+    let ids = |v: Vec<SagaRecord>| v.into_iter().map(|s| s.saga_id).collect::<Vec<_>>();
+    assert_eq!(ids(f.store.list_sagas(None, 10).await.unwrap()), vec!["s0", "s1", "s2"]);
+    assert_eq!(ids(f.store.list_sagas(Some("s0"), 1).await.unwrap()), vec!["s1"]);
+}
+
+pub async fn audit_log_numbers_and_pages_entries(f: StoreFixture) {
+    let entry = |n: i64| NewAuditEntry {
+        at: at(n),
+        actor: "api:ops".into(),
+        action: "profile.erase".into(),
+        subject: profile_id(n as u32).to_string(),
+        detail: json!({ "n": n }),
+    };
+    let first = f.store.append_audit(vec![entry(1), entry(2)]).await.unwrap();
+    let second = f.store.append_audit(vec![entry(3)]).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first[0] < first[1] && first[1] < second[0], "{first:?} {second:?}");
+    let all = f.store.list_audit(0, 10).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2], AuditEntry::numbered(second[0], entry(3)));
+    let page = f.store.list_audit(first[0], 1).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![first[1]]);
+    assert!(f.store.append_audit(vec![]).await.unwrap().is_empty());
+}
+
+pub async fn review_queue_filters_by_status_and_pages(f: StoreFixture) {
+    let item = |id: &str, status: ReviewStatus| ReviewItem {
+        id: id.into(),
+        kind: "probable_match".into(),
+        profiles: vec![profile_id(1), profile_id(2)],
+        score: 0.87,
+        evidence: json!({ "name_similarity": 0.93 }),
+        status,
+        created_at: at(1),
+        decided_at: None,
+        decided_by: None,
+    };
+    f.store
+        .put_review_items(vec![
+            item("r1", ReviewStatus::Open),
+            item("r2", ReviewStatus::Open),
+            item("r3", ReviewStatus::Open),
+        ])
+        .await
+        .unwrap();
+    let decided = ReviewItem {
+        status: ReviewStatus::Accepted,
+        decided_at: Some(at(5)),
+        decided_by: Some("ops".into()),
+        ..item("r2", ReviewStatus::Open)
+    };
+    f.store.put_review_items(vec![decided.clone()]).await.unwrap();
+    let ids = |v: Vec<ReviewItem>| v.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(ids(f.store.list_review_items(Some(ReviewStatus::Open), None, 10).await.unwrap()), vec!["r1", "r3"]);
+    assert_eq!(f.store.list_review_items(Some(ReviewStatus::Accepted), None, 10).await.unwrap(), vec![decided]);
+    assert_eq!(ids(f.store.list_review_items(None, Some("r1"), 1).await.unwrap()), vec!["r2"]);
 }
