@@ -281,3 +281,43 @@ async fn operations_endpoints_answer() {
     }
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gmail_mailbox_written_three_ways_is_one_student() {
+    let demo = start().await;
+    let c = &demo.client;
+    let t = Utc::now();
+    let form = payloads::segment_identify(
+        "gm-1",
+        Some("anon-gm"),
+        None,
+        json!({ "email": "Lena.Fischer+open-day@gmail.com", "firstName": "Lena" }),
+        None,
+        t,
+    );
+    assert_eq!(c.segment(false, "identify", &form).await.unwrap().status, 200);
+    let open = payloads::sendgrid_event("Z20tb3Blbi0x", "lenafischer@googlemail.com", "open", t);
+    assert_eq!(c.sendgrid(&open).await.unwrap().status, 200);
+    let other = payloads::segment_identify(
+        "gm-2",
+        Some("anon-other"),
+        None,
+        json!({ "email": "lena.fischer@uni-hamburg.de" }),
+        None,
+        t,
+    );
+    assert_eq!(c.segment(false, "identify", &other).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    // Any spelling of the mailbox finds the one profile; the trait keeps the address as given.
+    let a = c.get("/v1/profiles/email:LENA.FISCHER@gmail.com").await.unwrap();
+    let b = c.get("/v1/profiles/email:lenafischer+x@googlemail.com").await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["profile_id"], b.body["profile_id"]);
+    assert_eq!(a.body["counters"]["events_total"], json!(2), "{}", a.body);
+    assert_eq!(a.body["traits"]["email"]["value"], json!("lena.fischer+open-day@gmail.com"));
+    // A university address is a different mailbox, whatever it shares with the name.
+    let uni = c.get("/v1/profiles/email:lena.fischer@uni-hamburg.de").await.unwrap();
+    assert_ne!(uni.body["profile_id"], a.body["profile_id"]);
+    demo.stop().await.unwrap();
+}

@@ -63,7 +63,7 @@ fn fixture_events_are_normalized_and_bad_ones_rejected_by_index() {
     assert_eq!(processed.kind, EventKind::EmailActivity);
     assert_eq!(processed.source, Source::Email);
     assert_eq!(processed.event_id, EventId::new(Source::Email, "rbtnWrG1DVDGGGFHFyun0A=="));
-    assert_eq!(processed.identifiers, vec![Identifier::new(IdentifierKind::Email, "max.mustermann@gmail.com")]);
+    assert_eq!(processed.identifiers, vec![Identifier::new(IdentifierKind::Email, "maxmustermann@gmail.com")]);
     assert_eq!(processed.occurred_at, Utc.with_ymd_and_hms(2026, 11, 2, 7, 30, 0).unwrap());
     assert_eq!(processed.received_at, received());
     assert_eq!(processed.properties["category"], json!(["mba", "autumn-2026"]));

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 /// Normalizes an identifier from a URL the way ingest normalizes it.
 fn normalize_ref_identifier(state: &ApiState, id: Identifier) -> Result<Identifier, ApiError> {
     let value = match id.kind {
-        IdentifierKind::Email => normalize_email(&id.value),
+        IdentifierKind::Email => normalize_email(&id.value).map(|e| state.normalize.email_key(&e)),
         IdentifierKind::Phone | IdentifierKind::WhatsappId => {
             normalize_phone(&id.value, &state.normalize.default_region)
         }

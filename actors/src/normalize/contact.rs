@@ -2,6 +2,8 @@
 
 use phonenumber::country;
 
+use super::options::EmailRule;
+
 /// Trims and lower-cases an email address; `None` unless it has exactly one `@` with non-empty
 /// parts and no spaces or mail-header punctuation (`Max <max@x.de>` is not an address).
 pub fn normalize_email(raw: &str) -> Option<String> {
@@ -19,6 +21,30 @@ pub fn normalize_email(raw: &str) -> Option<String> {
         return None;
     }
     Some(s.to_lowercase())
+}
+
+/// The identity of a mailbox: a [`normalize_email`]ed address with its provider's rules applied
+/// (dots and `+tags` where the provider ignores them, alias domains folded). Addresses of other
+/// domains are returned unchanged: most providers treat dots and `+` as part of the name.
+pub fn email_key(email: &str, rules: &[EmailRule]) -> String {
+    let Some((local, domain)) = email.rsplit_once('@') else { return email.to_string() };
+    let Some(rule) = rules.iter().find(|r| r.domains.iter().any(|d| d == domain)) else {
+        return email.to_string();
+    };
+    let mut local = local;
+    if rule.strip_plus_tags {
+        if let Some((base, _tag)) = local.split_once('+') {
+            if !base.is_empty() {
+                local = base;
+            }
+        }
+    }
+    let local: String = if rule.ignore_dots { local.chars().filter(|c| *c != '.').collect() } else { local.into() };
+    let domain = rule.canonical_domain.as_deref().unwrap_or(domain);
+    if local.is_empty() {
+        return email.to_string();
+    }
+    format!("{local}@{domain}")
 }
 
 /// Strips the channel prefixes sources put in front of numbers (`whatsapp:+49...`, `tel:`).
@@ -74,6 +100,40 @@ pub(crate) fn trusted_e164(raw: &str, region: &str) -> Option<String> {
     let digits = &with_plus[1..];
     ((8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'))
         .then_some(with_plus)
+}
+
+#[cfg(test)]
+mod email_key_tests {
+    use super::*;
+    use crate::normalize::NormalizeOptions;
+
+    #[test]
+    fn provider_rules_find_one_mailbox() {
+        let o = NormalizeOptions::default();
+        for same in ["max.mustermann@gmail.com", "maxmustermann+news@googlemail.com", "m.a.x.mustermann+a+b@gmail.com"]
+        {
+            assert_eq!(o.email_key(same), "maxmustermann@gmail.com", "{same}");
+        }
+        assert_eq!(o.email_key("anna.schmidt+uni@outlook.com"), "anna.schmidt@outlook.com", "outlook keeps dots");
+        assert_eq!(o.email_key("anna@me.com"), "anna@icloud.com");
+        // Other domains: dots and plus are part of the name.
+        assert_eq!(o.email_key("max.m+x@uni-hamburg.de"), "max.m+x@uni-hamburg.de");
+        // Nothing left before the tag: kept as is rather than made empty.
+        assert_eq!(o.email_key("+tag@gmail.com"), "+tag@gmail.com");
+        assert_eq!(o.email_key("...@gmail.com"), "...@gmail.com");
+    }
+
+    #[test]
+    fn rules_are_configurable_and_checked() {
+        let mut table = serde_json::Map::new();
+        table
+            .insert("email_rules".into(), serde_json::json!([{ "domains": ["uni.example"], "strip_plus_tags": true }]));
+        let o = NormalizeOptions::from_config(&table).unwrap();
+        assert_eq!(o.email_key("a.b+c@uni.example"), "a.b@uni.example");
+        assert_eq!(o.email_key("a.b+c@gmail.com"), "a.b+c@gmail.com", "a list given in config replaces the defaults");
+        table.insert("email_rules".into(), serde_json::json!([{ "domains": ["Gmail.com"] }]));
+        assert!(NormalizeOptions::from_config(&table).unwrap_err().contains("email_rules"));
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod util;
 
 pub use contact::{normalize_email, normalize_phone};
 pub use nlp::{analyze_text, TextAnalysis};
-pub use options::{IntentRule, NormalizeOptions, Programme, SegmentLimits};
+pub use options::{EmailRule, IntentRule, NormalizeOptions, Programme, SegmentLimits};
 pub use salesforce::normalize_csv_record;
 
 use cohort_messages::msgs::{PayloadFormat, RawPayload, Rejection};

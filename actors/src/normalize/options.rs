@@ -32,6 +32,42 @@ pub struct NormalizeOptions {
     /// Salesforce field API name → canonical trait. Compound CDC fields use dotted names
     /// (`Name.FirstName`); fields not listed are kept under their API names.
     pub salesforce_fields: BTreeMap<String, String>,
+    /// Mailbox-provider rules for the email *identifier* (the trait keeps the address as given):
+    /// `max.mustermann+news@googlemail.com` and `maxmustermann@gmail.com` are one mailbox.
+    pub email_rules: Vec<EmailRule>,
+}
+
+/// How one mailbox provider reads addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailRule {
+    /// Domains the rule applies to (lower case).
+    pub domains: Vec<String>,
+    /// The domain every one of them is written as, when they are aliases of one another.
+    #[serde(default)]
+    pub canonical_domain: Option<String>,
+    /// Dots in the local part are ignored by the provider.
+    #[serde(default)]
+    pub ignore_dots: bool,
+    /// `local+tag@` delivers to `local@`.
+    #[serde(default)]
+    pub strip_plus_tags: bool,
+}
+
+fn default_email_rules() -> Vec<EmailRule> {
+    let rule = |domains: &[&str], canonical: Option<&str>, ignore_dots| EmailRule {
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        canonical_domain: canonical.map(String::from),
+        ignore_dots,
+        strip_plus_tags: true,
+    };
+    vec![
+        rule(&["gmail.com", "googlemail.com"], Some("gmail.com"), true),
+        rule(&["outlook.com", "hotmail.com", "live.com", "outlook.de", "hotmail.de"], None, false),
+        rule(&["icloud.com", "me.com", "mac.com"], Some("icloud.com"), false),
+        rule(&["proton.me", "protonmail.com"], None, false),
+        rule(&["fastmail.com"], None, false),
+    ]
 }
 
 /// Segment's published limits (HTTP Tracking API).
@@ -529,6 +565,7 @@ impl Default for NormalizeOptions {
             intents: default_intents(),
             fallback_intent: "other".into(),
             salesforce_fields: default_salesforce_fields(),
+            email_rules: default_email_rules(),
         }
     }
 }
@@ -571,6 +608,23 @@ impl NormalizeOptions {
         if let Some((k, _)) = self.salesforce_fields.iter().find(|(k, v)| k.trim().is_empty() || v.trim().is_empty()) {
             return Err(format!("normalize.salesforce_fields: empty name in mapping of `{k}`"));
         }
+        for rule in &self.email_rules {
+            let bad = |d: &str| d.is_empty() || d != d.trim().to_lowercase() || !d.contains('.') || d.contains('@');
+            if rule.domains.is_empty() || rule.domains.iter().any(|d| bad(d)) {
+                return Err(format!(
+                    "normalize.email_rules: domains must be non-empty lower-case domain names, got {:?}",
+                    rule.domains
+                ));
+            }
+            if rule.canonical_domain.as_deref().is_some_and(bad) {
+                return Err(format!("normalize.email_rules: bad canonical_domain {:?}", rule.canonical_domain));
+            }
+        }
         Ok(())
+    }
+
+    /// The email identifier of a normalized address under [`NormalizeOptions::email_rules`].
+    pub fn email_key(&self, email: &str) -> String {
+        super::contact::email_key(email, &self.email_rules)
     }
 }

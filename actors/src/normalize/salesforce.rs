@@ -53,7 +53,7 @@ fn set_field(
     if EMAIL_TRAITS.contains(&name.as_str()) {
         match value.as_str().and_then(normalize_email) {
             Some(e) => {
-                push_unique(ids, Identifier::new(IdentifierKind::Email, e.clone()));
+                push_unique(ids, Identifier::new(IdentifierKind::Email, opts.email_key(&e)));
                 traits.insert(name, Value::String(e));
             }
             // `email` only ever holds an address; EDA's preferred_email is a picklist.

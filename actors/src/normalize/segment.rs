@@ -195,14 +195,15 @@ fn push_unique(ids: &mut Vec<Identifier>, id: Identifier) {
 
 /// Canonical traits; email and phone are normalized and become identifiers, values that do
 /// not normalize are kept as `email_raw` / `phone_raw`.
-fn canonical_traits(raw: Map<String, Value>, region: &str, ids: &mut Vec<Identifier>) -> Map<String, Value> {
+fn canonical_traits(raw: Map<String, Value>, opts: &NormalizeOptions, ids: &mut Vec<Identifier>) -> Map<String, Value> {
+    let region = opts.default_region.as_str();
     let mut traits = Map::new();
     for (k, v) in raw {
         let name = TRAIT_NAMES.iter().find(|(from, _)| *from == k).map_or(k.as_str(), |(_, to)| to).to_string();
         match name.as_str() {
             "email" => match v.as_str().map(normalize_email) {
                 Some(Some(e)) => {
-                    push_unique(ids, Identifier::new(IdentifierKind::Email, e.clone()));
+                    push_unique(ids, Identifier::new(IdentifierKind::Email, opts.email_key(&e)));
                     traits.insert(name, Value::String(e));
                 }
                 Some(None) => {
@@ -336,7 +337,7 @@ fn event_from(
             raw_traits.extend(t.clone());
         }
     }
-    let mut traits = canonical_traits(raw_traits, &opts.default_region, &mut identifiers);
+    let mut traits = canonical_traits(raw_traits, opts, &mut identifiers);
     if let Some(device) = path(ctx, &["device", "id"]).and_then(scalar_string) {
         push_unique(&mut identifiers, Identifier::new(IdentifierKind::DeviceId, device));
     }

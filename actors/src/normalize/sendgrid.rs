@@ -19,7 +19,7 @@ pub(crate) fn normalize_sendgrid(payload: &RawPayload, opts: &NormalizeOptions) 
     };
     let mut out = Normalized::default();
     for (index, item) in items.into_iter().enumerate() {
-        match event_from(item, payload, index) {
+        match event_from(item, payload, index, opts) {
             Ok(e) => out.events.push(e),
             Err(reason) => out.rejected.push(Rejection { index: Some(index), reason }),
         }
@@ -36,7 +36,12 @@ fn timestamp(v: &Value) -> Option<DateTime<Utc>> {
     }
 }
 
-fn event_from(item: Value, payload: &RawPayload, index: usize) -> Result<CustomerEvent, String> {
+fn event_from(
+    item: Value,
+    payload: &RawPayload,
+    index: usize,
+    opts: &NormalizeOptions,
+) -> Result<CustomerEvent, String> {
     let raw = serde_json::to_vec(&item).unwrap_or_default();
     let Value::Object(obj) = item else {
         return Err(format!("event must be an object, found {}", type_name(&item)));
@@ -77,7 +82,7 @@ fn event_from(item: Value, payload: &RawPayload, index: usize) -> Result<Custome
         name: Some(event_type),
         occurred_at,
         received_at: payload.received_at,
-        identifiers: vec![Identifier::new(IdentifierKind::Email, email)],
+        identifiers: vec![Identifier::new(IdentifierKind::Email, opts.email_key(&email))],
         traits: Map::new(),
         properties,
         utm: Utm::default(),
