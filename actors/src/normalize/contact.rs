@@ -104,7 +104,6 @@ pub(crate) fn trusted_e164(raw: &str, region: &str) -> Option<String> {
 
 #[cfg(test)]
 mod email_key_tests {
-    use super::*;
     use crate::normalize::NormalizeOptions;
 
     #[test]
