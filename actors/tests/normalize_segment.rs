@@ -355,3 +355,21 @@ fn configured_limits_apply() {
     let p = payload(Source::Web, SegmentCall::Batch, serde_json::to_vec(&body).unwrap());
     assert!(matches!(normalize(&p, &opts), Err(NormalizeError::TooLarge { limit: 2, actual: 3, .. })));
 }
+
+#[test]
+fn dates_of_birth_become_iso_dates_and_unreadable_ones_are_kept_aside() {
+    let identify = |birthday: &str| {
+        json!({
+            "type": "identify", "messageId": format!("dob-{birthday}"), "userId": "student-7",
+            "traits": { "birthday": birthday }, "timestamp": "2026-11-02T09:00:00Z"
+        })
+    };
+    for written in ["14.03.1999", "1999-03-14", "14 March 1999", "1999-03-14T00:00:00.000Z"] {
+        let out = single(SegmentCall::Identify, identify(written));
+        assert_eq!(out.events[0].traits["date_of_birth"], json!("1999-03-14"), "{written}");
+        assert!(!out.events[0].traits.contains_key("birthday"));
+    }
+    let out = single(SegmentCall::Identify, identify("sometime in spring"));
+    assert!(!out.events[0].traits.contains_key("date_of_birth"));
+    assert_eq!(out.events[0].traits["date_of_birth_raw"], json!("sometime in spring"));
+}

@@ -8,6 +8,7 @@
 pub mod contact;
 pub mod nlp;
 pub mod options;
+pub mod person;
 pub mod salesforce;
 pub mod segment;
 pub mod sendgrid;
@@ -18,6 +19,7 @@ mod util;
 pub use contact::{normalize_email, normalize_phone};
 pub use nlp::{analyze_text, TextAnalysis};
 pub use options::{EmailRule, IntentRule, NormalizeOptions, Programme, SegmentLimits};
+pub use person::{normalize_name, parse_date_of_birth, DateOrder};
 pub use salesforce::normalize_csv_record;
 
 use cohort_messages::msgs::{PayloadFormat, RawPayload, Rejection};

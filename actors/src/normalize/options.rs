@@ -35,6 +35,8 @@ pub struct NormalizeOptions {
     /// Mailbox-provider rules for the email *identifier* (the trait keeps the address as given):
     /// `max.mustermann+news@googlemail.com` and `maxmustermann@gmail.com` are one mailbox.
     pub email_rules: Vec<EmailRule>,
+    /// How `03/04/2001` in a date of birth is read: `day_first` (3 April) or `month_first`.
+    pub date_order: super::person::DateOrder,
 }
 
 /// How one mailbox provider reads addresses.
@@ -522,7 +524,7 @@ pub fn default_salesforce_fields() -> BTreeMap<String, String> {
         ("Name.MiddleName", "middle_name"),
         ("Name.Salutation", "salutation"),
         ("Title", "title"),
-        ("Birthdate", "birthdate"),
+        ("Birthdate", "date_of_birth"),
         ("hed__Preferred_Email__c", "preferred_email"),
         ("hed__UniversityEmail__c", "university_email"),
         ("hed__AlternateEmail__c", "alternate_email"),
@@ -566,6 +568,7 @@ impl Default for NormalizeOptions {
             fallback_intent: "other".into(),
             salesforce_fields: default_salesforce_fields(),
             email_rules: default_email_rules(),
+            date_order: super::person::DateOrder::DayFirst,
         }
     }
 }

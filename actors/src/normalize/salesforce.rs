@@ -50,6 +50,13 @@ fn set_field(
         traits.insert(name, Value::Null);
         return;
     }
+    if name == "date_of_birth" {
+        match super::person::date_of_birth_trait(&value, opts.date_order) {
+            Some(date) => traits.insert(name, date),
+            None => traits.insert("date_of_birth_raw".into(), value),
+        };
+        return;
+    }
     if EMAIL_TRAITS.contains(&name.as_str()) {
         match value.as_str().and_then(normalize_email) {
             Some(e) => {

@@ -23,6 +23,8 @@ const TRAIT_NAMES: &[(&str, &str)] = &[
     ("enrollmentStatus", "enrollment_status"),
     ("applicationStage", "application_stage"),
     ("postalCode", "postal_code"),
+    ("birthday", "date_of_birth"),
+    ("dateOfBirth", "date_of_birth"),
 ];
 
 /// Page fields analytics.js puts in `context.page`; a page event's properties must have them.
@@ -223,6 +225,14 @@ fn canonical_traits(raw: Map<String, Value>, opts: &NormalizeOptions, ids: &mut 
                 }
                 None => {
                     traits.insert(name, v);
+                }
+            },
+            "date_of_birth" => match super::person::date_of_birth_trait(&v, opts.date_order) {
+                Some(date) => {
+                    traits.insert(name, date);
+                }
+                None => {
+                    traits.insert("date_of_birth_raw".into(), v);
                 }
             },
             "address" => {
