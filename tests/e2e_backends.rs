@@ -91,8 +91,9 @@ async fn slide_18_on_kafka_and_mongodb() {
     assert_eq!(p["traits"]["first_name"]["value"], json!("Maximilian"));
 
     // The outbox reaches BigQuery (Bronze, Silver, Gold) and cdp.processed.events.
+    // At least once: a flush retried after a failure relays its rows again; keys deduplicate.
     let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
-    assert_eq!((relayed.silver, relayed.remaining), (6, 0), "{relayed:?}");
+    assert!(relayed.silver >= 6 && relayed.remaining == 0, "{relayed:?}");
     let wh = demo.cohort.ctx.warehouse.clone().unwrap();
     assert_eq!(wh.backend(), "bigquery");
     assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 6);
@@ -102,7 +103,8 @@ async fn slide_18_on_kafka_and_mongodb() {
     let reconciled = demo.cohort.reconcile().await.unwrap();
     assert_eq!((reconciled.missing, reconciled.stale, reconciled.orphaned), (0, 0, 0), "{reconciled:?}");
     let processed = read_topic(&format!("{id}.cdp.processed.events"));
-    assert_eq!(processed.len(), 6, "one processed event per event");
+    let event_ids: BTreeSet<&str> = processed.iter().filter_map(|(_, row)| row["event_id"].as_str()).collect();
+    assert_eq!(event_ids.len(), 6, "every event is published (at least once, keyed by event_id)");
     let keys: BTreeSet<&str> = processed.iter().map(|(k, _)| k.as_str()).collect();
     for (key, row) in &processed {
         assert_eq!(row["profile_id"].as_str(), Some(key.as_str()), "processed events are keyed by profile id");

@@ -312,15 +312,23 @@ impl ProfilesState {
                 outbox,
             };
             let n_profiles = batch.profiles.len();
-            let mut result = ctx.store.commit_flush(batch).await;
-            if result.is_ok() && complete && !in_store {
-                // The store has the effects; only now may the bus forget the events.
-                result = ctx.bus.commit(&lows).await;
-            }
-            let result = match result {
+            let result = match ctx.store.commit_flush(batch).await {
                 Ok(()) => {
                     ctx.pending_ids.persisted(&ids);
-                    if complete {
+                    // The store has the effects; only now may the bus forget the events. A failed
+                    // commit (a rebalance, say) only delays it: the next flush commits further.
+                    let committed = if complete && !in_store {
+                        match ctx.bus.commit(&lows).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "bus offsets not committed; the next flush retries");
+                                false
+                            }
+                        }
+                    } else {
+                        complete
+                    };
+                    if committed {
                         ctx.checkpoints.advance(&lows);
                         let total: u64 = ctx.checkpoints.get().iter().map(|(_, o)| *o).sum();
                         ctx.metrics.checkpoint.set(total as i64);
