@@ -3,12 +3,12 @@
 
 use anyhow::{anyhow, Context};
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
-use cohort_actors::normalize::NormalizeOptions;
+use cohort_actors::normalize::{normalize_email, normalize_phone, NormalizeOptions};
 use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
-    spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IngestActor,
-    IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, RetentionActor, RetentionArgs,
-    WarehouseSink, WarehouseSinkArgs,
+    spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IdentityRules,
+    IngestActor, IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, RetentionActor,
+    RetentionArgs, WarehouseSink, WarehouseSinkArgs,
 };
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
@@ -20,7 +20,7 @@ use cohort_config::Config;
 use cohort_messages::msgs::{
     FlushReport, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport, RetentionMsg, WarehouseMsg,
 };
-use cohort_messages::Source;
+use cohort_messages::{Identifier, IdentifierKind, Source};
 use cohort_supervisors::{
     ChildSpec, HealthRegistry, Metrics, RestartPolicy, Slot, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg,
 };
@@ -115,6 +115,24 @@ where
     }
 }
 
+/// `identity.blocked` normalized the way ingest normalizes identifiers, so `Test@Example.com`
+/// in config blocks what ingest produces from any spelling of it.
+pub fn identity_rules(config: &Config, normalize: &NormalizeOptions) -> anyhow::Result<IdentityRules> {
+    let mut blocked = std::collections::HashSet::new();
+    for raw in &config.identity.blocked {
+        let bad = |why: &str| anyhow!("invalid configuration: `identity.blocked` entry `{raw}`: {why}");
+        let id: Identifier = raw.parse().map_err(|e| bad(&format!("{e}")))?;
+        let value = match id.kind {
+            IdentifierKind::Email => normalize_email(&id.value).map(|e| normalize.email_key(&e)),
+            IdentifierKind::Phone | IdentifierKind::WhatsappId => normalize_phone(&id.value, &normalize.default_region),
+            _ => Some(id.value.clone()),
+        };
+        let value = value.ok_or_else(|| bad(&format!("not a valid {}", id.kind)))?;
+        blocked.insert(Identifier::new(id.kind, value));
+    }
+    Ok(IdentityRules { blocked, placeholder_phones: config.identity.block_placeholder_phones })
+}
+
 /// A URL without its credentials, for messages.
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -185,6 +203,8 @@ impl Cohort {
                 "development credentials from the built-in defaults are in use: set real tokens before exposing cohort"
             );
         }
+        // Every config check before any backend is opened or file created.
+        let rules = identity_rules(&config, &normalize)?;
         let (store, bus) = open_backends(&config).await?;
         let warehouse = open_configured_warehouse(&config).await?;
         let metrics = Metrics::new().context("registering metrics")?;
@@ -195,7 +215,7 @@ impl Cohort {
             bus: bus.clone(),
             metrics: metrics.clone(),
             watermark: Arc::new(Watermark::default()),
-            index: Arc::new(IdentityIndex::new(store.clone())),
+            index: Arc::new(IdentityIndex::with_rules(store.clone(), rules)),
             checkpoints: Arc::new(Checkpoints::default()),
             pending_ids: Arc::new(PendingIds::default()),
             profiles: ProfileSettings {

@@ -321,3 +321,52 @@ async fn one_gmail_mailbox_written_three_ways_is_one_student() {
     assert_ne!(uni.body["profile_id"], a.body["profile_id"]);
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_addresses_never_merge_strangers_and_alone_are_dead_lettered() {
+    let demo = start().await;
+    let c = &demo.client;
+    let t = Utc::now();
+    for (n, name) in [(1, "Anna"), (2, "Ben")] {
+        let signup = payloads::segment_identify(
+            &format!("blk-{n}"),
+            Some(&format!("anon-blk-{n}")),
+            None,
+            json!({ "email": "TEST@example.com", "firstName": name }),
+            None,
+            t,
+        );
+        assert_eq!(c.segment(false, "identify", &signup).await.unwrap().status, 200);
+    }
+    let only_blocked = payloads::sendgrid_event("YmxvY2tlZC0x", "test@example.com", "open", t);
+    assert_eq!(c.sendgrid(&only_blocked).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    let anna = c.get("/v1/profiles/anonymous_id:anon-blk-1").await.unwrap();
+    let ben = c.get("/v1/profiles/anonymous_id:anon-blk-2").await.unwrap();
+    assert_eq!((anna.status.as_u16(), ben.status.as_u16()), (200, 200));
+    assert_ne!(anna.body["profile_id"], ben.body["profile_id"], "a shared test address merged two people");
+    assert_eq!(c.get("/v1/profiles/email:test@example.com").await.unwrap().status, 404, "never linked");
+
+    let dlq = c.get("/v1/dlq?limit=100").await.unwrap().body;
+    let reasons: Vec<&str> =
+        dlq["dead_letters"].as_array().unwrap().iter().filter_map(|d| d["reason"].as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("blocked")), "{dlq}");
+    let m = c.get("/metrics").await.unwrap();
+    assert!(
+        m.body.as_str().unwrap().contains("cohort_identity_blocked_identifiers_total{kind=\"email\"} 3"),
+        "{}",
+        m.body
+    );
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_blocked_identifier_that_is_not_one_stops_the_start() {
+    let config = cohort_config::Config::from_toml_str("[identity]\nblocked = [\"email:not an address\"]\n").unwrap();
+    let err = match cohort::Cohort::start(config, SystemOptions::default()).await {
+        Ok(_) => panic!("started with a bad identity.blocked entry"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("identity.blocked") && err.contains("not an address"), "{err}");
+}

@@ -6,7 +6,7 @@ use crate::dead_letters;
 use chrono::Utc;
 use cohort_adapters::{OperationalStore, StoreError};
 use cohort_messages::msgs::{IdentityMerged, IdentityMsg, ProfileMsg, ProfilesMsg};
-use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, ProfileId};
+use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, IdentifierKind, ProfileId};
 use cohort_supervisors::Slot;
 use dashmap::{DashMap, DashSet};
 use parking_lot::Mutex;
@@ -15,9 +15,43 @@ use ractor::factory::{
     WorkerBuilder, WorkerId,
 };
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Identifier values that must never link profiles: test and placeholder data that many
+/// unrelated people share (`test@example.com`, `+49 111 111111`).
+#[derive(Debug, Clone, Default)]
+pub struct IdentityRules {
+    /// Exact identifiers, normalized as ingest normalizes them.
+    pub blocked: HashSet<Identifier>,
+    /// Phone numbers whose national digits are one digit repeated or a plain run (`123456789`).
+    pub placeholder_phones: bool,
+}
+
+impl IdentityRules {
+    pub fn is_blocked(&self, id: &Identifier) -> bool {
+        if self.blocked.contains(id) {
+            return true;
+        }
+        self.placeholder_phones
+            && matches!(id.kind, IdentifierKind::Phone | IdentifierKind::WhatsappId)
+            && is_placeholder_number(&id.value)
+    }
+}
+
+/// `+491111111111`, `+10000000000`, `+49123456789`: the national part (after the country code,
+/// which is at most 3 digits) is one repeated digit or an ascending or descending run.
+fn is_placeholder_number(e164: &str) -> bool {
+    let digits: Vec<u8> = e164.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
+    (1..=3).any(|cc| {
+        let national = digits.get(cc..).unwrap_or_default();
+        national.len() >= 6
+            && (national.windows(2).all(|w| w[0] == w[1])
+                || national.windows(2).all(|w| (w[0] + 1) % 10 == w[1])
+                || national.windows(2).all(|w| (w[1] + 1) % 10 == w[0]))
+    })
+}
 
 /// The identity graph in memory, in front of the store: identifier → owning profile, and merged
 /// profile → survivor. Ownership is claimed atomically, so two shards can never give one
@@ -34,6 +68,7 @@ pub struct IdentityIndex {
     created: DashSet<ProfileId>,
     dirty: Mutex<HashMap<Identifier, ProfileId>>,
     merges: Mutex<Vec<IdentityMerged>>,
+    rules: IdentityRules,
 }
 
 impl std::fmt::Debug for IdentityIndex {
@@ -44,7 +79,12 @@ impl std::fmt::Debug for IdentityIndex {
 
 impl IdentityIndex {
     pub fn new(store: Arc<dyn OperationalStore>) -> Self {
+        Self::with_rules(store, IdentityRules::default())
+    }
+
+    pub fn with_rules(store: Arc<dyn OperationalStore>, rules: IdentityRules) -> Self {
         Self {
+            rules,
             store,
             owners: DashMap::new(),
             redirects: DashMap::new(),
@@ -206,13 +246,17 @@ pub async fn resolve_event(
     seq: u64,
     event: &CustomerEvent,
 ) -> Result<Option<ProfileId>, StoreError> {
-    if event.identifiers.is_empty() {
+    let index = &ctx.index;
+    let usable: Vec<&Identifier> = event.identifiers.iter().filter(|i| !index.rules.is_blocked(i)).collect();
+    for blocked in event.identifiers.iter().filter(|i| index.rules.is_blocked(i)) {
+        ctx.metrics.identity_blocked.with_label_values(&[blocked.kind.as_str()]).inc();
+    }
+    if usable.is_empty() {
         return Ok(None);
     }
-    let index = &ctx.index;
     let mut roots = BTreeSet::new();
     let mut unowned = Vec::new();
-    for id in &event.identifiers {
+    for id in usable.iter().copied() {
         match index.owner(id).await? {
             Some(owner) => {
                 roots.insert(index.root(&owner).await?);
@@ -241,7 +285,7 @@ pub async fn resolve_event(
         ctx.metrics.profiles_created.inc();
     }
     for merged in roots.iter().filter(|p| **p != target) {
-        let evidence: Vec<Identifier> = event.identifiers.clone();
+        let evidence: Vec<Identifier> = usable.iter().map(|i| (*i).clone()).collect();
         tracing::info!(survivor = %target, merged = %merged, seq, "profiles merged");
         index.record_merge(IdentityMerged {
             survivor: target.clone(),
@@ -259,7 +303,7 @@ pub async fn resolve_event(
             .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
     }
     if roots.len() > 1 {
-        for id in &event.identifiers {
+        for id in &usable {
             index.repoint(id, &target);
         }
     }
@@ -338,6 +382,16 @@ impl Worker for IdentityResolver {
                 )
                 .await;
             }
+            None if event.identifiers.iter().all(|i| state.ctx.index.rules.is_blocked(i)) => {
+                dead_letters::record_event(
+                    &state.ctx,
+                    DeadLetterStage::Identity,
+                    &event,
+                    "every identifier of the event is blocked (test or placeholder data, see identity.blocked)",
+                    1,
+                )
+                .await;
+            }
             None => {}
         }
         state.ctx.watermark.delivered(seq);
@@ -386,4 +440,30 @@ pub async fn spawn_identity_pool(
     };
     let (factory, _) = Actor::spawn_linked(None, IdentityFactory::default(), args, supervisor).await?;
     Ok(factory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_numbers_and_listed_values_are_blocked() {
+        let rules = IdentityRules {
+            blocked: HashSet::from([Identifier::new(IdentifierKind::Email, "test@example.com")]),
+            placeholder_phones: true,
+        };
+        let phone = |v: &str| Identifier::new(IdentifierKind::Phone, v);
+        for placeholder in ["+491111111111", "+10000000000", "+49123456789", "+4998765432", "+33666666666"] {
+            assert!(rules.is_blocked(&phone(placeholder)), "{placeholder}");
+        }
+        assert!(rules.is_blocked(&Identifier::new(IdentifierKind::WhatsappId, "+491111111111")));
+        for real in ["+4915123456789", "+493012345678", "+441632960961"] {
+            assert!(!rules.is_blocked(&phone(real)), "{real}");
+        }
+        assert!(rules.is_blocked(&Identifier::new(IdentifierKind::Email, "test@example.com")));
+        assert!(!rules.is_blocked(&Identifier::new(IdentifierKind::Email, "max@gmail.com")));
+        assert!(!rules.is_blocked(&Identifier::new(IdentifierKind::DeviceId, "1111111111")), "only phones");
+        let off = IdentityRules { placeholder_phones: false, ..rules };
+        assert!(!off.is_blocked(&phone("+491111111111")));
+    }
 }

@@ -17,7 +17,7 @@ pub mod watermark;
 pub use context::{FaultInjector, PipelineContext, ProfileSettings};
 pub use directory::{ProfilesArgs, ProfilesDirectory};
 pub use dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
-pub use identity::{spawn_identity_pool, IdentityFactoryMsg, IdentityIndex};
+pub use identity::{spawn_identity_pool, IdentityFactoryMsg, IdentityIndex, IdentityRules};
 pub use ingest::{IngestActor, IngestArgs};
 pub use profile::{ProfileActor, ProfileArgs};
 pub use retention::{RetentionActor, RetentionArgs};

@@ -102,6 +102,8 @@ pub struct WhatsappSource {
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub shards: usize,
+    pub blocked: Vec<String>,
+    pub block_placeholder_phones: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

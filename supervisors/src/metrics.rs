@@ -34,6 +34,7 @@ pub struct Metrics {
     pub reconcile_drift: IntGaugeVec,
     pub reconcile_repaired: IntCounter,
     pub idempotency_expired: IntCounter,
+    pub identity_blocked: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,8 +139,15 @@ impl Metrics {
         let idempotency_expired =
             IntCounter::new("idempotency_keys_expired_total", "Idempotency keys removed by retention")?;
         r.register(Box::new(idempotency_expired.clone()))?;
+        let identity_blocked = counter_vec(
+            &r,
+            "identity_blocked_identifiers_total",
+            "Identifiers ignored by identity resolution because they are blocked, per kind",
+            &["kind"],
+        )?;
         Ok(Self {
             registry: r,
+            identity_blocked,
             warehouse_rows,
             warehouse_failures,
             warehouse_outbox,
