@@ -40,17 +40,25 @@ impl IdentityRules {
     }
 }
 
-/// `+491111111111`, `+10000000000`, `+49123456789`: the national part (after the country code,
-/// which is at most 3 digits) is one repeated digit or an ascending or descending run.
+/// `+491111111111`, `+10000000000`, `+49123456789`: the national number is one repeated digit
+/// or an ascending or descending run of at least six digits.
 fn is_placeholder_number(e164: &str) -> bool {
-    let digits: Vec<u8> = e164.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
-    (1..=3).any(|cc| {
-        let national = digits.get(cc..).unwrap_or_default();
-        national.len() >= 6
-            && (national.windows(2).all(|w| w[0] == w[1])
-                || national.windows(2).all(|w| (w[0] + 1) % 10 == w[1])
-                || national.windows(2).all(|w| (w[1] + 1) % 10 == w[0]))
-    })
+    let input = e164.to_string();
+    // The parser has internal unwraps on some inputs; resolution must never panic on one.
+    let code = std::panic::catch_unwind(move || phonenumber::parse(None, &input).ok().map(|n| n.code().value()))
+        .ok()
+        .flatten();
+    let all: Vec<u8> = e164.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
+    let repeated = |d: &[u8]| d.len() >= 6 && d.windows(2).all(|w| w[0] == w[1]);
+    let Some(code) = code else {
+        // Not a number the metadata can parse: only a repeated digit after a country code counts.
+        return (1..=3).any(|cc| repeated(all.get(cc..).unwrap_or_default()));
+    };
+    let national = all.get(code.to_string().len()..).unwrap_or_default();
+    repeated(national)
+        || (national.len() >= 6
+            && (national.windows(2).all(|w| (w[0] + 1) % 10 == w[1])
+                || national.windows(2).all(|w| (w[1] + 1) % 10 == w[0])))
 }
 
 /// The identity graph in memory, in front of the store: identifier → owning profile, and merged
