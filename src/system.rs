@@ -7,8 +7,8 @@ use cohort_actors::normalize::{normalize_email, normalize_phone, NormalizeOption
 use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
     spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IdentityRules,
-    IngestActor, IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, RetentionActor,
-    RetentionArgs, WarehouseSink, WarehouseSinkArgs,
+    IdentityStatsActor, IdentityStatsArgs, IngestActor, IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs,
+    ProfilesDirectory, RetentionActor, RetentionArgs, WarehouseSink, WarehouseSinkArgs,
 };
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
@@ -18,7 +18,8 @@ use cohort_adapters::{
 use cohort_api::ApiState;
 use cohort_config::Config;
 use cohort_messages::msgs::{
-    FlushReport, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport, RetentionMsg, WarehouseMsg,
+    FlushReport, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport, RetentionMsg,
+    WarehouseMsg,
 };
 use cohort_messages::{Identifier, IdentifierKind, Source};
 use cohort_supervisors::{
@@ -321,6 +322,20 @@ impl Cohort {
                 }
             }));
         }
+        let stats_slot: Slot<IdentityStatsMsg> = Slot::default();
+        {
+            let (store, metrics, slot) = (store.clone(), metrics.clone(), stats_slot.clone());
+            let every = Duration::from_secs(config.identity.stats_interval_secs);
+            job_children.push(ChildSpec::new("identity_stats", "identity_stats", move |sup| {
+                let args = IdentityStatsArgs { store: store.clone(), metrics: metrics.clone(), every };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, IdentityStatsActor, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), retention_slot.clone());
             let checkpoints = ctx.checkpoints.clone();
@@ -370,6 +385,7 @@ impl Cohort {
             config: config.clone(),
             ingest: Arc::new(ingest_slots),
             profiles: profiles_slot,
+            identity_stats: stats_slot,
             index: ctx.index.clone(),
             store: store.clone(),
             metrics: metrics.clone(),

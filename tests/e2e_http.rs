@@ -370,3 +370,32 @@ async fn a_blocked_identifier_that_is_not_one_stops_the_start() {
     };
     assert!(err.contains("identity.blocked") && err.contains("not an address"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_match_rate_counts_live_profiles_tied_to_a_known_person() {
+    let demo = start().await;
+    let c = &demo.client;
+    play_slide_18(c).await.unwrap();
+    // Two anonymous-only visitors: live profiles nobody can name yet.
+    for n in 1..=2 {
+        let visit = payloads::segment_page(&format!("anon-visit-{n}"), &format!("anon-only-{n}"), "/", Utc::now());
+        assert_eq!(c.segment(false, "page", &visit).await.unwrap().status, 200);
+    }
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let stats = c.get("/v1/profiles/stats").await.unwrap();
+    assert_eq!(stats.status, 200, "{}", stats.body);
+    let s = &stats.body["identity"];
+    assert_eq!((s["live_profiles"].as_u64(), s["known_profiles"].as_u64()), (Some(3), Some(1)), "{s}");
+    let rate = s["match_rate"].as_f64().unwrap();
+    assert!((rate - 1.0 / 3.0).abs() < 1e-9, "{rate}");
+    let m = c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+    assert!(m.contains("cohort_profiles_live 3") && m.contains("cohort_profiles_known 1"), "{m}");
+    assert!(m.contains("cohort_identity_match_rate 0.333"), "{m}");
+    let anonymous = cohort::client::CohortClient::new(
+        &demo.base,
+        &cohort_config::Config::from_toml_str("[auth]\napi_tokens = [\"someone-else\"]\n").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(anonymous.get("/v1/profiles/stats").await.unwrap().status, 401);
+    demo.stop().await.unwrap();
+}

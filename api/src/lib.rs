@@ -38,7 +38,7 @@ impl Modify for BearerAuth {
     info(title = "Cohort", description = "Real-time customer data platform for education"),
     paths(
         ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
-        profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
+        profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -79,6 +79,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/webhooks/twilio/whatsapp", post(ingest::twilio))
         .route("/webhooks/sendgrid/events", post(ingest::sendgrid))
         .route("/webhooks/salesforce/cdc", post(ingest::salesforce_cdc))
+        .route("/v1/profiles/stats", get(profiles::get_stats))
         .route("/v1/profiles/{ref}", get(profiles::get_profile))
         .route("/v1/profiles/{ref}/traits", get(profiles::get_traits))
         .route("/v1/profiles/{ref}/events", get(profiles::get_events))

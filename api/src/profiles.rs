@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use cohort_actors::normalize::{normalize_email, normalize_phone};
-use cohort_messages::msgs::{ProfileMsg, ProfileRecordReply, ProfilesMsg};
+use cohort_messages::msgs::{IdentityStatsMsg, ProfileMsg, ProfileRecordReply, ProfilesMsg};
 use cohort_messages::{Identifier, IdentifierKind, ProfileId, ProfileRef};
 use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
@@ -82,6 +82,21 @@ async fn query<T: Send + 'static>(
     require_bearer(headers, &state.config.auth.api_tokens)?;
     let id = resolve_ref(state, reference).await?;
     ask(state, id, make).await
+}
+
+#[utoipa::path(get, path = "/v1/profiles/stats", tag = "profiles",
+    responses((status = 200, description = "Live, merged and known profiles and the identity match rate"),
+        (status = 401), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_stats(State(state): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let job = state.identity_stats.get().ok_or_else(|| ApiError::Unavailable("statistics job restarting".into()))?;
+    // A first count scans every profile: allow it more than a profile read.
+    match job.call(IdentityStatsMsg::GetLatest, Some(state.call_timeout * 6)).await {
+        Ok(CallResult::Success(Ok(stats))) => Ok(Json(json!({ "identity": stats }))),
+        Ok(CallResult::Success(Err(e))) => Err(ApiError::Unavailable(e)),
+        _ => Err(ApiError::Unavailable("statistics job did not answer".into())),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/profiles/{ref}", tag = "profiles",

@@ -104,6 +104,7 @@ pub struct IdentityConfig {
     pub shards: usize,
     pub blocked: Vec<String>,
     pub block_placeholder_phones: bool,
+    pub stats_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +289,9 @@ impl Config {
                 "warehouse.url",
                 "must be \"embedded\", sqlite://PATH, bigquery://PROJECT/DATASET[?endpoint=URL] or none://",
             ));
+        }
+        if self.identity.stats_interval_secs == 0 {
+            return Err(bad("identity.stats_interval_secs", "must be positive"));
         }
         if self.warehouse.relay_interval_ms == 0 {
             return Err(bad("warehouse.relay_interval_ms", "must be positive"));

@@ -232,6 +232,28 @@ pub struct ReconcileReport {
     pub repaired: u64,
 }
 
+/// The identity statistics job: how many live profiles are tied to a known person.
+#[derive(Debug)]
+pub enum IdentityStatsMsg {
+    /// Count now (timer, or a caller that waits for the figures).
+    Compute { reply: Option<RpcReplyPort<Result<IdentityStats, String>>> },
+    /// The last figures, computing them first if there are none yet.
+    GetLatest(RpcReplyPort<Result<IdentityStats, String>>),
+}
+
+/// Identity match rate (slide 19: > 85%): the share of live profiles (not merged away) that hold
+/// at least one identifier of a known person (email, phone, user id, Salesforce id, WhatsApp id),
+/// as opposed to anonymous-only ones (device, anonymous and session ids).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityStats {
+    pub live_profiles: u64,
+    pub merged_profiles: u64,
+    pub known_profiles: u64,
+    /// `known / live`; 0 when there are no profiles.
+    pub match_rate: f64,
+    pub computed_at: DateTime<Utc>,
+}
+
 /// The retention job: forgets expired idempotency keys and compacts the embedded journal.
 #[derive(Debug)]
 pub enum RetentionMsg {

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub reconcile_repaired: IntCounter,
     pub idempotency_expired: IntCounter,
     pub identity_blocked: IntCounterVec,
+    pub identity_match_rate: prometheus::Gauge,
+    pub profiles_live: IntGauge,
+    pub profiles_known: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,9 +148,22 @@ impl Metrics {
             "Identifiers ignored by identity resolution because they are blocked, per kind",
             &["kind"],
         )?;
+        let identity_match_rate = prometheus::Gauge::new(
+            "identity_match_rate",
+            "Share of live profiles tied to a known person (email, phone, user id, Salesforce or WhatsApp id)",
+        )?;
+        r.register(Box::new(identity_match_rate.clone()))?;
+        let profiles_live = IntGauge::new("profiles_live", "Profiles not merged away, at the last count")?;
+        r.register(Box::new(profiles_live.clone()))?;
+        let profiles_known =
+            IntGauge::new("profiles_known", "Live profiles with an identifier of a known person, at the last count")?;
+        r.register(Box::new(profiles_known.clone()))?;
         Ok(Self {
             registry: r,
             identity_blocked,
+            identity_match_rate,
+            profiles_live,
+            profiles_known,
             warehouse_rows,
             warehouse_failures,
             warehouse_outbox,
