@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::schedule::Schedule;
 use chrono::Utc;
 use cohort_adapters::{OperationalStore, StoreError};
 use cohort_messages::msgs::{IdentityStats, IdentityStatsMsg};
 use cohort_messages::{IdentifierKind, ProfileId};
 use cohort_supervisors::Metrics;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::task::JoinHandle;
 
 /// Profiles read per store call.
 const PAGE: usize = 500;
@@ -39,7 +39,7 @@ pub struct IdentityStatsArgs {
 pub struct IdentityStatsState {
     args: IdentityStatsArgs,
     latest: Option<IdentityStats>,
-    timer: Option<JoinHandle<()>>,
+    _timer: Schedule,
 }
 
 impl Actor for IdentityStatsActor {
@@ -52,19 +52,8 @@ impl Actor for IdentityStatsActor {
         myself: ActorRef<IdentityStatsMsg>,
         args: IdentityStatsArgs,
     ) -> Result<IdentityStatsState, ActorProcessingErr> {
-        let timer = myself.send_interval(args.every, || IdentityStatsMsg::Compute { reply: None });
-        Ok(IdentityStatsState { args, latest: None, timer: Some(timer) })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<IdentityStatsMsg>,
-        state: &mut IdentityStatsState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(t) = state.timer.take() {
-            t.abort();
-        }
-        Ok(())
+        let timer = Schedule::every(&myself, args.every, || IdentityStatsMsg::Compute { reply: None });
+        Ok(IdentityStatsState { args, latest: None, _timer: timer })
     }
 
     async fn handle(

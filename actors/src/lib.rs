@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod normalize;
 pub mod profile;
 pub mod retention;
+pub mod schedule;
 pub mod warehouse_sink;
 pub mod watermark;
 

@@ -9,8 +9,8 @@ use cohort_adapters::{EventBus, OperationalStore, StoreError};
 use cohort_messages::msgs::RetentionMsg;
 use cohort_supervisors::Metrics;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::task::JoinHandle;
 
+use crate::schedule::Schedule;
 use crate::watermark::Checkpoints;
 
 pub struct RetentionActor;
@@ -27,7 +27,7 @@ pub struct RetentionArgs {
 
 pub struct RetentionState {
     args: RetentionArgs,
-    timer: Option<JoinHandle<()>>,
+    _timer: Schedule,
 }
 
 impl Actor for RetentionActor {
@@ -40,19 +40,8 @@ impl Actor for RetentionActor {
         myself: ActorRef<RetentionMsg>,
         args: RetentionArgs,
     ) -> Result<RetentionState, ActorProcessingErr> {
-        let timer = myself.send_interval(args.every, || RetentionMsg::Expire { reply: None });
-        Ok(RetentionState { args, timer: Some(timer) })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<RetentionMsg>,
-        state: &mut RetentionState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(t) = state.timer.take() {
-            t.abort();
-        }
-        Ok(())
+        let timer = Schedule::every(&myself, args.every, || RetentionMsg::Expire { reply: None });
+        Ok(RetentionState { args, _timer: timer })
     }
 
     async fn handle(

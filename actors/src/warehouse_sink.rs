@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::schedule::Schedule;
 use cohort_adapters::warehouse::format_timestamp;
 use cohort_adapters::{
     EventBus, GoldProfileRow, Layer, OperationalStore, QueryValue, StoreError, Warehouse, WarehouseBatch,
@@ -19,7 +20,6 @@ use cohort_messages::msgs::{ReconcileReport, RelayReport, WarehouseMsg};
 use cohort_messages::ProfileId;
 use cohort_supervisors::Metrics;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::task::JoinHandle;
 
 /// Outbox batches merged into one warehouse write.
 const BATCHES_PER_WRITE: usize = 16;
@@ -42,7 +42,7 @@ pub struct WarehouseSinkArgs {
 
 pub struct WarehouseSinkState {
     args: WarehouseSinkArgs,
-    timers: Vec<JoinHandle<()>>,
+    _timers: Vec<Schedule>,
     failures: u32,
     next_relay: Instant,
     /// Tables are created on the first successful contact, not at start: a warehouse that is
@@ -60,23 +60,12 @@ impl Actor for WarehouseSink {
         myself: ActorRef<WarehouseMsg>,
         args: WarehouseSinkArgs,
     ) -> Result<WarehouseSinkState, ActorProcessingErr> {
-        let mut timers = vec![myself.send_interval(args.relay_interval, || WarehouseMsg::Relay { reply: None })];
+        let mut timers = vec![Schedule::every(&myself, args.relay_interval, || WarehouseMsg::Relay { reply: None })];
         if let Some(every) = args.reconcile_interval {
-            timers.push(myself.send_interval(every, || WarehouseMsg::Reconcile { reply: None }));
+            timers.push(Schedule::every(&myself, every, || WarehouseMsg::Reconcile { reply: None }));
         }
         tracing::info!(backend = args.warehouse.backend(), "warehouse sink started");
-        Ok(WarehouseSinkState { args, timers, failures: 0, next_relay: Instant::now(), schema_ready: false })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<WarehouseMsg>,
-        state: &mut WarehouseSinkState,
-    ) -> Result<(), ActorProcessingErr> {
-        for t in state.timers.drain(..) {
-            t.abort();
-        }
-        Ok(())
+        Ok(WarehouseSinkState { args, _timers: timers, failures: 0, next_relay: Instant::now(), schema_ready: false })
     }
 
     async fn handle(
