@@ -131,7 +131,28 @@ pub fn identity_rules(config: &Config, normalize: &NormalizeOptions) -> anyhow::
         let value = value.ok_or_else(|| bad(&format!("not a valid {}", id.kind)))?;
         blocked.insert(Identifier::new(id.kind, value));
     }
-    Ok(IdentityRules { blocked, placeholder_phones: config.identity.block_placeholder_phones })
+    let limits = |key: &str, table: &std::collections::BTreeMap<String, usize>| {
+        table
+            .iter()
+            .map(|(kind, n)| {
+                let bad = |why: &str| anyhow!("invalid configuration: `identity.{key}.{kind}`: {why}");
+                let kind: IdentifierKind = kind.parse().map_err(|_| bad("not an identifier kind"))?;
+                if *n == 0 {
+                    return Err(bad("must be at least 1"));
+                }
+                Ok((kind, *n))
+            })
+            .collect::<anyhow::Result<HashMap<_, _>>>()
+    };
+    Ok(IdentityRules {
+        blocked,
+        placeholder_phones: config.identity.block_placeholder_phones,
+        max_values_per_profile: limits("max_values_per_profile", &config.identity.max_values_per_profile)?,
+        max_profiles_per_identifier: limits(
+            "max_profiles_per_identifier",
+            &config.identity.max_profiles_per_identifier,
+        )?,
+    })
 }
 
 /// A URL without its credentials, for messages.

@@ -91,9 +91,10 @@ async fn slide_18_on_kafka_and_mongodb() {
     assert_eq!(p["traits"]["first_name"]["value"], json!("Maximilian"));
 
     // The outbox reaches BigQuery (Bronze, Silver, Gold) and cdp.processed.events.
-    // At least once: a flush retried after a failure relays its rows again; keys deduplicate.
+    // The scheduled relay may have moved part of it already; this call moves the rest. Rows are
+    // at least once (a retried flush relays its rows again); the views deduplicate by key.
     let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
-    assert!(relayed.silver >= 6 && relayed.remaining == 0, "{relayed:?}");
+    assert_eq!(relayed.remaining, 0, "{relayed:?}");
     let wh = demo.cohort.ctx.warehouse.clone().unwrap();
     assert_eq!(wh.backend(), "bigquery");
     assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 6);

@@ -27,9 +27,26 @@ pub struct IdentityRules {
     pub blocked: HashSet<Identifier>,
     /// Phone numbers whose national digits are one digit repeated or a plain run (`123456789`).
     pub placeholder_phones: bool,
+    /// Most distinct values of a kind one profile may hold (`user_id = 1`: one account each).
+    pub max_values_per_profile: HashMap<IdentifierKind, usize>,
+    /// Most profiles one identifier of a kind may link before it stops linking (`device_id = 3`).
+    pub max_profiles_per_identifier: HashMap<IdentifierKind, usize>,
 }
 
 impl IdentityRules {
+    /// Whether a profile holding `held` (values of limited kinds) can also hold `more`.
+    pub fn fits(&self, held: &[Identifier], more: &[Identifier]) -> bool {
+        self.max_values_per_profile.iter().all(|(kind, max)| {
+            let values: HashSet<&str> =
+                held.iter().chain(more).filter(|i| i.kind == *kind).map(|i| i.value.as_str()).collect();
+            values.len() <= *max
+        })
+    }
+
+    pub fn is_limited(&self, kind: IdentifierKind) -> bool {
+        self.max_values_per_profile.contains_key(&kind)
+    }
+
     pub fn is_blocked(&self, id: &Identifier) -> bool {
         if self.blocked.contains(id) {
             return true;
@@ -77,6 +94,10 @@ pub struct IdentityIndex {
     dirty: Mutex<HashMap<Identifier, ProfileId>>,
     merges: Mutex<Vec<IdentityMerged>>,
     rules: IdentityRules,
+    /// Per live profile, its identifiers of kinds with a per-profile limit.
+    limited: DashMap<ProfileId, Vec<Identifier>>,
+    /// Per identifier of a kind with a per-identifier limit, the profiles it was found linking.
+    sightings: DashMap<Identifier, BTreeSet<ProfileId>>,
 }
 
 impl std::fmt::Debug for IdentityIndex {
@@ -93,6 +114,8 @@ impl IdentityIndex {
     pub fn with_rules(store: Arc<dyn OperationalStore>, rules: IdentityRules) -> Self {
         Self {
             rules,
+            limited: DashMap::new(),
+            sightings: DashMap::new(),
             store,
             owners: DashMap::new(),
             redirects: DashMap::new(),
@@ -165,6 +188,31 @@ impl IdentityIndex {
         self.created.remove(profile).is_some()
     }
 
+    /// The identifiers of limited kinds `profile` holds, as far as this process knows (profiles
+    /// read from the store are known from their record, see [`IdentityIndex::root`]).
+    fn limited_values(&self, profile: &ProfileId) -> Vec<Identifier> {
+        self.limited.get(profile).map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn note_limited(&self, profile: &ProfileId, mut held: Vec<Identifier>) {
+        held.retain(|i| self.rules.is_limited(i.kind));
+        held.sort();
+        held.dedup();
+        if !held.is_empty() {
+            self.limited.insert(profile.clone(), held);
+        }
+    }
+
+    /// Records that `id` (with `owner`) was found in an event placed on `target`, and says
+    /// whether it has linked more profiles than its kind allows (then it links no more).
+    fn saturated(&self, id: &Identifier, owner: &ProfileId, target: &ProfileId) -> bool {
+        let Some(max) = self.rules.max_profiles_per_identifier.get(&id.kind) else { return false };
+        let mut seen = self.sightings.entry(id.clone()).or_default();
+        seen.insert(owner.clone());
+        seen.insert(target.clone());
+        seen.len() > *max
+    }
+
     /// Points an identifier at a merge survivor.
     fn repoint(&self, identifier: &Identifier, profile: &ProfileId) {
         let changed = self.owners.insert(identifier.clone(), profile.clone()).as_ref() != Some(profile);
@@ -192,6 +240,10 @@ impl IdentityIndex {
                         current = next;
                     }
                     None => {
+                        if !self.limited.contains_key(&current) {
+                            let values = rec.identifiers.iter().map(|l| l.identifier.clone()).collect();
+                            self.note_limited(&current, values);
+                        }
                         self.known_roots.insert(current.clone());
                         return Ok(current);
                     }
@@ -206,6 +258,11 @@ impl IdentityIndex {
     }
 
     fn record_merge(&self, merged: IdentityMerged) {
+        if let Some((_, values)) = self.limited.remove(&merged.merged) {
+            let mut all = self.limited_values(&merged.survivor);
+            all.extend(values);
+            self.note_limited(&merged.survivor, all);
+        }
         self.known_roots.remove(&merged.merged);
         self.redirects.insert(merged.merged.clone(), merged.survivor.clone());
         self.merges.lock().push(merged);
@@ -248,52 +305,102 @@ impl IdentityIndex {
 }
 
 /// Places one event: returns the profile it belongs to, creating, linking or merging profiles.
+///
+/// The event's strongest identifier decides where it belongs (its profile, or a new one). Every
+/// other identifier links its profile too, unless that would give one profile more distinct
+/// values of a kind than `identity.max_values_per_profile` allows (two user ids: two students
+/// on one device) or the identifier has already linked more profiles than
+/// `identity.max_profiles_per_identifier` allows (a shared family phone): then it links nothing
+/// and stays with the profile it had. Of the profiles linked, the oldest survives.
 pub async fn resolve_event(
     ctx: &PipelineContext,
     directory: &ActorRef<ProfilesMsg>,
     seq: u64,
     event: &CustomerEvent,
-) -> Result<Option<ProfileId>, StoreError> {
+) -> Result<Option<Placement>, StoreError> {
     let index = &ctx.index;
-    let usable: Vec<&Identifier> = event.identifiers.iter().filter(|i| !index.rules.is_blocked(i)).collect();
+    let mut usable: Vec<&Identifier> = event.identifiers.iter().filter(|i| !index.rules.is_blocked(i)).collect();
     for blocked in event.identifiers.iter().filter(|i| index.rules.is_blocked(i)) {
         ctx.metrics.identity_blocked.with_label_values(&[blocked.kind.as_str()]).inc();
     }
     if usable.is_empty() {
         return Ok(None);
     }
-    let mut roots = BTreeSet::new();
-    let mut unowned = Vec::new();
+    usable.sort_by(|a, b| (b.kind.strength(), &b.value).cmp(&(a.kind.strength(), &a.value)));
+    let mut owned: Vec<(&Identifier, ProfileId)> = Vec::new();
+    let mut unowned: Vec<&Identifier> = Vec::new();
     for id in usable.iter().copied() {
         match index.owner(id).await? {
-            Some(owner) => {
-                roots.insert(index.root(&owner).await?);
-            }
+            Some(owner) => owned.push((id, index.root(&owner).await?)),
             None => unowned.push(id),
         }
     }
-    let created = roots.is_empty();
-    let mut target = match roots.first() {
-        Some(p) => p.clone(),
-        None => ProfileId::derive_from_event(&event.event_id, event.received_at),
+    let fresh = ProfileId::derive_from_event(&event.event_id, event.received_at);
+    let anchor = match owned.first() {
+        Some((id, root)) if std::ptr::eq(*id, usable[0]) => root.clone(),
+        _ => fresh.clone(),
     };
-    for id in unowned {
-        if let Err(other) = index.claim(id, &target) {
-            // Another shard claimed it first: that profile is this student too.
-            roots.insert(index.root(&other).await?);
+    // The profiles this event links, and the limited values they would hold together.
+    let mut linked = BTreeSet::from([anchor.clone()]);
+    let mut held = index.limited_values(&anchor);
+    let mut links: Vec<&Identifier> = Vec::new();
+    let refuse = |id: &Identifier, reason: &str| {
+        ctx.metrics.identity_links_refused.with_label_values(&[id.kind.as_str(), reason]).inc();
+    };
+    for id in unowned.iter().copied() {
+        if index.rules.fits(&held, std::slice::from_ref(id)) {
+            held.push(id.clone());
+            links.push(id);
+        } else {
+            refuse(id, "profile_limit");
         }
     }
-    roots.insert(target.clone());
-    if let Some(first) = roots.first() {
+    for (id, root) in &owned {
+        if linked.contains(root) {
+            links.push(id);
+            continue;
+        }
+        if index.saturated(id, root, &anchor) {
+            refuse(id, "shared_identifier");
+            continue;
+        }
+        let theirs = index.limited_values(root);
+        if index.rules.fits(&held, &theirs) {
+            held.extend(theirs);
+            linked.insert(root.clone());
+            links.push(id);
+        } else {
+            refuse(id, "profile_limit");
+        }
+    }
+    let mut target = linked.first().cloned().unwrap_or_else(|| anchor.clone());
+    for id in unowned.iter().copied().filter(|i| links.contains(i)) {
+        match index.claim(id, &target) {
+            Ok(()) => {}
+            Err(other) => {
+                // Another shard claimed it first: that profile is this student too, if it fits.
+                let other = index.root(&other).await?;
+                let theirs = index.limited_values(&other);
+                if linked.contains(&other) || index.rules.fits(&held, &theirs) {
+                    held.extend(theirs);
+                    linked.insert(other);
+                } else {
+                    refuse(id, "profile_limit");
+                }
+            }
+        }
+    }
+    if let Some(first) = linked.first() {
         target = first.clone();
     }
-    if created && roots.len() == 1 {
+    if linked.len() == 1 && target == fresh {
         index.known_roots.insert(target.clone());
         index.created.insert(target.clone());
         ctx.metrics.profiles_created.inc();
     }
-    for merged in roots.iter().filter(|p| **p != target) {
-        let evidence: Vec<Identifier> = usable.iter().map(|i| (*i).clone()).collect();
+    index.note_limited(&target, held);
+    for merged in linked.iter().filter(|p| **p != target) {
+        let evidence: Vec<Identifier> = links.iter().map(|i| (*i).clone()).collect();
         tracing::info!(survivor = %target, merged = %merged, seq, "profiles merged");
         index.record_merge(IdentityMerged {
             survivor: target.clone(),
@@ -310,12 +417,21 @@ pub async fn resolve_event(
             })
             .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
     }
-    if roots.len() > 1 {
-        for id in &usable {
+    if linked.len() > 1 {
+        for id in &links {
             index.repoint(id, &target);
         }
     }
-    Ok(Some(target))
+    let unlinked = event.identifiers.iter().filter(|i| !links.contains(i)).cloned().collect();
+    Ok(Some(Placement { profile: target, unlinked }))
+}
+
+/// Where an event belongs, and which of its identifiers did not link there (blocked, or over a
+/// limit): those are not the profile's and are left out of what the profile records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub profile: ProfileId,
+    pub unlinked: Vec<Identifier>,
 }
 
 /// One shard of the resolver pool.
@@ -374,7 +490,14 @@ impl Worker for IdentityResolver {
             }
         };
         match target {
-            Some(profile_id) => {
+            Some(Placement { profile: profile_id, unlinked }) => {
+                let event = if unlinked.is_empty() {
+                    event
+                } else {
+                    let mut own = (*event).clone();
+                    own.identifiers.retain(|i| !unlinked.contains(i));
+                    Arc::new(own)
+                };
                 // The directory marks it delivered when it takes the message: only then is the
                 // event certain to be covered by the directory's next flush.
                 directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
@@ -459,6 +582,7 @@ mod tests {
         let rules = IdentityRules {
             blocked: HashSet::from([Identifier::new(IdentifierKind::Email, "test@example.com")]),
             placeholder_phones: true,
+            ..IdentityRules::default()
         };
         let phone = |v: &str| Identifier::new(IdentifierKind::Phone, v);
         for placeholder in ["+491111111111", "+10000000000", "+49123456789", "+4998765432", "+33666666666"] {

@@ -105,6 +105,10 @@ pub struct IdentityConfig {
     pub blocked: Vec<String>,
     pub block_placeholder_phones: bool,
     pub stats_interval_secs: u64,
+    /// Identifier kind → most distinct values of it one profile may hold.
+    pub max_values_per_profile: std::collections::BTreeMap<String, usize>,
+    /// Identifier kind → most profiles one identifier may link before it stops linking.
+    pub max_profiles_per_identifier: std::collections::BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

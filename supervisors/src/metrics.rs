@@ -35,6 +35,7 @@ pub struct Metrics {
     pub reconcile_repaired: IntCounter,
     pub idempotency_expired: IntCounter,
     pub identity_blocked: IntCounterVec,
+    pub identity_links_refused: IntCounterVec,
     pub identity_match_rate: prometheus::Gauge,
     pub profiles_live: IntGauge,
     pub profiles_known: IntGauge,
@@ -158,9 +159,16 @@ impl Metrics {
         let profiles_known =
             IntGauge::new("profiles_known", "Live profiles with an identifier of a known person, at the last count")?;
         r.register(Box::new(profiles_known.clone()))?;
+        let identity_links_refused = counter_vec(
+            &r,
+            "identity_links_refused_total",
+            "Identifiers that did not link profiles because of a limit, per kind and reason",
+            &["kind", "reason"],
+        )?;
         Ok(Self {
             registry: r,
             identity_blocked,
+            identity_links_refused,
             identity_match_rate,
             profiles_live,
             profiles_known,

@@ -1,0 +1,110 @@
+//! Merge protection through the HTTP API: shared devices and phones must not merge strangers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use chrono::Utc;
+use cohort::client::CohortClient;
+use cohort::demo::DemoServer;
+use cohort::payloads;
+use cohort::SystemOptions;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+async fn identify(c: &CohortClient, mid: &str, user: Option<&str>, traits: Value, device: Option<&str>) {
+    let anonymous = format!("anon-{mid}");
+    let anonymous = if user.is_none() { Some(anonymous.as_str()) } else { None };
+    let body = payloads::segment_identify(mid, anonymous, user, traits, device, Utc::now());
+    let a = c.segment(true, "identify", &body).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+async fn profile_id(c: &CohortClient, reference: &str) -> String {
+    let p = c.get(&format!("/v1/profiles/{reference}")).await.unwrap();
+    assert_eq!(p.status, 200, "{reference}: {}", p.body);
+    p.body["profile_id"].as_str().unwrap().to_string()
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines().find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_students_logging_in_on_one_tablet_stay_two_students() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    identify(c, "fam-1", Some("mother-7"), json!({ "email": "ruth@example.org" }), Some("family-ipad")).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    identify(c, "fam-2", Some("son-8"), json!({ "email": "jonas@example.org" }), Some("family-ipad")).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    let mother = profile_id(c, "user_id:mother-7").await;
+    let son = profile_id(c, "user_id:son-8").await;
+    assert_ne!(mother, son, "one user id per profile: the shared tablet must not merge them");
+    assert_eq!(profile_id(c, "device_id:family-ipad").await, mother, "the device stays with its first profile");
+    assert_eq!(profile_id(c, "email:jonas@example.org").await, son);
+    let son_ids = c.get("/v1/profiles/user_id:son-8/identities").await.unwrap().body;
+    assert!(!son_ids.to_string().contains("family-ipad"), "{son_ids}");
+    let m = c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+    assert_eq!(
+        metric(&m, "cohort_identity_links_refused_total{kind=\"device_id\",reason=\"profile_limit\"} "),
+        1,
+        "{m}"
+    );
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_shared_by_more_than_three_profiles_stops_linking() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    // Five siblings give the family landline with their own addresses, one after another.
+    for n in 1..=5 {
+        let traits = json!({ "email": format!("sibling{n}@example.org"), "phone": "+49 30 901820" });
+        identify(c, &format!("sib-{n}"), None, traits, None).await;
+        demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    }
+    let ids: Vec<String> = {
+        let mut v = Vec::new();
+        for n in 1..=5 {
+            v.push(profile_id(c, &format!("email:sibling{n}@example.org")).await);
+        }
+        v
+    };
+    // The phone links while it has linked at most three profiles; from the fourth on it links none.
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(ids[0], ids[1], "{ids:?}");
+    assert_eq!(ids[1], ids[2], "{ids:?}");
+    assert_ne!(ids[3], ids[0], "{ids:?}");
+    assert_ne!(ids[4], ids[0], "{ids:?}");
+    assert_ne!(ids[3], ids[4], "{ids:?}");
+    assert_eq!(distinct.len(), 3, "{ids:?}");
+    assert_eq!(profile_id(c, "phone:+4930901820").await, ids[0], "the phone stays with the profile it had");
+    let m = c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+    assert_eq!(
+        metric(&m, "cohort_identity_links_refused_total{kind=\"phone\",reason=\"shared_identifier\"} "),
+        2,
+        "{m}"
+    );
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_configurable_and_checked_at_start() {
+    let extra = "[identity.max_values_per_profile]\nuser_id = 2\n";
+    let demo = DemoServer::start(None, extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    identify(c, "cfg-1", Some("acct-a"), json!({}), Some("shared-laptop")).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    identify(c, "cfg-2", Some("acct-b"), json!({}), Some("shared-laptop")).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(profile_id(c, "user_id:acct-a").await, profile_id(c, "user_id:acct-b").await, "two accounts allowed");
+    demo.stop().await.unwrap();
+
+    let bad = cohort_config::Config::from_toml_str("[identity.max_profiles_per_identifier]\nfax = 2\n").unwrap();
+    let err = match cohort::Cohort::start(bad, SystemOptions::default()).await {
+        Ok(_) => panic!("started with an unknown identifier kind"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("identity.max_profiles_per_identifier.fax"), "{err}");
+}
