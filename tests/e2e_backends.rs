@@ -111,6 +111,17 @@ async fn slide_18_on_kafka_and_mongodb() {
         assert_eq!(row["profile_id"].as_str(), Some(key.as_str()), "processed events are keyed by profile id");
     }
     assert!(keys.iter().all(|k| k.starts_with("prof_")), "{keys:?}");
+
+    // A refused element is a dead letter in the store and on cdp.dlq, keyed by source.
+    let bad = json!({ "batch": [{ "type": "track", "userId": "dlq-student", "event": "Quiz Completed",
+        "messageId": "dlq-ok-1" }, { "type": "track", "event": "No Identity", "messageId": "dlq-bad-1" }] });
+    let answer = demo.client.segment(false, "batch", &bad).await.unwrap();
+    assert_eq!((answer.status.as_u16(), answer.body["accepted"].as_u64()), (200, Some(1)), "{}", answer.body);
+    let dlq = read_topic(&format!("{id}.cdp.dlq"));
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].0, "web");
+    assert!(dlq[0].1["reason"].as_str().unwrap().contains("element 1"), "{}", dlq[0].1);
+    assert!(dlq[0].1["id"].as_u64().is_some(), "published with the id the store gave it");
     demo.stop().await.unwrap();
 }
 

@@ -1,13 +1,16 @@
 //! Writing dead letters: never lose what was given up on, always count it.
 
 use crate::context::PipelineContext;
-use cohort_adapters::{NewDeadLetter, OperationalStore};
-use cohort_messages::{CustomerEvent, DeadLetterStage};
+use chrono::Utc;
+use cohort_adapters::{EventBus, NewDeadLetter, OperationalStore};
+use cohort_messages::{CustomerEvent, DeadLetter, DeadLetterStage};
 use cohort_supervisors::Metrics;
 use std::time::Duration;
 
-/// Persists dead letters, retrying while the store is unavailable (they must not be lost).
-pub async fn record(store: &dyn OperationalStore, metrics: &Metrics, letters: Vec<NewDeadLetter>) {
+/// Persists dead letters, retrying while the store is unavailable (they must not be lost), then
+/// publishes them to the bus's dead-letter stream (`cdp.dlq` on Kafka) for operators' tooling;
+/// the store stays the record, so a failed publish is logged, not retried.
+pub async fn record(store: &dyn OperationalStore, bus: &dyn EventBus, metrics: &Metrics, letters: Vec<NewDeadLetter>) {
     if letters.is_empty() {
         return;
     }
@@ -15,7 +18,29 @@ pub async fn record(store: &dyn OperationalStore, metrics: &Metrics, letters: Ve
     let mut backoff = Duration::from_millis(20);
     for attempt in 0.. {
         match store.put_dead_letters(letters.clone()).await {
-            Ok(_) => break,
+            Ok(ids) => {
+                let recorded_at = Utc::now();
+                let stored: Vec<DeadLetter> = ids
+                    .into_iter()
+                    .zip(letters.iter())
+                    .map(|(id, l)| DeadLetter {
+                        id,
+                        source: l.source,
+                        stage: l.stage,
+                        reason: l.reason.clone(),
+                        event_id: l.event_id.clone(),
+                        payload: l.payload.clone(),
+                        content_type: l.content_type.clone(),
+                        received_at: l.received_at,
+                        recorded_at,
+                        attempts: l.attempts,
+                    })
+                    .collect();
+                if let Err(e) = bus.publish_dead_letters(&stored).await {
+                    tracing::warn!(error = %e, count = stored.len(), "dead letters stored but not published to the bus");
+                }
+                break;
+            }
             Err(e) if e.is_retryable() && attempt < 50 => {
                 tracing::warn!(error = %e, attempt, "dead-letter store unavailable, retrying");
                 tokio::time::sleep(backoff).await;
@@ -40,7 +65,8 @@ pub async fn record_event(
     attempts: u32,
 ) {
     tracing::warn!(event_id = %event.event_id, source = %event.source, stage = stage.as_str(), reason, "event dead-lettered");
-    record(ctx.store.as_ref(), &ctx.metrics, vec![event_dead_letter(event, stage, reason, attempts)]).await;
+    record(ctx.store.as_ref(), ctx.bus.as_ref(), &ctx.metrics, vec![event_dead_letter(event, stage, reason, attempts)])
+        .await;
 }
 
 /// Builds a dead letter for an event that could not be placed.

@@ -108,7 +108,7 @@ impl Actor for Dispatcher {
                     }
                 })
                 .collect();
-            dead_letters::record(ctx.store.as_ref(), &ctx.metrics, letters).await;
+            dead_letters::record(ctx.store.as_ref(), ctx.bus.as_ref(), &ctx.metrics, letters).await;
             for u in &polled.undecodable {
                 ctx.watermark.delivered(u.seq);
             }

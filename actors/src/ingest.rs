@@ -94,10 +94,11 @@ impl Actor for IngestActor {
                 m.events_rejected.with_label_values(&[source, reason_label]).inc();
                 tracing::info!(source, reason = reason_label, error = %e, "payload rejected at gate 1");
                 let store = state.store.clone();
+                let bus = state.bus.clone();
                 let metrics = m.clone();
                 let letter = raw_dead_letter(&payload, e.to_string(), None);
                 tokio::spawn(async move {
-                    dead_letters::record(store.as_ref(), &metrics, vec![letter]).await;
+                    dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, vec![letter]).await;
                     let _ = reply.send(Err(err));
                 });
             }
@@ -135,7 +136,7 @@ impl Actor for IngestActor {
                     } else {
                         Some(bus.publish(AppendBatch { raw: Some(bronze), events }))
                     };
-                    dead_letters::record(store.as_ref(), &metrics, letters).await;
+                    dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
                     let answer = match append {
                         None => match rejected.first() {
                             Some(first) => Err(IngestError::Malformed(format!(

@@ -8,6 +8,7 @@ use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, EventLog, Journaled
 use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use cohort_messages::DeadLetter;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +72,9 @@ pub trait EventBus: Send + Sync + 'static {
     /// Publishes events attributed to their profiles (`cdp.processed.events`, keyed by profile
     /// id) for downstream consumers. A bus without such a stream accepts and keeps nothing.
     async fn publish_processed(&self, rows: &[SilverRow]) -> Result<(), StoreError>;
+    /// Publishes stored dead letters (`cdp.dlq`, keyed by source) for operators' tooling. A bus
+    /// without such a stream accepts and keeps nothing: the store is the record either way.
+    async fn publish_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
     /// Retention of a bus that keeps its own log (the embedded journal): forgets what was
     /// received before `before` and is covered by `covered`. Kafka's retention is the broker's.
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError>;
@@ -129,6 +133,10 @@ impl EventBus for EmbeddedBus {
     }
 
     async fn publish_processed(&self, _rows: &[SilverRow]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn publish_dead_letters(&self, _letters: &[DeadLetter]) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use cohort_messages::{CustomerEvent, Source};
+use cohort_messages::{CustomerEvent, DeadLetter, Source};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -320,9 +320,39 @@ impl EventBus for KafkaBus {
     async fn apply_retention(&self, _before: DateTime<Utc>, _covered: &StreamPositions) -> Result<u64, StoreError> {
         Ok(0)
     }
+
+    async fn publish_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let records: Vec<(String, Vec<u8>)> = letters
+            .iter()
+            .map(|l| {
+                let value =
+                    serde_json::to_vec(l).map_err(|e| StoreError::invalid(format!("encoding a dead letter: {e}")))?;
+                Ok((l.source.as_str().to_string(), value))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        self.produce_all(&self.topics.dlq(), records).await
+    }
 }
 
 impl KafkaBus {
+    /// Produces keyed records to one topic and waits for every delivery report.
+    async fn produce_all(&self, topic: &str, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        let producer = self.producer.read().clone();
+        let mut futures = Vec::with_capacity(records.len());
+        for (key, value) in &records {
+            let fut = producer
+                .send_result(FutureRecord::to(topic).key(key).payload(value))
+                .map_err(|(e, _)| kafka_unavailable("produce", &e))?;
+            futures.push(fut);
+        }
+        for fut in futures {
+            fut.await
+                .map_err(|_| StoreError::unavailable("kafka producer dropped a delivery"))?
+                .map_err(|(e, _)| kafka_unavailable("delivery", &e))?;
+        }
+        Ok(())
+    }
+
     /// Produces a batch; on failure also says whether the broker fenced the producer.
     async fn publish_once(&self, batch: AppendBatch) -> Result<AppendOutcome, (StoreError, bool)> {
         let producer = self.producer.read().clone();
