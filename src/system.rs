@@ -137,11 +137,10 @@ pub fn identity_rules(config: &Config, normalize: &NormalizeOptions) -> anyhow::
             .map(|(kind, n)| {
                 let bad = |why: &str| anyhow!("invalid configuration: `identity.{key}.{kind}`: {why}");
                 let kind: IdentifierKind = kind.parse().map_err(|_| bad("not an identifier kind"))?;
-                if *n == 0 {
-                    return Err(bad("must be at least 1"));
-                }
                 Ok((kind, *n))
             })
+            // 0 turns a limit off (a table in a config file adds to the defaults, it cannot remove them).
+            .filter(|r| !matches!(r, Ok((_, 0))))
             .collect::<anyhow::Result<HashMap<_, _>>>()
     };
     Ok(IdentityRules {

@@ -108,3 +108,81 @@ async fn limits_are_configurable_and_checked_at_start() {
     };
     assert!(err.contains("identity.max_profiles_per_identifier.fax"), "{err}");
 }
+
+/// The partition of identifiers into profiles after resolving `events` with `shards` resolvers,
+/// published `in_order` one at a time (settling after each) or all at once.
+async fn partition(
+    events: &[Vec<cohort_messages::Identifier>],
+    shards: usize,
+    one_at_a_time: bool,
+) -> BTreeSet<BTreeSet<String>> {
+    use cohort_adapters::AppendBatch;
+    use cohort_messages::{CustomerEvent, EventId, EventKind, RawRef, Source, Utm};
+    // Limits off (0): they are first-come rules by design; the graph itself must not depend on order.
+    let extra = format!(
+        "[identity]\nshards = {shards}\n[identity.max_values_per_profile]\nuser_id = 0\nsalesforce_id = 0\n\
+         [identity.max_profiles_per_identifier]\ndevice_id = 0\nanonymous_id = 0\nphone = 0\nwhatsapp_id = 0\n\
+         [warehouse]\nurl = \"none://\"\n"
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let t0 = Utc::now();
+    for (n, ids) in events.iter().enumerate() {
+        let event = CustomerEvent {
+            event_id: EventId::new(Source::Web, &format!("prop-{n}")),
+            source: Source::Web,
+            kind: EventKind::Identify,
+            name: None,
+            occurred_at: t0,
+            received_at: t0 + chrono::Duration::milliseconds(n as i64),
+            identifiers: ids.clone(),
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Utm::default(),
+            raw: RawRef { seq: None, index: 0 },
+        };
+        demo.cohort.ctx.bus.publish(AppendBatch { raw: None, events: vec![event] }).await.unwrap();
+        if one_at_a_time {
+            demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+        }
+    }
+    demo.cohort.settle(Duration::from_secs(30)).await.unwrap();
+    let mut groups: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+    for id in events.iter().flatten() {
+        let root = demo.cohort.ctx.index.resolve(id).await.unwrap().unwrap_or_else(|| panic!("{id:?} has no profile"));
+        groups.entry(root.to_string()).or_default().insert(id.key());
+    }
+    demo.stop().await.unwrap();
+    groups.into_values().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shards_reach_the_same_identity_graph_as_one_sequential_resolver() {
+    use cohort_messages::{Identifier, IdentifierKind};
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let kinds = [
+        IdentifierKind::Email,
+        IdentifierKind::Phone,
+        IdentifierKind::DeviceId,
+        IdentifierKind::AnonymousId,
+        IdentifierKind::UserId,
+    ];
+    for seed in [1_u64, 7, 42] {
+        let mut rng = StdRng::seed_from_u64(seed);
+        // 60 events over a pool of 40 identifiers: enough overlap for chains of merges.
+        let pool: Vec<Identifier> =
+            (0..40).map(|i| Identifier::new(kinds[i % kinds.len()], format!("v{seed}-{i}@x.org"))).collect();
+        let events: Vec<Vec<Identifier>> = (0..60)
+            .map(|_| {
+                let k = rng.gen_range(1..=3);
+                pool.choose_multiple(&mut rng, k).cloned().collect()
+            })
+            .collect();
+        let sequential = partition(&events, 1, true).await;
+        let mut shuffled = events.clone();
+        shuffled.shuffle(&mut rng);
+        let concurrent = partition(&shuffled, 8, false).await;
+        assert_eq!(concurrent, sequential, "seed {seed}: the identity graph depends on the interleaving");
+    }
+}
