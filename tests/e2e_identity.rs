@@ -186,3 +186,28 @@ async fn concurrent_shards_reach_the_same_identity_graph_as_one_sequential_resol
         assert_eq!(concurrent, sequential, "seed {seed}: the identity graph depends on the interleaving");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_why_two_profiles_look_like_one_student() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let person = |first: &str, last: &str, dob: &str, postal: &str| json!({ "firstName": first, "lastName": last, "birthday": dob, "postalCode": postal });
+    identify(c, "ex-1", Some("crm-export-17"), person("Lena", "Müller", "03.04.2001", "20146"), None).await;
+    identify(c, "ex-2", Some("app-user-99"), person("LENA", "Mueller", "2001-04-03", "20146"), None).await;
+    identify(c, "ex-3", Some("other-5"), person("Lena", "Müller", "1987-07-22", "80331"), None).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    let likely = c.get("/v1/identity/explain?a=user_id:crm-export-17&b=user_id:app-user-99").await.unwrap();
+    assert_eq!(likely.status, 200, "{}", likely.body);
+    assert_eq!(likely.body["same_profile"], json!(false));
+    assert!(likely.body["score"].as_f64().unwrap() > 0.99, "{}", likely.body);
+    let fields: Vec<&str> =
+        likely.body["comparisons"].as_array().unwrap().iter().filter_map(|f| f["field"].as_str()).collect();
+    assert!(fields.contains(&"date_of_birth") && fields.contains(&"last_name"), "{fields:?}");
+    assert!(!likely.body.to_string().contains("Müller"), "the explanation carries no personal values");
+
+    let unlikely = c.get("/v1/identity/explain?a=user_id:crm-export-17&b=user_id:other-5").await.unwrap();
+    assert!(unlikely.body["score"].as_f64().unwrap() < 0.05, "{}", unlikely.body);
+    assert_eq!(c.get("/v1/identity/explain?a=user_id:crm-export-17&b=user_id:nobody").await.unwrap().status, 404);
+    demo.stop().await.unwrap();
+}

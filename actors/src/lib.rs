@@ -9,6 +9,7 @@ pub mod dispatcher;
 pub mod identity;
 pub mod identity_stats;
 pub mod ingest;
+pub mod matching;
 pub mod normalize;
 pub mod profile;
 pub mod retention;

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod identity;
 pub mod ingest;
 pub mod ops;
 pub mod profiles;
@@ -39,6 +40,7 @@ impl Modify for BearerAuth {
     paths(
         ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
+        identity::explain,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -84,6 +86,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/profiles/{ref}/traits", get(profiles::get_traits))
         .route("/v1/profiles/{ref}/events", get(profiles::get_events))
         .route("/v1/profiles/{ref}/identities", get(profiles::get_identities))
+        .route("/v1/identity/explain", get(identity::explain))
         .route("/v1/dlq", get(ops::dlq))
         .route("/v1/supervisors", get(ops::supervisors))
         .route("/health/live", get(ops::live))
