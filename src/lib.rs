@@ -2,6 +2,7 @@
 //! kept in a library so end-to-end tests start exactly what the binary starts.
 
 pub mod client;
+pub mod dedupe;
 pub mod demo;
 pub mod import;
 pub mod payloads;

@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: ImportCommand,
     },
+    /// Identity tools that work on files, with the live system's normalizers and match model.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Rebuild profiles and Silver from the raw payloads in Bronze (idempotent). With the
     /// embedded store, stop the server first: the replay opens the same files.
     Replay {
@@ -66,6 +71,24 @@ enum ConfigCommand {
     Check { file: PathBuf },
     /// Print the built-in defaults.
     Defaults,
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Cluster the people of a CSV file: writes record_id,cluster_id,confidence.
+    Dedupe {
+        #[arg(long)]
+        input: PathBuf,
+        /// FIELD=COLUMN pairs: id (required), first_name, last_name, email, phone, date_of_birth,
+        /// street, house_number, postcode, city, region, national_id.
+        #[arg(long)]
+        map: String,
+        #[arg(long)]
+        output: PathBuf,
+        /// Pairs scoring at least this are one person.
+        #[arg(long, default_value_t = 0.85)]
+        threshold: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +123,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref())?;
             cohort::telemetry::init(&config.telemetry);
             serve(config).await
+        }
+        Command::Identity { command: IdentityCommand::Dedupe { input, map, output, threshold } } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let opts = NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let map = cohort::dedupe::parse_map(&map)?;
+            let summary = cohort::dedupe::dedupe(&input, &map, &output, threshold, &opts)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
         }
         Command::Replay { from: _, since, source } => {
             let config = Config::load(cli.config.as_deref())?;
