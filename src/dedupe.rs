@@ -123,17 +123,9 @@ fn find(parent: &mut [usize], mut i: usize) -> usize {
     i
 }
 
-/// Reads `input`, clusters its people and writes `record_id,cluster_id,confidence` to `output`
-/// (the cluster id is the smallest record id in the cluster; confidence is the best score that
-/// joined the record to it, 1 for a record alone).
-pub fn dedupe(
-    input: &Path,
-    map: &BTreeMap<String, String>,
-    output: &Path,
-    threshold: f64,
-    opts: &NormalizeOptions,
-) -> anyhow::Result<DedupeSummary> {
-    let started = std::time::Instant::now();
+/// The people of a CSV file (delimiter sniffed from the header), normalized; rows without an id
+/// are skipped.
+fn read_people(input: &Path, map: &BTreeMap<String, String>, opts: &NormalizeOptions) -> anyhow::Result<Vec<Person>> {
     // Exports use `,` `;` tab and more: the header line tells which.
     let first_line = {
         use std::io::BufRead;
@@ -163,6 +155,88 @@ pub fn dedupe(
             people.push(p);
         }
     }
+    Ok(people)
+}
+
+/// The score of two people: the model's, or 1 when they share a national id.
+fn score(a: &Person, b: &Person, model: &MatchModel) -> f64 {
+    match (&a.national_id, &b.national_id) {
+        (Some(x), Some(y)) if x == y => 1.0,
+        _ => compare(&a.record, &b.record, model).score,
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct LinkSummary {
+    pub left: usize,
+    pub right: usize,
+    pub pairs_compared: usize,
+    pub pairs_written: usize,
+    pub oversized_blocks: usize,
+    pub seconds: f64,
+}
+
+/// Links two files: writes `left_id,right_id,score` for every cross pair at or above
+/// `threshold` that shares a blocking key, best scores first per left record.
+pub fn link(
+    left: &Path,
+    right: &Path,
+    map: &BTreeMap<String, String>,
+    output: &Path,
+    threshold: f64,
+    opts: &NormalizeOptions,
+) -> anyhow::Result<LinkSummary> {
+    let started = std::time::Instant::now();
+    let lefts = read_people(left, map, opts)?;
+    let rights = read_people(right, map, opts)?;
+    let mut blocks: HashMap<String, Vec<usize>> = HashMap::new();
+    for (j, p) in rights.iter().enumerate() {
+        for key in blocking_keys(p) {
+            blocks.entry(key).or_default().push(j);
+        }
+    }
+    let model = MatchModel::default();
+    let mut summary = LinkSummary { left: lefts.len(), right: rights.len(), ..LinkSummary::default() };
+    let mut writer = csv::Writer::from_path(output).with_context(|| format!("creating {}", output.display()))?;
+    writer.write_record(["left_id", "right_id", "score"])?;
+    for l in &lefts {
+        let mut candidates: HashSet<usize> = HashSet::new();
+        for key in blocking_keys(l) {
+            match blocks.get(&key) {
+                Some(members) if members.len() > MAX_BLOCK => summary.oversized_blocks += 1,
+                Some(members) => candidates.extend(members.iter().copied()),
+                None => {}
+            }
+        }
+        let mut matches: Vec<(f64, usize)> = candidates
+            .into_iter()
+            .map(|j| (score(l, &rights[j], &model), j))
+            .inspect(|_| summary.pairs_compared += 1)
+            .filter(|(s, _)| *s >= threshold)
+            .collect();
+        matches.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (s, j) in matches {
+            writer.write_record([l.id.as_str(), rights[j].id.as_str(), &format!("{s:.4}")])?;
+            summary.pairs_written += 1;
+        }
+    }
+    writer.flush().with_context(|| format!("writing {}", output.display()))?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Reads `input`, clusters its people and writes `record_id,cluster_id,confidence` to `output`
+/// (the cluster id is the smallest record id in the cluster; confidence is the best score that
+/// joined the record to it, 1 for a record alone).
+pub fn dedupe(
+    input: &Path,
+    map: &BTreeMap<String, String>,
+    output: &Path,
+    threshold: f64,
+    opts: &NormalizeOptions,
+) -> anyhow::Result<DedupeSummary> {
+    let started = std::time::Instant::now();
+    let people = read_people(input, map, opts)?;
     let mut blocks: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, p) in people.iter().enumerate() {
         for key in blocking_keys(p) {
@@ -186,10 +260,7 @@ pub fn dedupe(
                     continue;
                 }
                 summary.pairs_compared += 1;
-                let same_national_id =
-                    matches!((&people[i].national_id, &people[j].national_id), (Some(a), Some(b)) if a == b);
-                let score =
-                    if same_national_id { 1.0 } else { compare(&people[i].record, &people[j].record, &model).score };
+                let score = score(&people[i], &people[j], &model);
                 if score >= threshold {
                     summary.pairs_matched += 1;
                     let (ri, rj) = (find(&mut parent, i), find(&mut parent, j));

@@ -89,6 +89,20 @@ enum IdentityCommand {
         #[arg(long, default_value_t = 0.85)]
         threshold: f64,
     },
+    /// Link the people of two CSV files: writes left_id,right_id,score for likely matches.
+    Link {
+        #[arg(long)]
+        left: PathBuf,
+        #[arg(long)]
+        right: PathBuf,
+        /// FIELD=COLUMN pairs, as for dedupe; both files use the same column names.
+        #[arg(long)]
+        map: String,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0.85)]
+        threshold: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +143,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow::anyhow!("{e}"))?;
             let map = cohort::dedupe::parse_map(&map)?;
             let summary = cohort::dedupe::dedupe(&input, &map, &output, threshold, &opts)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Identity { command: IdentityCommand::Link { left, right, map, output, threshold } } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let opts = NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let map = cohort::dedupe::parse_map(&map)?;
+            let summary = cohort::dedupe::link(&left, &right, &map, &output, threshold, &opts)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }

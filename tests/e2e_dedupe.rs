@@ -59,3 +59,32 @@ fn a_crm_export_is_clustered_by_person() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("id=COL"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+#[test]
+fn two_files_are_linked_pair_by_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let (left, right, out) = (dir.path().join("crm.csv"), dir.path().join("lms.csv"), dir.path().join("pairs.csv"));
+    std::fs::write(&left, "id,first,last,dob,email\nc1,Lena,Müller,03.04.2001,\nc2,Jonas,Weber,,jonas.weber@gmail.com\nc3,Anna,Schmidt,10.01.2000,\n").unwrap();
+    std::fs::write(&right, "id,first,last,dob,email\nl7,LENA,Mueller,2001-04-03,\nl8,J,Weber,,jonasweber+lms@gmail.com\nl9,Anna,Schmidt,22.07.1987,\n").unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["identity", "link", "--left", left.to_str().unwrap(), "--right", right.to_str().unwrap()])
+        .args([
+            "--output",
+            out.to_str().unwrap(),
+            "--map",
+            "id=id,first_name=first,last_name=last,date_of_birth=dob,email=email",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let pairs: Vec<(String, String)> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].to_string())
+        })
+        .collect();
+    assert_eq!(pairs, vec![("c1".to_string(), "l7".to_string()), ("c2".to_string(), "l8".to_string())]);
+}
