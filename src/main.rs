@@ -139,17 +139,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(config).await
         }
         Command::Identity { command: IdentityCommand::Dedupe { input, map, output, threshold } } => {
-            let config = Config::load(cli.config.as_deref())?;
-            let opts = NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let map = cohort::dedupe::parse_map(&map)?;
+            let (opts, map) = file_matching(cli.config.as_deref(), &map)?;
             let summary = cohort::dedupe::dedupe(&input, &map, &output, threshold, &opts)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
         Command::Identity { command: IdentityCommand::Link { left, right, map, output, threshold } } => {
-            let config = Config::load(cli.config.as_deref())?;
-            let opts = NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let map = cohort::dedupe::parse_map(&map)?;
+            let (opts, map) = file_matching(cli.config.as_deref(), &map)?;
             let summary = cohort::dedupe::link(&left, &right, &map, &output, threshold, &opts)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
@@ -194,6 +190,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The normalizer options from config and the parsed `--map` of the file identity commands.
+fn file_matching(
+    config: Option<&std::path::Path>,
+    map: &str,
+) -> anyhow::Result<(NormalizeOptions, std::collections::BTreeMap<String, String>)> {
+    let config = Config::load(config)?;
+    let opts = NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((opts, cohort::dedupe::parse_map(map)?))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

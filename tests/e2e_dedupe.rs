@@ -3,7 +3,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
+
+/// The first two columns of every data row of a CSV the binary wrote.
+fn first_two_columns(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].to_string())
+        })
+        .collect()
+}
 
 #[test]
 fn a_crm_export_is_clustered_by_person() {
@@ -33,15 +47,7 @@ fn a_crm_export_is_clustered_by_person() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["records"], 7);
-    let clusters: HashMap<String, String> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (f[0].to_string(), f[1].to_string())
-        })
-        .collect();
+    let clusters: HashMap<String, String> = first_two_columns(&output).into_iter().collect();
     assert_eq!(clusters["1"], "1");
     assert_eq!(clusters["2"], "1", "umlaut spelling, same birthday and place");
     assert_eq!(clusters["3"], "1", "swapped names, written-out birthday");
@@ -77,14 +83,6 @@ fn two_files_are_linked_pair_by_pair() {
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let pairs: Vec<(String, String)> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (f[0].to_string(), f[1].to_string())
-        })
-        .collect();
+    let pairs = first_two_columns(&out);
     assert_eq!(pairs, vec![("c1".to_string(), "l7".to_string()), ("c2".to_string(), "l8".to_string())]);
 }
