@@ -20,22 +20,8 @@ pub async fn record(store: &dyn OperationalStore, bus: &dyn EventBus, metrics: &
         match store.put_dead_letters(letters.clone()).await {
             Ok(ids) => {
                 let recorded_at = Utc::now();
-                let stored: Vec<DeadLetter> = ids
-                    .into_iter()
-                    .zip(letters.iter())
-                    .map(|(id, l)| DeadLetter {
-                        id,
-                        source: l.source,
-                        stage: l.stage,
-                        reason: l.reason.clone(),
-                        event_id: l.event_id.clone(),
-                        payload: l.payload.clone(),
-                        content_type: l.content_type.clone(),
-                        received_at: l.received_at,
-                        recorded_at,
-                        attempts: l.attempts,
-                    })
-                    .collect();
+                let stored: Vec<DeadLetter> =
+                    ids.into_iter().zip(letters).map(|(id, l)| l.stored(id, recorded_at)).collect();
                 if let Err(e) = bus.publish_dead_letters(&stored).await {
                     tracing::warn!(error = %e, count = stored.len(), "dead letters stored but not published to the bus");
                 }

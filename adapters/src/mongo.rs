@@ -409,18 +409,7 @@ impl OperationalStore for MongoStore {
         let mut ids = Vec::with_capacity(letters.len());
         let mut docs = Vec::with_capacity(letters.len());
         for (id, l) in (first..).zip(letters) {
-            let letter = DeadLetter {
-                id,
-                source: l.source,
-                stage: l.stage,
-                reason: l.reason,
-                event_id: l.event_id,
-                payload: l.payload,
-                content_type: l.content_type,
-                received_at: l.received_at,
-                recorded_at,
-                attempts: l.attempts,
-            };
+            let letter = l.stored(id, recorded_at);
             docs.push(dead_letter_doc(&letter)?);
             ids.push(id);
         }

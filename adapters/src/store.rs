@@ -96,6 +96,24 @@ pub struct NewDeadLetter {
     pub attempts: u32,
 }
 
+impl NewDeadLetter {
+    /// The letter as stored, under the id the store gave it.
+    pub fn stored(self, id: u64, recorded_at: DateTime<Utc>) -> DeadLetter {
+        DeadLetter {
+            id,
+            source: self.source,
+            stage: self.stage,
+            reason: self.reason,
+            event_id: self.event_id,
+            payload: self.payload,
+            content_type: self.content_type,
+            received_at: self.received_at,
+            recorded_at,
+            attempts: self.attempts,
+        }
+    }
+}
+
 /// Profiles, the identity graph, merges, dead letters and the pipeline checkpoint.
 #[async_trait]
 pub trait OperationalStore: Send + Sync + 'static {

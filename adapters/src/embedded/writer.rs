@@ -10,7 +10,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use cohort_messages::DeadLetter;
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
@@ -304,18 +303,7 @@ impl<'txn> Tables<'txn> {
         let mut ids = Vec::with_capacity(letters.len());
         for l in letters {
             c.dead_letter_id += 1;
-            let letter = DeadLetter {
-                id: c.dead_letter_id,
-                source: l.source,
-                stage: l.stage,
-                reason: l.reason,
-                event_id: l.event_id,
-                payload: l.payload,
-                content_type: l.content_type,
-                received_at: l.received_at,
-                recorded_at,
-                attempts: l.attempts,
-            };
+            let letter = l.stored(c.dead_letter_id, recorded_at);
             let bytes = encode("dead letter", &letter)?;
             self.dead_letters.insert(letter.id, bytes.as_slice()).ctx("record dead letter")?;
             ids.push(letter.id);
