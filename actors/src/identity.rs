@@ -60,22 +60,30 @@ impl IdentityRules {
 /// `+491111111111`, `+10000000000`, `+49123456789`: the national number is one repeated digit
 /// or an ascending or descending run of at least six digits.
 fn is_placeholder_number(e164: &str) -> bool {
+    let all: Vec<u8> = e164.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
+    // A placeholder's last six digits are a run whatever the country code: real numbers, almost
+    // all of them, fail this before the (costly) parse.
+    let tail = all.get(all.len().saturating_sub(6)..).unwrap_or_default();
+    let run = |d: &[u8]| {
+        d.windows(2).all(|w| w[0] == w[1])
+            || d.windows(2).all(|w| (w[0] + 1) % 10 == w[1])
+            || d.windows(2).all(|w| (w[1] + 1) % 10 == w[0])
+    };
+    if tail.len() < 6 || !run(tail) {
+        return false;
+    }
     let input = e164.to_string();
     // The parser has internal unwraps on some inputs; resolution must never panic on one.
     let code = std::panic::catch_unwind(move || phonenumber::parse(None, &input).ok().map(|n| n.code().value()))
         .ok()
         .flatten();
-    let all: Vec<u8> = e164.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
     let repeated = |d: &[u8]| d.len() >= 6 && d.windows(2).all(|w| w[0] == w[1]);
     let Some(code) = code else {
         // Not a number the metadata can parse: only a repeated digit after a country code counts.
         return (1..=3).any(|cc| repeated(all.get(cc..).unwrap_or_default()));
     };
     let national = all.get(code.to_string().len()..).unwrap_or_default();
-    repeated(national)
-        || (national.len() >= 6
-            && (national.windows(2).all(|w| (w[0] + 1) % 10 == w[1])
-                || national.windows(2).all(|w| (w[1] + 1) % 10 == w[0])))
+    national.len() >= 6 && run(national)
 }
 
 /// The identity graph in memory, in front of the store: identifier → owning profile, and merged
@@ -319,9 +327,10 @@ pub async fn resolve_event(
     event: &CustomerEvent,
 ) -> Result<Option<Placement>, StoreError> {
     let index = &ctx.index;
-    let mut usable: Vec<&Identifier> = event.identifiers.iter().filter(|i| !index.rules.is_blocked(i)).collect();
-    for blocked in event.identifiers.iter().filter(|i| index.rules.is_blocked(i)) {
-        ctx.metrics.identity_blocked.with_label_values(&[blocked.kind.as_str()]).inc();
+    let (mut usable, blocked): (Vec<&Identifier>, Vec<&Identifier>) =
+        event.identifiers.iter().partition(|i| !index.rules.is_blocked(i));
+    for b in blocked {
+        ctx.metrics.identity_blocked.with_label_values(&[b.kind.as_str()]).inc();
     }
     if usable.is_empty() {
         return Ok(None);
@@ -485,7 +494,8 @@ impl Worker for IdentityResolver {
                 }
                 Err(e) => {
                     dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
-                    break None;
+                    state.ctx.watermark.delivered(seq);
+                    return Ok(job.key);
                 }
             }
         };
@@ -503,27 +513,15 @@ impl Worker for IdentityResolver {
                 directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
                 return Ok(job.key);
             }
-            None if event.identifiers.is_empty() => {
-                dead_letters::record_event(
-                    &state.ctx,
-                    DeadLetterStage::Identity,
-                    &event,
-                    "event carries no identifier",
-                    1,
-                )
-                .await;
+            // Nothing usable: no identifier at all, or only blocked ones.
+            None => {
+                let reason = if event.identifiers.is_empty() {
+                    "event carries no identifier"
+                } else {
+                    "every identifier of the event is blocked (test or placeholder data, see identity.blocked)"
+                };
+                dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, reason, 1).await;
             }
-            None if event.identifiers.iter().all(|i| state.ctx.index.rules.is_blocked(i)) => {
-                dead_letters::record_event(
-                    &state.ctx,
-                    DeadLetterStage::Identity,
-                    &event,
-                    "every identifier of the event is blocked (test or placeholder data, see identity.blocked)",
-                    1,
-                )
-                .await;
-            }
-            None => {}
         }
         state.ctx.watermark.delivered(seq);
         Ok(job.key)
