@@ -46,7 +46,7 @@ impl Actor for Dispatcher {
         args: DispatcherArgs,
     ) -> Result<DispatcherState, ActorProcessingErr> {
         // Restart point: everything up to the durable checkpoints is already in stored profiles.
-        let subscription = args.ctx.bus.subscribe().await?;
+        let subscription = args.ctx.bus.subscribe(args.ctx.warehouse.is_some()).await?;
         let start = subscription.start();
         args.ctx.checkpoints.advance(&start);
         args.ctx.watermark.reset(&start);

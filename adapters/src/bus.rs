@@ -57,8 +57,9 @@ impl Polled {
 pub trait EventBus: Send + Sync + 'static {
     /// Makes a batch durable (broker-acknowledged or committed) before returning.
     async fn publish(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError>;
-    /// Opens the pipeline's subscription, starting after the durable positions.
-    async fn subscribe(&self) -> Result<Box<dyn Subscription>, StoreError>;
+    /// Opens the pipeline's subscription, starting after the durable positions. With
+    /// `with_raw`, polls also return the events' raw payloads (only the warehouse needs them).
+    async fn subscribe(&self, with_raw: bool) -> Result<Box<dyn Subscription>, StoreError>;
     /// Records that everything up to these positions is reflected in the store. Buses whose
     /// positions live in the store itself (the embedded journal) do nothing here.
     async fn commit(&self, positions: &StreamPositions) -> Result<(), StoreError>;
@@ -107,9 +108,14 @@ impl EventBus for EmbeddedBus {
         self.log.append(batch).await
     }
 
-    async fn subscribe(&self) -> Result<Box<dyn Subscription>, StoreError> {
+    async fn subscribe(&self, with_raw: bool) -> Result<Box<dyn Subscription>, StoreError> {
         let checkpoint = self.store.checkpoint().await?;
-        Ok(Box::new(JournalSubscription { log: self.log.clone(), next_after: checkpoint, head: self.log.watch_head() }))
+        Ok(Box::new(JournalSubscription {
+            log: self.log.clone(),
+            next_after: checkpoint,
+            head: self.log.watch_head(),
+            with_raw,
+        }))
     }
 
     async fn commit(&self, _positions: &StreamPositions) -> Result<(), StoreError> {
@@ -150,6 +156,7 @@ struct JournalSubscription {
     log: Arc<dyn EventLog>,
     next_after: u64,
     head: tokio::sync::watch::Receiver<u64>,
+    with_raw: bool,
 }
 
 #[async_trait]
@@ -166,6 +173,9 @@ impl Subscription for JournalSubscription {
         }
         if let Some(last) = events.last() {
             self.next_after = last.seq;
+        }
+        if !self.with_raw {
+            return Ok(Polled { events, undecodable: Vec::new(), raw: Vec::new() });
         }
         // Bronze seqs grow with journal seqs, so one range read finds every payload referenced.
         let seqs = events.iter().filter_map(|e| e.event.raw.seq);

@@ -271,8 +271,8 @@ impl EventBus for KafkaBus {
         result.map_err(|(e, _)| e)
     }
 
-    async fn subscribe(&self) -> Result<Box<dyn Subscription>, StoreError> {
-        self.subscribe_group().await
+    async fn subscribe(&self, with_raw: bool) -> Result<Box<dyn Subscription>, StoreError> {
+        self.subscribe_group(with_raw).await
     }
 
     async fn commit(&self, positions: &StreamPositions) -> Result<(), StoreError> {
@@ -387,7 +387,7 @@ impl KafkaBus {
         Ok(AppendOutcome { raw_seq: None, seqs })
     }
 
-    async fn subscribe_group(&self) -> Result<Box<dyn Subscription>, StoreError> {
+    async fn subscribe_group(&self, with_raw: bool) -> Result<Box<dyn Subscription>, StoreError> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
             .set("group.id", &self.settings.group_id)
@@ -405,7 +405,7 @@ impl KafkaBus {
         *self.consumer.lock() = Some(consumer.clone());
         let topics: HashMap<String, u32> =
             Source::ALL.iter().enumerate().map(|(i, s)| (self.topics.raw(*s), i as u32 + 1)).collect();
-        Ok(Box::new(KafkaSubscription { consumer, topics }))
+        Ok(Box::new(KafkaSubscription { consumer, topics, with_raw }))
     }
 
     async fn commit_positions(&self, positions: &StreamPositions) -> Result<(), StoreError> {
@@ -436,6 +436,8 @@ struct KafkaSubscription {
     consumer: Arc<StreamConsumer>,
     /// Raw topic name → source index + 1.
     topics: HashMap<String, u32>,
+    /// Decode raw payloads (base64) only when the pipeline keeps them.
+    with_raw: bool,
 }
 
 #[async_trait]
@@ -464,7 +466,7 @@ impl Subscription for KafkaSubscription {
             match serde_json::from_slice::<RawTopicRecord>(payload) {
                 Ok(RawTopicRecord { mut event, raw }) => {
                     // The record carrying the raw payload names it by its own position.
-                    if let Some(raw) = raw.and_then(|r| r.into_record(event.source)) {
+                    if let Some(raw) = raw.filter(|_| self.with_raw).and_then(|r| r.into_record(event.source)) {
                         event.raw.seq = Some(seq);
                         out.raw.push((seq, raw));
                     }
