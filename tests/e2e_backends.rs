@@ -346,3 +346,44 @@ async fn a_database_restart_during_load_loses_nothing_and_counts_nothing_twice()
     assert_exactly_once(&again.client, STUDENTS, "dbstudent", &load).await;
     again.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_topic_is_created_at_start_with_the_configured_partitions() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let id = unique("topics");
+    let demo = DemoServer::start(None, &backends_toml(&id, &id), SystemOptions::default()).await.unwrap();
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", service("COHORT_TEST_KAFKA")).create().unwrap();
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let ours: std::collections::BTreeMap<String, usize> = metadata
+        .topics()
+        .iter()
+        .filter_map(|t| t.name().strip_prefix(&format!("{id}.")).map(|n| (n.to_string(), t.partitions().len())))
+        .collect();
+    let expected = [
+        "cdp.raw.web",
+        "cdp.raw.mobile",
+        "cdp.raw.crm",
+        "cdp.raw.email",
+        "cdp.raw.whatsapp",
+        "cdp.processed.events",
+        "cdp.dlq",
+        "cdp.segment.change",
+        "cdp.gdpr",
+    ];
+    for topic in expected {
+        assert_eq!(ours.get(topic), Some(&3), "{topic}: {ours:?}");
+    }
+    // The GDPR topic keeps the latest record per key: compacted.
+    let admin: rdkafka::admin::AdminClient<_> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", service("COHORT_TEST_KAFKA")).create().unwrap();
+    let gdpr = format!("{id}.cdp.gdpr");
+    let configs = admin
+        .describe_configs(&[rdkafka::admin::ResourceSpecifier::Topic(&gdpr)], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let config = configs[0].as_ref().unwrap();
+    let policy = config.get("cleanup.policy").and_then(|e| e.value.clone());
+    assert_eq!(policy.as_deref(), Some("compact"), "{:?}", config.entry_map().keys().collect::<Vec<_>>());
+    demo.stop().await.unwrap();
+}

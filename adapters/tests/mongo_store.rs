@@ -154,6 +154,14 @@ async fn documents_are_queryable_bson_not_blobs() {
         assert!(indexes.iter().any(|n| n.starts_with("profile_id")), "{indexes:?}");
         let indexes = db.collection::<Document>("merges").list_index_names().await.unwrap();
         assert!(indexes.iter().any(|n| n.starts_with("profile")), "{indexes:?}");
+        // Created at connect, before any document: expiry by age, consents by profile, the
+        // review queue and sagas by status.
+        for (collection, prefix) in
+            [("event_ids", "at"), ("consents", "profile_id"), ("review_queue", "status"), ("sagas", "status")]
+        {
+            let indexes = db.collection::<Document>(collection).list_index_names().await.unwrap();
+            assert!(indexes.iter().any(|n| n.starts_with(prefix)), "{collection}: {indexes:?}");
+        }
     })
     .await;
 }
