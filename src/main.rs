@@ -79,15 +79,8 @@ enum IdentityCommand {
     Dedupe {
         #[arg(long)]
         input: PathBuf,
-        /// FIELD=COLUMN pairs: id (required), first_name, last_name, email, phone, date_of_birth,
-        /// street, house_number, postcode, city, region, national_id.
-        #[arg(long)]
-        map: String,
-        #[arg(long)]
-        output: PathBuf,
-        /// Pairs scoring at least this are one person.
-        #[arg(long, default_value_t = 0.85)]
-        threshold: f64,
+        #[command(flatten)]
+        matching: FileMatching,
     },
     /// Link the people of two CSV files: writes left_id,right_id,score for likely matches.
     Link {
@@ -95,14 +88,23 @@ enum IdentityCommand {
         left: PathBuf,
         #[arg(long)]
         right: PathBuf,
-        /// FIELD=COLUMN pairs, as for dedupe; both files use the same column names.
-        #[arg(long)]
-        map: String,
-        #[arg(long)]
-        output: PathBuf,
-        #[arg(long, default_value_t = 0.85)]
-        threshold: f64,
+        #[command(flatten)]
+        matching: FileMatching,
     },
+}
+
+/// What the file identity commands share.
+#[derive(clap::Args)]
+struct FileMatching {
+    /// FIELD=COLUMN pairs: id (required), first_name, last_name, email, phone, date_of_birth,
+    /// street, house_number, postcode, city, region, national_id (the same names in both files).
+    #[arg(long)]
+    map: String,
+    #[arg(long)]
+    output: PathBuf,
+    /// Pairs scoring at least this are one person.
+    #[arg(long, default_value_t = 0.85)]
+    threshold: f64,
 }
 
 #[derive(Subcommand)]
@@ -138,15 +140,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cohort::telemetry::init(&config.telemetry);
             serve(config).await
         }
-        Command::Identity { command: IdentityCommand::Dedupe { input, map, output, threshold } } => {
-            let (opts, map) = file_matching(cli.config.as_deref(), &map)?;
-            let summary = cohort::dedupe::dedupe(&input, &map, &output, threshold, &opts)?;
+        Command::Identity { command: IdentityCommand::Dedupe { input, matching: m } } => {
+            let (opts, map) = file_matching(cli.config.as_deref(), &m.map)?;
+            let summary = cohort::dedupe::dedupe(&input, &map, &m.output, m.threshold, &opts)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
-        Command::Identity { command: IdentityCommand::Link { left, right, map, output, threshold } } => {
-            let (opts, map) = file_matching(cli.config.as_deref(), &map)?;
-            let summary = cohort::dedupe::link(&left, &right, &map, &output, threshold, &opts)?;
+        Command::Identity { command: IdentityCommand::Link { left, right, matching: m } } => {
+            let (opts, map) = file_matching(cli.config.as_deref(), &m.map)?;
+            let summary = cohort::dedupe::link(&left, &right, &map, &m.output, m.threshold, &opts)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
