@@ -143,6 +143,32 @@ impl SqliteWarehouse {
     }
 }
 
+impl SqliteWarehouse {
+    /// Runs one prepared statement per row inside one transaction: all rows or none.
+    async fn insert_rows<R: Send + 'static>(
+        &self,
+        layer: &'static str,
+        sql: &'static str,
+        rows: Vec<R>,
+        bind: fn(&mut rusqlite::CachedStatement<'_>, &R) -> Result<usize, StoreError>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+            {
+                let mut stmt = tx.prepare_cached(sql).map_err(|e| map_err("prepare insert", e))?;
+                for r in &rows {
+                    bind(&mut stmt, r).map_err(|e| StoreError { message: format!("{layer}: {}", e.message), ..e })?;
+                }
+            }
+            tx.commit().map_err(|e| map_err("commit", e))
+        })
+        .await
+    }
+}
+
 fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| map_err("set busy timeout", e))?;
     // GDPR: deleted rows are overwritten, not left readable in free pages.
@@ -234,115 +260,87 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn write_bronze(&self, rows: Vec<BronzeRow>) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO bronze \
-                         (raw_seq, source, format, content_type, received_at, payload_encoding, payload) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )
-                    .map_err(|e| map_err("prepare bronze insert", e))?;
-                for r in &rows {
-                    stmt.execute(params![
-                        to_i64(r.raw_seq, "raw_seq")?,
-                        r.source.as_str(),
-                        r.format,
-                        r.content_type,
-                        format_timestamp(r.received_at),
-                        r.payload_encoding.as_str(),
-                        r.payload,
-                    ])
-                    .map_err(|e| map_err("insert bronze row", e))?;
-                }
-            }
-            tx.commit().map_err(|e| map_err("commit bronze", e))
-        })
+        self.insert_rows(
+            "bronze",
+            "INSERT OR IGNORE INTO bronze \
+             (raw_seq, source, format, content_type, received_at, payload_encoding, payload) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            rows,
+            |stmt, r| {
+                stmt.execute(params![
+                    to_i64(r.raw_seq, "raw_seq")?,
+                    r.source.as_str(),
+                    r.format,
+                    r.content_type,
+                    format_timestamp(r.received_at),
+                    r.payload_encoding.as_str(),
+                    r.payload,
+                ])
+                .map_err(|e| map_err("insert row", e))
+            },
+        )
         .await
     }
 
     async fn write_silver(&self, rows: Vec<SilverRow>) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO silver \
-                         (event_id, profile_id, source, kind, name, occurred_at, received_at, identifiers, traits, \
-                          properties, utm, raw_seq) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                    )
-                    .map_err(|e| map_err("prepare silver insert", e))?;
-                for r in &rows {
-                    let raw_seq = r.raw_seq.map(|s| to_i64(s, "raw_seq")).transpose()?;
-                    stmt.execute(params![
-                        r.event_id.as_str(),
-                        r.profile_id.as_str(),
-                        r.source.as_str(),
-                        r.kind.as_str(),
-                        r.name,
-                        format_timestamp(r.occurred_at),
-                        format_timestamp(r.received_at),
-                        json_text(&r.identifiers)?,
-                        json_text(&r.traits)?,
-                        json_text(&r.properties)?,
-                        opt_json_text(&r.utm)?,
-                        raw_seq,
-                    ])
-                    .map_err(|e| map_err("insert silver row", e))?;
-                }
-            }
-            tx.commit().map_err(|e| map_err("commit silver", e))
-        })
+        self.insert_rows(
+            "silver",
+            "INSERT OR IGNORE INTO silver \
+             (event_id, profile_id, source, kind, name, occurred_at, received_at, identifiers, traits, \
+              properties, utm, raw_seq) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            rows,
+            |stmt, r| {
+                stmt.execute(params![
+                    r.event_id.as_str(),
+                    r.profile_id.as_str(),
+                    r.source.as_str(),
+                    r.kind.as_str(),
+                    r.name,
+                    format_timestamp(r.occurred_at),
+                    format_timestamp(r.received_at),
+                    json_text(&r.identifiers)?,
+                    json_text(&r.traits)?,
+                    json_text(&r.properties)?,
+                    opt_json_text(&r.utm)?,
+                    r.raw_seq.map(|s| to_i64(s, "raw_seq")).transpose()?,
+                ])
+                .map_err(|e| map_err("insert row", e))
+            },
+        )
         .await
     }
 
     async fn write_gold_profiles(&self, rows: Vec<GoldProfileRow>) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
-            {
-                // A late, older snapshot (replay) must not overwrite a newer one.
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO gold_profiles \
-                         (profile_id, snapshot_at, traits, counters, identifiers, events_total, first_seen, \
-                          last_seen, merged_into) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                         ON CONFLICT (profile_id) DO UPDATE SET \
-                           snapshot_at = excluded.snapshot_at, traits = excluded.traits, \
-                           counters = excluded.counters, identifiers = excluded.identifiers, \
-                           events_total = excluded.events_total, first_seen = excluded.first_seen, \
-                           last_seen = excluded.last_seen, merged_into = excluded.merged_into \
-                         WHERE excluded.snapshot_at >= gold_profiles.snapshot_at",
-                    )
-                    .map_err(|e| map_err("prepare gold upsert", e))?;
-                for r in &rows {
-                    stmt.execute(params![
-                        r.profile_id.as_str(),
-                        format_timestamp(r.snapshot_at),
-                        json_text(&r.traits)?,
-                        json_text(&r.counters)?,
-                        json_text(&r.identifiers)?,
-                        to_i64(r.events_total, "events_total")?,
-                        r.first_seen.map(format_timestamp),
-                        r.last_seen.map(format_timestamp),
-                        r.merged_into.as_ref().map(|p| p.as_str().to_string()),
-                    ])
-                    .map_err(|e| map_err("upsert gold row", e))?;
-                }
-            }
-            tx.commit().map_err(|e| map_err("commit gold", e))
-        })
+        // A late, older snapshot (replay) must not overwrite a newer one.
+        self.insert_rows(
+            "gold",
+            "INSERT INTO gold_profiles \
+             (profile_id, snapshot_at, traits, counters, identifiers, events_total, first_seen, \
+              last_seen, merged_into) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT (profile_id) DO UPDATE SET \
+               snapshot_at = excluded.snapshot_at, traits = excluded.traits, \
+               counters = excluded.counters, identifiers = excluded.identifiers, \
+               events_total = excluded.events_total, first_seen = excluded.first_seen, \
+               last_seen = excluded.last_seen, merged_into = excluded.merged_into \
+             WHERE excluded.snapshot_at >= gold_profiles.snapshot_at",
+            rows,
+            |stmt, r| {
+                stmt.execute(params![
+                    r.profile_id.as_str(),
+                    format_timestamp(r.snapshot_at),
+                    json_text(&r.traits)?,
+                    json_text(&r.counters)?,
+                    json_text(&r.identifiers)?,
+                    to_i64(r.events_total, "events_total")?,
+                    r.first_seen.map(format_timestamp),
+                    r.last_seen.map(format_timestamp),
+                    r.merged_into.as_ref().map(|p| p.as_str().to_string()),
+                ])
+                .map_err(|e| map_err("insert row", e))
+            },
+        )
         .await
     }
 
