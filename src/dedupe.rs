@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context};
-use cohort_actors::matching::{compare, MatchModel, MatchRecord};
+use cohort_actors::matching::{fold_national_id, match_score, MatchModel, MatchRecord};
 use cohort_actors::normalize::NormalizeOptions;
 use cohort_actors::normalize::{normalize_email, normalize_name, normalize_phone, parse_date_of_birth};
 use serde::Serialize;
@@ -60,7 +60,6 @@ pub struct DedupeSummary {
 struct Person {
     id: String,
     record: MatchRecord,
-    national_id: Option<String>,
 }
 
 fn person(row: &csv::StringRecord, columns: &HashMap<String, usize>, opts: &NormalizeOptions) -> Option<Person> {
@@ -80,39 +79,9 @@ fn person(row: &csv::StringRecord, columns: &HashMap<String, usize>, opts: &Norm
         postal_code: get("postcode").map(|p| p.replace(' ', "").to_uppercase()),
         city: get("city").and_then(normalize_name),
         street: street.as_deref().and_then(normalize_name),
+        national_id: get("national_id").map(fold_national_id),
     };
-    Some(Person { id, record, national_id: get("national_id").map(|s| s.replace([' ', '-'], "").to_uppercase()) })
-}
-
-/// Keys that put likely duplicates in the same block.
-fn blocking_keys(p: &Person) -> Vec<String> {
-    let r = &p.record;
-    let mut keys = Vec::new();
-    let initial = |s: &Option<String>| s.as_ref().and_then(|v| v.chars().next());
-    if let (Some(last), Some(dob)) = (&r.last_name, r.date_of_birth) {
-        keys.push(format!("ln-dob:{}:{dob}", last.chars().take(3).collect::<String>()));
-    }
-    if let (Some(first), Some(dob)) = (&r.first_name, r.date_of_birth) {
-        keys.push(format!("fn-dob:{}:{dob}", first.chars().take(3).collect::<String>()));
-    }
-    if let (Some(pc), Some(i)) = (&r.postal_code, initial(&r.last_name)) {
-        keys.push(format!("pc-ln:{pc}:{i}"));
-    }
-    if let (Some(first), Some(last)) = (&r.first_name, &r.last_name) {
-        // Swapped names land in the same block.
-        let (a, b) = if first <= last { (first, last) } else { (last, first) };
-        keys.push(format!("names:{a}:{b}"));
-    }
-    if let Some(e) = &r.email {
-        keys.push(format!("email:{e}"));
-    }
-    if let Some(ph) = &r.phone {
-        keys.push(format!("phone:{ph}"));
-    }
-    if let Some(n) = &p.national_id {
-        keys.push(format!("nid:{n}"));
-    }
-    keys
+    Some(Person { id, record })
 }
 
 fn find(parent: &mut [usize], mut i: usize) -> usize {
@@ -158,12 +127,8 @@ fn read_people(input: &Path, map: &BTreeMap<String, String>, opts: &NormalizeOpt
     Ok(people)
 }
 
-/// The score of two people: the model's, or 1 when they share a national id.
 fn score(a: &Person, b: &Person, model: &MatchModel) -> f64 {
-    match (&a.national_id, &b.national_id) {
-        (Some(x), Some(y)) if x == y => 1.0,
-        _ => compare(&a.record, &b.record, model).score,
-    }
+    match_score(&a.record, &b.record, model)
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
@@ -191,7 +156,7 @@ pub fn link(
     let rights = read_people(right, map, opts)?;
     let mut blocks: HashMap<String, Vec<usize>> = HashMap::new();
     for (j, p) in rights.iter().enumerate() {
-        for key in blocking_keys(p) {
+        for key in p.record.blocking_keys() {
             blocks.entry(key).or_default().push(j);
         }
     }
@@ -201,7 +166,7 @@ pub fn link(
     writer.write_record(["left_id", "right_id", "score"])?;
     for l in &lefts {
         let mut candidates: HashSet<usize> = HashSet::new();
-        for key in blocking_keys(l) {
+        for key in l.record.blocking_keys() {
             match blocks.get(&key) {
                 Some(members) if members.len() > MAX_BLOCK => summary.oversized_blocks += 1,
                 Some(members) => candidates.extend(members.iter().copied()),
@@ -239,7 +204,7 @@ pub fn dedupe(
     let people = read_people(input, map, opts)?;
     let mut blocks: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, p) in people.iter().enumerate() {
-        for key in blocking_keys(p) {
+        for key in p.record.blocking_keys() {
             blocks.entry(key).or_default().push(i);
         }
     }

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod import;
 pub mod payloads;
 pub mod replay;
+pub mod synth;
 pub mod system;
 pub mod telemetry;
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-use crate::normalize::{normalize_name, parse_date_of_birth, DateOrder};
+use crate::normalize::{compare_given_names, normalize_name, parse_date_of_birth, DateOrder, GivenNames};
 
 /// The fields compared, as folded comparison keys.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -26,6 +26,9 @@ pub struct MatchRecord {
     pub postal_code: Option<String>,
     pub city: Option<String>,
     pub street: Option<String>,
+    /// A national or student id, when a file carries one: equal ids settle the match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub national_id: Option<String>,
 }
 
 impl MatchRecord {
@@ -50,10 +53,59 @@ impl MatchRecord {
             date_of_birth: text("date_of_birth").and_then(|d| parse_date_of_birth(&d, DateOrder::DayFirst)),
             email: identifier(IdentifierKind::Email),
             phone: identifier(IdentifierKind::Phone),
-            postal_code: text("postal_code").map(|s| s.replace(' ', "").to_uppercase()),
+            postal_code: text("postal_code")
+                .or_else(|| nested("postalCode"))
+                .or_else(|| nested("postal_code"))
+                .map(|s| s.replace(' ', "").to_uppercase()),
             city: city.as_deref().and_then(normalize_name),
             street: street.as_deref().and_then(normalize_name),
+            national_id: text("national_id").map(|n| fold_national_id(&n)),
         }
+    }
+
+    /// Keys that put likely duplicates in the same block: only records sharing a key are
+    /// compared. Name keys use a prefix of the folded name (Müller and Mueller share `mul`),
+    /// swapped names share a key, and exact identifiers (email, phone, national id) are keys.
+    pub fn blocking_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let prefix = |s: &String| s.chars().take(3).collect::<String>();
+        let initial = |s: &Option<String>| s.as_ref().and_then(|v| v.chars().next());
+        if let (Some(last), Some(dob)) = (&self.last_name, self.date_of_birth) {
+            keys.push(format!("ln-dob:{}:{dob}", prefix(last)));
+        }
+        if let (Some(first), Some(dob)) = (&self.first_name, self.date_of_birth) {
+            keys.push(format!("fn-dob:{}:{dob}", prefix(first)));
+        }
+        if let (Some(pc), Some(i)) = (&self.postal_code, initial(&self.last_name)) {
+            keys.push(format!("pc-ln:{pc}:{i}"));
+        }
+        if let (Some(first), Some(last)) = (&self.first_name, &self.last_name) {
+            let (a, b) = if first <= last { (first, last) } else { (last, first) };
+            keys.push(format!("names:{a}:{b}"));
+        }
+        if let Some(e) = &self.email {
+            keys.push(format!("email:{e}"));
+        }
+        if let Some(ph) = &self.phone {
+            keys.push(format!("phone:{ph}"));
+        }
+        if let Some(n) = &self.national_id {
+            keys.push(format!("nid:{n}"));
+        }
+        keys
+    }
+}
+
+/// National ids compare without spaces, dashes and case.
+pub fn fold_national_id(raw: &str) -> String {
+    raw.replace([' ', '-'], "").to_uppercase()
+}
+
+/// The match score of two records: 1 when they carry the same national id, else the model's.
+pub fn match_score(a: &MatchRecord, b: &MatchRecord, model: &MatchModel) -> f64 {
+    match (&a.national_id, &b.national_id) {
+        (Some(x), Some(y)) if x == y => 1.0,
+        _ => compare(a, b, model).score,
     }
 }
 
@@ -98,6 +150,14 @@ pub struct MatchModel {
     /// they earn a share of the agreement weight.
     pub agree_from: f64,
     pub partial_from: f64,
+    pub national_id: FieldModel,
+    /// Most bits the household fields (last name, street, postal code, city, phone) may add
+    /// together. Siblings share all of them, so beyond "same family" they say nothing about the
+    /// person; counting them as independent evidence would merge brothers and sisters.
+    pub household_cap: f64,
+    /// Most bits the household fields may take away together: a move changes all of them at
+    /// once, and is one event, not three.
+    pub moved_cap: f64,
 }
 
 impl Default for MatchModel {
@@ -106,14 +166,18 @@ impl Default for MatchModel {
         Self {
             first_name: f(0.95, 0.01),
             last_name: f(0.95, 0.005),
-            date_of_birth: f(0.97, 0.0003),
-            email: f(0.90, 0.000_01),
+            date_of_birth: f(0.99, 0.0003),
+            // Students use several addresses: a different one is weak evidence.
+            email: f(0.70, 0.000_01),
             phone: f(0.90, 0.000_1),
             postal_code: f(0.90, 0.01),
             city: f(0.90, 0.05),
             street: f(0.85, 0.001),
+            national_id: f(0.99, 0.000_000_1),
             prior: 0.000_1,
             agree_from: 0.94,
+            household_cap: 12.0,
+            moved_cap: 4.0,
             partial_from: 0.85,
         }
     }
@@ -168,7 +232,7 @@ pub fn compare(a: &MatchRecord, b: &MatchRecord, model: &MatchModel) -> MatchExp
             weight: model.last_name.agree(),
         });
     } else {
-        out.push(fuzzy("first_name", &a.first_name, &b.first_name, model.first_name, model));
+        out.push(given_name(&a.first_name, &b.first_name, model));
         out.push(fuzzy("last_name", &a.last_name, &b.last_name, model.last_name, model));
     }
     out.push(dates(&a.date_of_birth, &b.date_of_birth, model.date_of_birth));
@@ -176,11 +240,31 @@ pub fn compare(a: &MatchRecord, b: &MatchRecord, model: &MatchModel) -> MatchExp
     out.push(exact("phone", &a.phone, &b.phone, model.phone));
     out.push(exact("postal_code", &a.postal_code, &b.postal_code, model.postal_code));
     out.push(fuzzy("city", &a.city, &b.city, model.city, model));
-    out.push(fuzzy("street", &a.street, &b.street, model.street, model));
+    out.push(street(&a.street, &b.street, model));
+    out.push(exact("national_id", &a.national_id, &b.national_id, model.national_id));
+    cap_group(&mut out, HOUSEHOLD, |w| w > 0.0, model.household_cap);
+    cap_group(&mut out, HOME, |w| w < 0.0, model.moved_cap);
     let weight: f64 = out.iter().map(|c| c.weight).sum();
     let prior = (model.prior / (1.0 - model.prior)).log2();
     let score = 1.0 / (1.0 + (-(weight + prior)).exp2());
     MatchExplanation { comparisons: out, weight, score }
+}
+
+/// Fields a family shares (see [`MatchModel::household_cap`]).
+const HOUSEHOLD: &[&str] = &["last_name", "street", "postal_code", "city", "phone"];
+/// Fields a move changes together (see [`MatchModel::moved_cap`]).
+const HOME: &[&str] = &["street", "postal_code", "city", "phone"];
+
+/// Scales the weights of `fields` of one sign so their magnitude adds up to at most `cap`.
+fn cap_group(out: &mut [FieldComparison], fields: &[&str], sign: impl Fn(f64) -> bool, cap: f64) {
+    let chosen = |c: &FieldComparison| fields.contains(&c.field.as_str()) && sign(c.weight);
+    let total: f64 = out.iter().filter(|c| chosen(c)).map(|c| c.weight.abs()).sum();
+    if total > cap {
+        let scale = cap / total;
+        for c in out.iter_mut().filter(|c| chosen(c)) {
+            c.weight *= scale;
+        }
+    }
 }
 
 fn missing(field: &str) -> FieldComparison {
@@ -205,6 +289,52 @@ fn fuzzy(field: &str, a: &Option<String>, b: &Option<String>, m: FieldModel, mod
         (Outcome::Disagree, m.disagree())
     };
     FieldComparison { field: field.into(), outcome, similarity: Some(sim), weight }
+}
+
+/// Given names: a nickname agrees (a little less than the same name); two different known
+/// names disagree however alike they look (Christina, Christian); anything else is fuzzy, as
+/// one of them may be mistyped.
+fn given_name(a: &Option<String>, b: &Option<String>, model: &MatchModel) -> FieldComparison {
+    let (Some(x), Some(y)) = (a, b) else { return missing("first_name") };
+    let m = model.first_name;
+    let sim = Some(strsim::jaro_winkler(x, y));
+    match compare_given_names(x, y) {
+        GivenNames::Same => fuzzy("first_name", a, b, m, model),
+        GivenNames::Nickname => FieldComparison {
+            field: "first_name".into(),
+            outcome: Outcome::Agree,
+            similarity: sim,
+            weight: m.agree() - 3.0,
+        },
+        GivenNames::Different => FieldComparison {
+            field: "first_name".into(),
+            outcome: Outcome::Disagree,
+            similarity: sim,
+            weight: m.disagree(),
+        },
+        GivenNames::Unknown => fuzzy("first_name", a, b, m, model),
+    }
+}
+
+/// Streets compare by name (fuzzy) and house number (exact when both have one): the same
+/// street is many households.
+fn street(a: &Option<String>, b: &Option<String>, model: &MatchModel) -> FieldComparison {
+    let (Some(a), Some(b)) = (a, b) else { return missing("street") };
+    let split = |s: &str| {
+        let number: String = s.split_whitespace().filter(|w| w.chars().any(|c| c.is_ascii_digit())).collect();
+        let name: Vec<&str> = s.split_whitespace().filter(|w| !w.chars().any(|c| c.is_ascii_digit())).collect();
+        (name.join(" "), number)
+    };
+    let ((name_a, number_a), (name_b, number_b)) = (split(a), split(b));
+    if !number_a.is_empty() && !number_b.is_empty() && number_a != number_b {
+        return FieldComparison {
+            field: "street".into(),
+            outcome: Outcome::Disagree,
+            similarity: Some(0.0),
+            weight: model.street.disagree(),
+        };
+    }
+    fuzzy("street", &Some(name_a), &Some(name_b), model.street, model)
 }
 
 fn dates(a: &Option<NaiveDate>, b: &Option<NaiveDate>, m: FieldModel) -> FieldComparison {
@@ -282,7 +412,7 @@ mod tests {
         let b = rec("Jonas", "Weber", None, None);
         let e = compare(&a, &b, &m);
         let missing = e.comparisons.iter().filter(|c| c.outcome == Outcome::Missing).count();
-        assert_eq!(missing, 6);
+        assert_eq!(missing, 7);
         let sum: f64 = e.comparisons.iter().map(|c| c.weight).sum();
         assert!((sum - e.weight).abs() < 1e-9);
         assert!(e.score > 0.0 && e.score < 1.0);
@@ -297,5 +427,47 @@ mod tests {
         let first = e.comparisons.iter().find(|c| c.field == "first_name").unwrap();
         assert!(matches!(first.outcome, Outcome::Agree | Outcome::Partial), "{first:?}");
         assert!(first.weight > 0.0);
+    }
+
+    #[test]
+    fn siblings_sharing_a_home_and_phone_are_not_one_student() {
+        let m = MatchModel::default();
+        let home = |first: &str, dob| MatchRecord {
+            street: normalize_name("Gartenstraße 44"),
+            city: normalize_name("Frankfurt am Main"),
+            phone: Some("+4915335624587".into()),
+            ..rec(first, "Heinrich", dob, Some("60894"))
+        };
+        let sister = compare(&home("Christina", Some((2001, 5, 19))), &home("Christian", Some((2004, 2, 12))), &m);
+        assert!(sister.score < 0.1, "{sister:?}");
+        let first = sister.comparisons.iter().find(|c| c.field == "first_name").unwrap();
+        assert_eq!(first.outcome, Outcome::Disagree, "two known names, not a typo");
+        // Household fields together add at most the cap.
+        let household: f64 = sister
+            .comparisons
+            .iter()
+            .filter(|c| ["last_name", "street", "postal_code", "city", "phone"].contains(&c.field.as_str()))
+            .map(|c| c.weight)
+            .sum();
+        assert!((household - m.household_cap).abs() < 1e-9, "{household}");
+        // The same student after a move, with a nickname: still a match.
+        let moved = MatchRecord {
+            street: normalize_name("Schillerplatz 141"),
+            city: normalize_name("Freiburg"),
+            ..home("Max", Some((2001, 5, 19)))
+        };
+        let before = home("Maximilian", Some((2001, 5, 19)));
+        let before = MatchRecord { postal_code: Some("79043".into()), ..before };
+        assert!(compare(&before, &moved, &m).score > 0.99);
+    }
+
+    #[test]
+    fn a_different_house_number_is_a_different_address() {
+        let m = MatchModel::default();
+        let at = |street: &str| MatchRecord { street: normalize_name(street), ..MatchRecord::default() };
+        let e = compare(&at("Gran Vía 27"), &at("Gran Via 90"), &m);
+        assert_eq!(e.comparisons.iter().find(|c| c.field == "street").unwrap().outcome, Outcome::Disagree);
+        let e = compare(&at("Gran Vía 27"), &at("Grna Via 27"), &m);
+        assert_ne!(e.comparisons.iter().find(|c| c.field == "street").unwrap().outcome, Outcome::Disagree);
     }
 }

@@ -6,6 +6,7 @@
 //! reject that element only, so one bad row never costs the rest of the batch.
 
 pub mod contact;
+pub mod given_names;
 pub mod nlp;
 pub mod options;
 pub mod person;
@@ -17,6 +18,7 @@ pub mod twilio;
 mod util;
 
 pub use contact::{normalize_email, normalize_phone};
+pub use given_names::{compare_given_names, GivenNames};
 pub use nlp::{analyze_text, TextAnalysis};
 pub use options::{EmailRule, IntentRule, NormalizeOptions, Programme, SegmentLimits};
 pub use person::{normalize_name, parse_date_of_birth, DateOrder};

@@ -33,10 +33,15 @@ pub(crate) fn fold(text: &str) -> String {
             i += if possessive { 2 } else { 1 };
             continue;
         }
-        if c == 'ß' {
-            out.push_str("ss");
-        } else {
-            out.push(c);
+        // Letters Unicode does not decompose into a base letter and a mark.
+        match c {
+            'ß' => out.push_str("ss"),
+            'ł' => out.push('l'),
+            'ø' => out.push('o'),
+            'đ' => out.push('d'),
+            'æ' => out.push_str("ae"),
+            'œ' => out.push_str("oe"),
+            _ => out.push(c),
         }
         i += 1;
     }
@@ -251,6 +256,7 @@ mod tests {
         assert_eq!(tokenize("Hi, when's the DEADLINE für's MBA?"), vec!["hi", "when", "the", "deadline", "fur", "mba"]);
         assert_eq!(tokenize("Straße enttäuscht 👍!"), vec!["strasse", "enttauscht", "👍"]);
         assert_eq!(tokenize("don't"), vec!["dont"]);
+        assert_eq!(tokenize("Małgorzata Søren Œuvre"), vec!["malgorzata", "soren", "oeuvre"]);
         assert!(tokenize("  ...  ").is_empty());
     }
 
