@@ -106,6 +106,12 @@ impl CohortClient {
     }
 
     /// `GET` an API path with the bearer token.
+    /// A Profile or operations API call with a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Answer> {
+        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.api_token).json(body).send().await?;
+        answer(r).await
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
         let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.api_token).send().await?;
         answer(r).await

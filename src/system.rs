@@ -2,13 +2,15 @@
 //! HTTP API, and an orderly shutdown.
 
 use anyhow::{anyhow, Context};
+use cohort_actors::matching::MatchModel;
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
 use cohort_actors::normalize::{normalize_email, normalize_phone, NormalizeOptions};
 use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
-    spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IdentityRules,
-    IdentityStatsActor, IdentityStatsArgs, IngestActor, IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs,
-    ProfilesDirectory, RetentionActor, RetentionArgs, WarehouseSink, WarehouseSinkArgs,
+    spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IdentityMatcher,
+    IdentityMatcherArgs, IdentityRules, IdentityStatsActor, IdentityStatsArgs, IngestActor, IngestArgs,
+    PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, RetentionActor, RetentionArgs, WarehouseSink,
+    WarehouseSinkArgs,
 };
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
@@ -245,10 +247,12 @@ impl Cohort {
                 flush_interval: Duration::from_millis(config.profiles.flush_interval_ms),
                 max_event_attempts: config.profiles.max_event_attempts,
                 restart_policy: policy,
+                unmerge_window: config.identity.unmerge_window,
             },
             fault: options.fault.clone(),
             warehouse: warehouse.clone(),
             staged_bronze: Arc::default(),
+            matcher: Slot::default(),
         };
 
         // Ingest: one actor per source, independent of each other.
@@ -342,6 +346,29 @@ impl Cohort {
                 }
             }));
         }
+        if config.identity.matching {
+            let (store, index, dir, metrics) =
+                (store.clone(), ctx.index.clone(), profiles_slot.clone(), metrics.clone());
+            let slot = ctx.matcher.clone();
+            let (review_threshold, auto) = (config.identity.review_threshold, config.identity.auto_merge_threshold);
+            job_children.push(ChildSpec::new("identity_matcher", "identity_matcher", move |sup| {
+                let args = IdentityMatcherArgs {
+                    store: store.clone(),
+                    index: index.clone(),
+                    directory: dir.clone(),
+                    metrics: metrics.clone(),
+                    model: MatchModel::default(),
+                    review_threshold,
+                    auto_merge_threshold: (auto > 0.0).then_some(auto),
+                };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, IdentityMatcher, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         let stats_slot: Slot<IdentityStatsMsg> = Slot::default();
         {
             let (store, metrics, slot) = (store.clone(), metrics.clone(), stats_slot.clone());
@@ -406,6 +433,7 @@ impl Cohort {
             ingest: Arc::new(ingest_slots),
             profiles: profiles_slot,
             identity_stats: stats_slot,
+            matcher: ctx.matcher.clone(),
             index: ctx.index.clone(),
             store: store.clone(),
             metrics: metrics.clone(),

@@ -122,6 +122,35 @@ async fn slide_18_on_kafka_and_mongodb() {
     assert_eq!(dlq[0].0, "web");
     assert!(dlq[0].1["reason"].as_str().unwrap().contains("element 1"), "{}", dlq[0].1);
     assert!(dlq[0].1["id"].as_u64().is_some(), "published with the id the store gave it");
+
+    // A merge is published on cdp.identity, keyed by the survivor, once it is stored.
+    let c = &demo.client;
+    for (mid, email, device) in [
+        ("m-1", Some("merge.me@uni.eu"), None),
+        ("m-2", None, Some("kiosk-7")),
+        ("m-3", Some("merge.me@uni.eu"), Some("kiosk-7")),
+    ] {
+        let traits = email.map_or_else(|| json!({}), |e| json!({ "email": e }));
+        let body = cohort::payloads::segment_identify(
+            mid,
+            Some(&format!("anon-{mid}")),
+            None,
+            traits,
+            device,
+            chrono::Utc::now(),
+        );
+        assert_eq!(c.segment(true, "identify", &body).await.unwrap().status, 200);
+        demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
+    }
+    let survivor = fetch_profile(c, "email:merge.me@uni.eu").await.unwrap()["profile"]["profile_id"].clone();
+    let identity = read_topic(&format!("{id}.cdp.identity"));
+    for (key, event) in &identity {
+        assert_eq!(&json!(key), &event["survivor"], "keyed by the survivor: {event}");
+    }
+    let ours: Vec<&serde_json::Value> = identity.iter().filter(|(k, _)| json!(k) == survivor).map(|(_, e)| e).collect();
+    assert_eq!(ours.len(), 1, "{identity:?}");
+    assert_eq!(ours[0]["event"], "identity_merged");
+    assert!(ours[0]["evidence"].to_string().contains("kiosk-7"), "{}", ours[0]);
     demo.stop().await.unwrap();
 }
 
@@ -370,6 +399,7 @@ async fn every_topic_is_created_at_start_with_the_configured_partitions() {
         "cdp.dlq",
         "cdp.segment.change",
         "cdp.gdpr",
+        "cdp.identity",
     ];
     for topic in expected {
         assert_eq!(ours.get(topic), Some(&3), "{topic}: {ours:?}");

@@ -3,8 +3,9 @@
 use crate::identity::IdentityIndex;
 use crate::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_adapters::{BronzeRow, EventBus, OperationalStore, Warehouse};
+use cohort_messages::msgs::MatcherMsg;
 use cohort_messages::{CustomerEvent, ProfileId};
-use cohort_supervisors::{Metrics, RestartPolicy};
+use cohort_supervisors::{Metrics, RestartPolicy, Slot};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub struct ProfileSettings {
     pub flush_interval: Duration,
     pub max_event_attempts: u32,
     pub restart_policy: RestartPolicy,
+    /// Events after a merge for which it can still be undone (`identity.unmerge_window`).
+    pub unmerge_window: usize,
 }
 
 #[derive(Clone)]
@@ -41,6 +44,8 @@ pub struct PipelineContext {
     pub warehouse: Option<Arc<dyn Warehouse>>,
     /// Raw payloads read from the bus, waiting for the next flush's outbox.
     pub staged_bronze: Arc<Mutex<Vec<BronzeRow>>>,
+    /// The probabilistic matcher, told about flushed profiles when it runs.
+    pub matcher: Slot<MatcherMsg>,
 }
 
 impl std::fmt::Debug for PipelineContext {

@@ -8,10 +8,13 @@
 
 use crate::context::PipelineContext;
 use crate::dead_letters;
+use crate::identity::identity_events;
 use crate::profile::{ProfileActor, ProfileArgs};
 use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
-use cohort_messages::msgs::{FlushReport, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats};
-use cohort_messages::{CustomerEvent, DeadLetterStage, ProfileId, ProfileRecord};
+use cohort_messages::msgs::{
+    FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
+};
+use cohort_messages::{CustomerEvent, DeadLetterStage, IdentifierKind, ProfileId, ProfileRecord};
 use cohort_supervisors::{RestartDecision, RestartTracker};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::{HashMap, VecDeque};
@@ -25,7 +28,10 @@ use tokio::task::JoinHandle;
 enum Change {
     Apply { seq: u64, event: Arc<CustomerEvent> },
     MergeInto { survivor: ProfileId },
+    BeginMerge { merged: ProfileId },
     Absorb { record: Box<ProfileRecord> },
+    Unmerge { merged: ProfileId },
+    Restore { record: Box<ProfileRecord>, from: ProfileId },
 }
 
 impl Change {
@@ -33,7 +39,11 @@ impl Change {
         match self {
             Change::Apply { seq, event } => ProfileMsg::Apply { seq: *seq, event: event.clone() },
             Change::MergeInto { survivor } => ProfileMsg::MergeInto { survivor: survivor.clone() },
+            Change::BeginMerge { merged } => ProfileMsg::BeginMerge { merged: merged.clone() },
             Change::Absorb { record } => ProfileMsg::Absorb { record: record.clone() },
+            // Re-delivered after a restart: the answer went out with the first delivery.
+            Change::Unmerge { merged } => ProfileMsg::Unmerge { merged: merged.clone(), reply: None },
+            Change::Restore { record, from } => ProfileMsg::Restore { record: record.clone(), from: from.clone() },
         }
     }
 }
@@ -94,7 +104,10 @@ fn change_of(msg: &ProfileMsg) -> Option<Change> {
     match msg {
         ProfileMsg::Apply { seq, event } => Some(Change::Apply { seq: *seq, event: event.clone() }),
         ProfileMsg::MergeInto { survivor } => Some(Change::MergeInto { survivor: survivor.clone() }),
+        ProfileMsg::BeginMerge { merged } => Some(Change::BeginMerge { merged: merged.clone() }),
         ProfileMsg::Absorb { record } => Some(Change::Absorb { record: record.clone() }),
+        ProfileMsg::Unmerge { merged, .. } => Some(Change::Unmerge { merged: merged.clone() }),
+        ProfileMsg::Restore { record, from } => Some(Change::Restore { record: record.clone(), from: from.clone() }),
         _ => None,
     }
 }
@@ -282,6 +295,7 @@ impl ProfilesState {
                 }
             }
             let (identities, merges) = ctx.index.take_pending();
+            let unmerges = ctx.index.take_unmerges();
             let ids = if complete { ctx.pending_ids.take_covered(&lows) } else { Vec::new() };
             let in_store = ctx.bus.checkpoint_in_store();
             let checkpoint = match (complete, in_store) {
@@ -312,9 +326,14 @@ impl ProfilesState {
                 outbox,
             };
             let n_profiles = batch.profiles.len();
+            let candidates = if ctx.matcher.get().is_some() { match_candidates(&batch.profiles) } else { Vec::new() };
             let result = match ctx.store.commit_flush(batch).await {
                 Ok(()) => {
                     ctx.pending_ids.persisted(&ids);
+                    if let (Some(matcher), false) = (ctx.matcher.get(), candidates.is_empty()) {
+                        let _ = matcher.send_message(MatcherMsg::ProfilesChanged(candidates));
+                    }
+                    ctx.index.publish_identity_events(ctx.bus.as_ref(), identity_events(&merges, &unmerges)).await;
                     // The store has the effects; only now may the bus forget the events. A failed
                     // commit (a rebalance, say) only delays it: the next flush commits further.
                     let committed = if complete && !in_store {
@@ -343,6 +362,7 @@ impl ProfilesState {
                 Err(e) => {
                     ctx.staged_bronze.lock().extend(bronze);
                     ctx.index.restore_pending(identities, merges);
+                    ctx.index.restore_unmerges(unmerges);
                     ctx.pending_ids.restore(ids);
                     ctx.metrics.flush_failures.inc();
                     tracing::warn!(error = %e, "profile flush failed, will retry");
@@ -514,4 +534,41 @@ impl Actor for ProfilesDirectory {
         }
         Ok(())
     }
+}
+
+/// Traits the probabilistic matcher compares.
+const MATCH_TRAITS: &[&str] =
+    &["first_name", "last_name", "date_of_birth", "postal_code", "city", "street", "address", "national_id"];
+
+/// What the matcher needs of flushed profiles: the person fields of those that have a name or a
+/// date of birth, and the ids of those merged away (to forget them).
+fn match_candidates(profiles: &[ProfileRecord]) -> Vec<MatchCandidate> {
+    profiles
+        .iter()
+        .filter_map(|p| {
+            if p.merged_into.is_some() {
+                return Some(MatchCandidate {
+                    profile_id: p.profile_id.clone(),
+                    merged: true,
+                    traits: Default::default(),
+                    identifiers: Vec::new(),
+                });
+            }
+            let person = ["first_name", "last_name", "date_of_birth"].iter().any(|k| p.traits.contains_key(*k));
+            person.then(|| MatchCandidate {
+                profile_id: p.profile_id.clone(),
+                merged: false,
+                traits: MATCH_TRAITS
+                    .iter()
+                    .filter_map(|k| p.traits.get(*k).map(|t| (k.to_string(), t.clone())))
+                    .collect(),
+                identifiers: p
+                    .identifiers
+                    .iter()
+                    .filter(|l| matches!(l.identifier.kind, IdentifierKind::Email | IdentifierKind::Phone))
+                    .cloned()
+                    .collect(),
+            })
+        })
+        .collect()
 }

@@ -4,9 +4,11 @@
 use crate::context::PipelineContext;
 use crate::dead_letters;
 use chrono::Utc;
-use cohort_adapters::{OperationalStore, StoreError};
-use cohort_messages::msgs::{IdentityMerged, IdentityMsg, ProfileMsg, ProfilesMsg};
-use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, IdentifierKind, ProfileId};
+use cohort_adapters::{EventBus, OperationalStore, StoreError};
+use cohort_messages::msgs::{
+    IdentityEvent, IdentityMerged, IdentityMsg, IdentityUnmerged, MergeReason, ProfileMsg, ProfilesMsg,
+};
+use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, IdentifierKind, ProfileId, ProfileRecord};
 use cohort_supervisors::Slot;
 use dashmap::{DashMap, DashSet};
 use parking_lot::Mutex;
@@ -106,6 +108,12 @@ pub struct IdentityIndex {
     limited: DashMap<ProfileId, Vec<Identifier>>,
     /// Per identifier of a kind with a per-identifier limit, the profiles it was found linking.
     sightings: DashMap<Identifier, BTreeSet<ProfileId>>,
+    /// Per live profile, the profiles an unmerge declared to be other students.
+    apart: DashMap<ProfileId, BTreeSet<ProfileId>>,
+    /// Unmerges not yet persisted and published (merges are in `merges`).
+    unmerges: Mutex<Vec<IdentityUnmerged>>,
+    /// Persisted identity events the bus has not taken yet (retried with the next flush).
+    unpublished: Mutex<Vec<IdentityEvent>>,
 }
 
 impl std::fmt::Debug for IdentityIndex {
@@ -124,6 +132,9 @@ impl IdentityIndex {
             rules,
             limited: DashMap::new(),
             sightings: DashMap::new(),
+            apart: DashMap::new(),
+            unmerges: Mutex::new(Vec::new()),
+            unpublished: Mutex::new(Vec::new()),
             store,
             owners: DashMap::new(),
             redirects: DashMap::new(),
@@ -252,6 +263,9 @@ impl IdentityIndex {
                             let values = rec.identifiers.iter().map(|l| l.identifier.clone()).collect();
                             self.note_limited(&current, values);
                         }
+                        if !rec.kept_apart.is_empty() {
+                            self.apart.entry(current.clone()).or_default().extend(rec.kept_apart);
+                        }
                         self.known_roots.insert(current.clone());
                         return Ok(current);
                     }
@@ -271,9 +285,69 @@ impl IdentityIndex {
             all.extend(values);
             self.note_limited(&merged.survivor, all);
         }
+        if let Some((_, apart)) = self.apart.remove(&merged.merged) {
+            self.apart.entry(merged.survivor.clone()).or_default().extend(apart);
+        }
         self.known_roots.remove(&merged.merged);
         self.redirects.insert(merged.merged.clone(), merged.survivor.clone());
         self.merges.lock().push(merged);
+    }
+
+    /// Whether an unmerge declared one of `group` and `other` to be different students.
+    fn kept_apart(&self, group: &BTreeSet<ProfileId>, other: &ProfileId) -> bool {
+        let theirs = self.apart.get(other);
+        group.iter().any(|p| {
+            theirs.as_ref().is_some_and(|t| t.contains(p)) || self.apart.get(p).is_some_and(|a| a.contains(other))
+        })
+    }
+
+    /// Whether an unmerge declared these two (live) profiles to be different students.
+    pub fn kept_apart_pair(&self, a: &ProfileId, b: &ProfileId) -> bool {
+        self.kept_apart(&BTreeSet::from([a.clone()]), b)
+    }
+
+    /// Merges two live profiles on a decision (a review approval, an automatic probabilistic
+    /// match): the older survives. `Ok(None)` when they already are one profile; refused when an
+    /// unmerge kept them apart or together they would exceed a per-profile identifier limit.
+    pub async fn merge_pair(
+        &self,
+        a: &ProfileId,
+        b: &ProfileId,
+        reason: MergeReason,
+    ) -> Result<Option<IdentityMerged>, MergeRefused> {
+        let a = self.root(a).await.map_err(|e| MergeRefused::Unavailable(e.to_string()))?;
+        let b = self.root(b).await.map_err(|e| MergeRefused::Unavailable(e.to_string()))?;
+        if a == b {
+            return Ok(None);
+        }
+        if self.kept_apart(&BTreeSet::from([a.clone()]), &b) {
+            return Err(MergeRefused::KeptApart);
+        }
+        if !self.rules.fits(&self.limited_values(&a), &self.limited_values(&b)) {
+            return Err(MergeRefused::ProfileLimit);
+        }
+        let (survivor, merged) = if a < b { (a, b) } else { (b, a) };
+        let merge = IdentityMerged { survivor, merged, evidence: Vec::new(), at: Utc::now(), seq: 0, reason };
+        self.record_merge(merge.clone());
+        Ok(Some(merge))
+    }
+
+    /// Takes the split an unmerge computed into the graph: the restored profile owns its
+    /// identifiers again, no longer redirects, and the two are kept apart from now on.
+    pub fn unmerge(&self, survivor: &ProfileRecord, restored: &ProfileRecord) {
+        let (s, r) = (&survivor.profile_id, &restored.profile_id);
+        self.redirects.remove(r);
+        self.known_roots.insert(r.clone());
+        self.known_roots.insert(s.clone());
+        for (record, id) in [(survivor, s), (restored, r)] {
+            for l in &record.identifiers {
+                self.repoint(&l.identifier, id);
+            }
+            self.limited.remove(id);
+            self.note_limited(id, record.identifiers.iter().map(|l| l.identifier.clone()).collect());
+            self.apart.insert(id.clone(), record.kept_apart.clone());
+        }
+        self.unmerges.lock().push(IdentityUnmerged { survivor: s.clone(), restored: r.clone(), at: Utc::now() });
     }
 
     /// Resolves an identifier ref to the live profile id (following merges).
@@ -289,6 +363,40 @@ impl IdentityIndex {
         let ids = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
         let merges = std::mem::take(&mut *self.merges.lock());
         (ids, merges)
+    }
+
+    /// Unmerges not yet published, taken by the flush that persists them.
+    pub fn take_unmerges(&self) -> Vec<IdentityUnmerged> {
+        std::mem::take(&mut *self.unmerges.lock())
+    }
+
+    /// Publishes identity events a flush persisted, with any a previous attempt could not
+    /// publish; on failure they wait for the next flush (in memory: a restart loses them, the
+    /// store's merge records and audit log keep the facts).
+    pub async fn publish_identity_events(&self, bus: &dyn EventBus, events: Vec<IdentityEvent>) {
+        let pending = {
+            let mut u = self.unpublished.lock();
+            u.extend(events);
+            std::mem::take(&mut *u)
+        };
+        if pending.is_empty() {
+            return;
+        }
+        if let Err(e) = bus.publish_identity(&pending).await {
+            tracing::warn!(error = %e, events = pending.len(), "identity events not published; retrying with the next flush");
+            let mut u = self.unpublished.lock();
+            let newer = std::mem::take(&mut *u);
+            *u = pending;
+            u.extend(newer);
+        }
+    }
+
+    /// Puts back unmerges a failed flush took.
+    pub fn restore_unmerges(&self, taken: Vec<IdentityUnmerged>) {
+        let mut u = self.unmerges.lock();
+        let newer = std::mem::take(&mut *u);
+        *u = taken;
+        u.extend(newer);
     }
 
     /// Puts back what a failed flush took, unless newer changes replaced it meanwhile.
@@ -373,6 +481,10 @@ pub async fn resolve_event(
             refuse(id, "shared_identifier");
             continue;
         }
+        if index.kept_apart(&linked, root) {
+            refuse(id, "kept_apart");
+            continue;
+        }
         let theirs = index.limited_values(root);
         if index.rules.fits(&held, &theirs) {
             held.extend(theirs);
@@ -390,7 +502,8 @@ pub async fn resolve_event(
                 // Another shard claimed it first: that profile is this student too, if it fits.
                 let other = index.root(&other).await?;
                 let theirs = index.limited_values(&other);
-                if linked.contains(&other) || index.rules.fits(&held, &theirs) {
+                let allowed = index.rules.fits(&held, &theirs) && !index.kept_apart(&linked, &other);
+                if linked.contains(&other) || allowed {
                     held.extend(theirs);
                     linked.insert(other);
                 } else {
@@ -417,13 +530,10 @@ pub async fn resolve_event(
             evidence,
             at: Utc::now(),
             seq,
+            reason: MergeReason::SharedIdentifier,
         });
         ctx.metrics.identity_merges.inc();
-        directory
-            .send_message(ProfilesMsg::Deliver {
-                profile_id: merged.clone(),
-                msg: ProfileMsg::MergeInto { survivor: target.clone() },
-            })
+        send_merge(directory, &target, merged)
             .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
     }
     if linked.len() > 1 {
@@ -433,6 +543,44 @@ pub async fn resolve_event(
     }
     let unlinked = event.identifiers.iter().filter(|i| !links.contains(i)).cloned().collect();
     Ok(Some(Placement { profile: target, unlinked }))
+}
+
+/// Tells the survivor a merge is coming (so it can tell later events apart on an unmerge), then
+/// the merged profile to hand its state over.
+pub fn send_merge(
+    directory: &ActorRef<ProfilesMsg>,
+    survivor: &ProfileId,
+    merged: &ProfileId,
+) -> Result<(), ractor::MessagingErr<ProfilesMsg>> {
+    directory.send_message(ProfilesMsg::Deliver {
+        profile_id: survivor.clone(),
+        msg: ProfileMsg::BeginMerge { merged: merged.clone() },
+    })?;
+    directory.send_message(ProfilesMsg::Deliver {
+        profile_id: merged.clone(),
+        msg: ProfileMsg::MergeInto { survivor: survivor.clone() },
+    })
+}
+
+/// Why a decided merge was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MergeRefused {
+    #[error("an unmerge declared these profiles to be different students")]
+    KeptApart,
+    #[error("together they would hold more identifiers of a kind than identity.max_values_per_profile allows")]
+    ProfileLimit,
+    #[error("identity store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The identity events a flush persisted, for the bus.
+pub fn identity_events(merges: &[IdentityMerged], unmerges: &[IdentityUnmerged]) -> Vec<IdentityEvent> {
+    merges
+        .iter()
+        .cloned()
+        .map(IdentityEvent::IdentityMerged)
+        .chain(unmerges.iter().cloned().map(IdentityEvent::IdentityUnmerged))
+        .collect()
 }
 
 /// Where an event belongs, and which of its identifiers did not link there (blocked, or over a

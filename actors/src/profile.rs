@@ -2,9 +2,11 @@
 
 use crate::context::PipelineContext;
 use chrono::Utc;
-use cohort_messages::msgs::{ProfileMsg, ProfileRecordReply, ProfileSnapshot, ProfilesMsg};
-use cohort_messages::{ProfileId, ProfileRecord};
+use cohort_adapters::{OperationalStore, StoreError};
+use cohort_messages::msgs::{ProfileMsg, ProfileRecordReply, ProfileSnapshot, ProfilesMsg, UnmergeReport};
+use cohort_messages::{ConsentRecord, ProfileId, ProfileRecord};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -95,6 +97,7 @@ impl Actor for ProfileActor {
                 if record.apply(seq, &event, limit) {
                     let latency = (Utc::now() - event.received_at).to_std().unwrap_or_default();
                     state.ctx.metrics.event_to_profile_latency.observe(latency.as_secs_f64());
+                    record.trim_ledger(state.ctx.profiles.unmerge_window, limit);
                 }
                 state.in_progress.store(0, Ordering::SeqCst);
             }
@@ -127,14 +130,75 @@ impl Actor for ProfileActor {
                     }
                 }
             }
+            ProfileMsg::BeginMerge { merged } => {
+                if let Some(survivor) = state.survivor() {
+                    return state.forward(survivor, ProfileMsg::BeginMerge { merged });
+                }
+                if let Some(record) = state.record.as_mut() {
+                    record.begin_merge(&merged);
+                }
+            }
             ProfileMsg::Absorb { record } => {
                 if let Some(survivor) = state.survivor() {
                     return state.forward(survivor, ProfileMsg::Absorb { record });
                 }
                 let limit = state.ctx.profiles.history_limit;
                 let created = record.created_at;
+                let merged = record.profile_id.clone();
                 let own = state.record.get_or_insert_with(|| ProfileRecord::new(state.profile_id.clone(), created));
-                own.absorb(*record, limit);
+                if own.absorb(*record, limit) {
+                    own.trim_ledger(state.ctx.profiles.unmerge_window, limit);
+                }
+                // Idempotent, so a re-delivered Absorb after a restart repeats it harmlessly.
+                merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await?;
+            }
+            ProfileMsg::Unmerge { merged, reply } => {
+                if let Some(survivor) = state.survivor() {
+                    return state.forward(survivor, ProfileMsg::Unmerge { merged, reply });
+                }
+                let limit = state.ctx.profiles.history_limit;
+                let outcome = state.record.as_ref().map(|r| r.unmerge(&merged, limit, Utc::now()));
+                let answer = match outcome {
+                    None => ProfileRecordReply::NotFound,
+                    Some(Err(e)) => ProfileRecordReply::Found(Err(e)),
+                    Some(Ok(split)) => {
+                        let report = UnmergeReport {
+                            survivor: state.profile_id.clone(),
+                            restored: merged.clone(),
+                            survivor_events: split.survivor.counters.events_total,
+                            restored_events: split.restored.counters.events_total,
+                            restored_identifiers: split
+                                .restored
+                                .identifiers
+                                .iter()
+                                .map(|l| l.identifier.clone())
+                                .collect(),
+                        };
+                        // Sent before the graph changes, so events resolved to the restored
+                        // profile afterwards reach it after its state.
+                        state.forward(
+                            merged.clone(),
+                            ProfileMsg::Restore {
+                                record: Box::new(split.restored.clone()),
+                                from: state.profile_id.clone(),
+                            },
+                        )?;
+                        state.ctx.index.unmerge(&split.survivor, &split.restored);
+                        state.ctx.metrics.identity_unmerges.inc();
+                        tracing::info!(survivor = %state.profile_id, restored = %merged, "profiles unmerged");
+                        state.record = Some(split.survivor);
+                        ProfileRecordReply::Found(Ok(report))
+                    }
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
+                }
+            }
+            ProfileMsg::Restore { record, from } => {
+                let redirects_to_from = state.record.as_ref().is_some_and(|r| r.merged_into.as_ref() == Some(&from));
+                if redirects_to_from {
+                    state.record = Some(*record);
+                }
             }
             ProfileMsg::GetView(reply) => {
                 let _ = reply.send(state.reply(|r| r.view()));
@@ -156,4 +220,35 @@ impl Actor for ProfileActor {
         }
         Ok(())
     }
+}
+
+/// Consent after a merge is the most restrictive of the two profiles' (architecture brief): a
+/// refusal on either side wins; a decision only one side made carries over. Written under the
+/// survivor; the merged profile keeps its own decisions (an unmerge restores them unchanged, and
+/// never loosens the survivor's).
+async fn merge_consents(
+    store: &dyn OperationalStore,
+    survivor: &ProfileId,
+    merged: &ProfileId,
+) -> Result<(), StoreError> {
+    let theirs = store.consents(merged).await?;
+    if theirs.is_empty() {
+        return Ok(());
+    }
+    let ours: BTreeMap<(String, &'static str), ConsentRecord> =
+        store.consents(survivor).await?.into_iter().map(|c| ((c.purpose.clone(), c.channel.as_str()), c)).collect();
+    let mut changes = Vec::new();
+    for c in theirs {
+        let stricter = match ours.get(&(c.purpose.clone(), c.channel.as_str())) {
+            None => true,
+            Some(own) => own.granted && !c.granted,
+        };
+        if stricter {
+            changes.push(ConsentRecord { profile_id: survivor.clone(), source: format!("merge:{}", c.source), ..c });
+        }
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    store.record_consents(changes).await
 }

@@ -8,7 +8,7 @@ use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, EventLog, Journaled
 use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cohort_messages::DeadLetter;
+use cohort_messages::{msgs::IdentityEvent, DeadLetter};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +76,10 @@ pub trait EventBus: Send + Sync + 'static {
     /// Publishes stored dead letters (`cdp.dlq`, keyed by source) for operators' tooling. A bus
     /// without such a stream accepts and keeps nothing: the store is the record either way.
     async fn publish_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
+    /// Publishes persisted identity-graph changes (`IdentityMerged`, `IdentityUnmerged`) to
+    /// `cdp.identity`, keyed by the survivor; the embedded bus has no such stream (the store's
+    /// merge records and audit log are the record there).
+    async fn publish_identity(&self, events: &[IdentityEvent]) -> Result<(), StoreError>;
     /// Retention of a bus that keeps its own log (the embedded journal): forgets what was
     /// received before `before` and is covered by `covered`. Kafka's retention is the broker's.
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError>;
@@ -143,6 +147,10 @@ impl EventBus for EmbeddedBus {
     }
 
     async fn publish_dead_letters(&self, _letters: &[DeadLetter]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn publish_identity(&self, _events: &[IdentityEvent]) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -571,6 +571,16 @@ impl OperationalStore for EmbeddedStore {
         self.submit(Command::docs(DocTable::Reviews, docs)).await.map(drop)
     }
 
+    async fn review_item(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
+        let id = id.to_string();
+        self.read(move |txn| {
+            let table = txn.open_table(REVIEWS).ctx("read review queue")?;
+            let found = table.get(id.as_str()).ctx("read review queue")?;
+            found.map(|v| decode("review item", v.value())).transpose()
+        })
+        .await
+    }
+
     async fn list_review_items(
         &self,
         status: Option<ReviewStatus>,

@@ -12,7 +12,7 @@ use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use cohort_messages::{CustomerEvent, DeadLetter, Source};
+use cohort_messages::{msgs::IdentityEvent, CustomerEvent, DeadLetter, Source};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -51,6 +51,9 @@ impl Topics {
     }
     pub fn gdpr(&self) -> String {
         format!("{}cdp.gdpr", self.prefix)
+    }
+    pub fn identity(&self) -> String {
+        format!("{}cdp.identity", self.prefix)
     }
 }
 
@@ -220,6 +223,7 @@ impl KafkaBus {
         names.push((self.topics.dlq(), false));
         names.push((self.topics.segment_change(), false));
         names.push((self.topics.gdpr(), true));
+        names.push((self.topics.identity(), false));
         let new_topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|(name, compacted)| {
@@ -331,6 +335,18 @@ impl EventBus for KafkaBus {
             })
             .collect::<Result<_, StoreError>>()?;
         self.produce_all(&self.topics.dlq(), records).await
+    }
+
+    async fn publish_identity(&self, events: &[IdentityEvent]) -> Result<(), StoreError> {
+        let records: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|e| {
+                let value = serde_json::to_vec(e)
+                    .map_err(|err| StoreError::invalid(format!("encoding an identity event: {err}")))?;
+                Ok((e.key().as_str().to_string(), value))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        self.produce_all(&self.topics.identity(), records).await
     }
 }
 

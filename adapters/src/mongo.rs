@@ -609,6 +609,11 @@ impl OperationalStore for MongoStore {
         self.upsert_docs(&self.reviews, docs).await
     }
 
+    async fn review_item(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
+        let found = timed("read a review item", self.reviews.find_one(doc! { "_id": id })).await?;
+        found.map(|d| record_from_doc("review item", d)).transpose()
+    }
+
     async fn list_review_items(
         &self,
         status: Option<ReviewStatus>,

@@ -170,6 +170,7 @@ pub trait OperationalStore: Send + Sync + 'static {
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     /// Creates or replaces review items (by id).
     async fn put_review_items(&self, items: Vec<ReviewItem>) -> Result<(), StoreError>;
+    async fn review_item(&self, id: &str) -> Result<Option<ReviewItem>, StoreError>;
     /// Review items with `id > after` (and the given status), in id order, at most `limit`.
     async fn list_review_items(
         &self,

@@ -50,6 +50,7 @@ async fn populate(store: &Arc<EmbeddedStore>) {
                 evidence: vec![email(1)],
                 at: at(5),
                 seq: 3,
+                reason: Default::default(),
             }],
             checkpoint: Some(3),
             event_ids: vec![],

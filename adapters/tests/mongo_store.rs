@@ -101,6 +101,7 @@ async fn documents_are_queryable_bson_not_blobs() {
             evidence: vec![email(1)],
             at: at(5),
             seq: 42,
+            reason: Default::default(),
         };
         store
             .commit_flush(FlushBatch {

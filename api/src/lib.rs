@@ -40,7 +40,7 @@ impl Modify for BearerAuth {
     paths(
         ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
-        identity::explain,
+        identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -87,6 +87,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/profiles/{ref}/events", get(profiles::get_events))
         .route("/v1/profiles/{ref}/identities", get(profiles::get_identities))
         .route("/v1/identity/explain", get(identity::explain))
+        .route("/v1/identity/reviews", get(identity::list_reviews))
+        .route("/v1/identity/reviews/{id}/{decision}", post(identity::decide_review))
+        .route("/v1/profiles/{ref}/unmerge", post(identity::unmerge))
         .route("/v1/dlq", get(ops::dlq))
         .route("/v1/supervisors", get(ops::supervisors))
         .route("/health/live", get(ops::live))

@@ -4,7 +4,7 @@ use cohort_actors::normalize::NormalizeOptions;
 use cohort_actors::IdentityIndex;
 use cohort_adapters::OperationalStore;
 use cohort_config::Config;
-use cohort_messages::msgs::{IdentityStatsMsg, IngestMsg, ProfilesMsg};
+use cohort_messages::msgs::{IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg};
 use cohort_messages::Source;
 use cohort_supervisors::{HealthRegistry, Metrics, QueueDepth, Slot};
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ pub struct ApiState {
     pub ingest: Arc<HashMap<Source, (Slot<IngestMsg>, QueueDepth)>>,
     pub profiles: Slot<ProfilesMsg>,
     pub identity_stats: Slot<IdentityStatsMsg>,
+    pub matcher: Slot<MatcherMsg>,
     pub index: Arc<IdentityIndex>,
     pub store: Arc<dyn OperationalStore>,
     pub metrics: Metrics,

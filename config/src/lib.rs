@@ -109,6 +109,14 @@ pub struct IdentityConfig {
     pub max_values_per_profile: std::collections::BTreeMap<String, usize>,
     /// Identifier kind → most profiles one identifier may link before it stops linking.
     pub max_profiles_per_identifier: std::collections::BTreeMap<String, usize>,
+    /// Events after a merge during which it can be undone exactly.
+    pub unmerge_window: usize,
+    /// Probabilistic matches scoring at least this go to the review queue.
+    pub review_threshold: f64,
+    /// Probabilistic matches scoring at least this merge without review; 0 turns it off.
+    pub auto_merge_threshold: f64,
+    /// Whether the live matcher looks for probabilistic duplicates at all.
+    pub matching: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +274,19 @@ impl Config {
         }
         if !(1..=256).contains(&self.identity.shards) {
             return Err(bad("identity.shards", "must be between 1 and 256"));
+        }
+        if !(1..=100_000).contains(&self.identity.unmerge_window) {
+            return Err(bad("identity.unmerge_window", "must be between 1 and 100000 events"));
+        }
+        if !(self.identity.review_threshold > 0.0 && self.identity.review_threshold < 1.0) {
+            return Err(bad("identity.review_threshold", "must be between 0 and 1 (exclusive)"));
+        }
+        let auto = self.identity.auto_merge_threshold;
+        if auto != 0.0 && !(auto > self.identity.review_threshold && auto <= 1.0) {
+            return Err(bad(
+                "identity.auto_merge_threshold",
+                "must be 0 (off) or above identity.review_threshold and at most 1",
+            ));
         }
         if self.profiles.history_limit == 0 {
             return Err(bad("profiles.history_limit", "must be positive"));

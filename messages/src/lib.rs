@@ -14,7 +14,10 @@ pub mod records;
 pub use dead_letter::{DeadLetter, DeadLetterStage};
 pub use event::{CustomerEvent, EventKind, RawRef, Utm};
 pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
-pub use profile::{EventSummary, LinkedIdentifier, ProfileCounters, ProfileRecord, ProfileView, TraitValue};
+pub use profile::{
+    EventSummary, LedgerEntry, LinkedIdentifier, MergeLedger, ProfileCounters, ProfileRecord, ProfileView, Split,
+    TraitValue, UnmergeError,
+};
 pub use records::{
     AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, SagaStatus, Suppression,
     SuppressionReason,

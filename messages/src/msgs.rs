@@ -4,7 +4,7 @@
 use crate::dead_letter::DeadLetter;
 use crate::event::CustomerEvent;
 use crate::ids::{Identifier, ProfileId, Source};
-use crate::profile::{EventSummary, LinkedIdentifier, ProfileRecord, ProfileView};
+use crate::profile::{EventSummary, LinkedIdentifier, ProfileRecord, ProfileView, UnmergeError};
 use chrono::{DateTime, Utc};
 use ractor::RpcReplyPort;
 use serde::{Deserialize, Serialize};
@@ -115,6 +115,10 @@ pub enum ProfileMsg {
         seq: u64,
         event: Arc<CustomerEvent>,
     },
+    /// Resolution decided to merge `merged` into this profile; its state follows (`Absorb`).
+    BeginMerge {
+        merged: ProfileId,
+    },
     /// Hand this profile's state to `survivor` and become a redirect to it.
     MergeInto {
         survivor: ProfileId,
@@ -130,6 +134,17 @@ pub enum ProfileMsg {
         reply: RpcReplyPort<ProfileRecordReply<Vec<EventSummary>>>,
     },
     GetIdentities(RpcReplyPort<ProfileRecordReply<Vec<LinkedIdentifier>>>),
+    /// Undo the merge of `merged` into this profile (`reply` is `None` when the directory
+    /// re-delivers it after a restart).
+    Unmerge {
+        merged: ProfileId,
+        reply: Option<RpcReplyPort<ProfileRecordReply<Result<UnmergeReport, UnmergeError>>>>,
+    },
+    /// Take back the state an unmerge rebuilt for this profile, if it still redirects to `from`.
+    Restore {
+        record: Box<ProfileRecord>,
+        from: ProfileId,
+    },
     /// Write-behind: the state to persist and the seqs applied since the previous snapshot.
     TakeSnapshot(RpcReplyPort<ProfileSnapshot>),
 }
@@ -261,13 +276,115 @@ pub enum RetentionMsg {
 }
 
 /// Published when two profiles turned out to be one student.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdentityMerged {
     pub survivor: ProfileId,
     pub merged: ProfileId,
+    /// The identifiers that linked them (empty for a probabilistic merge).
     pub evidence: Vec<Identifier>,
     pub at: DateTime<Utc>,
+    /// The journal position of the linking event (0 for a probabilistic merge).
     pub seq: u64,
+    #[serde(default)]
+    pub reason: MergeReason,
+}
+
+/// Why two profiles were merged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MergeReason {
+    /// An event carried identifiers of both.
+    #[default]
+    SharedIdentifier,
+    /// A person approved a probabilistic match from the review queue.
+    ReviewApproved { review_id: String, score: f64, by: String },
+    /// A probabilistic match scored at or above `identity.auto_merge_threshold`.
+    AutoMerged { score: f64 },
+}
+
+/// Published when an unmerge split a profile in two again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityUnmerged {
+    pub survivor: ProfileId,
+    pub restored: ProfileId,
+    pub at: DateTime<Utc>,
+}
+
+/// Changes to the identity graph, as other components and the bus see them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum IdentityEvent {
+    IdentityMerged(IdentityMerged),
+    IdentityUnmerged(IdentityUnmerged),
+}
+
+impl IdentityEvent {
+    /// The profile the event is keyed by (the survivor).
+    pub fn key(&self) -> &ProfileId {
+        match self {
+            IdentityEvent::IdentityMerged(m) => &m.survivor,
+            IdentityEvent::IdentityUnmerged(u) => &u.survivor,
+        }
+    }
+}
+
+/// What an unmerge left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnmergeReport {
+    pub survivor: ProfileId,
+    pub restored: ProfileId,
+    pub survivor_events: u64,
+    pub restored_events: u64,
+    pub restored_identifiers: Vec<Identifier>,
+}
+
+/// The probabilistic matcher: finds candidate duplicates of changed profiles and queues them
+/// for review (or merges them, when automatic merging is on).
+#[derive(Debug)]
+pub enum MatcherMsg {
+    /// Profiles whose matching fields may have changed (sent by the flush).
+    ProfilesChanged(Vec<MatchCandidate>),
+    /// Rebuild the blocking index from the store, a page at a time (start-up).
+    Rebuild { after: Option<ProfileId> },
+    /// Decide a review item: approval merges the two profiles.
+    Decide {
+        review_id: String,
+        approve: bool,
+        by: String,
+        reply: RpcReplyPort<Result<crate::records::ReviewItem, ReviewError>>,
+    },
+    /// Wait until every message sent before this one was handled (tests, shutdown).
+    Sync(RpcReplyPort<MatcherStats>),
+}
+
+/// The person fields of a flushed profile, or a profile merged away (`merged`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatchCandidate {
+    pub profile_id: ProfileId,
+    pub merged: bool,
+    pub traits: std::collections::BTreeMap<String, crate::profile::TraitValue>,
+    pub identifiers: Vec<LinkedIdentifier>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MatcherStats {
+    pub indexed_profiles: usize,
+    pub pairs_compared: u64,
+    pub reviews_opened: u64,
+    pub auto_merges: u64,
+    pub rebuilt: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    #[error("no review item {0}")]
+    NotFound(String),
+    #[error("review item {0} was already decided")]
+    AlreadyDecided(String),
+    #[error("the profiles cannot be merged: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Published when an event was given up on.

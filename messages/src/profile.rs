@@ -77,6 +77,56 @@ pub struct ProfileRecord {
     pub merged_into: Option<ProfileId>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<ProfileId>,
+    /// What undoing this profile's recent merges needs (see [`MergeLedger`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<MergeLedger>,
+    /// Profiles an unmerge declared to be other students: identifiers never link them again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub kept_apart: BTreeSet<ProfileId>,
+}
+
+/// The state a profile had before its oldest undoable merge and everything that changed it
+/// since, so a merge can be undone exactly: each side rebuilt with its own events and traits.
+/// Bounded by `identity.unmerge_window` events; older entries are folded into `base`, which
+/// makes the merges among them final.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeLedger {
+    pub base: Box<ProfileRecord>,
+    pub entries: Vec<LedgerEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LedgerEntry {
+    /// Resolution decided to merge `merged` in; events after this may be either student's.
+    Merging {
+        merged: ProfileId,
+    },
+    Applied {
+        seq: u64,
+        event: Box<CustomerEvent>,
+    },
+    Absorbed {
+        record: Box<ProfileRecord>,
+    },
+}
+
+/// Why a merge could not be undone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnmergeError {
+    #[error("profile {0} was not merged into this profile")]
+    NotMerged(ProfileId),
+    #[error("the merge of {0} is older than the unmerge window (identity.unmerge_window); it is final")]
+    Final(ProfileId),
+    #[error("profile {merged} was merged into {via}, not directly into this profile: unmerge {via} first")]
+    Nested { merged: ProfileId, via: ProfileId },
+}
+
+/// The two profiles an unmerge leaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub survivor: ProfileRecord,
+    pub restored: ProfileRecord,
 }
 
 impl ProfileRecord {
@@ -92,6 +142,8 @@ impl ProfileRecord {
             applied_seqs: BTreeSet::new(),
             merged_into: None,
             merged_from: Vec::new(),
+            ledger: None,
+            kept_apart: BTreeSet::new(),
         }
     }
 
@@ -135,6 +187,14 @@ impl ProfileRecord {
         if !self.applied_seqs.insert(seq) {
             return false;
         }
+        if let Some(ledger) = self.ledger.as_mut() {
+            ledger.entries.push(LedgerEntry::Applied { seq, event: Box::new(event.clone()) });
+        }
+        self.apply_fields(event, history_limit);
+        true
+    }
+
+    fn apply_fields(&mut self, event: &CustomerEvent, history_limit: usize) {
         for id in &event.identifiers {
             self.link(id, event.source, event.occurred_at);
         }
@@ -177,7 +237,6 @@ impl ProfileRecord {
             history_limit,
         );
         self.updated_at = self.updated_at.max(event.received_at);
-        true
     }
 
     /// Keeps history sorted newest first and bounded.
@@ -198,6 +257,33 @@ impl ProfileRecord {
         if other.profile_id == self.profile_id || self.merged_from.contains(&other.profile_id) {
             return false;
         }
+        let ledger = self.ledger.take();
+        let mut ledger = ledger.unwrap_or_else(|| MergeLedger { base: Box::new(self.clone()), entries: Vec::new() });
+        ledger.entries.push(LedgerEntry::Absorbed { record: Box::new(other.clone()) });
+        self.absorb_fields(other, history_limit);
+        self.ledger = Some(ledger);
+        true
+    }
+
+    /// Opens the ledger for a merge resolution has just decided, before the merged profile's
+    /// state arrives: the events applied meanwhile (the linking event first) can then be told
+    /// apart by an unmerge.
+    pub fn begin_merge(&mut self, merged: &ProfileId) {
+        if self.merged_from.contains(merged) {
+            return;
+        }
+        if self.ledger.is_none() {
+            self.ledger = Some(MergeLedger { base: Box::new(self.clone()), entries: Vec::new() });
+        }
+        let Some(ledger) = self.ledger.as_mut() else { return };
+        let open = ledger.entries.iter().any(|e| matches!(e, LedgerEntry::Merging { merged: m } if m == merged));
+        if !open {
+            ledger.entries.push(LedgerEntry::Merging { merged: merged.clone() });
+        }
+    }
+
+    fn absorb_fields(&mut self, other: ProfileRecord, history_limit: usize) {
+        self.kept_apart.extend(other.kept_apart.iter().cloned());
         for l in other.identifiers {
             self.link(&l.identifier, l.source, l.first_seen);
         }
@@ -228,7 +314,117 @@ impl ProfileRecord {
         self.merged_from.extend(other.merged_from);
         self.created_at = self.created_at.min(other.created_at);
         self.updated_at = self.updated_at.max(other.updated_at);
-        true
+    }
+
+    /// Keeps at most `window` applied events in the ledger by folding the oldest entries into
+    /// its base; a merge folded in is final. Drops the ledger once no merge is left in it.
+    pub fn trim_ledger(&mut self, window: usize, history_limit: usize) {
+        let Some(ledger) = self.ledger.as_mut() else { return };
+        let mut applied = ledger.entries.iter().filter(|e| matches!(e, LedgerEntry::Applied { .. })).count();
+        let mut folded = 0;
+        for entry in &ledger.entries {
+            let merges_left = ledger.entries[folded..]
+                .iter()
+                .any(|e| matches!(e, LedgerEntry::Absorbed { .. } | LedgerEntry::Merging { .. }));
+            if applied <= window && merges_left {
+                break;
+            }
+            match entry {
+                LedgerEntry::Applied { event, .. } => {
+                    ledger.base.apply_fields(event, history_limit);
+                    applied -= 1;
+                }
+                LedgerEntry::Absorbed { record } => ledger.base.absorb_fields((**record).clone(), history_limit),
+                LedgerEntry::Merging { .. } => {}
+            }
+            folded += 1;
+        }
+        ledger.entries.drain(..folded);
+        if ledger.entries.is_empty() {
+            self.ledger = None;
+        }
+    }
+
+    /// Undoes the merge of `merged` into this profile: rebuilds this profile from the ledger
+    /// without it, and `merged` from its record at the merge plus the later events that belong
+    /// to it (by their strongest identifier, as resolution would have placed them). Identifiers
+    /// of the other side are left out of each side's events.
+    pub fn unmerge(&self, merged: &ProfileId, history_limit: usize, now: DateTime<Utc>) -> Result<Split, UnmergeError> {
+        let Some(ledger) = &self.ledger else {
+            return Err(if self.merged_from.contains(merged) {
+                UnmergeError::Final(merged.clone())
+            } else {
+                UnmergeError::NotMerged(merged.clone())
+            });
+        };
+        let absorbed = ledger
+            .entries
+            .iter()
+            .position(|e| matches!(e, LedgerEntry::Absorbed { record } if &record.profile_id == merged));
+        let Some(absorbed) = absorbed else {
+            let via = ledger.entries.iter().find_map(|e| match e {
+                LedgerEntry::Absorbed { record } if record.merged_from.contains(merged) => {
+                    Some(record.profile_id.clone())
+                }
+                _ => None,
+            });
+            return Err(match via {
+                Some(via) => UnmergeError::Nested { merged: merged.clone(), via },
+                None if self.merged_from.contains(merged) => UnmergeError::Final(merged.clone()),
+                None => UnmergeError::NotMerged(merged.clone()),
+            });
+        };
+        let LedgerEntry::Absorbed { record } = &ledger.entries[absorbed] else {
+            return Err(UnmergeError::NotMerged(merged.clone()));
+        };
+        // Events after the merge was decided may be either student's.
+        let position = ledger
+            .entries
+            .iter()
+            .position(|e| matches!(e, LedgerEntry::Merging { merged: m } if m == merged))
+            .unwrap_or(absorbed);
+        let mut restored = (**record).clone();
+        restored.merged_into = None;
+        let mut theirs: BTreeSet<Identifier> = restored.identifiers.iter().map(|l| l.identifier.clone()).collect();
+        let mut survivor = (*ledger.base).clone();
+        survivor.ledger = None;
+        survivor.kept_apart = self.kept_apart.clone();
+        let mut ours: BTreeSet<Identifier> =
+            survivor.identifiers.iter().map(|l| l.identifier.clone()).filter(|i| !theirs.contains(i)).collect();
+        for (i, entry) in ledger.entries.iter().enumerate() {
+            match entry {
+                LedgerEntry::Absorbed { .. } if i == absorbed => {}
+                LedgerEntry::Merging { merged: m } if m == merged => {}
+                LedgerEntry::Merging { merged: m } => survivor.begin_merge(m),
+                LedgerEntry::Absorbed { record } => {
+                    ours.extend(record.identifiers.iter().map(|l| l.identifier.clone()));
+                    survivor.absorb((**record).clone(), history_limit);
+                }
+                LedgerEntry::Applied { seq, event } => {
+                    // As resolution orders them: strongest kind first, then the greater value.
+                    let strongest = event.identifiers.iter().max_by_key(|i| (i.kind.strength(), &i.value));
+                    let to_restored = i > position && strongest.is_some_and(|s| theirs.contains(s));
+                    let (side, own, other) = if to_restored {
+                        (&mut restored, &mut theirs, &ours)
+                    } else {
+                        (&mut survivor, &mut ours, &theirs)
+                    };
+                    let mut event = (**event).clone();
+                    event.identifiers.retain(|id| !other.contains(id));
+                    own.extend(event.identifiers.iter().cloned());
+                    side.applied_seqs.remove(seq);
+                    side.apply(*seq, &event, history_limit);
+                }
+            }
+        }
+        // Identifiers the base learned from the merged side (a linking event applied before
+        // the ledger opened) are not the survivor's.
+        survivor.identifiers.retain(|l| !theirs.contains(&l.identifier));
+        survivor.kept_apart.insert(merged.clone());
+        restored.kept_apart.insert(self.profile_id.clone());
+        survivor.updated_at = now;
+        restored.updated_at = now;
+        Ok(Split { survivor, restored })
     }
 
     pub fn view(&self) -> ProfileView {
@@ -331,5 +527,81 @@ mod tests {
         assert_eq!(a.counters.events_total, 2);
         assert_eq!(a.traits["phone"].value, Value::from("+492"));
         assert_eq!(a.merged_from, vec![b_id]);
+    }
+
+    fn person(source: Source, id: &str, secs: i64, ids: &[Identifier], traits: &[(&str, &str)]) -> CustomerEvent {
+        CustomerEvent { identifiers: ids.to_vec(), ..event(source, id, secs, traits) }
+    }
+
+    fn email(v: &str) -> Identifier {
+        Identifier::new(IdentifierKind::Email, v)
+    }
+
+    fn device(v: &str) -> Identifier {
+        Identifier::new(IdentifierKind::DeviceId, v)
+    }
+
+    #[test]
+    fn unmerge_rebuilds_each_side_with_its_own_events_and_traits() {
+        let (a_id, b_id) = (
+            ProfileId::derive_from_event(&EventId::from_raw("a"), at(0)),
+            ProfileId::derive_from_event(&EventId::from_raw("b"), at(1)),
+        );
+        let mut a = ProfileRecord::new(a_id.clone(), at(0));
+        a.apply(1, &person(Source::Web, "1", 1, &[email("anna@uni.eu")], &[("city", "Berlin")]), 50);
+        let mut b = ProfileRecord::new(b_id.clone(), at(1));
+        b.apply(2, &person(Source::Mobile, "2", 2, &[device("tablet-1")], &[("city", "Wien")]), 50);
+        // The bridging event: Anna's email on Ben's tablet.
+        let bridge = person(Source::Web, "3", 3, &[email("anna@uni.eu"), device("tablet-1")], &[]);
+        // As the pipeline orders it: resolution opens the merge, the linking event is applied,
+        // then the merged profile's state arrives.
+        a.begin_merge(&b_id);
+        a.apply(3, &bridge, 50);
+        a.absorb(b.clone(), 50);
+        a.apply(4, &person(Source::Mobile, "4", 4, &[device("tablet-1")], &[("city", "Graz")]), 50);
+        a.apply(5, &person(Source::Web, "5", 5, &[email("anna@uni.eu")], &[("first_name", "Anna")]), 50);
+        assert_eq!(a.counters.events_total, 5);
+        assert_eq!(a.traits["city"].value, Value::from("Graz"));
+
+        let split = a.unmerge(&b_id, 50, at(9)).unwrap_or_else(|e| panic!("{e}"));
+        let (s, r) = (split.survivor, split.restored);
+        assert_eq!((s.counters.events_total, r.counters.events_total), (3, 2));
+        assert_eq!(s.traits["city"].value, Value::from("Berlin"));
+        assert_eq!(s.traits["first_name"].value, Value::from("Anna"));
+        assert_eq!(r.traits["city"].value, Value::from("Graz"));
+        assert!(!r.traits.contains_key("first_name"));
+        let ids = |p: &ProfileRecord| p.identifiers.iter().map(|l| l.identifier.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&s), vec![email("anna@uni.eu")]);
+        assert_eq!(ids(&r), vec![device("tablet-1")]);
+        assert!(s.merged_from.is_empty() && r.merged_into.is_none());
+        assert!(s.kept_apart.contains(&b_id) && r.kept_apart.contains(&a_id));
+        let events = |p: &ProfileRecord| p.recent_events.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>();
+        assert_eq!(events(&r), vec![EventId::new(Source::Mobile, "4"), EventId::new(Source::Mobile, "2")]);
+        assert_eq!(s.recent_events.len(), 3);
+        assert!(s.ledger.is_none(), "no merge left to undo");
+    }
+
+    #[test]
+    fn merges_beyond_the_window_become_final_and_others_stay_undoable() {
+        let ids: Vec<ProfileId> =
+            (0..3).map(|i| ProfileId::derive_from_event(&EventId::from_raw(&i.to_string()), at(i))).collect();
+        let mut a = ProfileRecord::new(ids[0].clone(), at(0));
+        a.apply(1, &person(Source::Web, "1", 1, &[email("a@uni.eu")], &[]), 50);
+        let mut b = ProfileRecord::new(ids[1].clone(), at(1));
+        b.apply(2, &person(Source::Web, "2", 2, &[email("b@uni.eu")], &[]), 50);
+        a.absorb(b, 50);
+        for seq in 10..15 {
+            a.apply(seq, &person(Source::Web, &seq.to_string(), seq as i64, &[email("a@uni.eu")], &[]), 50);
+        }
+        let mut c = ProfileRecord::new(ids[2].clone(), at(2));
+        c.apply(3, &person(Source::Web, "3", 3, &[email("c@uni.eu")], &[]), 50);
+        a.absorb(c, 50);
+        a.trim_ledger(2, 50);
+        assert_eq!(a.unmerge(&ids[1], 50, at(20)), Err(UnmergeError::Final(ids[1].clone())));
+        let split = a.unmerge(&ids[2], 50, at(20)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(split.survivor.counters.events_total, 7);
+        assert_eq!(split.restored.counters.events_total, 1);
+        let stranger = ProfileId::derive_from_event(&EventId::from_raw("x"), at(5));
+        assert_eq!(a.unmerge(&stranger, 50, at(20)), Err(UnmergeError::NotMerged(stranger)));
     }
 }

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub event_to_profile_latency: Histogram,
     pub profiles_created: IntCounter,
     pub identity_merges: IntCounter,
+    pub identity_unmerges: IntCounter,
+    pub identity_reviews_opened: IntCounter,
+    pub identity_reviews_decided: IntCounterVec,
     pub flush_duration: Histogram,
     pub flush_failures: IntCounter,
     pub checkpoint: IntGauge,
@@ -109,6 +112,17 @@ impl Metrics {
         r.register(Box::new(profiles_created.clone()))?;
         let identity_merges = IntCounter::new("identity_merges_total", "Profile merges")?;
         r.register(Box::new(identity_merges.clone()))?;
+        let identity_unmerges = IntCounter::new("identity_unmerges_total", "Merges undone")?;
+        r.register(Box::new(identity_unmerges.clone()))?;
+        let identity_reviews_opened =
+            IntCounter::new("identity_reviews_opened_total", "Probabilistic matches queued for review")?;
+        r.register(Box::new(identity_reviews_opened.clone()))?;
+        let identity_reviews_decided = counter_vec(
+            &r,
+            "identity_reviews_decided_total",
+            "Review decisions and automatic merges, by outcome",
+            &["outcome"],
+        )?;
         let flush_duration =
             histogram(&r, "profile_flush_seconds", "Write-behind flush duration", LATENCY_BUCKETS.to_vec())?;
         let flush_failures =
@@ -193,6 +207,9 @@ impl Metrics {
             event_to_profile_latency,
             profiles_created,
             identity_merges,
+            identity_unmerges,
+            identity_reviews_opened,
+            identity_reviews_decided,
             flush_duration,
             flush_failures,
             checkpoint,

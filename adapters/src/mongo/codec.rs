@@ -264,6 +264,7 @@ mod tests {
             evidence: vec![Identifier::new(IdentifierKind::Email, "a@b.c")],
             at: at(1, 5),
             seq: 9,
+            reason: Default::default(),
         };
         let docs = merge_docs(&m).unwrap();
         assert_eq!(docs.len(), 2);

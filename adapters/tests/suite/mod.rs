@@ -457,6 +457,7 @@ pub async fn merges_are_listed_for_both_profiles(f: StoreFixture) {
         evidence: vec![email(n)],
         at: at(i64::from(n)),
         seq,
+        reason: Default::default(),
     };
     // Two merges into `a` at the same seq (one event linked three profiles), one later.
     let (ab, ac) = (merge(&b, 2, 40), merge(&c, 3, 40));
@@ -845,6 +846,8 @@ pub async fn review_queue_filters_by_status_and_pages(f: StoreFixture) {
     f.store.put_review_items(vec![decided.clone()]).await.unwrap();
     let ids = |v: Vec<ReviewItem>| v.into_iter().map(|i| i.id).collect::<Vec<_>>();
     assert_eq!(ids(f.store.list_review_items(Some(ReviewStatus::Open), None, 10).await.unwrap()), vec!["r1", "r3"]);
-    assert_eq!(f.store.list_review_items(Some(ReviewStatus::Accepted), None, 10).await.unwrap(), vec![decided]);
+    assert_eq!(f.store.list_review_items(Some(ReviewStatus::Accepted), None, 10).await.unwrap(), vec![decided.clone()]);
     assert_eq!(ids(f.store.list_review_items(None, Some("r1"), 1).await.unwrap()), vec!["r2"]);
+    assert_eq!(f.store.review_item("r2").await.unwrap(), Some(decided));
+    assert_eq!(f.store.review_item("r9").await.unwrap(), None);
 }
