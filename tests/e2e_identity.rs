@@ -211,3 +211,38 @@ async fn explain_shows_why_two_profiles_look_like_one_student() {
     assert_eq!(c.get("/v1/identity/explain?a=user_id:crm-export-17&b=user_id:nobody").await.unwrap().status, 404);
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_family_phone_links_a_student_again_but_never_a_sibling_whose_name_or_birthday_differs() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let landline = "+49 30 9018211";
+    let ruth =
+        json!({ "email": "ruth.k@example.org", "firstName": "Ruth", "birthday": "2001-02-03", "phone": landline });
+    identify(c, "fam-a", None, ruth, None).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    // Her brother and her sister give the family landline with their own addresses.
+    let jonas = json!({ "email": "jonas.k@example.org", "firstName": "Jonas", "phone": landline });
+    identify(c, "fam-b", None, jonas, None).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let lea = json!({ "email": "lea.k@example.org", "birthday": "2004-05-01", "phone": landline });
+    identify(c, "fam-c", None, lea, None).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    // Ruth herself, with a new address, is still linked through the phone.
+    let again = json!({ "email": "ruth.klein@uni.example", "firstName": "RUTH", "phone": landline });
+    identify(c, "fam-d", None, again, None).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    let ruth = profile_id(c, "email:ruth.k@example.org").await;
+    assert_eq!(profile_id(c, "phone:+49309018211").await, ruth, "the phone stays with its first owner");
+    assert_ne!(profile_id(c, "email:jonas.k@example.org").await, ruth, "a different given name");
+    assert_ne!(profile_id(c, "email:lea.k@example.org").await, ruth, "a different birthday");
+    assert_eq!(profile_id(c, "email:ruth.klein@uni.example").await, ruth, "the same student");
+    let m = c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+    assert_eq!(
+        metric(&m, "cohort_identity_links_refused_total{kind=\"phone\",reason=\"different_person\"} "),
+        2,
+        "{m}"
+    );
+    demo.stop().await.unwrap();
+}

@@ -8,7 +8,7 @@
 
 use crate::context::PipelineContext;
 use crate::dead_letters;
-use crate::identity::identity_events;
+use crate::identity::{identity_events, Person};
 use crate::profile::{ProfileActor, ProfileArgs};
 use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{
@@ -326,6 +326,9 @@ impl ProfilesState {
                 outbox,
             };
             let n_profiles = batch.profiles.len();
+            for p in batch.profiles.iter().filter(|p| p.merged_into.is_none()) {
+                ctx.index.note_person(&p.profile_id, Person::from_traits(|k| p.traits.get(k).map(|t| &t.value)));
+            }
             let candidates = if ctx.matcher.get().is_some() { match_candidates(&batch.profiles) } else { Vec::new() };
             let result = match ctx.store.commit_flush(batch).await {
                 Ok(()) => {

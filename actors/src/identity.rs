@@ -3,6 +3,8 @@
 
 use crate::context::PipelineContext;
 use crate::dead_letters;
+use crate::normalize::{compare_given_names, normalize_name, GivenNames};
+use chrono::NaiveDate;
 use chrono::Utc;
 use cohort_adapters::{EventBus, OperationalStore, StoreError};
 use cohort_messages::msgs::{
@@ -114,6 +116,58 @@ pub struct IdentityIndex {
     unmerges: Mutex<Vec<IdentityUnmerged>>,
     /// Persisted identity events the bus has not taken yet (retried with the next flush).
     unpublished: Mutex<Vec<IdentityEvent>>,
+    /// Per live profile, the person fields that tell two people sharing a phone apart.
+    persons: DashMap<ProfileId, Person>,
+}
+
+/// The person fields resolution compares before linking through a shareable identifier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Person {
+    /// Folded (see `normalize_name`).
+    pub first_name: Option<String>,
+    pub date_of_birth: Option<NaiveDate>,
+}
+
+impl Person {
+    /// From traits as events and records carry them (`first_name`, `date_of_birth` as
+    /// `YYYY-MM-DD`).
+    pub fn from_traits<'a>(get: impl Fn(&str) -> Option<&'a serde_json::Value>) -> Self {
+        let text = |k: &str| get(k).and_then(serde_json::Value::as_str);
+        Self {
+            first_name: text("first_name").and_then(normalize_name),
+            date_of_birth: text("date_of_birth").and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first_name.is_none() && self.date_of_birth.is_none()
+    }
+
+    /// Fields of `self`, else of `other`.
+    fn or(&self, other: Option<&Person>) -> Person {
+        Person {
+            first_name: self.first_name.clone().or_else(|| other.and_then(|o| o.first_name.clone())),
+            date_of_birth: self.date_of_birth.or_else(|| other.and_then(|o| o.date_of_birth)),
+        }
+    }
+
+    /// Two different people for sure: two different known given names (not a nickname, not a
+    /// possible typo), or two birthdays too far apart to be a slip of the keyboard.
+    pub fn conflicts_with(&self, other: &Person) -> bool {
+        let names = match (&self.first_name, &other.first_name) {
+            (Some(a), Some(b)) => compare_given_names(a, b) == GivenNames::Different,
+            _ => false,
+        };
+        let birthdays = match (self.date_of_birth, other.date_of_birth) {
+            (Some(a), Some(b)) => {
+                use chrono::Datelike;
+                let swapped = a.year() == b.year() && a.day() == b.month() && a.month() == b.day();
+                a != b && !swapped && (a - b).num_days().abs() > 1
+            }
+            _ => false,
+        };
+        names || birthdays
+    }
 }
 
 impl std::fmt::Debug for IdentityIndex {
@@ -135,6 +189,7 @@ impl IdentityIndex {
             apart: DashMap::new(),
             unmerges: Mutex::new(Vec::new()),
             unpublished: Mutex::new(Vec::new()),
+            persons: DashMap::new(),
             store,
             owners: DashMap::new(),
             redirects: DashMap::new(),
@@ -266,6 +321,7 @@ impl IdentityIndex {
                         if !rec.kept_apart.is_empty() {
                             self.apart.entry(current.clone()).or_default().extend(rec.kept_apart);
                         }
+                        self.note_person(&current, Person::from_traits(|k| rec.traits.get(k).map(|t| &t.value)));
                         self.known_roots.insert(current.clone());
                         return Ok(current);
                     }
@@ -291,6 +347,23 @@ impl IdentityIndex {
         self.known_roots.remove(&merged.merged);
         self.redirects.insert(merged.merged.clone(), merged.survivor.clone());
         self.merges.lock().push(merged);
+    }
+
+    /// Remembers a profile's person fields (from a flushed record or an event placed on it).
+    pub fn note_person(&self, profile: &ProfileId, person: Person) {
+        if person.is_empty() {
+            return;
+        }
+        let mut entry = self.persons.entry(profile.clone()).or_default();
+        *entry = person.or(Some(&entry));
+    }
+
+    /// Whether the person an event describes (with what is known of the profile it lands on)
+    /// is not the person of `other`.
+    fn different_person(&self, event: &Person, anchor: &ProfileId, other: &ProfileId) -> bool {
+        let Some(theirs) = self.persons.get(other).map(|p| p.clone()) else { return false };
+        let ours = event.or(self.persons.get(anchor).as_deref());
+        ours.conflicts_with(&theirs)
     }
 
     /// Whether an unmerge declared one of `group` and `other` to be different students.
@@ -457,6 +530,7 @@ pub async fn resolve_event(
         Some((id, root)) if std::ptr::eq(*id, usable[0]) => root.clone(),
         _ => fresh.clone(),
     };
+    let person = Person::from_traits(|k| event.traits.get(k));
     // The profiles this event links, and the limited values they would hold together.
     let mut linked = BTreeSet::from([anchor.clone()]);
     let mut held = index.limited_values(&anchor);
@@ -477,12 +551,17 @@ pub async fn resolve_event(
             links.push(id);
             continue;
         }
-        if index.saturated(id, root, &anchor) {
-            refuse(id, "shared_identifier");
-            continue;
-        }
         if index.kept_apart(&linked, root) {
             refuse(id, "kept_apart");
+            continue;
+        }
+        // Before the sharing limit: a sibling told apart by name does not use up the phone.
+        if id.kind.can_be_shared() && index.different_person(&person, &anchor, root) {
+            refuse(id, "different_person");
+            continue;
+        }
+        if index.saturated(id, root, &anchor) {
+            refuse(id, "shared_identifier");
             continue;
         }
         let theirs = index.limited_values(root);
@@ -521,6 +600,7 @@ pub async fn resolve_event(
         ctx.metrics.profiles_created.inc();
     }
     index.note_limited(&target, held);
+    index.note_person(&target, person);
     for merged in linked.iter().filter(|p| **p != target) {
         let evidence: Vec<Identifier> = links.iter().map(|i| (*i).clone()).collect();
         tracing::info!(survivor = %target, merged = %merged, seq, "profiles merged");
@@ -743,5 +823,23 @@ mod tests {
         assert!(!rules.is_blocked(&Identifier::new(IdentifierKind::DeviceId, "1111111111")), "only phones");
         let off = IdentityRules { placeholder_phones: false, ..rules };
         assert!(!off.is_blocked(&phone("+491111111111")));
+    }
+
+    #[test]
+    fn people_conflict_on_different_known_names_or_far_apart_birthdays_only() {
+        let p = |first: Option<&str>, dob: Option<(i32, u32, u32)>| Person {
+            first_name: first.and_then(normalize_name),
+            date_of_birth: dob.and_then(|(y, m, d)| NaiveDate::from_ymd_opt(y, m, d)),
+        };
+        assert!(p(Some("Christina"), None).conflicts_with(&p(Some("Christian"), None)));
+        assert!(p(None, Some((2001, 2, 3))).conflicts_with(&p(Some("Ruth"), Some((2004, 5, 1)))));
+        assert!(!p(Some("Max"), None).conflicts_with(&p(Some("Maximilian"), None)), "nickname");
+        assert!(!p(Some("Katharina"), None).conflicts_with(&p(Some("Katharnia"), None)), "maybe a typo");
+        assert!(
+            !p(Some("Ruth"), Some((2001, 2, 3))).conflicts_with(&p(Some("RUTH"), Some((2001, 3, 2)))),
+            "day and month swapped"
+        );
+        assert!(!p(None, Some((2001, 2, 3))).conflicts_with(&p(None, Some((2001, 2, 4)))), "one day off");
+        assert!(!p(Some("Ruth"), None).conflicts_with(&p(None, Some((1999, 1, 1)))), "nothing to compare");
     }
 }

@@ -96,6 +96,19 @@ impl IdentifierKind {
         matches!(self, IdentifierKind::Email | IdentifierKind::Phone | IdentifierKind::WhatsappId)
     }
 
+    /// Kinds a family, a shared tablet or a lab computer hands to several people: linking
+    /// through one of them is checked against the person fields of both profiles.
+    pub fn can_be_shared(self) -> bool {
+        matches!(
+            self,
+            IdentifierKind::Phone
+                | IdentifierKind::WhatsappId
+                | IdentifierKind::DeviceId
+                | IdentifierKind::AnonymousId
+                | IdentifierKind::SessionId
+        )
+    }
+
     /// Routing priority: the strongest identifier of an event decides its resolver shard.
     pub fn strength(self) -> u8 {
         match self {
