@@ -65,6 +65,14 @@ async fn an_unmerge_gives_each_student_back_their_own_events_and_traits_and_keep
     assert_eq!(profile_id(c, "device_id:tablet-9").await, anna, "merged into the older profile");
     assert_eq!(profile(c, "user_id:anna").await["counters"]["events_total"], 4);
 
+    let merges = c.get("/v1/profiles/device_id:tablet-9/merges").await.unwrap();
+    assert_eq!(merges.status, 200, "{}", merges.body);
+    assert_eq!(merges.body["profile_id"], json!(anna));
+    let listed = merges.body["merges"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{}", merges.body);
+    assert_eq!((&listed[0]["survivor"], &listed[0]["merged"]), (&json!(anna), &json!(ben)));
+    assert_eq!(listed[0]["reason"]["type"], "shared_identifier");
+    assert!(listed[0]["evidence"].to_string().contains("tablet-9"), "{}", merges.body);
     let wrong = c.post("/v1/profiles/user_id:anna/unmerge", &json!({ "merged": "not-a-profile" })).await.unwrap();
     assert_eq!(wrong.status, 400, "{}", wrong.body);
     let split = c.post("/v1/profiles/user_id:anna/unmerge", &json!({ "merged": ben })).await.unwrap();

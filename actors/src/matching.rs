@@ -79,6 +79,15 @@ impl MatchRecord {
         if let (Some(pc), Some(i)) = (&self.postal_code, initial(&self.last_name)) {
             keys.push(format!("pc-ln:{pc}:{i}"));
         }
+        // Names that sound alike (Meier, Mayer, Maier; a typo in the first letters) meet here.
+        if let Some(sound) = self.last_name.as_deref().and_then(phonetic) {
+            if let Some(dob) = self.date_of_birth {
+                keys.push(format!("ph-dob:{sound}:{dob}"));
+            }
+            if let Some(pc) = &self.postal_code {
+                keys.push(format!("ph-pc:{sound}:{pc}"));
+            }
+        }
         if let (Some(first), Some(last)) = (&self.first_name, &self.last_name) {
             let (a, b) = if first <= last { (first, last) } else { (last, first) };
             keys.push(format!("names:{a}:{b}"));
@@ -94,6 +103,19 @@ impl MatchRecord {
         }
         keys
     }
+}
+
+/// The Double Metaphone code of a folded name's letters (none for a name without Latin letters).
+pub fn phonetic(folded: &str) -> Option<String> {
+    use rphonetic::Encoder;
+    static ENCODER: std::sync::LazyLock<rphonetic::DoubleMetaphone> =
+        std::sync::LazyLock::new(rphonetic::DoubleMetaphone::default);
+    let letters: String = folded.chars().filter(char::is_ascii_alphabetic).collect();
+    if letters.is_empty() {
+        return None;
+    }
+    let code = ENCODER.encode(&letters);
+    (!code.is_empty()).then_some(code)
 }
 
 /// National ids compare without spaces, dashes and case.
@@ -469,5 +491,17 @@ mod tests {
         assert_eq!(e.comparisons.iter().find(|c| c.field == "street").unwrap().outcome, Outcome::Disagree);
         let e = compare(&at("Gran Vía 27"), &at("Grna Via 27"), &m);
         assert_ne!(e.comparisons.iter().find(|c| c.field == "street").unwrap().outcome, Outcome::Disagree);
+    }
+
+    #[test]
+    fn names_that_sound_alike_share_a_blocking_key() {
+        let dob = Some((2001, 4, 3));
+        let keys = |last: &str| rec("Lena", last, dob, Some("20146")).blocking_keys();
+        let shared = |a: &str, b: &str| keys(a).iter().filter(|k| k.starts_with("ph-")).any(|k| keys(b).contains(k));
+        assert!(shared("Meier", "Mayer"));
+        assert!(shared("Schmidt", "Schmitt"));
+        assert!(shared("Kowalczyk", "Cowalczyk"), "a typo in the first letter");
+        assert!(!shared("Meier", "Schulz"));
+        assert_eq!(phonetic("Ωμέγα"), None);
     }
 }

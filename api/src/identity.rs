@@ -233,3 +233,21 @@ pub async fn unmerge(
     }
     Ok(Json(serde_json::to_value(&report).unwrap_or(Value::Null)))
 }
+
+#[utoipa::path(get, path = "/v1/profiles/{ref}/merges", tag = "identity",
+    params(("ref" = String, Path, description = "A profile id or `type:value`")),
+    responses((status = 200, description = "The merges this profile took part in, oldest first, with their evidence and reason"),
+        (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn merges(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let id = resolve_ref(&state, &r).await?;
+    // The live profile, so a merged id answers with its survivor's history.
+    let (id, _) = ask(&state, id, ProfileMsg::GetIdentities).await?;
+    let merges = state.store.list_merges(&id).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(json!({ "profile_id": id, "merges": merges })))
+}

@@ -40,7 +40,7 @@ impl Modify for BearerAuth {
     paths(
         ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
-        identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge,
+        identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -90,6 +90,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/identity/reviews", get(identity::list_reviews))
         .route("/v1/identity/reviews/{id}/{decision}", post(identity::decide_review))
         .route("/v1/profiles/{ref}/unmerge", post(identity::unmerge))
+        .route("/v1/profiles/{ref}/merges", get(identity::merges))
         .route("/v1/dlq", get(ops::dlq))
         .route("/v1/supervisors", get(ops::supervisors))
         .route("/health/live", get(ops::live))
