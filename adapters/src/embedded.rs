@@ -22,11 +22,11 @@ use tokio::sync::{oneshot, watch};
 
 use self::tables::{
     db_err, decode, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS,
-    DEAD_LETTERS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX, PROFILES, REVIEWS, SAGAS,
-    SUPPRESSIONS,
+    DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX, PROFILES,
+    REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::writer::{Command, DocTable, Writer};
-use crate::store::{consent_key, suppression_key};
+use crate::store::{consent_key, document_key, document_range, suppression_key};
 use crate::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
     OutboxId, StoreError, WarehouseBatch,
@@ -577,6 +577,59 @@ impl OperationalStore for EmbeddedStore {
             let table = txn.open_table(REVIEWS).ctx("read review queue")?;
             let found = table.get(id.as_str()).ctx("read review queue")?;
             found.map(|v| decode("review item", v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn put_documents(
+        &self,
+        collection: &str,
+        docs: Vec<(String, Option<serde_json::Value>)>,
+    ) -> Result<(), StoreError> {
+        let docs = docs
+            .into_iter()
+            .map(|(k, v)| Ok((document_key(collection, &k), v.map(|v| encode("document", &v)).transpose()?)))
+            .collect::<Result<_, StoreError>>()?;
+        self.submit(Command::docs(DocTable::Documents, docs)).await.map(drop)
+    }
+
+    async fn get_documents(
+        &self,
+        collection: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<serde_json::Value>>, StoreError> {
+        let keys: Vec<String> = keys.iter().map(|k| document_key(collection, k)).collect();
+        self.read(move |txn| {
+            let table = txn.open_table(DOCUMENTS).ctx("read documents")?;
+            keys.iter()
+                .map(|k| {
+                    table.get(k.as_str()).ctx("read documents")?.map(|v| decode("document", v.value())).transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn list_documents(
+        &self,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let (lower, upper) = document_range(collection, prefix, after);
+        let skip = document_key(collection, "").len();
+        let inclusive = after.is_none_or(|a| a < prefix);
+        self.read(move |txn| {
+            let table = txn.open_table(DOCUMENTS).ctx("read documents")?;
+            let lo = if inclusive { Bound::Included(lower.as_str()) } else { Bound::Excluded(lower.as_str()) };
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in table.range::<&str>((lo, Bound::Excluded(upper.as_str()))).ctx("read documents")?.take(limit) {
+                let (k, v) = entry.ctx("read documents")?;
+                let key = k.value().get(skip..).unwrap_or_default().to_string();
+                out.push((key, decode("document", v.value())?));
+            }
+            Ok(out)
         })
         .await
     }

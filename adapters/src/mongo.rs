@@ -26,12 +26,12 @@ use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use self::codec::{
     as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, profile_doc,
-    profile_from_doc, profile_id_of, record_doc, record_from_doc, to_i64, AUDIT, CONSENTS, DEAD_LETTERS, EVENT_IDS,
-    IDENTITIES, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID, OUTBOX, PROFILES, REVIEWS, SAGAS,
-    SUPPRESSIONS,
+    profile_from_doc, profile_id_of, record_doc, record_from_doc, to_i64, AUDIT, CONSENTS, DEAD_LETTERS, DOCUMENTS,
+    EVENT_IDS, IDENTITIES, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID, OUTBOX, PROFILES,
+    REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::errors::store_error;
-use crate::store::{consent_key, suppression_key};
+use crate::store::{consent_key, document_key, document_range, suppression_key};
 use crate::{FlushBatch, NewDeadLetter, OperationalStore, OutboxId, StoreError, WarehouseBatch};
 use cohort_messages::{
     AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, Suppression,
@@ -73,6 +73,7 @@ pub struct MongoStore {
     sagas: Collection<Document>,
     audit: Collection<Document>,
     reviews: Collection<Document>,
+    documents: Collection<Document>,
 }
 
 impl fmt::Debug for MongoStore {
@@ -115,6 +116,7 @@ impl MongoStore {
             sagas: db.collection(SAGAS),
             audit: db.collection(AUDIT),
             reviews: db.collection(REVIEWS),
+            documents: db.collection(DOCUMENTS),
             db,
             client,
         };
@@ -614,6 +616,74 @@ impl OperationalStore for MongoStore {
         found.map(|d| record_from_doc("review item", d)).transpose()
     }
 
+    async fn put_documents(
+        &self,
+        collection: &str,
+        docs: Vec<(String, Option<serde_json::Value>)>,
+    ) -> Result<(), StoreError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let ns = self.documents.namespace();
+        let mut models = Vec::with_capacity(docs.len());
+        for (key, value) in docs {
+            let id = document_key(collection, &key);
+            models.push(match value {
+                Some(v) => {
+                    let json = serde_json::to_string(&v)
+                        .map_err(|e| StoreError::invalid(format!("encoding a document: {e}")))?;
+                    replace_one(&ns, doc! { "_id": id, "c": collection, "j": json })?
+                }
+                None => mongodb::options::DeleteOneModel::builder()
+                    .namespace(ns.clone())
+                    .filter(doc! { "_id": id })
+                    .build()
+                    .into(),
+            });
+        }
+        self.bulk_upsert(models).await
+    }
+
+    async fn get_documents(
+        &self,
+        collection: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<serde_json::Value>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = keys.iter().map(|k| document_key(collection, k)).collect();
+        let found: std::collections::HashMap<String, serde_json::Value> = self
+            .find_sorted(
+                "read documents",
+                &self.documents,
+                doc! { "_id": { "$in": ids.clone() } },
+                None,
+                None,
+                document_from,
+            )
+            .await?
+            .into_iter()
+            .collect();
+        Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+    }
+
+    async fn list_documents(
+        &self,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let (lower, upper) = document_range(collection, prefix, after);
+        let op = if after.is_none_or(|a| a < prefix) { "$gte" } else { "$gt" };
+        let filter = doc! { "_id": { op: lower, "$lt": upper } };
+        let skip = document_key(collection, "").len();
+        let docs =
+            self.find_sorted("list documents", &self.documents, filter, None, Some(limit), document_from).await?;
+        Ok(docs.into_iter().map(|(id, v)| (id.get(skip..).unwrap_or_default().to_string(), v)).collect())
+    }
+
     async fn list_review_items(
         &self,
         status: Option<ReviewStatus>,
@@ -653,4 +723,13 @@ mod tests {
             assert!(validate_database_name(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// A stored document: its full key and its JSON.
+fn document_from(doc: Document) -> Result<(String, serde_json::Value), StoreError> {
+    let id = doc.get_str("_id").map_err(|_| StoreError::corrupt("a document without a string key"))?.to_string();
+    let json = doc.get_str("j").map_err(|_| StoreError::corrupt("a document without its JSON"))?;
+    let value =
+        serde_json::from_str(json).map_err(|e| StoreError::corrupt(format!("a stored document is not JSON: {e}")))?;
+    Ok((id, value))
 }

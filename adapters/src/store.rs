@@ -171,6 +171,29 @@ pub trait OperationalStore: Send + Sync + 'static {
     /// Creates or replaces review items (by id).
     async fn put_review_items(&self, items: Vec<ReviewItem>) -> Result<(), StoreError>;
     async fn review_item(&self, id: &str) -> Result<Option<ReviewItem>, StoreError>;
+
+    /// Writes small JSON documents of a named collection (segment definitions, memberships,
+    /// destination sync state): `Some` creates or replaces, `None` deletes. Atomic per call.
+    async fn put_documents(
+        &self,
+        collection: &str,
+        docs: Vec<(String, Option<serde_json::Value>)>,
+    ) -> Result<(), StoreError>;
+    /// The documents with these keys, in order (`None` where absent).
+    async fn get_documents(
+        &self,
+        collection: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<serde_json::Value>>, StoreError>;
+    /// Documents whose key starts with `prefix` and sorts after `after`, in key order, at most
+    /// `limit`.
+    async fn list_documents(
+        &self,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
     /// Review items with `id > after` (and the given status), in id order, at most `limit`.
     async fn list_review_items(
         &self,
@@ -178,6 +201,21 @@ pub trait OperationalStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ReviewItem>, StoreError>;
+}
+
+/// The stored key of a document: its collection, a separator no key contains, its key.
+pub fn document_key(collection: &str, key: &str) -> String {
+    format!("{collection}\u{1}{key}")
+}
+
+/// The range of stored keys a document listing covers: `(lower, exclusive; upper, exclusive)`.
+pub fn document_range(collection: &str, prefix: &str, after: Option<&str>) -> (String, String) {
+    let lower = match after {
+        Some(a) if a >= prefix => document_key(collection, a),
+        // Everything with the prefix: the prefix itself sorts first, so start just below it.
+        _ => format!("{collection}\u{1}{prefix}"),
+    };
+    (lower, format!("{collection}\u{1}{prefix}\u{10FFFF}"))
 }
 
 /// Key of a suppression entry: `channel:address`.

@@ -40,6 +40,8 @@ pub(super) const SAGAS: TableDefinition<'static, &str, &[u8]> = TableDefinition:
 pub(super) const AUDIT: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("audit_log");
 /// Review queue: item id → `ReviewItem` (JSON).
 pub(super) const REVIEWS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("review_queue");
+/// Named document collections: `collection \u{1} key` → JSON.
+pub(super) const DOCUMENTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("documents");
 /// Counters and the pipeline checkpoint.
 pub(super) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 

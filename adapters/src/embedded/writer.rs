@@ -14,9 +14,10 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::tables::{
-    decode, encode, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, IDEMPOTENCY,
-    IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID,
-    META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
+    decode, encode, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, DOCUMENTS,
+    IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT,
+    META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS, SAGAS,
+    SUPPRESSIONS,
 };
 use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
 use cohort_messages::{AuditEntry, CustomerEvent, NewAuditEntry, SagaRecord};
@@ -98,6 +99,7 @@ pub(super) enum DocTable {
     Consents,
     Suppressions,
     Reviews,
+    Documents,
 }
 
 /// The counters kept in `meta`, loaded at the start of each transaction and written back with
@@ -472,6 +474,7 @@ fn put_docs(txn: &WriteTransaction, table: DocTable, docs: Vec<(String, Option<V
         DocTable::Consents => CONSENTS,
         DocTable::Suppressions => SUPPRESSIONS,
         DocTable::Reviews => REVIEWS,
+        DocTable::Documents => DOCUMENTS,
     };
     let mut t = txn.open_table(def).ctx("write documents")?;
     let mut changed = 0;
@@ -514,6 +517,7 @@ pub(super) fn initialize(db: &Database) -> Result<u64, StoreError> {
         txn.open_table(SAGAS).ctx("open table")?;
         txn.open_table(AUDIT).ctx("open table")?;
         txn.open_table(REVIEWS).ctx("open table")?;
+        txn.open_table(DOCUMENTS).ctx("open table")?;
         tables.meta(META_JOURNAL_SEQ)?
     };
     txn.commit().ctx("initialize tables")?;

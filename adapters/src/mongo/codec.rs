@@ -39,6 +39,7 @@ pub(super) const SUPPRESSIONS: &str = "suppressions";
 pub(super) const SAGAS: &str = "sagas";
 pub(super) const AUDIT: &str = "audit_log";
 pub(super) const REVIEWS: &str = "review_queue";
+pub(super) const DOCUMENTS: &str = "documents";
 
 /// Meta document: all journal events up to `value` are reflected in persisted profiles.
 pub(super) const META_CHECKPOINT: &str = "checkpoint";

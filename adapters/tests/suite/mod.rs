@@ -102,6 +102,7 @@ macro_rules! operational_store_suite {
             sagas_advance_one_version_at_a_time,
             audit_log_numbers_and_pages_entries,
             review_queue_filters_by_status_and_pages,
+            documents_are_kept_per_collection_listed_by_prefix_and_deleted,
             store_ping_answers,
         );
     };
@@ -850,4 +851,38 @@ pub async fn review_queue_filters_by_status_and_pages(f: StoreFixture) {
     assert_eq!(ids(f.store.list_review_items(None, Some("r1"), 1).await.unwrap()), vec!["r2"]);
     assert_eq!(f.store.review_item("r2").await.unwrap(), Some(decided));
     assert_eq!(f.store.review_item("r9").await.unwrap(), None);
+}
+
+pub async fn documents_are_kept_per_collection_listed_by_prefix_and_deleted(f: StoreFixture) {
+    use serde_json::json;
+    let store = &f.store;
+    let put = |c: &str, k: &str, v| (c.to_string(), k.to_string(), v);
+    for (c, k, v) in [
+        put("members", "mba/prof_2", json!({ "since": 2 })),
+        put("members", "mba/prof_1", json!({ "since": 1 })),
+        put("members", "mba/prof_3", json!({ "since": 3, "nested": { "list": [1, 2.5, "x"] } })),
+        put("members", "mbax/prof_9", json!({ "since": 9 })),
+        put("members", "law/prof_1", json!(null)),
+        put("segments", "mba", json!({ "rule": "x" })),
+    ] {
+        store.put_documents(&c, vec![(k, Some(v))]).await.unwrap();
+    }
+    let keys = |v: Vec<(String, serde_json::Value)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let listed = store.list_documents("members", "mba/", None, 10).await.unwrap();
+    assert_eq!(keys(listed.clone()), vec!["mba/prof_1", "mba/prof_2", "mba/prof_3"]);
+    assert_eq!(listed[2].1, json!({ "since": 3, "nested": { "list": [1, 2.5, "x"] } }));
+    assert_eq!(keys(store.list_documents("members", "mba/", Some("mba/prof_1"), 1).await.unwrap()), vec!["mba/prof_2"]);
+    assert_eq!(keys(store.list_documents("members", "", None, 10).await.unwrap()).len(), 5);
+    assert!(store.list_documents("segments", "mba/", None, 10).await.unwrap().is_empty(), "collections are separate");
+    let got = store.get_documents("segments", &["mba".into(), "law".into()]).await.unwrap();
+    assert_eq!(got, vec![Some(json!({ "rule": "x" })), None]);
+    store
+        .put_documents("members", vec![("mba/prof_2".into(), None), ("mba/prof_4".into(), Some(json!(4)))])
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(store.list_documents("members", "mba/", None, 10).await.unwrap()),
+        vec!["mba/prof_1", "mba/prof_3", "mba/prof_4"]
+    );
+    store.put_documents("members", vec![]).await.unwrap();
 }
