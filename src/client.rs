@@ -112,6 +112,19 @@ impl CohortClient {
         answer(r).await
     }
 
+    /// Any method with a JSON body (`PUT`, `DELETE`, ...).
+    pub async fn call(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<Answer> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.api_token)
+            .json(body)
+            .send()
+            .await?;
+        answer(r).await
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
         let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.api_token).send().await?;
         answer(r).await

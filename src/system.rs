@@ -5,6 +5,10 @@ use anyhow::{anyhow, Context};
 use cohort_actors::matching::MatchModel;
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
 use cohort_actors::normalize::{normalize_email, normalize_phone, NormalizeOptions};
+use cohort_actors::reverse_etl::{ReverseEtlActor, ReverseEtlArgs};
+use cohort_actors::segments::engine::{SegmentEngine, SegmentEngineArgs};
+use cohort_actors::segments::models::{LogisticModel, Models};
+use cohort_actors::segments::{Segment, SegmentDefinition, SegmentRegistry};
 use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
     spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IdentityMatcher,
@@ -21,7 +25,7 @@ use cohort_api::ApiState;
 use cohort_config::Config;
 use cohort_messages::msgs::{
     FlushReport, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport, RetentionMsg,
-    WarehouseMsg,
+    ReverseEtlMsg, WarehouseMsg,
 };
 use cohort_messages::{Identifier, IdentifierKind, Source};
 use cohort_supervisors::{
@@ -164,6 +168,26 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// The scorers of `[models.*]` and the segments of `[[segments.define]]`, validated before
+/// anything starts.
+pub fn segment_setup(config: &Config) -> anyhow::Result<(Arc<SegmentRegistry>, Vec<SegmentDefinition>)> {
+    let mut models = Models::default();
+    for (name, m) in &config.models {
+        let model = LogisticModel::new(m.bias, m.weights.clone())
+            .map_err(|e| anyhow!("invalid configuration: `models.{name}.weights`: {e}"))?;
+        models.insert(name.clone(), Arc::new(model));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in config.segments.define.iter().enumerate() {
+        Segment::compile(d.clone(), &models)
+            .map_err(|e| anyhow!("invalid configuration: `segments.define[{i}]` ({}): {e}", d.name))?;
+        if !seen.insert(d.name.clone()) {
+            anyhow::bail!("invalid configuration: `segments.define[{i}]`: segment `{}` is defined twice", d.name);
+        }
+    }
+    Ok((Arc::new(SegmentRegistry::new(models)), config.segments.define.clone()))
+}
+
 /// Options that are not configuration: test hooks.
 #[derive(Default, Clone)]
 pub struct SystemOptions {
@@ -178,6 +202,7 @@ pub struct Cohort {
     pub health: HealthRegistry,
     pub warehouse: Slot<WarehouseMsg>,
     pub retention: Slot<RetentionMsg>,
+    pub reverse_etl: Slot<ReverseEtlMsg>,
     root: ActorRef<SupervisorMsg>,
     root_handle: Option<JoinHandle<()>>,
 }
@@ -228,6 +253,7 @@ impl Cohort {
         }
         // Every config check before any backend is opened or file created.
         let rules = identity_rules(&config, &normalize)?;
+        let (segments, configured_segments) = segment_setup(&config)?;
         let (store, bus) = open_backends(&config).await?;
         let warehouse = open_configured_warehouse(&config).await?;
         let metrics = Metrics::new().context("registering metrics")?;
@@ -253,6 +279,8 @@ impl Cohort {
             warehouse: warehouse.clone(),
             staged_bronze: Arc::default(),
             matcher: Slot::default(),
+            segments: segments.clone(),
+            segment_engine: Slot::default(),
         };
 
         // Ingest: one actor per source, independent of each other.
@@ -322,7 +350,7 @@ impl Cohort {
         let warehouse_slot: Slot<WarehouseMsg> = Slot::default();
         let retention_slot: Slot<RetentionMsg> = Slot::default();
         let mut job_children = Vec::new();
-        if let Some(warehouse) = warehouse {
+        if let Some(warehouse) = warehouse.clone() {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
             let relay_interval = Duration::from_millis(config.warehouse.relay_interval_ms);
             let reconcile_interval = match config.warehouse.reconcile_interval_secs {
@@ -364,6 +392,51 @@ impl Cohort {
                 let slot = slot.clone();
                 async move {
                     let (r, _) = Actor::spawn_linked(None, IdentityMatcher, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
+        let reverse_etl_slot: Slot<ReverseEtlMsg> = Slot::default();
+        {
+            let (store, metrics, slot) = (store.clone(), metrics.clone(), reverse_etl_slot.clone());
+            let (settings, activations) = (config.reverse_etl.clone(), config.activations.clone());
+            job_children.push(ChildSpec::new("reverse_etl", "reverse_etl", move |sup| {
+                let args = ReverseEtlArgs {
+                    store: store.clone(),
+                    metrics: metrics.clone(),
+                    config: settings.clone(),
+                    activations: activations.clone(),
+                };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, ReverseEtlActor, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
+        {
+            let (store, bus, metrics) = (store.clone(), bus.clone(), metrics.clone());
+            let (registry, dir, retl, slot) =
+                (segments.clone(), profiles_slot.clone(), reverse_etl_slot.clone(), ctx.segment_engine.clone());
+            let (warehouse, configured) = (warehouse.clone(), configured_segments.clone());
+            let tick = Duration::from_millis(config.segments.tick_ms);
+            job_children.push(ChildSpec::new("segments", "segment_engine", move |sup| {
+                let args = SegmentEngineArgs {
+                    store: store.clone(),
+                    bus: bus.clone(),
+                    warehouse: warehouse.clone(),
+                    registry: registry.clone(),
+                    directory: dir.clone(),
+                    reverse_etl: retl.clone(),
+                    metrics: metrics.clone(),
+                    configured: configured.clone(),
+                    tick,
+                };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, SegmentEngine, args, sup).await?;
                     slot.set(r.clone());
                     Ok(r.get_cell())
                 }
@@ -434,6 +507,9 @@ impl Cohort {
             profiles: profiles_slot,
             identity_stats: stats_slot,
             matcher: ctx.matcher.clone(),
+            segments: segments.clone(),
+            segment_engine: ctx.segment_engine.clone(),
+            reverse_etl: reverse_etl_slot.clone(),
             index: ctx.index.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
@@ -450,6 +526,7 @@ impl Cohort {
             health,
             warehouse: warehouse_slot,
             retention: retention_slot,
+            reverse_etl: reverse_etl_slot,
             root,
             root_handle: Some(root_handle),
         })

@@ -1,9 +1,10 @@
 //! What every pipeline actor shares: backends, metrics and the pipeline's progress markers.
 
 use crate::identity::IdentityIndex;
+use crate::segments::SegmentRegistry;
 use crate::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_adapters::{BronzeRow, EventBus, OperationalStore, Warehouse};
-use cohort_messages::msgs::MatcherMsg;
+use cohort_messages::msgs::{MatcherMsg, SegmentMsg};
 use cohort_messages::{CustomerEvent, ProfileId};
 use cohort_supervisors::{Metrics, RestartPolicy, Slot};
 use parking_lot::Mutex;
@@ -46,6 +47,9 @@ pub struct PipelineContext {
     pub staged_bronze: Arc<Mutex<Vec<BronzeRow>>>,
     /// The probabilistic matcher, told about flushed profiles when it runs.
     pub matcher: Slot<MatcherMsg>,
+    /// The segments profiles evaluate, and the engine they report changes to.
+    pub segments: Arc<SegmentRegistry>,
+    pub segment_engine: Slot<SegmentMsg>,
 }
 
 impl std::fmt::Debug for PipelineContext {

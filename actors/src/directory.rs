@@ -32,6 +32,7 @@ enum Change {
     Absorb { record: Box<ProfileRecord> },
     Unmerge { merged: ProfileId },
     Restore { record: Box<ProfileRecord>, from: ProfileId },
+    Reevaluate,
 }
 
 impl Change {
@@ -44,6 +45,7 @@ impl Change {
             // Re-delivered after a restart: the answer went out with the first delivery.
             Change::Unmerge { merged } => ProfileMsg::Unmerge { merged: merged.clone(), reply: None },
             Change::Restore { record, from } => ProfileMsg::Restore { record: record.clone(), from: from.clone() },
+            Change::Reevaluate => ProfileMsg::Reevaluate,
         }
     }
 }
@@ -108,6 +110,7 @@ fn change_of(msg: &ProfileMsg) -> Option<Change> {
         ProfileMsg::Absorb { record } => Some(Change::Absorb { record: record.clone() }),
         ProfileMsg::Unmerge { merged, .. } => Some(Change::Unmerge { merged: merged.clone() }),
         ProfileMsg::Restore { record, from } => Some(Change::Restore { record: record.clone(), from: from.clone() }),
+        ProfileMsg::Reevaluate => Some(Change::Reevaluate),
         _ => None,
     }
 }

@@ -14,7 +14,9 @@ pub mod matching;
 pub mod normalize;
 pub mod profile;
 pub mod retention;
+pub mod reverse_etl;
 pub mod schedule;
+pub mod segments;
 pub mod warehouse_sink;
 pub mod watermark;
 

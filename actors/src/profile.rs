@@ -1,10 +1,20 @@
 //! One ProfileActor per student: the live golden record.
 
 use crate::context::PipelineContext;
+use crate::segments::computed::compute;
+use crate::segments::engine::activation_profile;
+use crate::segments::{evaluate, Evaluation};
+use chrono::DateTime;
 use chrono::Utc;
 use cohort_adapters::{OperationalStore, StoreError};
+use cohort_messages::msgs::SegmentMsg;
 use cohort_messages::msgs::{ProfileMsg, ProfileRecordReply, ProfileSnapshot, ProfilesMsg, UnmergeReport};
-use cohort_messages::{ConsentRecord, ProfileId, ProfileRecord};
+use cohort_messages::profile::ConsentState;
+use cohort_messages::segment::{Change, SegmentChanged};
+use cohort_messages::{
+    Channel, ConsentRecord, CustomerEvent, EventKind, IdentifierKind, ProfileId, ProfileRecord, Suppression,
+    SuppressionReason,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +33,8 @@ pub struct ProfileArgs {
 
 pub struct ProfileState {
     profile_id: ProfileId,
+    /// When the segment engine was last asked to re-evaluate this profile.
+    next_evaluation: Option<DateTime<Utc>>,
     /// `None` until the first event creates the profile.
     record: Option<ProfileRecord>,
     ctx: PipelineContext,
@@ -50,6 +62,109 @@ impl ProfileState {
         self.directory.send_message(ProfilesMsg::Deliver { profile_id: to, msg })?;
         Ok(())
     }
+
+    /// Re-evaluates the real-time segments after a change and reports entries, exits and when
+    /// a window will slide next to the segment engine.
+    fn evaluate_segments(&mut self, caused_at: Option<DateTime<Utc>>) {
+        let registry = self.ctx.segments.clone();
+        let Some(record) = self.record.as_mut() else { return };
+        if record.segments.is_empty() && !registry.has_realtime() {
+            return;
+        }
+        let Some(engine) = self.ctx.segment_engine.get() else { return };
+        let now = Utc::now();
+        let evaluation = if record.merged_into.is_some() {
+            // A merged profile is in no segment: the survivor is.
+            let exited = std::mem::take(&mut record.segments).into_keys().collect();
+            Evaluation { exited, ..Evaluation::default() }
+        } else {
+            self.ctx.metrics.segment_evaluations.inc();
+            evaluate(record, &registry, now)
+        };
+        if !evaluation.entered.is_empty() || !evaluation.exited.is_empty() {
+            let profile = Arc::new(activation_profile(record, now));
+            let changes = evaluation
+                .entered
+                .iter()
+                .map(|s| (s, Change::Entered))
+                .chain(evaluation.exited.iter().map(|s| (s, Change::Exited)))
+                .map(|(segment, change)| SegmentChanged {
+                    profile_id: self.profile_id.clone(),
+                    segment: segment.clone(),
+                    change,
+                    at: now,
+                    profile: profile.clone(),
+                    caused_at,
+                })
+                .collect();
+            let _ = engine.send_message(SegmentMsg::Changed(changes));
+        }
+        if evaluation.next_change != self.next_evaluation {
+            self.next_evaluation = evaluation.next_change;
+            let _ = engine
+                .send_message(SegmentMsg::Schedule { profile_id: self.profile_id.clone(), at: evaluation.next_change });
+        }
+    }
+}
+
+/// Consent and suppression changes an event states are written to the store at once, before
+/// anything can be sent on their evidence: reverse ETL checks the store at send time.
+async fn record_consent_effects(
+    ctx: &PipelineContext,
+    profile: &ProfileId,
+    before: &BTreeMap<String, ConsentState>,
+    record: &ProfileRecord,
+    event: &CustomerEvent,
+) -> Result<(), StoreError> {
+    let mut consents = Vec::new();
+    for (key, state) in &record.consent {
+        if before.get(key) == Some(state) {
+            continue;
+        }
+        if let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == key) {
+            consents.push(ConsentRecord {
+                profile_id: profile.clone(),
+                purpose: "marketing".into(),
+                channel,
+                granted: state.granted,
+                source: state.source.as_str().to_string(),
+                recorded_at: state.at,
+            });
+        }
+    }
+    if !consents.is_empty() {
+        ctx.store.record_consents(consents).await?;
+    }
+    let reason = match (event.kind, event.name.as_deref()) {
+        (EventKind::EmailActivity, Some("bounce" | "dropped")) => Some((Channel::Email, SuppressionReason::Bounce)),
+        (EventKind::EmailActivity, Some("spamreport")) => Some((Channel::Email, SuppressionReason::SpamReport)),
+        (EventKind::EmailActivity, Some("unsubscribe" | "group_unsubscribe")) => {
+            Some((Channel::Email, SuppressionReason::Unsubscribe))
+        }
+        (EventKind::MessageReceived, _)
+            if event.properties.get("consent_change").and_then(|c| c.get("status")).and_then(|s| s.as_str())
+                == Some("opted_out") =>
+        {
+            Some((Channel::Whatsapp, SuppressionReason::Unsubscribe))
+        }
+        _ => None,
+    };
+    if let Some((channel, reason)) = reason {
+        let kinds: &[IdentifierKind] = match channel {
+            Channel::Email => &[IdentifierKind::Email],
+            _ => &[IdentifierKind::WhatsappId, IdentifierKind::Phone],
+        };
+        let entries: Vec<Suppression> = event
+            .identifiers
+            .iter()
+            .filter(|i| kinds.contains(&i.kind))
+            .map(|i| Suppression { channel, address: i.value.clone(), reason, since: event.occurred_at })
+            .collect();
+        if !entries.is_empty() {
+            ctx.store.suppress(entries).await?;
+        }
+    }
+    Ok(())
 }
 
 impl Actor for ProfileActor {
@@ -68,6 +183,7 @@ impl Actor for ProfileActor {
             args.ctx.store.load_profile(&args.profile_id).await?
         };
         Ok(ProfileState {
+            next_evaluation: None,
             profile_id: args.profile_id,
             record,
             ctx: args.ctx,
@@ -94,10 +210,18 @@ impl Actor for ProfileActor {
                 let limit = state.ctx.profiles.history_limit;
                 let record =
                     state.record.get_or_insert_with(|| ProfileRecord::new(state.profile_id.clone(), event.received_at));
+                let consent_before = record.consent.clone();
                 if record.apply(seq, &event, limit) {
                     let latency = (Utc::now() - event.received_at).to_std().unwrap_or_default();
                     state.ctx.metrics.event_to_profile_latency.observe(latency.as_secs_f64());
                     record.trim_ledger(state.ctx.profiles.unmerge_window, limit);
+                    let changed = record.consent != consent_before
+                        || event.kind == EventKind::EmailActivity
+                        || event.properties.contains_key("consent_change");
+                    if changed {
+                        record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event).await?;
+                    }
+                    state.evaluate_segments(Some(event.received_at));
                 }
                 state.in_progress.store(0, Ordering::SeqCst);
             }
@@ -112,6 +236,13 @@ impl Actor for ProfileActor {
                 }
                 if survivor == state.profile_id {
                     return Ok(());
+                }
+                if let Some(record) = state.record.as_mut() {
+                    record.merged_into = Some(survivor.clone());
+                    state.evaluate_segments(None);
+                    if let Some(record) = state.record.as_mut() {
+                        record.merged_into = None;
+                    }
                 }
                 let now = Utc::now();
                 let mut stub = ProfileRecord::new(state.profile_id.clone(), now);
@@ -151,6 +282,7 @@ impl Actor for ProfileActor {
                 }
                 // Idempotent, so a re-delivered Absorb after a restart repeats it harmlessly.
                 merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await?;
+                state.evaluate_segments(None);
             }
             ProfileMsg::Unmerge { merged, reply } => {
                 if let Some(survivor) = state.survivor() {
@@ -187,6 +319,7 @@ impl Actor for ProfileActor {
                         state.ctx.metrics.identity_unmerges.inc();
                         tracing::info!(survivor = %state.profile_id, restored = %merged, "profiles unmerged");
                         state.record = Some(split.survivor);
+                        state.evaluate_segments(None);
                         ProfileRecordReply::Found(Ok(report))
                     }
                 };
@@ -198,10 +331,23 @@ impl Actor for ProfileActor {
                 let redirects_to_from = state.record.as_ref().is_some_and(|r| r.merged_into.as_ref() == Some(&from));
                 if redirects_to_from {
                     state.record = Some(*record);
+                    state.evaluate_segments(None);
                 }
             }
+            ProfileMsg::Reevaluate => {
+                if let Some(survivor) = state.survivor() {
+                    return state.forward(survivor, ProfileMsg::Reevaluate);
+                }
+                state.evaluate_segments(None);
+            }
             ProfileMsg::GetView(reply) => {
-                let _ = reply.send(state.reply(|r| r.view()));
+                let _ = reply.send(state.reply(|r| {
+                    let mut view = r.view();
+                    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(compute(r, Utc::now())) {
+                        view.computed = m;
+                    }
+                    view
+                }));
             }
             ProfileMsg::GetEvents { offset, limit, reply } => {
                 let _ = reply.send(state.reply(|r| r.recent_events.iter().skip(offset).take(limit).cloned().collect()));

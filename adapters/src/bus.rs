@@ -8,7 +8,7 @@ use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, EventLog, Journaled
 use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cohort_messages::{msgs::IdentityEvent, DeadLetter};
+use cohort_messages::{msgs::IdentityEvent, segment::SegmentChanged, DeadLetter};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +80,9 @@ pub trait EventBus: Send + Sync + 'static {
     /// `cdp.identity`, keyed by the survivor; the embedded bus has no such stream (the store's
     /// merge records and audit log are the record there).
     async fn publish_identity(&self, events: &[IdentityEvent]) -> Result<(), StoreError>;
+    /// Publishes segment entries and exits on `cdp.segment.change`, keyed by profile. In-process
+    /// consumers (reverse ETL) get them from the segment engine directly.
+    async fn publish_segment_changes(&self, changes: &[SegmentChanged]) -> Result<(), StoreError>;
     /// Retention of a bus that keeps its own log (the embedded journal): forgets what was
     /// received before `before` and is covered by `covered`. Kafka's retention is the broker's.
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError>;
@@ -151,6 +154,10 @@ impl EventBus for EmbeddedBus {
     }
 
     async fn publish_identity(&self, _events: &[IdentityEvent]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn publish_segment_changes(&self, _changes: &[SegmentChanged]) -> Result<(), StoreError> {
         Ok(())
     }
 

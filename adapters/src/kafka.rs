@@ -12,7 +12,7 @@ use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use cohort_messages::{msgs::IdentityEvent, CustomerEvent, DeadLetter, Source};
+use cohort_messages::{msgs::IdentityEvent, segment::SegmentChanged, CustomerEvent, DeadLetter, Source};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -335,6 +335,18 @@ impl EventBus for KafkaBus {
             })
             .collect::<Result<_, StoreError>>()?;
         self.produce_all(&self.topics.dlq(), records).await
+    }
+
+    async fn publish_segment_changes(&self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
+        let records: Vec<(String, Vec<u8>)> = changes
+            .iter()
+            .map(|c| {
+                let value = serde_json::to_vec(c)
+                    .map_err(|err| StoreError::invalid(format!("encoding a segment change: {err}")))?;
+                Ok((c.profile_id.as_str().to_string(), value))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        self.produce_all(&self.topics.segment_change(), records).await
     }
 
     async fn publish_identity(&self, events: &[IdentityEvent]) -> Result<(), StoreError> {

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod ingest;
 pub mod ops;
 pub mod profiles;
+mod segments;
 pub mod state;
 
 pub use error::ApiError;
@@ -41,6 +42,8 @@ impl Modify for BearerAuth {
         ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
+        segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
+        segments::status, segments::retry, segments::confirm,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -91,6 +94,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/identity/reviews/{id}/{decision}", post(identity::decide_review))
         .route("/v1/profiles/{ref}/unmerge", post(identity::unmerge))
         .route("/v1/profiles/{ref}/merges", get(identity::merges))
+        .route("/v1/profiles/{ref}/segments", get(segments::profile_segments))
+        .route("/v1/segments", get(segments::list))
+        .route("/v1/segments/{name}", get(segments::get).put(segments::put).delete(segments::delete))
+        .route("/v1/segments/{name}/members", get(segments::members))
+        .route("/v1/reverse-etl/status", get(segments::status))
+        .route("/v1/reverse-etl/retry", post(segments::retry))
+        .route("/v1/reverse-etl/confirm/{activation}", post(segments::confirm))
         .route("/v1/dlq", get(ops::dlq))
         .route("/v1/supervisors", get(ops::supervisors))
         .route("/health/live", get(ops::live))

@@ -1,10 +1,11 @@
 //! What the handlers share.
 
 use cohort_actors::normalize::NormalizeOptions;
+use cohort_actors::segments::SegmentRegistry;
 use cohort_actors::IdentityIndex;
 use cohort_adapters::OperationalStore;
 use cohort_config::Config;
-use cohort_messages::msgs::{IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg};
+use cohort_messages::msgs::{IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg};
 use cohort_messages::Source;
 use cohort_supervisors::{HealthRegistry, Metrics, QueueDepth, Slot};
 use std::collections::HashMap;
@@ -19,6 +20,9 @@ pub struct ApiState {
     pub profiles: Slot<ProfilesMsg>,
     pub identity_stats: Slot<IdentityStatsMsg>,
     pub matcher: Slot<MatcherMsg>,
+    pub segments: Arc<SegmentRegistry>,
+    pub segment_engine: Slot<SegmentMsg>,
+    pub reverse_etl: Slot<ReverseEtlMsg>,
     pub index: Arc<IdentityIndex>,
     pub store: Arc<dyn OperationalStore>,
     pub metrics: Metrics,

@@ -24,9 +24,113 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub warehouse: WarehouseConfig,
     pub retention: RetentionConfig,
+    pub segments: SegmentsConfig,
+    /// Scorers for model-driven segments: `[models.NAME]` with `bias` and `[models.NAME.weights]`.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, ModelConfig>,
+    pub reverse_etl: ReverseEtlConfig,
+    /// What to do when a profile enters or leaves a segment: `[[activations]]`.
+    #[serde(default)]
+    pub activations: Vec<ActivationConfig>,
     /// Passed to the normalizers, which validate it at start (`normalize.*` keys).
     #[serde(default)]
     pub normalize: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentsConfig {
+    /// How often due window re-evaluations are fired.
+    pub tick_ms: u64,
+    /// Segments defined in the file: `[[segments.define]]` with `name`, `rule` (or `kind`, `sql`,
+    /// `every_secs`, `model`, `threshold`).
+    #[serde(default)]
+    pub define: Vec<cohort_messages::segment::SegmentDefinition>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub bias: f64,
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseEtlConfig {
+    /// Attempts per request (the first included) before a job is recorded as failed.
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub timeout_ms: u64,
+    pub salesforce: DestinationConfig,
+    pub sendgrid: DestinationConfig,
+    pub twilio: DestinationConfig,
+    pub push: DestinationConfig,
+}
+
+/// One destination's endpoint, credentials and limits. An empty `url` leaves it off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    #[serde(default)]
+    pub url: String,
+    /// Salesforce and FCM: the OAuth bearer token; SendGrid: the API key.
+    #[serde(default)]
+    pub token: String,
+    /// Salesforce REST API version (`v60.0`).
+    #[serde(default)]
+    pub api_version: String,
+    /// Twilio: the account SID and auth token; the WhatsApp sender (`whatsapp:+...`).
+    #[serde(default)]
+    pub account_sid: String,
+    #[serde(default)]
+    pub auth_token: String,
+    #[serde(default)]
+    pub from: String,
+    /// FCM: the Firebase project.
+    #[serde(default)]
+    pub project: String,
+    pub requests_per_second: u32,
+    /// Requests per UTC day (Salesforce's API quota); 0: none.
+    #[serde(default)]
+    pub daily_limit: u64,
+    /// Requests in flight at once: the size of the destination's bulkhead.
+    pub max_in_flight: usize,
+}
+
+/// An activation: on entering (or leaving) `segment`, do `action` at `destination`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationConfig {
+    pub name: String,
+    pub segment: String,
+    /// `enter` (default) or `exit`.
+    #[serde(default = "default_on")]
+    pub on: String,
+    /// `salesforce`, `sendgrid`, `twilio` or `push`.
+    pub destination: String,
+    /// salesforce: `create_task`, `update_contact`; sendgrid: `add_to_list`, `remove_from_list`;
+    /// twilio: `send_template`; push: `send_push`.
+    pub action: String,
+    #[serde(default)]
+    pub list_id: String,
+    /// Twilio: the approved template (`HX...`).
+    #[serde(default)]
+    pub template_sid: String,
+    /// Destination field → template (`{{traits.first_name}}`, `{{computed.engagement_score}}`,
+    /// `{{segment}}`, `{{entered_at}}`, or text).
+    #[serde(default)]
+    pub fields: std::collections::BTreeMap<String, String>,
+    /// Fields that may carry personal data (Gate 4 blocks personal data anywhere else).
+    #[serde(default)]
+    pub pii_fields: Vec<String>,
+}
+
+fn default_on() -> String {
+    "enter".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +375,62 @@ impl Config {
         }
         if self.sources.web.write_key == self.sources.mobile.write_key {
             return Err(bad("sources.mobile.write_key", "must differ from sources.web.write_key"));
+        }
+        if self.segments.tick_ms == 0 {
+            return Err(bad("segments.tick_ms", "must be positive"));
+        }
+        if self.reverse_etl.max_attempts == 0 {
+            return Err(bad("reverse_etl.max_attempts", "must be at least 1"));
+        }
+        for (name, d) in [
+            ("salesforce", &self.reverse_etl.salesforce),
+            ("sendgrid", &self.reverse_etl.sendgrid),
+            ("twilio", &self.reverse_etl.twilio),
+            ("push", &self.reverse_etl.push),
+        ] {
+            if d.requests_per_second == 0 {
+                return Err(bad(&format!("reverse_etl.{name}.requests_per_second"), "must be positive"));
+            }
+            if d.max_in_flight == 0 {
+                return Err(bad(&format!("reverse_etl.{name}.max_in_flight"), "must be positive"));
+            }
+        }
+        for (i, a) in self.activations.iter().enumerate() {
+            let key = |field: &str| format!("activations[{i}].{field}");
+            let actions: &[&str] = match a.destination.as_str() {
+                "salesforce" => &["create_task", "update_contact"],
+                "sendgrid" => &["add_to_list", "remove_from_list"],
+                "twilio" => &["send_template"],
+                "push" => &["send_push"],
+                _ => return Err(bad(&key("destination"), "must be salesforce, sendgrid, twilio or push")),
+            };
+            if !actions.contains(&a.action.as_str()) {
+                return Err(bad(
+                    &key("action"),
+                    &format!("must be one of {} for {}", actions.join(", "), a.destination),
+                ));
+            }
+            if !["enter", "exit"].contains(&a.on.as_str()) {
+                return Err(bad(&key("on"), "must be enter or exit"));
+            }
+            if a.name.trim().is_empty() || self.activations[..i].iter().any(|o| o.name == a.name) {
+                return Err(bad(&key("name"), "must be present and unique"));
+            }
+            let destination = match a.destination.as_str() {
+                "salesforce" => &self.reverse_etl.salesforce,
+                "sendgrid" => &self.reverse_etl.sendgrid,
+                "twilio" => &self.reverse_etl.twilio,
+                _ => &self.reverse_etl.push,
+            };
+            if destination.url.trim().is_empty() {
+                return Err(bad(&key("destination"), &format!("reverse_etl.{}.url is not set", a.destination)));
+            }
+            if a.destination == "sendgrid" && a.list_id.trim().is_empty() {
+                return Err(bad(&key("list_id"), "a SendGrid activation needs the list id"));
+            }
+            if a.destination == "twilio" && a.template_sid.trim().is_empty() {
+                return Err(bad(&key("template_sid"), "a WhatsApp activation needs an approved template (HX...)"));
+            }
         }
         if !(1..=256).contains(&self.identity.shards) {
             return Err(bad("identity.shards", "must be between 1 and 256"));

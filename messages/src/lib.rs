@@ -10,6 +10,7 @@ pub mod ids;
 pub mod msgs;
 pub mod profile;
 pub mod records;
+pub mod segment;
 
 pub use dead_letter::{DeadLetter, DeadLetterStage};
 pub use event::{CustomerEvent, EventKind, RawRef, Utm};

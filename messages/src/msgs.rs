@@ -145,6 +145,8 @@ pub enum ProfileMsg {
         record: Box<ProfileRecord>,
         from: ProfileId,
     },
+    /// Evaluate the real-time segments again (a window slid, a definition was added).
+    Reevaluate,
     /// Write-behind: the state to persist and the seqs applied since the previous snapshot.
     TakeSnapshot(RpcReplyPort<ProfileSnapshot>),
 }
@@ -391,4 +393,70 @@ pub enum ReviewError {
 #[derive(Debug, Clone)]
 pub struct EventDeadLettered {
     pub letter: DeadLetter,
+}
+
+/// The segment engine: memberships, change publication, timers for windows, batch runs.
+#[derive(Debug)]
+pub enum SegmentMsg {
+    /// Profiles entered or left segments (sent by ProfileActors).
+    Changed(Vec<crate::segment::SegmentChanged>),
+    /// Evaluate this profile again at `at` (a window slides), or never (`None`).
+    Schedule { profile_id: ProfileId, at: Option<DateTime<Utc>> },
+    /// Timer: re-evaluate the profiles that are due.
+    Tick,
+    /// Validate and store a definition; real-time ones are evaluated for every profile.
+    Define {
+        definition: crate::segment::SegmentDefinition,
+        reply: RpcReplyPort<Result<crate::segment::SegmentDefinition, String>>,
+    },
+    /// Remove a definition and its memberships.
+    Delete { name: String, reply: RpcReplyPort<Result<bool, String>> },
+    /// Re-evaluate stored profiles after `after` (a page at a time) for a new definition.
+    Backfill { after: Option<ProfileId> },
+    /// Run a batch segment's query now and apply the difference.
+    RunBatch { name: String, reply: Option<RpcReplyPort<Result<BatchRun, String>>> },
+    /// Wait until everything sent before was handled.
+    Sync(RpcReplyPort<SegmentStats>),
+}
+
+/// What a batch segment run changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRun {
+    pub members: usize,
+    pub entered: usize,
+    pub exited: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentStats {
+    pub defined: usize,
+    pub scheduled: usize,
+    pub changes: u64,
+    pub backfilling: bool,
+}
+
+/// Reverse ETL: activations route segment changes to destination lanes.
+#[derive(Debug)]
+pub enum ReverseEtlMsg {
+    Dispatch(Vec<crate::segment::SegmentChanged>),
+    /// Every change of one batch segment run, together (Gate 4 compares its size with the
+    /// previous run's).
+    DispatchBatch {
+        segment: String,
+        changes: Vec<crate::segment::SegmentChanged>,
+    },
+    /// Every destination's counters, queue and recent failures.
+    Status(RpcReplyPort<serde_json::Value>),
+    /// Queue the failed jobs again; answers how many.
+    Retry {
+        destination: Option<String>,
+        reply: RpcReplyPort<usize>,
+    },
+    /// Allow the held batch of an activation whose size moved more than 20% (Gate 4).
+    Confirm {
+        activation: String,
+        reply: RpcReplyPort<bool>,
+    },
+    /// Wait until every job queued before has finished (tests, shutdown).
+    Drain(RpcReplyPort<()>),
 }

@@ -83,6 +83,121 @@ pub struct ProfileRecord {
     /// Profiles an unmerge declared to be other students: identifiers never link them again.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub kept_apart: BTreeSet<ProfileId>,
+    /// What computed traits and segment rules are derived from.
+    #[serde(default, skip_serializing_if = "Activity::is_empty")]
+    pub activity: Activity,
+    /// Consent as the events stated it, by channel or category (`email`, `whatsapp`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consent: BTreeMap<String, ConsentState>,
+    /// Real-time segments the profile is in, with when it entered.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub segments: BTreeMap<String, DateTime<Utc>>,
+}
+
+/// How long activity is remembered, and how much of it per key.
+pub const ACTIVITY_DAYS: i64 = 90;
+pub const ACTIVITY_PER_KEY: usize = 500;
+
+/// Recent activity by key, oldest first: `page` and `page:TOPIC` (page and screen views),
+/// `event:NAME` (track events, name folded to lower case), `email:open`, `email:click`, `login`.
+/// Pruned by age relative to the newest activity (not the clock), so replays give the same state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recent: BTreeMap<String, Vec<DateTime<Utc>>>,
+    /// All-time page views by topic (most frequent, unique lists).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topics: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub sentiment_sum: f64,
+    #[serde(default)]
+    pub sentiment_count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_login: Option<DateTime<Utc>>,
+}
+
+impl Activity {
+    pub fn is_empty(&self) -> bool {
+        self.recent.is_empty() && self.topics.is_empty() && self.sentiment_count == 0 && self.last_login.is_none()
+    }
+
+    fn note(&mut self, key: String, at: DateTime<Utc>) {
+        let list = self.recent.entry(key).or_default();
+        let pos = list.partition_point(|t| *t <= at);
+        list.insert(pos, at);
+        if list.len() > ACTIVITY_PER_KEY {
+            list.remove(0);
+        }
+    }
+
+    fn prune(&mut self) {
+        let Some(newest) = self.recent.values().filter_map(|l| l.last()).max().copied() else { return };
+        let cutoff = newest - chrono::Duration::days(ACTIVITY_DAYS);
+        self.recent.retain(|_, l| {
+            let old = l.partition_point(|t| *t < cutoff);
+            l.drain(..old);
+            !l.is_empty()
+        });
+    }
+
+    /// Timestamps of `key` at or after `since`.
+    pub fn since(&self, key: &str, since: DateTime<Utc>) -> &[DateTime<Utc>] {
+        match self.recent.get(key) {
+            Some(l) => &l[l.partition_point(|t| *t < since)..],
+            None => &[],
+        }
+    }
+
+    fn absorb(&mut self, other: Activity) {
+        for (key, times) in other.recent {
+            for t in times {
+                self.note(key.clone(), t);
+            }
+        }
+        for (topic, n) in other.topics {
+            *self.topics.entry(topic).or_default() += n;
+        }
+        self.sentiment_sum += other.sentiment_sum;
+        self.sentiment_count += other.sentiment_count;
+        self.last_login = self.last_login.max(other.last_login);
+        self.prune();
+    }
+}
+
+/// One consent decision carried by events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsentState {
+    pub granted: bool,
+    pub source: Source,
+    pub at: DateTime<Utc>,
+}
+
+/// Track event names that mean a login.
+const LOGIN_EVENTS: &[&str] = &["logged in", "signed in", "login", "log in", "sign in"];
+
+/// Lower case, single spaces: how event names and topics are keyed.
+pub fn fold_key(s: &str) -> String {
+    s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// The topics of a page or screen view: its category and the words of its path
+/// (`/programs/mba/curriculum` → programs, mba, curriculum).
+pub fn page_topics(event: &CustomerEvent) -> BTreeSet<String> {
+    let mut topics = BTreeSet::new();
+    if let Some(c) = event.properties.get("category").and_then(Value::as_str) {
+        let c = fold_key(c);
+        if !c.is_empty() {
+            topics.insert(c);
+        }
+    }
+    if let Some(path) = event.properties.get("path").and_then(Value::as_str) {
+        for part in path.split(['/', '?', '#', '&', '=']).map(fold_key) {
+            if !part.is_empty() && !part.chars().all(|c| c.is_ascii_digit() || c == ' ') {
+                topics.insert(part);
+            }
+        }
+    }
+    topics
 }
 
 /// The state a profile had before its oldest undoable merge and everything that changed it
@@ -144,6 +259,9 @@ impl ProfileRecord {
             merged_from: Vec::new(),
             ledger: None,
             kept_apart: BTreeSet::new(),
+            activity: Activity::default(),
+            consent: BTreeMap::new(),
+            segments: BTreeMap::new(),
         }
     }
 
@@ -194,7 +312,65 @@ impl ProfileRecord {
         true
     }
 
+    fn apply_activity(&mut self, event: &CustomerEvent) {
+        let at = event.occurred_at;
+        let a = &mut self.activity;
+        match event.kind {
+            EventKind::Page | EventKind::Screen => {
+                a.note("page".into(), at);
+                for topic in page_topics(event) {
+                    a.note(format!("page:{topic}"), at);
+                    *a.topics.entry(topic).or_default() += 1;
+                }
+            }
+            EventKind::Track => {
+                if let Some(name) = event.name.as_deref().map(fold_key).filter(|n| !n.is_empty()) {
+                    if LOGIN_EVENTS.contains(&name.as_str()) {
+                        a.last_login = a.last_login.max(Some(at));
+                        a.note("login".into(), at);
+                    }
+                    a.note(format!("event:{name}"), at);
+                }
+            }
+            EventKind::EmailActivity => {
+                if let Some(kind @ ("open" | "click")) = event.name.as_deref() {
+                    a.note(format!("email:{kind}"), at);
+                }
+            }
+            _ => {}
+        }
+        if let Some(s) = event.properties.get("sentiment").and_then(Value::as_f64) {
+            a.sentiment_sum += s;
+            a.sentiment_count += 1;
+        }
+        a.prune();
+        // Consent: an explicit change (unsubscribe, STOP, Salesforce opt-out) or a consent object
+        // (Segment `context.consent.categoryPreferences`); the latest decision per key wins.
+        let mut decisions: Vec<(String, bool)> = Vec::new();
+        if let Some(change) = event.properties.get("consent_change") {
+            if let (Some(channel), Some(status)) =
+                (change.get("channel").and_then(Value::as_str), change.get("status").and_then(Value::as_str))
+            {
+                decisions.push((fold_key(channel), status == "opted_in"));
+            }
+        }
+        if let Some(Value::Object(prefs)) = event.properties.get("consent") {
+            for (k, v) in prefs {
+                if let Some(granted) = v.as_bool() {
+                    decisions.push((fold_key(k), granted));
+                }
+            }
+        }
+        for (key, granted) in decisions.into_iter().filter(|(k, _)| !k.is_empty()) {
+            let newer = self.consent.get(&key).is_none_or(|c| c.at <= at);
+            if newer {
+                self.consent.insert(key, ConsentState { granted, source: event.source, at });
+            }
+        }
+    }
+
     fn apply_fields(&mut self, event: &CustomerEvent, history_limit: usize) {
+        self.apply_activity(event);
         for id in &event.identifiers {
             self.link(id, event.source, event.occurred_at);
         }
@@ -284,6 +460,15 @@ impl ProfileRecord {
 
     fn absorb_fields(&mut self, other: ProfileRecord, history_limit: usize) {
         self.kept_apart.extend(other.kept_apart.iter().cloned());
+        self.activity.absorb(other.activity);
+        // Consent after a merge is the most restrictive: a refusal on either side stands.
+        for (key, theirs) in other.consent {
+            let keep_ours =
+                self.consent.get(&key).is_some_and(|ours| !ours.granted || theirs.granted && ours.at >= theirs.at);
+            if !keep_ours {
+                self.consent.insert(key, theirs);
+            }
+        }
         for l in other.identifiers {
             self.link(&l.identifier, l.source, l.first_seen);
         }
@@ -437,6 +622,9 @@ impl ProfileRecord {
             counters: self.counters.clone(),
             merged_from: self.merged_from.clone(),
             recent_events: self.recent_events.len(),
+            consent: self.consent.clone(),
+            segments: self.segments.clone(),
+            computed: Map::new(),
         }
     }
 }
@@ -454,6 +642,14 @@ pub struct ProfileView {
     pub merged_from: Vec<ProfileId>,
     /// Number of events held in the recent history (see `/events`).
     pub recent_events: usize,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consent: BTreeMap<String, ConsentState>,
+    /// Real-time segments, with when the profile entered each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub segments: BTreeMap<String, DateTime<Utc>>,
+    /// Computed traits at the time of the answer.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub computed: Map<String, Value>,
 }
 
 #[cfg(test)]

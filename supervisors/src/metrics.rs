@@ -24,6 +24,11 @@ pub struct Metrics {
     pub profiles_created: IntCounter,
     pub identity_merges: IntCounter,
     pub identity_unmerges: IntCounter,
+    pub segment_changes: IntCounterVec,
+    pub segment_evaluations: IntCounter,
+    pub reverse_etl_requests: IntCounterVec,
+    pub reverse_etl_skipped: IntCounterVec,
+    pub trigger_latency: Histogram,
     pub identity_reviews_opened: IntCounter,
     pub identity_reviews_decided: IntCounterVec,
     pub flush_duration: Histogram,
@@ -114,6 +119,27 @@ impl Metrics {
         r.register(Box::new(identity_merges.clone()))?;
         let identity_unmerges = IntCounter::new("identity_unmerges_total", "Merges undone")?;
         r.register(Box::new(identity_unmerges.clone()))?;
+        let segment_changes = counter_vec(&r, "segment_changes_total", "Segment entries and exits", &["change"])?;
+        let segment_evaluations = IntCounter::new("segment_evaluations_total", "Profile segment evaluations")?;
+        r.register(Box::new(segment_evaluations.clone()))?;
+        let reverse_etl_requests = counter_vec(
+            &r,
+            "reverse_etl_requests_total",
+            "Destination requests by destination and outcome (sent, failed, retried)",
+            &["destination", "outcome"],
+        )?;
+        let reverse_etl_skipped = counter_vec(
+            &r,
+            "reverse_etl_skipped_total",
+            "Activations not sent, by destination and reason (consent, suppressed, gate4, no_address)",
+            &["destination", "reason"],
+        )?;
+        let trigger_latency = histogram(
+            &r,
+            "trigger_latency_seconds",
+            "Event received to destination request sent",
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        )?;
         let identity_reviews_opened =
             IntCounter::new("identity_reviews_opened_total", "Probabilistic matches queued for review")?;
         r.register(Box::new(identity_reviews_opened.clone()))?;
@@ -208,6 +234,11 @@ impl Metrics {
             profiles_created,
             identity_merges,
             identity_unmerges,
+            segment_changes,
+            segment_evaluations,
+            reverse_etl_requests,
+            reverse_etl_skipped,
+            trigger_latency,
             identity_reviews_opened,
             identity_reviews_decided,
             flush_duration,

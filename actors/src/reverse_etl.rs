@@ -1,0 +1,803 @@
+//! Reverse ETL (slides 10 and 17): activations turn segment entries and exits into requests to
+//! Salesforce, Twilio WhatsApp, SendGrid and FCM push.
+//!
+//! Every destination is a bulkhead: its own rate limiter, daily quota, in-flight limit and
+//! counters, so a slow or failing destination holds back nothing else. Before each request the
+//! job checks, in the store and at that moment, the student's consent for the channel and the
+//! suppression list, then Gate 4 (no personal data outside the fields allowed to carry it, every
+//! mapped field filled, Salesforce field names valid). Requests carry an idempotency key; sent
+//! keys are remembered so a re-delivered change is not sent twice; failures after the retries
+//! are kept and can be sent again.
+
+use chrono::{DateTime, Utc};
+use cohort_adapters::OperationalStore;
+use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
+use cohort_messages::msgs::ReverseEtlMsg;
+use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
+use cohort_messages::{Channel, IdentifierKind, ProfileId};
+use cohort_supervisors::Metrics;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Idempotency keys of jobs a destination accepted.
+pub const SENT: &str = "reverse_etl_sent";
+/// Jobs that failed after their retries, waiting for `POST /v1/reverse-etl/retry`.
+pub const FAILED: &str = "reverse_etl_failed";
+/// The size of each activation's last batch run (Gate 4's ±20%).
+pub const RUNS: &str = "reverse_etl_runs";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Destination {
+    Salesforce,
+    Sendgrid,
+    Twilio,
+    Push,
+}
+
+impl Destination {
+    pub const ALL: [Destination; 4] =
+        [Destination::Salesforce, Destination::Sendgrid, Destination::Twilio, Destination::Push];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Destination::Salesforce => "salesforce",
+            Destination::Sendgrid => "sendgrid",
+            Destination::Twilio => "twilio",
+            Destination::Push => "push",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
+    fn config(self, c: &ReverseEtlConfig) -> &DestinationConfig {
+        match self {
+            Destination::Salesforce => &c.salesforce,
+            Destination::Sendgrid => &c.sendgrid,
+            Destination::Twilio => &c.twilio,
+            Destination::Push => &c.push,
+        }
+    }
+}
+
+/// A job: one activation for one segment change.
+#[derive(Debug, Clone)]
+struct Job {
+    key: String,
+    activation: Arc<ActivationConfig>,
+    destination: Destination,
+    change: SegmentChanged,
+}
+
+/// Why a job ended without a request.
+#[derive(Debug, Clone, PartialEq)]
+enum Skip {
+    Consent,
+    Suppressed,
+    NoAddress(&'static str),
+    Duplicate,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+enum JobError {
+    #[error("gate 4: {0}")]
+    Gate(String),
+    #[error("{0}")]
+    Permanent(String),
+    #[error("{0}")]
+    Transient(String),
+    #[error("daily limit of {0} requests reached")]
+    Quota(u64),
+}
+
+/// The request a job sends.
+#[derive(Debug, Clone)]
+struct Request {
+    method: reqwest::Method,
+    path: String,
+    body: Body,
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    Json(Value),
+    Form(Vec<(String, String)>),
+    None,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct FailureRecord {
+    key: String,
+    activation: String,
+    profile_id: String,
+    segment: String,
+    error: String,
+    at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct LaneStats {
+    sent: u64,
+    failed: u64,
+    retries: u64,
+    skipped: BTreeMap<String, u64>,
+    last_error: Option<String>,
+    recent_failures: VecDeque<FailureRecord>,
+    day: Option<chrono::NaiveDate>,
+    today: u64,
+}
+
+/// One destination's bulkhead.
+struct Lane {
+    destination: Destination,
+    config: DestinationConfig,
+    http: reqwest::Client,
+    limiter: DefaultDirectRateLimiter,
+    permits: Semaphore,
+    waiting: AtomicU64,
+    in_flight: AtomicU64,
+    stats: Mutex<LaneStats>,
+}
+
+struct Shared {
+    store: Arc<dyn OperationalStore>,
+    metrics: Metrics,
+    settings: ReverseEtlConfig,
+}
+
+pub struct ReverseEtlActor;
+
+pub struct ReverseEtlArgs {
+    pub store: Arc<dyn OperationalStore>,
+    pub metrics: Metrics,
+    pub config: ReverseEtlConfig,
+    pub activations: Vec<ActivationConfig>,
+}
+
+pub struct ReverseEtlState {
+    shared: Arc<Shared>,
+    activations: Vec<Arc<ActivationConfig>>,
+    lanes: HashMap<Destination, Arc<Lane>>,
+    /// Batch runs held by Gate 4 (size moved more than 20%), by activation.
+    held: HashMap<String, Vec<Job>>,
+}
+
+fn job_key(activation: &str, c: &SegmentChanged) -> String {
+    let change = match c.change {
+        Change::Entered => "enter",
+        Change::Exited => "exit",
+    };
+    format!("{activation}:{}:{}:{change}:{}", c.profile_id, c.segment, c.at.timestamp_millis())
+}
+
+/// `{{traits.first_name}}` and friends, from the profile snapshot of the change.
+fn render(template: &str, change: &SegmentChanged) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or_else(|| format!("unclosed placeholder in `{template}`"))?;
+        let path = after[..end].trim();
+        out.push_str(&lookup(path, change)?);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Number(n) => {
+            n.as_f64().filter(|f| f.fract() != 0.0).map_or_else(|| n.to_string(), |f| format!("{f:.2}"))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn lookup(path: &str, c: &SegmentChanged) -> Result<String, String> {
+    let p: &ActivationProfile = &c.profile;
+    Ok(match path.split_once('.') {
+        Some(("traits", name)) => p.traits.get(name).map(|t| scalar(&t.value)).unwrap_or_default(),
+        Some(("computed", name)) => p.computed.get(name).map(scalar).unwrap_or_default(),
+        None if path == "segment" => c.segment.clone(),
+        None if path == "entered_at" || path == "changed_at" => c.at.to_rfc3339(),
+        None if path == "profile_id" => c.profile_id.to_string(),
+        _ => {
+            return Err(format!(
+                "unknown placeholder `{{{{{path}}}}}` (traits.NAME, computed.NAME, segment, changed_at, profile_id)"
+            ))
+        }
+    })
+}
+
+fn identifier(p: &ActivationProfile, kind: IdentifierKind) -> Option<String> {
+    p.identifiers.iter().find(|l| l.identifier.kind == kind).map(|l| l.identifier.value.clone())
+}
+
+/// Whether a value looks like an email address or a phone number.
+fn looks_personal(value: &str) -> bool {
+    let email = value.split_whitespace().any(|w| {
+        w.split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.ends_with('.'))
+    });
+    // A phone number: 9-15 digits with the usual separators, not shaped like a date.
+    let phone = value
+        .split(|c: char| !(c.is_ascii_digit() || matches!(c, ' ' | '+' | '-' | '(' | ')' | '/' | '.')))
+        .map(str::trim)
+        .any(|run| {
+            let digits = run.chars().filter(char::is_ascii_digit).count();
+            let b = run.as_bytes();
+            let shape = |pattern: &str| {
+                b.len() >= pattern.len()
+                    && pattern.bytes().zip(b).all(|(p, c)| if p == b'9' { c.is_ascii_digit() } else { p == *c })
+            };
+            let date = shape("9999-99-99") || shape("99.99.9999") || shape("99/99/9999");
+            (9..=15).contains(&digits) && !date
+        });
+    email || phone
+}
+
+/// Standard fields the Salesforce activations may write (custom fields end in `__c`).
+const SALESFORCE_TASK_FIELDS: &[&str] =
+    &["Subject", "Priority", "Status", "Description", "ActivityDate", "OwnerId", "WhatId", "Type", "CallDisposition"];
+const SALESFORCE_CONTACT_FIELDS: &[&str] = &["Description", "LeadSource", "Title", "Department", "HasOptedOutOfEmail"];
+
+/// Gate 4: renders the mapped fields, checks the mapping and keeps personal data where allowed.
+fn mapped_fields(job: &Job) -> Result<BTreeMap<String, String>, JobError> {
+    let a = &job.activation;
+    let mut out = BTreeMap::new();
+    for (field, template) in &a.fields {
+        if job.destination == Destination::Salesforce {
+            let valid_name = field.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let known = if a.action == "create_task" { SALESFORCE_TASK_FIELDS } else { SALESFORCE_CONTACT_FIELDS };
+            if !valid_name || !(known.contains(&field.as_str()) || field.ends_with("__c")) {
+                return Err(JobError::Gate(format!(
+                    "`{field}` is not a writable Salesforce {} field",
+                    if a.action == "create_task" { "Task" } else { "Contact" }
+                )));
+            }
+        }
+        let value = render(template, &job.change).map_err(JobError::Gate)?;
+        if value.trim().is_empty() {
+            return Err(JobError::Gate(format!("mapped field `{field}` has no value for this profile")));
+        }
+        if looks_personal(&value) && !a.pii_fields.contains(field) {
+            return Err(JobError::Gate(format!("personal data in `{field}`, which is not listed in pii_fields")));
+        }
+        out.insert(field.clone(), value);
+    }
+    Ok(out)
+}
+
+/// What the job's channel needs before anything is sent: the consent to check (if any) and the
+/// address to check against the suppression list.
+fn channel_of(job: &Job) -> Option<Channel> {
+    match (job.destination, job.activation.action.as_str()) {
+        (Destination::Sendgrid, "add_to_list") => Some(Channel::Email),
+        (Destination::Twilio, _) => Some(Channel::Whatsapp),
+        (Destination::Push, _) => Some(Channel::Push),
+        // CRM updates are the school's own records; removing someone from a list is always allowed.
+        _ => None,
+    }
+}
+
+fn address(job: &Job) -> Result<String, Skip> {
+    let p = &job.change.profile;
+    match job.destination {
+        Destination::Salesforce => identifier(p, IdentifierKind::SalesforceId).ok_or(Skip::NoAddress("salesforce_id")),
+        Destination::Sendgrid => identifier(p, IdentifierKind::Email).ok_or(Skip::NoAddress("email")),
+        Destination::Twilio => identifier(p, IdentifierKind::WhatsappId)
+            .or_else(|| identifier(p, IdentifierKind::Phone))
+            .ok_or(Skip::NoAddress("whatsapp_or_phone")),
+        Destination::Push => p
+            .traits
+            .get("push_token")
+            .map(|t| scalar(&t.value))
+            .filter(|t| !t.is_empty())
+            .ok_or(Skip::NoAddress("push_token")),
+    }
+}
+
+/// The email address a profile's record shows (traits keep it as written; identifiers are
+/// canonical mailboxes, which the email tool would not recognize for Gmail dots).
+fn email_as_written(p: &ActivationProfile, canonical: &str) -> String {
+    p.traits.get("email").map(|t| scalar(&t.value)).filter(|e| !e.is_empty()).unwrap_or_else(|| canonical.to_string())
+}
+
+fn build(job: &Job, lane: &Lane, to: &str, fields: BTreeMap<String, String>) -> Vec<Request> {
+    let c = &lane.config;
+    let a = &job.activation;
+    match (job.destination, a.action.as_str()) {
+        (Destination::Salesforce, "create_task") => {
+            let mut body: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            body.insert("WhoId".into(), Value::String(to.into()));
+            vec![Request {
+                method: reqwest::Method::POST,
+                path: format!("/services/data/{}/sobjects/Task", c.api_version),
+                body: Body::Json(Value::Object(body)),
+            }]
+        }
+        (Destination::Salesforce, _) => vec![Request {
+            method: reqwest::Method::PATCH,
+            path: format!("/services/data/{}/sobjects/Contact/{to}", c.api_version),
+            body: Body::Json(json!(fields)),
+        }],
+        (Destination::Sendgrid, "add_to_list") => {
+            let mut contact: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            contact.insert("email".into(), Value::String(email_as_written(&job.change.profile, to)));
+            vec![Request {
+                method: reqwest::Method::PUT,
+                path: "/v3/marketing/contacts".into(),
+                body: Body::Json(json!({ "list_ids": [a.list_id], "contacts": [contact] })),
+            }]
+        }
+        (Destination::Sendgrid, _) => vec![Request {
+            method: reqwest::Method::POST,
+            path: "/v3/marketing/contacts/search/emails".into(),
+            body: Body::Json(json!({ "emails": [email_as_written(&job.change.profile, to)] })),
+        }],
+        (Destination::Twilio, _) => {
+            let variables = serde_json::to_string(&fields).unwrap_or_else(|_| "{}".into());
+            let to = if to.starts_with("whatsapp:") { to.to_string() } else { format!("whatsapp:{to}") };
+            vec![Request {
+                method: reqwest::Method::POST,
+                path: format!("/2010-04-01/Accounts/{}/Messages.json", c.account_sid),
+                body: Body::Form(vec![
+                    ("To".into(), to),
+                    ("From".into(), c.from.clone()),
+                    ("ContentSid".into(), a.template_sid.clone()),
+                    ("ContentVariables".into(), variables),
+                ]),
+            }]
+        }
+        (Destination::Push, _) => {
+            let mut data = fields;
+            let title = data.remove("title").unwrap_or_default();
+            let body = data.remove("body").unwrap_or_default();
+            vec![Request {
+                method: reqwest::Method::POST,
+                path: format!("/v1/projects/{}/messages:send", c.project),
+                body: Body::Json(
+                    json!({ "message": { "token": to, "notification": { "title": title, "body": body }, "data": data } }),
+                ),
+            }]
+        }
+    }
+}
+
+impl Lane {
+    fn new(destination: Destination, config: DestinationConfig, timeout: Duration) -> Option<Arc<Lane>> {
+        if config.url.trim().is_empty() {
+            return None;
+        }
+        let rate = NonZeroU32::new(config.requests_per_second).unwrap_or(NonZeroU32::MIN);
+        let http = reqwest::Client::builder().timeout(timeout).build().ok()?;
+        Some(Arc::new(Lane {
+            destination,
+            limiter: RateLimiter::direct(Quota::per_second(rate)),
+            permits: Semaphore::new(config.max_in_flight.max(1)),
+            http,
+            config,
+            waiting: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            stats: Mutex::new(LaneStats::default()),
+        }))
+    }
+
+    fn skip(&self, shared: &Shared, reason: &str) {
+        *self.stats.lock().skipped.entry(reason.to_string()).or_default() += 1;
+        shared.metrics.reverse_etl_skipped.with_label_values(&[self.destination.as_str(), reason]).inc();
+    }
+
+    /// Counts a request against the daily quota; refuses past it.
+    fn take_quota(&self) -> Result<(), JobError> {
+        let limit = self.config.daily_limit;
+        let mut s = self.stats.lock();
+        let today = Utc::now().date_naive();
+        if s.day != Some(today) {
+            s.day = Some(today);
+            s.today = 0;
+        }
+        if limit > 0 && s.today >= limit {
+            return Err(JobError::Quota(limit));
+        }
+        s.today += 1;
+        Ok(())
+    }
+
+    async fn send_once(&self, req: &Request, key: &str) -> Result<Value, JobError> {
+        let url = format!("{}{}", self.config.url.trim_end_matches('/'), req.path);
+        let mut builder = self.http.request(req.method.clone(), &url).header("Idempotency-Key", key);
+        builder = match self.destination {
+            Destination::Twilio => builder.basic_auth(&self.config.account_sid, Some(&self.config.auth_token)),
+            _ => builder.bearer_auth(&self.config.token),
+        };
+        builder = match &req.body {
+            Body::Json(v) => builder.json(v),
+            Body::Form(f) => builder.form(f),
+            Body::None => builder,
+        };
+        let response = builder.send().await.map_err(|e| JobError::Transient(format!("request failed: {e}")))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
+        }
+        // The destination's message, shortened: it may echo what we sent.
+        let detail: String = text.chars().take(200).collect();
+        let message = format!("{} answered {status}: {detail}", self.destination.as_str());
+        if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+            Err(JobError::Transient(message))
+        } else {
+            Err(JobError::Permanent(message))
+        }
+    }
+
+    /// Sends with rate limiting, the daily quota and capped exponential backoff with jitter.
+    async fn send(
+        &self,
+        shared: &Shared,
+        req: &Request,
+        key: &str,
+        first: &mut Option<DateTime<Utc>>,
+    ) -> Result<Value, JobError> {
+        let s = &shared.settings;
+        let mut delay = Duration::from_millis(s.backoff_initial_ms.max(1));
+        let mut attempt = 1;
+        loop {
+            self.limiter.until_ready().await;
+            self.take_quota()?;
+            first.get_or_insert_with(Utc::now);
+            match self.send_once(req, key).await {
+                Ok(v) => return Ok(v),
+                Err(JobError::Transient(e)) if attempt < s.max_attempts => {
+                    self.stats.lock().retries += 1;
+                    shared
+                        .metrics
+                        .reverse_etl_requests
+                        .with_label_values(&[self.destination.as_str(), "retried"])
+                        .inc();
+                    tracing::info!(destination = self.destination.as_str(), attempt, error = %e, "destination request failed; retrying");
+                    let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                    tokio::time::sleep(delay.mul_f64(jitter)).await;
+                    delay = (delay * 2).min(Duration::from_millis(s.backoff_max_ms.max(1)));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
+    lane.waiting.fetch_add(1, Ordering::SeqCst);
+    let permit = lane.permits.acquire().await;
+    lane.waiting.fetch_sub(1, Ordering::SeqCst);
+    let Ok(_permit) = permit else { return };
+    lane.in_flight.fetch_add(1, Ordering::SeqCst);
+    let outcome = attempt(&shared, &lane, &job).await;
+    lane.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let store = &shared.store;
+    let d = lane.destination.as_str();
+    match outcome {
+        Ok(None) => {}
+        Ok(Some(skip)) => {
+            let reason = match skip {
+                Skip::Consent => "consent".to_string(),
+                Skip::Suppressed => "suppressed".into(),
+                Skip::NoAddress(what) => format!("no_{what}"),
+                Skip::Duplicate => "duplicate".into(),
+            };
+            tracing::debug!(destination = d, activation = %job.activation.name, reason = %reason, "activation skipped");
+            lane.skip(&shared, &reason);
+        }
+        Err(e) => {
+            let gate = matches!(e, JobError::Gate(_));
+            if gate {
+                lane.skip(&shared, "gate4");
+            }
+            shared.metrics.reverse_etl_requests.with_label_values(&[d, "failed"]).inc();
+            tracing::warn!(destination = d, activation = %job.activation.name, profile_id = %job.change.profile_id, error = %e, "activation failed");
+            let record = FailureRecord {
+                key: job.key.clone(),
+                activation: job.activation.name.clone(),
+                profile_id: job.change.profile_id.to_string(),
+                segment: job.change.segment.clone(),
+                error: e.to_string(),
+                at: Some(Utc::now()),
+            };
+            {
+                let mut s = lane.stats.lock();
+                s.failed += 1;
+                s.last_error = Some(record.error.clone());
+                s.recent_failures.push_back(record.clone());
+                while s.recent_failures.len() > 50 {
+                    s.recent_failures.pop_front();
+                }
+            }
+            // Kept for a retry; a Gate 4 refusal is a configuration problem, retried once fixed.
+            let doc = json!({
+                "activation": job.activation.name, "destination": d, "error": record.error, "at": record.at,
+                "change": job.change, "profile": &*job.change.profile,
+            });
+            if let Err(e) = store.put_documents(FAILED, vec![(job.key.clone(), Some(doc))]).await {
+                tracing::warn!(error = %e, "failed activation not stored for retry");
+            }
+        }
+    }
+}
+
+/// One job: idempotency, consent, suppression, Gate 4, then the request(s).
+async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>, JobError> {
+    let store = &shared.store;
+    let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
+    if store
+        .get_documents(SENT, std::slice::from_ref(&job.key))
+        .await
+        .map_err(unavailable)?
+        .first()
+        .is_some_and(Option::is_some)
+    {
+        return Ok(Some(Skip::Duplicate));
+    }
+    let to = match address(job) {
+        Ok(a) => a,
+        Err(skip) => return Ok(Some(skip)),
+    };
+    if let Some(channel) = channel_of(job) {
+        let consents = store.consents(&job.change.profile_id).await.map_err(unavailable)?;
+        let granted = consents.iter().any(|c| c.channel == channel && c.purpose == "marketing" && c.granted);
+        if !granted {
+            return Ok(Some(Skip::Consent));
+        }
+        let listed = store.suppressed(&[(channel, to.clone())]).await.map_err(unavailable)?;
+        if listed.first().is_some_and(Option::is_some) {
+            return Ok(Some(Skip::Suppressed));
+        }
+    }
+    let fields = mapped_fields(job)?;
+    let requests = build(job, lane, &to, fields);
+    let mut first_sent = None;
+    for req in &requests {
+        let answer = lane.send(shared, req, &job.key, &mut first_sent).await?;
+        // SendGrid removes list members by contact id: look it up, then delete.
+        if job.destination == Destination::Sendgrid && job.activation.action == "remove_from_list" {
+            let email = email_as_written(&job.change.profile, &to);
+            let id = answer
+                .pointer(&format!("/result/{}/contact/id", email.replace('~', "~0").replace('/', "~1")))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let Some(id) = id else { return Ok(Some(Skip::NoAddress("sendgrid_contact"))) };
+            let delete = Request {
+                method: reqwest::Method::DELETE,
+                path: format!("/v3/marketing/lists/{}/contacts?contact_ids={id}", job.activation.list_id),
+                body: Body::None,
+            };
+            lane.send(shared, &delete, &job.key, &mut first_sent).await?;
+        }
+    }
+    if let (Some(sent), Some(caused)) = (first_sent, job.change.caused_at) {
+        shared.metrics.trigger_latency.observe((sent - caused).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+    }
+    lane.stats.lock().sent += 1;
+    shared.metrics.reverse_etl_requests.with_label_values(&[lane.destination.as_str(), "sent"]).inc();
+    store.put_documents(SENT, vec![(job.key.clone(), Some(json!({ "at": Utc::now() })))]).await.map_err(unavailable)?;
+    Ok(None)
+}
+
+impl ReverseEtlState {
+    fn jobs(&self, changes: &[SegmentChanged]) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        for c in changes {
+            let on = match c.change {
+                Change::Entered => "enter",
+                Change::Exited => "exit",
+            };
+            for a in self.activations.iter().filter(|a| a.segment == c.segment && a.on == on) {
+                let Some(destination) = Destination::parse(&a.destination) else { continue };
+                jobs.push(Job { key: job_key(&a.name, c), activation: a.clone(), destination, change: c.clone() });
+            }
+        }
+        jobs
+    }
+
+    fn spawn(&self, job: Job) {
+        match self.lanes.get(&job.destination) {
+            Some(lane) => {
+                tokio::spawn(run(self.shared.clone(), lane.clone(), job));
+            }
+            None => tracing::warn!(destination = job.destination.as_str(), "activation for a destination that is off"),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        for d in Destination::ALL {
+            let v = match self.lanes.get(&d) {
+                None => json!({ "enabled": false }),
+                Some(l) => {
+                    let s = l.stats.lock();
+                    json!({
+                        "enabled": true,
+                        "sent": s.sent, "failed": s.failed, "retries": s.retries, "skipped": s.skipped,
+                        "in_flight": l.in_flight.load(Ordering::SeqCst), "waiting": l.waiting.load(Ordering::SeqCst),
+                        "requests_per_second": l.config.requests_per_second,
+                        "daily_limit": l.config.daily_limit, "used_today": s.today,
+                        "last_error": s.last_error, "recent_failures": s.recent_failures,
+                    })
+                }
+            };
+            out.insert(d.as_str().into(), v);
+        }
+        let held: BTreeMap<&String, usize> = self.held.iter().map(|(k, v)| (k, v.len())).collect();
+        json!({ "destinations": out, "held_for_confirmation": held })
+    }
+
+    fn busy(&self) -> bool {
+        self.lanes.values().any(|l| l.in_flight.load(Ordering::SeqCst) + l.waiting.load(Ordering::SeqCst) > 0)
+    }
+}
+
+impl Actor for ReverseEtlActor {
+    type Msg = ReverseEtlMsg;
+    type State = ReverseEtlState;
+    type Arguments = ReverseEtlArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ReverseEtlMsg>,
+        args: ReverseEtlArgs,
+    ) -> Result<ReverseEtlState, ActorProcessingErr> {
+        let timeout = Duration::from_millis(args.config.timeout_ms.max(1));
+        let lanes = Destination::ALL
+            .into_iter()
+            .filter_map(|d| Lane::new(d, d.config(&args.config).clone(), timeout).map(|l| (d, l)))
+            .collect();
+        Ok(ReverseEtlState {
+            shared: Arc::new(Shared { store: args.store, metrics: args.metrics, settings: args.config }),
+            activations: args.activations.into_iter().map(Arc::new).collect(),
+            lanes,
+            held: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ReverseEtlMsg>,
+        msg: ReverseEtlMsg,
+        state: &mut ReverseEtlState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ReverseEtlMsg::Dispatch(changes) => {
+                for job in state.jobs(&changes) {
+                    state.spawn(job);
+                }
+            }
+            ReverseEtlMsg::DispatchBatch { segment, changes } => {
+                let jobs = state.jobs(&changes);
+                let mut by_activation: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+                for job in jobs {
+                    by_activation.entry(job.activation.name.clone()).or_default().push(job);
+                }
+                for (activation, jobs) in by_activation {
+                    let size = jobs.len() as f64;
+                    let previous = state.shared.store.get_documents(RUNS, std::slice::from_ref(&activation)).await?;
+                    let previous =
+                        previous.first().cloned().flatten().and_then(|v| v.get("size").and_then(Value::as_f64));
+                    // Gate 4: a run that moved more than 20% from the last one waits for a person.
+                    let moved = previous.is_some_and(|p| p >= 10.0 && ((size - p) / p).abs() > 0.2);
+                    if moved {
+                        tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved more than 20%; held for confirmation");
+                        state.held.insert(activation, jobs);
+                        continue;
+                    }
+                    state.shared.store.put_documents(RUNS, vec![(activation, Some(json!({ "size": size })))]).await?;
+                    for job in jobs {
+                        state.spawn(job);
+                    }
+                }
+            }
+            ReverseEtlMsg::Confirm { activation, reply } => {
+                let jobs = state.held.remove(&activation);
+                let found = jobs.is_some();
+                if let Some(jobs) = jobs {
+                    let size = jobs.len();
+                    state.shared.store.put_documents(RUNS, vec![(activation, Some(json!({ "size": size })))]).await?;
+                    for job in jobs {
+                        state.spawn(job);
+                    }
+                }
+                let _ = reply.send(found);
+            }
+            ReverseEtlMsg::Retry { destination, reply } => {
+                let mut count = 0;
+                let mut after: Option<String> = None;
+                loop {
+                    let page = state.shared.store.list_documents(FAILED, "", after.as_deref(), 500).await?;
+                    let Some((last, _)) = page.last() else { break };
+                    after = Some(last.clone());
+                    for (key, doc) in page {
+                        let dest = doc.get("destination").and_then(Value::as_str).unwrap_or_default();
+                        if destination.as_deref().is_some_and(|d| d != dest) {
+                            continue;
+                        }
+                        let name = doc.get("activation").and_then(Value::as_str).unwrap_or_default();
+                        let activation = state.activations.iter().find(|a| a.name == name).cloned();
+                        let change: Option<SegmentChanged> =
+                            doc.get("change").cloned().and_then(|c| serde_json::from_value(c).ok());
+                        let profile: Option<ActivationProfile> =
+                            doc.get("profile").cloned().and_then(|p| serde_json::from_value(p).ok());
+                        let (Some(activation), Some(mut change), Some(profile), Some(d)) =
+                            (activation, change, profile, Destination::parse(dest))
+                        else {
+                            tracing::warn!(job = %key, "failed activation no longer configured; left as it is");
+                            continue;
+                        };
+                        change.profile = Arc::new(profile);
+                        state.shared.store.put_documents(FAILED, vec![(key.clone(), None)]).await?;
+                        state.spawn(Job { key, activation, destination: d, change });
+                        count += 1;
+                    }
+                }
+                let _ = reply.send(count);
+            }
+            ReverseEtlMsg::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+            ReverseEtlMsg::Drain(reply) => {
+                let lanes: Vec<Arc<Lane>> = state.lanes.values().cloned().collect();
+                let busy = state.busy();
+                tokio::spawn(async move {
+                    let mut busy = busy;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    while busy && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        busy = lanes
+                            .iter()
+                            .any(|l| l.in_flight.load(Ordering::SeqCst) + l.waiting.load(Ordering::SeqCst) > 0);
+                    }
+                    let _ = reply.send(());
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The profile id of a failed job (for tests and tooling).
+pub fn failed_profile(doc: &Value) -> Option<ProfileId> {
+    doc.pointer("/change/profile_id").and_then(Value::as_str).and_then(ProfileId::parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn personal_data_is_recognized_in_free_text() {
+        assert!(looks_personal("write to max.muster@gmail.com"));
+        assert!(looks_personal("+49 151 2345 6789"));
+        assert!(looks_personal("call 0151-23456789 today"));
+        assert!(!looks_personal("MBA follow-up, engagement 72.5"));
+        assert!(!looks_personal("since 2026-11-27T10:00:00Z"));
+        assert!(!looks_personal("@handle"));
+    }
+}

@@ -1,0 +1,210 @@
+//! Computed traits (slide 11's inputs), derived from a profile's activity at a moment: windowed
+//! counts, recency, engagement, sentiment and the funnel stage. Pure functions of the record and
+//! the clock, so the Profile API, segment rules and models all see the same numbers.
+
+use chrono::{DateTime, Duration, Utc};
+use cohort_messages::{IdentifierKind, ProfileRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+use super::lang::{Facts, Val};
+use super::models::Models;
+
+/// Where a student is in the enrollment funnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FunnelStage {
+    Inquiry,
+    Application,
+    Enrollment,
+    Active,
+    Alumni,
+}
+
+impl FunnelStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FunnelStage::Inquiry => "inquiry",
+            FunnelStage::Application => "application",
+            FunnelStage::Enrollment => "enrollment",
+            FunnelStage::Active => "active",
+            FunnelStage::Alumni => "alumni",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Computed {
+    pub page_views_7d: u64,
+    pub page_views_30d: u64,
+    /// Page views by topic in the last 7 and 30 days (topics with at least one view).
+    pub page_views_by_topic_7d: BTreeMap<String, u64>,
+    pub page_views_by_topic_30d: BTreeMap<String, u64>,
+    /// The most viewed topic of all time, and every topic viewed (most viewed first, at most 20).
+    pub top_topic: Option<String>,
+    pub topics: Vec<String>,
+    pub first_seen: Option<DateTime<Utc>>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub days_since_last_login: Option<i64>,
+    pub assignments_completed_30d: u64,
+    pub email_opens_30d: u64,
+    pub email_clicks_30d: u64,
+    /// 0-100, saturating in opens + 3 × clicks over 30 days.
+    pub email_engagement_score: f64,
+    /// Average sentiment of WhatsApp messages, -1..1.
+    pub whatsapp_sentiment_avg: Option<f64>,
+    pub funnel_stage: FunnelStage,
+    /// 0-100, saturating in a weighted sum of 30-day activity (see `engagement_score`).
+    pub engagement_score: f64,
+}
+
+fn saturate(x: f64, half: f64) -> f64 {
+    // 50 at `half`, approaching 100: bounded and monotonic, so a score means the same at any size.
+    100.0 * x / (x + half)
+}
+
+fn text(record: &ProfileRecord, name: &str) -> Option<String> {
+    record.traits.get(name).and_then(|t| t.value.as_str()).map(|s| s.trim().to_lowercase())
+}
+
+/// The funnel stage from Salesforce's enrollment fields and behaviour: alumni and enrolled come
+/// from `enrollment_status`; enrolled students active in the last 30 days are `active`; an
+/// application stage or an application event makes an `application`; everyone else is an
+/// `inquiry`.
+fn funnel_stage(record: &ProfileRecord, now: DateTime<Utc>, active: bool) -> FunnelStage {
+    let status = text(record, "enrollment_status").unwrap_or_default();
+    if ["alumni", "alumnus", "alumna", "graduated", "graduate"].contains(&status.as_str()) {
+        return FunnelStage::Alumni;
+    }
+    if ["enrolled", "active", "student", "registered"].contains(&status.as_str()) {
+        return if active { FunnelStage::Active } else { FunnelStage::Enrollment };
+    }
+    let applied = text(record, "application_stage").is_some_and(|s| !s.is_empty())
+        || ["application", "applicant", "applied"].contains(&status.as_str())
+        || ["event:application started", "event:application submitted"]
+            .iter()
+            .any(|k| !record.activity.since(k, now - Duration::days(90)).is_empty());
+    if applied {
+        FunnelStage::Application
+    } else {
+        FunnelStage::Inquiry
+    }
+}
+
+pub fn compute(record: &ProfileRecord, now: DateTime<Utc>) -> Computed {
+    let a = &record.activity;
+    let since = |days: i64| now - Duration::days(days);
+    let n = |key: &str, days: i64| a.since(key, since(days)).iter().filter(|t| **t <= now).count() as u64;
+    let by_topic = |days: i64| -> BTreeMap<String, u64> {
+        a.recent
+            .keys()
+            .filter_map(|k| k.strip_prefix("page:"))
+            .map(|t| (t.to_string(), n(&format!("page:{t}"), days)))
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    };
+    let mut topics: Vec<(&String, &u64)> = a.topics.iter().collect();
+    topics.sort_by(|x, y| y.1.cmp(x.1).then(x.0.cmp(y.0)));
+    let opens = n("email:open", 30);
+    let clicks = n("email:click", 30);
+    let events_30d: u64 = a.recent.keys().filter(|k| k.starts_with("event:")).map(|k| n(k, 30)).sum();
+    let logins_30d = n("login", 30);
+    let pages_30d = n("page", 30);
+    let activity = pages_30d + events_30d + opens + clicks;
+    Computed {
+        page_views_7d: n("page", 7),
+        page_views_30d: pages_30d,
+        page_views_by_topic_7d: by_topic(7),
+        page_views_by_topic_30d: by_topic(30),
+        top_topic: topics.first().map(|(t, _)| (*t).clone()),
+        topics: topics.iter().take(20).map(|(t, _)| (*t).clone()).collect(),
+        first_seen: record.counters.first_seen,
+        last_seen: record.counters.last_seen,
+        days_since_last_login: a.last_login.map(|l| (now - l).num_days().max(0)),
+        assignments_completed_30d: n("event:assignment completed", 30) + n("event:assignment submitted", 30),
+        email_opens_30d: opens,
+        email_clicks_30d: clicks,
+        email_engagement_score: saturate((opens + 3 * clicks) as f64, 5.0),
+        whatsapp_sentiment_avg: (a.sentiment_count > 0).then(|| a.sentiment_sum / a.sentiment_count as f64),
+        funnel_stage: funnel_stage(record, now, activity > 0),
+        engagement_score: saturate(
+            pages_30d as f64 + 2.0 * events_30d as f64 + opens as f64 + 3.0 * clicks as f64 + 5.0 * logins_30d as f64,
+            20.0,
+        ),
+    }
+}
+
+/// A profile as segment rules and models read it.
+pub struct ProfileFacts<'a> {
+    pub record: &'a ProfileRecord,
+    pub computed: Computed,
+    pub now: DateTime<Utc>,
+    pub models: &'a Models,
+}
+
+impl<'a> ProfileFacts<'a> {
+    pub fn new(record: &'a ProfileRecord, now: DateTime<Utc>, models: &'a Models) -> Self {
+        Self { record, computed: compute(record, now), now, models }
+    }
+
+    fn computed_field(&self, name: &str) -> Val {
+        match serde_json::to_value(&self.computed) {
+            Ok(Value::Object(map)) => map.get(name).map_or(Val::Null, Val::from_json),
+            _ => Val::Null,
+        }
+    }
+}
+
+impl Facts for ProfileFacts<'_> {
+    fn now(&self) -> DateTime<Utc> {
+        self.now
+    }
+
+    fn activity_since(&self, key: &str, since: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        self.record.activity.since(key, since).iter().copied().filter(|t| *t <= self.now).collect()
+    }
+
+    fn field(&self, root: Option<&str>, name: &str) -> Val {
+        match root {
+            Some("consent") => Val::Bool(self.record.consent.get(&name.to_lowercase()).is_some_and(|c| c.granted)),
+            Some("computed") => self.computed_field(name),
+            Some("traits") | None => self.record.traits.get(name).map_or(Val::Null, |t| Val::from_json(&t.value)),
+            Some(_) => Val::Null,
+        }
+    }
+
+    fn call(&self, name: &str, arg: Option<&str>) -> Val {
+        let c = &self.computed;
+        match name {
+            "days_since_last_login" => self
+                .record
+                .activity
+                .last_login
+                .map_or(Val::Null, |l| Val::Num((self.now - l).num_seconds() as f64 / 86_400.0)),
+            "days_since" => arg
+                .and_then(|t| self.record.traits.get(t))
+                .and_then(|t| t.value.as_str())
+                .and_then(|s| {
+                    DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&Utc)).ok().or_else(|| {
+                        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                            .ok()
+                            .and_then(|d| d.and_hms_opt(0, 0, 0))
+                            .map(|d| d.and_utc())
+                    })
+                })
+                .map_or(Val::Null, |d| Val::Num((self.now - d).num_seconds() as f64 / 86_400.0)),
+            "email_engagement" => Val::Num(c.email_engagement_score),
+            "engagement_score" => Val::Num(c.engagement_score),
+            "sentiment" => c.whatsapp_sentiment_avg.map_or(Val::Null, Val::Num),
+            "funnel_stage" => Val::Str(c.funnel_stage.as_str().into()),
+            "score" => arg.and_then(|m| self.models.score(m, c)).map_or(Val::Null, Val::Num),
+            "has" => Val::Bool(
+                arg.and_then(|k| k.parse::<IdentifierKind>().ok())
+                    .is_some_and(|k| self.record.identifiers.iter().any(|l| l.identifier.kind == k)),
+            ),
+            "in_segment" => Val::Bool(arg.is_some_and(|s| self.record.segments.contains_key(s))),
+            _ => Val::Null,
+        }
+    }
+}

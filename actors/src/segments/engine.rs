@@ -1,0 +1,402 @@
+//! The SegmentEngine: keeps definitions (config and API), records memberships, publishes
+//! changes on `cdp.segment.change`, hands them to reverse ETL, re-evaluates profiles when a
+//! window slides (timers, so exits happen on time without new events), and runs batch segments.
+
+use super::{Segment, SegmentDefinition, SegmentKind, SegmentRegistry};
+use chrono::{DateTime, Utc};
+use cohort_adapters::{EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
+use cohort_messages::msgs::{BatchRun, ProfileMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg, SegmentStats};
+use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
+use cohort_messages::ProfileId;
+use cohort_supervisors::{Metrics, Slot};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Stored definitions (`name` → definition).
+pub const DEFINITIONS: &str = "segments";
+/// Memberships (`segment/profile` → `{"since": ...}`).
+pub const MEMBERS: &str = "segment_members";
+
+const BACKFILL_PAGE: usize = 500;
+
+pub struct SegmentEngine;
+
+pub struct SegmentEngineArgs {
+    pub store: Arc<dyn OperationalStore>,
+    pub bus: Arc<dyn EventBus>,
+    pub warehouse: Option<Arc<dyn Warehouse>>,
+    pub registry: Arc<SegmentRegistry>,
+    pub directory: Slot<ProfilesMsg>,
+    pub reverse_etl: Slot<ReverseEtlMsg>,
+    pub metrics: Metrics,
+    /// Definitions from the config file (stored ones of the same name win: the API edited them).
+    pub configured: Vec<SegmentDefinition>,
+    pub tick: Duration,
+}
+
+pub struct SegmentEngineState {
+    args: SegmentEngineArgs,
+    due: BTreeSet<(DateTime<Utc>, ProfileId)>,
+    scheduled: HashMap<ProfileId, DateTime<Utc>>,
+    batch_timers: HashMap<String, JoinHandle<()>>,
+    timers: Vec<JoinHandle<()>>,
+    changes: u64,
+    backfilling: bool,
+}
+
+/// The key of a membership document.
+pub fn member_key(segment: &str, profile: &ProfileId) -> String {
+    format!("{segment}/{profile}")
+}
+
+impl SegmentEngineState {
+    async fn record(&mut self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
+        self.store_and_publish(changes).await?;
+        if let Some(retl) = self.args.reverse_etl.get() {
+            let _ = retl.send_message(ReverseEtlMsg::Dispatch(changes.to_vec()));
+        }
+        Ok(())
+    }
+
+    async fn store_and_publish(&mut self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
+        let docs = changes
+            .iter()
+            .map(|c| {
+                let doc = match c.change {
+                    Change::Entered => Some(json!({ "since": c.at })),
+                    Change::Exited => None,
+                };
+                (member_key(&c.segment, &c.profile_id), doc)
+            })
+            .collect();
+        self.args.store.put_documents(MEMBERS, docs).await?;
+        for c in changes {
+            let change = match c.change {
+                Change::Entered => "entered",
+                Change::Exited => "exited",
+            };
+            self.args.metrics.segment_changes.with_label_values(&[change]).inc();
+        }
+        self.changes += changes.len() as u64;
+        if let Err(e) = self.args.bus.publish_segment_changes(changes).await {
+            tracing::warn!(error = %e, changes = changes.len(), "segment changes not published to the bus");
+        }
+        Ok(())
+    }
+
+    fn schedule(&mut self, profile: ProfileId, at: Option<DateTime<Utc>>) {
+        if let Some(old) = self.scheduled.remove(&profile) {
+            self.due.remove(&(old, profile.clone()));
+        }
+        if let Some(at) = at {
+            self.due.insert((at, profile.clone()));
+            self.scheduled.insert(profile, at);
+        }
+    }
+
+    fn start_batch_timer(&mut self, myself: &ActorRef<SegmentMsg>, definition: &SegmentDefinition) {
+        if let Some(old) = self.batch_timers.remove(&definition.name) {
+            old.abort();
+        }
+        let every = Duration::from_secs(definition.every_secs.unwrap_or(3600).max(10));
+        let name = definition.name.clone();
+        let handle = myself.send_interval(every, move || SegmentMsg::RunBatch { name: name.clone(), reply: None });
+        self.batch_timers.insert(definition.name.clone(), handle);
+    }
+
+    async fn members(&self, segment: &str) -> Result<BTreeSet<ProfileId>, StoreError> {
+        let prefix = format!("{segment}/");
+        let mut out = BTreeSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.args.store.list_documents(MEMBERS, &prefix, after.as_deref(), 1000).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, _) in &page {
+                if let Some(id) = key.strip_prefix(&prefix).and_then(ProfileId::parse) {
+                    out.insert(id);
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs a batch segment's SQL and applies the difference with the stored membership.
+    async fn run_batch(&mut self, name: &str) -> Result<BatchRun, String> {
+        let segments = self.args.registry.snapshot();
+        let segment = segments.get(name).ok_or_else(|| format!("no segment {name}"))?;
+        let sql = segment.definition.sql.clone().filter(|_| segment.definition.kind == SegmentKind::Batch);
+        let sql = sql.ok_or_else(|| format!("{name} is not a batch segment"))?;
+        let warehouse = self.args.warehouse.clone().ok_or("batch segments need a warehouse (warehouse.url)")?;
+        let result = warehouse.query(&sql, &[] as &[(String, QueryValue)]).await.map_err(|e| e.to_string())?;
+        let column = result.column("profile_id").ok_or("the query must return a profile_id column")?;
+        let now: BTreeSet<ProfileId> = column.iter().filter_map(|v| v.as_str()).filter_map(ProfileId::parse).collect();
+        let before = self.members(name).await.map_err(|e| e.to_string())?;
+        let entered: Vec<ProfileId> = now.difference(&before).cloned().collect();
+        let exited: Vec<ProfileId> = before.difference(&now).cloned().collect();
+        let at = Utc::now();
+        let mut changes = Vec::with_capacity(entered.len() + exited.len());
+        for chunk in
+            entered.chunks(500).map(|c| (c, Change::Entered)).chain(exited.chunks(500).map(|c| (c, Change::Exited)))
+        {
+            let (ids, change) = chunk;
+            let records = self.args.store.load_profiles(ids).await.map_err(|e| e.to_string())?;
+            let by_id: HashMap<&ProfileId, &cohort_messages::ProfileRecord> =
+                records.iter().map(|r| (&r.profile_id, r)).collect();
+            for id in ids {
+                let profile = by_id.get(id).map(|r| activation_profile(r, at)).unwrap_or_default();
+                changes.push(SegmentChanged {
+                    profile_id: id.clone(),
+                    segment: name.to_string(),
+                    change,
+                    at,
+                    profile: Arc::new(profile),
+                    caused_at: None,
+                });
+            }
+        }
+        for chunk in changes.chunks(500) {
+            self.store_and_publish(chunk).await.map_err(|e| e.to_string())?;
+        }
+        if let (Some(retl), false) = (self.args.reverse_etl.get(), changes.is_empty()) {
+            let _ = retl.send_message(ReverseEtlMsg::DispatchBatch { segment: name.to_string(), changes });
+        }
+        Ok(BatchRun { members: now.len(), entered: entered.len(), exited: exited.len() })
+    }
+}
+
+/// The snapshot destinations get of a profile.
+pub fn activation_profile(record: &cohort_messages::ProfileRecord, now: DateTime<Utc>) -> ActivationProfile {
+    let computed = match serde_json::to_value(super::computed::compute(record, now)) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    ActivationProfile { identifiers: record.identifiers.clone(), traits: record.traits.clone(), computed }
+}
+
+impl Actor for SegmentEngine {
+    type Msg = SegmentMsg;
+    type State = SegmentEngineState;
+    type Arguments = SegmentEngineArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SegmentMsg>,
+        args: SegmentEngineArgs,
+    ) -> Result<SegmentEngineState, ActorProcessingErr> {
+        let mut definitions: HashMap<String, SegmentDefinition> =
+            args.configured.iter().map(|d| (d.name.clone(), d.clone())).collect();
+        let mut after: Option<String> = None;
+        loop {
+            let page = args.store.list_documents(DEFINITIONS, "", after.as_deref(), 500).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (name, doc) in page {
+                match serde_json::from_value::<SegmentDefinition>(doc) {
+                    Ok(d) => {
+                        definitions.insert(name, d);
+                    }
+                    Err(e) => {
+                        tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped")
+                    }
+                }
+            }
+        }
+        for (name, definition) in definitions {
+            match Segment::compile(definition, &args.registry.models) {
+                Ok(segment) => args.registry.put(segment),
+                Err(e) => tracing::error!(segment = %name, error = %e, "segment definition invalid; skipped"),
+            }
+        }
+        Ok(SegmentEngineState {
+            args,
+            due: BTreeSet::new(),
+            scheduled: HashMap::new(),
+            batch_timers: HashMap::new(),
+            timers: Vec::new(),
+            changes: 0,
+            backfilling: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SegmentMsg>,
+        state: &mut SegmentEngineState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.timers.push(myself.send_interval(state.args.tick, || SegmentMsg::Tick));
+        let batch: Vec<SegmentDefinition> = state
+            .args
+            .registry
+            .snapshot()
+            .values()
+            .filter(|s| s.definition.kind == SegmentKind::Batch)
+            .map(|s| s.definition.clone())
+            .collect();
+        for d in &batch {
+            state.start_batch_timer(&myself, d);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SegmentMsg>,
+        state: &mut SegmentEngineState,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in state.timers.drain(..) {
+            t.abort();
+        }
+        for (_, t) in state.batch_timers.drain() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SegmentMsg>,
+        msg: SegmentMsg,
+        state: &mut SegmentEngineState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SegmentMsg::Changed(changes) => {
+                let mut backoff = Duration::from_millis(50);
+                // Memberships must not be dropped: hold the engine until the store answers.
+                while let Err(e) = state.record(&changes).await {
+                    if !e.is_retryable() {
+                        tracing::error!(error = %e, "segment memberships not stored");
+                        break;
+                    }
+                    tracing::warn!(error = %e, "segment store unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            SegmentMsg::Schedule { profile_id, at } => state.schedule(profile_id, at),
+            SegmentMsg::Tick => {
+                let now = Utc::now();
+                let directory = state.args.directory.get();
+                while let Some((at, profile)) = state.due.first().cloned() {
+                    if at > now {
+                        break;
+                    }
+                    state.due.remove(&(at, profile.clone()));
+                    state.scheduled.remove(&profile);
+                    if let Some(d) = &directory {
+                        let _ =
+                            d.send_message(ProfilesMsg::Deliver { profile_id: profile, msg: ProfileMsg::Reevaluate });
+                    }
+                }
+            }
+            SegmentMsg::Define { definition, reply } => {
+                let answer = match Segment::compile(definition, &state.args.registry.models) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(segment) => {
+                        let d = segment.definition.clone();
+                        let doc = serde_json::to_value(&d).map_err(|e| e.to_string());
+                        match doc {
+                            Err(e) => Err(e),
+                            Ok(doc) => match state
+                                .args
+                                .store
+                                .put_documents(DEFINITIONS, vec![(d.name.clone(), Some(doc))])
+                                .await
+                            {
+                                Err(e) => Err(format!("storage unavailable: {e}")),
+                                Ok(()) => {
+                                    let realtime = segment.expr.is_some();
+                                    state.args.registry.put(segment);
+                                    if d.kind == SegmentKind::Batch {
+                                        state.start_batch_timer(&myself, &d);
+                                        myself
+                                            .send_message(SegmentMsg::RunBatch { name: d.name.clone(), reply: None })?;
+                                    }
+                                    if realtime && !state.backfilling {
+                                        state.backfilling = true;
+                                        myself.send_message(SegmentMsg::Backfill { after: None })?;
+                                    }
+                                    Ok(d)
+                                }
+                            },
+                        }
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            SegmentMsg::Delete { name, reply } => {
+                let had = state.args.registry.remove(&name);
+                if let Some(t) = state.batch_timers.remove(&name) {
+                    t.abort();
+                }
+                let mut result = state.args.store.put_documents(DEFINITIONS, vec![(name.clone(), None)]).await;
+                if result.is_ok() {
+                    match state.members(&name).await {
+                        Ok(members) => {
+                            let docs: Vec<(String, Option<serde_json::Value>)> =
+                                members.iter().map(|p| (member_key(&name, p), None)).collect();
+                            for chunk in docs.chunks(1000) {
+                                result = state.args.store.put_documents(MEMBERS, chunk.to_vec()).await;
+                                if result.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Err(e) => result = Err(e),
+                    }
+                }
+                let _ = reply.send(result.map(|()| had).map_err(|e| format!("storage unavailable: {e}")));
+            }
+            SegmentMsg::Backfill { after } => {
+                let ids = state.args.store.list_profile_ids(after.as_ref(), BACKFILL_PAGE).await;
+                match ids {
+                    Ok(ids) => {
+                        if let Some(d) = state.args.directory.get() {
+                            for id in &ids {
+                                let _ = d.send_message(ProfilesMsg::Deliver {
+                                    profile_id: id.clone(),
+                                    msg: ProfileMsg::Reevaluate,
+                                });
+                            }
+                        }
+                        match ids.last() {
+                            Some(last) if ids.len() == BACKFILL_PAGE => {
+                                myself.send_message(SegmentMsg::Backfill { after: Some(last.clone()) })?
+                            }
+                            _ => state.backfilling = false,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "segment backfill paused; retrying");
+                        myself.send_after(Duration::from_secs(1), move || SegmentMsg::Backfill { after });
+                    }
+                }
+            }
+            SegmentMsg::RunBatch { name, reply } => {
+                let result = state.run_batch(&name).await;
+                if let Err(e) = &result {
+                    tracing::warn!(segment = %name, error = %e, "batch segment run failed");
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(result);
+                }
+            }
+            SegmentMsg::Sync(reply) => {
+                let _ = reply.send(SegmentStats {
+                    defined: state.args.registry.snapshot().len(),
+                    scheduled: state.scheduled.len(),
+                    changes: state.changes,
+                    backfilling: state.backfilling,
+                });
+            }
+        }
+        Ok(())
+    }
+}

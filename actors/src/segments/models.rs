@@ -1,0 +1,84 @@
+//! Model-driven segments (slide 11): a threshold on a score such as churn risk. The scorer is a
+//! trait, so a hosted model (Vertex AI in the brief) can stand behind it; the default is a
+//! logistic model over computed traits whose weights are in config.
+
+use super::computed::Computed;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Scores a profile from its computed traits, in [0, 1].
+pub trait Scorer: Send + Sync + 'static {
+    fn score(&self, features: &Computed) -> f64;
+}
+
+/// `sigmoid(bias + Σ weight × feature)`; a feature that is missing (no login yet, no message)
+/// counts as 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogisticModel {
+    pub bias: f64,
+    pub weights: BTreeMap<String, f64>,
+}
+
+/// Computed traits a model may weigh.
+pub const FEATURES: &[&str] = &[
+    "page_views_7d",
+    "page_views_30d",
+    "days_since_last_login",
+    "assignments_completed_30d",
+    "email_opens_30d",
+    "email_clicks_30d",
+    "email_engagement_score",
+    "whatsapp_sentiment_avg",
+    "engagement_score",
+];
+
+impl LogisticModel {
+    /// Checks that every weight names a known feature.
+    pub fn new(bias: f64, weights: BTreeMap<String, f64>) -> Result<Self, String> {
+        if let Some(unknown) = weights.keys().find(|k| !FEATURES.contains(&k.as_str())) {
+            return Err(format!("unknown feature `{unknown}` (known: {})", FEATURES.join(", ")));
+        }
+        Ok(Self { bias, weights })
+    }
+}
+
+impl Scorer for LogisticModel {
+    fn score(&self, features: &Computed) -> f64 {
+        let values = match serde_json::to_value(features) {
+            Ok(Value::Object(m)) => m,
+            _ => return 0.0,
+        };
+        let z = self
+            .weights
+            .iter()
+            .fold(self.bias, |z, (name, w)| z + w * values.get(name).and_then(Value::as_f64).unwrap_or(0.0));
+        1.0 / (1.0 + (-z).exp())
+    }
+}
+
+/// The configured scorers by name.
+#[derive(Clone, Default)]
+pub struct Models {
+    scorers: BTreeMap<String, Arc<dyn Scorer>>,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.scorers.keys()).finish()
+    }
+}
+
+impl Models {
+    pub fn insert(&mut self, name: impl Into<String>, scorer: Arc<dyn Scorer>) {
+        self.scorers.insert(name.into(), scorer);
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.scorers.keys().cloned().collect()
+    }
+
+    pub fn score(&self, name: &str, features: &Computed) -> Option<f64> {
+        self.scorers.get(name).map(|s| s.score(features))
+    }
+}

@@ -1,0 +1,305 @@
+//! Real-time segments, triggers and reverse ETL through the HTTP API of an in-process Cohort,
+//! against local HTTP servers that check the destinations' request shapes (tests/common).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+#[path = "common/destinations.rs"]
+mod destinations;
+
+use chrono::{Duration as Span, Utc};
+use cohort::client::CohortClient;
+use cohort::demo::DemoServer;
+use cohort::payloads;
+use cohort::SystemOptions;
+use cohort_messages::msgs::{ReverseEtlMsg, SegmentMsg};
+use destinations::Destinations;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const RULE: &str = r#"page_count("mba", 7d) >= 3 and event_count("Brochure Downloaded", 30d) >= 1 and enrollment_status == "inquiry" and consent.email"#;
+
+fn use_case_toml(d: &Destinations) -> String {
+    format!(
+        r#"{}
+[[segments.define]]
+name = "high_intent_mba"
+rule = '{RULE}'
+
+[[activations]]
+name = "mba_task"
+segment = "high_intent_mba"
+destination = "salesforce"
+action = "create_task"
+fields = {{ Subject = "MBA follow-up: {{{{traits.first_name}}}}", Priority = "High", Description = "Engagement score {{{{computed.engagement_score}}}}" }}
+pii_fields = ["Subject"]
+
+[[activations]]
+name = "mba_list"
+segment = "high_intent_mba"
+destination = "sendgrid"
+action = "add_to_list"
+list_id = "7c1a2b3c-mba-prospects"
+fields = {{ first_name = "{{{{traits.first_name}}}}" }}
+
+[[activations]]
+name = "mba_advisor"
+segment = "high_intent_mba"
+destination = "twilio"
+action = "send_template"
+template_sid = "HX0123456789abcdef0123456789abcdef"
+fields = {{ "1" = "{{{{traits.first_name}}}}" }}
+"#,
+        d.config_toml()
+    )
+}
+
+async fn ok(a: cohort::client::Answer) -> Value {
+    assert!(a.status.is_success(), "{} {}", a.status, a.body);
+    a.body
+}
+
+/// The student of slide 17's first use case, up to (not including) the brochure download.
+async fn prospect(c: &CohortClient, who: &str, email: &str, contact: &str, email_consent: bool) {
+    let now = Utc::now();
+    let cdc = payloads::salesforce_contact_cdc(
+        rand_replay(who),
+        contact,
+        "CREATE",
+        json!({ "Email": email, "FirstName": "Anna", "LastName": "Schmidt", "MobilePhone": "+49 151 23456789",
+                "Enrollment_Status__c": "Inquiry" }),
+        now,
+    );
+    ok(c.salesforce_cdc(&cdc).await.unwrap()).await;
+    let mut identify = payloads::segment_identify(
+        &format!("{who}-id"),
+        Some(&format!("anon-{who}")),
+        None,
+        json!({ "email": email }),
+        None,
+        now,
+    );
+    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": email_consent, "whatsapp": false } });
+    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
+    for (i, page) in ["/programs/mba", "/programs/mba/curriculum", "/programs/mba/fees"].iter().enumerate() {
+        let p =
+            payloads::segment_page(&format!("{who}-p{i}"), &format!("anon-{who}"), page, now - Span::hours(i as i64));
+        ok(c.segment(false, "page", &p).await.unwrap()).await;
+    }
+}
+
+fn rand_replay(who: &str) -> u64 {
+    who.bytes().fold(1000u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+}
+
+fn brochure(who: &str) -> Value {
+    json!({ "type": "track", "messageId": format!("{who}-brochure"), "anonymousId": format!("anon-{who}"),
+        "event": "Brochure Downloaded", "properties": { "programme": "MBA" }, "timestamp": Utc::now().to_rfc3339() })
+}
+
+async fn drained(demo: &DemoServer) {
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let engine = demo.cohort.ctx.segment_engine.get().unwrap();
+    engine.call(SegmentMsg::Sync, Some(Duration::from_secs(10))).await.unwrap();
+    let retl = demo.cohort.reverse_etl.get().unwrap();
+    retl.call(ReverseEtlMsg::Drain, Some(Duration::from_secs(70))).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_case_1_a_high_intent_mba_prospect_gets_a_task_and_an_email_list_but_no_whatsapp_within_a_second() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    prospect(c, "anna", "anna.schmidt@gmail.com", "0035e00000AnnaAAAA", true).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    assert!(d.received("salesforce").is_empty(), "not before the brochure");
+
+    let sent = Instant::now();
+    ok(c.segment(false, "track", &brochure("anna")).await.unwrap()).await;
+    // Within one second of the acknowledgement: the Task and the list addition.
+    let deadline = sent + Duration::from_secs(1);
+    while (d.received("salesforce").is_empty() || d.received("sendgrid").is_empty()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let task = d.received("salesforce");
+    let list = d.received("sendgrid");
+    assert_eq!(task.len(), 1, "a Salesforce Task within a second");
+    assert_eq!(list.len(), 1, "a SendGrid list addition within a second");
+    assert!(task[0].at.duration_since(sent) < Duration::from_secs(1));
+    assert_eq!(task[0].body["WhoId"], "0035e00000AnnaAAAA");
+    assert_eq!(task[0].body["Subject"], "MBA follow-up: Anna");
+    assert_eq!(task[0].body["Priority"], "High");
+    assert!(task[0].body["Description"].as_str().unwrap().starts_with("Engagement score "));
+    assert!(task[0].idempotency_key.as_deref().is_some_and(|k| k.starts_with("mba_task:")));
+    assert_eq!(list[0].body["list_ids"], json!(["7c1a2b3c-mba-prospects"]));
+    assert_eq!(list[0].body["contacts"][0]["email"], "anna.schmidt@gmail.com");
+    assert_eq!(list[0].body["contacts"][0]["first_name"], "Anna");
+
+    drained(&demo).await;
+    assert!(d.received("twilio").is_empty(), "no WhatsApp: she did not consent to it");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    let dest = &status["destinations"];
+    assert_eq!(dest["salesforce"]["sent"], 1, "{status}");
+    assert_eq!(dest["sendgrid"]["sent"], 1, "{status}");
+    assert_eq!(dest["twilio"]["sent"], 0, "{status}");
+    assert_eq!(dest["twilio"]["skipped"]["consent"], 1, "{status}");
+
+    // Her segments, the members, the computed traits.
+    let segs = ok(c.get("/v1/profiles/email:anna.schmidt@gmail.com/segments").await.unwrap()).await;
+    assert!(segs["segments"]["high_intent_mba"]["since"].is_string(), "{segs}");
+    let members = ok(c.get("/v1/segments/high_intent_mba/members").await.unwrap()).await;
+    assert_eq!(members["members"].as_array().unwrap().len(), 1, "{members}");
+    let profile = ok(c.get("/v1/profiles/email:anna.schmidt@gmail.com").await.unwrap()).await;
+    assert_eq!(profile["computed"]["page_views_by_topic_7d"]["mba"], 3, "{profile}");
+    assert_eq!(profile["computed"]["funnel_stage"], "inquiry");
+    assert_eq!(profile["consent"]["email"]["granted"], true);
+
+    // The same change is not sent twice, and a student without email consent gets nothing.
+    prospect(c, "ben", "ben.k@gmail.com", "0035e00000BenAAAAA", false).await;
+    ok(c.segment(false, "track", &brochure("ben")).await.unwrap()).await;
+    drained(&demo).await;
+    assert_eq!(d.received("salesforce").len(), 1);
+    assert_eq!(d.received("sendgrid").len(), 1);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_defined_validated_and_listed_through_the_api_and_exits_happen_on_time() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &d.config_toml(), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let bad = c
+        .call("PUT", "/v1/segments/recent_mba", &json!({ "rule": r#"page_count("mba", 7d) >= and x"# }))
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body["error"]["message"].as_str().unwrap().contains("at column 26"), "{}", bad.body);
+    let bad_name = c.call("PUT", "/v1/segments/Recent MBA", &json!({ "rule": "1 == 1" })).await.unwrap();
+    assert_eq!(bad_name.status, 400);
+
+    // A student with one MBA view a few seconds "ago" in a 3-second window: in, then out on time.
+    let now = Utc::now();
+    let view = payloads::segment_page("w-1", "anon-w", "/programs/mba", now);
+    ok(c.segment(false, "page", &view).await.unwrap()).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let defined = c
+        .call(
+            "PUT",
+            "/v1/segments/recent_mba",
+            &json!({ "rule": r#"page_count("mba", 3s) >= 1"#, "description": "viewed MBA just now" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(defined.status, 200, "{}", defined.body);
+    assert_eq!(ok(c.get("/v1/segments/recent_mba").await.unwrap()).await["rule"], r#"page_count("mba", 3s) >= 1"#);
+    // Existing profiles are evaluated for a new definition.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut members = Value::Null;
+    while Instant::now() < deadline {
+        members = ok(c.get("/v1/segments/recent_mba/members").await.unwrap()).await;
+        if members["members"].as_array().is_some_and(|m| m.len() == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(members["members"].as_array().map(Vec::len), Some(1), "{members}");
+    // No new event: the timer takes her out once the view is older than 3 s.
+    let out_by = Instant::now() + Duration::from_secs(6);
+    loop {
+        let m = ok(c.get("/v1/segments/recent_mba/members").await.unwrap()).await;
+        if m["members"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < out_by, "still a member: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = ok(c.get("/v1/segments").await.unwrap()).await;
+    assert_eq!(listed["segments"].as_array().unwrap().len(), 1);
+    assert_eq!(c.call("DELETE", "/v1/segments/recent_mba", &json!({})).await.unwrap().status, 204);
+    assert_eq!(c.get("/v1/segments/recent_mba").await.unwrap().status, 404);
+    assert_eq!(c.call("DELETE", "/v1/segments/recent_mba", &json!({})).await.unwrap().status, 404);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_destination_is_retried_then_kept_for_a_manual_retry_and_holds_nothing_else_back() {
+    let d = Destinations::start().await;
+    let extra = use_case_toml(&d).replacen("[reverse_etl]\n", "[reverse_etl]\nmax_attempts = 2\n", 1);
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    // Salesforce is down (and slow) for this student; SendGrid must not wait for it.
+    d.fail_next("salesforce", 100);
+    d.delay("salesforce", 300);
+    prospect(c, "cleo", "cleo@gmail.com", "0035e00000CleoAAAA", true).await;
+    let sent = Instant::now();
+    ok(c.segment(false, "track", &brochure("cleo")).await.unwrap()).await;
+    while d.received("sendgrid").is_empty() && sent.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(d.received("sendgrid").len(), 1);
+    assert!(
+        d.received("sendgrid")[0].at.duration_since(sent) < Duration::from_millis(500),
+        "not held back by Salesforce"
+    );
+    drained(&demo).await;
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    let sf = &status["destinations"]["salesforce"];
+    assert_eq!(
+        (sf["sent"].as_u64(), sf["failed"].as_u64(), sf["retries"].as_u64()),
+        (Some(0), Some(1), Some(1)),
+        "{status}"
+    );
+    assert!(sf["last_error"].as_str().unwrap().contains("503"), "{status}");
+    assert_eq!(sf["recent_failures"][0]["activation"], "mba_task");
+
+    // Salesforce is back: one call sends what failed, exactly once.
+    d.fail_next("salesforce", 0);
+    d.delay("salesforce", 0);
+    let retried = ok(c.post("/v1/reverse-etl/retry?destination=salesforce", &json!({})).await.unwrap()).await;
+    assert_eq!(retried["requeued"], 1);
+    drained(&demo).await;
+    assert_eq!(d.received("salesforce").len(), 1);
+    assert_eq!(d.received("salesforce")[0].body["WhoId"], "0035e00000CleoAAAA");
+    let again = ok(c.post("/v1/reverse-etl/retry", &json!({})).await.unwrap()).await;
+    assert_eq!(again["requeued"], 0);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_4_keeps_personal_data_out_of_fields_not_meant_for_it() {
+    let d = Destinations::start().await;
+    let extra = format!(
+        "{}\n[[segments.define]]\nname = \"any\"\nrule = 'page_views() >= 1'\n\n[[activations]]\nname = \"leaky\"\nsegment = \"any\"\ndestination = \"salesforce\"\naction = \"update_contact\"\nfields = {{ Description = \"Reach {{{{traits.email}}}}\" }}\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let cdc = payloads::salesforce_contact_cdc(
+        77,
+        "0035e00000DoraAAAA",
+        "CREATE",
+        json!({ "Email": "dora@uni.eu", "FirstName": "Dora" }),
+        Utc::now(),
+    );
+    ok(c.salesforce_cdc(&cdc).await.unwrap()).await;
+    let mut page = payloads::segment_page("dora-p", "anon-dora", "/campus", Utc::now());
+    page["userId"] = json!("dora");
+    let id = payloads::segment_identify(
+        "dora-id",
+        Some("anon-dora"),
+        None,
+        json!({ "email": "dora@uni.eu" }),
+        None,
+        Utc::now(),
+    );
+    ok(c.segment(false, "identify", &id).await.unwrap()).await;
+    ok(c.segment(false, "page", &page).await.unwrap()).await;
+    drained(&demo).await;
+    assert!(d.received("salesforce").is_empty(), "an email address in Description is refused");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["destinations"]["salesforce"]["skipped"]["gate4"], 1, "{status}");
+    assert!(status["destinations"]["salesforce"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("personal data in `Description`"));
+    demo.stop().await.unwrap();
+}
