@@ -24,8 +24,8 @@ use cohort_adapters::{
 use cohort_api::ApiState;
 use cohort_config::Config;
 use cohort_messages::msgs::{
-    FlushReport, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport, RetentionMsg,
-    ReverseEtlMsg, WarehouseMsg,
+    BatchRun, FlushReport, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport,
+    RetentionMsg, ReverseEtlMsg, SegmentMsg, WarehouseMsg,
 };
 use cohort_messages::{Identifier, IdentifierKind, Source};
 use cohort_supervisors::{
@@ -573,6 +573,12 @@ impl Cohort {
     }
 
     /// Relays the warehouse outbox now; `None` when no warehouse is configured.
+    /// Runs a batch segment now and waits for the difference to be applied.
+    pub async fn run_batch_segment(&self, name: &str) -> anyhow::Result<BatchRun> {
+        let name = name.to_string();
+        ask(&self.ctx.segment_engine, "segment engine", |r| SegmentMsg::RunBatch { name, reply: Some(r) }, 300).await
+    }
+
     pub async fn relay_warehouse(&self) -> anyhow::Result<Option<RelayReport>> {
         if self.ctx.warehouse.is_none() {
             return Ok(None);

@@ -68,7 +68,10 @@ fn read_topic(topic: &str) -> Vec<(String, serde_json::Value)> {
 async fn slide_18_on_kafka_and_mongodb() {
     let id = unique("slide18");
     // DemoServer puts [storage] first; our TOML overrides it.
-    let demo = DemoServer::start(None, &backends_toml(&id, &id), SystemOptions::default()).await.unwrap();
+    let segment = "[[segments.define]]\nname = \"known\"\nrule = 'has(\"email\")'\n";
+    let demo = DemoServer::start(None, &format!("{}{segment}", backends_toml(&id, &id)), SystemOptions::default())
+        .await
+        .unwrap();
     play_slide_18(&demo.client).await.unwrap();
     demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
     let r = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap();
@@ -122,6 +125,15 @@ async fn slide_18_on_kafka_and_mongodb() {
     assert_eq!(dlq[0].0, "web");
     assert!(dlq[0].1["reason"].as_str().unwrap().contains("element 1"), "{}", dlq[0].1);
     assert!(dlq[0].1["id"].as_u64().is_some(), "published with the id the store gave it");
+
+    // Entering a segment is published on cdp.segment.change, keyed by profile, without personal data.
+    let max = p["profile_id"].as_str().unwrap().to_string();
+    let changes = read_topic(&format!("{id}.cdp.segment.change"));
+    let entered: Vec<&serde_json::Value> = changes.iter().filter(|(k, _)| *k == max).map(|(_, v)| v).collect();
+    assert!(!entered.is_empty(), "{changes:?}");
+    assert_eq!(entered[0]["segment"], "known");
+    assert_eq!(entered[0]["change"], "entered");
+    assert!(!entered[0].to_string().contains("max@gmail.com"), "{}", entered[0]);
 
     // A merge is published on cdp.identity, keyed by the survivor, once it is stored.
     let c = &demo.client;

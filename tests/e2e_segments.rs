@@ -303,3 +303,225 @@ async fn gate_4_keeps_personal_data_out_of_fields_not_meant_for_it() {
         .contains("personal data in `Description`"));
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_and_model_segments_reach_whatsapp_push_and_email_lists_and_respect_suppression() {
+    let d = Destinations::start().await;
+    let extra = format!(
+        r#"{}
+[models.churn_risk]
+bias = -4.0
+[models.churn_risk.weights]
+days_since_last_login = 1.0
+whatsapp_sentiment_avg = -3.0
+
+[[segments.define]]
+name = "at_risk"
+kind = "model"
+model = "churn_risk"
+threshold = 0.75
+
+[[segments.define]]
+name = "quiz_takers"
+kind = "batch"
+sql = "SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed'"
+every_secs = 3600
+
+[[activations]]
+name = "advisor"
+segment = "at_risk"
+destination = "twilio"
+action = "send_template"
+template_sid = "HX11112222333344445555666677778888"
+fields = {{ "1" = "{{{{traits.first_name}}}}" }}
+
+[[activations]]
+name = "nudge"
+segment = "at_risk"
+destination = "push"
+action = "send_push"
+fields = {{ title = "We miss you", body = "Your next module is ready" }}
+
+[[activations]]
+name = "quiz_list"
+segment = "quiz_takers"
+destination = "sendgrid"
+action = "add_to_list"
+list_id = "quiz-list"
+
+[[activations]]
+name = "quiz_list_exit"
+segment = "quiz_takers"
+destination = "sendgrid"
+action = "remove_from_list"
+on = "exit"
+list_id = "quiz-list"
+"#,
+        d.config_toml()
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let long_ago = Utc::now() - Span::days(10);
+    // Eva logged in ten days ago and wrote an unhappy WhatsApp message: churn risk.
+    let id = payloads::segment_identify(
+        "eva-id",
+        None,
+        Some("eva"),
+        json!({ "firstName": "Eva", "email": "eva@uni.eu", "phone": "+49 151 99887766" }),
+        Some("eva-phone"),
+        long_ago,
+    );
+    let mut id = id;
+    id["context"]["device"]["token"] = json!("fcm-token-eva");
+    id["context"]["consent"] = json!({ "categoryPreferences": { "whatsapp": true, "push": true, "email": true } });
+    ok(c.segment(true, "identify", &id).await.unwrap()).await;
+    ok(c.segment(true, "track", &payloads::segment_track("eva-login", "eva", "Logged In", json!({}), long_ago))
+        .await
+        .unwrap())
+    .await;
+    let form = payloads::twilio_whatsapp_form(
+        "SMeva1",
+        "+4915199887766",
+        "This course is terrible and I want to quit, so frustrated",
+        "Eva",
+    );
+    ok(c.twilio(&form).await.unwrap()).await;
+    drained(&demo).await;
+    let wa = d.received("twilio");
+    assert_eq!(wa.len(), 1, "{:?}", d.received("twilio"));
+    assert_eq!(wa[0].body["To"], "whatsapp:+4915199887766");
+    assert_eq!(wa[0].body["ContentSid"], "HX11112222333344445555666677778888");
+    assert_eq!(
+        serde_json::from_str::<Value>(wa[0].body["ContentVariables"].as_str().unwrap()).unwrap(),
+        json!({ "1": "Eva" })
+    );
+    let push = d.received("push");
+    assert_eq!(push.len(), 1);
+    assert_eq!(push[0].body["message"]["token"], "fcm-token-eva");
+    assert_eq!(push[0].body["message"]["notification"]["title"], "We miss you");
+
+    // Batch: SQL over the warehouse, diffed against the last run.
+    for (who, mid) in [("eva", "q-eva"), ("finn", "q-finn")] {
+        let mut t = payloads::segment_track(mid, who, "Quiz Completed", json!({}), Utc::now());
+        t["context"] = json!({ "consent": { "categoryPreferences": { "email": true } } });
+        ok(c.segment(true, "track", &t).await.unwrap()).await;
+    }
+    ok(c.segment(
+        true,
+        "identify",
+        &payloads::segment_identify("finn-id", None, Some("finn"), json!({ "email": "finn@uni.eu" }), None, Utc::now()),
+    )
+    .await
+    .unwrap())
+    .await;
+    // Finn's address bounced: suppressed, so never added to a list.
+    let bounce = payloads::sendgrid_event("sg-finn-bounce", "finn@uni.eu", "bounce", Utc::now());
+    ok(c.sendgrid(&bounce).await.unwrap()).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.flush().await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    let run = demo.cohort.run_batch_segment("quiz_takers").await.unwrap();
+    assert_eq!((run.members, run.entered, run.exited), (2, 2, 0));
+    drained(&demo).await;
+    let lists = d.received("sendgrid");
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    assert_eq!(lists[0].body["contacts"][0]["email"], "eva@uni.eu");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["destinations"]["sendgrid"]["skipped"]["suppressed"], 1, "{status}");
+    let eva = ok(c.get("/v1/profiles/user_id:eva/segments").await.unwrap()).await;
+    assert_eq!(eva["segments"]["quiz_takers"]["kind"], "batch", "{eva}");
+    assert_eq!(eva["segments"]["at_risk"]["kind"], "realtime", "{eva}");
+    // A second run with the same data changes nothing; deleting the segment's data exits members.
+    let again = demo.cohort.run_batch_segment("quiz_takers").await.unwrap();
+    assert_eq!((again.entered, again.exited), (0, 0));
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_segments_and_activations_fail_at_start_naming_the_key() {
+    let d = Destinations::start().await;
+    let start = |extra: String| async move {
+        DemoServer::start(None, &extra, SystemOptions::default())
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    };
+    let err =
+        start(format!("{}\n[[segments.define]]\nname = \"x\"\nrule = 'page_count(\"mba\" 7d) > 1'\n", d.config_toml()))
+            .await;
+    assert!(err.contains("segments.define[0]") && err.contains("column 18"), "{err}");
+    let err = start(format!(
+        "{}\n[[activations]]\nname = \"a\"\nsegment = \"s\"\ndestination = \"sendgrid\"\naction = \"create_task\"\n",
+        d.config_toml()
+    ))
+    .await;
+    assert!(err.contains("activations[0].action"), "{err}");
+    let err = start(
+        "[[activations]]\nname = \"a\"\nsegment = \"s\"\ndestination = \"salesforce\"\naction = \"create_task\"\n"
+            .into(),
+    )
+    .await;
+    assert!(err.contains("reverse_etl.salesforce.url is not set"), "{err}");
+    let err = start("[models.m]\n[models.m.weights]\nshoe_size = 1.0\n".into()).await;
+    assert!(err.contains("models.m.weights") && err.contains("shoe_size"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmation() {
+    let d = Destinations::start().await;
+    let sql = |cohort: &str| {
+        format!("SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed' AND json_extract(properties, '$.cohort') = '{cohort}'")
+    };
+    let extra = format!(
+        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    for i in 0..13 {
+        let who = format!("q{i}");
+        let cohort = if i < 10 { "a" } else { "b" };
+        let mut t = payloads::segment_track(
+            &format!("{who}-quiz"),
+            &who,
+            "Quiz Completed",
+            json!({ "cohort": cohort }),
+            Utc::now(),
+        );
+        t["context"] = json!({ "consent": { "categoryPreferences": { "email": true } }, "traits": { "email": format!("{who}@uni.eu") } });
+        ok(c.segment(true, "track", &t).await.unwrap()).await;
+        let id = payloads::segment_identify(
+            &format!("{who}-id"),
+            None,
+            Some(&who),
+            json!({ "email": format!("{who}@uni.eu") }),
+            None,
+            Utc::now(),
+        );
+        ok(c.segment(true, "identify", &id).await.unwrap()).await;
+    }
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.flush().await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    let define = |cohort: &str| json!({ "kind": "batch", "sql": sql(cohort), "every_secs": 3600 });
+    assert_eq!(c.call("PUT", "/v1/segments/quiz", &define("a")).await.unwrap().status, 200);
+    let first = demo.cohort.run_batch_segment("quiz").await.unwrap();
+    assert_eq!(first.members, 10);
+    drained(&demo).await;
+    assert_eq!(d.received("sendgrid").len(), 10, "the first run sets the baseline");
+    // The query changes: three entries where the last run had ten. Held until a person agrees.
+    assert_eq!(c.call("PUT", "/v1/segments/quiz", &define("b")).await.unwrap().status, 200);
+    // Defining runs the query at once; this run finds that done and changes nothing more.
+    let second = demo.cohort.run_batch_segment("quiz").await.unwrap();
+    assert_eq!((second.members, second.entered, second.exited), (3, 0, 0));
+    drained(&demo).await;
+    assert_eq!(d.received("sendgrid").len(), 10, "held by Gate 4");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["held_for_confirmation"]["quiz_list"], 3, "{status}");
+    assert_eq!(c.post("/v1/reverse-etl/confirm/nothing", &json!({})).await.unwrap().status, 404);
+    ok(c.post("/v1/reverse-etl/confirm/quiz_list", &json!({})).await.unwrap()).await;
+    drained(&demo).await;
+    assert_eq!(d.received("sendgrid").len(), 13);
+    demo.stop().await.unwrap();
+}

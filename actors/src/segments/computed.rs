@@ -208,3 +208,73 @@ impl Facts for ProfileFacts<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_messages::{CustomerEvent, EventId, EventKind, Identifier, RawRef, Source, Utm};
+    use serde_json::{json, Map};
+
+    fn event(
+        kind: EventKind,
+        name: Option<&str>,
+        days_ago: i64,
+        props: Value,
+        traits: Value,
+        now: DateTime<Utc>,
+    ) -> CustomerEvent {
+        let at = now - Duration::days(days_ago);
+        CustomerEvent {
+            event_id: EventId::new(Source::Web, &format!("{kind:?}-{name:?}-{days_ago}-{props}")),
+            source: if kind == EventKind::MessageReceived { Source::Whatsapp } else { Source::Web },
+            kind,
+            name: name.map(String::from),
+            occurred_at: at,
+            received_at: at,
+            identifiers: vec![Identifier::new(IdentifierKind::UserId, "u1")],
+            traits: traits.as_object().cloned().unwrap_or_default(),
+            properties: props.as_object().cloned().unwrap_or_else(Map::new),
+            utm: Utm::default(),
+            raw: RawRef { seq: None, index: 0 },
+        }
+    }
+
+    #[test]
+    fn computed_traits_follow_the_activity_and_the_clock() {
+        let now = Utc::now();
+        let mut p =
+            ProfileRecord::new(cohort_messages::ProfileId::derive_from_event(&EventId::from_raw("x"), now), now);
+        let mut seq = 0;
+        let mut apply = |e: CustomerEvent| {
+            seq += 1;
+            p.apply(seq, &e, 100);
+        };
+        for days in [1, 2, 10, 40] {
+            apply(event(EventKind::Page, None, days, json!({ "path": "/programs/mba/fees" }), json!({}), now));
+        }
+        apply(event(EventKind::Page, None, 3, json!({ "path": "/campus", "category": "Visit" }), json!({}), now));
+        apply(event(EventKind::Track, Some("Logged In"), 4, json!({}), json!({}), now));
+        apply(event(EventKind::Track, Some("Assignment Completed"), 5, json!({}), json!({}), now));
+        apply(event(EventKind::EmailActivity, Some("open"), 2, json!({}), json!({}), now));
+        apply(event(EventKind::EmailActivity, Some("click"), 2, json!({}), json!({}), now));
+        apply(event(EventKind::MessageReceived, None, 1, json!({ "sentiment": -0.5 }), json!({}), now));
+        apply(event(EventKind::MessageReceived, None, 1, json!({ "sentiment": 0.3 }), json!({}), now));
+        apply(event(EventKind::Identify, None, 0, json!({}), json!({ "enrollment_status": "Enrolled" }), now));
+        let c = compute(&p, now);
+        assert_eq!((c.page_views_7d, c.page_views_30d), (3, 4));
+        assert_eq!(c.page_views_by_topic_7d.get("mba"), Some(&2));
+        assert_eq!(c.page_views_by_topic_30d.get("visit"), Some(&1));
+        assert_eq!(c.top_topic.as_deref(), Some("fees"), "mba, programs and fees tie at 4; fees sorts first");
+        assert_eq!(c.days_since_last_login, Some(4));
+        assert_eq!(c.assignments_completed_30d, 1);
+        assert_eq!((c.email_opens_30d, c.email_clicks_30d), (1, 1));
+        assert!((c.email_engagement_score - 100.0 * 4.0 / 9.0).abs() < 1e-9);
+        assert!((c.whatsapp_sentiment_avg.unwrap_or_default() - -0.1).abs() < 1e-9);
+        assert_eq!(c.funnel_stage, FunnelStage::Active);
+        assert!(c.engagement_score > 0.0 && c.engagement_score < 100.0);
+        // Two months later nothing is recent: the counts drop and the student is enrolled, not active.
+        let later = compute(&p, now + Duration::days(60));
+        assert_eq!((later.page_views_30d, later.funnel_stage), (0, FunnelStage::Enrollment));
+        assert_eq!(later.engagement_score, 0.0);
+    }
+}

@@ -39,7 +39,13 @@ impl fmt::Display for Tok {
         match self {
             Tok::Num(n) => write!(f, "number {n}"),
             Tok::Str(s) => write!(f, "string {s:?}"),
-            Tok::Dur(d) => write!(f, "duration of {d} s"),
+            Tok::Dur(d) => {
+                let unit = [(86_400, "d"), (3600, "h"), (60, "m")].into_iter().find(|(u, _)| d % u == 0);
+                match unit {
+                    Some((u, name)) => write!(f, "duration `{}{name}`", d / u),
+                    None => write!(f, "duration `{d}s`"),
+                }
+            }
             Tok::Ident(i) => write!(f, "`{i}`"),
             Tok::Op(o) => write!(f, "`{o}`"),
             Tok::LParen => f.write_str("`(`"),
