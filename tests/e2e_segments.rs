@@ -474,7 +474,7 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
         format!("SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed' AND json_extract(properties, '$.cohort') = '{cohort}'")
     };
     let extra = format!(
-        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n",
+        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n\n[[activations]]\nname = \"quiz_list_exit\"\nsegment = \"quiz\"\non = \"exit\"\ndestination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"quiz\"\n",
         d.config_toml()
     );
     let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
@@ -509,19 +509,25 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
     let first = demo.cohort.run_batch_segment("quiz").await.unwrap();
     assert_eq!(first.members, 10);
     drained(&demo).await;
-    assert_eq!(d.received("sendgrid").len(), 10, "the first run sets the baseline");
+    let adds = |d: &Destinations| d.received("sendgrid").iter().filter(|r| r.method == "PUT").count();
+    assert_eq!(adds(&d), 10, "the first run sets the baseline");
     // The query changes: three entries where the last run had ten. Held until a person agrees.
     assert_eq!(c.call("PUT", "/v1/segments/quiz", &define("b")).await.unwrap().status, 200);
     // Defining runs the query at once; this run finds that done and changes nothing more.
     let second = demo.cohort.run_batch_segment("quiz").await.unwrap();
     assert_eq!((second.members, second.entered, second.exited), (3, 0, 0));
     drained(&demo).await;
-    assert_eq!(d.received("sendgrid").len(), 10, "held by Gate 4");
+    assert_eq!(adds(&d), 10, "held by Gate 4");
+    // The ten who left are removed from the list: looked up by email, then deleted by contact id.
+    let removed: Vec<_> = d.received("sendgrid").into_iter().filter(|r| r.method == "DELETE").collect();
+    assert_eq!(removed.len(), 10);
+    assert_eq!(removed[0].path, "lists/quiz");
+    assert!(removed[0].body["contact_ids"].as_str().unwrap().starts_with("contact-"));
     let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
     assert_eq!(status["held_for_confirmation"]["quiz_list"], 3, "{status}");
     assert_eq!(c.post("/v1/reverse-etl/confirm/nothing", &json!({})).await.unwrap().status, 404);
     ok(c.post("/v1/reverse-etl/confirm/quiz_list", &json!({})).await.unwrap()).await;
     drained(&demo).await;
-    assert_eq!(d.received("sendgrid").len(), 13);
+    assert_eq!(adds(&d), 13);
     demo.stop().await.unwrap();
 }

@@ -146,6 +146,7 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, RuleError> {
             '<' => Tok::Op("<"),
             '=' => Tok::Op("=="),
             '!' => Tok::Op("!"),
+            '-' => Tok::Op("-"),
             '(' => Tok::LParen,
             ')' => Tok::RParen,
             '[' => Tok::LBracket,
@@ -295,6 +296,10 @@ impl Parser {
         let (tok, column) = self.next();
         match tok {
             Tok::Num(n) => Ok(Expr::Lit(Val::Num(n))),
+            Tok::Op("-") => match self.next() {
+                (Tok::Num(n), _) => Ok(Expr::Lit(Val::Num(-n))),
+                (t, c) => Err(RuleError { column: c, message: format!("expected a number after `-`, found {t}") }),
+            },
             Tok::Str(s) => Ok(Expr::Lit(Val::Str(s))),
             Tok::Dur(d) => Ok(Expr::Lit(Val::Dur(d))),
             Tok::LParen => {
@@ -683,6 +688,8 @@ mod tests {
         let mut next = None;
         assert!(eval(&e, &f, &mut next).truthy());
         assert_eq!(next, Some(f.now + Duration::hours(12)), "the day count ticks at 3 days");
+        let e = compile("sentiment() < -0.25 or -1 > 2", &[]).unwrap();
+        assert!(!eval(&e, &f, &mut None).truthy(), "no sentiment: null compares false");
         let e = compile(r#"enrollment_status in ["applicant", "INQUIRY"]"#, &[]).unwrap();
         assert!(eval(&e, &f, &mut None).truthy());
     }
