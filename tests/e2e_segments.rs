@@ -531,3 +531,37 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
     assert_eq!(adds(&d), 13);
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_entries_no_destination_has_seen_are_sent_and_sent_ones_are_not() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo =
+        DemoServer::start(Some(dir.path().to_path_buf()), &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    prospect(c, "ada", "ada@gmail.com", "0035e00000AdaAAAAA", true).await;
+    ok(c.segment(false, "track", &brochure("ada")).await.unwrap()).await;
+    prospect(c, "bo", "bo@gmail.com", "0035e00000BoAAAAAA", true).await;
+    drained(&demo).await;
+    assert_eq!(d.received("salesforce").len(), 1);
+    // Bo's entry was stored as a membership, and then the process died before dispatching it.
+    let bo =
+        ok(c.get("/v1/profiles/email:bo@gmail.com").await.unwrap()).await["profile_id"].as_str().unwrap().to_string();
+    demo.cohort
+        .ctx
+        .store
+        .put_documents("segment_members", vec![(format!("high_intent_mba/{bo}"), Some(json!({ "since": Utc::now() })))])
+        .await
+        .unwrap();
+    demo.cohort.flush().await.unwrap();
+    demo.stop().await.unwrap();
+
+    let demo =
+        DemoServer::start(Some(dir.path().to_path_buf()), &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    drained(&demo).await;
+    let tasks = d.received("salesforce");
+    let status = demo.client.get("/v1/reverse-etl/status").await.unwrap().body;
+    assert_eq!(tasks.len(), 2, "{tasks:?} {status}");
+    assert_eq!(tasks[1].body["WhoId"], "0035e00000BoAAAAAA", "Bo's entry is sent; Ada's is not sent twice");
+    demo.stop().await.unwrap();
+}

@@ -9,6 +9,7 @@
 //! keys are remembered so a re-delivered change is not sent twice; failures after the retries
 //! are kept and can be sent again.
 
+use crate::segments::engine::MEMBERS;
 use chrono::{DateTime, Utc};
 use cohort_adapters::OperationalStore;
 use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
@@ -487,8 +488,8 @@ impl Lane {
     }
 }
 
+/// Runs a job; the caller counted it as waiting when it was queued.
 async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
-    lane.waiting.fetch_add(1, Ordering::SeqCst);
     let permit = lane.permits.acquire().await;
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
     let Ok(_permit) = permit else { return };
@@ -622,6 +623,8 @@ impl ReverseEtlState {
     fn spawn(&self, job: Job) {
         match self.lanes.get(&job.destination) {
             Some(lane) => {
+                // Counted before the task starts, so a drain never misses a job just queued.
+                lane.waiting.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(run(self.shared.clone(), lane.clone(), job));
             }
             None => tracing::warn!(destination = job.destination.as_str(), "activation for a destination that is off"),
@@ -656,6 +659,63 @@ impl ReverseEtlState {
     }
 }
 
+impl ReverseEtlState {
+    /// Memberships whose `enter` activations have neither been sent nor recorded as failed.
+    async fn catch_up(&self) -> Result<usize, cohort_adapters::StoreError> {
+        let store = &self.shared.store;
+        let mut spawned = 0;
+        for a in self.activations.iter().filter(|a| a.on == "enter") {
+            let Some(destination) = Destination::parse(&a.destination) else { continue };
+            let prefix = format!("{}/", a.segment);
+            let mut after: Option<String> = None;
+            loop {
+                let page = store.list_documents(MEMBERS, &prefix, after.as_deref(), 500).await?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                let mut pending = Vec::new();
+                for (key, doc) in &page {
+                    let profile = key.strip_prefix(&prefix).and_then(ProfileId::parse);
+                    let since = doc.get("since").and_then(|s| serde_json::from_value::<DateTime<Utc>>(s.clone()).ok());
+                    let (Some(profile_id), Some(at)) = (profile, since) else { continue };
+                    let change = SegmentChanged {
+                        profile_id,
+                        segment: a.segment.clone(),
+                        change: Change::Entered,
+                        at,
+                        profile: Arc::default(),
+                        caused_at: None,
+                    };
+                    pending.push((job_key(&a.name, &change), change));
+                }
+                let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
+                let sent = store.get_documents(SENT, &keys).await?;
+                let failed = store.get_documents(FAILED, &keys).await?;
+                let todo: Vec<(String, SegmentChanged)> = pending
+                    .into_iter()
+                    .zip(sent.into_iter().zip(failed))
+                    .filter(|(_, (s, f))| s.is_none() && f.is_none())
+                    .map(|(p, _)| p)
+                    .collect();
+                if !todo.is_empty() {
+                    let ids: Vec<ProfileId> = todo.iter().map(|(_, c)| c.profile_id.clone()).collect();
+                    let records = store.load_profiles(&ids).await?;
+                    let now = Utc::now();
+                    for (key, mut change) in todo {
+                        let Some(r) = records.iter().find(|r| r.profile_id == change.profile_id) else { continue };
+                        change.profile = Arc::new(crate::segments::engine::activation_profile(r, now));
+                        self.spawn(Job { key, activation: a.clone(), destination, change });
+                        spawned += 1;
+                    }
+                }
+                if page.len() < 500 {
+                    break;
+                }
+            }
+        }
+        Ok(spawned)
+    }
+}
+
 impl Actor for ReverseEtlActor {
     type Msg = ReverseEtlMsg;
     type State = ReverseEtlState;
@@ -677,6 +737,15 @@ impl Actor for ReverseEtlActor {
             lanes,
             held: HashMap::new(),
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<ReverseEtlMsg>,
+        _state: &mut ReverseEtlState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.send_message(ReverseEtlMsg::CatchUp)?;
+        Ok(())
     }
 
     async fn handle(
@@ -759,6 +828,11 @@ impl Actor for ReverseEtlActor {
                 }
                 let _ = reply.send(count);
             }
+            ReverseEtlMsg::CatchUp => match state.catch_up().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "reverse ETL caught up with memberships no destination had seen"),
+                Err(e) => tracing::warn!(error = %e, "reverse ETL catch-up failed; memberships stay as they are"),
+            },
             ReverseEtlMsg::Status(reply) => {
                 let _ = reply.send(state.status());
             }

@@ -459,4 +459,7 @@ pub enum ReverseEtlMsg {
     },
     /// Wait until every job queued before has finished (tests, shutdown).
     Drain(RpcReplyPort<()>),
+    /// Start-up: send the entries stored as memberships that no destination has seen yet
+    /// (changes a crash caught between the membership write and the request).
+    CatchUp,
 }
