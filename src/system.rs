@@ -281,6 +281,7 @@ impl Cohort {
             matcher: Slot::default(),
             segments: segments.clone(),
             segment_engine: Slot::default(),
+            person_fingerprints: Arc::default(),
         };
 
         // Ingest: one actor per source, independent of each other.

@@ -50,6 +50,9 @@ pub struct PipelineContext {
     /// The segments profiles evaluate, and the engine they report changes to.
     pub segments: Arc<SegmentRegistry>,
     pub segment_engine: Slot<SegmentMsg>,
+    /// Per profile, a hash of the person fields the last flush saw (matcher and identity only
+    /// look at profiles whose fields changed).
+    pub person_fingerprints: Arc<dashmap::DashMap<ProfileId, u64>>,
 }
 
 impl std::fmt::Debug for PipelineContext {

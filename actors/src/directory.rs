@@ -329,10 +329,13 @@ impl ProfilesState {
                 outbox,
             };
             let n_profiles = batch.profiles.len();
-            for p in batch.profiles.iter().filter(|p| p.merged_into.is_none()) {
+            // Person fields rarely change: only profiles whose fingerprint moved are looked at.
+            let changed: Vec<&ProfileRecord> =
+                batch.profiles.iter().filter(|p| person_changed(&ctx.person_fingerprints, p)).collect();
+            for p in changed.iter().filter(|p| p.merged_into.is_none()) {
                 ctx.index.note_person(&p.profile_id, Person::from_traits(|k| p.traits.get(k).map(|t| &t.value)));
             }
-            let candidates = if ctx.matcher.get().is_some() { match_candidates(&batch.profiles) } else { Vec::new() };
+            let candidates = if ctx.matcher.get().is_some() { match_candidates(&changed) } else { Vec::new() };
             let result = match ctx.store.commit_flush(batch).await {
                 Ok(()) => {
                     ctx.pending_ids.persisted(&ids);
@@ -546,9 +549,30 @@ impl Actor for ProfilesDirectory {
 const MATCH_TRAITS: &[&str] =
     &["first_name", "last_name", "date_of_birth", "postal_code", "city", "street", "address", "national_id"];
 
+/// Whether a flushed profile's person fields (or its merged state) differ from the last flush
+/// that looked at them; remembers the new fingerprint.
+fn person_changed(seen: &dashmap::DashMap<ProfileId, u64>, p: &ProfileRecord) -> bool {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.merged_into.hash(&mut h);
+    for k in MATCH_TRAITS {
+        if let Some(t) = p.traits.get(*k) {
+            k.hash(&mut h);
+            t.value.to_string().hash(&mut h);
+        }
+    }
+    for l in &p.identifiers {
+        if matches!(l.identifier.kind, IdentifierKind::Email | IdentifierKind::Phone) {
+            l.identifier.hash(&mut h);
+        }
+    }
+    let fingerprint = h.finish();
+    seen.insert(p.profile_id.clone(), fingerprint) != Some(fingerprint)
+}
+
 /// What the matcher needs of flushed profiles: the person fields of those that have a name or a
 /// date of birth, and the ids of those merged away (to forget them).
-fn match_candidates(profiles: &[ProfileRecord]) -> Vec<MatchCandidate> {
+fn match_candidates(profiles: &[&ProfileRecord]) -> Vec<MatchCandidate> {
     profiles
         .iter()
         .filter_map(|p| {

@@ -103,8 +103,9 @@ pub const ACTIVITY_PER_KEY: usize = 500;
 /// Pruned by age relative to the newest activity (not the clock), so replays give the same state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Activity {
+    /// Unix milliseconds: compact, and quick to write on every flush.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub recent: BTreeMap<String, Vec<DateTime<Utc>>>,
+    pub recent: BTreeMap<String, Vec<i64>>,
     /// All-time page views by topic (most frequent, unique lists).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub topics: BTreeMap<String, u64>,
@@ -122,6 +123,7 @@ impl Activity {
     }
 
     fn note(&mut self, key: String, at: DateTime<Utc>) {
+        let at = at.timestamp_millis();
         let list = self.recent.entry(key).or_default();
         let pos = list.partition_point(|t| *t <= at);
         list.insert(pos, at);
@@ -132,7 +134,7 @@ impl Activity {
 
     fn prune(&mut self) {
         let Some(newest) = self.recent.values().filter_map(|l| l.last()).max().copied() else { return };
-        let cutoff = newest - chrono::Duration::days(ACTIVITY_DAYS);
+        let cutoff = newest - ACTIVITY_DAYS * 86_400_000;
         self.recent.retain(|_, l| {
             let old = l.partition_point(|t| *t < cutoff);
             l.drain(..old);
@@ -140,8 +142,9 @@ impl Activity {
         });
     }
 
-    /// Timestamps of `key` at or after `since`.
-    pub fn since(&self, key: &str, since: DateTime<Utc>) -> &[DateTime<Utc>] {
+    /// Timestamps (Unix milliseconds) of `key` at or after `since`.
+    pub fn since(&self, key: &str, since: DateTime<Utc>) -> &[i64] {
+        let since = since.timestamp_millis();
         match self.recent.get(key) {
             Some(l) => &l[l.partition_point(|t| *t < since)..],
             None => &[],
@@ -150,9 +153,11 @@ impl Activity {
 
     fn absorb(&mut self, other: Activity) {
         for (key, times) in other.recent {
-            for t in times {
-                self.note(key.clone(), t);
-            }
+            let list = self.recent.entry(key).or_default();
+            list.extend(times);
+            list.sort_unstable();
+            let excess = list.len().saturating_sub(ACTIVITY_PER_KEY);
+            list.drain(..excess);
         }
         for (topic, n) in other.topics {
             *self.topics.entry(topic).or_default() += n;

@@ -95,7 +95,8 @@ fn funnel_stage(record: &ProfileRecord, now: DateTime<Utc>, active: bool) -> Fun
 pub fn compute(record: &ProfileRecord, now: DateTime<Utc>) -> Computed {
     let a = &record.activity;
     let since = |days: i64| now - Duration::days(days);
-    let n = |key: &str, days: i64| a.since(key, since(days)).iter().filter(|t| **t <= now).count() as u64;
+    let now_ms = now.timestamp_millis();
+    let n = |key: &str, days: i64| a.since(key, since(days)).iter().filter(|t| **t <= now_ms).count() as u64;
     let by_topic = |days: i64| -> BTreeMap<String, u64> {
         a.recent
             .keys()
@@ -162,7 +163,14 @@ impl Facts for ProfileFacts<'_> {
     }
 
     fn activity_since(&self, key: &str, since: DateTime<Utc>) -> Vec<DateTime<Utc>> {
-        self.record.activity.since(key, since).iter().copied().filter(|t| *t <= self.now).collect()
+        let now = self.now.timestamp_millis();
+        self.record
+            .activity
+            .since(key, since)
+            .iter()
+            .filter(|t| **t <= now)
+            .filter_map(|t| DateTime::from_timestamp_millis(*t))
+            .collect()
     }
 
     fn field(&self, root: Option<&str>, name: &str) -> Val {
