@@ -408,6 +408,7 @@ impl Cohort {
                     metrics: metrics.clone(),
                     config: settings.clone(),
                     activations: activations.clone(),
+                    policy,
                 };
                 let slot = slot.clone();
                 async move {

@@ -565,3 +565,30 @@ async fn after_a_restart_entries_no_destination_has_seen_are_sent_and_sent_ones_
     assert_eq!(tasks[1].body["WhoId"], "0035e00000BoAAAAAA", "Bo's entry is sent; Ada's is not sent twice");
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_actor_that_dies_is_restarted_and_its_jobs_still_go_out() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let router = demo.cohort.reverse_etl.get().unwrap();
+    let children = router.get_children();
+    assert_eq!(children.len(), 4, "one actor per configured destination");
+    for child in children {
+        child.kill();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(router.get_children().len(), 4, "restarted under the policy");
+    prospect(c, "gil", "gil@gmail.com", "0035e00000GilAAAAA", true).await;
+    ok(c.segment(false, "track", &brochure("gil")).await.unwrap()).await;
+    drained(&demo).await;
+    assert_eq!(d.received("salesforce").len(), 1);
+    assert_eq!(d.received("sendgrid").len(), 1);
+    let m = c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+    let restarts = m
+        .lines()
+        .find_map(|l| l.strip_prefix("cohort_actor_restarts_total{kind=\"reverse_etl_destination\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(restarts, Some(4), "{m}");
+    demo.stop().await.unwrap();
+}

@@ -13,13 +13,13 @@ use crate::segments::engine::MEMBERS;
 use chrono::{DateTime, Utc};
 use cohort_adapters::OperationalStore;
 use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
-use cohort_messages::msgs::ReverseEtlMsg;
+use cohort_messages::msgs::{DestinationMsg, ReverseEtlMsg};
 use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
 use cohort_messages::{Channel, IdentifierKind, ProfileId};
-use cohort_supervisors::Metrics;
+use cohort_supervisors::{Metrics, RestartDecision, RestartPolicy, RestartTracker};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -165,14 +165,68 @@ pub struct ReverseEtlArgs {
     pub metrics: Metrics,
     pub config: ReverseEtlConfig,
     pub activations: Vec<ActivationConfig>,
+    /// How failed destination actors are restarted.
+    pub policy: RestartPolicy,
 }
 
+/// The router: matches changes to activations and supervises one [`DestinationActor`] per
+/// configured destination.
 pub struct ReverseEtlState {
     shared: Arc<Shared>,
     activations: Vec<Arc<ActivationConfig>>,
     lanes: HashMap<Destination, Arc<Lane>>,
+    destinations: HashMap<Destination, Child>,
+    policy: RestartPolicy,
     /// Batch runs held by Gate 4 (size moved more than 20%), by activation.
     held: HashMap<String, Vec<Job>>,
+}
+
+/// A supervised destination actor; jobs wait here while it restarts.
+struct Child {
+    actor: Option<ActorRef<DestinationMsg>>,
+    tracker: RestartTracker,
+    pending: Vec<Job>,
+}
+
+/// One destination's ReverseEtl actor: takes jobs from its own mailbox and runs each in its
+/// lane (rate limit, quota, in-flight limit), so nothing another destination does reaches it.
+pub struct DestinationActor;
+
+pub struct DestinationArgs {
+    shared: Arc<Shared>,
+    lane: Arc<Lane>,
+    activations: HashMap<String, Arc<ActivationConfig>>,
+}
+
+impl Actor for DestinationActor {
+    type Msg = DestinationMsg;
+    type State = DestinationArgs;
+    type Arguments = DestinationArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DestinationMsg>,
+        args: DestinationArgs,
+    ) -> Result<DestinationArgs, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<DestinationMsg>,
+        msg: DestinationMsg,
+        state: &mut DestinationArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        let DestinationMsg::Send { key, activation, change } = msg;
+        let Some(activation) = state.activations.get(&activation).cloned() else {
+            state.lane.waiting.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(activation = %activation, "job for an activation this destination does not know");
+            return Ok(());
+        };
+        let job = Job { key, activation, destination: state.lane.destination, change };
+        tokio::spawn(run(state.shared.clone(), state.lane.clone(), job));
+        Ok(())
+    }
 }
 
 fn job_key(activation: &str, c: &SegmentChanged) -> String {
@@ -488,7 +542,7 @@ impl Lane {
     }
 }
 
-/// Runs a job; the caller counted it as waiting when it was queued.
+/// Runs a job; the router counted it as waiting when it was queued.
 async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     let permit = lane.permits.acquire().await;
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -620,15 +674,60 @@ impl ReverseEtlState {
         jobs
     }
 
-    fn spawn(&self, job: Job) {
-        match self.lanes.get(&job.destination) {
-            Some(lane) => {
-                // Counted before the task starts, so a drain never misses a job just queued.
-                lane.waiting.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(run(self.shared.clone(), lane.clone(), job));
-            }
-            None => tracing::warn!(destination = job.destination.as_str(), "activation for a destination that is off"),
+    fn spawn(&mut self, job: Job) {
+        let Some(child) = self.destinations.get_mut(&job.destination) else {
+            tracing::warn!(destination = job.destination.as_str(), "activation for a destination that is off");
+            return;
+        };
+        // Counted as waiting from the moment it is queued (the router's drain sees it).
+        if let Some(lane) = self.lanes.get(&job.destination) {
+            lane.waiting.fetch_add(1, Ordering::SeqCst);
         }
+        match &child.actor {
+            Some(actor) => {
+                let msg = DestinationMsg::Send {
+                    key: job.key.clone(),
+                    activation: job.activation.name.clone(),
+                    change: job.change.clone(),
+                };
+                if actor.send_message(msg).is_err() {
+                    child.pending.push(job);
+                }
+            }
+            None => child.pending.push(job),
+        }
+    }
+
+    /// Starts (or restarts) a destination actor under the router and hands it the jobs that
+    /// waited meanwhile.
+    async fn start_destination(
+        &mut self,
+        myself: &ActorRef<ReverseEtlMsg>,
+        d: Destination,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(lane) = self.lanes.get(&d).cloned() else { return Ok(()) };
+        let activations = self
+            .activations
+            .iter()
+            .filter(|a| a.destination == d.as_str())
+            .map(|a| (a.name.clone(), a.clone()))
+            .collect();
+        let args = DestinationArgs { shared: self.shared.clone(), lane, activations };
+        let (actor, _) = Actor::spawn_linked(None, DestinationActor, args, myself.get_cell()).await?;
+        let child = self.destinations.entry(d).or_insert_with(|| Child {
+            actor: None,
+            tracker: RestartTracker::default(),
+            pending: Vec::new(),
+        });
+        child.actor = Some(actor);
+        let pending = std::mem::take(&mut child.pending);
+        if let Some(lane) = self.lanes.get(&d) {
+            lane.waiting.fetch_sub(pending.len() as u64, Ordering::SeqCst);
+        }
+        for job in pending {
+            self.spawn(job);
+        }
+        Ok(())
     }
 
     fn status(&self) -> Value {
@@ -661,10 +760,11 @@ impl ReverseEtlState {
 
 impl ReverseEtlState {
     /// Memberships whose `enter` activations have neither been sent nor recorded as failed.
-    async fn catch_up(&self) -> Result<usize, cohort_adapters::StoreError> {
-        let store = &self.shared.store;
+    async fn catch_up(&mut self) -> Result<usize, cohort_adapters::StoreError> {
+        let store = self.shared.store.clone();
+        let activations = self.activations.clone();
         let mut spawned = 0;
-        for a in self.activations.iter().filter(|a| a.on == "enter") {
+        for a in activations.iter().filter(|a| a.on == "enter") {
             let Some(destination) = Destination::parse(&a.destination) else { continue };
             let prefix = format!("{}/", a.segment);
             let mut after: Option<String> = None;
@@ -735,6 +835,8 @@ impl Actor for ReverseEtlActor {
             shared: Arc::new(Shared { store: args.store, metrics: args.metrics, settings: args.config }),
             activations: args.activations.into_iter().map(Arc::new).collect(),
             lanes,
+            destinations: HashMap::new(),
+            policy: args.policy,
             held: HashMap::new(),
         })
     }
@@ -742,15 +844,55 @@ impl Actor for ReverseEtlActor {
     async fn post_start(
         &self,
         myself: ActorRef<ReverseEtlMsg>,
-        _state: &mut ReverseEtlState,
+        state: &mut ReverseEtlState,
     ) -> Result<(), ActorProcessingErr> {
+        let enabled: Vec<Destination> = state.lanes.keys().copied().collect();
+        for d in enabled {
+            state.start_destination(&myself, d).await?;
+        }
         myself.send_message(ReverseEtlMsg::CatchUp)?;
         Ok(())
     }
 
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ReverseEtlMsg>,
+        evt: SupervisionEvent,
+        state: &mut ReverseEtlState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".into())),
+            _ => return Ok(()),
+        };
+        let failed = state
+            .destinations
+            .iter()
+            .find(|(_, c)| c.actor.as_ref().is_some_and(|a| a.get_id() == cell.get_id()))
+            .map(|(d, _)| *d);
+        let Some(d) = failed else { return Ok(()) };
+        let policy = state.policy;
+        let metrics = state.shared.metrics.clone();
+        let Some(child) = state.destinations.get_mut(&d) else { return Ok(()) };
+        child.actor = None;
+        tracing::warn!(destination = d.as_str(), reason = %reason, "destination actor failed");
+        metrics.actor_restarts.with_label_values(&["reverse_etl_destination"]).inc();
+        match child.tracker.decide(&policy, std::time::Instant::now()) {
+            RestartDecision::Restart { after, .. } => {
+                let destination = d.as_str().to_string();
+                myself.send_after(after, move || ReverseEtlMsg::Respawn { destination });
+                Ok(())
+            }
+            RestartDecision::Escalate => {
+                metrics.actor_escalations.with_label_values(&["reverse_etl_destination"]).inc();
+                Err(format!("destination {} exceeded its restart budget: {reason}", d.as_str()).into())
+            }
+        }
+    }
+
     async fn handle(
         &self,
-        _myself: ActorRef<ReverseEtlMsg>,
+        myself: ActorRef<ReverseEtlMsg>,
         msg: ReverseEtlMsg,
         state: &mut ReverseEtlState,
     ) -> Result<(), ActorProcessingErr> {
@@ -833,6 +975,13 @@ impl Actor for ReverseEtlActor {
                 Ok(n) => tracing::info!(jobs = n, "reverse ETL caught up with memberships no destination had seen"),
                 Err(e) => tracing::warn!(error = %e, "reverse ETL catch-up failed; memberships stay as they are"),
             },
+            ReverseEtlMsg::Respawn { destination } => {
+                if let Some(d) = Destination::parse(&destination) {
+                    if state.destinations.get(&d).is_some_and(|c| c.actor.is_none()) {
+                        state.start_destination(&myself, d).await?;
+                    }
+                }
+            }
             ReverseEtlMsg::Status(reply) => {
                 let _ = reply.send(state.status());
             }

@@ -419,6 +419,14 @@ pub enum SegmentMsg {
     Sync(RpcReplyPort<SegmentStats>),
 }
 
+/// One destination's ReverseEtl actor (Salesforce, SendGrid, Twilio, push): a bulkhead with
+/// its own rate limit, quota, in-flight limit and counters.
+#[derive(Debug)]
+pub enum DestinationMsg {
+    /// Send what activation `activation` asks for this change (`key` is its idempotency key).
+    Send { key: String, activation: String, change: crate::segment::SegmentChanged },
+}
+
 /// What a batch segment run changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRun {
@@ -462,4 +470,8 @@ pub enum ReverseEtlMsg {
     /// Start-up: send the entries stored as memberships that no destination has seen yet
     /// (changes a crash caught between the membership write and the request).
     CatchUp,
+    /// Restart a failed destination actor once its backoff has passed.
+    Respawn {
+        destination: String,
+    },
 }
