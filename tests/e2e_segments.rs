@@ -592,3 +592,28 @@ async fn a_destination_actor_that_dies_is_restarted_and_its_jobs_still_go_out() 
     assert_eq!(restarts, Some(4), "{m}");
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_quota_of_a_destination_is_never_exceeded() {
+    let d = Destinations::start().await;
+    let extra =
+        use_case_toml(&d).replacen("[reverse_etl.salesforce]\n", "[reverse_etl.salesforce]\ndaily_limit = 1\n", 1);
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    for (who, contact) in [("hal", "0035e00000HalAAAAA"), ("ivy", "0035e00000IvyAAAAA")] {
+        prospect(c, who, &format!("{who}@gmail.com"), contact, true).await;
+        ok(c.segment(false, "track", &brochure(who)).await.unwrap()).await;
+        drained(&demo).await;
+    }
+    assert_eq!(d.received("salesforce").len(), 1, "one request a day");
+    assert_eq!(d.received("sendgrid").len(), 2, "other destinations are not limited by it");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    let sf = &status["destinations"]["salesforce"];
+    assert_eq!(
+        (sf["sent"].as_u64(), sf["failed"].as_u64(), sf["used_today"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{status}"
+    );
+    assert!(sf["last_error"].as_str().unwrap().contains("daily limit of 1"), "{status}");
+    demo.stop().await.unwrap();
+}
