@@ -11,7 +11,7 @@ use cohort_actors::normalize::{normalize_email, normalize_name, normalize_phone,
 use serde::Serialize;
 
 /// Fields a column can be mapped to.
-const FIELDS: &[&str] = &[
+pub const FIELDS: &[&str] = &[
     "id",
     "first_name",
     "last_name",

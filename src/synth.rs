@@ -11,21 +11,8 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The CSV columns, in the `--map` vocabulary of `cohort identity dedupe`.
-pub const COLUMNS: [&str; 12] = [
-    "id",
-    "first_name",
-    "last_name",
-    "email",
-    "phone",
-    "date_of_birth",
-    "street",
-    "house_number",
-    "postcode",
-    "city",
-    "region",
-    "national_id",
-];
+/// The CSV columns: every field `cohort identity dedupe` can map, in its order.
+pub use crate::dedupe::FIELDS as COLUMNS;
 
 /// The `--map` that reads [`COLUMNS`] one to one.
 pub fn column_map() -> String {
@@ -504,6 +491,7 @@ pub struct SynthRecord {
 }
 
 impl SynthRecord {
+    /// In the order of [`COLUMNS`].
     fn fields(&self) -> [&str; 12] {
         [
             &self.id,

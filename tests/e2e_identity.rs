@@ -2,32 +2,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "common/people.rs"]
+mod people;
+
 use chrono::Utc;
-use cohort::client::CohortClient;
 use cohort::demo::DemoServer;
-use cohort::payloads;
 use cohort::SystemOptions;
-use serde_json::{json, Value};
+use people::{identify, metric, profile_id};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-async fn identify(c: &CohortClient, mid: &str, user: Option<&str>, traits: Value, device: Option<&str>) {
-    let anonymous = format!("anon-{mid}");
-    let anonymous = if user.is_none() { Some(anonymous.as_str()) } else { None };
-    let body = payloads::segment_identify(mid, anonymous, user, traits, device, Utc::now());
-    let a = c.segment(true, "identify", &body).await.unwrap();
-    assert_eq!(a.status, 200, "{}", a.body);
-}
-
-async fn profile_id(c: &CohortClient, reference: &str) -> String {
-    let p = c.get(&format!("/v1/profiles/{reference}")).await.unwrap();
-    assert_eq!(p.status, 200, "{reference}: {}", p.body);
-    p.body["profile_id"].as_str().unwrap().to_string()
-}
-
-fn metric(text: &str, line_start: &str) -> u64 {
-    text.lines().find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok()).unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_students_logging_in_on_one_tablet_stay_two_students() {

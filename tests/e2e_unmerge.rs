@@ -3,36 +3,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "common/people.rs"]
+mod people;
+
 use chrono::Utc;
 use cohort::client::CohortClient;
 use cohort::demo::DemoServer;
-use cohort::payloads;
 use cohort::SystemOptions;
 use cohort_messages::msgs::MatcherMsg;
-use serde_json::{json, Value};
+use people::{identify, metric, profile, profile_id};
+use serde_json::json;
 use std::time::Duration;
-
-async fn identify(c: &CohortClient, mid: &str, user: Option<&str>, traits: Value, device: Option<&str>) {
-    let anonymous = format!("anon-{mid}");
-    let anonymous = if user.is_none() { Some(anonymous.as_str()) } else { None };
-    let body = payloads::segment_identify(mid, anonymous, user, traits, device, Utc::now());
-    let a = c.segment(true, "identify", &body).await.unwrap();
-    assert_eq!(a.status, 200, "{}", a.body);
-}
-
-async fn profile(c: &CohortClient, reference: &str) -> Value {
-    let p = c.get(&format!("/v1/profiles/{reference}")).await.unwrap();
-    assert_eq!(p.status, 200, "{reference}: {}", p.body);
-    p.body
-}
-
-async fn profile_id(c: &CohortClient, reference: &str) -> String {
-    profile(c, reference).await["profile_id"].as_str().unwrap().to_string()
-}
-
-fn metric(text: &str, line_start: &str) -> u64 {
-    text.lines().find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok()).unwrap_or(0)
-}
 
 async fn settle(demo: &DemoServer) {
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();

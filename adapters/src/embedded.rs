@@ -26,7 +26,7 @@ use self::tables::{
     REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::writer::{Command, DocTable, Writer};
-use crate::store::{consent_key, document_key, document_range, suppression_key};
+use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
 use crate::{
     AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
     OutboxId, StoreError, WarehouseBatch,
@@ -617,17 +617,20 @@ impl OperationalStore for EmbeddedStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
-        let (lower, upper) = document_range(collection, prefix, after);
-        let skip = document_key(collection, "").len();
-        let inclusive = after.is_none_or(|a| a < prefix);
+        let range = DocumentRange::new(collection, prefix, after);
         self.read(move |txn| {
             let table = txn.open_table(DOCUMENTS).ctx("read documents")?;
-            let lo = if inclusive { Bound::Included(lower.as_str()) } else { Bound::Excluded(lower.as_str()) };
+            let lo = if range.inclusive {
+                Bound::Included(range.lower.as_str())
+            } else {
+                Bound::Excluded(range.lower.as_str())
+            };
             let mut out = Vec::with_capacity(limit.min(1024));
-            for entry in table.range::<&str>((lo, Bound::Excluded(upper.as_str()))).ctx("read documents")?.take(limit) {
+            for entry in
+                table.range::<&str>((lo, Bound::Excluded(range.upper.as_str()))).ctx("read documents")?.take(limit)
+            {
                 let (k, v) = entry.ctx("read documents")?;
-                let key = k.value().get(skip..).unwrap_or_default().to_string();
-                out.push((key, decode("document", v.value())?));
+                out.push((range.key_of(k.value()), decode("document", v.value())?));
             }
             Ok(out)
         })

@@ -31,7 +31,7 @@ use self::codec::{
     REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::errors::store_error;
-use crate::store::{consent_key, document_key, document_range, suppression_key};
+use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
 use crate::{FlushBatch, NewDeadLetter, OperationalStore, OutboxId, StoreError, WarehouseBatch};
 use cohort_messages::{
     AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, Suppression,
@@ -675,13 +675,12 @@ impl OperationalStore for MongoStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
-        let (lower, upper) = document_range(collection, prefix, after);
-        let op = if after.is_none_or(|a| a < prefix) { "$gte" } else { "$gt" };
-        let filter = doc! { "_id": { op: lower, "$lt": upper } };
-        let skip = document_key(collection, "").len();
+        let range = DocumentRange::new(collection, prefix, after);
+        let op = if range.inclusive { "$gte" } else { "$gt" };
+        let filter = doc! { "_id": { op: range.lower.as_str(), "$lt": range.upper.as_str() } };
         let docs =
             self.find_sorted("list documents", &self.documents, filter, None, Some(limit), document_from).await?;
-        Ok(docs.into_iter().map(|(id, v)| (id.get(skip..).unwrap_or_default().to_string(), v)).collect())
+        Ok(docs.into_iter().map(|(id, v)| (range.key_of(&id), v)).collect())
     }
 
     async fn list_review_items(

@@ -208,14 +208,37 @@ pub fn document_key(collection: &str, key: &str) -> String {
     format!("{collection}\u{1}{key}")
 }
 
-/// The range of stored keys a document listing covers: `(lower, exclusive; upper, exclusive)`.
-pub fn document_range(collection: &str, prefix: &str, after: Option<&str>) -> (String, String) {
-    let lower = match after {
-        Some(a) if a >= prefix => document_key(collection, a),
-        // Everything with the prefix: the prefix itself sorts first, so start just below it.
-        _ => format!("{collection}\u{1}{prefix}"),
-    };
-    (lower, format!("{collection}\u{1}{prefix}\u{10FFFF}"))
+/// The stored keys a document listing covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentRange {
+    pub lower: String,
+    /// Whether `lower` itself is in the range (no `after`, or `after` before the prefix).
+    pub inclusive: bool,
+    /// Exclusive.
+    pub upper: String,
+    /// Bytes to strip from a stored key to get the document's key.
+    pub strip: usize,
+}
+
+impl DocumentRange {
+    pub fn new(collection: &str, prefix: &str, after: Option<&str>) -> Self {
+        let (lower, inclusive) = match after {
+            Some(a) if a >= prefix => (document_key(collection, a), false),
+            // Everything with the prefix: the prefix itself sorts first.
+            _ => (format!("{collection}\u{1}{prefix}"), true),
+        };
+        Self {
+            lower,
+            inclusive,
+            upper: format!("{collection}\u{1}{prefix}\u{10FFFF}"),
+            strip: document_key(collection, "").len(),
+        }
+    }
+
+    /// The document's key of a stored key.
+    pub fn key_of(&self, stored: &str) -> String {
+        stored.get(self.strip..).unwrap_or_default().to_string()
+    }
 }
 
 /// Key of a suppression entry: `channel:address`.

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::require_bearer;
-use crate::profiles::{ask, resolve_ref};
+use crate::profiles::{ask, query, resolve_ref};
 use crate::{ApiError, ApiState};
 
 #[derive(Debug, Deserialize)]
@@ -244,10 +244,8 @@ pub async fn merges(
     headers: HeaderMap,
     Path(r): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
-    let id = resolve_ref(&state, &r).await?;
     // The live profile, so a merged id answers with its survivor's history.
-    let (id, _) = ask(&state, id, ProfileMsg::GetIdentities).await?;
+    let (id, _) = query(&state, &headers, &r, ProfileMsg::GetIdentities).await?;
     let merges = state.store.list_merges(&id).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(json!({ "profile_id": id, "merges": merges })))
 }

@@ -73,7 +73,7 @@ pub async fn ask<T: Send + 'static>(
 }
 
 /// The shared path of every Profile API read: token, ref resolution, live-actor query.
-async fn query<T: Send + 'static>(
+pub(crate) async fn query<T: Send + 'static>(
     state: &ApiState,
     headers: &HeaderMap,
     reference: &str,

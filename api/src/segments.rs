@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::require_bearer;
-use crate::profiles::{ask, resolve_ref};
+use crate::profiles::query;
 use crate::{ApiError, ApiState};
 
 fn definition_json(d: &SegmentDefinition) -> Value {
@@ -151,9 +151,7 @@ pub async fn profile_segments(
     headers: HeaderMap,
     Path(r): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
-    let id = resolve_ref(&state, &r).await?;
-    let (id, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
     let mut segments: serde_json::Map<String, Value> = view
         .segments
         .iter()
