@@ -617,3 +617,55 @@ async fn the_daily_quota_of_a_destination_is_never_exceeded() {
     assert!(sf["last_error"].as_str().unwrap().contains("daily limit of 1"), "{status}");
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_updates_are_incremental_only_changed_fields_are_sent() {
+    let d = Destinations::start().await;
+    let extra = format!(
+        "{}\n[[segments.define]]\nname = \"browsing\"\nrule = 'page_count(\"fees\", 2s) >= 1'\n\n[[activations]]\nname = \"sync_contact\"\nsegment = \"browsing\"\ndestination = \"salesforce\"\naction = \"update_contact\"\nfields = {{ Interest__c = \"{{{{segment}}}}\", Stage__c = \"{{{{computed.funnel_stage}}}}\" }}\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let cdc = payloads::salesforce_contact_cdc(
+        91,
+        "0035e00000JoAAAAAA",
+        "CREATE",
+        json!({ "Email": "jo@uni.eu", "FirstName": "Jo" }),
+        Utc::now(),
+    );
+    ok(c.salesforce_cdc(&cdc).await.unwrap()).await;
+    let id =
+        payloads::segment_identify("jo-id", Some("anon-jo"), None, json!({ "email": "jo@uni.eu" }), None, Utc::now());
+    ok(c.segment(false, "identify", &id).await.unwrap()).await;
+    let view = |n: usize| payloads::segment_page(&format!("jo-fees-{n}"), "anon-jo", "/fees", Utc::now());
+    ok(c.segment(false, "page", &view(1)).await.unwrap()).await;
+    drained(&demo).await;
+    let first = d.received("salesforce");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].path, "Contact/0035e00000JoAAAAAA");
+    assert_eq!(first[0].body, json!({ "Interest__c": "browsing", "Stage__c": "inquiry" }));
+    // She leaves (the view is older than 2 s) and comes back: nothing changed, nothing is sent.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    ok(c.segment(false, "page", &view(2)).await.unwrap()).await;
+    drained(&demo).await;
+    assert_eq!(d.received("salesforce").len(), 1);
+    // Salesforce makes her an applicant; the next entry sends the stage only.
+    let update = payloads::salesforce_contact_cdc(
+        92,
+        "0035e00000JoAAAAAA",
+        "UPDATE",
+        json!({ "Application_Stage__c": "Submitted" }),
+        Utc::now(),
+    );
+    ok(c.salesforce_cdc(&update).await.unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    ok(c.segment(false, "page", &view(3)).await.unwrap()).await;
+    drained(&demo).await;
+    let all = d.received("salesforce");
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[1].body, json!({ "Stage__c": "application" }));
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["destinations"]["salesforce"]["skipped"]["unchanged"], 1, "{status}");
+    demo.stop().await.unwrap();
+}

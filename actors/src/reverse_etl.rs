@@ -36,6 +36,8 @@ pub const SENT: &str = "reverse_etl_sent";
 pub const FAILED: &str = "reverse_etl_failed";
 /// The size of each activation's last batch run (Gate 4's ±20%).
 pub const RUNS: &str = "reverse_etl_runs";
+/// The Contact fields last written per activation and profile: updates send only what changed.
+pub const FIELDS: &str = "reverse_etl_fields";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -89,6 +91,8 @@ enum Skip {
     Suppressed,
     NoAddress(&'static str),
     Duplicate,
+    /// A Contact update with nothing new since the last one.
+    Unchanged,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -560,6 +564,7 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
                 Skip::Suppressed => "suppressed".into(),
                 Skip::NoAddress(what) => format!("no_{what}"),
                 Skip::Duplicate => "duplicate".into(),
+                Skip::Unchanged => "unchanged".into(),
             };
             tracing::debug!(destination = d, activation = %job.activation.name, reason = %reason, "activation skipped");
             lane.skip(&shared, &reason);
@@ -628,7 +633,20 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
             return Ok(Some(Skip::Suppressed));
         }
     }
-    let fields = mapped_fields(job)?;
+    let mut fields = mapped_fields(job)?;
+    // Incremental: a Contact update sends only the fields that differ from the last one written.
+    let fields_key = format!("{}/{}", job.activation.name, job.change.profile_id);
+    let incremental = job.destination == Destination::Salesforce && job.activation.action == "update_contact";
+    let all_fields = fields.clone();
+    if incremental {
+        let last = store.get_documents(FIELDS, std::slice::from_ref(&fields_key)).await.map_err(unavailable)?;
+        if let Some(Some(Value::Object(last))) = last.into_iter().next() {
+            fields.retain(|k, v| last.get(k).and_then(Value::as_str) != Some(v.as_str()));
+        }
+        if fields.is_empty() {
+            return Ok(Some(Skip::Unchanged));
+        }
+    }
     let requests = build(job, lane, &to, fields);
     let mut first_sent = None;
     for req in &requests {
@@ -651,6 +669,9 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
     }
     if let (Some(sent), Some(caused)) = (first_sent, job.change.caused_at) {
         shared.metrics.trigger_latency.observe((sent - caused).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+    }
+    if incremental {
+        store.put_documents(FIELDS, vec![(fields_key, Some(json!(all_fields)))]).await.map_err(unavailable)?;
     }
     lane.stats.lock().sent += 1;
     shared.metrics.reverse_etl_requests.with_label_values(&[lane.destination.as_str(), "sent"]).inc();
