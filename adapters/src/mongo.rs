@@ -709,6 +709,15 @@ impl OperationalStore for MongoStore {
     }
 }
 
+/// A stored document: its full key and its JSON.
+fn document_from(doc: Document) -> Result<(String, serde_json::Value), StoreError> {
+    let id = doc.get_str("_id").map_err(|_| StoreError::corrupt("a document without a string key"))?.to_string();
+    let json = doc.get_str("j").map_err(|_| StoreError::corrupt("a document without its JSON"))?;
+    let value =
+        serde_json::from_str(json).map_err(|e| StoreError::corrupt(format!("a stored document is not JSON: {e}")))?;
+    Ok((id, value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,13 +731,4 @@ mod tests {
             assert!(validate_database_name(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// A stored document: its full key and its JSON.
-fn document_from(doc: Document) -> Result<(String, serde_json::Value), StoreError> {
-    let id = doc.get_str("_id").map_err(|_| StoreError::corrupt("a document without a string key"))?.to_string();
-    let json = doc.get_str("j").map_err(|_| StoreError::corrupt("a document without its JSON"))?;
-    let value =
-        serde_json::from_str(json).map_err(|e| StoreError::corrupt(format!("a stored document is not JSON: {e}")))?;
-    Ok((id, value))
 }

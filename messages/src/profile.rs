@@ -785,7 +785,7 @@ mod tests {
     #[test]
     fn merges_beyond_the_window_become_final_and_others_stay_undoable() {
         let ids: Vec<ProfileId> =
-            (0..3).map(|i| ProfileId::derive_from_event(&EventId::from_raw(&i.to_string()), at(i))).collect();
+            (0..3).map(|i| ProfileId::derive_from_event(&EventId::from_raw(i.to_string()), at(i))).collect();
         let mut a = ProfileRecord::new(ids[0].clone(), at(0));
         a.apply(1, &person(Source::Web, "1", 1, &[email("a@uni.eu")], &[]), 50);
         let mut b = ProfileRecord::new(ids[1].clone(), at(1));
