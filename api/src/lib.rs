@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+mod gdpr;
 pub mod identity;
 pub mod ingest;
 pub mod ops;
@@ -43,7 +44,7 @@ impl Modify for BearerAuth {
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
-        segments::status, segments::retry, segments::confirm,
+        segments::status, segments::retry, segments::confirm, gdpr::export,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -99,6 +100,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/segments/{name}", get(segments::get).put(segments::put).delete(segments::delete))
         .route("/v1/segments/{name}/members", get(segments::members))
         .route("/v1/reverse-etl/status", get(segments::status))
+        .route("/v1/gdpr/exports/{ref}", get(gdpr::export))
         .route("/v1/reverse-etl/retry", post(segments::retry))
         .route("/v1/reverse-etl/confirm/{activation}", post(segments::confirm))
         .route("/v1/dlq", get(ops::dlq))
