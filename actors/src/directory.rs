@@ -12,7 +12,7 @@ use crate::identity::{identity_events, Person};
 use crate::profile::{ProfileActor, ProfileArgs};
 use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{
-    FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
+    ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
 };
 use cohort_messages::{CustomerEvent, DeadLetterStage, IdentifierKind, ProfileId, ProfileRecord};
 use cohort_supervisors::{RestartDecision, RestartTracker};
@@ -33,6 +33,7 @@ enum Change {
     Unmerge { merged: ProfileId },
     Restore { record: Box<ProfileRecord>, from: ProfileId },
     Reevaluate,
+    SetConsent { decisions: Vec<ConsentDecision>, at: chrono::DateTime<chrono::Utc> },
 }
 
 impl Change {
@@ -46,6 +47,9 @@ impl Change {
             Change::Unmerge { merged } => ProfileMsg::Unmerge { merged: merged.clone(), reply: None },
             Change::Restore { record, from } => ProfileMsg::Restore { record: record.clone(), from: from.clone() },
             Change::Reevaluate => ProfileMsg::Reevaluate,
+            Change::SetConsent { decisions, at } => {
+                ProfileMsg::SetConsent { decisions: decisions.clone(), at: *at, reply: None }
+            }
         }
     }
 }
@@ -111,6 +115,9 @@ fn change_of(msg: &ProfileMsg) -> Option<Change> {
         ProfileMsg::Unmerge { merged, .. } => Some(Change::Unmerge { merged: merged.clone() }),
         ProfileMsg::Restore { record, from } => Some(Change::Restore { record: record.clone(), from: from.clone() }),
         ProfileMsg::Reevaluate => Some(Change::Reevaluate),
+        ProfileMsg::SetConsent { decisions, at, .. } => {
+            Some(Change::SetConsent { decisions: decisions.clone(), at: *at })
+        }
         _ => None,
     }
 }

@@ -107,6 +107,49 @@ impl ProfileState {
     }
 }
 
+/// Writes the consent decisions that changed: channel consents to the consent store (what
+/// reverse ETL checks) and every change to the history (`consent_history`).
+async fn store_consents(
+    ctx: &PipelineContext,
+    profile: &ProfileId,
+    before: &BTreeMap<String, ConsentState>,
+    record: &ProfileRecord,
+) -> Result<(), StoreError> {
+    let mut consents = Vec::new();
+    let mut history = Vec::new();
+    for (key, state) in &record.consent {
+        if before.get(key) == Some(state) {
+            continue;
+        }
+        let doc = serde_json::to_value(state).map_err(|e| StoreError::invalid(format!("encoding consent: {e}")))?;
+        history.push((consent_history_key(profile, key, state.at), Some(doc)));
+        if let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == key) {
+            consents.push(ConsentRecord {
+                profile_id: profile.clone(),
+                purpose: "marketing".into(),
+                channel,
+                granted: state.granted,
+                source: state.source.clone(),
+                recorded_at: state.at,
+            });
+        }
+    }
+    if !history.is_empty() {
+        ctx.store.put_documents(CONSENT_HISTORY, history).await?;
+    }
+    if !consents.is_empty() {
+        ctx.store.record_consents(consents).await?;
+    }
+    Ok(())
+}
+
+/// Every consent decision, kept (`profile/key/time`).
+pub const CONSENT_HISTORY: &str = "consent_history";
+
+pub fn consent_history_key(profile: &ProfileId, key: &str, at: DateTime<Utc>) -> String {
+    format!("{profile}/{key}/{:020}", at.timestamp_micros().max(0))
+}
+
 /// Consent and suppression changes an event states are written to the store at once, before
 /// anything can be sent on their evidence: reverse ETL checks the store at send time.
 async fn record_consent_effects(
@@ -116,25 +159,7 @@ async fn record_consent_effects(
     record: &ProfileRecord,
     event: &CustomerEvent,
 ) -> Result<(), StoreError> {
-    let mut consents = Vec::new();
-    for (key, state) in &record.consent {
-        if before.get(key) == Some(state) {
-            continue;
-        }
-        if let Some(channel) = Channel::ALL.into_iter().find(|c| c.as_str() == key) {
-            consents.push(ConsentRecord {
-                profile_id: profile.clone(),
-                purpose: "marketing".into(),
-                channel,
-                granted: state.granted,
-                source: state.source.as_str().to_string(),
-                recorded_at: state.at,
-            });
-        }
-    }
-    if !consents.is_empty() {
-        ctx.store.record_consents(consents).await?;
-    }
+    store_consents(ctx, profile, before, record).await?;
     let reason = match (event.kind, event.name.as_deref()) {
         (EventKind::EmailActivity, Some("bounce" | "dropped")) => Some((Channel::Email, SuppressionReason::Bounce)),
         (EventKind::EmailActivity, Some("spamreport")) => Some((Channel::Email, SuppressionReason::SpamReport)),
@@ -332,6 +357,27 @@ impl Actor for ProfileActor {
                 if redirects_to_from {
                     state.record = Some(*record);
                     state.evaluate_segments(None);
+                }
+            }
+            ProfileMsg::SetConsent { decisions, at, reply } => {
+                if let Some(survivor) = state.survivor() {
+                    return state.forward(survivor, ProfileMsg::SetConsent { decisions, at, reply });
+                }
+                let Some(record) = state.record.as_mut() else {
+                    if let Some(r) = reply {
+                        let _ = r.send(ProfileRecordReply::NotFound);
+                    }
+                    return Ok(());
+                };
+                let before = record.consent.clone();
+                for d in &decisions {
+                    record.set_consent(&d.key, d.granted, &d.source, &d.legal_basis, at);
+                }
+                let record_now = record.clone();
+                store_consents(&state.ctx, &state.profile_id, &before, &record_now).await?;
+                state.evaluate_segments(None);
+                if let Some(r) = reply {
+                    let _ = r.send(ProfileRecordReply::Found(record_now.consent));
                 }
             }
             ProfileMsg::Reevaluate => {

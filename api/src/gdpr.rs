@@ -4,13 +4,19 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
+use cohort_actors::profile::CONSENT_HISTORY;
 use cohort_actors::segments::engine::{member_key, MEMBERS};
 use cohort_adapters::{Layer, QueryValue};
-use cohort_messages::msgs::ProfileMsg;
+use cohort_messages::msgs::{ConsentDecision, ProfileMsg, ProfileRecordReply, ProfilesMsg};
+use cohort_messages::profile::{CONSENT_KEYS, LEGAL_BASES};
 use cohort_messages::NewAuditEntry;
+use ractor::rpc::CallResult;
+use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
-use crate::profiles::query;
+use crate::auth::require_bearer;
+use crate::profiles::{query, resolve_ref};
 use crate::{ApiError, ApiState};
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -103,4 +109,133 @@ pub async fn export(
         "identity_reviews": reviews,
         "warehouse_events": warehouse_events,
     })))
+}
+
+#[utoipa::path(get, path = "/v1/profiles/{ref}/consent", tag = "gdpr",
+    params(("ref" = String, Path, description = "A profile id or `type:value`")),
+    responses((status = 200, description = "Current consent per channel or purpose (granted, time, version, legal basis, source) and every decision so far, oldest first"),
+        (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_consent(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
+    let mut history = Vec::new();
+    for p in std::iter::once(&id).chain(view.merged_from.iter()) {
+        let prefix = format!("{p}/");
+        let mut after: Option<String> = None;
+        loop {
+            let page = state
+                .store
+                .list_documents(CONSENT_HISTORY, &prefix, after.as_deref(), 500)
+                .await
+                .map_err(unavailable)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            let full = page.len() == 500;
+            for (key, mut doc) in page {
+                let channel =
+                    key.strip_prefix(&prefix).and_then(|k| k.split('/').next()).unwrap_or_default().to_string();
+                if let Value::Object(m) = &mut doc {
+                    m.insert("channel".into(), Value::String(channel));
+                    m.insert("profile_id".into(), Value::String(p.to_string()));
+                }
+                history.push(doc);
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    history.sort_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()));
+    Ok(Json(json!({ "profile_id": id, "consent": view.consent, "history": history })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentInput {
+    granted: bool,
+    legal_basis: Option<String>,
+    source: Option<String>,
+}
+
+#[utoipa::path(put, path = "/v1/profiles/{ref}/consent", tag = "gdpr",
+    params(("ref" = String, Path, description = "A profile id or `type:value`")),
+    request_body(content = String, description = "`{\"email\": {\"granted\": false, \"legal_basis\": \"consent\", \"source\": \"support_ticket\"}}`: channels and purposes email, whatsapp, sms, push, analytics, advertising", content_type = "application/json"),
+    responses((status = 200, description = "The consent now in force; stored and audited before the answer"),
+        (status = 400), (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn put_consent(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    body: Result<Json<BTreeMap<String, ConsentInput>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(format!("invalid consent: {}", e.body_text())))?;
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("name at least one channel".into()));
+    }
+    let mut decisions = Vec::new();
+    for (key, input) in body {
+        if !CONSENT_KEYS.contains(&key.as_str()) {
+            return Err(ApiError::BadRequest(format!("unknown channel `{key}` (known: {})", CONSENT_KEYS.join(", "))));
+        }
+        let legal_basis = input.legal_basis.unwrap_or_else(|| "consent".into());
+        if !LEGAL_BASES.contains(&legal_basis.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown legal basis `{legal_basis}` (known: {})",
+                LEGAL_BASES.join(", ")
+            )));
+        }
+        let source = input.source.unwrap_or_else(|| "api".into());
+        if source.trim().is_empty() || source.len() > 100 || source.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest("source must be 1-100 printable characters".into()));
+        }
+        decisions.push(ConsentDecision { key, granted: input.granted, legal_basis, source });
+    }
+    let mut id = resolve_ref(&state, &r).await?;
+    let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
+    let at = Utc::now();
+    let mut consent = None;
+    for _ in 0..8 {
+        let (target, d) = (id.clone(), decisions.clone());
+        let answer = directory
+            .call(
+                |reply| ProfilesMsg::Deliver {
+                    profile_id: target,
+                    msg: ProfileMsg::SetConsent { decisions: d, at, reply: Some(reply) },
+                },
+                Some(state.call_timeout),
+            )
+            .await;
+        match answer {
+            Ok(CallResult::Success(ProfileRecordReply::Found(c))) => {
+                consent = Some(c);
+                break;
+            }
+            Ok(CallResult::Success(ProfileRecordReply::MergedInto(s))) => id = s,
+            Ok(CallResult::Success(ProfileRecordReply::NotFound)) => {
+                return Err(ApiError::NotFound(format!("no profile {id}")))
+            }
+            _ => return Err(ApiError::Unavailable("profile actor did not answer".into())),
+        }
+    }
+    let consent = consent.ok_or_else(|| ApiError::Unavailable("too many merge redirects".into()))?;
+    crate::identity::flushed(&state).await?;
+    let detail: Vec<Value> = decisions
+        .iter()
+        .map(|d| json!({ "channel": d.key, "granted": d.granted, "legal_basis": d.legal_basis }))
+        .collect();
+    let audit = NewAuditEntry {
+        at,
+        actor: "api".into(),
+        action: "consent.update".into(),
+        subject: id.to_string(),
+        detail: json!(detail),
+    };
+    state.store.append_audit(vec![audit]).await.map_err(unavailable)?;
+    Ok(Json(json!({ "profile_id": id, "consent": consent })))
 }

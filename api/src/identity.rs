@@ -111,7 +111,7 @@ fn reviewer(body: Option<Json<Decision>>) -> Result<String, ApiError> {
 }
 
 /// Waits for the next profile flush, so an answered decision is durable.
-async fn flushed(state: &ApiState) -> Result<(), ApiError> {
+pub(crate) async fn flushed(state: &ApiState) -> Result<(), ApiError> {
     let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
     match directory.call(|r| ProfilesMsg::Flush { reply: Some(r) }, Some(state.call_timeout)).await {
         Ok(CallResult::Success(Ok(_))) => Ok(()),

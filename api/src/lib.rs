@@ -44,7 +44,7 @@ impl Modify for BearerAuth {
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
-        segments::status, segments::retry, segments::confirm, gdpr::export,
+        segments::status, segments::retry, segments::confirm, gdpr::export, gdpr::get_consent, gdpr::put_consent,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -101,6 +101,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/segments/{name}/members", get(segments::members))
         .route("/v1/reverse-etl/status", get(segments::status))
         .route("/v1/gdpr/exports/{ref}", get(gdpr::export))
+        .route("/v1/profiles/{ref}/consent", get(gdpr::get_consent).put(gdpr::put_consent))
         .route("/v1/reverse-etl/retry", post(segments::retry))
         .route("/v1/reverse-etl/confirm/{activation}", post(segments::confirm))
         .route("/v1/dlq", get(ops::dlq))

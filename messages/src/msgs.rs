@@ -147,8 +147,25 @@ pub enum ProfileMsg {
     },
     /// Evaluate the real-time segments again (a window slid, a definition was added).
     Reevaluate,
+    /// Record consent decisions made through the API (at `at`, so a re-delivery repeats them
+    /// exactly); `reply` is `None` when the directory re-delivers it after a restart.
+    SetConsent {
+        decisions: Vec<ConsentDecision>,
+        at: DateTime<Utc>,
+        reply:
+            Option<RpcReplyPort<ProfileRecordReply<std::collections::BTreeMap<String, crate::profile::ConsentState>>>>,
+    },
     /// Write-behind: the state to persist and the seqs applied since the previous snapshot.
     TakeSnapshot(RpcReplyPort<ProfileSnapshot>),
+}
+
+/// One consent decision from the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsentDecision {
+    pub key: String,
+    pub granted: bool,
+    pub legal_basis: String,
+    pub source: String,
 }
 
 /// A query answer, or the survivor this profile was merged into.

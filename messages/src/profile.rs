@@ -173,8 +173,51 @@ impl Activity {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConsentState {
     pub granted: bool,
-    pub source: Source,
+    /// Where the decision came from: a source (`web`, `crm`, `whatsapp`, ...) or what an API
+    /// caller named (`support_ticket`).
+    pub source: String,
     pub at: DateTime<Utc>,
+    /// 1 for the first decision on this channel, then one more per change.
+    #[serde(default)]
+    pub version: u64,
+    /// `consent` (the default), `contract`, `legal_obligation`, `legitimate_interest`, ...
+    #[serde(default = "default_legal_basis")]
+    pub legal_basis: String,
+}
+
+fn default_legal_basis() -> String {
+    "consent".into()
+}
+
+/// Channels and purposes consent is recorded for through the API.
+pub const CONSENT_KEYS: &[&str] = &["email", "whatsapp", "sms", "push", "analytics", "advertising"];
+
+/// Legal bases of GDPR Art. 6(1), as consent decisions name them.
+pub const LEGAL_BASES: &[&str] =
+    &["consent", "contract", "legal_obligation", "vital_interests", "public_task", "legitimate_interest"];
+
+impl ProfileRecord {
+    /// Records a decision on a channel or purpose; returns false when it changes nothing.
+    pub fn set_consent(
+        &mut self,
+        key: &str,
+        granted: bool,
+        source: &str,
+        legal_basis: &str,
+        at: DateTime<Utc>,
+    ) -> bool {
+        let version = match self.consent.get(key) {
+            Some(c) if c.granted == granted && c.legal_basis == legal_basis => return false,
+            Some(c) if c.at > at => return false,
+            Some(c) => c.version + 1,
+            None => 1,
+        };
+        self.consent.insert(
+            key.to_string(),
+            ConsentState { granted, source: source.to_string(), at, version, legal_basis: legal_basis.to_string() },
+        );
+        true
+    }
 }
 
 /// Track event names that mean a login.
@@ -367,10 +410,7 @@ impl ProfileRecord {
             }
         }
         for (key, granted) in decisions.into_iter().filter(|(k, _)| !k.is_empty()) {
-            let newer = self.consent.get(&key).is_none_or(|c| c.at <= at);
-            if newer {
-                self.consent.insert(key, ConsentState { granted, source: event.source, at });
-            }
+            self.set_consent(&key, granted, event.source.as_str(), "consent", at);
         }
     }
 
