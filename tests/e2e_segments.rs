@@ -669,3 +669,41 @@ async fn contact_updates_are_incremental_only_changed_fields_are_sent() {
     assert_eq!(status["destinations"]["salesforce"]["skipped"]["unchanged"], 1, "{status}");
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_stored_with_the_profile_but_never_recorded_by_the_engine_is_recovered_at_start() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo =
+        DemoServer::start(Some(dir.path().to_path_buf()), &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    prospect(c, "mo", "mo@gmail.com", "0035e00000MoAAAAAA", true).await;
+    ok(c.segment(false, "track", &brochure("mo")).await.unwrap()).await;
+    drained(&demo).await;
+    demo.cohort.flush().await.unwrap();
+    assert_eq!(d.received("salesforce").len(), 1);
+    // As if the process had died after the profile's flush and before the engine's write (and
+    // so before any request): no membership document, nothing sent.
+    let mo =
+        ok(c.get("/v1/profiles/email:mo@gmail.com").await.unwrap()).await["profile_id"].as_str().unwrap().to_string();
+    let store = demo.cohort.ctx.store.clone();
+    store.put_documents("segment_members", vec![(format!("high_intent_mba/{mo}"), None)]).await.unwrap();
+    let sent = store.list_documents("reverse_etl_sent", "", None, 10).await.unwrap();
+    store.put_documents("reverse_etl_sent", sent.into_iter().map(|(k, _)| (k, None)).collect()).await.unwrap();
+    drop(store);
+    demo.stop().await.unwrap();
+
+    let demo =
+        DemoServer::start(Some(dir.path().to_path_buf()), &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.received("salesforce").len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drained(&demo).await;
+    let tasks = d.received("salesforce");
+    assert_eq!(tasks.len(), 2, "the entry is recovered once: {tasks:?}");
+    assert_eq!(tasks[1].idempotency_key, tasks[0].idempotency_key, "as the same change");
+    let members = ok(demo.client.get("/v1/segments/high_intent_mba/members").await.unwrap()).await;
+    assert_eq!(members["members"][0]["profile_id"], json!(mo));
+    demo.stop().await.unwrap();
+}

@@ -160,6 +160,9 @@ struct Shared {
     store: Arc<dyn OperationalStore>,
     metrics: Metrics,
     settings: ReverseEtlConfig,
+    /// Keys of jobs running now: the same change reaching a lane twice (catch-up and
+    /// reconciliation at start) runs once.
+    running: Mutex<std::collections::HashSet<String>>,
 }
 
 pub struct ReverseEtlActor;
@@ -552,7 +555,11 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
     let Ok(_permit) = permit else { return };
     lane.in_flight.fetch_add(1, Ordering::SeqCst);
-    let outcome = attempt(&shared, &lane, &job).await;
+    let first = shared.running.lock().insert(job.key.clone());
+    let outcome = if first { attempt(&shared, &lane, &job).await } else { Ok(Some(Skip::Duplicate)) };
+    if first {
+        shared.running.lock().remove(&job.key);
+    }
     lane.in_flight.fetch_sub(1, Ordering::SeqCst);
     let store = &shared.store;
     let d = lane.destination.as_str();
@@ -853,7 +860,12 @@ impl Actor for ReverseEtlActor {
             .filter_map(|d| Lane::new(d, d.config(&args.config).clone(), timeout).map(|l| (d, l)))
             .collect();
         Ok(ReverseEtlState {
-            shared: Arc::new(Shared { store: args.store, metrics: args.metrics, settings: args.config }),
+            shared: Arc::new(Shared {
+                store: args.store,
+                metrics: args.metrics,
+                settings: args.config,
+                running: Mutex::default(),
+            }),
             activations: args.activations.into_iter().map(Arc::new).collect(),
             lanes,
             destinations: HashMap::new(),

@@ -430,6 +430,9 @@ pub enum SegmentMsg {
     Delete { name: String, reply: RpcReplyPort<Result<bool, String>> },
     /// Re-evaluate stored profiles after `after` (a page at a time) for a new definition.
     Backfill { after: Option<ProfileId> },
+    /// Start-up: make the membership documents agree with the stored profiles' segments (a
+    /// crash may have come between a profile's flush and the engine's write), a page at a time.
+    Reconcile { after: Option<ProfileId> },
     /// Run a batch segment's query now and apply the difference.
     RunBatch { name: String, reply: Option<RpcReplyPort<Result<BatchRun, String>>> },
     /// Wait until everything sent before was handled.

@@ -128,6 +128,50 @@ impl SegmentEngineState {
         Ok(out)
     }
 
+    /// One page of start-up reconciliation: real-time memberships a stored profile has but no
+    /// document records are stored and dispatched as the entries they were (same time, so the
+    /// same idempotency key). Returns where the next page starts.
+    async fn reconcile(&mut self, after: Option<&ProfileId>) -> Result<Option<ProfileId>, StoreError> {
+        let ids = self.args.store.list_profile_ids(after, BACKFILL_PAGE).await?;
+        let segments = self.args.registry.snapshot();
+        let realtime: Vec<&String> = segments.iter().filter(|(_, s)| s.expr.is_some()).map(|(n, _)| n).collect();
+        if realtime.is_empty() {
+            return Ok(None);
+        }
+        let records = self.args.store.load_profiles(&ids).await?;
+        let now = Utc::now();
+        let mut changes = Vec::new();
+        for r in records.iter().filter(|r| r.merged_into.is_none()) {
+            let keys: Vec<String> = realtime.iter().map(|n| member_key(n, &r.profile_id)).collect();
+            let docs = self.args.store.get_documents(MEMBERS, &keys).await?;
+            let mut profile = None;
+            for (name, doc) in realtime.iter().zip(docs) {
+                // Only entries: a document ahead of a stored profile is the profile's flush
+                // lagging (the replay that follows brings the profile up to date), not an exit.
+                let change = match (r.segments.get(*name), doc) {
+                    (Some(since), None) => Some((Change::Entered, *since)),
+                    _ => None,
+                };
+                if let Some((change, at)) = change {
+                    let p = profile.get_or_insert_with(|| Arc::new(activation_profile(r, now))).clone();
+                    changes.push(SegmentChanged {
+                        profile_id: r.profile_id.clone(),
+                        segment: (*name).clone(),
+                        change,
+                        at,
+                        profile: p,
+                        caused_at: None,
+                    });
+                }
+            }
+        }
+        if !changes.is_empty() {
+            tracing::info!(changes = changes.len(), "segment memberships reconciled with stored profiles");
+            self.record(&changes).await?;
+        }
+        Ok(ids.last().cloned().filter(|_| ids.len() == BACKFILL_PAGE))
+    }
+
     /// Runs a batch segment's SQL and applies the difference with the stored membership.
     async fn run_batch(&mut self, name: &str) -> Result<BatchRun, String> {
         let segments = self.args.registry.snapshot();
@@ -232,6 +276,7 @@ impl Actor for SegmentEngine {
         state: &mut SegmentEngineState,
     ) -> Result<(), ActorProcessingErr> {
         state.timers.push(myself.send_interval(state.args.tick, || SegmentMsg::Tick));
+        myself.send_message(SegmentMsg::Reconcile { after: None })?;
         let batch: Vec<SegmentDefinition> = state
             .args
             .registry
@@ -379,6 +424,14 @@ impl Actor for SegmentEngine {
                     }
                 }
             }
+            SegmentMsg::Reconcile { after } => match state.reconcile(after.as_ref()).await {
+                Ok(Some(last)) => myself.send_message(SegmentMsg::Reconcile { after: Some(last) })?,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "segment reconciliation paused; retrying");
+                    myself.send_after(Duration::from_secs(1), move || SegmentMsg::Reconcile { after });
+                }
+            },
             SegmentMsg::RunBatch { name, reply } => {
                 let result = state.run_batch(&name).await;
                 if let Err(e) = &result {
