@@ -601,7 +601,9 @@ pub async fn resolve_event(
     }
     index.note_limited(&target, held);
     index.note_person(&target, person);
-    for merged in linked.iter().filter(|p| **p != target) {
+    // The event's own new id, when the event links existing profiles, was never a profile: no
+    // state, no record, nothing to merge or to undo later.
+    for merged in linked.iter().filter(|p| **p != target && **p != fresh) {
         let evidence: Vec<Identifier> = links.iter().map(|i| (*i).clone()).collect();
         tracing::info!(survivor = %target, merged = %merged, seq, "profiles merged");
         index.record_merge(IdentityMerged {

@@ -503,9 +503,10 @@ impl Lane {
         if status.is_success() {
             return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
         }
-        // The destination's message, shortened: it may echo what we sent.
-        let detail: String = text.chars().take(200).collect();
-        let message = format!("{} answered {status}: {detail}", self.destination.as_str());
+        // Only the status: a destination's answer may echo what we sent (personal data), and
+        // this message is logged and kept in the status.
+        drop(text);
+        let message = format!("{} answered {status}", self.destination.as_str());
         if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
             Err(JobError::Transient(message))
         } else {
