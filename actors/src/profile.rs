@@ -384,6 +384,8 @@ impl Actor for ProfileActor {
                 if let Some(survivor) = state.survivor() {
                     return state.forward(survivor, ProfileMsg::Reevaluate);
                 }
+                // The engine dropped the schedule that brought us here: whatever comes next is new.
+                state.next_evaluation = None;
                 state.evaluate_segments(None);
             }
             ProfileMsg::GetView(reply) => {

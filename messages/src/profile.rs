@@ -144,7 +144,9 @@ impl Activity {
 
     /// Timestamps (Unix milliseconds) of `key` at or after `since`.
     pub fn since(&self, key: &str, since: DateTime<Utc>) -> &[i64] {
-        let since = since.timestamp_millis();
+        // Rounded up: an item one fraction of a millisecond before the bound is outside it.
+        let since =
+            since.timestamp_micros().div_euclid(1000) + i64::from(since.timestamp_micros().rem_euclid(1000) != 0);
         match self.recent.get(key) {
             Some(l) => &l[l.partition_point(|t| *t < since)..],
             None => &[],
@@ -844,5 +846,15 @@ mod tests {
         assert_eq!(split.restored.counters.events_total, 1);
         let stranger = ProfileId::derive_from_event(&EventId::from_raw("x"), at(5));
         assert_eq!(a.unmerge(&stranger, 50, at(20)), Err(UnmergeError::NotMerged(stranger)));
+    }
+
+    #[test]
+    fn a_window_bound_a_fraction_of_a_millisecond_after_an_item_leaves_it_out() {
+        let mut a = Activity::default();
+        let t = at(100);
+        a.note("page".into(), t);
+        assert_eq!(a.since("page", t).len(), 1);
+        assert_eq!(a.since("page", t + chrono::Duration::microseconds(400)).len(), 0);
+        assert_eq!(a.since("page", t - chrono::Duration::microseconds(400)).len(), 1);
     }
 }
