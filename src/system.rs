@@ -514,6 +514,7 @@ impl Cohort {
             reverse_etl: reverse_etl_slot.clone(),
             index: ctx.index.clone(),
             store: store.clone(),
+            bus: bus.clone(),
             warehouse: warehouse.clone(),
             metrics: metrics.clone(),
             health: health.clone(),

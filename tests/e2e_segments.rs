@@ -707,3 +707,36 @@ async fn an_entry_stored_with_the_profile_but_never_recorded_by_the_engine_is_re
     assert_eq!(members["members"][0]["profile_id"], json!(mo));
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_embedded_bus_segment_changes_stream_to_subscribers() {
+    let demo = DemoServer::start(
+        None,
+        "[[segments.define]]\nname = \"fees\"\nrule = 'page_count(\"fees\") >= 1'\n",
+        SystemOptions::default(),
+    )
+    .await
+    .unwrap();
+    let token = demo.cohort.config.auth.api_tokens[0].clone();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/segment-changes", demo.base);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    let mut stream = http.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let page = payloads::segment_page("sse-1", "anon-sse", "/fees", Utc::now());
+    ok(demo.client.segment(false, "page", &page).await.unwrap()).await;
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen.contains("event: segment_change") && Instant::now() < deadline {
+        if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_millis(200), stream.chunk()).await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(seen.contains("event: segment_change"), "{seen}");
+    let data = seen.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let change: Value = serde_json::from_str(data).unwrap();
+    assert_eq!((change["segment"].as_str(), change["change"].as_str()), (Some("fees"), Some("entered")));
+    assert!(change["profile_id"].as_str().unwrap().starts_with("prof_"));
+    demo.stop().await.unwrap();
+}

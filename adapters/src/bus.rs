@@ -80,9 +80,14 @@ pub trait EventBus: Send + Sync + 'static {
     /// `cdp.identity`, keyed by the survivor; the embedded bus has no such stream (the store's
     /// merge records and audit log are the record there).
     async fn publish_identity(&self, events: &[IdentityEvent]) -> Result<(), StoreError>;
-    /// Publishes segment entries and exits on `cdp.segment.change`, keyed by profile. In-process
-    /// consumers (reverse ETL) get them from the segment engine directly.
+    /// Publishes segment entries and exits: on Kafka to `cdp.segment.change`, keyed by profile;
+    /// on the embedded bus to its in-process stream ([`EventBus::subscribe_segment_changes`]).
     async fn publish_segment_changes(&self, changes: &[SegmentChanged]) -> Result<(), StoreError>;
+    /// The embedded bus's segment-change stream for in-process subscribers (`None` on Kafka:
+    /// consumers read `cdp.segment.change`).
+    fn subscribe_segment_changes(&self) -> Option<tokio::sync::broadcast::Receiver<SegmentChanged>> {
+        None
+    }
     /// Retention of a bus that keeps its own log (the embedded journal): forgets what was
     /// received before `before` and is covered by `covered`. Kafka's retention is the broker's.
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError>;
@@ -101,11 +106,17 @@ pub trait Subscription: Send + 'static {
 pub struct EmbeddedBus {
     log: Arc<dyn EventLog>,
     store: Arc<dyn OperationalStore>,
+    /// Segment entries and exits for in-process subscribers (the embedded `cdp.segment.change`).
+    segment_changes: tokio::sync::broadcast::Sender<SegmentChanged>,
 }
+
+/// Changes a slow subscriber may fall behind by before it misses some (it is told how many).
+const SEGMENT_CHANGE_BUFFER: usize = 4096;
 
 impl EmbeddedBus {
     pub fn new(log: Arc<dyn EventLog>, store: Arc<dyn OperationalStore>) -> Self {
-        Self { log, store }
+        let (segment_changes, _) = tokio::sync::broadcast::channel(SEGMENT_CHANGE_BUFFER);
+        Self { log, store, segment_changes }
     }
 }
 
@@ -157,8 +168,16 @@ impl EventBus for EmbeddedBus {
         Ok(())
     }
 
-    async fn publish_segment_changes(&self, _changes: &[SegmentChanged]) -> Result<(), StoreError> {
+    async fn publish_segment_changes(&self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
+        for c in changes {
+            // No subscriber is not an error: the membership documents are the record.
+            let _ = self.segment_changes.send(c.clone());
+        }
         Ok(())
+    }
+
+    fn subscribe_segment_changes(&self) -> Option<tokio::sync::broadcast::Receiver<SegmentChanged>> {
+        Some(self.segment_changes.subscribe())
     }
 
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError> {

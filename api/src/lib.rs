@@ -44,7 +44,7 @@ impl Modify for BearerAuth {
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
-        segments::status, segments::retry, segments::confirm, gdpr::export, gdpr::get_consent, gdpr::put_consent,
+        segments::status, segments::retry, segments::confirm, segments::changes, gdpr::export, gdpr::get_consent, gdpr::put_consent,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -97,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/profiles/{ref}/merges", get(identity::merges))
         .route("/v1/profiles/{ref}/segments", get(segments::profile_segments))
         .route("/v1/segments", get(segments::list))
+        .route("/v1/segment-changes", get(segments::changes))
         .route("/v1/segments/{name}", get(segments::get).put(segments::put).delete(segments::delete))
         .route("/v1/segments/{name}/members", get(segments::members))
         .route("/v1/reverse-etl/status", get(segments::status))

@@ -233,3 +233,37 @@ pub async fn confirm(
         Err(ApiError::NotFound(format!("no batch of {activation} is held")))
     }
 }
+
+#[utoipa::path(get, path = "/v1/segment-changes", tag = "segments",
+    responses((status = 200, description = "Server-sent events, one `segment_change` per entry or exit (profile id, segment, entered or exited, time; no personal data); a `lagged` event says how many a slow reader missed"),
+        (status = 401), (status = 404, description = "On Kafka: read the cdp.segment.change topic")),
+    security(("bearer" = [])))]
+pub async fn changes(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<
+    axum::response::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>,
+    ApiError,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let rx = state
+        .bus
+        .subscribe_segment_changes()
+        .ok_or_else(|| ApiError::NotFound("on Kafka, segment changes are on the cdp.segment.change topic".into()))?;
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            let event = match rx.recv().await {
+                Ok(change) => match Event::default().event("segment_change").json_data(&change) {
+                    Ok(e) => e,
+                    Err(_) => continue,
+                },
+                Err(RecvError::Lagged(n)) => Event::default().event("lagged").data(n.to_string()),
+                Err(RecvError::Closed) => return None,
+            };
+            return Some((Ok(event), rx));
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -3,7 +3,7 @@
 use cohort_actors::normalize::NormalizeOptions;
 use cohort_actors::segments::SegmentRegistry;
 use cohort_actors::IdentityIndex;
-use cohort_adapters::{OperationalStore, Warehouse};
+use cohort_adapters::{EventBus, OperationalStore, Warehouse};
 use cohort_config::Config;
 use cohort_messages::msgs::{IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg};
 use cohort_messages::Source;
@@ -25,6 +25,8 @@ pub struct ApiState {
     pub reverse_etl: Slot<ReverseEtlMsg>,
     pub index: Arc<IdentityIndex>,
     pub store: Arc<dyn OperationalStore>,
+    /// The event bus (the embedded one streams segment changes to API subscribers).
+    pub bus: Arc<dyn EventBus>,
     /// The warehouse, when one is configured (exports include the person's warehouse rows).
     pub warehouse: Option<Arc<dyn Warehouse>>,
     pub metrics: Metrics,
