@@ -7,16 +7,15 @@ use chrono::Utc;
 use cohort_actors::profile::CONSENT_HISTORY;
 use cohort_actors::segments::engine::{member_key, MEMBERS};
 use cohort_adapters::{Layer, QueryValue};
-use cohort_messages::msgs::{ConsentDecision, ProfileMsg, ProfileRecordReply, ProfilesMsg};
+use cohort_messages::msgs::{ConsentDecision, ProfileMsg};
 use cohort_messages::profile::{CONSENT_KEYS, LEGAL_BASES};
 use cohort_messages::NewAuditEntry;
-use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 use crate::auth::require_bearer;
-use crate::profiles::{query, resolve_ref};
+use crate::profiles::{ask, query, resolve_ref};
 use crate::{ApiError, ApiState};
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -196,34 +195,11 @@ pub async fn put_consent(
         }
         decisions.push(ConsentDecision { key, granted: input.granted, legal_basis, source });
     }
-    let mut id = resolve_ref(&state, &r).await?;
-    let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
+    let id = resolve_ref(&state, &r).await?;
     let at = Utc::now();
-    let mut consent = None;
-    for _ in 0..8 {
-        let (target, d) = (id.clone(), decisions.clone());
-        let answer = directory
-            .call(
-                |reply| ProfilesMsg::Deliver {
-                    profile_id: target,
-                    msg: ProfileMsg::SetConsent { decisions: d, at, reply: Some(reply) },
-                },
-                Some(state.call_timeout),
-            )
-            .await;
-        match answer {
-            Ok(CallResult::Success(ProfileRecordReply::Found(c))) => {
-                consent = Some(c);
-                break;
-            }
-            Ok(CallResult::Success(ProfileRecordReply::MergedInto(s))) => id = s,
-            Ok(CallResult::Success(ProfileRecordReply::NotFound)) => {
-                return Err(ApiError::NotFound(format!("no profile {id}")))
-            }
-            _ => return Err(ApiError::Unavailable("profile actor did not answer".into())),
-        }
-    }
-    let consent = consent.ok_or_else(|| ApiError::Unavailable("too many merge redirects".into()))?;
+    let (id, consent) =
+        ask(&state, id, |reply| ProfileMsg::SetConsent { decisions: decisions.clone(), at, reply: Some(reply) })
+            .await?;
     crate::identity::flushed(&state).await?;
     let detail: Vec<Value> = decisions
         .iter()

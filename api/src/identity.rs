@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
 use cohort_actors::matching::{compare, MatchModel, MatchRecord};
-use cohort_messages::msgs::{MatcherMsg, ProfileMsg, ProfileRecordReply, ProfilesMsg, ReviewError, UnmergeReport};
+use cohort_messages::msgs::{MatcherMsg, ProfileMsg, ProfilesMsg, ReviewError};
 use cohort_messages::{NewAuditEntry, ProfileId, ReviewStatus, UnmergeError};
 use ractor::rpc::CallResult;
 use serde::Deserialize;
@@ -187,39 +187,14 @@ pub async fn unmerge(
     let merged = ProfileId::parse(body.merged.trim())
         .ok_or_else(|| ApiError::BadRequest("`merged` must be a profile id (prof_...)".into()))?;
     let by = reviewer(Some(Json(Decision { reviewer: body.reviewer })))?;
-    let mut id = resolve_ref(&state, &r).await?;
-    let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
-    let mut report: Option<UnmergeReport> = None;
-    for _ in 0..8 {
-        let (target, m) = (id.clone(), merged.clone());
-        let answer = directory
-            .call(
-                |reply| ProfilesMsg::Deliver {
-                    profile_id: target,
-                    msg: ProfileMsg::Unmerge { merged: m, reply: Some(reply) },
-                },
-                Some(state.call_timeout),
-            )
-            .await;
-        match answer {
-            Ok(CallResult::Success(ProfileRecordReply::Found(Ok(done)))) => {
-                report = Some(done);
-                break;
-            }
-            Ok(CallResult::Success(ProfileRecordReply::Found(Err(e)))) => {
-                return Err(match e {
-                    UnmergeError::NotMerged(_) => ApiError::NotFound(e.to_string()),
-                    UnmergeError::Final(_) | UnmergeError::Nested { .. } => ApiError::Conflict(e.to_string()),
-                })
-            }
-            Ok(CallResult::Success(ProfileRecordReply::MergedInto(s))) => id = s,
-            Ok(CallResult::Success(ProfileRecordReply::NotFound)) => {
-                return Err(ApiError::NotFound(format!("no profile {id}")))
-            }
-            _ => return Err(ApiError::Unavailable("profile actor did not answer".into())),
-        }
-    }
-    let report = report.ok_or_else(|| ApiError::Unavailable("too many merge redirects".into()))?;
+    let id = resolve_ref(&state, &r).await?;
+    // Following merges to the survivor, like every Profile API call.
+    let (_, outcome) =
+        ask(&state, id, |reply| ProfileMsg::Unmerge { merged: merged.clone(), reply: Some(reply) }).await?;
+    let report = outcome.map_err(|e| match e {
+        UnmergeError::NotMerged(_) => ApiError::NotFound(e.to_string()),
+        UnmergeError::Final(_) | UnmergeError::Nested { .. } => ApiError::Conflict(e.to_string()),
+    })?;
     flushed(&state).await?;
     let audit = NewAuditEntry {
         at: Utc::now(),
