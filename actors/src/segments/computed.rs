@@ -59,6 +59,24 @@ pub struct Computed {
     pub engagement_score: f64,
 }
 
+impl Computed {
+    /// A numeric trait by name, for models (no serialization per score).
+    pub fn feature(&self, name: &str) -> Option<f64> {
+        Some(match name {
+            "page_views_7d" => self.page_views_7d as f64,
+            "page_views_30d" => self.page_views_30d as f64,
+            "days_since_last_login" => self.days_since_last_login? as f64,
+            "assignments_completed_30d" => self.assignments_completed_30d as f64,
+            "email_opens_30d" => self.email_opens_30d as f64,
+            "email_clicks_30d" => self.email_clicks_30d as f64,
+            "email_engagement_score" => self.email_engagement_score,
+            "whatsapp_sentiment_avg" => self.whatsapp_sentiment_avg?,
+            "engagement_score" => self.engagement_score,
+            _ => return None,
+        })
+    }
+}
+
 fn saturate(x: f64, half: f64) -> f64 {
     // 50 at `half`, approaching 100: bounded and monotonic, so a score means the same at any size.
     100.0 * x / (x + half)
@@ -142,18 +160,21 @@ pub struct ProfileFacts<'a> {
     pub computed: Computed,
     pub now: DateTime<Utc>,
     pub models: &'a Models,
+    computed_json: std::sync::OnceLock<serde_json::Map<String, Value>>,
 }
 
 impl<'a> ProfileFacts<'a> {
     pub fn new(record: &'a ProfileRecord, now: DateTime<Utc>, models: &'a Models) -> Self {
-        Self { record, computed: compute(record, now), now, models }
+        Self { record, computed: compute(record, now), now, models, computed_json: std::sync::OnceLock::new() }
     }
 
     fn computed_field(&self, name: &str) -> Val {
-        match serde_json::to_value(&self.computed) {
-            Ok(Value::Object(map)) => map.get(name).map_or(Val::Null, Val::from_json),
-            _ => Val::Null,
-        }
+        // Serialized once per evaluation, however many rules read it.
+        let map = self.computed_json.get_or_init(|| match serde_json::to_value(&self.computed) {
+            Ok(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        });
+        map.get(name).map_or(Val::Null, Val::from_json)
     }
 }
 

@@ -3,7 +3,6 @@
 //! logistic model over computed traits whose weights are in config.
 
 use super::computed::Computed;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -37,6 +36,7 @@ impl LogisticModel {
     /// Checks that every weight names a known feature.
     pub fn new(bias: f64, weights: BTreeMap<String, f64>) -> Result<Self, String> {
         if let Some(unknown) = weights.keys().find(|k| !FEATURES.contains(&k.as_str())) {
+            // (`Computed::feature` answers for exactly these names.)
             return Err(format!("unknown feature `{unknown}` (known: {})", FEATURES.join(", ")));
         }
         Ok(Self { bias, weights })
@@ -45,14 +45,7 @@ impl LogisticModel {
 
 impl Scorer for LogisticModel {
     fn score(&self, features: &Computed) -> f64 {
-        let values = match serde_json::to_value(features) {
-            Ok(Value::Object(m)) => m,
-            _ => return 0.0,
-        };
-        let z = self
-            .weights
-            .iter()
-            .fold(self.bias, |z, (name, w)| z + w * values.get(name).and_then(Value::as_f64).unwrap_or(0.0));
+        let z = self.weights.iter().fold(self.bias, |z, (name, w)| z + w * features.feature(name).unwrap_or(0.0));
         1.0 / (1.0 + (-z).exp())
     }
 }
@@ -80,5 +73,30 @@ impl Models {
 
     pub fn score(&self, name: &str, features: &Computed) -> Option<f64> {
         self.scorers.get(name).map(|s| s.score(features))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segments::computed::compute;
+    use chrono::Utc;
+    use cohort_messages::{EventId, ProfileId, ProfileRecord};
+
+    #[test]
+    fn every_model_feature_is_a_computed_trait_and_the_score_follows_the_weights() {
+        let now = Utc::now();
+        let record = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("m"), now), now);
+        let c = compute(&record, now);
+        let json = serde_json::to_value(&c).unwrap_or_default();
+        for f in FEATURES {
+            assert!(json.get(*f).is_some(), "{f} is not a computed trait");
+        }
+        assert_eq!(c.feature("page_views_30d"), Some(0.0));
+        assert_eq!(c.feature("days_since_last_login"), None, "no login yet");
+        let m = LogisticModel::new(0.0, BTreeMap::from([("engagement_score".to_string(), 1.0)]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!((m.score(&c) - 0.5).abs() < 1e-9, "no activity: sigmoid(0)");
+        assert!(LogisticModel::new(0.0, BTreeMap::from([("shoe_size".to_string(), 1.0)])).is_err());
     }
 }
