@@ -5,7 +5,7 @@
 use crate::identity::{send_merge, IdentityIndex, MergeRefused};
 use crate::matching::{compare, MatchModel, MatchRecord};
 use chrono::Utc;
-use cohort_adapters::OperationalStore;
+use cohort_adapters::{all_review_items, OperationalStore};
 use cohort_messages::msgs::{
     IdentityMerged, MatchCandidate, MatcherMsg, MatcherStats, MergeReason, ProfilesMsg, ReviewError,
 };
@@ -248,18 +248,14 @@ impl Actor for IdentityMatcher {
         myself: ActorRef<MatcherMsg>,
         args: IdentityMatcherArgs,
     ) -> Result<IdentityMatcherState, ActorProcessingErr> {
-        let mut known_pairs = HashSet::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = args.store.list_review_items(None, after.as_deref(), 1000).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            for item in &page {
-                if let [a, b] = item.profiles.as_slice() {
-                    known_pairs.insert(pair(a, b));
-                }
-            }
-        }
+        let known_pairs: HashSet<(ProfileId, ProfileId)> = all_review_items(args.store.as_ref())
+            .await?
+            .iter()
+            .filter_map(|item| match item.profiles.as_slice() {
+                [a, b] => Some(pair(a, b)),
+                _ => None,
+            })
+            .collect();
         myself.send_message(MatcherMsg::Rebuild { after: None })?;
         Ok(IdentityMatcherState {
             args,

@@ -11,7 +11,7 @@
 
 use crate::segments::engine::MEMBERS;
 use chrono::{DateTime, Utc};
-use cohort_adapters::OperationalStore;
+use cohort_adapters::{all_documents, OperationalStore};
 use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
 use cohort_messages::msgs::{DestinationMsg, ReverseEtlMsg};
 use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
@@ -974,33 +974,27 @@ impl Actor for ReverseEtlActor {
             }
             ReverseEtlMsg::Retry { destination, reply } => {
                 let mut count = 0;
-                let mut after: Option<String> = None;
-                loop {
-                    let page = state.shared.store.list_documents(FAILED, "", after.as_deref(), 500).await?;
-                    let Some((last, _)) = page.last() else { break };
-                    after = Some(last.clone());
-                    for (key, doc) in page {
-                        let dest = doc.get("destination").and_then(Value::as_str).unwrap_or_default();
-                        if destination.as_deref().is_some_and(|d| d != dest) {
-                            continue;
-                        }
-                        let name = doc.get("activation").and_then(Value::as_str).unwrap_or_default();
-                        let activation = state.activations.iter().find(|a| a.name == name).cloned();
-                        let change: Option<SegmentChanged> =
-                            doc.get("change").cloned().and_then(|c| serde_json::from_value(c).ok());
-                        let profile: Option<ActivationProfile> =
-                            doc.get("profile").cloned().and_then(|p| serde_json::from_value(p).ok());
-                        let (Some(activation), Some(mut change), Some(profile), Some(d)) =
-                            (activation, change, profile, Destination::parse(dest))
-                        else {
-                            tracing::warn!(job = %key, "failed activation no longer configured; left as it is");
-                            continue;
-                        };
-                        change.profile = Arc::new(profile);
-                        state.shared.store.put_documents(FAILED, vec![(key.clone(), None)]).await?;
-                        state.spawn(Job { key, activation, destination: d, change });
-                        count += 1;
+                for (key, doc) in all_documents(state.shared.store.as_ref(), FAILED, "").await? {
+                    let dest = doc.get("destination").and_then(Value::as_str).unwrap_or_default();
+                    if destination.as_deref().is_some_and(|d| d != dest) {
+                        continue;
                     }
+                    let name = doc.get("activation").and_then(Value::as_str).unwrap_or_default();
+                    let activation = state.activations.iter().find(|a| a.name == name).cloned();
+                    let change: Option<SegmentChanged> =
+                        doc.get("change").cloned().and_then(|c| serde_json::from_value(c).ok());
+                    let profile: Option<ActivationProfile> =
+                        doc.get("profile").cloned().and_then(|p| serde_json::from_value(p).ok());
+                    let (Some(activation), Some(mut change), Some(profile), Some(d)) =
+                        (activation, change, profile, Destination::parse(dest))
+                    else {
+                        tracing::warn!(job = %key, "failed activation no longer configured; left as it is");
+                        continue;
+                    };
+                    change.profile = Arc::new(profile);
+                    state.shared.store.put_documents(FAILED, vec![(key.clone(), None)]).await?;
+                    state.spawn(Job { key, activation, destination: d, change });
+                    count += 1;
                 }
                 let _ = reply.send(count);
             }

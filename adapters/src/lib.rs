@@ -16,8 +16,8 @@ pub use embedded::EmbeddedStore;
 pub use error::{StoreError, StoreErrorKind};
 pub use mongo::MongoStore;
 pub use store::{
-    AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore,
-    OutboxId,
+    all_documents, all_review_items, AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent,
+    NewDeadLetter, OperationalStore, OutboxId,
 };
 pub use warehouse::{
     open_warehouse, BigQueryWarehouse, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,

@@ -203,6 +203,41 @@ pub trait OperationalStore: Send + Sync + 'static {
     ) -> Result<Vec<ReviewItem>, StoreError>;
 }
 
+/// Rows per page when a helper below reads a whole listing.
+const PAGE: usize = 500;
+
+/// Every document of `collection` whose key starts with `prefix`, read a page at a time.
+pub async fn all_documents(
+    store: &dyn OperationalStore,
+    collection: &str,
+    prefix: &str,
+) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+    let mut out: Vec<(String, serde_json::Value)> = Vec::new();
+    loop {
+        let after = out.last().map(|(k, _)| k.clone());
+        let page = store.list_documents(collection, prefix, after.as_deref(), PAGE).await?;
+        let full = page.len() == PAGE;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// Every review item, whatever its status, read a page at a time.
+pub async fn all_review_items(store: &dyn OperationalStore) -> Result<Vec<ReviewItem>, StoreError> {
+    let mut out: Vec<ReviewItem> = Vec::new();
+    loop {
+        let after = out.last().map(|i| i.id.clone());
+        let page = store.list_review_items(None, after.as_deref(), PAGE).await?;
+        let full = page.len() == PAGE;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
 /// The stored key of a document: its collection, a separator no key contains, its key.
 pub fn document_key(collection: &str, key: &str) -> String {
     format!("{collection}\u{1}{key}")

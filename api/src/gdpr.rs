@@ -6,7 +6,7 @@ use axum::Json;
 use chrono::Utc;
 use cohort_actors::profile::CONSENT_HISTORY;
 use cohort_actors::segments::engine::{member_key, MEMBERS};
-use cohort_adapters::{Layer, QueryValue};
+use cohort_adapters::{all_documents, all_review_items, Layer, QueryValue};
 use cohort_messages::msgs::{ConsentDecision, ProfileMsg};
 use cohort_messages::profile::{CONSENT_KEYS, LEGAL_BASES};
 use cohort_messages::NewAuditEntry;
@@ -55,19 +55,12 @@ pub async fn export(
             segments.entry(name.clone()).or_insert(doc);
         }
     }
-    // Review items are few; the queue is read a page at a time.
-    let mut reviews = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.list_review_items(None, after.as_deref(), 500).await.map_err(unavailable)?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        let full = page.len() == 500;
-        reviews.extend(page.into_iter().filter(|i| i.profiles.contains(&id)));
-        if !full {
-            break;
-        }
-    }
+    let reviews: Vec<_> = all_review_items(store.as_ref())
+        .await
+        .map_err(unavailable)?
+        .into_iter()
+        .filter(|i| i.profiles.contains(&id))
+        .collect();
     let warehouse_events = match &state.warehouse {
         None => Value::Null,
         Some(w) => {
@@ -124,28 +117,15 @@ pub async fn get_consent(
     let mut history = Vec::new();
     for p in std::iter::once(&id).chain(view.merged_from.iter()) {
         let prefix = format!("{p}/");
-        let mut after: Option<String> = None;
-        loop {
-            let page = state
-                .store
-                .list_documents(CONSENT_HISTORY, &prefix, after.as_deref(), 500)
-                .await
-                .map_err(unavailable)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            let full = page.len() == 500;
-            for (key, mut doc) in page {
-                let channel =
-                    key.strip_prefix(&prefix).and_then(|k| k.split('/').next()).unwrap_or_default().to_string();
-                if let Value::Object(m) = &mut doc {
-                    m.insert("channel".into(), Value::String(channel));
-                    m.insert("profile_id".into(), Value::String(p.to_string()));
-                }
-                history.push(doc);
+        for (key, mut doc) in
+            all_documents(state.store.as_ref(), CONSENT_HISTORY, &prefix).await.map_err(unavailable)?
+        {
+            let channel = key.strip_prefix(&prefix).and_then(|k| k.split('/').next()).unwrap_or_default().to_string();
+            if let Value::Object(m) = &mut doc {
+                m.insert("channel".into(), Value::String(channel));
+                m.insert("profile_id".into(), Value::String(p.to_string()));
             }
-            if !full {
-                break;
-            }
+            history.push(doc);
         }
     }
     history.sort_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()));

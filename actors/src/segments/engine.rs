@@ -4,7 +4,7 @@
 
 use super::{Segment, SegmentDefinition, SegmentKind, SegmentRegistry};
 use chrono::{DateTime, Utc};
-use cohort_adapters::{EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
+use cohort_adapters::{all_documents, EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
 use cohort_messages::msgs::{BatchRun, ProfileMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg, SegmentStats};
 use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
 use cohort_messages::ProfileId;
@@ -110,22 +110,8 @@ impl SegmentEngineState {
 
     async fn members(&self, segment: &str) -> Result<BTreeSet<ProfileId>, StoreError> {
         let prefix = format!("{segment}/");
-        let mut out = BTreeSet::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.args.store.list_documents(MEMBERS, &prefix, after.as_deref(), 1000).await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, _) in &page {
-                if let Some(id) = key.strip_prefix(&prefix).and_then(ProfileId::parse) {
-                    out.insert(id);
-                }
-            }
-            if page.len() < 1000 {
-                break;
-            }
-        }
-        Ok(out)
+        let docs = all_documents(self.args.store.as_ref(), MEMBERS, &prefix).await?;
+        Ok(docs.iter().filter_map(|(key, _)| key.strip_prefix(&prefix).and_then(ProfileId::parse)).collect())
     }
 
     /// One page of start-up reconciliation: real-time memberships a stored profile has but no
@@ -237,20 +223,12 @@ impl Actor for SegmentEngine {
     ) -> Result<SegmentEngineState, ActorProcessingErr> {
         let mut definitions: HashMap<String, SegmentDefinition> =
             args.configured.iter().map(|d| (d.name.clone(), d.clone())).collect();
-        let mut after: Option<String> = None;
-        loop {
-            let page = args.store.list_documents(DEFINITIONS, "", after.as_deref(), 500).await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (name, doc) in page {
-                match serde_json::from_value::<SegmentDefinition>(doc) {
-                    Ok(d) => {
-                        definitions.insert(name, d);
-                    }
-                    Err(e) => {
-                        tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped")
-                    }
+        for (name, doc) in all_documents(args.store.as_ref(), DEFINITIONS, "").await? {
+            match serde_json::from_value::<SegmentDefinition>(doc) {
+                Ok(d) => {
+                    definitions.insert(name, d);
                 }
+                Err(e) => tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped"),
             }
         }
         for (name, definition) in definitions {

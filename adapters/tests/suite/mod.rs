@@ -885,4 +885,12 @@ pub async fn documents_are_kept_per_collection_listed_by_prefix_and_deleted(f: S
         vec!["mba/prof_1", "mba/prof_3", "mba/prof_4"]
     );
     store.put_documents("members", vec![]).await.unwrap();
+    // Whole listings cross page boundaries without losing or repeating a key.
+    let many: Vec<(String, Option<serde_json::Value>)> =
+        (0..1203).map(|i| (format!("k/{i:05}"), Some(json!(i)))).collect();
+    store.put_documents("bulk", many).await.unwrap();
+    let all = cohort_adapters::all_documents(store.as_ref(), "bulk", "k/").await.unwrap();
+    assert_eq!(all.len(), 1203);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(all[1202].1, json!(1202));
 }
