@@ -740,3 +740,37 @@ async fn on_the_embedded_bus_segment_changes_stream_to_subscribers() {
     assert!(change["profile_id"].as_str().unwrap().starts_with("prof_"));
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_never_goes_faster_than_its_rate_limit() {
+    let d = Destinations::start().await;
+    let extra = use_case_toml(&d).replacen(
+        "[reverse_etl.salesforce]\n",
+        "[reverse_etl.salesforce]\nrequests_per_second = 2\n",
+        1,
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let students = [
+        ("na", "0035e00000NaAAAAAA"),
+        ("ob", "0035e00000ObAAAAAA"),
+        ("pi", "0035e00000PiAAAAAA"),
+        ("qu", "0035e00000QuAAAAAA"),
+    ];
+    for (who, contact) in students {
+        prospect(c, who, &format!("{who}@gmail.com"), contact, true).await;
+    }
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    for (who, _) in students {
+        ok(c.segment(false, "track", &brochure(who)).await.unwrap()).await;
+    }
+    drained(&demo).await;
+    let tasks = d.received("salesforce");
+    assert_eq!(tasks.len(), 4);
+    // Two a second, a burst of two: the fourth request cannot come within a second of the first.
+    let spread = tasks[3].at.duration_since(tasks[0].at);
+    assert!(spread >= Duration::from_millis(900), "4 requests in {spread:?} at 2/s");
+    // The other destinations are not slowed by it.
+    assert_eq!(d.received("sendgrid").len(), 4);
+    demo.stop().await.unwrap();
+}
