@@ -63,6 +63,19 @@ fn bearer(headers: &HeaderMap, token: &str) -> bool {
     headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}"))
 }
 
+/// The bearer token checked (the API's own 401 when wrong), then the JSON body parsed.
+fn authorized_json(
+    headers: &HeaderMap,
+    body: &Bytes,
+    token: &str,
+    unauthorized: Response,
+) -> Result<Value, Box<Response>> {
+    if !bearer(headers, token) {
+        return Err(Box::new(unauthorized));
+    }
+    json_body(headers, body)
+}
+
 fn json_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, Box<Response>> {
     let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !ct.starts_with("application/json") {
@@ -154,10 +167,7 @@ async fn sf_task(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !bearer(&headers, SF_TOKEN) {
-        return unauthorized();
-    }
-    let v = match json_body(&headers, &body) {
+    let v = match authorized_json(&headers, &body, SF_TOKEN, unauthorized()) {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -187,10 +197,7 @@ async fn sf_contact(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !bearer(&headers, SF_TOKEN) {
-        return unauthorized();
-    }
-    let v = match json_body(&headers, &body) {
+    let v = match authorized_json(&headers, &body, SF_TOKEN, unauthorized()) {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -207,11 +214,13 @@ async fn sf_contact(
 }
 
 async fn sg_upsert(State(d): State<Destinations>, headers: HeaderMap, body: Bytes) -> Response {
-    if !bearer(&headers, SG_KEY) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({ "errors": [{ "message": "authorization required" }] })))
-            .into_response();
-    }
-    let v = match json_body(&headers, &body) {
+    let v = match authorized_json(
+        &headers,
+        &body,
+        SG_KEY,
+        (StatusCode::UNAUTHORIZED, Json(json!({ "errors": [{ "message": "authorization required" }] })))
+            .into_response(),
+    ) {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -230,10 +239,7 @@ async fn sg_upsert(State(d): State<Destinations>, headers: HeaderMap, body: Byte
 }
 
 async fn sg_search(State(d): State<Destinations>, headers: HeaderMap, body: Bytes) -> Response {
-    if !bearer(&headers, SG_KEY) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let v = match json_body(&headers, &body) {
+    let v = match authorized_json(&headers, &body, SG_KEY, StatusCode::UNAUTHORIZED.into_response()) {
         Ok(v) => v,
         Err(r) => return *r,
     };
