@@ -181,7 +181,7 @@ pub struct ReverseEtlArgs {
 pub struct ReverseEtlState {
     shared: Arc<Shared>,
     activations: Vec<Arc<ActivationConfig>>,
-    lanes: HashMap<Destination, Arc<Lane>>,
+    /// Every configured destination (a lane whose URL is set).
     destinations: HashMap<Destination, Child>,
     policy: RestartPolicy,
     /// Batch runs held by Gate 4 (size moved more than 20%), by activation.
@@ -190,9 +190,29 @@ pub struct ReverseEtlState {
 
 /// A supervised destination actor; jobs wait here while it restarts.
 struct Child {
+    lane: Arc<Lane>,
     actor: Option<ActorRef<DestinationMsg>>,
     tracker: RestartTracker,
     pending: Vec<Job>,
+}
+
+impl Child {
+    fn new(lane: Arc<Lane>) -> Self {
+        Self { lane, actor: None, tracker: RestartTracker::default(), pending: Vec::new() }
+    }
+
+    /// Hands a (counted) job to the actor, or keeps it until the actor is back.
+    fn deliver(&mut self, job: Job) {
+        let msg = || DestinationMsg::Send {
+            key: job.key.clone(),
+            activation: job.activation.name.clone(),
+            change: job.change.clone(),
+        };
+        let sent = self.actor.as_ref().is_some_and(|a| a.send_message(msg()).is_ok());
+        if !sent {
+            self.pending.push(job);
+        }
+    }
 }
 
 /// One destination's ReverseEtl actor: takes jobs from its own mailbox and runs each in its
@@ -709,22 +729,8 @@ impl ReverseEtlState {
             return;
         };
         // Counted as waiting from the moment it is queued (the router's drain sees it).
-        if let Some(lane) = self.lanes.get(&job.destination) {
-            lane.waiting.fetch_add(1, Ordering::SeqCst);
-        }
-        match &child.actor {
-            Some(actor) => {
-                let msg = DestinationMsg::Send {
-                    key: job.key.clone(),
-                    activation: job.activation.name.clone(),
-                    change: job.change.clone(),
-                };
-                if actor.send_message(msg).is_err() {
-                    child.pending.push(job);
-                }
-            }
-            None => child.pending.push(job),
-        }
+        child.lane.waiting.fetch_add(1, Ordering::SeqCst);
+        child.deliver(job);
     }
 
     /// Starts (or restarts) a destination actor under the router and hands it the jobs that
@@ -734,27 +740,18 @@ impl ReverseEtlState {
         myself: &ActorRef<ReverseEtlMsg>,
         d: Destination,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(lane) = self.lanes.get(&d).cloned() else { return Ok(()) };
         let activations = self
             .activations
             .iter()
             .filter(|a| a.destination == d.as_str())
             .map(|a| (a.name.clone(), a.clone()))
             .collect();
-        let args = DestinationArgs { shared: self.shared.clone(), lane, activations };
+        let Some(child) = self.destinations.get_mut(&d) else { return Ok(()) };
+        let args = DestinationArgs { shared: self.shared.clone(), lane: child.lane.clone(), activations };
         let (actor, _) = Actor::spawn_linked(None, DestinationActor, args, myself.get_cell()).await?;
-        let child = self.destinations.entry(d).or_insert_with(|| Child {
-            actor: None,
-            tracker: RestartTracker::default(),
-            pending: Vec::new(),
-        });
         child.actor = Some(actor);
-        let pending = std::mem::take(&mut child.pending);
-        if let Some(lane) = self.lanes.get(&d) {
-            lane.waiting.fetch_sub(pending.len() as u64, Ordering::SeqCst);
-        }
-        for job in pending {
-            self.spawn(job);
+        for job in std::mem::take(&mut child.pending) {
+            child.deliver(job);
         }
         Ok(())
     }
@@ -762,7 +759,7 @@ impl ReverseEtlState {
     fn status(&self) -> Value {
         let mut out = serde_json::Map::new();
         for d in Destination::ALL {
-            let v = match self.lanes.get(&d) {
+            let v = match self.destinations.get(&d).map(|c| &c.lane) {
                 None => json!({ "enabled": false }),
                 Some(l) => {
                     let s = l.stats.lock();
@@ -783,7 +780,9 @@ impl ReverseEtlState {
     }
 
     fn busy(&self) -> bool {
-        self.lanes.values().any(|l| l.in_flight.load(Ordering::SeqCst) + l.waiting.load(Ordering::SeqCst) > 0)
+        self.destinations
+            .values()
+            .any(|c| c.lane.in_flight.load(Ordering::SeqCst) + c.lane.waiting.load(Ordering::SeqCst) > 0)
     }
 }
 
@@ -856,9 +855,9 @@ impl Actor for ReverseEtlActor {
         args: ReverseEtlArgs,
     ) -> Result<ReverseEtlState, ActorProcessingErr> {
         let timeout = Duration::from_millis(args.config.timeout_ms.max(1));
-        let lanes = Destination::ALL
+        let destinations = Destination::ALL
             .into_iter()
-            .filter_map(|d| Lane::new(d, d.config(&args.config).clone(), timeout).map(|l| (d, l)))
+            .filter_map(|d| Lane::new(d, d.config(&args.config).clone(), timeout).map(|lane| (d, Child::new(lane))))
             .collect();
         Ok(ReverseEtlState {
             shared: Arc::new(Shared {
@@ -868,8 +867,7 @@ impl Actor for ReverseEtlActor {
                 running: Mutex::default(),
             }),
             activations: args.activations.into_iter().map(Arc::new).collect(),
-            lanes,
-            destinations: HashMap::new(),
+            destinations,
             policy: args.policy,
             held: HashMap::new(),
         })
@@ -880,7 +878,7 @@ impl Actor for ReverseEtlActor {
         myself: ActorRef<ReverseEtlMsg>,
         state: &mut ReverseEtlState,
     ) -> Result<(), ActorProcessingErr> {
-        let enabled: Vec<Destination> = state.lanes.keys().copied().collect();
+        let enabled: Vec<Destination> = state.destinations.keys().copied().collect();
         for d in enabled {
             state.start_destination(&myself, d).await?;
         }
@@ -1014,7 +1012,7 @@ impl Actor for ReverseEtlActor {
                 let _ = reply.send(state.status());
             }
             ReverseEtlMsg::Drain(reply) => {
-                let lanes: Vec<Arc<Lane>> = state.lanes.values().cloned().collect();
+                let lanes: Vec<Arc<Lane>> = state.destinations.values().map(|c| c.lane.clone()).collect();
                 let busy = state.busy();
                 tokio::spawn(async move {
                     let mut busy = busy;
