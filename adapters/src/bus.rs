@@ -8,7 +8,7 @@ use crate::store::{AppendBatch, AppendOutcome, BronzeRecord, EventLog, Journaled
 use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cohort_messages::{msgs::IdentityEvent, segment::SegmentChanged, DeadLetter};
+use cohort_messages::{msgs::IdentityEvent, segment::SegmentChanged, DeadLetter, ErasureCounts, ErasureTarget};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +92,16 @@ pub trait EventBus: Send + Sync + 'static {
     /// received before `before` and is covered by `covered`. Kafka's retention is the broker's.
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError>;
     fn name(&self) -> &'static str;
+    /// GDPR erasure of what the bus itself keeps: the embedded journal removes the person's
+    /// events and raw payloads. Kafka topics are append-only (their records expire with the
+    /// topic's retention), so Kafka removes nothing here and answers zeros.
+    async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
+    /// What [`EventBus::erase_person`] would still find.
+    async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
+    /// Writes keyed records to the compacted `cdp.gdpr` topic; `None` is a tombstone (consumers
+    /// delete what they hold under that key). Returns how many were written; the embedded bus
+    /// has no such topic and writes none.
+    async fn publish_gdpr(&self, records: &[(String, Option<Vec<u8>>)]) -> Result<u64, StoreError>;
 }
 
 #[async_trait]
@@ -183,6 +193,18 @@ impl EventBus for EmbeddedBus {
     async fn apply_retention(&self, before: DateTime<Utc>, covered: &StreamPositions) -> Result<u64, StoreError> {
         let covered = covered.iter().find(|(s, _)| *s == 0).map_or(0, |(_, o)| *o);
         self.log.compact(before, covered).await
+    }
+
+    async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        self.log.erase_matching(target).await
+    }
+
+    async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        self.log.count_matching(target).await
+    }
+
+    async fn publish_gdpr(&self, _records: &[(String, Option<Vec<u8>>)]) -> Result<u64, StoreError> {
+        Ok(0)
     }
 }
 

@@ -4,6 +4,7 @@
 //! that group-commits (see [`writer`]); reads run in read transactions on tokio's blocking
 //! pool, so neither ever stalls the async runtime.
 
+mod erasure;
 mod tables;
 mod writer;
 
@@ -33,7 +34,8 @@ use crate::{
 };
 use chrono::{DateTime, Utc};
 use cohort_messages::{
-    AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, Suppression,
+    AuditEntry, Channel, ConsentRecord, ErasureCounts, ErasureTarget, NewAuditEntry, ReviewItem, ReviewStatus,
+    SagaRecord, Suppression,
 };
 
 /// URL scheme of a file-backed store: `embedded:///abs/path.redb` or `embedded://rel/path.redb`.
@@ -283,6 +285,20 @@ impl EventLog for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn erase_matching(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let t = target.clone();
+        let plan = self.read(move |txn| erasure::plan_journal(txn, &t)).await?;
+        if plan.is_empty() {
+            return Ok(ErasureCounts::default());
+        }
+        self.submit(Command::erase(plan)).await
+    }
+
+    async fn count_matching(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let t = target.clone();
+        self.read(move |txn| erasure::plan_journal(txn, &t).map(|p| p.counts())).await
     }
 
     async fn compact(&self, before: DateTime<Utc>, covered: u64) -> Result<u64, StoreError> {
@@ -635,6 +651,29 @@ impl OperationalStore for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let t = target.clone();
+        let plan = self.read(move |txn| erasure::plan_store(txn, &t)).await?.without_dead_letters();
+        if plan.is_empty() {
+            return Ok(ErasureCounts::default());
+        }
+        self.submit(Command::erase(plan)).await
+    }
+
+    async fn erase_dead_letters(&self, target: &ErasureTarget) -> Result<u64, StoreError> {
+        let t = target.clone();
+        let plan = self.read(move |txn| erasure::plan_store(txn, &t)).await?.only_dead_letters();
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.submit(Command::erase(plan)).await?.dead_letters)
+    }
+
+    async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let t = target.clone();
+        self.read(move |txn| erasure::plan_store(txn, &t).map(|p| p.counts())).await
     }
 
     async fn list_review_items(

@@ -12,7 +12,9 @@ use crate::{SilverRow, StoreError};
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use cohort_messages::{msgs::IdentityEvent, segment::SegmentChanged, CustomerEvent, DeadLetter, Source};
+use cohort_messages::{
+    msgs::IdentityEvent, segment::SegmentChanged, CustomerEvent, DeadLetter, ErasureCounts, ErasureTarget, Source,
+};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -360,18 +362,39 @@ impl EventBus for KafkaBus {
             .collect::<Result<_, StoreError>>()?;
         self.produce_all(&self.topics.identity(), records).await
     }
+
+    async fn erase_person(&self, _target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        Ok(ErasureCounts::default())
+    }
+
+    async fn person_remnants(&self, _target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        Ok(ErasureCounts::default())
+    }
+
+    async fn publish_gdpr(&self, records: &[(String, Option<Vec<u8>>)]) -> Result<u64, StoreError> {
+        self.produce_keyed(&self.topics.gdpr(), records).await?;
+        Ok(records.len() as u64)
+    }
 }
 
 impl KafkaBus {
     /// Produces keyed records to one topic and waits for every delivery report.
     async fn produce_all(&self, topic: &str, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        let records: Vec<(String, Option<Vec<u8>>)> = records.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        self.produce_keyed(topic, &records).await
+    }
+
+    /// [`KafkaBus::produce_all`] where a `None` value is a tombstone (a record without payload).
+    async fn produce_keyed(&self, topic: &str, records: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         let producer = self.producer.read().clone();
         let mut futures = Vec::with_capacity(records.len());
-        for (key, value) in &records {
-            let fut = producer
-                .send_result(FutureRecord::to(topic).key(key).payload(value))
-                .map_err(|(e, _)| kafka_unavailable("produce", &e))?;
-            futures.push(fut);
+        for (key, value) in records {
+            let record = FutureRecord::<str, [u8]>::to(topic).key(key.as_str());
+            let record = match value {
+                Some(v) => record.payload(v.as_slice()),
+                None => record,
+            };
+            futures.push(producer.send_result(record).map_err(|(e, _)| kafka_unavailable("produce", &e))?);
         }
         for fut in futures {
             fut.await

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
+use cohort_messages::{
+    msgs::IdentityMerged, DeadLetter, ErasureCounts, ErasureTarget, Identifier, ProfileId, ProfileRecord,
+};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
 use mongodb::options::{ClientOptions, InsertOneModel, ReplaceOneModel, ReturnDocument, WriteModel};
@@ -217,6 +219,49 @@ impl MongoStore {
 
     /// Runs a find with sort and limit and decodes every document; `limit == 0` is "nothing",
     /// not MongoDB's "no limit".
+    /// The filters selecting one person's documents, per collection (GDPR erasure).
+    fn person_filters(target: &ErasureTarget) -> [(&'static str, Document); 5] {
+        let ids: Vec<&str> = target.profiles.iter().map(ProfileId::as_str).collect();
+        let keys: Vec<String> = target.identifiers.iter().map(Identifier::key).collect();
+        [
+            ("profiles", doc! { "_id": { "$in": ids.clone() } }),
+            ("identities", doc! { "$or": [ { "_id": { "$in": keys } }, { "profile_id": { "$in": ids.clone() } } ] }),
+            (
+                "merges",
+                doc! { "$or": [
+                    { "profile": { "$in": ids.clone() } },
+                    { "merge.survivor": { "$in": ids.clone() } },
+                    { "merge.merged": { "$in": ids.clone() } },
+                ] },
+            ),
+            ("consents", doc! { "profile_id": { "$in": ids.clone() } }),
+            ("review_items", doc! { "profiles": { "$in": ids } }),
+        ]
+    }
+
+    fn person_collection(&self, name: &str) -> &Collection<Document> {
+        match name {
+            "profiles" => &self.profiles,
+            "identities" => &self.identities,
+            "merges" => &self.merges,
+            "consents" => &self.consents,
+            _ => &self.reviews,
+        }
+    }
+
+    /// Ids of the dead letters mentioning the person: a scan, as payloads are raw text.
+    async fn person_dead_letters(&self, target: &ErasureTarget) -> Result<Vec<i64>, StoreError> {
+        let needles = target.needles();
+        let letters = self
+            .find_sorted("scan dead letters", &self.dead_letters, doc! {}, None, None, dead_letter_from_doc)
+            .await?;
+        Ok(letters
+            .iter()
+            .filter(|l| target.mentions(&needles, l.payload.as_bytes()) || target.names_profile(&l.reason))
+            .filter_map(|l| i64::try_from(l.id).ok())
+            .collect())
+    }
+
     async fn find_sorted<T>(
         &self,
         action: &'static str,
@@ -681,6 +726,47 @@ impl OperationalStore for MongoStore {
         let docs =
             self.find_sorted("list documents", &self.documents, filter, None, Some(limit), document_from).await?;
         Ok(docs.into_iter().map(|(id, v)| (range.key_of(&id), v)).collect())
+    }
+
+    async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let mut counts = ErasureCounts::default();
+        for (name, filter) in Self::person_filters(target) {
+            let n = timed("erase a person", self.person_collection(name).delete_many(filter)).await?.deleted_count;
+            match name {
+                "profiles" => counts.profiles = n,
+                "identities" => counts.identities = n,
+                "merges" => counts.merges = n,
+                "consents" => counts.consents = n,
+                _ => counts.review_items = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn erase_dead_letters(&self, target: &ErasureTarget) -> Result<u64, StoreError> {
+        let ids = self.person_dead_letters(target).await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let deleted =
+            timed("erase dead letters", self.dead_letters.delete_many(doc! { "_id": { "$in": ids } })).await?;
+        Ok(deleted.deleted_count)
+    }
+
+    async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let mut counts = ErasureCounts::default();
+        for (name, filter) in Self::person_filters(target) {
+            let n = timed("count a person's remnants", self.person_collection(name).count_documents(filter)).await?;
+            match name {
+                "profiles" => counts.profiles = n,
+                "identities" => counts.identities = n,
+                "merges" => counts.merges = n,
+                "consents" => counts.consents = n,
+                _ => counts.review_items = n,
+            }
+        }
+        counts.dead_letters = self.person_dead_letters(target).await?.len() as u64;
+        Ok(counts)
     }
 
     async fn list_review_items(

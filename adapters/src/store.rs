@@ -3,8 +3,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cohort_messages::{
-    msgs::IdentityMerged, AuditEntry, Channel, ConsentRecord, CustomerEvent, DeadLetter, DeadLetterStage, Identifier,
-    NewAuditEntry, ProfileId, ProfileRecord, ReviewItem, ReviewStatus, SagaRecord, Source, Suppression,
+    msgs::IdentityMerged, AuditEntry, Channel, ConsentRecord, CustomerEvent, DeadLetter, DeadLetterStage,
+    ErasureCounts, ErasureTarget, Identifier, NewAuditEntry, ProfileId, ProfileRecord, ReviewItem, ReviewStatus,
+    SagaRecord, Source, Suppression,
 };
 use tokio::sync::watch;
 
@@ -58,6 +59,11 @@ pub trait EventLog: Send + Sync + 'static {
     fn watch_head(&self) -> watch::Receiver<u64>;
     /// Bronze records with `seq > after`, in order, at most `limit` (for replay and audit).
     async fn read_bronze_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, BronzeRecord)>, StoreError>;
+    /// GDPR erasure: removes the journal events carrying one of the person's identifiers, their
+    /// raw payloads and any other raw payload mentioning the person. Returns what was removed.
+    async fn erase_matching(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
+    /// What [`EventLog::erase_matching`] would remove now.
+    async fn count_matching(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
     /// Retention: forgets the idempotency keys of events journaled before `before`, and the
     /// journal events and raw payloads received before it up to seq `covered` (the pipeline's
     /// checkpoint; nothing it has not persisted is removed). Returns the keys removed.
@@ -194,6 +200,16 @@ pub trait OperationalStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
+    /// GDPR erasure of one person: their profile records, identity-graph entries keyed by one of
+    /// their identifiers or pointing at one of their profiles, merges on either side, consent
+    /// decisions and review items naming them. Idempotent; returns what was removed.
+    async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
+    /// Deletes the dead letters whose payload mentions the person (or whose reason names one
+    /// of their profiles).
+    async fn erase_dead_letters(&self, target: &ErasureTarget) -> Result<u64, StoreError>;
+    /// What [`OperationalStore::erase_person`] and [`OperationalStore::erase_dead_letters`]
+    /// would remove now: the verification sweep expects nothing.
+    async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
     /// Review items with `id > after` (and the given status), in id order, at most `limit`.
     async fn list_review_items(
         &self,

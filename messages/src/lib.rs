@@ -6,6 +6,7 @@
 
 pub mod dead_letter;
 pub mod event;
+pub mod gdpr;
 pub mod ids;
 pub mod msgs;
 pub mod profile;
@@ -14,6 +15,9 @@ pub mod segment;
 
 pub use dead_letter::{DeadLetter, DeadLetterStage};
 pub use event::{CustomerEvent, EventKind, RawRef, Utm};
+pub use gdpr::{
+    DeletionState, DeletionStep, ErasureCounts, ErasureTarget, Regulation, StepState, StepStatus, DELETION_SAGA,
+};
 pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
 pub use profile::{
     EventSummary, LedgerEntry, LinkedIdentifier, MergeLedger, ProfileCounters, ProfileRecord, ProfileView, Split,

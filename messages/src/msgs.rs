@@ -78,6 +78,8 @@ pub struct IngestReceipt {
     pub accepted: usize,
     pub duplicates: usize,
     pub rejected: Vec<Rejection>,
+    /// Events of erased people (GDPR suppression), dropped and counted, never stored.
+    pub suppressed: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +215,12 @@ pub enum ProfilesMsg {
     /// Stop actors idle for longer than the configured time (timer).
     PassivateIdle,
     GetStats(RpcReplyPort<ProfilesStats>),
+    /// GDPR erasure: stop these profiles' actors, drop what they held only in memory, and never
+    /// start them again. Answers once no flush still carrying their state can land later.
+    Erase {
+        profiles: Vec<ProfileId>,
+        reply: RpcReplyPort<usize>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

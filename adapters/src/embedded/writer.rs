@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
+use super::erasure::ErasePlan;
 use super::tables::{
     decode, encode, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, DOCUMENTS,
     IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT,
@@ -20,7 +21,7 @@ use super::tables::{
     SUPPRESSIONS,
 };
 use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
-use cohort_messages::{AuditEntry, CustomerEvent, NewAuditEntry, SagaRecord};
+use cohort_messages::{AuditEntry, CustomerEvent, ErasureCounts, NewAuditEntry, SagaRecord};
 
 /// Rows of outbox data per stored outbox entry.
 const OUTBOX_ENTRY_ROWS: usize = 2000;
@@ -77,6 +78,12 @@ impl Command {
         (Self { op: Op::AckOutbox(ids), reply: Reply::Count(tx) }, rx)
     }
 
+    /// Deletes the keys a GDPR erasure found (see [`erasure`]).
+    pub(super) fn erase(plan: ErasePlan) -> (Self, oneshot::Receiver<Result<ErasureCounts, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self { op: Op::Erase(Box::new(plan)), reply: Reply::Erased(tx) }, rx)
+    }
+
     pub(super) fn expire(before: DateTime<Utc>, covered: u64) -> (Self, oneshot::Receiver<Result<u64, StoreError>>) {
         let (tx, rx) = oneshot::channel();
         (Self { op: Op::Expire { before, covered }, reply: Reply::Count(tx) }, rx)
@@ -89,6 +96,7 @@ enum Applied {
     Flush,
     Ids(Vec<u64>),
     Count(u64),
+    Erased(ErasureCounts),
     /// A per-command outcome that must not abort the group (a saga version conflict).
     Unit(Result<(), StoreError>),
 }
@@ -300,6 +308,39 @@ impl<'txn> Tables<'txn> {
         Ok(keys.len() as u64)
     }
 
+    /// Deletes the keys of a GDPR erasure plan; counts what was really removed (a key gone
+    /// meanwhile is not counted).
+    fn erase(&mut self, txn: &WriteTransaction, plan: &ErasePlan) -> Result<ErasureCounts, StoreError> {
+        // Removes each key, counting the ones that were there.
+        macro_rules! removed {
+            ($table:expr, $keys:expr) => {{
+                let mut n = 0u64;
+                for k in $keys {
+                    n += u64::from($table.remove(k).ctx("erase")?.is_some());
+                }
+                n
+            }};
+        }
+        let mut consents = txn.open_table(CONSENTS).ctx("erase")?;
+        let mut reviews = txn.open_table(REVIEWS).ctx("erase")?;
+        let mut c = ErasureCounts {
+            profiles: removed!(self.profiles, plan.profiles.iter().map(String::as_str)),
+            identities: removed!(self.identities, plan.identities.iter().map(String::as_str)),
+            merges: removed!(self.merges, plan.merges.iter().map(String::as_str)),
+            consents: removed!(consents, plan.consents.iter().map(String::as_str)),
+            review_items: removed!(reviews, plan.reviews.iter().map(String::as_str)),
+            dead_letters: removed!(self.dead_letters, plan.dead_letters.iter().copied()),
+            journal_events: removed!(self.journal, plan.journal.iter().copied()),
+            ..ErasureCounts::default()
+        };
+        for seq in &plan.bronze {
+            let a = self.bronze.remove(*seq).ctx("erase")?.is_some();
+            let b = self.bronze_body.remove(*seq).ctx("erase")?.is_some();
+            c.raw_payloads += u64::from(a || b);
+        }
+        Ok(c)
+    }
+
     fn dead_letters(&mut self, c: &mut Counters, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError> {
         let recorded_at = Utc::now();
         let mut ids = Vec::with_capacity(letters.len());
@@ -371,6 +412,9 @@ impl Writer {
                         (Reply::Count(tx), Applied::Count(n)) => {
                             let _ = tx.send(Ok(n));
                         }
+                        (Reply::Erased(tx), Applied::Erased(c)) => {
+                            let _ = tx.send(Ok(c));
+                        }
                         (reply, _) => {
                             reply.fail(StoreError::unavailable("embedded store: internal error pairing write results"))
                         }
@@ -413,6 +457,7 @@ impl Writer {
                     Op::SaveSaga(saga) => Applied::Unit(save_saga(&txn, &saga)?),
                     Op::AckOutbox(ids) => Applied::Count(tables.ack_outbox(&ids)?),
                     Op::Expire { before, covered } => Applied::Count(tables.expire(before, covered)?),
+                    Op::Erase(plan) => Applied::Erased(tables.erase(&txn, &plan)?),
                 });
             }
             tables.save_counters(before, c)?;
@@ -433,6 +478,7 @@ enum Op {
     SaveSaga(Box<SagaRecord>),
     AckOutbox(Vec<u64>),
     Expire { before: DateTime<Utc>, covered: u64 },
+    Erase(Box<ErasePlan>),
 }
 
 /// The reply half of a [`Command`].
@@ -442,6 +488,7 @@ enum Reply {
     Ids(oneshot::Sender<Result<Vec<u64>, StoreError>>),
     Unit(oneshot::Sender<Result<(), StoreError>>),
     Count(oneshot::Sender<Result<u64, StoreError>>),
+    Erased(oneshot::Sender<Result<ErasureCounts, StoreError>>),
 }
 
 impl Reply {
@@ -452,6 +499,7 @@ impl Reply {
             Reply::Ids(tx) => tx.send(Err(err)).map_err(drop),
             Reply::Unit(tx) => tx.send(Err(err)).map_err(drop),
             Reply::Count(tx) => tx.send(Err(err)).map_err(drop),
+            Reply::Erased(tx) => tx.send(Err(err)).map_err(drop),
         };
     }
 }

@@ -690,7 +690,36 @@ impl Warehouse for BigQueryWarehouse {
         let params = [("profile_id".to_string(), QueryValue::String(profile_id.as_str().to_string()))];
         let mut outcome = DeleteOutcome { rows_deleted: 0, retry_later: false, detail: String::new() };
         let mut details = Vec::new();
-        for layer in [Layer::Silver, Layer::Gold] {
+        // Bronze first: the person's Silver rows are what say which raw payloads were theirs, so
+        // Silver waits while Bronze is still in the streaming buffer.
+        let sql = format!(
+            "SELECT DISTINCT raw_seq FROM {} WHERE profile_id = @profile_id AND raw_seq IS NOT NULL",
+            self.qualified(Layer::Silver.table_name())
+        );
+        let seqs: Vec<u64> =
+            self.query(&sql, &params).await?.rows.iter().filter_map(|r| r.first().and_then(Value::as_u64)).collect();
+        let mut layers = vec![Layer::Gold];
+        if !seqs.is_empty() {
+            let list: Vec<String> = seqs.iter().map(u64::to_string).collect();
+            let table = Layer::Bronze.table_name();
+            let sql = format!("DELETE FROM {} WHERE raw_seq IN ({})", self.qualified(table), list.join(", "));
+            match self.run(&sql, &[]).await {
+                Ok(response) => {
+                    let n = response.num_dml_affected_rows.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                    outcome.rows_deleted += n;
+                    details.push(format!("{table}: {n} deleted"));
+                    layers.insert(0, Layer::Silver);
+                }
+                Err(e) if is_streaming_buffer(&e) => {
+                    outcome.retry_later = true;
+                    details.push(format!("{table}: rows still in the streaming buffer, retry later"));
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            layers.insert(0, Layer::Silver);
+        }
+        for layer in layers {
             let table = layer.table_name();
             let sql = format!("DELETE FROM {} WHERE profile_id = @profile_id", self.qualified(table));
             match self.run(&sql, &params).await {

@@ -342,9 +342,10 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Runs SQL with named parameters (`@name`; give names with or without the `@`). Use
     /// [`Warehouse::table`] to name the layers so the SQL runs on every backend.
     async fn query(&self, sql: &str, params: &[(String, QueryValue)]) -> Result<QueryResult, StoreError>;
-    /// GDPR erasure: deletes the profile's Silver and Gold rows. Bronze is keyed by payload, not
-    /// by profile, and is not touched here. A merged profile's absorbed ids (`merged_from`) are
-    /// separate profile ids: call this for each of them too.
+    /// GDPR erasure: deletes the profile's Silver and Gold rows and the Bronze payloads its
+    /// Silver rows came from (a payload that also held other people goes too: Bronze is kept
+    /// whole or not at all). A merged profile's absorbed ids (`merged_from`) are separate
+    /// profile ids: call this for each of them too.
     async fn delete_profile(&self, profile_id: &ProfileId) -> Result<DeleteOutcome, StoreError>;
     /// Rows of the layer's deduplicated view ([`Layer::view_name`]): payloads, events, profiles.
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError>;

@@ -355,6 +355,14 @@ impl Warehouse for SqliteWarehouse {
         let in_file = self.path.is_some();
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+            // Bronze first: the person's Silver rows are what say which raw payloads were theirs.
+            let bronze = tx
+                .execute(
+                    "DELETE FROM bronze WHERE raw_seq IN \
+                     (SELECT raw_seq FROM silver WHERE profile_id = ?1 AND raw_seq IS NOT NULL)",
+                    [&id],
+                )
+                .map_err(|e| map_err("delete bronze", e))?;
             let silver = tx
                 .execute("DELETE FROM silver WHERE profile_id = ?1", [&id])
                 .map_err(|e| map_err("delete silver", e))?;
@@ -369,9 +377,9 @@ impl Warehouse for SqliteWarehouse {
                 let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
             }
             Ok(DeleteOutcome {
-                rows_deleted: (silver + gold) as u64,
+                rows_deleted: (bronze + silver + gold) as u64,
                 retry_later: false,
-                detail: format!("silver: {silver} deleted, gold_profiles: {gold} deleted"),
+                detail: format!("bronze: {bronze} deleted, silver: {silver} deleted, gold_profiles: {gold} deleted"),
             })
         })
         .await

@@ -19,8 +19,8 @@ use cohort_adapters::{
     SilverRow, WarehouseBatch,
 };
 use cohort_messages::{
-    msgs::IdentityMerged, CustomerEvent, DeadLetterStage, EventId, EventKind, Identifier, IdentifierKind, ProfileId,
-    ProfileRecord, RawRef, Source, Utm,
+    msgs::IdentityMerged, CustomerEvent, DeadLetterStage, ErasureCounts, ErasureTarget, EventId, EventKind, Identifier,
+    IdentifierKind, ProfileId, ProfileRecord, RawRef, Source, Utm,
 };
 use cohort_messages::{
     AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, SagaStatus, Suppression,
@@ -63,6 +63,7 @@ macro_rules! store_suite {
             read_after_pages_in_order,
             bronze_round_trip_is_byte_exact,
             compaction_forgets_only_old_covered_events,
+            journal_erasure_removes_the_persons_events_and_payloads,
             ping_answers,
         );
         $crate::suite::operational_store_suite!(async { $fixture.await.into_store() });
@@ -103,6 +104,7 @@ macro_rules! operational_store_suite {
             audit_log_numbers_and_pages_entries,
             review_queue_filters_by_status_and_pages,
             documents_are_kept_per_collection_listed_by_prefix_and_deleted,
+            erasure_removes_one_person_and_nobody_else,
             store_ping_answers,
         );
     };
@@ -893,4 +895,111 @@ pub async fn documents_are_kept_per_collection_listed_by_prefix_and_deleted(f: S
     assert_eq!(all.len(), 1203);
     assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
     assert_eq!(all[1202].1, json!(1202));
+}
+
+/// GDPR erasure: everything naming the person goes (their records, identities, merges on both
+/// sides, consent, review items, dead letters mentioning them); the other student's stay; a
+/// second run finds nothing; the remnant count agrees before and after.
+pub async fn erasure_removes_one_person_and_nobody_else(f: StoreFixture) {
+    let (a, b, other) = (profile_id(1), profile_id(2), profile_id(3));
+    let s = &f.store;
+    let merge = IdentityMerged {
+        survivor: a.clone(),
+        merged: b.clone(),
+        evidence: vec![email(1)],
+        at: at(5),
+        seq: 7,
+        reason: Default::default(),
+    };
+    let kept_merge = IdentityMerged { survivor: other.clone(), merged: profile_id(4), seq: 9, ..merge.clone() };
+    s.commit_flush(FlushBatch {
+        identities: vec![(email(1), a.clone()), (email(2), b.clone()), (email(3), other.clone())],
+        profiles: vec![profile(1), profile(2), profile(3)],
+        merges: vec![merge, kept_merge.clone()],
+        ..FlushBatch::default()
+    })
+    .await
+    .unwrap();
+    s.record_consents(vec![
+        consent(1, "marketing", Channel::Email, false, 1),
+        consent(3, "marketing", Channel::Email, true, 1),
+    ])
+    .await
+    .unwrap();
+    let item = |id: &str, profiles: Vec<ProfileId>| ReviewItem {
+        id: id.into(),
+        kind: "probable_match".into(),
+        profiles,
+        score: 0.9,
+        evidence: json!({}),
+        status: ReviewStatus::Open,
+        created_at: at(1),
+        decided_at: None,
+        decided_by: None,
+    };
+    s.put_review_items(vec![
+        item("r1", vec![a.clone(), other.clone()]),
+        item("r2", vec![other.clone(), profile_id(4)]),
+    ])
+    .await
+    .unwrap();
+    let mut mentions = dead_letter(1);
+    mentions.payload = r#"{"email":"student1@example.edu","bad":true}"#.into();
+    s.put_dead_letters(vec![mentions, dead_letter(2)]).await.unwrap();
+
+    let target = ErasureTarget { profiles: vec![a.clone(), b.clone()], identifiers: vec![email(1), email(2)] };
+    let found = s.person_remnants(&target).await.unwrap();
+    let expected = ErasureCounts {
+        profiles: 2,
+        identities: 2,
+        merges: 2,
+        consents: 1,
+        review_items: 1,
+        dead_letters: 1,
+        ..ErasureCounts::default()
+    };
+    assert_eq!(found, expected);
+    let erased = s.erase_person(&target).await.unwrap();
+    assert_eq!(erased, ErasureCounts { dead_letters: 0, ..expected.clone() });
+    assert_eq!(s.erase_dead_letters(&target).await.unwrap(), 1);
+    assert_eq!(s.person_remnants(&target).await.unwrap(), ErasureCounts::default());
+    assert_eq!(s.erase_person(&target).await.unwrap(), ErasureCounts::default(), "idempotent");
+
+    assert!(s.load_profile(&a).await.unwrap().is_none());
+    assert_eq!(
+        s.lookup_identities(&[email(1), email(2), email(3)]).await.unwrap(),
+        vec![None, None, Some(other.clone())]
+    );
+    assert!(s.list_merges(&a).await.unwrap().is_empty());
+    assert_eq!(s.list_merges(&other).await.unwrap(), vec![kept_merge]);
+    assert!(s.consents(&a).await.unwrap().is_empty());
+    assert_eq!(s.consents(&other).await.unwrap().len(), 1);
+    let left: Vec<String> = s.list_review_items(None, None, 10).await.unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(left, vec!["r2"]);
+    let letters = s.list_dead_letters(0, 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(!letters[0].payload.contains("student1"));
+    assert!(s.load_profile(&other).await.unwrap().is_some());
+}
+
+/// GDPR erasure in the journal: the person's events, their raw payloads and any other payload
+/// mentioning them go; the rest stays readable in order.
+pub async fn journal_erasure_removes_the_persons_events_and_payloads(f: Fixture) {
+    let mut mine = batch(Some(br#"{"anonymousId":"anon_x1"}"#), &["x1"]);
+    mine.events[0].identifiers.push(email(1));
+    f.log.append(mine).await.unwrap();
+    f.log.append(batch(Some(b"{\"email\":\"student1@example.edu\",\"rejected\":true}"), &[])).await.unwrap();
+    f.log.append(batch(Some(b"{\"someone\":\"else\"}"), &["y1", "y2"])).await.unwrap();
+    let target = ErasureTarget { profiles: vec![profile_id(1)], identifiers: vec![email(1)] };
+    let found = f.log.count_matching(&target).await.unwrap();
+    assert_eq!((found.journal_events, found.raw_payloads), (1, 2));
+    let erased = f.log.erase_matching(&target).await.unwrap();
+    assert_eq!((erased.journal_events, erased.raw_payloads), (1, 2));
+    assert_eq!(f.log.count_matching(&target).await.unwrap(), ErasureCounts::default());
+    let left: Vec<String> =
+        f.log.read_after(0, 10).await.unwrap().into_iter().map(|e| e.event.event_id.as_str().to_string()).collect();
+    assert_eq!(left, vec!["web:y1", "web:y2"]);
+    let bronze = f.log.read_bronze_after(0, 10).await.unwrap();
+    assert_eq!(bronze.len(), 1);
+    assert!(!String::from_utf8_lossy(&bronze[0].1.body).contains("student1"));
 }
