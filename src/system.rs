@@ -2,6 +2,7 @@
 //! HTTP API, and an orderly shutdown.
 
 use anyhow::{anyhow, Context};
+use cohort_actors::gdpr::destinations::ErasureDestinations;
 use cohort_actors::matching::MatchModel;
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
 use cohort_actors::normalize::{normalize_email, normalize_phone, NormalizeOptions};
@@ -11,10 +12,13 @@ use cohort_actors::segments::models::{LogisticModel, Models};
 use cohort_actors::segments::{Segment, SegmentDefinition, SegmentRegistry};
 use cohort_actors::watermark::{Checkpoints, PendingIds, Watermark};
 use cohort_actors::{
-    spawn_identity_pool, Dispatcher, DispatcherArgs, FaultInjector, IdentityFactoryMsg, IdentityIndex, IdentityMatcher,
-    IdentityMatcherArgs, IdentityRules, IdentityStatsActor, IdentityStatsArgs, IngestActor, IngestArgs,
-    PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory, RetentionActor, RetentionArgs, WarehouseSink,
-    WarehouseSinkArgs,
+    spawn_identity_pool, Dispatcher, DispatcherArgs, Erasures, FaultInjector, GdprArgs, GdprCoordinator, GdprSettings,
+    IdentityFactoryMsg, IdentityIndex, IdentityMatcher, IdentityMatcherArgs, IdentityRules, IdentityStatsActor,
+    IdentityStatsArgs, IngestActor, IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory,
+    RetentionActor, RetentionArgs, WarehouseSink, WarehouseSinkArgs,
+};
+use cohort_adapters::crypto::{
+    key_manager_from_url, new_data_key, open_data_key, Envelope, KeyedHasher, KmsOptions, WrappedKey,
 };
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
@@ -24,8 +28,8 @@ use cohort_adapters::{
 use cohort_api::ApiState;
 use cohort_config::Config;
 use cohort_messages::msgs::{
-    BatchRun, FlushReport, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport, RelayReport,
-    RetentionMsg, ReverseEtlMsg, SegmentMsg, WarehouseMsg,
+    BatchRun, FlushReport, GdprMsg, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport,
+    RelayReport, RetentionMsg, ReverseEtlMsg, SegmentMsg, WarehouseMsg,
 };
 use cohort_messages::{Identifier, IdentifierKind, Source};
 use cohort_supervisors::{
@@ -102,6 +106,45 @@ pub async fn open_configured_warehouse(config: &Config) -> anyhow::Result<Option
         open_warehouse(&url).await.with_context(|| format!("opening the warehouse `{}`", redact_url(&url)))?;
     Ok(Some(warehouse))
 }
+
+/// The data key that seals personal data at rest, from the store's keyring (created, wrapped
+/// by the key-encryption key `gdpr.key_url` names, on first start).
+pub async fn open_keyring(config: &Config, store: &dyn OperationalStore) -> anyhow::Result<Envelope> {
+    let key_url = config.gdpr.key_url.trim();
+    let url = if key_url == "embedded" {
+        match config.storage.url.strip_prefix("embedded://") {
+            Some(path) => format!("file:{}", std::path::Path::new(path).with_extension("kek").display()),
+            // Nothing outlives a memory store, so its data key needs no wrapping.
+            None => return Ok(Envelope::generate().0),
+        }
+    } else {
+        key_url.to_string()
+    };
+    let nonempty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
+    let options = KmsOptions {
+        endpoint: nonempty(&config.gdpr.kms_endpoint),
+        token: nonempty(&config.gdpr.kms_token),
+        metadata_endpoint: None,
+    };
+    let km = key_manager_from_url(&url, &options).map_err(|e| anyhow!("invalid configuration: `gdpr.key_url`: {e}"))?;
+    let key = vec![KEYRING_DATA_KEY.to_string()];
+    let stored = store.get_documents(KEYRING, &key).await.context("reading the keyring")?;
+    let record: WrappedKey = match stored.into_iter().next().flatten() {
+        Some(doc) => serde_json::from_value(doc).context("the stored data key is unreadable")?,
+        None => {
+            let (_, record) = new_data_key(km.as_ref()).await.context("creating the data key")?;
+            let doc = serde_json::to_value(&record).context("encoding the data key")?;
+            store.put_documents(KEYRING, vec![(KEYRING_DATA_KEY.to_string(), Some(doc))]).await?;
+            tracing::info!(key_id = %record.key_id, kek = %km.describe(), "data key created");
+            record
+        }
+    };
+    open_data_key(km.as_ref(), &record).await.with_context(|| format!("unwrapping the data key with {}", km.describe()))
+}
+
+/// Documents: the wrapped data key.
+const KEYRING: &str = "keyring";
+const KEYRING_DATA_KEY: &str = "data_key";
 
 /// Asks a scheduled job to run now and waits for its outcome.
 async fn ask<M, T>(
@@ -256,6 +299,9 @@ impl Cohort {
         let (segments, configured_segments) = segment_setup(&config)?;
         let (store, bus) = open_backends(&config).await?;
         let warehouse = open_configured_warehouse(&config).await?;
+        let envelope = Arc::new(open_keyring(&config, store.as_ref()).await?);
+        let erasures = Arc::new(Erasures::new(KeyedHasher::derive(&envelope)));
+        erasures.load(store.as_ref()).await.context("loading the GDPR suppression list")?;
         let metrics = Metrics::new().context("registering metrics")?;
         let health = HealthRegistry::new();
         let policy = RestartPolicy::from_config(&config.supervision);
@@ -282,6 +328,7 @@ impl Cohort {
             segments: segments.clone(),
             segment_engine: Slot::default(),
             person_fingerprints: Arc::default(),
+            erasures: erasures.clone(),
         };
 
         // Ingest: one actor per source, independent of each other.
@@ -291,7 +338,9 @@ impl Cohort {
             let slot: Slot<IngestMsg> = Slot::default();
             let queue = metrics.queue(&format!("ingest_{}", source.as_str()));
             let (o, b, s, m, q) = (normalize.clone(), bus.clone(), store.clone(), metrics.clone(), queue.clone());
+            let e = erasures.clone();
             let make = Arc::new(move || IngestArgs {
+                erasures: e.clone(),
                 source,
                 options: o.clone(),
                 bus: b.clone(),
@@ -353,6 +402,7 @@ impl Cohort {
         let mut job_children = Vec::new();
         if let Some(warehouse) = warehouse.clone() {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
+            let erasures = erasures.clone();
             let relay_interval = Duration::from_millis(config.warehouse.relay_interval_ms);
             let reconcile_interval = match config.warehouse.reconcile_interval_secs {
                 0 => None,
@@ -360,6 +410,7 @@ impl Cohort {
             };
             job_children.push(ChildSpec::new("warehouse", "warehouse_sink", move |sup| {
                 let args = WarehouseSinkArgs {
+                    erasures: erasures.clone(),
                     store: store.clone(),
                     bus: bus.clone(),
                     warehouse: warehouse.clone(),
@@ -480,6 +531,43 @@ impl Cohort {
                 }
             }));
         }
+        let gdpr_slot: Slot<GdprMsg> = Slot::default();
+        {
+            let (store, bus, warehouse, metrics) = (store.clone(), bus.clone(), warehouse.clone(), metrics.clone());
+            let (dir, index, erasures, envelope) =
+                (profiles_slot.clone(), ctx.index.clone(), erasures.clone(), envelope.clone());
+            let sink = warehouse_slot.clone();
+            let destinations = ErasureDestinations::new(&config.reverse_etl).map_err(|e| anyhow!(e))?;
+            let g = &config.gdpr;
+            let settings = GdprSettings {
+                retry_initial: Duration::from_millis(g.retry_initial_ms),
+                retry_max: Duration::from_millis(g.retry_max_ms),
+                step_timeout: Duration::from_secs(g.step_timeout_secs),
+                refresh_interval: Duration::from_secs(g.refresh_interval_secs),
+            };
+            let slot = gdpr_slot.clone();
+            job_children.push(ChildSpec::new("gdpr", "gdpr_coordinator", move |sup| {
+                let args = GdprArgs {
+                    store: store.clone(),
+                    bus: bus.clone(),
+                    warehouse: warehouse.clone(),
+                    directory: dir.clone(),
+                    warehouse_sink: sink.clone(),
+                    index: index.clone(),
+                    erasures: erasures.clone(),
+                    envelope: envelope.clone(),
+                    destinations: destinations.clone(),
+                    metrics: metrics.clone(),
+                    settings: settings.clone(),
+                };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, GdprCoordinator, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         let sub = |path: &str, strategy, children| SupervisorArgs {
             path: format!("root/{path}"),
             strategy,
@@ -512,6 +600,8 @@ impl Cohort {
             segments: segments.clone(),
             segment_engine: ctx.segment_engine.clone(),
             reverse_etl: reverse_etl_slot.clone(),
+            gdpr: gdpr_slot,
+            erasures,
             index: ctx.index.clone(),
             store: store.clone(),
             bus: bus.clone(),
@@ -576,13 +666,13 @@ impl Cohort {
         }
     }
 
-    /// Relays the warehouse outbox now; `None` when no warehouse is configured.
     /// Runs a batch segment now and waits for the difference to be applied.
     pub async fn run_batch_segment(&self, name: &str) -> anyhow::Result<BatchRun> {
         let name = name.to_string();
         ask(&self.ctx.segment_engine, "segment engine", |r| SegmentMsg::RunBatch { name, reply: Some(r) }, 300).await
     }
 
+    /// Relays the warehouse outbox now; `None` when no warehouse is configured.
     pub async fn relay_warehouse(&self) -> anyhow::Result<Option<RelayReport>> {
         if self.ctx.warehouse.is_none() {
             return Ok(None);

@@ -33,11 +33,17 @@ fn unique(tag: &str) -> String {
 /// dataset.
 fn backends_toml(prefix: &str, database: &str) -> String {
     format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n{}",
         service("COHORT_TEST_MONGODB"),
         service("COHORT_TEST_KAFKA"),
         service("COHORT_TEST_BIGQUERY"),
+        key_toml(database),
     )
+}
+
+/// A key-encryption key file of one test's own (MongoDB needs one named explicitly).
+fn key_toml(id: &str) -> String {
+    format!("[gdpr]\nkey_url = \"file:{}\"\n", std::env::temp_dir().join(format!("cohort-test-{id}.kek")).display())
 }
 
 /// Reads every record of a topic from the start (until it has been quiet for a while).
@@ -57,7 +63,9 @@ fn read_topic(topic: &str) -> Vec<(String, serde_json::Value)> {
     while quiet_since.elapsed() < Duration::from_secs(5) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            out.push((key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap()));
+            // A tombstone (no payload) reads as null.
+            let value = m.payload().map(|p| serde_json::from_slice(p).unwrap()).unwrap_or(serde_json::Value::Null);
+            out.push((key, value));
             quiet_since = Instant::now();
         }
     }
@@ -231,9 +239,10 @@ async fn a_broker_outage_answers_503_and_loses_nothing() {
     let broker = OwnBroker::start().await;
     let id = unique("outage");
     let extra = format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\npartitions = 2\nproduce_timeout_ms = 2000\n[warehouse]\nurl = \"none://\"\n",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\npartitions = 2\nproduce_timeout_ms = 2000\n[warehouse]\nurl = \"none://\"\n{}",
         service("COHORT_TEST_MONGODB"),
-        broker.addr
+        broker.addr,
+        key_toml(&id),
     );
     let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
     let c = &demo.client;
@@ -354,9 +363,10 @@ async fn a_database_restart_during_load_loses_nothing_and_counts_nothing_twice()
     let mut db = OwnDatabase::start().await;
     let id = unique("dbrestart");
     let extra = format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 2\n[warehouse]\nurl = \"none://\"\n",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 2\n[warehouse]\nurl = \"none://\"\n{}",
         db.url(),
         service("COHORT_TEST_KAFKA"),
+        key_toml(&id),
     );
     let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
     let c = demo.client.clone();

@@ -53,6 +53,8 @@ pub struct PipelineContext {
     /// Per profile, a hash of the person fields the last flush saw (matcher and identity only
     /// look at profiles whose fields changed).
     pub person_fingerprints: Arc<dashmap::DashMap<ProfileId, u64>>,
+    /// Erased people: their events are dropped, their profiles never started again.
+    pub erasures: Arc<crate::gdpr::Erasures>,
 }
 
 impl std::fmt::Debug for PipelineContext {

@@ -101,6 +101,8 @@ pub struct ProfilesState {
     flushing: bool,
     flush_waiters: Vec<RpcReplyPort<Result<FlushReport, String>>>,
     flush_again: bool,
+    /// Erasures answered once the flush in flight (which may carry their state) has landed.
+    erase_waiters: Vec<(RpcReplyPort<usize>, usize)>,
     timers: Vec<JoinHandle<()>>,
     restarts: u64,
     poison_events: u64,
@@ -173,6 +175,15 @@ impl ProfilesState {
         profile_id: ProfileId,
         msg: ProfileMsg,
     ) -> Result<(), ActorProcessingErr> {
+        if self.ctx.erasures.is_erased(&profile_id) {
+            // Erased: never started again. Queries get no answer (their caller sees the profile
+            // gone); an event still counts as delivered so the checkpoint moves on.
+            if let ProfileMsg::Apply { seq, .. } = &msg {
+                self.ctx.watermark.delivered(*seq);
+                self.ctx.metrics.gdpr_suppressed_events.with_label_values(&["profile"]).inc();
+            }
+            return Ok(());
+        }
         let entry = self.entries.entry(profile_id.clone()).or_insert_with(Entry::new);
         entry.last_used = Instant::now();
         let change = change_of(&msg);
@@ -408,6 +419,7 @@ impl Actor for ProfilesDirectory {
             flushing: false,
             flush_waiters: Vec::new(),
             flush_again: false,
+            erase_waiters: Vec::new(),
             timers: Vec::new(),
             restarts: 0,
             poison_events: 0,
@@ -470,6 +482,9 @@ impl Actor for ProfilesDirectory {
                 for w in state.flush_waiters.drain(..) {
                     let _ = w.send(result.clone());
                 }
+                for (w, n) in state.erase_waiters.drain(..) {
+                    let _ = w.send(n);
+                }
                 if state.flush_again {
                     state.flush_again = false;
                     state.start_flush(&myself);
@@ -498,6 +513,26 @@ impl Actor for ProfilesDirectory {
                         // Drain: messages already queued are processed, later sends fail.
                         let _ = actor.drain();
                     }
+                }
+            }
+            ProfilesMsg::Erase { profiles, reply } => {
+                state.ctx.erasures.mark_erased(profiles.iter().cloned());
+                let mut stopped = 0;
+                for id in &profiles {
+                    let Some(entry) = state.entries.remove(id) else { continue };
+                    if let Some(actor) = entry.actor {
+                        state.by_actor.remove(&actor.get_id());
+                        state.ctx.metrics.profile_actors_live.dec();
+                        actor.stop(Some("erased".into()));
+                        stopped += 1;
+                    }
+                    state.ctx.person_fingerprints.remove(id);
+                }
+                tracing::info!(profiles = profiles.len(), stopped, "profiles erased from the directory");
+                if state.flushing {
+                    state.erase_waiters.push((reply, stopped));
+                } else {
+                    let _ = reply.send(stopped);
                 }
             }
             ProfilesMsg::GetStats(reply) => {

@@ -115,7 +115,18 @@ impl Actor for Dispatcher {
         }
         if ctx.warehouse.is_some() && !polled.raw.is_empty() {
             // Staged before the events are delivered, so the flush covering them carries them.
-            let rows = polled.raw.iter().map(|(seq, rec)| BronzeRow::from_record(*seq, rec));
+            // A payload of an erased person's event is not kept raw (the resolver drops the event).
+            let erased: std::collections::HashSet<u64> = polled
+                .events
+                .iter()
+                .filter(|e| ctx.erasures.suppresses(&e.event))
+                .filter_map(|e| e.event.raw.seq)
+                .collect();
+            let rows = polled
+                .raw
+                .iter()
+                .filter(|(seq, _)| !erased.contains(seq))
+                .map(|(seq, rec)| BronzeRow::from_record(*seq, rec));
             ctx.staged_bronze.lock().extend(rows);
         }
         let mut events = polled.events;

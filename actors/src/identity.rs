@@ -256,6 +256,35 @@ impl IdentityIndex {
         Ok(())
     }
 
+    /// GDPR erasure: forgets the person in memory (their identifiers, their profiles as owners,
+    /// roots, redirects and merge state, and unpersisted claims and merges naming them), and
+    /// remembers the identifiers as absent so no lookup brings them back from a stale cache.
+    pub fn forget(&self, profiles: &[ProfileId], identifiers: &[Identifier]) {
+        let theirs = |p: &ProfileId| profiles.contains(p);
+        self.owners.retain(|i, p| !theirs(p) && !identifiers.contains(i));
+        self.redirects.retain(|from, to| !theirs(from) && !theirs(to));
+        for p in profiles {
+            self.known_roots.remove(p);
+            self.created.remove(p);
+            self.limited.remove(p);
+            self.apart.remove(p);
+            self.persons.remove(p);
+        }
+        for mut seen in self.sightings.iter_mut() {
+            seen.retain(|p| !theirs(p));
+        }
+        self.sightings.retain(|i, seen| !seen.is_empty() && !identifiers.contains(i));
+        for mut apart in self.apart.iter_mut() {
+            apart.retain(|p| !theirs(p));
+        }
+        self.dirty.lock().retain(|i, p| !theirs(p) && !identifiers.contains(i));
+        self.merges.lock().retain(|m| !theirs(&m.survivor) && !theirs(&m.merged));
+        self.unmerges.lock().retain(|u| !theirs(&u.survivor) && !theirs(&u.restored));
+        for i in identifiers {
+            self.absent.insert(i.clone());
+        }
+    }
+
     /// Whether `profile` was created by this process and never loaded: then the store has no
     /// record of it and its actor can start empty. Answers true once.
     pub fn take_created(&self, profile: &ProfileId) -> bool {
@@ -711,6 +740,13 @@ impl Worker for IdentityResolver {
         state: &mut IdentityResolverState,
     ) -> Result<String, ActorProcessingErr> {
         let IdentityMsg::Resolve { seq, event } = job.msg;
+        if state.ctx.erasures.suppresses(&event) {
+            // An erased person's event already on the bus (a replay, a redelivery): dropped
+            // before it can re-create the profile.
+            state.ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
+            state.ctx.watermark.delivered(seq);
+            return Ok(job.key);
+        }
         let directory = state.directory.get().ok_or("profile directory is not running")?;
         let mut backoff = Duration::from_millis(20);
         let target = loop {

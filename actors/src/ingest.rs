@@ -19,6 +19,8 @@ pub struct IngestArgs {
     pub store: Arc<dyn OperationalStore>,
     pub metrics: Metrics,
     pub queue: QueueDepth,
+    /// Erased people, whose events are dropped here (counted, never stored).
+    pub erasures: Arc<crate::gdpr::Erasures>,
 }
 
 pub type IngestState = IngestArgs;
@@ -104,8 +106,16 @@ impl Actor for IngestActor {
             }
             Ok(normalized) => {
                 let rejected: Vec<Rejection> = normalized.rejected;
-                let events = normalized.events;
-                m.events_received.with_label_values(&[source]).inc_by((events.len() + rejected.len()) as u64);
+                let (suppressed, events): (Vec<_>, Vec<_>) =
+                    normalized.events.into_iter().partition(|e| state.erasures.suppresses(e));
+                let suppressed = suppressed.len();
+                if suppressed > 0 {
+                    m.gdpr_suppressed_events.with_label_values(&["ingest"]).inc_by(suppressed as u64);
+                    tracing::info!(source, suppressed, "events of erased people dropped at ingest");
+                }
+                m.events_received
+                    .with_label_values(&[source])
+                    .inc_by((events.len() + rejected.len() + suppressed) as u64);
                 if !rejected.is_empty() {
                     m.events_rejected.with_label_values(&[source, "invalid"]).inc_by(rejected.len() as u64);
                 }
@@ -116,13 +126,14 @@ impl Actor for IngestActor {
                         raw_dead_letter(&payload, format!("{at}{}", r.reason), None)
                     })
                     .collect();
-                let bronze = BronzeRecord {
+                // A payload naming an erased person is not kept raw: Bronze would store them again.
+                let bronze = (suppressed == 0).then(|| BronzeRecord {
                     source: payload.source,
                     format: format_label(payload.format),
                     content_type: payload.content_type.clone(),
                     received_at: payload.received_at,
                     body: payload.body.to_vec(),
-                };
+                });
                 let bus = state.bus.clone();
                 let store = state.store.clone();
                 let metrics = m.clone();
@@ -131,19 +142,16 @@ impl Actor for IngestActor {
                 // this source's ingest loop free. Order within a payload is kept; concurrent
                 // requests have no order to keep.
                 tokio::spawn(async move {
-                    let append = if events.is_empty() {
-                        None
-                    } else {
-                        Some(bus.publish(AppendBatch { raw: Some(bronze), events }))
-                    };
+                    let append =
+                        if events.is_empty() { None } else { Some(bus.publish(AppendBatch { raw: bronze, events })) };
                     dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
                     let answer = match append {
                         None => match rejected.first() {
-                            Some(first) => Err(IngestError::Malformed(format!(
+                            Some(first) if suppressed == 0 => Err(IngestError::Malformed(format!(
                                 "no valid event in payload; first problem: {}",
                                 first.reason
                             ))),
-                            None => Ok(IngestReceipt::default()),
+                            _ => Ok(IngestReceipt { suppressed, rejected, ..IngestReceipt::default() }),
                         },
                         Some(fut) => match fut.await {
                             Ok(outcome) => {
@@ -151,7 +159,7 @@ impl Actor for IngestActor {
                                 let duplicates = outcome.seqs.len() - accepted;
                                 metrics.events_accepted.with_label_values(&[&source_label]).inc_by(accepted as u64);
                                 metrics.events_duplicate.with_label_values(&[&source_label]).inc_by(duplicates as u64);
-                                Ok(IngestReceipt { accepted, duplicates, rejected })
+                                Ok(IngestReceipt { accepted, duplicates, rejected, suppressed })
                             }
                             Err(e) => {
                                 tracing::warn!(source = %source_label, error = %e, "journal append failed");

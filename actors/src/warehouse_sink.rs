@@ -38,6 +38,8 @@ pub struct WarehouseSinkArgs {
     pub relay_interval: Duration,
     /// `None`: reconciliation only runs when asked.
     pub reconcile_interval: Option<Duration>,
+    /// Erased people: outbox rows of theirs written before the erasure are dropped, not relayed.
+    pub erasures: Arc<crate::gdpr::Erasures>,
 }
 
 pub struct WarehouseSinkState {
@@ -143,6 +145,16 @@ impl WarehouseSinkState {
     }
 }
 
+/// Removes the rows of erased profiles (and the raw payloads their events came from) from a
+/// batch about to be relayed: the outbox may still hold rows written before the erasure.
+fn drop_erased(erasures: &crate::gdpr::Erasures, batch: &mut WarehouseBatch) {
+    let erased_raw: std::collections::HashSet<u64> =
+        batch.silver.iter().filter(|r| erasures.is_erased(&r.profile_id)).filter_map(|r| r.raw_seq).collect();
+    batch.silver.retain(|r| !erasures.is_erased(&r.profile_id));
+    batch.gold.retain(|p| !erasures.is_erased(p));
+    batch.bronze.retain(|b| !erased_raw.contains(&b.raw_seq));
+}
+
 /// Moves everything the outbox holds now, oldest first.
 async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
     let mut report = RelayReport::default();
@@ -158,6 +170,7 @@ async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
             ids.push(id);
             merged.extend(batch);
         }
+        drop_erased(&args.erasures, &mut merged);
         let counts = write(args, merged).await?;
         args.store.ack_outbox(&ids).await?;
         report.batches += ids.len();

@@ -4,6 +4,7 @@
 //! project grows, real backends chosen by URL in config.
 
 pub mod bus;
+pub mod crypto;
 pub mod embedded;
 pub mod error;
 pub mod kafka;

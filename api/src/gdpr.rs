@@ -1,4 +1,5 @@
-//! GDPR access and portability (Art. 15 and 20): everything Cohort holds about a person, as JSON.
+//! GDPR: access and portability (Art. 15 and 20: everything Cohort holds about a person, as
+//! JSON), consent, and erasure (Art. 17) through deletion sagas.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -7,9 +8,11 @@ use chrono::Utc;
 use cohort_actors::profile::CONSENT_HISTORY;
 use cohort_actors::segments::engine::{member_key, MEMBERS};
 use cohort_adapters::{all_documents, all_review_items, Layer, QueryValue};
-use cohort_messages::msgs::{ConsentDecision, ProfileMsg};
+use cohort_messages::msgs::{ConsentDecision, DeletionRequest, GdprMsg, ProfileMsg};
 use cohort_messages::profile::{CONSENT_KEYS, LEGAL_BASES};
-use cohort_messages::NewAuditEntry;
+use cohort_messages::{
+    DeletionState, ErasureTarget, IdentifierKind, NewAuditEntry, Regulation, SagaRecord, DELETION_SAGA,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -194,4 +197,131 @@ pub async fn put_consent(
     };
     state.store.append_audit(vec![audit]).await.map_err(unavailable)?;
     Ok(Json(json!({ "profile_id": id, "consent": consent })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeletionInput {
+    /// A profile id or `type:value`.
+    profile: String,
+    regulation: Option<String>,
+    /// Who asked (an operator, a ticket); kept in the audit record.
+    requested_by: Option<String>,
+}
+
+/// A saga as the status endpoint shows it: steps and timings, never the person's identifiers.
+fn deletion_view(saga: &SagaRecord) -> Result<Value, ApiError> {
+    let state: DeletionState = serde_json::from_value(saga.state.clone())
+        .map_err(|e| ApiError::Unavailable(format!("deletion {} is unreadable: {e}", saga.saga_id)))?;
+    let duration_ms = state.completed_at.map(|c| (c - state.requested_at).num_milliseconds());
+    Ok(json!({
+        "id": saga.saga_id,
+        "status": saga.status,
+        "regulation": state.regulation,
+        "profile_id": state.profile_id,
+        "profiles": state.profiles,
+        "requested_by": state.requested_by,
+        "requested_at": state.requested_at,
+        "updated_at": saga.updated_at,
+        "completed_at": state.completed_at,
+        "duration_ms": duration_ms,
+        "steps": state.steps,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/gdpr/deletions", tag = "gdpr",
+    request_body(content = String, description = "`{\"profile\": \"email:max@example.edu\", \"regulation\": \"suppress_with_delete\", \"requested_by\": \"dpo-ticket-4711\"}`; regulation `delete`, `suppress_with_delete` (default) or `suppress_only`", content_type = "application/json"),
+    responses((status = 202, description = "The deletion saga is persisted and running; `Location` names its status"),
+        (status = 400), (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn request_deletion(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<DeletionInput>, axum::extract::rejection::JsonRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let Json(input) = body.map_err(|e| ApiError::BadRequest(format!("invalid deletion request: {}", e.body_text())))?;
+    let regulation = match input.regulation.as_deref() {
+        None => Regulation::SuppressWithDelete,
+        Some(r) => Regulation::parse(r).ok_or_else(|| {
+            let known: Vec<&str> = Regulation::ALL.iter().map(|r| r.as_str()).collect();
+            ApiError::BadRequest(format!("unknown regulation `{r}` (known: {})", known.join(", ")))
+        })?,
+    };
+    let requested_by = input.requested_by.unwrap_or_else(|| "api".into());
+    if requested_by.trim().is_empty() || requested_by.len() > 100 || requested_by.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("requested_by must be 1-100 printable characters".into()));
+    }
+    let id = resolve_ref(&state, &input.profile).await?;
+    let (id, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    let mut profiles = vec![id.clone()];
+    profiles.extend(view.merged_from.iter().cloned());
+    let identifiers: Vec<_> = view.identifiers.iter().map(|l| l.identifier.clone()).collect();
+    let contact_emails: Vec<String> = view
+        .traits
+        .get("email")
+        .and_then(|t| t.value.as_str())
+        .map(str::to_string)
+        .filter(|e| !identifiers.iter().any(|i| i.kind == IdentifierKind::Email && i.value == *e))
+        .into_iter()
+        .collect();
+    let request = DeletionRequest {
+        profile_id: id,
+        target: ErasureTarget { profiles, identifiers, contact_emails },
+        regulation,
+        requested_by,
+    };
+    let coordinator = state.gdpr.get().ok_or_else(|| ApiError::Unavailable("GDPR coordinator restarting".into()))?;
+    let saga =
+        match coordinator.call(|reply| GdprMsg::RequestDeletion { request, reply }, Some(state.call_timeout)).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(saga))) => saga,
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(ApiError::Unavailable(e)),
+            _ => return Err(ApiError::Unavailable("GDPR coordinator did not answer".into())),
+        };
+    let location = format!("/v1/gdpr/deletions/{}", saga.saga_id);
+    let body = deletion_view(&saga)?;
+    Ok((axum::http::StatusCode::ACCEPTED, [(axum::http::header::LOCATION, location)], Json(body)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/gdpr/deletions/{id}", tag = "gdpr",
+    params(("id" = String, Path, description = "The id `POST /v1/gdpr/deletions` answered")),
+    responses((status = 200, description = "The saga: status, and per step its state, attempts, last error, timestamps and what it removed (counts)"),
+        (status = 401), (status = 404), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn get_deletion(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let saga = state.store.load_saga(&id).await.map_err(unavailable)?;
+    match saga {
+        Some(s) if s.kind == DELETION_SAGA => Ok(Json(deletion_view(&s)?)),
+        _ => Err(ApiError::NotFound(format!("no deletion {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeletionPage {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/gdpr/deletions", tag = "gdpr",
+    params(("after" = Option<String>, Query, description = "The last id of the previous page"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 100, at most 1000)")),
+    responses((status = 200, description = "Deletion sagas in id (request) order"), (status = 401), (status = 503)),
+    security(("bearer" = [])))]
+pub async fn list_deletions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    axum::extract::Query(page): axum::extract::Query<DeletionPage>,
+) -> Result<Json<Value>, ApiError> {
+    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    let sagas = state.store.list_sagas(page.after.as_deref(), limit).await.map_err(unavailable)?;
+    let items = sagas.iter().filter(|s| s.kind == DELETION_SAGA).map(deletion_view).collect::<Result<Vec<_>, _>>()?;
+    let next = (sagas.len() == limit).then(|| sagas.last().map(|s| s.saga_id.clone())).flatten();
+    Ok(Json(json!({ "deletions": items, "next_after": next })))
 }

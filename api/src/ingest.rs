@@ -45,6 +45,7 @@ fn receipt_json(r: &IngestReceipt) -> Json<serde_json::Value> {
         "accepted": r.accepted,
         "duplicates": r.duplicates,
         "rejected": r.rejected,
+        "suppressed": r.suppressed,
     }))
 }
 

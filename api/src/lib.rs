@@ -45,6 +45,7 @@ impl Modify for BearerAuth {
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
         segments::status, segments::retry, segments::confirm, segments::changes, gdpr::export, gdpr::get_consent, gdpr::put_consent,
+        gdpr::request_deletion, gdpr::get_deletion, gdpr::list_deletions,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
     ),
     modifiers(&BearerAuth)
@@ -102,6 +103,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/segments/{name}/members", get(segments::members))
         .route("/v1/reverse-etl/status", get(segments::status))
         .route("/v1/gdpr/exports/{ref}", get(gdpr::export))
+        .route("/v1/gdpr/deletions", post(gdpr::request_deletion).get(gdpr::list_deletions))
+        .route("/v1/gdpr/deletions/{id}", get(gdpr::get_deletion))
         .route("/v1/profiles/{ref}/consent", get(gdpr::get_consent).put(gdpr::put_consent))
         .route("/v1/reverse-etl/retry", post(segments::retry))
         .route("/v1/reverse-etl/confirm/{activation}", post(segments::confirm))

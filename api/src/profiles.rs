@@ -53,6 +53,9 @@ pub async fn ask<T: Send + 'static>(
 ) -> Result<(ProfileId, T), ApiError> {
     let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
     for _ in 0..8 {
+        if state.erasures.is_erased(&id) {
+            return Err(ApiError::NotFound(format!("no profile {id}: it was erased")));
+        }
         let target = id.clone();
         let result = directory
             .call(|reply| ProfilesMsg::Deliver { profile_id: target, msg: make(reply) }, Some(state.call_timeout))

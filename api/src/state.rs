@@ -5,7 +5,7 @@ use cohort_actors::segments::SegmentRegistry;
 use cohort_actors::IdentityIndex;
 use cohort_adapters::{EventBus, OperationalStore, Warehouse};
 use cohort_config::Config;
-use cohort_messages::msgs::{IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg};
+use cohort_messages::msgs::{GdprMsg, IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg};
 use cohort_messages::Source;
 use cohort_supervisors::{HealthRegistry, Metrics, QueueDepth, Slot};
 use std::collections::HashMap;
@@ -23,6 +23,10 @@ pub struct ApiState {
     pub segments: Arc<SegmentRegistry>,
     pub segment_engine: Slot<SegmentMsg>,
     pub reverse_etl: Slot<ReverseEtlMsg>,
+    /// The GdprCoordinator, which runs deletion sagas.
+    pub gdpr: Slot<GdprMsg>,
+    /// Erased people (their profiles answer 404).
+    pub erasures: Arc<cohort_actors::Erasures>,
     pub index: Arc<IdentityIndex>,
     pub store: Arc<dyn OperationalStore>,
     /// The event bus (the embedded one streams segment changes to API subscribers).

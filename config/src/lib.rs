@@ -24,6 +24,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub warehouse: WarehouseConfig,
     pub retention: RetentionConfig,
+    pub gdpr: GdprConfig,
     pub segments: SegmentsConfig,
     /// Scorers for model-driven segments: `[models.NAME]` with `bias` and `[models.NAME.weights]`.
     #[serde(default)]
@@ -256,6 +257,28 @@ pub struct RetentionConfig {
     pub interval_secs: u64,
 }
 
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GdprConfig {
+    pub key_url: String,
+    pub kms_endpoint: String,
+    pub kms_token: String,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub step_timeout_secs: u64,
+    pub refresh_interval_secs: u64,
+}
+
+impl std::fmt::Debug for GdprConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GdprConfig")
+            .field("key_url", &self.key_url)
+            .field("kms_endpoint", &self.kms_endpoint)
+            .field("kms_token", &if self.kms_token.is_empty() { "" } else { "***" })
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -337,6 +360,15 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(bad("server.request_timeout_ms", "must be positive"));
+        }
+        if self.gdpr.retry_initial_ms == 0 || self.gdpr.retry_max_ms < self.gdpr.retry_initial_ms {
+            return Err(bad("gdpr.retry_max_ms", "must be at least gdpr.retry_initial_ms, which must be positive"));
+        }
+        if self.gdpr.step_timeout_secs == 0 {
+            return Err(bad("gdpr.step_timeout_secs", "must be positive"));
+        }
+        if self.gdpr.refresh_interval_secs == 0 {
+            return Err(bad("gdpr.refresh_interval_secs", "must be positive"));
         }
         let store_url = self.storage.url.as_str();
         let embedded_store = store_url.starts_with("embedded://") || store_url == "memory://";
@@ -475,6 +507,12 @@ impl Config {
                 "must be \"embedded\", sqlite://PATH, bigquery://PROJECT/DATASET[?endpoint=URL] or none://",
             ));
         }
+        if mongo_store && self.gdpr.key_url.trim() == "embedded" {
+            return Err(bad(
+                "gdpr.key_url",
+                "must be file:PATH or gcpkms://... with MongoDB: every replica needs the same key-encryption key",
+            ));
+        }
         if self.identity.stats_interval_secs == 0 {
             return Err(bad("identity.stats_interval_secs", "must be positive"));
         }
@@ -557,8 +595,11 @@ mod tests {
         let mongo_kafka = "[storage]\nurl = \"mongodb://db:27017\"\n[bus]\nurl = \"kafka://k:9092\"\n";
         let err = Config::from_toml_str(mongo_kafka).unwrap_err().to_string();
         assert!(err.contains("`warehouse.url`"), "the embedded warehouse needs the embedded store: {err}");
-        let ok = Config::from_toml_str(&format!("{mongo_kafka}[warehouse]\nurl = \"bigquery://p/cdp\"\n"));
-        assert!(ok.is_ok());
+        let with_warehouse = format!("{mongo_kafka}[warehouse]\nurl = \"bigquery://p/cdp\"\n");
+        let err = Config::from_toml_str(&with_warehouse).unwrap_err().to_string();
+        assert!(err.contains("`gdpr.key_url`"), "replicas must share the key-encryption key: {err}");
+        let ok = Config::from_toml_str(&format!("{with_warehouse}[gdpr]\nkey_url = \"file:/etc/cohort/kek\"\n"));
+        assert!(ok.is_ok(), "{ok:?}");
         let err = Config::from_toml_str("[warehouse]\nurl = \"duckdb://x\"\n").unwrap_err().to_string();
         assert!(err.contains("warehouse.url"), "{err}");
         let err = Config::from_toml_str("[retention]\nidempotency_hours = 0\n").unwrap_err().to_string();

@@ -52,6 +52,10 @@ impl Regulation {
 pub struct ErasureTarget {
     pub profiles: Vec<ProfileId>,
     pub identifiers: Vec<Identifier>,
+    /// Email addresses as the student wrote them (the email tool knows them that way, not in
+    /// Cohort's canonical form).
+    #[serde(default)]
+    pub contact_emails: Vec<String>,
 }
 
 /// Shortest identifier value searched for in raw text: shorter ones match unrelated payloads.
@@ -292,6 +296,7 @@ mod tests {
     fn needles_find_the_person_in_raw_text_only() {
         let t = ErasureTarget {
             profiles: vec![],
+            contact_emails: vec![],
             identifiers: vec![
                 Identifier::new(IdentifierKind::Email, "jana.nowak@example.edu"),
                 Identifier::new(IdentifierKind::Phone, "+4915112345678"),

@@ -503,3 +503,24 @@ pub enum ReverseEtlMsg {
         destination: String,
     },
 }
+
+/// A deletion request as the API hands it to the GdprCoordinator.
+#[derive(Debug, Clone)]
+pub struct DeletionRequest {
+    pub profile_id: ProfileId,
+    pub target: crate::gdpr::ErasureTarget,
+    pub regulation: crate::gdpr::Regulation,
+    /// Who asked (an API token's name); kept in the audit record.
+    pub requested_by: String,
+}
+
+/// The GdprCoordinator: deletion sagas.
+#[derive(Debug)]
+pub enum GdprMsg {
+    /// Persist a new deletion saga and start it; the reply (the API's 202) follows the write.
+    RequestDeletion { request: DeletionRequest, reply: RpcReplyPort<Result<crate::records::SagaRecord, String>> },
+    /// Run the saga's next step (sent to itself; after a failure, once its backoff has passed).
+    Advance { saga_id: String },
+    /// Pick up suppressions and erasures recorded elsewhere, and sagas left running (timer).
+    Refresh,
+}

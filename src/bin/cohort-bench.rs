@@ -1945,7 +1945,9 @@ async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &
     let embedded_toml = format!("[warehouse]\nurl = \"none://\"\n{}", cli.server_toml);
     let kafka_toml = format!(
         "[storage]\nurl = \"{mongodb}\"\ndatabase = \"bench_{tag}\"\n[bus]\nurl = \"kafka://{brokers}\"\n\
-         topic_prefix = \"bench{tag}.\"\ngroup_id = \"bench{tag}\"\n[warehouse]\nurl = \"none://\"\n{}",
+         topic_prefix = \"bench{tag}.\"\ngroup_id = \"bench{tag}\"\n[warehouse]\nurl = \"none://\"\n\
+         [gdpr]\nkey_url = \"file:{}\"\n{}",
+        std::env::temp_dir().join(format!("cohort-bench-{tag}.kek")).display(),
         cli.server_toml
     );
     let partitions = Config::from_toml_layers(&[&kafka_toml])?.bus.partitions;

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub identity_match_rate: prometheus::Gauge,
     pub profiles_live: IntGauge,
     pub profiles_known: IntGauge,
+    pub gdpr_saga_duration: HistogramVec,
+    pub gdpr_sagas: IntCounterVec,
+    pub gdpr_step_failures: IntCounterVec,
+    pub gdpr_suppressed_events: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -127,6 +131,22 @@ impl Metrics {
             "reverse_etl_requests_total",
             "Destination requests by destination and outcome (sent, failed, retried)",
             &["destination", "outcome"],
+        )?;
+        let gdpr_saga_duration = HistogramVec::new(
+            HistogramOpts::new("gdpr_saga_duration_seconds", "From a deletion request to its saga's end")
+                .buckets(vec![0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 86_400.0]),
+            &["regulation"],
+        )?;
+        r.register(Box::new(gdpr_saga_duration.clone()))?;
+        let gdpr_sagas =
+            counter_vec(&r, "gdpr_sagas_total", "Deletion sagas by regulation and event", &["regulation", "event"])?;
+        let gdpr_step_failures =
+            counter_vec(&r, "gdpr_step_failures_total", "Deletion saga step attempts that failed", &["step"])?;
+        let gdpr_suppressed_events = counter_vec(
+            &r,
+            "gdpr_suppressed_events_total",
+            "Events of erased people dropped, per stage (ingest, resolver, profile)",
+            &["stage"],
         )?;
         let reverse_etl_skipped = counter_vec(
             &r,
@@ -244,6 +264,10 @@ impl Metrics {
             flush_duration,
             flush_failures,
             checkpoint,
+            gdpr_saga_duration,
+            gdpr_sagas,
+            gdpr_step_failures,
+            gdpr_suppressed_events,
         })
     }
 

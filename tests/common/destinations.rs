@@ -90,8 +90,8 @@ impl Destinations {
         let mut d = Destinations::default();
         let app = Router::new()
             .route("/services/data/{version}/sobjects/Task", post(sf_task))
-            .route("/services/data/{version}/sobjects/Contact/{id}", patch(sf_contact))
-            .route("/v3/marketing/contacts", put(sg_upsert))
+            .route("/services/data/{version}/sobjects/Contact/{id}", patch(sf_contact).delete(sf_contact_delete))
+            .route("/v3/marketing/contacts", put(sg_upsert).delete(sg_delete))
             .route("/v3/marketing/contacts/search/emails", post(sg_search))
             .route("/v3/marketing/lists/{id}/contacts", delete(sg_remove))
             .route("/2010-04-01/Accounts/{sid}/Messages.json", post(twilio_message))
@@ -125,6 +125,7 @@ impl Destinations {
         self.inner.lock().unwrap().fail_next.insert(api, n);
     }
 
+    #[allow(dead_code)] // not every test crate slows a destination down
     pub fn delay(&self, api: &'static str, ms: u64) {
         self.inner.lock().unwrap().delay_ms.insert(api, ms);
     }
@@ -211,6 +212,55 @@ async fn sf_contact(
         return r;
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `DELETE /sobjects/Contact/{id}`: 204, or 404 `ENTITY_IS_DELETED` the second time.
+async fn sf_contact_delete(
+    State(d): State<Destinations>,
+    Path((version, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !bearer(&headers, SF_TOKEN) {
+        return unauthorized();
+    }
+    if !version.starts_with('v') || !id.starts_with("003") || !(id.len() == 15 || id.len() == 18) {
+        return (StatusCode::NOT_FOUND, Json(json!([{ "message": "Provided external ID field does not exist or is not accessible", "errorCode": "NOT_FOUND" }]))).into_response();
+    }
+    let path = format!("Contact/{id}");
+    let deleted_before = d.received("salesforce").iter().any(|r| r.method == "DELETE" && r.path == path);
+    if let Some(r) = d.accept("salesforce", "DELETE", path, Value::Null, &headers).await {
+        return r;
+    }
+    if deleted_before {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!([{ "message": "entity is deleted", "errorCode": "ENTITY_IS_DELETED" }])),
+        )
+            .into_response();
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `DELETE /v3/marketing/contacts?ids=a,b`: 202 with a job id.
+async fn sg_delete(
+    State(d): State<Destinations>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !bearer(&headers, SG_KEY) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let Some(ids) = q.get("ids").filter(|i| !i.is_empty() && !i.contains(' ')) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "errors": [{ "field": "ids", "message": "ids or delete_all_contacts required" }] })),
+        )
+            .into_response();
+    };
+    if let Some(r) = d.accept("sendgrid", "DELETE", "contacts".into(), json!({ "ids": ids }), &headers).await {
+        return r;
+    }
+    (StatusCode::ACCEPTED, Json(json!({ "job_id": "d7a0b1c2-delete" }))).into_response()
 }
 
 async fn sg_upsert(State(d): State<Destinations>, headers: HeaderMap, body: Bytes) -> Response {

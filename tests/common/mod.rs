@@ -163,3 +163,4 @@ pub async fn assert_exactly_once(c: &CohortClient, students: usize, user_prefix:
         return;
     }
 }
+pub mod erasure;

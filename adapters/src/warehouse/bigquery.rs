@@ -741,6 +741,36 @@ impl Warehouse for BigQueryWarehouse {
         Ok(outcome)
     }
 
+    async fn delete_raw_mentioning(&self, needles: &[String]) -> Result<DeleteOutcome, StoreError> {
+        if needles.is_empty() {
+            return Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "bronze: 0 deleted".into() });
+        }
+        let (clause, params) = mentioning(needles);
+        let sql = format!("DELETE FROM {} WHERE {clause}", self.qualified(Layer::Bronze.table_name()));
+        match self.run(&sql, &params).await {
+            Ok(response) => {
+                let n = response.num_dml_affected_rows.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                Ok(DeleteOutcome { rows_deleted: n, retry_later: false, detail: format!("bronze: {n} deleted") })
+            }
+            Err(e) if is_streaming_buffer(&e) => Ok(DeleteOutcome {
+                rows_deleted: 0,
+                retry_later: true,
+                detail: "bronze: rows still in the streaming buffer, retry later".into(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn count_raw_mentioning(&self, needles: &[String]) -> Result<u64, StoreError> {
+        if needles.is_empty() {
+            return Ok(0);
+        }
+        let (clause, params) = mentioning(needles);
+        let sql = format!("SELECT COUNT(*) AS n FROM {} WHERE {clause}", self.qualified(Layer::Bronze.table_name()));
+        let result = self.query(&sql, &params).await?;
+        Ok(result.rows.first().and_then(|r| r.first()).and_then(Value::as_u64).unwrap_or(0))
+    }
+
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError> {
         let result = self.query(&format!("SELECT COUNT(*) AS n FROM {}", self.table(layer)), &[]).await?;
         result.rows.first().and_then(|r| r.first()).and_then(Value::as_u64).ok_or_else(|| {
@@ -755,6 +785,14 @@ impl Warehouse for BigQueryWarehouse {
     fn backend(&self) -> &'static str {
         "bigquery"
     }
+}
+
+/// `STRPOS(LOWER(payload), @nI) > 0 OR ...` with the lower-cased needles as parameters.
+fn mentioning(needles: &[String]) -> (String, Vec<(String, QueryValue)>) {
+    let clause: Vec<String> = (0..needles.len()).map(|i| format!("STRPOS(LOWER(payload), @n{i}) > 0")).collect();
+    let params =
+        needles.iter().enumerate().map(|(i, n)| (format!("n{i}"), QueryValue::String(n.to_lowercase()))).collect();
+    (clause.join(" OR "), params)
 }
 
 #[cfg(test)]

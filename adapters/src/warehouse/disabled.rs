@@ -38,6 +38,14 @@ impl Warehouse for DisabledWarehouse {
         Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "warehouse disabled: nothing stored".into() })
     }
 
+    async fn delete_raw_mentioning(&self, _needles: &[String]) -> Result<DeleteOutcome, StoreError> {
+        Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "warehouse disabled: nothing stored".into() })
+    }
+
+    async fn count_raw_mentioning(&self, _needles: &[String]) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     async fn count_rows(&self, _layer: Layer) -> Result<u64, StoreError> {
         Ok(0)
     }

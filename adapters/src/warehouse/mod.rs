@@ -347,6 +347,12 @@ pub trait Warehouse: Send + Sync + 'static {
     /// whole or not at all). A merged profile's absorbed ids (`merged_from`) are separate
     /// profile ids: call this for each of them too.
     async fn delete_profile(&self, profile_id: &ProfileId) -> Result<DeleteOutcome, StoreError>;
+    /// GDPR erasure by content: deletes the Bronze payloads containing one of `needles` (case
+    /// insensitive), the ones no Silver row of the person points at (refused elements, events
+    /// dropped once the erasure began). Idempotent.
+    async fn delete_raw_mentioning(&self, needles: &[String]) -> Result<DeleteOutcome, StoreError>;
+    /// Bronze payloads containing one of `needles` (the verification sweep expects none).
+    async fn count_raw_mentioning(&self, needles: &[String]) -> Result<u64, StoreError>;
     /// Rows of the layer's deduplicated view ([`Layer::view_name`]): payloads, events, profiles.
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError>;
     /// The SQL name of the layer's deduplicated view, qualified as the backend needs it (plain on

@@ -385,6 +385,38 @@ impl Warehouse for SqliteWarehouse {
         .await
     }
 
+    async fn delete_raw_mentioning(&self, needles: &[String]) -> Result<DeleteOutcome, StoreError> {
+        if needles.is_empty() {
+            return Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "bronze: 0 deleted".into() });
+        }
+        let (clause, values) = mentioning(needles);
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(&format!("DELETE FROM bronze WHERE {clause}"), rusqlite::params_from_iter(values.iter()))
+                .map_err(|e| map_err("delete bronze", e))?;
+            Ok(DeleteOutcome { rows_deleted: n as u64, retry_later: false, detail: format!("bronze: {n} deleted") })
+        })
+        .await
+    }
+
+    async fn count_raw_mentioning(&self, needles: &[String]) -> Result<u64, StoreError> {
+        if needles.is_empty() {
+            return Ok(0);
+        }
+        let (clause, values) = mentioning(needles);
+        self.with_conn(move |conn| {
+            let n: i64 = conn
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM bronze WHERE {clause}"),
+                    rusqlite::params_from_iter(values.iter()),
+                    |r| r.get(0),
+                )
+                .map_err(|e| map_err("count bronze", e))?;
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError> {
         self.with_conn(move |conn| {
             let n: i64 = conn
@@ -402,4 +434,10 @@ impl Warehouse for SqliteWarehouse {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+}
+
+/// `instr(lower(payload), ?n) > 0 OR ...` with the lower-cased needles as parameters.
+fn mentioning(needles: &[String]) -> (String, Vec<String>) {
+    let clause: Vec<String> = (1..=needles.len()).map(|i| format!("instr(lower(payload), ?{i}) > 0")).collect();
+    (clause.join(" OR "), needles.iter().map(|n| n.to_lowercase()).collect())
 }

@@ -947,7 +947,11 @@ pub async fn erasure_removes_one_person_and_nobody_else(f: StoreFixture) {
     mentions.payload = r#"{"email":"student1@example.edu","bad":true}"#.into();
     s.put_dead_letters(vec![mentions, dead_letter(2)]).await.unwrap();
 
-    let target = ErasureTarget { profiles: vec![a.clone(), b.clone()], identifiers: vec![email(1), email(2)] };
+    let target = ErasureTarget {
+        profiles: vec![a.clone(), b.clone()],
+        identifiers: vec![email(1), email(2)],
+        contact_emails: vec![],
+    };
     let found = s.person_remnants(&target).await.unwrap();
     let expected = ErasureCounts {
         profiles: 2,
@@ -990,7 +994,7 @@ pub async fn journal_erasure_removes_the_persons_events_and_payloads(f: Fixture)
     f.log.append(mine).await.unwrap();
     f.log.append(batch(Some(b"{\"email\":\"student1@example.edu\",\"rejected\":true}"), &[])).await.unwrap();
     f.log.append(batch(Some(b"{\"someone\":\"else\"}"), &["y1", "y2"])).await.unwrap();
-    let target = ErasureTarget { profiles: vec![profile_id(1)], identifiers: vec![email(1)] };
+    let target = ErasureTarget { profiles: vec![profile_id(1)], identifiers: vec![email(1)], contact_emails: vec![] };
     let found = f.log.count_matching(&target).await.unwrap();
     assert_eq!((found.journal_events, found.raw_payloads), (1, 2));
     let erased = f.log.erase_matching(&target).await.unwrap();

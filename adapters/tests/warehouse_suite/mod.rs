@@ -33,6 +33,7 @@ macro_rules! warehouse_tests {
             gold_keeps_the_latest_snapshot_per_profile,
             named_parameters_of_every_type,
             delete_profile_removes_only_that_profiles_rows,
+            raw_payloads_mentioning_a_person_are_found_and_deleted,
             batches_of_1200_rows_round_trip,
             bad_queries_are_invalid_not_retryable,
         );
@@ -321,6 +322,26 @@ pub async fn delete_profile_removes_only_that_profiles_rows(s: &Subject) {
     let again = wh.delete_profile(&a).await.unwrap();
     assert_eq!((again.rows_deleted, again.retry_later), (0, false));
     assert_eq!(counts(wh).await, [1, 1, 1]);
+}
+
+pub async fn raw_payloads_mentioning_a_person_are_found_and_deleted(s: &Subject) {
+    let wh = s.wh.as_ref();
+    wh.ensure_schema().await.unwrap();
+    wh.write_bronze(vec![
+        bronze(1, br#"{"traits":{"email":"Jana.Novak@uni.eu"}}"#),
+        bronze(2, b"From=whatsapp%3A%2B4915112345678&Body=hi"),
+        bronze(3, br#"{"traits":{"email":"max@uni.eu"}}"#),
+    ])
+    .await
+    .unwrap();
+    let needles = vec!["jana.novak@uni.eu".to_string(), "4915112345678".to_string()];
+    assert_eq!(wh.count_raw_mentioning(&needles).await.unwrap(), 2, "case-insensitive, URL-encoded forms too");
+    assert_eq!(wh.count_raw_mentioning(&[]).await.unwrap(), 0);
+    let outcome = wh.delete_raw_mentioning(&needles).await.unwrap();
+    assert_eq!((outcome.rows_deleted, outcome.retry_later), (2, false), "{outcome:?}");
+    assert_eq!(wh.count_raw_mentioning(&needles).await.unwrap(), 0);
+    assert_eq!(counts(wh).await[0], 1, "the other student's payload stays");
+    assert_eq!(wh.delete_raw_mentioning(&needles).await.unwrap().rows_deleted, 0, "idempotent");
 }
 
 pub async fn batches_of_1200_rows_round_trip(s: &Subject) {

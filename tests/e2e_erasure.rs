@@ -1,0 +1,340 @@
+//! The right to be forgotten on the embedded backends: a deletion saga erases the person from
+//! every store and every destination, keeps them out afterwards, survives a crash half-way and
+//! runs while ingest goes on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+#[path = "common/destinations.rs"]
+mod destinations;
+
+use chrono::Utc;
+use cohort::client::CohortClient;
+use cohort::demo::DemoServer;
+use cohort::payloads;
+use cohort::SystemOptions;
+use cohort_adapters::AppendBatch;
+use cohort_config::Config;
+use cohort_messages::msgs::{ReverseEtlMsg, SegmentMsg};
+use common::erasure::{
+    assert_nothing_left, assert_present, completed, request_deletion, seed, step, target_of, wait_deletion, JANA, MAX,
+};
+use common::{assert_exactly_once, free_port, load_during, spawn_cohort, wait_ready};
+use destinations::Destinations;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Destinations, a segment every seeded student enters, and an activation that syncs it (so
+/// reverse-ETL state exists per profile).
+fn config_toml(d: &Destinations) -> String {
+    format!(
+        "{}\n[gdpr]\nretry_initial_ms = 20\nretry_max_ms = 200\n\
+         [[segments.define]]\nname = \"mba_interest\"\nrule = 'page_count(\"mba\") >= 1'\n\
+         [[activations]]\nname = \"mba_list\"\nsegment = \"mba_interest\"\ndestination = \"sendgrid\"\n\
+         action = \"add_to_list\"\nlist_id = \"list-mba\"\n",
+        d.config_toml()
+    )
+}
+
+async fn everything_settled(demo: &DemoServer) {
+    demo.cohort.settle(Duration::from_secs(20)).await.unwrap();
+    let engine = demo.cohort.ctx.segment_engine.get().unwrap();
+    engine.call(SegmentMsg::Sync, Some(Duration::from_secs(10))).await.unwrap();
+    let retl = demo.cohort.reverse_etl.get().unwrap();
+    retl.call(ReverseEtlMsg::Drain, Some(Duration::from_secs(30))).await.unwrap();
+    demo.cohort.flush().await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps_them_out() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    seed(c, &JANA, 1).await;
+    seed(c, &MAX, 1).await;
+    everything_settled(&demo).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    let target = target_of(c, &jana_ref).await;
+    let (store, bus) = (demo.cohort.ctx.store.as_ref(), demo.cohort.ctx.bus.as_ref());
+    let warehouse = demo.cohort.ctx.warehouse.as_deref();
+    assert_present(store, warehouse, &target).await;
+    let max_before = c.get(&format!("/v1/profiles/email:{}", MAX.email)).await.unwrap().body;
+    assert!(!d.received("sendgrid").is_empty(), "the activation synced the students");
+
+    let url = request_deletion(c, &jana_ref, "suppress_with_delete").await;
+    let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    for s in done["steps"].as_array().unwrap() {
+        assert!(s["status"] == "done" || s["status"] == "skipped", "{s}");
+        assert!(s["started_at"].is_string() && s["finished_at"].is_string(), "{s}");
+    }
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0, "{done}");
+    assert!(step(&done, "operational_store")["detail"]["profiles"].as_u64().unwrap() >= 1, "{done}");
+    assert!(step(&done, "warehouse")["detail"]["rows_deleted"].as_u64().unwrap() >= 5, "{done}");
+    assert!(step(&done, "documents")["detail"]["documents"].as_u64().unwrap() >= 1, "{done}");
+    assert!(step(&done, "dead_letters")["detail"]["dead_letters"].as_u64().unwrap() >= 1, "{done}");
+    assert!(step(&done, "event_log")["detail"]["erased"]["journal_events"].as_u64().unwrap() >= 5, "{done}");
+    assert_eq!(step(&done, "tombstones")["status"], "skipped", "no compacted topic on the embedded bus");
+    assert_eq!(step(&done, "destinations")["detail"]["salesforce"]["contacts_deleted"], 1, "{done}");
+    assert_eq!(step(&done, "destinations")["detail"]["sendgrid"]["contacts_deleted"], 1, "{done}");
+    assert!(done["duration_ms"].as_i64().is_some(), "{done}");
+    let status_text = done.to_string();
+    for n in JANA.needles() {
+        assert!(!status_text.contains(&n), "the status shows `{n}`");
+    }
+
+    // Nothing left anywhere; the Profile API and the export know nobody.
+    assert_nothing_left(store, bus, warehouse, &target, &JANA).await;
+    for r in [jana_ref.clone(), target.profiles[0].to_string(), format!("phone:{}", JANA.phone)] {
+        assert_eq!(c.get(&format!("/v1/profiles/{r}")).await.unwrap().status, 404, "{r}");
+    }
+    assert_eq!(c.get(&format!("/v1/gdpr/exports/{jana_ref}")).await.unwrap().status, 404);
+    // The destinations were told: Salesforce Contact deleted, SendGrid contact searched and deleted.
+    let sf: Vec<_> = d.received("salesforce").into_iter().filter(|r| r.method == "DELETE").collect();
+    assert_eq!(sf.len(), 1);
+    assert_eq!(sf[0].path, format!("Contact/{}", JANA.salesforce_id));
+    let sg = d.received("sendgrid");
+    let search = sg.iter().rev().find(|r| r.path == "search").unwrap();
+    assert!(search.body["emails"].to_string().contains(JANA.email), "{}", search.body);
+    assert!(sg.iter().any(|r| r.method == "DELETE" && r.path == "contacts"));
+    // The audit record says who asked and what went, without the person.
+    let audit = store.list_audit(0, 1000).await.unwrap();
+    let entry = audit.iter().find(|e| e.action == "gdpr.deletion").unwrap();
+    assert_eq!(entry.actor, "dpo-ticket-4711");
+    assert_eq!(entry.subject, target.profiles[0].to_string());
+    assert!(entry.detail["deleted"]["operational_store"]["profiles"].as_u64().unwrap() >= 1, "{}", entry.detail);
+
+    // Max is untouched.
+    let max_after = c.get(&format!("/v1/profiles/email:{}", MAX.email)).await.unwrap().body;
+    assert_eq!(max_after["counters"], max_before["counters"]);
+    assert_eq!(max_after["identifiers"], max_before["identifiers"]);
+
+    // Jana's sources send her again: dropped at ingest, counted, never recreated.
+    let profiles_before = store.count_profiles().await.unwrap();
+    let identify = payloads::segment_identify(
+        "jana-again",
+        Some("anon-jana-new-device"),
+        None,
+        json!({ "email": JANA.email }),
+        None,
+        Utc::now(),
+    );
+    let a = c.segment(false, "identify", &identify).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["suppressed"], &a.body["accepted"]), (200, &json!(1), &json!(0)));
+    let form = payloads::twilio_whatsapp_form("SMjanaagain00000000000000000001", JANA.phone, "hello again", "Jana");
+    assert_eq!(c.twilio(&form).await.unwrap().status, 200, "Twilio gets its TwiML answer");
+    // An event already on the bus (a replay, a redelivery) is dropped by the resolver.
+    let mut replayed = cohort_messages::CustomerEvent::clone(&{
+        let page = payloads::segment_page("jana-replayed", "anon-jana", "/programs/mba", Utc::now());
+        let opts = &demo.cohort.api.normalize;
+        let raw = cohort_messages::msgs::RawPayload {
+            source: cohort_messages::Source::Web,
+            format: cohort_messages::msgs::PayloadFormat::Segment { call: cohort_messages::msgs::SegmentCall::Page },
+            content_type: "application/json".into(),
+            received_at: Utc::now(),
+            body: serde_json::to_vec(&page).unwrap().into(),
+        };
+        cohort_actors::normalize::normalize(&raw, opts).unwrap().events.remove(0)
+    });
+    replayed.raw.seq = None;
+    bus.publish(AppendBatch { raw: None, events: vec![replayed] }).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.flush().await.unwrap();
+    assert_eq!(store.count_profiles().await.unwrap(), profiles_before, "no profile was created");
+    assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
+    assert_eq!(c.get("/v1/profiles/anonymous_id:anon-jana-new-device").await.unwrap().status, 404);
+    let metrics = c.get("/metrics").await.unwrap().body;
+    let text = metrics.as_str().map(str::to_string).unwrap_or_else(|| metrics.to_string());
+    assert!(metric(&text, "cohort_gdpr_suppressed_events_total{stage=\"ingest\"}") >= 2.0, "{text}");
+    assert!(metric(&text, "cohort_gdpr_suppressed_events_total{stage=\"resolver\"}") >= 1.0, "{text}");
+    assert_eq!(metric(&text, "cohort_gdpr_saga_duration_seconds_count{regulation=\"suppress_with_delete\"}"), 1.0);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_delete_lets_the_person_come_back_and_suppress_only_keeps_the_data() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    seed(c, &JANA, 1).await;
+    seed(c, &MAX, 1).await;
+    everything_settled(&demo).await;
+
+    // suppress_only: nothing is deleted, but her new events are dropped.
+    let max_ref = format!("email:{}", MAX.email);
+    let url = request_deletion(c, &max_ref, "suppress_only").await;
+    let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    let steps: Vec<&str> = done["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["suppress", "verify", "audit", "release"]);
+    assert_eq!(c.get(&format!("/v1/profiles/{max_ref}")).await.unwrap().status, 200, "data kept");
+    let page = payloads::segment_page("max-later", "anon-max", "/programs/msc", Utc::now());
+    assert_eq!(c.segment(false, "page", &page).await.unwrap().body["suppressed"], 1);
+
+    // delete: everything goes, and she may come back later as a new profile.
+    let jana_ref = format!("email:{}", JANA.email);
+    let target = target_of(c, &jana_ref).await;
+    let url = request_deletion(c, &jana_ref, "delete").await;
+    let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    assert_eq!(step(&done, "release")["detail"]["suppression_lifted"], true, "{done}");
+    assert_nothing_left(
+        demo.cohort.ctx.store.as_ref(),
+        demo.cohort.ctx.bus.as_ref(),
+        demo.cohort.ctx.warehouse.as_deref(),
+        &target,
+        &JANA,
+    )
+    .await;
+    let again = payloads::segment_identify(
+        "jana-new",
+        Some("anon-jana-2"),
+        None,
+        json!({ "email": JANA.email }),
+        None,
+        Utc::now(),
+    );
+    let a = c.segment(false, "identify", &again).await.unwrap();
+    assert_eq!((&a.body["accepted"], &a.body["suppressed"]), (&json!(1), &json!(0)), "{}", a.body);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let back = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap();
+    assert_eq!(back.status, 200);
+    assert_ne!(back.body["profile_id"], json!(target.profiles[0].to_string()), "a new profile, not the old one");
+    assert_eq!(back.body["counters"]["events_total"], 1, "nothing of the old one came back");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_during_ingest_load_erases_the_person_and_loses_nobody_elses_events() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = demo.client.clone();
+    seed(&c, &JANA, 1).await;
+    everything_settled(&demo).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    let target = target_of(&c, &jana_ref).await;
+
+    // Jana keeps browsing during the deletion: each of her events is either erased with her or
+    // dropped as suppressed, never the start of a new profile.
+    let jana_sender = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for i in 0..60 {
+                let page = payloads::segment_page(&format!("jana-load-{i}"), "anon-jana", "/programs/mba", Utc::now());
+                let a = c.segment(false, "page", &page).await.unwrap();
+                assert_eq!(a.status, 200, "{}", a.body);
+                outcomes.push(a.body["suppressed"].as_u64().unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            outcomes
+        })
+    };
+    let status = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
+    let load = {
+        let (c, status) = (c.clone(), status.clone());
+        load_during(&c.clone(), 6, 40, "loadstudent", async move {
+            let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
+            *status.lock().unwrap() = wait_deletion(&c, &url, Duration::from_secs(60), completed).await;
+        })
+        .await
+    };
+    let outcomes = jana_sender.await.unwrap();
+    assert!(outcomes.contains(&1), "some of her events came after the suppression");
+    assert_exactly_once(&c, 6, "loadstudent", &load).await;
+    everything_settled(&demo).await;
+    let done = status.lock().unwrap().clone();
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0, "{done}");
+    let ctx = &demo.cohort.ctx;
+    assert_nothing_left(ctx.store.as_ref(), ctx.bus.as_ref(), ctx.warehouse.as_deref(), &target, &JANA).await;
+    assert_eq!(c.get("/v1/profiles/anonymous_id:anon-jana").await.unwrap().status, 404);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_interrupted_by_sigkill_resumes_where_it_stopped_after_the_restart() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cohort.toml");
+    let storage = format!("[storage]\nurl = \"embedded://{}\"\n", dir.path().join("cohort.redb").display());
+    std::fs::write(&cfg, format!("{storage}{}", config_toml(&d))).unwrap();
+    let port = free_port();
+    let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut proc = spawn_cohort(&args, &[], port);
+    wait_ready(&c).await;
+    seed(&c, &JANA, 1).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status != 200 {
+        assert!(std::time::Instant::now() < deadline, "Jana never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let profile_id = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().body["profile_id"].clone();
+
+    // Salesforce is down: the saga gets as far as the destinations and keeps retrying there.
+    d.fail_next("salesforce", 1_000_000);
+    let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
+    let stuck = wait_deletion(&c, &url, Duration::from_secs(30), |v| {
+        step(v, "destinations")["attempts"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert_eq!(stuck["status"], "running");
+    assert_eq!(step(&stuck, "destinations")["status"], "retrying");
+    assert!(step(&stuck, "destinations")["last_error"].as_str().unwrap().contains("503"), "{stuck}");
+    assert_eq!(step(&stuck, "operational_store")["status"], "done");
+
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    d.fail_next("salesforce", 0);
+    let _proc = spawn_cohort(&args, &[], port);
+    wait_ready(&c).await;
+    let done = wait_deletion(&c, &url, Duration::from_secs(60), completed).await;
+    // Resumed, not restarted: the finished steps ran once; the interrupted one carried on.
+    for name in ["suppress", "stop_actor", "operational_store", "documents", "event_log", "warehouse"] {
+        assert_eq!(step(&done, name)["attempts"], 1, "{name} ran again: {done}");
+    }
+    assert!(step(&done, "destinations")["attempts"].as_u64().unwrap() >= 3, "{done}");
+    assert_eq!(step(&done, "destinations")["last_error"], Value::Null);
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0);
+    assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
+    assert_eq!(c.get(&format!("/v1/profiles/{}", profile_id.as_str().unwrap())).await.unwrap().status, 404);
+    // Still suppressed after the restart (the list was reloaded from the store).
+    seed_again_is_suppressed(&c).await;
+    let list = c.get("/v1/gdpr/deletions").await.unwrap();
+    assert_eq!(list.body["deletions"].as_array().unwrap().len(), 1, "{}", list.body);
+}
+
+async fn seed_again_is_suppressed(c: &CohortClient) {
+    let page = payloads::segment_page("jana-after-restart", "anon-jana", "/programs/mba", Utc::now());
+    let a = c.segment(false, "page", &page).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deletion_requests_get_clear_errors() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let cases = [
+        (json!({ "profile": "email:nobody@uni.eu" }), 404),
+        (json!({ "profile": "email:nobody@uni.eu", "regulation": "erase" }), 400),
+        (json!({ "profile": "not a ref" }), 400),
+        (json!({ "profile": "email:a@b.eu", "surprise": 1 }), 400),
+        (json!({ "profile": "email:a@b.eu", "requested_by": "" }), 400),
+    ];
+    for (body, status) in cases {
+        let a = c.post("/v1/gdpr/deletions", &body).await.unwrap();
+        assert_eq!(a.status, status, "{body}: {}", a.body);
+        assert!(a.body["error"].is_object() || a.body["error"].is_string(), "{}", a.body);
+    }
+    assert_eq!(c.get("/v1/gdpr/deletions/del_unknown").await.unwrap().status, 404);
+    let unauth = reqwest::Client::new().get(format!("{}/v1/gdpr/deletions", demo.base)).send().await.unwrap();
+    assert_eq!(unauth.status(), 401);
+    demo.stop().await.unwrap();
+}
