@@ -17,7 +17,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "common/destinations.rs"]
+mod destinations;
+use common::erasure::{
+    assert_nothing_left, assert_present, completed, deletion_during_load, everything_settled, request_deletion,
+    saga_survives_sigkill, seed, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
+};
 use common::{assert_exactly_once, free_port, load_during, load_then_kill, spawn_cohort, wait_ready, Proc};
+use destinations::Destinations;
 
 fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -32,12 +39,16 @@ fn unique(tag: &str) -> String {
 /// Config for Kafka + MongoDB + BigQuery (emulator) with a fresh topic prefix, database and
 /// dataset.
 fn backends_toml(prefix: &str, database: &str) -> String {
+    format!("{}{}", backends_base(prefix, database), key_toml(database))
+}
+
+/// [`backends_toml`] without its `[gdpr]` table.
+fn backends_base(prefix: &str, database: &str) -> String {
     format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n{}",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n",
         service("COHORT_TEST_MONGODB"),
         service("COHORT_TEST_KAFKA"),
         service("COHORT_TEST_BIGQUERY"),
-        key_toml(database),
     )
 }
 
@@ -438,4 +449,83 @@ async fn every_topic_is_created_at_start_with_the_configured_partitions() {
     let policy = config.get("cleanup.policy").and_then(|e| e.value.clone());
     assert_eq!(policy.as_deref(), Some("compact"), "{:?}", config.entry_map().keys().collect::<Vec<_>>());
     demo.stop().await.unwrap();
+}
+
+/// Backends, destinations and the erasure test setup, the key file in its `[gdpr]` table.
+fn erasure_toml(id: &str, d: &Destinations) -> String {
+    format!("{}{}\n{}", backends_base(id, id), d.config_toml(), ERASURE_TOML.replacen("[gdpr]\n", &key_toml(id), 1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_on_kafka_mongodb_and_bigquery_erases_everywhere_tombstones_cdp_gdpr_and_keeps_the_person_out() {
+    let d = Destinations::start().await;
+    let id = unique("erase");
+    let demo = DemoServer::start(None, &erasure_toml(&id, &d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    seed(c, &JANA, 1).await;
+    seed(c, &MAX, 1).await;
+    everything_settled(&demo).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    let target = target_of(c, &jana_ref).await;
+    let ctx = &demo.cohort.ctx;
+    assert_present(ctx.store.as_ref(), ctx.warehouse.as_deref(), &target).await;
+    let max_before = c.get(&format!("/v1/profiles/email:{}", MAX.email)).await.unwrap().body;
+
+    let url = request_deletion(c, &jana_ref, "suppress_with_delete").await;
+    let done = wait_deletion(c, &url, Duration::from_secs(60), completed).await;
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0, "{done}");
+    assert_eq!(step(&done, "warehouse")["detail"]["backend"], "bigquery", "{done}");
+    assert!(step(&done, "event_log")["detail"]["note"].as_str().unwrap().contains("retention"), "{done}");
+    assert_eq!(step(&done, "tombstones")["status"], "done", "{done}");
+    assert_nothing_left(ctx.store.as_ref(), ctx.bus.as_ref(), ctx.warehouse.as_deref(), &target, &JANA).await;
+    assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
+
+    // cdp.gdpr (compacted): the suppression under each identifier hash, and a tombstone under
+    // each of the person's profile ids for downstream consumers to delete what they hold.
+    let records = read_topic(&format!("{id}.cdp.gdpr"));
+    for p in &target.profiles {
+        assert!(records.iter().any(|(k, v)| k == p.as_str() && v.is_null()), "no tombstone for {p}: {records:?}");
+    }
+    let suppressions: Vec<_> = records.iter().filter(|(k, _)| k.starts_with("suppress:h1:")).collect();
+    assert_eq!(suppressions.len(), target.identifiers.len(), "{records:?}");
+    assert!(suppressions.iter().all(|(_, v)| v["suppressed"] == true));
+    let text = serde_json::to_string(&records).unwrap();
+    for n in JANA.needles() {
+        assert!(!text.contains(&n), "cdp.gdpr carries `{n}`");
+    }
+
+    // Re-ingest: dropped and counted; Max is untouched.
+    let again = payloads::segment_identify(
+        "jana-again",
+        Some("anon-jana-b"),
+        None,
+        json!({ "email": JANA.email }),
+        None,
+        Utc::now(),
+    );
+    let a = c.segment(false, "identify", &again).await.unwrap();
+    assert_eq!((&a.body["accepted"], &a.body["suppressed"]), (&json!(0), &json!(1)), "{}", a.body);
+    demo.cohort.settle(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
+    let max_after = c.get(&format!("/v1/profiles/email:{}", MAX.email)).await.unwrap().body;
+    assert_eq!(max_after["counters"], max_before["counters"]);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_during_load_on_kafka_and_mongodb_loses_nobody_elses_events() {
+    let d = Destinations::start().await;
+    let id = unique("eraseload");
+    let demo = DemoServer::start(None, &erasure_toml(&id, &d), SystemOptions::default()).await.unwrap();
+    deletion_during_load(&demo).await;
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_on_kafka_and_mongodb_interrupted_by_sigkill_resumes_after_the_restart() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("erasekill");
+    let fail = |n| d.fail_next("salesforce", n);
+    saga_survives_sigkill(dir.path(), &erasure_toml(&id, &d), fail).await;
 }

@@ -9,41 +9,21 @@ mod common;
 mod destinations;
 
 use chrono::Utc;
-use cohort::client::CohortClient;
 use cohort::demo::DemoServer;
 use cohort::payloads;
 use cohort::SystemOptions;
 use cohort_adapters::AppendBatch;
-use cohort_config::Config;
-use cohort_messages::msgs::{ReverseEtlMsg, SegmentMsg};
 use common::erasure::{
-    assert_nothing_left, assert_present, completed, request_deletion, seed, step, target_of, wait_deletion, JANA, MAX,
+    assert_nothing_left, assert_present, completed, deletion_during_load, everything_settled, request_deletion,
+    saga_survives_sigkill, seed, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
 };
-use common::{assert_exactly_once, free_port, load_during, spawn_cohort, wait_ready};
 use destinations::Destinations;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 
-/// Destinations, a segment every seeded student enters, and an activation that syncs it (so
-/// reverse-ETL state exists per profile).
+/// Destinations, quick saga retries, and a segment with an activation (see [`ERASURE_TOML`]).
 fn config_toml(d: &Destinations) -> String {
-    format!(
-        "{}\n[gdpr]\nretry_initial_ms = 20\nretry_max_ms = 200\n\
-         [[segments.define]]\nname = \"mba_interest\"\nrule = 'page_count(\"mba\") >= 1'\n\
-         [[activations]]\nname = \"mba_list\"\nsegment = \"mba_interest\"\ndestination = \"sendgrid\"\n\
-         action = \"add_to_list\"\nlist_id = \"list-mba\"\n",
-        d.config_toml()
-    )
-}
-
-async fn everything_settled(demo: &DemoServer) {
-    demo.cohort.settle(Duration::from_secs(20)).await.unwrap();
-    let engine = demo.cohort.ctx.segment_engine.get().unwrap();
-    engine.call(SegmentMsg::Sync, Some(Duration::from_secs(10))).await.unwrap();
-    let retl = demo.cohort.reverse_etl.get().unwrap();
-    retl.call(ReverseEtlMsg::Drain, Some(Duration::from_secs(30))).await.unwrap();
-    demo.cohort.flush().await.unwrap();
-    demo.cohort.relay_warehouse().await.unwrap();
+    format!("{}\n{ERASURE_TOML}", d.config_toml())
 }
 
 fn metric(text: &str, name_and_labels: &str) -> f64 {
@@ -214,46 +194,7 @@ async fn a_plain_delete_lets_the_person_come_back_and_suppress_only_keeps_the_da
 async fn a_deletion_during_ingest_load_erases_the_person_and_loses_nobody_elses_events() {
     let d = Destinations::start().await;
     let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
-    let c = demo.client.clone();
-    seed(&c, &JANA, 1).await;
-    everything_settled(&demo).await;
-    let jana_ref = format!("email:{}", JANA.email);
-    let target = target_of(&c, &jana_ref).await;
-
-    // Jana keeps browsing during the deletion: each of her events is either erased with her or
-    // dropped as suppressed, never the start of a new profile.
-    let jana_sender = {
-        let c = c.clone();
-        tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            for i in 0..60 {
-                let page = payloads::segment_page(&format!("jana-load-{i}"), "anon-jana", "/programs/mba", Utc::now());
-                let a = c.segment(false, "page", &page).await.unwrap();
-                assert_eq!(a.status, 200, "{}", a.body);
-                outcomes.push(a.body["suppressed"].as_u64().unwrap_or(0));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            outcomes
-        })
-    };
-    let status = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
-    let load = {
-        let (c, status) = (c.clone(), status.clone());
-        load_during(&c.clone(), 6, 40, "loadstudent", async move {
-            let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
-            *status.lock().unwrap() = wait_deletion(&c, &url, Duration::from_secs(60), completed).await;
-        })
-        .await
-    };
-    let outcomes = jana_sender.await.unwrap();
-    assert!(outcomes.contains(&1), "some of her events came after the suppression");
-    assert_exactly_once(&c, 6, "loadstudent", &load).await;
-    everything_settled(&demo).await;
-    let done = status.lock().unwrap().clone();
-    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0, "{done}");
-    let ctx = &demo.cohort.ctx;
-    assert_nothing_left(ctx.store.as_ref(), ctx.bus.as_ref(), ctx.warehouse.as_deref(), &target, &JANA).await;
-    assert_eq!(c.get("/v1/profiles/anonymous_id:anon-jana").await.unwrap().status, 404);
+    deletion_during_load(&demo).await;
     demo.stop().await.unwrap();
 }
 
@@ -261,60 +202,9 @@ async fn a_deletion_during_ingest_load_erases_the_person_and_loses_nobody_elses_
 async fn a_saga_interrupted_by_sigkill_resumes_where_it_stopped_after_the_restart() {
     let d = Destinations::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cohort.toml");
     let storage = format!("[storage]\nurl = \"embedded://{}\"\n", dir.path().join("cohort.redb").display());
-    std::fs::write(&cfg, format!("{storage}{}", config_toml(&d))).unwrap();
-    let port = free_port();
-    let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
-    let args = ["--config", cfg.to_str().unwrap()];
-    let mut proc = spawn_cohort(&args, &[], port);
-    wait_ready(&c).await;
-    seed(&c, &JANA, 1).await;
-    let jana_ref = format!("email:{}", JANA.email);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status != 200 {
-        assert!(std::time::Instant::now() < deadline, "Jana never appeared");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let profile_id = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().body["profile_id"].clone();
-
-    // Salesforce is down: the saga gets as far as the destinations and keeps retrying there.
-    d.fail_next("salesforce", 1_000_000);
-    let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
-    let stuck = wait_deletion(&c, &url, Duration::from_secs(30), |v| {
-        step(v, "destinations")["attempts"].as_u64().unwrap_or(0) >= 2
-    })
-    .await;
-    assert_eq!(stuck["status"], "running");
-    assert_eq!(step(&stuck, "destinations")["status"], "retrying");
-    assert!(step(&stuck, "destinations")["last_error"].as_str().unwrap().contains("503"), "{stuck}");
-    assert_eq!(step(&stuck, "operational_store")["status"], "done");
-
-    proc.0.kill().unwrap();
-    proc.0.wait().unwrap();
-    d.fail_next("salesforce", 0);
-    let _proc = spawn_cohort(&args, &[], port);
-    wait_ready(&c).await;
-    let done = wait_deletion(&c, &url, Duration::from_secs(60), completed).await;
-    // Resumed, not restarted: the finished steps ran once; the interrupted one carried on.
-    for name in ["suppress", "stop_actor", "operational_store", "documents", "event_log", "warehouse"] {
-        assert_eq!(step(&done, name)["attempts"], 1, "{name} ran again: {done}");
-    }
-    assert!(step(&done, "destinations")["attempts"].as_u64().unwrap() >= 3, "{done}");
-    assert_eq!(step(&done, "destinations")["last_error"], Value::Null);
-    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0);
-    assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
-    assert_eq!(c.get(&format!("/v1/profiles/{}", profile_id.as_str().unwrap())).await.unwrap().status, 404);
-    // Still suppressed after the restart (the list was reloaded from the store).
-    seed_again_is_suppressed(&c).await;
-    let list = c.get("/v1/gdpr/deletions").await.unwrap();
-    assert_eq!(list.body["deletions"].as_array().unwrap().len(), 1, "{}", list.body);
-}
-
-async fn seed_again_is_suppressed(c: &CohortClient) {
-    let page = payloads::segment_page("jana-after-restart", "anon-jana", "/programs/mba", Utc::now());
-    let a = c.segment(false, "page", &page).await.unwrap();
-    assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
+    let fail = |n| d.fail_next("salesforce", n);
+    saga_survives_sigkill(dir.path(), &format!("{storage}{}", config_toml(&d)), fail).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

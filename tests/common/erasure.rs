@@ -6,11 +6,33 @@
 
 use chrono::Utc;
 use cohort::client::{Answer, CohortClient};
+use cohort::demo::DemoServer;
 use cohort::payloads;
 use cohort_adapters::{all_documents, EventBus, Layer, OperationalStore, Warehouse};
+use cohort_config::Config;
+use cohort_messages::msgs::{ReverseEtlMsg, SegmentMsg};
 use cohort_messages::{ErasureCounts, ErasureTarget, Identifier, ProfileId};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+
+/// Quick saga retries, a segment every seeded student enters and an activation that syncs it
+/// (so reverse-ETL state exists per profile). Goes after the destinations' `[reverse_etl]`.
+pub const ERASURE_TOML: &str = r#"
+[gdpr]
+retry_initial_ms = 20
+retry_max_ms = 200
+
+[[segments.define]]
+name = "mba_interest"
+rule = 'page_count("mba") >= 1'
+
+[[activations]]
+name = "mba_list"
+segment = "mba_interest"
+destination = "sendgrid"
+action = "add_to_list"
+list_id = "list-mba"
+"#;
 
 /// One student's contact data, as the sources send it.
 pub struct Student {
@@ -215,4 +237,113 @@ pub async fn assert_present(store: &dyn OperationalStore, warehouse: Option<&dyn
         let text = serde_json::to_string(&rows.rows).unwrap();
         assert!(text.contains(target.profiles[0].as_str()), "the warehouse has no Silver rows of the person yet");
     }
+}
+
+/// Waits until everything ingested is in profiles, segments and destinations, the store and
+/// the warehouse.
+pub async fn everything_settled(demo: &DemoServer) {
+    demo.cohort.settle(Duration::from_secs(30)).await.unwrap();
+    let engine = demo.cohort.ctx.segment_engine.get().unwrap();
+    engine.call(SegmentMsg::Sync, Some(Duration::from_secs(10))).await.unwrap();
+    let retl = demo.cohort.reverse_etl.get().unwrap();
+    retl.call(ReverseEtlMsg::Drain, Some(Duration::from_secs(30))).await.unwrap();
+    demo.cohort.flush().await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+}
+
+/// Jana is erased while six other students send 40 events each and she keeps browsing: every
+/// acknowledged event of the others lands exactly once, and nothing of hers is left (each of
+/// her events was erased with her or dropped as suppressed, never the start of a new profile).
+pub async fn deletion_during_load(demo: &DemoServer) {
+    let c = demo.client.clone();
+    seed(&c, &JANA, 1).await;
+    everything_settled(demo).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    let target = target_of(&c, &jana_ref).await;
+    let jana_sender = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for i in 0..60 {
+                let page = payloads::segment_page(&format!("jana-load-{i}"), "anon-jana", "/programs/mba", Utc::now());
+                let a = c.segment(false, "page", &page).await.unwrap();
+                assert_eq!(a.status, 200, "{}", a.body);
+                outcomes.push(a.body["suppressed"].as_u64().unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            outcomes
+        })
+    };
+    let status = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
+    let load = {
+        let (c, status) = (c.clone(), status.clone());
+        super::load_during(&c.clone(), 6, 40, "loadstudent", async move {
+            let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
+            *status.lock().unwrap() = wait_deletion(&c, &url, Duration::from_secs(90), completed).await;
+        })
+        .await
+    };
+    let outcomes = jana_sender.await.unwrap();
+    assert!(outcomes.contains(&1), "some of her events came after the suppression");
+    super::assert_exactly_once(&c, 6, "loadstudent", &load).await;
+    everything_settled(demo).await;
+    let done = status.lock().unwrap().clone();
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0, "{done}");
+    let ctx = &demo.cohort.ctx;
+    assert_nothing_left(ctx.store.as_ref(), ctx.bus.as_ref(), ctx.warehouse.as_deref(), &target, &JANA).await;
+    assert_eq!(c.get("/v1/profiles/anonymous_id:anon-jana").await.unwrap().status, 404);
+}
+
+/// The real binary with `config` (written into `dir`): a deletion stuck retrying at the
+/// destinations (`fail_salesforce(n)` makes the Salesforce stand-in answer 503 n times) is
+/// SIGKILLed; after the restart it resumes at that step (finished steps do not run again),
+/// completes, and the person stays suppressed.
+pub async fn saga_survives_sigkill(dir: &std::path::Path, config: &str, fail_salesforce: impl Fn(u32)) {
+    let cfg = dir.join("cohort.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let port = super::free_port();
+    let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut proc = super::spawn_cohort(&args, &[], port);
+    super::wait_ready(&c).await;
+    seed(&c, &JANA, 1).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status != 200 {
+        assert!(Instant::now() < deadline, "Jana never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let profile_id = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().body["profile_id"].clone();
+
+    fail_salesforce(1_000_000);
+    let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
+    let stuck = wait_deletion(&c, &url, Duration::from_secs(60), |v| {
+        step(v, "destinations")["attempts"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert_eq!(stuck["status"], "running");
+    assert_eq!(step(&stuck, "destinations")["status"], "retrying");
+    assert!(step(&stuck, "destinations")["last_error"].as_str().unwrap().contains("503"), "{stuck}");
+    assert_eq!(step(&stuck, "operational_store")["status"], "done");
+
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    fail_salesforce(0);
+    let _proc = super::spawn_cohort(&args, &[], port);
+    super::wait_ready(&c).await;
+    let done = wait_deletion(&c, &url, Duration::from_secs(90), completed).await;
+    for name in ["suppress", "stop_actor", "operational_store", "documents", "event_log", "warehouse"] {
+        assert_eq!(step(&done, name)["attempts"], 1, "{name} ran again: {done}");
+    }
+    assert!(step(&done, "destinations")["attempts"].as_u64().unwrap() >= 3, "{done}");
+    assert_eq!(step(&done, "destinations")["last_error"], Value::Null);
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0);
+    assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
+    assert_eq!(c.get(&format!("/v1/profiles/{}", profile_id.as_str().unwrap())).await.unwrap().status, 404);
+    // Still suppressed after the restart: the list is reloaded from the store.
+    let page = payloads::segment_page("jana-after-restart", "anon-jana", "/programs/mba", Utc::now());
+    let a = c.segment(false, "page", &page).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
+    let list = c.get("/v1/gdpr/deletions").await.unwrap();
+    assert_eq!(list.body["deletions"].as_array().unwrap().len(), 1, "{}", list.body);
 }
