@@ -14,9 +14,12 @@ use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use cohort_actors::ingest::parse_format_label;
 use cohort_actors::normalize::{normalize, NormalizeOptions};
+use cohort_actors::warehouse_sink::tokenize_silver;
+use cohort_adapters::crypto::is_sealed;
 use cohort_adapters::warehouse::PayloadEncoding;
 use cohort_adapters::{AppendBatch, BronzeRow, Layer, QueryValue, SilverRow, Warehouse};
 use cohort_config::Config;
+use cohort_config::WarehousePii;
 use cohort_messages::msgs::RawPayload;
 use cohort_messages::Source;
 use serde::Serialize;
@@ -80,10 +83,23 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
                 tracing::warn!(raw_seq = row.raw_seq, format = %row.format, "unknown payload format in Bronze");
                 continue;
             };
+            // Sealed when the warehouse keeps no personal data: the store's data key opens it.
+            let body = if is_sealed(&row.payload) {
+                match cohort.pii.open_text(&row.payload) {
+                    Ok(text) => BronzeRow { payload: text, ..row.clone() }.body()?,
+                    Err(e) => {
+                        summary.refused_payloads += 1;
+                        tracing::warn!(raw_seq = row.raw_seq, error = %e, "sealed Bronze payload cannot be opened with this store's data key");
+                        continue;
+                    }
+                }
+            } else {
+                row.body()?
+            };
             let payload = RawPayload {
                 source: row.source,
                 format,
-                body: row.body()?.into(),
+                body: body.into(),
                 content_type: row.content_type.clone(),
                 received_at: row.received_at,
             };
@@ -118,7 +134,11 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
         for event in &replayed {
             let Some(identifier) = event.routing_identifier() else { continue };
             if let Some(profile) = cohort.ctx.index.resolve(identifier).await? {
-                silver.push(SilverRow::from_event(event, &profile));
+                let mut row = SilverRow::from_event(event, &profile);
+                if cohort.config.warehouse.pii == WarehousePii::Tokenize {
+                    tokenize_silver(&cohort.pii, &mut row);
+                }
+                silver.push(row);
             }
         }
         summary.silver_rows += silver.len() as u64;

@@ -23,10 +23,10 @@ use cohort_adapters::crypto::{
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
 use cohort_adapters::{
-    open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, StreamPositions, Warehouse,
+    open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, Pii, SealedStore, StreamPositions, Warehouse,
 };
 use cohort_api::ApiState;
-use cohort_config::Config;
+use cohort_config::{Config, WarehousePii};
 use cohort_messages::msgs::{
     BatchRun, FlushReport, GdprMsg, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport,
     RelayReport, RetentionMsg, ReverseEtlMsg, SegmentMsg, WarehouseMsg,
@@ -242,6 +242,8 @@ pub struct Cohort {
     pub config: Arc<Config>,
     pub api: ApiState,
     pub ctx: PipelineContext,
+    /// The data key's sealing and tokens (replay opens sealed Bronze and tokenizes Silver).
+    pub pii: Arc<Pii>,
     pub health: HealthRegistry,
     pub warehouse: Slot<WarehouseMsg>,
     pub retention: Slot<RetentionMsg>,
@@ -300,6 +302,9 @@ impl Cohort {
         let (store, bus) = open_backends(&config).await?;
         let warehouse = open_configured_warehouse(&config).await?;
         let envelope = Arc::new(open_keyring(&config, store.as_ref()).await?);
+        let pii = Arc::new(Pii::new(envelope.clone()));
+        let store: Arc<dyn OperationalStore> =
+            if config.gdpr.encrypt_at_rest { Arc::new(SealedStore::new(store, pii.clone())) } else { store };
         let erasures = Arc::new(Erasures::new(KeyedHasher::derive(&envelope)));
         erasures.load(store.as_ref()).await.context("loading the GDPR suppression list")?;
         let metrics = Metrics::new().context("registering metrics")?;
@@ -403,6 +408,7 @@ impl Cohort {
         if let Some(warehouse) = warehouse.clone() {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
             let erasures = erasures.clone();
+            let tokenize = (config.warehouse.pii == WarehousePii::Tokenize).then(|| pii.clone());
             let relay_interval = Duration::from_millis(config.warehouse.relay_interval_ms);
             let reconcile_interval = match config.warehouse.reconcile_interval_secs {
                 0 => None,
@@ -411,6 +417,7 @@ impl Cohort {
             job_children.push(ChildSpec::new("warehouse", "warehouse_sink", move |sup| {
                 let args = WarehouseSinkArgs {
                     erasures: erasures.clone(),
+                    tokenize: tokenize.clone(),
                     store: store.clone(),
                     bus: bus.clone(),
                     warehouse: warehouse.clone(),
@@ -617,6 +624,7 @@ impl Cohort {
             config,
             api,
             ctx,
+            pii,
             health,
             warehouse: warehouse_slot,
             retention: retention_slot,

@@ -9,10 +9,14 @@ use cohort::SystemOptions;
 use cohort_adapters::{Layer, QueryValue, SqliteWarehouse, Warehouse};
 use std::time::Duration;
 
+/// These tests read personal data back from the warehouse, so they keep it raw; the default
+/// (tokens and sealed Bronze) has its own test below.
+const RAW: &str = "[warehouse]\npii = \"raw\"\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
     play_slide_18(&demo.client).await.unwrap();
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     let report = demo.cohort.relay_warehouse().await.unwrap().expect("a warehouse is configured by default");
@@ -89,7 +93,7 @@ async fn without_a_warehouse_nothing_waits_in_the_outbox() {
 async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
     use cohort::replay::{run, ReplayFilter};
     let dir = tempfile::tempdir().unwrap();
-    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
     play_slide_18(&demo.client).await.unwrap();
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     let before = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap()["profile"].clone();
@@ -103,7 +107,7 @@ async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
     assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 0);
 
     let storage = format!("[storage]\nurl = \"embedded://{}\"\n", dir.path().join("cohort.redb").display());
-    let config = cohort_config::Config::from_toml_layers(&[&storage]).unwrap();
+    let config = cohort_config::Config::from_toml_layers(&[&storage, RAW]).unwrap();
     let first = run(config.clone(), ReplayFilter::default(), SystemOptions::default()).await.unwrap();
     assert_eq!((first.payloads, first.events, first.new_events, first.refused_payloads), (6, 6, 6, 0), "{first:?}");
     assert_eq!(first.silver_rows, 6);
@@ -121,7 +125,7 @@ async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
     let later = ReplayFilter { since: Some(chrono::Utc::now() + chrono::Duration::hours(1)), source: None };
     assert_eq!(run(config.clone(), later, SystemOptions::default()).await.unwrap().payloads, 0);
 
-    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
     let after = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap()["profile"].clone();
     // Profile ids derive from the creating event; replayed events are resolved concurrently, so
     // another of the student's first events may create the profile: same student, same content.
@@ -129,5 +133,52 @@ async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
     assert_eq!(after["identifiers"].as_array().map(Vec::len), before["identifiers"].as_array().map(Vec::len));
     assert_eq!(after["counters"]["by_source"], before["counters"]["by_source"]);
     assert_eq!(after["traits"]["first_name"], before["traits"]["first_name"]);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_warehouse_holds_tokens_and_sealed_payloads_not_personal_data() {
+    use cohort::replay::{replay, ReplayFilter};
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 6);
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6);
+    let everything = |layer: Layer| {
+        let analyst = &analyst;
+        async move {
+            let rows = analyst.query(&format!("SELECT * FROM {}", analyst.table(layer)), &[]).await.unwrap();
+            serde_json::to_string(&rows.rows).unwrap()
+        }
+    };
+    for layer in Layer::ALL {
+        let text = everything(layer).await;
+        for secret in ["max@gmail.com", "Mustermann", "+4915"] {
+            assert!(!text.contains(secret), "{} holds `{secret}`", layer.as_str());
+        }
+    }
+    assert!(everything(Layer::Silver).await.contains("tok_"), "identifiers became tokens");
+    let bronze = analyst.query("SELECT payload FROM bronze_dedup", &[]).await.unwrap();
+    assert!(bronze.rows.iter().all(|r| r[0].as_str().unwrap().starts_with("enc:v1:")), "Bronze is sealed");
+    // Tokens are stable: the same email is one token in Silver and in Gold, so analysts can join.
+    let silver = analyst
+        .query("SELECT DISTINCT json_extract(traits, '$.email') FROM silver_dedup WHERE json_extract(traits, '$.email') IS NOT NULL", &[])
+        .await
+        .unwrap();
+    let gold = analyst
+        .query("SELECT DISTINCT json_extract(traits, '$.email') FROM gold_profiles_latest WHERE merged_into IS NULL AND json_extract(traits, '$.email') IS NOT NULL", &[])
+        .await
+        .unwrap();
+    assert_eq!(silver.rows.len(), 1, "{silver:?}");
+    assert_eq!(silver.rows, gold.rows);
+    // Replay opens sealed Bronze with the store's data key and writes tokenized Silver again.
+    analyst.query("DELETE FROM silver", &[]).await.unwrap();
+    let summary = replay(&demo.cohort, &ReplayFilter::default()).await.unwrap();
+    assert_eq!((summary.payloads, summary.refused_payloads, summary.silver_rows), (6, 0, 6), "{summary:?}");
+    let text = everything(Layer::Silver).await;
+    assert!(!text.contains("max@gmail.com") && text.contains("tok_"), "{text}");
     demo.stop().await.unwrap();
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::schedule::Schedule;
 use cohort_adapters::warehouse::format_timestamp;
 use cohort_adapters::{
-    EventBus, GoldProfileRow, Layer, OperationalStore, QueryValue, StoreError, Warehouse, WarehouseBatch,
+    EventBus, GoldProfileRow, Layer, OperationalStore, QueryValue, SilverRow, StoreError, Warehouse, WarehouseBatch,
 };
 use cohort_messages::msgs::{ReconcileReport, RelayReport, WarehouseMsg};
 use cohort_messages::ProfileId;
@@ -40,6 +40,8 @@ pub struct WarehouseSinkArgs {
     pub reconcile_interval: Option<Duration>,
     /// Erased people: outbox rows of theirs written before the erasure are dropped, not relayed.
     pub erasures: Arc<crate::gdpr::Erasures>,
+    /// Set when the warehouse gets tokens instead of personal data (`warehouse.pii`).
+    pub tokenize: Option<Arc<cohort_adapters::Pii>>,
 }
 
 pub struct WarehouseSinkState {
@@ -189,11 +191,19 @@ async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
 
 /// Writes one merged batch: processed events, then Bronze, Silver and Gold.
 async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize, usize, usize), StoreError> {
-    let WarehouseBatch { bronze, silver, gold } = batch;
+    let WarehouseBatch { mut bronze, mut silver, gold } = batch;
     let (n_bronze, n_silver) = (bronze.len(), silver.len());
     if !silver.is_empty() {
         args.bus.publish_processed(&silver).await?;
         args.metrics.processed_published.inc_by(n_silver as u64);
+    }
+    if let Some(pii) = &args.tokenize {
+        for row in &mut silver {
+            tokenize_silver(pii, row);
+        }
+        for row in &mut bronze {
+            row.payload = pii.seal_text(&row.payload);
+        }
     }
     if !bronze.is_empty() {
         args.warehouse.write_bronze(bronze).await?;
@@ -212,10 +222,27 @@ async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize
     Ok((n_bronze, n_silver, n_gold))
 }
 
+/// Replaces a Silver row's personal data by tokens (`warehouse.pii = "tokenize"`).
+pub fn tokenize_silver(pii: &cohort_adapters::Pii, row: &mut SilverRow) {
+    pii.tokenize(&mut row.identifiers);
+    pii.tokenize(&mut row.traits);
+    pii.tokenize(&mut row.properties);
+}
+
+/// A Gold row, tokenized when the warehouse gets no personal data.
+fn gold_row(args: &WarehouseSinkArgs, record: &cohort_messages::ProfileRecord) -> GoldProfileRow {
+    let mut row = GoldProfileRow::from_record(record);
+    if let Some(pii) = &args.tokenize {
+        pii.tokenize(&mut row.traits);
+        pii.tokenize(&mut row.identifiers);
+    }
+    row
+}
+
 /// Writes a Gold snapshot of each profile's current stored record.
 async fn snapshot(args: &WarehouseSinkArgs, ids: &[ProfileId]) -> Result<usize, StoreError> {
     let records = args.store.load_profiles(ids).await?;
-    let rows: Vec<GoldProfileRow> = records.iter().map(GoldProfileRow::from_record).collect();
+    let rows: Vec<GoldProfileRow> = records.iter().map(|r| gold_row(args, r)).collect();
     let n = rows.len();
     if n > 0 {
         args.warehouse.write_gold_profiles(rows).await?;
@@ -276,7 +303,7 @@ async fn reconcile(args: &WarehouseSinkArgs) -> Result<ReconcileReport, StoreErr
                 Some(at) if *at != format_timestamp(record.updated_at) => report.stale += 1,
                 Some(_) => continue,
             }
-            repair.push(GoldProfileRow::from_record(record));
+            repair.push(gold_row(args, record));
         }
         if !repair.is_empty() {
             let n = repair.len() as u64;

@@ -655,25 +655,22 @@ impl OperationalStore for EmbeddedStore {
 
     async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
         let t = target.clone();
-        let plan = self.read(move |txn| erasure::plan_store(txn, &t)).await?.without_dead_letters();
+        let plan = self.read(move |txn| erasure::plan_store(txn, &t)).await?;
         if plan.is_empty() {
             return Ok(ErasureCounts::default());
         }
         self.submit(Command::erase(plan)).await
     }
 
-    async fn erase_dead_letters(&self, target: &ErasureTarget) -> Result<u64, StoreError> {
-        let t = target.clone();
-        let plan = self.read(move |txn| erasure::plan_store(txn, &t)).await?.only_dead_letters();
-        if plan.is_empty() {
-            return Ok(0);
-        }
-        Ok(self.submit(Command::erase(plan)).await?.dead_letters)
+    async fn delete_dead_letters(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        Ok(self.submit(Command::erase(erasure::ErasePlan::dead_letters(ids))).await?.dead_letters)
     }
 
     async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
         let t = target.clone();
-        self.read(move |txn| erasure::plan_store(txn, &t).map(|p| p.counts())).await
+        let mut counts = self.read(move |txn| erasure::plan_store(txn, &t).map(|p| p.counts())).await?;
+        counts.dead_letters = crate::dead_letters_mentioning(self, target).await?.len() as u64;
+        Ok(counts)
     }
 
     async fn list_review_items(

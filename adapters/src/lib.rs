@@ -9,6 +9,7 @@ pub mod embedded;
 pub mod error;
 pub mod kafka;
 pub mod mongo;
+pub mod sealed;
 pub mod store;
 pub mod warehouse;
 
@@ -16,9 +17,10 @@ pub use bus::{pack, unpack, EmbeddedBus, EventBus, Polled, StreamPositions, Subs
 pub use embedded::EmbeddedStore;
 pub use error::{StoreError, StoreErrorKind};
 pub use mongo::MongoStore;
+pub use sealed::{Pii, SealedStore};
 pub use store::{
-    all_documents, all_review_items, AppendBatch, AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent,
-    NewDeadLetter, OperationalStore, OutboxId,
+    all_documents, all_review_items, dead_letters_mentioning, erase_dead_letters, AppendBatch, AppendOutcome,
+    BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore, OutboxId,
 };
 pub use warehouse::{
     open_warehouse, BigQueryWarehouse, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,

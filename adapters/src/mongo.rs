@@ -249,19 +249,6 @@ impl MongoStore {
         }
     }
 
-    /// Ids of the dead letters mentioning the person: a scan, as payloads are raw text.
-    async fn person_dead_letters(&self, target: &ErasureTarget) -> Result<Vec<i64>, StoreError> {
-        let needles = target.needles();
-        let letters = self
-            .find_sorted("scan dead letters", &self.dead_letters, doc! {}, None, None, dead_letter_from_doc)
-            .await?;
-        Ok(letters
-            .iter()
-            .filter(|l| target.mentions(&needles, l.payload.as_bytes()) || target.names_profile(&l.reason))
-            .filter_map(|l| i64::try_from(l.id).ok())
-            .collect())
-    }
-
     async fn find_sorted<T>(
         &self,
         action: &'static str,
@@ -743,13 +730,13 @@ impl OperationalStore for MongoStore {
         Ok(counts)
     }
 
-    async fn erase_dead_letters(&self, target: &ErasureTarget) -> Result<u64, StoreError> {
-        let ids = self.person_dead_letters(target).await?;
+    async fn delete_dead_letters(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = ids.iter().filter_map(|i| i64::try_from(*i).ok()).collect();
         if ids.is_empty() {
             return Ok(0);
         }
         let deleted =
-            timed("erase dead letters", self.dead_letters.delete_many(doc! { "_id": { "$in": ids } })).await?;
+            timed("delete dead letters", self.dead_letters.delete_many(doc! { "_id": { "$in": ids } })).await?;
         Ok(deleted.deleted_count)
     }
 
@@ -765,7 +752,7 @@ impl OperationalStore for MongoStore {
                 _ => counts.review_items = n,
             }
         }
-        counts.dead_letters = self.person_dead_letters(target).await?.len() as u64;
+        counts.dead_letters = crate::dead_letters_mentioning(self, target).await?.len() as u64;
         Ok(counts)
     }
 

@@ -204,11 +204,10 @@ pub trait OperationalStore: Send + Sync + 'static {
     /// their identifiers or pointing at one of their profiles, merges on either side, consent
     /// decisions and review items naming them. Idempotent; returns what was removed.
     async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
-    /// Deletes the dead letters whose payload mentions the person (or whose reason names one
-    /// of their profiles).
-    async fn erase_dead_letters(&self, target: &ErasureTarget) -> Result<u64, StoreError>;
-    /// What [`OperationalStore::erase_person`] and [`OperationalStore::erase_dead_letters`]
-    /// would remove now: the verification sweep expects nothing.
+    /// Deletes dead letters by id; returns how many there were.
+    async fn delete_dead_letters(&self, ids: &[u64]) -> Result<u64, StoreError>;
+    /// What [`OperationalStore::erase_person`] and [`erase_dead_letters`] would remove now:
+    /// the verification sweep expects nothing.
     async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError>;
     /// Review items with `id > after` (and the given status), in id order, at most `limit`.
     async fn list_review_items(
@@ -238,6 +237,39 @@ pub async fn all_documents(
             return Ok(out);
         }
     }
+}
+
+/// Ids of the dead letters whose payload mentions the person (or whose reason names one of
+/// their profiles), read a page at a time. Payloads are raw text, so this is a scan.
+pub async fn dead_letters_mentioning(
+    store: &dyn OperationalStore,
+    target: &ErasureTarget,
+) -> Result<Vec<u64>, StoreError> {
+    let needles = target.needles();
+    let mut found = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.list_dead_letters(after, PAGE).await?;
+        let full = page.len() == PAGE;
+        for l in &page {
+            if target.mentions(&needles, l.payload.as_bytes()) || target.names_profile(&l.reason) {
+                found.push(l.id);
+            }
+        }
+        match page.last() {
+            Some(last) if full => after = last.id,
+            _ => return Ok(found),
+        }
+    }
+}
+
+/// GDPR erasure of the dead letters mentioning the person; returns how many were deleted.
+pub async fn erase_dead_letters(store: &dyn OperationalStore, target: &ErasureTarget) -> Result<u64, StoreError> {
+    let ids = dead_letters_mentioning(store, target).await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    store.delete_dead_letters(&ids).await
 }
 
 /// Every review item, whatever its status, read a page at a time.

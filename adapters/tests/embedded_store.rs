@@ -34,6 +34,17 @@ mod memory {
     crate::suite::store_suite!(crate::memory_fixture());
 }
 
+/// The same contract through the decorator that seals personal data (GDPR encryption at rest).
+async fn sealed_fixture() -> suite::StoreFixture {
+    let inner = EmbeddedStore::in_memory().unwrap();
+    let pii = Arc::new(cohort_adapters::Pii::new(Arc::new(cohort_adapters::crypto::Envelope::generate().0)));
+    suite::StoreFixture { store: Arc::new(cohort_adapters::SealedStore::new(inner, pii)), keep: None }
+}
+
+mod sealed {
+    crate::suite::operational_store_suite!(crate::sealed_fixture());
+}
+
 /// Writes one of everything: journal (with Bronze), profiles, identities, a merge, the
 /// checkpoint and dead letters.
 async fn populate(store: &Arc<EmbeddedStore>) {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use cohort_adapters::{FlushBatch, MongoStore, OperationalStore, StoreErrorKind};
 use cohort_messages::msgs::IdentityMerged;
+use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use serde_json::json;
 use suite::{at, dead_letter, email, profile, profile_id, with_timeout, StoreFixture};
@@ -79,6 +80,59 @@ async fn fixture() -> StoreFixture {
 
 mod contract {
     crate::suite::operational_store_suite!(crate::fixture());
+}
+
+/// The contract again through the decorator that seals personal data.
+async fn sealed_fixture() -> StoreFixture {
+    let (store, guard) = connect_fresh().await;
+    StoreFixture {
+        store: Arc::new(cohort_adapters::SealedStore::new(store, sealed_pii())),
+        keep: Some(Box::new(guard)),
+    }
+}
+
+fn sealed_pii() -> Arc<cohort_adapters::Pii> {
+    Arc::new(cohort_adapters::Pii::new(Arc::new(cohort_adapters::crypto::Envelope::generate().0)))
+}
+
+mod sealed_contract {
+    crate::suite::operational_store_suite!(crate::sealed_fixture());
+}
+
+/// Through the sealing decorator, MongoDB itself holds no email, name or message text: what a
+/// database administrator (or a stolen backup) sees is ciphertext and keyed hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sealed_documents_hold_no_personal_data_in_the_clear() {
+    with_timeout(async {
+        let (raw, _guard) = connect_fresh().await;
+        let store = cohort_adapters::SealedStore::new(raw.clone(), sealed_pii());
+        let p = profile(1);
+        store
+            .commit_flush(FlushBatch {
+                identities: vec![(email(1), profile_id(1))],
+                profiles: vec![p.clone()],
+                ..FlushBatch::default()
+            })
+            .await
+            .unwrap();
+        let mut letter = dead_letter(1);
+        letter.payload = r#"{"email":"student1@example.edu"}"#.into();
+        store.put_dead_letters(vec![letter]).await.unwrap();
+        assert_eq!(store.load_profile(&profile_id(1)).await.unwrap(), Some(p), "opened exactly");
+        assert_eq!(store.lookup_identity(&email(1)).await.unwrap(), Some(profile_id(1)));
+        assert!(store.list_dead_letters(0, 10).await.unwrap()[0].payload.contains("student1@example.edu"));
+        let db = raw_database(&raw).await;
+        for collection in ["profiles", "identities", "dead_letters"] {
+            let docs: Vec<Document> =
+                db.collection::<Document>(collection).find(doc! {}).await.unwrap().try_collect().await.unwrap();
+            assert!(!docs.is_empty(), "{collection}");
+            let text = format!("{docs:?}");
+            for secret in ["student1@example.edu", "Student 1"] {
+                assert!(!text.contains(secret), "{collection} holds `{secret}` in the clear: {text}");
+            }
+        }
+    })
+    .await;
 }
 
 /// The raw driver view of the store's database, to check what analysts see.

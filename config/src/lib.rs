@@ -246,6 +246,7 @@ pub struct SupervisionConfig {
 #[serde(deny_unknown_fields)]
 pub struct WarehouseConfig {
     pub url: String,
+    pub pii: WarehousePii,
     pub relay_interval_ms: u64,
     pub reconcile_interval_secs: u64,
 }
@@ -257,10 +258,19 @@ pub struct RetentionConfig {
     pub interval_secs: u64,
 }
 
+/// How personal data reaches the warehouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarehousePii {
+    Tokenize,
+    Raw,
+}
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GdprConfig {
     pub key_url: String,
+    pub encrypt_at_rest: bool,
     pub kms_endpoint: String,
     pub kms_token: String,
     pub retry_initial_ms: u64,

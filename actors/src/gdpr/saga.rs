@@ -17,6 +17,7 @@ use crate::profile::CONSENT_HISTORY;
 use crate::reverse_etl::{FAILED, FIELDS, SENT};
 use crate::segments::engine::MEMBERS;
 use cohort_adapters::crypto::Envelope;
+use cohort_adapters::warehouse::raw_mentioning;
 use cohort_adapters::{all_documents, EventBus, Layer, OperationalStore, QueryValue, StoreErrorKind, Warehouse};
 use cohort_messages::msgs::{DeletionRequest, GdprMsg, ProfilesMsg, WarehouseMsg};
 use cohort_messages::{
@@ -334,7 +335,8 @@ impl GdprState {
                     }
                 }
                 // Payloads of theirs no Silver row points at (refused elements, say).
-                let outcome = w.delete_raw_mentioning(&target.needles()).await?;
+                let seqs = raw_mentioning(w.as_ref(), target, |p| self.open_raw(p)).await?;
+                let outcome = w.delete_raw(&seqs).await?;
                 if outcome.retry_later {
                     return Err(StepError::Retry(format!("warehouse: {}", outcome.detail)));
                 }
@@ -342,7 +344,7 @@ impl GdprState {
                 Ok(Outcome::Done(json!({ "rows_deleted": rows, "backend": w.backend() })))
             }
             DeletionStep::DeadLetters => {
-                Ok(Outcome::Done(json!({ "dead_letters": store.erase_dead_letters(target).await? })))
+                Ok(Outcome::Done(json!({ "dead_letters": cohort_adapters::erase_dead_letters(store, target).await? })))
             }
             DeletionStep::Tombstones => {
                 let records: Vec<(String, Option<Vec<u8>>)> =
@@ -364,6 +366,15 @@ impl GdprState {
             }))),
             DeletionStep::Verify => self.verify(state, target).await,
             DeletionStep::Audit | DeletionStep::Release => Err(StepError::Retry("unreachable step".into())),
+        }
+    }
+
+    /// A Bronze payload as text: opened when the warehouse keeps them sealed.
+    fn open_raw(&self, payload: &str) -> String {
+        if cohort_adapters::crypto::is_sealed(payload) {
+            self.args.envelope.open(payload).unwrap_or_default()
+        } else {
+            payload.to_string()
         }
     }
 
@@ -430,8 +441,8 @@ impl GdprState {
         if let Some(w) = &a.warehouse {
             checked.push("warehouse");
             w.ensure_schema().await?;
-            let rows =
-                warehouse_rows(w.as_ref(), &target.profiles).await? + w.count_raw_mentioning(&target.needles()).await?;
+            let rows = warehouse_rows(w.as_ref(), &target.profiles).await?
+                + raw_mentioning(w.as_ref(), target, |p| self.open_raw(p)).await?.len() as u64;
             if rows > 0 {
                 found.insert("warehouse".into(), json!(rows));
             }

@@ -6,11 +6,10 @@
 use redb::{ReadTransaction, ReadableTable};
 
 use super::tables::{
-    decode, merge_range, DbResult, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, IDENTITIES, JOURNAL, MERGES, PROFILES,
-    REVIEWS,
+    decode, merge_range, DbResult, BRONZE, BRONZE_BODY, CONSENTS, IDENTITIES, JOURNAL, MERGES, PROFILES, REVIEWS,
 };
 use crate::StoreError;
-use cohort_messages::{CustomerEvent, DeadLetter, ErasureCounts, ErasureTarget, ReviewItem};
+use cohort_messages::{CustomerEvent, ErasureCounts, ErasureTarget, ReviewItem};
 
 /// The keys holding one person, per table.
 #[derive(Debug, Default)]
@@ -44,20 +43,15 @@ impl ErasePlan {
         self.counts().total() == 0
     }
 
-    /// The plan without its dead letters (a separate saga step erases those).
-    pub(super) fn without_dead_letters(mut self) -> Self {
-        self.dead_letters.clear();
-        self
-    }
-
-    pub(super) fn only_dead_letters(self) -> Self {
-        Self { dead_letters: self.dead_letters, ..Self::default() }
+    /// A plan deleting only these dead letters.
+    pub(super) fn dead_letters(ids: &[u64]) -> Self {
+        Self { dead_letters: ids.to_vec(), ..Self::default() }
     }
 }
 
 /// The operational-store keys of a person: records, identities (keyed by one of their
 /// identifiers or pointing at one of their profiles), merges on either side, consent and review
-/// items naming them, and dead letters whose payload mentions them.
+/// items naming them. (Dead letters are found by content, see `dead_letters_mentioning`.)
 pub(super) fn plan_store(txn: &ReadTransaction, target: &ErasureTarget) -> Result<ErasePlan, StoreError> {
     let mut plan = ErasePlan::default();
     let profiles = txn.open_table(PROFILES).ctx("erase: read profiles")?;
@@ -105,15 +99,6 @@ pub(super) fn plan_store(txn: &ReadTransaction, target: &ErasureTarget) -> Resul
         let item: ReviewItem = decode("review item", v.value())?;
         if item.profiles.iter().any(|p| target.profiles.contains(p)) {
             plan.reviews.push(k.value().to_string());
-        }
-    }
-    let needles = target.needles();
-    let letters = txn.open_table(DEAD_LETTERS).ctx("erase: read dead letters")?;
-    for entry in letters.iter().ctx("erase: read dead letters")? {
-        let (k, v) = entry.ctx("erase: read dead letters")?;
-        let letter: DeadLetter = decode("dead letter", v.value())?;
-        if target.mentions(&needles, letter.payload.as_bytes()) || target.names_profile(&letter.reason) {
-            plan.dead_letters.push(k.value());
         }
     }
     Ok(plan)

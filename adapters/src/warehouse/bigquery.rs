@@ -741,13 +741,28 @@ impl Warehouse for BigQueryWarehouse {
         Ok(outcome)
     }
 
-    async fn delete_raw_mentioning(&self, needles: &[String]) -> Result<DeleteOutcome, StoreError> {
-        if needles.is_empty() {
+    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
+        let sql = format!(
+            "SELECT raw_seq, payload FROM {} WHERE raw_seq > @after ORDER BY raw_seq LIMIT {}",
+            self.qualified(Layer::Bronze.table_name()),
+            limit.max(1)
+        );
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let result = self.query(&sql, &[("after".to_string(), QueryValue::Int64(after))]).await?;
+        Ok(result.rows.iter().filter_map(|r| Some((r.first()?.as_u64()?, r.get(1)?.as_str()?.to_string()))).collect())
+    }
+
+    async fn delete_raw(&self, seqs: &[u64]) -> Result<DeleteOutcome, StoreError> {
+        if seqs.is_empty() {
             return Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "bronze: 0 deleted".into() });
         }
-        let (clause, params) = mentioning(needles);
-        let sql = format!("DELETE FROM {} WHERE {clause}", self.qualified(Layer::Bronze.table_name()));
-        match self.run(&sql, &params).await {
+        let list: Vec<String> = seqs.iter().map(u64::to_string).collect();
+        let sql = format!(
+            "DELETE FROM {} WHERE raw_seq IN ({})",
+            self.qualified(Layer::Bronze.table_name()),
+            list.join(", ")
+        );
+        match self.run(&sql, &[]).await {
             Ok(response) => {
                 let n = response.num_dml_affected_rows.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
                 Ok(DeleteOutcome { rows_deleted: n, retry_later: false, detail: format!("bronze: {n} deleted") })
@@ -759,16 +774,6 @@ impl Warehouse for BigQueryWarehouse {
             }),
             Err(e) => Err(e),
         }
-    }
-
-    async fn count_raw_mentioning(&self, needles: &[String]) -> Result<u64, StoreError> {
-        if needles.is_empty() {
-            return Ok(0);
-        }
-        let (clause, params) = mentioning(needles);
-        let sql = format!("SELECT COUNT(*) AS n FROM {} WHERE {clause}", self.qualified(Layer::Bronze.table_name()));
-        let result = self.query(&sql, &params).await?;
-        Ok(result.rows.first().and_then(|r| r.first()).and_then(Value::as_u64).unwrap_or(0))
     }
 
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError> {
@@ -785,14 +790,6 @@ impl Warehouse for BigQueryWarehouse {
     fn backend(&self) -> &'static str {
         "bigquery"
     }
-}
-
-/// `STRPOS(LOWER(payload), @nI) > 0 OR ...` with the lower-cased needles as parameters.
-fn mentioning(needles: &[String]) -> (String, Vec<(String, QueryValue)>) {
-    let clause: Vec<String> = (0..needles.len()).map(|i| format!("STRPOS(LOWER(payload), @n{i}) > 0")).collect();
-    let params =
-        needles.iter().enumerate().map(|(i, n)| (format!("n{i}"), QueryValue::String(n.to_lowercase()))).collect();
-    (clause.join(" OR "), params)
 }
 
 #[cfg(test)]

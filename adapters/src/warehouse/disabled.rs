@@ -38,12 +38,12 @@ impl Warehouse for DisabledWarehouse {
         Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "warehouse disabled: nothing stored".into() })
     }
 
-    async fn delete_raw_mentioning(&self, _needles: &[String]) -> Result<DeleteOutcome, StoreError> {
-        Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "warehouse disabled: nothing stored".into() })
+    async fn raw_payloads(&self, _after: u64, _limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(Vec::new())
     }
 
-    async fn count_raw_mentioning(&self, _needles: &[String]) -> Result<u64, StoreError> {
-        Ok(0)
+    async fn delete_raw(&self, _seqs: &[u64]) -> Result<DeleteOutcome, StoreError> {
+        Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "warehouse disabled: nothing stored".into() })
     }
 
     async fn count_rows(&self, _layer: Layer) -> Result<u64, StoreError> {

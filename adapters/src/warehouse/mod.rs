@@ -347,12 +347,12 @@ pub trait Warehouse: Send + Sync + 'static {
     /// whole or not at all). A merged profile's absorbed ids (`merged_from`) are separate
     /// profile ids: call this for each of them too.
     async fn delete_profile(&self, profile_id: &ProfileId) -> Result<DeleteOutcome, StoreError>;
-    /// GDPR erasure by content: deletes the Bronze payloads containing one of `needles` (case
-    /// insensitive), the ones no Silver row of the person points at (refused elements, events
-    /// dropped once the erasure began). Idempotent.
-    async fn delete_raw_mentioning(&self, needles: &[String]) -> Result<DeleteOutcome, StoreError>;
-    /// Bronze payloads containing one of `needles` (the verification sweep expects none).
-    async fn count_raw_mentioning(&self, needles: &[String]) -> Result<u64, StoreError>;
+    /// Bronze payloads with `raw_seq > after`, in order, at most `limit`, as stored (sealed
+    /// when the warehouse keeps no personal data in the clear): what a GDPR erasure scans for
+    /// payloads that mention the person but reached none of their Silver rows.
+    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError>;
+    /// Deletes Bronze rows by `raw_seq` (GDPR erasure). Idempotent.
+    async fn delete_raw(&self, seqs: &[u64]) -> Result<DeleteOutcome, StoreError>;
     /// Rows of the layer's deduplicated view ([`Layer::view_name`]): payloads, events, profiles.
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError>;
     /// The SQL name of the layer's deduplicated view, qualified as the backend needs it (plain on
@@ -360,6 +360,31 @@ pub trait Warehouse: Send + Sync + 'static {
     fn table(&self, layer: Layer) -> String;
     /// The backend's name, for logs and health output.
     fn backend(&self) -> &'static str;
+}
+
+/// Bronze rows whose payload (opened with `open`, for sealed payloads) mentions the person.
+pub async fn raw_mentioning(
+    w: &dyn Warehouse,
+    target: &cohort_messages::ErasureTarget,
+    open: impl Fn(&str) -> String,
+) -> Result<Vec<u64>, StoreError> {
+    const PAGE: usize = 1000;
+    let needles = target.needles();
+    let mut found = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = w.raw_payloads(after, PAGE).await?;
+        let full = page.len() == PAGE;
+        for (seq, payload) in &page {
+            if target.mentions(&needles, open(payload).as_bytes()) {
+                found.push(*seq);
+            }
+        }
+        match page.last() {
+            Some((last, _)) if full => after = *last,
+            _ => return Ok(found),
+        }
+    }
 }
 
 /// The one timestamp text format both backends store and return: RFC 3339, UTC, microseconds

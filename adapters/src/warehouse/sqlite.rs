@@ -385,34 +385,32 @@ impl Warehouse for SqliteWarehouse {
         .await
     }
 
-    async fn delete_raw_mentioning(&self, needles: &[String]) -> Result<DeleteOutcome, StoreError> {
-        if needles.is_empty() {
-            return Ok(DeleteOutcome { rows_deleted: 0, retry_later: false, detail: "bronze: 0 deleted".into() });
-        }
-        let (clause, values) = mentioning(needles);
+    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
+        let (after, limit) = (i64::try_from(after).unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX));
         self.with_conn(move |conn| {
-            let n = conn
-                .execute(&format!("DELETE FROM bronze WHERE {clause}"), rusqlite::params_from_iter(values.iter()))
-                .map_err(|e| map_err("delete bronze", e))?;
-            Ok(DeleteOutcome { rows_deleted: n as u64, retry_later: false, detail: format!("bronze: {n} deleted") })
+            let mut stmt = conn
+                .prepare("SELECT raw_seq, payload FROM bronze WHERE raw_seq > ?1 ORDER BY raw_seq LIMIT ?2")
+                .map_err(|e| map_err("read bronze", e))?;
+            let rows = stmt
+                .query_map(rusqlite::params![after, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| map_err("read bronze", e))?;
+            rows.map(|r| r.map(|(s, p)| (s.max(0) as u64, p)).map_err(|e| map_err("read bronze", e))).collect()
         })
         .await
     }
 
-    async fn count_raw_mentioning(&self, needles: &[String]) -> Result<u64, StoreError> {
-        if needles.is_empty() {
-            return Ok(0);
-        }
-        let (clause, values) = mentioning(needles);
+    async fn delete_raw(&self, seqs: &[u64]) -> Result<DeleteOutcome, StoreError> {
+        let seqs: Vec<i64> = seqs.iter().filter_map(|s| i64::try_from(*s).ok()).collect();
         self.with_conn(move |conn| {
-            let n: i64 = conn
-                .query_row(
-                    &format!("SELECT COUNT(*) FROM bronze WHERE {clause}"),
-                    rusqlite::params_from_iter(values.iter()),
-                    |r| r.get(0),
-                )
-                .map_err(|e| map_err("count bronze", e))?;
-            Ok(n.max(0) as u64)
+            let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+            let mut n = 0;
+            for seq in &seqs {
+                n += tx
+                    .execute("DELETE FROM bronze WHERE raw_seq = ?1", [seq])
+                    .map_err(|e| map_err("delete bronze", e))?;
+            }
+            tx.commit().map_err(|e| map_err("commit delete", e))?;
+            Ok(DeleteOutcome { rows_deleted: n as u64, retry_later: false, detail: format!("bronze: {n} deleted") })
         })
         .await
     }
@@ -434,10 +432,4 @@ impl Warehouse for SqliteWarehouse {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
-}
-
-/// `instr(lower(payload), ?n) > 0 OR ...` with the lower-cased needles as parameters.
-fn mentioning(needles: &[String]) -> (String, Vec<String>) {
-    let clause: Vec<String> = (1..=needles.len()).map(|i| format!("instr(lower(payload), ?{i}) > 0")).collect();
-    (clause.join(" OR "), needles.iter().map(|n| n.to_lowercase()).collect())
 }

@@ -7,12 +7,14 @@ use std::any::Any;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use cohort_adapters::warehouse::raw_mentioning;
 use cohort_adapters::warehouse::PayloadEncoding;
 use cohort_adapters::{
     BronzeRecord, BronzeRow, GoldProfileRow, Layer, QueryValue, SilverRow, StoreErrorKind, Warehouse,
 };
 use cohort_messages::{
-    CustomerEvent, EventId, EventKind, Identifier, IdentifierKind, ProfileId, ProfileRecord, RawRef, Source, Utm,
+    CustomerEvent, ErasureTarget, EventId, EventKind, Identifier, IdentifierKind, ProfileId, ProfileRecord, RawRef,
+    Source, Utm,
 };
 use serde_json::{json, Map, Value};
 
@@ -334,14 +336,21 @@ pub async fn raw_payloads_mentioning_a_person_are_found_and_deleted(s: &Subject)
     ])
     .await
     .unwrap();
-    let needles = vec!["jana.novak@uni.eu".to_string(), "4915112345678".to_string()];
-    assert_eq!(wh.count_raw_mentioning(&needles).await.unwrap(), 2, "case-insensitive, URL-encoded forms too");
-    assert_eq!(wh.count_raw_mentioning(&[]).await.unwrap(), 0);
-    let outcome = wh.delete_raw_mentioning(&needles).await.unwrap();
+    let target = ErasureTarget {
+        identifiers: vec![
+            Identifier::new(IdentifierKind::Email, "jana.novak@uni.eu"),
+            Identifier::new(IdentifierKind::Phone, "+4915112345678"),
+        ],
+        ..ErasureTarget::default()
+    };
+    let found = raw_mentioning(wh, &target, str::to_string).await.unwrap();
+    assert_eq!(found, vec![1, 2], "case-insensitive, URL-encoded forms too");
+    assert_eq!(wh.raw_payloads(1, 1).await.unwrap().len(), 1, "paged after a seq");
+    let outcome = wh.delete_raw(&found).await.unwrap();
     assert_eq!((outcome.rows_deleted, outcome.retry_later), (2, false), "{outcome:?}");
-    assert_eq!(wh.count_raw_mentioning(&needles).await.unwrap(), 0);
+    assert!(raw_mentioning(wh, &target, str::to_string).await.unwrap().is_empty());
     assert_eq!(counts(wh).await[0], 1, "the other student's payload stays");
-    assert_eq!(wh.delete_raw_mentioning(&needles).await.unwrap().rows_deleted, 0, "idempotent");
+    assert_eq!(wh.delete_raw(&found).await.unwrap().rows_deleted, 0, "idempotent");
 }
 
 pub async fn batches_of_1200_rows_round_trip(s: &Subject) {

@@ -1,0 +1,506 @@
+//! Personal data at rest: a decorator around any [`OperationalStore`] that seals email, phone,
+//! names and message text with the data key before they are written, opens them when read, and
+//! replaces identifiers by keyed hashes where the store looks them up (the identity graph, the
+//! suppression list). The backends below never see those values in the clear, and the shared
+//! store suite runs through this decorator as through any backend.
+//!
+//! Sealing walks the JSON form of each record, so new record types are covered by naming their
+//! personal fields in [`PII_KEYS`], not by new code.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cohort_messages::{
+    msgs::IdentityMerged, AuditEntry, Channel, ConsentRecord, DeadLetter, ErasureCounts, ErasureTarget, Identifier,
+    IdentifierKind, NewAuditEntry, ProfileId, ProfileRecord, ReviewItem, ReviewStatus, SagaRecord, Suppression,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+
+use crate::crypto::{is_sealed, Envelope, KeyedHasher};
+use crate::store::{dead_letters_mentioning, FlushBatch, NewDeadLetter, OperationalStore, OutboxId};
+use crate::warehouse::WarehouseBatch;
+use crate::StoreError;
+
+/// Field names (lower-cased, without `_`) whose string values are personal data wherever they
+/// appear: traits, event properties, review evidence, stored activation snapshots.
+const PII_KEYS: &[&str] = &[
+    "email",
+    "phone",
+    "mobilephone",
+    "firstname",
+    "lastname",
+    "name",
+    "fullname",
+    "profilename",
+    "body",
+    "message",
+    "text",
+    "street",
+    "address",
+    "dateofbirth",
+    "birthday",
+];
+
+fn is_pii_key(key: &str) -> bool {
+    let folded: String = key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase).collect();
+    PII_KEYS.contains(&folded.as_str())
+}
+
+/// Identifier kinds whose values are personal data (the others are pseudonymous ids).
+pub fn is_pii_kind(kind: IdentifierKind) -> bool {
+    matches!(kind, IdentifierKind::Email | IdentifierKind::Phone | IdentifierKind::WhatsappId)
+}
+
+fn is_pii_kind_name(kind: &str) -> bool {
+    matches!(kind, "email" | "phone" | "whatsapp_id")
+}
+
+/// Calls `f` on every personal string in a JSON tree: values of [`PII_KEYS`] (or their
+/// `{"value": ...}` when the field holds a trait), and `value` of `{"kind": "email", ...}`.
+fn each_personal(v: &mut Value, f: &mut impl FnMut(&mut String)) {
+    match v {
+        Value::Object(m) => {
+            let identifier = m.get("kind").and_then(Value::as_str).is_some_and(is_pii_kind_name);
+            for (k, child) in m.iter_mut() {
+                if identifier && k == "value" {
+                    if let Value::String(s) = child {
+                        f(s);
+                    }
+                } else if is_pii_key(k) {
+                    match child {
+                        Value::String(s) => f(s),
+                        Value::Object(o) => match o.get_mut("value") {
+                            Some(Value::String(s)) => f(s),
+                            _ => each_personal(child, f),
+                        },
+                        other => each_personal(other, f),
+                    }
+                } else {
+                    each_personal(child, f);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|c| each_personal(c, f)),
+        _ => {}
+    }
+}
+
+fn each_string(v: &mut Value, f: &mut impl FnMut(&mut String)) {
+    match v {
+        Value::String(s) => f(s),
+        Value::Object(m) => m.values_mut().for_each(|c| each_string(c, f)),
+        Value::Array(a) => a.iter_mut().for_each(|c| each_string(c, f)),
+        _ => {}
+    }
+}
+
+/// The data key's two uses: sealing (reversible) and keyed hashing (look-ups, tokens).
+pub struct Pii {
+    envelope: Arc<Envelope>,
+    hasher: KeyedHasher,
+}
+
+impl std::fmt::Debug for Pii {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pii")
+    }
+}
+
+fn codec(e: impl std::fmt::Display) -> StoreError {
+    StoreError::invalid(format!("sealing personal data: {e}"))
+}
+
+impl Pii {
+    pub fn new(envelope: Arc<Envelope>) -> Self {
+        let hasher = KeyedHasher::derive(&envelope);
+        Self { envelope, hasher }
+    }
+
+    /// Seals a string unless it already is.
+    fn seal_str(&self, s: &mut String) {
+        if !s.is_empty() && !is_sealed(s) {
+            *s = self.envelope.seal(s);
+        }
+    }
+
+    fn open_str(&self, s: &mut String) -> Result<(), StoreError> {
+        if is_sealed(s) {
+            *s = self.envelope.open(s).map_err(|e| StoreError::corrupt(format!("cannot open a sealed value: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The record with its personal strings sealed.
+    pub fn seal<T: Serialize + DeserializeOwned>(&self, record: &T) -> Result<T, StoreError> {
+        let mut v = serde_json::to_value(record).map_err(codec)?;
+        each_personal(&mut v, &mut |s| self.seal_str(s));
+        serde_json::from_value(v).map_err(codec)
+    }
+
+    /// The record with every sealed string opened (whatever field it is in).
+    pub fn open<T: Serialize + DeserializeOwned>(&self, record: T) -> Result<T, StoreError> {
+        let mut v = serde_json::to_value(&record).map_err(codec)?;
+        let mut failed = None;
+        each_string(&mut v, &mut |s| {
+            if let Err(e) = self.open_str(s) {
+                failed = Some(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        serde_json::from_value(v).map_err(codec)
+    }
+
+    fn open_json(&self, mut v: Value) -> Result<Value, StoreError> {
+        let mut failed = None;
+        each_string(&mut v, &mut |s| {
+            if let Err(e) = self.open_str(s) {
+                failed = Some(e);
+            }
+        });
+        failed.map_or(Ok(v), Err)
+    }
+
+    /// The identifier as the store keys it: personal kinds by keyed hash, others as they are.
+    pub fn lookup_key(&self, id: &Identifier) -> Identifier {
+        if is_pii_kind(id.kind) {
+            Identifier::new(id.kind, self.hasher.hash(id.kind.as_str(), &id.value))
+        } else {
+            id.clone()
+        }
+    }
+
+    /// A stable pseudonym for the warehouse (`tok_...`): joins work, reading does not.
+    pub fn token(&self, kind: &str, value: &str) -> String {
+        self.hasher.token(kind, value)
+    }
+
+    /// Replaces personal strings by tokens (`tok_...`), keyed by field so equal values in one
+    /// field join. For warehouse rows.
+    pub fn tokenize(&self, v: &mut Value) {
+        each_personal(v, &mut |s| {
+            if !s.is_empty() && !s.starts_with("tok_") {
+                *s = self.hasher.token("pii", s);
+            }
+        });
+    }
+
+    pub fn seal_text(&self, s: &str) -> String {
+        self.envelope.seal(s)
+    }
+
+    pub fn open_text(&self, s: &str) -> Result<String, StoreError> {
+        let mut s = s.to_string();
+        self.open_str(&mut s)?;
+        Ok(s)
+    }
+
+    fn seal_batch(&self, batch: &WarehouseBatch) -> Result<WarehouseBatch, StoreError> {
+        let mut sealed = self.seal(batch)?;
+        for row in &mut sealed.bronze {
+            self.seal_str(&mut row.payload);
+        }
+        Ok(sealed)
+    }
+
+    fn seal_letter(&self, mut l: NewDeadLetter) -> NewDeadLetter {
+        self.seal_str(&mut l.payload);
+        self.seal_str(&mut l.reason);
+        l
+    }
+
+    fn open_letter(&self, mut l: DeadLetter) -> Result<DeadLetter, StoreError> {
+        self.open_str(&mut l.payload)?;
+        self.open_str(&mut l.reason)?;
+        Ok(l)
+    }
+
+    fn hashed_target(&self, target: &ErasureTarget) -> ErasureTarget {
+        ErasureTarget {
+            profiles: target.profiles.clone(),
+            identifiers: target.identifiers.iter().map(|i| self.lookup_key(i)).collect(),
+            contact_emails: Vec::new(),
+        }
+    }
+
+    fn suppression_key(&self, channel: Channel, address: &str) -> String {
+        self.hasher.hash(channel.as_str(), address)
+    }
+}
+
+/// An [`OperationalStore`] whose backend never holds personal data in the clear.
+pub struct SealedStore {
+    inner: Arc<dyn OperationalStore>,
+    pii: Arc<Pii>,
+}
+
+impl SealedStore {
+    pub fn new(inner: Arc<dyn OperationalStore>, pii: Arc<Pii>) -> Self {
+        Self { inner, pii }
+    }
+}
+
+#[async_trait]
+impl OperationalStore for SealedStore {
+    async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError> {
+        self.inner.load_profile(id).await?.map(|r| self.pii.open(r)).transpose()
+    }
+
+    async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        self.inner.lookup_identity(&self.pii.lookup_key(identifier)).await
+    }
+
+    async fn lookup_identities(&self, identifiers: &[Identifier]) -> Result<Vec<Option<ProfileId>>, StoreError> {
+        let keys: Vec<Identifier> = identifiers.iter().map(|i| self.pii.lookup_key(i)).collect();
+        self.inner.lookup_identities(&keys).await
+    }
+
+    async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        let pii = &self.pii;
+        let sealed = FlushBatch {
+            identities: batch.identities.iter().map(|(i, p)| (pii.lookup_key(i), p.clone())).collect(),
+            profiles: batch.profiles.iter().map(|p| pii.seal(p)).collect::<Result<_, _>>()?,
+            merges: batch.merges.iter().map(|m| pii.seal(m)).collect::<Result<_, _>>()?,
+            checkpoint: batch.checkpoint,
+            event_ids: batch.event_ids,
+            outbox: pii.seal_batch(&batch.outbox)?,
+        };
+        self.inner.commit_flush(sealed).await
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        self.inner.checkpoint().await
+    }
+
+    async fn seen_event_ids(&self, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+        self.inner.seen_event_ids(ids).await
+    }
+
+    async fn put_dead_letters(&self, letters: Vec<NewDeadLetter>) -> Result<Vec<u64>, StoreError> {
+        self.inner.put_dead_letters(letters.into_iter().map(|l| self.pii.seal_letter(l)).collect()).await
+    }
+
+    async fn list_dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.list_dead_letters(after, limit).await?.into_iter().map(|l| self.pii.open_letter(l)).collect()
+    }
+
+    async fn count_dead_letters(&self) -> Result<u64, StoreError> {
+        self.inner.count_dead_letters().await
+    }
+
+    async fn count_profiles(&self) -> Result<u64, StoreError> {
+        self.inner.count_profiles().await
+    }
+
+    async fn list_profile_ids(&self, after: Option<&ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError> {
+        self.inner.list_profile_ids(after, limit).await
+    }
+
+    async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError> {
+        self.inner.list_merges(profile).await?.into_iter().map(|m| self.pii.open(m)).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError> {
+        self.inner.load_profiles(ids).await?.into_iter().map(|r| self.pii.open(r)).collect()
+    }
+
+    async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
+        let batches = self.inner.read_outbox(limit).await?;
+        batches.into_iter().map(|(id, b)| Ok((id, self.pii.open(b)?))).collect()
+    }
+
+    async fn ack_outbox(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
+        self.inner.ack_outbox(ids).await
+    }
+
+    async fn outbox_len(&self) -> Result<u64, StoreError> {
+        self.inner.outbox_len().await
+    }
+
+    async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.inner.expire_before(before).await
+    }
+
+    async fn record_consents(&self, consents: Vec<ConsentRecord>) -> Result<(), StoreError> {
+        self.inner.record_consents(consents).await
+    }
+
+    async fn consents(&self, profile: &ProfileId) -> Result<Vec<ConsentRecord>, StoreError> {
+        self.inner.consents(profile).await
+    }
+
+    async fn suppress(&self, entries: Vec<Suppression>) -> Result<(), StoreError> {
+        let hashed = entries
+            .into_iter()
+            .map(|e| Suppression { address: self.pii.suppression_key(e.channel, &e.address), ..e })
+            .collect();
+        self.inner.suppress(hashed).await
+    }
+
+    async fn unsuppress(&self, addresses: &[(Channel, String)]) -> Result<(), StoreError> {
+        let hashed: Vec<(Channel, String)> =
+            addresses.iter().map(|(c, a)| (*c, self.pii.suppression_key(*c, a))).collect();
+        self.inner.unsuppress(&hashed).await
+    }
+
+    async fn suppressed(&self, addresses: &[(Channel, String)]) -> Result<Vec<Option<Suppression>>, StoreError> {
+        let hashed: Vec<(Channel, String)> =
+            addresses.iter().map(|(c, a)| (*c, self.pii.suppression_key(*c, a))).collect();
+        let found = self.inner.suppressed(&hashed).await?;
+        // The caller asked by address; it gets its address back, not the hash.
+        Ok(found
+            .into_iter()
+            .zip(addresses)
+            .map(|(s, (_, address))| s.map(|s| Suppression { address: address.clone(), ..s }))
+            .collect())
+    }
+
+    async fn save_saga(&self, saga: &SagaRecord) -> Result<(), StoreError> {
+        self.inner.save_saga(saga).await
+    }
+
+    async fn load_saga(&self, saga_id: &str) -> Result<Option<SagaRecord>, StoreError> {
+        self.inner.load_saga(saga_id).await
+    }
+
+    async fn list_sagas(&self, after: Option<&str>, limit: usize) -> Result<Vec<SagaRecord>, StoreError> {
+        self.inner.list_sagas(after, limit).await
+    }
+
+    async fn append_audit(&self, entries: Vec<NewAuditEntry>) -> Result<Vec<u64>, StoreError> {
+        self.inner.append_audit(entries).await
+    }
+
+    async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.list_audit(after, limit).await
+    }
+
+    async fn put_review_items(&self, items: Vec<ReviewItem>) -> Result<(), StoreError> {
+        self.inner.put_review_items(items.iter().map(|i| self.pii.seal(i)).collect::<Result<_, _>>()?).await
+    }
+
+    async fn review_item(&self, id: &str) -> Result<Option<ReviewItem>, StoreError> {
+        self.inner.review_item(id).await?.map(|i| self.pii.open(i)).transpose()
+    }
+
+    async fn erase_person(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        self.inner.erase_person(&self.pii.hashed_target(target)).await
+    }
+
+    async fn delete_dead_letters(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        self.inner.delete_dead_letters(ids).await
+    }
+
+    async fn person_remnants(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+        let mut counts = self.inner.person_remnants(&self.pii.hashed_target(target)).await?;
+        // The backend cannot read sealed payloads; this store can.
+        counts.dead_letters = dead_letters_mentioning(self, target).await?.len() as u64;
+        Ok(counts)
+    }
+
+    async fn put_documents(&self, collection: &str, docs: Vec<(String, Option<Value>)>) -> Result<(), StoreError> {
+        let sealed = docs
+            .into_iter()
+            .map(|(k, d)| {
+                let d = d.map(|mut v| {
+                    each_personal(&mut v, &mut |s| self.pii.seal_str(s));
+                    v
+                });
+                (k, d)
+            })
+            .collect();
+        self.inner.put_documents(collection, sealed).await
+    }
+
+    async fn get_documents(&self, collection: &str, keys: &[String]) -> Result<Vec<Option<Value>>, StoreError> {
+        let found = self.inner.get_documents(collection, keys).await?;
+        found.into_iter().map(|d| d.map(|v| self.pii.open_json(v)).transpose()).collect()
+    }
+
+    async fn list_documents(
+        &self,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Value)>, StoreError> {
+        let found = self.inner.list_documents(collection, prefix, after, limit).await?;
+        found.into_iter().map(|(k, v)| Ok((k, self.pii.open_json(v)?))).collect()
+    }
+
+    async fn list_review_items(
+        &self,
+        status: Option<ReviewStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ReviewItem>, StoreError> {
+        let items = self.inner.list_review_items(status, after, limit).await?;
+        items.into_iter().map(|i| self.pii.open(i)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pii() -> Pii {
+        Pii::new(Arc::new(Envelope::generate().0))
+    }
+
+    #[test]
+    fn personal_strings_are_sealed_and_everything_else_is_kept() {
+        let p = pii();
+        let record = json!({
+            "identifiers": [
+                { "kind": "email", "value": "jana@uni.eu", "source": "web" },
+                { "kind": "anonymous_id", "value": "anon-1" }
+            ],
+            "traits": { "first_name": { "value": "Jana", "source": "crm" }, "plan": { "value": "MBA" } },
+            "history": [{ "properties": { "Body": "my passport is X1", "page": "/mba" }, "lastName": "Novak" }],
+            "count": 3
+        });
+        let sealed: Value = p.seal(&record).unwrap();
+        let text = sealed.to_string();
+        for secret in ["jana@uni.eu", "Jana", "passport", "Novak"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        for kept in ["anon-1", "MBA", "/mba", "\"count\":3", "\"source\":\"crm\""] {
+            assert!(text.contains(kept), "{kept} missing from {text}");
+        }
+        assert_eq!(p.seal(&sealed).unwrap(), sealed, "sealing is idempotent");
+        assert_eq!(p.open(sealed).unwrap(), record);
+    }
+
+    #[test]
+    fn look_up_keys_hash_personal_kinds_only_and_tokens_are_stable() {
+        let p = pii();
+        let email = Identifier::new(IdentifierKind::Email, "jana@uni.eu");
+        let key = p.lookup_key(&email);
+        assert!(key.value.starts_with("h1:") && key.kind == IdentifierKind::Email);
+        assert_eq!(p.lookup_key(&email), key);
+        let anon = Identifier::new(IdentifierKind::AnonymousId, "anon-1");
+        assert_eq!(p.lookup_key(&anon), anon);
+        let mut row = json!({ "email": "jana@uni.eu", "page": "/mba" });
+        p.tokenize(&mut row);
+        assert!(row["email"].as_str().unwrap().starts_with("tok_"));
+        assert_eq!(row["page"], "/mba");
+        let mut again = json!({ "email": "jana@uni.eu" });
+        p.tokenize(&mut again);
+        assert_eq!(again["email"], row["email"], "the same value gets the same token");
+    }
+
+    #[test]
+    fn a_value_sealed_with_another_key_is_an_error_not_garbage() {
+        let (a, b) = (pii(), pii());
+        let sealed: Value = a.seal(&json!({ "email": "x@y.eu" })).unwrap();
+        assert!(b.open(sealed).is_err());
+    }
+}
