@@ -259,15 +259,21 @@ impl OperationalStore for SealedStore {
     }
 
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError> {
-        let pii = &self.pii;
-        let sealed = FlushBatch {
-            identities: batch.identities.iter().map(|(i, p)| (pii.lookup_key(i), p.clone())).collect(),
-            profiles: batch.profiles.iter().map(|p| pii.seal(p)).collect::<Result<_, _>>()?,
-            merges: batch.merges.iter().map(|m| pii.seal(m)).collect::<Result<_, _>>()?,
-            checkpoint: batch.checkpoint,
-            event_ids: batch.event_ids,
-            outbox: pii.seal_batch(&batch.outbox)?,
-        };
+        let pii = self.pii.clone();
+        // A large flush seals thousands of values: off the async workers, so it never stalls
+        // ingest or the Profile API.
+        let sealed = tokio::task::spawn_blocking(move || -> Result<FlushBatch, StoreError> {
+            Ok(FlushBatch {
+                identities: batch.identities.iter().map(|(i, p)| (pii.lookup_key(i), p.clone())).collect(),
+                profiles: batch.profiles.iter().map(|p| pii.seal(p)).collect::<Result<_, _>>()?,
+                merges: batch.merges.iter().map(|m| pii.seal(m)).collect::<Result<_, _>>()?,
+                checkpoint: batch.checkpoint,
+                event_ids: batch.event_ids,
+                outbox: pii.seal_batch(&batch.outbox)?,
+            })
+        })
+        .await
+        .map_err(|e| StoreError::unavailable(format!("sealing task failed: {e}")))??;
         self.inner.commit_flush(sealed).await
     }
 
@@ -308,7 +314,11 @@ impl OperationalStore for SealedStore {
     }
 
     async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError> {
-        self.inner.load_profiles(ids).await?.into_iter().map(|r| self.pii.open(r)).collect()
+        let records = self.inner.load_profiles(ids).await?;
+        let pii = self.pii.clone();
+        tokio::task::spawn_blocking(move || records.into_iter().map(|r| pii.open(r)).collect())
+            .await
+            .map_err(|e| StoreError::unavailable(format!("opening task failed: {e}")))?
     }
 
     async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
