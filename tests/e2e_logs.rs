@@ -104,15 +104,51 @@ async fn no_log_line_carries_an_email_a_phone_a_name_or_message_text() {
     let split = c.post(&format!("/v1/profiles/{survivor}/unmerge"), &json!({ "merged": m["merged"] })).await.unwrap();
     assert_eq!(split.status, 200, "{} {merges}", split.body);
     let _ = c.get("/v1/gdpr/exports/email:max@gmail.com").await.unwrap();
+    // The right to be forgotten, then the person writing again: the saga's and suppression's
+    // log lines are scanned too.
+    let erase = json!({ "profile": "email:max@gmail.com", "requested_by": "dpo" });
+    let deletion = c.post("/v1/gdpr/deletions", &erase).await.unwrap();
+    assert_eq!(deletion.status, 202, "{}", deletion.body);
+    let url = format!("/v1/gdpr/deletions/{}", deletion.body["id"].as_str().unwrap());
+    // Salesforce refuses everything here, so the saga erases every store and then keeps
+    // retrying the Contact delete (its failures are logged too).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = c.get(&url).await.unwrap().body;
+        let steps = status["steps"].as_array().cloned().unwrap_or_default();
+        let destinations = steps.iter().find(|s| s["step"] == "destinations").cloned().unwrap_or_default();
+        if destinations["attempts"].as_u64().unwrap_or(0) >= 2 {
+            assert_eq!(destinations["status"], "retrying", "{status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the deletion did not reach the destinations: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = payloads::segment_identify(
+        "logs-again",
+        None,
+        Some("max-again"),
+        json!({ "email": "Max@Gmail.com", "lastName": "Mustermann" }),
+        None,
+        chrono::Utc::now(),
+    );
+    assert_eq!(c.segment(true, "identify", &again).await.unwrap().body["suppressed"], 1);
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(proc);
 
     let text = std::fs::read_to_string(&log_path).unwrap();
     let lines = text.lines().count();
     assert!(lines > 10, "the scenario logged little ({lines} lines)");
-    for expected in
-        ["profiles merged", "profiles unmerged", "activation failed", "destination request failed; retrying"]
-    {
+    for expected in [
+        "profiles merged",
+        "profiles unmerged",
+        "activation failed",
+        "destination request failed; retrying",
+        "deletion saga requested",
+        "deletion step done",
+        "deletion step failed; will retry",
+        "events of erased people dropped at ingest",
+    ] {
         assert!(text.contains(expected), "the scenario did not reach `{expected}`:\n{text}");
     }
     let secrets = [

@@ -119,7 +119,7 @@ impl Actor for Dispatcher {
             let erased: std::collections::HashSet<u64> = polled
                 .events
                 .iter()
-                .filter(|e| ctx.erasures.suppresses(&e.event))
+                .filter(|e| ctx.erasures.screen(&e.event) != crate::gdpr::Screen::Keep)
                 .filter_map(|e| e.event.raw.seq)
                 .collect();
             let rows = polled

@@ -739,13 +739,19 @@ impl Worker for IdentityResolver {
         job: Job<String, IdentityMsg>,
         state: &mut IdentityResolverState,
     ) -> Result<String, ActorProcessingErr> {
-        let IdentityMsg::Resolve { seq, event } = job.msg;
-        if state.ctx.erasures.suppresses(&event) {
-            // An erased person's event already on the bus (a replay, a redelivery): dropped
-            // before it can re-create the profile.
-            state.ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
-            state.ctx.watermark.delivered(seq);
-            return Ok(job.key);
+        let IdentityMsg::Resolve { seq, mut event } = job.msg;
+        match state.ctx.erasures.screen(&event) {
+            crate::gdpr::Screen::Keep => {}
+            crate::gdpr::Screen::Drop => {
+                // An erased person's event already on the bus (a replay, a redelivery): dropped
+                // before it can re-create the profile.
+                state.ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
+                state.ctx.watermark.delivered(seq);
+                return Ok(job.key);
+            }
+            crate::gdpr::Screen::Strip(identifiers) => {
+                event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
+            }
         }
         let directory = state.directory.get().ok_or("profile directory is not running")?;
         let mut backoff = Duration::from_millis(20);

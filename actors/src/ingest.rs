@@ -106,9 +106,15 @@ impl Actor for IngestActor {
             }
             Ok(normalized) => {
                 let rejected: Vec<Rejection> = normalized.rejected;
-                let (suppressed, events): (Vec<_>, Vec<_>) =
-                    normalized.events.into_iter().partition(|e| state.erasures.suppresses(e));
-                let suppressed = suppressed.len();
+                let (mut events, mut suppressed, mut screened) = (Vec::new(), 0, false);
+                for event in normalized.events {
+                    let (kept, changed) = state.erasures.apply(event);
+                    screened |= changed;
+                    match kept {
+                        Some(e) => events.push(e),
+                        None => suppressed += 1,
+                    }
+                }
                 if suppressed > 0 {
                     m.gdpr_suppressed_events.with_label_values(&["ingest"]).inc_by(suppressed as u64);
                     tracing::info!(source, suppressed, "events of erased people dropped at ingest");
@@ -127,7 +133,7 @@ impl Actor for IngestActor {
                     })
                     .collect();
                 // A payload naming an erased person is not kept raw: Bronze would store them again.
-                let bronze = (suppressed == 0).then(|| BronzeRecord {
+                let bronze = (!screened).then(|| BronzeRecord {
                     source: payload.source,
                     format: format_label(payload.format),
                     content_type: payload.content_type.clone(),

@@ -18,6 +18,15 @@ pub const SUPPRESSED: &str = "gdpr_suppressed";
 /// Documents: erased profile id → `{saga_id, at}`. A message for one of these is dropped.
 pub const ERASED: &str = "gdpr_erased_profiles";
 
+/// The verdict of [`Erasures::screen`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Screen {
+    Keep,
+    Drop,
+    /// Another student's event: keep it with only these identifiers.
+    Strip(Vec<Identifier>),
+}
+
 /// Who has been erased, in memory in front of the store: identifier hashes whose events are
 /// dropped, and profile ids that must never be started again.
 pub struct Erasures {
@@ -45,9 +54,43 @@ impl Erasures {
         self.hasher.hash(id.kind.as_str(), &id.value)
     }
 
-    /// Whether the event carries an identifier of a suppressed person.
+    /// What to do with an event, given the suppressed people.
+    ///
+    /// An event carrying a suppressed identifier is the erased person's and is dropped, with
+    /// one exception: when everything suppressed about it is of a kind several people share (a
+    /// family tablet's device id, a kiosk's anonymous id) and it also names someone else by a
+    /// personal identifier (their email, user id, Salesforce id), it is that other student's
+    /// event: it goes on without the shared identifiers.
+    pub fn screen(&self, event: &CustomerEvent) -> Screen {
+        if self.suppressed.is_empty() {
+            return Screen::Keep;
+        }
+        let hit: Vec<bool> = event.identifiers.iter().map(|i| self.suppressed.contains(&self.hash(i))).collect();
+        if !hit.contains(&true) {
+            return Screen::Keep;
+        }
+        let only_shared = event.identifiers.iter().zip(&hit).all(|(i, h)| !h || i.kind.can_be_shared());
+        let someone_else = event.identifiers.iter().zip(&hit).any(|(i, h)| !h && !i.kind.can_be_shared());
+        if only_shared && someone_else {
+            let kept = event.identifiers.iter().zip(&hit).filter(|(_, h)| !**h).map(|(i, _)| i.clone()).collect();
+            Screen::Strip(kept)
+        } else {
+            Screen::Drop
+        }
+    }
+
+    /// Whether the event belongs to a suppressed person (see [`Erasures::screen`]).
     pub fn suppresses(&self, event: &CustomerEvent) -> bool {
-        !self.suppressed.is_empty() && event.identifiers.iter().any(|i| self.suppressed.contains(&self.hash(i)))
+        matches!(self.screen(event), Screen::Drop)
+    }
+
+    /// The event as it may go on, or `None` when it is dropped; `true` when it was changed.
+    pub fn apply(&self, event: CustomerEvent) -> (Option<CustomerEvent>, bool) {
+        match self.screen(&event) {
+            Screen::Keep => (Some(event), false),
+            Screen::Drop => (None, true),
+            Screen::Strip(identifiers) => (Some(CustomerEvent { identifiers, ..event }), true),
+        }
     }
 
     pub fn is_erased(&self, profile: &ProfileId) -> bool {
@@ -127,5 +170,47 @@ impl Erasures {
         store.put_documents(ERASED, docs).await?;
         self.mark_erased(profiles.iter().cloned());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_messages::{EventId, EventKind, IdentifierKind, RawRef, Source, Utm};
+
+    fn event(ids: &[(IdentifierKind, &str)]) -> CustomerEvent {
+        CustomerEvent {
+            event_id: EventId::new(Source::Web, "e1"),
+            source: Source::Web,
+            kind: EventKind::Identify,
+            name: None,
+            occurred_at: chrono::Utc::now(),
+            received_at: chrono::Utc::now(),
+            identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Utm::default(),
+            raw: RawRef { seq: None, index: 0 },
+        }
+    }
+
+    #[test]
+    fn the_erased_persons_events_are_dropped_and_a_sibling_on_the_shared_tablet_is_kept() {
+        let e = Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap());
+        let (email, tablet, anon) = (IdentifierKind::Email, IdentifierKind::DeviceId, IdentifierKind::AnonymousId);
+        let jana =
+            [Identifier::new(email, "jana@uni.eu"), Identifier::new(tablet, "tab-1"), Identifier::new(anon, "a1")];
+        assert_eq!(e.screen(&event(&[(email, "jana@uni.eu")])), Screen::Keep, "nothing suppressed yet");
+        e.suppress(jana.iter().map(|i| e.hash(i)));
+        assert_eq!(e.screen(&event(&[(email, "jana@uni.eu")])), Screen::Drop);
+        assert_eq!(e.screen(&event(&[(anon, "a1")])), Screen::Drop, "her browser alone is her");
+        assert_eq!(e.screen(&event(&[(anon, "a1"), (IdentifierKind::SessionId, "s9")])), Screen::Drop);
+        assert_eq!(e.screen(&event(&[(email, "jana@uni.eu"), (IdentifierKind::UserId, "u2")])), Screen::Drop);
+        // Her brother signs in on the family tablet: his event, without her device id.
+        let brother = e.screen(&event(&[(email, "tom@uni.eu"), (tablet, "tab-1")]));
+        assert_eq!(brother, Screen::Strip(vec![Identifier::new(email, "tom@uni.eu")]));
+        assert_eq!(e.screen(&event(&[(email, "tom@uni.eu")])), Screen::Keep);
+        e.lift(&[e.hash(&jana[0])]);
+        assert_eq!(e.screen(&event(&[(email, "jana@uni.eu")])), Screen::Keep, "a lifted suppression");
     }
 }
