@@ -20,8 +20,8 @@ mod common;
 #[path = "common/destinations.rs"]
 mod destinations;
 use common::erasure::{
-    assert_nothing_left, assert_present, completed, deletion_during_load, everything_settled, request_deletion,
-    saga_survives_sigkill, seed, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
+    assert_nothing_left, assert_present, completed, deletion_during_load, jana_writes_again, request_deletion,
+    saga_survives_sigkill, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
 };
 use common::{assert_exactly_once, free_port, load_during, load_then_kill, spawn_cohort, wait_ready, Proc};
 use destinations::Destinations;
@@ -462,9 +462,7 @@ async fn a_deletion_on_kafka_mongodb_and_bigquery_erases_everywhere_tombstones_c
     let id = unique("erase");
     let demo = DemoServer::start(None, &erasure_toml(&id, &d), SystemOptions::default()).await.unwrap();
     let c = &demo.client;
-    seed(c, &JANA, 1).await;
-    seed(c, &MAX, 1).await;
-    everything_settled(&demo).await;
+    seed_both(&demo).await;
     let jana_ref = format!("email:{}", JANA.email);
     let target = target_of(c, &jana_ref).await;
     let ctx = &demo.cohort.ctx;
@@ -495,16 +493,8 @@ async fn a_deletion_on_kafka_mongodb_and_bigquery_erases_everywhere_tombstones_c
     }
 
     // Re-ingest: dropped and counted; Max is untouched.
-    let again = payloads::segment_identify(
-        "jana-again",
-        Some("anon-jana-b"),
-        None,
-        json!({ "email": JANA.email }),
-        None,
-        Utc::now(),
-    );
-    let a = c.segment(false, "identify", &again).await.unwrap();
-    assert_eq!((&a.body["accepted"], &a.body["suppressed"]), (&json!(0), &json!(1)), "{}", a.body);
+    let a = jana_writes_again(c, "jana-again", "anon-jana-b").await;
+    assert_eq!((&a["accepted"], &a["suppressed"]), (&json!(0), &json!(1)), "{a}");
     demo.cohort.settle(Duration::from_secs(20)).await.unwrap();
     assert_eq!(c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
     let max_after = c.get(&format!("/v1/profiles/email:{}", MAX.email)).await.unwrap().body;

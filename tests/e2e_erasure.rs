@@ -14,8 +14,8 @@ use cohort::payloads;
 use cohort::SystemOptions;
 use cohort_adapters::AppendBatch;
 use common::erasure::{
-    assert_nothing_left, assert_present, completed, deletion_during_load, everything_settled, request_deletion,
-    saga_survives_sigkill, seed, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
+    assert_nothing_left, assert_present, completed, deletion_during_load, jana_writes_again, request_deletion,
+    saga_survives_sigkill, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
 };
 use destinations::Destinations;
 use serde_json::json;
@@ -39,9 +39,7 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     let d = Destinations::start().await;
     let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
     let c = &demo.client;
-    seed(c, &JANA, 1).await;
-    seed(c, &MAX, 1).await;
-    everything_settled(&demo).await;
+    seed_both(&demo).await;
     let jana_ref = format!("email:{}", JANA.email);
     let target = target_of(c, &jana_ref).await;
     let (store, bus) = (demo.cohort.ctx.store.as_ref(), demo.cohort.ctx.bus.as_ref());
@@ -99,16 +97,8 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
 
     // Jana's sources send her again: dropped at ingest, counted, never recreated.
     let profiles_before = store.count_profiles().await.unwrap();
-    let identify = payloads::segment_identify(
-        "jana-again",
-        Some("anon-jana-new-device"),
-        None,
-        json!({ "email": JANA.email }),
-        None,
-        Utc::now(),
-    );
-    let a = c.segment(false, "identify", &identify).await.unwrap();
-    assert_eq!((a.status.as_u16(), &a.body["suppressed"], &a.body["accepted"]), (200, &json!(1), &json!(0)));
+    let a = jana_writes_again(c, "jana-again", "anon-jana-new-device").await;
+    assert_eq!((&a["suppressed"], &a["accepted"]), (&json!(1), &json!(0)), "{a}");
     let form = payloads::twilio_whatsapp_form("SMjanaagain00000000000000000001", JANA.phone, "hello again", "Jana");
     assert_eq!(c.twilio(&form).await.unwrap().status, 200, "Twilio gets its TwiML answer");
     // An event already on the bus (a replay, a redelivery) is dropped by the resolver.
@@ -144,9 +134,7 @@ async fn a_plain_delete_lets_the_person_come_back_and_suppress_only_keeps_the_da
     let d = Destinations::start().await;
     let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
     let c = &demo.client;
-    seed(c, &JANA, 1).await;
-    seed(c, &MAX, 1).await;
-    everything_settled(&demo).await;
+    seed_both(&demo).await;
 
     // suppress_only: nothing is deleted, but her new events are dropped.
     let max_ref = format!("email:{}", MAX.email);
@@ -172,16 +160,8 @@ async fn a_plain_delete_lets_the_person_come_back_and_suppress_only_keeps_the_da
         &JANA,
     )
     .await;
-    let again = payloads::segment_identify(
-        "jana-new",
-        Some("anon-jana-2"),
-        None,
-        json!({ "email": JANA.email }),
-        None,
-        Utc::now(),
-    );
-    let a = c.segment(false, "identify", &again).await.unwrap();
-    assert_eq!((&a.body["accepted"], &a.body["suppressed"]), (&json!(1), &json!(0)), "{}", a.body);
+    let a = jana_writes_again(c, "jana-new", "anon-jana-2").await;
+    assert_eq!((&a["accepted"], &a["suppressed"]), (&json!(1), &json!(0)), "{a}");
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     let back = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap();
     assert_eq!(back.status, 200);

@@ -278,6 +278,17 @@ impl MongoStore {
     }
 }
 
+/// Adds one collection's count (named as in `person_filters`) to an erasure account.
+fn count_into(counts: &mut ErasureCounts, collection: &str, n: u64) {
+    match collection {
+        "profiles" => counts.profiles = n,
+        "identities" => counts.identities = n,
+        "merges" => counts.merges = n,
+        "consents" => counts.consents = n,
+        _ => counts.review_items = n,
+    }
+}
+
 /// Runs a driver operation under [`OPERATION_TIMEOUT`], mapping both failure kinds.
 async fn timed<T, F>(action: &'static str, operation: F) -> Result<T, StoreError>
 where
@@ -719,13 +730,7 @@ impl OperationalStore for MongoStore {
         let mut counts = ErasureCounts::default();
         for (name, filter) in Self::person_filters(target) {
             let n = timed("erase a person", self.person_collection(name).delete_many(filter)).await?.deleted_count;
-            match name {
-                "profiles" => counts.profiles = n,
-                "identities" => counts.identities = n,
-                "merges" => counts.merges = n,
-                "consents" => counts.consents = n,
-                _ => counts.review_items = n,
-            }
+            count_into(&mut counts, name, n);
         }
         Ok(counts)
     }
@@ -744,13 +749,7 @@ impl OperationalStore for MongoStore {
         let mut counts = ErasureCounts::default();
         for (name, filter) in Self::person_filters(target) {
             let n = timed("count a person's remnants", self.person_collection(name).count_documents(filter)).await?;
-            match name {
-                "profiles" => counts.profiles = n,
-                "identities" => counts.identities = n,
-                "merges" => counts.merges = n,
-                "consents" => counts.consents = n,
-                _ => counts.review_items = n,
-            }
+            count_into(&mut counts, name, n);
         }
         counts.dead_letters = crate::dead_letters_mentioning(self, target).await?.len() as u64;
         Ok(counts)

@@ -163,6 +163,23 @@ pub enum DeletionStep {
 }
 
 impl DeletionStep {
+    /// Every step, in the order a full erasure runs them.
+    pub const ALL: [DeletionStep; 13] = [
+        DeletionStep::Suppress,
+        DeletionStep::StopActor,
+        DeletionStep::OperationalStore,
+        DeletionStep::Documents,
+        DeletionStep::EventLog,
+        DeletionStep::Warehouse,
+        DeletionStep::DeadLetters,
+        DeletionStep::Tombstones,
+        DeletionStep::Destinations,
+        DeletionStep::FeatureStores,
+        DeletionStep::Verify,
+        DeletionStep::Audit,
+        DeletionStep::Release,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeletionStep::Suppress => "suppress",
@@ -186,21 +203,8 @@ impl DeletionStep {
         use DeletionStep::*;
         match regulation {
             Regulation::SuppressOnly => vec![Suppress, Verify, Audit, Release],
-            Regulation::Delete | Regulation::SuppressWithDelete => vec![
-                Suppress,
-                StopActor,
-                OperationalStore,
-                Documents,
-                EventLog,
-                Warehouse,
-                DeadLetters,
-                Tombstones,
-                Destinations,
-                FeatureStores,
-                Verify,
-                Audit,
-                Release,
-            ],
+            // Declaration order is run order.
+            Regulation::Delete | Regulation::SuppressWithDelete => Self::ALL.to_vec(),
         }
     }
 }

@@ -347,3 +347,23 @@ pub async fn saga_survives_sigkill(dir: &std::path::Path, config: &str, fail_sal
     let list = c.get("/v1/gdpr/deletions").await.unwrap();
     assert_eq!(list.body["deletions"].as_array().unwrap().len(), 1, "{}", list.body);
 }
+
+/// Jana and Max through every source, settled everywhere.
+pub async fn seed_both(demo: &DemoServer) {
+    seed(&demo.client, &JANA, 1).await;
+    seed(&demo.client, &MAX, 1).await;
+    everything_settled(demo).await;
+}
+
+/// Jana identifies again on a new browser; returns the ingest answer's body.
+pub async fn jana_writes_again(c: &CohortClient, message_id: &str, anonymous_id: &str) -> Value {
+    let again = payloads::segment_identify(
+        message_id,
+        Some(anonymous_id),
+        None,
+        json!({ "email": JANA.email }),
+        None,
+        Utc::now(),
+    );
+    ok(c.segment(false, "identify", &again).await.unwrap())
+}
