@@ -125,6 +125,23 @@ async fn slide_18_on_kafka_and_mongodb() {
     assert_eq!(wh.count_rows(Layer::Gold).await.unwrap(), stored);
     let reconciled = demo.cohort.reconcile().await.unwrap();
     assert_eq!((reconciled.missing, reconciled.stale, reconciled.orphaned), (0, 0, 0), "{reconciled:?}");
+    // Consumer lag per raw-topic partition (from librdkafka's statistics; everything is read, so
+    // every reported partition is at 0), and the warehouse's write latency per layer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let text = demo.client.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+        let lag: Vec<&str> = text.lines().filter(|l| l.starts_with("cohort_consumer_lag_events{")).collect();
+        if lag.iter().any(|l| l.contains(&format!("topic=\"{id}.cdp.raw."))) {
+            assert!(lag.iter().all(|l| l.ends_with(" 0")), "{lag:?}");
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no consumer lag reported: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for layer in ["bronze", "silver", "gold"] {
+        let series = format!("cohort_warehouse_write_seconds_count{{layer=\"{layer}\",outcome=\"ok\"}}");
+        assert!(metrics.contains(&series), "{series} missing");
+    }
     let processed = read_topic(&format!("{id}.cdp.processed.events"));
     let event_ids: BTreeSet<&str> = processed.iter().filter_map(|(_, row)| row["event_id"].as_str()).collect();
     assert_eq!(event_ids.len(), 6, "every event is published (at least once, keyed by event_id)");

@@ -114,6 +114,7 @@ async fn duplicate_event_ids_are_applied_once() {
     let m = demo.client.get("/metrics").await.unwrap();
     let text = m.body.as_str().unwrap();
     assert!(text.contains("cohort_ingest_events_duplicate_total{source=\"mobile\"} 3"), "{text}");
+    assert!(text.contains("cohort_consumer_lag_events{partition=\"0\",topic=\"journal\"}"), "{text}");
     demo.stop().await.unwrap();
 }
 

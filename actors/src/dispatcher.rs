@@ -27,6 +27,7 @@ pub struct DispatcherArgs {
 pub struct DispatcherState {
     args: DispatcherArgs,
     subscription: Box<dyn Subscription>,
+    lag_reported: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -52,7 +53,10 @@ impl Actor for Dispatcher {
         args.ctx.watermark.reset(&start);
         args.ctx.pending_ids.reset();
         tracing::info!(bus = args.ctx.bus.name(), start = %describe(&start), "pipeline dispatcher starting");
-        Ok(DispatcherState { args, subscription })
+        // Reported on the first pump, then every second.
+        let lag_reported =
+            std::time::Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(std::time::Instant::now);
+        Ok(DispatcherState { args, subscription, lag_reported })
     }
 
     async fn post_start(
@@ -77,6 +81,12 @@ impl Actor for Dispatcher {
             tokio::time::sleep(Duration::from_millis(1)).await;
             myself.send_message(DispatcherMsg::Pump)?;
             return Ok(());
+        }
+        if state.lag_reported.elapsed() >= Duration::from_secs(1) {
+            state.lag_reported = std::time::Instant::now();
+            for (topic, partition, lag) in state.subscription.lag() {
+                ctx.metrics.consumer_lag.with_label_values(&[&topic, &partition.to_string()]).set(lag);
+            }
         }
         // Bounded wait when idle, so stop signals are seen promptly.
         let polled = match state.subscription.poll(state.args.batch, Duration::from_millis(200)).await {

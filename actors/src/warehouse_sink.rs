@@ -206,11 +206,11 @@ async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize
         }
     }
     if !bronze.is_empty() {
-        args.warehouse.write_bronze(bronze).await?;
+        timed(args, "bronze", args.warehouse.write_bronze(bronze)).await?;
         args.metrics.warehouse_rows.with_label_values(&["bronze"]).inc_by(n_bronze as u64);
     }
     if !silver.is_empty() {
-        args.warehouse.write_silver(silver).await?;
+        timed(args, "silver", args.warehouse.write_silver(silver)).await?;
         args.metrics.warehouse_rows.with_label_values(&["silver"]).inc_by(n_silver as u64);
     }
     let mut seen = HashSet::new();
@@ -229,6 +229,19 @@ pub fn tokenize_silver(pii: &cohort_adapters::Pii, row: &mut SilverRow) {
     pii.tokenize(&mut row.properties);
 }
 
+/// Runs one warehouse write and records its latency and outcome.
+async fn timed(
+    args: &WarehouseSinkArgs,
+    layer: &str,
+    write: impl std::future::Future<Output = Result<(), StoreError>>,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let result = write.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    args.metrics.warehouse_write_duration.with_label_values(&[layer, outcome]).observe(started.elapsed().as_secs_f64());
+    result
+}
+
 /// A Gold row, tokenized when the warehouse gets no personal data.
 fn gold_row(args: &WarehouseSinkArgs, record: &cohort_messages::ProfileRecord) -> GoldProfileRow {
     let mut row = GoldProfileRow::from_record(record);
@@ -245,7 +258,7 @@ async fn snapshot(args: &WarehouseSinkArgs, ids: &[ProfileId]) -> Result<usize, 
     let rows: Vec<GoldProfileRow> = records.iter().map(|r| gold_row(args, r)).collect();
     let n = rows.len();
     if n > 0 {
-        args.warehouse.write_gold_profiles(rows).await?;
+        timed(args, "gold", args.warehouse.write_gold_profiles(rows)).await?;
         args.metrics.warehouse_rows.with_label_values(&["gold"]).inc_by(n as u64);
     }
     Ok(n)

@@ -110,6 +110,11 @@ pub trait Subscription: Send + 'static {
     fn start(&self) -> StreamPositions;
     /// The next events in position order per stream; waits up to `wait` when there are none.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError>;
+    /// Records published but not yet read, per (topic, partition), from what the client knows
+    /// without a round trip (for the consumer-lag metric).
+    fn lag(&self) -> Vec<(String, i32, i64)> {
+        Vec::new()
+    }
 }
 
 /// The embedded bus: the journal in the embedded store, one stream, checkpoint in the store.
@@ -219,6 +224,11 @@ struct JournalSubscription {
 impl Subscription for JournalSubscription {
     fn start(&self) -> StreamPositions {
         vec![(0, self.next_after)]
+    }
+
+    fn lag(&self) -> Vec<(String, i32, i64)> {
+        let head = *self.head.borrow();
+        vec![("journal".to_string(), 0, head.saturating_sub(self.next_after) as i64)]
     }
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError> {

@@ -17,9 +17,9 @@ use cohort_messages::{
 };
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -152,7 +152,7 @@ pub struct KafkaBus {
     /// messages timed out during a broker outage cannot continue).
     producer: parking_lot::RwLock<FutureProducer>,
     /// The pipeline's consumer, shared with `commit`.
-    consumer: Mutex<Option<Arc<StreamConsumer>>>,
+    consumer: Mutex<Option<Arc<StreamConsumer<LagContext>>>>,
     published: Mutex<HashMap<u32, u64>>,
 }
 
@@ -439,7 +439,7 @@ impl KafkaBus {
     }
 
     async fn subscribe_group(&self, with_raw: bool) -> Result<Box<dyn Subscription>, StoreError> {
-        let consumer: StreamConsumer = ClientConfig::new()
+        let consumer: StreamConsumer<LagContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
             .set("group.id", &self.settings.group_id)
             .set("enable.auto.commit", "false")
@@ -447,7 +447,9 @@ impl KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
-            .create()
+            // Statistics carry each assigned partition's lag (LagContext keeps the latest).
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(LagContext::default())
             .map_err(|e| StoreError::invalid(format!("kafka consumer config: {e}")))?;
         let names: Vec<String> = Source::ALL.iter().map(|s| self.topics.raw(*s)).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -483,8 +485,31 @@ impl KafkaBus {
     }
 }
 
+/// Keeps the consumer lag per assigned partition from librdkafka's statistics.
+#[derive(Default)]
+struct LagContext {
+    lag: Mutex<Vec<(String, i32, i64)>>,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag = Vec::new();
+        for (name, topic) in &statistics.topics {
+            for (id, p) in &topic.partitions {
+                if *id >= 0 && p.desired && p.consumer_lag >= 0 {
+                    lag.push((name.clone(), *id, p.consumer_lag));
+                }
+            }
+        }
+        lag.sort();
+        *self.lag.lock() = lag;
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
 struct KafkaSubscription {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     /// Raw topic name → source index + 1.
     topics: HashMap<String, u32>,
     /// Decode raw payloads (base64) only when the pipeline keeps them.
@@ -497,6 +522,10 @@ impl Subscription for KafkaSubscription {
         // Partitions are assigned by the group on the first polls; each stream starts at the
         // group's committed offset, which the first delivered position reveals.
         Vec::new()
+    }
+
+    fn lag(&self) -> Vec<(String, i32, i64)> {
+        self.consumer.context().lag.lock().clone()
     }
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError> {

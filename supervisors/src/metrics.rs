@@ -51,6 +51,8 @@ pub struct Metrics {
     pub gdpr_sagas: IntCounterVec,
     pub gdpr_step_failures: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub warehouse_write_duration: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,6 +134,20 @@ impl Metrics {
             "Destination requests by destination and outcome (sent, failed, retried)",
             &["destination", "outcome"],
         )?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "consumer_lag_events",
+                "Events published but not yet read by the pipeline, per topic and partition (the embedded journal is topic `journal`)",
+            ),
+            &["topic", "partition"],
+        )?;
+        r.register(Box::new(consumer_lag.clone()))?;
+        let warehouse_write_duration = HistogramVec::new(
+            HistogramOpts::new("warehouse_write_seconds", "Warehouse write latency per layer and outcome")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["layer", "outcome"],
+        )?;
+        r.register(Box::new(warehouse_write_duration.clone()))?;
         let gdpr_saga_duration = HistogramVec::new(
             HistogramOpts::new("gdpr_saga_duration_seconds", "From a deletion request to its saga's end")
                 .buckets(vec![0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 86_400.0]),
@@ -268,6 +284,8 @@ impl Metrics {
             gdpr_sagas,
             gdpr_step_failures,
             gdpr_suppressed_events,
+            consumer_lag,
+            warehouse_write_duration,
         })
     }
 
