@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs (once, cached) and starts/stops the real-protocol servers the tests use:
-#   Tansu (Kafka protocol), SecantusDB (MongoDB wire protocol), bqemulator (BigQuery REST API).
+#   Tansu (Kafka protocol), SecantusDB (MongoDB wire protocol), bqemulator (BigQuery REST API),
+# and the deployment checkers: promtool (Debian's prometheus package) and kubernetes-validate.
 # Usage: scripts/services.sh install | start | stop | env | stop-one|start-one|pause|resume kafka|mongo
 # Everything listens on 127.0.0.1 on free ports; `start` writes $COHORT_SERVICES_DIR/env with the
 # URLs, and `stop` stops exactly the processes it started (by PID).
@@ -12,6 +13,7 @@ RUN_DIR="${COHORT_SERVICES_DIR:-$CACHE/run}"
 TANSU_VERSION=0.6.0
 SECANTUS_VERSION=0.5.3-beta.196
 BQEMU_VERSION=1.4.0
+KUBE_VALIDATE_VERSION=1.37.0
 DUCKDB_VERSION=1.5.5
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -38,6 +40,22 @@ install_secantus() {
     --root "$TOOLS/secantus-$SECANTUS_VERSION" --quiet 2>/dev/null \
   || cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version \
     --root "$TOOLS/secantus-$SECANTUS_VERSION" --quiet
+}
+
+deploy_venv() { echo "$TOOLS/deploy-tools"; }
+
+install_deploy_tools() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "installing promtool (Debian's prometheus package)"
+    (apt-get update -qq && apt-get install -y -qq prometheus) >/dev/null
+    # Only the checker is wanted, not a running Prometheus.
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  local v; v="$(deploy_venv)"
+  if [ -x "$v/bin/kubernetes-validate" ]; then return; fi
+  log "installing kubernetes-validate $KUBE_VALIDATE_VERSION into a virtualenv"
+  python3 -m venv "$v"
+  "$v/bin/pip" install --quiet "kubernetes-validate==$KUBE_VALIDATE_VERSION"
 }
 
 install_bqemulator() {
@@ -116,6 +134,8 @@ export COHORT_TEST_BIGQUERY=http://127.0.0.1:$bport/bigquery/v2
 export COHORT_SERVICES_DIR=$RUN_DIR
 export COHORT_TEST_TANSU_BIN=$(tansu_bin)
 export COHORT_TEST_SECANTUS_BIN=$(secantus_bin)
+export COHORT_TEST_PROMTOOL=$(command -v promtool || true)
+export COHORT_TEST_DEPLOY_TOOLS=$(deploy_venv)/bin
 ENV
   log "started: kafka 127.0.0.1:$kport, mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
   cat "$RUN_DIR/env"
@@ -150,7 +170,7 @@ stop_quiet() {
 }
 
 case "${1:-}" in
-  install) install_bqemulator; install_secantus; install_tansu ;;
+  install) install_deploy_tools; install_bqemulator; install_secantus; install_tansu ;;
   start) start ;;
   stop) stop_quiet; log "stopped" ;;
   stop-one) case "${2:-}" in kafka) stop_one tansu ;; mongo) stop_one mongo ;; *) echo "stop-one kafka|mongo" >&2; exit 2 ;; esac ;;
