@@ -90,8 +90,12 @@ async fn every_metric_family_a_running_cohort_exports_is_catalogued() {
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     demo.cohort.relay_warehouse().await.unwrap();
     let text = demo.client.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
-    let exported: BTreeSet<String> =
-        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).map(String::from).collect();
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect();
     assert!(exported.len() >= 20, "{exported:?}");
     let docs = catalogued();
     let missing: Vec<_> = exported.difference(&docs).collect();
@@ -137,9 +141,10 @@ fn alerts_and_the_dashboard_use_only_catalogued_metrics() {
 
 /// `kubectl kustomize DIR`, written to a temporary file.
 fn render(dir: &str, out: &Path) {
-    let rendered = Command::new("kubectl").args(["kustomize", repo(dir).to_str().unwrap()]).output().unwrap_or_else(|e| {
-        panic!("kubectl is needed to render deploy/k8s (it comes with the machine image): {e}")
-    });
+    let rendered = Command::new("kubectl")
+        .args(["kustomize", repo(dir).to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl is needed to render deploy/k8s (it comes with the machine image): {e}"));
     assert!(rendered.status.success(), "kustomize {dir}: {}", String::from_utf8_lossy(&rendered.stderr));
     std::fs::write(out, &rendered.stdout).unwrap();
 }
@@ -198,10 +203,14 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
         for k in secrets.keys() {
             std::env::remove_var(k);
         }
-        let config = config.unwrap_or_else(|e| panic!("{dir}: the ConfigMap and Secret are not a valid configuration: {e}"));
+        let config =
+            config.unwrap_or_else(|e| panic!("{dir}: the ConfigMap and Secret are not a valid configuration: {e}"));
         assert!(config.storage.url.starts_with("mongodb://"), "{dir}");
         assert!(config.gdpr.key_url.starts_with("gcpkms://"), "{dir}");
         assert_eq!(config.auth.api_tokens, vec!["replace-with-a-long-random-api-token".to_string()], "{dir}");
-        assert!(config.sources.web.write_key.starts_with("replace-with"), "{dir}: the Secret's variables reach the config");
+        assert!(
+            config.sources.web.write_key.starts_with("replace-with"),
+            "{dir}: the Secret's variables reach the config"
+        );
     }
 }

@@ -13,6 +13,7 @@ use cohort::demo::DemoServer;
 use cohort::payloads;
 use cohort::SystemOptions;
 use cohort_adapters::AppendBatch;
+use cohort_messages::msgs::MatcherMsg;
 use common::erasure::{
     assert_nothing_left, assert_present, completed, deletion_during_load, jana_writes_again, request_deletion,
     saga_survives_sigkill, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
@@ -48,8 +49,20 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     let max_before = c.get(&format!("/v1/profiles/email:{}", MAX.email)).await.unwrap().body;
     assert!(!d.received("sendgrid").is_empty(), "the activation synced the students");
 
+    let matcher = demo.cohort.ctx.matcher.get().unwrap();
+    let indexed = || async {
+        let stats = matcher.call(MatcherMsg::Sync, Some(Duration::from_secs(10))).await.unwrap();
+        match stats {
+            ractor::rpc::CallResult::Success(s) => s.indexed_profiles,
+            _ => panic!("the matcher did not answer"),
+        }
+    };
+    let indexed_before = indexed().await;
+    assert!(indexed_before >= 2, "both students are in the matcher's index");
+
     let url = request_deletion(c, &jana_ref, "suppress_with_delete").await;
     let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    assert_eq!(indexed().await, indexed_before - 1, "her person fields left the matcher's memory");
     for s in done["steps"].as_array().unwrap() {
         assert!(s["status"] == "done" || s["status"] == "skipped", "{s}");
         assert!(s["started_at"].is_string() && s["finished_at"].is_string(), "{s}");

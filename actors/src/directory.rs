@@ -528,6 +528,19 @@ impl Actor for ProfilesDirectory {
                     }
                     state.ctx.person_fingerprints.remove(id);
                 }
+                // The matcher's index holds their person fields: a profile "merged away" leaves it.
+                if let Some(matcher) = state.ctx.matcher.get() {
+                    let gone = profiles
+                        .iter()
+                        .map(|p| MatchCandidate {
+                            profile_id: p.clone(),
+                            merged: true,
+                            traits: Default::default(),
+                            identifiers: Vec::new(),
+                        })
+                        .collect();
+                    let _ = matcher.send_message(MatcherMsg::ProfilesChanged(gone));
+                }
                 tracing::info!(profiles = profiles.len(), stopped, "profiles erased from the directory");
                 if state.flushing {
                     state.erase_waiters.push((reply, stopped));
