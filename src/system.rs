@@ -235,7 +235,13 @@ pub fn segment_setup(config: &Config) -> anyhow::Result<(Arc<SegmentRegistry>, V
 #[derive(Default, Clone)]
 pub struct SystemOptions {
     pub fault: Option<Arc<dyn FaultInjector>>,
+    /// Wraps the configured warehouse (tests inject the answers a real one gives under
+    /// conditions an emulator cannot produce, such as BigQuery's streaming buffer).
+    pub warehouse_wrapper: Option<WarehouseWrapper>,
 }
+
+/// See [`SystemOptions::warehouse_wrapper`].
+pub type WarehouseWrapper = Arc<dyn Fn(Arc<dyn Warehouse>) -> Arc<dyn Warehouse> + Send + Sync>;
 
 /// A running Cohort: the actor tree and what the API needs to reach it.
 pub struct Cohort {
@@ -301,6 +307,10 @@ impl Cohort {
         let (segments, configured_segments) = segment_setup(&config)?;
         let (store, bus) = open_backends(&config).await?;
         let warehouse = open_configured_warehouse(&config).await?;
+        let warehouse = match (&options.warehouse_wrapper, warehouse) {
+            (Some(wrap), Some(w)) => Some(wrap(w)),
+            (_, w) => w,
+        };
         let envelope = Arc::new(open_keyring(&config, store.as_ref()).await?);
         let pii = Arc::new(Pii::new(envelope.clone()));
         let store: Arc<dyn OperationalStore> =

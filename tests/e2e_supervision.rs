@@ -48,7 +48,7 @@ fn track(id: &str, user: &str, name: &str, n: i64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_profile_actor_restarts_and_poison_goes_to_the_dead_letter_store() {
     let faults = Arc::new(Faults::default());
-    let options = SystemOptions { fault: Some(faults.clone()) };
+    let options = SystemOptions { fault: Some(faults.clone()), ..SystemOptions::default() };
     // A fast flush so the first events are persisted before the failures: the restart must
     // then come from persisted state plus the re-delivered unflushed events.
     let demo =
@@ -154,7 +154,13 @@ async fn failures_beyond_the_restart_budget_escalate_up_the_tree() {
     // dead-lettering: the pipeline restarts (one-for-all), replays, fails again, and finally
     // exhausts its own budget; the root sees it and readiness goes red.
     let extra = "[profiles]\nmax_event_attempts = 100\n[supervision]\nmax_restarts = 2\nbackoff_initial_ms = 5\nbackoff_max_ms = 20\n";
-    let mut demo = DemoServer::start(None, extra, SystemOptions { fault: Some(Arc::new(AlwaysPoison)) }).await.unwrap();
+    let mut demo = DemoServer::start(
+        None,
+        extra,
+        SystemOptions { fault: Some(Arc::new(AlwaysPoison)), ..SystemOptions::default() },
+    )
+    .await
+    .unwrap();
     let c = demo.client.clone();
     assert_eq!(c.segment(true, "track", &track("e-0", "eve", "Poison", 1)).await.unwrap().status, 200);
     tokio::time::timeout(Duration::from_secs(20), demo.cohort.wait_root()).await.expect("root supervisor stops");
