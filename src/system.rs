@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, Context};
 use cohort_actors::gdpr::destinations::ErasureDestinations;
+use cohort_actors::jobs::{JobFn, JobScheduler, JobSchedulerArgs, JobSpec};
 use cohort_actors::matching::MatchModel;
 use cohort_actors::normalize::signature::parse_sendgrid_public_key;
 use cohort_actors::normalize::{normalize_email, normalize_phone, NormalizeOptions};
@@ -28,9 +29,10 @@ use cohort_adapters::{
 use cohort_api::ApiState;
 use cohort_config::{Config, WarehousePii};
 use cohort_messages::msgs::{
-    BatchRun, FlushReport, GdprMsg, IdentityStatsMsg, IngestMsg, ProfilesMsg, ProfilesStats, ReconcileReport,
+    BatchRun, FlushReport, GdprMsg, IdentityStatsMsg, IngestMsg, JobsMsg, ProfilesMsg, ProfilesStats, ReconcileReport,
     RelayReport, RetentionMsg, ReverseEtlMsg, SegmentMsg, WarehouseMsg,
 };
+use cohort_messages::segment::SegmentKind;
 use cohort_messages::{Identifier, IdentifierKind, Source};
 use cohort_supervisors::{
     ChildSpec, HealthRegistry, Metrics, RestartPolicy, Slot, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg,
@@ -140,6 +142,13 @@ pub async fn open_keyring(config: &Config, store: &dyn OperationalStore) -> anyh
         }
     };
     open_data_key(km.as_ref(), &record).await.with_context(|| format!("unwrapping the data key with {}", km.describe()))
+}
+
+/// This replica's name in job run records: the pod name on Kubernetes (else "cohort"), the
+/// process, and a few random characters so that two instances in one process differ.
+fn replica_name() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "cohort".into())
+        + &format!("/{}/{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..6])
 }
 
 /// Documents: the wrapped data key.
@@ -548,6 +557,69 @@ impl Cohort {
                 }
             }));
         }
+        let jobs_slot: Slot<JobsMsg> = Slot::default();
+        {
+            let mut specs = Vec::new();
+            let bad = |key: &str, e: String| anyhow!("invalid configuration: `jobs.{key}`: {e}");
+            if !config.jobs.gold_reconcile.trim().is_empty() && warehouse.is_some() {
+                let sink = warehouse_slot.clone();
+                let run: JobFn = Arc::new(move || {
+                    let sink = sink.clone();
+                    Box::pin(async move {
+                        let report = ask(&sink, "warehouse sink", |r| WarehouseMsg::Reconcile { reply: Some(r) }, 3600)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        serde_json::to_value(report).map_err(|e| e.to_string())
+                    })
+                });
+                specs.push(
+                    JobSpec::new("gold_reconcile", &config.jobs.gold_reconcile, run)
+                        .map_err(|e| bad("gold_reconcile", e))?,
+                );
+            }
+            if !config.jobs.batch_segments.trim().is_empty() {
+                let (engine, registry) = (ctx.segment_engine.clone(), segments.clone());
+                let run: JobFn = Arc::new(move || {
+                    let (engine, registry) = (engine.clone(), registry.clone());
+                    Box::pin(async move {
+                        let mut runs = serde_json::Map::new();
+                        for (name, segment) in registry.snapshot().iter() {
+                            if segment.definition.kind != SegmentKind::Batch {
+                                continue;
+                            }
+                            let name = name.clone();
+                            let run = ask(
+                                &engine,
+                                "segment engine",
+                                |r| SegmentMsg::RunBatch { name: name.clone(), reply: Some(r) },
+                                3600,
+                            )
+                            .await
+                            .map_err(|e| format!("{name}: {e}"))?;
+                            runs.insert(name, serde_json::to_value(run).map_err(|e| e.to_string())?);
+                        }
+                        Ok(serde_json::Value::Object(runs))
+                    })
+                });
+                specs.push(
+                    JobSpec::new("batch_segments", &config.jobs.batch_segments, run)
+                        .map_err(|e| bad("batch_segments", e))?,
+                );
+            }
+            let (store, metrics, slot) = (store.clone(), metrics.clone(), jobs_slot.clone());
+            let owner = replica_name();
+            job_children.push(ChildSpec::new("scheduler", "job_scheduler", move |sup| {
+                let jobs = specs.clone();
+                let args =
+                    JobSchedulerArgs { store: store.clone(), metrics: metrics.clone(), owner: owner.clone(), jobs };
+                let slot = slot.clone();
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, JobScheduler, args, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         let gdpr_slot: Slot<GdprMsg> = Slot::default();
         {
             let (store, bus, warehouse, metrics) = (store.clone(), bus.clone(), warehouse.clone(), metrics.clone());
@@ -618,6 +690,7 @@ impl Cohort {
             segment_engine: ctx.segment_engine.clone(),
             reverse_etl: reverse_etl_slot.clone(),
             gdpr: gdpr_slot,
+            jobs: jobs_slot,
             erasures,
             index: ctx.index.clone(),
             store: store.clone(),

@@ -10,6 +10,7 @@ pub mod gdpr;
 pub mod identity;
 pub mod identity_stats;
 pub mod ingest;
+pub mod jobs;
 pub mod matcher;
 pub mod matching;
 pub mod normalize;

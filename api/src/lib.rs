@@ -6,6 +6,7 @@ pub mod error;
 mod gdpr;
 pub mod identity;
 pub mod ingest;
+mod jobs;
 pub mod ops;
 pub mod profiles;
 mod segments;
@@ -46,7 +47,7 @@ impl Modify for BearerAuth {
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
         segments::status, segments::retry, segments::confirm, segments::changes, gdpr::export, gdpr::get_consent, gdpr::put_consent,
         gdpr::request_deletion, gdpr::get_deletion, gdpr::list_deletions,
-        ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq,
+        ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq, jobs::list, jobs::runs, jobs::run_now,
     ),
     modifiers(&BearerAuth)
 )]
@@ -109,6 +110,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/reverse-etl/retry", post(segments::retry))
         .route("/v1/reverse-etl/confirm/{activation}", post(segments::confirm))
         .route("/v1/dlq", get(ops::dlq))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{name}/runs", get(jobs::runs))
+        .route("/v1/jobs/{name}/run", post(jobs::run_now))
         .route("/v1/supervisors", get(ops::supervisors))
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))

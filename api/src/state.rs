@@ -5,7 +5,9 @@ use cohort_actors::segments::SegmentRegistry;
 use cohort_actors::IdentityIndex;
 use cohort_adapters::{EventBus, OperationalStore, Warehouse};
 use cohort_config::Config;
-use cohort_messages::msgs::{GdprMsg, IdentityStatsMsg, IngestMsg, MatcherMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg};
+use cohort_messages::msgs::{
+    GdprMsg, IdentityStatsMsg, IngestMsg, JobsMsg, MatcherMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg,
+};
 use cohort_messages::Source;
 use cohort_supervisors::{HealthRegistry, Metrics, QueueDepth, Slot};
 use std::collections::HashMap;
@@ -25,6 +27,8 @@ pub struct ApiState {
     pub reverse_etl: Slot<ReverseEtlMsg>,
     /// The GdprCoordinator, which runs deletion sagas.
     pub gdpr: Slot<GdprMsg>,
+    /// The JobScheduler (scheduled jobs and their history).
+    pub jobs: Slot<JobsMsg>,
     /// Erased people (their profiles answer 404).
     pub erasures: Arc<cohort_actors::Erasures>,
     pub index: Arc<IdentityIndex>,

@@ -25,6 +25,7 @@ pub struct Config {
     pub warehouse: WarehouseConfig,
     pub retention: RetentionConfig,
     pub gdpr: GdprConfig,
+    pub jobs: JobsConfig,
     pub segments: SegmentsConfig,
     /// Scorers for model-driven segments: `[models.NAME]` with `bias` and `[models.NAME.weights]`.
     #[serde(default)]
@@ -256,6 +257,14 @@ pub struct WarehouseConfig {
 pub struct RetentionConfig {
     pub idempotency_hours: u64,
     pub interval_secs: u64,
+}
+
+/// Cron schedules of the scheduled jobs (validated when the scheduler starts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    pub gold_reconcile: String,
+    pub batch_segments: String,
 }
 
 /// How personal data reaches the warehouse.

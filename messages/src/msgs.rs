@@ -524,3 +524,56 @@ pub enum GdprMsg {
     /// Pick up suppressions and erasures recorded elsewhere, and sagas left running (timer).
     Refresh,
 }
+
+/// The outcome of one scheduled job occurrence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobRunStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// One run of a scheduled job, as stored (a `job_run` saga record) and shown by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRun {
+    pub job: String,
+    pub run_id: String,
+    /// The occurrence this run is for (its schedule time, or the request time of a manual run).
+    pub due: DateTime<Utc>,
+    /// The replica that won the occurrence's lease and ran it.
+    pub owner: String,
+    pub status: JobRunStatus,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// A scheduled job as `GET /v1/jobs` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub name: String,
+    pub schedule: String,
+    pub next_run: Option<DateTime<Utc>>,
+    pub running: bool,
+    /// The last run this replica saw finish.
+    pub last_run: Option<JobRun>,
+}
+
+/// The JobScheduler: cron-scheduled jobs, each occurrence run once cluster-wide.
+#[derive(Debug)]
+pub enum JobsMsg {
+    /// Timer: start the jobs that are due.
+    Tick,
+    /// Run a job now (an operator's request); the reply comes when it has finished.
+    RunNow {
+        job: String,
+        reply: RpcReplyPort<Result<JobRun, String>>,
+    },
+    /// A run finished (sent by the task that ran it).
+    Finished {
+        run: Box<JobRun>,
+    },
+    List(RpcReplyPort<Vec<JobStatus>>),
+}

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub gdpr_step_failures: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
+    pub job_runs: IntCounterVec,
+    pub job_duration: HistogramVec,
+    pub job_last_success: IntGaugeVec,
     pub warehouse_write_duration: HistogramVec,
 }
 
@@ -134,6 +137,23 @@ impl Metrics {
             "Destination requests by destination and outcome (sent, failed, retried)",
             &["destination", "outcome"],
         )?;
+        let job_runs = counter_vec(
+            &r,
+            "job_runs_total",
+            "Scheduled job occurrences by job and outcome (succeeded, failed, elsewhere, not_started)",
+            &["job", "outcome"],
+        )?;
+        let job_duration = HistogramVec::new(
+            HistogramOpts::new("job_duration_seconds", "Scheduled job run time")
+                .buckets(vec![0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0]),
+            &["job"],
+        )?;
+        r.register(Box::new(job_duration.clone()))?;
+        let job_last_success = IntGaugeVec::new(
+            Opts::new("job_last_success_timestamp_seconds", "When each job last succeeded on this replica (Unix time)"),
+            &["job"],
+        )?;
+        r.register(Box::new(job_last_success.clone()))?;
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 "consumer_lag_events",
@@ -285,6 +305,9 @@ impl Metrics {
             gdpr_step_failures,
             gdpr_suppressed_events,
             consumer_lag,
+            job_runs,
+            job_duration,
+            job_last_success,
             warehouse_write_duration,
         })
     }

@@ -1,0 +1,175 @@
+//! Scheduled jobs: cron schedules inside Cohort, run history and failures in the API and the
+//! metrics, and each occurrence run once when several replicas share a store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use cohort::client::CohortClient;
+use cohort::demo::{play_slide_18, DemoServer};
+use cohort::SystemOptions;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// Every second, so a test sees several occurrences.
+const EVERY_SECOND: &str = "[jobs]\ngold_reconcile = \"* * * * * *\"\nbatch_segments = \"\"\n";
+
+async fn runs(c: &CohortClient, job: &str) -> Vec<Value> {
+    let a = c.get(&format!("/v1/jobs/{job}/runs?limit=1000")).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.body["runs"].as_array().unwrap().clone()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn metrics(c: &CohortClient) -> String {
+    c.get("/metrics").await.unwrap().body.as_str().unwrap().to_string()
+}
+
+async fn wait_for_runs(c: &CohortClient, job: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: Vec<Value> = runs(c, job).await.into_iter().filter(|r| r["status"] != "running").collect();
+        if done.len() >= n {
+            return done;
+        }
+        assert!(Instant::now() < deadline, "only {} runs of {job}", done.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_job_runs_on_its_schedule_and_its_history_and_metrics_show_it() {
+    let demo = DemoServer::start(None, EVERY_SECOND, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    play_slide_18(c).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    let done = wait_for_runs(c, "gold_reconcile", 2).await;
+    let dues: BTreeSet<&str> = done.iter().map(|r| r["due"].as_str().unwrap()).collect();
+    assert_eq!(dues.len(), done.len(), "one run per occurrence");
+    for r in &done {
+        assert_eq!(r["status"], "succeeded", "{r}");
+        assert!(r["detail"]["profiles_checked"].is_number(), "the run reports what it did: {r}");
+        assert!(r["finished_at"].is_string() && r["owner"].is_string(), "{r}");
+    }
+    let jobs = c.get("/v1/jobs").await.unwrap().body;
+    let job = jobs["jobs"].as_array().unwrap().iter().find(|j| j["name"] == "gold_reconcile").unwrap().clone();
+    assert_eq!(job["schedule"], "* * * * * *");
+    assert!(job["next_run"].is_string(), "{job}");
+    assert!(jobs["jobs"].as_array().unwrap().iter().all(|j| j["name"] != "batch_segments"), "an empty schedule is off");
+    let text = metrics(c).await;
+    assert!(metric(&text, "cohort_job_runs_total{job=\"gold_reconcile\",outcome=\"succeeded\"}") >= 2.0, "{text}");
+    assert!(metric(&text, "cohort_job_last_success_timestamp_seconds{job=\"gold_reconcile\"}") > 1.7e9);
+
+    // An operator runs it now; an unknown job is a 404.
+    let now = c.post("/v1/jobs/gold_reconcile/run", &Value::Null).await.unwrap();
+    assert_eq!(now.status, 200, "{}", now.body);
+    assert_eq!(now.body["status"], "succeeded");
+    assert_eq!(c.post("/v1/jobs/nightly_magic/run", &Value::Null).await.unwrap().status, 404);
+    demo.stop().await.unwrap();
+}
+
+/// The warehouse refusing every query: reconciliation fails, and the failure is recorded.
+struct BrokenWarehouse(std::sync::Arc<dyn cohort_adapters::Warehouse>);
+
+#[async_trait::async_trait]
+impl cohort_adapters::Warehouse for BrokenWarehouse {
+    async fn ensure_schema(&self) -> Result<(), cohort_adapters::StoreError> {
+        self.0.ensure_schema().await
+    }
+    async fn write_bronze(&self, rows: Vec<cohort_adapters::BronzeRow>) -> Result<(), cohort_adapters::StoreError> {
+        self.0.write_bronze(rows).await
+    }
+    async fn write_silver(&self, rows: Vec<cohort_adapters::SilverRow>) -> Result<(), cohort_adapters::StoreError> {
+        self.0.write_silver(rows).await
+    }
+    async fn write_gold_profiles(
+        &self,
+        rows: Vec<cohort_adapters::GoldProfileRow>,
+    ) -> Result<(), cohort_adapters::StoreError> {
+        self.0.write_gold_profiles(rows).await
+    }
+    async fn query(
+        &self,
+        _sql: &str,
+        _params: &[(String, cohort_adapters::QueryValue)],
+    ) -> Result<cohort_adapters::QueryResult, cohort_adapters::StoreError> {
+        Err(cohort_adapters::StoreError::unavailable("warehouse quota exceeded"))
+    }
+    async fn delete_profile(
+        &self,
+        profile_id: &cohort_messages::ProfileId,
+    ) -> Result<cohort_adapters::DeleteOutcome, cohort_adapters::StoreError> {
+        self.0.delete_profile(profile_id).await
+    }
+    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, cohort_adapters::StoreError> {
+        self.0.raw_payloads(after, limit).await
+    }
+    async fn delete_raw(&self, seqs: &[u64]) -> Result<cohort_adapters::DeleteOutcome, cohort_adapters::StoreError> {
+        self.0.delete_raw(seqs).await
+    }
+    async fn count_rows(&self, layer: cohort_adapters::Layer) -> Result<u64, cohort_adapters::StoreError> {
+        self.0.count_rows(layer).await
+    }
+    fn table(&self, layer: cohort_adapters::Layer) -> String {
+        self.0.table(layer)
+    }
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_is_recorded_with_its_error_and_counted() {
+    let wrap: cohort::system::WarehouseWrapper =
+        std::sync::Arc::new(|inner| std::sync::Arc::new(BrokenWarehouse(inner)));
+    let options = SystemOptions { warehouse_wrapper: Some(wrap), ..SystemOptions::default() };
+    let demo = DemoServer::start(None, EVERY_SECOND, options).await.unwrap();
+    let c = &demo.client;
+    play_slide_18(c).await.unwrap();
+    let done = wait_for_runs(c, "gold_reconcile", 1).await;
+    assert_eq!(done[0]["status"], "failed", "{}", done[0]);
+    assert!(done[0]["error"].as_str().unwrap().contains("quota exceeded"), "{}", done[0]);
+    let text = metrics(c).await;
+    assert!(metric(&text, "cohort_job_runs_total{job=\"gold_reconcile\",outcome=\"failed\"}") >= 1.0, "{text}");
+    demo.stop().await.unwrap();
+}
+
+fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `scripts/services.sh start` and `source ~/.cache/cohort/run/env` (scripts/test.sh does both)")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_mongodb_run_each_occurrence_once() {
+    let id = format!("jobs_{}_{}", std::process::id(), chrono::Utc::now().timestamp_micros());
+    let config = format!(
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 2\n\
+         [warehouse]\nurl = \"bigquery://test-project/{id}?endpoint={}\"\n[gdpr]\nkey_url = \"file:{}\"\n{EVERY_SECOND}",
+        service("COHORT_TEST_MONGODB"),
+        service("COHORT_TEST_KAFKA"),
+        service("COHORT_TEST_BIGQUERY"),
+        std::env::temp_dir().join(format!("{id}.kek")).display(),
+    );
+    let a = DemoServer::start(None, &config, SystemOptions::default()).await.unwrap();
+    let b = DemoServer::start(None, &config, SystemOptions::default()).await.unwrap();
+    let done = wait_for_runs(&a.client, "gold_reconcile", 4).await;
+    // Stop both before counting, so no occurrence is half-way.
+    let (ta, tb) = (metrics(&a.client).await, metrics(&b.client).await);
+    let all = runs(&a.client, "gold_reconcile").await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    let dues: BTreeSet<&str> = all.iter().map(|r| r["due"].as_str().unwrap()).collect();
+    assert_eq!(dues.len(), all.len(), "an occurrence was run twice: {all:?}");
+    let owners: BTreeSet<&str> = done.iter().map(|r| r["owner"].as_str().unwrap()).collect();
+    let series = |outcome: &str| format!("cohort_job_runs_total{{job=\"gold_reconcile\",outcome=\"{outcome}\"}}");
+    let elsewhere = metric(&ta, &series("elsewhere")) + metric(&tb, &series("elsewhere"));
+    assert!(elsewhere >= 1.0, "neither replica ever found an occurrence taken by the other (owners {owners:?})");
+}
