@@ -6,6 +6,7 @@ pub mod dedupe;
 pub mod demo;
 pub mod import;
 pub mod payloads;
+pub mod remote;
 pub mod replay;
 pub mod synth;
 pub mod system;

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cohort::remote::{segment, Remote};
 use cohort::{Cohort, SystemOptions};
 use cohort_actors::normalize::NormalizeOptions;
 use cohort_config::Config;
@@ -63,6 +64,101 @@ enum Command {
         #[arg(long)]
         source: Option<cohort_messages::Source>,
     },
+    /// GDPR requests to a running Cohort: deletions and exports.
+    Gdpr {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: GdprCommand,
+    },
+    /// The dead-letter store of a running Cohort.
+    Dlq {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Segments of a running Cohort.
+    Segments {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: SegmentsCommand,
+    },
+    /// Scheduled jobs of a running Cohort.
+    Jobs {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+/// Where the running Cohort is and how to authenticate.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// Base URL of the Cohort API.
+    #[arg(long, env = "COHORT_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An API token (defaults to the first of `auth.api_tokens` in the configuration).
+    #[arg(long, env = "COHORT_API_TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum GdprCommand {
+    /// Request the erasure of a person (a profile id or `type:value`).
+    Delete {
+        reference: String,
+        /// delete, suppress_with_delete or suppress_only.
+        #[arg(long, default_value = "suppress_with_delete")]
+        regulation: String,
+        /// Who asked (an operator or ticket), kept in the audit record.
+        #[arg(long)]
+        requested_by: Option<String>,
+        /// Follow the saga until it completes, showing the current step.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A deletion's status: every step with its attempts, last error and timestamps.
+    Status { id: String },
+    /// Everything held about a person, as JSON.
+    Export { reference: String },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters with their reasons and raw payloads, oldest first.
+    List {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum SegmentsCommand {
+    /// Every segment with its definition and member count.
+    List,
+    /// One segment.
+    Show { name: String },
+    /// A segment's members, paged.
+    Members {
+        name: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Every job with its schedule, next run and last run.
+    List,
+    /// A job's run history.
+    Runs { name: String },
+    /// Run a job now and print the finished run.
+    Run { name: String },
 }
 
 #[derive(Subcommand)]
@@ -160,6 +256,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
+        Command::Gdpr { remote, command } => {
+            let r = remote_of(&cli.config, remote)?;
+            let out = match command {
+                GdprCommand::Delete { reference, regulation, requested_by, wait } => {
+                    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                    r.delete_person(&reference, &regulation, requested_by.as_deref(), wait, progress).await?
+                }
+                GdprCommand::Status { id } => r.get(&format!("/v1/gdpr/deletions/{}", segment(&id))).await?,
+                GdprCommand::Export { reference } => {
+                    r.get(&format!("/v1/gdpr/exports/{}", segment(&reference))).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Dlq { remote, command: DlqCommand::List { after, limit } } => {
+            let r = remote_of(&cli.config, remote)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r.get(&format!("/v1/dlq?after={after}&limit={limit}")).await?)?
+            );
+            Ok(())
+        }
+        Command::Segments { remote, command } => {
+            let r = remote_of(&cli.config, remote)?;
+            let out = match command {
+                SegmentsCommand::List => r.get("/v1/segments").await?,
+                SegmentsCommand::Show { name } => r.get(&format!("/v1/segments/{}", segment(&name))).await?,
+                SegmentsCommand::Members { name, limit } => {
+                    r.get(&format!("/v1/segments/{}/members?limit={limit}", segment(&name))).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Jobs { remote, command } => {
+            let r = remote_of(&cli.config, remote)?;
+            let out = match command {
+                JobsCommand::List => r.get("/v1/jobs").await?,
+                JobsCommand::Runs { name } => r.get(&format!("/v1/jobs/{}/runs", segment(&name))).await?,
+                JobsCommand::Run { name } => {
+                    r.post(&format!("/v1/jobs/{}/run", segment(&name)), serde_json::Value::Null).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
         Command::Demo { keep_running, data_dir } => cohort::demo::run(keep_running, data_dir).await,
         Command::Config { command: ConfigCommand::Check { file } } => {
             match Config::load_file_only(&file).map_err(|e| e.to_string()).and_then(|c| {
@@ -192,6 +335,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The API client of the operator commands; the token falls back to the configuration's.
+fn remote_of(config: &Option<PathBuf>, args: RemoteArgs) -> anyhow::Result<Remote> {
+    let token = match args.token {
+        Some(t) => t,
+        None => Config::load(config.as_deref())?
+            .auth
+            .api_tokens
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no API token: pass --token or set auth.api_tokens"))?,
+    };
+    Remote::new(&args.url, &token)
 }
 
 /// The normalizer options from config and the parsed `--map` of the file identity commands.

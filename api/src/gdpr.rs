@@ -67,6 +67,8 @@ pub async fn export(
     let warehouse_events = match &state.warehouse {
         None => Value::Null,
         Some(w) => {
+            // Before the first relay the tables may not exist yet: then there is nothing in them.
+            w.ensure_schema().await.map_err(unavailable)?;
             let names: Vec<String> = (0..ids.len()).map(|i| format!("@p{i}")).collect();
             let sql = format!(
                 "SELECT * FROM {} WHERE profile_id IN ({}) ORDER BY occurred_at",

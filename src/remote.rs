@@ -1,0 +1,102 @@
+//! Operator commands that talk to a running Cohort over its API: GDPR deletions and exports,
+//! dead letters, segments and scheduled jobs. Answers are printed as JSON; an error answer is
+//! reported with its status and message and fails the command.
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// A running Cohort's API.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Remote {
+    pub fn new(url: &str, token: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?;
+        Ok(Self { base: url.trim_end_matches('/').to_string(), token: token.to_string(), http })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach Cohort at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the answer")?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            bail!("{path}: {status}: {message}");
+        }
+        Ok(value)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Requests a deletion; with `wait`, follows it (a spinner names the current step) until it
+    /// completes, and returns the final status.
+    pub async fn delete_person(
+        &self,
+        reference: &str,
+        regulation: &str,
+        requested_by: Option<&str>,
+        wait: bool,
+        progress: bool,
+    ) -> anyhow::Result<Value> {
+        let mut body = json!({ "profile": reference, "regulation": regulation });
+        if let Some(who) = requested_by {
+            body["requested_by"] = json!(who);
+        }
+        let created = self.post("/v1/gdpr/deletions", body).await?;
+        if !wait {
+            return Ok(created);
+        }
+        let id = created["id"].as_str().ok_or_else(|| anyhow!("the answer names no deletion id: {created}"))?;
+        let path = format!("/v1/gdpr/deletions/{id}");
+        let bar = if progress { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or(ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        loop {
+            let status = self.get(&path).await?;
+            if status["status"] == "completed" {
+                bar.finish_with_message(format!("{id} completed"));
+                return Ok(status);
+            }
+            let current = status["steps"].as_array().and_then(|s| {
+                s.iter().find(|s| s["status"] != "done" && s["status"] != "skipped").map(|s| {
+                    let error = s["last_error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
+                    format!("{} (attempt {}){error}", s["step"].as_str().unwrap_or("?"), s["attempts"])
+                })
+            });
+            bar.set_message(current.unwrap_or_else(|| "finishing".into()));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// Percent-encodes a path segment (profile refs hold `:` and `@`).
+pub fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'@' | b'+' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
