@@ -400,3 +400,22 @@ async fn identity_match_rate_counts_live_profiles_tied_to_a_known_person() {
     assert_eq!(anonymous.get("/v1/profiles/stats").await.unwrap().status, 401);
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_a_request_id_for_correlation() {
+    let demo = start().await;
+    let http = reqwest::Client::new();
+    let fresh = http.get(format!("{}/health/live", demo.base)).send().await.unwrap();
+    let id = fresh.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!(id.len(), 36, "a new UUID when the caller sends none: {id:?}");
+    let mine = http
+        .get(format!("{}/v1/profiles/user_id:nobody", demo.base))
+        .header("x-request-id", "ticket-4711-retry-2")
+        .bearer_auth("dev-api-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.status(), 404);
+    assert_eq!(mine.headers().get("x-request-id").unwrap(), "ticket-4711-retry-2", "the caller's id comes back");
+    demo.stop().await.unwrap();
+}

@@ -151,6 +151,11 @@ async fn no_log_line_carries_an_email_a_phone_a_name_or_message_text() {
     ] {
         assert!(text.contains(expected), "the scenario did not reach `{expected}`:\n{text}");
     }
+    // JSON lines carry the request id of the HTTP request they were written for.
+    assert!(
+        text.lines().any(|l| l.contains("\"request_id\":\"") && l.contains("\"route\":\"/v1/gdpr/deletions\"")),
+        "no log line of the deletion request carries its request id"
+    );
     let secrets = [
         "max@gmail.com",
         "Max@Gmail.com",
