@@ -14,6 +14,7 @@ TANSU_VERSION=0.6.0
 SECANTUS_VERSION=0.5.3-beta.196
 BQEMU_VERSION=1.4.0
 KUBE_VALIDATE_VERSION=1.37.0
+CARGO_DENY_VERSION=0.20.2
 DUCKDB_VERSION=1.5.5
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -56,6 +57,14 @@ install_deploy_tools() {
   log "installing kubernetes-validate $KUBE_VALIDATE_VERSION into a virtualenv"
   python3 -m venv "$v"
   "$v/bin/pip" install --quiet "kubernetes-validate==$KUBE_VALIDATE_VERSION"
+}
+
+cargo_deny_bin() { echo "$TOOLS/cargo-deny-$CARGO_DENY_VERSION/bin/cargo-deny"; }
+
+install_cargo_deny() {
+  if [ -x "$(cargo_deny_bin)" ]; then return; fi
+  log "building cargo-deny $CARGO_DENY_VERSION (about 3 minutes on 2 cores, once)"
+  cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked --root "$TOOLS/cargo-deny-$CARGO_DENY_VERSION" --quiet
 }
 
 install_bqemulator() {
@@ -136,6 +145,7 @@ export COHORT_TEST_TANSU_BIN=$(tansu_bin)
 export COHORT_TEST_SECANTUS_BIN=$(secantus_bin)
 export COHORT_TEST_PROMTOOL=$(command -v promtool || true)
 export COHORT_TEST_DEPLOY_TOOLS=$(deploy_venv)/bin
+export COHORT_TEST_CARGO_DENY=$(cargo_deny_bin)
 ENV
   log "started: kafka 127.0.0.1:$kport, mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
   cat "$RUN_DIR/env"
@@ -170,7 +180,7 @@ stop_quiet() {
 }
 
 case "${1:-}" in
-  install) install_deploy_tools; install_bqemulator; install_secantus; install_tansu ;;
+  install) install_deploy_tools; install_cargo_deny; install_bqemulator; install_secantus; install_tansu ;;
   start) start ;;
   stop) stop_quiet; log "stopped" ;;
   stop-one) case "${2:-}" in kafka) stop_one tansu ;; mongo) stop_one mongo ;; *) echo "stop-one kafka|mongo" >&2; exit 2 ;; esac ;;

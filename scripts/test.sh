@@ -33,5 +33,8 @@ trap 'scripts/services.sh stop' EXIT
 # shellcheck disable=SC1091
 source "${COHORT_SERVICES_DIR:-$HOME/.cache/cohort/run}/env"
 
+echo "== supply chain (licenses, bans, sources; see deny.toml)"
+"$COHORT_TEST_CARGO_DENY" check licenses bans sources
+
 echo "== test"
 cargo test --workspace --all-targets --locked -- --test-threads 2
