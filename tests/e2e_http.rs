@@ -419,3 +419,66 @@ async fn every_answer_carries_a_request_id_for_correlation() {
     assert_eq!(mine.headers().get("x-request-id").unwrap(), "ticket-4711-retry-2", "the caller's id comes back");
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_limits_answer_429_per_credential_and_503_when_overloaded() {
+    let extra = "[server]\napi_requests_per_second = 5\ningest_requests_per_second = 3\n\
+                 [auth]\napi_tokens = [\"dev-api-token\", \"second-token-123\"]\n";
+    let demo = DemoServer::start(None, extra, SystemOptions::default()).await.unwrap();
+    let http = reqwest::Client::new();
+    let get = |token: &'static str, path: &'static str| {
+        let (http, url) = (http.clone(), format!("{}{path}", demo.base));
+        async move { http.get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    let mut limited = None;
+    for _ in 0..12 {
+        let r = get("dev-api-token", "/v1/segments").await;
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let limited = limited.expect("12 requests at once exceed 5 per second");
+    let retry: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "{retry}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(get("second-token-123", "/v1/segments").await.status(), 200, "another credential has its own quota");
+    for _ in 0..20 {
+        assert_eq!(get("dev-api-token", "/health/live").await.status(), 200, "probes are never limited");
+    }
+    // Ingest has its own quota per write key.
+    let mut ingest_limited = false;
+    for i in 0..10 {
+        let ev = payloads::segment_track(&format!("rl-{i}"), "u-rl", "X", json!({}), Utc::now());
+        let a = demo.client.segment(false, "track", &ev).await.unwrap();
+        ingest_limited |= a.status == 429;
+    }
+    assert!(ingest_limited, "10 ingest calls at once exceed 3 per second");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get("dev-api-token", "/v1/segments").await.status(), 200, "the quota refills");
+    let text = demo.client.get("/metrics").await.unwrap().body.as_str().unwrap().to_string();
+    assert!(text.contains("cohort_api_refused_total{route=\"/v1/segments\"}"), "{text}");
+    demo.stop().await.unwrap();
+
+    // Load shedding: one request at a time; concurrent job runs beyond it are refused at once.
+    let extra = "[server]\nmax_in_flight = 1\n";
+    let demo = DemoServer::start(None, extra, SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    let calls: Vec<_> = (0..30)
+        .map(|_| {
+            let c = demo.client.clone();
+            tokio::spawn(async move { c.post("/v1/jobs/gold_reconcile/run", &Value::Null).await.unwrap() })
+        })
+        .collect();
+    let mut shed = 0;
+    for call in calls {
+        let a = call.await.unwrap();
+        if a.status == 503 && a.body["error"]["code"] == "overloaded" {
+            shed += 1;
+        }
+    }
+    assert!(shed >= 1, "30 concurrent runs never exceeded one in flight");
+    demo.stop().await.unwrap();
+}

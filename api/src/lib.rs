@@ -7,6 +7,7 @@ mod gdpr;
 pub mod identity;
 pub mod ingest;
 mod jobs;
+mod limits;
 pub mod ops;
 pub mod profiles;
 mod segments;
@@ -20,6 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -121,7 +123,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(body_limit));
+    let limits =
+        Arc::new(limits::Limits::new(cfg.ingest_requests_per_second, cfg.api_requests_per_second, cfg.max_in_flight));
     api.merge(import)
+        .layer(middleware::from_fn_with_state((state.clone(), limits), limits::limit))
         .layer(middleware::from_fn_with_state(state.clone(), track_latency))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
         // Correlation: every request gets an `x-request-id` (the caller's, or a new UUID), which

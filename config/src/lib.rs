@@ -142,6 +142,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub max_import_body_bytes: usize,
     pub request_timeout_ms: u64,
+    pub ingest_requests_per_second: u32,
+    pub api_requests_per_second: u32,
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -379,6 +382,9 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(bad("server.request_timeout_ms", "must be positive"));
+        }
+        if self.server.max_in_flight == 0 {
+            return Err(bad("server.max_in_flight", "must be positive"));
         }
         if self.gdpr.retry_initial_ms == 0 || self.gdpr.retry_max_ms < self.gdpr.retry_initial_ms {
             return Err(bad("gdpr.retry_max_ms", "must be at least gdpr.retry_initial_ms, which must be positive"));

@@ -2007,7 +2007,13 @@ async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // A load test measures capacity: the per-credential abuse limits would cap it (one write key,
+    // one API token). A `[server]` table of the caller's replaces this one.
+    if !cli.server_toml.contains("[server]") {
+        cli.server_toml =
+            format!("[server]\ningest_requests_per_second = 0\napi_requests_per_second = 0\n{}", cli.server_toml);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(run(cli))
 }

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub gdpr_step_failures: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
+    pub api_rate_limited: IntCounterVec,
     pub job_runs: IntCounterVec,
     pub job_duration: HistogramVec,
     pub job_last_success: IntGaugeVec,
@@ -136,6 +137,12 @@ impl Metrics {
             "reverse_etl_requests_total",
             "Destination requests by destination and outcome (sent, failed, retried)",
             &["destination", "outcome"],
+        )?;
+        let api_rate_limited = counter_vec(
+            &r,
+            "api_refused_total",
+            "Requests refused by the abuse limits: per route when rate limited (429), `overloaded` when too many were in flight (503)",
+            &["route"],
         )?;
         let job_runs = counter_vec(
             &r,
@@ -305,6 +312,7 @@ impl Metrics {
             gdpr_step_failures,
             gdpr_suppressed_events,
             consumer_lag,
+            api_rate_limited,
             job_runs,
             job_duration,
             job_last_success,
