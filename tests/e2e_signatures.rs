@@ -1,4 +1,5 @@
-//! Webhook signatures end to end: SendGrid's ECDSA signature when a key is configured.
+//! Webhook signatures end to end: SendGrid's ECDSA signature when a key is configured, with a
+//! replay window on its signed timestamp.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -46,6 +47,12 @@ async fn sendgrid_signatures_are_enforced_when_a_key_is_configured() {
     assert_eq!(post(body.clone(), Some(sig.clone()), Some("1".into())).await.unwrap().status(), 401);
     // garbage signature
     assert_eq!(post(body.clone(), Some("!!!".into()), Some(ts.clone())).await.unwrap().status(), 401);
+    // a correctly signed request recorded an hour ago and played again
+    let old = (Utc::now().timestamp() - 3600).to_string();
+    let replayed = post(body.clone(), Some(sign_sendgrid(&signing, &body, &old)), Some(old)).await.unwrap();
+    assert_eq!(replayed.status(), 401);
+    let text = replayed.text().await.unwrap();
+    assert!(text.contains("timestamp"), "{text}");
     // valid
     let ok = post(body.clone(), Some(sig), Some(ts)).await.unwrap();
     assert_eq!(ok.status(), 200);

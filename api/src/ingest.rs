@@ -164,7 +164,16 @@ pub async fn sendgrid(State(state): State<ApiState>, headers: HeaderMap, body: B
         let sig = headers.get("x-twilio-email-event-webhook-signature").and_then(|v| v.to_str().ok());
         let ts = headers.get("x-twilio-email-event-webhook-timestamp").and_then(|v| v.to_str().ok());
         match (sig, ts) {
-            (Some(sig), Some(ts)) if verify_sendgrid(key, &body, sig, ts) => {}
+            (Some(sig), Some(ts)) if verify_sendgrid(key, &body, sig, ts) => {
+                // A valid signature over an old timestamp is a recorded request played again.
+                let max_age = state.config.sources.email.signature_max_age_secs;
+                let age = ts.trim().parse::<i64>().map(|t| (chrono::Utc::now().timestamp() - t).unsigned_abs());
+                if age.map_or(true, |a| a > max_age) {
+                    return Err(ApiError::Unauthorized(format!(
+                        "SendGrid signature timestamp is more than {max_age} s from now (a replay, or a clock far off)"
+                    )));
+                }
+            }
             (None, _) | (_, None) => return Err(ApiError::Unauthorized("missing SendGrid signature headers".into())),
             _ => return Err(ApiError::Unauthorized("invalid SendGrid signature".into())),
         }

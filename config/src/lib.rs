@@ -198,6 +198,7 @@ pub struct CrmSource {
 #[serde(deny_unknown_fields)]
 pub struct EmailSource {
     pub sendgrid_public_key: String,
+    pub signature_max_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
