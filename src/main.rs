@@ -233,8 +233,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref())?;
-            cohort::telemetry::init(&config.telemetry);
-            serve(config).await
+            let telemetry = cohort::telemetry::init(&config.telemetry);
+            let served = serve(config).await;
+            // Spans still buffered go out before the process ends.
+            telemetry.shutdown();
+            served
         }
         Command::Identity { command: IdentityCommand::Dedupe { input, matching: m } } => {
             let (opts, map) = file_matching(cli.config.as_deref(), &m.map)?;

@@ -122,6 +122,7 @@ async fn partition(
             traits: Default::default(),
             properties: Default::default(),
             utm: Utm::default(),
+            trace: None,
             raw: RawRef { seq: None, index: 0 },
         };
         demo.cohort.ctx.bus.publish(AppendBatch { raw: None, events: vec![event] }).await.unwrap();

@@ -298,10 +298,29 @@ impl ProfilesState {
                 _ => complete = false,
             }
         }
+        // Tracing: each traced event's trace records the write that made it durable.
+        let traced: Vec<String> = self
+            .entries
+            .values()
+            .filter(|e| e.actor.is_some())
+            .flat_map(|e| e.unflushed.iter())
+            .filter_map(|c| match c {
+                Change::Apply { event, .. } => event.trace.clone(),
+                _ => None,
+            })
+            .collect();
         let ctx = self.ctx.clone();
         let directory = myself.clone();
         tokio::spawn(async move {
             let started = Instant::now();
+            let _store_spans: Vec<tracing::Span> = traced
+                .iter()
+                .map(|t| {
+                    let span = tracing::info_span!("store.flush");
+                    crate::trace::continue_from(&span, Some(t));
+                    span
+                })
+                .collect();
             let mut covered = Vec::new();
             let mut profiles = Vec::new();
             for (id, n, rx) in pending {

@@ -754,6 +754,14 @@ impl Worker for IdentityResolver {
             }
         }
         let directory = state.directory.get().ok_or("profile directory is not running")?;
+        let span = tracing::info_span!("identity.resolve", seq);
+        crate::trace::continue_from(&span, event.trace.as_deref());
+        if event.trace.is_some() {
+            // The profile update continues from here.
+            let mut traced = (*event).clone();
+            traced.trace = crate::trace::of(&span);
+            event = Arc::new(traced);
+        }
         let mut backoff = Duration::from_millis(20);
         let target = loop {
             match resolve_event(&state.ctx, &directory, seq, &event).await {

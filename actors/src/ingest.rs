@@ -82,7 +82,11 @@ impl Actor for IngestActor {
         msg: IngestMsg,
         state: &mut IngestState,
     ) -> Result<(), ActorProcessingErr> {
-        let IngestMsg::Receive { payload, reply } = msg;
+        let IngestMsg::Receive { payload, trace, reply } = msg;
+        let span = tracing::info_span!("ingest", source = payload.source.as_str());
+        crate::trace::continue_from(&span, trace.as_deref());
+        // Every event of the payload continues this span's trace through the pipeline.
+        let event_trace = trace.as_ref().and_then(|_| crate::trace::of(&span));
         state.queue.dequeued();
         let source = state.source.as_str();
         let m = &state.metrics;
@@ -107,7 +111,8 @@ impl Actor for IngestActor {
             Ok(normalized) => {
                 let rejected: Vec<Rejection> = normalized.rejected;
                 let (mut events, mut suppressed, mut screened) = (Vec::new(), 0, false);
-                for event in normalized.events {
+                for mut event in normalized.events {
+                    event.trace.clone_from(&event_trace);
                     let (kept, changed) = state.erasures.apply(event);
                     screened |= changed;
                     match kept {

@@ -19,6 +19,7 @@ pub mod retention;
 pub mod reverse_etl;
 pub mod schedule;
 pub mod segments;
+pub mod trace;
 pub mod warehouse_sink;
 pub mod watermark;
 

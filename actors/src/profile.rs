@@ -65,7 +65,7 @@ impl ProfileState {
 
     /// Re-evaluates the real-time segments after a change and reports entries, exits and when
     /// a window will slide next to the segment engine.
-    fn evaluate_segments(&mut self, caused_at: Option<DateTime<Utc>>) {
+    fn evaluate_segments(&mut self, caused_at: Option<DateTime<Utc>>, trace: Option<String>) {
         let registry = self.ctx.segments.clone();
         let Some(record) = self.record.as_mut() else { return };
         if record.segments.is_empty() && !registry.has_realtime() {
@@ -95,6 +95,7 @@ impl ProfileState {
                     at: now,
                     profile: profile.clone(),
                     caused_at,
+                    trace: trace.clone(),
                 })
                 .collect();
             let _ = engine.send_message(SegmentMsg::Changed(changes));
@@ -229,6 +230,10 @@ impl Actor for ProfileActor {
                     return state.forward(survivor, ProfileMsg::Apply { seq, event });
                 }
                 state.in_progress.store(seq, Ordering::SeqCst);
+                // Tracing: this update continues the event's trace; what it triggers, this one.
+                let span = tracing::info_span!("profile.apply", seq);
+                crate::trace::continue_from(&span, event.trace.as_deref());
+                let trace = event.trace.as_ref().and_then(|_| crate::trace::of(&span));
                 if let Some(fault) = &state.ctx.fault {
                     fault.before_apply(&state.profile_id, &event);
                 }
@@ -246,7 +251,7 @@ impl Actor for ProfileActor {
                     if changed {
                         record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event).await?;
                     }
-                    state.evaluate_segments(Some(event.received_at));
+                    state.evaluate_segments(Some(event.received_at), trace);
                 }
                 state.in_progress.store(0, Ordering::SeqCst);
             }
@@ -264,7 +269,7 @@ impl Actor for ProfileActor {
                 }
                 if let Some(record) = state.record.as_mut() {
                     record.merged_into = Some(survivor.clone());
-                    state.evaluate_segments(None);
+                    state.evaluate_segments(None, None);
                     if let Some(record) = state.record.as_mut() {
                         record.merged_into = None;
                     }
@@ -307,7 +312,7 @@ impl Actor for ProfileActor {
                 }
                 // Idempotent, so a re-delivered Absorb after a restart repeats it harmlessly.
                 merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await?;
-                state.evaluate_segments(None);
+                state.evaluate_segments(None, None);
             }
             ProfileMsg::Unmerge { merged, reply } => {
                 if let Some(survivor) = state.survivor() {
@@ -344,7 +349,7 @@ impl Actor for ProfileActor {
                         state.ctx.metrics.identity_unmerges.inc();
                         tracing::info!(survivor = %state.profile_id, restored = %merged, "profiles unmerged");
                         state.record = Some(split.survivor);
-                        state.evaluate_segments(None);
+                        state.evaluate_segments(None, None);
                         ProfileRecordReply::Found(Ok(report))
                     }
                 };
@@ -356,7 +361,7 @@ impl Actor for ProfileActor {
                 let redirects_to_from = state.record.as_ref().is_some_and(|r| r.merged_into.as_ref() == Some(&from));
                 if redirects_to_from {
                     state.record = Some(*record);
-                    state.evaluate_segments(None);
+                    state.evaluate_segments(None, None);
                 }
             }
             ProfileMsg::SetConsent { decisions, at, reply } => {
@@ -375,7 +380,7 @@ impl Actor for ProfileActor {
                 }
                 let record_now = record.clone();
                 store_consents(&state.ctx, &state.profile_id, &before, &record_now).await?;
-                state.evaluate_segments(None);
+                state.evaluate_segments(None, None);
                 if let Some(r) = reply {
                     let _ = r.send(ProfileRecordReply::Found(record_now.consent));
                 }
@@ -386,7 +391,7 @@ impl Actor for ProfileActor {
                 }
                 // The engine dropped the schedule that brought us here: whatever comes next is new.
                 state.next_evaluation = None;
-                state.evaluate_segments(None);
+                state.evaluate_segments(None, None);
             }
             ProfileMsg::GetView(reply) => {
                 let _ = reply.send(state.reply(|r| {

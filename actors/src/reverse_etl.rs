@@ -575,6 +575,9 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     let permit = lane.permits.acquire().await;
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
     let Ok(_permit) = permit else { return };
+    // Tracing: the destination request ends the trace of the event that caused it.
+    let span = tracing::info_span!("destination.send", destination = lane.destination.as_str());
+    crate::trace::continue_from(&span, job.change.trace.as_deref());
     lane.in_flight.fetch_add(1, Ordering::SeqCst);
     let first = shared.running.lock().insert(job.key.clone());
     let outcome = if first { attempt(&shared, &lane, &job).await } else { Ok(Some(Skip::Duplicate)) };
@@ -812,6 +815,7 @@ impl ReverseEtlState {
                         at,
                         profile: Arc::default(),
                         caused_at: None,
+                        trace: None,
                     };
                     pending.push((job_key(&a.name, &change), change));
                 }

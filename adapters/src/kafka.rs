@@ -21,6 +21,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -417,9 +418,13 @@ impl KafkaBus {
             };
             let value = serde_json::to_vec(&record)
                 .map_err(|e| (StoreError::invalid(format!("encoding event: {e}")), false))?;
-            let fut = producer
-                .send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                .map_err(|(e, _)| (kafka_unavailable("produce", &e), is_fenced(&e)))?;
+            let mut record = FutureRecord::to(&topic).key(&key).payload(&value);
+            if let Some(tp) = &event.trace {
+                // W3C trace context for any consumer, not only Cohort (which reads the event's).
+                record = record.headers(OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(tp) }));
+            }
+            let fut =
+                producer.send_result(record).map_err(|(e, _)| (kafka_unavailable("produce", &e), is_fenced(&e)))?;
             futures.push((event.source, fut));
         }
         let mut seqs = Vec::with_capacity(futures.len());
@@ -485,6 +490,17 @@ impl KafkaBus {
     }
 }
 
+/// A record's `traceparent` header, when it has one.
+fn traceparent_header<M: Message>(msg: &M) -> Option<String> {
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "traceparent")
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_string)
+}
+
 /// Keeps the consumer lag per assigned partition from librdkafka's statistics.
 #[derive(Default)]
 struct LagContext {
@@ -545,6 +561,9 @@ impl Subscription for KafkaSubscription {
             let payload = msg.payload().unwrap_or_default();
             match serde_json::from_slice::<RawTopicRecord>(payload) {
                 Ok(RawTopicRecord { mut event, raw }) => {
+                    if event.trace.is_none() {
+                        event.trace = traceparent_header(&msg);
+                    }
                     // The record carrying the raw payload names it by its own position.
                     if let Some(raw) = raw.filter(|_| self.with_raw).and_then(|r| r.into_record(event.source)) {
                         event.raw.seq = Some(seq);

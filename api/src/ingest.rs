@@ -24,7 +24,8 @@ pub async fn submit(state: &ApiState, payload: RawPayload) -> Result<IngestRecei
         .ok_or_else(|| ApiError::Unavailable(format!("no ingest actor for {}", payload.source)))?;
     let actor = slot.get().ok_or_else(|| ApiError::Unavailable("ingest actor restarting".into()))?;
     queue.enqueued();
-    let result = actor.call(|reply| IngestMsg::Receive { payload, reply }, Some(state.call_timeout)).await;
+    let trace = cohort_actors::trace::current();
+    let result = actor.call(|reply| IngestMsg::Receive { payload, trace, reply }, Some(state.call_timeout)).await;
     match result {
         Ok(CallResult::Success(Ok(receipt))) => Ok(receipt),
         Ok(CallResult::Success(Err(IngestError::Malformed(m)))) => Err(ApiError::BadRequest(m)),

@@ -137,7 +137,11 @@ pub fn router(state: ApiState) -> Router {
                 .make_span_with(|req: &Request| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
                     let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
-                    tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route)
+                    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route);
+                    // A caller's W3C trace context makes this request part of its trace.
+                    let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+                    cohort_actors::trace::continue_from(&span, parent);
+                    span
                 })
                 .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG)),
         )

@@ -307,6 +307,7 @@ impl std::fmt::Debug for GdprConfig {
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
     pub log_filter: String,
+    pub otlp_endpoint: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

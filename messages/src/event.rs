@@ -108,6 +108,10 @@ pub struct CustomerEvent {
     #[serde(default, skip_serializing_if = "Utm::is_empty")]
     pub utm: Utm,
     pub raw: RawRef,
+    /// W3C `traceparent` of the ingest that produced the event, when tracing is on: the
+    /// pipeline's spans for it join that trace (also sent as a Kafka header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl CustomerEvent {

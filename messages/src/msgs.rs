@@ -99,7 +99,12 @@ pub enum IngestError {
 #[derive(Debug)]
 pub enum IngestMsg {
     /// Validate, normalize and journal a payload; reply when durable.
-    Receive { payload: RawPayload, reply: RpcReplyPort<Result<IngestReceipt, IngestError>> },
+    Receive {
+        payload: RawPayload,
+        /// The HTTP request's `traceparent` when tracing is on.
+        trace: Option<String>,
+        reply: RpcReplyPort<Result<IngestReceipt, IngestError>>,
+    },
 }
 
 /// Sharded identity resolver worker.

@@ -722,6 +722,7 @@ mod tests {
             traits: traits.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect(),
             properties: Map::new(),
             utm: Utm::default(),
+            trace: None,
             raw: RawRef { seq: None, index: 0 },
         }
     }

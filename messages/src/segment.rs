@@ -77,4 +77,7 @@ pub struct SegmentChanged {
     /// When the event that caused the change was received (for trigger latency).
     #[serde(skip)]
     pub caused_at: Option<DateTime<Utc>>,
+    /// The `traceparent` of the profile update that caused the change (tracing on).
+    #[serde(skip)]
+    pub trace: Option<String>,
 }

@@ -190,6 +190,7 @@ mod tests {
             traits: Default::default(),
             properties: Default::default(),
             utm: Utm::default(),
+            trace: None,
             raw: RawRef { seq: None, index: 0 },
         }
     }

@@ -291,6 +291,7 @@ pub(crate) fn normalize_cdc(payload: &RawPayload, opts: &NormalizeOptions) -> Re
             traits: Map::new(),
             properties: props,
             utm: Utm::default(),
+            trace: None,
             raw: RawRef { seq: None, index: 0 },
         });
         return Ok(out);
@@ -337,6 +338,7 @@ pub(crate) fn normalize_cdc(payload: &RawPayload, opts: &NormalizeOptions) -> Re
             traits,
             properties: props,
             utm: Utm::default(),
+            trace: None,
             raw: RawRef { seq: None, index: raw_index(index) },
         });
     }
@@ -491,6 +493,7 @@ pub fn normalize_csv_record(
         traits,
         properties,
         utm: Utm::default(),
+        trace: None,
         raw: RawRef { seq: None, index: raw_index(index) },
     })
 }

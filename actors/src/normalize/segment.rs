@@ -412,6 +412,7 @@ fn event_from(
         traits,
         properties,
         utm: utm(ctx),
+        trace: None,
         raw: RawRef { seq: None, index: raw_index(index) },
     })
 }

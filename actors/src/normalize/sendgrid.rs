@@ -86,6 +86,7 @@ fn event_from(
         traits: Map::new(),
         properties,
         utm: Utm::default(),
+        trace: None,
         raw: RawRef { seq: None, index: raw_index(index) },
     })
 }

@@ -93,6 +93,7 @@ pub(crate) fn normalize_twilio(payload: &RawPayload, opts: &NormalizeOptions) ->
         traits,
         properties,
         utm: Utm::default(),
+        trace: None,
         raw: RawRef { seq: None, index: 0 },
     };
     Ok(Normalized { events: vec![event], rejected: Vec::new() })

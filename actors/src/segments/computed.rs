@@ -264,6 +264,7 @@ mod tests {
             traits: traits.as_object().cloned().unwrap_or_default(),
             properties: props.as_object().cloned().unwrap_or_else(Map::new),
             utm: Utm::default(),
+            trace: None,
             raw: RawRef { seq: None, index: 0 },
         }
     }

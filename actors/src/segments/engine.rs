@@ -147,6 +147,7 @@ impl SegmentEngineState {
                         at,
                         profile: p,
                         caused_at: None,
+                        trace: None,
                     });
                 }
             }
@@ -189,6 +190,7 @@ impl SegmentEngineState {
                     at,
                     profile: Arc::new(profile),
                     caused_at: None,
+                    trace: None,
                 });
             }
         }

@@ -231,6 +231,7 @@ mod tests {
             traits: [("first_name".to_string(), json!("Zoë")), ("age".to_string(), json!(19))].into_iter().collect(),
             properties,
             utm: Utm { campaign: Some("spring".into()), ..Utm::default() },
+            trace: None,
             raw: RawRef { seq: None, index: 0 },
         };
         p.apply(1 << 40, &event, 10);

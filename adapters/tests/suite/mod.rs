@@ -137,6 +137,7 @@ pub fn event(id: &str) -> CustomerEvent {
         traits: Map::new(),
         properties,
         utm: Utm { campaign: Some("spring".into()), ..Utm::default() },
+        trace: None,
         raw: RawRef { seq: None, index: 0 },
     }
 }

@@ -77,6 +77,7 @@ pub fn event(id: &str, secs: i64, raw_seq: Option<u64>) -> CustomerEvent {
         traits,
         properties,
         utm: Utm { campaign: Some("spring".into()), ..Utm::default() },
+        trace: None,
         raw: RawRef { seq: raw_seq, index: 0 },
     }
 }
