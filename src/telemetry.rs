@@ -41,7 +41,8 @@ pub fn init(cfg: &TelemetryConfig) -> Telemetry {
             let tracer = provider.tracer("cohort");
             let only_ours = Targets::new()
                 .with_target("cohort", LevelFilter::INFO)
-                .with_target("cohort_actors", LevelFilter::INFO)
+                // The pipeline's per-event spans are debug level: free when nothing exports them.
+                .with_target("cohort_actors", LevelFilter::DEBUG)
                 .with_target("cohort_api", LevelFilter::INFO);
             (Some(provider), Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours)))
         }

@@ -316,7 +316,7 @@ impl ProfilesState {
             let _store_spans: Vec<tracing::Span> = traced
                 .iter()
                 .map(|t| {
-                    let span = tracing::info_span!("store.flush");
+                    let span = tracing::debug_span!("store.flush");
                     crate::trace::continue_from(&span, Some(t));
                     span
                 })

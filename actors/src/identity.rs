@@ -754,7 +754,7 @@ impl Worker for IdentityResolver {
             }
         }
         let directory = state.directory.get().ok_or("profile directory is not running")?;
-        let span = tracing::info_span!("identity.resolve", seq);
+        let span = tracing::debug_span!("identity.resolve", seq);
         crate::trace::continue_from(&span, event.trace.as_deref());
         if event.trace.is_some() {
             // The profile update continues from here.

@@ -83,7 +83,7 @@ impl Actor for IngestActor {
         state: &mut IngestState,
     ) -> Result<(), ActorProcessingErr> {
         let IngestMsg::Receive { payload, trace, reply } = msg;
-        let span = tracing::info_span!("ingest", source = payload.source.as_str());
+        let span = tracing::debug_span!("ingest", source = payload.source.as_str());
         crate::trace::continue_from(&span, trace.as_deref());
         // Every event of the payload continues this span's trace through the pipeline.
         let event_trace = trace.as_ref().and_then(|_| crate::trace::of(&span));

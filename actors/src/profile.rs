@@ -231,7 +231,7 @@ impl Actor for ProfileActor {
                 }
                 state.in_progress.store(seq, Ordering::SeqCst);
                 // Tracing: this update continues the event's trace; what it triggers, this one.
-                let span = tracing::info_span!("profile.apply", seq);
+                let span = tracing::debug_span!("profile.apply", seq);
                 crate::trace::continue_from(&span, event.trace.as_deref());
                 let trace = event.trace.as_ref().and_then(|_| crate::trace::of(&span));
                 if let Some(fault) = &state.ctx.fault {

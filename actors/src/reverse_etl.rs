@@ -576,7 +576,7 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
     let Ok(_permit) = permit else { return };
     // Tracing: the destination request ends the trace of the event that caused it.
-    let span = tracing::info_span!("destination.send", destination = lane.destination.as_str());
+    let span = tracing::debug_span!("destination.send", destination = lane.destination.as_str());
     crate::trace::continue_from(&span, job.change.trace.as_deref());
     lane.in_flight.fetch_add(1, Ordering::SeqCst);
     let first = shared.running.lock().insert(job.key.clone());
