@@ -5,6 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
+#[path = "common/faulty_warehouse.rs"]
+mod faulty_warehouse;
+use faulty_warehouse::FaultyWarehouse;
 #[path = "common/destinations.rs"]
 mod destinations;
 
@@ -222,76 +225,11 @@ async fn bad_deletion_requests_get_clear_errors() {
     demo.stop().await.unwrap();
 }
 
-/// The warehouse as BigQuery behaves right after a streaming insert: DML on the fresh rows is
-/// refused ("would affect rows in the streaming buffer") the first `refusals` times.
-struct StreamingBuffer {
-    inner: std::sync::Arc<dyn cohort_adapters::Warehouse>,
-    refusals: std::sync::atomic::AtomicU32,
-}
-
-#[async_trait::async_trait]
-impl cohort_adapters::Warehouse for StreamingBuffer {
-    async fn ensure_schema(&self) -> Result<(), cohort_adapters::StoreError> {
-        self.inner.ensure_schema().await
-    }
-    async fn write_bronze(&self, rows: Vec<cohort_adapters::BronzeRow>) -> Result<(), cohort_adapters::StoreError> {
-        self.inner.write_bronze(rows).await
-    }
-    async fn write_silver(&self, rows: Vec<cohort_adapters::SilverRow>) -> Result<(), cohort_adapters::StoreError> {
-        self.inner.write_silver(rows).await
-    }
-    async fn write_gold_profiles(
-        &self,
-        rows: Vec<cohort_adapters::GoldProfileRow>,
-    ) -> Result<(), cohort_adapters::StoreError> {
-        self.inner.write_gold_profiles(rows).await
-    }
-    async fn query(
-        &self,
-        sql: &str,
-        params: &[(String, cohort_adapters::QueryValue)],
-    ) -> Result<cohort_adapters::QueryResult, cohort_adapters::StoreError> {
-        self.inner.query(sql, params).await
-    }
-    async fn delete_profile(
-        &self,
-        profile_id: &cohort_messages::ProfileId,
-    ) -> Result<cohort_adapters::DeleteOutcome, cohort_adapters::StoreError> {
-        let left = self.refusals.load(std::sync::atomic::Ordering::SeqCst);
-        if left > 0 {
-            self.refusals.store(left - 1, std::sync::atomic::Ordering::SeqCst);
-            return Ok(cohort_adapters::DeleteOutcome {
-                rows_deleted: 0,
-                retry_later: true,
-                detail: "silver: rows still in the streaming buffer, retry later".into(),
-            });
-        }
-        self.inner.delete_profile(profile_id).await
-    }
-    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, cohort_adapters::StoreError> {
-        self.inner.raw_payloads(after, limit).await
-    }
-    async fn delete_raw(&self, seqs: &[u64]) -> Result<cohort_adapters::DeleteOutcome, cohort_adapters::StoreError> {
-        self.inner.delete_raw(seqs).await
-    }
-    async fn count_rows(&self, layer: cohort_adapters::Layer) -> Result<u64, cohort_adapters::StoreError> {
-        self.inner.count_rows(layer).await
-    }
-    fn table(&self, layer: cohort_adapters::Layer) -> String {
-        self.inner.table(layer)
-    }
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warehouse_refusing_dml_on_fresh_rows_is_retried_until_the_rows_are_gone() {
     let d = Destinations::start().await;
-    let wrap: cohort::system::WarehouseWrapper = std::sync::Arc::new(|inner| {
-        std::sync::Arc::new(StreamingBuffer { inner, refusals: std::sync::atomic::AtomicU32::new(3) })
-    });
-    let options = SystemOptions { warehouse_wrapper: Some(wrap), ..SystemOptions::default() };
+    let options =
+        SystemOptions { warehouse_wrapper: Some(FaultyWarehouse::wrapper(3, None)), ..SystemOptions::default() };
     let demo = DemoServer::start(None, &config_toml(&d), options).await.unwrap();
     let c = &demo.client;
     seed_both(&demo).await;

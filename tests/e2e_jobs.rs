@@ -3,9 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "common/faulty_warehouse.rs"]
+mod faulty_warehouse;
+
 use cohort::client::CohortClient;
 use cohort::demo::{play_slide_18, DemoServer};
 use cohort::SystemOptions;
+use faulty_warehouse::FaultyWarehouse;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -75,61 +79,10 @@ async fn a_scheduled_job_runs_on_its_schedule_and_its_history_and_metrics_show_i
     demo.stop().await.unwrap();
 }
 
-/// The warehouse refusing every query: reconciliation fails, and the failure is recorded.
-struct BrokenWarehouse(std::sync::Arc<dyn cohort_adapters::Warehouse>);
-
-#[async_trait::async_trait]
-impl cohort_adapters::Warehouse for BrokenWarehouse {
-    async fn ensure_schema(&self) -> Result<(), cohort_adapters::StoreError> {
-        self.0.ensure_schema().await
-    }
-    async fn write_bronze(&self, rows: Vec<cohort_adapters::BronzeRow>) -> Result<(), cohort_adapters::StoreError> {
-        self.0.write_bronze(rows).await
-    }
-    async fn write_silver(&self, rows: Vec<cohort_adapters::SilverRow>) -> Result<(), cohort_adapters::StoreError> {
-        self.0.write_silver(rows).await
-    }
-    async fn write_gold_profiles(
-        &self,
-        rows: Vec<cohort_adapters::GoldProfileRow>,
-    ) -> Result<(), cohort_adapters::StoreError> {
-        self.0.write_gold_profiles(rows).await
-    }
-    async fn query(
-        &self,
-        _sql: &str,
-        _params: &[(String, cohort_adapters::QueryValue)],
-    ) -> Result<cohort_adapters::QueryResult, cohort_adapters::StoreError> {
-        Err(cohort_adapters::StoreError::unavailable("warehouse quota exceeded"))
-    }
-    async fn delete_profile(
-        &self,
-        profile_id: &cohort_messages::ProfileId,
-    ) -> Result<cohort_adapters::DeleteOutcome, cohort_adapters::StoreError> {
-        self.0.delete_profile(profile_id).await
-    }
-    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, cohort_adapters::StoreError> {
-        self.0.raw_payloads(after, limit).await
-    }
-    async fn delete_raw(&self, seqs: &[u64]) -> Result<cohort_adapters::DeleteOutcome, cohort_adapters::StoreError> {
-        self.0.delete_raw(seqs).await
-    }
-    async fn count_rows(&self, layer: cohort_adapters::Layer) -> Result<u64, cohort_adapters::StoreError> {
-        self.0.count_rows(layer).await
-    }
-    fn table(&self, layer: cohort_adapters::Layer) -> String {
-        self.0.table(layer)
-    }
-    fn backend(&self) -> &'static str {
-        self.0.backend()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_job_is_recorded_with_its_error_and_counted() {
-    let wrap: cohort::system::WarehouseWrapper =
-        std::sync::Arc::new(|inner| std::sync::Arc::new(BrokenWarehouse(inner)));
-    let options = SystemOptions { warehouse_wrapper: Some(wrap), ..SystemOptions::default() };
+    let wrapper = FaultyWarehouse::wrapper(0, Some("warehouse quota exceeded"));
+    let options = SystemOptions { warehouse_wrapper: Some(wrapper), ..SystemOptions::default() };
     let demo = DemoServer::start(None, EVERY_SECOND, options).await.unwrap();
     let c = &demo.client;
     play_slide_18(c).await.unwrap();

@@ -61,6 +61,17 @@ async fn receiver() -> (String, Spans) {
     (url, spans)
 }
 
+/// The spans of one trace seen so far: name → (span id, parent span id).
+fn trace_spans(spans: &Spans, trace_id: &str) -> HashMap<String, (String, String)> {
+    spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, ..)| t == trace_id)
+        .map(|(_, id, parent, name)| (name.clone(), (id.clone(), parent.clone())))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_events_trace_runs_from_http_through_every_actor_to_the_store_and_the_destination() {
     let (otlp, spans) = receiver().await;
@@ -107,13 +118,7 @@ async fn one_events_trace_runs_from_http_through_every_actor_to_the_store_and_th
     let wanted = ["request", "ingest", "identity.resolve", "profile.apply", "store.flush", "destination.send"];
     let deadline = Instant::now() + Duration::from_secs(30);
     let ours: HashMap<String, (String, String)> = loop {
-        let ours: HashMap<String, (String, String)> = spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, ..)| t == trace_id)
-            .map(|(_, id, parent, name)| (name.clone(), (id.clone(), parent.clone())))
-            .collect();
+        let ours = trace_spans(&spans, trace_id);
         if wanted.iter().all(|w| ours.contains_key(*w)) {
             break ours;
         }
@@ -193,13 +198,7 @@ async fn on_kafka_the_trace_context_rides_in_a_record_header_and_the_chain_holds
     assert!(header.contains(trace_id), "{header}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ours: HashMap<String, (String, String)> = spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, ..)| t == trace_id)
-            .map(|(_, id, parent, name)| (name.clone(), (id.clone(), parent.clone())))
-            .collect();
+        let ours = trace_spans(&spans, trace_id);
         if let (Some(ingest), Some(resolve)) = (ours.get("ingest"), ours.get("identity.resolve")) {
             assert_eq!(resolve.1, ingest.0, "resolution, after Kafka, continues the ingest");
             assert!(header.contains(&ingest.0), "the header names the ingest span: {header}");
