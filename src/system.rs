@@ -455,10 +455,12 @@ impl Cohort {
         if config.identity.matching {
             let (store, index, dir, metrics) =
                 (store.clone(), ctx.index.clone(), profiles_slot.clone(), metrics.clone());
+            let erasures = erasures.clone();
             let slot = ctx.matcher.clone();
             let (review_threshold, auto) = (config.identity.review_threshold, config.identity.auto_merge_threshold);
             job_children.push(ChildSpec::new("identity_matcher", "identity_matcher", move |sup| {
                 let args = IdentityMatcherArgs {
+                    erasures: erasures.clone(),
                     store: store.clone(),
                     index: index.clone(),
                     directory: dir.clone(),
@@ -479,8 +481,10 @@ impl Cohort {
         {
             let (store, metrics, slot) = (store.clone(), metrics.clone(), reverse_etl_slot.clone());
             let (settings, activations) = (config.reverse_etl.clone(), config.activations.clone());
+            let erasures = erasures.clone();
             job_children.push(ChildSpec::new("reverse_etl", "reverse_etl", move |sup| {
                 let args = ReverseEtlArgs {
+                    erasures: erasures.clone(),
                     store: store.clone(),
                     metrics: metrics.clone(),
                     config: settings.clone(),

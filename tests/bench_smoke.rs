@@ -21,7 +21,7 @@ fn quick_benchmark_run_reports_every_figure() {
     let ingest = &report["ingest"];
     assert!(ingest["accepted"].as_u64().unwrap() > 0);
     assert_eq!(ingest["accepted"], ingest["applied"], "every accepted event must reach its profile");
-    assert_eq!(ingest["errors"], 0);
+    assert_eq!(ingest["errors"], 0, "{}", ingest);
     assert!(report["profile_api"]["ok"].as_u64().unwrap() > 0);
     assert_eq!(report["profile_api"]["errors"], 0);
     let targets = report["targets"].as_array().unwrap();

@@ -19,7 +19,7 @@ use cohort_adapters::AppendBatch;
 use cohort_messages::msgs::MatcherMsg;
 use common::erasure::{
     assert_nothing_left, assert_present, completed, deletion_during_load, jana_writes_again, request_deletion,
-    saga_survives_sigkill, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
+    saga_survives_sigkill, seed, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
 };
 use destinations::Destinations;
 use serde_json::json;
@@ -250,5 +250,45 @@ async fn a_warehouse_refusing_dml_on_fresh_rows_is_retried_until_the_rows_are_go
     let metrics = c.get("/metrics").await.unwrap().body;
     let text = metrics.as_str().unwrap_or_default();
     assert_eq!(metric(text, "cohort_gdpr_step_failures_total{step=\"warehouse\"}"), 3.0);
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_request_retrying_when_the_person_is_erased_is_dropped_not_sent() {
+    let d = Destinations::start().await;
+    let toml = config_toml(&d).replacen("[reverse_etl]\n", "[reverse_etl]\nmax_attempts = 1000\n", 1);
+    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    d.fail_next("sendgrid", 1_000_000);
+    seed(c, &JANA, 1).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let engine = demo.cohort.ctx.segment_engine.get().unwrap();
+    engine.call(cohort_messages::msgs::SegmentMsg::Sync, Some(Duration::from_secs(10))).await.unwrap();
+    // The list addition is in flight, failing and retrying.
+    let retried = "cohort_reverse_etl_requests_total{destination=\"sendgrid\",outcome=\"retried\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default(), retried) < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "the job never retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let jana_ref = format!("email:{}", JANA.email);
+    let target = target_of(c, &jana_ref).await;
+    let url = request_deletion(c, &jana_ref, "suppress_with_delete").await;
+    // Once her actor is stopped she is erased for every part of Cohort; then SendGrid recovers
+    // (the saga's own contact delete needs it too).
+    wait_deletion(c, &url, Duration::from_secs(30), |v| step(v, "stop_actor")["status"] == "done").await;
+    d.fail_next("sendgrid", 0);
+    wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    let skipped = "cohort_reverse_etl_skipped_total{destination=\"sendgrid\",reason=\"erased\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default(), skipped) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the retrying job was not dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The saga searched and deleted her contact; the list addition never went out.
+    let added: Vec<_> = d.received("sendgrid").into_iter().filter(|r| r.method == "PUT").collect();
+    assert!(added.is_empty(), "the erased person was added to a list: {added:?}");
+    let ctx = &demo.cohort.ctx;
+    assert_nothing_left(ctx.store.as_ref(), ctx.bus.as_ref(), ctx.warehouse.as_deref(), &target, &JANA).await;
     demo.stop().await.unwrap();
 }

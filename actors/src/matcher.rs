@@ -35,6 +35,8 @@ pub struct IdentityMatcherArgs {
     pub review_threshold: f64,
     /// `None`: probabilistic matches never merge without a person's decision.
     pub auto_merge_threshold: Option<f64>,
+    /// Erased people: never indexed or proposed again (a change may arrive after the erasure).
+    pub erasures: Arc<crate::gdpr::Erasures>,
 }
 
 pub struct IdentityMatcherState {
@@ -142,13 +144,13 @@ impl IdentityMatcherState {
     async fn changed(&mut self, candidates: Vec<MatchCandidate>) {
         let mut items = Vec::new();
         for c in candidates {
-            if c.merged {
+            if c.merged || self.args.erasures.is_erased(&c.profile_id) {
                 self.forget(&c.profile_id);
                 continue;
             }
             let record = MatchRecord::from_parts(&c.traits, &c.identifiers);
             for (other, score, evidence) in self.update(c.profile_id.clone(), record) {
-                if self.args.index.kept_apart_pair(&c.profile_id, &other) {
+                if self.args.index.kept_apart_pair(&c.profile_id, &other) || self.args.erasures.is_erased(&other) {
                     continue;
                 }
                 let now = Utc::now();

@@ -93,6 +93,8 @@ enum Skip {
     Duplicate,
     /// A Contact update with nothing new since the last one.
     Unchanged,
+    /// The person was erased after the job was queued.
+    Erased,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -105,6 +107,8 @@ enum JobError {
     Transient(String),
     #[error("daily limit of {0} requests reached")]
     Quota(u64),
+    #[error("the person was erased")]
+    Erased,
 }
 
 /// The request a job sends.
@@ -163,6 +167,7 @@ struct Shared {
     /// Keys of jobs running now: the same change reaching a lane twice (catch-up and
     /// reconciliation at start) runs once.
     running: Mutex<std::collections::HashSet<String>>,
+    erasures: Arc<crate::gdpr::Erasures>,
 }
 
 pub struct ReverseEtlActor;
@@ -174,6 +179,8 @@ pub struct ReverseEtlArgs {
     pub activations: Vec<ActivationConfig>,
     /// How failed destination actors are restarted.
     pub policy: RestartPolicy,
+    /// Erased people: a job for one of them (queued or retrying when the erasure ran) is dropped.
+    pub erasures: Arc<crate::gdpr::Erasures>,
 }
 
 /// The router: matches changes to activations and supervises one [`DestinationActor`] per
@@ -539,13 +546,17 @@ impl Lane {
         &self,
         shared: &Shared,
         req: &Request,
-        key: &str,
+        job: &Job,
         first: &mut Option<DateTime<Utc>>,
     ) -> Result<Value, JobError> {
-        let s = &shared.settings;
+        let (s, key) = (&shared.settings, job.key.as_str());
         let mut delay = Duration::from_millis(s.backoff_initial_ms.max(1));
         let mut attempt = 1;
         loop {
+            // An erasure that ran while this request was retrying ends it.
+            if shared.erasures.is_erased(&job.change.profile_id) {
+                return Err(JobError::Erased);
+            }
             self.limiter.until_ready().await;
             self.take_quota()?;
             first.get_or_insert_with(Utc::now);
@@ -581,6 +592,11 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     lane.in_flight.fetch_add(1, Ordering::SeqCst);
     let first = shared.running.lock().insert(job.key.clone());
     let outcome = if first { attempt(&shared, &lane, &job).await } else { Ok(Some(Skip::Duplicate)) };
+    // Erased mid-way: a skip, never a failure record (which would keep the person's snapshot).
+    let outcome = match outcome {
+        Err(JobError::Erased) => Ok(Some(Skip::Erased)),
+        other => other,
+    };
     if first {
         shared.running.lock().remove(&job.key);
     }
@@ -596,6 +612,7 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
                 Skip::NoAddress(what) => format!("no_{what}"),
                 Skip::Duplicate => "duplicate".into(),
                 Skip::Unchanged => "unchanged".into(),
+                Skip::Erased => "erased".into(),
             };
             tracing::debug!(destination = d, activation = %job.activation.name, reason = %reason, "activation skipped");
             lane.skip(&shared, &reason);
@@ -640,6 +657,9 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
 async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>, JobError> {
     let store = &shared.store;
     let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
+    if shared.erasures.is_erased(&job.change.profile_id) {
+        return Ok(Some(Skip::Erased));
+    }
     if store
         .get_documents(SENT, std::slice::from_ref(&job.key))
         .await
@@ -681,7 +701,7 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
     let requests = build(job, lane, &to, fields);
     let mut first_sent = None;
     for req in &requests {
-        let answer = lane.send(shared, req, &job.key, &mut first_sent).await?;
+        let answer = lane.send(shared, req, job, &mut first_sent).await?;
         // SendGrid removes list members by contact id: look it up, then delete.
         if job.destination == Destination::Sendgrid && job.activation.action == "remove_from_list" {
             let email = email_as_written(&job.change.profile, &to);
@@ -695,17 +715,21 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
                 path: format!("/v3/marketing/lists/{}/contacts?contact_ids={id}", job.activation.list_id),
                 body: Body::None,
             };
-            lane.send(shared, &delete, &job.key, &mut first_sent).await?;
+            lane.send(shared, &delete, job, &mut first_sent).await?;
         }
     }
     if let (Some(sent), Some(caused)) = (first_sent, job.change.caused_at) {
         shared.metrics.trigger_latency.observe((sent - caused).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
     }
+    lane.stats.lock().sent += 1;
+    shared.metrics.reverse_etl_requests.with_label_values(&[lane.destination.as_str(), "sent"]).inc();
+    // Erased while the request was on its way: keep no sync state naming the person.
+    if shared.erasures.is_erased(&job.change.profile_id) {
+        return Ok(None);
+    }
     if incremental {
         store.put_documents(FIELDS, vec![(fields_key, Some(json!(all_fields)))]).await.map_err(unavailable)?;
     }
-    lane.stats.lock().sent += 1;
-    shared.metrics.reverse_etl_requests.with_label_values(&[lane.destination.as_str(), "sent"]).inc();
     store.put_documents(SENT, vec![(job.key.clone(), Some(json!({ "at": Utc::now() })))]).await.map_err(unavailable)?;
     Ok(None)
 }
@@ -869,6 +893,7 @@ impl Actor for ReverseEtlActor {
                 metrics: args.metrics,
                 settings: args.config,
                 running: Mutex::default(),
+                erasures: args.erasures,
             }),
             activations: args.activations.into_iter().map(Arc::new).collect(),
             destinations,

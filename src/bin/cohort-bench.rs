@@ -1505,6 +1505,8 @@ impl Report<'_> {
                 "duplicates": i.total.duplicates,
                 "rejected": i.total.rejected,
                 "errors": i.total.errors(),
+                "http_errors": i.total.http_errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                "first_error": i.total.first_error,
                 "http_elapsed_s": i.http_elapsed.as_secs_f64(),
                 "accepted_events_per_sec_http": i.total.accepted as f64 / i.http_elapsed.as_secs_f64().max(1e-9),
                 "expected_to_apply": i.expected,
