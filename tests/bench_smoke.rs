@@ -11,7 +11,9 @@ fn quick_benchmark_run_reports_every_figure() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench.json");
     let run = Command::new(env!("CARGO_BIN_EXE_cohort-bench"))
-        .args(["--quick", "--quiet", "--out"])
+        // A debug build answers the Profile API far slower than a release build: offer it a rate
+        // it keeps up with, since this checks the harness, not the speed.
+        .args(["--quick", "--quiet", "--profile-rps", "400", "--out"])
         .arg(&out)
         .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
         .output()
@@ -23,7 +25,7 @@ fn quick_benchmark_run_reports_every_figure() {
     assert_eq!(ingest["accepted"], ingest["applied"], "every accepted event must reach its profile");
     assert_eq!(ingest["errors"], 0, "{}", ingest);
     assert!(report["profile_api"]["ok"].as_u64().unwrap() > 0);
-    assert_eq!(report["profile_api"]["errors"], 0);
+    assert_eq!(report["profile_api"]["errors"], 0, "{}", report["profile_api"]);
     let targets = report["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 3);
     for t in targets {
