@@ -764,6 +764,13 @@ impl Worker for IdentityResolver {
         }
         let mut backoff = Duration::from_millis(20);
         let target = loop {
+            // Checked again on every try: an erasure may have run while the store was away, and
+            // resolving now would give the erased person a new profile.
+            if state.ctx.erasures.suppresses(&event) {
+                state.ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
+                state.ctx.watermark.delivered(seq);
+                return Ok(job.key);
+            }
             match resolve_event(&state.ctx, &directory, seq, &event).await {
                 Ok(t) => break t,
                 Err(e) if e.is_retryable() => {
