@@ -656,6 +656,14 @@ pub async fn resolve_event(
     Ok(Some(Placement { profile: target, unlinked }))
 }
 
+/// Drops an erased person's event in the resolver: counted, and delivered as far as the
+/// checkpoint is concerned.
+fn drop_erased(ctx: &PipelineContext, seq: u64, key: String) -> String {
+    ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
+    ctx.watermark.delivered(seq);
+    key
+}
+
 /// Tells the survivor a merge is coming (so it can tell later events apart on an unmerge), then
 /// the merged profile to hand its state over.
 pub fn send_merge(
@@ -742,13 +750,9 @@ impl Worker for IdentityResolver {
         let IdentityMsg::Resolve { seq, mut event } = job.msg;
         match state.ctx.erasures.screen(&event) {
             crate::gdpr::Screen::Keep => {}
-            crate::gdpr::Screen::Drop => {
-                // An erased person's event already on the bus (a replay, a redelivery): dropped
-                // before it can re-create the profile.
-                state.ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
-                state.ctx.watermark.delivered(seq);
-                return Ok(job.key);
-            }
+            // An erased person's event already on the bus (a replay, a redelivery): dropped
+            // before it can re-create the profile.
+            crate::gdpr::Screen::Drop => return Ok(drop_erased(&state.ctx, seq, job.key)),
             crate::gdpr::Screen::Strip(identifiers) => {
                 event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
             }
@@ -764,13 +768,6 @@ impl Worker for IdentityResolver {
         }
         let mut backoff = Duration::from_millis(20);
         let target = loop {
-            // Checked again on every try: an erasure may have run while the store was away, and
-            // resolving now would give the erased person a new profile.
-            if state.ctx.erasures.suppresses(&event) {
-                state.ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
-                state.ctx.watermark.delivered(seq);
-                return Ok(job.key);
-            }
             match resolve_event(&state.ctx, &directory, seq, &event).await {
                 Ok(t) => break t,
                 Err(e) if e.is_retryable() => {
@@ -778,6 +775,11 @@ impl Worker for IdentityResolver {
                     tracing::warn!(seq, error = %e, backoff_ms = backoff.as_millis() as u64, "identity store unavailable, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // An erasure may have run while the store was away: resolving now would give
+                    // the erased person a new profile.
+                    if state.ctx.erasures.suppresses(&event) {
+                        return Ok(drop_erased(&state.ctx, seq, job.key));
+                    }
                 }
                 Err(e) => {
                     dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;

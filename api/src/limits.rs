@@ -65,7 +65,7 @@ pub async fn limit(State((state, limits)): State<(ApiState, Arc<Limits>)>, req: 
     if let Some(limiter) = limiter {
         if let Err(not_until) = limiter.check_key(&key(&req, &route)) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            state.metrics.api_rate_limited.with_label_values(&[route.as_str()]).inc();
+            state.metrics.api_refused.with_label_values(&[route.as_str()]).inc();
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -76,7 +76,7 @@ pub async fn limit(State((state, limits)): State<(ApiState, Arc<Limits>)>, req: 
         }
     }
     let Ok(_permit) = limits.in_flight.try_acquire() else {
-        state.metrics.api_rate_limited.with_label_values(&["overloaded"]).inc();
+        state.metrics.api_refused.with_label_values(&["overloaded"]).inc();
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight".into(), 1);
     };
     next.run(req).await

@@ -52,7 +52,7 @@ pub struct Metrics {
     pub gdpr_step_failures: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
-    pub api_rate_limited: IntCounterVec,
+    pub api_refused: IntCounterVec,
     pub job_runs: IntCounterVec,
     pub job_duration: HistogramVec,
     pub job_last_success: IntGaugeVec,
@@ -138,7 +138,7 @@ impl Metrics {
             "Destination requests by destination and outcome (sent, failed, retried)",
             &["destination", "outcome"],
         )?;
-        let api_rate_limited = counter_vec(
+        let api_refused = counter_vec(
             &r,
             "api_refused_total",
             "Requests refused by the abuse limits: per route when rate limited (429), `overloaded` when too many were in flight (503)",
@@ -312,7 +312,7 @@ impl Metrics {
             gdpr_step_failures,
             gdpr_suppressed_events,
             consumer_lag,
-            api_rate_limited,
+            api_refused,
             job_runs,
             job_duration,
             job_last_success,
