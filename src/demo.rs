@@ -17,6 +17,7 @@ pub struct DemoServer {
     pub client: CohortClient,
     pub base: String,
     server: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -37,15 +38,22 @@ impl DemoServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let router = cohort.router();
+        let (server_cfg, metrics) = (config.server.clone(), cohort.api.metrics.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let signal = async {
+                let _ = stopped.await;
+            };
+            cohort_api::serve::serve(listener, router, &server_cfg, metrics, signal, Duration::from_secs(5)).await;
         });
         let client = CohortClient::new(&base, &config)?;
-        Ok(Self { cohort, client, base, server, _tmp: tmp })
+        Ok(Self { cohort, client, base, server, stop, _tmp: tmp })
     }
 
+    /// Stops serving (every connection closed), then shuts Cohort down.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.server.abort();
+        let _ = self.stop.send(());
+        let _ = self.server.await;
         self.cohort.shutdown(Duration::from_secs(10)).await
     }
 }

@@ -85,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: SegmentsCommand,
     },
+    /// Scoped API tokens: make one, or hash one for the tokens file.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Scheduled jobs of a running Cohort.
     Jobs {
         #[command(flatten)]
@@ -103,6 +108,22 @@ struct RemoteArgs {
     /// An API token (defaults to the first of `auth.api_tokens` in the configuration).
     #[arg(long, env = "COHORT_API_TOKEN")]
     token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (once: only its digest is kept) and its tokens-file entry.
+    New {
+        /// Who will hold it (shown in logs instead of the secret).
+        #[arg(long)]
+        name: String,
+        /// A scope, repeatable: ingest:<source>, profiles:read, segments:admin, gdpr:admin,
+        /// identity:review, ops:read, ops:admin, or * for all.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// Print the SHA-256 digest of a token read from standard input.
+    Hash,
 }
 
 #[derive(Subcommand)]
@@ -306,6 +327,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
+        Command::Token { command: TokenCommand::New { name, scopes } } => {
+            if let Some(bad) = scopes.iter().find(|s| !cohort_config::SCOPES.contains(&s.as_str())) {
+                anyhow::bail!("unknown scope `{bad}` (known: {})", cohort_config::SCOPES.join(", "));
+            }
+            let mut secret = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+            let token: String =
+                std::iter::once("cht_".to_string()).chain(secret.iter().map(|b| format!("{b:02x}"))).collect();
+            let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
+            eprintln!("The token (shown once; give it to {name} and keep only the entry below):");
+            println!("{token}");
+            eprintln!("\nAdd to auth.tokens_file:");
+            eprintln!(
+                "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [{}]",
+                cohort_api::auth::token_digest(&token),
+                scopes.join(", ")
+            );
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Hash } => {
+            let mut token = String::new();
+            std::io::stdin().read_line(&mut token).context("reading the token from standard input")?;
+            println!("{}", cohort_api::auth::token_digest(token.trim()));
+            Ok(())
+        }
         Command::Demo { keep_running, data_dir } => cohort::demo::run(keep_running, data_dir).await,
         Command::Config { command: ConfigCommand::Check { file } } => {
             match Config::load_file_only(&file).map_err(|e| e.to_string()).and_then(|c| {
@@ -370,9 +416,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "cohort listening");
     let router = cohort.router();
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal());
+    let server_cfg = cohort.config.server.clone();
+    let metrics = cohort.api.metrics.clone();
+    let server =
+        cohort_api::serve::serve(listener, router, &server_cfg, metrics, shutdown_signal(), Duration::from_secs(15));
     tokio::select! {
-        r = server => r.context("http server")?,
+        () = server => {},
         _ = cohort.wait_root() => {
             anyhow::bail!("the supervision tree stopped: a failure escalated to the root");
         }

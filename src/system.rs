@@ -265,6 +265,14 @@ pub struct Cohort {
     pub reverse_etl: Slot<ReverseEtlMsg>,
     root: ActorRef<SupervisorMsg>,
     root_handle: Option<JoinHandle<()>>,
+    /// Re-reads `auth.tokens_file` while Cohort runs.
+    token_watch: JoinHandle<()>,
+}
+
+impl Drop for Cohort {
+    fn drop(&mut self) {
+        self.token_watch.abort();
+    }
 }
 
 fn ingest_spec(source: Source, slot: Slot<IngestMsg>, args: Arc<dyn Fn() -> IngestArgs + Send + Sync>) -> ChildSpec {
@@ -303,8 +311,14 @@ impl Cohort {
                     .map_err(|e| anyhow!("invalid configuration: `sources.email.sendgrid_public_key`: {e}"))?,
             ),
         };
-        if sendgrid_key.is_none() {
-            tracing::warn!("sources.email.sendgrid_public_key is empty: SendGrid webhook signatures are not verified");
+        if sendgrid_key.is_none() && config.sources.email.allow_unsigned {
+            tracing::warn!(
+                "sources.email.allow_unsigned is set: anyone who reaches the SendGrid webhook can add email events"
+            );
+        } else if sendgrid_key.is_none() {
+            tracing::warn!(
+                "sources.email.sendgrid_public_key is empty: the SendGrid webhook takes only bearer tokens with ingest:email"
+            );
         }
         if config.uses_dev_credentials() {
             tracing::warn!(
@@ -684,8 +698,14 @@ impl Cohort {
         let (root, root_handle) = Actor::spawn(None, SupervisorActor, root_args)
             .await
             .map_err(|e| anyhow!("starting the supervision tree: {e}"))?;
+        let credentials = Arc::new(
+            cohort_api::auth::Credentials::new(&config.auth, &config.sources.crm.token)
+                .map_err(|e| anyhow!("invalid configuration: {e}"))?,
+        );
+        let token_watch = tokio::spawn(credentials.clone().watch());
         let api = ApiState {
             config: config.clone(),
+            credentials,
             ingest: Arc::new(ingest_slots),
             profiles: profiles_slot,
             identity_stats: stats_slot,
@@ -718,6 +738,7 @@ impl Cohort {
             reverse_etl: reverse_etl_slot,
             root,
             root_handle: Some(root_handle),
+            token_watch,
         })
     }
 

@@ -207,7 +207,20 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
             config.unwrap_or_else(|e| panic!("{dir}: the ConfigMap and Secret are not a valid configuration: {e}"));
         assert!(config.storage.url.starts_with("mongodb://"), "{dir}");
         assert!(config.gdpr.key_url.starts_with("gcpkms://"), "{dir}");
-        assert_eq!(config.auth.api_tokens, vec!["replace-with-a-long-random-api-token".to_string()], "{dir}");
+        assert!(config.auth.api_tokens.is_empty(), "{dir}: no all-scope plain tokens in production");
+        // The scoped tokens file is mounted where the configuration looks for it, and parses.
+        let tokens = kind(&docs, "Secret", "cohort-api-tokens")["stringData"]["tokens.toml"].as_str().unwrap();
+        let tokens = cohort_config::parse_tokens_file(tokens).unwrap_or_else(|e| panic!("{dir}: tokens.toml: {e}"));
+        assert!(tokens.iter().any(|t| t.scopes == ["ops:read"]), "{dir}: a scrape token for Prometheus");
+        let deployment = kind(&docs, "Deployment", "cohort");
+        let mount = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "api-tokens")
+            .unwrap_or_else(|| panic!("{dir}: the tokens Secret is not mounted"));
+        let mount_path = mount["mountPath"].as_str().unwrap();
+        assert_eq!(config.auth.tokens_file, format!("{mount_path}/tokens.toml"), "{dir}");
         assert!(
             config.sources.web.write_key.starts_with("replace-with"),
             "{dir}: the Secret's variables reach the config"

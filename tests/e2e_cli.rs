@@ -74,3 +74,41 @@ async fn operators_run_gdpr_dlq_segment_and_job_commands_against_a_running_cohor
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_made_by_the_cli_is_accepted_with_its_scope_and_only_that() {
+    let bin = env!("CARGO_BIN_EXE_cohort");
+    let out =
+        Command::new(bin).args(["token", "new", "--name", "dashboards", "--scope", "profiles:read"]).output().unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let entry = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(token.starts_with("cht_") && token.len() == 68, "{token}");
+    assert!(!entry.contains(&token), "the entry must hold the digest, not the token");
+    let entry = &entry[entry.find("[[tokens]]").unwrap()..];
+
+    // `token hash` gives the digest the entry holds.
+    let mut hash = Command::new(bin)
+        .args(["token", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut hash.stdin.take().unwrap(), format!("{token}\n").as_bytes()).unwrap();
+    let digest = String::from_utf8_lossy(&hash.wait_with_output().unwrap().stdout).trim().to_string();
+    assert!(entry.contains(&format!("sha256 = \"{digest}\"")), "{entry}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    std::fs::write(&file, entry).unwrap();
+    let extra = format!("[auth]\ntokens_file = \"{}\"\n", file.display());
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let get = |path: &str| demo.client.http.get(format!("{}{path}", demo.base)).bearer_auth(&token).send();
+    assert_eq!(get("/v1/profiles/stats").await.unwrap().status(), 200);
+    assert_eq!(get("/v1/dlq").await.unwrap().status(), 403);
+    demo.stop().await.unwrap();
+
+    let bad = Command::new(bin).args(["token", "new", "--name", "x", "--scope", "profiles:write"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope `profiles:write`"));
+}

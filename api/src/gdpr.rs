@@ -2,7 +2,6 @@
 //! JSON), consent, and erasure (Art. 17) through deletion sagas.
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
 use cohort_actors::profile::CONSENT_HISTORY;
@@ -17,7 +16,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-use crate::auth::require_bearer;
 use crate::profiles::{ask, query, resolve_ref};
 use crate::{ApiError, ApiState};
 
@@ -29,16 +27,11 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     params(("ref" = String, Path, description = "A profile id or `type:value`")),
     responses((status = 200, description = "Everything held about the person: the golden record with its identifiers, traits, consent, computed traits and history; consent decisions; merges; segment memberships; identity reviews naming the profile; the person's events in the warehouse"),
         (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn export(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
+    security(("bearer" = ["gdpr:admin"])))]
+pub async fn export(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let (id, view) = query(&state, &r, ProfileMsg::GetView).await?;
     let limit = state.config.profiles.history_limit;
-    let (_, events) =
-        query(&state, &headers, id.as_str(), |reply| ProfileMsg::GetEvents { offset: 0, limit, reply }).await?;
+    let (_, events) = query(&state, id.as_str(), |reply| ProfileMsg::GetEvents { offset: 0, limit, reply }).await?;
     let store = &state.store;
     // The profiles merged into this one were this person too: their own records count.
     let mut ids = vec![id.clone()];
@@ -112,13 +105,9 @@ pub async fn export(
     params(("ref" = String, Path, description = "A profile id or `type:value`")),
     responses((status = 200, description = "Current consent per channel or purpose (granted, time, version, legal basis, source) and every decision so far, oldest first"),
         (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn get_consent(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
+    security(("bearer" = ["gdpr:admin"]), ("bearer" = ["profiles:read"])))]
+pub async fn get_consent(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let (id, view) = query(&state, &r, ProfileMsg::GetView).await?;
     let mut history = Vec::new();
     for p in std::iter::once(&id).chain(view.merged_from.iter()) {
         let prefix = format!("{p}/");
@@ -150,14 +139,12 @@ pub struct ConsentInput {
     request_body(content = String, description = "`{\"email\": {\"granted\": false, \"legal_basis\": \"consent\", \"source\": \"support_ticket\"}}`: channels and purposes email, whatsapp, sms, push, analytics, advertising", content_type = "application/json"),
     responses((status = 200, description = "The consent now in force; stored and audited before the answer"),
         (status = 400), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["gdpr:admin"])))]
 pub async fn put_consent(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(r): Path<String>,
     body: Result<Json<BTreeMap<String, ConsentInput>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(format!("invalid consent: {}", e.body_text())))?;
     if body.is_empty() {
         return Err(ApiError::BadRequest("name at least one channel".into()));
@@ -235,14 +222,12 @@ fn deletion_view(saga: &SagaRecord) -> Result<Value, ApiError> {
     request_body(content = String, description = "`{\"profile\": \"email:max@example.edu\", \"regulation\": \"suppress_with_delete\", \"requested_by\": \"dpo-ticket-4711\"}`; regulation `delete`, `suppress_with_delete` (default) or `suppress_only`", content_type = "application/json"),
     responses((status = 202, description = "The deletion saga is persisted and running; `Location` names its status"),
         (status = 400), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["gdpr:admin"])))]
 pub async fn request_deletion(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     body: Result<Json<DeletionInput>, axum::extract::rejection::JsonRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let Json(input) = body.map_err(|e| ApiError::BadRequest(format!("invalid deletion request: {}", e.body_text())))?;
     let regulation = match input.regulation.as_deref() {
         None => Regulation::SuppressWithDelete,
@@ -290,13 +275,8 @@ pub async fn request_deletion(
     params(("id" = String, Path, description = "The id `POST /v1/gdpr/deletions` answered")),
     responses((status = 200, description = "The saga: status, and per step its state, attempts, last error, timestamps and what it removed (counts)"),
         (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn get_deletion(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["gdpr:admin"])))]
+pub async fn get_deletion(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let saga = state.store.load_saga(&id).await.map_err(unavailable)?;
     match saga {
         Some(s) if s.kind == DELETION_SAGA => Ok(Json(deletion_view(&s)?)),
@@ -314,13 +294,11 @@ pub struct DeletionPage {
     params(("after" = Option<String>, Query, description = "The last id of the previous page"),
         ("limit" = Option<usize>, Query, description = "At most this many (default 100, at most 1000)")),
     responses((status = 200, description = "Deletion sagas in id (request) order"), (status = 401), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["gdpr:admin"])))]
 pub async fn list_deletions(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     axum::extract::Query(page): axum::extract::Query<DeletionPage>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let sagas = state.store.list_sagas(page.after.as_deref(), limit).await.map_err(unavailable)?;
     let items = sagas.iter().filter(|s| s.kind == DELETION_SAGA).map(deletion_view).collect::<Result<Vec<_>, _>>()?;

@@ -1,7 +1,6 @@
 //! Identity endpoints: why two profiles are (or are not) likely one student.
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
 use cohort_actors::matching::{compare, MatchModel, MatchRecord};
@@ -11,7 +10,6 @@ use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::auth::require_bearer;
 use crate::profiles::{ask, query, resolve_ref};
 use crate::{ApiError, ApiState};
 
@@ -26,13 +24,8 @@ pub struct ExplainQuery {
         ("b" = String, Query, description = "The other profile ref")),
     responses((status = 200, description = "Field-by-field comparison, weights (bits) and match score"),
         (status = 400), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn explain(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Query(q): Query<ExplainQuery>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["identity:review"]), ("bearer" = ["profiles:read"])))]
+pub async fn explain(State(state): State<ApiState>, Query(q): Query<ExplainQuery>) -> Result<Json<Value>, ApiError> {
     let a = resolve_ref(&state, &q.a).await?;
     let b = resolve_ref(&state, &q.b).await?;
     // Live views, so a comparison sees what was applied a moment ago.
@@ -68,13 +61,11 @@ pub struct ReviewQuery {
         ("limit" = Option<usize>, Query, description = "Page size, 1-500 (default 50)")),
     responses((status = 200, description = "Probable duplicates with their score and field comparisons"),
         (status = 400), (status = 401), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["identity:review"])))]
 pub async fn list_reviews(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Query(q): Query<ReviewQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let status = match q.status.as_deref().unwrap_or("open") {
         "open" => Some(ReviewStatus::Open),
         "accepted" => Some(ReviewStatus::Accepted),
@@ -128,14 +119,12 @@ pub(crate) async fn flushed(state: &ApiState) -> Result<(), ApiError> {
     request_body(content = Option<String>, description = "Optional `{\"reviewer\": \"name\"}`", content_type = "application/json"),
     responses((status = 200, description = "The decided review item"), (status = 400), (status = 401),
         (status = 404), (status = 409, description = "Already decided, or the profiles cannot be merged"), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["identity:review"])))]
 pub async fn decide_review(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path((id, decision)): Path<(String, String)>,
     body: Option<Json<Decision>>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let approve = match decision.as_str() {
         "approve" => true,
         "reject" => false,
@@ -176,14 +165,12 @@ pub struct UnmergeRequest {
     responses((status = 200, description = "The two profiles, each with its own events and traits again"),
         (status = 400), (status = 401), (status = 404),
         (status = 409, description = "The merge is final (older than identity.unmerge_window) or nested"), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["identity:review"])))]
 pub async fn unmerge(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(r): Path<String>,
     Json(body): Json<UnmergeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let merged = ProfileId::parse(body.merged.trim())
         .ok_or_else(|| ApiError::BadRequest("`merged` must be a profile id (prof_...)".into()))?;
     let by = reviewer(Some(Json(Decision { reviewer: body.reviewer })))?;
@@ -213,14 +200,10 @@ pub async fn unmerge(
     params(("ref" = String, Path, description = "A profile id or `type:value`")),
     responses((status = 200, description = "The merges this profile took part in, oldest first, with their evidence and reason"),
         (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn merges(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    security(("bearer" = ["identity:review"]), ("bearer" = ["profiles:read"])))]
+pub async fn merges(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
     // The live profile, so a merged id answers with its survivor's history.
-    let (id, _) = query(&state, &headers, &r, ProfileMsg::GetIdentities).await?;
+    let (id, _) = query(&state, &r, ProfileMsg::GetIdentities).await?;
     let merges = state.store.list_merges(&id).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(json!({ "profile_id": id, "merges": merges })))
 }

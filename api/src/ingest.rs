@@ -1,10 +1,10 @@
 //! Ingest endpoints, speaking each source's real format.
 
-use crate::auth::{basic_user, ct_eq, require_bearer};
+use crate::auth::{basic_user, ct_eq, Principal};
 use crate::error::ApiError;
 use crate::state::ApiState;
 use axum::body::Bytes;
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{Extension, OriginalUri, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -77,8 +77,17 @@ struct WriteKeyOnly {
     write_key: Option<String>,
 }
 
-/// Which source a Segment write key belongs to.
-fn segment_source(state: &ApiState, headers: &HeaderMap, body: &[u8]) -> Result<Source, ApiError> {
+/// Which source a Segment call is for: the source its write key belongs to, or for a bearer
+/// token (already checked for `ingest:web` or `ingest:mobile`) the first of the two it holds.
+fn segment_source(
+    state: &ApiState,
+    principal: Option<&Principal>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Source, ApiError> {
+    if let Some(p) = principal {
+        return Ok(if p.allows("ingest:web") { Source::Web } else { Source::Mobile });
+    }
     let key = match basic_user(headers) {
         Some(k) => k,
         None => serde_json::from_slice::<WriteKeyOnly>(body).ok().and_then(|w| w.write_key).ok_or_else(|| {
@@ -101,15 +110,17 @@ fn segment_source(state: &ApiState, headers: &HeaderMap, body: &[u8]) -> Result<
     request_body(content = serde_json::Value, description = "A Segment Spec call or batch", content_type = "application/json"),
     responses((status = 200, description = "Accepted and durable"), (status = 400, description = "Malformed"),
         (status = 401, description = "Wrong write key"), (status = 413, description = "Over Segment's size limits"),
-        (status = 503, description = "Storage unavailable, retry")))]
+        (status = 503, description = "Storage unavailable, retry")),
+    security(("writeKey" = []), ("bearer" = ["ingest:web"]), ("bearer" = ["ingest:mobile"])))]
 pub async fn segment(
     State(state): State<ApiState>,
     Path(call): Path<String>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let call = SegmentCall::parse(&call).ok_or_else(|| ApiError::NotFound(format!("no Segment call `{call}`")))?;
-    let source = segment_source(&state, &headers, &body)?;
+    let source = segment_source(&state, principal.as_deref(), &headers, &body)?;
     ingest_json(&state, raw(source, PayloadFormat::Segment { call }, &headers, &body)).await
 }
 
@@ -129,21 +140,26 @@ fn twilio_url(state: &ApiState, headers: &HeaderMap, uri: &axum::http::Uri) -> S
 #[utoipa::path(post, path = "/webhooks/twilio/whatsapp", tag = "ingest",
     request_body(content = String, description = "Twilio webhook form", content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, description = "Accepted (empty TwiML)"), (status = 400, description = "Malformed"),
-        (status = 401, description = "Missing or invalid signature"), (status = 503, description = "Retry")))]
+        (status = 401, description = "Missing or invalid signature"), (status = 503, description = "Retry")),
+    security(("twilioSignature" = []), ("bearer" = ["ingest:whatsapp"])))]
 pub async fn twilio(
     State(state): State<ApiState>,
     OriginalUri(uri): OriginalUri,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let signature = headers
-        .get("x-twilio-signature")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::Unauthorized("missing X-Twilio-Signature".into()))?;
-    let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
-    let url = twilio_url(&state, &headers, &uri);
-    if !verify_twilio(&state.config.sources.whatsapp.auth_token, &url, &params, signature) {
-        return Err(ApiError::Unauthorized("invalid X-Twilio-Signature".into()));
+    // A relay holding an `ingest:whatsapp` token (checked before this handler) needs no signature.
+    if principal.is_none() {
+        let signature = headers
+            .get("x-twilio-signature")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::Unauthorized("missing X-Twilio-Signature".into()))?;
+        let params: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+        let url = twilio_url(&state, &headers, &uri);
+        if !verify_twilio(&state.config.sources.whatsapp.auth_token, &url, &params, signature) {
+            return Err(ApiError::Unauthorized("invalid X-Twilio-Signature".into()));
+        }
     }
     let payload = raw(Source::Whatsapp, PayloadFormat::TwilioForm, &headers, &body);
     submit(&state, payload).await?;
@@ -159,9 +175,17 @@ pub async fn twilio(
 #[utoipa::path(post, path = "/webhooks/sendgrid/events", tag = "ingest",
     request_body(content = serde_json::Value, description = "Array of SendGrid events", content_type = "application/json"),
     responses((status = 200, description = "Accepted"), (status = 400, description = "Malformed"),
-        (status = 401, description = "Missing or invalid signature"), (status = 503, description = "Retry")))]
-pub async fn sendgrid(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    if let Some(key) = &state.sendgrid_key {
+        (status = 401, description = "Missing or invalid signature"), (status = 503, description = "Retry")),
+    security(("sendgridSignature" = []), ("bearer" = ["ingest:email"])))]
+pub async fn sendgrid(
+    State(state): State<ApiState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if principal.is_some() {
+        // An `ingest:email` token (SendGrid's OAuth option), checked before this handler.
+    } else if let Some(key) = &state.sendgrid_key {
         let sig = headers.get("x-twilio-email-event-webhook-signature").and_then(|v| v.to_str().ok());
         let ts = headers.get("x-twilio-email-event-webhook-timestamp").and_then(|v| v.to_str().ok());
         match (sig, ts) {
@@ -178,6 +202,10 @@ pub async fn sendgrid(State(state): State<ApiState>, headers: HeaderMap, body: B
             (None, _) | (_, None) => return Err(ApiError::Unauthorized("missing SendGrid signature headers".into())),
             _ => return Err(ApiError::Unauthorized("invalid SendGrid signature".into())),
         }
+    } else if !state.config.sources.email.allow_unsigned {
+        return Err(ApiError::Unauthorized(
+            "no SendGrid verification key is configured: send a bearer token with `ingest:email`".into(),
+        ));
     }
     let payload = raw(Source::Email, PayloadFormat::SendgridEvents, &headers, &body);
     ingest_json(&state, payload).await
@@ -188,13 +216,12 @@ pub async fn sendgrid(State(state): State<ApiState>, headers: HeaderMap, body: B
     request_body(content = serde_json::Value, description = "A ChangeEvent", content_type = "application/json"),
     responses((status = 200, description = "Accepted"), (status = 400, description = "Malformed"),
         (status = 401, description = "Wrong token"), (status = 503, description = "Retry")),
-    security(("bearer" = [])))]
+    security(("bearer" = ["ingest:crm"])))]
 pub async fn salesforce_cdc(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_bearer(&headers, std::slice::from_ref(&state.config.sources.crm.token))?;
     let payload = raw(Source::Crm, PayloadFormat::SalesforceCdc, &headers, &body);
     ingest_json(&state, payload).await
 }
@@ -204,13 +231,12 @@ pub async fn salesforce_cdc(
     request_body(content = String, description = "CSV with a header row of field API names", content_type = "text/csv"),
     responses((status = 200, description = "Rows accepted, duplicates and rejected rows"), (status = 400, description = "Malformed"),
         (status = 401, description = "Wrong token"), (status = 413, description = "Chunk too large"), (status = 503, description = "Retry")),
-    security(("bearer" = [])))]
+    security(("bearer" = ["ingest:crm"])))]
 pub async fn salesforce_csv(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_bearer(&headers, std::slice::from_ref(&state.config.sources.crm.token))?;
     let payload = raw(Source::Crm, PayloadFormat::SalesforceCsv, &headers, &body);
     ingest_json(&state, payload).await
 }

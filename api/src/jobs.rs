@@ -1,10 +1,8 @@
 //! Scheduled jobs: what is scheduled, each job's run history, and running one now.
 
-use crate::auth::require_bearer;
 use crate::error::ApiError;
 use crate::state::ApiState;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use cohort_actors::jobs::job_runs;
 use cohort_messages::msgs::JobsMsg;
@@ -16,9 +14,8 @@ use std::time::Duration;
 #[utoipa::path(get, path = "/v1/jobs", tag = "ops",
     responses((status = 200, description = "Every scheduled job: cron schedule (UTC), next run, whether it runs now, its last run on this replica"),
         (status = 401), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["ops:read"])))]
+pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let scheduler = state.jobs.get().ok_or_else(|| ApiError::Unavailable("job scheduler restarting".into()))?;
     match scheduler.call(JobsMsg::List, Some(state.call_timeout)).await {
         Ok(CallResult::Success(jobs)) => Ok(Json(json!({ "jobs": jobs }))),
@@ -38,14 +35,12 @@ pub struct RunsPage {
         ("limit" = Option<usize>, Query, description = "At most this many (default 100, at most 1000)")),
     responses((status = 200, description = "The job's runs on every replica, oldest first: due time, owner, status, timings, error or summary"),
         (status = 401), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["ops:read"])))]
 pub async fn runs(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     Query(page): Query<RunsPage>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let runs = job_runs(state.store.as_ref(), &name, page.after.as_deref(), limit)
         .await
@@ -58,13 +53,8 @@ pub async fn runs(
     params(("name" = String, Path, description = "A job name")),
     responses((status = 200, description = "The run, once finished (also recorded in the history)"),
         (status = 401), (status = 404), (status = 409, description = "Running already"), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn run_now(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["ops:admin"])))]
+pub async fn run_now(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let scheduler = state.jobs.get().ok_or_else(|| ApiError::Unavailable("job scheduler restarting".into()))?;
     let job = name.clone();
     // A job may take long (a reconciliation of every profile); the caller waits for it.

@@ -11,6 +11,7 @@ mod limits;
 pub mod ops;
 pub mod profiles;
 mod segments;
+pub mod serve;
 pub mod state;
 
 pub use error::ApiError;
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 struct BearerAuth;
@@ -34,9 +35,27 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
+        // Bearer tokens carry scopes (`auth.tokens`); the sources' own credentials are the others.
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "writeKey",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some("Segment write key as the Basic auth user"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "twilioSignature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Twilio-Signature"))),
+        );
+        components.add_security_scheme(
+            "sendgridSignature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Twilio-Email-Event-Webhook-Signature"))),
         );
     }
 }
@@ -126,6 +145,7 @@ pub fn router(state: ApiState) -> Router {
     let limits =
         Arc::new(limits::Limits::new(cfg.ingest_requests_per_second, cfg.api_requests_per_second, cfg.max_in_flight));
     api.merge(import)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(middleware::from_fn_with_state((state.clone(), limits), limits::limit))
         .layer(middleware::from_fn_with_state(state.clone(), track_latency))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
@@ -147,4 +167,41 @@ pub fn router(state: ApiState) -> Router {
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+    use std::collections::BTreeSet;
+
+    /// The document and the enforced policy agree on every operation's scopes.
+    #[test]
+    fn every_documented_operation_has_the_policy_its_document_states() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+        assert!(!paths.is_empty());
+        for (template, item) in paths {
+            for (method, op) in item.as_object().cloned().unwrap_or_default() {
+                let m: Method = method.to_uppercase().parse().unwrap_or(Method::OPTIONS);
+                let documented: BTreeSet<String> = op["security"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|alt| alt.get("bearer").and_then(|s| s.as_array()).cloned())
+                    .flatten()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect();
+                let enforced = match auth::policy(&m, &template) {
+                    Some(auth::Policy::Scoped(s)) | Some(auth::Policy::SourceOrScoped(s)) => {
+                        s.iter().map(|s| s.to_string()).collect()
+                    }
+                    Some(auth::Policy::Open) => BTreeSet::new(),
+                    other => panic!("{method} {template}: policy {other:?}"),
+                };
+                assert_eq!(documented, enforced, "{method} {template}");
+            }
+        }
+    }
 }

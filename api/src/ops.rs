@@ -1,10 +1,9 @@
 //! Health probes, the supervision tree, metrics and the dead-letter store.
 
-use crate::auth::require_bearer;
 use crate::error::ApiError;
 use crate::state::ApiState;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -33,13 +32,14 @@ pub async fn ready(State(state): State<ApiState>) -> Response {
 
 #[utoipa::path(get, path = "/v1/supervisors", tag = "ops",
     responses((status = 200, description = "Every supervised child: status, restarts, last failure"), (status = 401)),
-    security(("bearer" = [])))]
-pub async fn supervisors(State(state): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["ops:read"])))]
+pub async fn supervisors(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "ready": state.health.is_ready(), "children": state.health.snapshot() })))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format"), (status = 401), (status = 403)),
+    security(("bearer" = ["ops:read"])))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
@@ -54,13 +54,8 @@ pub struct DlqQuery {
     params(("after" = Option<u64>, Query, description = "Return records with id greater than this"),
         ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)")),
     responses((status = 200, description = "Dead letters, oldest first, with raw payload and reason"), (status = 401)),
-    security(("bearer" = [])))]
-pub async fn dlq(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Query(q): Query<DlqQuery>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["ops:read"])))]
+pub async fn dlq(State(state): State<ApiState>, Query(q): Query<DlqQuery>) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 1000".into()));

@@ -1,10 +1,8 @@
 //! The Profile API, answered by the live ProfileActor.
 
-use crate::auth::require_bearer;
 use crate::error::ApiError;
 use crate::state::ApiState;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use cohort_actors::normalize::{normalize_email, normalize_phone};
 use cohort_messages::msgs::{IdentityStatsMsg, ProfileMsg, ProfileRecordReply, ProfilesMsg};
@@ -78,11 +76,9 @@ pub async fn ask<T: Send + 'static>(
 /// The shared path of every Profile API read: token, ref resolution, live-actor query.
 pub(crate) async fn query<T: Send + 'static>(
     state: &ApiState,
-    headers: &HeaderMap,
     reference: &str,
     make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
 ) -> Result<(ProfileId, T), ApiError> {
-    require_bearer(headers, &state.config.auth.api_tokens)?;
     let id = resolve_ref(state, reference).await?;
     ask(state, id, make).await
 }
@@ -90,9 +86,8 @@ pub(crate) async fn query<T: Send + 'static>(
 #[utoipa::path(get, path = "/v1/profiles/stats", tag = "profiles",
     responses((status = 200, description = "Live, merged and known profiles and the identity match rate"),
         (status = 401), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn get_stats(State(state): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["profiles:read"])))]
+pub async fn get_stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let job = state.identity_stats.get().ok_or_else(|| ApiError::Unavailable("statistics job restarting".into()))?;
     // A first count scans every profile: allow it more than a profile read.
     match job.call(IdentityStatsMsg::GetLatest, Some(state.call_timeout * 6)).await {
@@ -105,26 +100,18 @@ pub async fn get_stats(State(state): State<ApiState>, headers: HeaderMap) -> Res
 #[utoipa::path(get, path = "/v1/profiles/{ref}", tag = "profiles",
     params(("ref" = String, Path, description = "A profile id or `type:value`, e.g. `email:max@gmail.com`")),
     responses((status = 200, description = "The golden record"), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn get_profile(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (_, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
+    security(("bearer" = ["profiles:read"])))]
+pub async fn get_profile(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let (_, view) = query(&state, &r, ProfileMsg::GetView).await?;
     Ok(Json(serde_json::to_value(view).unwrap_or(Value::Null)))
 }
 
 #[utoipa::path(get, path = "/v1/profiles/{ref}/traits", tag = "profiles",
     params(("ref" = String, Path, description = "A profile id or `type:value`")),
     responses((status = 200, description = "Traits with their source and update time"), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn get_traits(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
+    security(("bearer" = ["profiles:read"])))]
+pub async fn get_traits(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let (id, view) = query(&state, &r, ProfileMsg::GetView).await?;
     Ok(Json(json!({ "profile_id": id, "traits": view.traits })))
 }
 
@@ -139,21 +126,19 @@ pub struct Paging {
         ("offset" = Option<usize>, Query, description = "Events to skip (default 0)"),
         ("limit" = Option<usize>, Query, description = "Page size, 1-500 (default 50)")),
     responses((status = 200, description = "Recent events, newest first"), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["profiles:read"])))]
 pub async fn get_events(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(r): Path<String>,
     Query(p): Query<Paging>,
 ) -> Result<Json<Value>, ApiError> {
     // Authenticate before validating, so the answer to a stranger is always 401.
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let offset = p.offset.unwrap_or(0);
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
     }
-    let (id, events) = query(&state, &headers, &r, |reply| ProfileMsg::GetEvents { offset, limit, reply }).await?;
+    let (id, events) = query(&state, &r, |reply| ProfileMsg::GetEvents { offset, limit, reply }).await?;
     let next = (events.len() == limit).then_some(offset + limit);
     Ok(Json(json!({ "profile_id": id, "events": events, "offset": offset, "next_offset": next })))
 }
@@ -161,12 +146,8 @@ pub async fn get_events(
 #[utoipa::path(get, path = "/v1/profiles/{ref}/identities", tag = "profiles",
     params(("ref" = String, Path, description = "A profile id or `type:value`")),
     responses((status = 200, description = "Linked identifiers"), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn get_identities(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (id, ids) = query(&state, &headers, &r, ProfileMsg::GetIdentities).await?;
+    security(("bearer" = ["profiles:read"])))]
+pub async fn get_identities(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let (id, ids) = query(&state, &r, ProfileMsg::GetIdentities).await?;
     Ok(Json(json!({ "profile_id": id, "identities": ids })))
 }

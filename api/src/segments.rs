@@ -1,7 +1,7 @@
 //! Segments and reverse ETL: definitions, members, a profile's segments, destination status.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use cohort_actors::segments::engine::{member_key, MEMBERS};
 use cohort_actors::segments::{valid_name, SegmentDefinition, SegmentKind};
@@ -10,7 +10,6 @@ use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::auth::require_bearer;
 use crate::profiles::query;
 use crate::{ApiError, ApiState};
 
@@ -28,9 +27,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 
 #[utoipa::path(get, path = "/v1/segments", tag = "segments",
     responses((status = 200, description = "Every defined segment"), (status = 401)),
-    security(("bearer" = [])))]
-pub async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["segments:admin"]), ("bearer" = ["profiles:read"])))]
+pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let segments: Vec<Value> = state.segments.snapshot().values().map(|s| definition_json(&s.definition)).collect();
     Ok(Json(json!({ "segments": segments })))
 }
@@ -38,13 +36,8 @@ pub async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Result<J
 #[utoipa::path(get, path = "/v1/segments/{name}", tag = "segments",
     params(("name" = String, Path, description = "Segment name")),
     responses((status = 200, description = "The definition"), (status = 401), (status = 404)),
-    security(("bearer" = [])))]
-pub async fn get(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["segments:admin"]), ("bearer" = ["profiles:read"])))]
+pub async fn get(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let segments = state.segments.snapshot();
     let s = segments.get(&name).ok_or_else(|| ApiError::NotFound(format!("no segment {name}")))?;
     Ok(Json(definition_json(&s.definition)))
@@ -55,14 +48,12 @@ pub async fn get(
     request_body(content = String, description = "`{\"rule\": \"page_count(\\\"mba\\\", 7d) >= 3 and consent.email\"}`; or `kind` = `batch` with `sql` and `every_secs`, or `model` with `model` and `threshold`", content_type = "application/json"),
     responses((status = 200, description = "The stored definition; members are evaluated from now on (existing profiles in the background)"),
         (status = 400, description = "Invalid rule, with the column of the problem"), (status = 401), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["segments:admin"])))]
 pub async fn put(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Result<Json<SegmentDefinition>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     check_name(&name)?;
     let Json(mut definition) =
         body.map_err(|e| ApiError::BadRequest(format!("invalid segment definition: {}", e.body_text())))?;
@@ -82,13 +73,8 @@ pub async fn put(
 #[utoipa::path(delete, path = "/v1/segments/{name}", tag = "segments",
     params(("name" = String, Path, description = "Segment name")),
     responses((status = 204, description = "Deleted with its memberships"), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn delete(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["segments:admin"])))]
+pub async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
     let engine = state.segment_engine.get().ok_or_else(|| ApiError::Unavailable("segment engine restarting".into()))?;
     match engine.call(|reply| SegmentMsg::Delete { name: name.clone(), reply }, Some(state.call_timeout)).await {
@@ -110,14 +96,12 @@ pub struct MembersQuery {
         ("after" = Option<String>, Query, description = "Page after this profile id"),
         ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)")),
     responses((status = 200, description = "Member profile ids with when they entered, in id order"), (status = 400), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["segments:admin"]), ("bearer" = ["profiles:read"])))]
 pub async fn members(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<MembersQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 1000".into()));
@@ -145,13 +129,9 @@ pub async fn members(
 #[utoipa::path(get, path = "/v1/profiles/{ref}/segments", tag = "segments",
     params(("ref" = String, Path, description = "A profile id or `type:value`")),
     responses((status = 200, description = "The segments the profile is in, with when it entered"), (status = 401), (status = 404), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn profile_segments(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(r): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (id, view) = query(&state, &headers, &r, ProfileMsg::GetView).await?;
+    security(("bearer" = ["segments:admin"]), ("bearer" = ["profiles:read"])))]
+pub async fn profile_segments(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let (id, view) = query(&state, &r, ProfileMsg::GetView).await?;
     let mut segments: serde_json::Map<String, Value> = view
         .segments
         .iter()
@@ -190,9 +170,8 @@ async fn reverse_etl<T: Send + 'static>(
 
 #[utoipa::path(get, path = "/v1/reverse-etl/status", tag = "reverse-etl",
     responses((status = 200, description = "Per destination: sent, failed, retries, skipped by reason, in flight, waiting, quota use, recent failures; batch runs held by Gate 4"), (status = 401), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["segments:admin"])))]
+pub async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(reverse_etl(&state, ReverseEtlMsg::Status).await?))
 }
 
@@ -204,13 +183,8 @@ pub struct RetryQuery {
 #[utoipa::path(post, path = "/v1/reverse-etl/retry", tag = "reverse-etl",
     params(("destination" = Option<String>, Query, description = "Only this destination's failed jobs")),
     responses((status = 200, description = "How many failed jobs were queued again"), (status = 401), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn retry(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Query(q): Query<RetryQuery>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["segments:admin"])))]
+pub async fn retry(State(state): State<ApiState>, Query(q): Query<RetryQuery>) -> Result<Json<Value>, ApiError> {
     let destination = q.destination;
     let n = reverse_etl(&state, |reply| ReverseEtlMsg::Retry { destination, reply }).await?;
     Ok(Json(json!({ "requeued": n })))
@@ -219,13 +193,8 @@ pub async fn retry(
 #[utoipa::path(post, path = "/v1/reverse-etl/confirm/{activation}", tag = "reverse-etl",
     params(("activation" = String, Path, description = "The activation whose held batch may go")),
     responses((status = 200, description = "The held batch is sent"), (status = 401), (status = 404, description = "Nothing held"), (status = 503)),
-    security(("bearer" = [])))]
-pub async fn confirm(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(activation): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
+    security(("bearer" = ["segments:admin"])))]
+pub async fn confirm(State(state): State<ApiState>, Path(activation): Path<String>) -> Result<Json<Value>, ApiError> {
     let name = activation.clone();
     if reverse_etl(&state, |reply| ReverseEtlMsg::Confirm { activation: name, reply }).await? {
         Ok(Json(json!({ "confirmed": activation })))
@@ -237,17 +206,15 @@ pub async fn confirm(
 #[utoipa::path(get, path = "/v1/segment-changes", tag = "segments",
     responses((status = 200, description = "Server-sent events, one `segment_change` per entry or exit (profile id, segment, entered or exited, time; no personal data); a `lagged` event says how many a slow reader missed"),
         (status = 401), (status = 404, description = "On Kafka: read the cdp.segment.change topic")),
-    security(("bearer" = [])))]
+    security(("bearer" = ["segments:admin"]), ("bearer" = ["profiles:read"])))]
 pub async fn changes(
     State(state): State<ApiState>,
-    headers: HeaderMap,
 ) -> Result<
     axum::response::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>,
     ApiError,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
-    require_bearer(&headers, &state.config.auth.api_tokens)?;
     let rx = state
         .bus
         .subscribe_segment_changes()

@@ -18,6 +18,8 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct ApiState {
     pub config: Arc<Config>,
+    /// The bearer tokens accepted, with their scopes.
+    pub credentials: Arc<crate::auth::Credentials>,
     pub ingest: Arc<HashMap<Source, (Slot<IngestMsg>, QueueDepth)>>,
     pub profiles: Slot<ProfilesMsg>,
     pub identity_stats: Slot<IdentityStatsMsg>,

@@ -145,6 +145,14 @@ pub struct ServerConfig {
     pub ingest_requests_per_second: u32,
     pub api_requests_per_second: u32,
     pub max_in_flight: usize,
+    /// Open client connections at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// A client must send a request's whole header within this (slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Largest request header block; more gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,7 +177,88 @@ pub struct BusConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
+    /// Plain tokens with every scope: for development and single-operator setups.
     pub api_tokens: Vec<String>,
+    /// Scoped tokens, each kept only as the SHA-256 digest of its secret.
+    pub tokens: Vec<TokenConfig>,
+    /// A TOML file of `[[tokens]]` (a mounted Secret), read again when it changes, so tokens
+    /// rotate without a restart. Empty: none.
+    pub tokens_file: String,
+    /// How often the tokens file is checked for changes.
+    pub reload_interval_secs: u64,
+}
+
+/// Every scope a token can hold; `*` holds them all.
+pub const SCOPES: &[&str] = &[
+    "*",
+    "ingest:web",
+    "ingest:mobile",
+    "ingest:crm",
+    "ingest:email",
+    "ingest:whatsapp",
+    "profiles:read",
+    "segments:admin",
+    "gdpr:admin",
+    "identity:review",
+    "ops:read",
+    "ops:admin",
+];
+
+/// One scoped API token.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it; shown in logs and audit records instead of the secret.
+    pub name: String,
+    /// Hex SHA-256 digest of the token (`cohort token new` prints one).
+    pub sha256: String,
+    pub scopes: Vec<String>,
+    /// A revoked token is refused; keeping the entry records that it existed.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl TokenConfig {
+    fn check(&self, key: &str) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(bad(key, "every token needs a name"));
+        }
+        let digest = self.sha256.trim();
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(key, &format!("token `{}`: sha256 must be 64 hex digits", self.name)));
+        }
+        if self.scopes.is_empty() {
+            return Err(bad(key, &format!("token `{}` has no scopes", self.name)));
+        }
+        if let Some(s) = self.scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+            return Err(bad(
+                key,
+                &format!("token `{}`: unknown scope `{s}` (known: {})", self.name, SCOPES.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn bad(key: &str, problem: &str) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    tokens: Vec<TokenConfig>,
+}
+
+/// Reads and checks a tokens file: `[[tokens]]` tables with `name`, `sha256`, `scopes`, `revoked`.
+pub fn parse_tokens_file(text: &str) -> Result<Vec<TokenConfig>, ConfigError> {
+    let file: TokensFile =
+        Figment::from(Toml::string(text)).extract().map_err(|e| ConfigError::Parse(render_figment_error(e)))?;
+    for t in &file.tokens {
+        t.check("auth.tokens_file")?;
+    }
+    Ok(file.tokens)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,6 +287,8 @@ pub struct CrmSource {
 #[serde(deny_unknown_fields)]
 pub struct EmailSource {
     pub sendgrid_public_key: String,
+    /// Accept unsigned, unauthenticated SendGrid events (only for a private network).
+    pub allow_unsigned: bool,
     pub signature_max_age_secs: u64,
 }
 
@@ -378,7 +469,6 @@ impl Config {
 
     /// Checks value ranges serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, problem: &str| ConfigError::Invalid { key: key.into(), problem: problem.into() };
         if self.server.max_body_bytes < 1024 {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
         }
@@ -421,6 +511,24 @@ impl Config {
         }
         if self.auth.api_tokens.iter().any(|t| t.trim().len() < 8) {
             return Err(bad("auth.api_tokens", "every token must have at least 8 characters"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(bad("server.max_connections", "must be positive"));
+        }
+        if self.server.header_read_timeout_ms == 0 {
+            return Err(bad("server.header_read_timeout_ms", "must be positive"));
+        }
+        if !(8192..=1 << 20).contains(&self.server.max_header_bytes) {
+            return Err(bad("server.max_header_bytes", "must be between 8192 and 1048576"));
+        }
+        if self.server.max_headers == 0 {
+            return Err(bad("server.max_headers", "must be positive"));
+        }
+        for t in &self.auth.tokens {
+            t.check("auth.tokens")?;
+        }
+        if self.auth.reload_interval_secs == 0 {
+            return Err(bad("auth.reload_interval_secs", "must be positive"));
         }
         for (key, value) in [
             ("sources.web.write_key", &self.sources.web.write_key),

@@ -581,7 +581,8 @@ impl IngestCtx {
                         Ok(Built {
                             kind: Kind::Sendgrid,
                             url: format!("{}/webhooks/sendgrid/events", self.base),
-                            auth: None,
+                            // Unsigned: the API token (every scope) stands in for a signature.
+                            auth: Some(self.creds.api_bearer.clone()),
                             content_type: "application/json",
                             extra_header: None,
                             body: serde_json::to_vec(&body)?,
@@ -801,7 +802,7 @@ async fn run_ingest(
     s: &Settings,
 ) -> anyhow::Result<(IngestResult, Vec<u32>)> {
     let plan = Plan::new(s);
-    let before = scrape(http, base).await.context("reading /metrics before the ingest phase")?;
+    let before = scrape(http, base, creds).await.context("reading /metrics before the ingest phase")?;
     let started = Instant::now();
     let ctx = Arc::new(IngestCtx {
         http: http.clone(),
@@ -864,14 +865,14 @@ async fn run_ingest(
     // Wait until every accepted event has reached its profile. A Twilio 200 carries no count,
     // so the server's own counter (final once every answer is in) caps what the answers claim;
     // the cap never lets another client's traffic on a shared server inflate the target.
-    let mid = scrape(http, base).await.context("reading /metrics after the last ingest answer")?;
+    let mid = scrape(http, base, creds).await.context("reading /metrics after the last ingest answer")?;
     let server_accepted =
         mid.sum("cohort_ingest_events_accepted_total", &[]) - before.sum("cohort_ingest_events_accepted_total", &[]);
     let expected = total.accepted.min(server_accepted.max(0.0) as u64);
     let deadline = Instant::now() + s.settle_timeout;
     let mut last_print = Instant::now();
     let (after, applied_elapsed, all_applied, applied) = loop {
-        let now = scrape(http, base).await.context("reading /metrics while waiting for profiles")?;
+        let now = scrape(http, base, creds).await.context("reading /metrics while waiting for profiles")?;
         let settled = settled_since(&before, &now);
         let elapsed = started.elapsed();
         if settled >= expected {
@@ -1000,7 +1001,7 @@ async fn run_profiles(
         let _ = w.await;
     }
 
-    let before = scrape(http, base).await.context("reading /metrics before the Profile API phase")?;
+    let before = scrape(http, base, creds).await.context("reading /metrics before the Profile API phase")?;
     let total = ((s.profile_rps as f64) * s.profile_seconds).round() as u64;
     let interval_ns = 1e9 / s.profile_rps as f64;
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1063,7 +1064,7 @@ async fn run_profiles(
     let (sched, ()) = tokio::join!(scheduler, collect);
     sched.context("the Profile API scheduler thread failed")?;
     result.window = last_done.saturating_duration_since(start);
-    let after = scrape(http, base).await.context("reading /metrics after the Profile API phase")?;
+    let after = scrape(http, base, creds).await.context("reading /metrics after the Profile API phase")?;
     result.server = HistogramDelta::between(
         &before,
         &after,
@@ -1180,8 +1181,8 @@ impl Scrape {
     }
 }
 
-async fn scrape(http: &reqwest::Client, base: &str) -> anyhow::Result<Scrape> {
-    let resp = http.get(format!("{base}/metrics")).send().await?;
+async fn scrape(http: &reqwest::Client, base: &str, creds: &Creds) -> anyhow::Result<Scrape> {
+    let resp = http.get(format!("{base}/metrics")).header("authorization", &creds.api_bearer).send().await?;
     if !resp.status().is_success() {
         bail!("GET /metrics answered {}", resp.status());
     }

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub api_refused: IntCounterVec,
+    pub api_auth_denied: IntCounterVec,
     pub job_runs: IntCounterVec,
     pub job_duration: HistogramVec,
     pub job_last_success: IntGaugeVec,
@@ -143,6 +144,12 @@ impl Metrics {
             "api_refused_total",
             "Requests refused by the abuse limits: per route when rate limited (429), `overloaded` when too many were in flight (503)",
             &["route"],
+        )?;
+        let api_auth_denied = counter_vec(
+            &r,
+            "api_auth_denied_total",
+            "Requests refused by authentication: `missing`, `invalid` or `revoked` token (401), or `scope` (403)",
+            &["reason"],
         )?;
         let job_runs = counter_vec(
             &r,
@@ -313,6 +320,7 @@ impl Metrics {
             gdpr_suppressed_events,
             consumer_lag,
             api_refused,
+            api_auth_denied,
             job_runs,
             job_duration,
             job_last_success,

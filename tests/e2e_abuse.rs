@@ -1,0 +1,148 @@
+//! Connection-level abuse limits, spoken in raw HTTP/1.1 over TCP: slow headers are cut off,
+//! oversized or too many headers get 431, and connections past the cap are closed on accept.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use cohort::demo::DemoServer;
+use cohort::SystemOptions;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn start(server: &str) -> DemoServer {
+    DemoServer::start(None, &format!("[server]\n{server}"), SystemOptions::default()).await.expect("cohort starts")
+}
+
+async fn connect(demo: &DemoServer) -> TcpStream {
+    TcpStream::connect(demo.base.trim_start_matches("http://")).await.unwrap()
+}
+
+/// Reads until the server closes the connection or `limit` passes; the bytes and whether it closed.
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+async fn status_of(demo: &DemoServer, request: &[u8]) -> String {
+    let mut s = connect(demo).await;
+    s.write_all(request).await.unwrap();
+    let (bytes, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    String::from_utf8_lossy(&bytes).lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dripping_its_header_is_disconnected_after_the_header_deadline() {
+    let demo = start("header_read_timeout_ms = 1000\n").await;
+    let mut s = connect(&demo).await;
+    let started = Instant::now();
+    s.write_all(b"GET /health/live HTTP/1.1\r\nHost: cohort\r\n").await.unwrap();
+    // One header line every 200 ms, never the blank line that ends the header.
+    let mut closed = false;
+    for i in 0..40 {
+        if s.write_all(format!("X-Drip-{i}: a\r\n").as_bytes()).await.is_err() {
+            closed = true;
+            break;
+        }
+        let (_, c) = read_until_closed(&mut s, Duration::from_millis(200)).await;
+        if c {
+            closed = true;
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(closed, "the slow client was never disconnected");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "disconnected after {took:?}");
+
+    // A kept-alive connection that goes quiet after a request is let go.
+    let mut quiet = connect(&demo).await;
+    quiet.write_all(b"GET /health/live HTTP/1.1\r\nHost: cohort\r\n\r\n").await.unwrap();
+    let (bytes, closed) = read_until_closed(&mut quiet, Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&bytes).starts_with("HTTP/1.1 200"));
+    assert!(closed, "a quiet keep-alive connection was kept open");
+
+    // A connection that never sends anything is also let go.
+    let mut idle = connect(&demo).await;
+    let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(5)).await;
+    assert!(closed, "an idle connection was kept open");
+
+    // A well-behaved client on the same server is served.
+    let line = status_of(&demo, b"GET /health/live HTTP/1.1\r\nHost: cohort\r\nConnection: close\r\n\r\n").await;
+    assert!(line.contains(" 200"), "{line}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_and_too_many_headers_get_431() {
+    let demo = start("max_header_bytes = 16384\nmax_headers = 20\n").await;
+    let big = format!(
+        "GET /health/live HTTP/1.1\r\nHost: cohort\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let line = status_of(&demo, big.as_bytes()).await;
+    assert!(line.contains(" 431"), "oversized header: {line}");
+    let many: String = (0..30).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let req = format!("GET /health/live HTTP/1.1\r\nHost: cohort\r\n{many}Connection: close\r\n\r\n");
+    let line = status_of(&demo, req.as_bytes()).await;
+    assert!(line.contains(" 431"), "too many headers: {line}");
+    let line = status_of(&demo, b"GET /health/live HTTP/1.1\r\nHost: cohort\r\nConnection: close\r\n\r\n").await;
+    assert!(line.contains(" 200"), "{line}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_on_accept_and_counted() {
+    let demo = start("max_connections = 3\n").await;
+    let keep_alive = b"GET /health/live HTTP/1.1\r\nHost: cohort\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect(&demo).await;
+        s.write_all(keep_alive).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut fourth = connect(&demo).await;
+    let _ = fourth.write_all(keep_alive).await;
+    let (bytes, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
+    assert!(closed && bytes.is_empty(), "the fourth connection was served: {}", String::from_utf8_lossy(&bytes));
+
+    // A freed slot takes a new client.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let line = status_of(&demo, b"GET /health/live HTTP/1.1\r\nHost: cohort\r\nConnection: close\r\n\r\n").await;
+        if line.contains(" 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came free: {line}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+    // The held connections' slots come free once the server sees them close.
+    let mut text = String::new();
+    for _ in 0..50 {
+        if let Ok(m) = demo.client.get("/metrics").await {
+            text = m.body.as_str().unwrap_or_default().to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = text
+        .lines()
+        .find(|l| l.starts_with("cohort_api_refused_total{route=\"connections\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "refused connections not counted");
+    demo.stop().await.unwrap();
+}
