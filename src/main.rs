@@ -85,6 +85,13 @@ enum Command {
         #[command(subcommand)]
         command: SegmentsCommand,
     },
+    /// Quality gates 1-4 of a running Cohort: their latest runs and a report.
+    Quality {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: QualityCommand,
+    },
     /// Scoped API tokens: make one, or hash one for the tokens file.
     Token {
         #[command(subcommand)]
@@ -156,6 +163,38 @@ enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Send dead letters through the pipeline again once their cause is fixed: the given ids,
+    /// or all of them (with a progress bar). Replayed letters are removed; the rest are listed.
+    Replay {
+        /// A dead letter id (repeatable); none: every letter.
+        #[arg(long = "id")]
+        ids: Vec<u64>,
+        /// Only letters of this stage: validation, identity or profile.
+        #[arg(long, value_parser = ["validation", "identity", "profile"])]
+        stage: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QualityCommand {
+    /// The latest quality gate runs as a table (or `--json`), or `--html FILE` for a data-docs
+    /// page. Fails when a gate's latest run failed.
+    Report {
+        /// Only this gate (1-4).
+        #[arg(long)]
+        gate: Option<u8>,
+        /// Runs since this time (RFC 3339); default the last 7 days.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Print the runs as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the HTML report here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Run gates 2 and 3 now (with the Silver -> Gold job), and print the outcome.
+    Run,
 }
 
 #[derive(Subcommand)]
@@ -301,6 +340,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&r.get(&format!("/v1/dlq?after={after}&limit={limit}")).await?)?
             );
+            Ok(())
+        }
+        Command::Dlq { remote, command: DlqCommand::Replay { ids, stage } } => {
+            let r = remote_of(&cli.config, remote)?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let out = r.replay_dead_letters(&ids, stage.as_deref(), progress).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Quality { remote, command: QualityCommand::Run } => {
+            let r = remote_of(&cli.config, remote)?;
+            let out = r.post("/v1/jobs/gold_reconcile/run", serde_json::Value::Null).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            if out["status"] != "succeeded" {
+                anyhow::bail!("the gated Silver -> Gold run did not succeed: {}", out["error"]);
+            }
+            Ok(())
+        }
+        Command::Quality { remote, command: QualityCommand::Report { gate, since, json, html } } => {
+            let r = remote_of(&cli.config, remote)?;
+            let mut query = vec![];
+            if let Some(g) = gate {
+                query.push(format!("gate={g}"));
+            }
+            if let Some(s) = since {
+                query.push(format!("since={}", s.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+            }
+            let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+            let out = r.get(&format!("/v1/quality/runs{query}")).await?;
+            if let Some(path) = html {
+                let page = r.quality_report_html(&query).await?;
+                std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("report written to {}", path.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", cohort::remote::quality_table(&out));
+            }
+            let failing = out["failing_gates"].as_array().cloned().unwrap_or_default();
+            if !failing.is_empty() {
+                anyhow::bail!("failing gates: {}", serde_json::Value::Array(failing));
+            }
             Ok(())
         }
         Command::Segments { remote, command } => {

@@ -46,6 +46,72 @@ impl Remote {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Replays dead letters: the given ids, or every letter (of `stage`, if given) page by page
+    /// with a progress bar; returns the totals and what was kept and why.
+    pub async fn replay_dead_letters(&self, ids: &[u64], stage: Option<&str>, progress: bool) -> anyhow::Result<Value> {
+        let (mut replayed, mut kept, mut removed) = (0u64, 0u64, 0u64);
+        let mut kept_letters = Vec::new();
+        let mut not_found = Vec::new();
+        let mut absorb = |v: &Value| {
+            replayed += v["replayed"].as_u64().unwrap_or(0);
+            kept += v["kept"].as_u64().unwrap_or(0);
+            removed += v["removed"].as_u64().unwrap_or(0);
+            if let Some(results) = v["results"].as_array() {
+                kept_letters.extend(results.iter().filter(|r| r["outcome"] == "kept").cloned());
+            }
+            if let Some(missing) = v["not_found"].as_array() {
+                not_found.extend(missing.iter().cloned());
+            }
+        };
+        if !ids.is_empty() {
+            for chunk in ids.chunks(1000) {
+                absorb(&self.post("/v1/dlq/replay", json!({ "ids": chunk, "stage": stage })).await?);
+            }
+        } else {
+            let total = self.get("/v1/dlq?limit=1").await?["total"].as_u64().unwrap_or(0);
+            let bar = if progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} dead letters {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            // Replayed letters are removed, so the next page starts after the last one kept.
+            let mut after = 0u64;
+            loop {
+                let page = self.post("/v1/dlq/replay", json!({ "after": after, "limit": 100, "stage": stage })).await?;
+                absorb(&page);
+                let seen = page["results"].as_array().map_or(0, Vec::len) as u64;
+                bar.inc(seen);
+                match page["next_after"].as_u64() {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
+            bar.finish_and_clear();
+        }
+        Ok(json!({
+            "replayed": replayed, "kept": kept, "removed": removed,
+            "kept_letters": kept_letters, "not_found": not_found,
+        }))
+    }
+
+    /// The quality report: runs as JSON, or the HTML page.
+    pub async fn quality_report_html(&self, query: &str) -> anyhow::Result<String> {
+        let url = format!("{}/v1/quality/report{query}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach Cohort at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the answer")?;
+        if !status.is_success() {
+            bail!("/v1/quality/report: {status}: {text}");
+        }
+        Ok(text)
+    }
+
     /// Requests a deletion; with `wait`, follows it (a spinner names the current step) until it
     /// completes, and returns the final status.
     pub async fn delete_person(
@@ -99,4 +165,41 @@ pub fn segment(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The runs of `GET /v1/quality/runs` as a plain-text table, newest first.
+pub fn quality_table(runs: &Value) -> String {
+    let mut out = format!(
+        "{:<5} {:<26} {:<22} {:<7} {:>9}  {}\n",
+        "gate", "finished", "checkpoint", "result", "evaluated", "failed expectations"
+    );
+    for r in runs["runs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let gate = match r["gate"].as_str() {
+            Some("ingestion") => 1,
+            Some("bronze_to_silver") => 2,
+            Some("silver_to_gold") => 3,
+            Some("pre_reverse_etl") => 4,
+            _ => 0,
+        };
+        let failed: Vec<String> = r["results"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["success"] == false)
+            .map(|e| match e["column"].as_str() {
+                Some(c) => format!("{}({c}): {}", e["expectation"].as_str().unwrap_or(""), e["unexpected_count"]),
+                None => format!("{}: {}", e["expectation"].as_str().unwrap_or(""), e["observed"]),
+            })
+            .collect();
+        let finished: String = r["finished_at"].as_str().unwrap_or("").chars().take(26).collect();
+        out.push_str(&format!(
+            "{gate:<5} {finished:<26} {:<22} {:<7} {:>9}  {}\n",
+            r["checkpoint"].as_str().unwrap_or(""),
+            if r["success"] == true { "passed" } else { "FAILED" },
+            r["evaluated"].as_u64().unwrap_or(0),
+            failed.join("; ")
+        ));
+    }
+    out
 }

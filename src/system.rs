@@ -275,6 +275,36 @@ impl Drop for Cohort {
     }
 }
 
+/// Silver → Gold between its gates: Gate 2 on Silver first (a failure fails the batch and Gold
+/// stays as it was), then the Gold rebuild, then Gate 3 on Gold and Gate 1's summary.
+async fn gold_with_gates(
+    sink: &Slot<WarehouseMsg>,
+    checks: &cohort_actors::quality::QualityChecks,
+) -> Result<serde_json::Value, String> {
+    let started = chrono::Utc::now();
+    let gate2 = checks.gate2("gold_reconcile").await.map_err(|e| format!("quality gate 2 could not run: {e}"))?;
+    checks.record(&gate2).await.map_err(|e| e.to_string())?;
+    if !gate2.success {
+        let failed: Vec<&str> = gate2.failures().map(|r| r.expectation.as_str()).collect();
+        return Err(format!("quality gate 2 failed ({}); Gold not rebuilt; see run {}", failed.join(", "), gate2.id));
+    }
+    let report = ask(sink, "warehouse sink", |r| WarehouseMsg::Reconcile { reply: Some(r) }, 3600)
+        .await
+        .map_err(|e| e.to_string())?;
+    let gate3 = checks.gate3("gold_reconcile").await.map_err(|e| format!("quality gate 3 could not run: {e}"))?;
+    checks.record(&gate3).await.map_err(|e| e.to_string())?;
+    let window = chrono::Duration::hours(i64::try_from(checks.config.gate2.window_hours).unwrap_or(24));
+    let gate1 = checks.gate1("gold_reconcile", started - window, gate2.evaluated).await.map_err(|e| e.to_string())?;
+    checks.record(&gate1).await.map_err(|e| e.to_string())?;
+    if !gate3.success {
+        let failed: Vec<&str> = gate3.failures().map(|r| r.expectation.as_str()).collect();
+        return Err(format!("quality gate 3 failed ({}); see run {}", failed.join(", "), gate3.id));
+    }
+    let mut out = serde_json::to_value(report).map_err(|e| e.to_string())?;
+    out["quality_runs"] = serde_json::json!([gate2.id, gate3.id, gate1.id]);
+    Ok(out)
+}
+
 fn ingest_spec(source: Source, slot: Slot<IngestMsg>, args: Arc<dyn Fn() -> IngestArgs + Send + Sync>) -> ChildSpec {
     ChildSpec::new(source.as_str(), "ingest", move |sup| {
         let slot = slot.clone();
@@ -376,9 +406,10 @@ impl Cohort {
             let slot: Slot<IngestMsg> = Slot::default();
             let queue = metrics.queue(&format!("ingest_{}", source.as_str()));
             let (o, b, s, m, q) = (normalize.clone(), bus.clone(), store.clone(), metrics.clone(), queue.clone());
-            let e = erasures.clone();
+            let (e, gate1) = (erasures.clone(), config.quality.gate1.clone());
             let make = Arc::new(move || IngestArgs {
                 erasures: e.clone(),
+                gate1: gate1.clone(),
                 source,
                 options: o.clone(),
                 bus: b.clone(),
@@ -495,7 +526,7 @@ impl Cohort {
         {
             let (store, metrics, slot) = (store.clone(), metrics.clone(), reverse_etl_slot.clone());
             let (settings, activations) = (config.reverse_etl.clone(), config.activations.clone());
-            let erasures = erasures.clone();
+            let (erasures, gate4) = (erasures.clone(), config.quality.gate4.clone());
             job_children.push(ChildSpec::new("reverse_etl", "reverse_etl", move |sup| {
                 let args = ReverseEtlArgs {
                     erasures: erasures.clone(),
@@ -504,6 +535,7 @@ impl Cohort {
                     config: settings.clone(),
                     activations: activations.clone(),
                     policy,
+                    gate4: gate4.clone(),
                 };
                 let slot = slot.clone();
                 async move {
@@ -579,16 +611,17 @@ impl Cohort {
         {
             let mut specs = Vec::new();
             let bad = |key: &str, e: String| anyhow!("invalid configuration: `jobs.{key}`: {e}");
-            if !config.jobs.gold_reconcile.trim().is_empty() && warehouse.is_some() {
+            if let (false, Some(w)) = (config.jobs.gold_reconcile.trim().is_empty(), &warehouse) {
                 let sink = warehouse_slot.clone();
+                let checks = cohort_actors::quality::QualityChecks {
+                    store: store.clone(),
+                    warehouse: w.clone(),
+                    metrics: metrics.clone(),
+                    config: config.quality.clone(),
+                };
                 let run: JobFn = Arc::new(move || {
-                    let sink = sink.clone();
-                    Box::pin(async move {
-                        let report = ask(&sink, "warehouse sink", |r| WarehouseMsg::Reconcile { reply: Some(r) }, 3600)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        serde_json::to_value(report).map_err(|e| e.to_string())
-                    })
+                    let (sink, checks) = (sink.clone(), checks.clone());
+                    Box::pin(async move { gold_with_gates(&sink, &checks).await })
                 });
                 specs.push(
                     JobSpec::new("gold_reconcile", &config.jobs.gold_reconcile, run)

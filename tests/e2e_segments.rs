@@ -525,6 +525,15 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
     assert!(removed[0].body["contact_ids"].as_str().unwrap().starts_with("contact-"));
     let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
     assert_eq!(status["held_for_confirmation"]["quiz_list"], 3, "{status}");
+    // Gate 4's decisions are stored as quality runs: the last one failed (held), the one before passed.
+    let runs = ok(c.get("/v1/quality/runs?gate=4").await.unwrap()).await;
+    let runs: Vec<Value> =
+        runs["runs"].as_array().unwrap().iter().filter(|r| r["checkpoint"] == "quiz_list").cloned().collect();
+    assert!(runs.len() >= 2, "{runs:?}");
+    assert_eq!(runs[0]["success"], false, "{:?}", runs[0]);
+    assert_eq!(runs[0]["results"][0]["observed"]["rows"], 3);
+    assert_eq!(runs[0]["results"][0]["observed"]["previous"], 10);
+    assert!(runs[1..].iter().any(|r| r["success"] == true));
     assert_eq!(c.post("/v1/reverse-etl/confirm/nothing", &json!({})).await.unwrap().status, 404);
     ok(c.post("/v1/reverse-etl/confirm/quiz_list", &json!({})).await.unwrap()).await;
     drained(&demo).await;

@@ -21,6 +21,31 @@ pub struct IngestArgs {
     pub queue: QueueDepth,
     /// Erased people, whose events are dropped here (counted, never stored).
     pub erasures: Arc<crate::gdpr::Erasures>,
+    /// Gate 1's declared timestamp bounds (`quality.gate1`).
+    pub gate1: cohort_config::Gate1Config,
+}
+
+/// Gate 1's timestamp bounds: why an event's `occurred_at` is refused, if it is.
+pub fn timestamp_out_of_bounds(
+    gate1: &cohort_config::Gate1Config,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    let ahead = (occurred_at - received_at).num_seconds();
+    if ahead > i64::try_from(gate1.max_future_secs).unwrap_or(i64::MAX) {
+        return Some(format!(
+            "gate 1: timestamp is {ahead} s after receipt (quality.gate1.max_future_secs = {})",
+            gate1.max_future_secs
+        ));
+    }
+    let age_days = (received_at - occurred_at).num_days();
+    if age_days > i64::try_from(gate1.max_age_days).unwrap_or(i64::MAX) {
+        return Some(format!(
+            "gate 1: timestamp is {age_days} days before receipt (quality.gate1.max_age_days = {})",
+            gate1.max_age_days
+        ));
+    }
+    None
 }
 
 pub type IngestState = IngestArgs;
@@ -109,9 +134,13 @@ impl Actor for IngestActor {
                 });
             }
             Ok(normalized) => {
-                let rejected: Vec<Rejection> = normalized.rejected;
+                let mut rejected: Vec<Rejection> = normalized.rejected;
                 let (mut events, mut suppressed, mut screened) = (Vec::new(), 0, false);
                 for mut event in normalized.events {
+                    if let Some(reason) = timestamp_out_of_bounds(&state.gate1, event.occurred_at, event.received_at) {
+                        rejected.push(Rejection { index: None, reason });
+                        continue;
+                    }
                     event.trace.clone_from(&event_trace);
                     let (kept, changed) = state.erasures.apply(event);
                     screened |= changed;
@@ -206,5 +235,19 @@ mod tests {
         }
         assert_eq!(parse_format_label("segment:nope"), None);
         assert_eq!(parse_format_label("csv"), None);
+    }
+
+    #[test]
+    fn gate_1_refuses_timestamps_too_far_ahead_or_too_old_and_keeps_the_rest() {
+        use chrono::{Duration, Utc};
+        let g = cohort_config::Gate1Config { max_future_secs: 60, max_age_days: 365, max_dead_letter_ratio: 0.05 };
+        let now = Utc::now();
+        assert_eq!(timestamp_out_of_bounds(&g, now, now), None);
+        assert_eq!(timestamp_out_of_bounds(&g, now + Duration::seconds(59), now), None);
+        let ahead = timestamp_out_of_bounds(&g, now + Duration::hours(1), now).unwrap();
+        assert!(ahead.contains("3600 s after receipt") && ahead.contains("max_future_secs"), "{ahead}");
+        assert_eq!(timestamp_out_of_bounds(&g, now - Duration::days(365), now), None);
+        let old = timestamp_out_of_bounds(&g, now - Duration::days(400), now).unwrap();
+        assert!(old.contains("400 days") && old.contains("max_age_days"), "{old}");
     }
 }

@@ -15,6 +15,7 @@ pub mod matcher;
 pub mod matching;
 pub mod normalize;
 pub mod profile;
+pub mod quality;
 pub mod retention;
 pub mod reverse_etl;
 pub mod schedule;

@@ -168,6 +168,7 @@ struct Shared {
     /// reconciliation at start) runs once.
     running: Mutex<std::collections::HashSet<String>>,
     erasures: Arc<crate::gdpr::Erasures>,
+    gate4: cohort_config::Gate4Config,
 }
 
 pub struct ReverseEtlActor;
@@ -181,6 +182,8 @@ pub struct ReverseEtlArgs {
     pub policy: RestartPolicy,
     /// Erased people: a job for one of them (queued or retrying when the erasure ran) is dropped.
     pub erasures: Arc<crate::gdpr::Erasures>,
+    /// Gate 4's row-count tolerance (`quality.gate4`).
+    pub gate4: cohort_config::Gate4Config,
 }
 
 /// The router: matches changes to activations and supervises one [`DestinationActor`] per
@@ -894,6 +897,7 @@ impl Actor for ReverseEtlActor {
                 settings: args.config,
                 running: Mutex::default(),
                 erasures: args.erasures,
+                gate4: args.gate4,
             }),
             activations: args.activations.into_iter().map(Arc::new).collect(),
             destinations,
@@ -970,14 +974,21 @@ impl Actor for ReverseEtlActor {
                     by_activation.entry(job.activation.name.clone()).or_default().push(job);
                 }
                 for (activation, jobs) in by_activation {
-                    let size = jobs.len() as f64;
+                    let size = jobs.len() as u64;
                     let previous = state.shared.store.get_documents(RUNS, std::slice::from_ref(&activation)).await?;
                     let previous =
-                        previous.first().cloned().flatten().and_then(|v| v.get("size").and_then(Value::as_f64));
-                    // Gate 4: a run that moved more than 20% from the last one waits for a person.
-                    let moved = previous.is_some_and(|p| p >= 10.0 && ((size - p) / p).abs() > 0.2);
-                    if moved {
-                        tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved more than 20%; held for confirmation");
+                        previous.first().cloned().flatten().and_then(|v| v.get("size").and_then(Value::as_u64));
+                    // Gate 4: a run whose size moved beyond the tolerance waits for a person.
+                    let trigger = format!("batch segment {segment}");
+                    let run =
+                        crate::quality::gate4_row_count(&state.shared.gate4, &activation, &trigger, size, previous);
+                    if let Err(e) =
+                        crate::quality::record(state.shared.store.as_ref(), &state.shared.metrics, &run).await
+                    {
+                        tracing::warn!(activation = %activation, error = %e, "gate 4 result not stored");
+                    }
+                    if !run.success {
+                        tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved beyond the gate 4 tolerance; held for confirmation");
                         state.held.insert(activation, jobs);
                         continue;
                     }

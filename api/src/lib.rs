@@ -2,6 +2,7 @@
 //! and operations endpoints.
 
 pub mod auth;
+mod dlq;
 pub mod error;
 mod gdpr;
 pub mod identity;
@@ -10,6 +11,7 @@ mod jobs;
 mod limits;
 pub mod ops;
 pub mod profiles;
+mod quality;
 mod segments;
 pub mod serve;
 pub mod state;
@@ -71,6 +73,7 @@ impl Modify for BearerAuth {
         segments::status, segments::retry, segments::confirm, segments::changes, gdpr::export, gdpr::get_consent, gdpr::put_consent,
         gdpr::request_deletion, gdpr::get_deletion, gdpr::list_deletions,
         ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq, jobs::list, jobs::runs, jobs::run_now,
+        quality::runs, quality::run, quality::report, dlq::replay,
     ),
     modifiers(&BearerAuth)
 )]
@@ -133,9 +136,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/reverse-etl/retry", post(segments::retry))
         .route("/v1/reverse-etl/confirm/{activation}", post(segments::confirm))
         .route("/v1/dlq", get(ops::dlq))
+        .route("/v1/dlq/replay", post(dlq::replay))
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{name}/runs", get(jobs::runs))
         .route("/v1/jobs/{name}/run", post(jobs::run_now))
+        .route("/v1/quality/runs", get(quality::runs))
+        .route("/v1/quality/runs/{id}", get(quality::run))
+        .route("/v1/quality/report", get(quality::report))
         .route("/v1/supervisors", get(ops::supervisors))
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))

@@ -26,6 +26,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub gdpr: GdprConfig,
     pub jobs: JobsConfig,
+    pub quality: QualityConfig,
     pub segments: SegmentsConfig,
     /// Scorers for model-driven segments: `[models.NAME]` with `bias` and `[models.NAME.weights]`.
     #[serde(default)]
@@ -362,6 +363,71 @@ pub struct JobsConfig {
     pub batch_segments: String,
 }
 
+/// Quality gates 1–4 (slide 12) as declarative expectations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityConfig {
+    pub gate1: Gate1Config,
+    pub gate2: Gate2Config,
+    pub gate3: Gate3Config,
+    pub gate4: Gate4Config,
+}
+
+/// Gate 1, at ingest: events failing it become dead letters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate1Config {
+    /// An event timestamped further than this after its receipt is refused (clock skew).
+    pub max_future_secs: u64,
+    /// An event older than this is refused.
+    pub max_age_days: u64,
+    /// The run summary fails when dead letters exceed this share of what arrived in its window.
+    pub max_dead_letter_ratio: f64,
+}
+
+/// Gate 2, Bronze → Silver: checked on the Silver rows received since the last run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate2Config {
+    /// Columns that must be present and non-empty.
+    pub required: Vec<String>,
+    /// Column → JSON type (`object`, `array`, `string`, `timestamp`).
+    pub types: std::collections::BTreeMap<String, String>,
+    /// Column sets that must be unique.
+    pub unique: Vec<Vec<String>>,
+    /// Every row's profile exists in the operational store, and its Bronze row in Bronze.
+    pub referential_integrity: bool,
+    /// `occurred_at` may be at most this far after `received_at`.
+    pub max_future_secs: u64,
+    /// How far back the first run looks.
+    pub window_hours: u64,
+}
+
+/// Gate 3, Silver → Gold: checked on the latest Gold snapshots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate3Config {
+    /// Traits that make a complete student record.
+    pub completeness_traits: Vec<String>,
+    /// Mean share of those traits present, over profiles with at least one of them.
+    pub min_completeness: f64,
+    /// Every merged profile's identity confidence: 1 for shared identifiers and reviewed
+    /// matches, the model's score for automatic ones.
+    pub min_identity_confidence: f64,
+    /// Gold snapshots of profiles the store does not know.
+    pub max_orphans: u64,
+}
+
+/// Gate 4, before reverse ETL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate4Config {
+    /// A batch sync whose size moved more than this share from the last one is held.
+    pub row_count_tolerance: f64,
+    /// Below this previous size the tolerance is not applied (small numbers swing).
+    pub min_baseline_rows: u64,
+}
+
 /// How personal data reaches the warehouse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -523,6 +589,27 @@ impl Config {
         }
         if self.server.max_headers == 0 {
             return Err(bad("server.max_headers", "must be positive"));
+        }
+        let q = &self.quality;
+        for (key, v) in [
+            ("quality.gate1.max_dead_letter_ratio", q.gate1.max_dead_letter_ratio),
+            ("quality.gate3.min_completeness", q.gate3.min_completeness),
+            ("quality.gate3.min_identity_confidence", q.gate3.min_identity_confidence),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(bad(key, "must be between 0 and 1"));
+            }
+        }
+        if q.gate4.row_count_tolerance.is_nan() || q.gate4.row_count_tolerance <= 0.0 {
+            return Err(bad("quality.gate4.row_count_tolerance", "must be positive"));
+        }
+        for (col, ty) in &q.gate2.types {
+            if !["object", "array", "string", "timestamp"].contains(&ty.as_str()) {
+                return Err(bad(
+                    "quality.gate2.types",
+                    &format!("`{col}`: unknown type `{ty}` (object, array, string, timestamp)"),
+                ));
+            }
         }
         for t in &self.auth.tokens {
             t.check("auth.tokens")?;

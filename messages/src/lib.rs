@@ -10,6 +10,7 @@ pub mod gdpr;
 pub mod ids;
 pub mod msgs;
 pub mod profile;
+pub mod quality;
 pub mod records;
 pub mod segment;
 
@@ -23,6 +24,7 @@ pub use profile::{
     EventSummary, LedgerEntry, LinkedIdentifier, MergeLedger, ProfileCounters, ProfileRecord, ProfileView, Split,
     TraitValue, UnmergeError,
 };
+pub use quality::{ExpectationResult, Gate, QualityRun, QUALITY_RUN};
 pub use records::{
     AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, SagaStatus, Suppression,
     SuppressionReason,

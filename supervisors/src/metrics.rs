@@ -54,6 +54,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub api_refused: IntCounterVec,
     pub api_auth_denied: IntCounterVec,
+    pub quality_runs: IntCounterVec,
+    pub quality_gate_failing: IntGaugeVec,
     pub job_runs: IntCounterVec,
     pub job_duration: HistogramVec,
     pub job_last_success: IntGaugeVec,
@@ -70,6 +72,12 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometh
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
@@ -151,6 +159,22 @@ impl Metrics {
             "Requests refused by authentication: `missing`, `invalid` or `revoked` token (401), or `scope` (403)",
             &["reason"],
         )?;
+        let quality_runs = counter_vec(
+            &r,
+            "quality_runs_total",
+            "Quality gate checkpoint runs by gate (1-4) and result (passed, failed)",
+            &["gate", "result"],
+        )?;
+        let quality_gate_failing = gauge_vec(
+            &r,
+            "quality_gate_failing",
+            "1 while a gate's latest run failed (gates 2-3: the batch failed; gate 4: a sync is held), else 0",
+            &["gate"],
+        )?;
+        // Every gate is reported from the start, so "no failure yet" is a 0, not a missing series.
+        for gate in ["1", "2", "3", "4"] {
+            quality_gate_failing.with_label_values(&[gate]).set(0);
+        }
         let job_runs = counter_vec(
             &r,
             "job_runs_total",
@@ -321,6 +345,8 @@ impl Metrics {
             consumer_lag,
             api_refused,
             api_auth_denied,
+            quality_runs,
+            quality_gate_failing,
             job_runs,
             job_duration,
             job_last_success,

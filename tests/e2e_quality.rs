@@ -1,0 +1,249 @@
+//! Quality gates 1–4 on embedded defaults: Gate 1 turns out-of-bounds events into dead letters
+//! (replayed once the bound is fixed), Gates 2–3 gate the Silver → Gold batch and raise the
+//! alert metric, every run is stored and shown by the API and `cohort quality report`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use chrono::{Duration as ChronoDuration, Utc};
+use cohort::demo::{play_slide_18, DemoServer};
+use cohort::payloads;
+use cohort::SystemOptions;
+use cohort_adapters::warehouse::format_timestamp;
+use cohort_adapters::{Layer, QueryValue, SqliteWarehouse, Warehouse};
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::Duration;
+
+fn gauge(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+async fn metrics(demo: &DemoServer) -> String {
+    demo.client.get("/metrics").await.unwrap().body.as_str().unwrap().to_string()
+}
+
+async fn run_gold(demo: &DemoServer) -> Value {
+    let r = demo.client.post("/v1/jobs/gold_reconcile/run", &json!(null)).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+fn result<'a>(run: &'a Value, expectation: &str, column: &str) -> &'a Value {
+    run["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["expectation"] == expectation && r["column"] == column)
+        .unwrap_or_else(|| panic!("no {expectation}({column}) in {run}"))
+}
+
+/// `cohort quality report` against the server: (success, stdout, stderr).
+fn quality_report(base: &str, extra: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["quality", "--url", base, "--token", "dev-api-token", "report"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gate_2_fails_the_gold_batch_raises_the_alert_and_is_reported_until_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+
+    // A clean pipeline passes every gate and the batch succeeds.
+    let run = run_gold(&demo).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["detail"]["quality_runs"].as_array().unwrap().len(), 3, "{run}");
+    let runs = demo.client.get("/v1/quality/runs").await.unwrap().body;
+    assert_eq!(runs["failing_gates"], json!([]), "{runs}");
+    let gates: Vec<&str> = runs["runs"].as_array().unwrap().iter().map(|r| r["gate"].as_str().unwrap()).collect();
+    for g in ["ingestion", "bronze_to_silver", "silver_to_gold"] {
+        assert!(gates.contains(&g), "{g} missing: {gates:?}");
+    }
+    let gate2 = runs["runs"].as_array().unwrap().iter().find(|r| r["gate"] == "bronze_to_silver").unwrap();
+    assert_eq!(gate2["evaluated"], 6, "slide 18's six Silver rows: {gate2}");
+    let gate3 = runs["runs"].as_array().unwrap().iter().find(|r| r["gate"] == "silver_to_gold").unwrap();
+    let completeness = result(gate3, "expect_profile_completeness_mean_to_be_at_least", "traits");
+    assert!(completeness["observed"]["mean"].as_f64().unwrap() >= 0.6, "{completeness}");
+
+    // A bad row reaches Silver: unknown profile, a Bronze row that does not exist, traits that
+    // are not an object, a timestamp two days after receipt. And Gold loses Max's snapshot.
+    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let now = Utc::now();
+    analyst
+        .query(
+            "INSERT INTO silver VALUES ('web:bogus-1', 'prof_000000000000aaaaaaaaaaaa', 'web', 'track', 'X', @occ, @rec, \
+             '[]', 'not json', '{}', NULL, 999999)",
+            &[
+                ("occ".into(), QueryValue::String(format_timestamp(now + ChronoDuration::days(2)))),
+                ("rec".into(), QueryValue::String(format_timestamp(now))),
+            ],
+        )
+        .await
+        .unwrap();
+    analyst.query("DELETE FROM gold_profiles", &[]).await.unwrap();
+
+    let run = run_gold(&demo).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap();
+    assert!(error.contains("quality gate 2 failed") && error.contains("Gold not rebuilt"), "{error}");
+    assert_eq!(analyst.count_rows(Layer::Gold).await.unwrap(), 0, "the failed batch left Gold alone");
+    assert_eq!(gauge(&metrics(&demo).await, "cohort_quality_gate_failing{gate=\"2\"}"), 1.0);
+
+    let failed = demo.client.get("/v1/quality/runs?gate=2").await.unwrap().body;
+    assert_eq!(failed["failing_gates"], json!([2]), "{failed}");
+    let latest = &failed["runs"][0];
+    assert_eq!(latest["success"], false);
+    assert_eq!(latest["action"], "the batch fails and cohort_quality_gate_failing alerts");
+    for (expectation, column) in [
+        ("expect_column_values_to_exist_in_store", "profile_id"),
+        ("expect_column_values_to_exist_in_bronze", "raw_seq"),
+        ("expect_column_values_to_be_of_type", "traits"),
+        ("expect_column_values_to_be_between", "occurred_at"),
+    ] {
+        let r = result(latest, expectation, column);
+        assert_eq!(r["success"], false, "{r}");
+        assert_eq!(r["unexpected_count"], 1, "{r}");
+        assert_eq!(r["unexpected_sample"], json!(["web:bogus-1"]), "{r}");
+    }
+    assert_eq!(result(latest, "expect_column_values_to_not_be_null", "event_id")["success"], true);
+    let one = demo.client.get(&format!("/v1/quality/runs/{}", latest["id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(one.status, 200);
+    assert_eq!(one.body["id"], latest["id"]);
+    assert_eq!(demo.client.get("/v1/quality/runs/quality:nope").await.unwrap().status, 404);
+
+    // The CLI report names the failure and fails; its HTML report shows the failing rows.
+    let base = demo.base.clone();
+    let html = dir.path().join("report.html");
+    let html_arg = html.to_str().unwrap().to_string();
+    let (ok, table, err) =
+        tokio::task::spawn_blocking(move || quality_report(&base, &["--html", &html_arg])).await.unwrap();
+    assert!(!ok, "a failing gate fails the command");
+    assert!(err.contains("failing gates: [2]"), "{err}");
+    assert!(
+        table.contains("FAILED") && table.contains("expect_column_values_to_exist_in_store(profile_id): 1"),
+        "{table}"
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("<html") && page.contains("web:bogus-1") && page.contains("expect_column_values_to_be_of_type")
+    );
+    let r = demo
+        .client
+        .http
+        .get(format!("{}/v1/quality/report", demo.base))
+        .bearer_auth("dev-api-token")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+
+    // Fixed: the next batch passes, rebuilds Gold and clears the alert.
+    analyst.query("DELETE FROM silver WHERE event_id = 'web:bogus-1'", &[]).await.unwrap();
+    let run = run_gold(&demo).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(analyst.count_rows(Layer::Gold).await.unwrap() > 0, "Gold rebuilt");
+    assert_eq!(gauge(&metrics(&demo).await, "cohort_quality_gate_failing{gate=\"2\"}"), 0.0);
+    let base = demo.base.clone();
+    let (ok, table, err) = tokio::task::spawn_blocking(move || quality_report(&base, &["--gate", "2"])).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(table.lines().nth(1).unwrap().contains("passed"), "newest first: {table}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_3_fails_the_batch_on_orphan_gold_records_and_low_completeness() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[quality.gate3]\nmin_completeness = 0.99\n";
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), extra, SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    analyst
+        .query(
+            "INSERT INTO gold_profiles VALUES ('prof_000000000000bbbbbbbbbbbb', @at, '{}', '{}', '[]', 0, NULL, NULL, NULL)",
+            &[("at".into(), QueryValue::String(format_timestamp(Utc::now())))],
+        )
+        .await
+        .unwrap();
+
+    let run = run_gold(&demo).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("quality gate 3 failed"), "{run}");
+    assert_eq!(gauge(&metrics(&demo).await, "cohort_quality_gate_failing{gate=\"3\"}"), 1.0);
+    let runs = demo.client.get("/v1/quality/runs?gate=3").await.unwrap().body;
+    let latest = &runs["runs"][0];
+    let orphans = result(latest, "expect_gold_profiles_to_exist_in_store", "profile_id");
+    assert_eq!(orphans["success"], false);
+    assert_eq!(orphans["unexpected_sample"], json!(["prof_000000000000bbbbbbbbbbbb"]));
+    let completeness = result(latest, "expect_profile_completeness_mean_to_be_at_least", "traits");
+    assert_eq!(completeness["success"], false, "slide 18's Max has no programme_interest trait: {completeness}");
+    assert_eq!(completeness["expected"]["min"], 0.99);
+    // Gate 2 passed: the batch got as far as Gold.
+    let gate2 = demo.client.get("/v1/quality/runs?gate=2").await.unwrap().body;
+    assert_eq!(gate2["runs"][0]["success"], true, "{gate2}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_1_dead_letters_an_event_outside_its_bounds_and_replay_brings_it_in_once_the_bound_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = "[quality.gate1]\nmax_future_secs = 60\n";
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), strict, SystemOptions::default()).await.unwrap();
+    let ahead = Utc::now() + ChronoDuration::hours(2);
+    let good = payloads::segment_track("q-ok-1", "q-student", "Course Viewed", json!({}), Utc::now());
+    let early = payloads::segment_track("q-early-1", "q-student", "Course Viewed", json!({}), ahead);
+    let batch = json!({ "batch": [good, early] });
+    let r = demo.client.segment(false, "batch", &batch).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["accepted"], 1);
+    let reason = r.body["rejected"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("gate 1") && reason.contains("max_future_secs"), "{reason}");
+    let dlq = demo.client.get("/v1/dlq").await.unwrap().body;
+    assert_eq!(dlq["total"], 1, "{dlq}");
+    assert!(dlq["dead_letters"][0]["reason"].as_str().unwrap().contains("gate 1"));
+    // Replaying with the bound unchanged refuses it again: a new letter takes the old one's place.
+    let again = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.body["results"][0]["outcome"], "rejected_again", "{}", again.body);
+    assert_eq!(demo.client.get("/v1/dlq").await.unwrap().body["total"], 1);
+    demo.stop().await.unwrap();
+
+    // The operator widens the bound (the default) and replays from the command line.
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let base = demo.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_cohort"))
+            .args(["dlq", "--url", &base, "--token", "dev-api-token", "replay"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((summary["replayed"].as_u64(), summary["kept"].as_u64()), (Some(1), Some(0)), "{summary}");
+    assert_eq!(demo.client.get("/v1/dlq").await.unwrap().body["total"], 0, "the replayed letter is removed");
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let p = demo.client.get("/v1/profiles/user_id:q-student").await.unwrap();
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(p.body["counters"]["events_total"], 2, "the accepted event once, the replayed one once");
+    // A letter that is gone is reported, not invented.
+    let missing = demo.client.post("/v1/dlq/replay", &json!({ "ids": [424242] })).await.unwrap();
+    assert_eq!(missing.body["not_found"], json!([424242]));
+    demo.stop().await.unwrap();
+}
