@@ -224,9 +224,15 @@ impl Val {
     }
 }
 
+/// How deeply a rule may nest parentheses, lists, calls and `not`s. Parsing, validation and
+/// evaluation recurse once per level, so without a bound a rule of a few thousand `(` (well
+/// within a request body) overflows the stack and aborts the whole process.
+const MAX_NESTING: usize = 64;
+
 struct Parser {
     toks: Vec<(Tok, usize)>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -246,6 +252,17 @@ impl Parser {
     }
     fn keyword(&self, word: &str) -> bool {
         matches!(self.peek(), Tok::Ident(i) if i.eq_ignore_ascii_case(word))
+    }
+    /// One level deeper (an error past [`MAX_NESTING`]); [`Parser::leave`] when it is parsed.
+    fn enter(&mut self, column: usize) -> Result<(), RuleError> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(RuleError { column, message: format!("the rule nests more than {MAX_NESTING} levels deep") });
+        }
+        Ok(())
+    }
+    fn leave(&mut self) {
+        self.depth -= 1;
     }
 
     fn or(&mut self) -> Result<Expr, RuleError> {
@@ -268,8 +285,11 @@ impl Parser {
 
     fn unary(&mut self) -> Result<Expr, RuleError> {
         if self.keyword("not") || *self.peek() == Tok::Op("!") {
-            self.next();
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            let (_, column) = self.next();
+            self.enter(column)?;
+            let inner = self.unary()?;
+            self.leave();
+            return Ok(Expr::Not(Box::new(inner)));
         }
         self.cmp()
     }
@@ -303,13 +323,16 @@ impl Parser {
             Tok::Str(s) => Ok(Expr::Lit(Val::Str(s))),
             Tok::Dur(d) => Ok(Expr::Lit(Val::Dur(d))),
             Tok::LParen => {
+                self.enter(column)?;
                 let e = self.or()?;
+                self.leave();
                 match self.next() {
                     (Tok::RParen, _) => Ok(e),
                     (t, c) => Err(RuleError { column: c, message: format!("expected `)`, found {t}") }),
                 }
             }
             Tok::LBracket => {
+                self.enter(column)?;
                 let mut items = Vec::new();
                 if *self.peek() != Tok::RBracket {
                     loop {
@@ -321,6 +344,7 @@ impl Parser {
                         }
                     }
                 }
+                self.leave();
                 match self.next() {
                     (Tok::RBracket, _) => Ok(Expr::List(items)),
                     (t, c) => Err(RuleError { column: c, message: format!("expected `,` or `]`, found {t}") }),
@@ -339,6 +363,7 @@ impl Parser {
                 }
                 if *self.peek() == Tok::LParen {
                     self.next();
+                    self.enter(column)?;
                     let mut args = Vec::new();
                     if *self.peek() != Tok::RParen {
                         loop {
@@ -350,6 +375,7 @@ impl Parser {
                             }
                         }
                     }
+                    self.leave();
                     return match self.next() {
                         (Tok::RParen, _) => Ok(Expr::Call { name: lower, args, column }),
                         (t, c) => Err(RuleError { column: c, message: format!("expected `,` or `)`, found {t}") }),
@@ -489,7 +515,7 @@ fn validate(e: &Expr, models: &[String]) -> Result<(), RuleError> {
 /// Parses and validates a rule; `models` are the scorers `score("...")` may name.
 pub fn compile(rule: &str, models: &[String]) -> Result<Expr, RuleError> {
     let toks = lex(rule)?;
-    let mut p = Parser { toks, pos: 0 };
+    let mut p = Parser { toks, pos: 0, depth: 0 };
     let e = p.or()?;
     if *p.peek() != Tok::End {
         return p.err(format!("expected `and`, `or` or the end of the rule, found {}", p.peek()));
