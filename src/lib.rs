@@ -2,12 +2,14 @@
 //! kept in a library so end-to-end tests start exactly what the binary starts.
 
 pub mod client;
+pub mod connectors;
 pub mod dedupe;
 pub mod demo;
 pub mod import;
 pub mod payloads;
 pub mod remote;
 pub mod replay;
+pub mod scaffold;
 pub mod synth;
 pub mod system;
 pub mod telemetry;

@@ -92,6 +92,27 @@ enum Command {
         #[command(subcommand)]
         command: QualityCommand,
     },
+    /// Scaffold a new source under connectors/NAME: connector, schema, Gate 1 expectations,
+    /// README and a test; registered in the binary unless --no-register.
+    GenerateConnector {
+        /// Lowercase letters, digits and `_`, e.g. new_lms.
+        #[arg(long)]
+        name: String,
+        /// How the source delivers.
+        #[arg(long = "type", value_enum)]
+        kind: cohort::scaffold::Kind,
+        #[arg(long, value_enum)]
+        format: cohort::scaffold::Format,
+        /// The channel its events feed (trait precedence, topics and metrics follow it).
+        #[arg(long, default_value = "web")]
+        channel: cohort_messages::Source,
+        /// Only write the crate; do not add it to the binary.
+        #[arg(long)]
+        no_register: bool,
+        /// The repository root.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+    },
     /// Scoped API tokens: make one, or hash one for the tokens file.
     Token {
         #[command(subcommand)]
@@ -315,7 +336,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref())?;
             cohort::telemetry::init(&config.telemetry);
             let filter = cohort::replay::ReplayFilter { since, source };
-            let summary = cohort::replay::run(config, filter, SystemOptions::default()).await?;
+            let options = SystemOptions { connectors: cohort::connectors::compiled_in(), ..SystemOptions::default() };
+            let summary = cohort::replay::run(config, filter, options).await?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
@@ -409,8 +431,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
+        Command::GenerateConnector { name, kind, format, channel, no_register, root } => {
+            let scaffold =
+                cohort::scaffold::Scaffold { name: name.clone(), kind, format, channel, register: !no_register };
+            let written = scaffold.write(&root)?;
+            for path in &written {
+                println!("{}", path.display());
+            }
+            eprintln!(
+                "\nNext: edit connectors/{name}/src/lib.rs (map) and schema.json for the source's fields, then\n  cargo test -p cohort-connector-{}",
+                name.replace('_', "-")
+            );
+            Ok(())
+        }
         Command::Token { command: TokenCommand::New { name, scopes } } => {
-            if let Some(bad) = scopes.iter().find(|s| !cohort_config::SCOPES.contains(&s.as_str())) {
+            if let Some(bad) = scopes.iter().find(|s| !cohort_config::known_scope(s)) {
                 anyhow::bail!("unknown scope `{bad}` (known: {})", cohort_config::SCOPES.join(", "));
             }
             let mut secret = [0u8; 32];
@@ -494,7 +529,8 @@ fn file_matching(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
-    let mut cohort = Cohort::start(config, SystemOptions::default()).await?;
+    let options = SystemOptions { connectors: cohort::connectors::compiled_in(), ..SystemOptions::default() };
+    let mut cohort = Cohort::start(config, options).await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "cohort listening");
     let router = cohort.router();

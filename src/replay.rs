@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use cohort_actors::ingest::parse_format_label;
-use cohort_actors::normalize::{normalize, NormalizeOptions};
+use cohort_actors::normalize::normalize;
 use cohort_actors::warehouse_sink::tokenize_silver;
 use cohort_adapters::crypto::is_sealed;
 use cohort_adapters::warehouse::PayloadEncoding;
@@ -67,7 +67,8 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
         .warehouse
         .clone()
         .ok_or_else(|| anyhow!("replay reads Bronze from the warehouse, and warehouse.url is none://"))?;
-    let options = NormalizeOptions::from_config(&cohort.config.normalize).map_err(|e| anyhow!("{e}"))?;
+    // The running system's options: they carry the compiled-in connectors.
+    let options = cohort.api.normalize.as_ref().clone();
     let started = Instant::now();
     let mut summary = ReplaySummary::default();
     let mut after: i64 = 0;

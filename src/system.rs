@@ -240,9 +240,12 @@ pub fn segment_setup(config: &Config) -> anyhow::Result<(Arc<SegmentRegistry>, V
     Ok((Arc::new(SegmentRegistry::new(models)), config.segments.define.clone()))
 }
 
-/// Options that are not configuration: test hooks.
+/// Options that are not configuration: compiled-in connectors and test hooks.
 #[derive(Default, Clone)]
 pub struct SystemOptions {
+    /// Sources beyond the built-in five (`generate-connector`); the binary passes
+    /// [`crate::connectors::compiled_in`].
+    pub connectors: Vec<Arc<dyn cohort_actors::normalize::connector::Connector>>,
     pub fault: Option<Arc<dyn FaultInjector>>,
     /// Wraps the configured warehouse (tests inject the answers a real one gives under
     /// conditions an emulator cannot produce, such as BigQuery's streaming buffer).
@@ -305,8 +308,8 @@ async fn gold_with_gates(
     Ok(out)
 }
 
-fn ingest_spec(source: Source, slot: Slot<IngestMsg>, args: Arc<dyn Fn() -> IngestArgs + Send + Sync>) -> ChildSpec {
-    ChildSpec::new(source.as_str(), "ingest", move |sup| {
+fn ingest_spec(name: &str, slot: Slot<IngestMsg>, args: Arc<dyn Fn() -> IngestArgs + Send + Sync>) -> ChildSpec {
+    ChildSpec::new(name, "ingest", move |sup| {
         let slot = slot.clone();
         let args = args();
         async move {
@@ -331,8 +334,10 @@ impl Cohort {
     /// Opens the backends named in `config` and starts the supervision tree.
     pub async fn start(config: Config, options: SystemOptions) -> anyhow::Result<Cohort> {
         let config = Arc::new(config);
-        let normalize =
+        let mut normalize =
             NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow!("invalid configuration: {e}"))?;
+        normalize.connectors = cohort_actors::normalize::connector::ConnectorSet::new(options.connectors.clone())
+            .map_err(|e| anyhow!("invalid connector: {e}"))?;
         let normalize = Arc::new(normalize);
         let sendgrid_key = match config.sources.email.sendgrid_public_key.trim() {
             "" => None,
@@ -417,8 +422,30 @@ impl Cohort {
                 metrics: m.clone(),
                 queue: q.clone(),
             });
-            ingest_children.push(ingest_spec(source, slot.clone(), make));
+            ingest_children.push(ingest_spec(source.as_str(), slot.clone(), make));
             ingest_slots.insert(source, (slot, queue));
+        }
+        // One IngestActor per connector, feeding its channel: a connector's load or failures
+        // never hold up the built-in source it shares a channel with.
+        let mut connector_slots = HashMap::new();
+        for name in normalize.connectors.names() {
+            let Some(source) = normalize.connectors.get(name).map(|c| c.channel()) else { continue };
+            let slot: Slot<IngestMsg> = Slot::default();
+            let queue = metrics.queue(&format!("ingest_{name}"));
+            let (o, b, s, m, q) = (normalize.clone(), bus.clone(), store.clone(), metrics.clone(), queue.clone());
+            let (e, gate1) = (erasures.clone(), config.quality.gate1.clone());
+            let make = Arc::new(move || IngestArgs {
+                erasures: e.clone(),
+                gate1: gate1.clone(),
+                source,
+                options: o.clone(),
+                bus: b.clone(),
+                store: s.clone(),
+                metrics: m.clone(),
+                queue: q.clone(),
+            });
+            ingest_children.push(ingest_spec(name, slot.clone(), make));
+            connector_slots.insert(name, (slot, queue));
         }
 
         // Pipeline: directory, resolver pool, dispatcher. They share in-memory queues, so a
@@ -740,6 +767,7 @@ impl Cohort {
             config: config.clone(),
             credentials,
             ingest: Arc::new(ingest_slots),
+            connector_ingest: Arc::new(connector_slots),
             profiles: profiles_slot,
             identity_stats: stats_slot,
             matcher: ctx.matcher.clone(),

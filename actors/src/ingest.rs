@@ -61,6 +61,7 @@ pub fn format_label(format: PayloadFormat) -> String {
         PayloadFormat::SendgridEvents => "sendgrid_events".into(),
         PayloadFormat::SalesforceCdc => "salesforce_cdc".into(),
         PayloadFormat::SalesforceCsv => "salesforce_csv".into(),
+        PayloadFormat::Connector { name } => format!("connector:{}", name.as_str()),
     }
 }
 
@@ -71,6 +72,11 @@ pub fn parse_format_label(label: &str) -> Option<PayloadFormat> {
         "sendgrid_events" => PayloadFormat::SendgridEvents,
         "salesforce_cdc" => PayloadFormat::SalesforceCdc,
         "salesforce_csv" => PayloadFormat::SalesforceCsv,
+        other if other.starts_with("connector:") => {
+            let name = other.strip_prefix("connector:")?;
+            crate::normalize::connector::valid_name(name)
+                .then(|| PayloadFormat::Connector { name: cohort_messages::msgs::ConnectorName::intern(name) })?
+        }
         other => PayloadFormat::Segment { call: SegmentCall::parse(other.strip_prefix("segment:")?)? },
     })
 }
@@ -82,7 +88,11 @@ fn raw_dead_letter(payload: &RawPayload, reason: String, event_id: Option<String
         reason,
         event_id,
         payload: String::from_utf8_lossy(&payload.body).into_owned(),
-        content_type: payload.content_type.clone(),
+        // A connector's letter names its connector, so a replay knows how to read it again.
+        content_type: match payload.format {
+            PayloadFormat::Connector { name } => format!("{}; connector={}", payload.content_type, name.as_str()),
+            _ => payload.content_type.clone(),
+        },
         received_at: payload.received_at,
         attempts: 1,
     }

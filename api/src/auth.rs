@@ -210,6 +210,8 @@ pub enum Policy {
     /// The source's own credential (write key, signature), checked by the handler, or a token
     /// holding one of these scopes.
     SourceOrScoped(&'static [&'static str]),
+    /// A connector's webhook: a token holding `ingest:{name}` for the connector in the path.
+    Connector,
 }
 
 const PROFILES_READ: &[&str] = &["profiles:read"];
@@ -233,6 +235,7 @@ pub fn policy(method: &Method, route: &str) -> Option<Policy> {
         "/webhooks/twilio/whatsapp" => SourceOrScoped(&["ingest:whatsapp"]),
         "/webhooks/sendgrid/events" => SourceOrScoped(&["ingest:email"]),
         "/webhooks/salesforce/cdc" | "/v1/import/salesforce/contacts" => Scoped(&["ingest:crm"]),
+        "/webhooks/connectors/{name}" => Connector,
         "/v1/profiles/stats"
         | "/v1/profiles/{ref}"
         | "/v1/profiles/{ref}/traits"
@@ -281,9 +284,14 @@ pub async fn authorize(State(state): State<ApiState>, mut req: Request, next: Ne
         tracing::error!(route, "route without an authorization policy refused");
         return ApiError::Forbidden("this route has no authorization policy".into()).into_response();
     };
+    // A connector's scope is named after the connector in the path.
+    let connector_scope = match policy {
+        Policy::Connector => Some(format!("ingest:{}", req.uri().path().rsplit('/').next().unwrap_or_default())),
+        _ => None,
+    };
     let (scopes, optional) = match policy {
         Policy::Open => return next.run(req).await,
-        Policy::AnyToken => (&[][..], false),
+        Policy::AnyToken | Policy::Connector => (&[][..], false),
         Policy::Scoped(s) => (s, false),
         Policy::SourceOrScoped(s) => (s, true),
     };
@@ -295,6 +303,12 @@ pub async fn authorize(State(state): State<ApiState>, mut req: Request, next: Ne
             Err(d) => return deny(&state, &route, d),
         },
     };
+    if let Some(scope) = connector_scope.filter(|s| !principal.allows(s)) {
+        state.metrics.api_auth_denied.with_label_values(&["scope"]).inc();
+        tracing::info!(route, token = %principal.name, "request refused: token lacks the connector's scope");
+        return ApiError::Forbidden(format!("token `{}` lacks the scope this route needs: {scope}", principal.name))
+            .into_response();
+    }
     if !scopes.is_empty() && !scopes.iter().any(|s| principal.allows(s)) {
         state.metrics.api_auth_denied.with_label_values(&["scope"]).inc();
         tracing::info!(route, token = %principal.name, "request refused: token lacks the route's scope");

@@ -31,6 +31,9 @@ pub struct ReplayRequest {
 
 /// The wire format a Gate 1 letter was received in, from its source and body.
 fn format_of(letter: &DeadLetter) -> Result<PayloadFormat, String> {
+    if let Some(name) = letter.content_type.split(';').find_map(|p| p.trim().strip_prefix("connector=")) {
+        return Ok(PayloadFormat::Connector { name: cohort_messages::msgs::ConnectorName::intern(name) });
+    }
     Ok(match letter.source {
         Source::Whatsapp => PayloadFormat::TwilioForm,
         Source::Email => PayloadFormat::SendgridEvents,
@@ -55,11 +58,17 @@ fn format_of(letter: &DeadLetter) -> Result<PayloadFormat, String> {
 async fn replay_one(state: &ApiState, letter: &DeadLetter) -> Result<Value, String> {
     match letter.stage {
         DeadLetterStage::Validation => {
+            let format = format_of(letter)?;
+            let content_type = letter.content_type.split(';').next().unwrap_or_default().trim().to_string();
             let payload = RawPayload {
                 source: letter.source,
-                format: format_of(letter)?,
+                format,
                 body: letter.payload.as_bytes().to_vec().into(),
-                content_type: letter.content_type.clone(),
+                content_type: if matches!(format, PayloadFormat::Connector { .. }) {
+                    content_type
+                } else {
+                    letter.content_type.clone()
+                },
                 received_at: letter.received_at,
             };
             match submit(state, payload).await {

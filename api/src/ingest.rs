@@ -18,10 +18,11 @@ use serde_json::json;
 
 /// Hands a payload to its source's IngestActor and waits until it is durable.
 pub async fn submit(state: &ApiState, payload: RawPayload) -> Result<IngestReceipt, ApiError> {
-    let (slot, queue) = state
-        .ingest
-        .get(&payload.source)
-        .ok_or_else(|| ApiError::Unavailable(format!("no ingest actor for {}", payload.source)))?;
+    let (slot, queue) = match payload.format {
+        PayloadFormat::Connector { name } => state.connector_ingest.get(name.as_str()),
+        _ => state.ingest.get(&payload.source),
+    }
+    .ok_or_else(|| ApiError::Unavailable(format!("no ingest actor for {}", payload.source)))?;
     let actor = slot.get().ok_or_else(|| ApiError::Unavailable("ingest actor restarting".into()))?;
     queue.enqueued();
     let trace = cohort_actors::trace::current();
@@ -238,5 +239,25 @@ pub async fn salesforce_csv(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let payload = raw(Source::Crm, PayloadFormat::SalesforceCsv, &headers, &body);
+    ingest_json(&state, payload).await
+}
+
+/// A connector's webhook: the body in the connector's own format (`generate-connector`).
+#[utoipa::path(post, path = "/webhooks/connectors/{name}", tag = "ingest",
+    params(("name" = String, Path, description = "The connector's name")),
+    request_body(content = String, description = "The connector's records: JSON, NDJSON, CSV or logfmt"),
+    responses((status = 200, description = "Accepted and durable; per-record rejections listed"), (status = 400, description = "Malformed"),
+        (status = 401), (status = 403), (status = 404, description = "No such connector"), (status = 413), (status = 503, description = "Retry")),
+    security(("bearer" = ["ingest:{name}"])))]
+pub async fn connector(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let connector =
+        state.normalize.connectors.get(&name).ok_or_else(|| ApiError::NotFound(format!("no connector `{name}`")))?;
+    let format = cohort_actors::normalize::connector::format_of(connector.as_ref());
+    let payload = raw(connector.channel(), format, &headers, &body);
     ingest_json(&state, payload).await
 }

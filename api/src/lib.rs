@@ -66,7 +66,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "Cohort", description = "Real-time customer data platform for education"),
     paths(
-        ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv,
+        ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv, ingest::connector,
         profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
@@ -113,6 +113,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/webhooks/twilio/whatsapp", post(ingest::twilio))
         .route("/webhooks/sendgrid/events", post(ingest::sendgrid))
         .route("/webhooks/salesforce/cdc", post(ingest::salesforce_cdc))
+        .route("/webhooks/connectors/{name}", post(ingest::connector))
         .route("/v1/profiles/stats", get(profiles::get_stats))
         .route("/v1/profiles/{ref}", get(profiles::get_profile))
         .route("/v1/profiles/{ref}/traits", get(profiles::get_traits))
@@ -204,6 +205,7 @@ mod tests {
                     Some(auth::Policy::Scoped(s)) | Some(auth::Policy::SourceOrScoped(s)) => {
                         s.iter().map(|s| s.to_string()).collect()
                     }
+                    Some(auth::Policy::Connector) => BTreeSet::from(["ingest:{name}".to_string()]),
                     Some(auth::Policy::Open) => BTreeSet::new(),
                     other => panic!("{method} {template}: policy {other:?}"),
                 };

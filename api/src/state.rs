@@ -21,6 +21,8 @@ pub struct ApiState {
     /// The bearer tokens accepted, with their scopes.
     pub credentials: Arc<crate::auth::Credentials>,
     pub ingest: Arc<HashMap<Source, (Slot<IngestMsg>, QueueDepth)>>,
+    /// The ingest actor of each connector, by name.
+    pub connector_ingest: Arc<HashMap<&'static str, (Slot<IngestMsg>, QueueDepth)>>,
     pub profiles: Slot<ProfilesMsg>,
     pub identity_stats: Slot<IdentityStatsMsg>,
     pub matcher: Slot<MatcherMsg>,

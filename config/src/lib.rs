@@ -205,6 +205,14 @@ pub const SCOPES: &[&str] = &[
     "ops:admin",
 ];
 
+/// A scope of [`SCOPES`], or `ingest:<connector>` for a connector's webhook.
+pub fn known_scope(s: &str) -> bool {
+    SCOPES.contains(&s)
+        || s.strip_prefix("ingest:").is_some_and(|n| {
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+}
+
 /// One scoped API token.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -231,7 +239,7 @@ impl TokenConfig {
         if self.scopes.is_empty() {
             return Err(bad(key, &format!("token `{}` has no scopes", self.name)));
         }
-        if let Some(s) = self.scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+        if let Some(s) = self.scopes.iter().find(|s| !known_scope(s)) {
             return Err(bad(
                 key,
                 &format!("token `{}`: unknown scope `{s}` (known: {})", self.name, SCOPES.join(", ")),

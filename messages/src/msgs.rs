@@ -10,6 +10,50 @@ use ractor::RpcReplyPort;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+/// A connector's name, interned so that payload formats stay `Copy`. Names are few (the
+/// connectors compiled in) and live as long as the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectorName(&'static str);
+
+static INTERNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+impl ConnectorName {
+    pub fn new(name: &'static str) -> Self {
+        ConnectorName(name)
+    }
+
+    /// The name read back from storage: the same `&'static str` every time for one name.
+    pub fn intern(name: &str) -> Self {
+        let mut names = match INTERNED.lock() {
+            Ok(n) => n,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(n) = names.iter().find(|n| **n == name) {
+            return ConnectorName(n);
+        }
+        let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+        names.push(leaked);
+        ConnectorName(leaked)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl Serialize for ConnectorName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnectorName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(ConnectorName::intern(&s))
+    }
+}
+
 /// The wire shape of a payload handed to an ingest actor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +68,8 @@ pub enum PayloadFormat {
     SalesforceCdc,
     /// A chunk of a Salesforce Bulk API 2.0 CSV export, header row first.
     SalesforceCsv,
+    /// A body for a connector (a source added with `generate-connector`).
+    Connector { name: ConnectorName },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! Whole-payload problems are an `Err`; problems of one element of a batch, array or CSV chunk
 //! reject that element only, so one bad row never costs the rest of the batch.
 
+pub mod connector;
 pub mod contact;
 pub mod given_names;
 pub mod nlp;
@@ -69,5 +70,6 @@ pub fn normalize(payload: &RawPayload, opts: &NormalizeOptions) -> Result<Normal
         PayloadFormat::SendgridEvents => sendgrid::normalize_sendgrid(payload, opts),
         PayloadFormat::SalesforceCdc => salesforce::normalize_cdc(payload, opts),
         PayloadFormat::SalesforceCsv => salesforce::normalize_csv(payload, opts),
+        PayloadFormat::Connector { name } => connector::normalize_connector(name.as_str(), payload, opts),
     }
 }

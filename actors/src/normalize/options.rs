@@ -37,6 +37,9 @@ pub struct NormalizeOptions {
     pub email_rules: Vec<EmailRule>,
     /// How `03/04/2001` in a date of birth is read: `day_first` (3 April) or `month_first`.
     pub date_order: super::person::DateOrder,
+    /// Connectors compiled in (not configuration: set by the binary).
+    #[serde(skip)]
+    pub connectors: super::connector::ConnectorSet,
 }
 
 /// How one mailbox provider reads addresses.
@@ -569,6 +572,7 @@ impl Default for NormalizeOptions {
             salesforce_fields: default_salesforce_fields(),
             email_rules: default_email_rules(),
             date_order: super::person::DateOrder::DayFirst,
+            connectors: super::connector::ConnectorSet::default(),
         }
     }
 }
