@@ -64,6 +64,11 @@ fn segment_corpus() {
 }
 
 #[test]
+fn connector_corpus() {
+    assert!(replay("connector") > 0);
+}
+
+#[test]
 fn twilio_corpus() {
     assert!(replay("twilio") > 0);
 }

@@ -42,6 +42,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("signatures", signatures),
     ("segment_rules", segment_rules),
     ("config", config),
+    ("connector", connector),
 ];
 
 /// A fixed receipt time, so a finding replays identically.
@@ -472,5 +473,86 @@ pub fn config(data: &[u8]) {
     }
     for d in &cfg.segments.define {
         let _ = Segment::compile(d.clone(), &models);
+    }
+}
+
+/// A connector as `generate-connector` makes them; the body's first byte picks the record
+/// format (JSON, NDJSON, CSV, logfmt), the rest is the body.
+struct FuzzConnector(u8);
+
+const FUZZ_SCHEMA: &str = r#"{"type": "object", "required": ["id", "event", "timestamp"],
+  "properties": {"id": {"type": "string", "minLength": 1}, "event": {"type": "string"},
+  "timestamp": {"type": ["string", "number"]}, "user_id": {"type": "string"}}}"#;
+
+impl cohort_actors::normalize::connector::Connector for FuzzConnector {
+    fn name(&self) -> &'static str {
+        "fuzz_conn"
+    }
+    fn channel(&self) -> Source {
+        Source::Web
+    }
+    fn schema(&self) -> &'static str {
+        FUZZ_SCHEMA
+    }
+    fn expectations(&self) -> &'static str {
+        "max_records = 50"
+    }
+    fn records(&self, body: &[u8]) -> Result<Vec<cohort_actors::normalize::connector::Record>, String> {
+        use cohort_actors::normalize::connector::{csv_records, json_records, logfmt_records, ndjson_records};
+        match self.0 % 4 {
+            0 => json_records(body),
+            1 => ndjson_records(body),
+            2 => csv_records(body),
+            _ => logfmt_records(body),
+        }
+    }
+    fn map(
+        &self,
+        r: &cohort_actors::normalize::connector::Record,
+    ) -> Result<cohort_actors::normalize::connector::EventDraft, String> {
+        use cohort_actors::normalize::connector::{field, timestamp_field, EventDraft};
+        Ok(EventDraft {
+            key: field(r, "id").ok_or("no id")?.to_string(),
+            kind: EventKind::Track,
+            name: field(r, "event").map(str::to_string),
+            occurred_at: timestamp_field(r, "timestamp")?,
+            user_id: field(r, "user_id").map(str::to_string),
+            email: field(r, "email").map(str::to_string),
+            phone: field(r, "phone").map(str::to_string),
+            traits: serde_json::Map::new(),
+            properties: serde_json::Map::new(),
+        })
+    }
+}
+
+/// A connector's body: split into records, each checked against the schema and the
+/// expectations, mapped, and accepted or refused exactly once.
+pub fn connector(data: &[u8]) {
+    use cohort_actors::normalize::connector::{format_of, Connector, ConnectorSet};
+    let Some((&pick, body)) = data.split_first() else { return };
+    let c = FuzzConnector(pick);
+    let set = ConnectorSet::new(vec![Arc::new(FuzzConnector(pick))]).expect("the fuzz connector registers");
+    let opts = NormalizeOptions { connectors: set, ..options().clone() };
+    let p = payload(Source::Web, format_of(&c), body, "text/plain");
+    let split = c.records(body);
+    match (normalize(&p, &opts), split) {
+        (Ok(out), Ok(records)) => {
+            assert!(records.len() <= 50, "more records than max_records were accepted");
+            assert_eq!(out.events.len() + out.rejected.len(), records.len(), "every record once");
+            let mut refused = BTreeSet::new();
+            for r in &out.rejected {
+                let i = r.index.expect("a refusal names its record");
+                assert!(i < records.len() && refused.insert(i), "refusal index {i} out of range or repeated");
+            }
+            for e in &out.events {
+                check_event(e, &p);
+                assert!(e.event_id.as_str().starts_with("web:fuzz_conn:"), "{}", e.event_id.as_str());
+                assert_eq!(e.properties.get("connector"), Some(&json!("fuzz_conn")));
+                assert!(!e.identifiers.is_empty(), "require_identifier lets no anonymous record through");
+            }
+        }
+        (Err(NormalizeError::Malformed { .. }), Err(_)) => {}
+        (Err(NormalizeError::TooLarge { actual, limit, .. }), _) => assert!(actual > limit),
+        (other, split) => panic!("normalize {other:?} disagrees with the splitter {split:?}"),
     }
 }
