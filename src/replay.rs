@@ -72,6 +72,16 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
     let started = Instant::now();
     let mut summary = ReplaySummary::default();
     let mut after: i64 = 0;
+    // A bar on a terminal (Bronze's size bounds the work; filters only shorten it).
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(warehouse.count_rows(Layer::Bronze).await.unwrap_or(0))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} Bronze payloads {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     loop {
         let rows = bronze_page(warehouse.as_ref(), after, filter).await?;
         let Some(last) = rows.last() else { break };
@@ -146,10 +156,13 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
         if !silver.is_empty() {
             warehouse.write_silver(silver).await.context("writing Silver")?;
         }
+        bar.inc(rows.len() as u64);
+        bar.set_message(format!("({} events, {} new)", summary.events, summary.new_events));
         if rows.len() < PAGE as usize {
             break;
         }
     }
+    bar.finish_and_clear();
     cohort.relay_warehouse().await?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)

@@ -684,6 +684,18 @@ impl Cohort {
                         .map_err(|e| bad("batch_segments", e))?,
                 );
             }
+            if !config.jobs.features.trim().is_empty() {
+                let store = store.clone();
+                let run: JobFn = Arc::new(move || {
+                    let store = store.clone();
+                    Box::pin(async move {
+                        cohort_actors::features::compute_all(store.as_ref(), chrono::Utc::now())
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                });
+                specs.push(JobSpec::new("features", &config.jobs.features, run).map_err(|e| bad("features", e))?);
+            }
             let (store, metrics, slot) = (store.clone(), metrics.clone(), jobs_slot.clone());
             let owner = replica_name();
             job_children.push(ChildSpec::new("scheduler", "job_scheduler", move |sup| {

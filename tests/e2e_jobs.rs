@@ -126,3 +126,53 @@ async fn two_replicas_sharing_mongodb_run_each_occurrence_once() {
     let elsewhere = metric(&ta, &series("elsewhere")) + metric(&tb, &series("elsewhere"));
     assert!(elsewhere >= 1.0, "neither replica ever found an occurrence taken by the other (owners {owners:?})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feature_job_snapshots_computed_traits_and_an_erasure_removes_them() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    play_slide_18(c).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let jobs = c.get("/v1/jobs").await.unwrap().body;
+    assert!(jobs["jobs"].as_array().unwrap().iter().any(|j| j["name"] == "features"), "{jobs}");
+    let none = c.get("/v1/profiles/email:max@gmail.com/features").await.unwrap();
+    assert_eq!(none.status, 404, "no snapshot before the first run: {}", none.body);
+
+    let run = c.post("/v1/jobs/features/run", &Value::Null).await.unwrap();
+    assert_eq!(run.status, 200, "{}", run.body);
+    assert_eq!(run.body["status"], "succeeded", "{}", run.body);
+    let stored = demo.cohort.ctx.store.count_profiles().await.unwrap();
+    assert_eq!(run.body["detail"]["profiles"], Value::from(stored), "{}", run.body);
+    assert_eq!(run.body["detail"]["written"], Value::from(stored), "one snapshot per live profile: {}", run.body);
+
+    let f = c.get("/v1/profiles/email:max@gmail.com/features").await.unwrap();
+    assert_eq!(f.status, 200, "{}", f.body);
+    let features = &f.body["features"];
+    assert_eq!(features["funnel_stage"], "inquiry", "{features}");
+    assert!(features["engagement_score"].as_f64().unwrap() > 0.0, "{features}");
+    assert!(features["page_views_30d"].as_u64().unwrap() >= 1, "{features}");
+    let id = f.body["profile_id"].as_str().unwrap().to_string();
+
+    // Erasure removes the snapshot in its feature_stores step.
+    let a = c
+        .post("/v1/gdpr/deletions", &serde_json::json!({ "profile": "email:max@gmail.com", "requested_by": "test" }))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    let url = format!("/v1/gdpr/deletions/{}", a.body["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let s = c.get(&url).await.unwrap().body;
+        if s["status"] == "completed" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let step = done["steps"].as_array().unwrap().iter().find(|s| s["step"] == "feature_stores").unwrap().clone();
+    assert_eq!(step["status"], "done", "{step}");
+    assert_eq!(step["detail"]["feature_snapshots"], 1, "{step}");
+    let left = demo.cohort.ctx.store.get_documents("profile_features", &[id]).await.unwrap();
+    assert_eq!(left, vec![None]);
+    demo.stop().await.unwrap();
+}

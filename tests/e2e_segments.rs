@@ -301,6 +301,14 @@ async fn gate_4_keeps_personal_data_out_of_fields_not_meant_for_it() {
         .as_str()
         .unwrap()
         .contains("personal data in `Description`"));
+    // The refusal is a stored Gate 4 run naming the profile, not the value.
+    let runs = ok(c.get("/v1/quality/runs?gate=4").await.unwrap()).await;
+    let refusal = &runs["runs"][0];
+    assert_eq!(refusal["success"], false, "{runs}");
+    let result = &refusal["results"][0];
+    assert!(result["observed"]["reason"].as_str().unwrap().contains("`Description`"), "{result}");
+    assert!(!runs.to_string().contains("dora@uni.eu"), "no personal value in the run");
+    assert_eq!(result["unexpected_sample"].as_array().unwrap().len(), 1);
     demo.stop().await.unwrap();
 }
 

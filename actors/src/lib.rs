@@ -6,6 +6,7 @@ pub mod context;
 pub mod dead_letters;
 pub mod directory;
 pub mod dispatcher;
+pub mod features;
 pub mod gdpr;
 pub mod identity;
 pub mod identity_stats;

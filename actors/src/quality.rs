@@ -128,6 +128,8 @@ impl QualityChecks {
     pub async fn gate2(&self, trigger: &str) -> Result<QualityRun, StoreError> {
         let cfg = &self.config.gate2;
         let started = Utc::now();
+        // A warehouse nobody has written to yet has no tables (they are made on first contact).
+        self.warehouse.ensure_schema().await?;
         let since = started - ChronoDuration::hours(i64::try_from(cfg.window_hours).unwrap_or(i64::MAX / 4_000_000));
         let index = |c: &str| SILVER_COLUMNS.iter().position(|k| *k == c);
         let mut required: Vec<(usize, Tally)> = cfg
@@ -290,6 +292,7 @@ impl QualityChecks {
     pub async fn gate3(&self, trigger: &str) -> Result<QualityRun, StoreError> {
         let cfg = &self.config.gate3;
         let started = Utc::now();
+        self.warehouse.ensure_schema().await?;
         let gold = self.warehouse.table(Layer::Gold);
         let mut orphans =
             Tally::new("expect_gold_profiles_to_exist_in_store", Some("profile_id"), json!({ "max": cfg.max_orphans }));
@@ -467,8 +470,35 @@ pub fn gate4_row_count(
     finish(Gate::PreReverseEtl, activation, trigger, started, size, vec![result])
 }
 
+/// Gate 4's refusal of one job: its mapping left a field empty or put personal data where the
+/// activation does not allow it. The job is kept for a retry once the mapping is fixed.
+pub fn gate4_refusal(activation: &str, profile_id: &str, reason: &str) -> QualityRun {
+    let started = Utc::now();
+    let result = ExpectationResult {
+        expectation: "expect_mapped_fields_valid_and_personal_data_only_in_pii_fields".into(),
+        column: None,
+        success: false,
+        observed: json!({ "reason": reason }),
+        expected: json!({ "pii_fields": "the activation's", "mapped_fields": "each has a value" }),
+        unexpected_count: 1,
+        unexpected_sample: vec![profile_id.to_string()],
+    };
+    finish(Gate::PreReverseEtl, activation, "activation", started, 1, vec![result])
+}
+
 /// Stores a run (a `quality_run` record) and sets the gate's metrics.
 pub async fn record(store: &dyn OperationalStore, metrics: &Metrics, run: &QualityRun) -> Result<(), StoreError> {
+    record_run(store, metrics, run, true).await
+}
+
+/// Stores a run; `set_gauge` false leaves `cohort_quality_gate_failing` alone (a single refused
+/// job is counted and stored, but the gauge tracks held batch syncs).
+pub async fn record_run(
+    store: &dyn OperationalStore,
+    metrics: &Metrics,
+    run: &QualityRun,
+    set_gauge: bool,
+) -> Result<(), StoreError> {
     let state = serde_json::to_value(run).map_err(|e| StoreError::unavailable(e.to_string()))?;
     let saga = SagaRecord {
         saga_id: run.id.clone(),
@@ -484,7 +514,9 @@ pub async fn record(store: &dyn OperationalStore, metrics: &Metrics, run: &Quali
     let gate = run.gate.number().to_string();
     let outcome = if run.success { "passed" } else { "failed" };
     metrics.quality_runs.with_label_values(&[gate.as_str(), outcome]).inc();
-    metrics.quality_gate_failing.with_label_values(&[gate.as_str()]).set(i64::from(!run.success));
+    if set_gauge {
+        metrics.quality_gate_failing.with_label_values(&[gate.as_str()]).set(i64::from(!run.success));
+    }
     if !run.success {
         let failed: Vec<&str> = run.failures().map(|r| r.expectation.as_str()).collect();
         tracing::warn!(gate = run.gate.number(), checkpoint = %run.checkpoint, run = %run.id, ?failed, "quality gate failed");

@@ -621,8 +621,11 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
             lane.skip(&shared, &reason);
         }
         Err(e) => {
-            let gate = matches!(e, JobError::Gate(_));
-            if gate {
+            if let JobError::Gate(reason) = &e {
+                let run = crate::quality::gate4_refusal(&job.activation.name, job.change.profile_id.as_str(), reason);
+                if let Err(e) = crate::quality::record_run(store.as_ref(), &shared.metrics, &run, false).await {
+                    tracing::warn!(error = %e, "gate 4 refusal not stored");
+                }
                 lane.skip(&shared, "gate4");
             }
             shared.metrics.reverse_etl_requests.with_label_values(&[d, "failed"]).inc();
@@ -635,6 +638,15 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
                 error: e.to_string(),
                 at: Some(Utc::now()),
             };
+            // Kept for a retry before the failure is counted, so whoever sees the count can retry
+            // it; a Gate 4 refusal is a configuration problem, retried once fixed.
+            let doc = json!({
+                "activation": job.activation.name, "destination": d, "error": record.error, "at": record.at,
+                "change": job.change, "profile": &*job.change.profile,
+            });
+            if let Err(e) = store.put_documents(FAILED, vec![(job.key.clone(), Some(doc))]).await {
+                tracing::warn!(error = %e, "failed activation not stored for retry");
+            }
             {
                 let mut s = lane.stats.lock();
                 s.failed += 1;
@@ -643,14 +655,6 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
                 while s.recent_failures.len() > 50 {
                     s.recent_failures.pop_front();
                 }
-            }
-            // Kept for a retry; a Gate 4 refusal is a configuration problem, retried once fixed.
-            let doc = json!({
-                "activation": job.activation.name, "destination": d, "error": record.error, "at": record.at,
-                "change": job.change, "profile": &*job.change.profile,
-            });
-            if let Err(e) = store.put_documents(FAILED, vec![(job.key.clone(), Some(doc))]).await {
-                tracing::warn!(error = %e, "failed activation not stored for retry");
             }
         }
     }

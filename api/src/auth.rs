@@ -240,7 +240,8 @@ pub fn policy(method: &Method, route: &str) -> Option<Policy> {
         | "/v1/profiles/{ref}"
         | "/v1/profiles/{ref}/traits"
         | "/v1/profiles/{ref}/events"
-        | "/v1/profiles/{ref}/identities" => Scoped(PROFILES_READ),
+        | "/v1/profiles/{ref}/identities"
+        | "/v1/profiles/{ref}/features" => Scoped(PROFILES_READ),
         "/v1/identity/explain" | "/v1/profiles/{ref}/merges" => Scoped(IDENTITY_READ),
         "/v1/identity/reviews" | "/v1/identity/reviews/{id}/{decision}" | "/v1/profiles/{ref}/unmerge" => {
             Scoped(IDENTITY_REVIEW)

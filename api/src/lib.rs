@@ -67,7 +67,7 @@ impl Modify for BearerAuth {
     info(title = "Cohort", description = "Real-time customer data platform for education"),
     paths(
         ingest::segment, ingest::twilio, ingest::sendgrid, ingest::salesforce_cdc, ingest::salesforce_csv, ingest::connector,
-        profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities,
+        profiles::get_stats, profiles::get_profile, profiles::get_traits, profiles::get_events, profiles::get_identities, profiles::get_features,
         identity::explain, identity::list_reviews, identity::decide_review, identity::unmerge, identity::merges,
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
         segments::status, segments::retry, segments::confirm, segments::changes, gdpr::export, gdpr::get_consent, gdpr::put_consent,
@@ -119,6 +119,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/profiles/{ref}/traits", get(profiles::get_traits))
         .route("/v1/profiles/{ref}/events", get(profiles::get_events))
         .route("/v1/profiles/{ref}/identities", get(profiles::get_identities))
+        .route("/v1/profiles/{ref}/features", get(profiles::get_features))
         .route("/v1/identity/explain", get(identity::explain))
         .route("/v1/identity/reviews", get(identity::list_reviews))
         .route("/v1/identity/reviews/{id}/{decision}", post(identity::decide_review))

@@ -115,6 +115,22 @@ pub async fn get_traits(State(state): State<ApiState>, Path(r): Path<String>) ->
     Ok(Json(json!({ "profile_id": id, "traits": view.traits })))
 }
 
+#[utoipa::path(get, path = "/v1/profiles/{ref}/features", tag = "profiles",
+    params(("ref" = String, Path, description = "A profile id or `type:value`")),
+    responses((status = 200, description = "The feature job's latest snapshot of the profile's computed traits"),
+        (status = 401), (status = 404, description = "No such profile, or no snapshot yet"), (status = 503)),
+    security(("bearer" = ["profiles:read"])))]
+pub async fn get_features(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = resolve_ref(&state, &r).await?;
+    let doc = cohort_actors::features::features_of(state.store.as_ref(), &id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("no feature snapshot for {id} yet (the `features` job computes them)"))
+        })?;
+    Ok(Json(json!({ "profile_id": id, "computed_at": doc["computed_at"], "features": doc["features"] })))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Paging {
     offset: Option<usize>,

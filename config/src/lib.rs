@@ -369,6 +369,7 @@ pub struct RetentionConfig {
 pub struct JobsConfig {
     pub gold_reconcile: String,
     pub batch_segments: String,
+    pub features: String,
 }
 
 /// Quality gates 1–4 (slide 12) as declarative expectations.

@@ -205,9 +205,14 @@ pub async fn assert_nothing_left(
             assert!(!text.contains(p.as_str()), "{what} still names profile {p}");
         }
     };
-    for collection in
-        ["consent_history", "segment_members", "reverse_etl_sent", "reverse_etl_failed", "reverse_etl_fields"]
-    {
+    for collection in [
+        "consent_history",
+        "segment_members",
+        "reverse_etl_sent",
+        "reverse_etl_failed",
+        "reverse_etl_fields",
+        "profile_features",
+    ] {
         let docs = all_documents(store, collection, "").await.unwrap();
         leaks(collection, &serde_json::to_string(&docs).unwrap());
     }

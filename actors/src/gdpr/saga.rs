@@ -361,9 +361,17 @@ impl GdprState {
                 }
                 Ok(Outcome::Done(a.destinations.erase(target).await.map_err(StepError::Retry)?))
             }
-            DeletionStep::FeatureStores => Ok(Outcome::Skipped(json!({
-                "note": "no feature or vector store configured: computed traits and model scores are derived from the profile, never stored"
-            }))),
+            DeletionStep::FeatureStores => {
+                // The feature job's snapshots; Cohort keeps no vector store.
+                let keys = person_documents(store, crate::features::FEATURES, target).await?;
+                let removed = keys.len();
+                if !keys.is_empty() {
+                    store
+                        .put_documents(crate::features::FEATURES, keys.into_iter().map(|k| (k, None)).collect())
+                        .await?;
+                }
+                Ok(Outcome::Done(json!({ "feature_snapshots": removed, "vector_store": "none" })))
+            }
             DeletionStep::Verify => self.verify(state, target).await,
             DeletionStep::Audit | DeletionStep::Release => Err(StepError::Retry("unreachable step".into())),
         }
@@ -421,7 +429,7 @@ impl GdprState {
             found.insert("event_log".into(), json!(counts));
         }
         let mut documents = 0;
-        for collection in PROFILE_DOCUMENTS {
+        for collection in PROFILE_DOCUMENTS.iter().chain([&crate::features::FEATURES]) {
             documents += person_documents(store, collection, target).await?.len();
         }
         if documents > 0 {
