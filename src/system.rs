@@ -404,32 +404,10 @@ impl Cohort {
             erasures: erasures.clone(),
         };
 
-        // Ingest: one actor per source, independent of each other.
-        let mut ingest_slots = HashMap::new();
+        // Ingest: one actor per source, independent of each other, and one per connector, feeding
+        // its channel (a connector's load or failures never hold up the source it shares it with).
         let mut ingest_children = Vec::new();
-        for source in Source::ALL {
-            let slot: Slot<IngestMsg> = Slot::default();
-            let queue = metrics.queue(&format!("ingest_{}", source.as_str()));
-            let (o, b, s, m, q) = (normalize.clone(), bus.clone(), store.clone(), metrics.clone(), queue.clone());
-            let (e, gate1) = (erasures.clone(), config.quality.gate1.clone());
-            let make = Arc::new(move || IngestArgs {
-                erasures: e.clone(),
-                gate1: gate1.clone(),
-                source,
-                options: o.clone(),
-                bus: b.clone(),
-                store: s.clone(),
-                metrics: m.clone(),
-                queue: q.clone(),
-            });
-            ingest_children.push(ingest_spec(source.as_str(), slot.clone(), make));
-            ingest_slots.insert(source, (slot, queue));
-        }
-        // One IngestActor per connector, feeding its channel: a connector's load or failures
-        // never hold up the built-in source it shares a channel with.
-        let mut connector_slots = HashMap::new();
-        for name in normalize.connectors.names() {
-            let Some(source) = normalize.connectors.get(name).map(|c| c.channel()) else { continue };
+        let mut ingest_actor = |name: &str, source: Source| {
             let slot: Slot<IngestMsg> = Slot::default();
             let queue = metrics.queue(&format!("ingest_{name}"));
             let (o, b, s, m, q) = (normalize.clone(), bus.clone(), store.clone(), metrics.clone(), queue.clone());
@@ -445,8 +423,16 @@ impl Cohort {
                 queue: q.clone(),
             });
             ingest_children.push(ingest_spec(name, slot.clone(), make));
-            connector_slots.insert(name, (slot, queue));
-        }
+            (slot, queue)
+        };
+        let ingest_slots: HashMap<Source, _> =
+            Source::ALL.into_iter().map(|s| (s, ingest_actor(s.as_str(), s))).collect();
+        let connector_slots: HashMap<&'static str, _> = normalize
+            .connectors
+            .names()
+            .into_iter()
+            .filter_map(|name| Some((name, ingest_actor(name, normalize.connectors.get(name)?.channel()))))
+            .collect();
 
         // Pipeline: directory, resolver pool, dispatcher. They share in-memory queues, so a
         // failure restarts all three and the dispatcher replays from the durable checkpoint.
