@@ -211,7 +211,7 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
         // The scoped tokens file is mounted where the configuration looks for it, and parses.
         let tokens = kind(&docs, "Secret", "cohort-api-tokens")["stringData"]["tokens.toml"].as_str().unwrap();
         let tokens = cohort_config::parse_tokens_file(tokens).unwrap_or_else(|e| panic!("{dir}: tokens.toml: {e}"));
-        assert!(tokens.iter().any(|t| t.scopes == ["ops:read"]), "{dir}: a scrape token for Prometheus");
+        assert!(tokens.iter().any(|t| t.scopes == ["metrics:read"]), "{dir}: a scrape token for Prometheus");
         let deployment = kind(&docs, "Deployment", "cohort");
         let mount = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
             .as_array()

@@ -62,6 +62,13 @@ async fn a_client_dripping_its_header_is_disconnected_after_the_header_deadline(
     assert!(closed, "the slow client was never disconnected");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "disconnected after {took:?}");
 
+    // A client that sends one byte (the start of an HTTP/2 preface, say) and stalls is let go.
+    let mut stalled = connect(&demo).await;
+    stalled.write_all(b"P").await.unwrap();
+    let started = Instant::now();
+    let (_, closed) = read_until_closed(&mut stalled, Duration::from_secs(5)).await;
+    assert!(closed && started.elapsed() < Duration::from_secs(4), "a one-byte client held its slot");
+
     // A kept-alive connection that goes quiet after a request is let go.
     let mut quiet = connect(&demo).await;
     quiet.write_all(b"GET /health/live HTTP/1.1\r\nHost: cohort\r\n\r\n").await.unwrap();

@@ -72,7 +72,25 @@ async fn a_connector_takes_only_its_own_scope_and_its_dead_letters_replay_throug
     assert_eq!(dlq["total"], 1);
     assert!(dlq["dead_letters"][0]["content_type"].as_str().unwrap().ends_with("connector=example_lms"), "{dlq}");
     let replay = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
-    assert_eq!(replay.body["results"][0]["outcome"], "rejected_again", "{}", replay.body);
+    assert_eq!(replay.body["results"][0]["outcome"], "kept", "{}", replay.body);
     assert_eq!(replay.body["results"][0]["duplicates"], 1, "the good record counted once: {}", replay.body);
+    assert_eq!(demo.client.get("/v1/dlq").await.unwrap().body["total"], 1, "no new letter");
+
+    // A client cannot forge the connector mark: a Segment call claiming `connector=` in its
+    // content type is stored without it and never replays into the connector.
+    let forged = demo
+        .client
+        .http
+        .post(format!("{}/v1/track", demo.base))
+        .basic_auth("dev-web-write-key", Some(""))
+        .header("content-type", "application/json; connector=example_lms")
+        .body(r#"{"id": "c9", "event": "x", "timestamp": 1, "user_id": "victim"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400, "not a Segment call");
+    let dlq = demo.client.get("/v1/dlq").await.unwrap().body;
+    let letter = dlq["dead_letters"].as_array().unwrap().last().unwrap().clone();
+    assert!(!letter["content_type"].as_str().unwrap().contains("connector"), "{letter}");
     demo.stop().await.unwrap();
 }

@@ -207,20 +207,29 @@ async fn gate_1_dead_letters_an_event_outside_its_bounds_and_replay_brings_it_in
     let ahead = Utc::now() + ChronoDuration::hours(2);
     let good = payloads::segment_track("q-ok-1", "q-student", "Course Viewed", json!({}), Utc::now());
     let early = payloads::segment_track("q-early-1", "q-student", "Course Viewed", json!({}), ahead);
-    let batch = json!({ "batch": [good, early] });
+    let early2 = payloads::segment_track("q-early-2", "q-student", "Quiz Started", json!({}), ahead);
+    let batch = json!({ "batch": [good, early, early2] });
     let r = demo.client.segment(false, "batch", &batch).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["accepted"], 1);
     let reason = r.body["rejected"][0]["reason"].as_str().unwrap();
     assert!(reason.contains("gate 1") && reason.contains("max_future_secs"), "{reason}");
     let dlq = demo.client.get("/v1/dlq").await.unwrap().body;
-    assert_eq!(dlq["total"], 1, "{dlq}");
+    assert_eq!(dlq["total"], 2, "one letter per refused event: {dlq}");
     assert!(dlq["dead_letters"][0]["reason"].as_str().unwrap().contains("gate 1"));
-    // Replaying with the bound unchanged refuses it again: a new letter takes the old one's place.
-    let again = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
-    assert_eq!(again.status, 200, "{}", again.body);
-    assert_eq!(again.body["results"][0]["outcome"], "rejected_again", "{}", again.body);
-    assert_eq!(demo.client.get("/v1/dlq").await.unwrap().body["total"], 1);
+    // Replaying with the bound unchanged refuses it again: the letter stays as it was, and no
+    // new one is written (replaying twice changes nothing).
+    let letter_id = dlq["dead_letters"][0]["id"].clone();
+    for _ in 0..2 {
+        let again = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_eq!(again.body["results"][0]["outcome"], "kept", "{}", again.body);
+        assert_eq!((again.body["replayed"].as_u64(), again.body["kept"].as_u64()), (Some(0), Some(2)));
+        assert_eq!(again.body["next_after"], Value::Null, "one page: paging ends");
+        let now = demo.client.get("/v1/dlq").await.unwrap().body;
+        assert_eq!(now["total"], 2);
+        assert_eq!(now["dead_letters"][0]["id"], letter_id);
+    }
     demo.stop().await.unwrap();
 
     // The operator widens the bound (the default) and replays from the command line.
@@ -236,14 +245,50 @@ async fn gate_1_dead_letters_an_event_outside_its_bounds_and_replay_brings_it_in
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((summary["replayed"].as_u64(), summary["kept"].as_u64()), (Some(1), Some(0)), "{summary}");
+    assert_eq!((summary["replayed"].as_u64(), summary["kept"].as_u64()), (Some(2), Some(0)), "{summary}");
     assert_eq!(demo.client.get("/v1/dlq").await.unwrap().body["total"], 0, "the replayed letter is removed");
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     let p = demo.client.get("/v1/profiles/user_id:q-student").await.unwrap();
     assert_eq!(p.status, 200, "{}", p.body);
-    assert_eq!(p.body["counters"]["events_total"], 2, "the accepted event once, the replayed one once");
+    assert_eq!(p.body["counters"]["events_total"], 3, "the accepted event once, the two replayed once each");
     // A letter that is gone is reported, not invented.
     let missing = demo.client.post("/v1/dlq/replay", &json!({ "ids": [424242] })).await.unwrap();
     assert_eq!(missing.body["not_found"], json!([424242]));
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_that_removes_a_shared_bronze_payload_does_not_fail_gate_2_for_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    // One SendGrid delivery about two students: one Bronze payload, two Silver rows.
+    let at = Utc::now();
+    let mut events = payloads::sendgrid_event("sg-shared-1", "leaving@example.edu", "open", at);
+    let other = payloads::sendgrid_event("sg-shared-2", "staying@example.edu", "open", at);
+    events.as_array_mut().unwrap().push(other[0].clone());
+    let r = demo.client.sendgrid(&events).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    assert_eq!(run_gold(&demo).await["status"], "succeeded");
+
+    let a = demo
+        .client
+        .post("/v1/gdpr/deletions", &json!({ "profile": "email:leaving@example.edu", "requested_by": "test" }))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.body);
+    let url = format!("/v1/gdpr/deletions/{}", a.body["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while demo.client.get(&url).await.unwrap().body["status"] != "completed" {
+        assert!(std::time::Instant::now() < deadline, "the deletion did not complete");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 0, "the shared payload went with the person");
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 1, "the other student's row stays");
+
+    let run = run_gold(&demo).await;
+    assert_eq!(run["status"], "succeeded", "an erased payload is not a broken link: {run}");
     demo.stop().await.unwrap();
 }

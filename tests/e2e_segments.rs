@@ -543,9 +543,14 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
     assert_eq!(runs[0]["results"][0]["observed"]["previous"], 10);
     assert!(runs[1..].iter().any(|r| r["success"] == true));
     assert_eq!(c.post("/v1/reverse-etl/confirm/nothing", &json!({})).await.unwrap().status, 404);
+    let gauge = |text: &str| text.lines().any(|l| l == "cohort_quality_gate_failing{gate=\"4\"} 1");
+    let m = ok(c.get("/metrics").await.unwrap()).await;
+    assert!(gauge(m.as_str().unwrap()), "a held sync sets the gate 4 gauge");
     ok(c.post("/v1/reverse-etl/confirm/quiz_list", &json!({})).await.unwrap()).await;
     drained(&demo).await;
     assert_eq!(adds(&d), 13);
+    let m = ok(c.get("/metrics").await.unwrap()).await;
+    assert!(!gauge(m.as_str().unwrap()), "confirming the held sync clears it");
     demo.stop().await.unwrap();
 }
 

@@ -117,7 +117,7 @@ impl Actor for IngestActor {
         msg: IngestMsg,
         state: &mut IngestState,
     ) -> Result<(), ActorProcessingErr> {
-        let IngestMsg::Receive { payload, trace, reply } = msg;
+        let IngestMsg::Receive { payload, trace, dead_letters: keep_letters, reply } = msg;
         let span = tracing::debug_span!("ingest", source = payload.source.as_str());
         crate::trace::continue_from(&span, trace.as_deref());
         // Every event of the payload continues this span's trace through the pipeline.
@@ -137,9 +137,9 @@ impl Actor for IngestActor {
                 let store = state.store.clone();
                 let bus = state.bus.clone();
                 let metrics = m.clone();
-                let letter = raw_dead_letter(&payload, e.to_string(), None);
+                let letters = if keep_letters { vec![raw_dead_letter(&payload, e.to_string(), None)] } else { vec![] };
                 tokio::spawn(async move {
-                    dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, vec![letter]).await;
+                    dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
                     let _ = reply.send(Err(err));
                 });
             }
@@ -171,6 +171,7 @@ impl Actor for IngestActor {
                 }
                 let letters: Vec<NewDeadLetter> = rejected
                     .iter()
+                    .filter(|_| keep_letters)
                     .map(|r| {
                         let at = r.index.map(|i| format!("element {i}: ")).unwrap_or_default();
                         raw_dead_letter(&payload, format!("{at}{}", r.reason), None)

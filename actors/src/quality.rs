@@ -15,6 +15,25 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+/// Bronze rows removed by an erasure, keyed by zero-padded `raw_seq`: other students' Silver
+/// rows may point at a payload they shared with the erased person, and Gate 2 must not count
+/// those as broken links. Holds sequence numbers only.
+pub const ERASED_BRONZE: &str = "erased_bronze";
+
+/// The document key of a Bronze sequence number.
+pub fn bronze_key(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+/// Records Bronze rows removed for an erasure (see [`ERASED_BRONZE`]).
+pub async fn record_erased_bronze(store: &dyn OperationalStore, seqs: &[u64]) -> Result<(), StoreError> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let at = json!({ "erased_at": Utc::now() });
+    store.put_documents(ERASED_BRONZE, seqs.iter().map(|s| (bronze_key(*s), Some(at.clone()))).collect()).await
+}
+
 /// Rows read per warehouse query.
 const PAGE: usize = 2000;
 /// Failing ids kept per expectation.
@@ -280,8 +299,14 @@ impl QualityChecks {
             .iter()
             .filter_map(|r| r.first().and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok())))
             .collect();
-        for (seq, id) in seqs {
-            if !found.contains(seq) {
+        let missing: Vec<&(u64, String)> = seqs.iter().filter(|(seq, _)| !found.contains(seq)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = missing.iter().map(|(seq, _)| bronze_key(*seq)).collect();
+        let erased = self.store.get_documents(ERASED_BRONZE, &keys).await?;
+        for ((_, id), erased) in missing.iter().zip(erased) {
+            if erased.is_none() {
                 tally.fail(id);
             }
         }

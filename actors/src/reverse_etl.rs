@@ -198,6 +198,14 @@ pub struct ReverseEtlState {
     held: HashMap<String, Vec<Job>>,
 }
 
+impl ReverseEtlState {
+    /// Gate 4's gauge: 1 while any batch sync is held for confirmation.
+    fn report_held(&self) {
+        let held = i64::from(!self.held.is_empty());
+        self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(held);
+    }
+}
+
 /// A supervised destination actor; jobs wait here while it restarts.
 struct Child {
     lane: Arc<Lane>,
@@ -986,9 +994,8 @@ impl Actor for ReverseEtlActor {
                     let trigger = format!("batch segment {segment}");
                     let run =
                         crate::quality::gate4_row_count(&state.shared.gate4, &activation, &trigger, size, previous);
-                    if let Err(e) =
-                        crate::quality::record(state.shared.store.as_ref(), &state.shared.metrics, &run).await
-                    {
+                    let (store, metrics) = (state.shared.store.as_ref(), &state.shared.metrics);
+                    if let Err(e) = crate::quality::record_run(store, metrics, &run, false).await {
                         tracing::warn!(activation = %activation, error = %e, "gate 4 result not stored");
                     }
                     if !run.success {
@@ -1001,9 +1008,11 @@ impl Actor for ReverseEtlActor {
                         state.spawn(job);
                     }
                 }
+                state.report_held();
             }
             ReverseEtlMsg::Confirm { activation, reply } => {
                 let jobs = state.held.remove(&activation);
+                state.report_held();
                 let found = jobs.is_some();
                 if let Some(jobs) = jobs {
                     let size = jobs.len();

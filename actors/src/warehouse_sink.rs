@@ -149,12 +149,13 @@ impl WarehouseSinkState {
 
 /// Removes the rows of erased profiles (and the raw payloads their events came from) from a
 /// batch about to be relayed: the outbox may still hold rows written before the erasure.
-fn drop_erased(erasures: &crate::gdpr::Erasures, batch: &mut WarehouseBatch) {
+fn drop_erased(erasures: &crate::gdpr::Erasures, batch: &mut WarehouseBatch) -> Vec<u64> {
     let erased_raw: std::collections::HashSet<u64> =
         batch.silver.iter().filter(|r| erasures.is_erased(&r.profile_id)).filter_map(|r| r.raw_seq).collect();
     batch.silver.retain(|r| !erasures.is_erased(&r.profile_id));
     batch.gold.retain(|p| !erasures.is_erased(p));
     batch.bronze.retain(|b| !erased_raw.contains(&b.raw_seq));
+    erased_raw.into_iter().collect()
 }
 
 /// Moves everything the outbox holds now, oldest first.
@@ -172,7 +173,8 @@ async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
             ids.push(id);
             merged.extend(batch);
         }
-        drop_erased(&args.erasures, &mut merged);
+        let dropped = drop_erased(&args.erasures, &mut merged);
+        crate::quality::record_erased_bronze(args.store.as_ref(), &dropped).await?;
         let counts = write(args, merged).await?;
         args.store.ack_outbox(&ids).await?;
         report.batches += ids.len();

@@ -186,7 +186,9 @@ impl Credentials {
         let file = self.from_file.read().map_err(|_| Denied::Invalid)?;
         let mut found: Option<&Entry> = None;
         for e in self.fixed.iter().chain(file.iter()) {
-            if bool::from(e.digest.ct_eq(&presented)) && found.is_none_or(|f| f.revoked) {
+            // A revoked entry wins over any other with the same digest: revoking must work even
+            // if the token is also listed elsewhere.
+            if bool::from(e.digest.ct_eq(&presented)) && found.is_none_or(|f| !f.revoked) {
                 found = Some(e);
             }
         }
@@ -223,6 +225,8 @@ const GDPR_ADMIN: &[&str] = &["gdpr:admin"];
 const CONSENT_READ: &[&str] = &["gdpr:admin", "profiles:read"];
 const OPS_READ: &[&str] = &["ops:read"];
 const OPS_ADMIN: &[&str] = &["ops:admin"];
+/// Metrics hold counts only; a scrape token needs nothing more (dead letters hold raw payloads).
+const METRICS_READ: &[&str] = &["metrics:read", "ops:read"];
 
 /// The policy of every route, by method and route template. `None`: no such route (refused).
 pub fn policy(method: &Method, route: &str) -> Option<Policy> {
@@ -248,7 +252,7 @@ pub fn policy(method: &Method, route: &str) -> Option<Policy> {
         }
         "/v1/profiles/{ref}/segments" | "/v1/segment-changes" | "/v1/segments/{name}/members" => Scoped(SEGMENTS_READ),
         "/v1/segments" | "/v1/segments/{name}" if read => Scoped(SEGMENTS_READ),
-        "/v1/segments/{name}" => Scoped(SEGMENTS_ADMIN),
+        "/v1/segments" | "/v1/segments/{name}" => Scoped(SEGMENTS_ADMIN),
         "/v1/reverse-etl/status" | "/v1/reverse-etl/retry" | "/v1/reverse-etl/confirm/{activation}" => {
             Scoped(SEGMENTS_ADMIN)
         }
@@ -257,11 +261,11 @@ pub fn policy(method: &Method, route: &str) -> Option<Policy> {
             Scoped(GDPR_ADMIN)
         }
         "/v1/jobs/{name}/run" | "/v1/dlq/replay" => Scoped(OPS_ADMIN),
+        "/metrics" => Scoped(METRICS_READ),
         "/v1/dlq"
         | "/v1/jobs"
         | "/v1/jobs/{name}/runs"
         | "/v1/supervisors"
-        | "/metrics"
         | "/v1/quality/runs"
         | "/v1/quality/runs/{id}"
         | "/v1/quality/report" => Scoped(OPS_READ),
@@ -382,6 +386,18 @@ mod tests {
         let crm = creds.authenticate("crm-secret-1").unwrap();
         assert!(crm.allows("ingest:crm") && !crm.allows("profiles:read"));
         assert_eq!(creds.authenticate("old-secret").unwrap_err(), Denied::Revoked);
+        // Revoked in the file while still listed in configuration: revoked wins.
+        let listed = TokenConfig {
+            name: "listed".into(),
+            sha256: token_digest("both-secret"),
+            scopes: vec!["ops:read".into()],
+            revoked: false,
+        };
+        let revoked = TokenConfig { name: "revoked".into(), revoked: true, ..listed.clone() };
+        let both = Credentials::new(&auth(vec![listed.clone(), revoked.clone()], ""), "crm-secret-1").unwrap();
+        assert_eq!(both.authenticate("both-secret").unwrap_err(), Denied::Revoked);
+        let both = Credentials::new(&auth(vec![revoked, listed], ""), "crm-secret-1").unwrap();
+        assert_eq!(both.authenticate("both-secret").unwrap_err(), Denied::Revoked);
         assert_eq!(creds.authenticate("nobody").unwrap_err(), Denied::Invalid);
     }
 

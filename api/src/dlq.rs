@@ -1,13 +1,15 @@
 //! Replaying dead letters once their cause is fixed (a mapping, a bound, a bug).
 //!
-//! A payload refused at Gate 1 goes through ingest again exactly as first received: events that
-//! were accepted then are duplicates now and count once, and anything still invalid becomes a
-//! new dead letter. An event given up on later (identity, profile) was journaled but never
-//! applied, so it is published again under a replay id of its own, which idempotency would
-//! otherwise swallow. Either way the old letter is removed once its replay is durable.
+//! A payload refused at Gate 1 goes through ingest again exactly as first received, once for
+//! all its letters (one per refused element): events accepted then are duplicates now and count
+//! once. A replay writes no new letters: a letter whose element is refused again stays as it is,
+//! the others are removed as soon as their replay is durable, so replaying never grows the store
+//! and paging through it ends. An event given up on later (identity, profile) was journaled but
+//! never applied, so it is published again under a replay id of its own, which idempotency would
+//! otherwise swallow.
 
 use crate::error::ApiError;
-use crate::ingest::submit;
+use crate::ingest::submit_as;
 use crate::state::ApiState;
 use axum::extract::State;
 use axum::Json;
@@ -30,9 +32,14 @@ pub struct ReplayRequest {
 }
 
 /// The wire format a Gate 1 letter was received in, from its source and body.
-fn format_of(letter: &DeadLetter) -> Result<PayloadFormat, String> {
+fn format_of(state: &ApiState, letter: &DeadLetter) -> Result<PayloadFormat, String> {
     if let Some(name) = letter.content_type.split(';').find_map(|p| p.trim().strip_prefix("connector=")) {
-        return Ok(PayloadFormat::Connector { name: cohort_messages::msgs::ConnectorName::intern(name) });
+        // Only a connector this build runs, on the channel the letter came from.
+        let c =
+            state.normalize.connectors.get(name).filter(|c| c.channel() == letter.source).ok_or_else(|| {
+                format!("names connector `{name}`, which this build does not run on {}", letter.source)
+            })?;
+        return Ok(cohort_actors::normalize::connector::format_of(c.as_ref()));
     }
     Ok(match letter.source {
         Source::Whatsapp => PayloadFormat::TwilioForm,
@@ -54,52 +61,70 @@ fn format_of(letter: &DeadLetter) -> Result<PayloadFormat, String> {
     })
 }
 
-/// Replays one letter; the outcome as JSON, or why it stays.
-async fn replay_one(state: &ApiState, letter: &DeadLetter) -> Result<Value, String> {
-    match letter.stage {
-        DeadLetterStage::Validation => {
-            let format = format_of(letter)?;
-            let content_type = letter.content_type.split(';').next().unwrap_or_default().trim().to_string();
-            let payload = RawPayload {
-                source: letter.source,
-                format,
-                body: letter.payload.as_bytes().to_vec().into(),
-                content_type: if matches!(format, PayloadFormat::Connector { .. }) {
-                    content_type
-                } else {
-                    letter.content_type.clone()
-                },
-                received_at: letter.received_at,
-            };
-            match submit(state, payload).await {
-                Ok(r) => Ok(json!({
-                    "outcome": if r.rejected.is_empty() { "accepted" } else { "rejected_again" },
-                    "accepted": r.accepted, "duplicates": r.duplicates, "rejected": r.rejected.len(),
-                    "suppressed": r.suppressed,
-                })),
-                // Refused whole again: ingest kept it as a new dead letter.
-                Err(ApiError::BadRequest(m)) | Err(ApiError::PayloadTooLarge(m)) => {
-                    Ok(json!({ "outcome": "rejected_again", "reason": m }))
-                }
-                Err(e) => Err(e.to_string()),
-            }
+/// The element a Gate 1 letter is about (`element 3: ...`), if it names one.
+fn element_of(letter: &DeadLetter) -> Option<usize> {
+    letter.reason.strip_prefix("element ")?.split_once(':')?.0.parse().ok()
+}
+
+/// Replays one payload's Gate 1 letters (they share it): which of them stay, and the outcome.
+async fn replay_payload(state: &ApiState, group: &[&DeadLetter]) -> Result<(Vec<u64>, Value), String> {
+    let Some(first) = group.first() else { return Ok((Vec::new(), json!({}))) };
+    let format = format_of(state, first)?;
+    // The connector mark is Cohort's, not the payload's.
+    let content_type =
+        first.content_type.split(';').filter(|p| !p.trim().starts_with("connector=")).collect::<Vec<_>>();
+    let payload = RawPayload {
+        source: first.source,
+        format,
+        body: first.payload.as_bytes().to_vec().into(),
+        content_type: content_type.join(";"),
+        received_at: first.received_at,
+    };
+    match submit_as(state, payload, false).await {
+        Ok(r) => {
+            let refused: Vec<usize> = r.rejected.iter().filter_map(|x| x.index).collect();
+            let mut unindexed = r.rejected.iter().filter(|x| x.index.is_none()).count();
+            let kept: Vec<u64> = group
+                .iter()
+                .filter(|l| match element_of(l) {
+                    Some(i) => refused.contains(&i),
+                    None if unindexed > 0 => {
+                        unindexed -= 1;
+                        true
+                    }
+                    None => false,
+                })
+                .map(|l| l.id)
+                .collect();
+            let outcome = json!({
+                "outcome": if kept.is_empty() { "accepted" } else { "rejected_again" },
+                "accepted": r.accepted, "duplicates": r.duplicates, "rejected": r.rejected.len(),
+                "suppressed": r.suppressed,
+            });
+            Ok((kept, outcome))
         }
-        DeadLetterStage::Identity | DeadLetterStage::Profile => {
-            let mut event: CustomerEvent =
-                serde_json::from_str(&letter.payload).map_err(|e| format!("the stored event does not parse: {e}"))?;
-            let original = event.event_id.as_str().to_string();
-            event.event_id = EventId::new(event.source, &format!("replay-{}:{original}", letter.id));
-            let (kept, _) = state.erasures.apply(event);
-            let Some(event) = kept else {
-                return Ok(json!({ "outcome": "suppressed" }));
-            };
-            let event_id = event.event_id.as_str().to_string();
-            let outcome =
-                state.bus.publish(AppendBatch { raw: None, events: vec![event] }).await.map_err(|e| e.to_string())?;
-            let fresh = outcome.seqs.first().is_some_and(Option::is_some);
-            Ok(json!({ "outcome": if fresh { "republished" } else { "duplicate" }, "event_id": event_id }))
+        // Refused whole again: every letter stays.
+        Err(ApiError::BadRequest(m)) | Err(ApiError::PayloadTooLarge(m)) => {
+            Ok((group.iter().map(|l| l.id).collect(), json!({ "outcome": "rejected_again", "reason": m })))
         }
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// Publishes a dead-lettered event again under a replay id.
+async fn replay_event(state: &ApiState, letter: &DeadLetter) -> Result<Value, String> {
+    let mut event: CustomerEvent =
+        serde_json::from_str(&letter.payload).map_err(|e| format!("the stored event does not parse: {e}"))?;
+    let original = event.event_id.as_str().to_string();
+    event.event_id = EventId::new(event.source, &format!("replay-{}:{original}", letter.id));
+    let (kept, _) = state.erasures.apply(event);
+    let Some(event) = kept else {
+        return Ok(json!({ "outcome": "suppressed" }));
+    };
+    let event_id = event.event_id.as_str().to_string();
+    let outcome = state.bus.publish(AppendBatch { raw: None, events: vec![event] }).await.map_err(|e| e.to_string())?;
+    let fresh = outcome.seqs.first().is_some_and(Option::is_some);
+    Ok(json!({ "outcome": if fresh { "republished" } else { "duplicate" }, "event_id": event_id }))
 }
 
 #[utoipa::path(post, path = "/v1/dlq/replay", tag = "ops",
@@ -129,24 +154,60 @@ pub async fn replay(State(state): State<ApiState>, Json(req): Json<ReplayRequest
         found
     };
     let mut results = Vec::new();
-    let (mut replayed, mut kept) = (0u64, 0u64);
-    let mut done = Vec::new();
-    for letter in letters.iter().filter(|l| req.stage.is_none_or(|s| s == l.stage)) {
-        match replay_one(&state, letter).await {
-            Ok(mut r) => {
-                replayed += 1;
-                done.push(letter.id);
-                r["id"] = json!(letter.id);
-                results.push(r);
+    let (mut replayed, mut kept, mut removed) = (0u64, 0u64, 0u64);
+    let chosen: Vec<&DeadLetter> = letters.iter().filter(|l| req.stage.is_none_or(|s| s == l.stage)).collect();
+    // One payload's Gate 1 letters are replayed together, once.
+    let mut groups: Vec<Vec<&DeadLetter>> = Vec::new();
+    for l in &chosen {
+        let same = |g: &&mut Vec<&DeadLetter>| {
+            g.first().is_some_and(|f| {
+                f.stage == DeadLetterStage::Validation
+                    && l.stage == DeadLetterStage::Validation
+                    && f.source == l.source
+                    && f.received_at == l.received_at
+                    && f.content_type == l.content_type
+                    && f.payload == l.payload
+            })
+        };
+        match groups.iter_mut().find(|g| same(g)) {
+            Some(g) => g.push(l),
+            None => groups.push(vec![l]),
+        }
+    }
+    for group in groups {
+        let outcome = match group.first().map(|l| l.stage) {
+            Some(DeadLetterStage::Validation) => replay_payload(&state, &group).await,
+            _ => match group.first() {
+                Some(l) => replay_event(&state, l).await.map(|v| (Vec::new(), v)),
+                None => continue,
+            },
+        };
+        match outcome {
+            Ok((stays, outcome)) => {
+                let done: Vec<u64> = group.iter().map(|l| l.id).filter(|id| !stays.contains(id)).collect();
+                // Removed at once: a request cut short later leaves no replayed letter behind.
+                if !done.is_empty() {
+                    removed += store.delete_dead_letters(&done).await.map_err(unavailable)?;
+                }
+                replayed += done.len() as u64;
+                kept += stays.len() as u64;
+                for l in &group {
+                    let mut r = outcome.clone();
+                    r["id"] = json!(l.id);
+                    if stays.contains(&l.id) {
+                        r["outcome"] = json!("kept");
+                        r["reason"] = json!("refused again");
+                    }
+                    results.push(r);
+                }
             }
             Err(reason) => {
-                kept += 1;
-                results.push(json!({ "id": letter.id, "outcome": "kept", "reason": reason }));
+                kept += group.len() as u64;
+                results.extend(group.iter().map(|l| json!({ "id": l.id, "outcome": "kept", "reason": reason })));
             }
         }
     }
     let missing: Vec<u64> = req.ids.iter().copied().filter(|id| !letters.iter().any(|l| l.id == *id)).collect();
-    let removed = if done.is_empty() { 0 } else { store.delete_dead_letters(&done).await.map_err(unavailable)? };
     tracing::info!(replayed, kept, removed, "dead letters replayed");
     let next = if req.ids.is_empty() && letters.len() == limit { letters.last().map(|l| l.id) } else { None };
     Ok(Json(json!({

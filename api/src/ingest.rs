@@ -18,6 +18,11 @@ use serde_json::json;
 
 /// Hands a payload to its source's IngestActor and waits until it is durable.
 pub async fn submit(state: &ApiState, payload: RawPayload) -> Result<IngestReceipt, ApiError> {
+    submit_as(state, payload, true).await
+}
+
+/// [`submit`]; `dead_letters` false keeps refusals out of the dead-letter store (a replay).
+pub async fn submit_as(state: &ApiState, payload: RawPayload, dead_letters: bool) -> Result<IngestReceipt, ApiError> {
     let (slot, queue) = match payload.format {
         PayloadFormat::Connector { name } => state.connector_ingest.get(name.as_str()),
         _ => state.ingest.get(&payload.source),
@@ -26,7 +31,8 @@ pub async fn submit(state: &ApiState, payload: RawPayload) -> Result<IngestRecei
     let actor = slot.get().ok_or_else(|| ApiError::Unavailable("ingest actor restarting".into()))?;
     queue.enqueued();
     let trace = cohort_actors::trace::current();
-    let result = actor.call(|reply| IngestMsg::Receive { payload, trace, reply }, Some(state.call_timeout)).await;
+    let result =
+        actor.call(|reply| IngestMsg::Receive { payload, trace, dead_letters, reply }, Some(state.call_timeout)).await;
     match result {
         Ok(CallResult::Success(Ok(receipt))) => Ok(receipt),
         Ok(CallResult::Success(Err(IngestError::Malformed(m)))) => Err(ApiError::BadRequest(m)),
@@ -51,8 +57,18 @@ fn receipt_json(r: &IngestReceipt) -> Json<serde_json::Value> {
     }))
 }
 
+/// The request's content type, without any `connector=` parameter: that one is Cohort's own
+/// mark on a connector's dead letters, and a client must not be able to forge it.
 fn content_type(headers: &HeaderMap) -> String {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    let raw = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    raw.split(';')
+        .filter(|p| !p.trim().to_ascii_lowercase().starts_with("connector="))
+        .take(8)
+        .collect::<Vec<_>>()
+        .join(";")
+        .chars()
+        .take(200)
+        .collect()
 }
 
 /// An authenticated request body, stamped with its receipt time.

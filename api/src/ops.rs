@@ -39,7 +39,7 @@ pub async fn supervisors(State(state): State<ApiState>) -> Result<Json<Value>, A
 
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text format"), (status = 401), (status = 403)),
-    security(("bearer" = ["ops:read"])))]
+    security(("bearer" = ["metrics:read"]), ("bearer" = ["ops:read"])))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

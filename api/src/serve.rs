@@ -5,8 +5,8 @@
 use axum::Router;
 use cohort_config::ServerConfig;
 use cohort_supervisors::Metrics;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
@@ -54,17 +54,15 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let mut builder = Builder::new(TokioExecutor::new());
+        // HTTP/1 only: every client here (load balancers, webhooks, Prometheus) speaks it, and
+        // its header deadline covers every request; HTTP/2's preface detection and idle streams
+        // would have none.
+        let mut builder = http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .max_buf_size(max_header_bytes)
             .max_headers(max_headers);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
         let watcher = graceful.watcher();
         let mut closing = closing_rx.clone();
         tasks.spawn(async move {
@@ -76,7 +74,7 @@ pub async fn serve(
                 _ = closing.changed() => false,
             };
             if started {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
                 let _ = watcher.watch(conn).await;
             }
             drop(permit);

@@ -203,6 +203,7 @@ pub const SCOPES: &[&str] = &[
     "identity:review",
     "ops:read",
     "ops:admin",
+    "metrics:read",
 ];
 
 /// A scope of [`SCOPES`], or `ingest:<connector>` for a connector's webhook.

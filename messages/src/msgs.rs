@@ -149,6 +149,9 @@ pub enum IngestMsg {
         payload: RawPayload,
         /// The HTTP request's `traceparent` when tracing is on.
         trace: Option<String>,
+        /// False for a dead-letter replay: what is refused again keeps its old letter rather than
+        /// gaining a new one.
+        dead_letters: bool,
         reply: RpcReplyPort<Result<IngestReceipt, IngestError>>,
     },
 }

@@ -326,6 +326,21 @@ impl GdprState {
                 // The tables may not exist yet (nothing relayed so far): then there is nothing to
                 // delete, but the statements need them.
                 w.ensure_schema().await?;
+                // The Bronze rows about to go, recorded first so Gate 2 knows other students'
+                // Silver rows that shared them lost their payload on purpose.
+                let mut bronze: Vec<u64> = Vec::new();
+                let silver = w.table(cohort_adapters::Layer::Silver);
+                for p in &target.profiles {
+                    let sql = format!("SELECT raw_seq FROM {silver} WHERE profile_id = @p AND raw_seq IS NOT NULL");
+                    let params = [("p".to_string(), cohort_adapters::QueryValue::String(p.as_str().to_string()))];
+                    let found = w.query(&sql, &params).await?;
+                    bronze.extend(found.rows.iter().filter_map(|r| {
+                        r.first().and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+                    }));
+                }
+                let mentioning = raw_mentioning(w.as_ref(), target, |p| self.open_raw(p)).await?;
+                bronze.extend(&mentioning);
+                crate::quality::record_erased_bronze(store, &bronze).await?;
                 let mut rows = 0;
                 for p in &target.profiles {
                     let outcome = w.delete_profile(p).await?;
@@ -335,8 +350,7 @@ impl GdprState {
                     }
                 }
                 // Payloads of theirs no Silver row points at (refused elements, say).
-                let seqs = raw_mentioning(w.as_ref(), target, |p| self.open_raw(p)).await?;
-                let outcome = w.delete_raw(&seqs).await?;
+                let outcome = w.delete_raw(&mentioning).await?;
                 if outcome.retry_later {
                     return Err(StepError::Retry(format!("warehouse: {}", outcome.detail)));
                 }
