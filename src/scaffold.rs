@@ -281,7 +281,7 @@ A {{kind}} source sending {{format}} records (`{{content_type}}`), feeding Cohor
 
 Records failing the schema, the expectations or `map` are refused one by one and kept as dead
 letters with the reason; the others are journaled before the answer. Event ids are
-`{{channel_name}}:{{name}}:<id>`, so a record sent twice counts once. Every event carries
+`{{channel_name}}+{{name}}:<id>`, so a record sent twice counts once. Every event carries
 `properties.connector = "{{name}}"`.
 
 Send records with a token holding the scope `ingest:{{name}}`:
@@ -415,7 +415,7 @@ fn the_sample_becomes_two_events_and_one_refusal() {
     assert_eq!(out.rejected[0].index, Some(2));
     assert!(out.rejected[0].reason.contains("schema"), "{}", out.rejected[0].reason);
     let first = &out.events[0];
-    assert_eq!(first.event_id.as_str(), "{{channel_name}}:{{name}}:r1");
+    assert_eq!(first.event_id.as_str(), "{{channel_name}}+{{name}}:r1");
     assert_eq!(first.name.as_deref(), Some("course_viewed"));
     assert_eq!(first.properties["connector"], "{{name}}");
     assert_eq!(first.properties["course"], "MBA-101");

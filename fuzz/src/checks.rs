@@ -546,7 +546,7 @@ pub fn connector(data: &[u8]) {
             }
             for e in &out.events {
                 check_event(e, &p);
-                assert!(e.event_id.as_str().starts_with("web:fuzz_conn:"), "{}", e.event_id.as_str());
+                assert!(e.event_id.as_str().starts_with("web+fuzz_conn:"), "{}", e.event_id.as_str());
                 assert_eq!(e.properties.get("connector"), Some(&json!("fuzz_conn")));
                 assert!(!e.identifiers.is_empty(), "require_identifier lets no anonymous record through");
             }

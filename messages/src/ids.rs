@@ -257,6 +257,12 @@ impl EventId {
         EventId(format!("{}:{}", source.as_str(), source_key))
     }
 
+    /// A connector's record: `web+lms:1001`. The `+` keeps connectors out of their channel's own
+    /// namespace (`web:<messageId>`), so no Segment call can claim a connector's id.
+    pub fn for_connector(channel: Source, connector: &str, key: &str) -> Self {
+        EventId(format!("{}+{connector}:{key}", channel.as_str()))
+    }
+
     /// An id for payloads without a key of their own: a hash of their content.
     pub fn from_content(source: Source, parts: &[&[u8]]) -> Self {
         let mut h = Sha256::new();

@@ -209,7 +209,7 @@ fn build(
     let mut properties = d.properties;
     properties.insert("connector".into(), Value::String(c.name().into()));
     CustomerEvent {
-        event_id: EventId::new(c.channel(), &format!("{}:{}", c.name(), d.key)),
+        event_id: EventId::for_connector(c.channel(), c.name(), &d.key),
         source: c.channel(),
         kind: d.kind,
         name: d.name,

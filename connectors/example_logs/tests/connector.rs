@@ -35,7 +35,7 @@ fn the_sample_becomes_two_events_and_one_refusal() {
     assert_eq!(out.rejected[0].index, Some(2));
     assert!(out.rejected[0].reason.contains("schema"), "{}", out.rejected[0].reason);
     let first = &out.events[0];
-    assert_eq!(first.event_id.as_str(), "mobile:example_logs:r1");
+    assert_eq!(first.event_id.as_str(), "mobile+example_logs:r1");
     assert_eq!(first.name.as_deref(), Some("course_viewed"));
     assert_eq!(first.properties["connector"], "example_logs");
     assert_eq!(first.properties["course"], "MBA-101");
