@@ -592,6 +592,15 @@ impl Lane {
     }
 }
 
+/// Counts a job in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Runs a job; the router counted it as waiting when it was queued.
 async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     let permit = lane.permits.acquire().await;
@@ -601,6 +610,9 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     let span = tracing::debug_span!("destination.send", destination = lane.destination.as_str());
     crate::trace::continue_from(&span, job.change.trace.as_deref());
     lane.in_flight.fetch_add(1, Ordering::SeqCst);
+    // In flight until its outcome is recorded and counted (dropped at the end), so a drain
+    // never sees a job finished whose failure is not yet stored for retry.
+    let _in_flight = InFlight(&lane.in_flight);
     let first = shared.running.lock().insert(job.key.clone());
     let outcome = if first { attempt(&shared, &lane, &job).await } else { Ok(Some(Skip::Duplicate)) };
     // Erased mid-way: a skip, never a failure record (which would keep the person's snapshot).
@@ -611,7 +623,6 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     if first {
         shared.running.lock().remove(&job.key);
     }
-    lane.in_flight.fetch_sub(1, Ordering::SeqCst);
     let store = &shared.store;
     let d = lane.destination.as_str();
     match outcome {
