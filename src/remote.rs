@@ -174,13 +174,7 @@ pub fn quality_table(runs: &Value) -> String {
         "gate", "finished", "checkpoint", "result", "evaluated", "failed expectations"
     );
     for r in runs["runs"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let gate = match r["gate"].as_str() {
-            Some("ingestion") => 1,
-            Some("bronze_to_silver") => 2,
-            Some("silver_to_gold") => 3,
-            Some("pre_reverse_etl") => 4,
-            _ => 0,
-        };
+        let gate = serde_json::from_value::<cohort_messages::Gate>(r["gate"].clone()).map_or(0, |g| g.number());
         let failed: Vec<String> = r["results"]
             .as_array()
             .map(Vec::as_slice)

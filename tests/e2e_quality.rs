@@ -292,3 +292,34 @@ async fn an_erasure_that_removes_a_shared_bronze_payload_does_not_fail_gate_2_fo
     assert_eq!(run["status"], "succeeded", "an erased payload is not a broken link: {run}");
     demo.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_unique_column_set_catches_an_event_stored_twice_under_two_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[quality.gate2]\nunique = [[\"event_id\"], [\"profile_id\", \"kind\", \"name\", \"occurred_at\"]]\n";
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), extra, SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    assert_eq!(run_gold(&demo).await["status"], "succeeded");
+
+    // The same event again under another id (a source that re-sent it with a new message id).
+    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    analyst
+        .query(
+            "INSERT INTO silver SELECT 'web:resent-1', profile_id, source, kind, name, occurred_at, received_at, \
+             identifiers, traits, properties, utm, raw_seq FROM silver ORDER BY event_id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 7, "slide 18's six rows and the copy");
+    let run = run_gold(&demo).await;
+    let runs = demo.client.get("/v1/quality/runs?gate=2").await.unwrap().body;
+    assert_eq!(run["status"], "failed", "{run} {runs}");
+    let latest = &runs["runs"][0];
+    let dup = result(latest, "expect_compound_columns_to_be_unique", "profile_id,kind,name,occurred_at");
+    assert_eq!((dup["success"].as_bool(), dup["unexpected_count"].as_u64()), (Some(false), Some(1)), "{dup}");
+    assert_eq!(result(latest, "expect_compound_columns_to_be_unique", "event_id")["success"], true);
+    demo.stop().await.unwrap();
+}

@@ -106,7 +106,7 @@ pub struct QualityChecks {
 }
 
 /// A Silver row as Gate 2 reads it (column order of [`silver_page`]).
-const SILVER_COLUMNS: [&str; 10] = [
+const SILVER_COLUMNS: [&str; 12] = [
     "event_id",
     "profile_id",
     "source",
@@ -117,6 +117,8 @@ const SILVER_COLUMNS: [&str; 10] = [
     "traits",
     "properties",
     "raw_seq",
+    "name",
+    "utm",
 ];
 
 fn text(v: &Value) -> Option<&str> {
@@ -151,6 +153,23 @@ impl QualityChecks {
         self.warehouse.ensure_schema().await?;
         let since = started - ChronoDuration::hours(i64::try_from(cfg.window_hours).unwrap_or(i64::MAX / 4_000_000));
         let index = |c: &str| SILVER_COLUMNS.iter().position(|k| *k == c);
+        // A declared column Silver does not have is a failed expectation, never a silent skip.
+        let unknown: Vec<ExpectationResult> = cfg
+            .required
+            .iter()
+            .chain(cfg.types.keys())
+            .chain(cfg.unique.iter().flatten())
+            .filter(|c| index(c).is_none())
+            .map(|c| ExpectationResult {
+                expectation: "expect_column_to_exist".into(),
+                column: Some(c.clone()),
+                success: false,
+                observed: json!({ "columns": SILVER_COLUMNS }),
+                expected: json!({ "column": c }),
+                unexpected_count: 0,
+                unexpected_sample: Vec::new(),
+            })
+            .collect();
         let mut required: Vec<(usize, Tally)> = cfg
             .required
             .iter()
@@ -271,7 +290,7 @@ impl QualityChecks {
             }
             after = last;
         }
-        let mut results: Vec<ExpectationResult> = Vec::new();
+        let mut results: Vec<ExpectationResult> = unknown;
         results.extend(required.into_iter().map(|(_, t)| t.result(evaluated, None, None)));
         results.extend(types.into_iter().map(|(_, _, t)| t.result(evaluated, None, None)));
         results.extend(unique.into_iter().map(|(_, _, t)| t.result(evaluated, None, None)));
@@ -382,14 +401,7 @@ impl QualityChecks {
                 }
                 if !record.merged_from.is_empty() {
                     merged_checked += 1;
-                    let merges = self.store.list_merges(&record.profile_id).await?;
-                    let c = merges
-                        .iter()
-                        .map(|m| match m.reason {
-                            MergeReason::AutoMerged { score } => score,
-                            MergeReason::SharedIdentifier | MergeReason::ReviewApproved { .. } => 1.0,
-                        })
-                        .fold(1.0, f64::min);
+                    let c = identity_confidence(&self.store.list_merges(&record.profile_id).await?);
                     lowest_confidence = lowest_confidence.min(c);
                     if c < cfg.min_identity_confidence {
                         confidence.fail(id);
@@ -469,6 +481,27 @@ impl Tally {
         let ok = self.unexpected <= max;
         self.result(evaluated, Some(ok), None)
     }
+}
+
+/// How sure the merges behind a profile are: the weakest of them, where shared identifiers and
+/// reviewed matches count as certain and an automatic match as its model score.
+pub fn identity_confidence(merges: &[cohort_messages::msgs::IdentityMerged]) -> f64 {
+    merges
+        .iter()
+        .map(|m| match m.reason {
+            MergeReason::AutoMerged { score } => score,
+            MergeReason::SharedIdentifier | MergeReason::ReviewApproved { .. } => 1.0,
+        })
+        .fold(1.0, f64::min)
+}
+
+/// The newest run of each gate (runs come newest first).
+pub fn latest_per_gate(runs: &[QualityRun]) -> BTreeMap<u8, &QualityRun> {
+    let mut latest = BTreeMap::new();
+    for r in runs {
+        latest.entry(r.gate.number()).or_insert(r);
+    }
+    latest
 }
 
 /// Gate 4's row-count check of one batch sync: `size` against the previous run's.
@@ -598,10 +631,7 @@ pub fn report_html(runs: &[QualityRun]) -> String {
          .ok{color:#137333}.fail{color:#c5221f;font-weight:bold}code{font-size:90%}</style></head><body>\
          <h1>Quality gates</h1>",
     );
-    let mut latest: BTreeMap<u8, &QualityRun> = BTreeMap::new();
-    for r in runs {
-        latest.entry(r.gate.number()).or_insert(r);
-    }
+    let latest = latest_per_gate(runs);
     html.push_str("<h2>Latest run of each gate</h2><table><tr><th>gate</th><th>checkpoint</th><th>finished</th><th>status</th><th>on failure</th></tr>");
     for g in Gate::ALL {
         match latest.get(&g.number()) {
@@ -670,6 +700,24 @@ mod tests {
         assert_eq!(held.gate, Gate::PreReverseEtl);
         assert_eq!(held.action, Gate::PreReverseEtl.on_failure());
         assert_eq!(held.results[0].observed["previous"], 10);
+    }
+
+    #[test]
+    fn identity_confidence_is_the_weakest_merge() {
+        use cohort_messages::msgs::IdentityMerged;
+        let merge = |reason| IdentityMerged {
+            survivor: ProfileId::parse("prof_000000000000aaaaaaaaaaaa").unwrap(),
+            merged: ProfileId::parse("prof_000000000000bbbbbbbbbbbb").unwrap(),
+            evidence: Vec::new(),
+            at: Utc::now(),
+            seq: 0,
+            reason,
+        };
+        assert_eq!(identity_confidence(&[]), 1.0);
+        let reviewed = MergeReason::ReviewApproved { review_id: "r".into(), score: 0.7, by: "x".into() };
+        assert_eq!(identity_confidence(&[merge(MergeReason::SharedIdentifier), merge(reviewed)]), 1.0);
+        let auto = [merge(MergeReason::SharedIdentifier), merge(MergeReason::AutoMerged { score: 0.8 })];
+        assert_eq!(identity_confidence(&auto), 0.8, "an automatic match below 0.85 fails gate 3's default");
     }
 
     #[test]

@@ -169,6 +169,9 @@ struct Shared {
     running: Mutex<std::collections::HashSet<String>>,
     erasures: Arc<crate::gdpr::Erasures>,
     gate4: cohort_config::Gate4Config,
+    /// (activation, reason) of Gate 4 refusals already stored: a broken mapping refuses every
+    /// job, and one run per kind of refusal says it without a store write per event.
+    refusals_recorded: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 pub struct ReverseEtlActor;
@@ -641,9 +644,13 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
         }
         Err(e) => {
             if let JobError::Gate(reason) = &e {
-                let run = crate::quality::gate4_refusal(&job.activation.name, job.change.profile_id.as_str(), reason);
-                if let Err(e) = crate::quality::record_run(store.as_ref(), &shared.metrics, &run, false).await {
-                    tracing::warn!(error = %e, "gate 4 refusal not stored");
+                let first = shared.refusals_recorded.lock().insert((job.activation.name.clone(), reason.clone()));
+                if first {
+                    let run =
+                        crate::quality::gate4_refusal(&job.activation.name, job.change.profile_id.as_str(), reason);
+                    if let Err(e) = crate::quality::record_run(store.as_ref(), &shared.metrics, &run, false).await {
+                        tracing::warn!(error = %e, "gate 4 refusal not stored");
+                    }
                 }
                 lane.skip(&shared, "gate4");
             }
@@ -921,6 +928,7 @@ impl Actor for ReverseEtlActor {
                 running: Mutex::default(),
                 erasures: args.erasures,
                 gate4: args.gate4,
+                refusals_recorded: Mutex::default(),
             }),
             activations: args.activations.into_iter().map(Arc::new).collect(),
             destinations,

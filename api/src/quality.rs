@@ -41,13 +41,11 @@ async fn runs_of(state: &ApiState, q: &RunsQuery) -> Result<Vec<QualityRun>, Api
     security(("bearer" = ["ops:read"])))]
 pub async fn runs(State(state): State<ApiState>, Query(q): Query<RunsQuery>) -> Result<Json<Value>, ApiError> {
     let runs = runs_of(&state, &q).await?;
-    let failing: Vec<u8> = {
-        let mut latest = std::collections::BTreeMap::new();
-        for r in &runs {
-            latest.entry(r.gate.number()).or_insert(r.success);
-        }
-        latest.into_iter().filter(|(_, ok)| !ok).map(|(g, _)| g).collect()
-    };
+    let failing: Vec<u8> = cohort_actors::quality::latest_per_gate(&runs)
+        .into_iter()
+        .filter(|(_, r)| !r.success)
+        .map(|(g, _)| g)
+        .collect();
     Ok(Json(json!({ "runs": runs, "failing_gates": failing })))
 }
 

@@ -7,7 +7,7 @@
 //! `cohort generate-connector` scaffolds one (see `src/scaffold.rs`).
 
 use super::contact::{normalize_email, normalize_phone};
-use super::util::{check_size, raw_index};
+use super::util::{check_size, push_unique, raw_index};
 use super::{NormalizeError, NormalizeOptions, Normalized};
 use chrono::{DateTime, Utc};
 use cohort_messages::msgs::{PayloadFormat, RawPayload, Rejection};
@@ -164,12 +164,6 @@ fn schema_problems(validator: &jsonschema::Validator, record: &Value) -> Option<
         })
         .collect();
     (!problems.is_empty()).then(|| format!("schema: {}", problems.join("; ")))
-}
-
-fn push_unique(ids: &mut Vec<Identifier>, id: Identifier) {
-    if !ids.contains(&id) {
-        ids.push(id);
-    }
 }
 
 fn build(

@@ -2,8 +2,8 @@
 
 use super::contact::{normalize_email, normalize_phone};
 use super::util::{
-    check_size, consent_change, content_hash, from_unix, id_string, parse_datetime, parse_json, raw_index, type_name,
-    utf8,
+    check_size, consent_change, content_hash, from_unix, id_string, parse_datetime, parse_json, push_unique, raw_index,
+    type_name, utf8,
 };
 use super::{NormalizeError, NormalizeOptions, Normalized};
 use chrono::{DateTime, Utc};
@@ -29,12 +29,6 @@ const SYSTEM_FIELDS: &[&str] = &[
 const EMAIL_TRAITS: &[&str] = &["email", "preferred_email", "university_email", "alternate_email", "work_email"];
 /// Canonical traits holding phone numbers: E.164 and an identifier, or `<trait>_raw`.
 const PHONE_TRAITS: &[&str] = &["phone", "mobile_phone"];
-
-fn push_unique(ids: &mut Vec<Identifier>, id: Identifier) {
-    if !ids.contains(&id) {
-        ids.push(id);
-    }
-}
 
 /// Sets one mapped field: emails and phones are normalized (and identify the contact), other
 /// values are kept as given.

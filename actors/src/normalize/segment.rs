@@ -5,7 +5,9 @@
 //! batches over 500 KB or 2,500 events are a 413.
 
 use super::contact::{normalize_email, normalize_phone};
-use super::util::{check_size, deep_merge, id_string, json_datetime, parse_json, raw_index, scalar_string, type_name};
+use super::util::{
+    check_size, deep_merge, id_string, json_datetime, parse_json, push_unique, raw_index, scalar_string, type_name,
+};
 use super::{NormalizeError, NormalizeOptions, Normalized};
 use chrono::{DateTime, Utc};
 use cohort_messages::msgs::{RawPayload, Rejection, SegmentCall};
@@ -187,12 +189,6 @@ fn occurred_at(obj: &Map<String, Value>, received_at: DateTime<Utc>) -> Result<D
         Some(sent) => ts.checked_add_signed(received_at.signed_duration_since(sent)).unwrap_or(ts),
         None => ts,
     })
-}
-
-fn push_unique(ids: &mut Vec<Identifier>, id: Identifier) {
-    if !ids.contains(&id) {
-        ids.push(id);
-    }
 }
 
 /// Canonical traits; email and phone are normalized and become identifiers, values that do

@@ -170,6 +170,13 @@ pub(crate) fn content_hash(parts: &[&[u8]]) -> String {
     h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Adds an identifier once.
+pub(crate) fn push_unique(ids: &mut Vec<cohort_messages::Identifier>, id: cohort_messages::Identifier) {
+    if !ids.contains(&id) {
+        ids.push(id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
