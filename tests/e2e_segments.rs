@@ -594,6 +594,11 @@ async fn a_destination_actor_that_dies_is_restarted_and_its_jobs_still_go_out() 
     let demo = DemoServer::start(None, &use_case_toml(&d), SystemOptions::default()).await.unwrap();
     let c = &demo.client;
     let router = demo.cohort.reverse_etl.get().unwrap();
+    // The router starts its destination actors once it is up (post_start): wait for them.
+    let started = std::time::Instant::now();
+    while router.get_children().len() < 4 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let children = router.get_children();
     assert_eq!(children.len(), 4, "one actor per configured destination");
     for child in children {
