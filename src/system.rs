@@ -2,6 +2,7 @@
 //! HTTP API, and an orderly shutdown.
 
 use anyhow::{anyhow, Context};
+use cohort_actors::cluster::{MembershipActor, MembershipArgs, MembershipSettings};
 use cohort_actors::gdpr::destinations::ErasureDestinations;
 use cohort_actors::jobs::{JobFn, JobScheduler, JobSchedulerArgs, JobSpec};
 use cohort_actors::matching::MatchModel;
@@ -482,6 +483,31 @@ impl Cohort {
         let warehouse_slot: Slot<WarehouseMsg> = Slot::default();
         let retention_slot: Slot<RetentionMsg> = Slot::default();
         let mut job_children = Vec::new();
+        // This replica's name in job runs, saga leases and the membership.
+        let replica = replica_name();
+        let membership = MembershipSettings {
+            name: replica.clone(),
+            advertise_url: config.advertise_url(),
+            heartbeat: Duration::from_secs(config.cluster.heartbeat_secs),
+            ttl: Duration::from_secs(config.cluster.member_ttl_secs),
+        };
+        {
+            let (store, bus, metrics, health) = (store.clone(), bus.clone(), metrics.clone(), health.clone());
+            let settings = membership.clone();
+            job_children.push(ChildSpec::new("membership", "membership", move |sup| {
+                let args = MembershipArgs {
+                    store: store.clone(),
+                    bus: bus.clone(),
+                    health: health.clone(),
+                    metrics: metrics.clone(),
+                    settings: settings.clone(),
+                };
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, MembershipActor, args, sup).await?;
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         if let Some(warehouse) = warehouse.clone() {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
             let erasures = erasures.clone();
@@ -683,7 +709,7 @@ impl Cohort {
                 specs.push(JobSpec::new("features", &config.jobs.features, run).map_err(|e| bad("features", e))?);
             }
             let (store, metrics, slot) = (store.clone(), metrics.clone(), jobs_slot.clone());
-            let owner = replica_name();
+            let owner = replica.clone();
             job_children.push(ChildSpec::new("scheduler", "job_scheduler", move |sup| {
                 let jobs = specs.clone();
                 let args =
@@ -709,8 +735,11 @@ impl Cohort {
                 retry_max: Duration::from_millis(g.retry_max_ms),
                 step_timeout: Duration::from_secs(g.step_timeout_secs),
                 refresh_interval: Duration::from_secs(g.refresh_interval_secs),
+                lease: Duration::from_secs(g.lease_secs),
+                member_ttl: Duration::from_secs(config.cluster.member_ttl_secs),
             };
             let slot = gdpr_slot.clone();
+            let owner = replica.clone();
             job_children.push(ChildSpec::new("gdpr", "gdpr_coordinator", move |sup| {
                 let args = GdprArgs {
                     store: store.clone(),
@@ -724,6 +753,7 @@ impl Cohort {
                     destinations: destinations.clone(),
                     metrics: metrics.clone(),
                     settings: settings.clone(),
+                    owner: owner.clone(),
                 };
                 let slot = slot.clone();
                 async move {
@@ -785,6 +815,7 @@ impl Cohort {
             sendgrid_key,
             ready: Arc::new(AtomicBool::new(true)),
             call_timeout: Duration::from_secs(10),
+            membership,
         };
         Ok(Cohort {
             config,

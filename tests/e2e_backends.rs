@@ -21,7 +21,7 @@ mod common;
 mod destinations;
 use common::erasure::{
     assert_nothing_left, assert_present, completed, deletion_during_load, jana_writes_again, request_deletion,
-    saga_survives_sigkill, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
+    saga_survives_sigkill, seed, seed_both, step, target_of, wait_deletion, wait_whole, ERASURE_TOML, JANA, MAX,
 };
 use common::{assert_exactly_once, free_port, load_during, load_then_kill, spawn_cohort, wait_ready, Proc};
 use destinations::Destinations;
@@ -535,4 +535,126 @@ async fn a_saga_on_kafka_and_mongodb_interrupted_by_sigkill_resumes_after_the_re
     let id = unique("erasekill");
     let fail = |n| d.fail_next("salesforce", n);
     saga_survives_sigkill(dir.path(), &erasure_toml(&id, &d), fail).await;
+}
+
+/// A Prometheus series' value in a replica's `/metrics` (0 when absent).
+async fn series(c: &CohortClient, name_and_labels: &str) -> f64 {
+    let text = c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default().to_string();
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_is_run_by_one_replica_at_a_time_and_taken_over_when_its_replica_is_killed() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique("leases");
+    // A lease far longer than the test: the takeover must come from the owner's missing
+    // heartbeats, not from the lease running out.
+    let config = erasure_toml(&id, &d).replacen(
+        "[gdpr]\n",
+        "[cluster]\nheartbeat_secs = 1\nmember_ttl_secs = 3\n[gdpr]\nstep_timeout_secs = 2\nlease_secs = 600\nrefresh_interval_secs = 1\n",
+        1,
+    );
+    let cfg = dir.path().join("cohort.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let args = ["--config", cfg.to_str().unwrap()];
+    let client =
+        |port: u16| CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
+    let (port_a, port_b) = (free_port(), free_port());
+    let (a, b) = (client(port_a), client(port_b));
+    let mut replica_a = spawn_cohort(&args, &[("HOSTNAME", "replica-a".into())], port_a);
+    wait_ready(&a).await;
+    seed(&a, &JANA, 1).await;
+    let jana_ref = format!("email:{}", JANA.email);
+    wait_whole(&a, &jana_ref).await;
+
+    d.fail_next("salesforce", 1_000_000);
+    let url = request_deletion(&a, &jana_ref, "suppress_with_delete").await;
+    let stuck = wait_deletion(&a, &url, Duration::from_secs(60), |v| {
+        step(v, "destinations")["attempts"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert!(stuck["lease"]["owner"].as_str().unwrap().starts_with("replica-a/"), "{stuck}");
+    assert_eq!(stuck["owners"].as_array().unwrap().len(), 1, "{stuck}");
+
+    // A second replica finds the running saga and leaves it to the lease holder.
+    let _replica_b = spawn_cohort(&args, &[("HOSTNAME", "replica-b".into())], port_b);
+    wait_ready(&b).await;
+    let leases = |outcome: &str| format!("cohort_gdpr_saga_leases_total{{outcome=\"{outcome}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while series(&b, &leases("held_elsewhere")).await < 2.0 {
+        assert!(Instant::now() < deadline, "replica b never looked at the running saga");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(series(&b, &leases("acquired")).await + series(&b, &leases("taken_over")).await, 0.0);
+    let still = wait_deletion(&b, &url, Duration::from_secs(5), |_| true).await;
+    assert!(still["lease"]["owner"].as_str().unwrap().starts_with("replica-a/"), "{still}");
+
+    // Both are members: alive, reachable where they listen, consuming disjoint raw partitions
+    // that together cover every partition (5 sources x 3).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        let view = b.get("/v1/cluster").await.unwrap().body;
+        let members = view["members"].as_array().cloned().unwrap_or_default();
+        let parts: Vec<String> = members
+            .iter()
+            .flat_map(|m| m["partitions"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect();
+        let distinct: BTreeSet<&String> = parts.iter().collect();
+        if view["alive"] == 2 && parts.len() == 15 && distinct.len() == 15 {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "the two replicas never shared the partitions: {view}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let member = |prefix: &str| {
+        view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(member("replica-a/")["advertise_url"], format!("http://127.0.0.1:{port_a}"), "{view}");
+    assert_eq!(member("replica-b/")["self"], true, "{view}");
+    assert!(!member("replica-a/")["partitions"].as_array().unwrap().is_empty(), "{view}");
+    assert_eq!(member("replica-a/")["ready"], true, "{view}");
+
+    // Replica a dies mid-step; once its lease expires replica b resumes the saga where it stood.
+    replica_a.0.kill().unwrap();
+    replica_a.0.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = b.get("/v1/cluster").await.unwrap().body;
+        if view["alive"] == 1 && member_alive(&view, "replica-a/") == Some(false) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the killed replica still looks alive: {view}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    d.fail_next("salesforce", 0);
+    let done = wait_deletion(&b, &url, Duration::from_secs(90), completed).await;
+    let owners: Vec<&str> = done["owners"].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect();
+    assert_eq!(owners.len(), 2, "{done}");
+    assert!(owners[0].starts_with("replica-a/") && owners[1].starts_with("replica-b/"), "{done}");
+    assert_eq!(done["lease"], serde_json::Value::Null, "a finished saga holds no lease: {done}");
+    for name in ["suppress", "stop_actor", "operational_store", "documents", "event_log", "warehouse"] {
+        assert_eq!(step(&done, name)["attempts"], 1, "{name} ran again after the takeover: {done}");
+    }
+    assert_eq!(step(&done, "destinations")["last_error"], serde_json::Value::Null, "{done}");
+    assert_eq!(step(&done, "verify")["detail"]["remnants"], 0, "{done}");
+    assert_eq!(series(&b, &leases("taken_over")).await, 1.0);
+    assert_eq!(b.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().status, 404);
+}
+
+/// Whether the member whose name starts with `prefix` is alive in a `/v1/cluster` view.
+fn member_alive(view: &serde_json::Value, prefix: &str) -> Option<bool> {
+    view["members"].as_array()?.iter().find(|m| m["name"].as_str().is_some_and(|n| n.starts_with(prefix)))?["alive"]
+        .as_bool()
 }

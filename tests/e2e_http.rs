@@ -252,6 +252,23 @@ async fn operations_endpoints_answer() {
     ] {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }
+    assert!(paths.contains(&"root/jobs/membership"), "{paths:?}");
+    // One replica on the embedded backends: it is the whole cluster and consumes the journal.
+    // (Its first heartbeat may precede the end of start-up; the next one says ready.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let cluster = loop {
+        let cluster = c.get("/v1/cluster").await.unwrap();
+        assert_eq!(cluster.status, 200, "{}", cluster.body);
+        if cluster.body["members"][0]["ready"] == true || std::time::Instant::now() > deadline {
+            break cluster;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(cluster.body["alive"], 1, "{}", cluster.body);
+    let me = &cluster.body["members"][0];
+    assert_eq!(me["name"], cluster.body["self"], "{}", cluster.body);
+    assert_eq!((&me["self"], &me["alive"], &me["ready"]), (&json!(true), &json!(true), &json!(true)), "{me}");
+    assert_eq!(me["partitions"], json!(["journal/0"]), "{me}");
     let openapi = c.get("/openapi.json").await.unwrap();
     assert_eq!(openapi.status, 200);
     let doc_paths = openapi.body["paths"].as_object().unwrap();

@@ -2,6 +2,7 @@
 //!
 //! Actors depend on the adapter traits only; the `cohort` binary chooses the backends.
 
+pub mod cluster;
 pub mod context;
 pub mod dead_letters;
 pub mod directory;

@@ -70,6 +70,8 @@ pub trait EventBus: Send + Sync + 'static {
     fn deduplicates_on_publish(&self) -> bool;
     /// The highest position this process has published to, per stream (for draining).
     fn published(&self) -> StreamPositions;
+    /// The partitions this process consumes now (`topic/partition`), for the cluster view.
+    fn assignment(&self) -> Vec<String>;
     /// Publishes events attributed to their profiles (`cdp.processed.events`, keyed by profile
     /// id) for downstream consumers. A bus without such a stream accepts and keeps nothing.
     async fn publish_processed(&self, rows: &[SilverRow]) -> Result<(), StoreError>;
@@ -165,6 +167,11 @@ impl EventBus for EmbeddedBus {
 
     fn published(&self) -> StreamPositions {
         vec![(0, *self.log.watch_head().borrow())]
+    }
+
+    fn assignment(&self) -> Vec<String> {
+        // One process owns the journal file.
+        vec!["journal/0".to_string()]
     }
 
     fn name(&self) -> &'static str {

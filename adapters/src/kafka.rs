@@ -300,6 +300,14 @@ impl EventBus for KafkaBus {
         v
     }
 
+    fn assignment(&self) -> Vec<String> {
+        let Some(consumer) = self.consumer.lock().clone() else { return Vec::new() };
+        let Ok(list) = consumer.assignment() else { return Vec::new() };
+        let mut out: Vec<String> = list.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
+        out.sort();
+        out
+    }
+
     fn name(&self) -> &'static str {
         "kafka"
     }

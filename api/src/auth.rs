@@ -266,6 +266,7 @@ pub fn policy(method: &Method, route: &str) -> Option<Policy> {
         | "/v1/jobs"
         | "/v1/jobs/{name}/runs"
         | "/v1/supervisors"
+        | "/v1/cluster"
         | "/v1/quality/runs"
         | "/v1/quality/runs/{id}"
         | "/v1/quality/report" => Scoped(OPS_READ),

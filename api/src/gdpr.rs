@@ -215,6 +215,9 @@ fn deletion_view(saga: &SagaRecord) -> Result<Value, ApiError> {
         "completed_at": state.completed_at,
         "duration_ms": duration_ms,
         "steps": state.steps,
+        // Which replica runs it (until when), and every replica that has: a takeover shows here.
+        "lease": state.lease,
+        "owners": state.owners,
     }))
 }
 

@@ -72,7 +72,7 @@ impl Modify for BearerAuth {
         segments::list, segments::get, segments::put, segments::delete, segments::members, segments::profile_segments,
         segments::status, segments::retry, segments::confirm, segments::changes, gdpr::export, gdpr::get_consent, gdpr::put_consent,
         gdpr::request_deletion, gdpr::get_deletion, gdpr::list_deletions,
-        ops::live, ops::ready, ops::supervisors, ops::metrics, ops::dlq, jobs::list, jobs::runs, jobs::run_now,
+        ops::live, ops::ready, ops::supervisors, ops::cluster, ops::metrics, ops::dlq, jobs::list, jobs::runs, jobs::run_now,
         quality::runs, quality::run, quality::report, dlq::replay,
     ),
     modifiers(&BearerAuth)
@@ -146,6 +146,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/quality/runs/{id}", get(quality::run))
         .route("/v1/quality/report", get(quality::report))
         .route("/v1/supervisors", get(ops::supervisors))
+        .route("/v1/cluster", get(ops::cluster))
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

@@ -37,6 +37,36 @@ pub async fn supervisors(State(state): State<ApiState>) -> Result<Json<Value>, A
     Ok(Json(json!({ "ready": state.health.is_ready(), "children": state.health.snapshot() })))
 }
 
+#[utoipa::path(get, path = "/v1/cluster", tag = "ops",
+    responses((status = 200, description = "The replicas sharing this store: name, address, partitions consumed, health, last heartbeat and whether it is recent"),
+        (status = 401), (status = 503, description = "The store cannot be read")),
+    security(("bearer" = ["ops:read"])))]
+pub async fn cluster(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let m = &state.membership;
+    let now = chrono::Utc::now();
+    let listed = cohort_actors::cluster::members(state.store.as_ref(), now, m.ttl())
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cluster membership unavailable: {e}")))?;
+    let alive = listed.iter().filter(|(_, a)| *a).count();
+    let members: Vec<Value> = listed
+        .into_iter()
+        .map(|(r, alive)| {
+            let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("alive".into(), json!(alive));
+                o.insert("self".into(), json!(r.name == m.name));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({
+        "self": m.name,
+        "alive": alive,
+        "member_ttl_secs": m.ttl.as_secs(),
+        "members": members,
+    })))
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text format"), (status = 401), (status = 403)),
     security(("bearer" = ["metrics:read"]), ("bearer" = ["ops:read"])))]

@@ -48,4 +48,6 @@ pub struct ApiState {
     /// False while starting and while shutting down.
     pub ready: Arc<AtomicBool>,
     pub call_timeout: Duration,
+    /// This replica's name and the membership's heartbeat TTL (`GET /v1/cluster`).
+    pub membership: cohort_actors::cluster::MembershipSettings,
 }

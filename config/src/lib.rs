@@ -25,6 +25,7 @@ pub struct Config {
     pub warehouse: WarehouseConfig,
     pub retention: RetentionConfig,
     pub gdpr: GdprConfig,
+    pub cluster: ClusterConfig,
     pub jobs: JobsConfig,
     pub quality: QualityConfig,
     pub segments: SegmentsConfig,
@@ -38,6 +39,32 @@ pub struct Config {
     /// Passed to the normalizers, which validate it at start (`normalize.*` keys).
     #[serde(default)]
     pub normalize: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How a replica takes part in the cluster (membership heartbeats in the shared store).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Where peers reach this replica's API; empty: `http://` + `server.listen` (an unspecified
+    /// host becomes `HOSTNAME`).
+    pub advertise_url: String,
+    pub heartbeat_secs: u64,
+    pub member_ttl_secs: u64,
+}
+
+impl Config {
+    /// This replica's API address as peers should use it.
+    pub fn advertise_url(&self) -> String {
+        if !self.cluster.advertise_url.is_empty() {
+            return self.cluster.advertise_url.trim_end_matches('/').to_string();
+        }
+        let listen = self.server.listen;
+        if !listen.ip().is_unspecified() {
+            return format!("http://{listen}");
+        }
+        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "127.0.0.1".into());
+        format!("http://{host}:{}", listen.port())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -457,6 +484,7 @@ pub struct GdprConfig {
     pub retry_max_ms: u64,
     pub step_timeout_secs: u64,
     pub refresh_interval_secs: u64,
+    pub lease_secs: u64,
 }
 
 impl std::fmt::Debug for GdprConfig {
@@ -562,6 +590,22 @@ impl Config {
         }
         if self.gdpr.refresh_interval_secs == 0 {
             return Err(bad("gdpr.refresh_interval_secs", "must be positive"));
+        }
+        if self.cluster.heartbeat_secs == 0 {
+            return Err(bad("cluster.heartbeat_secs", "must be positive"));
+        }
+        if self.cluster.member_ttl_secs < self.cluster.heartbeat_secs.saturating_mul(2) {
+            // One late heartbeat must not make a live replica look dead.
+            return Err(bad("cluster.member_ttl_secs", "must be at least twice cluster.heartbeat_secs"));
+        }
+        let advertise = &self.cluster.advertise_url;
+        let http = advertise.starts_with("http://") || advertise.starts_with("https://");
+        if !advertise.is_empty() && !http {
+            return Err(bad("cluster.advertise_url", "must be an http:// or https:// URL, or empty"));
+        }
+        if self.gdpr.lease_secs <= self.gdpr.step_timeout_secs {
+            // Otherwise a second replica could start a step its owner is still running.
+            return Err(bad("gdpr.lease_secs", "must be longer than gdpr.step_timeout_secs"));
         }
         let store_url = self.storage.url.as_str();
         let embedded_store = store_url.starts_with("embedded://") || store_url == "memory://";
@@ -838,6 +882,13 @@ mod tests {
         assert!(err.contains("retention.idempotency_hours"), "{err}");
         let err = Config::from_toml_str("[bus]\nurl = \"amqp://x\"\n").unwrap_err().to_string();
         assert!(err.contains("bus.url"), "{err}");
+        let err = Config::from_toml_str("[gdpr]\nstep_timeout_secs = 60\nlease_secs = 60\n").unwrap_err().to_string();
+        assert!(err.contains("`gdpr.lease_secs`"), "a lease must outlast a step: {err}");
+        let err =
+            Config::from_toml_str("[cluster]\nheartbeat_secs = 5\nmember_ttl_secs = 6\n").unwrap_err().to_string();
+        assert!(err.contains("`cluster.member_ttl_secs`"), "{err}");
+        let err = Config::from_toml_str("[cluster]\nadvertise_url = \"pod-1:8080\"\n").unwrap_err().to_string();
+        assert!(err.contains("`cluster.advertise_url`"), "{err}");
     }
 
     #[test]

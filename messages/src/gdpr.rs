@@ -266,6 +266,27 @@ pub struct DeletionState {
     pub requested_at: DateTime<Utc>,
     pub steps: Vec<StepState>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The replica that may run the saga's steps, until when. Another replica takes the saga
+    /// over only once the lease has expired (its owner died or stopped without releasing it).
+    #[serde(default)]
+    pub lease: Option<SagaLease>,
+    /// Every replica that held the lease, in order (the status endpoint shows takeovers).
+    #[serde(default)]
+    pub owners: Vec<String>,
+}
+
+/// A replica's claim on a saga, renewed with every step it saves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaLease {
+    pub owner: String,
+    pub until: DateTime<Utc>,
+}
+
+impl DeletionState {
+    /// Who holds the saga at `now`, if anyone other than `me`.
+    pub fn held_elsewhere(&self, me: &str, now: DateTime<Utc>) -> Option<&SagaLease> {
+        self.lease.as_ref().filter(|l| l.owner != me && l.until > now)
+    }
 }
 
 /// `SagaRecord::kind` of deletion sagas.

@@ -4,6 +4,7 @@
 //! (which exchange them) and the API (which renders them). It depends on `ractor` only for
 //! `RpcReplyPort`, so that queries can carry their reply channel.
 
+pub mod cluster;
 pub mod dead_letter;
 pub mod event;
 pub mod gdpr;
@@ -17,7 +18,8 @@ pub mod segment;
 pub use dead_letter::{DeadLetter, DeadLetterStage};
 pub use event::{CustomerEvent, EventKind, RawRef, Utm};
 pub use gdpr::{
-    DeletionState, DeletionStep, ErasureCounts, ErasureTarget, Regulation, StepState, StepStatus, DELETION_SAGA,
+    DeletionState, DeletionStep, ErasureCounts, ErasureTarget, Regulation, SagaLease, StepState, StepStatus,
+    DELETION_SAGA,
 };
 pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
 pub use profile::{

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub gdpr_saga_duration: HistogramVec,
     pub gdpr_sagas: IntCounterVec,
     pub gdpr_step_failures: IntCounterVec,
+    pub gdpr_saga_leases: IntCounterVec,
+    pub cluster_heartbeats: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub api_refused: IntCounterVec,
@@ -216,6 +218,18 @@ impl Metrics {
             counter_vec(&r, "gdpr_sagas_total", "Deletion sagas by regulation and event", &["regulation", "event"])?;
         let gdpr_step_failures =
             counter_vec(&r, "gdpr_step_failures_total", "Deletion saga step attempts that failed", &["step"])?;
+        let gdpr_saga_leases = counter_vec(
+            &r,
+            "gdpr_saga_leases_total",
+            "Deletion saga leases: acquired, taken_over (from an expired owner), held_elsewhere, released",
+            &["outcome"],
+        )?;
+        let cluster_heartbeats = counter_vec(
+            &r,
+            "cluster_heartbeats_total",
+            "Membership heartbeats written to the shared store, ok or failed",
+            &["outcome"],
+        )?;
         let gdpr_suppressed_events = counter_vec(
             &r,
             "gdpr_suppressed_events_total",
@@ -341,6 +355,8 @@ impl Metrics {
             gdpr_saga_duration,
             gdpr_sagas,
             gdpr_step_failures,
+            gdpr_saga_leases,
+            cluster_heartbeats,
             gdpr_suppressed_events,
             consumer_lag,
             api_refused,

@@ -313,18 +313,7 @@ pub async fn saga_survives_sigkill(dir: &std::path::Path, config: &str, fail_sal
     super::wait_ready(&c).await;
     seed(&c, &JANA, 1).await;
     let jana_ref = format!("email:{}", JANA.email);
-    // Every seeded event is resolved (on Kafka that takes a moment): her Salesforce id, email,
-    // phone, WhatsApp and anonymous ids are on one profile.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap();
-        if p.status == 200 && p.body["identifiers"].as_array().is_some_and(|ids| ids.len() >= 5) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "Jana never appeared whole: {}", p.body);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let profile_id = c.get(&format!("/v1/profiles/{jana_ref}")).await.unwrap().body["profile_id"].clone();
+    let profile_id = wait_whole(&c, &jana_ref).await["profile_id"].clone();
 
     fail_salesforce(1_000_000);
     let url = request_deletion(&c, &jana_ref, "suppress_with_delete").await;
@@ -357,6 +346,20 @@ pub async fn saga_survives_sigkill(dir: &std::path::Path, config: &str, fail_sal
     assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
     let list = c.get("/v1/gdpr/deletions").await.unwrap();
     assert_eq!(list.body["deletions"].as_array().unwrap().len(), 1, "{}", list.body);
+}
+
+/// Waits until every seeded event of a student is resolved (on Kafka that takes a moment):
+/// their Salesforce id, email, phone, WhatsApp and anonymous ids are on one profile.
+pub async fn wait_whole(c: &CohortClient, reference: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = c.get(&format!("/v1/profiles/{reference}")).await.unwrap();
+        if p.status == 200 && p.body["identifiers"].as_array().is_some_and(|ids| ids.len() >= 5) {
+            return p.body;
+        }
+        assert!(Instant::now() < deadline, "{reference} never appeared whole: {}", p.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Jana and Max through every source, settled everywhere.

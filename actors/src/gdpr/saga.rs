@@ -9,6 +9,11 @@
 //!
 //! The saga must find the person in every store after a restart, so it keeps their identifiers
 //! sealed with the store's data key, and drops them in its last step.
+//!
+//! With several replicas, one runs a saga at a time: it holds a lease in the saga's state,
+//! renewed by every save. Every replica's refresh looks at running sagas; a lease whose holder
+//! has no recent membership heartbeat (it died or left), or that has expired, is taken over, so
+//! a dead replica's saga is resumed elsewhere.
 
 use super::destinations::ErasureDestinations;
 use super::{Erasures, SUPPRESSED};
@@ -21,7 +26,7 @@ use cohort_adapters::warehouse::raw_mentioning;
 use cohort_adapters::{all_documents, EventBus, Layer, OperationalStore, QueryValue, StoreErrorKind, Warehouse};
 use cohort_messages::msgs::{DeletionRequest, GdprMsg, ProfilesMsg, WarehouseMsg};
 use cohort_messages::{
-    DeletionState, DeletionStep, ErasureTarget, NewAuditEntry, ProfileId, SagaRecord, SagaStatus, StepState,
+    DeletionState, DeletionStep, ErasureTarget, NewAuditEntry, ProfileId, SagaLease, SagaRecord, SagaStatus, StepState,
     StepStatus, DELETION_SAGA,
 };
 use cohort_supervisors::{Metrics, Slot};
@@ -42,6 +47,11 @@ pub struct GdprSettings {
     pub step_timeout: Duration,
     /// How often suppressions and erasures written by other replicas are picked up.
     pub refresh_interval: Duration,
+    /// How long a saga stays this replica's after a save (longer than `step_timeout`).
+    pub lease: Duration,
+    /// A lease holder without a membership heartbeat this recent is dead: its saga is taken
+    /// over at once instead of when the lease expires.
+    pub member_ttl: Duration,
 }
 
 pub struct GdprArgs {
@@ -57,10 +67,14 @@ pub struct GdprArgs {
     pub destinations: ErasureDestinations,
     pub metrics: Metrics,
     pub settings: GdprSettings,
+    /// This replica's name in saga leases.
+    pub owner: String,
 }
 
 pub struct GdprState {
     args: GdprArgs,
+    /// Sagas whose lease this replica holds (released at shutdown).
+    held: HashSet<String>,
     /// Sagas with an `Advance` already on its way (a timer or a message), so a refresh does not
     /// start a second chain for them.
     scheduled: HashSet<String>,
@@ -125,6 +139,8 @@ impl GdprState {
             requested_at: now,
             steps: DeletionStep::plan(request.regulation).into_iter().map(StepState::pending).collect(),
             completed_at: None,
+            lease: Some(self.lease_from(now, Duration::ZERO)),
+            owners: vec![a.owner.clone()],
         };
         let saga = SagaRecord {
             saga_id: saga_id(),
@@ -137,9 +153,93 @@ impl GdprState {
             updated_at: now,
         };
         a.store.save_saga(&saga).await.map_err(|e| e.to_string())?;
+        a.metrics.gdpr_saga_leases.with_label_values(&["acquired"]).inc();
         a.metrics.gdpr_sagas.with_label_values(&[request.regulation.as_str(), "requested"]).inc();
         tracing::info!(saga_id = %saga.saga_id, profile_id = %request.profile_id, regulation = request.regulation.as_str(), "deletion saga requested");
         Ok(saga)
+    }
+
+    /// This replica's lease from `now`, covering a wait of `extra` before the next step.
+    fn lease_from(&self, now: chrono::DateTime<chrono::Utc>, extra: Duration) -> SagaLease {
+        let span = chrono::Duration::from_std(self.args.settings.lease + extra).unwrap_or(chrono::Duration::MAX);
+        SagaLease { owner: self.args.owner.clone(), until: now.checked_add_signed(span).unwrap_or(now) }
+    }
+
+    /// Makes sure this replica holds the saga's lease for at least one more step. `Err(wait)`:
+    /// another replica holds it (or just took it); look again after `wait`.
+    async fn hold(&mut self, saga: &mut SagaRecord, state: &mut DeletionState) -> Result<(), Result<Duration, String>> {
+        let a = &self.args;
+        let now = chrono::Utc::now();
+        if let Some(lease) = state.held_elsewhere(&a.owner, now) {
+            let ttl = chrono::Duration::from_std(a.settings.member_ttl).unwrap_or(chrono::Duration::MAX);
+            let alive = crate::cluster::is_alive(a.store.as_ref(), &lease.owner, now, ttl)
+                .await
+                .map_err(|e| Err(e.to_string()))?;
+            if alive {
+                a.metrics.gdpr_saga_leases.with_label_values(&["held_elsewhere"]).inc();
+                self.held.remove(&saga.saga_id);
+                // Look again when the lease may have run out, or its holder may have died.
+                let left = (lease.until - now).to_std().unwrap_or_default().min(a.settings.member_ttl);
+                return Err(Ok(left + Duration::from_millis(100)));
+            }
+        }
+        let step = chrono::Duration::from_std(a.settings.step_timeout).unwrap_or(chrono::Duration::MAX);
+        let mine_long_enough =
+            state.lease.as_ref().is_some_and(|l| l.owner == a.owner && l.until.signed_duration_since(now) > step);
+        if mine_long_enough {
+            self.held.insert(saga.saga_id.clone());
+            return Ok(());
+        }
+        let previous = state.lease.as_ref().map(|l| l.owner.clone());
+        state.lease = Some(self.lease_from(now, Duration::ZERO));
+        let a = &self.args;
+        let outcome = match previous {
+            Some(p) if p == a.owner => None,
+            Some(_) => Some("taken_over"),
+            None => Some("acquired"),
+        };
+        if outcome.is_some() && state.owners.last() != Some(&a.owner) {
+            state.owners.push(a.owner.clone());
+        }
+        saga.version += 1;
+        saga.updated_at = now;
+        saga.state = serde_json::to_value(&*state).map_err(|e| Err(format!("cannot encode the saga: {e}")))?;
+        match a.store.save_saga(saga).await {
+            Ok(()) => {
+                if let Some(outcome) = outcome {
+                    a.metrics.gdpr_saga_leases.with_label_values(&[outcome]).inc();
+                    if outcome == "taken_over" {
+                        tracing::warn!(saga_id = %saga.saga_id, owner = %a.owner, "deletion saga taken over from a replica whose lease expired");
+                    }
+                }
+                self.held.insert(saga.saga_id.clone());
+                Ok(())
+            }
+            // Another replica saved it first: see who holds it now.
+            Err(e) if e.kind == StoreErrorKind::Conflict => Err(Ok(Duration::from_millis(100))),
+            Err(e) => Err(Err(e.to_string())),
+        }
+    }
+
+    /// Gives up the leases this replica holds, so a rolling restart hands sagas over at once.
+    async fn release_leases(&mut self) {
+        let a = &self.args;
+        for saga_id in std::mem::take(&mut self.held) {
+            let Ok(Some(mut saga)) = a.store.load_saga(&saga_id).await else { continue };
+            let Ok(mut state) = state_of(&saga) else { continue };
+            if saga.status != SagaStatus::Running || state.lease.as_ref().is_none_or(|l| l.owner != a.owner) {
+                continue;
+            }
+            state.lease = None;
+            saga.version += 1;
+            saga.updated_at = chrono::Utc::now();
+            let Ok(value) = serde_json::to_value(&state) else { continue };
+            saga.state = value;
+            if a.store.save_saga(&saga).await.is_ok() {
+                a.metrics.gdpr_saga_leases.with_label_values(&["released"]).inc();
+                tracing::info!(saga_id = %saga_id, "deletion saga lease released at shutdown");
+            }
+        }
     }
 
     fn target(&self, state: &DeletionState) -> Result<Option<ErasureTarget>, String> {
@@ -157,7 +257,13 @@ impl GdprState {
             return Ok(None);
         }
         let mut state = state_of(&saga)?;
+        match self.hold(&mut saga, &mut state).await {
+            Ok(()) => {}
+            Err(Ok(wait)) => return Ok(Some(wait)),
+            Err(Err(e)) => return Err(e),
+        }
         let Some(i) = state.steps.iter().position(|s| !s.is_finished()) else {
+            self.held.remove(saga_id);
             return self.finish(saga, state).await.map(|()| None);
         };
         let mut target = self.target(&state)?;
@@ -166,9 +272,10 @@ impl GdprState {
         state.steps[i].attempts += 1;
         state.steps[i].started_at.get_or_insert(now);
         let run = self.run(step, &saga.saga_id, &mut state, target.as_mut());
-        let result = match tokio::time::timeout(a.settings.step_timeout, run).await {
+        let timeout = self.args.settings.step_timeout;
+        let result = match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
-            Err(_) => Err(StepError::Retry(format!("no result within {} s", a.settings.step_timeout.as_secs()))),
+            Err(_) => Err(StepError::Retry(format!("no result within {} s", timeout.as_secs()))),
         };
         let a = &self.args;
         let mut again = Some(Duration::ZERO);
@@ -213,13 +320,19 @@ impl GdprState {
                 again = Some(backoff(&a.settings, s.attempts));
             }
         }
+        let now = chrono::Utc::now();
+        // The lease covers the wait before the next attempt, so nobody takes a saga that backs off.
+        state.lease = Some(self.lease_from(now, again.unwrap_or_default()));
         saga.version += 1;
-        saga.updated_at = chrono::Utc::now();
+        saga.updated_at = now;
         saga.state = serde_json::to_value(&state).map_err(|e| format!("cannot encode the saga: {e}"))?;
-        match a.store.save_saga(&saga).await {
+        match self.args.store.save_saga(&saga).await {
             Ok(()) => Ok(again),
-            // Another coordinator advanced it: it carries on from there.
-            Err(e) if e.kind == StoreErrorKind::Conflict => Ok(None),
+            // Another coordinator took it over (this one outlived its lease): it carries on.
+            Err(e) if e.kind == StoreErrorKind::Conflict => {
+                self.held.remove(saga_id);
+                Ok(None)
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -228,6 +341,7 @@ impl GdprState {
         let a = &self.args;
         let now = chrono::Utc::now();
         state.completed_at = Some(now);
+        state.lease = None;
         saga.status = SagaStatus::Completed;
         saga.version += 1;
         saga.updated_at = now;
@@ -581,13 +695,15 @@ impl Actor for GdprCoordinator {
         let every = args.settings.refresh_interval;
         let timer = myself.send_interval(every, || GdprMsg::Refresh);
         let _ = myself.send_message(GdprMsg::Refresh);
-        Ok(GdprState { args, scheduled: HashSet::new(), timer: Some(timer) })
+        Ok(GdprState { args, held: HashSet::new(), scheduled: HashSet::new(), timer: Some(timer) })
     }
 
     async fn post_stop(&self, _myself: ActorRef<GdprMsg>, state: &mut GdprState) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.timer.take() {
             t.abort();
         }
+        // Best effort and bounded: an unreleased lease only delays the takeover until it expires.
+        let _ = tokio::time::timeout(Duration::from_secs(5), state.release_leases()).await;
         Ok(())
     }
 
