@@ -185,7 +185,13 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
         assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/health/ready");
         assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(kind(&docs, "Service", "cohort-peers")["spec"]["clusterIP"], "None", "peers are headless");
-        kind(&docs, "HorizontalPodAutoscaler", "cohort");
+        // One replica, and no autoscaler, until profiles are owned per partition (ARCHITECTURE.md
+        // "Cluster mode"); a rollout must not run two consumers side by side either.
+        assert_eq!(deployment["spec"]["replicas"], 1, "{dir}");
+        assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 0, "{dir}");
+        assert!(docs.iter().all(|d| d["kind"] != "HorizontalPodAutoscaler"), "{dir}");
+        let env = container["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "COHORT__CLUSTER__ADVERTISE_URL"), "{dir}: peers need the pod address");
         kind(&docs, "PodDisruptionBudget", "cohort");
         let sa = kind(&docs, "ServiceAccount", "cohort");
         assert!(sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].is_string(), "Workload Identity");
