@@ -141,8 +141,13 @@ fn alerts_and_the_dashboard_use_only_catalogued_metrics() {
 
 /// `kubectl kustomize DIR`, written to a temporary file.
 fn render(dir: &str, out: &Path) {
+    render_path(&repo(dir), out)
+}
+
+fn render_path(dir: &Path, out: &Path) {
+    let dir = dir.display();
     let rendered = Command::new("kubectl")
-        .args(["kustomize", repo(dir).to_str().unwrap()])
+        .args(["kustomize", &dir.to_string()])
         .output()
         .unwrap_or_else(|e| panic!("kubectl is needed to render deploy/k8s (it comes with the machine image): {e}"));
     assert!(rendered.status.success(), "kustomize {dir}: {}", String::from_utf8_lossy(&rendered.stderr));
@@ -232,4 +237,30 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
             "{dir}: the Secret's variables reach the config"
         );
     }
+}
+
+#[test]
+fn the_cluster_component_adds_replicas_and_an_autoscaler_that_validate() {
+    let validate = format!("{}/kubernetes-validate", tool("COHORT_TEST_DEPLOY_TOOLS"));
+    let tmp = tempfile::tempdir().unwrap();
+    // kustomize takes only relative paths: from the temporary overlay up to / and down again.
+    let up = "../".repeat(tmp.path().components().count() - 1);
+    let k8s = repo("deploy/k8s");
+    let k8s = format!("{up}{}", k8s.strip_prefix("/").unwrap().display());
+    let overlay = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {k8s}/overlays/gke\ncomponents:\n  - {k8s}/components/cluster\n"
+    );
+    std::fs::write(tmp.path().join("kustomization.yaml"), overlay).unwrap();
+    let file = tmp.path().join("rendered.yaml");
+    render_path(tmp.path(), &file);
+    let out = Command::new(&validate).args(["-k", "1.32.0", "--strict", "--quiet"]).arg(&file).output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !report.contains("ERROR"), "the cluster component does not validate:\n{report}");
+    let docs = documents(&file);
+    let deployment = kind(&docs, "Deployment", "cohort");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 1);
+    let hpa = kind(&docs, "HorizontalPodAutoscaler", "cohort");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "cohort");
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() <= hpa["spec"]["maxReplicas"].as_u64().unwrap());
 }

@@ -539,12 +539,7 @@ async fn a_saga_on_kafka_and_mongodb_interrupted_by_sigkill_resumes_after_the_re
 
 /// A Prometheus series' value in a replica's `/metrics` (0 when absent).
 async fn series(c: &CohortClient, name_and_labels: &str) -> f64 {
-    let text = c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    common::series_value(&common::scrape(c).await, name_and_labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ use common::erasure::{
     assert_nothing_left, assert_present, completed, deletion_during_load, jana_writes_again, request_deletion,
     saga_survives_sigkill, seed, seed_both, step, target_of, wait_deletion, ERASURE_TOML, JANA, MAX,
 };
+use common::series_value as metric;
 use destinations::Destinations;
 use serde_json::json;
 use std::time::Duration;
@@ -28,14 +29,6 @@ use std::time::Duration;
 /// Destinations, quick saga retries, and a segment with an activation (see [`ERASURE_TOML`]).
 fn config_toml(d: &Destinations) -> String {
     format!("{}\n{ERASURE_TOML}", d.config_toml())
-}
-
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,20 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
 }
 
+/// A series' value in Prometheus text, matched by name and labels (0 when absent).
+pub fn series_value(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A replica's `/metrics` text.
+pub async fn scrape(c: &CohortClient) -> String {
+    c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default().to_string()
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct Proc(pub Child);
 
