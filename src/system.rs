@@ -2,7 +2,10 @@
 //! HTTP API, and an orderly shutdown.
 
 use anyhow::{anyhow, Context};
-use cohort_actors::cluster::{MembershipActor, MembershipArgs, MembershipSettings};
+use cohort_actors::cluster::{
+    MembershipActor, MembershipArgs, MembershipSettings, ProfileRouter, ProfileRouterArgs, RoutedDispatcher,
+    RoutedDispatcherArgs,
+};
 use cohort_actors::gdpr::destinations::ErasureDestinations;
 use cohort_actors::jobs::{JobFn, JobScheduler, JobSchedulerArgs, JobSpec};
 use cohort_actors::matching::MatchModel;
@@ -19,13 +22,15 @@ use cohort_actors::{
     IdentityStatsArgs, IngestActor, IngestArgs, PipelineContext, ProfileSettings, ProfilesArgs, ProfilesDirectory,
     RetentionActor, RetentionArgs, WarehouseSink, WarehouseSinkArgs,
 };
+use cohort_adapters::cluster::Ownership;
 use cohort_adapters::crypto::{
     key_manager_from_url, new_data_key, open_data_key, Envelope, KeyedHasher, KmsOptions, WrappedKey,
 };
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
 use cohort_adapters::{
-    open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, Pii, SealedStore, StreamPositions, Warehouse,
+    open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, Pii, SealedStore, StoreErrorKind,
+    StreamPositions, Warehouse,
 };
 use cohort_api::ApiState;
 use cohort_config::{Config, WarehousePii};
@@ -34,7 +39,7 @@ use cohort_messages::msgs::{
     RelayReport, RetentionMsg, ReverseEtlMsg, SegmentMsg, WarehouseMsg,
 };
 use cohort_messages::segment::SegmentKind;
-use cohort_messages::{Identifier, IdentifierKind, Source};
+use cohort_messages::{Identifier, IdentifierKind, SagaRecord, SagaStatus, Source};
 use cohort_supervisors::{
     ChildSpec, HealthRegistry, Metrics, RestartPolicy, Slot, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg,
 };
@@ -82,6 +87,7 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn Operation
             replication_factor: config.bus.replication_factor,
             produce_timeout: Duration::from_millis(config.bus.produce_timeout_ms),
             session_timeout: Duration::from_millis(config.bus.session_timeout_ms),
+            routed_processed: config.cluster.enabled,
         };
         KafkaBus::connect(settings).await.with_context(|| format!("connecting to Kafka `{bus_url}`"))?
     };
@@ -135,10 +141,33 @@ pub async fn open_keyring(config: &Config, store: &dyn OperationalStore) -> anyh
     let record: WrappedKey = match stored.into_iter().next().flatten() {
         Some(doc) => serde_json::from_value(doc).context("the stored data key is unreadable")?,
         None => {
-            let (_, record) = new_data_key(km.as_ref()).await.context("creating the data key")?;
+            // Replicas starting together must agree on one key: the first to create the record
+            // (a compare-and-set) wins, the others take its key.
+            let (_, candidate) = new_data_key(km.as_ref()).await.context("creating the data key")?;
+            let now = chrono::Utc::now();
+            let claim = SagaRecord {
+                saga_id: KEYRING_CLAIM.into(),
+                kind: "keyring".into(),
+                subject: KEYRING_DATA_KEY.into(),
+                status: SagaStatus::Completed,
+                version: 1,
+                state: serde_json::to_value(&candidate).context("encoding the data key")?,
+                created_at: now,
+                updated_at: now,
+            };
+            let record: WrappedKey = match store.save_saga(&claim).await {
+                Ok(()) => {
+                    tracing::info!(key_id = %candidate.key_id, kek = %km.describe(), "data key created");
+                    candidate
+                }
+                Err(e) if e.kind == StoreErrorKind::Conflict => {
+                    let won = store.load_saga(KEYRING_CLAIM).await?.context("the data key's record vanished")?;
+                    serde_json::from_value(won.state).context("the stored data key is unreadable")?
+                }
+                Err(e) => return Err(e).context("storing the data key"),
+            };
             let doc = serde_json::to_value(&record).context("encoding the data key")?;
             store.put_documents(KEYRING, vec![(KEYRING_DATA_KEY.to_string(), Some(doc))]).await?;
-            tracing::info!(key_id = %record.key_id, kek = %km.describe(), "data key created");
             record
         }
     };
@@ -155,6 +184,8 @@ fn replica_name() -> String {
 /// Documents: the wrapped data key.
 const KEYRING: &str = "keyring";
 const KEYRING_DATA_KEY: &str = "data_key";
+/// The saga record whose creation decides which replica's data key everyone uses.
+const KEYRING_CLAIM: &str = "keyring:data_key";
 
 /// Asks a scheduled job to run now and waits for its outcome.
 async fn ask<M, T>(
@@ -403,6 +434,23 @@ impl Cohort {
             segment_engine: Slot::default(),
             person_fingerprints: Arc::default(),
             erasures: erasures.clone(),
+            // Cluster mode: this is the resolver stage's context; its changes leave through here.
+            outbound: config.cluster.enabled.then(Arc::default),
+            ownership: None,
+        };
+        // The profile stage's context: its own progress markers (over `cdp.processed.events`) in
+        // cluster mode, the same as the resolvers' otherwise.
+        let profile_ctx = if config.cluster.enabled {
+            PipelineContext {
+                watermark: Arc::new(Watermark::default()),
+                checkpoints: Arc::new(Checkpoints::default()),
+                pending_ids: Arc::new(PendingIds::default()),
+                outbound: Some(Arc::default()),
+                ownership: Some(Arc::new(Ownership::new(config.bus.partitions))),
+                ..ctx.clone()
+            }
+        } else {
+            ctx.clone()
         };
 
         // Ingest: one actor per source, independent of each other, and one per connector, feeding
@@ -439,10 +487,14 @@ impl Cohort {
         // failure restarts all three and the dispatcher replays from the durable checkpoint.
         let profiles_slot: Slot<ProfilesMsg> = Slot::default();
         let resolvers_slot: Slot<IdentityFactoryMsg> = Slot::default();
+        // Where resolved changes go: the directory, or in cluster mode the router to the
+        // partitions' owners.
+        let resolved_slot: Slot<ProfilesMsg> =
+            if config.cluster.enabled { Slot::default() } else { profiles_slot.clone() };
         let shards = config.identity.shards;
-        let pipeline_children = vec![
+        let mut pipeline_children = vec![
             {
-                let (ctx, slot) = (ctx.clone(), profiles_slot.clone());
+                let (ctx, slot) = (profile_ctx.clone(), profiles_slot.clone());
                 ChildSpec::new("profiles", "profile_directory", move |sup| {
                     let (ctx, slot) = (ctx.clone(), slot.clone());
                     async move {
@@ -453,7 +505,7 @@ impl Cohort {
                 })
             },
             {
-                let (ctx, dir, slot) = (ctx.clone(), profiles_slot.clone(), resolvers_slot.clone());
+                let (ctx, dir, slot) = (ctx.clone(), resolved_slot.clone(), resolvers_slot.clone());
                 ChildSpec::new("identity", "identity_pool", move |sup| {
                     let (ctx, dir, slot) = (ctx.clone(), dir.clone(), slot.clone());
                     async move {
@@ -479,6 +531,30 @@ impl Cohort {
                 })
             },
         ];
+        if config.cluster.enabled {
+            let (ctx, slot) = (ctx.clone(), resolved_slot.clone());
+            pipeline_children.push(ChildSpec::new("router", "profile_router", move |sup| {
+                let (ctx, slot) = (ctx.clone(), slot.clone());
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, ProfileRouter, ProfileRouterArgs { ctx }, sup).await?;
+                    slot.set(r.clone());
+                    Ok(r.get_cell())
+                }
+            }));
+            let (ctx, directory) = (profile_ctx.clone(), profiles_slot.clone());
+            pipeline_children.push(ChildSpec::new("routed", "routed_dispatcher", move |sup| {
+                let args = RoutedDispatcherArgs {
+                    ctx: ctx.clone(),
+                    directory: directory.clone(),
+                    batch: 1024,
+                    max_in_flight: 20_000,
+                };
+                async move {
+                    let (r, _) = Actor::spawn_linked(None, RoutedDispatcher, args, sup).await?;
+                    Ok(r.get_cell())
+                }
+            }));
+        }
         // Scheduled jobs: independent of each other and of the pipeline.
         let warehouse_slot: Slot<WarehouseMsg> = Slot::default();
         let retention_slot: Slot<RetentionMsg> = Slot::default();

@@ -158,3 +158,265 @@ pub async fn is_alive(
     let doc = store.get_documents(MEMBERS, &[name.to_string()]).await?.into_iter().next().flatten();
     Ok(doc.and_then(|d| serde_json::from_value::<MemberRecord>(d).ok()).is_some_and(|m| m.is_alive(now, ttl)))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cluster mode's pipeline: the resolver stage hands its changes to a ProfileRouter, which
+// produces them to `cdp.processed.events`; the profile stage reads the partitions this replica
+// owns with a RoutedDispatcher and feeds the ProfilesDirectory.
+
+use crate::context::PipelineContext;
+use crate::identity::identity_events;
+use cohort_adapters::{FlushBatch, NewDeadLetter, RoutedSubscription, WarehouseBatch};
+use cohort_messages::cluster::{RoutedChange, RoutedKind};
+use cohort_messages::msgs::{FlushReport, ProfileMsg, ProfilesMsg, ProfilesStats};
+use cohort_messages::{DeadLetterStage, Source};
+use cohort_supervisors::Slot;
+
+/// The resolver stage's end in cluster mode: takes the directory's place for the resolvers.
+pub struct ProfileRouter;
+
+pub struct ProfileRouterArgs {
+    /// The resolver stage's context (its watermark covers the raw topics).
+    pub ctx: PipelineContext,
+}
+
+pub struct ProfileRouterState {
+    ctx: PipelineContext,
+    _timer: Schedule,
+}
+
+impl ProfileRouterState {
+    /// Produces the changes resolved so far, stores the identity claims and merges they rest
+    /// on (and the Bronze rows staged with them), and only then commits the raw offsets.
+    async fn flush(&mut self) -> Result<FlushReport, StoreError> {
+        let ctx = &self.ctx;
+        let lows = ctx.watermark.lows();
+        let Some(outbound) = &ctx.outbound else { return Ok(FlushReport::default()) };
+        let changes = std::mem::take(&mut *outbound.lock());
+        if let Err(e) = ctx.bus.publish_routed(&changes).await {
+            let mut buffer = outbound.lock();
+            let later = std::mem::take(&mut *buffer);
+            *buffer = changes;
+            buffer.extend(later);
+            return Err(e);
+        }
+        let (identities, merges) = ctx.index.take_pending();
+        let bronze = std::mem::take(&mut *ctx.staged_bronze.lock());
+        let n_identities = identities.len();
+        if !identities.is_empty() || !merges.is_empty() || !bronze.is_empty() {
+            let batch = FlushBatch {
+                identities: identities.clone(),
+                profiles: Vec::new(),
+                merges: merges.clone(),
+                checkpoint: None,
+                event_ids: Vec::new(),
+                outbox: WarehouseBatch { bronze: bronze.clone(), ..WarehouseBatch::default() },
+            };
+            if let Err(e) = ctx.store.commit_flush(batch).await {
+                ctx.index.restore_pending(identities, merges);
+                ctx.staged_bronze.lock().extend(bronze);
+                return Err(e);
+            }
+            ctx.index.publish_identity_events(ctx.bus.as_ref(), identity_events(&merges, &[])).await;
+        }
+        // The ids were claimed for deduplication at this stage; the profile stage keeps its own.
+        let _ = ctx.pending_ids.take_covered(&lows);
+        match ctx.bus.commit(&lows).await {
+            Ok(()) => ctx.checkpoints.advance(&lows),
+            Err(e) => tracing::warn!(error = %e, "raw offsets not committed; the next flush retries"),
+        }
+        Ok(FlushReport { profiles: changes.len(), identities: n_identities, checkpoint: 0 })
+    }
+}
+
+impl Actor for ProfileRouter {
+    type Msg = ProfilesMsg;
+    type State = ProfileRouterState;
+    type Arguments = ProfileRouterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ProfilesMsg>,
+        args: ProfileRouterArgs,
+    ) -> Result<ProfileRouterState, ActorProcessingErr> {
+        let every = args.ctx.profiles.flush_interval;
+        let timer = Schedule::every(&myself, every, || ProfilesMsg::Flush { reply: None });
+        Ok(ProfileRouterState { ctx: args.ctx, _timer: timer })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ProfilesMsg>,
+        msg: ProfilesMsg,
+        state: &mut ProfileRouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ProfilesMsg::Deliver { profile_id, msg } => {
+                let seq = match &msg {
+                    ProfileMsg::Apply { seq, .. } => Some(*seq),
+                    _ => None,
+                };
+                match (RoutedChange::of(&profile_id, &msg), &state.ctx.outbound) {
+                    (Some(change), Some(outbound)) => outbound.lock().push(change),
+                    _ => {
+                        tracing::warn!(profile_id = %profile_id, "a message the resolver stage cannot route was dropped")
+                    }
+                }
+                // In the buffer the next flush produces before it commits: covered.
+                if let Some(seq) = seq {
+                    state.ctx.watermark.delivered(seq);
+                }
+            }
+            ProfilesMsg::Flush { reply } => {
+                let result = state.flush().await;
+                if let Err(e) = &result {
+                    state.ctx.metrics.flush_failures.inc();
+                    tracing::warn!(error = %e, "resolver-stage flush failed, will retry");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                }
+            }
+            ProfilesMsg::GetStats(reply) => {
+                let _ = reply.send(ProfilesStats::default());
+            }
+            ProfilesMsg::Erase { reply, .. } => {
+                let _ = reply.send(0);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The profile stage's reader in cluster mode: the partitions of `cdp.processed.events` this
+/// replica owns, into the ProfilesDirectory.
+pub struct RoutedDispatcher;
+
+pub struct RoutedDispatcherArgs {
+    /// The profile stage's context (its watermark covers `cdp.processed.events`).
+    pub ctx: PipelineContext,
+    pub directory: Slot<ProfilesMsg>,
+    pub batch: usize,
+    pub max_in_flight: usize,
+}
+
+pub struct RoutedDispatcherState {
+    args: RoutedDispatcherArgs,
+    subscription: Box<dyn RoutedSubscription>,
+}
+
+#[derive(Debug)]
+pub enum RoutedDispatcherMsg {
+    Pump,
+}
+
+impl Actor for RoutedDispatcher {
+    type Msg = RoutedDispatcherMsg;
+    type State = RoutedDispatcherState;
+    type Arguments = RoutedDispatcherArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RoutedDispatcherMsg>,
+        args: RoutedDispatcherArgs,
+    ) -> Result<RoutedDispatcherState, ActorProcessingErr> {
+        let ownership = args.ctx.ownership.clone().ok_or("the routed dispatcher runs in cluster mode only")?;
+        let subscription = args.ctx.bus.subscribe_routed(ownership).await?;
+        args.ctx.watermark.reset(&Vec::new());
+        args.ctx.pending_ids.reset();
+        myself.send_message(RoutedDispatcherMsg::Pump)?;
+        Ok(RoutedDispatcherState { args, subscription })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RoutedDispatcherMsg>,
+        _msg: RoutedDispatcherMsg,
+        state: &mut RoutedDispatcherState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = &state.args.ctx;
+        if ctx.watermark.in_flight() >= state.args.max_in_flight {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            myself.send_message(RoutedDispatcherMsg::Pump)?;
+            return Ok(());
+        }
+        let polled = match state.subscription.poll(state.args.batch, Duration::from_millis(200)).await {
+            Ok(p) => p,
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "bus unavailable, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                myself.send_message(RoutedDispatcherMsg::Pump)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !polled.undecodable.is_empty() {
+            let letters = polled
+                .undecodable
+                .iter()
+                .map(|u| {
+                    ctx.watermark.dispatched(u.seq);
+                    NewDeadLetter {
+                        source: Source::Web,
+                        stage: DeadLetterStage::Profile,
+                        reason: format!("undecodable processed-events record: {}", u.reason),
+                        event_id: None,
+                        payload: u.payload.clone(),
+                        content_type: "application/json".into(),
+                        received_at: Utc::now(),
+                        attempts: 1,
+                    }
+                })
+                .collect();
+            crate::dead_letters::record(ctx.store.as_ref(), ctx.bus.as_ref(), &ctx.metrics, letters).await;
+            for u in &polled.undecodable {
+                ctx.watermark.delivered(u.seq);
+            }
+        }
+        if polled.changes.is_empty() {
+            myself.send_message(RoutedDispatcherMsg::Pump)?;
+            return Ok(());
+        }
+        for (seq, _) in &polled.changes {
+            ctx.watermark.dispatched(*seq);
+        }
+        // An event resolved twice (its resolver stage crashed before committing) arrives twice:
+        // the applied ids in the store and those claimed since the last flush catch it.
+        let ids: Vec<String> = polled
+            .changes
+            .iter()
+            .filter_map(|(_, c)| match &c.change {
+                RoutedKind::Apply { event } => Some(event.event_id.to_string()),
+                _ => None,
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        let mut seen = loop {
+            match ctx.store.seen_event_ids(&ids).await {
+                Ok(seen) => break seen.into_iter(),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "idempotency keys unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let directory = state.args.directory.get().ok_or("profile directory is not running")?;
+        for (seq, change) in polled.changes {
+            if let RoutedKind::Apply { event } = &change.change {
+                let before = seen.next().unwrap_or(false);
+                if before || !ctx.pending_ids.claim(seq, event.event_id.as_str()) {
+                    ctx.watermark.delivered(seq);
+                    ctx.metrics.events_duplicate.with_label_values(&[event.source.as_str()]).inc();
+                    continue;
+                }
+            }
+            let profile_id = change.profile_id.clone();
+            directory.send_message(ProfilesMsg::DeliverRouted { profile_id, msg: change.into_msg(seq), seq })?;
+        }
+        myself.send_message(RoutedDispatcherMsg::Pump)?;
+        Ok(())
+    }
+}

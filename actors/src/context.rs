@@ -3,7 +3,9 @@
 use crate::identity::IdentityIndex;
 use crate::segments::SegmentRegistry;
 use crate::watermark::{Checkpoints, PendingIds, Watermark};
+use cohort_adapters::cluster::Ownership;
 use cohort_adapters::{BronzeRow, EventBus, OperationalStore, Warehouse};
+use cohort_messages::cluster::RoutedChange;
 use cohort_messages::msgs::{MatcherMsg, SegmentMsg};
 use cohort_messages::{CustomerEvent, ProfileId};
 use cohort_supervisors::{Metrics, RestartPolicy, Slot};
@@ -55,6 +57,18 @@ pub struct PipelineContext {
     pub person_fingerprints: Arc<dashmap::DashMap<ProfileId, u64>>,
     /// Erased people: their events are dropped, their profiles never started again.
     pub erasures: Arc<crate::gdpr::Erasures>,
+    /// Cluster mode: changes for profiles this stage does not apply itself, produced to
+    /// `cdp.processed.events` by the stage's next flush before it commits its offsets.
+    pub outbound: Option<Arc<Mutex<Vec<RoutedChange>>>>,
+    /// Cluster mode, profile stage: the partitions whose profiles this replica owns.
+    pub ownership: Option<Arc<Ownership>>,
+}
+
+impl PipelineContext {
+    /// Whether this replica applies the profile's changes itself (always, outside cluster mode).
+    pub fn owns(&self, profile: &ProfileId) -> bool {
+        self.ownership.as_ref().is_none_or(|o| o.owns_profile(profile))
+    }
 }
 
 impl std::fmt::Debug for PipelineContext {

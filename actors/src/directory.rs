@@ -267,7 +267,32 @@ impl ProfilesState {
         }
     }
 
+    /// Stops these profiles' actors and forgets what they held in memory; returns how many ran.
+    fn drop_profiles(&mut self, profiles: &[ProfileId], why: &str) -> usize {
+        let mut stopped = 0;
+        for id in profiles {
+            let Some(entry) = self.entries.remove(id) else { continue };
+            if let Some(actor) = entry.actor {
+                self.by_actor.remove(&actor.get_id());
+                self.ctx.metrics.profile_actors_live.dec();
+                actor.stop(Some(why.into()));
+                stopped += 1;
+            }
+            self.ctx.person_fingerprints.remove(id);
+        }
+        stopped
+    }
+
     fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>) {
+        if self.ctx.ownership.is_some() {
+            // Cluster mode: profiles whose partition moved are the new owner's now; it replays
+            // their unflushed changes from the committed offset.
+            let moved: Vec<ProfileId> = self.entries.keys().filter(|id| !self.ctx.owns(id)).cloned().collect();
+            if !moved.is_empty() {
+                let n = self.drop_profiles(&moved, "partition moved");
+                tracing::info!(profiles = moved.len(), actors = n, "profiles of moved partitions dropped");
+            }
+        }
         self.flushing = true;
         let lows = self.ctx.watermark.lows();
         let warehouse = self.ctx.warehouse.is_some();
@@ -334,7 +359,10 @@ impl ProfilesState {
                     _ => complete = false,
                 }
             }
-            let (identities, merges) = ctx.index.take_pending();
+            // Cluster mode: the resolver stage stores the claims it made (before committing the
+            // raw offsets they depend on).
+            let (identities, merges) =
+                if ctx.ownership.is_some() { (Vec::new(), Vec::new()) } else { ctx.index.take_pending() };
             let unmerges = ctx.index.take_unmerges();
             let ids = if complete { ctx.pending_ids.take_covered(&lows) } else { Vec::new() };
             let in_store = ctx.bus.checkpoint_in_store();
@@ -373,7 +401,29 @@ impl ProfilesState {
                 ctx.index.note_person(&p.profile_id, Person::from_traits(|k| p.traits.get(k).map(|t| &t.value)));
             }
             let candidates = if ctx.matcher.get().is_some() { match_candidates(&changed) } else { Vec::new() };
-            let result = match ctx.store.commit_flush(batch).await {
+            // Cluster mode: what these snapshots' changes sent to other profiles goes out first;
+            // and no write for a partition revoked meanwhile (the gate waits out this write).
+            let outbound = ctx.outbound.as_ref().map(|o| std::mem::take(&mut *o.lock())).unwrap_or_default();
+            let sent = if outbound.is_empty() { Ok(()) } else { ctx.bus.publish_routed(&outbound).await };
+            let written = match (sent, &ctx.ownership) {
+                (Err(e), _) => Err(e),
+                (Ok(()), None) => ctx.store.commit_flush(batch).await,
+                (Ok(()), Some(ownership)) => {
+                    let _writing = ownership.writing().await;
+                    let mut batch = batch;
+                    batch.profiles.retain(|p| ctx.owns(&p.profile_id));
+                    ctx.store.commit_flush(batch).await
+                }
+            };
+            if written.is_err() {
+                if let Some(o) = &ctx.outbound {
+                    let mut buffer = o.lock();
+                    let later = std::mem::take(&mut *buffer);
+                    *buffer = outbound;
+                    buffer.extend(later);
+                }
+            }
+            let result = match written {
                 Ok(()) => {
                     ctx.pending_ids.persisted(&ids);
                     if let (Some(matcher), false) = (ctx.matcher.get(), candidates.is_empty()) {
@@ -479,7 +529,30 @@ impl Actor for ProfilesDirectory {
         state: &mut ProfilesState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ProfilesMsg::Deliver { profile_id, msg } => state.deliver(&myself, profile_id, msg)?,
+            ProfilesMsg::Deliver { profile_id, msg } => {
+                let routed = state
+                    .ctx
+                    .outbound
+                    .as_ref()
+                    .and_then(|o| cohort_messages::cluster::RoutedChange::of(&profile_id, &msg).map(|r| (o, r)));
+                match routed {
+                    // Cluster mode: a change asked for here goes through its profile's partition.
+                    Some((outbound, change)) => outbound.lock().push(change),
+                    None => state.deliver(&myself, profile_id, msg)?,
+                }
+            }
+            ProfilesMsg::DeliverRouted { profile_id, msg, seq } => {
+                if state.ctx.owns(&profile_id) {
+                    let is_apply = matches!(msg, ProfileMsg::Apply { .. });
+                    state.deliver(&myself, profile_id, msg)?;
+                    if !is_apply {
+                        state.ctx.watermark.delivered(seq);
+                    }
+                } else {
+                    // Its partition moved while it was on its way: the new owner reads it again.
+                    state.ctx.watermark.delivered(seq);
+                }
+            }
             ProfilesMsg::Flush { reply } => {
                 if let Some(r) = reply {
                     state.flush_waiters.push(r);
@@ -536,17 +609,7 @@ impl Actor for ProfilesDirectory {
             }
             ProfilesMsg::Erase { profiles, reply } => {
                 state.ctx.erasures.mark_erased(profiles.iter().cloned());
-                let mut stopped = 0;
-                for id in &profiles {
-                    let Some(entry) = state.entries.remove(id) else { continue };
-                    if let Some(actor) = entry.actor {
-                        state.by_actor.remove(&actor.get_id());
-                        state.ctx.metrics.profile_actors_live.dec();
-                        actor.stop(Some("erased".into()));
-                        stopped += 1;
-                    }
-                    state.ctx.person_fingerprints.remove(id);
-                }
+                let stopped = state.drop_profiles(&profiles, "erased");
                 // The matcher's index holds their person fields: a profile "merged away" leaves it.
                 if let Some(matcher) = state.ctx.matcher.get() {
                     let gone = profiles

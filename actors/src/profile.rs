@@ -59,6 +59,14 @@ impl ProfileState {
     }
 
     fn forward(&self, to: ProfileId, msg: ProfileMsg) -> Result<(), ActorProcessingErr> {
+        if let Some(outbound) = &self.ctx.outbound {
+            // Cluster mode: through the profile's partition, queued before this actor answers
+            // its next snapshot request, so the flush that covers the cause also sends this.
+            if let Some(routed) = cohort_messages::cluster::RoutedChange::of(&to, &msg) {
+                outbound.lock().push(routed);
+                return Ok(());
+            }
+        }
         self.directory.send_message(ProfilesMsg::Deliver { profile_id: to, msg })?;
         Ok(())
     }
@@ -203,7 +211,8 @@ impl Actor for ProfileActor {
         _myself: ActorRef<ProfileMsg>,
         args: ProfileArgs,
     ) -> Result<ProfileState, ActorProcessingErr> {
-        let record = if args.ctx.index.take_created(&args.profile_id) {
+        // In cluster mode the resolver that created it may run on another replica.
+        let record = if args.ctx.ownership.is_none() && args.ctx.index.take_created(&args.profile_id) {
             None
         } else {
             args.ctx.store.load_profile(&args.profile_id).await?

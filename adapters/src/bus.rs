@@ -72,6 +72,20 @@ pub trait EventBus: Send + Sync + 'static {
     fn published(&self) -> StreamPositions;
     /// The partitions this process consumes now (`topic/partition`), for the cluster view.
     fn assignment(&self) -> Vec<String>;
+    /// Cluster mode: produces changes to `cdp.processed.events`, each to the partition of its
+    /// profile ([`cohort_messages::cluster::partition_of`]), and waits for every delivery.
+    async fn publish_routed(&self, _changes: &[cohort_messages::cluster::RoutedChange]) -> Result<(), StoreError> {
+        Err(no_cluster_mode())
+    }
+    /// Cluster mode: consumes `cdp.processed.events` in the group `{group_id}.profiles`;
+    /// rebalances assign and revoke partitions in `ownership`. `commit` then also commits these
+    /// positions, for owned partitions only.
+    async fn subscribe_routed(
+        &self,
+        _ownership: Arc<crate::cluster::Ownership>,
+    ) -> Result<Box<dyn RoutedSubscription>, StoreError> {
+        Err(no_cluster_mode())
+    }
     /// Publishes events attributed to their profiles (`cdp.processed.events`, keyed by profile
     /// id) for downstream consumers. A bus without such a stream accepts and keeps nothing.
     async fn publish_processed(&self, rows: &[SilverRow]) -> Result<(), StoreError>;
@@ -104,6 +118,22 @@ pub trait EventBus: Send + Sync + 'static {
     /// delete what they hold under that key). Returns how many were written; the embedded bus
     /// has no such topic and writes none.
     async fn publish_gdpr(&self, records: &[(String, Option<Vec<u8>>)]) -> Result<u64, StoreError>;
+}
+
+/// One poll of `cdp.processed.events` (cluster mode), in position order per partition.
+#[derive(Debug, Default)]
+pub struct RoutedPolled {
+    pub changes: Vec<(u64, cohort_messages::cluster::RoutedChange)>,
+    pub undecodable: Vec<Undecodable>,
+}
+
+#[async_trait]
+pub trait RoutedSubscription: Send + 'static {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<RoutedPolled, StoreError>;
+}
+
+fn no_cluster_mode() -> StoreError {
+    StoreError::invalid("cluster mode needs the Kafka bus (bus.url = \"kafka://...\")")
 }
 
 #[async_trait]

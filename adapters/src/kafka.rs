@@ -32,6 +32,8 @@ use std::time::Duration;
 /// Streams of raw topic partitions: `(source index + 1) * 1024 + partition`, so they never
 /// collide with the embedded journal's stream 0.
 const PARTITIONS_PER_TOPIC: u32 = 1024;
+/// Streams of `cdp.processed.events` partitions (cluster mode), after the five raw topics.
+const PROCESSED_STREAMS: u32 = 6 * PARTITIONS_PER_TOPIC;
 
 /// Topic names, optionally prefixed (tests use a unique prefix per run).
 #[derive(Debug, Clone)]
@@ -72,6 +74,9 @@ pub struct KafkaSettings {
     /// How long a produce may wait for the broker before ingest answers 503.
     pub produce_timeout: Duration,
     pub session_timeout: Duration,
+    /// Cluster mode: `cdp.processed.events` carries the profile changes each partition's owner
+    /// applies, so Silver rows are not published there.
+    pub routed_processed: bool,
 }
 
 impl KafkaSettings {
@@ -154,6 +159,8 @@ pub struct KafkaBus {
     producer: parking_lot::RwLock<FutureProducer>,
     /// The pipeline's consumer, shared with `commit`.
     consumer: Mutex<Option<Arc<StreamConsumer<LagContext>>>>,
+    /// Cluster mode's consumer of `cdp.processed.events`, and the ownership it keeps.
+    routed: Mutex<Option<RoutedConsumer>>,
     published: Mutex<HashMap<u32, u64>>,
 }
 
@@ -177,6 +184,7 @@ impl KafkaBus {
             topics,
             producer: parking_lot::RwLock::new(producer),
             consumer: Mutex::new(None),
+            routed: Mutex::new(None),
             published: Mutex::new(HashMap::new()),
         });
         bus.ensure_topics().await?;
@@ -251,6 +259,9 @@ impl KafkaBus {
     }
 
     fn topic_of(&self, stream: u32) -> Option<(String, i32)> {
+        if stream / PARTITIONS_PER_TOPIC == PROCESSED_STREAMS / PARTITIONS_PER_TOPIC {
+            return Some((self.topics.processed(), (stream % PARTITIONS_PER_TOPIC) as i32));
+        }
         let idx = (stream / PARTITIONS_PER_TOPIC).checked_sub(1)? as usize;
         let source = Source::ALL.get(idx)?;
         Some((self.topics.raw(*source), (stream % PARTITIONS_PER_TOPIC) as i32))
@@ -301,11 +312,68 @@ impl EventBus for KafkaBus {
     }
 
     fn assignment(&self) -> Vec<String> {
-        let Some(consumer) = self.consumer.lock().clone() else { return Vec::new() };
-        let Ok(list) = consumer.assignment() else { return Vec::new() };
-        let mut out: Vec<String> = list.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
+        let mut lists = Vec::new();
+        if let Some(consumer) = self.consumer.lock().clone() {
+            lists.extend(consumer.assignment().ok());
+        }
+        if let Some((consumer, _)) = self.routed.lock().clone() {
+            lists.extend(consumer.assignment().ok());
+        }
+        let mut out: Vec<String> = lists
+            .iter()
+            .flat_map(|l| l.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect::<Vec<_>>())
+            .collect();
         out.sort();
         out
+    }
+
+    async fn publish_routed(&self, changes: &[cohort_messages::cluster::RoutedChange]) -> Result<(), StoreError> {
+        let topic = self.topics.processed();
+        let producer = self.producer.read().clone();
+        let mut futures = Vec::with_capacity(changes.len());
+        for change in changes {
+            let value = serde_json::to_vec(change).map_err(|e| StoreError::invalid(format!("encoding change: {e}")))?;
+            let key = change.profile_id.as_str();
+            let partition = cohort_messages::cluster::partition_of(&change.profile_id, self.settings.partitions);
+            let record = FutureRecord::to(&topic).key(key).payload(&value).partition(partition);
+            match producer.send_result(record) {
+                Ok(f) => futures.push(f),
+                Err((e, _)) => {
+                    self.recover_producer(is_fenced(&e));
+                    return Err(kafka_unavailable("produce", &e));
+                }
+            }
+        }
+        for fut in futures {
+            match fut.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    self.recover_producer(is_fenced(&e));
+                    return Err(kafka_unavailable("delivery", &e));
+                }
+                Err(_) => return Err(StoreError::unavailable("kafka producer dropped a delivery")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe_routed(
+        &self,
+        ownership: Arc<crate::cluster::Ownership>,
+    ) -> Result<Box<dyn crate::bus::RoutedSubscription>, StoreError> {
+        let consumer: StreamConsumer<RoutedContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .set("group.id", format!("{}.profiles", self.settings.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
+            .create_with_context(RoutedContext { ownership: ownership.clone() })
+            .map_err(|e| StoreError::invalid(format!("kafka consumer config: {e}")))?;
+        consumer.subscribe(&[&self.topics.processed()]).map_err(|e| kafka_unavailable("subscribe", e))?;
+        let consumer = Arc::new(consumer);
+        *self.routed.lock() = Some((consumer.clone(), ownership));
+        Ok(Box::new(RoutedKafkaSubscription { consumer }))
     }
 
     fn name(&self) -> &'static str {
@@ -313,6 +381,9 @@ impl EventBus for KafkaBus {
     }
 
     async fn publish_processed(&self, rows: &[SilverRow]) -> Result<(), StoreError> {
+        if self.settings.routed_processed {
+            return Ok(());
+        }
         let producer = self.producer.read().clone();
         let topic = self.topics.processed();
         let mut futures = Vec::with_capacity(rows.len());
@@ -475,27 +546,52 @@ impl KafkaBus {
     }
 
     async fn commit_positions(&self, positions: &StreamPositions) -> Result<(), StoreError> {
-        let Some(consumer) = self.consumer.lock().clone() else {
-            return Err(StoreError::unavailable("kafka consumer not subscribed"));
-        };
+        let (raw, processed): (StreamPositions, StreamPositions) =
+            positions.iter().copied().filter(|(_, off)| *off != 0).partition(|(s, _)| *s < PROCESSED_STREAMS);
+        if !raw.is_empty() {
+            let Some(consumer) = self.consumer.lock().clone() else {
+                return Err(StoreError::unavailable("kafka consumer not subscribed"));
+            };
+            let tpl = self.offsets(&raw)?;
+            commit(consumer, tpl).await?;
+        }
+        if !processed.is_empty() {
+            let Some((consumer, ownership)) = self.routed.lock().clone() else {
+                return Err(StoreError::unavailable("kafka processed-events consumer not subscribed"));
+            };
+            // Never for a partition that moved: that could set its new owner's offset back.
+            let owned: StreamPositions =
+                processed.into_iter().filter(|(s, _)| ownership.owns((s % PARTITIONS_PER_TOPIC) as i32)).collect();
+            let tpl = self.offsets(&owned)?;
+            commit(consumer, tpl).await?;
+        }
+        Ok(())
+    }
+
+    fn offsets(&self, positions: &StreamPositions) -> Result<TopicPartitionList, StoreError> {
         let mut tpl = TopicPartitionList::new();
         for (stream, off) in positions {
-            if *off == 0 {
-                continue;
-            }
             if let Some((topic, partition)) = self.topic_of(*stream) {
                 tpl.add_partition_offset(&topic, partition, Offset::Offset(*off as i64))
                     .map_err(|e| StoreError::invalid(format!("kafka offsets: {e}")))?;
             }
         }
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| StoreError::unavailable(format!("kafka commit task: {e}")))?
-            .map_err(|e| kafka_unavailable("commit", e))
+        Ok(tpl)
     }
+}
+
+/// Commits offsets synchronously off the runtime's threads.
+async fn commit<C: ConsumerContext + 'static>(
+    consumer: Arc<StreamConsumer<C>>,
+    tpl: TopicPartitionList,
+) -> Result<(), StoreError> {
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+        .await
+        .map_err(|e| StoreError::unavailable(format!("kafka commit task: {e}")))?
+        .map_err(|e| kafka_unavailable("commit", e))
 }
 
 /// A record's `traceparent` header, when it has one.
@@ -531,6 +627,76 @@ impl ClientContext for LagContext {
 }
 
 impl ConsumerContext for LagContext {}
+
+/// Cluster mode's consumer and the ownership its rebalances maintain.
+type RoutedConsumer = (Arc<StreamConsumer<RoutedContext>>, Arc<crate::cluster::Ownership>);
+
+/// Keeps [`crate::cluster::Ownership`] in step with the group's assignment of
+/// `cdp.processed.events` partitions.
+struct RoutedContext {
+    ownership: Arc<crate::cluster::Ownership>,
+}
+
+impl ClientContext for RoutedContext {}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<i32> {
+    list.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ConsumerContext for RoutedContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(list) = rebalance {
+            self.ownership.revoke(&partitions_of(list));
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(list) = rebalance {
+            self.ownership.assign(&partitions_of(list));
+        }
+    }
+}
+
+struct RoutedKafkaSubscription {
+    consumer: Arc<StreamConsumer<RoutedContext>>,
+}
+
+#[async_trait]
+impl crate::bus::RoutedSubscription for RoutedKafkaSubscription {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<crate::bus::RoutedPolled, StoreError> {
+        let mut out = crate::bus::RoutedPolled::default();
+        let mut timeout = wait;
+        while out.changes.len() + out.undecodable.len() < max {
+            let msg = match tokio::time::timeout(timeout, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(kafka_unavailable("consume", e)),
+                Ok(Ok(m)) => m,
+            };
+            timeout = Duration::from_millis(1);
+            let stream = PROCESSED_STREAMS + msg.partition().max(0) as u32;
+            let seq = pack(stream, position_offset(msg.offset()));
+            let payload = msg.payload().unwrap_or_default();
+            match serde_json::from_slice::<cohort_messages::cluster::RoutedChange>(payload) {
+                Ok(change) => out.changes.push((seq, change)),
+                Err(e) => out.undecodable.push(Undecodable {
+                    seq,
+                    source: None,
+                    payload: String::from_utf8_lossy(payload).into_owned(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
 
 struct KafkaSubscription {
     consumer: Arc<StreamConsumer<LagContext>>,

@@ -4,6 +4,7 @@
 //! project grows, real backends chosen by URL in config.
 
 pub mod bus;
+pub mod cluster;
 pub mod crypto;
 pub mod embedded;
 pub mod error;
@@ -13,7 +14,10 @@ pub mod sealed;
 pub mod store;
 pub mod warehouse;
 
-pub use bus::{pack, unpack, EmbeddedBus, EventBus, Polled, StreamPositions, Subscription, Undecodable};
+pub use bus::{
+    pack, unpack, EmbeddedBus, EventBus, Polled, RoutedPolled, RoutedSubscription, StreamPositions, Subscription,
+    Undecodable,
+};
 pub use embedded::EmbeddedStore;
 pub use error::{StoreError, StoreErrorKind};
 pub use mongo::MongoStore;

@@ -45,6 +45,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// Several replicas sharing Kafka and MongoDB: profiles are owned per partition of
+    /// `cdp.processed.events` (see ARCHITECTURE.md, "Cluster mode").
+    pub enabled: bool,
     /// Where peers reach this replica's API; empty: `http://` + `server.listen` (an unspecified
     /// host becomes `HOSTNAME`).
     pub advertise_url: String,
@@ -610,6 +613,9 @@ impl Config {
         let store_url = self.storage.url.as_str();
         let embedded_store = store_url.starts_with("embedded://") || store_url == "memory://";
         let mongo_store = store_url.starts_with("mongodb://") || store_url.starts_with("mongodb+srv://");
+        if self.cluster.enabled && !(self.bus.url.starts_with("kafka://") && mongo_store) {
+            return Err(bad("cluster.enabled", "cluster mode needs bus.url = kafka://… and storage.url = mongodb://…"));
+        }
         if !embedded_store && !mongo_store {
             return Err(bad("storage.url", "must be embedded://PATH, memory:// or mongodb://HOST:PORT"));
         }

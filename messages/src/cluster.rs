@@ -56,4 +56,79 @@ mod tests {
         assert!(m.is_alive(now, chrono::Duration::seconds(10)));
         assert!(!m.is_alive(now, chrono::Duration::seconds(5)));
     }
+
+    #[test]
+    fn every_partition_gets_profiles_and_a_profile_always_the_same_one() {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let id = crate::ProfileId::parse(&format!("prof_{i:024x}")).unwrap();
+            let p = partition_of(&id, 6);
+            assert_eq!(p, partition_of(&id, 6));
+            assert!((0..6).contains(&p));
+            seen.insert(p);
+        }
+        assert_eq!(seen.len(), 6);
+    }
+}
+
+/// A change for one profile on `cdp.processed.events` in cluster mode, keyed (and partitioned)
+/// by the profile id: the replica holding that partition owns the profile's actor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutedChange {
+    pub profile_id: crate::ProfileId,
+    pub change: RoutedKind,
+}
+
+/// The changes that travel between replicas (those without a reply channel).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RoutedKind {
+    Apply { event: Box<crate::CustomerEvent> },
+    BeginMerge { merged: crate::ProfileId },
+    MergeInto { survivor: crate::ProfileId },
+    Absorb { record: Box<crate::ProfileRecord> },
+    Restore { record: Box<crate::ProfileRecord>, from: crate::ProfileId },
+    Reevaluate,
+}
+
+impl RoutedChange {
+    /// The routable form of a profile message (`None` for queries and changes that carry a
+    /// reply channel: those are answered where they are asked).
+    pub fn of(profile_id: &crate::ProfileId, msg: &crate::msgs::ProfileMsg) -> Option<Self> {
+        use crate::msgs::ProfileMsg as M;
+        let change = match msg {
+            M::Apply { event, .. } => RoutedKind::Apply { event: Box::new((**event).clone()) },
+            M::BeginMerge { merged } => RoutedKind::BeginMerge { merged: merged.clone() },
+            M::MergeInto { survivor } => RoutedKind::MergeInto { survivor: survivor.clone() },
+            M::Absorb { record } => RoutedKind::Absorb { record: record.clone() },
+            M::Restore { record, from } => RoutedKind::Restore { record: record.clone(), from: from.clone() },
+            M::Reevaluate => RoutedKind::Reevaluate,
+            _ => return None,
+        };
+        Some(Self { profile_id: profile_id.clone(), change })
+    }
+
+    /// The profile message, with the position it was read from the topic at.
+    pub fn into_msg(self, seq: u64) -> crate::msgs::ProfileMsg {
+        use crate::msgs::ProfileMsg as M;
+        match self.change {
+            RoutedKind::Apply { event } => M::Apply { seq, event: std::sync::Arc::new(*event) },
+            RoutedKind::BeginMerge { merged } => M::BeginMerge { merged },
+            RoutedKind::MergeInto { survivor } => M::MergeInto { survivor },
+            RoutedKind::Absorb { record } => M::Absorb { record },
+            RoutedKind::Restore { record, from } => M::Restore { record, from },
+            RoutedKind::Reevaluate => M::Reevaluate,
+        }
+    }
+}
+
+/// The partition of `cdp.processed.events` that owns a profile: FNV-1a of its id, so every
+/// replica computes the same owner without asking anyone.
+pub fn partition_of(profile_id: &crate::ProfileId, partitions: i32) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in profile_id.as_str().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % partitions.max(1) as u32) as i32
 }

@@ -247,6 +247,13 @@ pub enum ProfilesMsg {
         profile_id: ProfileId,
         msg: ProfileMsg,
     },
+    /// Cluster mode: a change read from `cdp.processed.events` at `seq`, applied here (this
+    /// replica owns its partition) and counted delivered once queued.
+    DeliverRouted {
+        profile_id: ProfileId,
+        msg: ProfileMsg,
+        seq: u64,
+    },
     /// Write-behind cycle: snapshot profiles with unflushed changes, persist them with the
     /// identity graph, then advance the checkpoint.
     Flush {

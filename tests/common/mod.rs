@@ -98,12 +98,24 @@ pub async fn load_during(
     user_prefix: &str,
     disruption: impl std::future::Future<Output = ()>,
 ) -> LoadResult {
+    load_spread_during(std::slice::from_ref(c), students, per_student, user_prefix, disruption).await
+}
+
+/// [`load_during`] spread over several replicas: student `s` sends to `clients[s % n]`.
+pub async fn load_spread_during(
+    clients: &[CohortClient],
+    students: usize,
+    per_student: usize,
+    user_prefix: &str,
+    disruption: impl std::future::Future<Output = ()>,
+) -> LoadResult {
     use std::sync::{Arc, Mutex};
     let acked: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let sent: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut tasks = Vec::new();
     for s in 0..students {
-        let (c, acked, sent, user) = (c.clone(), acked.clone(), sent.clone(), format!("{user_prefix}-{s}"));
+        let c = clients[s % clients.len()].clone();
+        let (acked, sent, user) = (acked.clone(), sent.clone(), format!("{user_prefix}-{s}"));
         tasks.push(tokio::spawn(async move {
             for i in 0..per_student {
                 let mid = format!("{user}-{i}");

@@ -1,0 +1,202 @@
+//! Cluster mode on the real backends: several `cohort` processes sharing Kafka and MongoDB own
+//! the profiles of their partitions of `cdp.processed.events`, and lose nothing when one dies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use chrono::Utc;
+use cohort::client::CohortClient;
+use cohort::payloads;
+use cohort_config::Config;
+use common::{assert_exactly_once, free_port, spawn_cohort, wait_ready, LoadResult, Proc};
+use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `scripts/services.sh start` and `source ~/.cache/cohort/run/env` (scripts/test.sh does both)")
+    })
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}_{}_{}", std::process::id(), Utc::now().timestamp_micros())
+}
+
+/// Cluster mode on Kafka and MongoDB, three partitions per topic, fast heartbeats.
+fn cluster_toml(id: &str) -> String {
+    format!(
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 3\n\
+         [warehouse]\nurl = \"none://\"\n[gdpr]\nkey_url = \"file:{}\"\n[cluster]\nenabled = true\nheartbeat_secs = 1\nmember_ttl_secs = 3\n",
+        service("COHORT_TEST_MONGODB"),
+        service("COHORT_TEST_KAFKA"),
+        std::env::temp_dir().join(format!("cohort-test-{id}.kek")).display(),
+    )
+}
+
+struct Replica {
+    name: String,
+    port: u16,
+    client: CohortClient,
+    proc: Option<Proc>,
+}
+
+impl Replica {
+    fn start(cfg: &Path, name: &str, port: u16) -> Self {
+        let client =
+            CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
+        let proc = spawn_cohort(&["--config", cfg.to_str().unwrap()], &[("HOSTNAME", name.to_string())], port);
+        Replica { name: name.to_string(), port, client, proc: Some(proc) }
+    }
+}
+
+/// Waits until `alive` members consume every processed-events partition between them, each
+/// partition once; returns the view.
+async fn wait_owned(c: &CohortClient, alive: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let view = c.get("/v1/cluster").await.map(|a| a.body).unwrap_or(Value::Null);
+        let parts: Vec<String> = view["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["alive"] == true)
+            .flat_map(|m| m["partitions"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .filter(|p| p.contains("cdp.processed.events/"))
+            .collect();
+        let distinct: BTreeSet<&String> = parts.iter().collect();
+        if view["alive"] == alive && parts.len() == 3 && distinct.len() == 3 {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "the processed-events partitions never settled on {alive} members: {view}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Links each student's user id and anonymous id (an identify through replica `s % n`) and
+/// waits until every replica's store lookup sees both on one profile. Returns the event ids.
+async fn link_students(clients: &[CohortClient], students: usize, prefix: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for s in 0..students {
+        let (user, anon, mid) = (format!("{prefix}-{s}"), format!("anon-{prefix}-{s}"), format!("{prefix}-{s}-link"));
+        let ev = payloads::segment_identify(&mid, Some(&anon), Some(&user), json!({}), None, Utc::now());
+        let a = clients[s % clients.len()].segment(false, "identify", &ev).await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        ids.push(format!("web:{mid}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in 0..students {
+        loop {
+            let p = clients[0].get(&format!("/v1/profiles/anonymous_id:anon-{prefix}-{s}")).await.unwrap();
+            if p.status == 200 && p.body["identifiers"].as_array().is_some_and(|i| i.len() >= 2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "student {s} never linked: {}", p.body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    ids
+}
+
+/// Each student's events alternate between their user id (mobile track) and their anonymous
+/// id (web page), so the raw topics route them to different partitions and so to different
+/// replicas' resolvers, and go through the replicas in turn. `disruption` runs once a third is
+/// acknowledged; a student stops at their first refused request.
+async fn alternating_load(
+    clients: &[CohortClient],
+    students: usize,
+    per_student: usize,
+    prefix: &str,
+    disruption: impl std::future::Future<Output = ()>,
+) -> LoadResult {
+    use std::sync::{Arc, Mutex};
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for s in 0..students {
+        let (clients, acked, sent, prefix) = (clients.to_vec(), acked.clone(), sent.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            let (user, anon) = (format!("{prefix}-{s}"), format!("anon-{prefix}-{s}"));
+            for i in 0..per_student {
+                let c = &clients[(s + i) % clients.len()];
+                let mid = format!("{user}-{i}");
+                let (id, answer) = if i % 2 == 0 {
+                    let ev = payloads::segment_track(&mid, &user, "Lesson Completed", json!({ "i": i }), Utc::now());
+                    (format!("mobile:{mid}"), c.segment(true, "track", &ev).await)
+                } else {
+                    let ev = payloads::segment_page(&mid, &anon, "/programs/mba", Utc::now());
+                    (format!("web:{mid}"), c.segment(false, "page", &ev).await)
+                };
+                sent.lock().unwrap().insert(id.clone());
+                match answer {
+                    Ok(a) if a.status == 200 => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    let total = students * per_student;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < total / 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    disruption.await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let result = LoadResult { sent: sent.lock().unwrap().clone(), acked: acked.lock().unwrap().clone() };
+    assert!(result.acked.len() >= total / 3, "load did not run: {} acked", result.acked.len());
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_loses_nothing() {
+    let id = unique("cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cohort.toml");
+    std::fs::write(&cfg, cluster_toml(&id)).unwrap();
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
+    for r in &replicas {
+        wait_ready(&r.client).await;
+    }
+    let view = wait_owned(&replicas[0].client, 3).await;
+    for r in &replicas {
+        let member = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"].as_str().unwrap().starts_with(&format!("{}/", r.name)))
+            .unwrap_or_else(|| panic!("{} is not a member: {view}", r.name));
+        assert_eq!(member["advertise_url"], format!("http://127.0.0.1:{}", r.port), "{view}");
+    }
+
+    const STUDENTS: usize = 24;
+    const EVENTS: usize = 30;
+    let clients: Vec<CohortClient> = replicas.iter().map(|r| r.client.clone()).collect();
+    let links = link_students(&clients, STUDENTS, "clu").await;
+    // Replica 2 is killed (SIGKILL, nothing flushed) once a third of the load is acknowledged.
+    let mut victim = replicas[2].proc.take().unwrap();
+    let started = Instant::now();
+    let mut load = alternating_load(&clients, STUDENTS, EVENTS, "clu", async {
+        victim.0.kill().unwrap();
+        victim.0.wait().unwrap();
+    })
+    .await;
+    assert!(load.acked.len() < STUDENTS * EVENTS, "the kill came too late to test anything");
+    eprintln!("load: {} sent, {} acknowledged in {:?}", load.sent.len(), load.acked.len(), started.elapsed());
+    load.sent.extend(links.iter().cloned());
+    load.acked.extend(links);
+
+    // The survivors take its partitions over; every acknowledged event is in exactly one
+    // history, and every counter equals its history, read through both survivors.
+    wait_owned(&replicas[0].client, 2).await;
+    assert_exactly_once(&replicas[0].client, STUDENTS, "clu", &load).await;
+    assert_exactly_once(&replicas[1].client, STUDENTS, "clu", &load).await;
+    drop(replicas.pop());
+}
