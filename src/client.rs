@@ -24,13 +24,22 @@ pub struct CohortClient {
 pub struct Answer {
     pub status: StatusCode,
     pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Answer {
+    /// A response header as text (`None` when absent or not text).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 async fn answer(r: Response) -> anyhow::Result<Answer> {
     let status = r.status();
+    let headers = r.headers().clone();
     let text = r.text().await.context("reading the response")?;
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok(Answer { status, body })
+    Ok(Answer { status, body, headers })
 }
 
 impl CohortClient {

@@ -892,6 +892,12 @@ impl Cohort {
             ready: Arc::new(AtomicBool::new(true)),
             call_timeout: Duration::from_secs(10),
             membership,
+            ownership: profile_ctx.ownership.clone(),
+            owners: Arc::default(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .context("building the HTTP client for peers")?,
         };
         Ok(Cohort {
             config,

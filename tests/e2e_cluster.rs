@@ -195,8 +195,30 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
 
     // The survivors take its partitions over; every acknowledged event is in exactly one
     // history, and every counter equals its history, read through both survivors.
-    wait_owned(&replicas[0].client, 2).await;
+    let view = wait_owned(&replicas[0].client, 2).await;
     assert_exactly_once(&replicas[0].client, STUDENTS, "clu", &load).await;
     assert_exactly_once(&replicas[1].client, STUDENTS, "clu", &load).await;
+
+    // Either survivor answers for any profile from the owner's live actor, and says which.
+    let alive: Vec<String> = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["alive"] == true)
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut owners = BTreeSet::new();
+    for s in 0..STUDENTS {
+        let path = format!("/v1/profiles/anonymous_id:anon-clu-{s}");
+        let (a, b) = (replicas[0].client.get(&path).await.unwrap(), replicas[1].client.get(&path).await.unwrap());
+        assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200), "{} {}", a.body, b.body);
+        let owner = a.header("x-cohort-owner").unwrap_or_default().to_string();
+        assert!(alive.contains(&owner), "student {s} answered by {owner:?}, not a live member {alive:?}");
+        assert_eq!(b.header("x-cohort-owner"), Some(owner.as_str()), "both replicas name the same owner");
+        assert_eq!(a.header("x-cohort-consistency"), None, "a live answer is not a snapshot");
+        assert_eq!(a.body["counters"], b.body["counters"], "student {s}");
+        owners.insert(owner);
+    }
+    assert_eq!(owners.len(), 2, "both survivors own profiles: {owners:?}");
     drop(replicas.pop());
 }

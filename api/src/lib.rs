@@ -2,6 +2,7 @@
 //! and operations endpoints.
 
 pub mod auth;
+pub mod cluster;
 mod dlq;
 pub mod error;
 mod gdpr;
@@ -155,6 +156,7 @@ pub fn router(state: ApiState) -> Router {
     let limits =
         Arc::new(limits::Limits::new(cfg.ingest_requests_per_second, cfg.api_requests_per_second, cfg.max_in_flight));
     api.merge(import)
+        .layer(middleware::from_fn_with_state(state.clone(), cluster::route_to_owner))
         .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(middleware::from_fn_with_state((state.clone(), limits), limits::limit))
         .layer(middleware::from_fn_with_state(state.clone(), track_latency))

@@ -50,4 +50,9 @@ pub struct ApiState {
     pub call_timeout: Duration,
     /// This replica's name and the membership's heartbeat TTL (`GET /v1/cluster`).
     pub membership: cohort_actors::cluster::MembershipSettings,
+    /// Cluster mode: the profile partitions this replica owns (others' requests are forwarded).
+    pub ownership: Option<Arc<cohort_adapters::cluster::Ownership>>,
+    pub owners: Arc<crate::cluster::Owners>,
+    /// For forwarding to peers.
+    pub http: reqwest::Client,
 }

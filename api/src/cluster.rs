@@ -1,0 +1,136 @@
+//! Cluster mode at the HTTP edge: a Profile API request is answered by the replica that owns
+//! the profile's partition (its live actor), whichever replica it reached.
+
+use crate::profiles::resolve_ref;
+use crate::state::ApiState;
+use axum::extract::{MatchedPath, Path, Request};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::RequestPartsExt;
+use cohort_messages::cluster::partition_of;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Names the replica whose live actor answered.
+pub const OWNER: &str = "x-cohort-owner";
+/// `snapshot`: answered from the stored profile, because no live owner could be reached.
+pub const CONSISTENCY: &str = "x-cohort-consistency";
+/// Set on a forwarded request, so it is never forwarded twice.
+pub const FORWARDED: &str = "x-cohort-forwarded";
+
+/// Who owns which partition, from the membership records, re-read at most once a second.
+#[derive(Default)]
+pub struct Owners {
+    cached: Mutex<Option<(Instant, HashMap<i32, (String, String)>)>>,
+}
+
+impl Owners {
+    async fn owner_of(&self, state: &ApiState, partition: i32) -> Option<(String, String)> {
+        if let Some((at, map)) = &*self.cached.lock() {
+            if at.elapsed() < Duration::from_secs(1) {
+                return map.get(&partition).cloned();
+            }
+        }
+        let m = &state.membership;
+        let members = cohort_actors::cluster::members(state.store.as_ref(), chrono::Utc::now(), m.ttl()).await.ok()?;
+        let mut map = HashMap::new();
+        for (member, alive) in members {
+            if !alive || member.name == m.name {
+                continue;
+            }
+            for p in &member.partitions {
+                let owned = p.rsplit_once('/').filter(|(topic, _)| topic.ends_with("cdp.processed.events"));
+                if let Some(n) = owned.and_then(|(_, n)| n.parse::<i32>().ok()) {
+                    map.insert(n, (member.name.clone(), member.advertise_url.clone()));
+                }
+            }
+        }
+        let found = map.get(&partition).cloned();
+        *self.cached.lock() = Some((Instant::now(), map));
+        found
+    }
+}
+
+fn with_header(mut response: Response, name: &'static str, value: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(HeaderName::from_static(name), v);
+    }
+    response
+}
+
+fn unavailable(why: &str) -> Response {
+    let body = axum::Json(serde_json::json!({ "error": { "code": "unavailable", "message": why } }));
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
+}
+
+/// Middleware on every route: profile routes of a profile owned elsewhere are forwarded to the
+/// owner; with no live owner (a rebalance), reads answer from the store and say so, writes get
+/// 503 with `Retry-After`.
+pub async fn route_to_owner(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(ownership) = state.ownership.clone() else { return next.run(req).await };
+    let template = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
+    if !template.starts_with("/v1/profiles/{ref}") {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let raw = match parts.extract::<Path<HashMap<String, String>>>().await {
+        Ok(Path(params)) => params.get("ref").cloned().unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let req = Request::from_parts(parts, body);
+    // A ref that does not resolve is the handler's to answer (400, 404).
+    let Ok(id) = resolve_ref(&state, &raw).await else { return next.run(req).await };
+    let root = state.index.root(&id).await.unwrap_or(id);
+    let partition = partition_of(&root, ownership.partitions());
+    let me = state.membership.name.clone();
+    if ownership.owns(partition) {
+        return with_header(next.run(req).await, OWNER, &me);
+    }
+    let read = req.method() == axum::http::Method::GET;
+    let snapshot = |response: Response| with_header(response, CONSISTENCY, "snapshot");
+    if req.headers().contains_key(FORWARDED) {
+        // The sender took this replica for the owner; it no longer is (or not yet).
+        return if read { snapshot(next.run(req).await) } else { unavailable("the profile's partition is moving") };
+    }
+    let Some((owner, url)) = state.owners.owner_of(&state, partition).await else {
+        return if read { snapshot(next.run(req).await) } else { unavailable("the profile's partition has no owner") };
+    };
+    match forward(&state, req, &url, &me).await {
+        Ok(response) => with_header(response, OWNER, &owner),
+        Err(e) => {
+            tracing::warn!(owner = %owner, error = %e, "forwarding to the profile's owner failed");
+            unavailable("the profile's owner did not answer")
+        }
+    }
+}
+
+/// Sends the request on to `base` as it came, and returns its answer.
+async fn forward(state: &ApiState, req: Request, base: &str, me: &str) -> Result<Response, String> {
+    let (parts, body) = req.into_parts();
+    let limit = state.config.server.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| e.to_string())?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut out = state.http.request(method, format!("{base}{path}")).body(body.to_vec());
+    for (name, value) in &parts.headers {
+        if name != header::HOST && name != header::CONTENT_LENGTH {
+            out = out.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let answer = out.header(FORWARDED, me).send().await.map_err(|e| e.to_string())?;
+    let status = StatusCode::from_u16(answer.status().as_u16()).map_err(|e| e.to_string())?;
+    let mut response = Response::builder().status(status);
+    for (name, value) in answer.headers() {
+        if name.as_str() != "content-length" && name.as_str() != "transfer-encoding" {
+            response = response.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let bytes = answer.bytes().await.map_err(|e| e.to_string())?;
+    response.body(axum::body::Body::from(bytes)).map_err(|e| e.to_string())
+}
