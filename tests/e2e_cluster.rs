@@ -13,6 +13,7 @@ use common::{assert_exactly_once, free_port, spawn_cohort, wait_ready, LoadResul
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn service(var: &str) -> String {
@@ -103,13 +104,15 @@ async fn link_students(clients: &[CohortClient], students: usize, prefix: &str) 
 
 /// Each student's events alternate between their user id (mobile track) and their anonymous
 /// id (web page), so the raw topics route them to different partitions and so to different
-/// replicas' resolvers, and go through the replicas in turn. `disruption` runs once a third is
-/// acknowledged; a student stops at their first refused request.
+/// replicas' resolvers, and go through the replicas in turn, one every `pace`. `disruption`
+/// runs once a third is acknowledged; a refused event is not retried (it counts as sent, not
+/// acknowledged) and the student goes on with the next replica.
 async fn alternating_load(
     clients: &[CohortClient],
     students: usize,
     per_student: usize,
     prefix: &str,
+    pace: Duration,
     disruption: impl std::future::Future<Output = ()>,
 ) -> LoadResult {
     use std::sync::{Arc, Mutex};
@@ -131,17 +134,15 @@ async fn alternating_load(
                     (format!("web:{mid}"), c.segment(false, "page", &ev).await)
                 };
                 sent.lock().unwrap().insert(id.clone());
-                match answer {
-                    Ok(a) if a.status == 200 => {
-                        acked.lock().unwrap().insert(id);
-                    }
-                    _ => return,
+                if matches!(answer, Ok(a) if a.status == 200) {
+                    acked.lock().unwrap().insert(id);
                 }
+                tokio::time::sleep(pace).await;
             }
         }));
     }
     let total = students * per_student;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while acked.lock().unwrap().len() < total / 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -183,7 +184,7 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
     // Replica 2 is killed (SIGKILL, nothing flushed) once a third of the load is acknowledged.
     let mut victim = replicas[2].proc.take().unwrap();
     let started = Instant::now();
-    let mut load = alternating_load(&clients, STUDENTS, EVENTS, "clu", async {
+    let mut load = alternating_load(&clients, STUDENTS, EVENTS, "clu", Duration::ZERO, async {
         victim.0.kill().unwrap();
         victim.0.wait().unwrap();
     })
@@ -221,4 +222,86 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
     }
     assert_eq!(owners.len(), 2, "both survivors own profiles: {owners:?}");
     drop(replicas.pop());
+}
+
+/// Polls a profile through the replicas that are up until `stop`; returns the longest stretch
+/// during which no replica answered it (the API's error window) and how many polls failed.
+async fn poll_api(
+    clients: Vec<CohortClient>,
+    path: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Duration, usize) {
+    let (mut worst, mut failed, mut since) = (Duration::ZERO, 0, None::<Instant>);
+    let mut turn = 0;
+    while !*stop.borrow() {
+        let c = &clients[turn % clients.len()];
+        turn += 1;
+        match c.get(&path).await {
+            Ok(a) if a.status == 200 => {
+                if let Some(t) = since.take() {
+                    worst = worst.max(t.elapsed());
+                }
+            }
+            _ => {
+                failed += 1;
+                since.get_or_insert_with(Instant::now);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (worst, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_three_replicas_under_load_loses_nothing() {
+    let id = unique("rolling");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cohort.toml");
+    std::fs::write(&cfg, cluster_toml(&id)).unwrap();
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
+    for r in &replicas {
+        wait_ready(&r.client).await;
+    }
+    wait_owned(&replicas[0].client, 3).await;
+    const STUDENTS: usize = 45;
+    const EVENTS: usize = 80;
+    let clients: Vec<CohortClient> = replicas.iter().map(|r| r.client.clone()).collect();
+    let links = link_students(&clients, STUDENTS, "rr").await;
+
+    // One replica after the other: SIGTERM (a graceful stop hands its partitions over), then a
+    // new process in its place, while the load goes on and a reader polls the Profile API.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let poller = tokio::spawn(poll_api(clients.clone(), "/v1/profiles/anonymous_id:anon-rr-0".into(), stop_rx));
+    let cfg_path = cfg.clone();
+    let restarts = async {
+        for r in replicas.iter_mut() {
+            let mut proc = r.proc.take().unwrap();
+            let pid = proc.0.id().to_string();
+            assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while proc.0.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "{} did not stop on SIGTERM", r.name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            *r = Replica::start(&cfg_path, &r.name, r.port);
+            wait_ready(&r.client).await;
+        }
+    };
+    let started = Instant::now();
+    let mut load = alternating_load(&clients, STUDENTS, EVENTS, "rr", Duration::from_millis(150), restarts).await;
+    let _ = stop_tx.send(true);
+    let (window, failed) = poller.await.unwrap();
+    eprintln!(
+        "rolling restart: {} sent, {} acknowledged in {:?}; Profile API: {failed} failed polls, longest error window {window:?}",
+        load.sent.len(),
+        load.acked.len(),
+        started.elapsed()
+    );
+    load.sent.extend(links.iter().cloned());
+    load.acked.extend(links);
+
+    wait_owned(&replicas[0].client, 3).await;
+    assert_exactly_once(&replicas[0].client, STUDENTS, "rr", &load).await;
+    assert_exactly_once(&replicas[2].client, STUDENTS, "rr", &load).await;
 }
