@@ -20,10 +20,13 @@ pub const CONSISTENCY: &str = "x-cohort-consistency";
 /// Set on a forwarded request, so it is never forwarded twice.
 pub const FORWARDED: &str = "x-cohort-forwarded";
 
+/// Partition → (owner's name, owner's address).
+type OwnerMap = HashMap<i32, (String, String)>;
+
 /// Who owns which partition, from the membership records, re-read at most once a second.
 #[derive(Default)]
 pub struct Owners {
-    cached: Mutex<Option<(Instant, HashMap<i32, (String, String)>)>>,
+    cached: Mutex<Option<(Instant, OwnerMap)>>,
 }
 
 impl Owners {
