@@ -165,11 +165,13 @@ pub async fn is_alive(
 // owns with a RoutedDispatcher and feeds the ProfilesDirectory.
 
 use crate::context::PipelineContext;
-use crate::identity::identity_events;
+use crate::identity::{identity_events, MergeRefused};
 use cohort_adapters::{FlushBatch, NewDeadLetter, RoutedSubscription, WarehouseBatch};
 use cohort_messages::cluster::{RoutedChange, RoutedKind};
+use cohort_messages::msgs::MergeReason;
 use cohort_messages::msgs::{FlushReport, ProfileMsg, ProfilesMsg, ProfilesStats};
 use cohort_messages::{DeadLetterStage, Source};
+use cohort_messages::{Identifier, ProfileId};
 use cohort_supervisors::Slot;
 
 /// The resolver stage's end in cluster mode: takes the directory's place for the resolvers.
@@ -192,6 +194,20 @@ impl ProfileRouterState {
         let ctx = &self.ctx;
         let lows = ctx.watermark.lows();
         let Some(outbound) = &ctx.outbound else { return Ok(FlushReport::default()) };
+        // Claims first: an identifier another replica stored first stays with its profile, and
+        // the profile this replica created for it merges with that one (before the raw offsets
+        // of the events behind it are committed).
+        let (claims, earlier_merges) = ctx.index.take_pending();
+        let kept = match self.settle_claims(&claims).await {
+            Ok(kept) => kept,
+            Err(e) => {
+                ctx.index.restore_pending(claims, earlier_merges);
+                return Err(e);
+            }
+        };
+        let (later, merges_now) = ctx.index.take_pending();
+        ctx.index.restore_pending(later, Vec::new());
+        let merges: Vec<_> = earlier_merges.into_iter().chain(merges_now).collect();
         let changes = std::mem::take(&mut *outbound.lock());
         if let Err(e) = ctx.bus.publish_routed(&changes).await {
             let mut buffer = outbound.lock();
@@ -200,7 +216,7 @@ impl ProfileRouterState {
             buffer.extend(later);
             return Err(e);
         }
-        let (identities, merges) = ctx.index.take_pending();
+        let identities = kept;
         let bronze = std::mem::take(&mut *ctx.staged_bronze.lock());
         let n_identities = identities.len();
         if !identities.is_empty() || !merges.is_empty() || !bronze.is_empty() {
@@ -226,6 +242,58 @@ impl ProfileRouterState {
             Err(e) => tracing::warn!(error = %e, "raw offsets not committed; the next flush retries"),
         }
         Ok(FlushReport { profiles: changes.len(), identities: n_identities, checkpoint: 0 })
+    }
+}
+
+impl ProfileRouterState {
+    /// Claims the identifiers in the store; returns the entries still to write as given (those
+    /// that re-point an identifier on purpose). A claim lost to another replica's profile merges
+    /// the two, the older surviving, through their partitions.
+    async fn settle_claims(
+        &self,
+        claims: &[(Identifier, ProfileId)],
+    ) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
+        let ctx = &self.ctx;
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let owners = ctx.store.claim_identities(claims).await?;
+        let mut rewrite = Vec::new();
+        for ((identifier, ours), owner) in claims.iter().zip(owners) {
+            if &owner == ours {
+                continue;
+            }
+            if ctx.index.root(&owner).await? == ctx.index.root(ours).await? {
+                // Already one person (a merge re-pointed it): keep the newer entry.
+                rewrite.push((identifier.clone(), ours.clone()));
+                continue;
+            }
+            match ctx.index.merge_pair(&owner, ours, MergeReason::SharedIdentifier).await {
+                Ok(Some(merge)) => {
+                    ctx.metrics.cluster_claims_lost.with_label_values(&["merged"]).inc();
+                    tracing::info!(survivor = %merge.survivor, merged = %merge.merged, kind = %identifier.kind, "two replicas created one student; merged");
+                    if let Some(outbound) = &ctx.outbound {
+                        let mut out = outbound.lock();
+                        out.push(RoutedChange {
+                            profile_id: merge.survivor.clone(),
+                            change: RoutedKind::BeginMerge { merged: merge.merged.clone() },
+                        });
+                        out.push(RoutedChange {
+                            profile_id: merge.merged.clone(),
+                            change: RoutedKind::MergeInto { survivor: merge.survivor.clone() },
+                        });
+                    }
+                }
+                Ok(None) => {}
+                // An unmerge declared them two students: the identifier goes where it was put.
+                Err(MergeRefused::KeptApart) => rewrite.push((identifier.clone(), ours.clone())),
+                Err(e) => {
+                    ctx.metrics.cluster_claims_lost.with_label_values(&["kept"]).inc();
+                    tracing::warn!(kind = %identifier.kind, error = %e, "identifier stays with the profile that stored it first");
+                }
+            }
+        }
+        Ok(rewrite)
     }
 }
 
@@ -387,7 +455,7 @@ impl Actor for RoutedDispatcher {
             .changes
             .iter()
             .filter_map(|(_, c)| match &c.change {
-                RoutedKind::Apply { event } => Some(event.event_id.to_string()),
+                RoutedKind::Apply { event, forwarded: false } => Some(event.event_id.to_string()),
                 _ => None,
             })
             .collect();
@@ -405,7 +473,7 @@ impl Actor for RoutedDispatcher {
         };
         let directory = state.args.directory.get().ok_or("profile directory is not running")?;
         for (seq, change) in polled.changes {
-            if let RoutedKind::Apply { event } = &change.change {
+            if let RoutedKind::Apply { event, forwarded: false } = &change.change {
                 let before = seen.next().unwrap_or(false);
                 if before || !ctx.pending_ids.claim(seq, event.event_id.as_str()) {
                     ctx.watermark.delivered(seq);

@@ -63,7 +63,7 @@ impl ProfileState {
             // Cluster mode: through the profile's partition, queued before this actor answers
             // its next snapshot request, so the flush that covers the cause also sends this.
             if let Some(routed) = cohort_messages::cluster::RoutedChange::of(&to, &msg) {
-                outbound.lock().push(routed);
+                outbound.lock().push(routed.forwarded());
                 return Ok(());
             }
         }

@@ -23,7 +23,7 @@ use cohort_messages::{
 };
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
-use mongodb::options::{ClientOptions, InsertOneModel, ReplaceOneModel, ReturnDocument, WriteModel};
+use mongodb::options::{ClientOptions, InsertOneModel, ReplaceOneModel, ReturnDocument, UpdateOneModel, WriteModel};
 use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use self::codec::{
@@ -382,6 +382,39 @@ impl OperationalStore for MongoStore {
             .await?;
         let found: std::collections::HashMap<String, ProfileId> = found.into_iter().collect();
         Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
+    async fn claim_identities(&self, claims: &[(Identifier, ProfileId)]) -> Result<Vec<ProfileId>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        // `$setOnInsert` on the unique `_id`: of two replicas claiming one identifier, the first
+        // inserts and the other's upsert matches it and changes nothing.
+        let identities = self.identities.namespace();
+        let models = claims
+            .iter()
+            .map(|(identifier, profile)| {
+                let mut fields = identity_doc(identifier, profile);
+                fields.remove("_id");
+                UpdateOneModel::builder()
+                    .namespace(identities.clone())
+                    .filter(doc! { "_id": identifier.key() })
+                    .update(doc! { "$setOnInsert": fields })
+                    .upsert(true)
+                    .build()
+                    .into()
+            })
+            .collect();
+        self.bulk_upsert(models).await?;
+        let ids: Vec<Identifier> = claims.iter().map(|(i, _)| i.clone()).collect();
+        let owners = self.lookup_identities(&ids).await?;
+        claims
+            .iter()
+            .zip(owners)
+            .map(|((i, _), o)| {
+                o.ok_or_else(|| StoreError::corrupt(format!("claimed identifier {} is not stored", i.kind)))
+            })
+            .collect()
     }
 
     /// Profiles first, then the identities pointing at them, then merges, then the checkpoint:

@@ -258,6 +258,12 @@ impl OperationalStore for SealedStore {
         self.inner.lookup_identities(&keys).await
     }
 
+    async fn claim_identities(&self, claims: &[(Identifier, ProfileId)]) -> Result<Vec<ProfileId>, StoreError> {
+        let keyed: Vec<(Identifier, ProfileId)> =
+            claims.iter().map(|(i, p)| (self.pii.lookup_key(i), p.clone())).collect();
+        self.inner.claim_identities(&keyed).await
+    }
+
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let pii = self.pii.clone();
         // A large flush seals thousands of values: off the async workers, so it never stalls

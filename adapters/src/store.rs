@@ -127,6 +127,20 @@ pub trait OperationalStore: Send + Sync + 'static {
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError>;
     /// [`OperationalStore::lookup_identity`] for many identifiers in one round trip, in order.
     async fn lookup_identities(&self, identifiers: &[Identifier]) -> Result<Vec<Option<ProfileId>>, StoreError>;
+    /// Stores each identifier for its profile unless the store already holds it, and returns
+    /// every identifier's owner afterwards (the claimer's own id where the claim won). Atomic
+    /// per identifier on MongoDB, where replicas claim concurrently; the embedded store serves
+    /// one process, whose claims the identity index already serializes.
+    async fn claim_identities(&self, claims: &[(Identifier, ProfileId)]) -> Result<Vec<ProfileId>, StoreError> {
+        let ids: Vec<Identifier> = claims.iter().map(|(i, _)| i.clone()).collect();
+        let existing = self.lookup_identities(&ids).await?;
+        let fresh: Vec<(Identifier, ProfileId)> =
+            claims.iter().zip(&existing).filter(|(_, e)| e.is_none()).map(|(c, _)| c.clone()).collect();
+        if !fresh.is_empty() {
+            self.commit_flush(FlushBatch { identities: fresh, ..FlushBatch::default() }).await?;
+        }
+        Ok(claims.iter().zip(existing).map(|((_, p), e)| e.unwrap_or_else(|| p.clone())).collect())
+    }
     async fn commit_flush(&self, batch: FlushBatch) -> Result<(), StoreError>;
     async fn checkpoint(&self) -> Result<u64, StoreError>;
     /// For each id, whether a flush already recorded it in `event_ids`.

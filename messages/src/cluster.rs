@@ -83,11 +83,26 @@ pub struct RoutedChange {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RoutedKind {
-    Apply { event: Box<crate::CustomerEvent> },
-    BeginMerge { merged: crate::ProfileId },
-    MergeInto { survivor: crate::ProfileId },
-    Absorb { record: Box<crate::ProfileRecord> },
-    Restore { record: Box<crate::ProfileRecord>, from: crate::ProfileId },
+    Apply {
+        event: Box<crate::CustomerEvent>,
+        /// Sent on by a merged profile to its survivor: the same event id once more, on purpose
+        /// (the profile stage's duplicate check must let it through).
+        #[serde(default)]
+        forwarded: bool,
+    },
+    BeginMerge {
+        merged: crate::ProfileId,
+    },
+    MergeInto {
+        survivor: crate::ProfileId,
+    },
+    Absorb {
+        record: Box<crate::ProfileRecord>,
+    },
+    Restore {
+        record: Box<crate::ProfileRecord>,
+        from: crate::ProfileId,
+    },
     Reevaluate,
 }
 
@@ -97,7 +112,7 @@ impl RoutedChange {
     pub fn of(profile_id: &crate::ProfileId, msg: &crate::msgs::ProfileMsg) -> Option<Self> {
         use crate::msgs::ProfileMsg as M;
         let change = match msg {
-            M::Apply { event, .. } => RoutedKind::Apply { event: Box::new((**event).clone()) },
+            M::Apply { event, .. } => RoutedKind::Apply { event: Box::new((**event).clone()), forwarded: false },
             M::BeginMerge { merged } => RoutedKind::BeginMerge { merged: merged.clone() },
             M::MergeInto { survivor } => RoutedKind::MergeInto { survivor: survivor.clone() },
             M::Absorb { record } => RoutedKind::Absorb { record: record.clone() },
@@ -108,11 +123,19 @@ impl RoutedChange {
         Some(Self { profile_id: profile_id.clone(), change })
     }
 
+    /// The same change, marked as sent on by a merged profile.
+    pub fn forwarded(mut self) -> Self {
+        if let RoutedKind::Apply { forwarded, .. } = &mut self.change {
+            *forwarded = true;
+        }
+        self
+    }
+
     /// The profile message, with the position it was read from the topic at.
     pub fn into_msg(self, seq: u64) -> crate::msgs::ProfileMsg {
         use crate::msgs::ProfileMsg as M;
         match self.change {
-            RoutedKind::Apply { event } => M::Apply { seq, event: std::sync::Arc::new(*event) },
+            RoutedKind::Apply { event, .. } => M::Apply { seq, event: std::sync::Arc::new(*event) },
             RoutedKind::BeginMerge { merged } => M::BeginMerge { merged },
             RoutedKind::MergeInto { survivor } => M::MergeInto { survivor },
             RoutedKind::Absorb { record } => M::Absorb { record },

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub gdpr_step_failures: IntCounterVec,
     pub gdpr_saga_leases: IntCounterVec,
     pub cluster_heartbeats: IntCounterVec,
+    pub cluster_claims_lost: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub api_refused: IntCounterVec,
@@ -230,6 +231,12 @@ impl Metrics {
             "Membership heartbeats written to the shared store, ok or failed",
             &["outcome"],
         )?;
+        let cluster_claims_lost = counter_vec(
+            &r,
+            "cluster_claims_lost_total",
+            "Identifiers another replica stored first: the two profiles merged, or the identifier kept its first owner",
+            &["outcome"],
+        )?;
         let gdpr_suppressed_events = counter_vec(
             &r,
             "gdpr_suppressed_events_total",
@@ -357,6 +364,7 @@ impl Metrics {
             gdpr_step_failures,
             gdpr_saga_leases,
             cluster_heartbeats,
+            cluster_claims_lost,
             gdpr_suppressed_events,
             consumer_lag,
             api_refused,
