@@ -105,6 +105,7 @@ macro_rules! operational_store_suite {
             review_queue_filters_by_status_and_pages,
             documents_are_kept_per_collection_listed_by_prefix_and_deleted,
             erasure_removes_one_person_and_nobody_else,
+            identifier_claims_keep_the_first_owner,
             store_ping_answers,
         );
     };
@@ -617,6 +618,18 @@ pub async fn flushed_event_ids_are_seen(f: StoreFixture) {
     // recording again is harmless
     f.store.commit_flush(FlushBatch { event_ids: ids.clone(), ..FlushBatch::default() }).await.unwrap();
     assert_eq!(f.store.seen_event_ids(&ids).await.unwrap(), vec![true, true, true]);
+}
+
+pub async fn identifier_claims_keep_the_first_owner(f: StoreFixture) {
+    let (p1, p2) = (profile(1).profile_id, profile(2).profile_id);
+    let owners = f.store.claim_identities(&[(email(1), p1.clone()), (email(2), p1.clone())]).await.unwrap();
+    assert_eq!(owners, vec![p1.clone(), p1.clone()], "unclaimed identifiers go to the claimer");
+    // A second claimer gets the identifier it is first to, and learns the owner of the other.
+    let owners = f.store.claim_identities(&[(email(2), p2.clone()), (email(3), p2.clone())]).await.unwrap();
+    assert_eq!(owners, vec![p1.clone(), p2.clone()]);
+    assert_eq!(f.store.lookup_identity(&email(2)).await.unwrap(), Some(p1.clone()), "a lost claim changes nothing");
+    assert_eq!(f.store.lookup_identity(&email(3)).await.unwrap(), Some(p2.clone()));
+    assert!(f.store.claim_identities(&[]).await.unwrap().is_empty());
 }
 
 pub async fn store_ping_answers(f: StoreFixture) {
