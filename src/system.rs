@@ -895,7 +895,8 @@ impl Cohort {
             ownership: profile_ctx.ownership.clone(),
             owners: Arc::default(),
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(5))
                 .build()
                 .context("building the HTTP client for peers")?,
         };

@@ -59,7 +59,8 @@ impl Replica {
 /// Waits until `alive` members have settled: each holds some of the processed-events
 /// partitions, each of those is held once, and every raw partition (5 topics x 3) is consumed.
 async fn wait_owned(c: &CohortClient, alive: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // Tansu takes from 15 s to over a minute to rebalance both groups after a member dies.
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let view = c.get("/v1/cluster").await.map(|a| a.body).unwrap_or(Value::Null);
         let members: Vec<Vec<String>> = view["members"]
@@ -90,6 +91,28 @@ async fn wait_owned(c: &CohortClient, alive: usize) -> Value {
         assert!(Instant::now() < deadline, "the partitions never settled on {alive} members: {view}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A running cluster: its configuration file (in `_dir`) and its replicas.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+    replicas: Vec<Replica>,
+}
+
+/// Starts `n` replicas in cluster mode on a fresh prefix and database (plus `extra` config) and
+/// waits until they share the partitions; returns the cluster and its `/v1/cluster` view.
+async fn start_cluster(tag: &str, n: usize, extra: &str) -> (Cluster, Value) {
+    let id = unique(tag);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cohort.toml");
+    std::fs::write(&cfg, format!("{}{extra}", cluster_toml(&id))).unwrap();
+    let replicas: Vec<Replica> = (0..n).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
+    for r in &replicas {
+        wait_ready(&r.client).await;
+    }
+    let view = wait_owned(&replicas[0].client, n).await;
+    (Cluster { _dir: dir, cfg, replicas }, view)
 }
 
 /// Links each student's user id and anonymous id (an identify through replica `s % n`) and
@@ -156,34 +179,15 @@ async fn alternating_load(
             }
         }));
     }
-    let total = students * per_student;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while acked.lock().unwrap().len() < total / 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    disruption.await;
-    for t in tasks {
-        let _ = t.await;
-    }
-    let result = LoadResult { sent: sent.lock().unwrap().clone(), acked: acked.lock().unwrap().clone() };
-    assert!(result.acked.len() >= total / 3, "load did not run: {} acked", result.acked.len());
-    result
+    common::finish_load(tasks, &sent, &acked, students * per_student, disruption).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_loses_nothing() {
     let _one = ONE_CLUSTER.lock().await;
-    let id = unique("cluster");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cohort.toml");
-    std::fs::write(&cfg, cluster_toml(&id)).unwrap();
-    let mut replicas: Vec<Replica> =
-        (0..3).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
-    for r in &replicas {
-        wait_ready(&r.client).await;
-    }
-    let view = wait_owned(&replicas[0].client, 3).await;
-    for r in &replicas {
+    let (mut cluster, view) = start_cluster("cluster", 3, "").await;
+    let replicas = &mut cluster.replicas;
+    for r in replicas.iter() {
         let member = view["members"]
             .as_array()
             .unwrap()
@@ -218,6 +222,7 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
     let view = wait_owned(&replicas[0].client, 2).await;
     let _ = stop_tx.send(true);
     let (window, failed, polls) = poller.await.unwrap();
+    assert!(window < Duration::from_secs(10), "no survivor answered the profile for {window:?}");
     eprintln!(
         "failover: partitions settled {:?} after the kill; Profile API through the survivors: {failed} of {polls} polls failed, longest error window {window:?}",
         started.elapsed()
@@ -234,10 +239,22 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
         .map(|m| m["name"].as_str().unwrap().to_string())
         .collect();
     let mut owners = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
     for s in 0..STUDENTS {
         let path = format!("/v1/profiles/anonymous_id:anon-clu-{s}");
-        let (a, b) = (replicas[0].client.get(&path).await.unwrap(), replicas[1].client.get(&path).await.unwrap());
-        assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200), "{} {}", a.body, b.body);
+        // Peers learn a new owner from its next heartbeat: until then an answer may still be
+        // the stored record, which says so.
+        let (a, b) = loop {
+            let (a, b) = (replicas[0].client.get(&path).await.unwrap(), replicas[1].client.get(&path).await.unwrap());
+            assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200), "{} {}", a.body, b.body);
+            let live = |x: &cohort::client::Answer| {
+                x.header("x-cohort-consistency").is_none() && x.header("x-cohort-owner").is_some()
+            };
+            if (live(&a) && live(&b)) || Instant::now() > deadline {
+                break (a, b);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         let owner = a.header("x-cohort-owner").unwrap_or_default().to_string();
         assert!(alive.contains(&owner), "student {s} answered by {owner:?}, not a live member {alive:?}");
         assert_eq!(b.header("x-cohort-owner"), Some(owner.as_str()), "both replicas name the same owner");
@@ -285,16 +302,9 @@ async fn poll_api(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_three_replicas_under_load_loses_nothing() {
     let _one = ONE_CLUSTER.lock().await;
-    let id = unique("rolling");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cohort.toml");
-    std::fs::write(&cfg, cluster_toml(&id)).unwrap();
-    let mut replicas: Vec<Replica> =
-        (0..3).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
-    for r in &replicas {
-        wait_ready(&r.client).await;
-    }
-    wait_owned(&replicas[0].client, 3).await;
+    let (mut cluster, _) = start_cluster("rolling", 3, "").await;
+    let cfg = cluster.cfg.clone();
+    let replicas = &mut cluster.replicas;
     const STUDENTS: usize = 45;
     const EVENTS: usize = 80;
     let clients: Vec<CohortClient> = replicas.iter().map(|r| r.client.clone()).collect();
@@ -324,6 +334,8 @@ async fn a_rolling_restart_of_three_replicas_under_load_loses_nothing() {
     let _ = stop_tx.send(true);
     let (window, failed, polls) = poller.await.unwrap();
     assert!(failed < polls, "the Profile API never answered");
+    // Generous on purpose (shared machine): it catches a gap as long as a replica's shutdown.
+    assert!(window < Duration::from_secs(10), "no replica answered the profile for {window:?}");
     eprintln!(
         "rolling restart: {} sent, {} acknowledged in {:?}; Profile API: {failed} of {polls} polls failed (a third went to the replica restarting), longest error window {window:?}",
         load.sent.len(),
@@ -341,17 +353,10 @@ async fn a_rolling_restart_of_three_replicas_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_student_arriving_at_two_replicas_at_once_becomes_one_profile() {
     let _one = ONE_CLUSTER.lock().await;
-    let id = unique("claims");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cohort.toml");
     // Claims reach the store with each flush: a slow flush makes sure both replicas resolve a
     // student before either has stored what it claimed.
-    std::fs::write(&cfg, format!("{}[profiles]\nflush_interval_ms = 1500\n", cluster_toml(&id))).unwrap();
-    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
-    for r in &replicas {
-        wait_ready(&r.client).await;
-    }
-    wait_owned(&replicas[0].client, 2).await;
+    let (cluster, _) = start_cluster("claims", 2, "[profiles]\nflush_interval_ms = 1500\n").await;
+    let replicas = &cluster.replicas;
     // Each new student's first page view (anonymous id) reaches one replica at the same moment
     // as their sign-up (anonymous id and user id) reaches the other: two resolvers, two raw
     // partitions, both meeting the anonymous id for the first time.

@@ -166,11 +166,11 @@ pub async fn is_alive(
 
 use crate::context::PipelineContext;
 use crate::identity::{identity_events, MergeRefused};
-use cohort_adapters::{FlushBatch, NewDeadLetter, RoutedSubscription, WarehouseBatch};
+use cohort_adapters::{FlushBatch, RoutedSubscription, WarehouseBatch};
 use cohort_messages::cluster::{RoutedChange, RoutedKind};
 use cohort_messages::msgs::MergeReason;
 use cohort_messages::msgs::{FlushReport, ProfileMsg, ProfilesMsg, ProfilesStats};
-use cohort_messages::{DeadLetterStage, Source};
+use cohort_messages::DeadLetterStage;
 use cohort_messages::{Identifier, ProfileId};
 use cohort_supervisors::Slot;
 
@@ -419,29 +419,8 @@ impl Actor for RoutedDispatcher {
             }
             Err(e) => return Err(e.into()),
         };
-        if !polled.undecodable.is_empty() {
-            let letters = polled
-                .undecodable
-                .iter()
-                .map(|u| {
-                    ctx.watermark.dispatched(u.seq);
-                    NewDeadLetter {
-                        source: Source::Web,
-                        stage: DeadLetterStage::Profile,
-                        reason: format!("undecodable processed-events record: {}", u.reason),
-                        event_id: None,
-                        payload: u.payload.clone(),
-                        content_type: "application/json".into(),
-                        received_at: Utc::now(),
-                        attempts: 1,
-                    }
-                })
-                .collect();
-            crate::dead_letters::record(ctx.store.as_ref(), ctx.bus.as_ref(), &ctx.metrics, letters).await;
-            for u in &polled.undecodable {
-                ctx.watermark.delivered(u.seq);
-            }
-        }
+        let what = "processed-events record";
+        crate::dispatcher::dead_letter_undecodable(ctx, &polled.undecodable, DeadLetterStage::Profile, what).await;
         if polled.changes.is_empty() {
             myself.send_message(RoutedDispatcherMsg::Pump)?;
             return Ok(());

@@ -5,7 +5,7 @@ use crate::dead_letters;
 use crate::identity::IdentityFactoryMsg;
 use crate::watermark::describe;
 use chrono::Utc;
-use cohort_adapters::{BronzeRow, JournaledEvent, NewDeadLetter, StoreError, Subscription};
+use cohort_adapters::{BronzeRow, JournaledEvent, NewDeadLetter, StoreError, Subscription, Undecodable};
 use cohort_messages::msgs::IdentityMsg;
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::Slot;
@@ -100,29 +100,7 @@ impl Actor for Dispatcher {
             }
             Err(e) => return Err(e.into()),
         };
-        if !polled.undecodable.is_empty() {
-            let letters = polled
-                .undecodable
-                .iter()
-                .map(|u| {
-                    ctx.watermark.dispatched(u.seq);
-                    NewDeadLetter {
-                        source: u.source.unwrap_or(Source::Web),
-                        stage: DeadLetterStage::Validation,
-                        reason: format!("undecodable bus record: {}", u.reason),
-                        event_id: None,
-                        payload: u.payload.clone(),
-                        content_type: "application/octet-stream".into(),
-                        received_at: Utc::now(),
-                        attempts: 1,
-                    }
-                })
-                .collect();
-            dead_letters::record(ctx.store.as_ref(), ctx.bus.as_ref(), &ctx.metrics, letters).await;
-            for u in &polled.undecodable {
-                ctx.watermark.delivered(u.seq);
-            }
-        }
+        dead_letter_undecodable(ctx, &polled.undecodable, DeadLetterStage::Validation, "bus record").await;
         if ctx.warehouse.is_some() && !polled.raw.is_empty() {
             // Staged before the events are delivered, so the flush covering them carries them.
             // A payload of an erased person's event is not kept raw (the resolver drops the event).
@@ -174,6 +152,39 @@ impl Actor for Dispatcher {
         }
         myself.send_message(DispatcherMsg::Pump)?;
         Ok(())
+    }
+}
+
+/// Records that something else wrote to the bus as dead letters, and moves the watermark past
+/// it: a foreign record never stops the pipeline.
+pub(crate) async fn dead_letter_undecodable(
+    ctx: &PipelineContext,
+    undecodable: &[Undecodable],
+    stage: DeadLetterStage,
+    what: &str,
+) {
+    if undecodable.is_empty() {
+        return;
+    }
+    let letters = undecodable
+        .iter()
+        .map(|u| {
+            ctx.watermark.dispatched(u.seq);
+            NewDeadLetter {
+                source: u.source.unwrap_or(Source::Web),
+                stage,
+                reason: format!("undecodable {what}: {}", u.reason),
+                event_id: None,
+                payload: u.payload.clone(),
+                content_type: "application/octet-stream".into(),
+                received_at: Utc::now(),
+                attempts: 1,
+            }
+        })
+        .collect();
+    dead_letters::record(ctx.store.as_ref(), ctx.bus.as_ref(), &ctx.metrics, letters).await;
+    for u in undecodable {
+        ctx.watermark.delivered(u.seq);
     }
 }
 

@@ -104,7 +104,23 @@ pub async fn route_to_owner(
     let Some((owner, url)) = state.owners.owner_of(&state, partition).await else {
         return if read { snapshot(next.run(req).await) } else { unavailable("the profile's partition has no owner") };
     };
-    match forward(&state, req, &url, &me).await {
+    if read {
+        // A read keeps its request: when the owner does not answer (it is stopping, say), the
+        // stored record answers instead, marked as such.
+        return match forward(&state, req.method(), req.uri(), req.headers(), Vec::new(), &url, &me).await {
+            Ok(response) => with_header(response, OWNER, &owner),
+            Err(e) => {
+                tracing::debug!(owner = %owner, error = %e, "profile owner unreachable; answering from the store");
+                snapshot(next.run(req).await)
+            }
+        };
+    }
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, state.config.server.max_body_bytes).await {
+        Ok(b) => b.to_vec(),
+        Err(e) => return unavailable(&format!("request body unreadable: {e}")),
+    };
+    match forward(&state, &parts.method, &parts.uri, &parts.headers, body, &url, &me).await {
         Ok(response) => with_header(response, OWNER, &owner),
         Err(e) => {
             tracing::warn!(owner = %owner, error = %e, "forwarding to the profile's owner failed");
@@ -114,14 +130,19 @@ pub async fn route_to_owner(
 }
 
 /// Sends the request on to `base` as it came, and returns its answer.
-async fn forward(state: &ApiState, req: Request, base: &str, me: &str) -> Result<Response, String> {
-    let (parts, body) = req.into_parts();
-    let limit = state.config.server.max_body_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| e.to_string())?;
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
-    let mut out = state.http.request(method, format!("{base}{path}")).body(body.to_vec());
-    for (name, value) in &parts.headers {
+async fn forward(
+    state: &ApiState,
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+    headers: &axum::http::HeaderMap,
+    body: Vec<u8>,
+    base: &str,
+    me: &str,
+) -> Result<Response, String> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut out = state.http.request(method, format!("{base}{path}")).body(body);
+    for (name, value) in headers {
         if name != header::HOST && name != header::CONTENT_LENGTH {
             out = out.header(name.as_str(), value.as_bytes());
         }

@@ -1351,6 +1351,55 @@ struct Report<'a> {
     ingest: &'a IngestResult,
     profile: Option<&'a ProfileResult>,
     profile_skipped: Option<String>,
+    /// In-process runs: memory and CPU of this process (Cohort and the generator) over phase 1.
+    capacity: Option<Capacity>,
+}
+
+/// The figures a capacity model needs, from one in-process run.
+#[derive(Debug, Clone)]
+struct Capacity {
+    rss_before: u64,
+    rss_after: u64,
+    live_profiles: f64,
+    cpu_seconds: f64,
+    applied: u64,
+}
+
+impl Capacity {
+    /// Resident memory added per live ProfileActor: an upper bound (it includes the identity
+    /// index, store caches and the load generator's own growth).
+    fn bytes_per_live_profile(&self) -> Option<f64> {
+        (self.live_profiles > 0.0).then(|| self.rss_after.saturating_sub(self.rss_before) as f64 / self.live_profiles)
+    }
+
+    /// Events applied per CPU-second used (Cohort and the generator together).
+    fn events_per_cpu_second(&self) -> Option<f64> {
+        (self.cpu_seconds > 0.0).then(|| self.applied as f64 / self.cpu_seconds)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "rss_before_bytes": self.rss_before,
+            "rss_after_bytes": self.rss_after,
+            "live_profile_actors": self.live_profiles,
+            "bytes_per_live_profile": self.bytes_per_live_profile(),
+            "cpu_seconds": self.cpu_seconds,
+            "events_per_cpu_second": self.events_per_cpu_second(),
+        })
+    }
+}
+
+/// This process's resident memory (bytes) and CPU time (user + system seconds), from Linux /proc.
+fn process_usage() -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name: state is field 3, utime 14 and stime 15 (in clock ticks,
+    // 100 per second on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((rss_kib * 1024, ticks as f64 / 100.0))
 }
 
 impl Report<'_> {
@@ -1499,6 +1548,7 @@ impl Report<'_> {
                 "segment_batches": self.plan.batches,
                 "single_calls": self.plan.singles,
             },
+            "capacity": self.capacity.as_ref().map(Capacity::to_json),
             "ingest": {
                 "requests": i.total.requests,
                 "events_sent": i.total.events,
@@ -1551,6 +1601,16 @@ impl Report<'_> {
         );
         if self.mode == "in-process" {
             println!("note: the load generator shares these cores with Cohort");
+        }
+        if let Some(c) = &self.capacity {
+            println!(
+                "capacity: RSS {:.0} MiB before the load, {:.0} MiB after; {} live profile actors, {} per live profile (upper bound); {} events per CPU-second (Cohort and generator, ingest to settled)",
+                c.rss_before as f64 / 1048576.0,
+                c.rss_after as f64 / 1048576.0,
+                thousands(c.live_profiles as u64),
+                c.bytes_per_live_profile().map_or("?".into(), |b| format!("{:.1} KiB", b / 1024.0)),
+                c.events_per_cpu_second().map_or("?".into(), |e| thousands(e as u64)),
+            );
         }
         let load = |at: &str| self.machine[at]["loadavg_1_5_15"][0].as_f64().map_or("?".into(), |l| format!("{l:.2}"));
         println!("load average (1 min) at start {}, at end {}", load("at_start"), load("at_end"));
@@ -1777,6 +1837,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             settings.concurrency
         );
     }
+    let usage_before = demo.as_ref().and_then(|_| process_usage());
     let (ingest, known) = run_ingest(&http, &base, &creds, &students, &settings).await?;
 
     // Phase boundary: let the write-behind flush of phase 1's profiles finish, so phase 2
@@ -1789,6 +1850,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => tokio::time::sleep(Duration::from_secs(1)).await,
     }
+    let capacity = match (usage_before, demo.as_ref().and_then(|_| process_usage())) {
+        (Some((rss_before, cpu_before)), Some((rss_after, cpu_after))) => {
+            let live = scrape(&http, &base, &creds).await?.sum("cohort_profile_actors_live", &[]);
+            Some(Capacity {
+                rss_before,
+                rss_after,
+                live_profiles: live,
+                cpu_seconds: cpu_after - cpu_before,
+                applied: ingest.applied.min(ingest.expected),
+            })
+        }
+        _ => None,
+    };
     let (profile, profile_skipped) = if settings.profile_rps == 0 {
         (None, Some("--profile-rps 0".to_string()))
     } else if known.is_empty() {
@@ -1813,6 +1887,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ingest: &ingest,
         profile: profile.as_ref(),
         profile_skipped,
+        capacity,
     };
     report.print();
     write_json(&cli.out, &report.to_json())?;

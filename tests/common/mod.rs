@@ -136,8 +136,19 @@ pub async fn load_spread_during(
             }
         }));
     }
-    let total = students * per_student;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    finish_load(tasks, &sent, &acked, students * per_student, disruption).await
+}
+
+/// The end of a load run: `disruption` once a third of `total` is acknowledged, then every
+/// sender to its end; asserts the load really ran.
+pub async fn finish_load(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sent: &std::sync::Mutex<std::collections::HashSet<String>>,
+    acked: &std::sync::Mutex<std::collections::HashSet<String>>,
+    total: usize,
+    disruption: impl std::future::Future<Output = ()>,
+) -> LoadResult {
+    let deadline = Instant::now() + Duration::from_secs(120);
     while acked.lock().unwrap().len() < total / 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
