@@ -280,6 +280,15 @@ async fn poll_api(
         // A replica that is going away may hold a request: a second is an error for a reader.
         match tokio::time::timeout(Duration::from_secs(1), c.get(&path)).await {
             Ok(Ok(a)) if a.status == 200 => {
+                // Never stale without saying so: a live owner's answer names it, any other is
+                // marked as the stored record.
+                let live = a.header("x-cohort-owner").is_some() && a.header("x-cohort-consistency").is_none();
+                let marked = a.header("x-cohort-consistency") == Some("snapshot");
+                assert!(
+                    live || marked,
+                    "an answer neither from a named owner nor marked as a snapshot: {:?}",
+                    a.headers
+                );
                 if let Some(t) = since.take() {
                     worst = worst.max(t.elapsed());
                 }
