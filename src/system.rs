@@ -566,6 +566,8 @@ impl Cohort {
             advertise_url: config.advertise_url(),
             heartbeat: Duration::from_secs(config.cluster.heartbeat_secs),
             ttl: Duration::from_secs(config.cluster.member_ttl_secs),
+            rejoin_after: Duration::from_millis(config.bus.session_timeout_ms)
+                + Duration::from_secs(config.cluster.member_ttl_secs),
         };
         {
             let (store, bus, metrics, health) = (store.clone(), bus.clone(), metrics.clone(), health.clone());
@@ -922,8 +924,11 @@ impl Cohort {
 
     /// Waits until every event this process published is reflected in persisted profiles.
     pub async fn settle(&self, timeout: Duration) -> anyhow::Result<StreamPositions> {
+        self.settle_to(self.ctx.bus.published(), timeout).await
+    }
+
+    async fn settle_to(&self, target: StreamPositions, timeout: Duration) -> anyhow::Result<StreamPositions> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let target = self.ctx.bus.published();
         loop {
             if self.ctx.watermark.covers(&target) && self.ctx.watermark.in_flight() == 0 {
                 self.flush().await?;
@@ -994,7 +999,8 @@ impl Cohort {
     /// Stops accepting work, lets the pipeline catch up, persists, and stops the tree.
     pub async fn shutdown(mut self, grace: Duration) -> anyhow::Result<()> {
         self.api.ready.store(false, Ordering::SeqCst);
-        let settled = self.settle(grace).await;
+        // Only this replica's partitions: in a group, the others drain what it published to theirs.
+        let settled = self.settle_to(self.ctx.bus.consumed_here(self.ctx.bus.published()), grace).await;
         if let Err(e) = &settled {
             tracing::warn!(error = %e, "shutting down before the pipeline settled; the journal replays on next start");
         }

@@ -192,6 +192,8 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
         assert_eq!(kind(&docs, "Service", "cohort-peers")["spec"]["clusterIP"], "None", "peers are headless");
         // Several replicas in cluster mode, scaled by the HPA, each reachable at its pod address.
         assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2, "{dir}");
+        // A rollout waits for each new pod's groups to settle before replacing the next.
+        assert!(deployment["spec"]["minReadySeconds"].as_u64().unwrap() >= 10, "{dir}");
         let hpa = kind(&docs, "HorizontalPodAutoscaler", "cohort");
         assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "cohort");
         assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() <= hpa["spec"]["maxReplicas"].as_u64().unwrap());

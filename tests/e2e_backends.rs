@@ -45,7 +45,7 @@ fn backends_toml(prefix: &str, database: &str) -> String {
 /// [`backends_toml`] without its `[gdpr]` table.
 fn backends_base(prefix: &str, database: &str) -> String {
     format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{prefix}.\"\ngroup_id = \"{prefix}\"\nsession_timeout_ms = 6000\npartitions = 3\n[warehouse]\nurl = \"bigquery://test-project/{database}?endpoint={}\"\n",
         service("COHORT_TEST_MONGODB"),
         service("COHORT_TEST_KAFKA"),
         service("COHORT_TEST_BIGQUERY"),
@@ -267,7 +267,7 @@ async fn a_broker_outage_answers_503_and_loses_nothing() {
     let broker = OwnBroker::start().await;
     let id = unique("outage");
     let extra = format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\npartitions = 2\nproduce_timeout_ms = 2000\n[warehouse]\nurl = \"none://\"\n{}",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ngroup_id = \"{id}\"\nsession_timeout_ms = 6000\npartitions = 2\nproduce_timeout_ms = 2000\n[warehouse]\nurl = \"none://\"\n{}",
         service("COHORT_TEST_MONGODB"),
         broker.addr,
         key_toml(&id),
@@ -391,7 +391,7 @@ async fn a_database_restart_during_load_loses_nothing_and_counts_nothing_twice()
     let mut db = OwnDatabase::start().await;
     let id = unique("dbrestart");
     let extra = format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 2\n[warehouse]\nurl = \"none://\"\n{}",
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\nsession_timeout_ms = 6000\npartitions = 2\n[warehouse]\nurl = \"none://\"\n{}",
         db.url(),
         service("COHORT_TEST_KAFKA"),
         key_toml(&id),

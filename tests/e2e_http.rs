@@ -239,6 +239,7 @@ async fn operations_endpoints_answer() {
     assert_eq!(c.get("/health/live").await.unwrap().status, 200);
     let ready = c.get("/health/ready").await.unwrap();
     assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(ready.body["consumer_groups_joined"], true, "the embedded bus has no groups to wait for");
     let sup = c.get("/v1/supervisors").await.unwrap();
     let paths: Vec<&str> = sup.body["children"].as_array().unwrap().iter().filter_map(|c| c["path"].as_str()).collect();
     for p in [

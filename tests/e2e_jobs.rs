@@ -104,7 +104,7 @@ fn service(var: &str) -> String {
 async fn two_replicas_sharing_mongodb_run_each_occurrence_once() {
     let id = format!("jobs_{}_{}", std::process::id(), chrono::Utc::now().timestamp_micros());
     let config = format!(
-        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\npartitions = 2\n\
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"kafka://{}\"\ntopic_prefix = \"{id}.\"\ngroup_id = \"{id}\"\nsession_timeout_ms = 6000\npartitions = 2\n\
          [warehouse]\nurl = \"bigquery://test-project/{id}?endpoint={}\"\n[gdpr]\nkey_url = \"file:{}\"\n{EVERY_SECOND}",
         service("COHORT_TEST_MONGODB"),
         service("COHORT_TEST_KAFKA"),

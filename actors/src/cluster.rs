@@ -21,6 +21,10 @@ pub struct MembershipSettings {
     pub heartbeat: Duration,
     /// A member whose last heartbeat is older than this is gone.
     pub ttl: Duration,
+    /// How long a consumer-group partition may be held by no live member before the first live
+    /// member (by name) rejoins the groups to force a rebalance. A broker rebalances when a
+    /// member's session expires; some (Tansu) do not, and the partition would stay unconsumed.
+    pub rejoin_after: Duration,
 }
 
 impl MembershipSettings {
@@ -42,6 +46,9 @@ pub struct MembershipArgs {
 pub struct MembershipState {
     args: MembershipArgs,
     started_at: DateTime<Utc>,
+    /// Since when some group partition has had no live member, and the last forced rejoin.
+    orphaned_since: Option<std::time::Instant>,
+    last_rejoin: Option<std::time::Instant>,
     _timer: Schedule,
 }
 
@@ -71,6 +78,39 @@ impl MembershipState {
         let value = serde_json::to_value(&record).map_err(|e| StoreError::invalid(e.to_string()))?;
         self.args.store.put_documents(MEMBERS, vec![(record.name, Some(value))]).await
     }
+
+    /// Finds group partitions no live member has held for `rejoin_after` and, on the first live
+    /// member only (one rebalance, not one per replica), rejoins the groups that own them.
+    async fn repair_orphans(&mut self) -> Result<(), StoreError> {
+        let expected = self.args.bus.group_partitions();
+        if expected.is_empty() || self.args.settings.rejoin_after.is_zero() {
+            return Ok(());
+        }
+        let listed = members(self.args.store.as_ref(), Utc::now(), self.args.settings.ttl()).await?;
+        let live: Vec<&MemberRecord> = listed.iter().filter(|(_, alive)| *alive).map(|(m, _)| m).collect();
+        let held: std::collections::HashSet<&String> = live.iter().flat_map(|m| &m.partitions).collect();
+        let orphaned: Vec<String> = expected.into_iter().filter(|p| !held.contains(p)).collect();
+        if orphaned.is_empty() {
+            self.orphaned_since = None;
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let since = *self.orphaned_since.get_or_insert(now);
+        let after = self.args.settings.rejoin_after;
+        let first = live.iter().map(|m| &m.name).min() == Some(&self.args.settings.name);
+        let cooled = self.last_rejoin.is_none_or(|t| now.duration_since(t) >= after);
+        if now.duration_since(since) < after || !first || !cooled {
+            return Ok(());
+        }
+        tracing::warn!(partitions = ?orphaned, waited_secs = now.duration_since(since).as_secs(),
+            "consumer-group partitions have had no live member; rejoining the groups to force a rebalance");
+        self.last_rejoin = Some(now);
+        self.orphaned_since = None;
+        let outcome = self.args.bus.rejoin(&orphaned).await;
+        let label = if outcome.is_ok() { "ok" } else { "failed" };
+        self.args.metrics.cluster_rejoins.with_label_values(&[label]).inc();
+        outcome
+    }
 }
 
 impl Actor for MembershipActor {
@@ -84,7 +124,7 @@ impl Actor for MembershipActor {
         args: MembershipArgs,
     ) -> Result<MembershipState, ActorProcessingErr> {
         let timer = Schedule::every(&myself, args.settings.heartbeat, || MembershipMsg::Beat);
-        Ok(MembershipState { args, started_at: Utc::now(), _timer: timer })
+        Ok(MembershipState { args, started_at: Utc::now(), orphaned_since: None, last_rejoin: None, _timer: timer })
     }
 
     async fn post_start(
@@ -110,6 +150,9 @@ impl Actor for MembershipActor {
                 state.args.metrics.cluster_heartbeats.with_label_values(&["failed"]).inc();
                 tracing::warn!(error = %e, "cluster heartbeat failed; peers see this replica go stale");
             }
+        }
+        if let Err(e) = state.repair_orphans().await {
+            tracing::warn!(error = %e, "orphaned partitions not repaired; the next heartbeat retries");
         }
         Ok(())
     }

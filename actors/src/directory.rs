@@ -71,6 +71,9 @@ struct Entry {
     in_progress: Arc<AtomicU64>,
     tracker: RestartTracker,
     attempts: HashMap<u64, u32>,
+    /// Cluster mode: started for a read while another replica owned the profile, so it may hold
+    /// a state from before that owner's last flush; never kept once this replica owns it.
+    unowned: bool,
 }
 
 impl Entry {
@@ -84,6 +87,7 @@ impl Entry {
             in_progress: Arc::new(AtomicU64::new(0)),
             tracker: RestartTracker::default(),
             attempts: HashMap::new(),
+            unowned: false,
         }
     }
 }
@@ -184,7 +188,12 @@ impl ProfilesState {
             }
             return Ok(());
         }
-        let entry = self.entries.entry(profile_id.clone()).or_insert_with(Entry::new);
+        let owned = self.ctx.owns(&profile_id);
+        if owned && self.entries.get(&profile_id).is_some_and(|e| e.unowned) {
+            // Its partition came here since that read: start again from what the last owner stored.
+            self.drop_profiles(std::slice::from_ref(&profile_id), "partition now owned here");
+        }
+        let entry = self.entries.entry(profile_id.clone()).or_insert_with(|| Entry { unowned: !owned, ..Entry::new() });
         entry.last_used = Instant::now();
         let change = change_of(&msg);
         if let Some(c) = &change {
@@ -412,6 +421,10 @@ impl ProfilesState {
                     let _writing = ownership.writing().await;
                     let mut batch = batch;
                     batch.profiles.retain(|p| ctx.owns(&p.profile_id));
+                    // Nor the ids of events read from a moved partition: their effects were just
+                    // dropped, and the new owner, replaying them, must not take them as applied.
+                    batch.event_ids =
+                        ids.iter().filter(|(pos, _)| ownership.owns_position(*pos)).map(|(_, id)| id.clone()).collect();
                     ctx.store.commit_flush(batch).await
                 }
             };

@@ -70,6 +70,27 @@ pub trait EventBus: Send + Sync + 'static {
     fn deduplicates_on_publish(&self) -> bool;
     /// The highest position this process has published to, per stream (for draining).
     fn published(&self) -> StreamPositions;
+    /// Whether each consumer group this process subscribed to has given it an assignment (an
+    /// empty one counts) since start. Readiness waits for it, so a rollout replaces the next
+    /// replica only after this one has joined.
+    fn joined(&self) -> bool {
+        true
+    }
+    /// Every partition (`topic/partition`) of the topics this process's consumer groups
+    /// subscribe to, from the broker's metadata; empty without groups.
+    fn group_partitions(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Leaves and rejoins the consumer groups that consume any of `partitions`, which makes the
+    /// group rebalance anew: the repair for a broker that left partitions with no live member.
+    async fn rejoin(&self, _partitions: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Of `positions`, those this process consumes now. A replica stopping in a consumer group
+    /// waits only for its own partitions: the others' are drained by their owners.
+    fn consumed_here(&self, positions: StreamPositions) -> StreamPositions {
+        positions
+    }
     /// The partitions this process consumes now (`topic/partition`), for the cluster view.
     fn assignment(&self) -> Vec<String>;
     /// Cluster mode: produces changes to `cdp.processed.events`, each to the partition of its

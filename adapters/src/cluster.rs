@@ -40,6 +40,12 @@ impl Ownership {
         self.owned.read().iter().copied().collect()
     }
 
+    /// Whether this replica owns the partition a position was read from (positions of other
+    /// topics are not partitioned by profile, so they count as owned).
+    pub fn owns_position(&self, position: u64) -> bool {
+        crate::kafka::processed_partition(position).is_none_or(|p| self.owns(p))
+    }
+
     /// Held while a flush writes profiles of owned partitions.
     pub async fn writing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().await
@@ -75,5 +81,49 @@ impl Ownership {
             Ok(_) => forget(),
         }
         tracing::info!(?partitions, "processed-event partitions revoked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::bus::pack;
+    use crate::kafka::PROCESSED_STREAMS;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn positions_of_moved_partitions_are_not_owned() {
+        let o = Ownership::new(3);
+        o.assign(&[0, 2]);
+        let processed = |p: u32| pack(PROCESSED_STREAMS + p, 7);
+        assert!(o.owns_position(processed(0)));
+        assert!(!o.owns_position(processed(1)));
+        o.revoke(&[2]);
+        assert!(!o.owns_position(processed(2)));
+        assert_eq!(o.owned(), vec![0]);
+        // Raw-topic positions are not partitioned by profile.
+        assert!(o.owns_position(pack(1024, 7)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_waits_for_the_write_in_flight() {
+        let o = Arc::new(Ownership::new(3));
+        o.assign(&[1]);
+        let writing = o.writing().await;
+        // librdkafka calls the rebalance callback on a thread of its own.
+        let revoker = {
+            let o = o.clone();
+            std::thread::spawn(move || o.revoke(&[1]))
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(o.owns(1), "revoked while a flush was writing");
+        drop(writing);
+        revoker.join().unwrap();
+        assert!(!o.owns(1));
+        // The next flush sees the partition gone as soon as it holds the gate.
+        let _next = o.writing().await;
+        assert!(!o.owns_position(pack(PROCESSED_STREAMS + 1, 3)));
     }
 }

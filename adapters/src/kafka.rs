@@ -26,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +34,14 @@ use std::time::Duration;
 /// collide with the embedded journal's stream 0.
 const PARTITIONS_PER_TOPIC: u32 = 1024;
 /// Streams of `cdp.processed.events` partitions (cluster mode), after the five raw topics.
-const PROCESSED_STREAMS: u32 = 6 * PARTITIONS_PER_TOPIC;
+pub(crate) const PROCESSED_STREAMS: u32 = 6 * PARTITIONS_PER_TOPIC;
+
+/// The `cdp.processed.events` partition a position was read from; `None` for other topics.
+pub fn processed_partition(position: u64) -> Option<i32> {
+    let (stream, _) = crate::bus::unpack(position);
+    let partition = stream.checked_sub(PROCESSED_STREAMS).filter(|p| *p < PARTITIONS_PER_TOPIC)?;
+    i32::try_from(partition).ok()
+}
 
 /// Topic names, optionally prefixed (tests use a unique prefix per run).
 #[derive(Debug, Clone)]
@@ -80,6 +88,13 @@ pub struct KafkaSettings {
 }
 
 impl KafkaSettings {
+    /// A tenth of the session timeout (librdkafka's default is 3 s whatever the timeout): a member
+    /// waiting on a rebalance sends none, so frequent ones keep a slow rebalance from expiring it,
+    /// and heartbeats are how the others learn that a rebalance started.
+    pub fn heartbeat_interval(&self) -> Duration {
+        (self.session_timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(3))
+    }
+
     /// Parses `kafka://host:port[,host:port]`.
     pub fn brokers_from_url(url: &str) -> Result<String, StoreError> {
         let rest = url.strip_prefix("kafka://").ok_or_else(|| {
@@ -162,6 +177,8 @@ pub struct KafkaBus {
     /// Cluster mode's consumer of `cdp.processed.events`, and the ownership it keeps.
     routed: Mutex<Option<RoutedConsumer>>,
     published: Mutex<HashMap<u32, u64>>,
+    /// What the consumer groups split between their members (see `EventBus::group_partitions`).
+    group_partitions: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -184,6 +201,7 @@ impl KafkaBus {
             topics,
             producer: parking_lot::RwLock::new(producer),
             consumer: Mutex::new(None),
+            group_partitions: Mutex::default(),
             routed: Mutex::new(None),
             published: Mutex::new(HashMap::new()),
         });
@@ -258,6 +276,14 @@ impl KafkaBus {
         Ok(())
     }
 
+    fn note_group_partitions(&self, found: Result<Vec<String>, StoreError>) {
+        match found {
+            Ok(partitions) => self.group_partitions.lock().extend(partitions),
+            // Only the repair of orphaned partitions needs them; consuming goes on.
+            Err(e) => tracing::warn!(error = %e, "topic metadata not read; orphaned partitions will not be detected"),
+        }
+    }
+
     fn topic_of(&self, stream: u32) -> Option<(String, i32)> {
         if stream / PARTITIONS_PER_TOPIC == PROCESSED_STREAMS / PARTITIONS_PER_TOPIC {
             return Some((self.topics.processed(), (stream % PARTITIONS_PER_TOPIC) as i32));
@@ -309,6 +335,45 @@ impl EventBus for KafkaBus {
         let mut v: StreamPositions = self.published.lock().iter().map(|(s, o)| (*s, *o)).collect();
         v.sort_unstable();
         v
+    }
+
+    fn joined(&self) -> bool {
+        let raw = self.consumer.lock().as_ref().is_none_or(|c| c.context().joined.load(Ordering::SeqCst));
+        let routed = self.routed.lock().as_ref().is_none_or(|(c, _)| c.context().joined.load(Ordering::SeqCst));
+        raw && routed
+    }
+
+    fn group_partitions(&self) -> Vec<String> {
+        self.group_partitions.lock().iter().cloned().collect()
+    }
+
+    async fn rejoin(&self, partitions: &[String]) -> Result<(), StoreError> {
+        let names = |p: &String| p.rsplit_once('/').map(|(t, _)| t.to_string());
+        let topics: std::collections::HashSet<String> = partitions.iter().filter_map(names).collect();
+        let raw: Vec<String> = Source::ALL.iter().map(|s| self.topics.raw(*s)).collect();
+        if raw.iter().any(|t| topics.contains(t)) {
+            let consumer = self.consumer.lock().clone();
+            if let Some(c) = consumer {
+                resubscribe(&c, &raw).await?;
+            }
+        }
+        let processed = vec![self.topics.processed()];
+        if topics.contains(&processed[0]) {
+            let routed = self.routed.lock().clone();
+            if let Some((c, _)) = routed {
+                resubscribe(&c, &processed).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn consumed_here(&self, positions: StreamPositions) -> StreamPositions {
+        let Some(consumer) = self.consumer.lock().clone() else { return positions };
+        let assigned: std::collections::HashSet<(String, i32)> = consumer
+            .assignment()
+            .map(|l| l.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect())
+            .unwrap_or_default();
+        positions.into_iter().filter(|(s, _)| self.topic_of(*s).is_some_and(|tp| assigned.contains(&tp))).collect()
     }
 
     fn assignment(&self) -> Vec<String> {
@@ -368,10 +433,12 @@ impl EventBus for KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
-            .create_with_context(RoutedContext { ownership: ownership.clone() })
+            .set("heartbeat.interval.ms", self.settings.heartbeat_interval().as_millis().to_string())
+            .create_with_context(RoutedContext { ownership: ownership.clone(), joined: AtomicBool::new(false) })
             .map_err(|e| StoreError::invalid(format!("kafka consumer config: {e}")))?;
         consumer.subscribe(&[&self.topics.processed()]).map_err(|e| kafka_unavailable("subscribe", e))?;
         let consumer = Arc::new(consumer);
+        self.note_group_partitions(partitions_of_topics(consumer.clone(), vec![self.topics.processed()]).await);
         *self.routed.lock() = Some((consumer.clone(), ownership));
         Ok(Box::new(RoutedKafkaSubscription { consumer }))
     }
@@ -531,6 +598,7 @@ impl KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
+            .set("heartbeat.interval.ms", self.settings.heartbeat_interval().as_millis().to_string())
             // Statistics carry each assigned partition's lag (LagContext keeps the latest).
             .set("statistics.interval.ms", "1000")
             .create_with_context(LagContext::default())
@@ -539,6 +607,7 @@ impl KafkaBus {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         consumer.subscribe(&refs).map_err(|e| kafka_unavailable("subscribe", e))?;
         let consumer = Arc::new(consumer);
+        self.note_group_partitions(partitions_of_topics(consumer.clone(), names.clone()).await);
         *self.consumer.lock() = Some(consumer.clone());
         let topics: HashMap<String, u32> =
             Source::ALL.iter().enumerate().map(|(i, s)| (self.topics.raw(*s), i as u32 + 1)).collect();
@@ -580,6 +649,44 @@ impl KafkaBus {
     }
 }
 
+/// Leaves the group and joins it again as a new member. The leave happens once the consumer's
+/// poll loop has served the revocation; subscribing before that would cancel it.
+async fn resubscribe<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topics: &[String],
+) -> Result<(), StoreError> {
+    consumer.unsubscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs).map_err(|e| kafka_unavailable("subscribe", e))
+}
+
+/// Every `topic/partition` of `topics`, from the broker's metadata (a blocking call, so off the
+/// runtime's threads).
+async fn partitions_of_topics<C: ConsumerContext + 'static>(
+    consumer: Arc<StreamConsumer<C>>,
+    topics: Vec<String>,
+) -> Result<Vec<String>, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for topic in topics {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| kafka_unavailable("topic metadata", e))?;
+            for t in metadata.topics() {
+                out.extend(t.partitions().iter().map(|p| format!("{}/{}", t.name(), p.id())));
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| StoreError::unavailable(format!("kafka metadata task: {e}")))?
+}
+
 /// Commits offsets synchronously off the runtime's threads.
 async fn commit<C: ConsumerContext + 'static>(
     consumer: Arc<StreamConsumer<C>>,
@@ -609,6 +716,7 @@ fn traceparent_header<M: Message>(msg: &M) -> Option<String> {
 #[derive(Default)]
 struct LagContext {
     lag: Mutex<Vec<(String, i32, i64)>>,
+    joined: AtomicBool,
 }
 
 impl ClientContext for LagContext {
@@ -626,7 +734,17 @@ impl ClientContext for LagContext {
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(_) = rebalance {
+            self.joined.store(true, Ordering::SeqCst);
+        }
+    }
+}
 
 /// Cluster mode's consumer and the ownership its rebalances maintain.
 type RoutedConsumer = (Arc<StreamConsumer<RoutedContext>>, Arc<crate::cluster::Ownership>);
@@ -635,6 +753,7 @@ type RoutedConsumer = (Arc<StreamConsumer<RoutedContext>>, Arc<crate::cluster::O
 /// `cdp.processed.events` partitions.
 struct RoutedContext {
     ownership: Arc<crate::cluster::Ownership>,
+    joined: AtomicBool,
 }
 
 impl ClientContext for RoutedContext {}
@@ -661,6 +780,7 @@ impl ConsumerContext for RoutedContext {
     ) {
         if let rdkafka::consumer::Rebalance::Assign(list) = rebalance {
             self.ownership.assign(&partitions_of(list));
+            self.joined.store(true, Ordering::SeqCst);
         }
     }
 }

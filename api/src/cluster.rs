@@ -92,29 +92,37 @@ pub async fn route_to_owner(
     let root = state.index.root(&id).await.unwrap_or(id);
     let partition = partition_of(&root, ownership.partitions());
     let me = state.membership.name.clone();
-    if ownership.owns(partition) {
-        return with_header(next.run(req).await, OWNER, &me);
-    }
     let read = req.method() == axum::http::Method::GET;
-    let snapshot = |response: Response| with_header(response, CONSISTENCY, "snapshot");
+    if ownership.owns(partition) {
+        if !read {
+            return with_header(next.run(req).await, OWNER, &me);
+        }
+        let (parts, body) = req.into_parts();
+        let response = next.clone().run(Request::from_parts(parts.clone(), body)).await;
+        if ownership.owns(partition) {
+            return with_header(response, OWNER, &me);
+        }
+        // The partition moved while the actor answered (a rebalance stops its actors): the
+        // answer may be cut short or already stale, so the new owner (or the store) answers.
+        return route_read_elsewhere(
+            &state,
+            Request::from_parts(parts, axum::body::Body::empty()),
+            next,
+            partition,
+            &me,
+        )
+        .await;
+    }
+    if read {
+        return route_read_elsewhere(&state, req, next, partition, &me).await;
+    }
     if req.headers().contains_key(FORWARDED) {
         // The sender took this replica for the owner; it no longer is (or not yet).
-        return if read { snapshot(next.run(req).await) } else { unavailable("the profile's partition is moving") };
+        return unavailable("the profile's partition is moving");
     }
     let Some((owner, url)) = state.owners.owner_of(&state, partition).await else {
-        return if read { snapshot(next.run(req).await) } else { unavailable("the profile's partition has no owner") };
+        return unavailable("the profile's partition has no owner");
     };
-    if read {
-        // A read keeps its request: when the owner does not answer (it is stopping, say), the
-        // stored record answers instead, marked as such.
-        return match forward(&state, req.method(), req.uri(), req.headers(), Vec::new(), &url, &me).await {
-            Ok(response) => with_header(response, OWNER, &owner),
-            Err(e) => {
-                tracing::debug!(owner = %owner, error = %e, "profile owner unreachable; answering from the store");
-                snapshot(next.run(req).await)
-            }
-        };
-    }
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, state.config.server.max_body_bytes).await {
         Ok(b) => b.to_vec(),
@@ -125,6 +133,27 @@ pub async fn route_to_owner(
         Err(e) => {
             tracing::warn!(owner = %owner, error = %e, "forwarding to the profile's owner failed");
             unavailable("the profile's owner did not answer")
+        }
+    }
+}
+
+/// A read of a profile this replica does not own, answered by the owner's live actor; or from the
+/// stored record, marked as such, when there is no live owner, the owner does not answer, or the
+/// request was already forwarded once.
+async fn route_read_elsewhere(state: &ApiState, req: Request, next: Next, partition: i32, me: &str) -> Response {
+    let snapshot = |response: Response| with_header(response, CONSISTENCY, "snapshot");
+    if req.headers().contains_key(FORWARDED) {
+        // The sender took this replica for the owner; it no longer is (or not yet).
+        return snapshot(next.run(req).await);
+    }
+    let Some((owner, url)) = state.owners.owner_of(state, partition).await else {
+        return snapshot(next.run(req).await);
+    };
+    match forward(state, req.method(), req.uri(), req.headers(), Vec::new(), &url, me).await {
+        Ok(response) => with_header(response, OWNER, &owner),
+        Err(e) => {
+            tracing::debug!(owner = %owner, error = %e, "profile owner unreachable; answering from the store");
+            snapshot(next.run(req).await)
         }
     }
 }

@@ -16,13 +16,16 @@ pub async fn live() -> Json<Value> {
 }
 
 #[utoipa::path(get, path = "/health/ready", tag = "ops",
-    responses((status = 200, description = "Ready for traffic"), (status = 503, description = "Starting, degraded or stopping")))]
+    responses((status = 200, description = "Ready for traffic"), (status = 503, description = "Starting (including: not yet given partitions by its Kafka consumer groups), degraded or stopping")))]
 pub async fn ready(State(state): State<ApiState>) -> Response {
     let started = state.ready.load(Ordering::SeqCst);
     let supervised = state.health.is_ready();
     let store = state.store.ping().await.is_ok();
-    let ok = started && supervised && store;
-    let body = Json(json!({ "ready": ok, "started": started, "supervision": supervised, "store": store }));
+    let joined = state.bus.joined();
+    let ok = started && supervised && store && joined;
+    let body = Json(
+        json!({ "ready": ok, "started": started, "supervision": supervised, "store": store, "consumer_groups_joined": joined }),
+    );
     if ok {
         (StatusCode::OK, body).into_response()
     } else {

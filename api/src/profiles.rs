@@ -11,6 +11,7 @@ use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 /// Normalizes an identifier from a URL the way ingest normalizes it.
 fn normalize_ref_identifier(state: &ApiState, id: Identifier) -> Result<Identifier, ApiError> {
@@ -50,6 +51,7 @@ pub async fn ask<T: Send + 'static>(
     make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
 ) -> Result<(ProfileId, T), ApiError> {
     let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
+    let mut stopped = 0;
     for _ in 0..8 {
         if state.erasures.is_erased(&id) {
             return Err(ApiError::NotFound(format!("no profile {id}: it was erased")));
@@ -65,6 +67,12 @@ pub async fn ask<T: Send + 'static>(
                 return Err(ApiError::NotFound(format!("no profile {id}")))
             }
             Ok(CallResult::Timeout) => return Err(ApiError::Unavailable("profile actor timed out".into())),
+            // The actor stopped before answering (passivated, or its partition moved): the
+            // next ask starts a fresh one from the store.
+            Ok(CallResult::SenderError) | Err(_) if stopped < 2 => {
+                stopped += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             Ok(CallResult::SenderError) | Err(_) => {
                 return Err(ApiError::Unavailable("profile actor restarting".into()))
             }

@@ -635,6 +635,10 @@ impl Config {
         if self.bus.produce_timeout_ms == 0 {
             return Err(bad("bus.produce_timeout_ms", "must be positive"));
         }
+        // Kafka brokers refuse session timeouts outside group.{min,max}.session.timeout.ms.
+        if !(1_000..=1_800_000).contains(&self.bus.session_timeout_ms) {
+            return Err(bad("bus.session_timeout_ms", "must be between 1000 and 1800000"));
+        }
         if self.auth.api_tokens.iter().any(|t| t.trim().len() < 8) {
             return Err(bad("auth.api_tokens", "every token must have at least 8 characters"));
         }
@@ -888,6 +892,8 @@ mod tests {
         assert!(err.contains("retention.idempotency_hours"), "{err}");
         let err = Config::from_toml_str("[bus]\nurl = \"amqp://x\"\n").unwrap_err().to_string();
         assert!(err.contains("bus.url"), "{err}");
+        let err = Config::from_toml_str("[bus]\nsession_timeout_ms = 500\n").unwrap_err().to_string();
+        assert!(err.contains("`bus.session_timeout_ms`"), "{err}");
         let err = Config::from_toml_str("[gdpr]\nstep_timeout_secs = 60\nlease_secs = 60\n").unwrap_err().to_string();
         assert!(err.contains("`gdpr.lease_secs`"), "a lease must outlast a step: {err}");
         let err =

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub gdpr_step_failures: IntCounterVec,
     pub gdpr_saga_leases: IntCounterVec,
     pub cluster_heartbeats: IntCounterVec,
+    pub cluster_rejoins: IntCounterVec,
     pub cluster_claims_lost: IntCounterVec,
     pub gdpr_suppressed_events: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
@@ -231,6 +232,12 @@ impl Metrics {
             "Membership heartbeats written to the shared store, ok or failed",
             &["outcome"],
         )?;
+        let cluster_rejoins = counter_vec(
+            &r,
+            "cluster_rejoins_total",
+            "Consumer-group rejoins forced because partitions had no live member for too long, ok or failed",
+            &["outcome"],
+        )?;
         let cluster_claims_lost = counter_vec(
             &r,
             "cluster_claims_lost_total",
@@ -364,6 +371,7 @@ impl Metrics {
             gdpr_step_failures,
             gdpr_saga_leases,
             cluster_heartbeats,
+            cluster_rejoins,
             cluster_claims_lost,
             gdpr_suppressed_events,
             consumer_lag,

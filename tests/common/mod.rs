@@ -43,6 +43,14 @@ pub fn spawn_cohort(args: &[&str], env: &[(&str, String)], port: u16) -> Proc {
         .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    // For a failing run: `COHORT_TEST_LOG_DIR=dir` keeps each process's log (info and up).
+    if let Some(dir) = std::env::var_os("COHORT_TEST_LOG_DIR") {
+        let path =
+            std::path::Path::new(&dir).join(format!("cohort-{port}-{}.log", chrono::Utc::now().timestamp_micros()));
+        if let Ok(file) = std::fs::File::create(&path) {
+            cmd.env("COHORT__TELEMETRY__LOG_FILTER", "info").stderr(file);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
