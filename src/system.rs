@@ -818,6 +818,7 @@ impl Cohort {
             };
             let slot = gdpr_slot.clone();
             let owner = replica.clone();
+            let cluster = config.cluster.enabled;
             job_children.push(ChildSpec::new("gdpr", "gdpr_coordinator", move |sup| {
                 let args = GdprArgs {
                     store: store.clone(),
@@ -832,6 +833,7 @@ impl Cohort {
                     metrics: metrics.clone(),
                     settings: settings.clone(),
                     owner: owner.clone(),
+                    routed: cluster,
                 };
                 let slot = slot.clone();
                 async move {

@@ -426,3 +426,39 @@ async fn a_new_student_arriving_at_two_replicas_at_once_becomes_one_profile() {
         metrics.lines().filter(|l| l.starts_with("cohort_cluster_claims_lost_total")).collect::<Vec<_>>().join(", ")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_asked_of_one_replica_is_carried_out_by_the_owners_of_the_profiles() {
+    let _one = ONE_CLUSTER.lock().await;
+    let (cluster, _) = start_cluster("erase", 2, "").await;
+    let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
+    const STUDENTS: usize = 8;
+    link_students(&clients, STUDENTS, "er").await;
+
+    // The erasure is asked of the replica that does not hold the student's live actor.
+    let student = 3;
+    let p = clients[0].get(&format!("/v1/profiles/anonymous_id:anon-er-{student}")).await.unwrap();
+    assert_eq!((p.status.as_u16(), p.header("x-cohort-consistency")), (200, None), "{}", p.body);
+    let profile_id = p.body["profile_id"].as_str().unwrap().to_string();
+    let owner = p.header("x-cohort-owner").unwrap_or_default().to_string();
+    let asked = if owner.starts_with(&format!("{}/", cluster.replicas[0].name)) { 1 } else { 0 };
+    assert!(owner.starts_with(&format!("{}/", cluster.replicas[1 - asked].name)), "owner {owner}");
+    let c = &clients[asked];
+    let url = common::erasure::request_deletion(c, &format!("user_id:er-{student}"), "suppress_with_delete").await;
+    let done = common::erasure::wait_deletion(c, &url, Duration::from_secs(60), common::erasure::completed).await;
+    assert_eq!(common::erasure::step(&done, "stop_actor")["detail"]["owners_confirmed"], 1, "{done}");
+
+    // At once, not after the next refresh of erasures (30 s): the owner's live actor is gone,
+    // and nothing it held is written back.
+    for round in 0..2 {
+        for (i, c) in clients.iter().enumerate() {
+            let p = c.get(&format!("/v1/profiles/{profile_id}")).await.unwrap();
+            assert_eq!(p.status, 404, "replica {i}, round {round}: {}", p.body);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The other students are untouched.
+    let other = (student + 1) % STUDENTS;
+    let p = clients[0].get(&format!("/v1/profiles/anonymous_id:anon-er-{other}")).await.unwrap();
+    assert_eq!(p.status, 200, "{}", p.body);
+}

@@ -503,8 +503,7 @@ impl Actor for RoutedDispatcher {
                     continue;
                 }
             }
-            let profile_id = change.profile_id.clone();
-            directory.send_message(ProfilesMsg::DeliverRouted { profile_id, msg: change.into_msg(seq), seq })?;
+            directory.send_message(change.into_directory_msg(seq))?;
         }
         myself.send_message(RoutedDispatcherMsg::Pump)?;
         Ok(())

@@ -107,6 +107,8 @@ pub struct ProfilesState {
     flush_again: bool,
     /// Erasures answered once the flush in flight (which may carry their state) has landed.
     erase_waiters: Vec<(RpcReplyPort<usize>, usize)>,
+    /// Cluster mode: erasures read from the topic, confirmed (in the store) on the same terms.
+    erase_acks: Vec<(String, ProfileId)>,
     timers: Vec<JoinHandle<()>>,
     restarts: u64,
     poison_events: u64,
@@ -274,6 +276,48 @@ impl ProfilesState {
                 Err(format!("profile {profile_id} exceeded its restart budget: {reason}").into())
             }
         }
+    }
+
+    /// GDPR erasure: never started again, actors stopped, unflushed state and the matcher's
+    /// person fields forgotten. Returns how many actors ran.
+    fn erase(&mut self, profiles: &[ProfileId]) -> usize {
+        self.ctx.erasures.mark_erased(profiles.iter().cloned());
+        let stopped = self.drop_profiles(profiles, "erased");
+        // The matcher's index holds their person fields: a profile "merged away" leaves it.
+        if let Some(matcher) = self.ctx.matcher.get() {
+            let gone = profiles
+                .iter()
+                .map(|p| MatchCandidate {
+                    profile_id: p.clone(),
+                    merged: true,
+                    traits: Default::default(),
+                    identifiers: Vec::new(),
+                })
+                .collect();
+            let _ = matcher.send_message(MatcherMsg::ProfilesChanged(gone));
+        }
+        tracing::info!(profiles = profiles.len(), stopped, "profiles erased from the directory");
+        stopped
+    }
+
+    /// Writes the confirmations of erasures read from the topic (no flush in flight carries
+    /// their state any more). A failed write is retried by the saga, which asks again.
+    fn confirm_erasures(&mut self) {
+        if self.erase_acks.is_empty() {
+            return;
+        }
+        let acks = std::mem::take(&mut self.erase_acks);
+        let store = self.ctx.store.clone();
+        tokio::spawn(async move {
+            let at = chrono::Utc::now();
+            let docs = acks
+                .iter()
+                .map(|(saga, p)| (crate::gdpr::erase_ack_key(saga, p), Some(serde_json::json!({ "at": at }))))
+                .collect();
+            if let Err(e) = store.put_documents(crate::gdpr::ERASE_ACKS, docs).await {
+                tracing::warn!(error = %e, "erasure confirmations not written; their sagas ask again");
+            }
+        });
     }
 
     /// Stops these profiles' actors and forgets what they held in memory; returns how many ran.
@@ -502,6 +546,7 @@ impl Actor for ProfilesDirectory {
             flush_waiters: Vec::new(),
             flush_again: false,
             erase_waiters: Vec::new(),
+            erase_acks: Vec::new(),
             timers: Vec::new(),
             restarts: 0,
             poison_events: 0,
@@ -590,6 +635,7 @@ impl Actor for ProfilesDirectory {
                 for (w, n) in state.erase_waiters.drain(..) {
                     let _ = w.send(n);
                 }
+                state.confirm_erasures();
                 if state.flush_again {
                     state.flush_again = false;
                     state.start_flush(&myself);
@@ -621,26 +667,22 @@ impl Actor for ProfilesDirectory {
                 }
             }
             ProfilesMsg::Erase { profiles, reply } => {
-                state.ctx.erasures.mark_erased(profiles.iter().cloned());
-                let stopped = state.drop_profiles(&profiles, "erased");
-                // The matcher's index holds their person fields: a profile "merged away" leaves it.
-                if let Some(matcher) = state.ctx.matcher.get() {
-                    let gone = profiles
-                        .iter()
-                        .map(|p| MatchCandidate {
-                            profile_id: p.clone(),
-                            merged: true,
-                            traits: Default::default(),
-                            identifiers: Vec::new(),
-                        })
-                        .collect();
-                    let _ = matcher.send_message(MatcherMsg::ProfilesChanged(gone));
-                }
-                tracing::info!(profiles = profiles.len(), stopped, "profiles erased from the directory");
+                let stopped = state.erase(&profiles);
                 if state.flushing {
                     state.erase_waiters.push((reply, stopped));
                 } else {
                     let _ = reply.send(stopped);
+                }
+            }
+            ProfilesMsg::EraseRouted { profile_id, saga_id, seq } => {
+                state.ctx.watermark.delivered(seq);
+                // Not owned here: its partition moved, and the new owner reads the erasure again.
+                if state.ctx.owns(&profile_id) {
+                    state.erase(std::slice::from_ref(&profile_id));
+                    state.erase_acks.push((saga_id, profile_id));
+                    if !state.flushing {
+                        state.confirm_erasures();
+                    }
                 }
             }
             ProfilesMsg::GetStats(reply) => {

@@ -10,7 +10,7 @@ use cohort_adapters::{all_documents, all_review_items, Layer, QueryValue};
 use cohort_messages::msgs::{ConsentDecision, DeletionRequest, GdprMsg, ProfileMsg};
 use cohort_messages::profile::{CONSENT_KEYS, LEGAL_BASES};
 use cohort_messages::{
-    DeletionState, ErasureTarget, IdentifierKind, NewAuditEntry, Regulation, SagaRecord, DELETION_SAGA,
+    DeletionState, ErasureTarget, IdentifierKind, NewAuditEntry, ProfileId, Regulation, SagaRecord, DELETION_SAGA,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -244,7 +244,7 @@ pub async fn request_deletion(
         return Err(ApiError::BadRequest("requested_by must be 1-100 printable characters".into()));
     }
     let id = resolve_ref(&state, &input.profile).await?;
-    let (id, view) = ask(&state, id, ProfileMsg::GetView).await?;
+    let (id, view) = view_for_deletion(&state, id).await?;
     let mut profiles = vec![id.clone()];
     profiles.extend(view.merged_from.iter().cloned());
     let identifiers: Vec<_> = view.identifiers.iter().map(|l| l.identifier.clone()).collect();
@@ -272,6 +272,25 @@ pub async fn request_deletion(
     let location = format!("/v1/gdpr/deletions/{}", saga.saga_id);
     let body = deletion_view(&saga)?;
     Ok((axum::http::StatusCode::ACCEPTED, [(axum::http::header::LOCATION, location)], Json(body)).into_response())
+}
+
+/// The profile to erase, as its actor sees it. In cluster mode a replica that does not own the
+/// profile reads the stored record, which lags its owner by one flush: a profile that is not
+/// there yet is asked for again for a second before the answer is 404.
+async fn view_for_deletion(
+    state: &ApiState,
+    id: ProfileId,
+) -> Result<(ProfileId, cohort_messages::profile::ProfileView), ApiError> {
+    let mut tries = 0;
+    loop {
+        match ask(state, id.clone(), ProfileMsg::GetView).await {
+            Err(ApiError::NotFound(_)) if state.ownership.is_some() && tries < 10 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/v1/gdpr/deletions/{id}", tag = "gdpr",

@@ -104,6 +104,11 @@ pub enum RoutedKind {
         from: crate::ProfileId,
     },
     Reevaluate,
+    /// GDPR erasure: the owner stops the profile's actor, never writes it again, and confirms
+    /// with a `gdpr_erase_acks` record `{saga_id}:{profile_id}` the saga waits for.
+    Erase {
+        saga_id: String,
+    },
 }
 
 impl RoutedChange {
@@ -131,17 +136,22 @@ impl RoutedChange {
         self
     }
 
-    /// The profile message, with the position it was read from the topic at.
-    pub fn into_msg(self, seq: u64) -> crate::msgs::ProfileMsg {
+    /// The directory message, with the position it was read from the topic at.
+    pub fn into_directory_msg(self, seq: u64) -> crate::msgs::ProfilesMsg {
         use crate::msgs::ProfileMsg as M;
-        match self.change {
+        let profile_id = self.profile_id;
+        let msg = match self.change {
             RoutedKind::Apply { event, .. } => M::Apply { seq, event: std::sync::Arc::new(*event) },
             RoutedKind::BeginMerge { merged } => M::BeginMerge { merged },
             RoutedKind::MergeInto { survivor } => M::MergeInto { survivor },
             RoutedKind::Absorb { record } => M::Absorb { record },
             RoutedKind::Restore { record, from } => M::Restore { record, from },
             RoutedKind::Reevaluate => M::Reevaluate,
-        }
+            RoutedKind::Erase { saga_id } => {
+                return crate::msgs::ProfilesMsg::EraseRouted { profile_id, saga_id, seq };
+            }
+        };
+        crate::msgs::ProfilesMsg::DeliverRouted { profile_id, msg, seq }
     }
 }
 

@@ -282,6 +282,13 @@ pub enum ProfilesMsg {
         profiles: Vec<ProfileId>,
         reply: RpcReplyPort<usize>,
     },
+    /// Cluster mode: an erasure read from `cdp.processed.events` at `seq`. The owner erases as
+    /// `Erase` does and confirms once no flush carrying the profile can land later.
+    EraseRouted {
+        profile_id: ProfileId,
+        saga_id: String,
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@
 //! a dead replica's saga is resumed elsewhere.
 
 use super::destinations::ErasureDestinations;
-use super::{Erasures, SUPPRESSED};
+use super::{erase_ack_key, Erasures, ERASE_ACKS, SUPPRESSED};
 use crate::identity::IdentityIndex;
 use crate::profile::CONSENT_HISTORY;
 use crate::reverse_etl::{FAILED, FIELDS, SENT};
@@ -24,6 +24,7 @@ use crate::segments::engine::MEMBERS;
 use cohort_adapters::crypto::Envelope;
 use cohort_adapters::warehouse::raw_mentioning;
 use cohort_adapters::{all_documents, EventBus, Layer, OperationalStore, QueryValue, StoreErrorKind, Warehouse};
+use cohort_messages::cluster::{RoutedChange, RoutedKind};
 use cohort_messages::msgs::{DeletionRequest, GdprMsg, ProfilesMsg, WarehouseMsg};
 use cohort_messages::{
     DeletionState, DeletionStep, ErasureTarget, NewAuditEntry, ProfileId, SagaLease, SagaRecord, SagaStatus, StepState,
@@ -69,6 +70,9 @@ pub struct GdprArgs {
     pub settings: GdprSettings,
     /// This replica's name in saga leases.
     pub owner: String,
+    /// Cluster mode: live actors are on the replicas owning their partitions, so the erasure is
+    /// sent through `cdp.processed.events` and each owner confirms it.
+    pub routed: bool,
 }
 
 pub struct GdprState {
@@ -395,6 +399,8 @@ impl GdprState {
             }
             DeletionStep::StopActor => {
                 a.erasures.record_erased(store, saga_id, &target.profiles).await?;
+                let confirmed =
+                    if a.routed { Some(self.erase_at_owners(saga_id, &target.profiles).await?) } else { None };
                 let directory =
                     a.directory.get().ok_or_else(|| StepError::Retry("profile directory is not running".into()))?;
                 let profiles = target.profiles.clone();
@@ -407,7 +413,11 @@ impl GdprState {
                     _ => return Err(StepError::Retry("profile directory did not answer".into())),
                 };
                 a.index.forget(&target.profiles, &target.identifiers);
-                Ok(Outcome::Done(json!({ "actors_stopped": stopped, "profiles": target.profiles.len() })))
+                let mut done = json!({ "actors_stopped": stopped, "profiles": target.profiles.len() });
+                if let Some(n) = confirmed {
+                    done["owners_confirmed"] = json!(n);
+                }
+                Ok(Outcome::Done(done))
             }
             DeletionStep::OperationalStore => Ok(Outcome::Done(json!(store.erase_person(target).await?))),
             DeletionStep::Documents => {
@@ -590,6 +600,35 @@ impl GdprState {
     }
 
     /// Who asked, when, and how much was removed where: counts only, never personal data.
+    /// Cluster mode: sends the erasure to each profile's partition and waits until every owner
+    /// has confirmed it, so no flush of theirs can write the profile back after the store is
+    /// erased. A partition between owners is confirmed by the one that takes it over.
+    async fn erase_at_owners(&self, saga_id: &str, profiles: &[ProfileId]) -> Result<usize, StepError> {
+        let a = &self.args;
+        let change = |p: &ProfileId| RoutedChange {
+            profile_id: p.clone(),
+            change: RoutedKind::Erase { saga_id: saga_id.to_string() },
+        };
+        a.bus.publish_routed(&profiles.iter().map(change).collect::<Vec<_>>()).await?;
+        let keys: Vec<String> = profiles.iter().map(|p| erase_ack_key(saga_id, p)).collect();
+        // Within the step's own timeout, so this step answers instead of being cut off.
+        let deadline = tokio::time::Instant::now() + a.settings.step_timeout / 2;
+        loop {
+            let confirmed = a.store.get_documents(ERASE_ACKS, &keys).await?.iter().filter(|d| d.is_some()).count();
+            if confirmed == keys.len() {
+                a.store.put_documents(ERASE_ACKS, keys.into_iter().map(|k| (k, None)).collect()).await?;
+                return Ok(confirmed);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StepError::Retry(format!(
+                    "{confirmed} of {} profile owners confirmed the erasure; it is sent again",
+                    keys.len()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn audit(&self, saga_id: &str, state: &DeletionState) -> Result<Outcome, StepError> {
         let deleted: serde_json::Map<String, Value> = state
             .steps
