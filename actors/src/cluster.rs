@@ -49,6 +49,8 @@ pub struct MembershipState {
     /// Since when some group partition has had no live member, and the last forced rejoin.
     orphaned_since: Option<std::time::Instant>,
     last_rejoin: Option<std::time::Instant>,
+    /// Rejoins since partitions were last all held: each waits twice as long as the one before.
+    rejoins_in_a_row: u32,
     _timer: Schedule,
 }
 
@@ -92,13 +94,15 @@ impl MembershipState {
         let orphaned: Vec<String> = expected.into_iter().filter(|p| !held.contains(p)).collect();
         if orphaned.is_empty() {
             self.orphaned_since = None;
+            self.rejoins_in_a_row = 0;
             return Ok(());
         }
         let now = std::time::Instant::now();
         let since = *self.orphaned_since.get_or_insert(now);
         let after = self.args.settings.rejoin_after;
         let first = live.iter().map(|m| &m.name).min() == Some(&self.args.settings.name);
-        let cooled = self.last_rejoin.is_none_or(|t| now.duration_since(t) >= after);
+        let cooldown = after.saturating_mul(1 << self.rejoins_in_a_row.min(5));
+        let cooled = self.last_rejoin.is_none_or(|t| now.duration_since(t) >= cooldown);
         if now.duration_since(since) < after || !first || !cooled {
             return Ok(());
         }
@@ -106,10 +110,18 @@ impl MembershipState {
             "consumer-group partitions have had no live member; rejoining the groups to force a rebalance");
         self.last_rejoin = Some(now);
         self.orphaned_since = None;
-        let outcome = self.args.bus.rejoin(&orphaned).await;
-        let label = if outcome.is_ok() { "ok" } else { "failed" };
-        self.args.metrics.cluster_rejoins.with_label_values(&[label]).inc();
-        outcome
+        self.rejoins_in_a_row += 1;
+        // Rejoining waits for the revocation (seconds): off this actor, so heartbeats go on.
+        let (bus, metrics) = (self.args.bus.clone(), self.args.metrics.clone());
+        tokio::spawn(async move {
+            let outcome = bus.rejoin(&orphaned).await;
+            let label = if outcome.is_ok() { "ok" } else { "failed" };
+            metrics.cluster_rejoins.with_label_values(&[label]).inc();
+            if let Err(e) = outcome {
+                tracing::warn!(error = %e, "rejoining the consumer groups failed; the next heartbeat may try again");
+            }
+        });
+        Ok(())
     }
 }
 
@@ -124,7 +136,14 @@ impl Actor for MembershipActor {
         args: MembershipArgs,
     ) -> Result<MembershipState, ActorProcessingErr> {
         let timer = Schedule::every(&myself, args.settings.heartbeat, || MembershipMsg::Beat);
-        Ok(MembershipState { args, started_at: Utc::now(), orphaned_since: None, last_rejoin: None, _timer: timer })
+        Ok(MembershipState {
+            args,
+            started_at: Utc::now(),
+            orphaned_since: None,
+            last_rejoin: None,
+            rejoins_in_a_row: 0,
+            _timer: timer,
+        })
     }
 
     async fn post_start(
@@ -415,6 +434,8 @@ pub struct RoutedDispatcherArgs {
 pub struct RoutedDispatcherState {
     args: RoutedDispatcherArgs,
     subscription: Box<dyn RoutedSubscription>,
+    /// The partitions owned when erasures were last read from the store.
+    erasures_for: Vec<i32>,
 }
 
 #[derive(Debug)]
@@ -437,7 +458,7 @@ impl Actor for RoutedDispatcher {
         args.ctx.watermark.reset(&Vec::new());
         args.ctx.pending_ids.reset();
         myself.send_message(RoutedDispatcherMsg::Pump)?;
-        Ok(RoutedDispatcherState { args, subscription })
+        Ok(RoutedDispatcherState { args, subscription, erasures_for: Vec::new() })
     }
 
     async fn handle(
@@ -493,6 +514,21 @@ impl Actor for RoutedDispatcher {
                 Err(e) => return Err(e.into()),
             }
         };
+        // A partition that just came here may carry events for profiles erased elsewhere since
+        // this replica last read the erasures: read them again before applying anything.
+        let owned = ctx.ownership.as_ref().map(|o| o.owned()).unwrap_or_default();
+        if owned != state.erasures_for {
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = ctx.erasures.load(ctx.store.as_ref()).await {
+                if !e.is_retryable() {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, "erasures unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            state.erasures_for = owned;
+        }
         let directory = state.args.directory.get().ok_or("profile directory is not running")?;
         for (seq, change) in polled.changes {
             if let RoutedKind::Apply { event, forwarded: false } = &change.change {

@@ -312,7 +312,7 @@ impl ProfilesState {
             let at = chrono::Utc::now();
             let docs = acks
                 .iter()
-                .map(|(saga, p)| (crate::gdpr::erase_ack_key(saga, p), Some(serde_json::json!({ "at": at }))))
+                .map(|(request, p)| (crate::gdpr::erase_ack_key(request, p), Some(serde_json::json!({ "at": at }))))
                 .collect();
             if let Err(e) = store.put_documents(crate::gdpr::ERASE_ACKS, docs).await {
                 tracing::warn!(error = %e, "erasure confirmations not written; their sagas ask again");
@@ -337,6 +337,9 @@ impl ProfilesState {
     }
 
     fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>) {
+        // Cluster mode: the partitions' tenures as this flush takes its snapshots; what it drops
+        // now or a revocation drops later must not be recorded for a partition that came back.
+        let tenure = self.ctx.ownership.as_ref().map(|o| o.tenure());
         if self.ctx.ownership.is_some() {
             // Cluster mode: profiles whose partition moved are the new owner's now; it replays
             // their unflushed changes from the committed offset.
@@ -463,12 +466,16 @@ impl ProfilesState {
                 (Ok(()), None) => ctx.store.commit_flush(batch).await,
                 (Ok(()), Some(ownership)) => {
                     let _writing = ownership.writing().await;
+                    let tenure = tenure.clone().unwrap_or_default();
                     let mut batch = batch;
-                    batch.profiles.retain(|p| ctx.owns(&p.profile_id));
-                    // Nor the ids of events read from a moved partition: their effects were just
-                    // dropped, and the new owner, replaying them, must not take them as applied.
-                    batch.event_ids =
-                        ids.iter().filter(|(pos, _)| ownership.owns_position(*pos)).map(|(_, id)| id.clone()).collect();
+                    batch.profiles.retain(|p| ownership.profile_held_since(&tenure, &p.profile_id));
+                    // Nor the ids of events read from a moved partition: their effects were
+                    // dropped, and whoever replays them must not take them as applied.
+                    batch.event_ids = ids
+                        .iter()
+                        .filter(|(pos, _)| ownership.position_held_since(&tenure, *pos))
+                        .map(|(_, id)| id.clone())
+                        .collect();
                     ctx.store.commit_flush(batch).await
                 }
             };
@@ -490,6 +497,15 @@ impl ProfilesState {
                     // The store has the effects; only now may the bus forget the events. A failed
                     // commit (a rebalance, say) only delays it: the next flush commits further.
                     let committed = if complete && !in_store {
+                        // Offsets only for partitions held all along (see `tenure` above).
+                        let lows: cohort_adapters::StreamPositions = match (&ctx.ownership, &tenure) {
+                            (Some(o), Some(t)) => lows
+                                .iter()
+                                .copied()
+                                .filter(|(s, _)| o.position_held_since(t, cohort_adapters::pack(*s, 0)))
+                                .collect(),
+                            _ => lows.clone(),
+                        };
                         match ctx.bus.commit(&lows).await {
                             Ok(()) => true,
                             Err(e) => {
@@ -607,7 +623,9 @@ impl Actor for ProfilesDirectory {
                         state.ctx.watermark.delivered(seq);
                     }
                 } else {
-                    // Its partition moved while it was on its way: the new owner reads it again.
+                    // Its partition moved while it was on its way: the new owner reads it again,
+                    // and its id, claimed on the way, must not be recorded as applied.
+                    state.ctx.pending_ids.release(seq);
                     state.ctx.watermark.delivered(seq);
                 }
             }
@@ -674,12 +692,12 @@ impl Actor for ProfilesDirectory {
                     let _ = reply.send(stopped);
                 }
             }
-            ProfilesMsg::EraseRouted { profile_id, saga_id, seq } => {
+            ProfilesMsg::EraseRouted { profile_id, request, seq } => {
                 state.ctx.watermark.delivered(seq);
                 // Not owned here: its partition moved, and the new owner reads the erasure again.
                 if state.ctx.owns(&profile_id) {
                     state.erase(std::slice::from_ref(&profile_id));
-                    state.erase_acks.push((saga_id, profile_id));
+                    state.erase_acks.push((request, profile_id));
                     if !state.flushing {
                         state.confirm_erasures();
                     }

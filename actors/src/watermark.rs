@@ -160,6 +160,22 @@ impl PendingIds {
         }
     }
 
+    /// Forgets the id claimed at `position`: its event was skipped, not applied.
+    pub fn release(&self, position: u64) {
+        let mut g = self.inner.lock();
+        let mut released = Vec::new();
+        g.unrecorded.retain(|(p, id)| {
+            let keep = *p != position;
+            if !keep {
+                released.push(id.clone());
+            }
+            keep
+        });
+        for id in released {
+            g.claimed.remove(&id);
+        }
+    }
+
     /// Puts back ids a failed flush took.
     pub fn restore(&self, ids: Vec<(u64, String)>) {
         self.inner.lock().unrecorded.extend(ids);
@@ -180,6 +196,18 @@ pub fn describe(positions: &StreamPositions) -> String {
 mod tests {
     use super::*;
     use cohort_adapters::pack;
+
+    #[test]
+    fn a_released_id_is_neither_recorded_nor_taken_for_a_duplicate() {
+        let ids = PendingIds::default();
+        assert!(ids.claim(pack(7, 1), "web:a"));
+        assert!(ids.claim(pack(7, 2), "web:b"));
+        ids.release(pack(7, 2));
+        let taken = ids.take_covered(&vec![(7, 5)]);
+        assert_eq!(taken, vec![(pack(7, 1), "web:a".to_string())], "only the applied one is recorded");
+        assert!(ids.claim(pack(7, 3), "web:b"), "a replay of the skipped event is not a duplicate");
+        assert!(!ids.claim(pack(7, 4), "web:a"), "the applied one still is, until persisted");
+    }
 
     #[test]
     fn low_watermark_waits_for_the_oldest_event_per_stream() {

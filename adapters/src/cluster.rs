@@ -3,15 +3,22 @@
 
 use cohort_messages::cluster::partition_of;
 use cohort_messages::ProfileId;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 pub struct Ownership {
     owned: parking_lot::RwLock<BTreeSet<i32>>,
     /// A flush holds it shared while it writes; a revocation takes it exclusively, so it waits for
     /// the write in flight and the next flush already sees the partition gone.
     gate: tokio::sync::RwLock<()>,
+    /// Revocations so far, per partition: a partition revoked and assigned back during a flush
+    /// is not the same tenure, and what the flush dropped with it must not be recorded.
+    revocations: parking_lot::Mutex<HashMap<i32, u64>>,
     partitions: i32,
 }
+
+/// The revocation counts at one moment (see [`Ownership::tenure`]).
+#[derive(Debug, Clone, Default)]
+pub struct Tenure(HashMap<i32, u64>);
 
 impl std::fmt::Debug for Ownership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -21,7 +28,12 @@ impl std::fmt::Debug for Ownership {
 
 impl Ownership {
     pub fn new(partitions: i32) -> Self {
-        Self { owned: Default::default(), gate: tokio::sync::RwLock::new(()), partitions: partitions.max(1) }
+        Self {
+            owned: Default::default(),
+            gate: tokio::sync::RwLock::new(()),
+            revocations: Default::default(),
+            partitions: partitions.max(1),
+        }
     }
 
     pub fn partitions(&self) -> i32 {
@@ -38,6 +50,27 @@ impl Ownership {
 
     pub fn owned(&self) -> Vec<i32> {
         self.owned.read().iter().copied().collect()
+    }
+
+    /// The tenure of every partition now, to check later that one was held all along.
+    pub fn tenure(&self) -> Tenure {
+        Tenure(self.revocations.lock().clone())
+    }
+
+    /// Whether the partition is owned and was not revoked since `tenure`.
+    pub fn held_since(&self, tenure: &Tenure, partition: i32) -> bool {
+        let now = self.revocations.lock().get(&partition).copied().unwrap_or(0);
+        self.owns(partition) && tenure.0.get(&partition).copied().unwrap_or(0) == now
+    }
+
+    pub fn profile_held_since(&self, tenure: &Tenure, profile: &ProfileId) -> bool {
+        self.held_since(tenure, partition_of(profile, self.partitions))
+    }
+
+    /// [`Self::held_since`] for the partition a position was read from (positions of other
+    /// topics count as held).
+    pub fn position_held_since(&self, tenure: &Tenure, position: u64) -> bool {
+        crate::kafka::processed_partition(position).is_none_or(|p| self.held_since(tenure, p))
     }
 
     /// Whether this replica owns the partition a position was read from (positions of other
@@ -61,8 +94,10 @@ impl Ownership {
     pub fn revoke(&self, partitions: &[i32]) {
         let forget = || {
             let mut owned = self.owned.write();
+            let mut revocations = self.revocations.lock();
             for p in partitions {
                 owned.remove(p);
+                *revocations.entry(*p).or_insert(0) += 1;
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -105,6 +140,21 @@ mod tests {
         assert_eq!(o.owned(), vec![0]);
         // Raw-topic positions are not partitioned by profile.
         assert!(o.owns_position(pack(1024, 7)));
+    }
+
+    #[test]
+    fn a_partition_revoked_and_assigned_back_is_a_new_tenure() {
+        let o = Ownership::new(3);
+        o.assign(&[0, 1]);
+        let before = o.tenure();
+        o.revoke(&[1]);
+        o.assign(&[1]);
+        assert!(o.owns(1), "owned again");
+        assert!(!o.held_since(&before, 1), "but not all along");
+        assert!(!o.position_held_since(&before, pack(PROCESSED_STREAMS + 1, 9)));
+        assert!(o.held_since(&before, 0));
+        assert!(o.held_since(&o.tenure(), 1));
+        assert!(o.position_held_since(&before, pack(1024, 9)), "raw positions are not partitioned by profile");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

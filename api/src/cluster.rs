@@ -95,7 +95,14 @@ pub async fn route_to_owner(
     let read = req.method() == axum::http::Method::GET;
     if ownership.owns(partition) {
         if !read {
-            return with_header(next.run(req).await, OWNER, &me);
+            // Writes are flushed before they are answered; one whose partition moved meanwhile
+            // may have been dropped with it, so it is not acknowledged.
+            let tenure = ownership.tenure();
+            let response = next.run(req).await;
+            if response.status().is_success() && !ownership.held_since(&tenure, partition) {
+                return unavailable("the profile's partition moved while it was written; send it again");
+            }
+            return with_header(response, OWNER, &me);
         }
         let (parts, body) = req.into_parts();
         let response = next.clone().run(Request::from_parts(parts.clone(), body)).await;

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-use crate::profiles::{ask, query, resolve_ref};
+use crate::profiles::{ask, ask_read, query, resolve_ref};
 use crate::{ApiError, ApiState};
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -283,7 +283,7 @@ async fn view_for_deletion(
 ) -> Result<(ProfileId, cohort_messages::profile::ProfileView), ApiError> {
     let mut tries = 0;
     loop {
-        match ask(state, id.clone(), ProfileMsg::GetView).await {
+        match ask_read(state, id.clone(), ProfileMsg::GetView).await {
             Err(ApiError::NotFound(_)) if state.ownership.is_some() && tries < 10 => {
                 tries += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

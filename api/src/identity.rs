@@ -10,7 +10,7 @@ use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::profiles::{ask, query, resolve_ref};
+use crate::profiles::{ask, ask_read, query, resolve_ref};
 use crate::{ApiError, ApiState};
 
 #[derive(Debug, Deserialize)]
@@ -29,8 +29,8 @@ pub async fn explain(State(state): State<ApiState>, Query(q): Query<ExplainQuery
     let a = resolve_ref(&state, &q.a).await?;
     let b = resolve_ref(&state, &q.b).await?;
     // Live views, so a comparison sees what was applied a moment ago.
-    let (a, view_a) = ask(&state, a, ProfileMsg::GetView).await?;
-    let (b, view_b) = ask(&state, b, ProfileMsg::GetView).await?;
+    let (a, view_a) = ask_read(&state, a, ProfileMsg::GetView).await?;
+    let (b, view_b) = ask_read(&state, b, ProfileMsg::GetView).await?;
     let model = MatchModel::default();
     let explanation = compare(
         &MatchRecord::from_parts(&view_a.traits, &view_a.identifiers),

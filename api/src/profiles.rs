@@ -44,11 +44,31 @@ pub async fn resolve_ref(state: &ApiState, raw: &str) -> Result<ProfileId, ApiEr
     }
 }
 
-/// Asks the live ProfileActor, following merges to the survivor.
+/// Asks the live ProfileActor for a change, following merges to the survivor.
 pub async fn ask<T: Send + 'static>(
+    state: &ApiState,
+    id: ProfileId,
+    make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
+) -> Result<(ProfileId, T), ApiError> {
+    ask_with(state, id, make, false).await
+}
+
+/// Asks the live ProfileActor a question. A query whose actor stops before answering (it was
+/// passivated, or its partition moved) is asked again: a fresh actor loads the stored record.
+/// A change is not: it may have been applied by the actor that stopped.
+pub async fn ask_read<T: Send + 'static>(
+    state: &ApiState,
+    id: ProfileId,
+    make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
+) -> Result<(ProfileId, T), ApiError> {
+    ask_with(state, id, make, true).await
+}
+
+async fn ask_with<T: Send + 'static>(
     state: &ApiState,
     mut id: ProfileId,
     make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
+    retry_stopped: bool,
 ) -> Result<(ProfileId, T), ApiError> {
     let directory = state.profiles.get().ok_or_else(|| ApiError::Unavailable("profiles restarting".into()))?;
     let mut stopped = 0;
@@ -67,9 +87,7 @@ pub async fn ask<T: Send + 'static>(
                 return Err(ApiError::NotFound(format!("no profile {id}")))
             }
             Ok(CallResult::Timeout) => return Err(ApiError::Unavailable("profile actor timed out".into())),
-            // The actor stopped before answering (passivated, or its partition moved): the
-            // next ask starts a fresh one from the store.
-            Ok(CallResult::SenderError) | Err(_) if stopped < 2 => {
+            Ok(CallResult::SenderError) | Err(_) if retry_stopped && stopped < 2 => {
                 stopped += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -88,7 +106,7 @@ pub(crate) async fn query<T: Send + 'static>(
     make: impl Fn(RpcReplyPort<ProfileRecordReply<T>>) -> ProfileMsg,
 ) -> Result<(ProfileId, T), ApiError> {
     let id = resolve_ref(state, reference).await?;
-    ask(state, id, make).await
+    ask_read(state, id, make).await
 }
 
 #[utoipa::path(get, path = "/v1/profiles/stats", tag = "profiles",

@@ -635,9 +635,13 @@ impl Config {
         if self.bus.produce_timeout_ms == 0 {
             return Err(bad("bus.produce_timeout_ms", "must be positive"));
         }
-        // Kafka brokers refuse session timeouts outside group.{min,max}.session.timeout.ms.
-        if !(1_000..=1_800_000).contains(&self.bus.session_timeout_ms) {
-            return Err(bad("bus.session_timeout_ms", "must be between 1000 and 1800000"));
+        // Kafka brokers refuse session timeouts outside group.{min,max}.session.timeout.ms
+        // (6 s and 30 min by default): the consumer would never join.
+        if !(6_000..=1_800_000).contains(&self.bus.session_timeout_ms) {
+            return Err(bad(
+                "bus.session_timeout_ms",
+                "must be between 6000 and 1800000 (the brokers' default limits)",
+            ));
         }
         if self.auth.api_tokens.iter().any(|t| t.trim().len() < 8) {
             return Err(bad("auth.api_tokens", "every token must have at least 8 characters"));

@@ -105,9 +105,11 @@ pub enum RoutedKind {
     },
     Reevaluate,
     /// GDPR erasure: the owner stops the profile's actor, never writes it again, and confirms
-    /// with a `gdpr_erase_acks` record `{saga_id}:{profile_id}` the saga waits for.
+    /// with a `gdpr_erase_acks` record `{request}:{profile_id}` the saga waits for. `request`
+    /// names the saga and the attempt, so a late confirmation of an earlier attempt never
+    /// stands for a later one.
     Erase {
-        saga_id: String,
+        request: String,
     },
 }
 
@@ -147,8 +149,8 @@ impl RoutedChange {
             RoutedKind::Absorb { record } => M::Absorb { record },
             RoutedKind::Restore { record, from } => M::Restore { record, from },
             RoutedKind::Reevaluate => M::Reevaluate,
-            RoutedKind::Erase { saga_id } => {
-                return crate::msgs::ProfilesMsg::EraseRouted { profile_id, saga_id, seq };
+            RoutedKind::Erase { request } => {
+                return crate::msgs::ProfilesMsg::EraseRouted { profile_id, request, seq };
             }
         };
         crate::msgs::ProfilesMsg::DeliverRouted { profile_id, msg, seq }

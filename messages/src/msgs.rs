@@ -286,7 +286,8 @@ pub enum ProfilesMsg {
     /// `Erase` does and confirms once no flush carrying the profile can land later.
     EraseRouted {
         profile_id: ProfileId,
-        saga_id: String,
+        /// The saga and attempt asking (see `RoutedKind::Erase`).
+        request: String,
         seq: u64,
     },
 }

@@ -17,13 +17,14 @@ use serde_json::json;
 pub const SUPPRESSED: &str = "gdpr_suppressed";
 /// Documents: erased profile id → `{saga_id, at}`. A message for one of these is dropped.
 pub const ERASED: &str = "gdpr_erased_profiles";
-/// Documents: `{saga_id}:{profile_id}` → `{at}`, written by a profile's owner (cluster mode) once
-/// it has erased the profile; the saga waits for them, then removes them.
+/// Documents: `{request}:{profile_id}` → `{at}`, written by a profile's owner (cluster mode) once
+/// it has erased the profile for a saga's attempt (`request`); the saga waits for them, then
+/// removes them.
 pub const ERASE_ACKS: &str = "gdpr_erase_acks";
 
-/// The key of an owner's confirmation that it erased `profile` for `saga_id`.
-pub fn erase_ack_key(saga_id: &str, profile: &ProfileId) -> String {
-    format!("{saga_id}:{profile}")
+/// The key of an owner's confirmation that it erased `profile` for `request`.
+pub fn erase_ack_key(request: &str, profile: &ProfileId) -> String {
+    format!("{request}:{profile}")
 }
 
 /// The verdict of [`Erasures::screen`].

@@ -605,21 +605,25 @@ impl GdprState {
     /// erased. A partition between owners is confirmed by the one that takes it over.
     async fn erase_at_owners(&self, saga_id: &str, profiles: &[ProfileId]) -> Result<usize, StepError> {
         let a = &self.args;
+        let request = format!("{saga_id}/{}", uuid::Uuid::new_v4().simple());
         let change = |p: &ProfileId| RoutedChange {
             profile_id: p.clone(),
-            change: RoutedKind::Erase { saga_id: saga_id.to_string() },
+            change: RoutedKind::Erase { request: request.clone() },
         };
         a.bus.publish_routed(&profiles.iter().map(change).collect::<Vec<_>>()).await?;
-        let keys: Vec<String> = profiles.iter().map(|p| erase_ack_key(saga_id, p)).collect();
+        let keys: Vec<String> = profiles.iter().map(|p| erase_ack_key(&request, p)).collect();
         // Within the step's own timeout, so this step answers instead of being cut off.
         let deadline = tokio::time::Instant::now() + a.settings.step_timeout / 2;
         loop {
             let confirmed = a.store.get_documents(ERASE_ACKS, &keys).await?.iter().filter(|d| d.is_some()).count();
+            let expired = tokio::time::Instant::now() >= deadline;
+            if confirmed == keys.len() || expired {
+                a.store.put_documents(ERASE_ACKS, keys.iter().map(|k| (k.clone(), None)).collect()).await?;
+            }
             if confirmed == keys.len() {
-                a.store.put_documents(ERASE_ACKS, keys.into_iter().map(|k| (k, None)).collect()).await?;
                 return Ok(confirmed);
             }
-            if tokio::time::Instant::now() >= deadline {
+            if expired {
                 return Err(StepError::Retry(format!(
                     "{confirmed} of {} profile owners confirmed the erasure; it is sent again",
                     keys.len()
