@@ -589,6 +589,7 @@ impl Cohort {
         if let Some(warehouse) = warehouse.clone() {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
             let erasures = erasures.clone();
+            let leader = config.cluster.enabled.then(|| membership.clone());
             let tokenize = (config.warehouse.pii == WarehousePii::Tokenize).then(|| pii.clone());
             let relay_interval = Duration::from_millis(config.warehouse.relay_interval_ms);
             let reconcile_interval = match config.warehouse.reconcile_interval_secs {
@@ -605,6 +606,7 @@ impl Cohort {
                     metrics: metrics.clone(),
                     relay_interval,
                     reconcile_interval,
+                    leader: leader.clone(),
                 };
                 let slot = slot.clone();
                 async move {

@@ -107,7 +107,11 @@ async fn start_cluster(tag: &str, n: usize, extra: &str) -> (Cluster, Value) {
     let id = unique(tag);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cohort.toml");
-    std::fs::write(&cfg, format!("{}{extra}", cluster_toml(&id))).unwrap();
+    let mut base = cluster_toml(&id);
+    if extra.contains("[warehouse]") {
+        base = base.replace("[warehouse]\nurl = \"none://\"\n", "");
+    }
+    std::fs::write(&cfg, format!("{base}{extra}")).unwrap();
     let replicas: Vec<Replica> = (0..n).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
     for r in &replicas {
         wait_ready(&r.client).await;
@@ -461,4 +465,40 @@ async fn an_erasure_asked_of_one_replica_is_carried_out_by_the_owners_of_the_pro
     let other = (student + 1) % STUDENTS;
     let p = clients[0].get(&format!("/v1/profiles/anonymous_id:anon-er-{other}")).await.unwrap();
     assert_eq!(p.status, 200, "{}", p.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_warehouse_outbox_is_relayed_by_one_replica() {
+    let _one = ONE_CLUSTER.lock().await;
+    let dataset = unique("relay");
+    let extra = format!(
+        "[warehouse]\nurl = \"bigquery://test-project/{dataset}?endpoint={}\"\nrelay_interval_ms = 200\n",
+        service("COHORT_TEST_BIGQUERY")
+    );
+    let (cluster, _) = start_cluster("relay", 2, &extra).await;
+    let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
+    const STUDENTS: usize = 10;
+    link_students(&clients, STUDENTS, "wh").await;
+
+    // Every replica's flushes fill the one outbox in MongoDB; one replica empties it.
+    let silver = |text: &str| common::series_value(text, "cohort_warehouse_rows_written_total{layer=\"silver\"}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let relayed = loop {
+        let mut rows = Vec::new();
+        for c in &clients {
+            rows.push(silver(&common::scrape(c).await));
+        }
+        if rows.iter().sum::<f64>() >= STUDENTS as f64 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "the outbox was not relayed: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // A few more relay intervals: the other replica still relays nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut after = Vec::new();
+    for c in &clients {
+        after.push(silver(&common::scrape(c).await));
+    }
+    assert_eq!(after.iter().filter(|r| **r > 0.0).count(), 1, "relayed by both replicas: {relayed:?} then {after:?}");
 }

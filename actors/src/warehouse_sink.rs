@@ -42,6 +42,9 @@ pub struct WarehouseSinkArgs {
     pub erasures: Arc<crate::gdpr::Erasures>,
     /// Set when the warehouse gets tokens instead of personal data (`warehouse.pii`).
     pub tokenize: Option<Arc<cohort_adapters::Pii>>,
+    /// Cluster mode: the outbox and Gold are shared, so timed relays and reconciliations run on
+    /// the first live replica (by name) only; asked-for ones run anywhere.
+    pub leader: Option<crate::cluster::MembershipSettings>,
 }
 
 pub struct WarehouseSinkState {
@@ -81,7 +84,7 @@ impl Actor for WarehouseSink {
         match msg {
             WarehouseMsg::Relay { reply } => {
                 // Timer ticks wait out the backoff; an explicit request always tries.
-                if reply.is_none() && Instant::now() < state.next_relay {
+                if reply.is_none() && (Instant::now() < state.next_relay || !state.leads().await) {
                     return Ok(());
                 }
                 let result = state.relay().await.map_err(|e| e.to_string());
@@ -90,6 +93,9 @@ impl Actor for WarehouseSink {
                 }
             }
             WarehouseMsg::Reconcile { reply } => {
+                if reply.is_none() && !state.leads().await {
+                    return Ok(());
+                }
                 let result = match state.relay().await {
                     Ok(_) => reconcile(&state.args).await,
                     Err(e) => Err(e),
@@ -115,6 +121,19 @@ impl Actor for WarehouseSink {
 }
 
 impl WarehouseSinkState {
+    /// Whether timed work is this replica's: always outside cluster mode, and when the
+    /// membership cannot be read (a duplicate relay is harmless, a missing one is not).
+    async fn leads(&self) -> bool {
+        let Some(me) = &self.args.leader else { return true };
+        match crate::cluster::members(self.args.store.as_ref(), chrono::Utc::now(), me.ttl()).await {
+            Ok(listed) => listed.iter().filter(|(_, alive)| *alive).map(|(m, _)| &m.name).min() == Some(&me.name),
+            Err(e) => {
+                tracing::debug!(error = %e, "membership unreadable; relaying anyway");
+                true
+            }
+        }
+    }
+
     /// One relay pass with its bookkeeping: metrics, and backoff after a failure.
     async fn relay(&mut self) -> Result<RelayReport, StoreError> {
         let attempt = async {
