@@ -8,6 +8,7 @@ use cohort_adapters::{all_documents, EventBus, OperationalStore, StoreError};
 use cohort_messages::cluster::{MemberRecord, MembershipMsg, MEMBERS};
 use cohort_supervisors::{HealthRegistry, Metrics};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,8 +47,9 @@ pub struct MembershipArgs {
 pub struct MembershipState {
     args: MembershipArgs,
     started_at: DateTime<Utc>,
-    /// Since when some group partition has had no live member, and the last forced rejoin.
-    orphaned_since: Option<std::time::Instant>,
+    /// Since when each group partition without a live member has had none (short gaps on
+    /// different partitions during ordinary rebalances do not add up), and the last rejoin.
+    orphaned_since: HashMap<String, std::time::Instant>,
     last_rejoin: Option<std::time::Instant>,
     /// Rejoins since partitions were last all held: each waits twice as long as the one before.
     rejoins_in_a_row: u32,
@@ -93,12 +95,16 @@ impl MembershipState {
         let held: std::collections::HashSet<&String> = live.iter().flat_map(|m| &m.partitions).collect();
         let orphaned: Vec<String> = expected.into_iter().filter(|p| !held.contains(p)).collect();
         if orphaned.is_empty() {
-            self.orphaned_since = None;
+            self.orphaned_since.clear();
             self.rejoins_in_a_row = 0;
             return Ok(());
         }
         let now = std::time::Instant::now();
-        let since = *self.orphaned_since.get_or_insert(now);
+        self.orphaned_since.retain(|p, _| orphaned.contains(p));
+        for p in &orphaned {
+            self.orphaned_since.entry(p.clone()).or_insert(now);
+        }
+        let since = self.orphaned_since.values().min().copied().unwrap_or(now);
         let after = self.args.settings.rejoin_after;
         let first = live.iter().map(|m| &m.name).min() == Some(&self.args.settings.name);
         let cooldown = after.saturating_mul(1 << self.rejoins_in_a_row.min(5));
@@ -109,7 +115,7 @@ impl MembershipState {
         tracing::warn!(partitions = ?orphaned, waited_secs = now.duration_since(since).as_secs(),
             "consumer-group partitions have had no live member; rejoining the groups to force a rebalance");
         self.last_rejoin = Some(now);
-        self.orphaned_since = None;
+        self.orphaned_since.clear();
         self.rejoins_in_a_row += 1;
         // Rejoining waits for the revocation (seconds): off this actor, so heartbeats go on.
         let (bus, metrics) = (self.args.bus.clone(), self.args.metrics.clone());
@@ -139,7 +145,7 @@ impl Actor for MembershipActor {
         Ok(MembershipState {
             args,
             started_at: Utc::now(),
-            orphaned_since: None,
+            orphaned_since: HashMap::new(),
             last_rejoin: None,
             rejoins_in_a_row: 0,
             _timer: timer,
