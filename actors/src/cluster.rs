@@ -233,6 +233,7 @@ pub async fn is_alive(
 // owns with a RoutedDispatcher and feeds the ProfilesDirectory.
 
 use crate::context::PipelineContext;
+use crate::dispatcher::{claim_fresh, dead_letter_undecodable, until_available};
 use crate::identity::{identity_events, MergeRefused};
 use cohort_adapters::{FlushBatch, RoutedSubscription, WarehouseBatch};
 use cohort_messages::cluster::{RoutedChange, RoutedKind};
@@ -261,7 +262,9 @@ impl ProfileRouterState {
     async fn flush(&mut self) -> Result<FlushReport, StoreError> {
         let ctx = &self.ctx;
         let lows = ctx.watermark.lows();
-        let Some(outbound) = &ctx.outbound else { return Ok(FlushReport::default()) };
+        if ctx.outbound.is_none() {
+            return Ok(FlushReport::default());
+        }
         // Claims first: an identifier another replica stored first stays with its profile, and
         // the profile this replica created for it merges with that one (before the raw offsets
         // of the events behind it are committed).
@@ -276,12 +279,9 @@ impl ProfileRouterState {
         let (later, merges_now) = ctx.index.take_pending();
         ctx.index.restore_pending(later, Vec::new());
         let merges: Vec<_> = earlier_merges.into_iter().chain(merges_now).collect();
-        let changes = std::mem::take(&mut *outbound.lock());
+        let changes = ctx.take_outbound();
         if let Err(e) = ctx.bus.publish_routed(&changes).await {
-            let mut buffer = outbound.lock();
-            let later = std::mem::take(&mut *buffer);
-            *buffer = changes;
-            buffer.extend(later);
+            ctx.requeue_outbound(changes);
             return Err(e);
         }
         let identities = kept;
@@ -490,7 +490,7 @@ impl Actor for RoutedDispatcher {
             Err(e) => return Err(e.into()),
         };
         let what = "processed-events record";
-        crate::dispatcher::dead_letter_undecodable(ctx, &polled.undecodable, DeadLetterStage::Profile, what).await;
+        dead_letter_undecodable(ctx, &polled.undecodable, DeadLetterStage::Profile, what).await;
         if polled.changes.is_empty() {
             myself.send_message(RoutedDispatcherMsg::Pump)?;
             return Ok(());
@@ -508,40 +508,18 @@ impl Actor for RoutedDispatcher {
                 _ => None,
             })
             .collect();
-        let mut backoff = Duration::from_millis(50);
-        let mut seen = loop {
-            match ctx.store.seen_event_ids(&ids).await {
-                Ok(seen) => break seen.into_iter(),
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, "idempotency keys unavailable, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let mut seen = until_available("idempotency keys", || ctx.store.seen_event_ids(&ids)).await?.into_iter();
         // A partition that just came here may carry events for profiles erased elsewhere since
         // this replica last read the erasures: read them again before applying anything.
         let owned = ctx.ownership.as_ref().map(|o| o.owned()).unwrap_or_default();
         if owned != state.erasures_for {
-            let mut backoff = Duration::from_millis(50);
-            while let Err(e) = ctx.erasures.load(ctx.store.as_ref()).await {
-                if !e.is_retryable() {
-                    return Err(e.into());
-                }
-                tracing::warn!(error = %e, "erasures unavailable, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            until_available("erasures", || ctx.erasures.load(ctx.store.as_ref())).await?;
             state.erasures_for = owned;
         }
         let directory = state.args.directory.get().ok_or("profile directory is not running")?;
         for (seq, change) in polled.changes {
             if let RoutedKind::Apply { event, forwarded: false } = &change.change {
-                let before = seen.next().unwrap_or(false);
-                if before || !ctx.pending_ids.claim(seq, event.event_id.as_str()) {
-                    ctx.watermark.delivered(seq);
-                    ctx.metrics.events_duplicate.with_label_values(&[event.source.as_str()]).inc();
+                if !claim_fresh(ctx, seq, event, seen.next().unwrap_or(false)) {
                     continue;
                 }
             }

@@ -69,6 +69,20 @@ impl PipelineContext {
     pub fn owns(&self, profile: &ProfileId) -> bool {
         self.ownership.as_ref().is_none_or(|o| o.owns_profile(profile))
     }
+
+    /// Everything buffered for `cdp.processed.events`, for a flush to produce.
+    pub fn take_outbound(&self) -> Vec<RoutedChange> {
+        self.outbound.as_ref().map(|o| std::mem::take(&mut *o.lock())).unwrap_or_default()
+    }
+
+    /// Puts back changes a failed flush took, ahead of those buffered since (order kept).
+    pub fn requeue_outbound(&self, changes: Vec<RoutedChange>) {
+        if let Some(o) = &self.outbound {
+            let mut buffer = o.lock();
+            let later = std::mem::replace(&mut *buffer, changes);
+            buffer.extend(later);
+        }
+    }
 }
 
 impl std::fmt::Debug for PipelineContext {

@@ -459,7 +459,7 @@ impl ProfilesState {
             let candidates = if ctx.matcher.get().is_some() { match_candidates(&changed) } else { Vec::new() };
             // Cluster mode: what these snapshots' changes sent to other profiles goes out first;
             // and no write for a partition revoked meanwhile (the gate waits out this write).
-            let outbound = ctx.outbound.as_ref().map(|o| std::mem::take(&mut *o.lock())).unwrap_or_default();
+            let outbound = ctx.take_outbound();
             let sent = if outbound.is_empty() { Ok(()) } else { ctx.bus.publish_routed(&outbound).await };
             let written = match (sent, &ctx.ownership) {
                 (Err(e), _) => Err(e),
@@ -480,12 +480,7 @@ impl ProfilesState {
                 }
             };
             if written.is_err() {
-                if let Some(o) = &ctx.outbound {
-                    let mut buffer = o.lock();
-                    let later = std::mem::take(&mut *buffer);
-                    *buffer = outbound;
-                    buffer.extend(later);
-                }
+                ctx.requeue_outbound(outbound);
             }
             let result = match written {
                 Ok(()) => {

@@ -5,9 +5,9 @@ use crate::dead_letters;
 use crate::identity::IdentityFactoryMsg;
 use crate::watermark::describe;
 use chrono::Utc;
-use cohort_adapters::{BronzeRow, JournaledEvent, NewDeadLetter, StoreError, Subscription, Undecodable};
+use cohort_adapters::{BronzeRow, NewDeadLetter, StoreError, Subscription, Undecodable};
 use cohort_messages::msgs::IdentityMsg;
-use cohort_messages::{DeadLetterStage, Source};
+use cohort_messages::{CustomerEvent, DeadLetterStage, Source};
 use cohort_supervisors::Slot;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
@@ -118,21 +118,19 @@ impl Actor for Dispatcher {
             ctx.staged_bronze.lock().extend(rows);
         }
         let mut events = polled.events;
+        for je in &events {
+            ctx.watermark.dispatched(je.seq);
+        }
         if !ctx.bus.deduplicates_on_publish() && !events.is_empty() {
             // The events are already taken from the bus: hold them until the store answers.
-            let mut backoff = Duration::from_millis(50);
-            events = loop {
-                match deduplicate(ctx, events).await {
-                    Ok(fresh) => break fresh,
-                    Err((e, held)) if e.is_retryable() => {
-                        events = held;
-                        tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "idempotency keys unavailable, retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            };
+            let ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
+            let seen = until_available("idempotency keys", || ctx.store.seen_event_ids(&ids)).await?;
+            events = events
+                .into_iter()
+                .zip(seen)
+                .filter(|(je, seen)| claim_fresh(ctx, je.seq, &je.event, *seen))
+                .map(|(je, _)| je)
+                .collect();
         }
         if !events.is_empty() {
             // One store round trip for the batch's unknown identifiers instead of one each;
@@ -144,7 +142,6 @@ impl Actor for Dispatcher {
             for je in events {
                 let seq = je.seq;
                 let key = je.event.routing_key();
-                ctx.watermark.dispatched(seq);
                 resolvers
                     .dispatch(key, IdentityMsg::Resolve { seq, event: Arc::new(je.event) })
                     .map_err(|e| format!("identity pool unavailable: {e}"))?;
@@ -191,25 +188,33 @@ pub(crate) async fn dead_letter_undecodable(
 /// Drops events whose id was applied before (a redelivery, or a client re-sending): one store
 /// look-up per batch, and the ids dispatched since the last flush.
 /// On a store failure the events come back with the error, to be tried again.
-async fn deduplicate(
-    ctx: &PipelineContext,
-    events: Vec<JournaledEvent>,
-) -> Result<Vec<JournaledEvent>, (StoreError, Vec<JournaledEvent>)> {
-    let ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
-    let seen = match ctx.store.seen_event_ids(&ids).await {
-        Ok(seen) => seen,
-        Err(e) => return Err((e, events)),
-    };
-    let mut fresh = Vec::with_capacity(events.len());
-    for (je, seen) in events.into_iter().zip(seen) {
-        if !seen && ctx.pending_ids.claim(je.seq, je.event.event_id.as_str()) {
-            fresh.push(je);
-        } else {
-            // Keep the watermark moving past it.
-            ctx.watermark.dispatched(je.seq);
-            ctx.watermark.delivered(je.seq);
-            ctx.metrics.events_duplicate.with_label_values(&[je.event.source.as_str()]).inc();
+/// Whether an event read at `seq` (already counted dispatched) is new: not applied before
+/// (`seen`, from the store) and not dispatched since the last flush. A duplicate is counted and
+/// delivered at once, so the watermark moves past it.
+pub(crate) fn claim_fresh(ctx: &PipelineContext, seq: u64, event: &CustomerEvent, seen: bool) -> bool {
+    if !seen && ctx.pending_ids.claim(seq, event.event_id.as_str()) {
+        return true;
+    }
+    ctx.watermark.delivered(seq);
+    ctx.metrics.events_duplicate.with_label_values(&[event.source.as_str()]).inc();
+    false
+}
+
+/// A store call the pipeline cannot go on without: a retryable failure (an outage) waits, 50 ms
+/// doubling up to 5 s, and asks again; any other failure is returned.
+pub(crate) async fn until_available<T, Fut>(what: &str, mut call: impl FnMut() -> Fut) -> Result<T, StoreError>
+where
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match call().await {
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, what, backoff_ms = backoff.as_millis() as u64, "store unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
         }
     }
-    Ok(fresh)
 }

@@ -73,12 +73,6 @@ impl Ownership {
         crate::kafka::processed_partition(position).is_none_or(|p| self.held_since(tenure, p))
     }
 
-    /// Whether this replica owns the partition a position was read from (positions of other
-    /// topics are not partitioned by profile, so they count as owned).
-    pub fn owns_position(&self, position: u64) -> bool {
-        crate::kafka::processed_partition(position).is_none_or(|p| self.owns(p))
-    }
-
     /// Held while a flush writes profiles of owned partitions.
     pub async fn writing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().await
@@ -133,13 +127,13 @@ mod tests {
         let o = Ownership::new(3);
         o.assign(&[0, 2]);
         let processed = |p: u32| pack(PROCESSED_STREAMS + p, 7);
-        assert!(o.owns_position(processed(0)));
-        assert!(!o.owns_position(processed(1)));
+        assert!(o.position_held_since(&o.tenure(), processed(0)));
+        assert!(!o.position_held_since(&o.tenure(), processed(1)));
         o.revoke(&[2]);
-        assert!(!o.owns_position(processed(2)));
+        assert!(!o.position_held_since(&o.tenure(), processed(2)));
         assert_eq!(o.owned(), vec![0]);
         // Raw-topic positions are not partitioned by profile.
-        assert!(o.owns_position(pack(1024, 7)));
+        assert!(o.position_held_since(&o.tenure(), pack(1024, 7)));
     }
 
     #[test]
@@ -174,6 +168,6 @@ mod tests {
         assert!(!o.owns(1));
         // The next flush sees the partition gone as soon as it holds the gate.
         let _next = o.writing().await;
-        assert!(!o.owns_position(pack(PROCESSED_STREAMS + 1, 3)));
+        assert!(!o.position_held_since(&o.tenure(), pack(PROCESSED_STREAMS + 1, 3)));
     }
 }

@@ -276,6 +276,21 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// A consumer in `group` that commits only what the pipeline made durable.
+    fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.settings.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            // Store nothing automatically: a rebalance commit must never cover unprocessed events.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
+            .set("heartbeat.interval.ms", self.settings.heartbeat_interval().as_millis().to_string());
+        config
+    }
+
     fn note_group_partitions(&self, found: Result<Vec<String>, StoreError>) {
         match found {
             Ok(partitions) => self.group_partitions.lock().extend(partitions),
@@ -394,46 +409,24 @@ impl EventBus for KafkaBus {
 
     async fn publish_routed(&self, changes: &[cohort_messages::cluster::RoutedChange]) -> Result<(), StoreError> {
         let topic = self.topics.processed();
-        let producer = self.producer.read().clone();
-        let mut futures = Vec::with_capacity(changes.len());
-        for change in changes {
-            let value = serde_json::to_vec(change).map_err(|e| StoreError::invalid(format!("encoding change: {e}")))?;
-            let key = change.profile_id.as_str();
-            let partition = cohort_messages::cluster::partition_of(&change.profile_id, self.settings.partitions);
-            let record = FutureRecord::to(&topic).key(key).payload(&value).partition(partition);
-            match producer.send_result(record) {
-                Ok(f) => futures.push(f),
-                Err((e, _)) => {
-                    self.recover_producer(is_fenced(&e));
-                    return Err(kafka_unavailable("produce", &e));
-                }
-            }
-        }
-        for fut in futures {
-            match fut.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    self.recover_producer(is_fenced(&e));
-                    return Err(kafka_unavailable("delivery", &e));
-                }
-                Err(_) => return Err(StoreError::unavailable("kafka producer dropped a delivery")),
-            }
-        }
-        Ok(())
+        let values = changes
+            .iter()
+            .map(|c| serde_json::to_vec(c).map_err(|e| StoreError::invalid(format!("encoding change: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The partition every replica computes for the profile, not librdkafka's hash of the key.
+        let records = changes.iter().zip(&values).map(|(c, v)| {
+            let partition = cohort_messages::cluster::partition_of(&c.profile_id, self.settings.partitions);
+            FutureRecord::<str, [u8]>::to(&topic).key(c.profile_id.as_str()).payload(v.as_slice()).partition(partition)
+        });
+        self.send_all(records).await
     }
 
     async fn subscribe_routed(
         &self,
         ownership: Arc<crate::cluster::Ownership>,
     ) -> Result<Box<dyn crate::bus::RoutedSubscription>, StoreError> {
-        let consumer: StreamConsumer<RoutedContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.settings.brokers)
-            .set("group.id", format!("{}.profiles", self.settings.group_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
-            .set("heartbeat.interval.ms", self.settings.heartbeat_interval().as_millis().to_string())
+        let consumer: StreamConsumer<RoutedContext> = self
+            .consumer_config(&format!("{}.profiles", self.settings.group_id))
             .create_with_context(RoutedContext { ownership: ownership.clone(), joined: AtomicBool::new(false) })
             .map_err(|e| StoreError::invalid(format!("kafka consumer config: {e}")))?;
         consumer.subscribe(&[&self.topics.processed()]).map_err(|e| kafka_unavailable("subscribe", e))?;
@@ -533,20 +526,39 @@ impl KafkaBus {
 
     /// [`KafkaBus::produce_all`] where a `None` value is a tombstone (a record without payload).
     async fn produce_keyed(&self, topic: &str, records: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
-        let producer = self.producer.read().clone();
-        let mut futures = Vec::with_capacity(records.len());
-        for (key, value) in records {
+        let records = records.iter().map(|(key, value)| {
             let record = FutureRecord::<str, [u8]>::to(topic).key(key.as_str());
-            let record = match value {
+            match value {
                 Some(v) => record.payload(v.as_slice()),
                 None => record,
-            };
-            futures.push(producer.send_result(record).map_err(|(e, _)| kafka_unavailable("produce", &e))?);
+            }
+        });
+        self.send_all(records).await
+    }
+
+    /// Produces every record, then waits for all their acknowledgements. A producer the broker
+    /// fenced or librdkafka failed fatally is replaced for the next call.
+    async fn send_all<'a>(&self, records: impl Iterator<Item = FutureRecord<'a, str, [u8]>>) -> Result<(), StoreError> {
+        let producer = self.producer.read().clone();
+        let mut futures = Vec::new();
+        for record in records {
+            match producer.send_result(record) {
+                Ok(f) => futures.push(f),
+                Err((e, _)) => {
+                    self.recover_producer(is_fenced(&e));
+                    return Err(kafka_unavailable("produce", &e));
+                }
+            }
         }
         for fut in futures {
-            fut.await
-                .map_err(|_| StoreError::unavailable("kafka producer dropped a delivery"))?
-                .map_err(|(e, _)| kafka_unavailable("delivery", &e))?;
+            match fut.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    self.recover_producer(is_fenced(&e));
+                    return Err(kafka_unavailable("delivery", &e));
+                }
+                Err(_) => return Err(StoreError::unavailable("kafka producer dropped a delivery")),
+            }
         }
         Ok(())
     }
@@ -590,15 +602,8 @@ impl KafkaBus {
     }
 
     async fn subscribe_group(&self, with_raw: bool) -> Result<Box<dyn Subscription>, StoreError> {
-        let consumer: StreamConsumer<LagContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.settings.brokers)
-            .set("group.id", &self.settings.group_id)
-            .set("enable.auto.commit", "false")
-            // Store nothing automatically: a rebalance commit must never cover unprocessed events.
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", self.settings.session_timeout.as_millis().to_string())
-            .set("heartbeat.interval.ms", self.settings.heartbeat_interval().as_millis().to_string())
+        let consumer: StreamConsumer<LagContext> = self
+            .consumer_config(&self.settings.group_id)
             // Statistics carry each assigned partition's lag (LagContext keeps the latest).
             .set("statistics.interval.ms", "1000")
             .create_with_context(LagContext::default())
@@ -881,6 +886,24 @@ impl Subscription for KafkaSubscription {
 mod tests {
     use super::*;
     use crate::bus::unpack;
+
+    #[test]
+    fn consumers_heartbeat_every_tenth_of_their_session() {
+        let with = |ms: u64| KafkaSettings {
+            brokers: "k:9092".into(),
+            group_id: "g".into(),
+            topic_prefix: String::new(),
+            partitions: 3,
+            replication_factor: 1,
+            produce_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_millis(ms),
+            routed_processed: false,
+        };
+        assert_eq!(with(30_000).heartbeat_interval(), Duration::from_secs(3));
+        assert_eq!(with(12_000).heartbeat_interval(), Duration::from_millis(1_200));
+        assert_eq!(with(6_000).heartbeat_interval(), Duration::from_millis(600));
+        assert_eq!(with(600_000).heartbeat_interval(), Duration::from_secs(3), "never rarer than librdkafka's default");
+    }
 
     #[test]
     fn broker_urls_are_checked() {
