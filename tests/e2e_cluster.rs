@@ -94,6 +94,24 @@ async fn wait_owned(c: &CohortClient, alive: usize) -> Value {
     }
 }
 
+/// Waits until the replica is ready; returns whether it was seen up but not ready because its
+/// consumer groups had not given it partitions yet.
+async fn wait_joined(c: &CohortClient) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unjoined = false;
+    loop {
+        if let Ok(a) = c.get("/health/ready").await {
+            if a.status == 200 {
+                assert_eq!(a.body["consumer_groups_joined"], true, "{}", a.body);
+                return unjoined;
+            }
+            unjoined |= a.body["consumer_groups_joined"] == false;
+        }
+        assert!(Instant::now() < deadline, "cohort did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A running cluster: its configuration file (in `_dir`) and its replicas.
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -113,9 +131,12 @@ async fn start_cluster(tag: &str, n: usize, extra: &str) -> (Cluster, Value) {
     }
     std::fs::write(&cfg, format!("{base}{extra}")).unwrap();
     let replicas: Vec<Replica> = (0..n).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
+    let mut waited_for_groups = false;
     for r in &replicas {
-        wait_ready(&r.client).await;
+        waited_for_groups |= wait_joined(&r.client).await;
     }
+    // Tansu holds a joining member for seconds: readiness must have waited for it somewhere.
+    assert!(waited_for_groups, "no replica was ever unready for want of its consumer groups");
     let view = wait_owned(&replicas[0].client, n).await;
     (Cluster { _dir: dir, cfg, replicas }, view)
 }
