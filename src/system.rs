@@ -184,6 +184,11 @@ fn replica_name() -> String {
 /// Documents: the wrapped data key.
 const KEYRING: &str = "keyring";
 const KEYRING_DATA_KEY: &str = "data_key";
+/// Records a dispatcher reads from the bus per step.
+const DISPATCH_BATCH: usize = 1024;
+/// Backpressure: a dispatcher stops reading while this many records are between bus and profiles.
+const MAX_IN_FLIGHT: usize = 20_000;
+
 /// The saga record whose creation decides which replica's data key everyone uses.
 const KEYRING_CLAIM: &str = "keyring:data_key";
 
@@ -521,8 +526,8 @@ impl Cohort {
                     let args = DispatcherArgs {
                         ctx: ctx.clone(),
                         resolvers: resolvers.clone(),
-                        batch: 1024,
-                        max_in_flight: 20_000,
+                        batch: DISPATCH_BATCH,
+                        max_in_flight: MAX_IN_FLIGHT,
                     };
                     async move {
                         let (r, _) = Actor::spawn_linked(None, Dispatcher, args, sup).await?;
@@ -546,8 +551,8 @@ impl Cohort {
                 let args = RoutedDispatcherArgs {
                     ctx: ctx.clone(),
                     directory: directory.clone(),
-                    batch: 1024,
-                    max_in_flight: 20_000,
+                    batch: DISPATCH_BATCH,
+                    max_in_flight: MAX_IN_FLIGHT,
                 };
                 async move {
                     let (r, _) = Actor::spawn_linked(None, RoutedDispatcher, args, sup).await?;

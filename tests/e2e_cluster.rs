@@ -94,24 +94,6 @@ async fn wait_owned(c: &CohortClient, alive: usize) -> Value {
     }
 }
 
-/// Waits until the replica is ready; returns whether it was seen up but not ready because its
-/// consumer groups had not given it partitions yet.
-async fn wait_joined(c: &CohortClient) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut unjoined = false;
-    loop {
-        if let Ok(a) = c.get("/health/ready").await {
-            if a.status == 200 {
-                assert_eq!(a.body["consumer_groups_joined"], true, "{}", a.body);
-                return unjoined;
-            }
-            unjoined |= a.body["consumer_groups_joined"] == false;
-        }
-        assert!(Instant::now() < deadline, "cohort did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A running cluster: its configuration file (in `_dir`) and its replicas.
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -133,7 +115,7 @@ async fn start_cluster(tag: &str, n: usize, extra: &str) -> (Cluster, Value) {
     let replicas: Vec<Replica> = (0..n).map(|i| Replica::start(&cfg, &format!("replica-{i}"), free_port())).collect();
     let mut waited_for_groups = false;
     for r in &replicas {
-        waited_for_groups |= wait_joined(&r.client).await;
+        waited_for_groups |= wait_ready(&r.client).await;
     }
     // Tansu holds a joining member for seconds: readiness must have waited for it somewhere.
     assert!(waited_for_groups, "no replica was ever unready for want of its consumer groups");
@@ -227,6 +209,16 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
     const EVENTS: usize = 30;
     let clients: Vec<CohortClient> = replicas.iter().map(|r| r.client.clone()).collect();
     let links = link_students(&clients, STUDENTS, "clu").await;
+    // A student whose live actor is on replica 2, for a write while its partition has no owner.
+    let mut orphan = None;
+    for s in 0..STUDENTS {
+        let p = clients[2].get(&format!("/v1/profiles/anonymous_id:anon-clu-{s}")).await.unwrap();
+        if p.header("x-cohort-owner").is_some_and(|o| o.starts_with(&format!("{}/", replicas[2].name))) {
+            orphan = Some(s);
+            break;
+        }
+    }
+    let orphan = orphan.expect("replica 2 owns some student");
     // Replica 2 is killed (SIGKILL, nothing flushed) once a third of the load is acknowledged.
     let mut victim = replicas[2].proc.take().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -242,6 +234,21 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
     eprintln!("load: {} sent, {} acknowledged in {:?}", load.sent.len(), load.acked.len(), started.elapsed());
     load.sent.extend(links.iter().cloned());
     load.acked.extend(links);
+
+    // Once its heartbeat is stale and before its partitions move, a write to one of its profiles
+    // is refused with Retry-After (a read is answered from the stored record).
+    let consent = json!({ "email": { "granted": true, "legal_basis": "consent" } });
+    let path = format!("/v1/profiles/anonymous_id:anon-clu-{orphan}/consent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let a = clients[0].call("PUT", &path, &consent).await.unwrap();
+        if a.status == 503 {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "a write to a dead owner's profile kept answering {}: {}", a.status, a.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.header("retry-after").is_some(), "{}", refused.body);
 
     // The survivors take its partitions over; every acknowledged event is in exactly one
     // history, and every counter equals its history, read through both survivors.

@@ -57,13 +57,18 @@ pub fn spawn_cohort(args: &[&str], env: &[(&str, String)], port: u16) -> Proc {
     Proc(cmd.spawn().expect("cohort binary starts"))
 }
 
-pub async fn wait_ready(c: &CohortClient) {
+/// Waits until the instance is ready; returns whether it was seen up but unready because its
+/// Kafka consumer groups had not given it partitions yet.
+pub async fn wait_ready(c: &CohortClient) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unjoined = false;
     while Instant::now() < deadline {
         if let Ok(a) = c.get("/health/ready").await {
             if a.status == 200 {
-                return;
+                assert_eq!(a.body["consumer_groups_joined"], true, "{}", a.body);
+                return unjoined;
             }
+            unjoined |= a.body["consumer_groups_joined"] == false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
