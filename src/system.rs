@@ -95,16 +95,28 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn Operation
 }
 
 /// Opens the warehouse `warehouse.url` names; `None` when it is `none://`. "embedded" is a
-/// SQLite file beside the embedded store (in memory when the store is).
+/// DuckDB file beside the embedded store (in memory when the store is), or the SQLite file that
+/// versions before DuckDB kept there, when that exists and no DuckDB file does yet.
+fn embedded_warehouse_url(store: &std::path::Path) -> String {
+    let duckdb = store.with_extension("warehouse.duckdb");
+    let legacy = store.with_extension("warehouse.db");
+    if legacy.is_file() && !duckdb.exists() {
+        tracing::warn!(
+            file = %legacy.display(),
+            "keeping the SQLite warehouse of an earlier version; set warehouse.url = \"duckdb://...\" to start a DuckDB one"
+        );
+        return format!("sqlite://{}", legacy.display());
+    }
+    format!("duckdb://{}", duckdb.display())
+}
+
 pub async fn open_configured_warehouse(config: &Config) -> anyhow::Result<Option<Arc<dyn Warehouse>>> {
     let url = match config.warehouse.url.trim() {
         "none://" | "none" => return Ok(None),
         "embedded" => {
             let store = config.storage.url.as_str();
             match store.strip_prefix("embedded://") {
-                Some(path) => {
-                    format!("sqlite://{}", std::path::Path::new(path).with_extension("warehouse.db").display())
-                }
+                Some(path) => embedded_warehouse_url(std::path::Path::new(path)),
                 None if store == "memory://" => "memory://".to_string(),
                 None => return Err(anyhow!("warehouse.url \"embedded\" needs an embedded storage.url")),
             }

@@ -9,7 +9,7 @@ use cohort::demo::{play_slide_18, DemoServer};
 use cohort::payloads;
 use cohort::SystemOptions;
 use cohort_adapters::warehouse::format_timestamp;
-use cohort_adapters::{Layer, QueryValue, SqliteWarehouse, Warehouse};
+use cohort_adapters::{DuckDbWarehouse, Layer, QueryValue, Warehouse};
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
@@ -81,12 +81,12 @@ async fn a_failing_gate_2_fails_the_gold_batch_raises_the_alert_and_is_reported_
 
     // A bad row reaches Silver: unknown profile, a Bronze row that does not exist, traits that
     // are not an object, a timestamp two days after receipt. And Gold loses Max's snapshot.
-    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&dir.path().join("cohort.warehouse.duckdb")).await.unwrap();
     let now = Utc::now();
     analyst
         .query(
             "INSERT INTO silver VALUES ('web:bogus-1', 'prof_000000000000aaaaaaaaaaaa', 'web', 'track', 'X', @occ, @rec, \
-             '[]', 'not json', '{}', NULL, 999999)",
+             '[]', '[\"not an object\"]', '{}', NULL, 999999)",
             &[
                 ("occ".into(), QueryValue::String(format_timestamp(now + ChronoDuration::days(2)))),
                 ("rec".into(), QueryValue::String(format_timestamp(now))),
@@ -172,7 +172,7 @@ async fn gate_3_fails_the_batch_on_orphan_gold_records_and_low_completeness() {
     play_slide_18(&demo.client).await.unwrap();
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     demo.cohort.relay_warehouse().await.unwrap();
-    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&dir.path().join("cohort.warehouse.duckdb")).await.unwrap();
     analyst
         .query(
             "INSERT INTO gold_profiles VALUES ('prof_000000000000bbbbbbbbbbbb', @at, '{}', '{}', '[]', 0, NULL, NULL, NULL)",
@@ -284,7 +284,7 @@ async fn an_erasure_that_removes_a_shared_bronze_payload_does_not_fail_gate_2_fo
         assert!(std::time::Instant::now() < deadline, "the deletion did not complete");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&dir.path().join("cohort.warehouse.duckdb")).await.unwrap();
     assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 0, "the shared payload went with the person");
     assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 1, "the other student's row stays");
 
@@ -304,7 +304,7 @@ async fn a_declared_unique_column_set_catches_an_event_stored_twice_under_two_id
     assert_eq!(run_gold(&demo).await["status"], "succeeded");
 
     // The same event again under another id (a source that re-sent it with a new message id).
-    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&dir.path().join("cohort.warehouse.duckdb")).await.unwrap();
     analyst
         .query(
             "INSERT INTO silver SELECT 'web:resent-1', profile_id, source, kind, name, occurred_at, received_at, \

@@ -6,7 +6,7 @@
 
 use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
 use cohort::SystemOptions;
-use cohort_adapters::{Layer, QueryValue, SqliteWarehouse, Warehouse};
+use cohort_adapters::{DuckDbWarehouse, Layer, QueryValue, Warehouse};
 use std::time::Duration;
 
 /// These tests read personal data back from the warehouse, so they keep it raw; the default
@@ -25,15 +25,15 @@ async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
     let survivor = profile["profile"]["profile_id"].as_str().unwrap().to_string();
 
     // The analyst's view: the file beside the store, opened on its own.
-    let file = dir.path().join("cohort.warehouse.db");
+    let file = dir.path().join("cohort.warehouse.duckdb");
     assert!(file.exists(), "the embedded warehouse is a file beside the store");
-    let analyst = SqliteWarehouse::open(&file).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&file).await.unwrap();
     assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 6, "six payloads were received");
     assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6, "six events were normalized");
     let gold = analyst
         .query(
             "SELECT profile_id, events_total FROM gold_profiles_latest \
-             WHERE json_extract(traits, '$.email') = @email AND merged_into IS NULL",
+             WHERE traits ->> '$.email' = @email AND merged_into IS NULL",
             &[("email".into(), QueryValue::String("max@gmail.com".into()))],
         )
         .await
@@ -102,7 +102,7 @@ async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
     // Disaster: the operational store and journal are gone, and Silver was emptied; Bronze is left.
     std::fs::remove_file(dir.path().join("cohort.redb")).unwrap();
     std::fs::remove_file(dir.path().join("cohort.redb.journal")).unwrap();
-    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&dir.path().join("cohort.warehouse.duckdb")).await.unwrap();
     analyst.query("DELETE FROM silver", &[]).await.unwrap();
     assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 0);
 
@@ -144,7 +144,7 @@ async fn by_default_the_warehouse_holds_tokens_and_sealed_payloads_not_personal_
     play_slide_18(&demo.client).await.unwrap();
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     demo.cohort.relay_warehouse().await.unwrap();
-    let analyst = SqliteWarehouse::open(&dir.path().join("cohort.warehouse.db")).await.unwrap();
+    let analyst = DuckDbWarehouse::open(&dir.path().join("cohort.warehouse.duckdb")).await.unwrap();
     assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 6);
     assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6);
     let everything = |layer: Layer| {
@@ -165,11 +165,11 @@ async fn by_default_the_warehouse_holds_tokens_and_sealed_payloads_not_personal_
     assert!(bronze.rows.iter().all(|r| r[0].as_str().unwrap().starts_with("enc:v1:")), "Bronze is sealed");
     // Tokens are stable: the same email is one token in Silver and in Gold, so analysts can join.
     let silver = analyst
-        .query("SELECT DISTINCT json_extract(traits, '$.email') FROM silver_dedup WHERE json_extract(traits, '$.email') IS NOT NULL", &[])
+        .query("SELECT DISTINCT traits ->> '$.email' FROM silver_dedup WHERE traits ->> '$.email' IS NOT NULL", &[])
         .await
         .unwrap();
     let gold = analyst
-        .query("SELECT DISTINCT json_extract(traits, '$.email') FROM gold_profiles_latest WHERE merged_into IS NULL AND json_extract(traits, '$.email') IS NOT NULL", &[])
+        .query("SELECT DISTINCT traits ->> '$.email' FROM gold_profiles_latest WHERE merged_into IS NULL AND traits ->> '$.email' IS NOT NULL", &[])
         .await
         .unwrap();
     assert_eq!(silver.rows.len(), 1, "{silver:?}");

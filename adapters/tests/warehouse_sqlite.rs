@@ -18,7 +18,7 @@ async fn file_subject() -> Subject {
 }
 
 async fn memory_subject() -> Subject {
-    Subject { wh: open_warehouse("memory://").await.unwrap(), guard: None }
+    Subject { wh: open_warehouse("sqlite::memory:").await.unwrap(), guard: None }
 }
 
 mod file {
@@ -98,9 +98,9 @@ async fn disabled_warehouse_accepts_writes_and_refuses_queries() {
 
 #[tokio::test]
 async fn unknown_urls_fail_with_the_accepted_schemes() {
-    let Err(err) = open_warehouse("duckdb:///tmp/x.duckdb").await else { panic!("duckdb:// must be refused") };
+    let Err(err) = open_warehouse("parquet:///tmp/x.parquet").await else { panic!("parquet:// must be refused") };
     assert_eq!(err.kind, StoreErrorKind::Invalid);
-    assert!(err.message.contains("duckdb:///tmp/x.duckdb") && err.message.contains("sqlite://PATH"), "{err}");
+    assert!(err.message.contains("parquet:///tmp/x.parquet") && err.message.contains("duckdb://PATH"), "{err}");
 }
 
 #[tokio::test]

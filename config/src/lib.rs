@@ -786,15 +786,16 @@ impl Config {
             return Err(bad("supervision.window_secs", "must be positive"));
         }
         let wh = self.warehouse.url.as_str();
-        let known = ["sqlite://", "sqlite::memory:", "memory://", "bigquery://", "none://"];
+        let known =
+            ["duckdb://", "duckdb::memory:", "sqlite://", "sqlite::memory:", "memory://", "bigquery://", "none://"];
         if wh == "embedded" {
             if !embedded_store {
-                return Err(bad("warehouse.url", "\"embedded\" keeps the warehouse beside the embedded store; with MongoDB use sqlite://PATH, bigquery://PROJECT/DATASET or none://"));
+                return Err(bad("warehouse.url", "\"embedded\" keeps the warehouse beside the embedded store; with MongoDB use duckdb://PATH, sqlite://PATH, bigquery://PROJECT/DATASET or none://"));
             }
         } else if !known.iter().any(|k| wh.starts_with(k)) {
             return Err(bad(
                 "warehouse.url",
-                "must be \"embedded\", sqlite://PATH, bigquery://PROJECT/DATASET[?endpoint=URL] or none://",
+                "must be \"embedded\", duckdb://PATH, sqlite://PATH, bigquery://PROJECT/DATASET[?endpoint=URL] or none://",
             ));
         }
         if mongo_store && self.gdpr.key_url.trim() == "embedded" {
@@ -890,7 +891,7 @@ mod tests {
         assert!(err.contains("`gdpr.key_url`"), "replicas must share the key-encryption key: {err}");
         let ok = Config::from_toml_str(&format!("{with_warehouse}[gdpr]\nkey_url = \"file:/etc/cohort/kek\"\n"));
         assert!(ok.is_ok(), "{ok:?}");
-        let err = Config::from_toml_str("[warehouse]\nurl = \"duckdb://x\"\n").unwrap_err().to_string();
+        let err = Config::from_toml_str("[warehouse]\nurl = \"parquet://x\"\n").unwrap_err().to_string();
         assert!(err.contains("warehouse.url"), "{err}");
         let err = Config::from_toml_str("[retention]\nidempotency_hours = 0\n").unwrap_err().to_string();
         assert!(err.contains("retention.idempotency_hours"), "{err}");

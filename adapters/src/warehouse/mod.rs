@@ -1,15 +1,17 @@
 //! The warehouse: Bronze (raw payloads), Silver (normalized, deduplicated events) and Gold (profile
 //! snapshots), the medallion layers analysts and batch segments query with SQL.
 //!
-//! Two backends behind one trait, chosen by URL (see [`open_warehouse`]): an embedded SQLite file
-//! (the default, so `cohort` runs with nothing installed; analysts open it with `sqlite3` or
-//! DuckDB's sqlite scanner) and BigQuery in production. Writes are at-least-once: every layer has
+//! Backends behind one trait, chosen by URL (see [`open_warehouse`]): an embedded DuckDB file (the
+//! default, so `cohort` runs with nothing installed; analysts open it with `duckdb`), BigQuery in
+//! production, and SQLite for those who want a file that other processes can read while Cohort
+//! writes it. Writes are at-least-once: every layer has
 //! a natural key (Bronze `raw_seq`, Silver `event_id`, Gold `profile_id` + `snapshot_at`) and each
 //! layer has a relation that shows one row per key ([`Warehouse::table`]), so a replay after a
 //! crash never double-counts.
 
 mod bigquery;
 mod disabled;
+mod duckdb;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -27,6 +29,7 @@ use crate::{BronzeRecord, StoreError};
 
 pub use bigquery::{BigQueryAuth, BigQueryConfig, BigQueryWarehouse};
 pub use disabled::DisabledWarehouse;
+pub use duckdb::DuckDbWarehouse;
 pub use sqlite::SqliteWarehouse;
 
 /// The three medallion layers.
@@ -394,13 +397,14 @@ pub fn format_timestamp(t: DateTime<Utc>) -> String {
 }
 
 /// Accepted URL forms, for error messages.
-const ACCEPTED: &str = "sqlite://PATH, sqlite::memory:, memory://, \
+const ACCEPTED: &str = "duckdb://PATH, duckdb::memory:, memory://, sqlite://PATH, sqlite::memory:, \
     bigquery://PROJECT/DATASET[?endpoint=URL&credentials=KEY.json&location=LOC] or none://";
 
 /// Opens the warehouse a URL names. Does not create tables: call [`Warehouse::ensure_schema`].
 ///
-/// - `sqlite://PATH` (a file, parent folders created; `sqlite:///abs/path` for absolute paths),
-///   `sqlite::memory:` or `memory://` (in memory, for tests);
+/// - `duckdb://PATH` (a file, parent folders created; `duckdb:///abs/path` for absolute paths),
+///   `duckdb::memory:` or `memory://` (in memory, for tests);
+/// - `sqlite://PATH` or `sqlite::memory:`, the same on SQLite;
 /// - `bigquery://PROJECT/DATASET` with optional `endpoint=` (an emulator's
 ///   `http://HOST:PORT/bigquery/v2`; then a dummy token is sent), `credentials=` (a service-account
 ///   key file) and `location=` (dataset location, default `US`); with neither `endpoint` nor
@@ -410,6 +414,8 @@ const ACCEPTED: &str = "sqlite://PATH, sqlite::memory:, memory://, \
 ///   without one), queries fail with an Invalid error.
 pub async fn open_warehouse(url: &str) -> Result<Arc<dyn Warehouse>, StoreError> {
     match parse_url(url)? {
+        WarehouseUrl::DuckDbMemory => Ok(Arc::new(DuckDbWarehouse::open_in_memory()?)),
+        WarehouseUrl::DuckDbFile(path) => Ok(Arc::new(DuckDbWarehouse::open(&path).await?)),
         WarehouseUrl::SqliteMemory => Ok(Arc::new(SqliteWarehouse::open_in_memory()?)),
         WarehouseUrl::SqliteFile(path) => Ok(Arc::new(SqliteWarehouse::open(&path).await?)),
         WarehouseUrl::BigQuery(config) => Ok(Arc::new(BigQueryWarehouse::connect(config).await?)),
@@ -420,6 +426,8 @@ pub async fn open_warehouse(url: &str) -> Result<Arc<dyn Warehouse>, StoreError>
 /// A parsed warehouse URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WarehouseUrl {
+    DuckDbMemory,
+    DuckDbFile(PathBuf),
     SqliteMemory,
     SqliteFile(PathBuf),
     BigQuery(BigQueryConfig),
@@ -430,17 +438,25 @@ pub enum WarehouseUrl {
 pub fn parse_url(url: &str) -> Result<WarehouseUrl, StoreError> {
     let url = url.trim();
     let invalid = |why: &str| StoreError::invalid(format!("warehouse URL `{url}`: {why} (accepted: {ACCEPTED})"));
-    if url == "sqlite::memory:" || url == "memory://" || url == "sqlite://:memory:" {
+    if url == "duckdb::memory:" || url == "memory://" || url == "duckdb://:memory:" {
+        return Ok(WarehouseUrl::DuckDbMemory);
+    }
+    if url == "sqlite::memory:" || url == "sqlite://:memory:" {
         return Ok(WarehouseUrl::SqliteMemory);
     }
     if url == "none://" || url == "none" {
         return Ok(WarehouseUrl::None);
     }
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        if path.is_empty() || path.contains('?') {
-            return Err(invalid("expected a file path after sqlite:// (no query parameters)"));
+    for (scheme, file) in [
+        ("duckdb://", WarehouseUrl::DuckDbFile as fn(PathBuf) -> WarehouseUrl),
+        ("sqlite://", WarehouseUrl::SqliteFile),
+    ] {
+        if let Some(path) = url.strip_prefix(scheme) {
+            if path.is_empty() || path.contains('?') {
+                return Err(invalid(&format!("expected a file path after {scheme} (no query parameters)")));
+            }
+            return Ok(file(PathBuf::from(path)));
         }
-        return Ok(WarehouseUrl::SqliteFile(PathBuf::from(path)));
     }
     if let Some(rest) = url.strip_prefix("bigquery://") {
         let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -517,7 +533,12 @@ mod tests {
 
     #[test]
     fn parses_every_scheme() {
-        assert_eq!(parse_url("memory://").unwrap(), WarehouseUrl::SqliteMemory);
+        assert_eq!(parse_url("memory://").unwrap(), WarehouseUrl::DuckDbMemory);
+        assert_eq!(parse_url("duckdb::memory:").unwrap(), WarehouseUrl::DuckDbMemory);
+        assert_eq!(
+            parse_url("duckdb:///var/lib/cohort/wh.duckdb").unwrap(),
+            WarehouseUrl::DuckDbFile("/var/lib/cohort/wh.duckdb".into())
+        );
         assert_eq!(parse_url("sqlite::memory:").unwrap(), WarehouseUrl::SqliteMemory);
         assert_eq!(parse_url("none://").unwrap(), WarehouseUrl::None);
         assert_eq!(
@@ -550,7 +571,9 @@ mod tests {
     #[test]
     fn rejects_bad_urls_naming_the_url_and_the_schemes() {
         for bad in [
-            "duckdb://x.db",
+            "duckdb://",
+            "duckdb://x.duckdb?threads=2",
+            "parquet://x",
             "sqlite://",
             "bigquery://proj",
             "bigquery://proj/ds/extra",
@@ -563,7 +586,13 @@ mod tests {
             let err = parse_url(bad).unwrap_err();
             assert_eq!(err.kind, crate::StoreErrorKind::Invalid, "{bad}");
             assert!(err.message.contains(bad), "{bad}: {}", err.message);
-            assert!(err.message.contains("sqlite://PATH") && err.message.contains("bigquery://"), "{}", err.message);
+            assert!(
+                err.message.contains("duckdb://PATH")
+                    && err.message.contains("sqlite://PATH")
+                    && err.message.contains("bigquery://"),
+                "{}",
+                err.message
+            );
         }
     }
 

@@ -1,7 +1,7 @@
-//! The embedded warehouse: one SQLite file (or memory), written in one transaction per call.
+//! The warehouse as one SQLite file (or memory), written in one transaction per call.
 //!
-//! SQLite rather than DuckDB because the bundled DuckDB build costs 16 minutes of CI; analysts
-//! still get SQL through the `sqlite3` CLI or DuckDB's sqlite scanner. Natural keys are primary
+//! For those who want other processes to read the file while Cohort writes it (WAL mode), which
+//! the default DuckDB file does not allow. Natural keys are primary
 //! keys, so replays are absorbed by `INSERT OR IGNORE` (Bronze, Silver) and an upsert that keeps
 //! the newest snapshot (Gold). The `*_dedup`/`*_latest` views exist only so that SQL written for
 //! BigQuery's views runs here unchanged.

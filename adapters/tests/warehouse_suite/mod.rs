@@ -1,5 +1,5 @@
-//! One behavioural suite for every `Warehouse` backend (SQLite file, SQLite memory, BigQuery
-//! emulator). A test file supplies a factory and expands `warehouse_tests!` with it.
+//! One behavioural suite for every `Warehouse` backend (DuckDB and SQLite, each as a file and in
+//! memory, and the BigQuery emulator). A test file supplies a factory and expands `warehouse_tests!` with it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 

@@ -1,0 +1,623 @@
+//! The embedded warehouse: one DuckDB file (or memory), the analysts' native format.
+//!
+//! DuckDB lets one process write a file and, while it does, no other process open it. So the file
+//! is opened for each call and closed after it (milliseconds, every relay cycle): between calls an
+//! analyst's `duckdb` opens it; while an analyst holds it, calls fail as unavailable and the sink's
+//! rows wait in the outbox. Rows go in through DuckDB's appender into a temporary table and then
+//! one `INSERT ... SELECT` per layer (a prepared insert per row costs about a millisecond).
+//! Natural keys are primary keys, so replays are absorbed as in the SQLite backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use cohort_messages::ProfileId;
+use duckdb::types::{TimeUnit, ValueRef};
+use duckdb::{params, Appender, Connection};
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use super::{
+    format_timestamp, param_name, to_i64, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,
+    SilverRow, Warehouse,
+};
+use crate::StoreError;
+
+/// Timestamps are `TIMESTAMP` in UTC; JSON columns are DuckDB's `JSON` type, so
+/// `traits ->> '$.email'` works on them.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS bronze (
+    raw_seq          BIGINT PRIMARY KEY,
+    source           VARCHAR NOT NULL,
+    format           VARCHAR NOT NULL,
+    content_type     VARCHAR NOT NULL,
+    received_at      TIMESTAMP NOT NULL,
+    payload_encoding VARCHAR NOT NULL,
+    payload          VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS silver (
+    event_id    VARCHAR PRIMARY KEY,
+    profile_id  VARCHAR NOT NULL,
+    source      VARCHAR NOT NULL,
+    kind        VARCHAR NOT NULL,
+    name        VARCHAR,
+    occurred_at TIMESTAMP NOT NULL,
+    received_at TIMESTAMP NOT NULL,
+    identifiers JSON NOT NULL,
+    traits      JSON NOT NULL,
+    properties  JSON NOT NULL,
+    utm         JSON,
+    raw_seq     BIGINT
+);
+CREATE TABLE IF NOT EXISTS gold_profiles (
+    profile_id   VARCHAR PRIMARY KEY,
+    snapshot_at  TIMESTAMP NOT NULL,
+    traits       JSON NOT NULL,
+    counters     JSON NOT NULL,
+    identifiers  JSON NOT NULL,
+    events_total BIGINT NOT NULL,
+    first_seen   TIMESTAMP,
+    last_seen    TIMESTAMP,
+    merged_into  VARCHAR
+);
+CREATE VIEW IF NOT EXISTS bronze_dedup AS SELECT * FROM bronze;
+CREATE VIEW IF NOT EXISTS silver_dedup AS SELECT * FROM silver;
+CREATE VIEW IF NOT EXISTS gold_profiles_latest AS SELECT * FROM gold_profiles;
+";
+
+/// Where the data lives: a private in-memory database must stay open; a file is opened per call.
+enum Place {
+    Memory(Connection),
+    File(PathBuf),
+}
+
+/// The DuckDB warehouse. Calls are serialized (one writer), each on a blocking thread.
+#[derive(Clone)]
+pub struct DuckDbWarehouse {
+    place: Arc<Mutex<Place>>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for DuckDbWarehouse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DuckDbWarehouse").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl DuckDbWarehouse {
+    /// Uses a warehouse file, creating it and its parent folders if needed. Fails now, not at the
+    /// first write, when the file cannot be opened.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        let opened = path.clone();
+        let checked = path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StoreError::unavailable(format!("cannot create warehouse folder {}: {e}", parent.display()))
+                })?;
+            }
+            close(open_file(&path)?)
+        })
+        .await
+        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse open task failed: {e}")))??;
+        Ok(Self { place: shared_place(checked), path: Some(opened) })
+    }
+
+    /// A private in-memory warehouse (tests, demos): gone when dropped.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(|e| map_err("open in-memory warehouse", e))?;
+        Ok(Self { place: Arc::new(Mutex::new(Place::Memory(conn))), path: None })
+    }
+
+    /// The file, or `None` in memory.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let place = Arc::clone(&self.place);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = place.lock();
+            match &mut *guard {
+                Place::Memory(conn) => f(conn),
+                Place::File(path) => {
+                    let mut conn = open_file(path)?;
+                    let result = f(&mut conn);
+                    // Closing checkpoints the write-ahead log into the file and releases the lock.
+                    let closed = close(conn);
+                    let value = result?;
+                    closed.map(|()| value)
+                }
+            }
+        })
+        .await
+        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?
+    }
+
+    /// Appends rows to a temporary copy of `table`'s columns, then moves them in with `merge`
+    /// (which reads `stage`), all in one transaction: all rows or none.
+    async fn insert_rows<R: Send + 'static>(
+        &self,
+        table: &'static str,
+        merge: &'static str,
+        rows: Vec<R>,
+        append: fn(&mut Appender<'_>, &R) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+            tx.execute_batch(&format!("CREATE OR REPLACE TEMP TABLE stage AS SELECT * FROM {table} LIMIT 0"))
+                .map_err(|e| map_err("create the staging table", e))?;
+            {
+                let mut appender =
+                    tx.appender_to_catalog_and_db("stage", "temp", "main").map_err(|e| map_err("append", e))?;
+                for row in &rows {
+                    append(&mut appender, row)
+                        .map_err(|e| StoreError { message: format!("{table}: {}", e.message), ..e })?;
+                }
+                appender.flush().map_err(|e| map_err("append", e))?;
+            }
+            tx.execute_batch(merge).map_err(|e| map_err("insert rows", e))?;
+            tx.execute_batch("DROP TABLE temp.stage").map_err(|e| map_err("drop the staging table", e))?;
+            tx.commit().map_err(|e| map_err("commit", e))
+        })
+        .await
+    }
+}
+
+impl DuckDbWarehouse {
+    /// GDPR: a DuckDB delete only marks rows, and a checkpoint leaves old blocks in the file's
+    /// free list, so an erased value would stay readable in the bytes. Copying the database into
+    /// a fresh file and putting it in place leaves nothing behind. It costs a pass over the
+    /// warehouse per erasure; the sink's rows wait in the outbox meanwhile.
+    async fn rewrite_file(&self) -> Result<(), StoreError> {
+        let place = Arc::clone(&self.place);
+        tokio::task::spawn_blocking(move || {
+            let guard = place.lock();
+            let Place::File(path) = &*guard else { return Ok(()) };
+            let fresh = path.with_extension("duckdb-rewrite");
+            remove_if_present(&fresh)?;
+            remove_if_present(&wal_of(&fresh))?;
+            let conn = open_file(path)?;
+            let copied = conn
+                .query_row("SELECT current_database()", [], |r| r.get::<_, String>(0))
+                .map_err(|e| map_err("name the database", e))
+                .and_then(|name| {
+                    let quoted_path = fresh.display().to_string().replace('\'', "''");
+                    let quoted_name = name.replace('"', "\"\"");
+                    conn.execute_batch(&format!(
+                        "ATTACH '{quoted_path}' AS cohort_rewrite; \
+                         COPY FROM DATABASE \"{quoted_name}\" TO cohort_rewrite; \
+                         DETACH cohort_rewrite;"
+                    ))
+                    .map_err(|e| map_err("copy into a fresh file", e))
+                });
+            close(conn)?;
+            copied?;
+            std::fs::rename(&fresh, path)
+                .map_err(|e| StoreError::unavailable(format!("cannot replace warehouse {}: {e}", path.display())))?;
+            remove_if_present(&wal_of(path))
+        })
+        .await
+        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse rewrite task failed: {e}")))?
+    }
+}
+
+/// One lock per file in this process. DuckDB's file lock is the operating system's, which does
+/// not stop a second opening from the same process, and two DuckDB instances writing one file
+/// corrupt it; so every handle on a file (the sink's, a test's, a replay's) takes turns.
+fn shared_place(path: PathBuf) -> Arc<Mutex<Place>> {
+    static OPEN: std::sync::OnceLock<Mutex<HashMap<PathBuf, Weak<Mutex<Place>>>>> = std::sync::OnceLock::new();
+    let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    let mut open = OPEN.get_or_init(|| Mutex::new(HashMap::new())).lock();
+    open.retain(|_, place| place.strong_count() > 0);
+    if let Some(place) = open.get(&key).and_then(Weak::upgrade) {
+        return place;
+    }
+    let place = Arc::new(Mutex::new(Place::File(path)));
+    open.insert(key, Arc::downgrade(&place));
+    place
+}
+
+fn wal_of(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::unavailable(format!("cannot remove {}: {e}", path.display()))),
+    }
+}
+
+fn open_file(path: &Path) -> Result<Connection, StoreError> {
+    Connection::open(path).map_err(|e| {
+        let err = map_err(&format!("cannot open warehouse {}", path.display()), e);
+        if err.message.contains("lock") {
+            // The usual cause: an analyst's session has the file open.
+            StoreError::unavailable(format!(
+                "{} (another process has the file open; rows wait in the outbox until it closes it)",
+                err.message
+            ))
+        } else {
+            err
+        }
+    })
+}
+
+fn close(conn: Connection) -> Result<(), StoreError> {
+    conn.close().map_err(|(_, e)| map_err("close", e))
+}
+
+/// DuckDB reports one error code for nearly everything; its message names the class.
+fn map_err(context: &str, e: duckdb::Error) -> StoreError {
+    let message = format!("duckdb warehouse: {context}: {e}");
+    let text = e.to_string();
+    if text.starts_with("IO Error") || text.contains("Could not set lock") || text.contains("Out of Memory") {
+        StoreError::unavailable(message)
+    } else if text.contains("INTERNAL Error") || text.contains("Serialization Error") || text.contains("corrupt") {
+        StoreError::corrupt(message)
+    } else {
+        StoreError::invalid(message)
+    }
+}
+
+fn json_text(v: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::invalid(format!("cannot encode JSON column: {e}")))
+}
+
+fn opt_json_text(v: &Value) -> Result<Option<String>, StoreError> {
+    if v.is_null() {
+        Ok(None)
+    } else {
+        json_text(v).map(Some)
+    }
+}
+
+/// UTC as DuckDB's zone-less `TIMESTAMP`.
+fn naive(t: DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+fn micros_of(unit: TimeUnit, v: i64) -> i64 {
+    match unit {
+        TimeUnit::Second => v.saturating_mul(1_000_000),
+        TimeUnit::Millisecond => v.saturating_mul(1_000),
+        TimeUnit::Microsecond => v,
+        TimeUnit::Nanosecond => v / 1_000,
+    }
+}
+
+/// One result value as JSON, normalized like the other backends (see [`QueryResult`]). Nested
+/// values (lists, structs, maps) come back as DuckDB prints them: `to_json(col)` gives JSON.
+fn sql_value(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Boolean(b) => Value::Bool(b),
+        ValueRef::TinyInt(i) => Value::from(i),
+        ValueRef::SmallInt(i) => Value::from(i),
+        ValueRef::Int(i) => Value::from(i),
+        ValueRef::BigInt(i) => Value::from(i),
+        ValueRef::UTinyInt(i) => Value::from(i),
+        ValueRef::USmallInt(i) => Value::from(i),
+        ValueRef::UInt(i) => Value::from(i),
+        ValueRef::UBigInt(i) => Value::from(i),
+        ValueRef::HugeInt(i) => i64::try_from(i).map_or_else(|_| Value::String(i.to_string()), Value::from),
+        ValueRef::UHugeInt(i) => u64::try_from(i).map_or_else(|_| Value::String(i.to_string()), Value::from),
+        ValueRef::Float(f) => serde_json::Number::from_f64(f64::from(f)).map_or(Value::Null, Value::Number),
+        ValueRef::Double(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+        ValueRef::Decimal(d) => {
+            d.to_string().parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
+        }
+        ValueRef::Timestamp(unit, v) => DateTime::<Utc>::from_timestamp_micros(micros_of(unit, v))
+            .map_or(Value::Null, |t| Value::String(format_timestamp(t))),
+        ValueRef::Date32(days) => chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+            .and_then(|epoch| epoch.checked_add_signed(chrono::Duration::days(i64::from(days))))
+            .map_or(Value::Null, |d| Value::String(d.format("%Y-%m-%d").to_string())),
+        ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        other => Value::String(format!("{:?}", other.to_owned())),
+    }
+}
+
+/// `@name` → `$name` (DuckDB's spelling) outside string literals, quoted identifiers and
+/// comments, so the SQL written for the other backends runs unchanged.
+fn duckdb_params(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                out.push(c);
+                // A doubled quote inside the literal closes and reopens it: same result.
+                for inner in chars.by_ref() {
+                    out.push(inner);
+                    if inner == c {
+                        break;
+                    }
+                }
+            }
+            '-' if chars.peek() == Some(&'-') => {
+                out.push(c);
+                for inner in chars.by_ref() {
+                    out.push(inner);
+                    if inner == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                out.push(c);
+                let mut prev = '\0';
+                for inner in chars.by_ref() {
+                    out.push(inner);
+                    if prev == '*' && inner == '/' {
+                        break;
+                    }
+                    prev = inner;
+                }
+            }
+            '@' if chars.peek().is_some_and(|n| n.is_ascii_alphabetic() || *n == '_') => out.push('$'),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn run_query(conn: &Connection, sql: &str, params: &[(String, QueryValue)]) -> Result<QueryResult, StoreError> {
+    let mut stmt = conn.prepare(&duckdb_params(sql)).map_err(|e| map_err("prepare query", e))?;
+    let mut named = Vec::with_capacity(params.len());
+    for (name, value) in params {
+        named.push((param_name(name)?, value));
+    }
+    for idx in 1..=stmt.parameter_count() {
+        let placeholder = stmt.parameter_name(idx).map_err(|e| map_err("read query parameters", e))?;
+        if placeholder.is_empty() || placeholder.chars().all(|c| c.is_ascii_digit()) {
+            return Err(StoreError::invalid("positional query parameters are not supported: use @name"));
+        }
+        let Some((_, value)) = named.iter().find(|(n, _)| *n == placeholder) else {
+            return Err(StoreError::invalid(format!("query parameter @{placeholder} has no value")));
+        };
+        let bound = match value {
+            QueryValue::String(s) => stmt.raw_bind_parameter(idx, s.as_str()),
+            QueryValue::Int64(i) => stmt.raw_bind_parameter(idx, *i),
+            QueryValue::Float64(f) => stmt.raw_bind_parameter(idx, *f),
+            QueryValue::Bool(b) => stmt.raw_bind_parameter(idx, *b),
+            QueryValue::Timestamp(t) => stmt.raw_bind_parameter(idx, naive(*t)),
+        };
+        bound.map_err(|e| map_err("bind query parameter", e))?;
+    }
+    stmt.raw_execute().map_err(|e| map_err("run query", e))?;
+    let columns = stmt.column_names();
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| map_err("run query", e))? {
+        let mut values = Vec::with_capacity(columns.len());
+        for i in 0..columns.len() {
+            values.push(sql_value(row.get_ref(i).map_err(|e| map_err("read query row", e))?));
+        }
+        out.push(values);
+    }
+    Ok(QueryResult { columns, rows: out })
+}
+
+/// The number `execute` reports, as the count [`DeleteOutcome`] carries.
+fn deleted(n: usize) -> u64 {
+    n as u64
+}
+
+#[async_trait]
+impl Warehouse for DuckDbWarehouse {
+    async fn ensure_schema(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| conn.execute_batch(SCHEMA).map_err(|e| map_err("create schema", e))).await
+    }
+
+    async fn write_bronze(&self, rows: Vec<BronzeRow>) -> Result<(), StoreError> {
+        self.insert_rows(
+            "bronze",
+            "INSERT OR IGNORE INTO bronze SELECT * FROM temp.stage \
+             QUALIFY row_number() OVER (PARTITION BY raw_seq) = 1",
+            rows,
+            |app, r| {
+                app.append_row(params![
+                    to_i64(r.raw_seq, "raw_seq")?,
+                    r.source.as_str(),
+                    r.format,
+                    r.content_type,
+                    naive(r.received_at),
+                    r.payload_encoding.as_str(),
+                    r.payload,
+                ])
+                .map_err(|e| map_err("append row", e))
+            },
+        )
+        .await
+    }
+
+    async fn write_silver(&self, rows: Vec<SilverRow>) -> Result<(), StoreError> {
+        self.insert_rows(
+            "silver",
+            "INSERT OR IGNORE INTO silver SELECT * FROM temp.stage \
+             QUALIFY row_number() OVER (PARTITION BY event_id) = 1",
+            rows,
+            |app, r| {
+                app.append_row(params![
+                    r.event_id.as_str(),
+                    r.profile_id.as_str(),
+                    r.source.as_str(),
+                    r.kind.as_str(),
+                    r.name,
+                    naive(r.occurred_at),
+                    naive(r.received_at),
+                    json_text(&r.identifiers)?,
+                    json_text(&r.traits)?,
+                    json_text(&r.properties)?,
+                    opt_json_text(&r.utm)?,
+                    r.raw_seq.map(|s| to_i64(s, "raw_seq")).transpose()?,
+                ])
+                .map_err(|e| map_err("append row", e))
+            },
+        )
+        .await
+    }
+
+    async fn write_gold_profiles(&self, rows: Vec<GoldProfileRow>) -> Result<(), StoreError> {
+        // The newest snapshot per profile in the batch, and never over a newer stored one.
+        self.insert_rows(
+            "gold_profiles",
+            "INSERT INTO gold_profiles SELECT * FROM temp.stage \
+             QUALIFY row_number() OVER (PARTITION BY profile_id ORDER BY snapshot_at DESC) = 1 \
+             ON CONFLICT (profile_id) DO UPDATE SET \
+               snapshot_at = excluded.snapshot_at, traits = excluded.traits, \
+               counters = excluded.counters, identifiers = excluded.identifiers, \
+               events_total = excluded.events_total, first_seen = excluded.first_seen, \
+               last_seen = excluded.last_seen, merged_into = excluded.merged_into \
+             WHERE excluded.snapshot_at >= gold_profiles.snapshot_at",
+            rows,
+            |app, r| {
+                app.append_row(params![
+                    r.profile_id.as_str(),
+                    naive(r.snapshot_at),
+                    json_text(&r.traits)?,
+                    json_text(&r.counters)?,
+                    json_text(&r.identifiers)?,
+                    to_i64(r.events_total, "events_total")?,
+                    r.first_seen.map(naive),
+                    r.last_seen.map(naive),
+                    r.merged_into.as_ref().map(|p| p.as_str().to_string()),
+                ])
+                .map_err(|e| map_err("append row", e))
+            },
+        )
+        .await
+    }
+
+    async fn query(&self, sql: &str, params: &[(String, QueryValue)]) -> Result<QueryResult, StoreError> {
+        let sql = sql.to_string();
+        let params = params.to_vec();
+        self.with_conn(move |conn| run_query(conn, &sql, &params)).await
+    }
+
+    async fn delete_profile(&self, profile_id: &ProfileId) -> Result<DeleteOutcome, StoreError> {
+        let id = profile_id.as_str().to_string();
+        let outcome = self
+            .with_conn(move |conn| {
+                let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+                // Bronze first: the person's Silver rows are what say which raw payloads were theirs.
+                let bronze = tx
+                    .execute(
+                        "DELETE FROM bronze WHERE raw_seq IN \
+                     (SELECT raw_seq FROM silver WHERE profile_id = ? AND raw_seq IS NOT NULL)",
+                        [&id],
+                    )
+                    .map_err(|e| map_err("delete bronze", e))?;
+                let silver = tx
+                    .execute("DELETE FROM silver WHERE profile_id = ?", [&id])
+                    .map_err(|e| map_err("delete silver", e))?;
+                let gold = tx
+                    .execute("DELETE FROM gold_profiles WHERE profile_id = ?", [&id])
+                    .map_err(|e| map_err("delete gold", e))?;
+                tx.commit().map_err(|e| map_err("commit delete", e))?;
+                Ok(DeleteOutcome {
+                    rows_deleted: deleted(bronze + silver + gold),
+                    retry_later: false,
+                    detail: format!(
+                        "bronze: {bronze} deleted, silver: {silver} deleted, gold_profiles: {gold} deleted"
+                    ),
+                })
+            })
+            .await?;
+        if outcome.rows_deleted > 0 {
+            self.rewrite_file().await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn raw_payloads(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
+        let (after, limit) = (i64::try_from(after).unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT raw_seq, payload FROM bronze WHERE raw_seq > ? ORDER BY raw_seq LIMIT ?")
+                .map_err(|e| map_err("read bronze", e))?;
+            let rows = stmt
+                .query_map(params![after, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| map_err("read bronze", e))?;
+            rows.map(|r| r.map(|(s, p)| (s.max(0) as u64, p)).map_err(|e| map_err("read bronze", e))).collect()
+        })
+        .await
+    }
+
+    async fn delete_raw(&self, seqs: &[u64]) -> Result<DeleteOutcome, StoreError> {
+        let seqs: Vec<i64> = seqs.iter().filter_map(|s| i64::try_from(*s).ok()).collect();
+        let outcome = self
+            .with_conn(move |conn| {
+                let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+                let mut n = 0;
+                // Integers only, so listing them in the SQL is safe, and one statement per thousand.
+                for chunk in seqs.chunks(1000) {
+                    let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
+                    n += tx
+                        .execute(&format!("DELETE FROM bronze WHERE raw_seq IN ({})", list.join(",")), [])
+                        .map_err(|e| map_err("delete bronze", e))?;
+                }
+                tx.commit().map_err(|e| map_err("commit delete", e))?;
+                Ok(DeleteOutcome {
+                    rows_deleted: deleted(n),
+                    retry_later: false,
+                    detail: format!("bronze: {n} deleted"),
+                })
+            })
+            .await?;
+        if outcome.rows_deleted > 0 {
+            self.rewrite_file().await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError> {
+        self.with_conn(move |conn| {
+            let n: i64 = conn
+                .query_row(&format!("SELECT COUNT(*) FROM {}", layer.view_name()), [], |r| r.get(0))
+                .map_err(|e| map_err("count rows", e))?;
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
+    fn table(&self, layer: Layer) -> String {
+        layer.view_name().to_string()
+    }
+
+    fn backend(&self) -> &'static str {
+        "duckdb"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duckdb_params;
+
+    #[test]
+    fn named_parameters_are_respelled_outside_literals_and_comments() {
+        assert_eq!(
+            duckdb_params("SELECT * FROM t WHERE a = @a AND b > @b_2"),
+            "SELECT * FROM t WHERE a = $a AND b > $b_2"
+        );
+        assert_eq!(duckdb_params("SELECT '@a', \"@b\" FROM t WHERE c = @c"), "SELECT '@a', \"@b\" FROM t WHERE c = $c");
+        assert_eq!(duckdb_params("SELECT 'it''s @x' -- @y\n, @z /* @w */"), "SELECT 'it''s @x' -- @y\n, $z /* @w */");
+        assert_eq!(duckdb_params("SELECT 'a@b.example'"), "SELECT 'a@b.example'");
+        assert_eq!(duckdb_params("SELECT @1"), "SELECT @1");
+    }
+}

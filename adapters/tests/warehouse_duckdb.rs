@@ -1,0 +1,180 @@
+//! The warehouse suite against DuckDB (a file, and memory), plus what only the file backend has:
+//! another process can open the file between calls, and a process holding it delays writes
+//! without losing them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod warehouse_suite;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use cohort_adapters::{open_warehouse, DuckDbWarehouse, Layer, StoreErrorKind, Warehouse};
+use warehouse_suite::Subject;
+
+/// A warehouse file in a fresh temp folder, opened through its URL (nested folders are created).
+async fn file_subject() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/deeper/warehouse.duckdb");
+    let wh = open_warehouse(&format!("duckdb://{}", path.display())).await.unwrap();
+    assert_eq!(wh.backend(), "duckdb");
+    Subject { wh, guard: Some(Box::new(dir)) }
+}
+
+async fn memory_subject() -> Subject {
+    let wh = open_warehouse("memory://").await.unwrap();
+    assert_eq!(wh.backend(), "duckdb");
+    Subject { wh, guard: None }
+}
+
+mod file {
+    use super::*;
+    warehouse_tests!(file_subject());
+}
+
+mod memory {
+    use super::*;
+    warehouse_tests!(memory_subject());
+}
+
+/// Env var that turns [`analyst_session`] into a helper process holding a file open.
+const HOLD: &str = "COHORT_TEST_DUCKDB_HOLD";
+
+/// Not a test of its own: when [`HOLD`] names a file, this is the child process of
+/// `a_session_holding_the_file_delays_writes_without_losing_them`. It opens the file read-only
+/// like an analyst's `duckdb -readonly`, says so, and keeps it until its stdin closes.
+#[test]
+fn analyst_session() {
+    let Ok(path) = std::env::var(HOLD) else { return };
+    let config = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly).unwrap();
+    let conn = duckdb::Connection::open_with_flags(&path, config).unwrap();
+    let n: i64 = conn.query_row("SELECT COUNT(*) FROM gold_profiles_latest", [], |r| r.get(0)).unwrap();
+    println!("holding {n}");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[tokio::test]
+async fn file_survives_reopening_and_analysts_read_it_between_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wh.duckdb");
+    {
+        let wh = DuckDbWarehouse::open(&path).await.unwrap();
+        wh.ensure_schema().await.unwrap();
+        let a = warehouse_suite::profile(1);
+        wh.write_silver(vec![warehouse_suite::silver("e1", 1, &a), warehouse_suite::silver("e2", 2, &a)])
+            .await
+            .unwrap();
+        wh.write_gold_profiles(vec![warehouse_suite::gold(&a, 2, 10)]).await.unwrap();
+        // The warehouse is still in use, yet the file is free: an analyst opens it and queries
+        // Gold with SQL, as the README shows.
+        let analyst = duckdb::Connection::open(&path).unwrap();
+        let (id, total): (String, i64) = analyst
+            .query_row("SELECT profile_id, events_total FROM gold_profiles_latest", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!((id.as_str(), total), (a.as_str(), 2));
+        analyst.close().unwrap();
+    }
+    let wh = DuckDbWarehouse::open(&path).await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2);
+    assert_eq!(wh.count_rows(Layer::Gold).await.unwrap(), 1);
+    let tables = wh
+        .query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1", &[])
+        .await
+        .unwrap();
+    let names: Vec<&str> = tables.rows.iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(names, ["bronze", "bronze_dedup", "gold_profiles", "gold_profiles_latest", "silver", "silver_dedup"]);
+    // JSON columns are DuckDB JSON: the arrow operators work on them.
+    let email = wh
+        .query("SELECT traits ->> '$.email' AS email FROM silver_dedup ORDER BY event_id LIMIT 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(email.columns, ["email"]);
+    assert_eq!(email.rows.len(), 1, "{email:?}");
+    assert!(email.rows[0][0].is_string() || email.rows[0][0].is_null(), "{email:?}");
+}
+
+#[tokio::test]
+async fn a_session_holding_the_file_delays_writes_without_losing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wh.duckdb");
+    let wh = DuckDbWarehouse::open(&path).await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    let a = warehouse_suite::profile(3);
+
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "analyst_session", "--nocapture", "--test-threads", "1"])
+        .env(HOLD, &path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holding") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the holder exited before opening the file");
+    }
+
+    let err = wh.write_silver(vec![warehouse_suite::silver("e1", 1, &a)]).await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable, "{err}");
+    assert!(err.message.contains("another process"), "{err}");
+
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    // The caller (the warehouse sink) retries the same rows: they land once.
+    wh.write_silver(vec![warehouse_suite::silver("e1", 1, &a)]).await.unwrap();
+    assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn gdpr_delete_leaves_no_trace_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wh.duckdb");
+    let wh = DuckDbWarehouse::open(&path).await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    let a = warehouse_suite::profile(7);
+    let b = warehouse_suite::profile(8);
+    // Enough other rows that the person's share a row group with someone else's.
+    let mut rows: Vec<_> = (0..2000).map(|i| warehouse_suite::silver(&format!("b{i}"), i, &b)).collect();
+    let mut row = warehouse_suite::silver("e1", 1, &a);
+    row.traits = serde_json::json!({"email": "erase-me-4711@example.org"});
+    rows.insert(1000, row);
+    wh.write_silver(rows).await.unwrap();
+    wh.delete_profile(&a).await.unwrap();
+    for file in [path.clone(), dir.path().join("wh.duckdb.wal")] {
+        if let Ok(bytes) = std::fs::read(&file) {
+            let needle = b"erase-me-4711";
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{} still holds the value", file.display());
+        }
+    }
+    assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2000);
+    // The rewritten file keeps its keys: a replayed row is still absorbed.
+    wh.write_silver(vec![warehouse_suite::silver("b5", 5, &b)]).await.unwrap();
+    assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2000);
+    let keys = wh
+        .query("SELECT table_name FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY' ORDER BY 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.rows,
+        vec![
+            vec![serde_json::json!("bronze")],
+            vec![serde_json::json!("gold_profiles")],
+            vec![serde_json::json!("silver")]
+        ]
+    );
+}
+
+#[tokio::test]
+async fn positional_parameters_are_refused() {
+    let wh = open_warehouse("duckdb::memory:").await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    for sql in ["SELECT * FROM silver WHERE event_id = ?", "SELECT * FROM silver WHERE event_id = $1"] {
+        let err = wh.query(sql, &[]).await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Invalid, "{err}");
+    }
+}
