@@ -112,3 +112,21 @@ async fn a_token_made_by_the_cli_is_accepted_with_its_scope_and_only_that() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope `profiles:write`"));
 }
+
+/// The binary finds DuckDB's library beside itself (its rpath `$ORIGIN/duckdb`), not through the
+/// library path `cargo test` sets: run as a user runs `target/release/cohort`, the loader finds
+/// `libduckdb.so` (or the process fails before `main`).
+#[test]
+fn the_binary_finds_the_duckdb_library_without_a_library_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cohort.toml");
+    std::fs::write(&config, format!("[warehouse]\nurl = \"duckdb://{}\"\n", dir.path().join("wh.duckdb").display()))
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["config", "check"])
+        .arg(&config)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
