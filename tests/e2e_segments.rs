@@ -479,7 +479,7 @@ async fn invalid_segments_and_activations_fail_at_start_naming_the_key() {
 async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmation() {
     let d = Destinations::start().await;
     let sql = |cohort: &str| {
-        format!("SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed' AND properties ->> '$.cohort' = '{cohort}'")
+        format!("SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed' AND (properties ->> '$.cohort') = '{cohort}'")
     };
     let extra = format!(
         "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n\n[[activations]]\nname = \"quiz_list_exit\"\nsegment = \"quiz\"\non = \"exit\"\ndestination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"quiz\"\n",

@@ -33,7 +33,7 @@ async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
     let gold = analyst
         .query(
             "SELECT profile_id, events_total FROM gold_profiles_latest \
-             WHERE traits ->> '$.email' = @email AND merged_into IS NULL",
+             WHERE (traits ->> '$.email') = @email AND merged_into IS NULL",
             &[("email".into(), QueryValue::String("max@gmail.com".into()))],
         )
         .await
@@ -165,11 +165,11 @@ async fn by_default_the_warehouse_holds_tokens_and_sealed_payloads_not_personal_
     assert!(bronze.rows.iter().all(|r| r[0].as_str().unwrap().starts_with("enc:v1:")), "Bronze is sealed");
     // Tokens are stable: the same email is one token in Silver and in Gold, so analysts can join.
     let silver = analyst
-        .query("SELECT DISTINCT traits ->> '$.email' FROM silver_dedup WHERE traits ->> '$.email' IS NOT NULL", &[])
+        .query("SELECT DISTINCT (traits ->> '$.email') FROM silver_dedup WHERE (traits ->> '$.email') IS NOT NULL", &[])
         .await
         .unwrap();
     let gold = analyst
-        .query("SELECT DISTINCT traits ->> '$.email' FROM gold_profiles_latest WHERE merged_into IS NULL AND traits ->> '$.email' IS NOT NULL", &[])
+        .query("SELECT DISTINCT (traits ->> '$.email') FROM gold_profiles_latest WHERE merged_into IS NULL AND (traits ->> '$.email') IS NOT NULL", &[])
         .await
         .unwrap();
     assert_eq!(silver.rows.len(), 1, "{silver:?}");

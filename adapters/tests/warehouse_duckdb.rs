@@ -89,7 +89,7 @@ async fn file_survives_reopening_and_analysts_read_it_between_calls() {
     assert_eq!(names, ["bronze", "bronze_dedup", "gold_profiles", "gold_profiles_latest", "silver", "silver_dedup"]);
     // JSON columns are DuckDB JSON: the arrow operators work on them.
     let email = wh
-        .query("SELECT traits ->> '$.email' AS email FROM silver_dedup ORDER BY event_id LIMIT 1", &[])
+        .query("SELECT (traits ->> '$.email') AS email FROM silver_dedup ORDER BY event_id LIMIT 1", &[])
         .await
         .unwrap();
     assert_eq!(email.columns, ["email"]);
