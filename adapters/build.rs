@@ -37,6 +37,7 @@ fn run() -> Result<(), String> {
     let source = match env::var_os("COHORT_DUCKDB_LIB") {
         Some(path) => {
             let path = PathBuf::from(path);
+            println!("cargo:rerun-if-changed={}", path.display());
             if !path.is_file() {
                 return Err(format!("COHORT_DUCKDB_LIB={} is not a file", path.display()));
             }
@@ -90,7 +91,8 @@ fn cached_or_fetched() -> Result<PathBuf, String> {
         return Ok(lib);
     }
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let tarball = dir.join("bindings.tgz");
+    // Names of this process alone: two first builds at once must not share half-written files.
+    let tarball = dir.join(format!("bindings.{}.tgz", std::process::id()));
     let fetched = Command::new("curl")
         .args(["--silent", "--show-error", "--fail", "--location", "--retry", "3", "--output"])
         .arg(&tarball)
@@ -105,7 +107,7 @@ fn cached_or_fetched() -> Result<PathBuf, String> {
         let _ = fs::remove_file(&tarball);
         return Err(format!("{TARBALL_URL} has SHA-256 {digest}, expected {TARBALL_SHA256}"));
     }
-    let staging = dir.join("unpacked");
+    let staging = dir.join(format!("unpacked.{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
     let unpacked = Command::new("tar")

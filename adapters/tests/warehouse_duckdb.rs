@@ -68,8 +68,9 @@ async fn file_survives_reopening_and_analysts_read_it_between_calls() {
             .await
             .unwrap();
         wh.write_gold_profiles(vec![warehouse_suite::gold(&a, 2, 10)]).await.unwrap();
-        // The warehouse is still in use, yet the file is free: an analyst opens it and queries
-        // Gold with SQL, as the README shows.
+        // The warehouse is still in use, yet once its burst of calls is over the file is free:
+        // an analyst opens it and queries Gold with SQL, as the README shows.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         let analyst = duckdb::Connection::open(&path).unwrap();
         let (id, total): (String, i64) = analyst
             .query_row("SELECT profile_id, events_total FROM gold_profiles_latest", [], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -104,6 +105,7 @@ async fn a_session_holding_the_file_delays_writes_without_losing_them() {
     let wh = DuckDbWarehouse::open(&path).await.unwrap();
     wh.ensure_schema().await.unwrap();
     let a = warehouse_suite::profile(3);
+    wh.release().await;
 
     let mut holder = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "analyst_session", "--nocapture", "--test-threads", "1"])
@@ -177,4 +179,52 @@ async fn positional_parameters_are_refused() {
         let err = wh.query(sql, &[]).await.unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::Invalid, "{err}");
     }
+}
+
+#[tokio::test]
+async fn query_sql_cannot_read_or_write_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("cohort.kek");
+    std::fs::write(&secret, "key-material-4711").unwrap();
+    let wh = DuckDbWarehouse::open(&dir.path().join("wh.duckdb")).await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    let outside = dir.path().join("out.csv");
+    for sql in [
+        format!("SELECT * FROM read_text('{}')", secret.display()),
+        format!("COPY silver TO '{}'", outside.display()),
+        format!("ATTACH '{}' AS other", dir.path().join("other.duckdb").display()),
+        "SET enable_external_access = true".to_string(),
+    ] {
+        let err = wh.query(&sql, &[]).await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Invalid, "{sql}: {err}");
+    }
+    assert!(!outside.exists());
+}
+
+#[tokio::test]
+async fn a_rewrite_owed_by_an_interrupted_erasure_happens_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wh.duckdb");
+    {
+        let wh = DuckDbWarehouse::open(&path).await.unwrap();
+        wh.ensure_schema().await.unwrap();
+        let a = warehouse_suite::profile(7);
+        let b = warehouse_suite::profile(8);
+        let mut rows: Vec<_> = (0..2000).map(|i| warehouse_suite::silver(&format!("b{i}"), i, &b)).collect();
+        let mut row = warehouse_suite::silver("e1", 1, &a);
+        row.traits = serde_json::json!({"email": "erase-me-4712@example.org"});
+        rows.insert(1000, row);
+        wh.write_silver(rows).await.unwrap();
+        // An erasure deleted the rows, then the process died before the rewrite.
+        std::fs::write(dir.path().join("wh.duckdb.rewrite-pending"), "").unwrap();
+        wh.query(&format!("DELETE FROM silver WHERE profile_id = '{a}'"), &[]).await.unwrap();
+        wh.release().await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let wh = DuckDbWarehouse::open(&path).await.unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let needle = b"erase-me-4712";
+    assert!(!bytes.windows(needle.len()).any(|w| w == needle), "the erased value is still in the file");
+    assert!(!dir.path().join("wh.duckdb.rewrite-pending").exists());
+    assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2000);
 }

@@ -1,15 +1,16 @@
 //! The embedded warehouse: one DuckDB file (or memory), the analysts' native format.
 //!
 //! DuckDB lets one process write a file and, while it does, no other process open it. So the file
-//! is opened for each call and closed after it (milliseconds, every relay cycle): between calls an
-//! analyst's `duckdb` opens it; while an analyst holds it, calls fail as unavailable and the sink's
-//! rows wait in the outbox. Rows go in through DuckDB's appender into a temporary table and then
+//! is opened for a burst of calls (one relay) and closed [`LINGER`] after the last: between relays
+//! an analyst's `duckdb` opens it; while an analyst holds it, calls fail as unavailable and the
+//! sink's rows wait in the outbox. Rows go in through DuckDB's appender into a temporary table and then
 //! one `INSERT ... SELECT` per layer (a prepared insert per row costs about a millisecond).
 //! Natural keys are primary keys, so replays are absorbed as in the SQLite backend.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -68,11 +69,16 @@ CREATE VIEW IF NOT EXISTS silver_dedup AS SELECT * FROM silver;
 CREATE VIEW IF NOT EXISTS gold_profiles_latest AS SELECT * FROM gold_profiles;
 ";
 
-/// Where the data lives: a private in-memory database must stay open; a file is opened per call.
+/// Where the data lives: a private in-memory database must stay open; a file is opened for a
+/// call and kept for [`LINGER`] after it, so the calls of one relay share one opening.
 enum Place {
     Memory(Connection),
-    File(PathBuf),
+    File { path: PathBuf, open: Option<(Connection, Instant)> },
 }
+
+/// How long a file stays open after a call. Opening and closing (which checkpoints) cost tens of
+/// milliseconds; a relay makes a burst of calls, then the file is free again for analysts.
+const LINGER: Duration = Duration::from_millis(250);
 
 /// The DuckDB warehouse. Calls are serialized (one writer), each on a blocking thread.
 #[derive(Clone)]
@@ -93,23 +99,37 @@ impl DuckDbWarehouse {
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         let opened = path.clone();
-        let checked = path.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        let place = tokio::task::spawn_blocking(move || -> Result<Arc<Mutex<Place>>, StoreError> {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|e| {
                     StoreError::unavailable(format!("cannot create warehouse folder {}: {e}", parent.display()))
                 })?;
             }
-            close(open_file(&path)?)
+            // The probe takes turns with this process's other handles on the file too.
+            let place = shared_place(path);
+            {
+                let mut guard = place.lock();
+                if let Place::File { path, open } = &mut *guard {
+                    if open.is_none() {
+                        close(open_file(path)?)?;
+                    }
+                    if pending_rewrite(path).exists() {
+                        // A previous erasure deleted rows but did not get to rewrite the file.
+                        rewrite_locked(path, open)?;
+                    }
+                }
+            }
+            Ok(place)
         })
         .await
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse open task failed: {e}")))??;
-        Ok(Self { place: shared_place(checked), path: Some(opened) })
+        Ok(Self { place, path: Some(opened) })
     }
 
     /// A private in-memory warehouse (tests, demos): gone when dropped.
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        let conn = Connection::open_in_memory().map_err(|e| map_err("open in-memory warehouse", e))?;
+        let conn =
+            Connection::open_in_memory_with_flags(config()?).map_err(|e| map_err("open in-memory warehouse", e))?;
         Ok(Self { place: Arc::new(Mutex::new(Place::Memory(conn))), path: None })
     }
 
@@ -123,22 +143,64 @@ impl DuckDbWarehouse {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let place = Arc::clone(&self.place);
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let mut guard = place.lock();
             match &mut *guard {
                 Place::Memory(conn) => f(conn),
-                Place::File(path) => {
-                    let mut conn = open_file(path)?;
+                Place::File { path, open } => {
+                    let mut conn = match open.take() {
+                        Some((conn, _)) => conn,
+                        None => open_file(path)?,
+                    };
                     let result = f(&mut conn);
-                    // Closing checkpoints the write-ahead log into the file and releases the lock.
-                    let closed = close(conn);
-                    let value = result?;
-                    closed.map(|()| value)
+                    if result.is_ok() {
+                        *open = Some((conn, Instant::now()));
+                    } else {
+                        // A failed call may leave the connection unusable: start afresh.
+                        close(conn)?;
+                    }
+                    result
                 }
             }
         })
         .await
-        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?
+        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?;
+        if self.path.is_some() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(LINGER).await;
+                this.close_if_idle(LINGER).await;
+            });
+        }
+        result
+    }
+
+    /// Closes the file now if no call used it for `idle` (closing checkpoints its write-ahead log
+    /// into it and releases the lock), so other processes can open it.
+    async fn close_if_idle(&self, idle: Duration) {
+        let place = Arc::clone(&self.place);
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut guard = place.lock();
+            if let Place::File { open, .. } = &mut *guard {
+                if open.as_ref().is_some_and(|(_, used)| used.elapsed() >= idle) {
+                    if let Some((conn, _)) = open.take() {
+                        return close(conn);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match closed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the DuckDB warehouse file failed"),
+            Err(e) => tracing::warn!(error = %e, "closing the DuckDB warehouse file failed"),
+        }
+    }
+
+    /// Closes the file now rather than after [`LINGER`]: before handing it to another process.
+    pub async fn release(&self) {
+        self.close_if_idle(Duration::ZERO).await;
     }
 
     /// Appends rows to a temporary copy of `table`'s columns, then moves them in with `merge`
@@ -182,34 +244,69 @@ impl DuckDbWarehouse {
     async fn rewrite_file(&self) -> Result<(), StoreError> {
         let place = Arc::clone(&self.place);
         tokio::task::spawn_blocking(move || {
-            let guard = place.lock();
-            let Place::File(path) = &*guard else { return Ok(()) };
-            let fresh = path.with_extension("duckdb-rewrite");
-            remove_if_present(&fresh)?;
-            remove_if_present(&wal_of(&fresh))?;
-            let conn = open_file(path)?;
-            let copied = conn
-                .query_row("SELECT current_database()", [], |r| r.get::<_, String>(0))
-                .map_err(|e| map_err("name the database", e))
-                .and_then(|name| {
-                    let quoted_path = fresh.display().to_string().replace('\'', "''");
-                    let quoted_name = name.replace('"', "\"\"");
-                    conn.execute_batch(&format!(
-                        "ATTACH '{quoted_path}' AS cohort_rewrite; \
-                         COPY FROM DATABASE \"{quoted_name}\" TO cohort_rewrite; \
-                         DETACH cohort_rewrite;"
-                    ))
-                    .map_err(|e| map_err("copy into a fresh file", e))
-                });
-            close(conn)?;
-            copied?;
-            std::fs::rename(&fresh, path)
-                .map_err(|e| StoreError::unavailable(format!("cannot replace warehouse {}: {e}", path.display())))?;
-            remove_if_present(&wal_of(path))
+            let mut guard = place.lock();
+            let Place::File { path, open } = &mut *guard else { return Ok(()) };
+            if pending_rewrite(path).exists() {
+                rewrite_locked(path, open)?;
+            }
+            Ok(())
         })
         .await
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse rewrite task failed: {e}")))?
     }
+
+    /// Notes, before a delete commits, that the file must be rewritten: if the rewrite then
+    /// fails or the process dies, the next delete or the next start still does it (a retried
+    /// erasure finds nothing left to delete, so it would not know to).
+    fn mark_rewrite_pending(&self) -> Result<(), StoreError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let marker = pending_rewrite(path);
+        std::fs::write(&marker, b"rewrite after erasure\n")
+            .map_err(|e| StoreError::unavailable(format!("cannot write {}: {e}", marker.display())))
+    }
+}
+
+/// The marker of a rewrite still owed after deletes.
+fn pending_rewrite(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".rewrite-pending");
+    PathBuf::from(name)
+}
+
+/// Copies the database into a fresh file and puts it in place of the old one (see
+/// [`DuckDbWarehouse::rewrite_file`]); the caller holds the file's lock.
+fn rewrite_locked(path: &Path, open: &mut Option<(Connection, Instant)>) -> Result<(), StoreError> {
+    if let Some((conn, _)) = open.take() {
+        close(conn)?;
+    }
+    let marker = pending_rewrite(path);
+    // Through symlinks: the bytes to replace are the real file's.
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let fresh = path.with_extension("duckdb-rewrite");
+    remove_if_present(&fresh)?;
+    remove_if_present(&wal_of(&fresh))?;
+    // Our own fixed statements, so this connection may attach a file.
+    let config = duckdb::Config::default().threads(1).map_err(|e| map_err("configure", e))?;
+    let conn = Connection::open_with_flags(&path, config).map_err(|e| open_error(&path, e))?;
+    let copied = conn
+        .query_row("SELECT current_database()", [], |r| r.get::<_, String>(0))
+        .map_err(|e| map_err("name the database", e))
+        .and_then(|name| {
+            let quoted_path = fresh.display().to_string().replace('\'', "''");
+            let quoted_name = name.replace('"', "\"\"");
+            conn.execute_batch(&format!(
+                "ATTACH '{quoted_path}' AS cohort_rewrite; \
+                 COPY FROM DATABASE \"{quoted_name}\" TO cohort_rewrite; \
+                 DETACH cohort_rewrite;"
+            ))
+            .map_err(|e| map_err("copy into a fresh file", e))
+        });
+    close(conn)?;
+    copied?;
+    std::fs::rename(&fresh, &path)
+        .map_err(|e| StoreError::unavailable(format!("cannot replace warehouse {}: {e}", path.display())))?;
+    remove_if_present(&wal_of(&path))?;
+    remove_if_present(&marker)
 }
 
 /// One lock per file in this process. DuckDB's file lock is the operating system's, which does
@@ -217,13 +314,17 @@ impl DuckDbWarehouse {
 /// corrupt it; so every handle on a file (the sink's, a test's, a replay's) takes turns.
 fn shared_place(path: PathBuf) -> Arc<Mutex<Place>> {
     static OPEN: std::sync::OnceLock<Mutex<HashMap<PathBuf, Weak<Mutex<Place>>>>> = std::sync::OnceLock::new();
-    let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    // The folder exists by now (the file may not): canonical folder plus name names it stably.
+    let key = match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => path.clone(),
+    };
     let mut open = OPEN.get_or_init(|| Mutex::new(HashMap::new())).lock();
     open.retain(|_, place| place.strong_count() > 0);
     if let Some(place) = open.get(&key).and_then(Weak::upgrade) {
         return place;
     }
-    let place = Arc::new(Mutex::new(Place::File(path)));
+    let place = Arc::new(Mutex::new(Place::File { path, open: None }));
     open.insert(key, Arc::downgrade(&place));
     place
 }
@@ -242,19 +343,35 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// One DuckDB worker thread: the warehouse is written in the background, and DuckDB's default
+/// (a thread per core) would take every core from the pipeline and the Profile API. Query SQL
+/// comes from API users (batch segments), so it may not touch other files or fetch extensions
+/// (`read_text('...kek')`, `COPY ... TO`), nor change these settings.
+fn config() -> Result<duckdb::Config, StoreError> {
+    duckdb::Config::default()
+        .threads(1)
+        .and_then(|c| c.enable_external_access(false))
+        .and_then(|c| c.enable_autoload_extension(false))
+        .and_then(|c| c.with("autoinstall_known_extensions", "false"))
+        .and_then(|c| c.with("lock_configuration", "true"))
+        .map_err(|e| map_err("configure", e))
+}
+
 fn open_file(path: &Path) -> Result<Connection, StoreError> {
-    Connection::open(path).map_err(|e| {
-        let err = map_err(&format!("cannot open warehouse {}", path.display()), e);
-        if err.message.contains("lock") {
-            // The usual cause: an analyst's session has the file open.
-            StoreError::unavailable(format!(
-                "{} (another process has the file open; rows wait in the outbox until it closes it)",
-                err.message
-            ))
-        } else {
-            err
-        }
-    })
+    Connection::open_with_flags(path, config()?).map_err(|e| open_error(path, e))
+}
+
+fn open_error(path: &Path, e: duckdb::Error) -> StoreError {
+    let err = map_err(&format!("cannot open warehouse {}", path.display()), e);
+    if err.message.contains("Could not set lock") {
+        // The usual cause: an analyst's session has the file open.
+        StoreError::unavailable(format!(
+            "{} (another process has the file open; rows wait in the outbox until it closes it)",
+            err.message
+        ))
+    } else {
+        err
+    }
 }
 
 fn close(conn: Connection) -> Result<(), StoreError> {
@@ -265,10 +382,15 @@ fn close(conn: Connection) -> Result<(), StoreError> {
 fn map_err(context: &str, e: duckdb::Error) -> StoreError {
     let message = format!("duckdb warehouse: {context}: {e}");
     let text = e.to_string();
-    if text.starts_with("IO Error") || text.contains("Could not set lock") || text.contains("Out of Memory") {
-        StoreError::unavailable(message)
-    } else if text.contains("INTERNAL Error") || text.contains("Serialization Error") || text.contains("corrupt") {
+    if text.contains("INTERNAL Error")
+        || text.contains("Serialization Error")
+        || text.contains("Corrupt")
+        || text.contains("corrupt")
+        || text.contains("not a valid DuckDB database")
+    {
         StoreError::corrupt(message)
+    } else if text.starts_with("IO Error") || text.contains("Could not set lock") || text.contains("Out of Memory") {
+        StoreError::unavailable(message)
     } else {
         StoreError::invalid(message)
     }
@@ -512,6 +634,7 @@ impl Warehouse for DuckDbWarehouse {
 
     async fn delete_profile(&self, profile_id: &ProfileId) -> Result<DeleteOutcome, StoreError> {
         let id = profile_id.as_str().to_string();
+        self.mark_rewrite_pending()?;
         let outcome = self
             .with_conn(move |conn| {
                 let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
@@ -539,9 +662,7 @@ impl Warehouse for DuckDbWarehouse {
                 })
             })
             .await?;
-        if outcome.rows_deleted > 0 {
-            self.rewrite_file().await?;
-        }
+        self.rewrite_file().await?;
         Ok(outcome)
     }
 
@@ -561,6 +682,7 @@ impl Warehouse for DuckDbWarehouse {
 
     async fn delete_raw(&self, seqs: &[u64]) -> Result<DeleteOutcome, StoreError> {
         let seqs: Vec<i64> = seqs.iter().filter_map(|s| i64::try_from(*s).ok()).collect();
+        self.mark_rewrite_pending()?;
         let outcome = self
             .with_conn(move |conn| {
                 let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
@@ -580,9 +702,7 @@ impl Warehouse for DuckDbWarehouse {
                 })
             })
             .await?;
-        if outcome.rows_deleted > 0 {
-            self.rewrite_file().await?;
-        }
+        self.rewrite_file().await?;
         Ok(outcome)
     }
 
