@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use cohort_adapters::{open_warehouse, DuckDbWarehouse, Layer, StoreErrorKind, Warehouse};
+use cohort_messages::ProfileId;
 use warehouse_suite::Subject;
 
 /// A warehouse file in a fresh temp folder, opened through its URL (nested folders are created).
@@ -132,20 +133,25 @@ async fn a_session_holding_the_file_delays_writes_without_losing_them() {
     assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 1);
 }
 
+/// One Silver row of a person whose email is `email`, amid 2,000 of another student (so the
+/// person's row shares a row group with someone else's); returns (person, other).
+async fn write_among_others(wh: &DuckDbWarehouse, email: &str) -> (ProfileId, ProfileId) {
+    let (a, b) = (warehouse_suite::profile(7), warehouse_suite::profile(8));
+    let mut rows: Vec<_> = (0..2000).map(|i| warehouse_suite::silver(&format!("b{i}"), i, &b)).collect();
+    let mut row = warehouse_suite::silver("e1", 1, &a);
+    row.traits = serde_json::json!({ "email": email });
+    rows.insert(1000, row);
+    wh.write_silver(rows).await.unwrap();
+    (a, b)
+}
+
 #[tokio::test]
 async fn gdpr_delete_leaves_no_trace_in_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wh.duckdb");
     let wh = DuckDbWarehouse::open(&path).await.unwrap();
     wh.ensure_schema().await.unwrap();
-    let a = warehouse_suite::profile(7);
-    let b = warehouse_suite::profile(8);
-    // Enough other rows that the person's share a row group with someone else's.
-    let mut rows: Vec<_> = (0..2000).map(|i| warehouse_suite::silver(&format!("b{i}"), i, &b)).collect();
-    let mut row = warehouse_suite::silver("e1", 1, &a);
-    row.traits = serde_json::json!({"email": "erase-me-4711@example.org"});
-    rows.insert(1000, row);
-    wh.write_silver(rows).await.unwrap();
+    let (a, b) = write_among_others(&wh, "erase-me-4711@example.org").await;
     wh.delete_profile(&a).await.unwrap();
     for file in [path.clone(), dir.path().join("wh.duckdb.wal")] {
         if let Ok(bytes) = std::fs::read(&file) {
@@ -208,13 +214,7 @@ async fn a_rewrite_owed_by_an_interrupted_erasure_happens_at_the_next_open() {
     {
         let wh = DuckDbWarehouse::open(&path).await.unwrap();
         wh.ensure_schema().await.unwrap();
-        let a = warehouse_suite::profile(7);
-        let b = warehouse_suite::profile(8);
-        let mut rows: Vec<_> = (0..2000).map(|i| warehouse_suite::silver(&format!("b{i}"), i, &b)).collect();
-        let mut row = warehouse_suite::silver("e1", 1, &a);
-        row.traits = serde_json::json!({"email": "erase-me-4712@example.org"});
-        rows.insert(1000, row);
-        wh.write_silver(rows).await.unwrap();
+        let (a, _) = write_among_others(&wh, "erase-me-4712@example.org").await;
         // An erasure deleted the rows, then the process died before the rewrite.
         std::fs::write(dir.path().join("wh.duckdb.rewrite-pending"), "").unwrap();
         wh.query(&format!("DELETE FROM silver WHERE profile_id = '{a}'"), &[]).await.unwrap();

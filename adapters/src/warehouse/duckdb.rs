@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::{
-    format_timestamp, param_name, to_i64, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,
-    SilverRow, Warehouse,
+    format_timestamp, json_text, opt_json_text, param_name, profile_deleted, to_i64, BronzeRow, DeleteOutcome,
+    GoldProfileRow, Layer, QueryResult, QueryValue, SilverRow, Warehouse,
 };
 use crate::StoreError;
 
@@ -396,18 +396,6 @@ fn map_err(context: &str, e: duckdb::Error) -> StoreError {
     }
 }
 
-fn json_text(v: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::invalid(format!("cannot encode JSON column: {e}")))
-}
-
-fn opt_json_text(v: &Value) -> Result<Option<String>, StoreError> {
-    if v.is_null() {
-        Ok(None)
-    } else {
-        json_text(v).map(Some)
-    }
-}
-
 /// UTC as DuckDB's zone-less `TIMESTAMP`.
 fn naive(t: DateTime<Utc>) -> NaiveDateTime {
     t.naive_utc()
@@ -535,11 +523,6 @@ fn run_query(conn: &Connection, sql: &str, params: &[(String, QueryValue)]) -> R
     Ok(QueryResult { columns, rows: out })
 }
 
-/// The number `execute` reports, as the count [`DeleteOutcome`] carries.
-fn deleted(n: usize) -> u64 {
-    n as u64
-}
-
 #[async_trait]
 impl Warehouse for DuckDbWarehouse {
     async fn ensure_schema(&self) -> Result<(), StoreError> {
@@ -653,13 +636,7 @@ impl Warehouse for DuckDbWarehouse {
                     .execute("DELETE FROM gold_profiles WHERE profile_id = ?", [&id])
                     .map_err(|e| map_err("delete gold", e))?;
                 tx.commit().map_err(|e| map_err("commit delete", e))?;
-                Ok(DeleteOutcome {
-                    rows_deleted: deleted(bronze + silver + gold),
-                    retry_later: false,
-                    detail: format!(
-                        "bronze: {bronze} deleted, silver: {silver} deleted, gold_profiles: {gold} deleted"
-                    ),
-                })
+                Ok(profile_deleted(bronze, silver, gold))
             })
             .await?;
         self.rewrite_file().await?;
@@ -695,11 +672,7 @@ impl Warehouse for DuckDbWarehouse {
                         .map_err(|e| map_err("delete bronze", e))?;
                 }
                 tx.commit().map_err(|e| map_err("commit delete", e))?;
-                Ok(DeleteOutcome {
-                    rows_deleted: deleted(n),
-                    retry_later: false,
-                    detail: format!("bronze: {n} deleted"),
-                })
+                Ok(DeleteOutcome { rows_deleted: n as u64, retry_later: false, detail: format!("bronze: {n} deleted") })
             })
             .await?;
         self.rewrite_file().await?;

@@ -522,6 +522,29 @@ fn param_name(name: &str) -> Result<&str, StoreError> {
     }
 }
 
+/// A JSON column's text (both file backends keep JSON as text).
+fn json_text(v: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::invalid(format!("cannot encode JSON column: {e}")))
+}
+
+/// A nullable JSON column's text: JSON `null` is SQL NULL.
+fn opt_json_text(v: &Value) -> Result<Option<String>, StoreError> {
+    if v.is_null() {
+        Ok(None)
+    } else {
+        json_text(v).map(Some)
+    }
+}
+
+/// What a file backend's `delete_profile` reports.
+fn profile_deleted(bronze: usize, silver: usize, gold: usize) -> DeleteOutcome {
+    DeleteOutcome {
+        rows_deleted: (bronze + silver + gold) as u64,
+        retry_later: false,
+        detail: format!("bronze: {bronze} deleted, silver: {silver} deleted, gold_profiles: {gold} deleted"),
+    }
+}
+
 fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(n).map_err(|_| StoreError::invalid(format!("{what} {n} does not fit a signed 64-bit column")))
 }

@@ -18,8 +18,8 @@ use rusqlite::{params, Connection, ErrorCode};
 use serde_json::Value;
 
 use super::{
-    format_timestamp, param_name, to_i64, BronzeRow, DeleteOutcome, GoldProfileRow, Layer, QueryResult, QueryValue,
-    SilverRow, Warehouse,
+    format_timestamp, json_text, opt_json_text, param_name, profile_deleted, to_i64, BronzeRow, DeleteOutcome,
+    GoldProfileRow, Layer, QueryResult, QueryValue, SilverRow, Warehouse,
 };
 use crate::StoreError;
 
@@ -195,18 +195,6 @@ fn map_err(context: &str, e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn json_text(v: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::invalid(format!("cannot encode JSON column: {e}")))
-}
-
-fn opt_json_text(v: &Value) -> Result<Option<String>, StoreError> {
-    if v.is_null() {
-        Ok(None)
-    } else {
-        json_text(v).map(Some)
-    }
-}
-
 fn sql_value(v: ValueRef<'_>) -> Value {
     match v {
         ValueRef::Null => Value::Null,
@@ -376,11 +364,7 @@ impl Warehouse for SqliteWarehouse {
                 // reader only postpones it.
                 let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
             }
-            Ok(DeleteOutcome {
-                rows_deleted: (bronze + silver + gold) as u64,
-                retry_later: false,
-                detail: format!("bronze: {bronze} deleted, silver: {silver} deleted, gold_profiles: {gold} deleted"),
-            })
+            Ok(profile_deleted(bronze, silver, gold))
         })
         .await
     }
