@@ -25,6 +25,9 @@ sanitizer="${FUZZ_SANITIZER:-address}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cohort/fuzz-target}"
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# The targets link DuckDB's library (through cohort-adapters); adapters/build.rs puts it here, and
+# cargo fuzz runs the binaries without cargo's library path.
+export LD_LIBRARY_PATH="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/duckdb${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo_fuzz_version="0.13.2"
 log_dir="$root/fuzz/artifacts/logs"
 
