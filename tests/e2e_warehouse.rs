@@ -182,3 +182,32 @@ async fn by_default_the_warehouse_holds_tokens_and_sealed_payloads_not_personal_
     assert!(!text.contains("max@gmail.com") && text.contains("tok_"), "{text}");
     demo.stop().await.unwrap();
 }
+
+/// "embedded" is a DuckDB file beside the store, except where an earlier version left its SQLite
+/// warehouse there: that one keeps being used, rows and all, rather than an empty new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_sqlite_warehouse_is_kept_and_a_new_installation_gets_duckdb() {
+    use cohort::system::open_configured_warehouse;
+    let config_for = |dir: &std::path::Path| {
+        let storage = format!("[storage]\nurl = \"embedded://{}\"\n", dir.join("cohort.redb").display());
+        cohort_config::Config::from_toml_layers(&[&storage]).unwrap()
+    };
+
+    let fresh = tempfile::tempdir().unwrap();
+    let wh = open_configured_warehouse(&config_for(fresh.path())).await.unwrap().unwrap();
+    assert_eq!(wh.backend(), "duckdb");
+    assert!(fresh.path().join("cohort.warehouse.duckdb").exists());
+
+    let upgraded = tempfile::tempdir().unwrap();
+    {
+        let old = cohort_adapters::SqliteWarehouse::open(&upgraded.path().join("cohort.warehouse.db")).await.unwrap();
+        old.ensure_schema().await.unwrap();
+        old.query("INSERT INTO bronze VALUES (1, 'web', 'segment', 'application/json', '2026-01-01T00:00:00.000000Z', 'utf8', '{}')", &[])
+            .await
+            .unwrap();
+    }
+    let wh = open_configured_warehouse(&config_for(upgraded.path())).await.unwrap().unwrap();
+    assert_eq!(wh.backend(), "sqlite");
+    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 1, "the earlier rows are still there");
+    assert!(!upgraded.path().join("cohort.warehouse.duckdb").exists());
+}

@@ -155,9 +155,10 @@ impl DuckDbWarehouse {
                     let result = f(&mut conn);
                     if result.is_ok() {
                         *open = Some((conn, Instant::now()));
-                    } else {
-                        // A failed call may leave the connection unusable: start afresh.
-                        close(conn)?;
+                    } else if let Err(e) = close(conn) {
+                        // A failed call may leave the connection unusable: start afresh. The
+                        // call's own error is the one to report.
+                        tracing::warn!(error = %e, "closing the DuckDB warehouse file after a failed call");
                     }
                     result
                 }
@@ -190,11 +191,11 @@ impl DuckDbWarehouse {
             }
             Ok(())
         })
-        .await;
-        match closed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "closing the DuckDB warehouse file failed"),
-            Err(e) => tracing::warn!(error = %e, "closing the DuckDB warehouse file failed"),
+        .await
+        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse close task failed: {e}")))
+        .and_then(|closed| closed);
+        if let Err(e) = closed {
+            tracing::warn!(error = %e, "closing the DuckDB warehouse file failed");
         }
     }
 
