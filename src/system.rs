@@ -548,6 +548,16 @@ impl Cohort {
                 })
             },
         ];
+        // This replica's name in job runs, saga leases and the membership.
+        let replica = replica_name();
+        let membership = MembershipSettings {
+            name: replica.clone(),
+            advertise_url: config.advertise_url(),
+            heartbeat: Duration::from_secs(config.cluster.heartbeat_secs),
+            ttl: Duration::from_secs(config.cluster.member_ttl_secs),
+            rejoin_after: Duration::from_millis(config.bus.session_timeout_ms)
+                + Duration::from_secs(config.cluster.member_ttl_secs),
+        };
         if config.cluster.enabled {
             let (ctx, slot) = (ctx.clone(), resolved_slot.clone());
             pipeline_children.push(ChildSpec::new("router", "profile_router", move |sup| {
@@ -558,10 +568,11 @@ impl Cohort {
                     Ok(r.get_cell())
                 }
             }));
-            let (ctx, directory) = (profile_ctx.clone(), profiles_slot.clone());
+            let (ctx, directory, settings) = (profile_ctx.clone(), profiles_slot.clone(), membership.clone());
             pipeline_children.push(ChildSpec::new("routed", "routed_dispatcher", move |sup| {
                 let args = RoutedDispatcherArgs {
                     ctx: ctx.clone(),
+                    membership: settings.clone(),
                     directory: directory.clone(),
                     batch: DISPATCH_BATCH,
                     max_in_flight: MAX_IN_FLIGHT,
@@ -576,16 +587,6 @@ impl Cohort {
         let warehouse_slot: Slot<WarehouseMsg> = Slot::default();
         let retention_slot: Slot<RetentionMsg> = Slot::default();
         let mut job_children = Vec::new();
-        // This replica's name in job runs, saga leases and the membership.
-        let replica = replica_name();
-        let membership = MembershipSettings {
-            name: replica.clone(),
-            advertise_url: config.advertise_url(),
-            heartbeat: Duration::from_secs(config.cluster.heartbeat_secs),
-            ttl: Duration::from_secs(config.cluster.member_ttl_secs),
-            rejoin_after: Duration::from_millis(config.bus.session_timeout_ms)
-                + Duration::from_secs(config.cluster.member_ttl_secs),
-        };
         {
             let (store, bus, metrics, health) = (store.clone(), bus.clone(), metrics.clone(), health.clone());
             let settings = membership.clone();

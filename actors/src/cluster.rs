@@ -36,6 +36,9 @@ impl MembershipSettings {
 
 pub struct MembershipActor;
 
+/// How often a replica checks whether its partitions changed, to list the change at once.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+
 pub struct MembershipArgs {
     pub store: Arc<dyn OperationalStore>,
     pub bus: Arc<dyn EventBus>,
@@ -53,7 +56,10 @@ pub struct MembershipState {
     last_rejoin: Option<std::time::Instant>,
     /// Rejoins since partitions were last all held: each waits twice as long as the one before.
     rejoins_in_a_row: u32,
+    /// The partitions the last record written listed.
+    listed: Vec<String>,
     _timer: Schedule,
+    _watch: Schedule,
 }
 
 impl MembershipState {
@@ -77,10 +83,12 @@ impl MembershipState {
         }
     }
 
-    async fn beat(&self) -> Result<(), StoreError> {
+    async fn beat(&mut self) -> Result<(), StoreError> {
         let record = self.record();
         let value = serde_json::to_value(&record).map_err(|e| StoreError::invalid(e.to_string()))?;
-        self.args.store.put_documents(MEMBERS, vec![(record.name, Some(value))]).await
+        self.args.store.put_documents(MEMBERS, vec![(record.name, Some(value))]).await?;
+        self.listed = record.partitions;
+        Ok(())
     }
 
     /// Finds group partitions no live member has held for `rejoin_after` and, on the first live
@@ -142,13 +150,16 @@ impl Actor for MembershipActor {
         args: MembershipArgs,
     ) -> Result<MembershipState, ActorProcessingErr> {
         let timer = Schedule::every(&myself, args.settings.heartbeat, || MembershipMsg::Beat);
+        let watch = Schedule::every(&myself, WATCH_EVERY.min(args.settings.heartbeat), || MembershipMsg::Watch);
         Ok(MembershipState {
             args,
             started_at: Utc::now(),
             orphaned_since: HashMap::new(),
             last_rejoin: None,
             rejoins_in_a_row: 0,
+            listed: Vec::new(),
             _timer: timer,
+            _watch: watch,
         })
     }
 
@@ -168,13 +179,18 @@ impl Actor for MembershipActor {
         msg: MembershipMsg,
         state: &mut MembershipState,
     ) -> Result<(), ActorProcessingErr> {
-        let MembershipMsg::Beat = msg;
+        if matches!(msg, MembershipMsg::Watch) && state.args.bus.assignment() == state.listed {
+            return Ok(());
+        }
         match state.beat().await {
             Ok(()) => state.args.metrics.cluster_heartbeats.with_label_values(&["ok"]).inc(),
             Err(e) => {
                 state.args.metrics.cluster_heartbeats.with_label_values(&["failed"]).inc();
                 tracing::warn!(error = %e, "cluster heartbeat failed; peers see this replica go stale");
             }
+        }
+        if matches!(msg, MembershipMsg::Watch) {
+            return Ok(());
         }
         if let Err(e) = state.repair_orphans().await {
             tracing::warn!(error = %e, "orphaned partitions not repaired; the next heartbeat retries");
@@ -427,11 +443,50 @@ impl Actor for ProfileRouter {
 
 /// The profile stage's reader in cluster mode: the partitions of `cdp.processed.events` this
 /// replica owns, into the ProfilesDirectory.
+/// Waits until no other live member lists these partitions of `cdp.processed.events`: their
+/// previous holder has seen its revocation, so its last flush has landed and a profile loaded now
+/// includes it. A holder that still lists them after `rejoin_after` is stuck and the group has
+/// moved on without it; they are taken over then, with a warning.
+async fn hand_over(store: &dyn OperationalStore, settings: &MembershipSettings, partitions: &[i32]) {
+    let started = std::time::Instant::now();
+    let patience = settings.rejoin_after.max(2 * settings.ttl);
+    loop {
+        let holders: Vec<String> = match members(store, Utc::now(), settings.ttl()).await {
+            Ok(listed) => listed
+                .into_iter()
+                .filter(|(m, alive)| *alive && m.name != settings.name)
+                .filter(|(m, _)| m.processed_partitions().any(|p| partitions.contains(&p)))
+                .map(|(m, _)| m.name)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "membership unreadable; partitions handed over wait");
+                vec!["(unknown)".into()]
+            }
+        };
+        let waited = started.elapsed();
+        if holders.is_empty() {
+            tracing::info!(
+                ?partitions,
+                waited_ms = waited.as_millis() as u64,
+                "processed-event partitions handed over"
+            );
+            return;
+        }
+        if waited >= patience {
+            tracing::warn!(?partitions, ?holders, "previous holders still list these partitions; taking them over");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub struct RoutedDispatcher;
 
 pub struct RoutedDispatcherArgs {
     /// The profile stage's context (its watermark covers `cdp.processed.events`).
     pub ctx: PipelineContext,
+    /// This replica's name and the membership timings, to see partitions handed over.
+    pub membership: MembershipSettings,
     pub directory: Slot<ProfilesMsg>,
     pub batch: usize,
     pub max_in_flight: usize,
@@ -489,6 +544,15 @@ impl Actor for RoutedDispatcher {
             }
             Err(e) => return Err(e.into()),
         };
+        // Partitions that came here in this poll: nothing of theirs before their previous holder
+        // has let go (the records polled from them wait meanwhile).
+        if let Some(ownership) = &ctx.ownership {
+            let arriving = ownership.arriving();
+            if !arriving.is_empty() {
+                hand_over(ctx.store.as_ref(), &state.args.membership, &arriving).await;
+                ownership.arrived(&arriving);
+            }
+        }
         let what = "processed-events record";
         dead_letter_undecodable(ctx, &polled.undecodable, DeadLetterStage::Profile, what).await;
         if polled.changes.is_empty() {
@@ -527,5 +591,61 @@ impl Actor for RoutedDispatcher {
         }
         myself.send_message(RoutedDispatcherMsg::Pump)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use cohort_adapters::EmbeddedStore;
+
+    fn settings() -> MembershipSettings {
+        MembershipSettings {
+            name: "me/1/a".into(),
+            advertise_url: "http://me".into(),
+            heartbeat: Duration::from_millis(100),
+            ttl: Duration::from_secs(2),
+            rejoin_after: Duration::from_secs(30),
+        }
+    }
+
+    async fn list(store: &dyn OperationalStore, name: &str, partitions: &[&str], beat: DateTime<Utc>) {
+        let record = MemberRecord {
+            name: name.into(),
+            advertise_url: format!("http://{name}"),
+            started_at: beat,
+            heartbeat_at: beat,
+            partitions: partitions.iter().map(|p| format!("t.cdp.processed.events/{p}")).collect(),
+            ready: true,
+            failing: Vec::new(),
+        };
+        store.put_documents(MEMBERS, vec![(name.into(), Some(serde_json::to_value(record).unwrap()))]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_partition_is_taken_over_once_its_previous_holder_no_longer_lists_it() {
+        let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
+        // The previous holder has not seen its revocation yet; this replica's own record and
+        // another partition's holder do not count.
+        list(store.as_ref(), "old/1/b", &["1", "2"], Utc::now()).await;
+        list(store.as_ref(), "me/1/a", &["1"], Utc::now()).await;
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move { hand_over(store.as_ref(), &settings(), &[1]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "taken over while its holder may still write it");
+        list(store.as_ref(), "old/1/b", &["2"], Utc::now()).await;
+        tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("handed over once let go").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_partition_of_a_dead_holder_is_taken_over_at_once() {
+        let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
+        list(store.as_ref(), "gone/1/c", &["0"], Utc::now() - chrono::Duration::seconds(10)).await;
+        tokio::time::timeout(Duration::from_secs(1), hand_over(store.as_ref(), &settings(), &[0]))
+            .await
+            .expect("a member past its TTL writes nothing more");
     }
 }

@@ -10,6 +10,7 @@ use crate::context::PipelineContext;
 use crate::dead_letters;
 use crate::identity::{identity_events, Person};
 use crate::profile::{ProfileActor, ProfileArgs};
+use cohort_adapters::cluster::{Ownership, Tenure};
 use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{
     ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
@@ -461,6 +462,9 @@ impl ProfilesState {
             // and no write for a partition revoked meanwhile (the gate waits out this write).
             let outbound = ctx.take_outbound();
             let sent = if outbound.is_empty() { Ok(()) } else { ctx.bus.publish_routed(&outbound).await };
+            // Cluster mode: what this flush leaves out because its partition was revoked since
+            // the snapshots (even if assigned back since, as an eager rebalance does).
+            let mut lapsed = Lapsed::default();
             let written = match (sent, &ctx.ownership) {
                 (Err(e), _) => Err(e),
                 (Ok(()), None) => ctx.store.commit_flush(batch).await,
@@ -468,14 +472,7 @@ impl ProfilesState {
                     let _writing = ownership.writing().await;
                     let tenure = tenure.clone().unwrap_or_default();
                     let mut batch = batch;
-                    batch.profiles.retain(|p| ownership.profile_held_since(&tenure, &p.profile_id));
-                    // Nor the ids of events read from a moved partition: their effects were
-                    // dropped, and whoever replays them must not take them as applied.
-                    batch.event_ids = ids
-                        .iter()
-                        .filter(|(pos, _)| ownership.position_held_since(&tenure, *pos))
-                        .map(|(_, id)| id.clone())
-                        .collect();
+                    lapsed = Lapsed::sort_out(ownership, &tenure, &mut batch, &ids);
                     ctx.store.commit_flush(batch).await
                 }
             };
@@ -484,6 +481,8 @@ impl ProfilesState {
             }
             let result = match written {
                 Ok(()) => {
+                    let ids = lapsed.settle_ids(&ctx, ids);
+                    covered.retain(|(id, _)| !lapsed.profiles.contains(id));
                     ctx.pending_ids.persisted(&ids);
                     if let (Some(matcher), false) = (ctx.matcher.get(), candidates.is_empty()) {
                         let _ = matcher.send_message(MatcherMsg::ProfilesChanged(candidates));
@@ -756,6 +755,64 @@ const MATCH_TRAITS: &[&str] =
 
 /// Whether a flushed profile's person fields (or its merged state) differ from the last flush
 /// that looked at them; remembers the new fingerprint.
+/// Cluster mode: what a flush left out because its partition was revoked after it took its
+/// snapshots. Their effects are still in the actors here, so nothing of them may be recorded yet:
+/// not the snapshots, not the ids as applied, not the offsets.
+#[derive(Default)]
+struct Lapsed {
+    /// Snapshots not written: their profiles stay unflushed, so the next flush writes them if the
+    /// partition is here again, or drops them with their actors if it is not.
+    profiles: std::collections::HashSet<ProfileId>,
+    /// Positions of the event ids not recorded.
+    positions: std::collections::HashSet<u64>,
+}
+
+impl Lapsed {
+    /// Takes out of `batch` what belongs to partitions not held all along since `tenure`.
+    fn sort_out(ownership: &Ownership, tenure: &Tenure, batch: &mut FlushBatch, ids: &[(u64, String)]) -> Self {
+        let mut lapsed = Self::default();
+        batch.profiles.retain(|p| {
+            let held = ownership.profile_held_since(tenure, &p.profile_id);
+            if !held {
+                lapsed.profiles.insert(p.profile_id.clone());
+            }
+            held
+        });
+        batch.outbox.silver.retain(|row| !lapsed.profiles.contains(&row.profile_id));
+        batch.outbox.gold.retain(|id| !lapsed.profiles.contains(id));
+        batch.event_ids = Vec::new();
+        for (pos, id) in ids {
+            if ownership.position_held_since(tenure, *pos) {
+                batch.event_ids.push(id.clone());
+            } else {
+                lapsed.positions.insert(*pos);
+            }
+        }
+        lapsed
+    }
+
+    /// After a successful write: returns the ids it recorded. A lapsed id whose partition is
+    /// here again stays pending (and claimed) for the flush that writes its profile; one whose
+    /// partition is gone is released, so a later replay here is not taken for a duplicate.
+    fn settle_ids(&self, ctx: &PipelineContext, ids: Vec<(u64, String)>) -> Vec<(u64, String)> {
+        if !self.profiles.is_empty() || !self.positions.is_empty() {
+            tracing::info!(
+                profiles = self.profiles.len(),
+                events = self.positions.len(),
+                "a partition was revoked during the flush: what it held is left to the next flush or owner"
+            );
+        }
+        let Some(ownership) = ctx.ownership.as_ref().filter(|_| !self.positions.is_empty()) else {
+            return ids;
+        };
+        let (lapsed, recorded): (Vec<_>, Vec<_>) = ids.into_iter().partition(|(pos, _)| self.positions.contains(pos));
+        let (back, gone): (Vec<_>, Vec<_>) = lapsed.into_iter().partition(|(pos, _)| ownership.position_owned(*pos));
+        ctx.pending_ids.persisted(&gone);
+        ctx.pending_ids.restore(back);
+        recorded
+    }
+}
+
 fn person_changed(seen: &dashmap::DashMap<ProfileId, u64>, p: &ProfileRecord) -> bool {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -806,4 +863,179 @@ fn match_candidates(profiles: &[&ProfileRecord]) -> Vec<MatchCandidate> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::context::{FaultInjector, ProfileSettings};
+    use crate::gdpr::Erasures;
+    use crate::identity::IdentityIndex;
+    use crate::segments::SegmentRegistry;
+    use crate::watermark::{Checkpoints, PendingIds, Watermark};
+    use cohort_adapters::crypto::KeyedHasher;
+    use cohort_adapters::kafka::processed_partition;
+    use cohort_adapters::{pack, EmbeddedBus, EmbeddedStore, OperationalStore};
+    use cohort_messages::cluster::partition_of;
+    use cohort_messages::{EventId, EventKind, Identifier, RawRef, Source, Utm};
+    use cohort_supervisors::{Metrics, RestartPolicy};
+    use std::sync::mpsc;
+
+    /// Holds the profile actor inside `before_apply` of the event named "held" until released,
+    /// so a flush's snapshot request waits behind it.
+    struct Hold(parking_lot::Mutex<Option<mpsc::Receiver<()>>>);
+
+    impl FaultInjector for Hold {
+        fn before_apply(&self, _profile: &ProfileId, event: &CustomerEvent) {
+            if event.name.as_deref() == Some("held") {
+                if let Some(release) = self.0.lock().take() {
+                    tokio::task::block_in_place(|| release.recv().ok());
+                }
+            }
+        }
+    }
+
+    fn event(id: &str, name: &str) -> CustomerEvent {
+        CustomerEvent {
+            event_id: EventId::new(Source::Web, id),
+            source: Source::Web,
+            kind: EventKind::Track,
+            name: Some(name.into()),
+            occurred_at: chrono::Utc::now(),
+            received_at: chrono::Utc::now(),
+            identifiers: vec![Identifier::new(IdentifierKind::AnonymousId, "anon-1")],
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Utm::default(),
+            trace: None,
+            raw: RawRef { seq: None, index: 0 },
+        }
+    }
+
+    /// A position of `cdp.processed.events` partition `partition`.
+    fn processed(partition: i32, offset: u64) -> u64 {
+        (0..8192).map(|s| pack(s, offset)).find(|p| processed_partition(*p) == Some(partition)).unwrap()
+    }
+
+    struct Stage {
+        ctx: PipelineContext,
+        store: Arc<EmbeddedStore>,
+        ownership: Arc<Ownership>,
+        directory: ActorRef<ProfilesMsg>,
+        release: mpsc::Sender<()>,
+    }
+
+    /// A profile stage owning all three partitions, its timed flushes out of the way.
+    async fn stage() -> Stage {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        let ownership = Arc::new(Ownership::new(3));
+        ownership.assign(&[0, 1, 2]);
+        ownership.arrived(&[0, 1, 2]);
+        let (release, held) = mpsc::channel();
+        let ctx = PipelineContext {
+            store: dyn_store.clone(),
+            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store.clone())),
+            metrics: Metrics::new().unwrap(),
+            watermark: Arc::new(Watermark::default()),
+            index: Arc::new(IdentityIndex::new(dyn_store.clone())),
+            checkpoints: Arc::new(Checkpoints::default()),
+            pending_ids: Arc::new(PendingIds::default()),
+            profiles: ProfileSettings {
+                history_limit: 100,
+                passivate_after: Duration::from_secs(3600),
+                flush_interval: Duration::from_secs(3600),
+                max_event_attempts: 3,
+                restart_policy: RestartPolicy::default(),
+                unmerge_window: 10,
+            },
+            fault: Some(Arc::new(Hold(parking_lot::Mutex::new(Some(held))))),
+            warehouse: None,
+            staged_bronze: Arc::default(),
+            matcher: Default::default(),
+            segments: Arc::new(SegmentRegistry::default()),
+            segment_engine: Default::default(),
+            person_fingerprints: Arc::default(),
+            erasures: Arc::new(Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
+            outbound: Some(Arc::default()),
+            ownership: Some(ownership.clone()),
+        };
+        let (directory, _) = Actor::spawn(None, ProfilesDirectory, ProfilesArgs { ctx: ctx.clone() }).await.unwrap();
+        Stage { ctx, store, ownership, directory, release }
+    }
+
+    impl Stage {
+        /// Reads `event` from the profile's partition at `offset`, as the routed dispatcher does.
+        fn read(&self, profile: &ProfileId, offset: u64, event: CustomerEvent) -> u64 {
+            let seq = processed(partition_of(profile, 3), offset);
+            self.ctx.watermark.dispatched(seq);
+            assert!(self.ctx.pending_ids.claim(seq, event.event_id.as_str()));
+            let msg = ProfileMsg::Apply { seq, event: Arc::new(event) };
+            self.directory.send_message(ProfilesMsg::DeliverRouted { profile_id: profile.clone(), msg, seq }).unwrap();
+            seq
+        }
+
+        fn flush(&self) -> tokio::task::JoinHandle<Result<FlushReport, String>> {
+            let directory = self.directory.clone();
+            tokio::spawn(async move {
+                ractor::call_t!(directory, |reply| ProfilesMsg::Flush { reply: Some(reply) }, 20_000).unwrap()
+            })
+        }
+
+        /// Returns once the directory has handled every message sent to it before.
+        async fn handled(&self) {
+            ractor::call_t!(self.directory, ProfilesMsg::GetStats, 5_000).unwrap();
+        }
+    }
+
+    /// Starts a flush whose snapshot of `profile` (two events read) waits until the partition
+    /// has been revoked, and assigned back if `back`; returns the flush's answer.
+    async fn flush_across_a_rebalance(s: &Stage, profile: &ProfileId, back: bool) -> Result<FlushReport, String> {
+        s.read(profile, 1, event("e1", "Lesson Completed"));
+        s.read(profile, 2, event("e2", "held"));
+        let flushing = s.flush();
+        s.handled().await;
+        let partition = partition_of(profile, 3);
+        s.ownership.revoke(&[partition]);
+        if back {
+            s.ownership.assign(&[partition]);
+        }
+        s.release.send(()).unwrap();
+        flushing.await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_revoked_and_assigned_back_during_a_flush_is_written_by_the_next_one() {
+        let s = stage().await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
+        flush_across_a_rebalance(&s, &profile, true).await.unwrap();
+        // Its tenure ended during that flush: nothing of it may be recorded by it.
+        assert!(s.store.load_profile(&profile).await.unwrap().is_none(), "written by the lapsed flush");
+        let ids = vec!["web:e1".to_string(), "web:e2".to_string()];
+        assert_eq!(s.store.seen_event_ids(&ids).await.unwrap(), vec![false, false]);
+        // The live actor still holds both events, and nothing replays them (their ids are still
+        // claimed here): the next flush must write them. (It used to count them as flushed.)
+        s.flush().await.unwrap().unwrap();
+        let stored = s.store.load_profile(&profile).await.unwrap().expect("the next flush writes the profile");
+        let events: Vec<&str> = stored.recent_events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(s.store.seen_event_ids(&ids).await.unwrap(), vec![true, true], "ids recorded with it");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_moved_away_during_a_flush_is_left_to_its_new_owner() {
+        let s = stage().await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
+        flush_across_a_rebalance(&s, &profile, false).await.unwrap();
+        s.flush().await.unwrap().unwrap();
+        assert!(s.store.load_profile(&profile).await.unwrap().is_none(), "written after its partition moved");
+        let ids = vec!["web:e1".to_string(), "web:e2".to_string()];
+        assert_eq!(s.store.seen_event_ids(&ids).await.unwrap(), vec![false, false]);
+        let stats = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap();
+        assert_eq!(stats.live, 0, "the moved profile's actor is stopped");
+        // Its ids are released: when the partition comes back, a replay is applied, not skipped.
+        let replayed = processed(partition_of(&profile, 3), 1);
+        assert!(s.ctx.pending_ids.claim(replayed, "web:e1"));
+    }
 }

@@ -6,7 +6,16 @@ use cohort_messages::ProfileId;
 use std::collections::{BTreeSet, HashMap};
 
 pub struct Ownership {
+    /// Held and handed over: the profiles of these partitions are this replica's.
     owned: parking_lot::RwLock<BTreeSet<i32>>,
+    /// Assigned by the group, but the replica that held them before may still be writing: a
+    /// broker can hand a partition on before its holder has seen the revocation (Tansu does),
+    /// and a profile loaded before that holder's last flush would overwrite it. See
+    /// [`Self::arriving`].
+    arriving: parking_lot::RwLock<BTreeSet<i32>>,
+    /// The partitions owned until the last revocation: assigned straight back (an eager
+    /// rebalance revokes everything), nobody else held them in between.
+    just_revoked: parking_lot::Mutex<BTreeSet<i32>>,
     /// A flush holds it shared while it writes; a revocation takes it exclusively, so it waits for
     /// the write in flight and the next flush already sees the partition gone.
     gate: tokio::sync::RwLock<()>,
@@ -30,6 +39,8 @@ impl Ownership {
     pub fn new(partitions: i32) -> Self {
         Self {
             owned: Default::default(),
+            arriving: Default::default(),
+            just_revoked: Default::default(),
             gate: tokio::sync::RwLock::new(()),
             revocations: Default::default(),
             partitions: partitions.max(1),
@@ -73,14 +84,43 @@ impl Ownership {
         crate::kafka::processed_partition(position).is_none_or(|p| self.held_since(tenure, p))
     }
 
+    /// Whether the partition a position was read from is owned now (positions of other topics
+    /// count as owned).
+    pub fn position_owned(&self, position: u64) -> bool {
+        crate::kafka::processed_partition(position).is_none_or(|p| self.owns(p))
+    }
+
     /// Held while a flush writes profiles of owned partitions.
     pub async fn writing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().await
     }
 
+    /// From the consumer's rebalance callback. A partition owned until the revocation just
+    /// before is owned again at once; any other arrives (see [`Self::arriving`]).
     pub fn assign(&self, partitions: &[i32]) {
-        self.owned.write().extend(partitions.iter().copied());
-        tracing::info!(?partitions, "processed-event partitions assigned");
+        let back = std::mem::take(&mut *self.just_revoked.lock());
+        let (again, new): (Vec<i32>, Vec<i32>) = partitions.iter().partition(|p| back.contains(p));
+        self.owned.write().extend(again.iter().copied());
+        self.arriving.write().extend(new.iter().copied());
+        tracing::info!(?partitions, arriving = ?new, "processed-event partitions assigned");
+    }
+
+    /// Partitions assigned here whose previous holder may not have let go yet: not owned until
+    /// [`Self::arrived`], so nothing of theirs is loaded, applied or written before.
+    pub fn arriving(&self) -> Vec<i32> {
+        self.arriving.read().iter().copied().collect()
+    }
+
+    /// The previous holders have let go of these: they are owned from now on (unless revoked
+    /// meanwhile).
+    pub fn arrived(&self, partitions: &[i32]) {
+        let mut arriving = self.arriving.write();
+        let mut owned = self.owned.write();
+        for p in partitions {
+            if arriving.remove(p) {
+                owned.insert(*p);
+            }
+        }
     }
 
     /// From the consumer's rebalance callback, before the partitions go to another replica:
@@ -88,9 +128,15 @@ impl Ownership {
     pub fn revoke(&self, partitions: &[i32]) {
         let forget = || {
             let mut owned = self.owned.write();
+            let mut arriving = self.arriving.write();
             let mut revocations = self.revocations.lock();
+            let mut just_revoked = self.just_revoked.lock();
+            just_revoked.clear();
             for p in partitions {
-                owned.remove(p);
+                if owned.remove(p) {
+                    just_revoked.insert(*p);
+                }
+                arriving.remove(p);
                 *revocations.entry(*p).or_insert(0) += 1;
             }
         };
@@ -122,10 +168,40 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    /// Assigned and handed over.
+    fn owning(partitions: &[i32]) -> Ownership {
+        let o = Ownership::new(3);
+        o.assign(partitions);
+        o.arrived(partitions);
+        o
+    }
+
+    #[test]
+    fn an_assigned_partition_is_owned_once_it_has_arrived_and_at_once_when_it_comes_straight_back() {
+        let o = Ownership::new(3);
+        o.assign(&[0, 1]);
+        assert!(!o.owns(0) && !o.owns(1), "its previous holder may still be writing");
+        assert_eq!(o.arriving(), vec![0, 1]);
+        o.arrived(&[0]);
+        assert!(o.owns(0) && !o.owns(1));
+        // An eager rebalance: everything revoked, then assigned again.
+        o.revoke(&[0, 1]);
+        assert!(o.arriving().is_empty(), "a revoked partition no longer arrives");
+        o.assign(&[0, 1, 2]);
+        assert!(o.owns(0), "owned until just now: nobody held it in between");
+        assert_eq!(o.arriving(), vec![1, 2], "never handed over here");
+        o.revoke(&[0, 1, 2]);
+        o.arrived(&[1]);
+        assert!(!o.owns(1), "revoked before it arrived");
+        // Straight back means the revocation just before, not any earlier one.
+        o.assign(&[]);
+        o.assign(&[0]);
+        assert!(!o.owns(0));
+    }
+
     #[test]
     fn positions_of_moved_partitions_are_not_owned() {
-        let o = Ownership::new(3);
-        o.assign(&[0, 2]);
+        let o = owning(&[0, 2]);
         let processed = |p: u32| pack(PROCESSED_STREAMS + p, 7);
         assert!(o.position_held_since(&o.tenure(), processed(0)));
         assert!(!o.position_held_since(&o.tenure(), processed(1)));
@@ -138,8 +214,7 @@ mod tests {
 
     #[test]
     fn a_partition_revoked_and_assigned_back_is_a_new_tenure() {
-        let o = Ownership::new(3);
-        o.assign(&[0, 1]);
+        let o = owning(&[0, 1]);
         let before = o.tenure();
         o.revoke(&[1]);
         o.assign(&[1]);
@@ -153,8 +228,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_revocation_waits_for_the_write_in_flight() {
-        let o = Arc::new(Ownership::new(3));
-        o.assign(&[1]);
+        let o = Arc::new(owning(&[1]));
         let writing = o.writing().await;
         // librdkafka calls the rebalance callback on a thread of its own.
         let revoker = {

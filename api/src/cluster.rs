@@ -43,11 +43,8 @@ impl Owners {
             if !alive || member.name == m.name {
                 continue;
             }
-            for p in &member.partitions {
-                let owned = p.rsplit_once('/').filter(|(topic, _)| topic.ends_with("cdp.processed.events"));
-                if let Some(n) = owned.and_then(|(_, n)| n.parse::<i32>().ok()) {
-                    map.insert(n, (member.name.clone(), member.advertise_url.clone()));
-                }
+            for n in member.processed_partitions() {
+                map.insert(n, (member.name.clone(), member.advertise_url.clone()));
             }
         }
         let found = map.get(&partition).cloned();

@@ -24,6 +24,14 @@ pub struct MemberRecord {
 }
 
 impl MemberRecord {
+    /// The partitions of `cdp.processed.events` it holds: the owner of their profiles.
+    pub fn processed_partitions(&self) -> impl Iterator<Item = i32> + '_ {
+        self.partitions.iter().filter_map(|p| {
+            let (topic, n) = p.rsplit_once('/')?;
+            topic.ends_with("cdp.processed.events").then(|| n.parse().ok()).flatten()
+        })
+    }
+
     /// A member is alive while its heartbeats are recent.
     pub fn is_alive(&self, now: DateTime<Utc>, ttl: chrono::Duration) -> bool {
         self.heartbeat_at.checked_add_signed(ttl).is_some_and(|until| until > now)
@@ -35,6 +43,9 @@ impl MemberRecord {
 pub enum MembershipMsg {
     /// Write this replica's record (timer).
     Beat,
+    /// Write it now if the partitions it lists have changed (a frequent timer): a replica handed
+    /// a partition waits until its previous holder's record lets go of it.
+    Watch,
 }
 
 #[cfg(test)]
@@ -55,6 +66,27 @@ mod tests {
         };
         assert!(m.is_alive(now, chrono::Duration::seconds(10)));
         assert!(!m.is_alive(now, chrono::Duration::seconds(5)));
+    }
+
+    #[test]
+    fn the_processed_partitions_a_member_lists_are_read_from_their_topic_names() {
+        let m = MemberRecord {
+            name: "a/1/x".into(),
+            advertise_url: "http://a:8080".into(),
+            started_at: Utc::now(),
+            heartbeat_at: Utc::now(),
+            partitions: [
+                "t1.cdp.processed.events/2",
+                "t1.cdp.raw.web/1",
+                "cdp.processed.events/11",
+                "cdp.processed.events/x",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ready: true,
+            failing: Vec::new(),
+        };
+        assert_eq!(m.processed_partitions().collect::<Vec<_>>(), vec![2, 11]);
     }
 
     #[test]
