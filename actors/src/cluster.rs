@@ -251,6 +251,7 @@ pub async fn is_alive(
 use crate::context::PipelineContext;
 use crate::dispatcher::{claim_fresh, dead_letter_undecodable, until_available};
 use crate::identity::{identity_events, MergeRefused};
+use cohort_adapters::kafka::processed_partition;
 use cohort_adapters::{FlushBatch, RoutedSubscription, WarehouseBatch};
 use cohort_messages::cluster::{RoutedChange, RoutedKind};
 use cohort_messages::msgs::MergeReason;
@@ -441,45 +442,47 @@ impl Actor for ProfileRouter {
     }
 }
 
-/// The profile stage's reader in cluster mode: the partitions of `cdp.processed.events` this
-/// replica owns, into the ProfilesDirectory.
-/// Waits until no other live member lists these partitions of `cdp.processed.events`: their
-/// previous holder has seen its revocation, so its last flush has landed and a profile loaded now
-/// includes it. A holder that still lists them after `rejoin_after` is stuck and the group has
-/// moved on without it; they are taken over then, with a warning.
-async fn hand_over(store: &dyn OperationalStore, settings: &MembershipSettings, partitions: &[i32]) {
-    let started = std::time::Instant::now();
+/// Which of these arriving partitions of `cdp.processed.events` no other live member lists any
+/// more: their previous holder has seen its revocation, so its last flush has landed and a
+/// profile loaded now includes it. A holder that still lists one `rejoin_after` after it began
+/// arriving is stuck and the group has moved on without it; it is taken over then, with a
+/// warning. One read of the membership records; none on a store error.
+async fn handed_over(
+    store: &dyn OperationalStore,
+    settings: &MembershipSettings,
+    arriving: &HashMap<i32, std::time::Instant>,
+) -> Vec<i32> {
+    let listed = match members(store, Utc::now(), settings.ttl()).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(error = %e, "membership unreadable; partitions handed over wait");
+            return Vec::new();
+        }
+    };
     let patience = settings.rejoin_after.max(2 * settings.ttl);
-    loop {
-        let holders: Vec<String> = match members(store, Utc::now(), settings.ttl()).await {
-            Ok(listed) => listed
-                .into_iter()
-                .filter(|(m, alive)| *alive && m.name != settings.name)
-                .filter(|(m, _)| m.processed_partitions().any(|p| partitions.contains(&p)))
-                .map(|(m, _)| m.name)
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "membership unreadable; partitions handed over wait");
-                vec!["(unknown)".into()]
-            }
-        };
-        let waited = started.elapsed();
+    let mut free = Vec::new();
+    for (partition, since) in arriving {
+        let holders: Vec<&str> = listed
+            .iter()
+            .filter(|(m, alive)| *alive && m.name != settings.name)
+            .filter(|(m, _)| m.processed_partitions().any(|p| p == *partition))
+            .map(|(m, _)| m.name.as_str())
+            .collect();
+        let waited_ms = since.elapsed().as_millis() as u64;
         if holders.is_empty() {
-            tracing::info!(
-                ?partitions,
-                waited_ms = waited.as_millis() as u64,
-                "processed-event partitions handed over"
-            );
-            return;
+            tracing::info!(partition, waited_ms, "processed-event partition handed over");
+            free.push(*partition);
+        } else if since.elapsed() >= patience {
+            tracing::warn!(partition, ?holders, waited_ms, "previous holders still list the partition; taking it over");
+            free.push(*partition);
         }
-        if waited >= patience {
-            tracing::warn!(?partitions, ?holders, "previous holders still list these partitions; taking them over");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    free.sort_unstable();
+    free
 }
 
+/// The profile stage's reader in cluster mode: the partitions of `cdp.processed.events` this
+/// replica owns, into the ProfilesDirectory.
 pub struct RoutedDispatcher;
 
 pub struct RoutedDispatcherArgs {
@@ -497,7 +500,57 @@ pub struct RoutedDispatcherState {
     subscription: Box<dyn RoutedSubscription>,
     /// The partitions owned when erasures were last read from the store.
     erasures_for: Vec<i32>,
+    /// Records read from partitions still arriving, in the order read, and since when each has
+    /// been arriving; when the membership records were last read for them.
+    held: Vec<(u64, RoutedChange)>,
+    arriving_since: HashMap<i32, std::time::Instant>,
+    handover_checked: Option<std::time::Instant>,
 }
+
+impl RoutedDispatcherState {
+    /// Keeps back what was read from partitions still arriving, and returns it ahead of `changes`
+    /// once they have arrived. It does not wait: polling goes on meanwhile, so this replica
+    /// still sees its own revocations (a waiting replica that did not could hold up another
+    /// waiting for it).
+    async fn hand_over(
+        &mut self,
+        changes: Vec<(u64, RoutedChange)>,
+    ) -> Result<Vec<(u64, RoutedChange)>, ActorProcessingErr> {
+        let Some(ownership) = self.args.ctx.ownership.clone() else { return Ok(changes) };
+        let arriving = ownership.arriving();
+        let of = |seq: &u64| processed_partition(*seq).unwrap_or(-1);
+        self.arriving_since.retain(|p, _| arriving.contains(p));
+        for p in &arriving {
+            self.arriving_since.entry(*p).or_insert_with(std::time::Instant::now);
+        }
+        // Held records of a partition revoked before it arrived: its next owner reads them again.
+        self.held.retain(|(seq, _)| arriving.contains(&of(seq)));
+        let (wait, mut ready): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(seq, _)| arriving.contains(&of(seq)));
+        self.held.extend(wait);
+        let due = self.handover_checked.is_none_or(|t| t.elapsed() >= HANDOVER_CHECK_EVERY);
+        if arriving.is_empty() || !due {
+            return Ok(ready);
+        }
+        self.handover_checked = Some(std::time::Instant::now());
+        let free = handed_over(self.args.ctx.store.as_ref(), &self.args.membership, &self.arriving_since).await;
+        if free.is_empty() {
+            return Ok(ready);
+        }
+        // The directory drops what it holds of them and owns them, before any of their records.
+        let directory = self.args.directory.get().ok_or("profile directory is not running")?;
+        let partitions = free.clone();
+        ractor::call!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply })?;
+        let (now, still): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.held).into_iter().partition(|(seq, _)| free.contains(&of(seq)));
+        self.held = still;
+        let mut out = now;
+        out.append(&mut ready);
+        Ok(out)
+    }
+}
+
+/// How often the membership records are read while partitions are arriving.
+const HANDOVER_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub enum RoutedDispatcherMsg {
@@ -519,7 +572,14 @@ impl Actor for RoutedDispatcher {
         args.ctx.watermark.reset(&Vec::new());
         args.ctx.pending_ids.reset();
         myself.send_message(RoutedDispatcherMsg::Pump)?;
-        Ok(RoutedDispatcherState { args, subscription, erasures_for: Vec::new() })
+        Ok(RoutedDispatcherState {
+            args,
+            subscription,
+            erasures_for: Vec::new(),
+            held: Vec::new(),
+            arriving_since: HashMap::new(),
+            handover_checked: None,
+        })
     }
 
     async fn handle(
@@ -528,7 +588,7 @@ impl Actor for RoutedDispatcher {
         _msg: RoutedDispatcherMsg,
         state: &mut RoutedDispatcherState,
     ) -> Result<(), ActorProcessingErr> {
-        let ctx = &state.args.ctx;
+        let ctx = &state.args.ctx.clone();
         if ctx.watermark.in_flight() >= state.args.max_in_flight {
             tokio::time::sleep(Duration::from_millis(1)).await;
             myself.send_message(RoutedDispatcherMsg::Pump)?;
@@ -544,28 +604,19 @@ impl Actor for RoutedDispatcher {
             }
             Err(e) => return Err(e.into()),
         };
-        // Partitions that came here in this poll: nothing of theirs before their previous holder
-        // has let go (the records polled from them wait meanwhile).
-        if let Some(ownership) = &ctx.ownership {
-            let arriving = ownership.arriving();
-            if !arriving.is_empty() {
-                hand_over(ctx.store.as_ref(), &state.args.membership, &arriving).await;
-                ownership.arrived(&arriving);
-            }
-        }
         let what = "processed-events record";
         dead_letter_undecodable(ctx, &polled.undecodable, DeadLetterStage::Profile, what).await;
-        if polled.changes.is_empty() {
+        let changes = state.hand_over(polled.changes).await?;
+        if changes.is_empty() {
             myself.send_message(RoutedDispatcherMsg::Pump)?;
             return Ok(());
         }
-        for (seq, _) in &polled.changes {
+        for (seq, _) in &changes {
             ctx.watermark.dispatched(*seq);
         }
         // An event resolved twice (its resolver stage crashed before committing) arrives twice:
         // the applied ids in the store and those claimed since the last flush catch it.
-        let ids: Vec<String> = polled
-            .changes
+        let ids: Vec<String> = changes
             .iter()
             .filter_map(|(_, c)| match &c.change {
                 RoutedKind::Apply { event, forwarded: false } => Some(event.event_id.to_string()),
@@ -581,7 +632,7 @@ impl Actor for RoutedDispatcher {
             state.erasures_for = owned;
         }
         let directory = state.args.directory.get().ok_or("profile directory is not running")?;
-        for (seq, change) in polled.changes {
+        for (seq, change) in changes {
             if let RoutedKind::Apply { event, forwarded: false } = &change.change {
                 if !claim_fresh(ctx, seq, event, seen.next().unwrap_or(false)) {
                     continue;
@@ -623,29 +674,29 @@ mod tests {
         store.put_documents(MEMBERS, vec![(name.into(), Some(serde_json::to_value(record).unwrap()))]).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn a_partition_is_taken_over_once_its_previous_holder_no_longer_lists_it() {
-        let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
-        // The previous holder has not seen its revocation yet; this replica's own record and
-        // another partition's holder do not count.
-        list(store.as_ref(), "old/1/b", &["1", "2"], Utc::now()).await;
-        list(store.as_ref(), "me/1/a", &["1"], Utc::now()).await;
-        let waiting = {
-            let store = store.clone();
-            tokio::spawn(async move { hand_over(store.as_ref(), &settings(), &[1]).await })
-        };
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!waiting.is_finished(), "taken over while its holder may still write it");
-        list(store.as_ref(), "old/1/b", &["2"], Utc::now()).await;
-        tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("handed over once let go").unwrap();
+    fn since(partitions: &[i32], ago: Duration) -> HashMap<i32, std::time::Instant> {
+        partitions.iter().map(|p| (*p, std::time::Instant::now() - ago)).collect()
     }
 
     #[tokio::test]
-    async fn a_partition_of_a_dead_holder_is_taken_over_at_once() {
+    async fn a_partition_is_taken_over_once_its_previous_holder_no_longer_lists_it() {
         let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
+        // The previous holder of 1 has not seen its revocation yet; this replica's own record
+        // does not count, nor a dead member's.
+        list(store.as_ref(), "old/1/b", &["1", "2"], Utc::now()).await;
+        list(store.as_ref(), "me/1/a", &["0", "1"], Utc::now()).await;
         list(store.as_ref(), "gone/1/c", &["0"], Utc::now() - chrono::Duration::seconds(10)).await;
-        tokio::time::timeout(Duration::from_secs(1), hand_over(store.as_ref(), &settings(), &[0]))
-            .await
-            .expect("a member past its TTL writes nothing more");
+        let arriving = since(&[0, 1], Duration::ZERO);
+        assert_eq!(handed_over(store.as_ref(), &settings(), &arriving).await, vec![0]);
+        list(store.as_ref(), "old/1/b", &["2"], Utc::now()).await;
+        assert_eq!(handed_over(store.as_ref(), &settings(), &arriving).await, vec![0, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_never_lets_go_is_passed_over_after_the_groups_moved_on() {
+        let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
+        list(store.as_ref(), "stuck/1/d", &["2"], Utc::now()).await;
+        assert!(handed_over(store.as_ref(), &settings(), &since(&[2], Duration::from_secs(29))).await.is_empty());
+        assert_eq!(handed_over(store.as_ref(), &settings(), &since(&[2], Duration::from_secs(31))).await, vec![2]);
     }
 }

@@ -11,6 +11,7 @@ use crate::dead_letters;
 use crate::identity::{identity_events, Person};
 use crate::profile::{ProfileActor, ProfileArgs};
 use cohort_adapters::cluster::{Ownership, Tenure};
+use cohort_adapters::kafka::processed_partition;
 use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{
     ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
@@ -104,7 +105,11 @@ pub struct ProfilesState {
     entries: HashMap<ProfileId, Entry>,
     by_actor: HashMap<ActorId, ProfileId>,
     flushing: bool,
+    /// Answered by the flush in flight: they asked before it took its snapshots.
     flush_waiters: Vec<RpcReplyPort<Result<FlushReport, String>>>,
+    /// Asked while a flush was in flight: that one may miss what they expect written, so the
+    /// next one answers them.
+    next_flush_waiters: Vec<RpcReplyPort<Result<FlushReport, String>>>,
     flush_again: bool,
     /// Erasures answered once the flush in flight (which may carry their state) has landed.
     erase_waiters: Vec<(RpcReplyPort<usize>, usize)>,
@@ -481,9 +486,11 @@ impl ProfilesState {
             }
             let result = match written {
                 Ok(()) => {
-                    let ids = lapsed.settle_ids(&ctx, ids);
-                    covered.retain(|(id, _)| !lapsed.profiles.contains(id));
+                    // Lapsed ids are released as well as recorded ones: the partition's next
+                    // tenure (here, starting afresh, or elsewhere) reads their events again.
                     ctx.pending_ids.persisted(&ids);
+                    lapsed.report();
+                    covered.retain(|(id, _)| !lapsed.profiles.contains(id));
                     if let (Some(matcher), false) = (ctx.matcher.get(), candidates.is_empty()) {
                         let _ = matcher.send_message(MatcherMsg::ProfilesChanged(candidates));
                     }
@@ -554,6 +561,7 @@ impl Actor for ProfilesDirectory {
             by_actor: HashMap::new(),
             flushing: false,
             flush_waiters: Vec::new(),
+            next_flush_waiters: Vec::new(),
             flush_again: false,
             erase_waiters: Vec::new(),
             erase_acks: Vec::new(),
@@ -624,12 +632,11 @@ impl Actor for ProfilesDirectory {
                 }
             }
             ProfilesMsg::Flush { reply } => {
-                if let Some(r) = reply {
-                    state.flush_waiters.push(r);
-                }
                 if state.flushing {
+                    state.next_flush_waiters.extend(reply);
                     state.flush_again = true;
                 } else {
+                    state.flush_waiters.extend(reply);
                     state.start_flush(&myself);
                 }
             }
@@ -650,6 +657,7 @@ impl Actor for ProfilesDirectory {
                 state.confirm_erasures();
                 if state.flush_again {
                     state.flush_again = false;
+                    state.flush_waiters = std::mem::take(&mut state.next_flush_waiters);
                     state.start_flush(&myself);
                 }
             }
@@ -685,6 +693,26 @@ impl Actor for ProfilesDirectory {
                 } else {
                     let _ = reply.send(stopped);
                 }
+            }
+            ProfilesMsg::PartitionsArrived { partitions, reply } => {
+                if let Some(ownership) = state.ctx.ownership.clone() {
+                    // Actors of these partitions are from an earlier tenure (or started for reads
+                    // meanwhile): another replica may have written their profiles since.
+                    let n = ownership.partitions();
+                    let stale: Vec<ProfileId> = state
+                        .entries
+                        .keys()
+                        .filter(|id| partitions.contains(&cohort_messages::cluster::partition_of(id, n)))
+                        .cloned()
+                        .collect();
+                    let stopped = state.drop_profiles(&stale, "partition arrived afresh");
+                    let arriving = |pos: u64| processed_partition(pos).is_some_and(|p| partitions.contains(&p));
+                    state.ctx.pending_ids.release_where(arriving);
+                    // Here, between two messages: no flush starts while they are half owned.
+                    ownership.arrived(&partitions);
+                    tracing::info!(?partitions, actors = stopped, "processed-event partitions owned");
+                }
+                let _ = reply.send(());
             }
             ProfilesMsg::EraseRouted { profile_id, request, seq } => {
                 state.ctx.watermark.delivered(seq);
@@ -756,12 +784,12 @@ const MATCH_TRAITS: &[&str] =
 /// Whether a flushed profile's person fields (or its merged state) differ from the last flush
 /// that looked at them; remembers the new fingerprint.
 /// Cluster mode: what a flush left out because its partition was revoked after it took its
-/// snapshots. Their effects are still in the actors here, so nothing of them may be recorded yet:
-/// not the snapshots, not the ids as applied, not the offsets.
+/// snapshots. The partition's next tenure (here, starting afresh, or elsewhere) reads those events
+/// again, so nothing of them may be recorded: not the snapshots, not the ids, not the offsets.
 #[derive(Default)]
 struct Lapsed {
-    /// Snapshots not written: their profiles stay unflushed, so the next flush writes them if the
-    /// partition is here again, or drops them with their actors if it is not.
+    /// Snapshots not written: they stay unflushed until the actors are dropped (the next flush
+    /// drops them while the partition is not owned, its arrival does when it comes back).
     profiles: std::collections::HashSet<ProfileId>,
     /// Positions of the event ids not recorded.
     positions: std::collections::HashSet<u64>,
@@ -791,25 +819,14 @@ impl Lapsed {
         lapsed
     }
 
-    /// After a successful write: returns the ids it recorded. A lapsed id whose partition is
-    /// here again stays pending (and claimed) for the flush that writes its profile; one whose
-    /// partition is gone is released, so a later replay here is not taken for a duplicate.
-    fn settle_ids(&self, ctx: &PipelineContext, ids: Vec<(u64, String)>) -> Vec<(u64, String)> {
+    fn report(&self) {
         if !self.profiles.is_empty() || !self.positions.is_empty() {
             tracing::info!(
                 profiles = self.profiles.len(),
                 events = self.positions.len(),
-                "a partition was revoked during the flush: what it held is left to the next flush or owner"
+                "a partition was revoked during the flush: its events are left to its next tenure"
             );
         }
-        let Some(ownership) = ctx.ownership.as_ref().filter(|_| !self.positions.is_empty()) else {
-            return ids;
-        };
-        let (lapsed, recorded): (Vec<_>, Vec<_>) = ids.into_iter().partition(|(pos, _)| self.positions.contains(pos));
-        let (back, gone): (Vec<_>, Vec<_>) = lapsed.into_iter().partition(|(pos, _)| ownership.position_owned(*pos));
-        ctx.pending_ids.persisted(&gone);
-        ctx.pending_ids.restore(back);
-        recorded
     }
 }
 
@@ -875,7 +892,6 @@ mod tests {
     use crate::segments::SegmentRegistry;
     use crate::watermark::{Checkpoints, PendingIds, Watermark};
     use cohort_adapters::crypto::KeyedHasher;
-    use cohort_adapters::kafka::processed_partition;
     use cohort_adapters::{pack, EmbeddedBus, EmbeddedStore, OperationalStore};
     use cohort_messages::cluster::partition_of;
     use cohort_messages::{EventId, EventKind, Identifier, RawRef, Source, Utm};
@@ -883,15 +899,19 @@ mod tests {
     use std::sync::mpsc;
 
     /// Holds the profile actor inside `before_apply` of the event named "held" until released,
-    /// so a flush's snapshot request waits behind it.
+    /// so a flush's snapshot request waits behind it; one named "slow" takes half a second.
     struct Hold(parking_lot::Mutex<Option<mpsc::Receiver<()>>>);
 
     impl FaultInjector for Hold {
         fn before_apply(&self, _profile: &ProfileId, event: &CustomerEvent) {
-            if event.name.as_deref() == Some("held") {
-                if let Some(release) = self.0.lock().take() {
-                    tokio::task::block_in_place(|| release.recv().ok());
+            match event.name.as_deref() {
+                Some("held") => {
+                    if let Some(release) = self.0.lock().take() {
+                        tokio::task::block_in_place(|| release.recv().ok());
+                    }
                 }
+                Some("slow") => tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(500))),
+                _ => {}
             }
         }
     }
@@ -1005,8 +1025,57 @@ mod tests {
         flushing.await.unwrap()
     }
 
+    impl Stage {
+        /// The partitions' arrival, as the routed dispatcher announces it.
+        async fn arrive(&self, partitions: Vec<i32>) {
+            ractor::call_t!(self.directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply }, 5_000)
+                .unwrap();
+        }
+
+        /// Reads an event again from the committed offset, as the dispatcher does: skipped if
+        /// its id is recorded as applied.
+        async fn replay(&self, profile: &ProfileId, offset: u64, event: CustomerEvent) {
+            let id = event.event_id.to_string();
+            if !self.store.seen_event_ids(&[id]).await.unwrap()[0] {
+                self.read(profile, offset, event);
+            }
+        }
+
+        async fn events_of(&self, profile: &ProfileId) -> Vec<String> {
+            let stored = self.store.load_profile(profile).await.unwrap();
+            stored.map(|r| r.recent_events.iter().map(|e| e.event_id.to_string()).collect()).unwrap_or_default()
+        }
+    }
+
+    /// A profile of another partition than `of`'s.
+    fn elsewhere(of: &ProfileId) -> ProfileId {
+        (0..100)
+            .map(|i| ProfileId::derive_from_event(&EventId::new(Source::Web, &format!("q{i}")), chrono::Utc::now()))
+            .find(|q| partition_of(q, 3) != partition_of(of, 3))
+            .unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_partition_revoked_and_assigned_back_during_a_flush_is_written_by_the_next_one() {
+    async fn a_flush_asked_for_while_one_is_in_flight_covers_what_came_before_the_asking() {
+        let s = stage().await;
+        let first = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
+        let second = elsewhere(&first);
+        s.read(&first, 1, event("e1", "held"));
+        let in_flight = s.flush();
+        s.handled().await;
+        // Delivered after that flush took its snapshots, before this one was asked for (a
+        // deletion saga's flush before it erases the warehouse, say).
+        s.read(&second, 1, event("q1", "slow"));
+        let asked = s.flush();
+        s.handled().await;
+        s.release.send(()).unwrap();
+        in_flight.await.unwrap().unwrap();
+        asked.await.unwrap().unwrap();
+        assert_eq!(s.events_of(&second).await, vec!["web:q1".to_string()], "answered before it was written");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_revoked_and_assigned_back_during_a_flush_starts_afresh_and_loses_nothing() {
         let s = stage().await;
         let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
         flush_across_a_rebalance(&s, &profile, true).await.unwrap();
@@ -1014,13 +1083,43 @@ mod tests {
         assert!(s.store.load_profile(&profile).await.unwrap().is_none(), "written by the lapsed flush");
         let ids = vec!["web:e1".to_string(), "web:e2".to_string()];
         assert_eq!(s.store.seen_event_ids(&ids).await.unwrap(), vec![false, false]);
-        // The live actor still holds both events, and nothing replays them (their ids are still
-        // claimed here): the next flush must write them. (It used to count them as flushed.)
+        // Back here, it starts afresh: the stale actor goes, the events are read again from the
+        // committed offset and are not taken for duplicates.
+        s.arrive(vec![partition_of(&profile, 3)]).await;
+        s.replay(&profile, 1, event("e1", "Lesson Completed")).await;
+        s.replay(&profile, 2, event("e2", "held")).await;
         s.flush().await.unwrap().unwrap();
-        let stored = s.store.load_profile(&profile).await.unwrap().expect("the next flush writes the profile");
-        let events: Vec<&str> = stored.recent_events.iter().map(|e| e.event_id.as_str()).collect();
-        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(s.events_of(&profile).await.len(), 2);
         assert_eq!(s.store.seen_event_ids(&ids).await.unwrap(), vec![true, true], "ids recorded with it");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_begun_while_a_partition_was_revoked_records_none_of_it_though_it_came_back() {
+        let s = stage().await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
+        let other = elsewhere(&profile);
+        s.read(&profile, 1, event("e1", "Lesson Completed"));
+        s.read(&other, 1, event("q1", "held"));
+        s.handled().await;
+        // Between an eager revocation and the next assignment a flush begins: it drops the
+        // revoked partition's actor, and its snapshot of the other profile keeps it in flight.
+        let partition = partition_of(&profile, 3);
+        s.ownership.revoke(&[partition]);
+        let flushing = s.flush();
+        s.handled().await;
+        s.ownership.assign(&[partition]);
+        s.arrive(vec![partition]).await;
+        s.release.send(()).unwrap();
+        flushing.await.unwrap().unwrap();
+        // The partition is owned again when that flush writes, but was not when it began (its
+        // actor was dropped): e1's id must not be recorded, or the replay below would skip it.
+        // (`Ownership::held_since` requires the partition owned at the tenure for the case where
+        // the flush takes the ids before the arrival; here the arrival releases them first.)
+        assert_eq!(s.store.seen_event_ids(&["web:e1".to_string()]).await.unwrap(), vec![false]);
+        s.replay(&profile, 1, event("e1", "Lesson Completed")).await;
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.events_of(&profile).await, vec!["web:e1".to_string()]);
+        assert_eq!(s.events_of(&other).await, vec!["web:q1".to_string()]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

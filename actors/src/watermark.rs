@@ -162,10 +162,16 @@ impl PendingIds {
 
     /// Forgets the id claimed at `position`: its event was skipped, not applied.
     pub fn release(&self, position: u64) {
+        self.release_where(|p| p == position);
+    }
+
+    /// Releases every id not yet recorded whose position matches (a partition starting afresh:
+    /// its events are read again and must not be taken for duplicates).
+    pub fn release_where(&self, matches: impl Fn(u64) -> bool) {
         let mut g = self.inner.lock();
         let mut released = Vec::new();
         g.unrecorded.retain(|(p, id)| {
-            let keep = *p != position;
+            let keep = !matches(*p);
             if !keep {
                 released.push(id.clone());
             }

@@ -13,9 +13,6 @@ pub struct Ownership {
     /// and a profile loaded before that holder's last flush would overwrite it. See
     /// [`Self::arriving`].
     arriving: parking_lot::RwLock<BTreeSet<i32>>,
-    /// The partitions owned until the last revocation: assigned straight back (an eager
-    /// rebalance revokes everything), nobody else held them in between.
-    just_revoked: parking_lot::Mutex<BTreeSet<i32>>,
     /// A flush holds it shared while it writes; a revocation takes it exclusively, so it waits for
     /// the write in flight and the next flush already sees the partition gone.
     gate: tokio::sync::RwLock<()>,
@@ -25,9 +22,12 @@ pub struct Ownership {
     partitions: i32,
 }
 
-/// The revocation counts at one moment (see [`Ownership::tenure`]).
+/// The partitions owned and the revocation counts at one moment (see [`Ownership::tenure`]).
 #[derive(Debug, Clone, Default)]
-pub struct Tenure(HashMap<i32, u64>);
+pub struct Tenure {
+    owned: BTreeSet<i32>,
+    revocations: HashMap<i32, u64>,
+}
 
 impl std::fmt::Debug for Ownership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,7 +40,6 @@ impl Ownership {
         Self {
             owned: Default::default(),
             arriving: Default::default(),
-            just_revoked: Default::default(),
             gate: tokio::sync::RwLock::new(()),
             revocations: Default::default(),
             partitions: partitions.max(1),
@@ -65,13 +64,18 @@ impl Ownership {
 
     /// The tenure of every partition now, to check later that one was held all along.
     pub fn tenure(&self) -> Tenure {
-        Tenure(self.revocations.lock().clone())
+        // Both under the same locks `revoke` takes, so no revocation falls between them.
+        let owned = self.owned.read();
+        let revocations = self.revocations.lock();
+        Tenure { owned: owned.clone(), revocations: revocations.clone() }
     }
 
-    /// Whether the partition is owned and was not revoked since `tenure`.
+    /// Whether the partition was owned at `tenure`, still is, and was not revoked in between.
     pub fn held_since(&self, tenure: &Tenure, partition: i32) -> bool {
         let now = self.revocations.lock().get(&partition).copied().unwrap_or(0);
-        self.owns(partition) && tenure.0.get(&partition).copied().unwrap_or(0) == now
+        tenure.owned.contains(&partition)
+            && self.owns(partition)
+            && tenure.revocations.get(&partition).copied().unwrap_or(0) == now
     }
 
     pub fn profile_held_since(&self, tenure: &Tenure, profile: &ProfileId) -> bool {
@@ -84,29 +88,22 @@ impl Ownership {
         crate::kafka::processed_partition(position).is_none_or(|p| self.held_since(tenure, p))
     }
 
-    /// Whether the partition a position was read from is owned now (positions of other topics
-    /// count as owned).
-    pub fn position_owned(&self, position: u64) -> bool {
-        crate::kafka::processed_partition(position).is_none_or(|p| self.owns(p))
-    }
-
     /// Held while a flush writes profiles of owned partitions.
     pub async fn writing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().await
     }
 
-    /// From the consumer's rebalance callback. A partition owned until the revocation just
-    /// before is owned again at once; any other arrives (see [`Self::arriving`]).
+    /// From the consumer's rebalance callback: the partitions arrive (see [`Self::arriving`]),
+    /// also those owned until the revocation just before: a broker may have handed them to
+    /// another replica in between.
     pub fn assign(&self, partitions: &[i32]) {
-        let back = std::mem::take(&mut *self.just_revoked.lock());
-        let (again, new): (Vec<i32>, Vec<i32>) = partitions.iter().partition(|p| back.contains(p));
-        self.owned.write().extend(again.iter().copied());
-        self.arriving.write().extend(new.iter().copied());
-        tracing::info!(?partitions, arriving = ?new, "processed-event partitions assigned");
+        self.arriving.write().extend(partitions.iter().copied());
+        tracing::info!(?partitions, "processed-event partitions assigned");
     }
 
     /// Partitions assigned here whose previous holder may not have let go yet: not owned until
-    /// [`Self::arrived`], so nothing of theirs is loaded, applied or written before.
+    /// [`Self::arrived`], so nothing of theirs is loaded, applied or written before. Their
+    /// profiles start afresh from the store when they arrive, even if they were here before.
     pub fn arriving(&self) -> Vec<i32> {
         self.arriving.read().iter().copied().collect()
     }
@@ -114,8 +111,9 @@ impl Ownership {
     /// The previous holders have let go of these: they are owned from now on (unless revoked
     /// meanwhile).
     pub fn arrived(&self, partitions: &[i32]) {
-        let mut arriving = self.arriving.write();
+        // The lock order of `revoke` and `tenure`: owned first.
         let mut owned = self.owned.write();
+        let mut arriving = self.arriving.write();
         for p in partitions {
             if arriving.remove(p) {
                 owned.insert(*p);
@@ -130,12 +128,8 @@ impl Ownership {
             let mut owned = self.owned.write();
             let mut arriving = self.arriving.write();
             let mut revocations = self.revocations.lock();
-            let mut just_revoked = self.just_revoked.lock();
-            just_revoked.clear();
             for p in partitions {
-                if owned.remove(p) {
-                    just_revoked.insert(*p);
-                }
+                owned.remove(p);
                 arriving.remove(p);
                 *revocations.entry(*p).or_insert(0) += 1;
             }
@@ -177,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn an_assigned_partition_is_owned_once_it_has_arrived_and_at_once_when_it_comes_straight_back() {
+    fn an_assigned_partition_is_owned_once_it_has_arrived_even_one_that_comes_straight_back() {
         let o = Ownership::new(3);
         o.assign(&[0, 1]);
         assert!(!o.owns(0) && !o.owns(1), "its previous holder may still be writing");
@@ -188,15 +182,24 @@ mod tests {
         o.revoke(&[0, 1]);
         assert!(o.arriving().is_empty(), "a revoked partition no longer arrives");
         o.assign(&[0, 1, 2]);
-        assert!(o.owns(0), "owned until just now: nobody held it in between");
-        assert_eq!(o.arriving(), vec![1, 2], "never handed over here");
+        assert!(!o.owns(0), "another replica may have held it in between");
+        assert_eq!(o.arriving(), vec![0, 1, 2]);
         o.revoke(&[0, 1, 2]);
         o.arrived(&[1]);
         assert!(!o.owns(1), "revoked before it arrived");
-        // Straight back means the revocation just before, not any earlier one.
-        o.assign(&[]);
+    }
+
+    #[test]
+    fn a_partition_not_owned_when_a_tenure_began_was_not_held_since() {
+        let o = owning(&[0]);
+        o.revoke(&[0]);
+        // A flush starts between the revocation and the next assignment...
+        let during = o.tenure();
         o.assign(&[0]);
-        assert!(!o.owns(0));
+        o.arrived(&[0]);
+        // ...and has dropped the partition's actors: nothing of it may be recorded.
+        assert!(!o.held_since(&during, 0));
+        assert!(o.held_since(&o.tenure(), 0));
     }
 
     #[test]
@@ -218,6 +221,7 @@ mod tests {
         let before = o.tenure();
         o.revoke(&[1]);
         o.assign(&[1]);
+        o.arrived(&[1]);
         assert!(o.owns(1), "owned again");
         assert!(!o.held_since(&before, 1), "but not all along");
         assert!(!o.position_held_since(&before, pack(PROCESSED_STREAMS + 1, 9)));

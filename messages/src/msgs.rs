@@ -282,6 +282,13 @@ pub enum ProfilesMsg {
         profiles: Vec<ProfileId>,
         reply: RpcReplyPort<usize>,
     },
+    /// Cluster mode: these partitions of `cdp.processed.events` have come here (or back). Their
+    /// profiles start afresh: live actors are dropped, ids not yet recorded are released (their
+    /// events are read again from the committed offset), and only then are they owned.
+    PartitionsArrived {
+        partitions: Vec<i32>,
+        reply: RpcReplyPort<()>,
+    },
     /// Cluster mode: an erasure read from `cdp.processed.events` at `seq`. The owner erases as
     /// `Erase` does and confirms once no flush carrying the profile can land later.
     EraseRouted {

@@ -199,7 +199,11 @@ pub async fn assert_nothing_left(
     let needles = s.needles();
     let leaks = |what: &str, text: &str| {
         for n in &needles {
-            assert!(!text.contains(n.as_str()), "{what} still holds `{n}`");
+            if let Some(at) = text.find(n.as_str()) {
+                // The surroundings name the row (its profile, event and time) for a failing run.
+                let around: String = text.chars().skip(at.saturating_sub(400)).take(800).collect();
+                panic!("{what} still holds `{n}`, in: {around}");
+            }
         }
         for p in &target.profiles {
             assert!(!text.contains(p.as_str()), "{what} still names profile {p}");
