@@ -539,7 +539,8 @@ impl RoutedDispatcherState {
         // The directory drops what it holds of them and owns them, before any of their records.
         let directory = self.args.directory.get().ok_or("profile directory is not running")?;
         let partitions = free.clone();
-        ractor::call!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply })?;
+        // Waits for a flush in flight to end (at most its snapshots' and write's time-outs).
+        ractor::call_t!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply }, 120_000)?;
         let (now, still): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.held).into_iter().partition(|(seq, _)| free.contains(&of(seq)));
         self.held = still;

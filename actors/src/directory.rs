@@ -105,6 +105,8 @@ pub struct ProfilesState {
     entries: HashMap<ProfileId, Entry>,
     by_actor: HashMap<ActorId, ProfileId>,
     flushing: bool,
+    /// Cluster mode: partitions that arrived while a flush was in flight, taken when it ends.
+    arrivals: Vec<(Vec<i32>, RpcReplyPort<()>)>,
     /// Answered by the flush in flight: they asked before it took its snapshots.
     flush_waiters: Vec<RpcReplyPort<Result<FlushReport, String>>>,
     /// Asked while a flush was in flight: that one may miss what they expect written, so the
@@ -326,6 +328,32 @@ impl ProfilesState {
         });
     }
 
+    /// Cluster mode: partitions that have come here (or back) start afresh. Their actors are from
+    /// an earlier tenure or started for reads meanwhile (another replica may have written their
+    /// profiles since); their unrecorded ids and delivered offsets are from an earlier tenure too:
+    /// their events are read again from the committed offset. Only then are they owned. No flush
+    /// is in flight (it could hold their ids or name their profiles), and none starts halfway.
+    fn arrive(&mut self, partitions: Vec<i32>, reply: RpcReplyPort<()>) {
+        if let Some(ownership) = self.ctx.ownership.clone() {
+            let n = ownership.partitions();
+            let stale: Vec<ProfileId> = self
+                .entries
+                .keys()
+                .filter(|id| partitions.contains(&cohort_messages::cluster::partition_of(id, n)))
+                .cloned()
+                .collect();
+            let stopped = self.drop_profiles(&stale, "partition arrived afresh");
+            let arriving = |pos: u64| processed_partition(pos).is_some_and(|p| partitions.contains(&p));
+            self.ctx.pending_ids.release_where(arriving);
+            let stream = |s: u32| arriving(cohort_adapters::pack(s, 0));
+            self.ctx.watermark.forget(stream);
+            self.ctx.checkpoints.forget(stream);
+            ownership.arrived(&partitions);
+            tracing::info!(?partitions, actors = stopped, "processed-event partitions owned");
+        }
+        let _ = reply.send(());
+    }
+
     /// Stops these profiles' actors and forgets what they held in memory; returns how many ran.
     fn drop_profiles(&mut self, profiles: &[ProfileId], why: &str) -> usize {
         let mut stopped = 0;
@@ -497,16 +525,16 @@ impl ProfilesState {
                     ctx.index.publish_identity_events(ctx.bus.as_ref(), identity_events(&merges, &unmerges)).await;
                     // The store has the effects; only now may the bus forget the events. A failed
                     // commit (a rebalance, say) only delays it: the next flush commits further.
+                    // Offsets and checkpoints only for partitions held all along (see `tenure`).
+                    let lows: cohort_adapters::StreamPositions = match (&ctx.ownership, &tenure) {
+                        (Some(o), Some(t)) => lows
+                            .iter()
+                            .copied()
+                            .filter(|(s, _)| o.position_held_since(t, cohort_adapters::pack(*s, 0)))
+                            .collect(),
+                        _ => lows,
+                    };
                     let committed = if complete && !in_store {
-                        // Offsets only for partitions held all along (see `tenure` above).
-                        let lows: cohort_adapters::StreamPositions = match (&ctx.ownership, &tenure) {
-                            (Some(o), Some(t)) => lows
-                                .iter()
-                                .copied()
-                                .filter(|(s, _)| o.position_held_since(t, cohort_adapters::pack(*s, 0)))
-                                .collect(),
-                            _ => lows.clone(),
-                        };
                         match ctx.bus.commit(&lows).await {
                             Ok(()) => true,
                             Err(e) => {
@@ -565,6 +593,7 @@ impl Actor for ProfilesDirectory {
             flush_again: false,
             erase_waiters: Vec::new(),
             erase_acks: Vec::new(),
+            arrivals: Vec::new(),
             timers: Vec::new(),
             restarts: 0,
             poison_events: 0,
@@ -655,6 +684,9 @@ impl Actor for ProfilesDirectory {
                     let _ = w.send(n);
                 }
                 state.confirm_erasures();
+                for (partitions, reply) in std::mem::take(&mut state.arrivals) {
+                    state.arrive(partitions, reply);
+                }
                 if state.flush_again {
                     state.flush_again = false;
                     state.flush_waiters = std::mem::take(&mut state.next_flush_waiters);
@@ -695,24 +727,12 @@ impl Actor for ProfilesDirectory {
                 }
             }
             ProfilesMsg::PartitionsArrived { partitions, reply } => {
-                if let Some(ownership) = state.ctx.ownership.clone() {
-                    // Actors of these partitions are from an earlier tenure (or started for reads
-                    // meanwhile): another replica may have written their profiles since.
-                    let n = ownership.partitions();
-                    let stale: Vec<ProfileId> = state
-                        .entries
-                        .keys()
-                        .filter(|id| partitions.contains(&cohort_messages::cluster::partition_of(id, n)))
-                        .cloned()
-                        .collect();
-                    let stopped = state.drop_profiles(&stale, "partition arrived afresh");
-                    let arriving = |pos: u64| processed_partition(pos).is_some_and(|p| partitions.contains(&p));
-                    state.ctx.pending_ids.release_where(arriving);
-                    // Here, between two messages: no flush starts while they are half owned.
-                    ownership.arrived(&partitions);
-                    tracing::info!(?partitions, actors = stopped, "processed-event partitions owned");
+                if state.flushing {
+                    // The flush in flight may hold their ids and name their profiles: it ends first.
+                    state.arrivals.push((partitions, reply));
+                } else {
+                    state.arrive(partitions, reply);
                 }
-                let _ = reply.send(());
             }
             ProfilesMsg::EraseRouted { profile_id, request, seq } => {
                 state.ctx.watermark.delivered(seq);
@@ -1094,6 +1114,43 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_arriving_during_a_flush_starts_afresh_once_the_flush_has_ended() {
+        let s = stage().await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
+        let other = elsewhere(&profile);
+        s.read(&profile, 1, event("e1", "Lesson Completed"));
+        s.read(&other, 1, event("q1", "held"));
+        let flushing = s.flush();
+        s.handled().await;
+        // An eager rebalance gives the partition straight back while that flush is in flight.
+        let partition = partition_of(&profile, 3);
+        s.ownership.revoke(&[partition]);
+        s.ownership.assign(&[partition]);
+        let arriving = {
+            let directory = s.directory.clone();
+            let partitions = vec![partition];
+            tokio::spawn(async move {
+                ractor::call_t!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply }, 5_000)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!arriving.is_finished(), "arrived while a flush holding its ids was in flight");
+        assert!(!s.ownership.owns(partition));
+        s.release.send(()).unwrap();
+        flushing.await.unwrap().unwrap();
+        arriving.await.unwrap().unwrap();
+        assert!(s.ownership.owns(partition));
+        // Its earlier tenure's offsets no longer stand for it: nothing is committed past e1
+        // before it is read again.
+        let stream = cohort_adapters::unpack(processed(partition, 1)).0;
+        assert!(s.ctx.watermark.lows().iter().all(|(st, _)| *st != stream), "{:?}", s.ctx.watermark.lows());
+        s.replay(&profile, 1, event("e1", "Lesson Completed")).await;
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.events_of(&profile).await, vec!["web:e1".to_string()]);
+        assert_eq!(s.store.seen_event_ids(&["web:e1".to_string()]).await.unwrap(), vec![true]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_begun_while_a_partition_was_revoked_records_none_of_it_though_it_came_back() {
         let s = stage().await;
         let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
@@ -1108,9 +1165,20 @@ mod tests {
         let flushing = s.flush();
         s.handled().await;
         s.ownership.assign(&[partition]);
-        s.arrive(vec![partition]).await;
+        // Its arrival waits for that flush to end.
+        let arriving = {
+            let directory = s.directory.clone();
+            tokio::spawn(async move {
+                ractor::call_t!(
+                    directory,
+                    |reply| ProfilesMsg::PartitionsArrived { partitions: vec![partition], reply },
+                    5_000
+                )
+            })
+        };
         s.release.send(()).unwrap();
         flushing.await.unwrap().unwrap();
+        arriving.await.unwrap().unwrap();
         // The partition is owned again when that flush writes, but was not when it began (its
         // actor was dropped): e1's id must not be recorded, or the replay below would skip it.
         // (`Ownership::held_since` requires the partition owned at the tenure for the case where

@@ -65,6 +65,12 @@ impl Watermark {
     }
 
     /// Forgets everything in flight and restarts from `start` (pipeline restart).
+    /// Forgets the streams matching: a partition starting afresh is read again from its
+    /// committed offset, and the offsets delivered in its earlier tenure must not stand for it.
+    pub fn forget(&self, matches: impl Fn(u32) -> bool) {
+        self.streams.lock().retain(|s, _| !matches(*s));
+    }
+
     pub fn reset(&self, start: &StreamPositions) {
         let mut streams = self.streams.lock();
         streams.clear();
@@ -109,6 +115,11 @@ impl Checkpoints {
     }
 
     /// The checkpoint of the embedded journal (stream 0).
+    /// Forgets the streams matching (see [`Watermark::forget`]).
+    pub fn forget(&self, matches: impl Fn(u32) -> bool) {
+        self.streams.lock().retain(|s, _| !matches(*s));
+    }
+
     pub fn stream0(&self) -> u64 {
         self.streams.lock().get(&0).copied().unwrap_or(0)
     }
