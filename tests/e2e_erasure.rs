@@ -31,12 +31,18 @@ fn config_toml(d: &Destinations) -> String {
     format!("{}\n{ERASURE_TOML}", d.config_toml())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps_them_out() {
+/// Destinations and a demo server on them, with Jana and Max in every store.
+async fn seeded() -> (Destinations, DemoServer) {
     let d = Destinations::start().await;
     let demo = DemoServer::start(None, &config_toml(&d), SystemOptions::default()).await.unwrap();
-    let c = &demo.client;
     seed_both(&demo).await;
+    (d, demo)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps_them_out() {
+    let (d, demo) = seeded().await;
+    let c = &demo.client;
     let jana_ref = format!("email:{}", JANA.email);
     let target = target_of(c, &jana_ref).await;
     let (store, bus) = (demo.cohort.ctx.store.as_ref(), demo.cohort.ctx.bus.as_ref());
@@ -283,5 +289,42 @@ async fn a_destination_request_retrying_when_the_person_is_erased_is_dropped_not
     assert!(added.is_empty(), "the erased person was added to a list: {added:?}");
     let ctx = &demo.cohort.ctx;
     assert_nothing_left(ctx.store.as_ref(), ctx.bus.as_ref(), ctx.warehouse.as_deref(), &target, &JANA).await;
+    demo.stop().await.unwrap();
+}
+
+/// Two resolver shards meeting a new student at once create two profiles, merged a moment
+/// later. A deletion asked for in between (the merge recorded, the survivor not yet holding the
+/// merged profile in `merged_from`) erases both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_while_a_merge_is_on_its_way_erases_the_merged_profile_too() {
+    let (_d, demo) = seeded().await;
+    let c = &demo.client;
+    let jana_ref = format!("email:{}", JANA.email);
+    let survivor = target_of(c, &jana_ref).await.profiles[0].clone();
+    let store = demo.cohort.ctx.store.clone();
+    let mut merged = store.load_profile(&survivor).await.unwrap().unwrap();
+    merged.profile_id = cohort_messages::ProfileId::derive_from_event(
+        &cohort_messages::EventId::new(cohort_messages::Source::Web, "jana-other-shard"),
+        Utc::now(),
+    );
+    merged.merged_into = Some(survivor.clone());
+    let merge = cohort_messages::msgs::IdentityMerged {
+        survivor: survivor.clone(),
+        merged: merged.profile_id.clone(),
+        evidence: Vec::new(),
+        at: Utc::now(),
+        seq: 0,
+        reason: Default::default(),
+    };
+    let batch =
+        cohort_adapters::FlushBatch { profiles: vec![merged.clone()], merges: vec![merge], ..Default::default() };
+    store.commit_flush(batch).await.unwrap();
+
+    let url = request_deletion(c, &jana_ref, "delete").await;
+    let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    let profiles: Vec<&str> = done["profiles"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(profiles.contains(&merged.profile_id.as_str()), "{done}");
+    assert!(store.load_profile(&merged.profile_id).await.unwrap().is_none(), "the merged half was left");
+    assert!(store.load_profile(&survivor).await.unwrap().is_none());
     demo.stop().await.unwrap();
 }

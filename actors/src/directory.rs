@@ -1052,6 +1052,27 @@ mod tests {
                 .unwrap();
         }
 
+        /// The same, asked without waiting (it waits for a flush in flight).
+        fn arriving(
+            &self,
+            partitions: Vec<i32>,
+        ) -> tokio::task::JoinHandle<Result<(), ractor::RactorErr<ProfilesMsg>>> {
+            let directory = self.directory.clone();
+            tokio::spawn(async move {
+                ractor::call_t!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply }, 5_000)
+            })
+        }
+
+        /// Event e1 for `profile`, and a held event for a profile of another partition (its
+        /// snapshot keeps a flush in flight until released); returns that other profile.
+        async fn one_event_and_one_held(&self, profile: &ProfileId) -> ProfileId {
+            let other = elsewhere(profile);
+            self.read(profile, 1, event("e1", "Lesson Completed"));
+            self.read(&other, 1, event("q1", "held"));
+            self.handled().await;
+            other
+        }
+
         /// Reads an event again from the committed offset, as the dispatcher does: skipped if
         /// its id is recorded as applied.
         async fn replay(&self, profile: &ProfileId, offset: u64, event: CustomerEvent) {
@@ -1117,22 +1138,14 @@ mod tests {
     async fn a_partition_arriving_during_a_flush_starts_afresh_once_the_flush_has_ended() {
         let s = stage().await;
         let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
-        let other = elsewhere(&profile);
-        s.read(&profile, 1, event("e1", "Lesson Completed"));
-        s.read(&other, 1, event("q1", "held"));
+        s.one_event_and_one_held(&profile).await;
         let flushing = s.flush();
         s.handled().await;
         // An eager rebalance gives the partition straight back while that flush is in flight.
         let partition = partition_of(&profile, 3);
         s.ownership.revoke(&[partition]);
         s.ownership.assign(&[partition]);
-        let arriving = {
-            let directory = s.directory.clone();
-            let partitions = vec![partition];
-            tokio::spawn(async move {
-                ractor::call_t!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply }, 5_000)
-            })
-        };
+        let arriving = s.arriving(vec![partition]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!arriving.is_finished(), "arrived while a flush holding its ids was in flight");
         assert!(!s.ownership.owns(partition));
@@ -1154,10 +1167,7 @@ mod tests {
     async fn a_flush_begun_while_a_partition_was_revoked_records_none_of_it_though_it_came_back() {
         let s = stage().await;
         let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "e1"), chrono::Utc::now());
-        let other = elsewhere(&profile);
-        s.read(&profile, 1, event("e1", "Lesson Completed"));
-        s.read(&other, 1, event("q1", "held"));
-        s.handled().await;
+        let other = s.one_event_and_one_held(&profile).await;
         // Between an eager revocation and the next assignment a flush begins: it drops the
         // revoked partition's actor, and its snapshot of the other profile keeps it in flight.
         let partition = partition_of(&profile, 3);
@@ -1166,16 +1176,7 @@ mod tests {
         s.handled().await;
         s.ownership.assign(&[partition]);
         // Its arrival waits for that flush to end.
-        let arriving = {
-            let directory = s.directory.clone();
-            tokio::spawn(async move {
-                ractor::call_t!(
-                    directory,
-                    |reply| ProfilesMsg::PartitionsArrived { partitions: vec![partition], reply },
-                    5_000
-                )
-            })
-        };
+        let arriving = s.arriving(vec![partition]);
         s.release.send(()).unwrap();
         flushing.await.unwrap().unwrap();
         arriving.await.unwrap().unwrap();

@@ -247,6 +247,7 @@ pub async fn request_deletion(
     let (id, view) = view_for_deletion(&state, id).await?;
     let mut profiles = vec![id.clone()];
     profiles.extend(view.merged_from.iter().cloned());
+    merging_into(&state, &mut profiles).await?;
     let identifiers: Vec<_> = view.identifiers.iter().map(|l| l.identifier.clone()).collect();
     let contact_emails: Vec<String> = view
         .traits
@@ -272,6 +273,32 @@ pub async fn request_deletion(
     let location = format!("/v1/gdpr/deletions/{}", saga.saga_id);
     let body = deletion_view(&saga)?;
     Ok((axum::http::StatusCode::ACCEPTED, [(axum::http::header::LOCATION, location)], Json(body)).into_response())
+}
+
+/// Adds the profiles merged into these whose merge has not reached the survivor's record yet
+/// (its `merged_from`): the merge records already name them, and their events are the person's
+/// (two resolver shards meeting a new student at once create two profiles, merged a moment
+/// later; a deletion in between left one of them, Silver rows included). Those an unmerge
+/// declared another student stay out.
+async fn merging_into(state: &ApiState, profiles: &mut Vec<ProfileId>) -> Result<(), ApiError> {
+    const MAX_PROFILES: usize = 1_000;
+    let mut i = 0;
+    while i < profiles.len() && profiles.len() < MAX_PROFILES {
+        let survivor = profiles[i].clone();
+        i += 1;
+        let merges = state.store.list_merges(&survivor).await.map_err(unavailable)?;
+        if merges.is_empty() {
+            continue;
+        }
+        let record = state.store.load_profile(&survivor).await.map_err(unavailable)?;
+        let apart = record.map(|r| r.kept_apart).unwrap_or_default();
+        for m in merges {
+            if m.survivor == survivor && !apart.contains(&m.merged) && !profiles.contains(&m.merged) {
+                profiles.push(m.merged);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The profile to erase, as its actor sees it. In cluster mode a replica that does not own the

@@ -202,7 +202,7 @@ pub async fn assert_nothing_left(
             if let Some(at) = text.find(n.as_str()) {
                 // The surroundings name the row (its profile, event and time) for a failing run.
                 let around: String = text.chars().skip(at.saturating_sub(400)).take(800).collect();
-                panic!("{what} still holds `{n}`, in: {around}");
+                panic!("{what} still holds `{n}` (erased profiles {:?}), in: {around}", target.profiles);
             }
         }
         for p in &target.profiles {
