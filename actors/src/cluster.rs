@@ -500,11 +500,57 @@ pub struct RoutedDispatcherState {
     subscription: Box<dyn RoutedSubscription>,
     /// The partitions owned when erasures were last read from the store.
     erasures_for: Vec<i32>,
-    /// Records read from partitions still arriving, in the order read, and since when each has
-    /// been arriving; when the membership records were last read for them.
+    /// Partitions arriving, and what was read from them meanwhile.
+    arrivals: Arrivals,
+}
+
+/// The bookkeeping of partitions arriving here: records read from them, in the order read, held
+/// back until they have arrived; since when each has been arriving; when the membership records
+/// were last read for them.
+#[derive(Default)]
+struct Arrivals {
     held: Vec<(u64, RoutedChange)>,
-    arriving_since: HashMap<i32, std::time::Instant>,
-    handover_checked: Option<std::time::Instant>,
+    since: HashMap<i32, std::time::Instant>,
+    checked: Option<std::time::Instant>,
+}
+
+impl Arrivals {
+    /// Notes the partitions arriving now and keeps back their records; returns the others.
+    /// Records held for a partition revoked before it arrived are dropped: its next owner reads
+    /// them again from the committed offset.
+    fn hold(&mut self, arriving: &[i32], changes: Vec<(u64, RoutedChange)>) -> Vec<(u64, RoutedChange)> {
+        self.since.retain(|p, _| arriving.contains(p));
+        for p in arriving {
+            self.since.entry(*p).or_insert_with(std::time::Instant::now);
+        }
+        self.held.retain(|(seq, _)| arriving.contains(&partition(*seq)));
+        let (wait, ready): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|(seq, _)| arriving.contains(&partition(*seq)));
+        self.held.extend(wait);
+        ready
+    }
+
+    /// Whether the membership records are due to be read again for the partitions arriving.
+    fn due(&mut self) -> bool {
+        let due = !self.since.is_empty() && self.checked.is_none_or(|t| t.elapsed() >= HANDOVER_CHECK_EVERY);
+        if due {
+            self.checked = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    /// The records held for these partitions, now arrived, in the order read.
+    fn release(&mut self, arrived: &[i32]) -> Vec<(u64, RoutedChange)> {
+        let (now, still) =
+            std::mem::take(&mut self.held).into_iter().partition(|(seq, _)| arrived.contains(&partition(*seq)));
+        self.held = still;
+        now
+    }
+}
+
+/// The partition of `cdp.processed.events` a position was read from (-1 for other topics).
+fn partition(seq: u64) -> i32 {
+    processed_partition(seq).unwrap_or(-1)
 }
 
 impl RoutedDispatcherState {
@@ -517,22 +563,11 @@ impl RoutedDispatcherState {
         changes: Vec<(u64, RoutedChange)>,
     ) -> Result<Vec<(u64, RoutedChange)>, ActorProcessingErr> {
         let Some(ownership) = self.args.ctx.ownership.clone() else { return Ok(changes) };
-        let arriving = ownership.arriving();
-        let of = |seq: &u64| processed_partition(*seq).unwrap_or(-1);
-        self.arriving_since.retain(|p, _| arriving.contains(p));
-        for p in &arriving {
-            self.arriving_since.entry(*p).or_insert_with(std::time::Instant::now);
-        }
-        // Held records of a partition revoked before it arrived: its next owner reads them again.
-        self.held.retain(|(seq, _)| arriving.contains(&of(seq)));
-        let (wait, mut ready): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(seq, _)| arriving.contains(&of(seq)));
-        self.held.extend(wait);
-        let due = self.handover_checked.is_none_or(|t| t.elapsed() >= HANDOVER_CHECK_EVERY);
-        if arriving.is_empty() || !due {
+        let mut ready = self.arrivals.hold(&ownership.arriving(), changes);
+        if !self.arrivals.due() {
             return Ok(ready);
         }
-        self.handover_checked = Some(std::time::Instant::now());
-        let free = handed_over(self.args.ctx.store.as_ref(), &self.args.membership, &self.arriving_since).await;
+        let free = handed_over(self.args.ctx.store.as_ref(), &self.args.membership, &self.arrivals.since).await;
         if free.is_empty() {
             return Ok(ready);
         }
@@ -541,10 +576,7 @@ impl RoutedDispatcherState {
         let partitions = free.clone();
         // Waits for a flush in flight to end (at most its snapshots' and write's time-outs).
         ractor::call_t!(directory, |reply| ProfilesMsg::PartitionsArrived { partitions, reply }, 120_000)?;
-        let (now, still): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.held).into_iter().partition(|(seq, _)| free.contains(&of(seq)));
-        self.held = still;
-        let mut out = now;
+        let mut out = self.arrivals.release(&free);
         out.append(&mut ready);
         Ok(out)
     }
@@ -573,14 +605,7 @@ impl Actor for RoutedDispatcher {
         args.ctx.watermark.reset(&Vec::new());
         args.ctx.pending_ids.reset();
         myself.send_message(RoutedDispatcherMsg::Pump)?;
-        Ok(RoutedDispatcherState {
-            args,
-            subscription,
-            erasures_for: Vec::new(),
-            held: Vec::new(),
-            arriving_since: HashMap::new(),
-            handover_checked: None,
-        })
+        Ok(RoutedDispatcherState { args, subscription, erasures_for: Vec::new(), arrivals: Arrivals::default() })
     }
 
     async fn handle(
@@ -691,6 +716,29 @@ mod tests {
         assert_eq!(handed_over(store.as_ref(), &settings(), &arriving).await, vec![0]);
         list(store.as_ref(), "old/1/b", &["2"], Utc::now()).await;
         assert_eq!(handed_over(store.as_ref(), &settings(), &arriving).await, vec![0, 1]);
+    }
+
+    #[test]
+    fn records_of_an_arriving_partition_wait_and_come_first_once_it_has_arrived() {
+        let at = |p: i32, off: u64| {
+            (0..8192).map(|s| cohort_adapters::pack(s, off)).find(|q| processed_partition(*q) == Some(p)).unwrap()
+        };
+        let change = |n: u32| RoutedChange {
+            profile_id: ProfileId::parse(&format!("prof_{n:024x}")).unwrap(),
+            change: RoutedKind::Reevaluate,
+        };
+        let positions = |v: &[(u64, RoutedChange)]| v.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        let mut a = Arrivals::default();
+        assert!(!a.due(), "nothing arriving, nothing to read");
+        let ready = a.hold(&[1, 2], vec![(at(0, 5), change(1)), (at(1, 7), change(2)), (at(2, 3), change(3))]);
+        assert_eq!(positions(&ready), vec![at(0, 5)], "only the owned partition's record goes on");
+        assert!(a.due());
+        assert!(!a.due(), "read at most every {HANDOVER_CHECK_EVERY:?}");
+        // Partition 2 is revoked before it arrives: its held record is its next owner's.
+        let ready = a.hold(&[1], vec![(at(1, 8), change(4))]);
+        assert!(ready.is_empty());
+        assert_eq!(positions(&a.release(&[1])), vec![at(1, 7), at(1, 8)], "in the order read");
+        assert!(a.release(&[1, 2]).is_empty());
     }
 
     #[tokio::test]

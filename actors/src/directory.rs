@@ -811,8 +811,8 @@ struct Lapsed {
     /// Snapshots not written: they stay unflushed until the actors are dropped (the next flush
     /// drops them while the partition is not owned, its arrival does when it comes back).
     profiles: std::collections::HashSet<ProfileId>,
-    /// Positions of the event ids not recorded.
-    positions: std::collections::HashSet<u64>,
+    /// How many event ids were not recorded (all are released after the write).
+    ids: usize,
 }
 
 impl Lapsed {
@@ -833,17 +833,17 @@ impl Lapsed {
             if ownership.position_held_since(tenure, *pos) {
                 batch.event_ids.push(id.clone());
             } else {
-                lapsed.positions.insert(*pos);
+                lapsed.ids += 1;
             }
         }
         lapsed
     }
 
     fn report(&self) {
-        if !self.profiles.is_empty() || !self.positions.is_empty() {
+        if !self.profiles.is_empty() || self.ids > 0 {
             tracing::info!(
                 profiles = self.profiles.len(),
-                events = self.positions.len(),
+                events = self.ids,
                 "a partition was revoked during the flush: its events are left to its next tenure"
             );
         }

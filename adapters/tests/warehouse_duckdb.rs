@@ -14,6 +14,22 @@ use cohort_adapters::{open_warehouse, DuckDbWarehouse, Layer, StoreErrorKind, Wa
 use cohort_messages::ProfileId;
 use warehouse_suite::Subject;
 
+/// `wh.duckdb` in `dir`, its schema created.
+async fn file_warehouse(dir: &tempfile::TempDir) -> (std::path::PathBuf, DuckDbWarehouse) {
+    let path = dir.path().join("wh.duckdb");
+    let wh = DuckDbWarehouse::open(&path).await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    (path, wh)
+}
+
+/// Panics if the file exists and holds `needle` anywhere in its bytes.
+fn assert_not_in_file(file: &std::path::Path, needle: &str) {
+    if let Ok(bytes) = std::fs::read(file) {
+        let needle = needle.as_bytes();
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{} still holds the value", file.display());
+    }
+}
+
 /// A warehouse file in a fresh temp folder, opened through its URL (nested folders are created).
 async fn file_subject() -> Subject {
     let dir = tempfile::tempdir().unwrap();
@@ -102,9 +118,7 @@ async fn file_survives_reopening_and_analysts_read_it_between_calls() {
 #[tokio::test]
 async fn a_session_holding_the_file_delays_writes_without_losing_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("wh.duckdb");
-    let wh = DuckDbWarehouse::open(&path).await.unwrap();
-    wh.ensure_schema().await.unwrap();
+    let (path, wh) = file_warehouse(&dir).await;
     let a = warehouse_suite::profile(3);
     wh.release().await;
 
@@ -148,16 +162,11 @@ async fn write_among_others(wh: &DuckDbWarehouse, email: &str) -> (ProfileId, Pr
 #[tokio::test]
 async fn gdpr_delete_leaves_no_trace_in_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("wh.duckdb");
-    let wh = DuckDbWarehouse::open(&path).await.unwrap();
-    wh.ensure_schema().await.unwrap();
+    let (path, wh) = file_warehouse(&dir).await;
     let (a, b) = write_among_others(&wh, "erase-me-4711@example.org").await;
     wh.delete_profile(&a).await.unwrap();
     for file in [path.clone(), dir.path().join("wh.duckdb.wal")] {
-        if let Ok(bytes) = std::fs::read(&file) {
-            let needle = b"erase-me-4711";
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{} still holds the value", file.display());
-        }
+        assert_not_in_file(&file, "erase-me-4711");
     }
     assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2000);
     // The rewritten file keeps its keys: a replayed row is still absorbed.
@@ -210,21 +219,19 @@ async fn query_sql_cannot_read_or_write_other_files() {
 #[tokio::test]
 async fn a_rewrite_owed_by_an_interrupted_erasure_happens_at_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("wh.duckdb");
-    {
-        let wh = DuckDbWarehouse::open(&path).await.unwrap();
-        wh.ensure_schema().await.unwrap();
+    let path = {
+        let (path, wh) = file_warehouse(&dir).await;
         let (a, _) = write_among_others(&wh, "erase-me-4712@example.org").await;
         // An erasure deleted the rows, then the process died before the rewrite.
         std::fs::write(dir.path().join("wh.duckdb.rewrite-pending"), "").unwrap();
         wh.query(&format!("DELETE FROM silver WHERE profile_id = '{a}'"), &[]).await.unwrap();
         wh.release().await;
-    }
+        path
+    };
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let wh = DuckDbWarehouse::open(&path).await.unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let needle = b"erase-me-4712";
-    assert!(!bytes.windows(needle.len()).any(|w| w == needle), "the erased value is still in the file");
+    assert!(path.exists());
+    assert_not_in_file(&path, "erase-me-4712");
     assert!(!dir.path().join("wh.duckdb.rewrite-pending").exists());
     assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2000);
 }
