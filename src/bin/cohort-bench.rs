@@ -1402,6 +1402,88 @@ fn process_usage() -> Option<(u64, f64)> {
     Some((rss_kib * 1024, ticks as f64 / 100.0))
 }
 
+/// Machine-wide CPU time from the first line of /proc/stat, in seconds: `busy` is what the
+/// machine's processes used (user, nice, system, irq, softirq), `steal` what the hypervisor
+/// took from this VM. Idle and I/O wait are left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct MachineCpu {
+    busy: f64,
+    steal: f64,
+}
+
+impl MachineCpu {
+    fn read() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let ticks: Vec<u64> = text
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal ..., in ticks of 1/100 s.
+        let at = |i: usize| ticks.get(i).copied().unwrap_or(0) as f64 / 100.0;
+        Some(MachineCpu { busy: at(0) + at(1) + at(2) + at(5) + at(6), steal: at(7) })
+    }
+}
+
+/// Who used the CPU during a phase: this process (Cohort in-process and the load generator, or
+/// the raw broker harness) and everything else on the machine (in Kafka mode: the broker and
+/// database stand-ins, which share the cores).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuSplit {
+    wall: f64,
+    own: f64,
+    others: f64,
+    steal: f64,
+}
+
+/// Marks the start of a phase whose CPU split is wanted.
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    own: f64,
+    machine: MachineCpu,
+}
+
+impl CpuMark {
+    fn now() -> Option<Self> {
+        Some(CpuMark { at: Instant::now(), own: process_usage()?.1, machine: MachineCpu::read()? })
+    }
+
+    fn split(&self) -> Option<CpuSplit> {
+        let end = CpuMark::now()?;
+        Some(CpuSplit::between(self, &end))
+    }
+}
+
+impl CpuSplit {
+    fn between(start: &CpuMark, end: &CpuMark) -> Self {
+        let own = (end.own - start.own).max(0.0);
+        CpuSplit {
+            wall: end.at.saturating_duration_since(start.at).as_secs_f64(),
+            own,
+            // Tick rounding can make this process's share exceed the machine's by a tick.
+            others: (end.machine.busy - start.machine.busy - own).max(0.0),
+            steal: (end.machine.steal - start.machine.steal).max(0.0),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "wall {:.1} s: this process {:.1} CPU-s, rest of the machine {:.1} CPU-s, stolen by the hypervisor {:.1} CPU-s",
+            self.wall, self.own, self.others, self.steal
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ "wall_seconds": self.wall, "own_cpu_seconds": self.own, "others_cpu_seconds": self.others, "steal_cpu_seconds": self.steal })
+    }
+}
+
 impl Report<'_> {
     fn e2e_events_per_sec(&self) -> f64 {
         let secs = self.ingest.applied_elapsed.as_secs_f64();
@@ -1910,6 +1992,8 @@ struct ModeResult {
     e2p_p99_ms: Option<(f64, bool)>,
     applied: u64,
     all_applied: bool,
+    /// Phase 1 only (ingest until every event is applied); `None` off Linux.
+    cpu: Option<CpuSplit>,
 }
 
 async fn phase1_on(cli: &Cli, settings: &Settings, server_toml: &str) -> anyhow::Result<ModeResult> {
@@ -1930,7 +2014,9 @@ async fn phase1_on(cli: &Cli, settings: &Settings, server_toml: &str) -> anyhow:
         identified_permille: (settings.identified_share * 1000.0).round() as u64,
         phone_offset: mix(u64::from_str_radix(&run_tag, 16).unwrap_or(0)) % 10_000_000,
     };
+    let mark = CpuMark::now();
     let (ingest, _) = run_ingest(&http, &demo.base, &creds, &students, settings).await?;
+    let cpu = mark.and_then(|m| m.split());
     let secs = ingest.applied_elapsed.as_secs_f64();
     let applied = ingest.applied.min(ingest.expected);
     let result = ModeResult {
@@ -1938,6 +2024,7 @@ async fn phase1_on(cli: &Cli, settings: &Settings, server_toml: &str) -> anyhow:
         e2p_p99_ms: ingest.e2p.quantile(0.99).map(|(v, open)| (v * 1e3, open)),
         applied,
         all_applied: ingest.all_applied,
+        cpu,
     };
     if let Err(e) = demo.stop().await {
         eprintln!("warning: stopping the in-process Cohort: {e:#}");
@@ -2036,7 +2123,9 @@ async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &
     let embedded = phase1_on(cli, settings, &embedded_toml).await.context("embedded mode")?;
     let kafka = phase1_on(cli, settings, &kafka_toml).await.context("Kafka mode")?;
     const RAW_RECORD_BYTES: usize = 1024;
+    let mark = CpuMark::now();
     let (raw_produce, raw_e2e) = raw_broker_rate(brokers, partitions, settings.events, RAW_RECORD_BYTES).await?;
+    let raw_cpu = mark.and_then(|m| m.split());
     let p99 = |m: &ModeResult| match m.e2p_p99_ms {
         Some((v, true)) => format!("> {v:.1} ms"),
         Some((v, false)) => format!("{v:.2} ms"),
@@ -2069,12 +2158,23 @@ async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &
         if vs_embedded >= 0.5 { "PASS" } else { "FAIL" }
     );
     println!("  Kafka mode / raw broker produce+consume: {:.0}%", vs_raw * 100.0);
+    // On one machine the broker and database stand-ins take cores from Cohort; this shows how much.
+    println!("  CPU while each phase ran (this process: Cohort and the load generator, or the raw harness):");
+    for (name, cpu) in [("embedded", embedded.cpu), ("Kafka + MongoDB", kafka.cpu), ("raw broker", raw_cpu)] {
+        if let Some(cpu) = cpu {
+            println!("    {name:<16} {}", cpu.describe());
+        }
+    }
+    let per_event = |m: &ModeResult| m.cpu.map(|c| c.own / m.applied.max(1) as f64 * 1e6);
+    if let (Some(e), Some(k)) = (per_event(&embedded), per_event(&kafka)) {
+        println!("    CPU of Cohort and the generator per event: embedded {e:.0} us, Kafka + MongoDB {k:.0} us");
+    }
     let report = json!({
         "mode": "kafka-compare",
         "events": settings.events,
-        "embedded": { "events_per_sec": embedded.events_per_sec, "e2p_p99_ms": embedded.e2p_p99_ms.map(|v| v.0), "applied": embedded.applied },
-        "kafka_mongodb": { "events_per_sec": kafka.events_per_sec, "e2p_p99_ms": kafka.e2p_p99_ms.map(|v| v.0), "applied": kafka.applied },
-        "raw_broker": { "record_bytes": RAW_RECORD_BYTES, "produce_per_sec": raw_produce, "produce_consume_per_sec": raw_e2e },
+        "embedded": { "events_per_sec": embedded.events_per_sec, "e2p_p99_ms": embedded.e2p_p99_ms.map(|v| v.0), "applied": embedded.applied, "cpu": embedded.cpu.map(|c| c.to_json()) },
+        "kafka_mongodb": { "events_per_sec": kafka.events_per_sec, "e2p_p99_ms": kafka.e2p_p99_ms.map(|v| v.0), "applied": kafka.applied, "cpu": kafka.cpu.map(|c| c.to_json()) },
+        "raw_broker": { "record_bytes": RAW_RECORD_BYTES, "produce_per_sec": raw_produce, "produce_consume_per_sec": raw_e2e, "cpu": raw_cpu.map(|c| c.to_json()) },
         "ratio_kafka_to_embedded": vs_embedded,
         "ratio_kafka_to_raw_broker": vs_raw,
         "machine": machine(),
@@ -2120,6 +2220,29 @@ mod tests {
         let (p99, _) = h.quantile(0.99).unwrap_or((f64::NAN, true));
         assert!((p99 - (0.001 + 0.004 * 49.0 / 50.0)).abs() < 1e-9);
         assert_eq!(h.share_within(0.005), Some(1.0));
+    }
+
+    #[test]
+    fn the_machine_cpu_split_counts_busy_time_and_leaves_the_process_share_out() {
+        let text = "cpu  1000 50 200 9000 30 5 15 40 0 0\ncpu0 500 25 100 4500 15 2 7 20 0 0\nintr 1\n";
+        let m = MachineCpu::parse(text).unwrap_or_default();
+        // user + nice + system + irq + softirq; idle and iowait are not busy.
+        assert!((m.busy - 12.7).abs() < 1e-9 && (m.steal - 0.4).abs() < 1e-9, "{m:?}");
+        assert_eq!(MachineCpu::parse("cpu0 1 2 3\n"), None, "the first line must be the total");
+        assert_eq!(MachineCpu::parse("cpu  1 x 3\n"), None);
+
+        let at = Instant::now();
+        let start = CpuMark { at, own: 10.0, machine: MachineCpu { busy: 100.0, steal: 1.0 } };
+        let end =
+            CpuMark { at: at + Duration::from_secs(5), own: 16.0, machine: MachineCpu { busy: 109.5, steal: 1.5 } };
+        let split = CpuSplit::between(&start, &end);
+        assert_eq!(split.wall, 5.0);
+        assert_eq!(split.own, 6.0);
+        assert!((split.others - 3.5).abs() < 1e-9, "{split:?}");
+        assert!((split.steal - 0.5).abs() < 1e-9);
+        // A process total one tick ahead of the machine total is not negative time for the rest.
+        let ahead = CpuMark { own: 19.6, ..end };
+        assert_eq!(CpuSplit::between(&start, &ahead).others, 0.0);
     }
 
     #[test]
