@@ -1479,7 +1479,7 @@ impl CpuSplit {
         )
     }
 
-    fn to_json(&self) -> Value {
+    fn to_json(self) -> Value {
         json!({ "wall_seconds": self.wall, "own_cpu_seconds": self.own, "others_cpu_seconds": self.others, "steal_cpu_seconds": self.steal })
     }
 }
