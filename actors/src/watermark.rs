@@ -64,13 +64,13 @@ impl Watermark {
         self.streams.lock().values().map(|m| m.in_flight.len()).sum()
     }
 
-    /// Forgets everything in flight and restarts from `start` (pipeline restart).
     /// Forgets the streams matching: a partition starting afresh is read again from its
     /// committed offset, and the offsets delivered in its earlier tenure must not stand for it.
     pub fn forget(&self, matches: impl Fn(u32) -> bool) {
         self.streams.lock().retain(|s, _| !matches(*s));
     }
 
+    /// Forgets everything in flight and restarts from `start` (pipeline restart).
     pub fn reset(&self, start: &StreamPositions) {
         let mut streams = self.streams.lock();
         streams.clear();
@@ -114,12 +114,12 @@ impl Checkpoints {
         v
     }
 
-    /// The checkpoint of the embedded journal (stream 0).
     /// Forgets the streams matching (see [`Watermark::forget`]).
     pub fn forget(&self, matches: impl Fn(u32) -> bool) {
         self.streams.lock().retain(|s, _| !matches(*s));
     }
 
+    /// The checkpoint of the embedded journal (stream 0).
     pub fn stream0(&self) -> u64 {
         self.streams.lock().get(&0).copied().unwrap_or(0)
     }
