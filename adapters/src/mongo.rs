@@ -177,6 +177,24 @@ impl MongoStore {
         Ok(())
     }
 
+    /// Records applied event ids as plain inserts: an upsert costs the database about four times
+    /// an insert (BENCHMARKS, session 11), and an id is only ever written once unless a flush is
+    /// retried, when the id already there is exactly what is wanted. So duplicate-key refusals are
+    /// success; any other failure fails the flush (and it is retried).
+    async fn record_event_ids(&self, ids: &[String]) -> Result<(), StoreError> {
+        let at = mongodb::bson::DateTime::now();
+        for chunk in ids.chunks(BULK_CHUNK) {
+            let docs = chunk.iter().map(|id| doc! { "_id": id.as_str(), "at": at });
+            const ACTION: &str = "record applied event ids";
+            match answered(ACTION, self.event_ids.insert_many(docs).ordered(false)).await? {
+                Ok(_) => {}
+                Err(e) if only_duplicate_keys(&e) => {}
+                Err(e) => return Err(store_error(ACTION, e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a counter (`meta` document) if it is missing, before any concurrent use:
     /// concurrent `findAndModify` upserts racing to create one document can answer "no document"
     /// although their `$inc` was applied (seen on SecantusDB), which would cost a retry and a gap.
@@ -295,19 +313,35 @@ where
     F: IntoFuture<Output = mongodb::error::Result<T>>,
     F::IntoFuture: Future<Output = mongodb::error::Result<T>>,
 {
-    match tokio::time::timeout(OPERATION_TIMEOUT, operation.into_future()).await {
-        Ok(result) => result.map_err(|e| store_error(action, e)),
-        Err(_) => Err(StoreError::unavailable(format!(
-            "MongoDB: cannot {action}: no answer within {} s",
-            OPERATION_TIMEOUT.as_secs()
-        ))),
-    }
+    answered(action, operation).await?.map_err(|e| store_error(action, e))
+}
+
+/// The driver's own result, or unavailable when MongoDB gives no answer in time.
+async fn answered<T, F>(action: &'static str, operation: F) -> Result<mongodb::error::Result<T>, StoreError>
+where
+    F: IntoFuture<Output = mongodb::error::Result<T>>,
+    F::IntoFuture: Future<Output = mongodb::error::Result<T>>,
+{
+    tokio::time::timeout(OPERATION_TIMEOUT, operation.into_future()).await.map_err(|_| {
+        StoreError::unavailable(format!("MongoDB: cannot {action}: no answer within {} s", OPERATION_TIMEOUT.as_secs()))
+    })
 }
 
 /// A unique-index violation: for inserts that claim an id, someone else claimed it first.
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
     matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+}
+
+/// An unordered insert refused only because some of its `_id`s exist already.
+fn only_duplicate_keys(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, InsertManyError};
+    match &*e.kind {
+        ErrorKind::InsertMany(InsertManyError { write_errors: Some(errors), write_concern_error: None, .. }) => {
+            !errors.is_empty() && errors.iter().all(|w| w.code == 11000)
+        }
+        _ => is_duplicate_key(e),
+    }
 }
 
 /// MongoDB refuses these names only at the first write; checking up front gives a clear error.
@@ -437,12 +471,6 @@ impl OperationalStore for MongoStore {
                 models.push(replace_one(&merges, doc)?);
             }
         }
-        // After the effects, before the checkpoint: an id is only recorded once what it did is.
-        let event_ids = self.event_ids.namespace();
-        let now = mongodb::bson::DateTime::now();
-        for id in &batch.event_ids {
-            models.push(replace_one(&event_ids, doc! { "_id": id.as_str(), "at": now })?);
-        }
         // A retried flush inserts its outbox rows again; the warehouse's keys absorb that.
         let outbox = self.outbox.namespace();
         for part in batch.outbox.split(OUTBOX_DOC_ROWS) {
@@ -457,8 +485,10 @@ impl OperationalStore for MongoStore {
         let checkpoint = batch.checkpoint.map(|c| to_i64("checkpoint", c)).transpose()?;
 
         let started = std::time::Instant::now();
-        let writes = models.len();
+        let writes = models.len() + batch.event_ids.len();
         self.bulk_upsert(models).await?;
+        // After the effects, before the checkpoint: an id is only recorded once what it did is.
+        self.record_event_ids(&batch.event_ids).await?;
         if let Some(checkpoint) = checkpoint {
             // `$max`: a late or replayed flush never moves replay start backwards.
             timed(

@@ -1,7 +1,8 @@
 //! The MongoDB document layouts of the operational store, in one place.
 //!
 //! Records are stored as real BSON documents (not opaque blobs) so analysts can query them:
-//! each record's serde fields become document fields, with the natural key as `_id`. Unsigned
+//! each record's serde fields become document fields, with the natural key as `_id`. The one
+//! exception is a profile's bookkeeping that only Cohort reads (see `PACKED_FIELDS`). Unsigned
 //! integers become `Int64` (BSON has no unsigned type; values above `i64::MAX` are refused on
 //! write rather than wrapped). Timestamps stay RFC 3339 strings exactly as serde writes them, so
 //! a record reads back equal to what was written, nanoseconds included (a BSON date keeps only
@@ -9,7 +10,7 @@
 //!
 //! | collection     | `_id`                              | other fields                                  |
 //! |----------------|------------------------------------|-----------------------------------------------|
-//! | `profiles`     | profile id                         | the fields of `ProfileRecord`                 |
+//! | `profiles`     | profile id                         | the fields of `ProfileRecord`, bookkeeping in `packed` |
 //! | `identities`   | `kind:value`                       | `kind`, `value`, `profile_id`                 |
 //! | `merges`       | `profile/seq(20 digits)/other`     | `profile`, `merge` (the `IdentityMerged`)     |
 //! | `dead_letters` | id (`Int64`, from 1)               | the fields of `DeadLetter` except `id`        |
@@ -23,7 +24,7 @@
 //! | `review_queue` | item id                            | the fields of `ReviewItem`                    |
 
 use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
-use mongodb::bson::{self, doc, Bson, Document};
+use mongodb::bson::{self, doc, spec::BinarySubtype, Binary, Bson, Document};
 
 use crate::StoreError;
 
@@ -104,18 +105,75 @@ fn string_id(doc: &Document) -> String {
     }
 }
 
-/// `{_id: profile id, ...fields of ProfileRecord}`.
+/// Profile fields only Cohort reads back: the event history, replay marks, merge ledger and
+/// activity windows. They are most of a profile's bytes and are rewritten on every flush, and
+/// the database parses every field of every rewrite, so they are stored as one compressed blob
+/// (`packed`) and the rest stays queryable BSON. Documents written before still read.
+const PACKED_FIELDS: [&str; 4] = ["recent_events", "applied_seqs", "ledger", "activity"];
+const PACKED: &str = "packed";
+/// First byte of `packed`: what follows is a zstd frame holding a BSON document.
+const PACKED_ZSTD_BSON: u8 = 1;
+/// Fast compression: the point is fewer bytes for the database, not the smallest blob.
+const PACKED_ZSTD_LEVEL: i32 = 1;
+
+/// `{_id: profile id, ...fields of ProfileRecord, packed: the fields in PACKED_FIELDS}`.
 pub(super) fn profile_doc(record: &ProfileRecord) -> Result<Document, StoreError> {
     let id = record.profile_id.as_str();
-    let fields = bson::to_document(record).map_err(|e| encode_error("profile", id, e))?;
+    let mut fields = bson::to_document(record).map_err(|e| encode_error("profile", id, e))?;
+    let mut packed = Document::new();
+    for name in PACKED_FIELDS {
+        if let Some(value) = fields.remove(name) {
+            packed.insert(name, value);
+        }
+    }
     let mut doc = doc! { "_id": id };
     doc.extend(fields);
+    if !packed.is_empty() {
+        let mut raw = Vec::new();
+        packed.to_writer(&mut raw).map_err(|e| StoreError::invalid(format!("cannot encode profile {id}: {e}")))?;
+        let compressed = zstd::bulk::compress(&raw, PACKED_ZSTD_LEVEL)
+            .map_err(|e| StoreError::invalid(format!("cannot compress profile {id}: {e}")))?;
+        let mut bytes = Vec::with_capacity(compressed.len() + 1);
+        bytes.push(PACKED_ZSTD_BSON);
+        bytes.extend_from_slice(&compressed);
+        doc.insert(PACKED, Binary { subtype: BinarySubtype::Generic, bytes });
+    }
     Ok(doc)
 }
 
 pub(super) fn profile_from_doc(mut doc: Document) -> Result<ProfileRecord, StoreError> {
     let id = string_id(&doc);
     doc.remove("_id");
+    match doc.remove(PACKED) {
+        None => {}
+        Some(Bson::Binary(Binary { bytes, .. })) => {
+            let unpacked = match bytes.split_first() {
+                Some((&PACKED_ZSTD_BSON, frame)) => zstd::stream::decode_all(frame)
+                    .map_err(|e| StoreError::corrupt(format!("stored profile {id}: packed fields: {e}")))
+                    .and_then(|raw| {
+                        Document::from_reader(raw.as_slice()).map_err(|e| {
+                            StoreError::corrupt(format!(
+                                "stored profile {id}: packed fields: {}",
+                                redact_quoted(&e.to_string())
+                            ))
+                        })
+                    })?,
+                Some((version, _)) => {
+                    return Err(StoreError::corrupt(format!(
+                    "stored profile {id}: packed fields in an unknown format ({version}); written by a newer Cohort?"
+                )))
+                }
+                None => return Err(StoreError::corrupt(format!("stored profile {id}: packed fields are empty"))),
+            };
+            doc.extend(unpacked);
+        }
+        Some(other) => {
+            return Err(StoreError::corrupt(format!(
+                "stored profile {id}: packed fields are a {:?}, not binary",
+                other.element_type()
+            )))
+        }
+    }
     bson::from_document(doc).map_err(|e| decode_error("profile", &id, e))
 }
 
@@ -246,8 +304,88 @@ mod tests {
         let doc = profile_doc(&p).unwrap();
         assert_eq!(doc.get_str("_id").unwrap(), p.profile_id.as_str());
         assert_eq!(doc.get_document("counters").unwrap().get("events_total"), Some(&Bson::Int64(1)));
-        assert_eq!(doc.get_array("applied_seqs").unwrap(), &vec![Bson::Int64(1 << 40)]);
         assert_eq!(profile_from_doc(doc).unwrap(), p);
+    }
+
+    /// The packed blob back to the document it holds.
+    fn unpack(doc: &Document) -> Document {
+        let bytes = &doc.get_binary_generic(PACKED).unwrap()[..];
+        assert_eq!(bytes[0], PACKED_ZSTD_BSON);
+        Document::from_reader(zstd::stream::decode_all(&bytes[1..]).unwrap().as_slice()).unwrap()
+    }
+
+    #[test]
+    fn bookkeeping_is_packed_and_what_analysts_query_stays_bson() {
+        let mut p = rich_profile();
+        for n in 2..60u64 {
+            let event = CustomerEvent {
+                event_id: EventId::new(Source::Web, &format!("e{n}")),
+                source: Source::Web,
+                kind: EventKind::Page,
+                name: Some("lecture viewed".into()),
+                occurred_at: at(10, 0),
+                received_at: at(10, 5),
+                identifiers: vec![Identifier::new(IdentifierKind::AnonymousId, "anon-1")],
+                traits: Map::new(),
+                properties: [("path".to_string(), json!("/courses/101/lectures/3"))].into_iter().collect(),
+                utm: Utm::default(),
+                trace: None,
+                raw: RawRef { seq: None, index: 0 },
+            };
+            p.apply(n, &event, 100);
+        }
+        let doc = profile_doc(&p).unwrap();
+        for name in PACKED_FIELDS {
+            assert!(!doc.contains_key(name), "{name} is packed, not a field");
+        }
+        for name in ["identifiers", "traits", "counters", "created_at", "updated_at", "merged_into"] {
+            assert!(doc.contains_key(name), "{name} stays a queryable field");
+        }
+        let packed = unpack(&doc);
+        assert_eq!(packed.get_array("applied_seqs").unwrap()[0], Bson::Int64(2), "numbers are Int64 inside too");
+        assert_eq!(packed.get_array("recent_events").unwrap().len(), p.recent_events.len());
+        let plain = bson::to_document(&p).unwrap();
+        let size = |d: &Document| {
+            let mut v = Vec::new();
+            d.to_writer(&mut v).unwrap();
+            v.len()
+        };
+        assert!(size(&doc) * 3 < size(&plain), "packed {} B against {} B plain", size(&doc), size(&plain));
+        assert_eq!(profile_from_doc(doc).unwrap(), p);
+    }
+
+    #[test]
+    fn profiles_stored_before_packing_still_read() {
+        let p = rich_profile();
+        let mut old = doc! { "_id": p.profile_id.as_str() };
+        old.extend(bson::to_document(&p).unwrap());
+        assert!(old.contains_key("recent_events") && !old.contains_key(PACKED));
+        assert_eq!(profile_from_doc(old).unwrap(), p);
+    }
+
+    #[test]
+    fn damaged_or_unknown_packed_fields_are_corrupt_not_a_panic() {
+        let p = rich_profile();
+        let good = profile_doc(&p).unwrap();
+        let with = |packed: Bson| {
+            let mut d = good.clone();
+            d.insert(PACKED, packed);
+            profile_from_doc(d).unwrap_err()
+        };
+        let binary = |bytes: Vec<u8>| Bson::Binary(Binary { subtype: BinarySubtype::Generic, bytes });
+        for err in [
+            with(binary(vec![])),
+            with(binary(vec![PACKED_ZSTD_BSON, 1, 2, 3])),
+            with(binary(vec![PACKED_ZSTD_BSON])),
+            with(Bson::String("x".into())),
+        ] {
+            assert_eq!(err.kind, crate::StoreErrorKind::Corrupt, "{}", err.message);
+        }
+        let err = with(binary(vec![9, 0]));
+        assert!(err.message.contains("unknown format (9)"), "{}", err.message);
+        // A valid frame holding something that is not a BSON document.
+        let frame = zstd::bulk::compress(b"not bson", 1).unwrap();
+        assert_eq!(with(binary([vec![PACKED_ZSTD_BSON], frame].concat())).kind, crate::StoreErrorKind::Corrupt);
     }
 
     #[test]
