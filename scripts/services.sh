@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs (once, cached) and starts/stops the real-protocol servers the tests use:
-#   Tansu (Kafka protocol), SecantusDB (MongoDB wire protocol), bqemulator (BigQuery REST API),
+#   Tansu (Kafka protocol; a second one in memory for benchmarks), SecantusDB (MongoDB wire protocol), bqemulator (BigQuery REST API),
 # and the deployment checkers: promtool (Debian's prometheus package) and kubernetes-validate.
 # Usage: scripts/services.sh install | start | stop | env | stop-one|start-one|pause|resume kafka|mongo
 # Everything listens on 127.0.0.1 on free ports; `start` writes $COHORT_SERVICES_DIR/env with the
@@ -103,6 +103,18 @@ start_tansu() {
   echo $! >"$RUN_DIR/tansu.pid"
 }
 
+# The benchmarks' broker: the same Tansu with in-memory storage. Its SQLite engine costs about a
+# millisecond of CPU per produced batch on the cores Cohort shares (BENCHMARKS.md, session 11), so a
+# throughput figure through it measures SQLite; tests keep the durable SQLite broker above.
+start_tansu_bench() {
+  local port=$1
+  rm -rf "$RUN_DIR/tansu-bench" && mkdir -p "$RUN_DIR/tansu-bench"
+  (cd "$RUN_DIR/tansu-bench" && exec "$(tansu_bin)" broker \
+      --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "memory://" >>"$RUN_DIR/tansu-bench.log" 2>&1) &
+  echo $! >"$RUN_DIR/tansu-bench.pid"
+}
+
 start_mongo() {
   local port=$1
   "$(secantus_bin)" --host 127.0.0.1 --port "$port" --storage-path "$RUN_DIR/mongo" --cache-size 512M \
@@ -116,13 +128,14 @@ start() {
   done
   stop_quiet
   mkdir -p "$RUN_DIR"
-  local kport mport bport gport
-  kport=$(free_port); mport=$(free_port); bport=$(free_port); gport=$(free_port)
+  local kport mport bport gport tbport
+  kport=$(free_port); mport=$(free_port); bport=$(free_port); gport=$(free_port); tbport=$(free_port)
 
   # Tansu reads a .env file from its working directory: run it in an empty folder, with a fresh
   # database every run (a reused one has been seen to break it).
   rm -rf "$RUN_DIR/tansu" && mkdir -p "$RUN_DIR/tansu"
   start_tansu "$kport"
+  start_tansu_bench "$tbport"
 
   rm -rf "$RUN_DIR/mongo" && mkdir -p "$RUN_DIR/mongo"
   start_mongo "$mport"
@@ -134,10 +147,12 @@ start() {
   echo $! >"$RUN_DIR/bq.pid"
 
   wait_port "$kport" tansu || { log "tansu failed to start, see $RUN_DIR/tansu.log"; stop_quiet; exit 1; }
+  wait_port "$tbport" tansu-bench || { log "the benchmark tansu failed to start, see $RUN_DIR/tansu-bench.log"; stop_quiet; exit 1; }
   wait_port "$mport" secantusdb || { log "secantusdb failed to start, see $RUN_DIR/mongo.log"; stop_quiet; exit 1; }
   wait_port "$bport" bqemulator || { log "bqemulator failed to start, see $RUN_DIR/bq.log"; stop_quiet; exit 1; }
   cat >"$RUN_DIR/env" <<ENV
 export COHORT_TEST_KAFKA=127.0.0.1:$kport
+export COHORT_BENCH_KAFKA=127.0.0.1:$tbport
 export COHORT_TEST_MONGODB=mongodb://127.0.0.1:$mport
 export COHORT_TEST_BIGQUERY=http://127.0.0.1:$bport/bigquery/v2
 export COHORT_SERVICES_DIR=$RUN_DIR
@@ -147,7 +162,7 @@ export COHORT_TEST_PROMTOOL=$(command -v promtool || true)
 export COHORT_TEST_DEPLOY_TOOLS=$(deploy_venv)/bin
 export COHORT_TEST_CARGO_DENY=$(cargo_deny_bin)
 ENV
-  log "started: kafka 127.0.0.1:$kport, mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
+  log "started: kafka 127.0.0.1:$kport (benchmarks: 127.0.0.1:$tbport, in memory), mongodb 127.0.0.1:$mport, bigquery 127.0.0.1:$bport"
   cat "$RUN_DIR/env"
 }
 
@@ -176,7 +191,7 @@ restart_one() {
 }
 
 stop_quiet() {
-  for name in tansu mongo bq; do stop_one "$name"; done
+  for name in tansu tansu-bench mongo bq; do stop_one "$name"; done
 }
 
 case "${1:-}" in
