@@ -5,8 +5,8 @@
 //! MongoDB `EventLog`. Flushes are batched with `bulkWrite` (MongoDB 8.0+), because one round trip
 //! per profile would cap the pipeline at a few thousand profiles per second; the checkpoint is
 //! written only after everything else of its flush, so a failure half-way never moves replay
-//! start past data that is not stored. Every write is an idempotent upsert, so retrying a failed
-//! flush is always safe.
+//! start past data that is not stored. Every write is an idempotent upsert or an insert whose
+//! duplicate is harmless (event ids, outbox rows), so retrying a failed flush is always safe.
 
 mod codec;
 mod errors;
@@ -856,6 +856,17 @@ fn document_from(doc: Document) -> Result<(String, serde_json::Value), StoreErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_refusals_of_existing_ids_count_as_recorded() {
+        use errors::tests::insert_many_error;
+        assert!(only_duplicate_keys(&insert_many_error(&[11000])));
+        assert!(only_duplicate_keys(&insert_many_error(&[11000, 11000, 11000])));
+        assert!(!only_duplicate_keys(&insert_many_error(&[11000, 121])), "a validation refusal is not recorded");
+        assert!(!only_duplicate_keys(&insert_many_error(&[])), "no write error: a write concern failure");
+        let io = mongodb::error::Error::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        assert!(!only_duplicate_keys(&io));
+    }
 
     #[test]
     fn database_names_are_checked_before_connecting() {

@@ -67,6 +67,7 @@ pub struct ProfileRecord {
     pub identifiers: Vec<LinkedIdentifier>,
     pub traits: BTreeMap<String, TraitValue>,
     pub counters: ProfileCounters,
+    #[serde(default)]
     pub recent_events: VecDeque<EventSummary>,
     /// Journal sequence numbers applied after the last pipeline checkpoint. Replay after a crash
     /// starts at the checkpoint; these make re-applying an event a no-op.

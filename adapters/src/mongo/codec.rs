@@ -130,7 +130,9 @@ pub(super) fn profile_doc(record: &ProfileRecord) -> Result<Document, StoreError
     doc.extend(fields);
     if !packed.is_empty() {
         let mut raw = Vec::new();
-        packed.to_writer(&mut raw).map_err(|e| StoreError::invalid(format!("cannot encode profile {id}: {e}")))?;
+        packed.to_writer(&mut raw).map_err(|e| {
+            StoreError::invalid(format!("cannot encode profile {id} for MongoDB: {}", redact_quoted(&e.to_string())))
+        })?;
         let compressed = zstd::bulk::compress(&raw, PACKED_ZSTD_LEVEL)
             .map_err(|e| StoreError::invalid(format!("cannot compress profile {id}: {e}")))?;
         let mut bytes = Vec::with_capacity(compressed.len() + 1);

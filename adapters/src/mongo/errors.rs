@@ -77,10 +77,14 @@ pub(super) fn store_error(action: &str, err: Error) -> StoreError {
             }
             None => StoreError::unavailable(format!("{context}: write concern error")),
         },
-        ErrorKind::InsertMany(i) => match i.write_errors.as_ref().and_then(|w| w.first()) {
-            Some(w) => server_error(&err, &context, w.code, w.code_name.as_deref().unwrap_or_default()),
-            None => StoreError::unavailable(format!("{context}: write concern error")),
-        },
+        // An unordered insert's refusals can mix: a duplicate key (transient) must not hide a
+        // permanent one, or the flush would be retried forever.
+        ErrorKind::InsertMany(i) => {
+            match i.write_errors.as_ref().and_then(|w| w.iter().find(|w| w.code != 11000).or_else(|| w.first())) {
+                Some(w) => server_error(&err, &context, w.code, w.code_name.as_deref().unwrap_or_default()),
+                None => StoreError::unavailable(format!("{context}: write concern error")),
+            }
+        }
         // Io, ServerSelection, ConnectionPoolCleared, DnsResolve, Shutdown, ...: the database
         // cannot be reached right now. These messages name hosts, never data.
         _ => StoreError::unavailable(format!("{context}: {err}")),
@@ -88,7 +92,7 @@ pub(super) fn store_error(action: &str, err: Error) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
@@ -100,5 +104,22 @@ mod tests {
         assert_eq!(store_error("ping", io).kind, StoreErrorKind::Unavailable);
         let bad = Error::from(mongodb::bson::ser::Error::UnsignedIntegerExceededRange(u64::MAX));
         assert_eq!(store_error("ping", bad).kind, StoreErrorKind::Invalid);
+    }
+
+    /// An `insert_many` error with these write error codes, as the driver builds it.
+    pub(in crate::mongo) fn insert_many_error(codes: &[i32]) -> Error {
+        let errors: Vec<mongodb::bson::Document> =
+            codes.iter().enumerate().map(|(i, c)| mongodb::bson::doc! { "index": i as i64, "code": c }).collect();
+        let e: mongodb::error::InsertManyError =
+            mongodb::bson::from_document(mongodb::bson::doc! { "writeErrors": errors }).unwrap();
+        Error::from(ErrorKind::InsertMany(e))
+    }
+
+    #[test]
+    fn a_permanent_insert_refusal_is_not_hidden_by_a_duplicate_key_before_it() {
+        assert_eq!(store_error("insert", insert_many_error(&[11000, 11000])).kind, StoreErrorKind::Unavailable);
+        let mixed = store_error("insert", insert_many_error(&[11000, 121]));
+        assert_eq!(mixed.kind, StoreErrorKind::Invalid, "{}", mixed.message);
+        assert!(mixed.message.contains("121"), "{}", mixed.message);
     }
 }
