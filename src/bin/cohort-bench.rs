@@ -2104,15 +2104,25 @@ async fn raw_broker_rate(brokers: &str, partitions: i32, n: u64, size: usize) ->
     Ok((n as f64 / produced.as_secs_f64().max(1e-9), n as f64 / consumed.as_secs_f64().max(1e-9)))
 }
 
+/// Drops the Kafka-mode run's own database; a failure only costs disk, so it is reported, not fatal.
+async fn drop_bench_database(url: &str, database: &str) {
+    let dropped = async { mongodb::Client::with_uri_str(url).await?.database(database).drop().await };
+    if let Err(e) = dropped.await {
+        eprintln!("note: the benchmark database {database} was not dropped: {e}");
+    }
+}
+
 async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &str) -> anyhow::Result<()> {
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let database = format!("bench_{tag}");
+    let kek = std::env::temp_dir().join(format!("cohort-bench-{tag}.kek"));
     // Same pipeline in both modes; the warehouse is off in both so only bus and store differ.
     let embedded_toml = format!("[warehouse]\nurl = \"none://\"\n{}", cli.server_toml);
     let kafka_toml = format!(
-        "[storage]\nurl = \"{mongodb}\"\ndatabase = \"bench_{tag}\"\n[bus]\nurl = \"kafka://{brokers}\"\n\
+        "[storage]\nurl = \"{mongodb}\"\ndatabase = \"{database}\"\n[bus]\nurl = \"kafka://{brokers}\"\n\
          topic_prefix = \"bench{tag}.\"\ngroup_id = \"bench{tag}\"\n[warehouse]\nurl = \"none://\"\n\
          [gdpr]\nkey_url = \"file:{}\"\n{}",
-        std::env::temp_dir().join(format!("cohort-bench-{tag}.kek")).display(),
+        kek.display(),
         cli.server_toml
     );
     let partitions = Config::from_toml_layers(&[&kafka_toml])?.bus.partitions;
@@ -2121,7 +2131,11 @@ async fn compare_kafka(cli: &Cli, settings: &Settings, brokers: &str, mongodb: &
         thousands(settings.events)
     );
     let embedded = phase1_on(cli, settings, &embedded_toml).await.context("embedded mode")?;
-    let kafka = phase1_on(cli, settings, &kafka_toml).await.context("Kafka mode")?;
+    let kafka = phase1_on(cli, settings, &kafka_toml).await.context("Kafka mode");
+    // Repeated runs on one database server stay comparable (topics stay: see raw_broker_rate).
+    drop_bench_database(mongodb, &database).await;
+    let _ = std::fs::remove_file(&kek);
+    let kafka = kafka?;
     const RAW_RECORD_BYTES: usize = 1024;
     let mark = CpuMark::now();
     let (raw_produce, raw_e2e) = raw_broker_rate(brokers, partitions, settings.events, RAW_RECORD_BYTES).await?;
