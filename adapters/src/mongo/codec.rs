@@ -273,14 +273,13 @@ mod tests {
         ProfileId::derive_from_event(&EventId::new(Source::Crm, &format!("p{n}")), at(i64::from(n), 0))
     }
 
-    fn rich_profile() -> ProfileRecord {
-        let mut p = ProfileRecord::new(id(1), at(0, 123_456_789));
+    fn rich_event() -> CustomerEvent {
         let mut properties = Map::new();
         properties.insert("score".into(), json!(7));
         properties.insert("ratio".into(), json!(0.25));
         properties.insert("negative".into(), json!(-3));
         properties.insert("nested".into(), json!({"a": [1, "two", null, true], "b": {}}));
-        let event = CustomerEvent {
+        CustomerEvent {
             event_id: EventId::new(Source::Web, "e1"),
             source: Source::Web,
             kind: EventKind::Track,
@@ -293,8 +292,12 @@ mod tests {
             utm: Utm { campaign: Some("spring".into()), ..Utm::default() },
             trace: None,
             raw: RawRef { seq: None, index: 0 },
-        };
-        p.apply(1 << 40, &event, 10);
+        }
+    }
+
+    fn rich_profile() -> ProfileRecord {
+        let mut p = ProfileRecord::new(id(1), at(0, 123_456_789));
+        p.apply(1 << 40, &rich_event(), 10);
         p.merged_into = Some(id(2));
         p.merged_from = vec![id(3)];
         p
@@ -322,17 +325,12 @@ mod tests {
         for n in 2..60u64 {
             let event = CustomerEvent {
                 event_id: EventId::new(Source::Web, &format!("e{n}")),
-                source: Source::Web,
                 kind: EventKind::Page,
                 name: Some("lecture viewed".into()),
                 occurred_at: at(10, 0),
                 received_at: at(10, 5),
-                identifiers: vec![Identifier::new(IdentifierKind::AnonymousId, "anon-1")],
-                traits: Map::new(),
                 properties: [("path".to_string(), json!("/courses/101/lectures/3"))].into_iter().collect(),
-                utm: Utm::default(),
-                trace: None,
-                raw: RawRef { seq: None, index: 0 },
+                ..rich_event()
             };
             p.apply(n, &event, 100);
         }
