@@ -95,24 +95,16 @@ wait_port() {
   log "$name did not open port $port"; return 1
 }
 
+# start_tansu PORT [NAME STORAGE]: runs in $RUN_DIR/NAME (which must exist), logs to NAME.log.
+# The tests' broker is `tansu` on SQLite. The benchmarks' is `tansu-bench` in memory: the SQLite
+# engine costs about a millisecond of CPU per produced batch on the cores Cohort shares
+# (BENCHMARKS.md, session 11), so a throughput figure through it measures SQLite.
 start_tansu() {
-  local port=$1
-  (cd "$RUN_DIR/tansu" && exec "$(tansu_bin)" broker \
+  local port=$1 name=${2:-tansu} storage=${3:-sqlite://tansu.db}
+  (cd "$RUN_DIR/$name" && exec "$(tansu_bin)" broker \
       --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine "sqlite://tansu.db" >>"$RUN_DIR/tansu.log" 2>&1) &
-  echo $! >"$RUN_DIR/tansu.pid"
-}
-
-# The benchmarks' broker: the same Tansu with in-memory storage. Its SQLite engine costs about a
-# millisecond of CPU per produced batch on the cores Cohort shares (BENCHMARKS.md, session 11), so a
-# throughput figure through it measures SQLite; tests keep the durable SQLite broker above.
-start_tansu_bench() {
-  local port=$1
-  rm -rf "$RUN_DIR/tansu-bench" && mkdir -p "$RUN_DIR/tansu-bench"
-  (cd "$RUN_DIR/tansu-bench" && exec "$(tansu_bin)" broker \
-      --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine "memory://" >>"$RUN_DIR/tansu-bench.log" 2>&1) &
-  echo $! >"$RUN_DIR/tansu-bench.pid"
+      --storage-engine "$storage" >>"$RUN_DIR/$name.log" 2>&1) &
+  echo $! >"$RUN_DIR/$name.pid"
 }
 
 start_mongo() {
@@ -133,9 +125,9 @@ start() {
 
   # Tansu reads a .env file from its working directory: run it in an empty folder, with a fresh
   # database every run (a reused one has been seen to break it).
-  rm -rf "$RUN_DIR/tansu" && mkdir -p "$RUN_DIR/tansu"
+  rm -rf "$RUN_DIR/tansu" "$RUN_DIR/tansu-bench" && mkdir -p "$RUN_DIR/tansu" "$RUN_DIR/tansu-bench"
   start_tansu "$kport"
-  start_tansu_bench "$tbport"
+  start_tansu "$tbport" tansu-bench memory://
 
   rm -rf "$RUN_DIR/mongo" && mkdir -p "$RUN_DIR/mongo"
   start_mongo "$mport"

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use serde_json::Value;
 use std::process::Command;
 
@@ -34,4 +36,56 @@ fn quick_benchmark_run_reports_every_figure() {
         assert_eq!(t["comparable"], false, "{t}");
     }
     assert!(report["machine"]["at_start"]["nproc"].as_u64().unwrap() >= 1);
+}
+
+/// Issue 3's Kafka mode: one run reports both modes, the same broker's raw rate and the ratios,
+/// prints the comparison with its CPU split, and leaves no database of its own behind.
+#[test]
+fn kafka_mode_comparison_reports_both_modes_and_the_raw_broker_and_cleans_up() {
+    let (kafka, mongodb) = (common::service("COHORT_BENCH_KAFKA"), common::service("COHORT_TEST_MONGODB"));
+    let bench_databases = || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let client = mongodb::Client::with_uri_str(&mongodb).await.unwrap();
+            let names = client.list_database_names().await.unwrap();
+            names.into_iter().filter(|n| n.starts_with("bench_")).collect::<std::collections::BTreeSet<_>>()
+        })
+    };
+    let before = bench_databases();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let events = 600;
+    let run = Command::new(env!("CARGO_BIN_EXE_cohort-bench"))
+        .args(["--quiet", "--events", &events.to_string(), "--students", "100", "--compare-kafka", &kafka])
+        .args(["--compare-mongodb", &mongodb, "--out"])
+        .arg(&out)
+        .env("COHORT__TELEMETRY__LOG_FILTER", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    for line in ["Kafka mode / embedded mode:", "Kafka mode / raw broker produce+consume:", "raw broker, same harness"]
+    {
+        assert!(stdout.contains(line), "`{line}` missing from:\n{stdout}");
+    }
+    assert!(stdout.contains("CPU of Cohort and the generator per event"), "{stdout}");
+
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["mode"], "kafka-compare");
+    for mode in ["embedded", "kafka_mongodb"] {
+        let m = &report[mode];
+        assert_eq!(m["applied"], events, "every event applied in {mode}: {m}");
+        assert!(m["events_per_sec"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["e2p_p99_ms"].as_f64().is_some(), "{m}");
+        assert!(m["cpu"]["wall_seconds"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    let raw = &report["raw_broker"];
+    assert!(raw["produce_per_sec"].as_f64().unwrap() > 0.0 && raw["produce_consume_per_sec"].as_f64().unwrap() > 0.0);
+    let rate = |m: &str| report[m]["events_per_sec"].as_f64().unwrap();
+    let ratio = report["ratio_kafka_to_embedded"].as_f64().unwrap();
+    assert!((ratio - rate("kafka_mongodb") / rate("embedded")).abs() < 1e-9, "{report}");
+    let vs_raw = report["ratio_kafka_to_raw_broker"].as_f64().unwrap();
+    assert!((vs_raw - rate("kafka_mongodb") / raw["produce_consume_per_sec"].as_f64().unwrap()).abs() < 1e-9);
+
+    assert_eq!(bench_databases(), before, "the run dropped its own MongoDB database");
 }

@@ -32,7 +32,7 @@ use self::codec::{
     EVENT_IDS, IDENTITIES, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID, OUTBOX, PROFILES,
     REVIEWS, SAGAS, SUPPRESSIONS,
 };
-use self::errors::store_error;
+use self::errors::{store_error, DUPLICATE_KEY};
 use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
 use crate::{FlushBatch, NewDeadLetter, OperationalStore, OutboxId, StoreError, WarehouseBatch};
 use cohort_messages::{
@@ -330,7 +330,7 @@ where
 /// A unique-index violation: for inserts that claim an id, someone else claimed it first.
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
-    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY)
 }
 
 /// An unordered insert refused only because some of its `_id`s exist already.
@@ -338,7 +338,7 @@ fn only_duplicate_keys(e: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, InsertManyError};
     match &*e.kind {
         ErrorKind::InsertMany(InsertManyError { write_errors: Some(errors), write_concern_error: None, .. }) => {
-            !errors.is_empty() && errors.iter().all(|w| w.code == 11000)
+            !errors.is_empty() && errors.iter().all(|w| w.code == DUPLICATE_KEY)
         }
         _ => is_duplicate_key(e),
     }

@@ -6,6 +6,13 @@ use cohort::client::CohortClient;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A test service's address from `$COHORT_SERVICES_DIR/env`; a missing one fails the test.
+pub fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `scripts/services.sh start` and `source ~/.cache/cohort/run/env` (scripts/test.sh does both)")
+    })
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
 }

@@ -146,35 +146,23 @@ pub(super) fn profile_doc(record: &ProfileRecord) -> Result<Document, StoreError
 pub(super) fn profile_from_doc(mut doc: Document) -> Result<ProfileRecord, StoreError> {
     let id = string_id(&doc);
     doc.remove("_id");
-    match doc.remove(PACKED) {
-        None => {}
-        Some(Bson::Binary(Binary { bytes, .. })) => {
-            let unpacked = match bytes.split_first() {
-                Some((&PACKED_ZSTD_BSON, frame)) => zstd::stream::decode_all(frame)
-                    .map_err(|e| StoreError::corrupt(format!("stored profile {id}: packed fields: {e}")))
-                    .and_then(|raw| {
-                        Document::from_reader(raw.as_slice()).map_err(|e| {
-                            StoreError::corrupt(format!(
-                                "stored profile {id}: packed fields: {}",
-                                redact_quoted(&e.to_string())
-                            ))
-                        })
-                    })?,
-                Some((version, _)) => {
-                    return Err(StoreError::corrupt(format!(
-                    "stored profile {id}: packed fields in an unknown format ({version}); written by a newer Cohort?"
-                )))
-                }
-                None => return Err(StoreError::corrupt(format!("stored profile {id}: packed fields are empty"))),
-            };
-            doc.extend(unpacked);
-        }
-        Some(other) => {
-            return Err(StoreError::corrupt(format!(
-                "stored profile {id}: packed fields are a {:?}, not binary",
-                other.element_type()
-            )))
-        }
+    if let Some(packed) = doc.remove(PACKED) {
+        let corrupt = |what: String| StoreError::corrupt(format!("stored profile {id}: packed fields {what}"));
+        let bytes = match packed {
+            Bson::Binary(Binary { bytes, .. }) => bytes,
+            other => return Err(corrupt(format!("are a {:?}, not binary", other.element_type()))),
+        };
+        let frame = match bytes.split_first() {
+            Some((&PACKED_ZSTD_BSON, frame)) => frame,
+            Some((format, _)) => {
+                return Err(corrupt(format!("in an unknown format ({format}); written by a newer Cohort?")))
+            }
+            None => return Err(corrupt("are empty".into())),
+        };
+        let raw = zstd::stream::decode_all(frame).map_err(|e| corrupt(format!("do not decompress: {e}")))?;
+        let unpacked = Document::from_reader(raw.as_slice())
+            .map_err(|e| corrupt(format!("are not BSON: {}", redact_quoted(&e.to_string()))))?;
+        doc.extend(unpacked);
     }
     bson::from_document(doc).map_err(|e| decode_error("profile", &id, e))
 }

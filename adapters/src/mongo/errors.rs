@@ -13,6 +13,9 @@ use crate::StoreError;
 const RETRYABLE_LABELS: [&str; 4] =
     [RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR, "SystemOverloadedError", "RetryableError"];
 
+/// MongoDB's DuplicateKey: a unique index (or `_id`) already holds the value.
+pub(super) const DUPLICATE_KEY: i32 = 11000;
+
 /// Server codes that mean "not now" rather than "never": network trouble, elections,
 /// shutdowns, time limits, write conflicts, overload.
 const TRANSIENT_CODES: [i32; 20] = [
@@ -80,7 +83,8 @@ pub(super) fn store_error(action: &str, err: Error) -> StoreError {
         // An unordered insert's refusals can mix: a duplicate key (transient) must not hide a
         // permanent one, or the flush would be retried forever.
         ErrorKind::InsertMany(i) => {
-            match i.write_errors.as_ref().and_then(|w| w.iter().find(|w| w.code != 11000).or_else(|| w.first())) {
+            match i.write_errors.as_ref().and_then(|w| w.iter().find(|w| w.code != DUPLICATE_KEY).or_else(|| w.first()))
+            {
                 Some(w) => server_error(&err, &context, w.code, w.code_name.as_deref().unwrap_or_default()),
                 None => StoreError::unavailable(format!("{context}: write concern error")),
             }
