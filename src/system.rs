@@ -32,7 +32,7 @@ use cohort_adapters::{
     open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, Pii, SealedStore, StoreErrorKind,
     StreamPositions, Warehouse,
 };
-use cohort_api::ApiState;
+use cohort_api::{ApiShared, ApiState};
 use cohort_config::{Config, WarehousePii};
 use cohort_messages::msgs::{
     BatchRun, FlushReport, GdprMsg, IdentityStatsMsg, IngestMsg, JobsMsg, ProfilesMsg, ProfilesStats, ReconcileReport,
@@ -891,7 +891,7 @@ impl Cohort {
                 .map_err(|e| anyhow!("invalid configuration: {e}"))?,
         );
         let token_watch = tokio::spawn(credentials.clone().watch());
-        let api = ApiState {
+        let api = ApiState::new(ApiShared {
             config: config.clone(),
             credentials,
             ingest: Arc::new(ingest_slots),
@@ -923,7 +923,7 @@ impl Cohort {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .context("building the HTTP client for peers")?,
-        };
+        });
         Ok(Cohort {
             config,
             api,

@@ -43,9 +43,13 @@ const PII_KEYS: &[&str] = &[
     "birthday",
 ];
 
+/// Whether a field name is personal, ignoring case and underscores (`First_Name`). Called for
+/// every key of every sealed record, so it compares without building the folded name.
 fn is_pii_key(key: &str) -> bool {
-    let folded: String = key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase).collect();
-    PII_KEYS.contains(&folded.as_str())
+    PII_KEYS.iter().any(|pii| {
+        let mut folded = key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase);
+        pii.chars().all(|c| folded.next() == Some(c)) && folded.next().is_none()
+    })
 }
 
 /// Identifier kinds whose values are personal data (the others are pseudonymous ids).
@@ -141,27 +145,24 @@ impl Pii {
 
     /// The record with every sealed string opened (whatever field it is in).
     pub fn open<T: Serialize + DeserializeOwned>(&self, record: T) -> Result<T, StoreError> {
-        let mut v = serde_json::to_value(&record).map_err(codec)?;
-        let mut failed = None;
-        each_string(&mut v, &mut |s| {
-            if let Err(e) = self.open_str(s) {
-                failed = Some(e);
-            }
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        serde_json::from_value(v).map_err(codec)
+        let v = serde_json::to_value(&record).map_err(codec)?;
+        serde_json::from_value(self.open_json(v)?).map_err(codec)
     }
 
     fn open_json(&self, mut v: Value) -> Result<Value, StoreError> {
+        self.open_strings(&mut v)?;
+        Ok(v)
+    }
+
+    /// Opens every sealed string in a JSON tree.
+    fn open_strings(&self, v: &mut Value) -> Result<(), StoreError> {
         let mut failed = None;
-        each_string(&mut v, &mut |s| {
+        each_string(v, &mut |s| {
             if let Err(e) = self.open_str(s) {
                 failed = Some(e);
             }
         });
-        failed.map_or(Ok(v), Err)
+        failed.map_or(Ok(()), Err)
     }
 
     /// The identifier as the store keys it: personal kinds by keyed hash, others as they are.
@@ -198,12 +199,38 @@ impl Pii {
         Ok(s)
     }
 
-    fn seal_batch(&self, batch: &WarehouseBatch) -> Result<WarehouseBatch, StoreError> {
-        let mut sealed = self.seal(batch)?;
+    /// Seals an outbox batch field by field: the same values [`Pii::seal`] would seal (the
+    /// event name, personal strings of identifiers, traits, properties and UTM fields) plus the
+    /// raw payload, without a round trip of every row through a JSON tree.
+    fn seal_batch(&self, mut sealed: WarehouseBatch) -> WarehouseBatch {
         for row in &mut sealed.bronze {
             self.seal_str(&mut row.payload);
         }
-        Ok(sealed)
+        for row in &mut sealed.silver {
+            if let Some(name) = &mut row.name {
+                self.seal_str(name);
+            }
+            for v in [&mut row.identifiers, &mut row.traits, &mut row.properties, &mut row.utm] {
+                each_personal(v, &mut |s| self.seal_str(s));
+            }
+        }
+        sealed
+    }
+
+    /// Opens what [`Pii::seal_batch`] sealed.
+    fn open_batch(&self, mut batch: WarehouseBatch) -> Result<WarehouseBatch, StoreError> {
+        for row in &mut batch.bronze {
+            self.open_str(&mut row.payload)?;
+        }
+        for row in &mut batch.silver {
+            if let Some(name) = &mut row.name {
+                self.open_str(name)?;
+            }
+            for v in [&mut row.identifiers, &mut row.traits, &mut row.properties, &mut row.utm] {
+                self.open_strings(v)?;
+            }
+        }
+        Ok(batch)
     }
 
     fn seal_letter(&self, mut l: NewDeadLetter) -> NewDeadLetter {
@@ -229,6 +256,15 @@ impl Pii {
     fn suppression_key(&self, channel: Channel, address: &str) -> String {
         self.hasher.hash(channel.as_str(), address)
     }
+}
+
+/// Runs sealing or opening of many records on the blocking pool: on an async worker it would
+/// hold up every actor and request scheduled there.
+async fn off_workers<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::unavailable(format!("{what} task failed: {e}")))?
 }
 
 /// An [`OperationalStore`] whose backend never holds personal data in the clear.
@@ -268,18 +304,17 @@ impl OperationalStore for SealedStore {
         let pii = self.pii.clone();
         // A large flush seals thousands of values: off the async workers, so it never stalls
         // ingest or the Profile API.
-        let sealed = tokio::task::spawn_blocking(move || -> Result<FlushBatch, StoreError> {
+        let sealed = off_workers("sealing", move || {
             Ok(FlushBatch {
                 identities: batch.identities.iter().map(|(i, p)| (pii.lookup_key(i), p.clone())).collect(),
                 profiles: batch.profiles.iter().map(|p| pii.seal(p)).collect::<Result<_, _>>()?,
                 merges: batch.merges.iter().map(|m| pii.seal(m)).collect::<Result<_, _>>()?,
                 checkpoint: batch.checkpoint,
                 event_ids: batch.event_ids,
-                outbox: pii.seal_batch(&batch.outbox)?,
+                outbox: pii.seal_batch(batch.outbox),
             })
         })
-        .await
-        .map_err(|e| StoreError::unavailable(format!("sealing task failed: {e}")))??;
+        .await?;
         self.inner.commit_flush(sealed).await
     }
 
@@ -322,14 +357,15 @@ impl OperationalStore for SealedStore {
     async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError> {
         let records = self.inner.load_profiles(ids).await?;
         let pii = self.pii.clone();
-        tokio::task::spawn_blocking(move || records.into_iter().map(|r| pii.open(r)).collect())
-            .await
-            .map_err(|e| StoreError::unavailable(format!("opening task failed: {e}")))?
+        off_workers("opening", move || records.into_iter().map(|r| pii.open(r)).collect()).await
     }
 
     async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
         let batches = self.inner.read_outbox(limit).await?;
-        batches.into_iter().map(|(id, b)| Ok((id, self.pii.open(b)?))).collect()
+        let pii = self.pii.clone();
+        // Thousands of rows per read: opening them on an async worker stalled the Profile API
+        // for hundreds of milliseconds while the warehouse caught up after a burst.
+        off_workers("opening", move || batches.into_iter().map(|(id, b)| Ok((id, pii.open_batch(b)?))).collect()).await
     }
 
     async fn ack_outbox(&self, ids: &[OutboxId]) -> Result<(), StoreError> {
@@ -518,5 +554,74 @@ mod tests {
         let (a, b) = (pii(), pii());
         let sealed: Value = a.seal(&json!({ "email": "x@y.eu" })).unwrap();
         assert!(b.open(sealed).is_err());
+    }
+
+    /// Every sealed string replaced by one marker, so two sealings (fresh nonces) compare.
+    fn sealed_shape(mut v: Value) -> Value {
+        each_string(&mut v, &mut |s| {
+            if is_sealed(s) {
+                *s = "<sealed>".into();
+            }
+        });
+        v
+    }
+
+    #[test]
+    fn outbox_batches_are_sealed_field_by_field_exactly_where_the_generic_walk_seals() {
+        let p = pii();
+        let batch: WarehouseBatch = serde_json::from_value(json!({
+            "bronze": [{
+                "raw_seq": 7, "source": "web", "format": "segment:batch", "content_type": "application/json",
+                "received_at": "2026-11-28T10:00:00Z", "payload_encoding": "utf8",
+                "payload": "{\"traits\":{\"email\":\"jana@uni.eu\"}}"
+            }],
+            "silver": [{
+                "event_id": "evt-1", "profile_id": "prof_a", "source": "whatsapp", "kind": "track",
+                "name": "Message Received", "occurred_at": "2026-11-28T10:00:00Z",
+                "received_at": "2026-11-28T10:00:01Z",
+                "identifiers": [{"kind": "email", "value": "jana@uni.eu"}, {"kind": "device_id", "value": "dev-9"},
+                                {"kind": "whatsapp_id", "value": "whatsapp:+4915112345678"}],
+                "traits": {"First_Name": "Jana", "programme": "MBA", "address": {"street": "Hauptstr. 1", "city": "Berlin"},
+                           "phone": {"value": "+4915112345678", "source": "crm"}},
+                "properties": {"body": "I want to enrol", "intent": "enrollment_inquiry", "tags": ["a", {"email": "x@y.eu"}]},
+                "utm": {"source": "newsletter"}, "raw_seq": 7
+            }, {
+                "event_id": "evt-2", "profile_id": "prof_b", "source": "web", "kind": "page", "name": null,
+                "occurred_at": "2026-11-28T10:00:00Z", "received_at": "2026-11-28T10:00:01Z",
+                "identifiers": [], "traits": {}, "properties": {"path": "/mba"}, "utm": null, "raw_seq": null
+            }],
+            "gold": ["prof_a", "prof_b"]
+        }))
+        .unwrap();
+        let typed = p.seal_batch(batch.clone());
+        let mut generic = p.seal(&batch).unwrap();
+        generic.bronze.iter_mut().for_each(|row| p.seal_str(&mut row.payload));
+        let shape = |b: &WarehouseBatch| sealed_shape(serde_json::to_value(b).unwrap());
+        assert_eq!(shape(&typed), shape(&generic));
+        let text = serde_json::to_string(&typed).unwrap();
+        for secret in
+            ["jana@uni.eu", "Jana", "Hauptstr", "I want to enrol", "x@y.eu", "4915112345678", "Message Received"]
+        {
+            assert!(!text.contains(secret), "{secret} left in the clear");
+        }
+        for kept in ["dev-9", "MBA", "Berlin", "enrollment_inquiry", "newsletter", "/mba", "prof_a"] {
+            assert!(text.contains(kept), "{kept} should stay readable");
+        }
+        assert_eq!(p.open_batch(typed).unwrap(), batch);
+        // Outbox entries written by the generic sealing still open.
+        assert_eq!(p.open_batch(generic).unwrap(), batch);
+        let mut tampered = p.seal_batch(batch);
+        tampered.silver[0].traits["First_Name"] = json!(pii().seal_text("Jana"));
+        assert!(p.open_batch(tampered).is_err(), "a value sealed with another key is an error");
+    }
+
+    #[test]
+    fn personal_field_names_match_whatever_their_case_and_underscores() {
+        for key in ["email", "Email", "EMAIL", "first_name", "FirstName", "MobilePhone", "mobile_phone", "_phone_"] {
+            assert!(is_pii_key(key), "{key}");
+        }
+        for key in ["", "_", "emails", "mail", "e", "phone_type", "first", "namespace", "page", "utm_source"] {
+            assert!(!is_pii_key(key), "{key}");
+        }
     }
 }

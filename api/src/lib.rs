@@ -18,7 +18,7 @@ pub mod serve;
 pub mod state;
 
 pub use error::ApiError;
-pub use state::ApiState;
+pub use state::{ApiShared, ApiState};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};

@@ -127,9 +127,14 @@ pub async fn get_stats(State(state): State<ApiState>) -> Result<Json<Value>, Api
     params(("ref" = String, Path, description = "A profile id or `type:value`, e.g. `email:max@gmail.com`")),
     responses((status = 200, description = "The golden record"), (status = 401), (status = 404), (status = 503)),
     security(("bearer" = ["profiles:read"])))]
-pub async fn get_profile(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_profile(
+    State(state): State<ApiState>,
+    Path(r): Path<String>,
+) -> Result<Json<cohort_messages::ProfileView>, ApiError> {
+    // Serialized straight to the body: through a `Value` tree first cost a tenth of the CPU
+    // at 5,000 requests/s.
     let (_, view) = query(&state, &r, ProfileMsg::GetView).await?;
-    Ok(Json(serde_json::to_value(view).unwrap_or(Value::Null)))
+    Ok(Json(view))
 }
 
 #[utoipa::path(get, path = "/v1/profiles/{ref}/traits", tag = "profiles",
