@@ -96,6 +96,11 @@ struct Cli {
     /// Offered Profile API request rate in phase 2 (0 skips phase 2).
     #[arg(long)]
     profile_rps: Option<u64>,
+    /// Connections the Profile API client keeps open in phase 2: at most this many requests are
+    /// in flight, like a service with a keep-alive pool; a request waiting for a connection
+    /// still counts its wait (latency is from the scheduled send).
+    #[arg(long, default_value_t = 64)]
+    profile_connections: usize,
     /// Duration of phase 2 in seconds (default 10; 2 with --quick).
     #[arg(long)]
     profile_seconds: Option<f64>,
@@ -134,6 +139,7 @@ struct Settings {
     identified_share: f64,
     ingest_rate: Option<f64>,
     profile_rps: u64,
+    profile_connections: usize,
     profile_seconds: f64,
     settle_timeout: Duration,
     seed: u64,
@@ -152,6 +158,7 @@ impl Settings {
             identified_share: cli.identified_share,
             ingest_rate: cli.ingest_rate,
             profile_rps: cli.profile_rps.unwrap_or(TARGET_PROFILE_RPS),
+            profile_connections: cli.profile_connections,
             profile_seconds: cli.profile_seconds.unwrap_or(if cli.quick { 2.0 } else { 10.0 }),
             settle_timeout: Duration::from_secs(cli.settle_timeout_secs),
             seed: cli.seed,
@@ -167,8 +174,8 @@ impl Settings {
         if !(1..=2_500).contains(&s.batch) {
             bail!("--batch must be between 1 and 2,500 (Segment's batch limit)");
         }
-        if s.concurrency == 0 {
-            bail!("--concurrency must be at least 1");
+        if s.concurrency == 0 || s.profile_connections == 0 {
+            bail!("--concurrency and --profile-connections must be at least 1");
         }
         if !(0.0..=1.0).contains(&s.other_share) || !(0.0..=1.0).contains(&s.identified_share) {
             bail!("--other-share and --identified-share are fractions between 0 and 1");
@@ -921,12 +928,21 @@ struct ProfileResult {
     /// Latencies by the second of the schedule they belong to: tells a stall from a steady state.
     per_second_us: Vec<Vec<u64>>,
     server: HistogramDelta,
+    /// In-process runs: CPU time of this process (Cohort and the client) over phase 2.
+    cpu_seconds: Option<f64>,
 }
 
 impl ProfileResult {
     fn errors(&self) -> u64 {
         self.http_errors.values().sum::<u64>() + self.transport_errors
     }
+    /// CPU per answered or failed request, client included (the whole phase: also what else
+    /// the process did meanwhile).
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        let n = self.latency_us.len();
+        self.cpu_seconds.filter(|_| n > 0).map(|c| c * 1e6 / n as f64)
+    }
+
     fn achieved_rps(&self) -> f64 {
         if self.window.is_zero() {
             0.0
@@ -943,16 +959,22 @@ enum ProfileOutcome {
 }
 
 /// Sends one Profile API request; `scheduled` is when the open-loop schedule wanted it sent.
+/// It first waits for one of the client's connections (`slots`), and that wait counts.
 async fn profile_request(
     http: reqwest::Client,
-    url: String,
+    slots: Arc<tokio::sync::Semaphore>,
+    url: reqwest::Url,
     auth: Arc<str>,
     scheduled: Instant,
     second: usize,
     tx: mpsc::UnboundedSender<(u64, u64, ProfileOutcome, Instant, usize)>,
 ) {
+    // Unbounded concurrency would open a connection per request whenever the server slows
+    // down; the connects then starve the server of CPU and the run collapses into transport
+    // errors (measured: half of phase 2's CPU in the kernel's ephemeral-port search).
+    let Ok(_slot) = slots.acquire_owned().await else { return };
     let sent = Instant::now();
-    let outcome = match http.get(&url).header(AUTHORIZATION, &*auth).send().await {
+    let outcome = match http.get(url).header(AUTHORIZATION, &*auth).send().await {
         Ok(resp) => {
             let status = resp.status();
             match resp.bytes().await {
@@ -982,16 +1004,22 @@ async fn run_profiles(
     if known.is_empty() {
         bail!("no student's userId was accepted in phase 1, so the Profile API has nothing to look up");
     }
-    let urls: Arc<Vec<String>> =
-        Arc::new(known.iter().map(|&i| format!("{base}/v1/profiles/user_id:{}", students.user_id(i))).collect());
+    // Parsed once: the client would parse a string URL on every request.
+    let urls: Vec<reqwest::Url> = known
+        .iter()
+        .map(|&i| reqwest::Url::parse(&format!("{base}/v1/profiles/user_id:{}", students.user_id(i))))
+        .collect::<Result<_, _>>()
+        .context("building the Profile API URLs")?;
+    let urls = Arc::new(urls);
     let auth: Arc<str> = Arc::from(creds.api_bearer.as_str());
 
-    // Warm-up, not measured: opens connections the way a steady client already has them.
-    let warm: Vec<_> = (0..256)
+    // Warm-up, not measured: opens the client's connections the way a steady client already
+    // has them.
+    let warm: Vec<_> = (0..s.profile_connections)
         .map(|k| {
             let (http, url, auth) = (http.clone(), urls[k % urls.len()].clone(), auth.clone());
             tokio::spawn(async move {
-                if let Ok(r) = http.get(&url).header(AUTHORIZATION, &*auth).send().await {
+                if let Ok(r) = http.get(url).header(AUTHORIZATION, &*auth).send().await {
                     let _ = r.bytes().await;
                 }
             })
@@ -1007,6 +1035,7 @@ async fn run_profiles(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let start = Instant::now() + Duration::from_millis(5);
     let handle = tokio::runtime::Handle::current();
+    let slots = Arc::new(tokio::sync::Semaphore::new(s.profile_connections));
     let (http2, urls2, seed) = (http.clone(), urls.clone(), s.seed);
     // The schedule runs on its own OS thread: std sleeps are precise to tens of microseconds,
     // where tokio's timer wheel has 1 ms ticks, which would add up to 1 ms of harness latency.
@@ -1021,7 +1050,15 @@ async fn run_profiles(
             }
             let url = urls2[rng.gen_range(0..urls2.len())].clone();
             let second = offset.as_secs() as usize;
-            handle.spawn(profile_request(http2.clone(), url, auth.clone(), scheduled, second, tx.clone()));
+            handle.spawn(profile_request(
+                http2.clone(),
+                slots.clone(),
+                url,
+                auth.clone(),
+                scheduled,
+                second,
+                tx.clone(),
+            ));
         }
     });
     let mut result = ProfileResult { scheduled: total, ..ProfileResult::default() };
@@ -1353,6 +1390,33 @@ struct Report<'a> {
     profile_skipped: Option<String>,
     /// In-process runs: memory and CPU of this process (Cohort and the generator) over phase 1.
     capacity: Option<Capacity>,
+    /// In-process runs with a warehouse: relaying phase 1's outbox after its profiles settled.
+    warehouse_tail: Option<WarehouseTail>,
+}
+
+/// The warehouse relay that runs after the last event reached its profile.
+#[derive(Debug, Clone, Copy)]
+struct WarehouseTail {
+    took: Duration,
+    /// Outbox entries waiting when the profiles had settled (the sink's own timer may relay
+    /// some of them, so they are counted here rather than from the relays asked for).
+    waiting: u64,
+}
+
+/// Relays the outbox until it is empty; `None` when the in-process Cohort has no warehouse.
+async fn drain_warehouse(cohort: &cohort::system::Cohort, timeout: Duration) -> anyhow::Result<Option<WarehouseTail>> {
+    let started = Instant::now();
+    let waiting = cohort.api.store.outbox_len().await?;
+    loop {
+        let Some(report) = cohort.relay_warehouse().await? else { return Ok(None) };
+        let took = started.elapsed();
+        if report.remaining == 0 {
+            return Ok(Some(WarehouseTail { took, waiting }));
+        }
+        if took > timeout {
+            bail!("{} outbox entries still waiting after {:.1} s", report.remaining, took.as_secs_f64());
+        }
+    }
 }
 
 /// The figures a capacity model needs, from one in-process run.
@@ -1603,6 +1667,7 @@ impl Report<'_> {
                     .collect::<Vec<_>>(),
                 "server_side": p.server.to_json_ms(),
                 "server_share_within_5ms": p.server.share_within(0.005),
+                "cpu_us_per_request": p.cpu_us_per_request(),
             }),
             None => json!({ "skipped": self.profile_skipped }),
         };
@@ -1623,6 +1688,7 @@ impl Report<'_> {
                 "identified_share": s.identified_share,
                 "ingest_rate": s.ingest_rate,
                 "profile_rps": s.profile_rps,
+                "profile_connections": s.profile_connections,
                 "profile_seconds": s.profile_seconds,
                 "settle_timeout_s": s.settle_timeout.as_secs(),
                 "seed": s.seed,
@@ -1631,6 +1697,10 @@ impl Report<'_> {
                 "single_calls": self.plan.singles,
             },
             "capacity": self.capacity.as_ref().map(Capacity::to_json),
+            "warehouse_tail": self.warehouse_tail.map(|t| json!({
+                "seconds": t.took.as_secs_f64(),
+                "outbox_entries_waiting": t.waiting,
+            })),
             "ingest": {
                 "requests": i.total.requests,
                 "events_sent": i.total.events,
@@ -1686,7 +1756,7 @@ impl Report<'_> {
         }
         if let Some(c) = &self.capacity {
             println!(
-                "capacity: RSS {:.0} MiB before the load, {:.0} MiB after; {} live profile actors, {} per live profile (upper bound); {} events per CPU-second (Cohort and generator, ingest to settled)",
+                "capacity: RSS {:.0} MiB before the load, {:.0} MiB after; {} live profile actors, {} per live profile (upper bound); {} events per CPU-second (Cohort and generator, ingest until profiles and warehouse settled)",
                 c.rss_before as f64 / 1048576.0,
                 c.rss_after as f64 / 1048576.0,
                 thousands(c.live_profiles as u64),
@@ -1779,6 +1849,13 @@ impl Report<'_> {
             i.server.flushes,
             fmt_ms(i.server.flush_seconds_mean.map(|v| v * 1e3)),
         );
+        if let Some(t) = &self.warehouse_tail {
+            println!(
+                "  warehouse tail: {} outbox entries waiting once the profiles settled, relayed in {:.2} s; phase 2 starts after it",
+                thousands(t.waiting),
+                t.took.as_secs_f64()
+            );
+        }
         if (i.server.accepted - i.total.accepted as f64).abs() > 0.5 {
             println!(
                 "  note: the server counted {} accepted events, the responses said {}",
@@ -1789,9 +1866,10 @@ impl Report<'_> {
         match self.profile {
             Some(p) => {
                 println!(
-                    "Phase 2: Profile API, open loop at {} req/s for {} s (GET /v1/profiles/user_id:...)",
+                    "Phase 2: Profile API, open loop at {} req/s for {} s over {} connections (GET /v1/profiles/user_id:...)",
                     thousands(s.profile_rps),
-                    s.profile_seconds
+                    s.profile_seconds,
+                    s.profile_connections
                 );
                 let lat = latency_summary(&p.latency_us);
                 let svc = latency_summary(&p.service_us);
@@ -1827,6 +1905,13 @@ impl Report<'_> {
                     fmt_ms(sq(0.5)),
                     fmt_ms(sq(0.99))
                 );
+                if let Some(us) = p.cpu_us_per_request() {
+                    println!(
+                        "  CPU of Cohort and the client: {us:.0} us per request, {:.2} of {} cores at this rate",
+                        us * s.profile_rps as f64 / 1e6,
+                        m["nproc"]
+                    );
+                }
                 if let Some(e) = &p.first_error {
                     println!("  first problem: {e}");
                 }
@@ -1922,16 +2007,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let usage_before = demo.as_ref().and_then(|_| process_usage());
     let (ingest, known) = run_ingest(&http, &base, &creds, &students, &settings).await?;
 
-    // Phase boundary: let the write-behind flush of phase 1's profiles finish, so phase 2
-    // measures reads, not the tail of phase 1.
-    match &demo {
+    // Phase boundary: let the tail of phase 1 finish (the write-behind flush of its profiles,
+    // then the warehouse relay of its outbox), so phase 2 measures reads, not that tail.
+    let warehouse_tail = match &demo {
         Some(d) => {
             if let Err(e) = d.cohort.settle(Duration::from_secs(60)).await {
                 eprintln!("warning: Cohort did not settle after phase 1: {e:#}");
             }
+            match drain_warehouse(&d.cohort, settings.settle_timeout).await {
+                Ok(tail) => tail,
+                Err(e) => {
+                    eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
+                    None
+                }
+            }
         }
-        None => tokio::time::sleep(Duration::from_secs(1)).await,
-    }
+        None => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            None
+        }
+    };
+    // After the warehouse tail: its relay is part of what every event costs.
     let capacity = match (usage_before, demo.as_ref().and_then(|_| process_usage())) {
         (Some((rss_before, cpu_before)), Some((rss_after, cpu_after))) => {
             let live = scrape(&http, &base, &creds).await?.sum("cohort_profile_actors_live", &[]);
@@ -1956,7 +2052,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(10))
             .build()?;
-        (Some(run_profiles(&profile_http, &base, &creds, &students, &known, &settings).await?), None)
+        let cpu_before = demo.as_ref().and_then(|_| process_usage());
+        let mut result = run_profiles(&profile_http, &base, &creds, &students, &known, &settings).await?;
+        if let (Some((_, before)), Some((_, after))) = (cpu_before, demo.as_ref().and_then(|_| process_usage())) {
+            result.cpu_seconds = Some(after - before);
+        }
+        (Some(result), None)
     };
 
     let report = Report {
@@ -1970,6 +2071,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         profile: profile.as_ref(),
         profile_skipped,
         capacity,
+        warehouse_tail,
     };
     report.print();
     write_json(&cli.out, &report.to_json())?;
@@ -2214,6 +2316,71 @@ fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// A keep-alive HTTP server that answers every request after `delay`, counting the
+    /// connections opened to it.
+    async fn counting_server(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        tokio::time::sleep(delay).await;
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, opened)
+    }
+
+    #[tokio::test]
+    async fn profile_requests_share_a_bounded_set_of_connections_and_count_their_wait() {
+        let (base, opened) = counting_server(Duration::from_millis(20)).await;
+        let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
+        let slots = Arc::new(tokio::sync::Semaphore::new(4));
+        let url = reqwest::Url::parse(&format!("{base}/v1/profiles/user_id:x")).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let scheduled = Instant::now();
+        // All due at once, as after a stall of the server: without the bound each would open
+        // a connection of its own.
+        for _ in 0..40 {
+            let (http, slots, url, tx) = (http.clone(), slots.clone(), url.clone(), tx.clone());
+            tokio::spawn(profile_request(http, slots, url, Arc::from("Bearer t"), scheduled, 0, tx));
+        }
+        drop(tx);
+        let mut latencies = Vec::new();
+        while let Some((latency, service, outcome, _, _)) = rx.recv().await {
+            assert!(matches!(outcome, ProfileOutcome::Ok), "every request is answered");
+            assert!(latency >= service);
+            latencies.push(latency);
+        }
+        assert_eq!(latencies.len(), 40);
+        let opened = opened.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((1..=4).contains(&opened), "{opened} connections opened for 4 slots");
+        // 40 requests of 20 ms over 4 connections: the last waited for about ten turns, and
+        // its latency from the schedule includes that wait.
+        let slowest = latencies.iter().copied().max().unwrap_or(0);
+        assert!(slowest >= 180_000, "slowest latency {slowest} us does not include the wait for a connection");
+    }
+
     #[test]
     fn parses_labels_with_braces_and_quantiles() {
         let text = "# HELP x\n\
@@ -2287,6 +2454,7 @@ mod tests {
             identified_share: 0.3,
             ingest_rate: None,
             profile_rps: 0,
+            profile_connections: 1,
             profile_seconds: 1.0,
             settle_timeout: Duration::from_secs(1),
             seed: 1,
