@@ -31,7 +31,7 @@ fn quick_benchmark_run_reports_every_figure() {
     // Phase 2 starts once the warehouse has caught up with phase 1 (embedded defaults have one).
     let tail = &report["warehouse_tail"];
     assert!(tail["seconds"].as_f64().is_some_and(|s| s >= 0.0) && tail["outbox_entries_waiting"].is_u64(), "{tail}");
-    assert_eq!(report["config"]["profile_connections"], 64);
+    assert_eq!(report["config"]["profile_concurrency"], 64);
     assert!(
         report["profile_api"]["cpu_us_per_request"].as_f64().is_some_and(|us| us > 0.0),
         "{}",

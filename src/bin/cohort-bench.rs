@@ -96,11 +96,11 @@ struct Cli {
     /// Offered Profile API request rate in phase 2 (0 skips phase 2).
     #[arg(long)]
     profile_rps: Option<u64>,
-    /// Connections the Profile API client keeps open in phase 2: at most this many requests are
-    /// in flight, like a service with a keep-alive pool; a request waiting for a connection
-    /// still counts its wait (latency is from the scheduled send).
+    /// Profile API requests in flight at most in phase 2, like a service with a keep-alive pool
+    /// of this many connections; a request waiting for its turn still counts the wait (latency
+    /// is from the scheduled send).
     #[arg(long, default_value_t = 64)]
-    profile_connections: usize,
+    profile_concurrency: usize,
     /// Duration of phase 2 in seconds (default 10; 2 with --quick).
     #[arg(long)]
     profile_seconds: Option<f64>,
@@ -139,7 +139,7 @@ struct Settings {
     identified_share: f64,
     ingest_rate: Option<f64>,
     profile_rps: u64,
-    profile_connections: usize,
+    profile_concurrency: usize,
     profile_seconds: f64,
     settle_timeout: Duration,
     seed: u64,
@@ -158,7 +158,7 @@ impl Settings {
             identified_share: cli.identified_share,
             ingest_rate: cli.ingest_rate,
             profile_rps: cli.profile_rps.unwrap_or(TARGET_PROFILE_RPS),
-            profile_connections: cli.profile_connections,
+            profile_concurrency: cli.profile_concurrency,
             profile_seconds: cli.profile_seconds.unwrap_or(if cli.quick { 2.0 } else { 10.0 }),
             settle_timeout: Duration::from_secs(cli.settle_timeout_secs),
             seed: cli.seed,
@@ -174,8 +174,8 @@ impl Settings {
         if !(1..=2_500).contains(&s.batch) {
             bail!("--batch must be between 1 and 2,500 (Segment's batch limit)");
         }
-        if s.concurrency == 0 || s.profile_connections == 0 {
-            bail!("--concurrency and --profile-connections must be at least 1");
+        if s.concurrency == 0 || s.profile_concurrency == 0 {
+            bail!("--concurrency and --profile-concurrency must be at least 1");
         }
         if !(0.0..=1.0).contains(&s.other_share) || !(0.0..=1.0).contains(&s.identified_share) {
             bail!("--other-share and --identified-share are fractions between 0 and 1");
@@ -943,6 +943,11 @@ impl ProfileResult {
         self.cpu_seconds.filter(|_| n > 0).map(|c| c * 1e6 / n as f64)
     }
 
+    /// Cores busy on average over the phase.
+    fn cores_used(&self) -> Option<f64> {
+        self.cpu_seconds.filter(|_| !self.window.is_zero()).map(|c| c / self.window.as_secs_f64())
+    }
+
     fn achieved_rps(&self) -> f64 {
         if self.window.is_zero() {
             0.0
@@ -959,7 +964,7 @@ enum ProfileOutcome {
 }
 
 /// Sends one Profile API request; `scheduled` is when the open-loop schedule wanted it sent.
-/// It first waits for one of the client's connections (`slots`), and that wait counts.
+/// It first waits for its turn among the requests in flight (`slots`), and that wait counts.
 async fn profile_request(
     http: reqwest::Client,
     slots: Arc<tokio::sync::Semaphore>,
@@ -1000,6 +1005,7 @@ async fn run_profiles(
     students: &Students,
     known: &[u32],
     s: &Settings,
+    in_process: bool,
 ) -> anyhow::Result<ProfileResult> {
     if known.is_empty() {
         bail!("no student's userId was accepted in phase 1, so the Profile API has nothing to look up");
@@ -1015,7 +1021,7 @@ async fn run_profiles(
 
     // Warm-up, not measured: opens the client's connections the way a steady client already
     // has them.
-    let warm: Vec<_> = (0..s.profile_connections)
+    let warm: Vec<_> = (0..s.profile_concurrency)
         .map(|k| {
             let (http, url, auth) = (http.clone(), urls[k % urls.len()].clone(), auth.clone());
             tokio::spawn(async move {
@@ -1030,12 +1036,15 @@ async fn run_profiles(
     }
 
     let before = scrape(http, base, creds).await.context("reading /metrics before the Profile API phase")?;
+    // After the warm-up and the scrape: the CPU of the measured requests (and of whatever else
+    // the process does meanwhile).
+    let cpu_before = if in_process { process_usage() } else { None };
     let total = ((s.profile_rps as f64) * s.profile_seconds).round() as u64;
     let interval_ns = 1e9 / s.profile_rps as f64;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let start = Instant::now() + Duration::from_millis(5);
     let handle = tokio::runtime::Handle::current();
-    let slots = Arc::new(tokio::sync::Semaphore::new(s.profile_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(s.profile_concurrency));
     let (http2, urls2, seed) = (http.clone(), urls.clone(), s.seed);
     // The schedule runs on its own OS thread: std sleeps are precise to tens of microseconds,
     // where tokio's timer wheel has 1 ms ticks, which would add up to 1 ms of harness latency.
@@ -1101,6 +1110,9 @@ async fn run_profiles(
     let (sched, ()) = tokio::join!(scheduler, collect);
     sched.context("the Profile API scheduler thread failed")?;
     result.window = last_done.saturating_duration_since(start);
+    if let (Some((_, before)), Some((_, after))) = (cpu_before, cpu_before.and_then(|_| process_usage())) {
+        result.cpu_seconds = Some(after - before);
+    }
     let after = scrape(http, base, creds).await.context("reading /metrics after the Profile API phase")?;
     result.server = HistogramDelta::between(
         &before,
@@ -1408,7 +1420,11 @@ async fn drain_warehouse(cohort: &cohort::system::Cohort, timeout: Duration) -> 
     let started = Instant::now();
     let waiting = cohort.api.store.outbox_len().await?;
     loop {
-        let Some(report) = cohort.relay_warehouse().await? else { return Ok(None) };
+        let left = timeout.saturating_sub(started.elapsed());
+        let relayed = tokio::time::timeout(left, cohort.relay_warehouse())
+            .await
+            .map_err(|_| anyhow::anyhow!("the warehouse relay did not finish within {:.0} s", timeout.as_secs_f64()))?;
+        let Some(report) = relayed? else { return Ok(None) };
         let took = started.elapsed();
         if report.remaining == 0 {
             return Ok(Some(WarehouseTail { took, waiting }));
@@ -1688,7 +1704,7 @@ impl Report<'_> {
                 "identified_share": s.identified_share,
                 "ingest_rate": s.ingest_rate,
                 "profile_rps": s.profile_rps,
-                "profile_connections": s.profile_connections,
+                "profile_concurrency": s.profile_concurrency,
                 "profile_seconds": s.profile_seconds,
                 "settle_timeout_s": s.settle_timeout.as_secs(),
                 "seed": s.seed,
@@ -1866,10 +1882,10 @@ impl Report<'_> {
         match self.profile {
             Some(p) => {
                 println!(
-                    "Phase 2: Profile API, open loop at {} req/s for {} s over {} connections (GET /v1/profiles/user_id:...)",
+                    "Phase 2: Profile API, open loop at {} req/s for {} s, at most {} in flight (GET /v1/profiles/user_id:...)",
                     thousands(s.profile_rps),
                     s.profile_seconds,
-                    s.profile_connections
+                    s.profile_concurrency
                 );
                 let lat = latency_summary(&p.latency_us);
                 let svc = latency_summary(&p.service_us);
@@ -1905,10 +1921,9 @@ impl Report<'_> {
                     fmt_ms(sq(0.5)),
                     fmt_ms(sq(0.99))
                 );
-                if let Some(us) = p.cpu_us_per_request() {
+                if let (Some(us), Some(cores)) = (p.cpu_us_per_request(), p.cores_used()) {
                     println!(
-                        "  CPU of Cohort and the client: {us:.0} us per request, {:.2} of {} cores at this rate",
-                        us * s.profile_rps as f64 / 1e6,
+                        "  CPU of Cohort and the client: {us:.0} us per request, {cores:.2} of {} cores",
                         m["nproc"]
                     );
                 }
@@ -2048,16 +2063,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         // The profile client gets its own pool so ingest connections do not skew it.
         let profile_http = reqwest::Client::builder()
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(settings.profile_concurrency)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(10))
             .build()?;
-        let cpu_before = demo.as_ref().and_then(|_| process_usage());
-        let mut result = run_profiles(&profile_http, &base, &creds, &students, &known, &settings).await?;
-        if let (Some((_, before)), Some((_, after))) = (cpu_before, demo.as_ref().and_then(|_| process_usage())) {
-            result.cpu_seconds = Some(after - before);
-        }
-        (Some(result), None)
+        let in_process = demo.is_some();
+        (Some(run_profiles(&profile_http, &base, &creds, &students, &known, &settings, in_process).await?), None)
     };
 
     let report = Report {
@@ -2351,10 +2362,10 @@ mod tests {
         (base, opened)
     }
 
-    #[tokio::test]
-    async fn profile_requests_share_a_bounded_set_of_connections_and_count_their_wait() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn profile_requests_in_flight_are_bounded_reuse_connections_and_count_their_wait() {
         let (base, opened) = counting_server(Duration::from_millis(20)).await;
-        let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
+        let http = reqwest::Client::builder().pool_max_idle_per_host(4).build().unwrap();
         let slots = Arc::new(tokio::sync::Semaphore::new(4));
         let url = reqwest::Url::parse(&format!("{base}/v1/profiles/user_id:x")).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -2373,8 +2384,10 @@ mod tests {
             latencies.push(latency);
         }
         assert_eq!(latencies.len(), 40);
+        // The bound is on requests in flight: the client returns a connection to its pool from
+        // a task of its own, so a request let in just before that may open one more.
         let opened = opened.load(std::sync::atomic::Ordering::SeqCst);
-        assert!((1..=4).contains(&opened), "{opened} connections opened for 4 slots");
+        assert!((1..=8).contains(&opened), "{opened} connections opened for 4 requests in flight");
         // 40 requests of 20 ms over 4 connections: the last waited for about ten turns, and
         // its latency from the schedule includes that wait.
         let slowest = latencies.iter().copied().max().unwrap_or(0);
@@ -2454,7 +2467,7 @@ mod tests {
             identified_share: 0.3,
             ingest_rate: None,
             profile_rps: 0,
-            profile_connections: 1,
+            profile_concurrency: 1,
             profile_seconds: 1.0,
             settle_timeout: Duration::from_secs(1),
             seed: 1,
