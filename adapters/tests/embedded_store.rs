@@ -34,6 +34,46 @@ mod memory {
     crate::suite::store_suite!(crate::memory_fixture());
 }
 
+/// A page cache far smaller than the data (`storage.cache_mb` is at least 1 MiB; 256 KiB here),
+/// so the contract also holds when pages are evicted and read back from the file.
+const SMALL_CACHE: usize = 256 << 10;
+
+async fn small_cache_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("embedded://{}", dir.path().join("cohort.redb").display());
+    fixture_of(EmbeddedStore::open_url_with_cache(&url, SMALL_CACHE).unwrap(), Some(Box::new(dir)))
+}
+
+mod small_cache {
+    crate::suite::store_suite!(crate::small_cache_fixture());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_page_cache_still_reads_back_everything_written_through_it() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.redb");
+        let ids: Vec<_> = (0..3_000).map(profile_id).collect();
+        {
+            let store = EmbeddedStore::open_with_cache(&path, SMALL_CACHE).unwrap();
+            for chunk in (0..3_000u32).collect::<Vec<_>>().chunks(500) {
+                let profiles = chunk.iter().map(|&n| profile(n)).collect();
+                store.commit_flush(FlushBatch { profiles, ..FlushBatch::default() }).await.unwrap();
+            }
+            let loaded = store.load_profiles(&ids).await.unwrap();
+            assert_eq!(loaded.len(), 3_000, "read back through the small cache");
+        }
+        let reopened = EmbeddedStore::open_with_cache(&path, SMALL_CACHE).unwrap();
+        let loaded = reopened.load_profiles(&ids).await.unwrap();
+        assert_eq!(loaded.len(), 3_000);
+        for n in (0..3_000).step_by(499) {
+            let found = loaded.iter().find(|p| p.profile_id == profile_id(n));
+            assert_eq!(found, Some(&profile(n)), "profile {n}");
+        }
+    })
+    .await;
+}
+
 /// The same contract through the decorator that seals personal data (GDPR encryption at rest).
 async fn sealed_fixture() -> suite::StoreFixture {
     let inner = EmbeddedStore::in_memory().unwrap();

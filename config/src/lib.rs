@@ -191,6 +191,8 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     pub url: String,
     pub database: String,
+    /// Page cache of each embedded store file (the store and its journal), in MiB.
+    pub cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -576,6 +578,9 @@ impl Config {
 
     /// Checks value ranges serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=65_536).contains(&self.storage.cache_mb) {
+            return Err(bad("storage.cache_mb", "must be between 1 and 65536"));
+        }
         if self.server.max_body_bytes < 1024 {
             return Err(bad("server.max_body_bytes", "must be at least 1024"));
         }
@@ -879,6 +884,9 @@ mod tests {
     fn range_check_names_the_key() {
         let err = Config::from_toml_str("[identity]\nshards = 0\n").unwrap_err().to_string();
         assert!(err.contains("`identity.shards`"), "{err}");
+        let err = Config::from_toml_str("[storage]\ncache_mb = 0\n").unwrap_err().to_string();
+        assert!(err.contains("`storage.cache_mb`"), "{err}");
+        assert_eq!(Config::from_toml_str("").unwrap().storage.cache_mb, 64);
         let err = Config::from_toml_str("[storage]\nurl = \"ftp://x\"\n").unwrap_err().to_string();
         assert!(err.contains("storage.url"), "{err}");
         let err = Config::from_toml_str("[storage]\nurl = \"mongodb://db:27017\"\n").unwrap_err().to_string();
