@@ -47,6 +47,43 @@ fn quick_benchmark_run_reports_every_figure() {
     assert!(report["machine"]["at_start"]["nproc"].as_u64().unwrap() >= 1);
 }
 
+/// Against a running Cohort (`--url`), phase 2 also waits for the server's warehouse to catch
+/// up, read from its outbox gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_against_a_running_cohort_waits_for_its_warehouse_before_the_profile_api_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let _server = common::spawn_cohort(
+        &[],
+        &[
+            ("COHORT__STORAGE__URL", format!("embedded://{}", dir.path().join("cohort.redb").display())),
+            ("COHORT__SERVER__INGEST_REQUESTS_PER_SECOND", "0".into()),
+            ("COHORT__SERVER__API_REQUESTS_PER_SECOND", "0".into()),
+        ],
+        port,
+    );
+    let config = cohort_config::Config::from_toml_str("").unwrap();
+    let client = cohort::client::CohortClient::new(format!("http://127.0.0.1:{port}"), &config).unwrap();
+    common::wait_ready(&client).await;
+    let out = dir.path().join("bench.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_cohort-bench"))
+        .args(["--url", &format!("http://127.0.0.1:{port}"), "--quick", "--quiet", "--profile-rps", "400", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}\n{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["ingest"]["accepted"], report["ingest"]["applied"], "{}", report["ingest"]);
+    let tail = &report["warehouse_tail"];
+    // At least the wait for the last flush and two empty readings 1.5 s apart.
+    assert!(tail["seconds"].as_f64().is_some_and(|s| s >= 2.5), "{tail}");
+    assert!(tail["outbox_entries_waiting"].is_u64(), "{tail}");
+    assert_eq!(report["profile_api"]["errors"], 0, "{}", report["profile_api"]);
+    let scraped = client.get("/metrics").await.unwrap();
+    let text = scraped.body.as_str().unwrap_or_default();
+    assert_eq!(common::series_value(text, "cohort_warehouse_outbox_batches "), 0.0, "the outbox is empty");
+}
+
 /// Issue 3's Kafka mode: one run reports both modes, the same broker's raw rate and the ratios,
 /// prints the comparison with its CPU split, and leaves no database of its own behind.
 #[test]

@@ -1402,7 +1402,7 @@ struct Report<'a> {
     profile_skipped: Option<String>,
     /// In-process runs: memory and CPU of this process (Cohort and the generator) over phase 1.
     capacity: Option<Capacity>,
-    /// In-process runs with a warehouse: relaying phase 1's outbox after its profiles settled.
+    /// Runs with a warehouse: relaying phase 1's outbox after its profiles settled.
     warehouse_tail: Option<WarehouseTail>,
 }
 
@@ -1411,8 +1411,47 @@ struct Report<'a> {
 struct WarehouseTail {
     took: Duration,
     /// Outbox entries waiting when the profiles had settled (the sink's own timer may relay
-    /// some of them, so they are counted here rather than from the relays asked for).
+    /// some of them, so they are counted here rather than from the relays asked for); with
+    /// `--url`, the most the server's gauge showed meanwhile.
     waiting: u64,
+}
+
+/// A running Cohort (`--url`): waits until its outbox gauge reads empty on two scrapes more
+/// than a relay interval (1 s by default) apart, since the gauge is only refreshed by a relay;
+/// `None` when the server has no warehouse.
+async fn wait_for_remote_warehouse(
+    http: &reqwest::Client,
+    base: &str,
+    creds: &Creds,
+    timeout: Duration,
+) -> anyhow::Result<Option<WarehouseTail>> {
+    const GAUGE: &str = "cohort_warehouse_outbox_batches";
+    const APART: Duration = Duration::from_millis(1_500);
+    let started = Instant::now();
+    // The last flush of phase 1 writes its outbox entries within a flush interval.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut waiting = 0_u64;
+    let mut empty_since: Option<Instant> = None;
+    loop {
+        let metrics = scrape(http, base, creds).await.context("reading the warehouse outbox gauge")?;
+        if !metrics.samples.iter().any(|s| s.name == GAUGE) {
+            return Ok(None);
+        }
+        let left = metrics.sum(GAUGE, &[]);
+        waiting = waiting.max(left as u64);
+        match (left == 0.0, empty_since) {
+            (false, _) => empty_since = None,
+            (true, None) => empty_since = Some(Instant::now()),
+            (true, Some(since)) if since.elapsed() >= APART => {
+                return Ok(Some(WarehouseTail { took: started.elapsed(), waiting }));
+            }
+            (true, Some(_)) => {}
+        }
+        if started.elapsed() > timeout {
+            bail!("{left} outbox entries still waiting after {:.0} s", timeout.as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Relays the outbox until it is empty; `None` when the in-process Cohort has no warehouse.
@@ -2037,10 +2076,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        None => {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            None
-        }
+        None => match wait_for_remote_warehouse(&http, &base, &creds, settings.settle_timeout).await {
+            Ok(tail) => tail,
+            Err(e) => {
+                eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
+                None
+            }
+        },
     };
     // After the warehouse tail: its relay is part of what every event costs.
     let capacity = match (usage_before, demo.as_ref().and_then(|_| process_usage())) {
