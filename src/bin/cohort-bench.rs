@@ -1412,45 +1412,42 @@ struct WarehouseTail {
     took: Duration,
     /// Outbox entries waiting when the profiles had settled (the sink's own timer may relay
     /// some of them, so they are counted here rather than from the relays asked for); with
-    /// `--url`, the most the server's gauge showed meanwhile.
+    /// `--url`, the most the server's outbox gauge showed meanwhile.
     waiting: u64,
 }
 
-/// A running Cohort (`--url`): waits until its outbox gauge reads empty on two scrapes more
-/// than a relay interval (1 s by default) apart, since the gauge is only refreshed by a relay;
-/// `None` when the server has no warehouse.
+/// Silver rows written, per the server's counters (one per applied event).
+const SILVER_ROWS: &str = "cohort_warehouse_rows_written_total";
+
+/// A running Cohort (`--url`): waits until its warehouse has written a Silver row for every
+/// event phase 1 applied. (The outbox gauge is only refreshed at the end of a relay, so it
+/// reads empty while a long relay is still running.) `None` when the server has no warehouse.
 async fn wait_for_remote_warehouse(
     http: &reqwest::Client,
     base: &str,
     creds: &Creds,
+    silver_before: f64,
+    ingest: &IngestResult,
     timeout: Duration,
 ) -> anyhow::Result<Option<WarehouseTail>> {
     const GAUGE: &str = "cohort_warehouse_outbox_batches";
-    const APART: Duration = Duration::from_millis(1_500);
     let started = Instant::now();
-    // The last flush of phase 1 writes its outbox entries within a flush interval.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let expected = ingest.applied.min(ingest.expected) as f64;
     let mut waiting = 0_u64;
-    let mut empty_since: Option<Instant> = None;
     loop {
-        let metrics = scrape(http, base, creds).await.context("reading the warehouse outbox gauge")?;
+        let metrics = scrape(http, base, creds).await.context("reading the warehouse counters")?;
         if !metrics.samples.iter().any(|s| s.name == GAUGE) {
             return Ok(None);
         }
-        let left = metrics.sum(GAUGE, &[]);
-        waiting = waiting.max(left as u64);
-        match (left == 0.0, empty_since) {
-            (false, _) => empty_since = None,
-            (true, None) => empty_since = Some(Instant::now()),
-            (true, Some(since)) if since.elapsed() >= APART => {
-                return Ok(Some(WarehouseTail { took: started.elapsed(), waiting }));
-            }
-            (true, Some(_)) => {}
+        waiting = waiting.max(metrics.sum(GAUGE, &[]) as u64);
+        let written = metrics.sum(SILVER_ROWS, &[("layer", "silver")]) - silver_before;
+        if written >= expected {
+            return Ok(Some(WarehouseTail { took: started.elapsed(), waiting }));
         }
         if started.elapsed() > timeout {
-            bail!("{left} outbox entries still waiting after {:.0} s", timeout.as_secs_f64());
+            bail!("{written} of {expected} Silver rows written after {:.0} s", timeout.as_secs_f64());
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -2059,6 +2056,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let usage_before = demo.as_ref().and_then(|_| process_usage());
+    // A running Cohort's warehouse progress is read from its counters (see below).
+    let silver_before = match &demo {
+        Some(_) => 0.0,
+        None => scrape(&http, &base, &creds).await?.sum(SILVER_ROWS, &[("layer", "silver")]),
+    };
     let (ingest, known) = run_ingest(&http, &base, &creds, &students, &settings).await?;
 
     // Phase boundary: let the tail of phase 1 finish (the write-behind flush of its profiles,
@@ -2076,7 +2078,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        None => match wait_for_remote_warehouse(&http, &base, &creds, settings.settle_timeout).await {
+        None => match wait_for_remote_warehouse(&http, &base, &creds, silver_before, &ingest, settings.settle_timeout)
+            .await
+        {
             Ok(tail) => tail,
             Err(e) => {
                 eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
