@@ -1410,18 +1410,19 @@ struct Report<'a> {
 #[derive(Debug, Clone, Copy)]
 struct WarehouseTail {
     took: Duration,
-    /// The most outbox entries the server's gauge showed meanwhile.
+    /// Outbox entries waiting when the profiles had settled (the sink's own timer may relay
+    /// some of them, so they are counted here rather than from the relays asked for); with
+    /// `--url`, the most the server's outbox gauge showed meanwhile.
     waiting: u64,
 }
 
 /// Silver rows written, per the server's counters (one per applied event).
 const SILVER_ROWS: &str = "cohort_warehouse_rows_written_total";
 
-/// Waits until the warehouse has written a Silver row for every event phase 1 applied, read
-/// from the server's counters, the same in-process and with `--url`. (The outbox gauge is only
-/// refreshed at the end of a relay, so it reads empty while a long relay is still running.)
-/// `None` when the server has no warehouse.
-async fn wait_for_warehouse(
+/// A running Cohort (`--url`): waits until its warehouse has written a Silver row for every
+/// event phase 1 applied. (The outbox gauge is only refreshed at the end of a relay, so it
+/// reads empty while a long relay is still running.) `None` when the server has no warehouse.
+async fn wait_for_remote_warehouse(
     http: &reqwest::Client,
     base: &str,
     creds: &Creds,
@@ -1447,6 +1448,26 @@ async fn wait_for_warehouse(
             bail!("{written} of {expected} Silver rows written after {:.0} s", timeout.as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Relays the outbox until it is empty; `None` when the in-process Cohort has no warehouse.
+async fn drain_warehouse(cohort: &cohort::system::Cohort, timeout: Duration) -> anyhow::Result<Option<WarehouseTail>> {
+    let started = Instant::now();
+    let waiting = cohort.api.store.outbox_len().await?;
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let relayed = tokio::time::timeout(left, cohort.relay_warehouse())
+            .await
+            .map_err(|_| anyhow::anyhow!("the warehouse relay did not finish within {:.0} s", timeout.as_secs_f64()))?;
+        let Some(report) = relayed? else { return Ok(None) };
+        let took = started.elapsed();
+        if report.remaining == 0 {
+            return Ok(Some(WarehouseTail { took, waiting }));
+        }
+        if took > timeout {
+            bail!("{} outbox entries still waiting after {:.1} s", report.remaining, took.as_secs_f64());
+        }
     }
 }
 
@@ -1882,7 +1903,7 @@ impl Report<'_> {
         );
         if let Some(t) = &self.warehouse_tail {
             println!(
-                "  warehouse tail: up to {} outbox entries waiting, relayed in {:.2} s after the profiles settled; phase 2 starts after it",
+                "  warehouse tail: {} outbox entries waiting once the profiles settled, relayed in {:.2} s; phase 2 starts after it",
                 thousands(t.waiting),
                 t.took.as_secs_f64()
             );
@@ -2035,25 +2056,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let usage_before = demo.as_ref().and_then(|_| process_usage());
-    // The warehouse's progress is read from the server's counters (see `wait_for_warehouse`).
-    let silver_before = scrape(&http, &base, &creds).await?.sum(SILVER_ROWS, &[("layer", "silver")]);
+    // A running Cohort's warehouse progress is read from its counters (see below).
+    let silver_before = match &demo {
+        Some(_) => 0.0,
+        None => scrape(&http, &base, &creds).await?.sum(SILVER_ROWS, &[("layer", "silver")]),
+    };
     let (ingest, known) = run_ingest(&http, &base, &creds, &students, &settings).await?;
 
     // Phase boundary: let the tail of phase 1 finish (the write-behind flush of its profiles,
     // then the warehouse relay of its outbox), so phase 2 measures reads, not that tail.
-    if let Some(d) = &demo {
-        if let Err(e) = d.cohort.settle(Duration::from_secs(60)).await {
-            eprintln!("warning: Cohort did not settle after phase 1: {e:#}");
+    let warehouse_tail = match &demo {
+        Some(d) => {
+            if let Err(e) = d.cohort.settle(Duration::from_secs(60)).await {
+                eprintln!("warning: Cohort did not settle after phase 1: {e:#}");
+            }
+            match drain_warehouse(&d.cohort, settings.settle_timeout).await {
+                Ok(tail) => tail,
+                Err(e) => {
+                    eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
+                    None
+                }
+            }
         }
-    }
-    let warehouse_tail =
-        match wait_for_warehouse(&http, &base, &creds, silver_before, &ingest, settings.settle_timeout).await {
+        None => match wait_for_remote_warehouse(&http, &base, &creds, silver_before, &ingest, settings.settle_timeout)
+            .await
+        {
             Ok(tail) => tail,
             Err(e) => {
                 eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
                 None
             }
-        };
+        },
+    };
     // After the warehouse tail: its relay is part of what every event costs.
     let capacity = match (usage_before, demo.as_ref().and_then(|_| process_usage())) {
         (Some((rss_before, cpu_before)), Some((rss_after, cpu_after))) => {
