@@ -23,8 +23,8 @@ pub use gdpr::{
 };
 pub use ids::{EventId, Identifier, IdentifierKind, ParseIdentifierError, ProfileId, ProfileRef, Source};
 pub use profile::{
-    EventSummary, LedgerEntry, LinkedIdentifier, MergeLedger, ProfileCounters, ProfileRecord, ProfileView, Split,
-    TraitValue, UnmergeError,
+    ConsentState, EventSummary, LedgerEntry, LinkedIdentifier, MergeLedger, ProfileCounters, ProfileRecord,
+    ProfileView, Split, TraitValue, UnmergeError,
 };
 pub use quality::{ExpectationResult, Gate, QualityRun, QUALITY_RUN};
 pub use records::{

@@ -23,8 +23,8 @@ use cohort_messages::{
     IdentifierKind, ProfileId, ProfileRecord, RawRef, Source, Utm,
 };
 use cohort_messages::{
-    AuditEntry, Channel, ConsentRecord, NewAuditEntry, ReviewItem, ReviewStatus, SagaRecord, SagaStatus, Suppression,
-    SuppressionReason,
+    AuditEntry, Channel, ConsentRecord, ConsentState, LedgerEntry, MergeLedger, NewAuditEntry, ReviewItem,
+    ReviewStatus, SagaRecord, SagaStatus, Suppression, SuppressionReason,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Map};
@@ -516,6 +516,24 @@ pub fn rich_profile() -> ProfileRecord {
     }
     p.merged_into = Some(profile_id(2));
     p.merged_from = vec![profile_id(3), profile_id(4)];
+    p.kept_apart.insert(profile_id(5));
+    p.consent.insert(
+        "email".into(),
+        ConsentState { granted: true, source: "web".into(), at: at(30), version: 2, legal_basis: "consent".into() },
+    );
+    // Segment names are chosen by users; one named like a personal field once made the sealed
+    // record fail to encode.
+    for (i, name) in ["email", "name", "mba_leads"].into_iter().enumerate() {
+        p.segments.insert(name.into(), at(40 + i as i64));
+    }
+    p.ledger = Some(MergeLedger {
+        base: Box::new(profile(6)),
+        entries: vec![
+            LedgerEntry::Merging { merged: profile_id(7) },
+            LedgerEntry::Applied { seq: 2_000, event: Box::new(event("ledger-1")) },
+            LedgerEntry::Absorbed { record: Box::new(profile(7)) },
+        ],
+    });
     p
 }
 
