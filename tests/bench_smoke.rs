@@ -31,6 +31,9 @@ fn quick_benchmark_run_reports_every_figure() {
     // Phase 2 starts once the warehouse has caught up with phase 1 (embedded defaults have one).
     let tail = &report["warehouse_tail"];
     assert!(tail["seconds"].as_f64().is_some_and(|s| s >= 0.0) && tail["outbox_entries_waiting"].is_u64(), "{tail}");
+    // ...and once the process has gone quiet (two calm 200 ms windows at least).
+    assert!(tail["quiet_after_seconds"].as_f64().is_some_and(|s| (0.4..=10.5).contains(&s)), "{tail}");
+    assert!(tail["quiet_reached"].is_boolean(), "{tail}");
     assert_eq!(report["config"]["profile_concurrency"], 64);
     assert!(
         report["profile_api"]["cpu_us_per_request"].as_f64().is_some_and(|us| us > 0.0),
@@ -76,6 +79,7 @@ async fn a_run_against_a_running_cohort_waits_for_its_warehouse_before_the_profi
     assert_eq!(report["ingest"]["accepted"], report["ingest"]["applied"], "{}", report["ingest"]);
     let tail = &report["warehouse_tail"];
     assert!(tail["seconds"].as_f64().is_some_and(|s| s >= 0.0) && tail["outbox_entries_waiting"].is_u64(), "{tail}");
+    assert!(tail["quiet_after_seconds"].is_null(), "another process's CPU is not watched: {tail}");
     assert_eq!(report["profile_api"]["errors"], 0, "{}", report["profile_api"]);
     // Phase 2 began with every applied event in Silver (this server wrote nothing before).
     let scraped = client.get("/metrics").await.unwrap();

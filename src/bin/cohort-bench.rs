@@ -1414,6 +1414,36 @@ struct WarehouseTail {
     /// some of them, so they are counted here rather than from the relays asked for); with
     /// `--url`, the most the server's outbox gauge showed meanwhile.
     waiting: u64,
+    /// In-process: how long after the relay the process kept working (the DuckDB file is
+    /// closed, and its write-ahead log checkpointed, a moment after the last relay), and whether
+    /// it went quiet within the limit.
+    quiet: Option<Quiet>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Quiet {
+    after: Duration,
+    reached: bool,
+}
+
+/// Waits until this process uses less than a quarter of a core for two consecutive 200 ms
+/// windows (at most `limit`), so phase 2 does not share the cores with phase 1's last
+/// background work. `None` where the process CPU cannot be read.
+async fn wait_until_quiet(limit: Duration) -> Option<Quiet> {
+    const WINDOW: Duration = Duration::from_millis(200);
+    let started = Instant::now();
+    let mut last = process_usage()?.1;
+    let mut calm = 0;
+    while started.elapsed() < limit {
+        tokio::time::sleep(WINDOW).await;
+        let now = process_usage()?.1;
+        calm = if now - last < 0.25 * WINDOW.as_secs_f64() { calm + 1 } else { 0 };
+        last = now;
+        if calm == 2 {
+            return Some(Quiet { after: started.elapsed(), reached: true });
+        }
+    }
+    Some(Quiet { after: started.elapsed(), reached: false })
 }
 
 /// Silver rows written, per the server's counters (one per applied event).
@@ -1442,7 +1472,7 @@ async fn wait_for_remote_warehouse(
         waiting = waiting.max(metrics.sum(GAUGE, &[]) as u64);
         let written = metrics.sum(SILVER_ROWS, &[("layer", "silver")]) - silver_before;
         if written >= expected {
-            return Ok(Some(WarehouseTail { took: started.elapsed(), waiting }));
+            return Ok(Some(WarehouseTail { took: started.elapsed(), waiting, quiet: None }));
         }
         if started.elapsed() > timeout {
             bail!("{written} of {expected} Silver rows written after {:.0} s", timeout.as_secs_f64());
@@ -1463,7 +1493,8 @@ async fn drain_warehouse(cohort: &cohort::system::Cohort, timeout: Duration) -> 
         let Some(report) = relayed? else { return Ok(None) };
         let took = started.elapsed();
         if report.remaining == 0 {
-            return Ok(Some(WarehouseTail { took, waiting }));
+            let quiet = wait_until_quiet(Duration::from_secs(10)).await;
+            return Ok(Some(WarehouseTail { took, waiting, quiet }));
         }
         if took > timeout {
             bail!("{} outbox entries still waiting after {:.1} s", report.remaining, took.as_secs_f64());
@@ -1752,6 +1783,8 @@ impl Report<'_> {
             "warehouse_tail": self.warehouse_tail.map(|t| json!({
                 "seconds": t.took.as_secs_f64(),
                 "outbox_entries_waiting": t.waiting,
+                "quiet_after_seconds": t.quiet.map(|q| q.after.as_secs_f64()),
+                "quiet_reached": t.quiet.map(|q| q.reached),
             })),
             "ingest": {
                 "requests": i.total.requests,
@@ -1902,8 +1935,15 @@ impl Report<'_> {
             fmt_ms(i.server.flush_seconds_mean.map(|v| v * 1e3)),
         );
         if let Some(t) = &self.warehouse_tail {
+            let quiet = match t.quiet {
+                Some(Quiet { after, reached: true }) => format!(", then quiet after {:.2} s", after.as_secs_f64()),
+                Some(Quiet { after, reached: false }) => {
+                    format!(", still busy {:.2} s later (phase 2 starts anyway)", after.as_secs_f64())
+                }
+                None => String::new(),
+            };
             println!(
-                "  warehouse tail: {} outbox entries waiting once the profiles settled, relayed in {:.2} s; phase 2 starts after it",
+                "  warehouse tail: {} outbox entries waiting once the profiles settled, relayed in {:.2} s{quiet}; phase 2 starts after it",
                 thousands(t.waiting),
                 t.took.as_secs_f64()
             );
@@ -2406,6 +2446,32 @@ mod tests {
             }
         });
         (base, opened)
+    }
+
+    /// Burns CPU on its own thread until `until`.
+    fn busy_until(until: Instant) -> std::thread::JoinHandle<u64> {
+        std::thread::spawn(move || {
+            let mut x = 0_u64;
+            while Instant::now() < until {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            x
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn phase_two_waits_for_background_work_to_stop_and_gives_up_at_its_limit() {
+        let busy = busy_until(Instant::now() + Duration::from_millis(900));
+        let quiet = wait_until_quiet(Duration::from_secs(10)).await.unwrap();
+        assert!(quiet.reached, "{quiet:?}");
+        assert!(quiet.after >= Duration::from_millis(900), "returned while a thread still burned a core: {quiet:?}");
+        assert!(quiet.after < Duration::from_secs(5), "{quiet:?}");
+        busy.join().unwrap();
+
+        let busy = busy_until(Instant::now() + Duration::from_millis(1_500));
+        let gave_up = wait_until_quiet(Duration::from_millis(700)).await.unwrap();
+        assert!(!gave_up.reached && gave_up.after >= Duration::from_millis(700), "{gave_up:?}");
+        busy.join().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
