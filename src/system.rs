@@ -56,18 +56,17 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn Operation
     let url = config.storage.url.as_str();
     // redb's own default is 1 GiB per file; measured, 64 MiB took 300-450 MiB off the resident
     // memory of a 200,000-event benchmark at the same throughput.
-    let cache = usize::try_from(config.storage.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-    let (store, embedded): (Arc<dyn OperationalStore>, Option<Arc<EmbeddedStore>>) = if url.starts_with("mongodb://")
-        || url.starts_with("mongodb+srv://")
-    {
-        let mongo = MongoStore::connect(url, &config.storage.database)
-            .await
-            .with_context(|| format!("connecting to the operational store `{}`", redact_url(url)))?;
-        (mongo, None)
-    } else {
-        let e = EmbeddedStore::open_url_with_cache(url, cache).with_context(|| format!("opening storage `{url}`"))?;
-        (e.clone(), Some(e))
-    };
+    let cache = config.storage.cache_bytes();
+    let (store, embedded): (Arc<dyn OperationalStore>, Option<Arc<EmbeddedStore>>) =
+        if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
+            let mongo = MongoStore::connect(url, &config.storage.database)
+                .await
+                .with_context(|| format!("connecting to the operational store `{}`", redact_url(url)))?;
+            (mongo, None)
+        } else {
+            let e = EmbeddedStore::open_url(url, cache).with_context(|| format!("opening storage `{url}`"))?;
+            (e.clone(), Some(e))
+        };
     let bus_url = config.bus.url.as_str();
     let bus: Arc<dyn EventBus> = if bus_url == "embedded" {
         if embedded.is_none() {
@@ -76,12 +75,12 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<(Arc<dyn Operation
         // The journal gets a file (and writer thread) of its own beside the store, so appends
         // never queue behind a large profile flush.
         let journal_url = if url == "memory://" { url.to_string() } else { format!("{url}.journal") };
-        let journal = EmbeddedStore::open_url_with_cache(&journal_url, cache)
+        let journal = EmbeddedStore::open_url(&journal_url, cache)
             .with_context(|| format!("opening the journal `{journal_url}`"))?;
         Arc::new(EmbeddedBus::new(journal, store.clone()))
     } else if bus_url.starts_with("embedded://") {
-        let journal = EmbeddedStore::open_url_with_cache(bus_url, cache)
-            .with_context(|| format!("opening the journal `{bus_url}`"))?;
+        let journal =
+            EmbeddedStore::open_url(bus_url, cache).with_context(|| format!("opening the journal `{bus_url}`"))?;
         Arc::new(EmbeddedBus::new(journal, store.clone()))
     } else {
         let settings = KafkaSettings {

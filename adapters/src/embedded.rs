@@ -43,10 +43,6 @@ pub const EMBEDDED_SCHEME: &str = "embedded://";
 /// URL of an in-memory store (nothing survives the process).
 pub const MEMORY_URL: &str = "memory://";
 
-/// Page cache per file when the configuration does not say (`storage.cache_mb`): redb's own
-/// default of 1 GiB per file only cost memory, since the operating system caches the file too.
-pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
-
 /// Where the database lives; kept for logs and `Debug`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Location {
@@ -92,16 +88,12 @@ impl fmt::Debug for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) a durable store at `path`, creating missing parent directories.
+    /// Opens (or creates) a durable store at `path`, creating missing parent directories, with a
+    /// page cache of `cache_bytes` (`storage.cache_mb`; redb's own default is 1 GiB per file).
     ///
     /// Blocking: opening may have to repair the file after a crash; call it at startup or from
     /// a blocking context. Fails with `Unavailable` if the file is already open elsewhere.
-    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
-        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
-    }
-
-    /// [`EmbeddedStore::open`] with a page cache of `cache_bytes`.
-    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Arc<Self>, StoreError> {
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Arc<Self>, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 StoreError::unavailable(format!(
@@ -127,15 +119,11 @@ impl EmbeddedStore {
     }
 
     /// Opens the store named by a `storage.url`: `embedded://PATH` (a redb file, absolute with
-    /// `embedded:///abs/...`, else relative to the working directory) or `memory://`.
-    pub fn open_url(url: &str) -> Result<Arc<Self>, StoreError> {
-        Self::open_url_with_cache(url, DEFAULT_CACHE_BYTES)
-    }
-
-    /// [`EmbeddedStore::open_url`] with a page cache of `cache_bytes` for a file.
-    pub fn open_url_with_cache(url: &str, cache_bytes: usize) -> Result<Arc<Self>, StoreError> {
+    /// `embedded:///abs/...`, else relative to the working directory) or `memory://`; a file
+    /// gets a page cache of `cache_bytes`.
+    pub fn open_url(url: &str, cache_bytes: usize) -> Result<Arc<Self>, StoreError> {
         match parse_url(url)? {
-            Location::File(path) => Self::open_with_cache(&path, cache_bytes),
+            Location::File(path) => Self::open(&path, cache_bytes),
             Location::Memory => Self::in_memory(),
         }
     }

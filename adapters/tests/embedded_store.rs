@@ -12,13 +12,16 @@ use cohort_adapters::{AppendBatch, EmbeddedStore, EventLog, FlushBatch, Operatio
 use cohort_messages::msgs::IdentityMerged;
 use suite::{at, batch, dead_letter, email, event, profile, profile_id, raw, with_timeout, Fixture};
 
+/// The page cache the file fixtures use: the configuration's default (`storage.cache_mb`).
+const CACHE: usize = 64 << 20;
+
 fn fixture_of(store: Arc<EmbeddedStore>, keep: Option<Box<dyn std::any::Any + Send>>) -> Fixture {
     Fixture { log: store.clone(), store, keep }
 }
 
 async fn file_fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("cohort.redb")).unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("cohort.redb"), CACHE).unwrap();
     fixture_of(store, Some(Box::new(dir)))
 }
 
@@ -41,7 +44,7 @@ const SMALL_CACHE: usize = 256 << 10;
 async fn small_cache_fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("embedded://{}", dir.path().join("cohort.redb").display());
-    fixture_of(EmbeddedStore::open_url_with_cache(&url, SMALL_CACHE).unwrap(), Some(Box::new(dir)))
+    fixture_of(EmbeddedStore::open_url(&url, SMALL_CACHE).unwrap(), Some(Box::new(dir)))
 }
 
 mod small_cache {
@@ -55,7 +58,7 @@ async fn a_small_page_cache_still_reads_back_everything_written_through_it() {
         let path = dir.path().join("cohort.redb");
         let ids: Vec<_> = (0..3_000).map(profile_id).collect();
         {
-            let store = EmbeddedStore::open_with_cache(&path, SMALL_CACHE).unwrap();
+            let store = EmbeddedStore::open(&path, SMALL_CACHE).unwrap();
             for chunk in (0..3_000u32).collect::<Vec<_>>().chunks(500) {
                 let profiles = chunk.iter().map(|&n| profile(n)).collect();
                 store.commit_flush(FlushBatch { profiles, ..FlushBatch::default() }).await.unwrap();
@@ -63,7 +66,7 @@ async fn a_small_page_cache_still_reads_back_everything_written_through_it() {
             let loaded = store.load_profiles(&ids).await.unwrap();
             assert_eq!(loaded.len(), 3_000, "read back through the small cache");
         }
-        let reopened = EmbeddedStore::open_with_cache(&path, SMALL_CACHE).unwrap();
+        let reopened = EmbeddedStore::open(&path, SMALL_CACHE).unwrap();
         let loaded = reopened.load_profiles(&ids).await.unwrap();
         assert_eq!(loaded.len(), 3_000);
         for n in (0..3_000).step_by(499) {
@@ -146,14 +149,14 @@ async fn file_store_survives_drop_and_reopen() {
     with_timeout(async {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cohort.redb");
-        let store = EmbeddedStore::open(&path).unwrap();
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
         populate(&store).await;
         // Both trait-object handles share the store; dropping the last one releases the file.
         let as_log: Arc<dyn EventLog> = store.clone();
         let as_store: Arc<dyn OperationalStore> = store.clone();
         drop((store, as_log, as_store));
 
-        let reopened = EmbeddedStore::open(&path).unwrap();
+        let reopened = EmbeddedStore::open(&path, CACHE).unwrap();
         assert_populated(&reopened).await;
     })
     .await;
@@ -164,7 +167,7 @@ async fn close_releases_the_file_and_refuses_further_work() {
     with_timeout(async {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cohort.redb");
-        let store = EmbeddedStore::open(&path).unwrap();
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
         populate(&store).await;
         store.close().await;
         store.close().await; // idempotent
@@ -176,7 +179,7 @@ async fn close_releases_the_file_and_refuses_further_work() {
         assert!(store.commit_flush(FlushBatch { checkpoint: Some(9), ..FlushBatch::default() }).await.is_err());
 
         // The old handle is still alive, yet the file can be opened again.
-        let reopened = EmbeddedStore::open(&path).unwrap();
+        let reopened = EmbeddedStore::open(&path, CACHE).unwrap();
         assert_populated(&reopened).await;
         drop(store);
     })
@@ -187,8 +190,8 @@ async fn close_releases_the_file_and_refuses_further_work() {
 async fn a_file_open_elsewhere_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cohort.redb");
-    let _store = EmbeddedStore::open(&path).unwrap();
-    let err = EmbeddedStore::open(&path).unwrap_err();
+    let _store = EmbeddedStore::open(&path, CACHE).unwrap();
+    let err = EmbeddedStore::open(&path, CACHE).unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Unavailable);
     assert!(err.message.contains("already open"), "{}", err.message);
 }
@@ -196,13 +199,13 @@ async fn a_file_open_elsewhere_is_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_url_accepts_embedded_and_memory_and_rejects_the_rest() {
     for url in ["ftp://example.com/cohort", "mongodb://localhost/cohort", "/tmp/cohort.redb", "embedded://"] {
-        let err = EmbeddedStore::open_url(url).unwrap_err();
+        let err = EmbeddedStore::open_url(url, CACHE).unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::Invalid, "{url}");
         assert!(err.message.contains(url), "the message names the url: {}", err.message);
         assert!(err.message.contains("embedded://") && err.message.contains("memory://"), "{}", err.message);
     }
 
-    let memory = EmbeddedStore::open_url("memory://").unwrap();
+    let memory = EmbeddedStore::open_url("memory://", CACHE).unwrap();
     memory.ping().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -210,11 +213,11 @@ async fn open_url_accepts_embedded_and_memory_and_rejects_the_rest() {
     assert!(nested.is_absolute());
     let url = format!("embedded://{}", nested.display());
     assert!(url.starts_with("embedded:///"));
-    let file = EmbeddedStore::open_url(&url).unwrap();
+    let file = EmbeddedStore::open_url(&url, CACHE).unwrap();
     file.append(AppendBatch { raw: None, events: vec![event("x")] }).await.unwrap();
     assert!(Path::new(&nested).is_file(), "parent directories are created");
     drop(file);
-    let again = EmbeddedStore::open_url(&url).unwrap();
+    let again = EmbeddedStore::open_url(&url, CACHE).unwrap();
     assert_eq!(again.read_after(0, 10).await.unwrap().len(), 1);
 }
 

@@ -195,6 +195,13 @@ pub struct StorageConfig {
     pub cache_mb: u64,
 }
 
+impl StorageConfig {
+    /// `cache_mb` in bytes.
+    pub fn cache_bytes(&self) -> usize {
+        usize::try_from(self.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusConfig {
@@ -887,6 +894,7 @@ mod tests {
         let err = Config::from_toml_str("[storage]\ncache_mb = 0\n").unwrap_err().to_string();
         assert!(err.contains("`storage.cache_mb`"), "{err}");
         assert_eq!(Config::from_toml_str("").unwrap().storage.cache_mb, 64);
+        assert_eq!(Config::from_toml_str("").unwrap().storage.cache_bytes(), 64 << 20);
         let err = Config::from_toml_str("[storage]\nurl = \"ftp://x\"\n").unwrap_err().to_string();
         assert!(err.contains("storage.url"), "{err}");
         let err = Config::from_toml_str("[storage]\nurl = \"mongodb://db:27017\"\n").unwrap_err().to_string();
