@@ -242,8 +242,8 @@ impl Pii {
     /// (personal identifier values, personal traits, event names and personal properties in the
     /// history, the same inside the merge ledger), without a round trip through a JSON tree,
     /// which cost a tenth of the pipeline's CPU. Timestamps are never sealed: the generic walk
-    /// sealed the entry time of a segment named like a personal field (`email`), and the record
-    /// then failed to encode, so no flush of its members could succeed.
+    /// sealed the entry time of a segment named like a personal field (`email`), which then no
+    /// longer parsed as a time, so sealing, and every flush holding such a member, failed.
     fn seal_profile(&self, r: &mut ProfileRecord) -> Result<(), StoreError> {
         // Every field named, so a new one is a compile error here until someone decides
         // whether it holds personal data.
@@ -295,13 +295,8 @@ impl Pii {
         Ok(())
     }
 
-    /// Opens what [`Pii::seal_profile`], or before it the generic walk, sealed.
-    fn open_profile(&self, mut r: ProfileRecord) -> Result<ProfileRecord, StoreError> {
-        self.open_profile_in_place(&mut r)?;
-        Ok(r)
-    }
-
-    fn open_profile_in_place(&self, r: &mut ProfileRecord) -> Result<(), StoreError> {
+    /// Opens in place what [`Pii::seal_profile`], or before it the generic walk, sealed.
+    fn open_profile(&self, r: &mut ProfileRecord) -> Result<(), StoreError> {
         for linked in &mut r.identifiers {
             self.open_str(&mut linked.identifier.value)?;
         }
@@ -315,12 +310,12 @@ impl Pii {
             e.properties.values_mut().try_for_each(|v| self.open_strings(v))?;
         }
         if let Some(ledger) = &mut r.ledger {
-            self.open_profile_in_place(&mut ledger.base)?;
+            self.open_profile(&mut ledger.base)?;
             for entry in &mut ledger.entries {
                 match entry {
                     LedgerEntry::Merging { .. } => {}
                     LedgerEntry::Applied { event, .. } => **event = self.open((**event).clone())?,
-                    LedgerEntry::Absorbed { record } => self.open_profile_in_place(record)?,
+                    LedgerEntry::Absorbed { record } => self.open_profile(record)?,
                 }
             }
         }
@@ -376,7 +371,7 @@ impl SealedStore {
 #[async_trait]
 impl OperationalStore for SealedStore {
     async fn load_profile(&self, id: &ProfileId) -> Result<Option<ProfileRecord>, StoreError> {
-        self.inner.load_profile(id).await?.map(|r| self.pii.open_profile(r)).transpose()
+        self.inner.load_profile(id).await?.map(|mut r| self.pii.open_profile(&mut r).map(|()| r)).transpose()
     }
 
     async fn lookup_identity(&self, identifier: &Identifier) -> Result<Option<ProfileId>, StoreError> {
@@ -455,7 +450,8 @@ impl OperationalStore for SealedStore {
     async fn load_profiles(&self, ids: &[ProfileId]) -> Result<Vec<ProfileRecord>, StoreError> {
         let records = self.inner.load_profiles(ids).await?;
         let pii = self.pii.clone();
-        off_workers("opening", move || records.into_iter().map(|r| pii.open_profile(r)).collect()).await
+        off_workers("opening", move || records.into_iter().map(|mut r| pii.open_profile(&mut r).map(|()| r)).collect())
+            .await
     }
 
     async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
@@ -654,6 +650,10 @@ mod tests {
         assert!(b.open(sealed).is_err());
     }
 
+    fn opened(p: &Pii, mut r: ProfileRecord) -> Result<ProfileRecord, StoreError> {
+        p.open_profile(&mut r).map(|()| r)
+    }
+
     /// Every sealed string replaced by one marker, so two sealings (fresh nonces) compare.
     fn sealed_shape(mut v: Value) -> Value {
         each_string(&mut v, &mut |s| {
@@ -777,13 +777,13 @@ mod tests {
         let mut again = typed.clone();
         p.seal_profile(&mut again).unwrap();
         assert_eq!(again, typed, "sealing is idempotent");
-        assert_eq!(p.open_profile(typed).unwrap(), record);
+        assert_eq!(opened(&p, typed).unwrap(), record);
         // Records written by the generic sealing still open.
-        assert_eq!(p.open_profile(generic).unwrap(), record);
+        assert_eq!(opened(&p, generic).unwrap(), record);
         let mut tampered = record.clone();
         p.seal_profile(&mut tampered).unwrap();
         tampered.recent_events[0].name = Some(pii().seal_text("Applied Online"));
-        assert!(p.open_profile(tampered).is_err(), "a value sealed with another key is an error");
+        assert!(opened(&p, tampered).is_err(), "a value sealed with another key is an error");
     }
 
     #[test]
@@ -796,7 +796,7 @@ mod tests {
         let mut sealed = record.clone();
         p.seal_profile(&mut sealed).unwrap();
         assert_eq!(sealed.segments, record.segments, "timestamps are not personal data");
-        assert_eq!(p.open_profile(sealed).unwrap(), record);
+        assert_eq!(opened(&p, sealed).unwrap(), record);
     }
 
     #[test]
