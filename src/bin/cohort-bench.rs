@@ -2105,29 +2105,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // Phase boundary: let the tail of phase 1 finish (the write-behind flush of its profiles,
     // then the warehouse relay of its outbox), so phase 2 measures reads, not that tail.
-    let warehouse_tail = match &demo {
+    let caught_up = match &demo {
         Some(d) => {
             if let Err(e) = d.cohort.settle(Duration::from_secs(60)).await {
                 eprintln!("warning: Cohort did not settle after phase 1: {e:#}");
             }
-            match drain_warehouse(&d.cohort, settings.settle_timeout).await {
-                Ok(tail) => tail,
-                Err(e) => {
-                    eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
-                    None
-                }
-            }
+            drain_warehouse(&d.cohort, settings.settle_timeout).await
         }
-        None => match wait_for_remote_warehouse(&http, &base, &creds, silver_before, &ingest, settings.settle_timeout)
-            .await
-        {
-            Ok(tail) => tail,
-            Err(e) => {
-                eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
-                None
-            }
-        },
+        None => wait_for_remote_warehouse(&http, &base, &creds, silver_before, &ingest, settings.settle_timeout).await,
     };
+    let warehouse_tail = caught_up.unwrap_or_else(|e| {
+        eprintln!("warning: the warehouse did not catch up after phase 1: {e:#}");
+        None
+    });
     // After the warehouse tail: its relay is part of what every event costs.
     let capacity = match (usage_before, demo.as_ref().and_then(|_| process_usage())) {
         (Some((rss_before, cpu_before)), Some((rss_after, cpu_after))) => {
