@@ -26,6 +26,9 @@ fn quick_benchmark_run_reports_every_figure() {
     assert!(ingest["accepted"].as_u64().unwrap() > 0);
     assert_eq!(ingest["accepted"], ingest["applied"], "every accepted event must reach its profile");
     assert_eq!(ingest["errors"], 0, "{}", ingest);
+    // Every request body was rendered before the clock started.
+    assert!(ingest["prepared"]["body_bytes"].as_u64().is_some_and(|b| b > 10_000 * 100), "{ingest}");
+    assert!(ingest["prepared"]["seconds"].as_f64().is_some_and(|s| s > 0.0), "{ingest}");
     assert!(report["profile_api"]["ok"].as_u64().unwrap() > 0);
     assert_eq!(report["profile_api"]["errors"], 0, "{}", report["profile_api"]);
     // Phase 2 starts once the warehouse has caught up with phase 1 (embedded defaults have one).
