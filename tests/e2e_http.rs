@@ -94,6 +94,35 @@ async fn events_pages_newest_first() {
     demo.stop().await.unwrap();
 }
 
+/// The profile body comes from the actor's cache: a new event replaces it at once, and so does
+/// a computed trait's window sliding past an old event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_profile_view_follows_new_events_and_the_clock() {
+    let demo = start().await;
+    let page = |id: &str, path: &str, at| payloads::segment_page(id, "viewer", path, at);
+    let aged = Utc::now() - chrono::Duration::days(7) + chrono::Duration::seconds(3);
+    let a = demo.client.segment(false, "page", &page("cv-1", "/programmes/mba", aged)).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let views = || async {
+        let a = demo.client.get("/v1/profiles/anonymous_id:viewer").await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        let c = &a.body["computed"];
+        (c["page_views_7d"].as_u64().unwrap(), c["page_views_30d"].as_u64().unwrap())
+    };
+    assert_eq!(views().await, (1, 1));
+    assert_eq!(views().await, (1, 1), "read again, from the cache");
+    while Utc::now() < aged + chrono::Duration::days(7) + chrono::Duration::milliseconds(100) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(views().await, (0, 1), "the page view has left the 7-day window");
+    let a = demo.client.segment(false, "page", &page("cv-2", "/campus", Utc::now())).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(views().await, (1, 2), "a new page view replaces the cached body");
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_event_ids_are_applied_once() {
     let demo = start().await;

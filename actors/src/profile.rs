@@ -1,7 +1,7 @@
 //! One ProfileActor per student: the live golden record.
 
 use crate::context::PipelineContext;
-use crate::segments::computed::compute;
+use crate::segments::computed::{compute, stable_until};
 use crate::segments::engine::activation_profile;
 use crate::segments::{evaluate, Evaluation};
 use chrono::DateTime;
@@ -12,8 +12,8 @@ use cohort_messages::msgs::{ProfileMsg, ProfileRecordReply, ProfileSnapshot, Pro
 use cohort_messages::profile::ConsentState;
 use cohort_messages::segment::{Change, SegmentChanged};
 use cohort_messages::{
-    Channel, ConsentRecord, CustomerEvent, EventKind, IdentifierKind, ProfileId, ProfileRecord, Suppression,
-    SuppressionReason,
+    Channel, ConsentRecord, CustomerEvent, EventKind, IdentifierKind, ProfileId, ProfileRecord, ProfileView,
+    Suppression, SuppressionReason,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::BTreeMap;
@@ -40,9 +40,44 @@ pub struct ProfileState {
     ctx: PipelineContext,
     directory: ActorRef<ProfilesMsg>,
     in_progress: Arc<AtomicU64>,
+    /// `GetViewJson`'s last answer and the instant it stops being exact; any message that may
+    /// change the record drops it.
+    view_json: Option<(bytes::Bytes, DateTime<Utc>)>,
+}
+
+/// The Profile API's view at `now`, computed traits included.
+fn view_at(record: &ProfileRecord, now: DateTime<Utc>) -> ProfileView {
+    let mut view = record.view();
+    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(compute(record, now)) {
+        view.computed = m;
+    }
+    view
 }
 
 impl ProfileState {
+    /// `GetViewJson`: the cached body while it is exact, else a fresh one (then cached).
+    fn view_json(&mut self) -> Option<ProfileRecordReply<bytes::Bytes>> {
+        let now = Utc::now();
+        if let (Some((json, until)), Some(r)) = (&self.view_json, &self.record) {
+            if r.merged_into.is_none() && now < *until {
+                return Some(ProfileRecordReply::Found(json.clone()));
+            }
+        }
+        match self.reply(|r| (serde_json::to_vec(&view_at(r, now)), stable_until(r, now))) {
+            ProfileRecordReply::Found((Ok(body), until)) => {
+                let body = bytes::Bytes::from(body);
+                self.view_json = Some((body.clone(), until));
+                Some(ProfileRecordReply::Found(body))
+            }
+            ProfileRecordReply::Found((Err(e), _)) => {
+                tracing::error!(profile_id = %self.profile_id, error = %e, "profile view did not encode");
+                None
+            }
+            ProfileRecordReply::MergedInto(s) => Some(ProfileRecordReply::MergedInto(s)),
+            ProfileRecordReply::NotFound => Some(ProfileRecordReply::NotFound),
+        }
+    }
+
     fn reply<T>(&self, f: impl FnOnce(&ProfileRecord) -> T) -> ProfileRecordReply<T> {
         match &self.record {
             None => ProfileRecordReply::NotFound,
@@ -224,6 +259,7 @@ impl Actor for ProfileActor {
             ctx: args.ctx,
             directory: args.directory,
             in_progress: args.in_progress,
+            view_json: None,
         })
     }
 
@@ -233,6 +269,16 @@ impl Actor for ProfileActor {
         msg: ProfileMsg,
         state: &mut ProfileState,
     ) -> Result<(), ActorProcessingErr> {
+        let read_only = matches!(
+            msg,
+            ProfileMsg::GetView(_)
+                | ProfileMsg::GetViewJson(_)
+                | ProfileMsg::GetEvents { .. }
+                | ProfileMsg::GetIdentities(_)
+        );
+        if !read_only {
+            state.view_json = None;
+        }
         match msg {
             ProfileMsg::Apply { seq, event } => {
                 if let Some(survivor) = state.survivor() {
@@ -403,13 +449,13 @@ impl Actor for ProfileActor {
                 state.evaluate_segments(None, None);
             }
             ProfileMsg::GetView(reply) => {
-                let _ = reply.send(state.reply(|r| {
-                    let mut view = r.view();
-                    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(compute(r, Utc::now())) {
-                        view.computed = m;
-                    }
-                    view
-                }));
+                let _ = reply.send(state.reply(|r| view_at(r, Utc::now())));
+            }
+            ProfileMsg::GetViewJson(reply) => {
+                // Without an answer the caller sees the port dropped (503), never a wrong body.
+                if let Some(answer) = state.view_json() {
+                    let _ = reply.send(answer);
+                }
             }
             ProfileMsg::GetEvents { offset, limit, reply } => {
                 let _ = reply.send(state.reply(|r| r.recent_events.iter().skip(offset).take(limit).cloned().collect()));

@@ -184,6 +184,9 @@ pub enum ProfileMsg {
         record: Box<ProfileRecord>,
     },
     GetView(RpcReplyPort<ProfileRecordReply<ProfileView>>),
+    /// The view as the Profile API's JSON body. The actor keeps it until the record changes or
+    /// a computed trait's time window slides, so repeated reads skip computing and encoding.
+    GetViewJson(RpcReplyPort<ProfileRecordReply<bytes::Bytes>>),
     GetEvents {
         offset: usize,
         limit: usize,

@@ -154,6 +154,37 @@ pub fn compute(record: &ProfileRecord, now: DateTime<Utc>) -> Computed {
     }
 }
 
+/// The time windows `compute` counts activity in, in days (90: the funnel's application events).
+const WINDOWS_DAYS: [i64; 3] = [7, 30, 90];
+
+/// The earliest instant after `now` at which `compute(record, ·)` may answer differently: an
+/// activity timestamp leaves a window or one in the future is reached, or the days since the
+/// last login tick over. Until then a computed answer can be reused as it is. Conservative:
+/// an instant it names may change nothing.
+pub fn stable_until(record: &ProfileRecord, now: DateTime<Utc>) -> DateTime<Utc> {
+    const DAY_MS: i64 = 86_400_000;
+    let now_ms = now.timestamp_millis();
+    let mut next = i64::MAX;
+    for times in record.activity.recent.values() {
+        // Sorted ascending: the first timestamp after `now` is the next one to enter a count.
+        if let Some(t) = times.get(times.partition_point(|t| *t <= now_ms)) {
+            next = next.min(*t);
+        }
+        for days in WINDOWS_DAYS {
+            let span = days * DAY_MS;
+            // The oldest timestamp still in the window is the next to leave it.
+            if let Some(t) = times.get(times.partition_point(|t| t.saturating_add(span) <= now_ms)) {
+                next = next.min(t.saturating_add(span));
+            }
+        }
+    }
+    if let Some(login) = record.activity.last_login {
+        let days = (now - login).num_days().max(0);
+        next = next.min(login.timestamp_millis().saturating_add((days + 1) * DAY_MS));
+    }
+    DateTime::from_timestamp_millis(next).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// A profile as segment rules and models read it.
 pub struct ProfileFacts<'a> {
     pub record: &'a ProfileRecord,
@@ -306,5 +337,43 @@ mod tests {
         let later = compute(&p, now + Duration::days(60));
         assert_eq!((later.page_views_30d, later.funnel_stage), (0, FunnelStage::Enrollment));
         assert_eq!(later.engagement_score, 0.0);
+    }
+
+    #[test]
+    fn computed_traits_hold_until_stable_until_and_change_there() {
+        let now = Utc::now();
+        let mut p =
+            ProfileRecord::new(cohort_messages::ProfileId::derive_from_event(&EventId::from_raw("y"), now), now);
+        let mut seq = 0;
+        let mut apply = |e: CustomerEvent| {
+            seq += 1;
+            p.apply(seq, &e, 100);
+        };
+        // Days ago; negative is an event stamped in the future (a client clock ahead).
+        // Hours apart, so that no two kinds of change fall on one instant and hide each other.
+        let hours = |h: i64| now + Duration::hours(h);
+        for (days, base) in [(-2, hours(7)), (1, hours(1)), (6, hours(2)), (20, hours(3)), (45, hours(4))] {
+            apply(event(EventKind::Page, None, days, json!({ "path": "/programs/mba" }), json!({}), base));
+        }
+        apply(event(EventKind::Track, Some("Logged In"), 3, json!({}), json!({}), hours(-5)));
+        apply(event(EventKind::Track, Some("Application Started"), 85, json!({}), json!({}), hours(-9)));
+        apply(event(EventKind::EmailActivity, Some("click"), 29, json!({}), json!({}), hours(-11)));
+        let (mut t, mut changes) = (now, 0);
+        while t < now + Duration::days(100) {
+            let until = stable_until(&p, t);
+            assert!(until > t, "{until} after {t}");
+            let c = compute(&p, t);
+            for probe in [t + (until - t) / 2, until - Duration::microseconds(1)] {
+                if probe > t {
+                    assert_eq!(compute(&p, probe), c, "unchanged at {probe}, before {until}");
+                }
+            }
+            if compute(&p, until + Duration::milliseconds(1)) != c {
+                changes += 1;
+            }
+            t = until + Duration::milliseconds(1);
+        }
+        // The future view, the 7-, 30- and 90-day exits and the daily login count all move it.
+        assert!(changes >= 20, "only {changes} of the instants named changed anything");
     }
 }
