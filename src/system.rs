@@ -383,9 +383,22 @@ fn supervisor_spec(name: &str, args: SupervisorArgs) -> ChildSpec {
     })
 }
 
+/// `server.transparent_huge_pages`, for the whole process (memory allocated from now on). With
+/// huge pages, a thread that first touches one waits while the kernel zeroes 2 MiB. At 5,000
+/// Profile API requests/s those waits made the p99 4–5 ms instead of about 1 ms.
+fn set_transparent_huge_pages(allowed: bool) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(!allowed) {
+        tracing::warn!(error = %e, allowed, "could not set the transparent huge page policy");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = allowed;
+}
+
 impl Cohort {
     /// Opens the backends named in `config` and starts the supervision tree.
     pub async fn start(config: Config, options: SystemOptions) -> anyhow::Result<Cohort> {
+        set_transparent_huge_pages(config.server.transparent_huge_pages);
         let config = Arc::new(config);
         let mut normalize =
             NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow!("invalid configuration: {e}"))?;

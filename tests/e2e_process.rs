@@ -39,6 +39,29 @@ async fn sigkill_under_load_loses_no_acknowledged_event_and_counts_none_twice() 
     assert_exactly_once(&c, STUDENTS, "student", &load).await;
 }
 
+/// `server.transparent_huge_pages`: off by default for the whole process, on when asked for.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_huge_pages_are_off_unless_configured() {
+    let thp_enabled = |pid: u32| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(|v| v.trim().to_string()).unwrap()
+    };
+    for (allowed, expected) in [(None, "0"), (Some("true"), "1")] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let c = CohortClient::new(format!("http://127.0.0.1:{port}"), &Config::from_toml_str("").unwrap()).unwrap();
+        let mut env =
+            vec![("COHORT__STORAGE__URL", format!("embedded://{}", dir.path().join("cohort.redb").display()))];
+        if let Some(v) = allowed {
+            env.push(("COHORT__SERVER__TRANSPARENT_HUGE_PAGES", v.to_string()));
+        }
+        let proc = spawn_cohort(&[], &env, port);
+        wait_ready(&c).await;
+        assert_eq!(thp_enabled(proc.0.id()), expected, "server.transparent_huge_pages = {allowed:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_import_cli_streams_a_bulk_export_and_summarises() {
     let dir = tempfile::tempdir().unwrap();

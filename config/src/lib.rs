@@ -184,6 +184,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Most header fields in one request.
     pub max_headers: usize,
+    /// Linux: whether this process may use transparent huge pages (off: they stall first touches).
+    pub transparent_huge_pages: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
