@@ -2623,10 +2623,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn plan_spreads_batches_and_singles_exactly() {
-        let s = Settings {
-            students: 10,
+    /// 1,005 events, a tenth of them single calls, in batches of 100.
+    fn small_settings(students: u32, seed: u64) -> Settings {
+        Settings {
+            students,
             events: 1_005,
             batch: 100,
             concurrency: 1,
@@ -2637,10 +2637,15 @@ mod tests {
             profile_concurrency: 1,
             profile_seconds: 1.0,
             settle_timeout: Duration::from_secs(1),
-            seed: 1,
+            seed,
             quick: true,
             quiet: true,
-        };
+        }
+    }
+
+    #[test]
+    fn plan_spreads_batches_and_singles_exactly() {
+        let s = small_settings(10, 1);
         let plan = Plan::new(&s);
         let (mut events, mut singles) = (0, 0);
         for j in 0..plan.units {
@@ -2658,22 +2663,7 @@ mod tests {
 
     #[test]
     fn traffic_is_rendered_up_front_once_per_unit_and_repeatable_from_its_seed() {
-        let s = Settings {
-            students: 50,
-            events: 1_005,
-            batch: 100,
-            concurrency: 4,
-            other_share: 0.1,
-            identified_share: 0.3,
-            ingest_rate: None,
-            profile_rps: 0,
-            profile_concurrency: 1,
-            profile_seconds: 1.0,
-            settle_timeout: Duration::from_secs(1),
-            seed: 3,
-            quick: true,
-            quiet: true,
-        };
+        let s = small_settings(50, 3);
         let st = Students { n: 50, run: "0123abcd".into(), seed: 3, identified_permille: 300, phone_offset: 17 };
         let creds = Creds {
             web_basic: "Basic d2ViOg==".into(),

@@ -300,14 +300,16 @@ mod tests {
         }
     }
 
+    fn profile(key: &str, now: DateTime<Utc>) -> ProfileRecord {
+        ProfileRecord::new(cohort_messages::ProfileId::derive_from_event(&EventId::from_raw(key), now), now)
+    }
+
     #[test]
     fn computed_traits_follow_the_activity_and_the_clock() {
         let now = Utc::now();
-        let mut p =
-            ProfileRecord::new(cohort_messages::ProfileId::derive_from_event(&EventId::from_raw("x"), now), now);
-        let mut seq = 0;
+        let mut p = profile("x", now);
         let mut apply = |e: CustomerEvent| {
-            seq += 1;
+            let seq = p.applied_seqs.len() as u64 + 1;
             p.apply(seq, &e, 100);
         };
         for days in [1, 2, 10, 40] {
@@ -342,11 +344,9 @@ mod tests {
     #[test]
     fn computed_traits_hold_until_stable_until_and_change_there() {
         let now = Utc::now();
-        let mut p =
-            ProfileRecord::new(cohort_messages::ProfileId::derive_from_event(&EventId::from_raw("y"), now), now);
-        let mut seq = 0;
+        let mut p = profile("y", now);
         let mut apply = |e: CustomerEvent| {
-            seq += 1;
+            let seq = p.applied_seqs.len() as u64 + 1;
             p.apply(seq, &e, 100);
         };
         // Days ago; negative is an event stamped in the future (a client clock ahead).
