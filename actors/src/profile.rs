@@ -55,13 +55,12 @@ fn view_at(record: &ProfileRecord, now: DateTime<Utc>) -> ProfileView {
 }
 
 impl ProfileState {
-    /// `GetViewJson`: the cached body while it is exact, else a fresh one (then cached).
+    /// `GetViewJson`: the cached body while it is exact, else a fresh one (then cached). A
+    /// body is only cached for a live record, and every message that could change that drops it.
     fn view_json(&mut self) -> Option<ProfileRecordReply<bytes::Bytes>> {
         let now = Utc::now();
-        if let (Some((json, until)), Some(r)) = (&self.view_json, &self.record) {
-            if r.merged_into.is_none() && now < *until {
-                return Some(ProfileRecordReply::Found(json.clone()));
-            }
+        if let Some((json, _)) = self.view_json.as_ref().filter(|(_, until)| now < *until) {
+            return Some(ProfileRecordReply::Found(json.clone()));
         }
         match self.reply(|r| (serde_json::to_vec(&view_at(r, now)), stable_until(r, now))) {
             ProfileRecordReply::Found((Ok(body), until)) => {

@@ -77,6 +77,13 @@ impl Computed {
     }
 }
 
+/// The windows computed traits count activity in, in days; `stable_until` watches exactly these.
+const WEEK: i64 = 7;
+const MONTH: i64 = 30;
+/// How far back an application event keeps a student in the application stage.
+const FUNNEL: i64 = 90;
+const WINDOWS_DAYS: [i64; 3] = [WEEK, MONTH, FUNNEL];
+
 fn saturate(x: f64, half: f64) -> f64 {
     // 50 at `half`, approaching 100: bounded and monotonic, so a score means the same at any size.
     100.0 * x / (x + half)
@@ -102,7 +109,7 @@ fn funnel_stage(record: &ProfileRecord, now: DateTime<Utc>, active: bool) -> Fun
         || ["application", "applicant", "applied"].contains(&status.as_str())
         || ["event:application started", "event:application submitted"]
             .iter()
-            .any(|k| !record.activity.since(k, now - Duration::days(90)).is_empty());
+            .any(|k| !record.activity.since(k, now - Duration::days(FUNNEL)).is_empty());
     if applied {
         FunnelStage::Application
     } else {
@@ -125,23 +132,23 @@ pub fn compute(record: &ProfileRecord, now: DateTime<Utc>) -> Computed {
     };
     let mut topics: Vec<(&String, &u64)> = a.topics.iter().collect();
     topics.sort_by(|x, y| y.1.cmp(x.1).then(x.0.cmp(y.0)));
-    let opens = n("email:open", 30);
-    let clicks = n("email:click", 30);
-    let events_30d: u64 = a.recent.keys().filter(|k| k.starts_with("event:")).map(|k| n(k, 30)).sum();
-    let logins_30d = n("login", 30);
-    let pages_30d = n("page", 30);
+    let opens = n("email:open", MONTH);
+    let clicks = n("email:click", MONTH);
+    let events_30d: u64 = a.recent.keys().filter(|k| k.starts_with("event:")).map(|k| n(k, MONTH)).sum();
+    let logins_30d = n("login", MONTH);
+    let pages_30d = n("page", MONTH);
     let activity = pages_30d + events_30d + opens + clicks;
     Computed {
-        page_views_7d: n("page", 7),
+        page_views_7d: n("page", WEEK),
         page_views_30d: pages_30d,
-        page_views_by_topic_7d: by_topic(7),
-        page_views_by_topic_30d: by_topic(30),
+        page_views_by_topic_7d: by_topic(WEEK),
+        page_views_by_topic_30d: by_topic(MONTH),
         top_topic: topics.first().map(|(t, _)| (*t).clone()),
         topics: topics.iter().take(20).map(|(t, _)| (*t).clone()).collect(),
         first_seen: record.counters.first_seen,
         last_seen: record.counters.last_seen,
         days_since_last_login: a.last_login.map(|l| (now - l).num_days().max(0)),
-        assignments_completed_30d: n("event:assignment completed", 30) + n("event:assignment submitted", 30),
+        assignments_completed_30d: n("event:assignment completed", MONTH) + n("event:assignment submitted", MONTH),
         email_opens_30d: opens,
         email_clicks_30d: clicks,
         email_engagement_score: saturate((opens + 3 * clicks) as f64, 5.0),
@@ -153,9 +160,6 @@ pub fn compute(record: &ProfileRecord, now: DateTime<Utc>) -> Computed {
         ),
     }
 }
-
-/// The time windows `compute` counts activity in, in days (90: the funnel's application events).
-const WINDOWS_DAYS: [i64; 3] = [7, 30, 90];
 
 /// The earliest instant after `now` at which `compute(record, ·)` may answer differently: an
 /// activity timestamp leaves a window or one in the future is reached, or the days since the
