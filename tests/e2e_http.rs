@@ -107,6 +107,8 @@ async fn a_cached_profile_view_follows_new_events_and_the_clock() {
     let views = || async {
         let a = demo.client.get("/v1/profiles/anonymous_id:viewer").await.unwrap();
         assert_eq!(a.status, 200, "{}", a.body);
+        // The cached body is sent as bytes: the JSON media type is set by the handler.
+        assert_eq!(a.headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/json"));
         let c = &a.body["computed"];
         (c["page_views_7d"].as_u64().unwrap(), c["page_views_30d"].as_u64().unwrap())
     };
