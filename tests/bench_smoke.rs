@@ -29,6 +29,16 @@ fn quick_benchmark_run_reports_every_figure() {
     // Every request body was rendered before the clock started.
     assert!(ingest["prepared"]["body_bytes"].as_u64().is_some_and(|b| b > 10_000 * 100), "{ingest}");
     assert!(ingest["prepared"]["seconds"].as_f64().is_some_and(|s| s > 0.0), "{ingest}");
+    // Where the event-to-profile time goes: every applied event passed each earlier stage.
+    let stages = ingest["stages"].as_object().unwrap();
+    assert_eq!(stages.keys().collect::<Vec<_>>(), ["journaled", "polled", "resolved", "delivered"], "{ingest}");
+    let mut mean_before = 0.0;
+    for stage in ["journaled", "polled", "resolved", "delivered"] {
+        assert_eq!(stages[stage]["observations"], ingest["event_to_profile"]["observations"], "{stage}: {ingest}");
+        let mean = stages[stage]["mean_ms"].as_f64().unwrap();
+        assert!(mean >= mean_before, "{stage} comes before an earlier stage: {ingest}");
+        mean_before = mean;
+    }
     assert!(report["profile_api"]["ok"].as_u64().unwrap() > 0);
     assert_eq!(report["profile_api"]["errors"], 0, "{}", report["profile_api"]);
     // Phase 2 starts once the warehouse has caught up with phase 1 (embedded defaults have one).

@@ -329,7 +329,29 @@ async fn operations_endpoints_answer() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
+    // Every applied event passed each stage once, and each stage later than the one before.
+    let applied = sample(text, "cohort_event_to_profile_seconds_count");
+    assert_eq!(applied, sample(text, "cohort_ingest_events_accepted_total"), "{text}");
+    let mut since_receipt = 0.0;
+    for stage in ["journaled", "polled", "resolved", "delivered"] {
+        let count = sample(text, &format!("cohort_pipeline_stage_seconds_count{{stage=\"{stage}\"}}"));
+        assert_eq!(count, applied, "{stage}:\n{text}");
+        let sum = sample(text, &format!("cohort_pipeline_stage_seconds_sum{{stage=\"{stage}\"}}"));
+        assert!(sum >= since_receipt, "{stage} sums {sum} s, before an earlier stage's {since_receipt} s");
+        since_receipt = sum;
+    }
+    assert!(since_receipt > 0.0 && since_receipt <= sample(text, "cohort_event_to_profile_seconds_sum"), "{text}");
     demo.stop().await.unwrap();
+}
+
+/// The sum of the Prometheus samples whose name (with labels, if given) starts with `series`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| *name == series || (name.starts_with(series) && name[series.len()..].starts_with('{')))
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

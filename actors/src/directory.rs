@@ -17,7 +17,7 @@ use cohort_messages::msgs::{
     ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
 };
 use cohort_messages::{CustomerEvent, DeadLetterStage, IdentifierKind, ProfileId, ProfileRecord};
-use cohort_supervisors::{RestartDecision, RestartTracker};
+use cohort_supervisors::{PipelineStages, RestartDecision, RestartTracker};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,9 +209,10 @@ impl ProfilesState {
         if let Some(c) = &change {
             entry.unflushed.push_back(c.clone());
         }
-        if let ProfileMsg::Apply { seq, .. } = &msg {
+        if let ProfileMsg::Apply { seq, event } = &msg {
             // Now in the unflushed queue, so any flush handled after this message covers it.
             self.ctx.watermark.delivered(*seq);
+            PipelineStages::observe(&self.ctx.metrics.stages.delivered, event.received_at, 1);
         }
         match entry.status {
             Status::Live => {

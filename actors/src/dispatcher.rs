@@ -8,7 +8,7 @@ use chrono::Utc;
 use cohort_adapters::{BronzeRow, NewDeadLetter, StoreError, Subscription, Undecodable};
 use cohort_messages::msgs::IdentityMsg;
 use cohort_messages::{CustomerEvent, DeadLetterStage, Source};
-use cohort_supervisors::Slot;
+use cohort_supervisors::{PipelineStages, Slot};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +120,7 @@ impl Actor for Dispatcher {
         let mut events = polled.events;
         for je in &events {
             ctx.watermark.dispatched(je.seq);
+            PipelineStages::observe(&ctx.metrics.stages.polled, je.event.received_at, 1);
         }
         if !ctx.bus.deduplicates_on_publish() && !events.is_empty() {
             // The events are already taken from the bus: hold them until the store answers.

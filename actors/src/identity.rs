@@ -11,7 +11,7 @@ use cohort_messages::msgs::{
     IdentityEvent, IdentityMerged, IdentityMsg, IdentityUnmerged, MergeReason, ProfileMsg, ProfilesMsg,
 };
 use cohort_messages::{CustomerEvent, DeadLetterStage, Identifier, IdentifierKind, ProfileId, ProfileRecord};
-use cohort_supervisors::Slot;
+use cohort_supervisors::{PipelineStages, Slot};
 use dashmap::{DashMap, DashSet};
 use parking_lot::Mutex;
 use ractor::factory::{
@@ -748,6 +748,7 @@ impl Worker for IdentityResolver {
         state: &mut IdentityResolverState,
     ) -> Result<String, ActorProcessingErr> {
         let IdentityMsg::Resolve { seq, mut event } = job.msg;
+        PipelineStages::observe(&state.ctx.metrics.stages.resolved, event.received_at, 1);
         match state.ctx.erasures.screen(&event) {
             crate::gdpr::Screen::Keep => {}
             // An erased person's event already on the bus (a replay, a redelivery): dropped

@@ -6,7 +6,7 @@ use crate::normalize::{normalize, NormalizeError, NormalizeOptions};
 use cohort_adapters::{AppendBatch, BronzeRecord, EventBus, NewDeadLetter, OperationalStore};
 use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection, SegmentCall};
 use cohort_messages::{DeadLetterStage, Source};
-use cohort_supervisors::{Metrics, QueueDepth};
+use cohort_supervisors::{Metrics, PipelineStages, QueueDepth};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 
@@ -189,6 +189,7 @@ impl Actor for IngestActor {
                 let store = state.store.clone();
                 let metrics = m.clone();
                 let source_label = source.to_string();
+                let received_at = payload.received_at;
                 // Appends are group-committed by the journal; awaiting them off the actor keeps
                 // this source's ingest loop free. Order within a payload is kept; concurrent
                 // requests have no order to keep.
@@ -209,6 +210,7 @@ impl Actor for IngestActor {
                                 let accepted = outcome.seqs.iter().filter(|s| s.is_some()).count();
                                 let duplicates = outcome.seqs.len() - accepted;
                                 metrics.events_accepted.with_label_values(&[&source_label]).inc_by(accepted as u64);
+                                PipelineStages::observe(&metrics.stages.journaled, received_at, accepted);
                                 metrics.events_duplicate.with_label_values(&[&source_label]).inc_by(duplicates as u64);
                                 Ok(IngestReceipt { accepted, duplicates, rejected, suppressed })
                             }

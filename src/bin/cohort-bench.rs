@@ -797,8 +797,13 @@ struct IngestResult {
     all_applied: bool,
     applied: u64,
     e2p: HistogramDelta,
+    /// Time since receipt at each stage before the profile (`cohort_pipeline_stage_seconds`).
+    stages: Vec<(&'static str, HistogramDelta)>,
     server: ServerDeltas,
 }
+
+/// The pipeline's stages before an event is applied, in order.
+const STAGES: [&str; 4] = ["journaled", "polled", "resolved", "delivered"];
 
 /// What the server's counters moved by during the phase.
 #[derive(Debug, Clone, Default)]
@@ -945,6 +950,12 @@ async fn run_ingest(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let e2p = HistogramDelta::between(&before, &after, "cohort_event_to_profile_seconds", &[]);
+    let stages = STAGES
+        .iter()
+        .map(|&stage| {
+            (stage, HistogramDelta::between(&before, &after, "cohort_pipeline_stage_seconds", &[("stage", stage)]))
+        })
+        .collect();
     let server = ServerDeltas::between(&before, &after);
     let known: Vec<u32> =
         ctx.known.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).map(|(i, _)| i as u32).collect();
@@ -960,6 +971,7 @@ async fn run_ingest(
         all_applied,
         applied,
         e2p,
+        stages,
         server,
     };
     Ok((result, known))
@@ -1831,6 +1843,7 @@ impl Report<'_> {
             "by_kind": i.by_kind.iter().map(|(k, st)| Self::kind_json(*k, st)).collect::<Vec<_>>(),
             "event_to_profile": i.e2p.to_json_ms(),
             "event_to_profile_share_within_50ms": i.e2p.share_within(0.05),
+            "stages": i.stages.iter().map(|(name, h)| (name.to_string(), h.to_json_ms())).collect::<serde_json::Map<_, _>>(),
             "server": {
                 "accepted": i.server.accepted,
                 "duplicates": i.server.duplicates,
@@ -1988,6 +2001,20 @@ impl Report<'_> {
         if let Some(share) = i.e2p.share_within(0.05) {
             println!("  events applied within 50 ms: {:.2}% (exact, bucket boundary)", share * 100.0);
         }
+        let stage = |h: &HistogramDelta, p: f64| match h.quantile(p) {
+            Some((v, true)) => format!(">{:.1}", v * 1e3),
+            Some((v, false)) => format!("{:.1}", v * 1e3),
+            None => "n/a".into(),
+        };
+        let stages: Vec<String> = i
+            .stages
+            .iter()
+            .map(|(name, h)| {
+                let mean = h.mean().map_or_else(|| "n/a".into(), |m| format!("{:.1}", m * 1e3));
+                format!("{name} {}/{}/{mean}", stage(h, 0.5), stage(h, 0.99))
+            })
+            .collect();
+        println!("  since receipt, p50/p99/mean ms: {}", stages.join(", "));
         println!(
             "  server: {} profiles created, {} merges, {} dead letters after acceptance, {} restarts, {} flushes (mean {})",
             thousands(i.server.profiles_created as u64),

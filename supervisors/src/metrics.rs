@@ -21,6 +21,8 @@ pub struct Metrics {
     pub mailbox_depth: IntGaugeVec,
     pub api_latency: HistogramVec,
     pub event_to_profile_latency: Histogram,
+    /// Time since receipt as an event passes each stage on its way to a profile.
+    pub stages: PipelineStages,
     pub profiles_created: IntCounter,
     pub identity_merges: IntCounter,
     pub identity_unmerges: IntCounter,
@@ -64,6 +66,30 @@ pub struct Metrics {
     pub job_duration: HistogramVec,
     pub job_last_success: IntGaugeVec,
     pub warehouse_write_duration: HistogramVec,
+}
+
+/// `cohort_pipeline_stage_seconds` by stage, resolved once: each is observed per event.
+/// The last stage, applied, is `cohort_event_to_profile_seconds`.
+#[derive(Clone)]
+pub struct PipelineStages {
+    /// The journal append that made the event durable returned.
+    pub journaled: Histogram,
+    /// The dispatcher read it from the bus.
+    pub polled: Histogram,
+    /// An identity resolver took it up.
+    pub resolved: Histogram,
+    /// The profile directory queued it for its ProfileActor.
+    pub delivered: Histogram,
+}
+
+impl PipelineStages {
+    /// Observes `n` events received at `received_at` passing `stage` now.
+    pub fn observe(stage: &Histogram, received_at: chrono::DateTime<chrono::Utc>, n: usize) {
+        let secs = (chrono::Utc::now() - received_at).to_std().unwrap_or_default().as_secs_f64();
+        for _ in 0..n {
+            stage.observe(secs);
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -136,6 +162,18 @@ impl Metrics {
             "From event received to applied on its profile",
             LATENCY_BUCKETS.to_vec(),
         )?;
+        let stage_latency = HistogramVec::new(
+            HistogramOpts::new("pipeline_stage_seconds", "From event received to passing a pipeline stage")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage"],
+        )?;
+        r.register(Box::new(stage_latency.clone()))?;
+        let stages = PipelineStages {
+            journaled: stage_latency.with_label_values(&["journaled"]),
+            polled: stage_latency.with_label_values(&["polled"]),
+            resolved: stage_latency.with_label_values(&["resolved"]),
+            delivered: stage_latency.with_label_values(&["delivered"]),
+        };
         let profiles_created = IntCounter::new("profiles_created_total", "Profiles created by identity resolution")?;
         r.register(Box::new(profiles_created.clone()))?;
         let identity_merges = IntCounter::new("identity_merges_total", "Profile merges")?;
@@ -353,6 +391,7 @@ impl Metrics {
             mailbox_depth,
             api_latency,
             event_to_profile_latency,
+            stages,
             profiles_created,
             identity_merges,
             identity_unmerges,
