@@ -49,24 +49,25 @@ const PII_KEYS: &[&str] = &[
 /// every key of every record sealed by a flush (5% of the event path's CPU when it folded
 /// Unicode for every key), so an ASCII name is folded into a stack buffer first.
 fn is_pii_key(key: &str) -> bool {
-    if !key.is_ascii() {
-        // Unicode case folding can turn a non-ASCII letter into an ASCII one (`K`, Kelvin).
-        return PII_KEYS.iter().any(|pii| {
-            let mut folded = key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase);
-            pii.chars().all(|c| folded.next() == Some(c)) && folded.next().is_none()
-        });
-    }
     let mut folded = [0u8; PII_KEY_MAX];
     let mut len = 0;
-    for b in key.bytes().filter(|b| *b != b'_') {
-        let Some(slot) = folded.get_mut(len) else {
-            return false; // longer than every personal field name
-        };
-        *slot = b.to_ascii_lowercase();
-        len += 1;
+    // Every personal name is ASCII and at most PII_KEY_MAX long: anything else rules a key out.
+    let mut push = |l: char| match (folded.get_mut(len), l.is_ascii()) {
+        (Some(slot), true) => {
+            *slot = l as u8;
+            len += 1;
+            true
+        }
+        _ => false,
+    };
+    for c in key.chars().filter(|c| *c != '_') {
+        // Unicode folding can turn a non-ASCII letter into an ASCII one (`K`, Kelvin).
+        let kept = if c.is_ascii() { push(c.to_ascii_lowercase()) } else { c.to_lowercase().all(&mut push) };
+        if !kept {
+            return false;
+        }
     }
-    let folded = &folded[..len];
-    PII_KEYS.iter().any(|pii| pii.as_bytes() == folded)
+    PII_KEYS.iter().any(|pii| pii.as_bytes() == &folded[..len])
 }
 
 /// The longest name in [`PII_KEYS`].
