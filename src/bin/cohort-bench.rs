@@ -802,9 +802,6 @@ struct IngestResult {
     server: ServerDeltas,
 }
 
-/// The pipeline's stages before an event is applied, in order.
-const STAGES: [&str; 4] = ["journaled", "polled", "resolved", "delivered"];
-
 /// What the server's counters moved by during the phase.
 #[derive(Debug, Clone, Default)]
 struct ServerDeltas {
@@ -950,7 +947,7 @@ async fn run_ingest(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let e2p = HistogramDelta::between(&before, &after, "cohort_event_to_profile_seconds", &[]);
-    let stages = STAGES
+    let stages = cohort_supervisors::PIPELINE_STAGES
         .iter()
         .map(|&stage| {
             (stage, HistogramDelta::between(&before, &after, "cohort_pipeline_stage_seconds", &[("stage", stage)]))
@@ -1362,6 +1359,11 @@ impl HistogramDelta {
 
     fn mean(&self) -> Option<f64> {
         (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    /// The quantile in milliseconds for a report, `> x` when only a lower bound is known.
+    fn quantile_ms(&self, p: f64) -> Option<String> {
+        self.quantile(p).map(|(v, open)| if open { format!("> {:.1}", v * 1e3) } else { format!("{:.2}", v * 1e3) })
     }
 
     fn to_json_ms(&self) -> Value {
@@ -1987,11 +1989,7 @@ impl Report<'_> {
             thousands(self.e2e_events_per_sec().round() as u64),
             if i.all_applied { "" } else { "  (NOT all applied before the timeout)" }
         );
-        let q = |p: f64| match i.e2p.quantile(p) {
-            Some((v, true)) => format!("> {:.1} ms", v * 1e3),
-            Some((v, false)) => format!("{:.2} ms", v * 1e3),
-            None => "n/a".into(),
-        };
+        let q = |p: f64| i.e2p.quantile_ms(p).map_or_else(|| "n/a".into(), |v| format!("{v} ms"));
         println!(
             "  event-to-profile:          p50 {}, p99 {}, mean {} (bucket-interpolated from cohort_event_to_profile_seconds)",
             q(0.50),
@@ -2001,17 +1999,13 @@ impl Report<'_> {
         if let Some(share) = i.e2p.share_within(0.05) {
             println!("  events applied within 50 ms: {:.2}% (exact, bucket boundary)", share * 100.0);
         }
-        let stage = |h: &HistogramDelta, p: f64| match h.quantile(p) {
-            Some((v, true)) => format!(">{:.1}", v * 1e3),
-            Some((v, false)) => format!("{:.1}", v * 1e3),
-            None => "n/a".into(),
-        };
         let stages: Vec<String> = i
             .stages
             .iter()
             .map(|(name, h)| {
-                let mean = h.mean().map_or_else(|| "n/a".into(), |m| format!("{:.1}", m * 1e3));
-                format!("{name} {}/{}/{mean}", stage(h, 0.5), stage(h, 0.99))
+                let ms = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
+                let mean = h.mean().map(|m| format!("{:.2}", m * 1e3));
+                format!("{name} {}/{}/{}", ms(h.quantile_ms(0.5)), ms(h.quantile_ms(0.99)), ms(mean))
             })
             .collect();
         println!("  since receipt, p50/p99/mean ms: {}", stages.join(", "));

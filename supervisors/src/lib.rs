@@ -12,7 +12,7 @@ pub mod slot;
 pub mod supervisor;
 
 pub use health::{ChildHealth, ChildStatus, FailureRecord, HealthRegistry};
-pub use metrics::{Metrics, PipelineStages, QueueDepth};
+pub use metrics::{Metrics, PipelineStages, QueueDepth, PIPELINE_STAGES};
 pub use policy::{RestartDecision, RestartPolicy, RestartTracker};
 pub use slot::Slot;
 pub use supervisor::{ChildSpec, SpawnFuture, Strategy, SupervisorActor, SupervisorArgs, SupervisorMsg};

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub warehouse_write_duration: HistogramVec,
 }
 
+/// The `stage` labels of `cohort_pipeline_stage_seconds`, in pipeline order.
+pub const PIPELINE_STAGES: [&str; 4] = ["journaled", "polled", "resolved", "delivered"];
+
 /// `cohort_pipeline_stage_seconds` by stage, resolved once: each is observed per event.
 /// The last stage, applied, is `cohort_event_to_profile_seconds`.
 #[derive(Clone)]
@@ -168,12 +171,8 @@ impl Metrics {
             &["stage"],
         )?;
         r.register(Box::new(stage_latency.clone()))?;
-        let stages = PipelineStages {
-            journaled: stage_latency.with_label_values(&["journaled"]),
-            polled: stage_latency.with_label_values(&["polled"]),
-            resolved: stage_latency.with_label_values(&["resolved"]),
-            delivered: stage_latency.with_label_values(&["delivered"]),
-        };
+        let [journaled, polled, resolved, delivered] = PIPELINE_STAGES.map(|s| stage_latency.with_label_values(&[s]));
+        let stages = PipelineStages { journaled, polled, resolved, delivered };
         let profiles_created = IntCounter::new("profiles_created_total", "Profiles created by identity resolution")?;
         r.register(Box::new(profiles_created.clone()))?;
         let identity_merges = IntCounter::new("identity_merges_total", "Profile merges")?;
