@@ -31,9 +31,9 @@ fn quick_benchmark_run_reports_every_figure() {
     assert!(ingest["prepared"]["seconds"].as_f64().is_some_and(|s| s > 0.0), "{ingest}");
     // Where the event-to-profile time goes: every applied event passed each earlier stage.
     let stages = ingest["stages"].as_object().unwrap();
-    assert_eq!(stages.keys().collect::<Vec<_>>(), ["journaled", "polled", "resolved", "delivered"], "{ingest}");
+    assert_eq!(stages.keys().collect::<Vec<_>>(), cohort_supervisors::PIPELINE_STAGES, "{ingest}");
     let mut mean_before = 0.0;
-    for stage in ["journaled", "polled", "resolved", "delivered"] {
+    for stage in cohort_supervisors::PIPELINE_STAGES {
         assert_eq!(stages[stage]["observations"], ingest["event_to_profile"]["observations"], "{stage}: {ingest}");
         let mean = stages[stage]["mean_ms"].as_f64().unwrap();
         assert!(mean >= mean_before, "{stage} comes before an earlier stage: {ingest}");

@@ -2,10 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use chrono::Utc;
 use cohort::demo::{fetch_profile, play_slide_18, DemoServer};
 use cohort::payloads;
 use cohort::SystemOptions;
+use common::{series_sum, series_value};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -330,28 +333,21 @@ async fn operations_endpoints_answer() {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
     // Every applied event passed each stage once, and each stage later than the one before.
-    let applied = sample(text, "cohort_event_to_profile_seconds_count");
-    assert_eq!(applied, sample(text, "cohort_ingest_events_accepted_total"), "{text}");
+    let applied = series_value(text, "cohort_event_to_profile_seconds_count");
+    assert_eq!(applied, series_sum(text, "cohort_ingest_events_accepted_total"), "{text}");
     let mut since_receipt = 0.0;
-    for stage in ["journaled", "polled", "resolved", "delivered"] {
-        let count = sample(text, &format!("cohort_pipeline_stage_seconds_count{{stage=\"{stage}\"}}"));
+    for stage in cohort_supervisors::PIPELINE_STAGES {
+        let count = series_value(text, &format!("cohort_pipeline_stage_seconds_count{{stage=\"{stage}\"}}"));
         assert_eq!(count, applied, "{stage}:\n{text}");
-        let sum = sample(text, &format!("cohort_pipeline_stage_seconds_sum{{stage=\"{stage}\"}}"));
+        let sum = series_value(text, &format!("cohort_pipeline_stage_seconds_sum{{stage=\"{stage}\"}}"));
         assert!(sum >= since_receipt, "{stage} sums {sum} s, before an earlier stage's {since_receipt} s");
         since_receipt = sum;
     }
-    assert!(since_receipt > 0.0 && since_receipt <= sample(text, "cohort_event_to_profile_seconds_sum"), "{text}");
+    assert!(
+        since_receipt > 0.0 && since_receipt <= series_value(text, "cohort_event_to_profile_seconds_sum"),
+        "{text}"
+    );
     demo.stop().await.unwrap();
-}
-
-/// The sum of the Prometheus samples whose name (with labels, if given) starts with `series`.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(name, _)| *name == series || (name.starts_with(series) && name[series.len()..].starts_with('{')))
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,12 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod common;
 #[path = "common/faulty_warehouse.rs"]
 mod faulty_warehouse;
 
 use cohort::client::CohortClient;
 use cohort::demo::{play_slide_18, DemoServer};
 use cohort::SystemOptions;
+use common::series_value;
 use faulty_warehouse::FaultyWarehouse;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -21,14 +23,6 @@ async fn runs(c: &CohortClient, job: &str) -> Vec<Value> {
     let a = c.get(&format!("/v1/jobs/{job}/runs?limit=1000")).await.unwrap();
     assert_eq!(a.status, 200, "{}", a.body);
     a.body["runs"].as_array().unwrap().clone()
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 async fn metrics(c: &CohortClient) -> String {
@@ -68,8 +62,11 @@ async fn a_scheduled_job_runs_on_its_schedule_and_its_history_and_metrics_show_i
     assert!(job["next_run"].is_string(), "{job}");
     assert!(jobs["jobs"].as_array().unwrap().iter().all(|j| j["name"] != "batch_segments"), "an empty schedule is off");
     let text = metrics(c).await;
-    assert!(metric(&text, "cohort_job_runs_total{job=\"gold_reconcile\",outcome=\"succeeded\"}") >= 2.0, "{text}");
-    assert!(metric(&text, "cohort_job_last_success_timestamp_seconds{job=\"gold_reconcile\"}") > 1.7e9);
+    assert!(
+        series_value(&text, "cohort_job_runs_total{job=\"gold_reconcile\",outcome=\"succeeded\"}") >= 2.0,
+        "{text}"
+    );
+    assert!(series_value(&text, "cohort_job_last_success_timestamp_seconds{job=\"gold_reconcile\"}") > 1.7e9);
 
     // An operator runs it now; an unknown job is a 404.
     let now = c.post("/v1/jobs/gold_reconcile/run", &Value::Null).await.unwrap();
@@ -90,7 +87,7 @@ async fn a_failing_job_is_recorded_with_its_error_and_counted() {
     assert_eq!(done[0]["status"], "failed", "{}", done[0]);
     assert!(done[0]["error"].as_str().unwrap().contains("quota exceeded"), "{}", done[0]);
     let text = metrics(c).await;
-    assert!(metric(&text, "cohort_job_runs_total{job=\"gold_reconcile\",outcome=\"failed\"}") >= 1.0, "{text}");
+    assert!(series_value(&text, "cohort_job_runs_total{job=\"gold_reconcile\",outcome=\"failed\"}") >= 1.0, "{text}");
     demo.stop().await.unwrap();
 }
 
@@ -123,7 +120,7 @@ async fn two_replicas_sharing_mongodb_run_each_occurrence_once() {
     assert_eq!(dues.len(), all.len(), "an occurrence was run twice: {all:?}");
     let owners: BTreeSet<&str> = done.iter().map(|r| r["owner"].as_str().unwrap()).collect();
     let series = |outcome: &str| format!("cohort_job_runs_total{{job=\"gold_reconcile\",outcome=\"{outcome}\"}}");
-    let elsewhere = metric(&ta, &series("elsewhere")) + metric(&tb, &series("elsewhere"));
+    let elsewhere = series_value(&ta, &series("elsewhere")) + series_value(&tb, &series("elsewhere"));
     assert!(elsewhere >= 1.0, "neither replica ever found an occurrence taken by the other (owners {owners:?})");
 }
 

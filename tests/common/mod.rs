@@ -26,6 +26,15 @@ pub fn series_value(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every sample of a metric over its label sets (`name` without labels).
+pub fn series_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next() == Some(name))
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
 /// A replica's `/metrics` text.
 pub async fn scrape(c: &CohortClient) -> String {
     c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default().to_string()
