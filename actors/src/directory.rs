@@ -56,6 +56,14 @@ impl Change {
     }
 }
 
+/// Whether a delivery is an event's first arrival at the directory or a merged profile sending
+/// it on to its survivor: only the first is a pipeline stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    First,
+    Forwarded,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Live,
@@ -188,6 +196,7 @@ impl ProfilesState {
         myself: &ActorRef<ProfilesMsg>,
         profile_id: ProfileId,
         msg: ProfileMsg,
+        arrival: Arrival,
     ) -> Result<(), ActorProcessingErr> {
         if self.ctx.erasures.is_erased(&profile_id) {
             // Erased: never started again. Queries get no answer (their caller sees the profile
@@ -212,7 +221,9 @@ impl ProfilesState {
         if let ProfileMsg::Apply { seq, event } = &msg {
             // Now in the unflushed queue, so any flush handled after this message covers it.
             self.ctx.watermark.delivered(*seq);
-            PipelineStages::observe(&self.ctx.metrics.stages.delivered, event.received_at, 1);
+            if arrival == Arrival::First {
+                PipelineStages::observe(&self.ctx.metrics.stages.delivered, event.received_at, 1);
+            }
         }
         match entry.status {
             Status::Live => {
@@ -644,13 +655,15 @@ impl Actor for ProfilesDirectory {
                 match routed {
                     // Cluster mode: a change asked for here goes through its profile's partition.
                     Some((outbound, change)) => outbound.lock().push(change),
-                    None => state.deliver(&myself, profile_id, msg)?,
+                    None => state.deliver(&myself, profile_id, msg, Arrival::First)?,
                 }
             }
-            ProfilesMsg::DeliverRouted { profile_id, msg, seq } => {
+            ProfilesMsg::Forward { profile_id, msg } => state.deliver(&myself, profile_id, msg, Arrival::Forwarded)?,
+            ProfilesMsg::DeliverRouted { profile_id, msg, seq, forwarded } => {
                 if state.ctx.owns(&profile_id) {
                     let is_apply = matches!(msg, ProfileMsg::Apply { .. });
-                    state.deliver(&myself, profile_id, msg)?;
+                    let arrival = if forwarded { Arrival::Forwarded } else { Arrival::First };
+                    state.deliver(&myself, profile_id, msg, arrival)?;
                     if !is_apply {
                         state.ctx.watermark.delivered(seq);
                     }
@@ -969,6 +982,11 @@ mod tests {
 
     /// A profile stage owning all three partitions, its timed flushes out of the way.
     async fn stage() -> Stage {
+        stage_of(true).await
+    }
+
+    /// The same, as one replica runs it (`cluster` false): no partitions, no outbound topic.
+    async fn stage_of(cluster: bool) -> Stage {
         let store = EmbeddedStore::in_memory().unwrap();
         let dyn_store: Arc<dyn OperationalStore> = store.clone();
         let ownership = Arc::new(Ownership::new(3));
@@ -999,8 +1017,8 @@ mod tests {
             segment_engine: Default::default(),
             person_fingerprints: Arc::default(),
             erasures: Arc::new(Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
-            outbound: Some(Arc::default()),
-            ownership: Some(ownership.clone()),
+            outbound: cluster.then(Arc::default),
+            ownership: cluster.then(|| ownership.clone()),
         };
         let (directory, _) = Actor::spawn(None, ProfilesDirectory, ProfilesArgs { ctx: ctx.clone() }).await.unwrap();
         Stage { ctx, store, ownership, directory, release }
@@ -1013,7 +1031,9 @@ mod tests {
             self.ctx.watermark.dispatched(seq);
             assert!(self.ctx.pending_ids.claim(seq, event.event_id.as_str()));
             let msg = ProfileMsg::Apply { seq, event: Arc::new(event) };
-            self.directory.send_message(ProfilesMsg::DeliverRouted { profile_id: profile.clone(), msg, seq }).unwrap();
+            self.directory
+                .send_message(ProfilesMsg::DeliverRouted { profile_id: profile.clone(), msg, seq, forwarded: false })
+                .unwrap();
             seq
         }
 
@@ -1206,5 +1226,42 @@ mod tests {
         // Its ids are released: when the partition comes back, a replay is applied, not skipped.
         let replayed = processed(partition_of(&profile, 3), 1);
         assert!(s.ctx.pending_ids.claim(replayed, "web:e1"));
+    }
+
+    /// An event that reaches a profile after it was merged is sent on to the survivor and
+    /// applied there once; the `delivered` stage counts its arrival once, not once per hop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_sent_on_by_a_merged_profile_is_one_arrival_at_the_delivered_stage() {
+        let s = stage_of(false).await;
+        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let merged = elsewhere(&survivor);
+        let deliver = |profile: &ProfileId, msg| {
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
+        };
+        let apply =
+            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+        deliver(&survivor, apply(1, "e1"));
+        deliver(&merged, apply(2, "e2"));
+        deliver(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        deliver(&merged, apply(3, "e3"));
+        let applied = &s.ctx.metrics.event_to_profile_latency;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while applied.get_sample_count() < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        s.handled().await;
+        assert_eq!(applied.get_sample_count(), 3, "every event applied once");
+        let view = ractor::call_t!(
+            s.directory,
+            |reply| ProfilesMsg::Deliver { profile_id: survivor.clone(), msg: ProfileMsg::GetView(reply) },
+            5_000
+        )
+        .unwrap();
+        let cohort_messages::msgs::ProfileRecordReply::Found(view) = view else {
+            panic!("the survivor answers: {view:?}")
+        };
+        assert_eq!(view.recent_events, 3, "the survivor holds e1, e2 (absorbed) and e3 (sent on)");
+        assert_eq!(view.merged_from, vec![merged]);
+        assert_eq!(s.ctx.metrics.stages.delivered.get_sample_count(), 3, "one arrival per event, not per hop");
     }
 }

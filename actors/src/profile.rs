@@ -101,7 +101,7 @@ impl ProfileState {
                 return Ok(());
             }
         }
-        self.directory.send_message(ProfilesMsg::Deliver { profile_id: to, msg })?;
+        self.directory.send_message(ProfilesMsg::Forward { profile_id: to, msg })?;
         Ok(())
     }
 

@@ -101,6 +101,40 @@ mod tests {
         }
         assert_eq!(seen.len(), 6);
     }
+
+    /// The owner's directory learns whether an event was sent on by a merged profile: its
+    /// arrival was counted at the first hop.
+    #[test]
+    fn a_routed_event_read_back_says_whether_a_merged_profile_sent_it_on() {
+        use crate::msgs::{ProfileMsg, ProfilesMsg};
+        use crate::{EventId, EventKind, Source};
+        let now = Utc::now();
+        let event = crate::CustomerEvent {
+            event_id: EventId::new(Source::Web, "e1"),
+            source: Source::Web,
+            kind: EventKind::Track,
+            name: None,
+            occurred_at: now,
+            received_at: now,
+            identifiers: Vec::new(),
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Default::default(),
+            trace: None,
+            raw: crate::RawRef { seq: None, index: 0 },
+        };
+        let id = crate::ProfileId::derive_from_event(&event.event_id, now);
+        let apply = ProfileMsg::Apply { seq: 1, event: std::sync::Arc::new(event) };
+        let routed = RoutedChange::of(&id, &apply).unwrap();
+        for (change, sent_on) in [(routed.clone(), false), (routed.forwarded(), true)] {
+            let ProfilesMsg::DeliverRouted { forwarded, seq, msg: ProfileMsg::Apply { .. }, .. } =
+                change.into_directory_msg(7)
+            else {
+                panic!("an Apply reads back as one")
+            };
+            assert_eq!((forwarded, seq), (sent_on, 7));
+        }
+    }
 }
 
 /// A change for one profile on `cdp.processed.events` in cluster mode, keyed (and partitioned)
@@ -174,8 +208,12 @@ impl RoutedChange {
     pub fn into_directory_msg(self, seq: u64) -> crate::msgs::ProfilesMsg {
         use crate::msgs::ProfileMsg as M;
         let profile_id = self.profile_id;
+        let mut forwarded = false;
         let msg = match self.change {
-            RoutedKind::Apply { event, .. } => M::Apply { seq, event: std::sync::Arc::new(*event) },
+            RoutedKind::Apply { event, forwarded: f } => {
+                forwarded = f;
+                M::Apply { seq, event: std::sync::Arc::new(*event) }
+            }
             RoutedKind::BeginMerge { merged } => M::BeginMerge { merged },
             RoutedKind::MergeInto { survivor } => M::MergeInto { survivor },
             RoutedKind::Absorb { record } => M::Absorb { record },
@@ -185,7 +223,7 @@ impl RoutedChange {
                 return crate::msgs::ProfilesMsg::EraseRouted { profile_id, request, seq };
             }
         };
-        crate::msgs::ProfilesMsg::DeliverRouted { profile_id, msg, seq }
+        crate::msgs::ProfilesMsg::DeliverRouted { profile_id, msg, seq, forwarded }
     }
 }
 

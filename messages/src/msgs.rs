@@ -250,12 +250,19 @@ pub enum ProfilesMsg {
         profile_id: ProfileId,
         msg: ProfileMsg,
     },
+    /// A merged profile sends on a change addressed to it to its survivor: delivered as
+    /// `Deliver` is, but not a new arrival, so the pipeline stage is not observed twice.
+    Forward {
+        profile_id: ProfileId,
+        msg: ProfileMsg,
+    },
     /// Cluster mode: a change read from `cdp.processed.events` at `seq`, applied here (this
-    /// replica owns its partition) and counted delivered once queued.
+    /// replica owns its partition) and counted delivered once queued. `forwarded` as `Forward`.
     DeliverRouted {
         profile_id: ProfileId,
         msg: ProfileMsg,
         seq: u64,
+        forwarded: bool,
     },
     /// Write-behind cycle: snapshot profiles with unflushed changes, persist them with the
     /// identity graph, then advance the checkpoint.
