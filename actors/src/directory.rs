@@ -12,7 +12,7 @@ use crate::identity::{identity_events, Person};
 use crate::profile::{ProfileActor, ProfileArgs};
 use cohort_adapters::cluster::{Ownership, Tenure};
 use cohort_adapters::kafka::processed_partition;
-use cohort_adapters::{FlushBatch, SilverRow, WarehouseBatch};
+use cohort_adapters::{FlushBatch, GoldProfileRow, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{
     ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
 };
@@ -482,7 +482,8 @@ impl ProfilesState {
                         .filter(|(id, _)| taken.contains(id))
                         .map(|(id, event)| SilverRow::from_event(event, id))
                         .collect(),
-                    gold: profiles.iter().map(|p| p.profile_id.clone()).collect(),
+                    gold: Vec::new(),
+                    gold_rows: profiles.iter().map(GoldProfileRow::from_record).collect(),
                 }
             } else {
                 WarehouseBatch::default()
@@ -842,6 +843,7 @@ impl Lapsed {
         });
         batch.outbox.silver.retain(|row| !lapsed.profiles.contains(&row.profile_id));
         batch.outbox.gold.retain(|id| !lapsed.profiles.contains(id));
+        batch.outbox.gold_rows.retain(|row| !lapsed.profiles.contains(&row.profile_id));
         batch.event_ids = Vec::new();
         for (pos, id) in ids {
             if ownership.position_held_since(tenure, *pos) {

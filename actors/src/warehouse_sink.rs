@@ -173,6 +173,7 @@ fn drop_erased(erasures: &crate::gdpr::Erasures, batch: &mut WarehouseBatch) -> 
         batch.silver.iter().filter(|r| erasures.is_erased(&r.profile_id)).filter_map(|r| r.raw_seq).collect();
     batch.silver.retain(|r| !erasures.is_erased(&r.profile_id));
     batch.gold.retain(|p| !erasures.is_erased(p));
+    batch.gold_rows.retain(|row| !erasures.is_erased(&row.profile_id));
     batch.bronze.retain(|b| !erased_raw.contains(&b.raw_seq));
     erased_raw.into_iter().collect()
 }
@@ -212,7 +213,7 @@ async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
 
 /// Writes one merged batch: processed events, then Bronze, Silver and Gold.
 async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize, usize, usize), StoreError> {
-    let WarehouseBatch { mut bronze, mut silver, gold } = batch;
+    let WarehouseBatch { mut bronze, mut silver, gold, gold_rows } = batch;
     let (n_bronze, n_silver) = (bronze.len(), silver.len());
     if !silver.is_empty() {
         args.bus.publish_processed(&silver).await?;
@@ -234,13 +235,43 @@ async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize
         timed(args, "silver", args.warehouse.write_silver(silver)).await?;
         args.metrics.warehouse_rows.with_label_values(&["silver"]).inc_by(n_silver as u64);
     }
+    // Older outbox entries name profiles instead: their current records are loaded.
     let mut seen = HashSet::new();
-    let gold: Vec<ProfileId> = gold.into_iter().filter(|id| seen.insert(id.clone())).collect();
-    let mut n_gold = 0;
-    for page in gold.chunks(PROFILE_PAGE) {
-        n_gold += snapshot(args, page).await?;
+    let ids: Vec<ProfileId> = gold.into_iter().filter(|id| seen.insert(id.clone())).collect();
+    let mut rows = Vec::new();
+    for page in ids.chunks(PROFILE_PAGE) {
+        rows.extend(args.store.load_profiles(page).await?.iter().map(GoldProfileRow::from_record));
+    }
+    rows.extend(gold_rows);
+    let rows = newest_per_profile(rows);
+    let n_gold = rows.len();
+    if n_gold > 0 {
+        let rows = rows.into_iter().map(|row| tokenize_gold(args, row)).collect();
+        timed(args, "gold", args.warehouse.write_gold_profiles(rows)).await?;
+        args.metrics.warehouse_rows.with_label_values(&["gold"]).inc_by(n_gold as u64);
     }
     Ok((n_bronze, n_silver, n_gold))
+}
+
+/// One Gold row per profile, the latest snapshot (the first of equals), in first-seen order:
+/// a profile several flushes changed is written once per relay cycle.
+fn newest_per_profile(rows: Vec<GoldProfileRow>) -> Vec<GoldProfileRow> {
+    let mut at: HashMap<ProfileId, usize> = HashMap::with_capacity(rows.len());
+    let mut out: Vec<GoldProfileRow> = Vec::with_capacity(rows.len());
+    for row in rows {
+        match at.get(&row.profile_id) {
+            Some(&i) => {
+                if let Some(kept) = out.get_mut(i).filter(|kept| row.snapshot_at > kept.snapshot_at) {
+                    *kept = row;
+                }
+            }
+            None => {
+                at.insert(row.profile_id.clone(), out.len());
+                out.push(row);
+            }
+        }
+    }
+    out
 }
 
 /// Replaces a Silver row's personal data by tokens (`warehouse.pii = "tokenize"`).
@@ -264,25 +295,12 @@ async fn timed(
 }
 
 /// A Gold row, tokenized when the warehouse gets no personal data.
-fn gold_row(args: &WarehouseSinkArgs, record: &cohort_messages::ProfileRecord) -> GoldProfileRow {
-    let mut row = GoldProfileRow::from_record(record);
+fn tokenize_gold(args: &WarehouseSinkArgs, mut row: GoldProfileRow) -> GoldProfileRow {
     if let Some(pii) = &args.tokenize {
         pii.tokenize(&mut row.traits);
         pii.tokenize(&mut row.identifiers);
     }
     row
-}
-
-/// Writes a Gold snapshot of each profile's current stored record.
-async fn snapshot(args: &WarehouseSinkArgs, ids: &[ProfileId]) -> Result<usize, StoreError> {
-    let records = args.store.load_profiles(ids).await?;
-    let rows: Vec<GoldProfileRow> = records.iter().map(|r| gold_row(args, r)).collect();
-    let n = rows.len();
-    if n > 0 {
-        timed(args, "gold", args.warehouse.write_gold_profiles(rows)).await?;
-        args.metrics.warehouse_rows.with_label_values(&["gold"]).inc_by(n as u64);
-    }
-    Ok(n)
 }
 
 /// Latest Gold snapshot time per profile id in `(after, upto]` (`upto` `None`: no upper bound).
@@ -337,7 +355,7 @@ async fn reconcile(args: &WarehouseSinkArgs) -> Result<ReconcileReport, StoreErr
                 Some(at) if *at != format_timestamp(record.updated_at) => report.stale += 1,
                 Some(_) => continue,
             }
-            repair.push(gold_row(args, record));
+            repair.push(tokenize_gold(args, GoldProfileRow::from_record(record)));
         }
         if !repair.is_empty() {
             let n = repair.len() as u64;
@@ -358,4 +376,74 @@ async fn reconcile(args: &WarehouseSinkArgs) -> Result<ReconcileReport, StoreErr
         m.reconcile_drift.with_label_values(&[kind]).set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use cohort_adapters::crypto::KeyedHasher;
+    use cohort_adapters::{open_warehouse, EmbeddedBus, EmbeddedStore, FlushBatch, WarehouseBatch};
+    use cohort_messages::{EventId, ProfileRecord, Source};
+
+    fn record(name: &str, events: u64, secs: i64) -> ProfileRecord {
+        let at = chrono::DateTime::from_timestamp(1_764_000_000 + secs, 0).unwrap();
+        let id = ProfileId::derive_from_event(&EventId::new(Source::Web, name), chrono::DateTime::UNIX_EPOCH);
+        let mut r = ProfileRecord::new(id, at);
+        r.counters.events_total = events;
+        r.updated_at = at;
+        r
+    }
+
+    /// Gold travels in the outbox as the flush took it: the relay writes the newest snapshot per
+    /// profile without loading a record, and still loads the profiles older entries name.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_writes_the_newest_gold_row_per_profile_and_loads_only_what_old_entries_name() {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        let warehouse = open_warehouse("memory://").await.unwrap();
+        let args = WarehouseSinkArgs {
+            store: dyn_store.clone(),
+            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store.clone())),
+            warehouse: warehouse.clone(),
+            metrics: Metrics::new().unwrap(),
+            relay_interval: Duration::from_secs(3600),
+            reconcile_interval: None,
+            erasures: Arc::new(crate::gdpr::Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
+            tokenize: None,
+            leader: None,
+        };
+        warehouse.ensure_schema().await.unwrap();
+        // Never stored: only the outbox knows this profile, at two flushes.
+        let (older, newer) = (record("ana", 1, 0), record("ana", 2, 5));
+        // Stored, and named by an entry of the earlier format.
+        let named = record("ben", 7, 3);
+        let flushes = [
+            WarehouseBatch { gold_rows: vec![GoldProfileRow::from_record(&older)], ..WarehouseBatch::default() },
+            WarehouseBatch { gold_rows: vec![GoldProfileRow::from_record(&newer)], ..WarehouseBatch::default() },
+            WarehouseBatch { gold: vec![named.profile_id.clone()], ..WarehouseBatch::default() },
+        ];
+        dyn_store.commit_flush(FlushBatch { profiles: vec![named.clone()], ..FlushBatch::default() }).await.unwrap();
+        for outbox in flushes.into_iter().rev() {
+            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        }
+        let report = relay(&args).await.unwrap();
+        assert_eq!((report.batches, report.gold, report.remaining), (3, 2, 0));
+        let gold = warehouse
+            .query("SELECT profile_id, events_total FROM gold_profiles_latest ORDER BY events_total", &[])
+            .await
+            .unwrap();
+        let expected =
+            [(&newer, 2), (&named, 7)].map(|(r, n)| vec![serde_json::json!(r.profile_id), serde_json::json!(n)]);
+        assert_eq!(gold.rows, expected);
+    }
+
+    #[test]
+    fn of_several_snapshots_of_a_profile_the_latest_is_kept_in_first_seen_order() {
+        let (a1, b, a2, a0) = (record("a", 1, 1), record("b", 1, 1), record("a", 2, 2), record("a", 0, 0));
+        let rows = [&a1, &b, &a2, &a0].map(GoldProfileRow::from_record).to_vec();
+        let kept = newest_per_profile(rows);
+        assert_eq!(kept.iter().map(|r| r.events_total).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(kept[0].profile_id, a1.profile_id);
+    }
 }

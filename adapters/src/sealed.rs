@@ -238,6 +238,11 @@ impl Pii {
                 each_personal(v, &mut |s| self.seal_str(s));
             }
         }
+        for row in &mut sealed.gold_rows {
+            for v in [&mut row.identifiers, &mut row.traits] {
+                each_personal(v, &mut |s| self.seal_str(s));
+            }
+        }
         sealed
     }
 
@@ -251,6 +256,11 @@ impl Pii {
                 self.open_str(name)?;
             }
             for v in [&mut row.identifiers, &mut row.traits, &mut row.properties, &mut row.utm] {
+                self.open_strings(v)?;
+            }
+        }
+        for row in &mut batch.gold_rows {
+            for v in [&mut row.identifiers, &mut row.traits] {
                 self.open_strings(v)?;
             }
         }
@@ -707,7 +717,18 @@ mod tests {
                 "occurred_at": "2026-11-28T10:00:00Z", "received_at": "2026-11-28T10:00:01Z",
                 "identifiers": [], "traits": {}, "properties": {"path": "/mba"}, "utm": null, "raw_seq": null
             }],
-            "gold": ["prof_a", "prof_b"]
+            "gold": ["prof_a", "prof_b"],
+            "gold_rows": [{
+                "profile_id": "prof_c", "snapshot_at": "2026-11-28T10:00:02Z",
+                "traits": {"email": "ana@uni.eu", "LastName": "Kowalska", "programme": "MSc Data"},
+                "counters": {"events_total": 3, "by_source": {"crm": 1, "web": 2}},
+                "identifiers": [{"kind": "phone", "value": "+48601234567", "source": "crm",
+                                 "first_seen": "2026-11-28T10:00:00Z"},
+                                {"kind": "anonymous_id", "value": "anon-c", "source": "web",
+                                 "first_seen": "2026-11-28T10:00:00Z"}],
+                "events_total": 3, "first_seen": "2026-11-28T10:00:00Z", "last_seen": "2026-11-28T10:00:02Z",
+                "merged_into": null
+            }]
         }))
         .unwrap();
         let typed = p.seal_batch(batch.clone());
@@ -716,12 +737,23 @@ mod tests {
         let shape = |b: &WarehouseBatch| sealed_shape(serde_json::to_value(b).unwrap());
         assert_eq!(shape(&typed), shape(&generic));
         let text = serde_json::to_string(&typed).unwrap();
-        for secret in
-            ["jana@uni.eu", "Jana", "Hauptstr", "I want to enrol", "x@y.eu", "4915112345678", "Message Received"]
-        {
+        for secret in [
+            "jana@uni.eu",
+            "Jana",
+            "Hauptstr",
+            "I want to enrol",
+            "x@y.eu",
+            "4915112345678",
+            "Message Received",
+            "ana@uni.eu",
+            "Kowalska",
+            "48601234567",
+        ] {
             assert!(!text.contains(secret), "{secret} left in the clear");
         }
-        for kept in ["dev-9", "MBA", "Berlin", "enrollment_inquiry", "newsletter", "/mba", "prof_a"] {
+        for kept in
+            ["dev-9", "MBA", "Berlin", "enrollment_inquiry", "newsletter", "/mba", "prof_a", "MSc Data", "anon-c"]
+        {
             assert!(text.contains(kept), "{kept} should stay readable");
         }
         assert_eq!(p.open_batch(typed).unwrap(), batch);

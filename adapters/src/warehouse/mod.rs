@@ -237,19 +237,24 @@ pub struct WarehouseBatch {
     pub bronze: Vec<BronzeRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub silver: Vec<SilverRow>,
-    /// Profiles whose Gold snapshot is stale: the relay snapshots their current records, so a
-    /// profile changed by many flushes costs one Gold row per relay cycle, not one per flush.
+    /// Profiles whose Gold snapshot is stale, by id: the relay loads their stored records. Only
+    /// outbox entries written before Gold rows travelled with the flush carry these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gold: Vec<ProfileId>,
+    /// Gold snapshots of the profiles a flush wrote, taken from the records it had in hand:
+    /// loading and opening every record again at relay cost a quarter of the CPU. The relay
+    /// writes the newest per profile, so a profile changed by many flushes is still one row.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gold_rows: Vec<GoldProfileRow>,
 }
 
 impl WarehouseBatch {
     pub fn is_empty(&self) -> bool {
-        self.bronze.is_empty() && self.silver.is_empty() && self.gold.is_empty()
+        self.bronze.is_empty() && self.silver.is_empty() && self.gold.is_empty() && self.gold_rows.is_empty()
     }
 
     pub fn rows(&self) -> usize {
-        self.bronze.len() + self.silver.len() + self.gold.len()
+        self.bronze.len() + self.silver.len() + self.gold.len() + self.gold_rows.len()
     }
 
     /// Appends another batch's rows.
@@ -257,6 +262,7 @@ impl WarehouseBatch {
         self.bronze.extend(other.bronze);
         self.silver.extend(other.silver);
         self.gold.extend(other.gold);
+        self.gold_rows.extend(other.gold_rows);
     }
 
     /// Splits into batches of at most `max_rows` rows each (at least one row per batch), so no
@@ -283,6 +289,10 @@ impl WarehouseBatch {
         }
         for id in std::mem::take(&mut self.gold) {
             current.gold.push(id);
+            take(&mut current, &mut out);
+        }
+        for row in std::mem::take(&mut self.gold_rows) {
+            current.gold_rows.push(row);
             take(&mut current, &mut out);
         }
         if !current.is_empty() {
@@ -665,9 +675,15 @@ mod tests {
             gold: (0..4)
                 .map(|i| ProfileId::derive_from_event(&EventId::new(Source::Web, &i.to_string()), at))
                 .collect(),
+            gold_rows: (0..2)
+                .map(|i| {
+                    let id = ProfileId::derive_from_event(&EventId::new(Source::Web, &format!("g{i}")), at);
+                    GoldProfileRow::from_record(&ProfileRecord::new(id, at))
+                })
+                .collect(),
         };
         let parts = batch.clone().split(3);
-        assert_eq!(parts.iter().map(WarehouseBatch::rows).collect::<Vec<_>>(), vec![3, 3, 3]);
+        assert_eq!(parts.iter().map(WarehouseBatch::rows).collect::<Vec<_>>(), vec![3, 3, 3, 2]);
         let mut joined = WarehouseBatch::default();
         for p in parts {
             joined.extend(p);

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use cohort_adapters::{
-    AppendBatch, AppendOutcome, BronzeRecord, BronzeRow, EventLog, FlushBatch, NewDeadLetter, OperationalStore,
-    SilverRow, WarehouseBatch,
+    AppendBatch, AppendOutcome, BronzeRecord, BronzeRow, EventLog, FlushBatch, GoldProfileRow, NewDeadLetter,
+    OperationalStore, SilverRow, WarehouseBatch,
 };
 use cohort_messages::{
     msgs::IdentityMerged, CustomerEvent, DeadLetterStage, ErasureCounts, ErasureTarget, EventId, EventKind, Identifier,
@@ -686,6 +686,7 @@ fn outbox_batch(n: u64) -> WarehouseBatch {
         bronze: vec![BronzeRow::from_record(n, &raw(format!("payload {n}").as_bytes()))],
         silver: vec![SilverRow::from_event(&event(&format!("o{n}")), &profile_id(n as u32))],
         gold: vec![profile_id(n as u32)],
+        gold_rows: vec![GoldProfileRow::from_record(&profile(n as u32))],
     }
 }
 
