@@ -92,6 +92,21 @@ fn each_personal(v: &mut Value, f: &mut impl FnMut(&mut String)) {
     }
 }
 
+/// The parts of an outbox batch that sealing covers, named once for sealing and opening: strings
+/// sealed whole (raw payloads, event names), and JSON fields whose personal strings are sealed.
+fn batch_parts(batch: &mut WarehouseBatch) -> (Vec<&mut String>, Vec<&mut Value>) {
+    let mut whole: Vec<&mut String> = batch.bronze.iter_mut().map(|r| &mut r.payload).collect();
+    let mut json: Vec<&mut Value> = Vec::new();
+    for r in &mut batch.silver {
+        whole.extend(r.name.as_mut());
+        json.extend([&mut r.identifiers, &mut r.traits, &mut r.properties, &mut r.utm]);
+    }
+    for r in &mut batch.gold_rows {
+        json.extend([&mut r.identifiers, &mut r.traits]);
+    }
+    (whole, json)
+}
+
 /// [`each_personal`] on one JSON object.
 fn each_personal_in(m: &mut Map<String, Value>, f: &mut impl FnMut(&mut String)) {
     let identifier = m.get("kind").and_then(Value::as_str).is_some_and(is_pii_kind_name);
@@ -227,43 +242,19 @@ impl Pii {
     /// event name, personal strings of identifiers, traits, properties and UTM fields) plus the
     /// raw payload, without a round trip of every row through a JSON tree.
     fn seal_batch(&self, mut sealed: WarehouseBatch) -> WarehouseBatch {
-        for row in &mut sealed.bronze {
-            self.seal_str(&mut row.payload);
-        }
-        for row in &mut sealed.silver {
-            if let Some(name) = &mut row.name {
-                self.seal_str(name);
-            }
-            for v in [&mut row.identifiers, &mut row.traits, &mut row.properties, &mut row.utm] {
-                each_personal(v, &mut |s| self.seal_str(s));
-            }
-        }
-        for row in &mut sealed.gold_rows {
-            for v in [&mut row.identifiers, &mut row.traits] {
-                each_personal(v, &mut |s| self.seal_str(s));
-            }
+        let (whole, json) = batch_parts(&mut sealed);
+        whole.into_iter().for_each(|s| self.seal_str(s));
+        for v in json {
+            each_personal(v, &mut |s| self.seal_str(s));
         }
         sealed
     }
 
     /// Opens what [`Pii::seal_batch`] sealed.
     fn open_batch(&self, mut batch: WarehouseBatch) -> Result<WarehouseBatch, StoreError> {
-        for row in &mut batch.bronze {
-            self.open_str(&mut row.payload)?;
-        }
-        for row in &mut batch.silver {
-            if let Some(name) = &mut row.name {
-                self.open_str(name)?;
-            }
-            for v in [&mut row.identifiers, &mut row.traits, &mut row.properties, &mut row.utm] {
-                self.open_strings(v)?;
-            }
-        }
-        for row in &mut batch.gold_rows {
-            for v in [&mut row.identifiers, &mut row.traits] {
-                self.open_strings(v)?;
-            }
-        }
+        let (whole, json) = batch_parts(&mut batch);
+        whole.into_iter().try_for_each(|s| self.open_str(s))?;
+        json.into_iter().try_for_each(|v| self.open_strings(v))?;
         Ok(batch)
     }
 
