@@ -107,23 +107,8 @@ mod tests {
     #[test]
     fn a_routed_event_read_back_says_whether_a_merged_profile_sent_it_on() {
         use crate::msgs::{ProfileMsg, ProfilesMsg};
-        use crate::{EventId, EventKind, Source};
-        let now = Utc::now();
-        let event = crate::CustomerEvent {
-            event_id: EventId::new(Source::Web, "e1"),
-            source: Source::Web,
-            kind: EventKind::Track,
-            name: None,
-            occurred_at: now,
-            received_at: now,
-            identifiers: Vec::new(),
-            traits: Default::default(),
-            properties: Default::default(),
-            utm: Default::default(),
-            trace: None,
-            raw: crate::RawRef { seq: None, index: 0 },
-        };
-        let id = crate::ProfileId::derive_from_event(&event.event_id, now);
+        let event = crate::profile::tests::event(crate::Source::Web, "e1", 0, &[]);
+        let id = crate::ProfileId::derive_from_event(&event.event_id, event.received_at);
         let apply = ProfileMsg::Apply { seq: 1, event: std::sync::Arc::new(event) };
         let routed = RoutedChange::of(&id, &apply).unwrap();
         for (change, sent_on) in [(routed.clone(), false), (routed.forwarded(), true)] {
@@ -208,12 +193,9 @@ impl RoutedChange {
     pub fn into_directory_msg(self, seq: u64) -> crate::msgs::ProfilesMsg {
         use crate::msgs::ProfileMsg as M;
         let profile_id = self.profile_id;
-        let mut forwarded = false;
+        let forwarded = matches!(self.change, RoutedKind::Apply { forwarded: true, .. });
         let msg = match self.change {
-            RoutedKind::Apply { event, forwarded: f } => {
-                forwarded = f;
-                M::Apply { seq, event: std::sync::Arc::new(*event) }
-            }
+            RoutedKind::Apply { event, .. } => M::Apply { seq, event: std::sync::Arc::new(*event) },
             RoutedKind::BeginMerge { merged } => M::BeginMerge { merged },
             RoutedKind::MergeInto { survivor } => M::MergeInto { survivor },
             RoutedKind::Absorb { record } => M::Absorb { record },

@@ -701,7 +701,7 @@ pub struct ProfileView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{RawRef, Utm};
     use crate::ids::IdentifierKind;
@@ -711,7 +711,8 @@ mod tests {
         Utc.timestamp_opt(1_700_000_000 + secs, 0).single().unwrap_or_default()
     }
 
-    fn event(source: Source, id: &str, secs: i64, traits: &[(&str, &str)]) -> CustomerEvent {
+    /// An identify event from `source` at `secs` past a fixed time (also used by other modules' tests).
+    pub(crate) fn event(source: Source, id: &str, secs: i64, traits: &[(&str, &str)]) -> CustomerEvent {
         CustomerEvent {
             event_id: EventId::new(source, id),
             source,
