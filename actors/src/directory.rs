@@ -984,11 +984,16 @@ mod tests {
 
     /// A profile stage owning all three partitions, its timed flushes out of the way.
     async fn stage() -> Stage {
-        stage_of(true).await
+        stage_of(true, false).await
     }
 
-    /// The same, as one replica runs it (`cluster` false): no partitions, no outbound topic.
-    async fn stage_of(cluster: bool) -> Stage {
+    /// The same, as one replica runs it (`cluster` false): no partitions, no outbound topic;
+    /// with an in-memory warehouse if `warehouse`, so flushes write outbox rows.
+    async fn stage_of(cluster: bool, warehouse: bool) -> Stage {
+        let warehouse = match warehouse {
+            true => Some(cohort_adapters::open_warehouse("memory://").await.unwrap()),
+            false => None,
+        };
         let store = EmbeddedStore::in_memory().unwrap();
         let dyn_store: Arc<dyn OperationalStore> = store.clone();
         let ownership = Arc::new(Ownership::new(3));
@@ -1012,7 +1017,7 @@ mod tests {
                 unmerge_window: 10,
             },
             fault: Some(Arc::new(Hold(parking_lot::Mutex::new(Some(held))))),
-            warehouse: None,
+            warehouse,
             staged_bronze: Arc::default(),
             matcher: Default::default(),
             segments: Arc::new(SegmentRegistry::default()),
@@ -1234,7 +1239,7 @@ mod tests {
     /// applied there once; the `delivered` stage counts its arrival once, not once per hop.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_sent_on_by_a_merged_profile_is_one_arrival_at_the_delivered_stage() {
-        let s = stage_of(false).await;
+        let s = stage_of(false, false).await;
         let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let merged = elsewhere(&survivor);
         let deliver = |profile: &ProfileId, msg| {
@@ -1265,5 +1270,23 @@ mod tests {
         assert_eq!(view.recent_events, 3, "the survivor holds e1, e2 (absorbed) and e3 (sent on)");
         assert_eq!(view.merged_from, vec![merged]);
         assert_eq!(s.ctx.metrics.stages.delivered.get_sample_count(), 3, "one arrival per event, not per hop");
+    }
+
+    /// A flush's outbox carries the Gold row of each profile it writes, as the flush took it,
+    /// and names no profile for the relay to load.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_puts_the_gold_row_of_each_profile_it_writes_in_the_outbox() {
+        let s = stage_of(false, true).await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        for (n, id) in [(1, "e1"), (2, "e2")] {
+            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap();
+        }
+        s.flush().await.unwrap().unwrap();
+        let outbox = s.store.read_outbox(10).await.unwrap();
+        assert!(outbox.iter().all(|(_, b)| b.gold.is_empty()), "{outbox:?}");
+        let gold: Vec<(&ProfileId, u64)> =
+            outbox.iter().flat_map(|(_, b)| &b.gold_rows).map(|r| (&r.profile_id, r.events_total)).collect();
+        assert_eq!(gold, vec![(&profile, 2)]);
     }
 }
