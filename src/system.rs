@@ -29,8 +29,8 @@ use cohort_adapters::crypto::{
 use cohort_adapters::embedded::EmbeddedStore;
 use cohort_adapters::kafka::{KafkaBus, KafkaSettings};
 use cohort_adapters::{
-    open_warehouse, EmbeddedBus, EventBus, MongoStore, OperationalStore, Pii, SealedStore, StoreErrorKind,
-    StreamPositions, Warehouse,
+    open_warehouse_holding, EmbeddedBus, EventBus, Holding, MongoStore, OperationalStore, Pii, SealedStore,
+    StoreErrorKind, StreamPositions, Warehouse,
 };
 use cohort_api::{ApiShared, ApiState};
 use cohort_config::{Config, WarehousePii};
@@ -127,8 +127,13 @@ pub async fn open_configured_warehouse(config: &Config) -> anyhow::Result<Option
         }
         other => other.to_string(),
     };
-    let warehouse =
-        open_warehouse(&url).await.with_context(|| format!("opening the warehouse `{}`", redact_url(&url)))?;
+    let holding = Holding::across_relays(
+        Duration::from_millis(config.warehouse.duckdb_hold_ms),
+        Duration::from_millis(config.warehouse.relay_interval_ms),
+    );
+    let warehouse = open_warehouse_holding(&url, holding)
+        .await
+        .with_context(|| format!("opening the warehouse `{}`", redact_url(&url)))?;
     Ok(Some(warehouse))
 }
 

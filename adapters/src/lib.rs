@@ -27,6 +27,6 @@ pub use store::{
     BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore, OutboxId,
 };
 pub use warehouse::{
-    open_warehouse, BigQueryWarehouse, BronzeRow, DeleteOutcome, DuckDbWarehouse, GoldProfileRow, Layer, QueryResult,
-    QueryValue, SilverRow, SqliteWarehouse, Warehouse, WarehouseBatch,
+    open_warehouse, open_warehouse_holding, BigQueryWarehouse, BronzeRow, DeleteOutcome, DuckDbWarehouse,
+    GoldProfileRow, Holding, Layer, QueryResult, QueryValue, SilverRow, SqliteWarehouse, Warehouse, WarehouseBatch,
 };

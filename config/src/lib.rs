@@ -396,6 +396,7 @@ pub struct WarehouseConfig {
     pub pii: WarehousePii,
     pub relay_interval_ms: u64,
     pub reconcile_interval_secs: u64,
+    pub duckdb_hold_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -824,6 +825,12 @@ impl Config {
         if self.warehouse.relay_interval_ms == 0 {
             return Err(bad("warehouse.relay_interval_ms", "must be positive"));
         }
+        if self.warehouse.duckdb_hold_ms > 600_000 {
+            return Err(bad(
+                "warehouse.duckdb_hold_ms",
+                "must be at most 600000 (10 minutes): analysts wait up to this long for the file",
+            ));
+        }
         if self.retention.idempotency_hours == 0 {
             return Err(bad("retention.idempotency_hours", "must be positive (it is the deduplication window)"));
         }
@@ -911,6 +918,9 @@ mod tests {
         assert!(ok.is_ok(), "{ok:?}");
         let err = Config::from_toml_str("[warehouse]\nurl = \"parquet://x\"\n").unwrap_err().to_string();
         assert!(err.contains("warehouse.url"), "{err}");
+        let err = Config::from_toml_str("[warehouse]\nduckdb_hold_ms = 600001\n").unwrap_err().to_string();
+        assert!(err.contains("`warehouse.duckdb_hold_ms`"), "{err}");
+        assert_eq!(Config::from_toml_str("").unwrap().warehouse.duckdb_hold_ms, 10_000);
         let err = Config::from_toml_str("[retention]\nidempotency_hours = 0\n").unwrap_err().to_string();
         assert!(err.contains("retention.idempotency_hours"), "{err}");
         let err = Config::from_toml_str("[bus]\nurl = \"amqp://x\"\n").unwrap_err().to_string();

@@ -1,7 +1,8 @@
 //! The embedded warehouse: one DuckDB file (or memory), the analysts' native format.
 //!
 //! DuckDB lets one process write a file and, while it does, no other process open it. So the file
-//! is opened for a burst of calls (one relay) and closed [`LINGER`] after the last: between relays
+//! is opened for a burst of calls (one relay) and closed [`LINGER`] after the last, or, with a
+//! [`Holding::hold`], kept across the relays of a busy stretch up to that long: between openings
 //! an analyst's `duckdb` opens it; while an analyst holds it, calls fail as unavailable and the
 //! sink's rows wait in the outbox. Rows go in through DuckDB's appender into a temporary table and then
 //! one `INSERT ... SELECT` per layer (a prepared insert per row costs about a millisecond).
@@ -73,7 +74,50 @@ CREATE VIEW IF NOT EXISTS gold_profiles_latest AS SELECT * FROM gold_profiles;
 /// call and kept for [`LINGER`] after it, so the calls of one relay share one opening.
 enum Place {
     Memory(Connection),
-    File { path: PathBuf, open: Option<(Connection, Instant)> },
+    File { path: PathBuf, open: Option<Opened> },
+}
+
+/// A file's open connection, when it was opened and when a call last used it.
+struct Opened {
+    conn: Connection,
+    since: Instant,
+    used: Instant,
+}
+
+/// How long a file stays open. Every close checkpoints the write-ahead log into the file, and a
+/// checkpoint rewrites the whole last row group of every table written since the previous one
+/// (for indexed tables DuckDB appends into that group rather than starting a new one), so its
+/// cost grows with the rows the group holds, not with what the relay wrote. Holding the file
+/// across relays pays that once per hold instead of once per relay; analysts wait longer for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// How long the file may stay open while calls keep coming; zero closes it [`LINGER`] after
+    /// each burst of calls.
+    pub hold: Duration,
+    /// How long an idle file stays open within the hold: longer than the gap between relays,
+    /// or the hold never spans two.
+    pub linger: Duration,
+}
+
+impl Holding {
+    /// Kept across relays `relay_interval` apart for up to `hold`.
+    pub fn across_relays(hold: Duration, relay_interval: Duration) -> Self {
+        Self { hold, linger: relay_interval + LINGER }
+    }
+
+    /// Whether an open file is closed now: idle past the linger, or past [`LINGER`] once the
+    /// hold is used up (so an analyst gets in before the next relay).
+    fn due(&self, opened: &Opened) -> bool {
+        let idle = opened.used.elapsed();
+        idle >= self.linger || (idle >= LINGER && opened.since.elapsed() >= self.hold)
+    }
+}
+
+impl Default for Holding {
+    /// Closed [`LINGER`] after each burst of calls: an analyst gets in between any two relays.
+    fn default() -> Self {
+        Self { hold: Duration::ZERO, linger: LINGER }
+    }
 }
 
 /// How long a file stays open after a call. Opening and closing (which checkpoints) cost tens of
@@ -85,6 +129,7 @@ const LINGER: Duration = Duration::from_millis(250);
 pub struct DuckDbWarehouse {
     place: Arc<Mutex<Place>>,
     path: Option<PathBuf>,
+    holding: Holding,
 }
 
 impl std::fmt::Debug for DuckDbWarehouse {
@@ -97,6 +142,11 @@ impl DuckDbWarehouse {
     /// Uses a warehouse file, creating it and its parent folders if needed. Fails now, not at the
     /// first write, when the file cannot be opened.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_holding(path, Holding::default()).await
+    }
+
+    /// [`open`](Self::open), keeping the file open as `holding` says.
+    pub async fn open_holding(path: &Path, holding: Holding) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         let opened = path.clone();
         let place = tokio::task::spawn_blocking(move || -> Result<Arc<Mutex<Place>>, StoreError> {
@@ -123,14 +173,14 @@ impl DuckDbWarehouse {
         })
         .await
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse open task failed: {e}")))??;
-        Ok(Self { place, path: Some(opened) })
+        Ok(Self { place, path: Some(opened), holding })
     }
 
     /// A private in-memory warehouse (tests, demos): gone when dropped.
     pub fn open_in_memory() -> Result<Self, StoreError> {
         let conn =
             Connection::open_in_memory_with_flags(config()?).map_err(|e| map_err("open in-memory warehouse", e))?;
-        Ok(Self { place: Arc::new(Mutex::new(Place::Memory(conn))), path: None })
+        Ok(Self { place: Arc::new(Mutex::new(Place::Memory(conn))), path: None, holding: Holding::default() })
     }
 
     /// The file, or `None` in memory.
@@ -148,13 +198,13 @@ impl DuckDbWarehouse {
             match &mut *guard {
                 Place::Memory(conn) => f(conn),
                 Place::File { path, open } => {
-                    let mut conn = match open.take() {
-                        Some((conn, _)) => conn,
-                        None => open_file(path)?,
+                    let (mut conn, since) = match open.take() {
+                        Some(Opened { conn, since, .. }) => (conn, since),
+                        None => (open_file(path)?, Instant::now()),
                     };
                     let result = f(&mut conn);
                     if result.is_ok() {
-                        *open = Some((conn, Instant::now()));
+                        *open = Some(Opened { conn, since, used: Instant::now() });
                     } else if let Err(e) = close(conn) {
                         // A failed call may leave the connection unusable: start afresh. The
                         // call's own error is the one to report.
@@ -168,40 +218,53 @@ impl DuckDbWarehouse {
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?;
         if self.path.is_some() {
             let this = self.clone();
+            let holding = self.holding;
             tokio::spawn(async move {
                 tokio::time::sleep(LINGER).await;
-                this.close_if_idle(LINGER).await;
+                if this.close_if(move |opened| holding.due(opened)).await {
+                    return;
+                }
+                if let Some(rest) = holding.linger.checked_sub(LINGER).filter(|d| !d.is_zero()) {
+                    tokio::time::sleep(rest).await;
+                    this.close_if(move |opened| holding.due(opened)).await;
+                }
             });
         }
         result
     }
 
-    /// Closes the file now if no call used it for `idle` (closing checkpoints its write-ahead log
-    /// into it and releases the lock), so other processes can open it.
-    async fn close_if_idle(&self, idle: Duration) {
+    /// Closes the file now if `due` says so (closing checkpoints its write-ahead log into it and
+    /// releases the lock), so other processes can open it. True when the file is closed.
+    async fn close_if(&self, due: impl FnOnce(&Opened) -> bool + Send + 'static) -> bool {
         let place = Arc::clone(&self.place);
         let closed = tokio::task::spawn_blocking(move || {
             let mut guard = place.lock();
-            if let Place::File { open, .. } = &mut *guard {
-                if open.as_ref().is_some_and(|(_, used)| used.elapsed() >= idle) {
-                    if let Some((conn, _)) = open.take() {
-                        return close(conn);
-                    }
+            let Place::File { open, .. } = &mut *guard else { return Ok(true) };
+            match open.take() {
+                Some(opened) if due(&opened) => close(opened.conn).map(|()| true),
+                Some(opened) => {
+                    *open = Some(opened);
+                    Ok(false)
                 }
+                None => Ok(true),
             }
-            Ok(())
         })
         .await
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse close task failed: {e}")))
         .and_then(|closed| closed);
-        if let Err(e) = closed {
-            tracing::warn!(error = %e, "closing the DuckDB warehouse file failed");
+        match closed {
+            Ok(closed) => closed,
+            Err(e) => {
+                tracing::warn!(error = %e, "closing the DuckDB warehouse file failed");
+                false
+            }
         }
     }
 
-    /// Closes the file now rather than after [`LINGER`]: before handing it to another process.
+    /// Closes the file now rather than when its holding says: before handing it to another
+    /// process.
     pub async fn release(&self) {
-        self.close_if_idle(Duration::ZERO).await;
+        self.close_if(|_| true).await;
     }
 
     /// Appends rows to a temporary copy of `table`'s columns, then moves them in with `merge`
@@ -276,9 +339,9 @@ fn pending_rewrite(path: &Path) -> PathBuf {
 
 /// Copies the database into a fresh file and puts it in place of the old one (see
 /// [`DuckDbWarehouse::rewrite_file`]); the caller holds the file's lock.
-fn rewrite_locked(path: &Path, open: &mut Option<(Connection, Instant)>) -> Result<(), StoreError> {
-    if let Some((conn, _)) = open.take() {
-        close(conn)?;
+fn rewrite_locked(path: &Path, open: &mut Option<Opened>) -> Result<(), StoreError> {
+    if let Some(opened) = open.take() {
+        close(opened.conn)?;
     }
     let marker = pending_rewrite(path);
     // Through symlinks: the bytes to replace are the real file's.
@@ -347,10 +410,14 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
 /// One DuckDB worker thread: the warehouse is written in the background, and DuckDB's default
 /// (a thread per core) would take every core from the pipeline and the Profile API. Query SQL
 /// comes from API users (batch segments), so it may not touch other files or fetch extensions
-/// (`read_text('...kek')`, `COPY ... TO`), nor change these settings.
+/// (`read_text('...kek')`, `COPY ... TO`), nor change these settings. The write-ahead log is
+/// checkpointed when the file closes, not every 16 MB (DuckDB's default): each checkpoint
+/// rewrites the tables' last row groups (see [`Holding`]), and the log a hold gathers is bounded
+/// by the hold.
 fn config() -> Result<duckdb::Config, StoreError> {
     duckdb::Config::default()
         .threads(1)
+        .and_then(|c| c.with("checkpoint_threshold", "1GB"))
         .and_then(|c| c.enable_external_access(false))
         .and_then(|c| c.enable_autoload_extension(false))
         .and_then(|c| c.with("autoinstall_known_extensions", "false"))
@@ -701,7 +768,82 @@ impl Warehouse for DuckDbWarehouse {
 
 #[cfg(test)]
 mod tests {
-    use super::duckdb_params;
+    use super::*;
+    use crate::warehouse::PayloadEncoding;
+    use cohort_messages::Source;
+
+    fn bronze(raw_seq: u64) -> BronzeRow {
+        BronzeRow {
+            raw_seq,
+            source: Source::Web,
+            format: "segment_batch".into(),
+            content_type: "application/json".into(),
+            received_at: Utc::now(),
+            payload_encoding: PayloadEncoding::Utf8,
+            payload: format!("{{\"batch\":[{raw_seq}]}}"),
+        }
+    }
+
+    /// When the open file was opened, or `None` when it is closed.
+    fn opened_since(w: &DuckDbWarehouse) -> Option<Instant> {
+        match &*w.place.lock() {
+            Place::File { open, .. } => open.as_ref().map(|o| o.since),
+            Place::Memory(_) => None,
+        }
+    }
+
+    fn wal_len(w: &DuckDbWarehouse) -> u64 {
+        w.path().and_then(|p| std::fs::metadata(wal_of(p)).ok()).map_or(0, |m| m.len())
+    }
+
+    #[tokio::test]
+    async fn a_held_file_stays_open_across_relays_and_is_checkpointed_when_they_go_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let holding = Holding { hold: Duration::from_secs(30), linger: Duration::from_millis(900) };
+        let w = DuckDbWarehouse::open_holding(&dir.path().join("held.duckdb"), holding).await.unwrap();
+        w.ensure_schema().await.unwrap();
+        w.write_bronze(vec![bronze(1)]).await.unwrap();
+        let first = opened_since(&w).expect("open after a write");
+        // Past the default linger, within this one: the next relay finds the same opening.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(opened_since(&w), Some(first));
+        // More than DuckDB's default checkpoint threshold (16 MB) in one relay.
+        let big: Vec<BronzeRow> =
+            (2..22).map(|seq| BronzeRow { payload: "x".repeat(1 << 20), ..bronze(seq) }).collect();
+        w.write_bronze(big).await.unwrap();
+        w.write_bronze(vec![bronze(22)]).await.unwrap();
+        assert_eq!(opened_since(&w), Some(first));
+        // The committed rows wait in the write-ahead log until the file closes.
+        assert!(wal_len(&w) > 16 << 20, "write-ahead log of {} bytes", wal_len(&w));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(opened_since(&w), None);
+        assert_eq!(wal_len(&w), 0);
+        assert_eq!(w.count_rows(Layer::Bronze).await.unwrap(), 22);
+    }
+
+    #[tokio::test]
+    async fn a_file_held_past_its_hold_is_closed_soon_after_its_last_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let holding = Holding { hold: Duration::from_millis(300), linger: Duration::from_secs(30) };
+        let w = DuckDbWarehouse::open_holding(&dir.path().join("held.duckdb"), holding).await.unwrap();
+        w.ensure_schema().await.unwrap();
+        let first = opened_since(&w).expect("open after a call");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        w.write_bronze(vec![bronze(1)]).await.unwrap();
+        assert_eq!(opened_since(&w), Some(first), "within the linger the opening is reused");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(opened_since(&w), None, "the hold is used up: closed a short linger after the call");
+    }
+
+    #[tokio::test]
+    async fn by_default_a_file_is_closed_a_short_linger_after_each_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = DuckDbWarehouse::open(&dir.path().join("plain.duckdb")).await.unwrap();
+        w.ensure_schema().await.unwrap();
+        assert!(opened_since(&w).is_some());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(opened_since(&w), None);
+    }
 
     #[test]
     fn named_parameters_are_respelled_outside_literals_and_comments() {

@@ -29,7 +29,7 @@ use crate::{BronzeRecord, StoreError};
 
 pub use bigquery::{BigQueryAuth, BigQueryConfig, BigQueryWarehouse};
 pub use disabled::DisabledWarehouse;
-pub use duckdb::DuckDbWarehouse;
+pub use duckdb::{DuckDbWarehouse, Holding};
 pub use sqlite::SqliteWarehouse;
 
 /// The three medallion layers.
@@ -423,9 +423,14 @@ const ACCEPTED: &str = "duckdb://PATH, duckdb::memory:, memory://, sqlite://PATH
 /// - `none://`: the warehouse is disabled; writes are accepted and dropped (so the pipeline runs
 ///   without one), queries fail with an Invalid error.
 pub async fn open_warehouse(url: &str) -> Result<Arc<dyn Warehouse>, StoreError> {
+    open_warehouse_holding(url, Holding::default()).await
+}
+
+/// [`open_warehouse`], with a DuckDB file kept open as `duckdb` says (other backends ignore it).
+pub async fn open_warehouse_holding(url: &str, duckdb: Holding) -> Result<Arc<dyn Warehouse>, StoreError> {
     match parse_url(url)? {
         WarehouseUrl::DuckDbMemory => Ok(Arc::new(DuckDbWarehouse::open_in_memory()?)),
-        WarehouseUrl::DuckDbFile(path) => Ok(Arc::new(DuckDbWarehouse::open(&path).await?)),
+        WarehouseUrl::DuckDbFile(path) => Ok(Arc::new(DuckDbWarehouse::open_holding(&path, duckdb).await?)),
         WarehouseUrl::SqliteMemory => Ok(Arc::new(SqliteWarehouse::open_in_memory()?)),
         WarehouseUrl::SqliteFile(path) => Ok(Arc::new(SqliteWarehouse::open(&path).await?)),
         WarehouseUrl::BigQuery(config) => Ok(Arc::new(BigQueryWarehouse::connect(config).await?)),
