@@ -1054,6 +1054,9 @@ impl Cohort {
             Err(_) => tracing::warn!("warehouse relay did not finish within the grace period; the outbox is kept"),
             Ok(Ok(_)) => {}
         }
+        if let Some(warehouse) = &self.ctx.warehouse {
+            warehouse.release().await;
+        }
         self.root.stop(Some("shutdown".into()));
         if let Some(h) = self.root_handle.take() {
             let _ = h.await;

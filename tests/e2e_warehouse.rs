@@ -78,6 +78,25 @@ async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
     demo.stop().await.unwrap();
 }
 
+/// Between relays the file may be held open (`warehouse.duckdb_hold_ms`); a graceful stop lets
+/// go of it at once, checkpointed, rather than leaving its rows in the write-ahead log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_leaves_the_duckdb_file_closed_and_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
+    play_slide_18(&demo.client).await.unwrap();
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    let file = dir.path().join("cohort.warehouse.duckdb");
+    let wal = dir.path().join("cohort.warehouse.duckdb.wal");
+    assert!(wal.metadata().is_ok_and(|m| m.len() > 0), "the relayed rows wait in the held file's log");
+    demo.stop().await.unwrap();
+    assert!(!wal.metadata().is_ok_and(|m| m.len() > 0), "closed at shutdown, its log checkpointed");
+    let analyst = DuckDbWarehouse::open(&file).await.unwrap();
+    assert_eq!(analyst.count_rows(Layer::Bronze).await.unwrap(), 6);
+    assert_eq!(analyst.count_rows(Layer::Silver).await.unwrap(), 6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_warehouse_nothing_waits_in_the_outbox() {
     let demo = DemoServer::start(None, "[warehouse]\nurl = \"none://\"\n", SystemOptions::default()).await.unwrap();

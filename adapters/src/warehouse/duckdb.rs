@@ -261,12 +261,6 @@ impl DuckDbWarehouse {
         }
     }
 
-    /// Closes the file now rather than when its holding says: before handing it to another
-    /// process.
-    pub async fn release(&self) {
-        self.close_if(|_| true).await;
-    }
-
     /// Appends rows to a temporary copy of `table`'s columns, then moves them in with `merge`
     /// (which reads `stage`), all in one transaction: all rows or none.
     async fn insert_rows<R: Send + 'static>(
@@ -755,6 +749,11 @@ impl Warehouse for DuckDbWarehouse {
             Ok(n.max(0) as u64)
         })
         .await
+    }
+
+    /// Closes the file now rather than when its holding says.
+    async fn release(&self) {
+        self.close_if(|_| true).await;
     }
 
     fn table(&self, layer: Layer) -> String {

@@ -368,6 +368,9 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn delete_raw(&self, seqs: &[u64]) -> Result<DeleteOutcome, StoreError>;
     /// Rows of the layer's deduplicated view ([`Layer::view_name`]): payloads, events, profiles.
     async fn count_rows(&self, layer: Layer) -> Result<u64, StoreError>;
+    /// Lets go of what is kept open between calls (a DuckDB file held across relays), so that
+    /// other processes can open it now: at shutdown. The next call opens it again.
+    async fn release(&self) {}
     /// The SQL name of the layer's deduplicated view, qualified as the backend needs it (plain on
     /// SQLite; `` `project.dataset.view` `` on BigQuery, whose emulator ignores default datasets).
     fn table(&self, layer: Layer) -> String;
