@@ -1485,8 +1485,8 @@ struct WarehouseTail {
     /// `--url`, the most the server's outbox gauge showed meanwhile.
     waiting: u64,
     /// In-process: how long after the relay the process kept working (the DuckDB file is
-    /// closed, and its write-ahead log checkpointed, a moment after the last relay), and whether
-    /// it went quiet within the limit.
+    /// closed, and its write-ahead log checkpointed, right after the last relay), and whether it
+    /// went quiet within the limit.
     quiet: Option<Quiet>,
 }
 
@@ -1563,6 +1563,11 @@ async fn drain_warehouse(cohort: &cohort::system::Cohort, timeout: Duration) -> 
         let Some(report) = relayed? else { return Ok(None) };
         let took = started.elapsed();
         if report.remaining == 0 {
+            // A DuckDB file held across relays would close (and checkpoint) a relay interval
+            // later, inside phase 2; close it now, as phase 1's last work.
+            if let Some(warehouse) = &cohort.ctx.warehouse {
+                warehouse.release().await;
+            }
             let quiet = wait_until_quiet(Duration::from_secs(10)).await;
             return Ok(Some(WarehouseTail { took, waiting, quiet }));
         }
