@@ -178,11 +178,8 @@ async fn gdpr_delete_leaves_no_trace_in_the_file() {
         .unwrap();
     assert_eq!(
         keys.rows,
-        vec![
-            vec![serde_json::json!("bronze")],
-            vec![serde_json::json!("gold_profiles")],
-            vec![serde_json::json!("silver")]
-        ]
+        vec![vec![serde_json::json!("gold_profiles")], vec![serde_json::json!("silver")]],
+        "Bronze has no key; its inserts skip the raw_seqs it holds"
     );
 }
 
@@ -234,4 +231,42 @@ async fn a_rewrite_owed_by_an_interrupted_erasure_happens_at_the_next_open() {
     assert_not_in_file(&path, "erase-me-4712");
     assert!(!dir.path().join("wh.duckdb.rewrite-pending").exists());
     assert_eq!(wh.count_rows(Layer::Silver).await.unwrap(), 2000);
+}
+
+/// Bronze has no primary key (so DuckDB gives appends new row groups instead of rewriting the
+/// last one at every checkpoint); a file from an earlier version loses its key and keeps its
+/// rows, and the insert still keeps every `raw_seq` once in the table itself.
+#[tokio::test]
+async fn bronze_from_an_earlier_version_loses_its_primary_key_and_stays_free_of_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.duckdb");
+    {
+        let old = duckdb::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE bronze (raw_seq BIGINT PRIMARY KEY, source VARCHAR NOT NULL, format VARCHAR NOT NULL, \
+             content_type VARCHAR NOT NULL, received_at TIMESTAMP NOT NULL, payload_encoding VARCHAR NOT NULL, \
+             payload VARCHAR NOT NULL); \
+             CREATE VIEW bronze_dedup AS SELECT * FROM bronze; \
+             INSERT INTO bronze VALUES (1, 'web', 'segment:page', 'application/json', TIMESTAMP '2026-01-01', 'utf8', '{}'), \
+             (2, 'web', 'segment:page', 'application/json', TIMESTAMP '2026-01-01', 'utf8', '{\"n\":2}');",
+        )
+        .unwrap();
+    }
+    let wh = DuckDbWarehouse::open(&path).await.unwrap();
+    wh.ensure_schema().await.unwrap();
+    let keys =
+        "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'bronze' AND constraint_type = 'PRIMARY KEY'";
+    assert_eq!(wh.query(keys, &[]).await.unwrap().rows[0][0], serde_json::json!(0));
+    // Twice more: nothing left to rebuild.
+    wh.ensure_schema().await.unwrap();
+
+    use warehouse_suite::bronze;
+    wh.write_bronze(vec![bronze(2, b"{\"n\":2}"), bronze(3, b"{}"), bronze(3, b"{}")]).await.unwrap();
+    wh.write_bronze(vec![bronze(1, b"{}"), bronze(4, b"{}")]).await.unwrap();
+    let rows = wh.query("SELECT raw_seq, count(*) FROM bronze GROUP BY raw_seq ORDER BY raw_seq", &[]).await.unwrap();
+    let expected: Vec<Vec<serde_json::Value>> =
+        (1..=4).map(|seq| vec![serde_json::json!(seq), serde_json::json!(1)]).collect();
+    assert_eq!(rows.rows, expected, "each raw_seq once in the table itself");
+    let payload = wh.query("SELECT payload FROM bronze_dedup WHERE raw_seq = 2", &[]).await.unwrap();
+    assert_eq!(payload.rows[0][0], serde_json::json!("{\"n\":2}"), "rows of the old table are kept");
 }

@@ -6,7 +6,8 @@
 //! an analyst's `duckdb` opens it; while an analyst holds it, calls fail as unavailable and the
 //! sink's rows wait in the outbox. Rows go in through DuckDB's appender into a temporary table and then
 //! one `INSERT ... SELECT` per layer (a prepared insert per row costs about a millisecond).
-//! Natural keys are primary keys, so replays are absorbed as in the SQLite backend.
+//! Silver's and Gold's natural keys are primary keys, so replays are absorbed as in the SQLite
+//! backend; Bronze has none (see [`BRONZE`]) and skips the `raw_seq`s it already holds.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,15 +32,6 @@ use crate::StoreError;
 /// Timestamps are `TIMESTAMP` in UTC; JSON columns are DuckDB's `JSON` type, so
 /// `traits ->> '$.email'` works on them.
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS bronze (
-    raw_seq          BIGINT PRIMARY KEY,
-    source           VARCHAR NOT NULL,
-    format           VARCHAR NOT NULL,
-    content_type     VARCHAR NOT NULL,
-    received_at      TIMESTAMP NOT NULL,
-    payload_encoding VARCHAR NOT NULL,
-    payload          VARCHAR NOT NULL
-);
 CREATE TABLE IF NOT EXISTS silver (
     event_id    VARCHAR PRIMARY KEY,
     profile_id  VARCHAR NOT NULL,
@@ -69,6 +61,50 @@ CREATE VIEW IF NOT EXISTS bronze_dedup AS SELECT * FROM bronze;
 CREATE VIEW IF NOT EXISTS silver_dedup AS SELECT * FROM silver;
 CREATE VIEW IF NOT EXISTS gold_profiles_latest AS SELECT * FROM gold_profiles;
 ";
+
+/// Bronze's columns, without a primary key. DuckDB starts a new row group for what is appended
+/// to a checkpointed table only when the table has no index; with one it appends to the last
+/// group, and every checkpoint rewrites that group whole. Bronze rows are whole request bodies
+/// and a group holds 122,880 of them, so with a key each checkpoint grew towards gigabytes.
+/// Without one, DuckDB's merging of small trailing groups bounds the rewrite. Duplicates are kept
+/// out by the insert instead (`raw_seq` only grows, so it reads a narrow range).
+const BRONZE: &str = "(
+    raw_seq          BIGINT NOT NULL,
+    source           VARCHAR NOT NULL,
+    format           VARCHAR NOT NULL,
+    content_type     VARCHAR NOT NULL,
+    received_at      TIMESTAMP NOT NULL,
+    payload_encoding VARCHAR NOT NULL,
+    payload          VARCHAR NOT NULL
+)";
+
+/// Creates Bronze, or rebuilds one with the primary key of earlier versions without it.
+fn ensure_bronze(conn: &mut Connection) -> Result<(), StoreError> {
+    let keyed: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM duckdb_constraints() \
+             WHERE schema_name = 'main' AND table_name = 'bronze' AND constraint_type = 'PRIMARY KEY'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| map_err("read Bronze's constraints", e))?;
+    if keyed == 0 {
+        return conn
+            .execute_batch(&format!("CREATE TABLE IF NOT EXISTS bronze {BRONZE}"))
+            .map_err(|e| map_err("create Bronze", e));
+    }
+    let tx = conn.transaction().map_err(|e| map_err("begin", e))?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE bronze_unkeyed {BRONZE}; \
+         INSERT INTO bronze_unkeyed SELECT * FROM bronze; \
+         DROP TABLE bronze; \
+         ALTER TABLE bronze_unkeyed RENAME TO bronze;"
+    ))
+    .map_err(|e| map_err("rebuild Bronze without its primary key", e))?;
+    tx.commit().map_err(|e| map_err("commit", e))?;
+    tracing::info!("rebuilt the warehouse's Bronze table without its primary key");
+    Ok(())
+}
 
 /// Where the data lives: a private in-memory database must stay open; a file is opened for a
 /// call and kept for [`LINGER`] after it, so the calls of one relay share one opening.
@@ -266,7 +302,7 @@ impl DuckDbWarehouse {
     async fn insert_rows<R: Send + 'static>(
         &self,
         table: &'static str,
-        merge: &'static str,
+        merge: String,
         rows: Vec<R>,
         append: fn(&mut Appender<'_>, &R) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
@@ -286,7 +322,7 @@ impl DuckDbWarehouse {
                 }
                 appender.flush().map_err(|e| map_err("append", e))?;
             }
-            tx.execute_batch(merge).map_err(|e| map_err("insert rows", e))?;
+            tx.execute_batch(&merge).map_err(|e| map_err("insert rows", e))?;
             tx.execute_batch("DROP TABLE temp.stage").map_err(|e| map_err("drop the staging table", e))?;
             tx.commit().map_err(|e| map_err("commit", e))
         })
@@ -588,14 +624,24 @@ fn run_query(conn: &Connection, sql: &str, params: &[(String, QueryValue)]) -> R
 #[async_trait]
 impl Warehouse for DuckDbWarehouse {
     async fn ensure_schema(&self) -> Result<(), StoreError> {
-        self.with_conn(|conn| conn.execute_batch(SCHEMA).map_err(|e| map_err("create schema", e))).await
+        self.with_conn(|conn| {
+            ensure_bronze(conn)?;
+            conn.execute_batch(SCHEMA).map_err(|e| map_err("create schema", e))
+        })
+        .await
     }
 
     async fn write_bronze(&self, rows: Vec<BronzeRow>) -> Result<(), StoreError> {
+        let seqs = rows.iter().map(|r| r.raw_seq);
+        let (low, high) = (seqs.clone().min(), seqs.max());
+        let (low, high) = (to_i64(low.unwrap_or(0), "raw_seq")?, to_i64(high.unwrap_or(0), "raw_seq")?);
         self.insert_rows(
             "bronze",
-            "INSERT OR IGNORE INTO bronze SELECT * FROM temp.stage \
-             QUALIFY row_number() OVER (PARTITION BY raw_seq) = 1",
+            format!(
+                "INSERT INTO bronze SELECT * FROM temp.stage \
+                 WHERE raw_seq NOT IN (SELECT raw_seq FROM bronze WHERE raw_seq BETWEEN {low} AND {high}) \
+                 QUALIFY row_number() OVER (PARTITION BY raw_seq) = 1"
+            ),
             rows,
             |app, r| {
                 app.append_row(params![
@@ -617,7 +663,8 @@ impl Warehouse for DuckDbWarehouse {
         self.insert_rows(
             "silver",
             "INSERT OR IGNORE INTO silver SELECT * FROM temp.stage \
-             QUALIFY row_number() OVER (PARTITION BY event_id) = 1",
+             QUALIFY row_number() OVER (PARTITION BY event_id) = 1"
+                .to_string(),
             rows,
             |app, r| {
                 app.append_row(params![
@@ -651,7 +698,8 @@ impl Warehouse for DuckDbWarehouse {
                counters = excluded.counters, identifiers = excluded.identifiers, \
                events_total = excluded.events_total, first_seen = excluded.first_seen, \
                last_seen = excluded.last_seen, merged_into = excluded.merged_into \
-             WHERE excluded.snapshot_at >= gold_profiles.snapshot_at",
+             WHERE excluded.snapshot_at >= gold_profiles.snapshot_at"
+                .to_string(),
             rows,
             |app, r| {
                 app.append_row(params![
