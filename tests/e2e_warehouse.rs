@@ -13,14 +13,21 @@ use std::time::Duration;
 /// (tokens and sealed Bronze) has its own test below.
 const RAW: &str = "[warehouse]\npii = \"raw\"\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
-    let dir = tempfile::tempdir().unwrap();
+/// Cohort on embedded defaults in `dir` (warehouse rows raw), slide 18 played, settled and
+/// relayed to the warehouse.
+async fn slide_18_relayed(dir: &tempfile::TempDir) -> DemoServer {
     let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
     play_slide_18(&demo.client).await.unwrap();
     demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
     let report = demo.cohort.relay_warehouse().await.unwrap().expect("a warehouse is configured by default");
     assert_eq!(report.remaining, 0, "{report:?}");
+    demo
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = slide_18_relayed(&dir).await;
     let profile = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap();
     let survivor = profile["profile"]["profile_id"].as_str().unwrap().to_string();
 
@@ -83,10 +90,7 @@ async fn slide_18_lands_in_bronze_silver_and_gold_and_reconciles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_leaves_the_duckdb_file_closed_and_checkpointed() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
-    play_slide_18(&demo.client).await.unwrap();
-    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
-    demo.cohort.relay_warehouse().await.unwrap();
+    let demo = slide_18_relayed(&dir).await;
     let file = dir.path().join("cohort.warehouse.duckdb");
     let wal = dir.path().join("cohort.warehouse.duckdb.wal");
     assert!(wal.metadata().is_ok_and(|m| m.len() > 0), "the relayed rows wait in the held file's log");

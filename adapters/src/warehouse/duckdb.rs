@@ -839,6 +839,13 @@ mod tests {
         }
     }
 
+    /// A file warehouse in `dir` kept open as `holding` says, its schema created.
+    async fn held(dir: &tempfile::TempDir, hold: Duration, linger: Duration) -> DuckDbWarehouse {
+        let w = DuckDbWarehouse::open_holding(&dir.path().join("held.duckdb"), Holding { hold, linger }).await.unwrap();
+        w.ensure_schema().await.unwrap();
+        w
+    }
+
     fn wal_len(w: &DuckDbWarehouse) -> u64 {
         w.path().and_then(|p| std::fs::metadata(wal_of(p)).ok()).map_or(0, |m| m.len())
     }
@@ -846,9 +853,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_file_stays_open_across_relays_and_is_checkpointed_when_they_go_quiet() {
         let dir = tempfile::tempdir().unwrap();
-        let holding = Holding { hold: Duration::from_secs(30), linger: Duration::from_millis(900) };
-        let w = DuckDbWarehouse::open_holding(&dir.path().join("held.duckdb"), holding).await.unwrap();
-        w.ensure_schema().await.unwrap();
+        let w = held(&dir, Duration::from_secs(30), Duration::from_millis(900)).await;
         w.write_bronze(vec![bronze(1)]).await.unwrap();
         let first = opened_since(&w).expect("open after a write");
         // Past the default linger, within this one: the next relay finds the same opening.
@@ -871,9 +876,7 @@ mod tests {
     #[tokio::test]
     async fn a_file_held_past_its_hold_is_closed_soon_after_its_last_call() {
         let dir = tempfile::tempdir().unwrap();
-        let holding = Holding { hold: Duration::from_millis(300), linger: Duration::from_secs(30) };
-        let w = DuckDbWarehouse::open_holding(&dir.path().join("held.duckdb"), holding).await.unwrap();
-        w.ensure_schema().await.unwrap();
+        let w = held(&dir, Duration::from_millis(300), Duration::from_secs(30)).await;
         let first = opened_since(&w).expect("open after a call");
         tokio::time::sleep(Duration::from_millis(400)).await;
         w.write_bronze(vec![bronze(1)]).await.unwrap();
