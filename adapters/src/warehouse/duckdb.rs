@@ -107,7 +107,8 @@ fn ensure_bronze(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// Where the data lives: a private in-memory database must stay open; a file is opened for a
-/// call and kept for [`LINGER`] after it, so the calls of one relay share one opening.
+/// call and kept open as the handle's [`Holding`] says, so the calls of one relay (or of a busy
+/// stretch of relays) share one opening.
 enum Place {
     Memory(Connection),
     File { path: PathBuf, open: Option<Opened> },
@@ -141,11 +142,18 @@ impl Holding {
         Self { hold, linger: relay_interval + LINGER }
     }
 
-    /// Whether an open file is closed now: idle past the linger, or past [`LINGER`] once the
-    /// hold is used up (so an analyst gets in before the next relay).
-    fn due(&self, opened: &Opened) -> bool {
-        let idle = opened.used.elapsed();
-        idle >= self.linger || (idle >= LINGER && opened.since.elapsed() >= self.hold)
+    /// When an opening is closed: idle for the linger, or, once the hold is used up, idle for
+    /// [`LINGER`] (so an analyst gets in before the next relay, however far apart relays are).
+    fn due_at(&self, opened: &Opened) -> Instant {
+        let held = (opened.since + self.hold).max(opened.used + LINGER);
+        (opened.used + self.linger).min(held)
+    }
+
+    /// Whether a call on a file open this long closes it right after: relays that follow each
+    /// other with gaps under [`LINGER`] would otherwise keep it open, and its write-ahead log
+    /// growing, for as long as the load lasts.
+    fn overdue(&self, open_for: Duration) -> bool {
+        open_for >= self.hold.max(LINGER) + self.linger
     }
 }
 
@@ -156,8 +164,9 @@ impl Default for Holding {
     }
 }
 
-/// How long a file stays open after a call. Opening and closing (which checkpoints) cost tens of
-/// milliseconds; a relay makes a burst of calls, then the file is free again for analysts.
+/// How long a file stays open after a call by default, and after the last call of a used-up
+/// hold. Opening and closing (which checkpoints) cost tens of milliseconds; a relay makes a burst
+/// of calls, then the file is free again for analysts.
 const LINGER: Duration = Duration::from_millis(250);
 
 /// The DuckDB warehouse. Calls are serialized (one writer), each on a blocking thread.
@@ -228,9 +237,10 @@ impl DuckDbWarehouse {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let place = Arc::clone(&self.place);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = place.lock();
+        let this = self.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = this.place.lock();
             match &mut *guard {
                 Place::Memory(conn) => f(conn),
                 Place::File { path, open } => {
@@ -239,62 +249,69 @@ impl DuckDbWarehouse {
                         None => (open_file(path)?, Instant::now()),
                     };
                     let result = f(&mut conn);
-                    if result.is_ok() {
-                        *open = Some(Opened { conn, since, used: Instant::now() });
+                    let used = Instant::now();
+                    if result.is_ok() && !this.holding.overdue(used - since) {
+                        let opened = Opened { conn, since, used };
+                        // Scheduled here, not by the caller, which may stop waiting for the call.
+                        runtime.spawn(this.clone().close_when_due(used, this.holding.due_at(&opened)));
+                        *open = Some(opened);
                     } else if let Err(e) = close(conn) {
                         // A failed call may leave the connection unusable: start afresh. The
                         // call's own error is the one to report.
-                        tracing::warn!(error = %e, "closing the DuckDB warehouse file after a failed call");
+                        tracing::warn!(error = %e, "closing the DuckDB warehouse file after a call");
                     }
                     result
                 }
             }
         })
         .await
-        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?;
-        if self.path.is_some() {
-            let this = self.clone();
-            let holding = self.holding;
-            tokio::spawn(async move {
-                tokio::time::sleep(LINGER).await;
-                if this.close_if(move |opened| holding.due(opened)).await {
-                    return;
-                }
-                if let Some(rest) = holding.linger.checked_sub(LINGER).filter(|d| !d.is_zero()) {
-                    tokio::time::sleep(rest).await;
-                    this.close_if(move |opened| holding.due(opened)).await;
-                }
-            });
-        }
-        result
+        .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?
     }
 
-    /// Closes the file now if `due` says so (closing checkpoints its write-ahead log into it and
-    /// releases the lock), so other processes can open it. True when the file is closed.
-    async fn close_if(&self, due: impl FnOnce(&Opened) -> bool + Send + 'static) -> bool {
-        let place = Arc::clone(&self.place);
-        let closed = tokio::task::spawn_blocking(move || {
-            let mut guard = place.lock();
-            let Place::File { open, .. } = &mut *guard else { return Ok(true) };
-            match open.take() {
-                Some(opened) if due(&opened) => close(opened.conn).map(|()| true),
-                Some(opened) => {
-                    *open = Some(opened);
-                    Ok(false)
-                }
-                None => Ok(true),
+    /// Closes the opening a call left at `used` once it is due (at `at`, unless the clock says
+    /// otherwise), so other processes can open the file; a later call schedules its own close.
+    async fn close_when_due(self, used: Instant, mut at: Instant) {
+        loop {
+            tokio::time::sleep_until(at.into()).await;
+            let holding = self.holding;
+            let next = self
+                .with_opening(move |open| match open.take() {
+                    Some(opened) if opened.used == used && Instant::now() >= holding.due_at(&opened) => {
+                        close(opened.conn).map(|()| None)
+                    }
+                    Some(opened) => {
+                        let next = (opened.used == used).then(|| holding.due_at(&opened));
+                        *open = Some(opened);
+                        Ok(next)
+                    }
+                    None => Ok(None),
+                })
+                .await;
+            match next {
+                Some(next) => at = next,
+                None => return,
             }
+        }
+    }
+
+    /// Runs `f` on the file's opening under its lock, on a blocking thread (closing checkpoints
+    /// the write-ahead log into the file). An error is logged and gives `T::default()`.
+    async fn with_opening<T: Default + Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Option<Opened>) -> Result<T, StoreError> + Send + 'static,
+    ) -> T {
+        let place = Arc::clone(&self.place);
+        let done = tokio::task::spawn_blocking(move || match &mut *place.lock() {
+            Place::File { open, .. } => f(open),
+            Place::Memory(_) => Ok(T::default()),
         })
         .await
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse close task failed: {e}")))
-        .and_then(|closed| closed);
-        match closed {
-            Ok(closed) => closed,
-            Err(e) => {
-                tracing::warn!(error = %e, "closing the DuckDB warehouse file failed");
-                false
-            }
-        }
+        .and_then(|done| done);
+        done.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "closing the DuckDB warehouse file failed");
+            T::default()
+        })
     }
 
     /// Appends rows to a temporary copy of `table`'s columns, then moves them in with `merge`
@@ -442,8 +459,8 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
 /// comes from API users (batch segments), so it may not touch other files or fetch extensions
 /// (`read_text('...kek')`, `COPY ... TO`), nor change these settings. The write-ahead log is
 /// checkpointed when the file closes, not every 16 MB (DuckDB's default): each checkpoint
-/// rewrites the tables' last row groups (see [`Holding`]), and the log a hold gathers is bounded
-/// by the hold.
+/// rewrites the tables' last row groups (see [`Holding`]), and a file is closed after at most a
+/// hold and a linger ([`Holding::overdue`]), which bounds the log.
 fn config() -> Result<duckdb::Config, StoreError> {
     duckdb::Config::default()
         .threads(1)
@@ -801,7 +818,7 @@ impl Warehouse for DuckDbWarehouse {
 
     /// Closes the file now rather than when its holding says.
     async fn release(&self) {
-        self.close_if(|_| true).await;
+        self.with_opening(|open| open.take().map_or(Ok(()), |opened| close(opened.conn))).await;
     }
 
     fn table(&self, layer: Layer) -> String {
@@ -878,11 +895,50 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = held(&dir, Duration::from_millis(300), Duration::from_secs(30)).await;
         let first = opened_since(&w).expect("open after a call");
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        w.write_bronze(vec![bronze(1)]).await.unwrap();
-        assert_eq!(opened_since(&w), Some(first), "within the linger the opening is reused");
+        for seq in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            w.write_bronze(vec![bronze(seq)]).await.unwrap();
+        }
+        assert_eq!(opened_since(&w), Some(first), "calls keep coming: the opening is reused past the hold");
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(opened_since(&w), None, "the hold is used up: closed a short linger after the call");
+    }
+
+    #[tokio::test]
+    async fn a_held_file_is_closed_when_its_hold_ends_however_far_apart_relays_are() {
+        let dir = tempfile::tempdir().unwrap();
+        // Relays a minute apart: the linger would keep the file open that long.
+        let w = held(&dir, Duration::from_millis(300), Duration::from_secs(60)).await;
+        assert!(opened_since(&w).is_some());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(opened_since(&w), None);
+    }
+
+    #[tokio::test]
+    async fn relays_without_a_gap_close_the_file_once_it_is_open_a_hold_and_a_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = held(&dir, Duration::from_millis(300), Duration::from_millis(400)).await;
+        let first = opened_since(&w).expect("open after a call");
+        for seq in 0..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            w.write_bronze(vec![bronze(seq)]).await.unwrap();
+        }
+        assert_ne!(opened_since(&w), Some(first), "closed (and reopened) after 700 ms open");
+    }
+
+    #[tokio::test]
+    #[allow(clippy::await_holding_lock)] // holding the file's lock is how the call is made to wait
+    async fn a_call_its_caller_stopped_waiting_for_still_closes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = DuckDbWarehouse::open(&dir.path().join("plain.duckdb")).await.unwrap();
+        let busy = w.place.lock();
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), w.ensure_schema()).await;
+        assert!(gave_up.is_err(), "the call waits for the lock");
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(opened_since(&w).is_some(), "the call ran without its caller");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(opened_since(&w), None);
     }
 
     #[tokio::test]
