@@ -94,6 +94,9 @@ async fn a_graceful_stop_leaves_the_duckdb_file_closed_and_checkpointed() {
     let file = dir.path().join("cohort.warehouse.duckdb");
     let wal = dir.path().join("cohort.warehouse.duckdb.wal");
     assert!(wal.metadata().is_ok_and(|m| m.len() > 0), "the relayed rows wait in the held file's log");
+    // Past 250 ms (where an unheld file closes) and within a relay interval: the configured hold.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(wal.metadata().is_ok_and(|m| m.len() > 0), "warehouse.duckdb_hold_ms keeps the file open");
     demo.stop().await.unwrap();
     assert!(!wal.metadata().is_ok_and(|m| m.len() > 0), "closed at shutdown, its log checkpointed");
     let analyst = DuckDbWarehouse::open(&file).await.unwrap();

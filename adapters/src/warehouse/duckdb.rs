@@ -268,30 +268,19 @@ impl DuckDbWarehouse {
         .map_err(|e| StoreError::unavailable(format!("duckdb warehouse task failed: {e}")))?
     }
 
-    /// Closes the opening a call left at `used` once it is due (at `at`, unless the clock says
-    /// otherwise), so other processes can open the file; a later call schedules its own close.
-    async fn close_when_due(self, used: Instant, mut at: Instant) {
-        loop {
-            tokio::time::sleep_until(at.into()).await;
-            let holding = self.holding;
-            let next = self
-                .with_opening(move |open| match open.take() {
-                    Some(opened) if opened.used == used && Instant::now() >= holding.due_at(&opened) => {
-                        close(opened.conn).map(|()| None)
-                    }
-                    Some(opened) => {
-                        let next = (opened.used == used).then(|| holding.due_at(&opened));
-                        *open = Some(opened);
-                        Ok(next)
-                    }
-                    None => Ok(None),
-                })
-                .await;
-            match next {
-                Some(next) => at = next,
-                None => return,
+    /// Closes the opening a call left at `used` when it is due, `at` (which only the opening's
+    /// start and last use decide), so other processes can open the file. A later call on the
+    /// same opening schedules its own close, and this one lets it be.
+    async fn close_when_due(self, used: Instant, at: Instant) {
+        tokio::time::sleep_until(at.into()).await;
+        self.with_opening(move |open| match open.take() {
+            Some(opened) if opened.used == used => close(opened.conn),
+            other => {
+                *open = other;
+                Ok(())
             }
-        }
+        })
+        .await;
     }
 
     /// Runs `f` on the file's opening under its lock, on a blocking thread (closing checkpoints
@@ -863,6 +852,14 @@ mod tests {
         w
     }
 
+    /// `n` one-row relays 100 ms apart: closer than [`LINGER`], so no gap lets the file close.
+    async fn relays_without_a_gap(w: &DuckDbWarehouse, n: u64) {
+        for seq in 0..n {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            w.write_bronze(vec![bronze(seq)]).await.unwrap();
+        }
+    }
+
     fn wal_len(w: &DuckDbWarehouse) -> u64 {
         w.path().and_then(|p| std::fs::metadata(wal_of(p)).ok()).map_or(0, |m| m.len())
     }
@@ -895,10 +892,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = held(&dir, Duration::from_millis(300), Duration::from_secs(30)).await;
         let first = opened_since(&w).expect("open after a call");
-        for seq in 0..4 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            w.write_bronze(vec![bronze(seq)]).await.unwrap();
-        }
+        relays_without_a_gap(&w, 4).await;
         assert_eq!(opened_since(&w), Some(first), "calls keep coming: the opening is reused past the hold");
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(opened_since(&w), None, "the hold is used up: closed a short linger after the call");
@@ -919,10 +913,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = held(&dir, Duration::from_millis(300), Duration::from_millis(400)).await;
         let first = opened_since(&w).expect("open after a call");
-        for seq in 0..12 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            w.write_bronze(vec![bronze(seq)]).await.unwrap();
-        }
+        relays_without_a_gap(&w, 12).await;
         assert_ne!(opened_since(&w), Some(first), "closed (and reopened) after 700 ms open");
     }
 
