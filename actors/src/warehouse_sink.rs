@@ -154,6 +154,12 @@ impl WarehouseSinkState {
                 let wait = self.args.relay_interval.saturating_mul(1 << self.failures.min(10)).min(MAX_BACKOFF);
                 self.next_relay = Instant::now() + wait;
                 self.args.metrics.warehouse_failures.inc();
+                // Operators alert on this gauge during an outage, when no relay moves anything:
+                // count what waits after a failure too.
+                match self.args.store.outbox_len().await {
+                    Ok(n) => self.args.metrics.warehouse_outbox.set(i64::try_from(n).unwrap_or(i64::MAX)),
+                    Err(e) => tracing::debug!(error = %e, "outbox length unreadable"),
+                }
                 tracing::warn!(
                     error = %e,
                     failures = self.failures,
@@ -436,6 +442,49 @@ mod tests {
         let expected =
             [(&newer, 2), (&named, 7)].map(|(r, n)| vec![serde_json::json!(r.profile_id), serde_json::json!(n)]);
         assert_eq!(gold.rows, expected);
+    }
+
+    /// The outbox gauge is what an outage alert watches, so a relay that fails still counts what
+    /// waits: a warehouse down from the start must not read as an empty outbox.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_relay_still_reports_the_batches_waiting_in_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.duckdb");
+        let store = EmbeddedStore::in_memory().unwrap();
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        let warehouse = open_warehouse(&format!("duckdb://{}", file.display())).await.unwrap();
+        // The file goes away and a folder takes its name: every later opening fails.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let args = WarehouseSinkArgs {
+            store: dyn_store.clone(),
+            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store.clone())),
+            warehouse,
+            metrics: metrics.clone(),
+            relay_interval: Duration::from_secs(3600),
+            reconcile_interval: None,
+            erasures: Arc::new(crate::gdpr::Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
+            tokenize: None,
+            leader: None,
+        };
+        for n in 0..3 {
+            let row = GoldProfileRow::from_record(&record(&format!("p{n}"), 1, n));
+            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
+            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        }
+        let mut state = WarehouseSinkState {
+            args,
+            _timers: Vec::new(),
+            failures: 0,
+            next_relay: Instant::now(),
+            schema_ready: false,
+        };
+        assert!(state.relay().await.is_err(), "the warehouse file cannot be opened");
+        assert_eq!(metrics.warehouse_outbox.get(), 3);
+        assert_eq!(metrics.warehouse_failures.get(), 1);
+        assert!(state.next_relay > Instant::now(), "the next relay waits out a backoff");
     }
 
     #[test]

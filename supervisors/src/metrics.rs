@@ -323,8 +323,10 @@ impl Metrics {
             "Outbox relays that failed (the outbox keeps the rows; retried with backoff)",
         )?;
         r.register(Box::new(warehouse_failures.clone()))?;
-        let warehouse_outbox =
-            IntGauge::new("warehouse_outbox_batches", "Outbox batches waiting for the warehouse after the last relay")?;
+        let warehouse_outbox = IntGauge::new(
+            "warehouse_outbox_batches",
+            "Outbox batches waiting for the warehouse, counted at the last relay attempt",
+        )?;
         r.register(Box::new(warehouse_outbox.clone()))?;
         let processed_published =
             IntCounter::new("processed_events_published_total", "Events published to cdp.processed.events")?;
