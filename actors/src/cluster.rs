@@ -320,8 +320,6 @@ impl ProfileRouterState {
             }
             ctx.index.publish_identity_events(ctx.bus.as_ref(), identity_events(&merges, &[])).await;
         }
-        // Stored, or settled in favour of an owner the store already had.
-        ctx.index.persisted(&claims, &merges);
         // The ids were claimed for deduplication at this stage; the profile stage keeps its own.
         let _ = ctx.pending_ids.take_covered(&lows);
         match ctx.bus.commit(&lows).await {

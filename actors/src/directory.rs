@@ -128,8 +128,6 @@ pub struct ProfilesState {
     timers: Vec<JoinHandle<()>>,
     restarts: u64,
     poison_events: u64,
-    /// Profiles passivated since the last idle sweep, whose identity state that sweep evicts.
-    cold: Vec<ProfileId>,
 }
 
 fn change_of(msg: &ProfileMsg) -> Option<Change> {
@@ -368,21 +366,6 @@ impl ProfilesState {
         let _ = reply.send(());
     }
 
-    /// Forgets the identity state of profiles passivated since the last sweep, unless one came
-    /// back meanwhile: what it held is in the store, and resolution reads it back on demand.
-    fn evict_cold(&mut self) {
-        let cold: Vec<ProfileId> =
-            std::mem::take(&mut self.cold).into_iter().filter(|p| !self.entries.contains_key(p)).collect();
-        if !cold.is_empty() {
-            let owners = self.ctx.index.evict(&cold);
-            for p in &cold {
-                self.ctx.person_fingerprints.remove(p);
-            }
-            tracing::debug!(profiles = cold.len(), owners, "identity state of passivated profiles evicted");
-        }
-        self.ctx.metrics.identity_index_owners.set(i64::try_from(self.ctx.index.len()).unwrap_or(i64::MAX));
-    }
-
     /// Stops these profiles' actors and forgets what they held in memory; returns how many ran.
     fn drop_profiles(&mut self, profiles: &[ProfileId], why: &str) -> usize {
         let mut stopped = 0;
@@ -547,7 +530,6 @@ impl ProfilesState {
                     // Lapsed ids are released as well as recorded ones: the partition's next
                     // tenure (here, starting afresh, or elsewhere) reads their events again.
                     ctx.pending_ids.persisted(&ids);
-                    ctx.index.persisted(&identities, &merges);
                     lapsed.report();
                     covered.retain(|(id, _)| !lapsed.profiles.contains(id));
                     if let (Some(matcher), false) = (ctx.matcher.get(), candidates.is_empty()) {
@@ -628,7 +610,6 @@ impl Actor for ProfilesDirectory {
             timers: Vec::new(),
             restarts: 0,
             poison_events: 0,
-            cold: Vec::new(),
         })
     }
 
@@ -739,7 +720,6 @@ impl Actor for ProfilesDirectory {
                 state.failed(&myself, profile_id, format!("start failed: {reason}")).await?;
             }
             ProfilesMsg::PassivateIdle => {
-                state.evict_cold();
                 let idle = state.ctx.profiles.passivate_after;
                 for entry in state.entries.values_mut() {
                     let quiet = entry.status == Status::Live
@@ -819,7 +799,6 @@ impl Actor for ProfilesDirectory {
                             state.respawn(&myself, &id)?;
                         } else {
                             state.entries.remove(&id);
-                            state.cold.push(id);
                         }
                     } else {
                         let why = reason.unwrap_or_else(|| "stopped unexpectedly".into());

@@ -104,9 +104,6 @@ pub struct IdentityIndex {
     /// Profiles this process created and has not started an actor for yet: nothing to load.
     created: DashSet<ProfileId>,
     dirty: Mutex<HashMap<Identifier, ProfileId>>,
-    /// What a flush took from `dirty` and `merges` and the store has not confirmed yet: with
-    /// those two, everything the store may lack, which [`IdentityIndex::evict`] must keep.
-    unconfirmed: Mutex<Unconfirmed>,
     merges: Mutex<Vec<IdentityMerged>>,
     rules: IdentityRules,
     /// Per live profile, its identifiers of kinds with a per-profile limit.
@@ -121,25 +118,6 @@ pub struct IdentityIndex {
     unpublished: Mutex<Vec<IdentityEvent>>,
     /// Per live profile, the person fields that tell two people sharing a phone apart.
     persons: DashMap<ProfileId, Person>,
-}
-
-/// Claims and merges a flush is writing (see [`IdentityIndex::take_pending`]).
-#[derive(Default)]
-struct Unconfirmed {
-    claims: HashSet<Identifier>,
-    /// Survivor and merged profile of each merge.
-    merges: HashSet<(ProfileId, ProfileId)>,
-}
-
-impl Unconfirmed {
-    fn settle(&mut self, ids: &[(Identifier, ProfileId)], merges: &[IdentityMerged]) {
-        for (i, _) in ids {
-            self.claims.remove(i);
-        }
-        for m in merges {
-            self.merges.remove(&(m.survivor.clone(), m.merged.clone()));
-        }
-    }
 }
 
 /// The person fields resolution compares before linking through a shareable identifier.
@@ -219,7 +197,6 @@ impl IdentityIndex {
             absent: DashSet::new(),
             created: DashSet::new(),
             dirty: Mutex::new(HashMap::new()),
-            unconfirmed: Mutex::new(Unconfirmed::default()),
             merges: Mutex::new(Vec::new()),
         }
     }
@@ -484,57 +461,10 @@ impl IdentityIndex {
     }
 
     /// Changes not yet persisted, taken by the write-behind flush.
-    /// Until [`IdentityIndex::persisted`] or [`IdentityIndex::restore_pending`] says how that
-    /// went, the claims count as unconfirmed.
     pub fn take_pending(&self) -> (Vec<(Identifier, ProfileId)>, Vec<IdentityMerged>) {
-        let ids: Vec<(Identifier, ProfileId)> = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
+        let ids = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
         let merges = std::mem::take(&mut *self.merges.lock());
-        let mut unconfirmed = self.unconfirmed.lock();
-        unconfirmed.claims.extend(ids.iter().map(|(i, _)| i.clone()));
-        unconfirmed.merges.extend(merges.iter().map(|m| (m.survivor.clone(), m.merged.clone())));
         (ids, merges)
-    }
-
-    /// The store holds these claims and merges now (a flush committed them).
-    pub fn persisted(&self, ids: &[(Identifier, ProfileId)], merges: &[IdentityMerged]) {
-        self.unconfirmed.lock().settle(ids, merges);
-    }
-
-    /// Forgets what memory holds about profiles gone cold (passivated), so the index stays as
-    /// large as the working set instead of every student ever seen: the owners of their
-    /// identifiers, their merge redirects, and what [`IdentityIndex::root`] reads back from their
-    /// records (root, identifier limits, person fields, unmerge decisions). Nothing the store
-    /// lacks is forgotten: unpersisted or unconfirmed claims stay, and so does everything about a
-    /// profile with a merge or unmerge not yet persisted. Returns how many owners were forgotten.
-    pub fn evict(&self, profiles: &[ProfileId]) -> usize {
-        let mut busy: HashSet<ProfileId> = {
-            let merges = self.merges.lock();
-            let unmerges = self.unmerges.lock();
-            merges
-                .iter()
-                .flat_map(|m| [&m.survivor, &m.merged])
-                .chain(unmerges.iter().flat_map(|u| [&u.survivor, &u.restored]))
-                .cloned()
-                .collect()
-        };
-        busy.extend(self.unconfirmed.lock().merges.iter().flat_map(|(s, m)| [s.clone(), m.clone()]));
-        let cold: HashSet<&ProfileId> = profiles.iter().filter(|p| !busy.contains(*p)).collect();
-        if cold.is_empty() {
-            return 0;
-        }
-        let before = self.owners.len();
-        // Same lock order as `claim`: an owners shard, then `dirty` (then `unconfirmed`).
-        self.owners.retain(|i, p| {
-            !cold.contains(p) || self.dirty.lock().contains_key(i) || self.unconfirmed.lock().claims.contains(i)
-        });
-        self.redirects.retain(|from, to| !cold.contains(from) && !cold.contains(to));
-        for p in &cold {
-            self.known_roots.remove(*p);
-            self.limited.remove(*p);
-            self.apart.remove(*p);
-            self.persons.remove(*p);
-        }
-        before.saturating_sub(self.owners.len())
     }
 
     /// Unmerges not yet published, taken by the flush that persists them.
@@ -573,22 +503,14 @@ impl IdentityIndex {
 
     /// Puts back what a failed flush took, unless newer changes replaced it meanwhile.
     pub fn restore_pending(&self, ids: Vec<(Identifier, ProfileId)>, merges: Vec<IdentityMerged>) {
-        let restored = ids.clone();
-        {
-            let mut dirty = self.dirty.lock();
-            for (i, p) in ids {
-                dirty.entry(i).or_insert(p);
-            }
+        let mut dirty = self.dirty.lock();
+        for (i, p) in ids {
+            dirty.entry(i).or_insert(p);
         }
-        {
-            let mut m = self.merges.lock();
-            let newer = std::mem::take(&mut *m);
-            *m = merges.clone();
-            m.extend(newer);
-        }
-        // Only once they are pending again: an eviction in between finds them in one place or
-        // the other.
-        self.unconfirmed.lock().settle(&restored, &merges);
+        let mut m = self.merges.lock();
+        let newer = std::mem::take(&mut *m);
+        *m = merges;
+        m.extend(newer);
     }
 
     pub fn len(&self) -> usize {
@@ -981,93 +903,5 @@ mod tests {
         );
         assert!(!p(None, Some((2001, 2, 3))).conflicts_with(&p(None, Some((2001, 2, 4)))), "one day off");
         assert!(!p(Some("Ruth"), None).conflicts_with(&p(None, Some((1999, 1, 1)))), "nothing to compare");
-    }
-
-    fn profile(name: &str) -> ProfileId {
-        ProfileId::derive_from_event(&cohort_messages::EventId::new(cohort_messages::Source::Web, name), Utc::now())
-    }
-
-    /// A passivated profile's identity state goes, except what the store may not have yet; and
-    /// what went is read back from the store when the profile is met again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cold_profile_is_evicted_down_to_what_the_store_holds_and_read_back_on_demand() {
-        let store: Arc<dyn OperationalStore> = cohort_adapters::EmbeddedStore::in_memory().unwrap();
-        let index = IdentityIndex::new(store.clone());
-        let (ana, ben) = (profile("ana"), profile("ben"));
-        let email = Identifier::new(IdentifierKind::Email, "ana@example.org");
-        let phone = Identifier::new(IdentifierKind::Phone, "+4915112345678");
-        let device = Identifier::new(IdentifierKind::DeviceId, "dev-ana");
-        let bens = Identifier::new(IdentifierKind::Email, "ben@example.org");
-        for (i, p) in [(&email, &ana), (&phone, &ana), (&bens, &ben)] {
-            index.claim(i, p).unwrap();
-        }
-        let (taken, _) = index.take_pending();
-        let mut record = ProfileRecord::new(ana.clone(), Utc::now());
-        record.traits.insert(
-            "first_name".into(),
-            cohort_messages::TraitValue {
-                value: "Ana".into(),
-                source: cohort_messages::Source::Web,
-                updated_at: Utc::now(),
-            },
-        );
-        let batch =
-            cohort_adapters::FlushBatch { identities: taken.clone(), profiles: vec![record], ..Default::default() };
-        store.commit_flush(batch).await.unwrap();
-        // The store confirmed Ana's email and Ben's; the phone's write is still unconfirmed.
-        index.persisted(&taken.iter().filter(|(i, _)| *i != phone).cloned().collect::<Vec<_>>(), &[]);
-        // Claimed after the flush took its claims: only in memory.
-        index.claim(&device, &ana).unwrap();
-        assert_eq!(index.root(&ana).await.unwrap(), ana);
-        assert!(index.persons.contains_key(&ana), "the record's person fields were learned");
-
-        assert_eq!(index.evict(std::slice::from_ref(&ana)), 1);
-        assert!(!index.owners.contains_key(&email), "persisted: evicted");
-        assert!(index.owners.contains_key(&phone), "unconfirmed: kept");
-        assert!(index.owners.contains_key(&device), "unpersisted: kept");
-        assert!(index.owners.contains_key(&bens), "another profile's: kept");
-        assert!(!index.known_roots.contains(&ana) && !index.persons.contains_key(&ana));
-
-        // Met again: the owner and the person come back from the store.
-        assert_eq!(index.owner(&email).await.unwrap(), Some(ana.clone()));
-        assert_eq!(index.root(&ana).await.unwrap(), ana);
-        assert_eq!(index.persons.get(&ana).and_then(|p| p.first_name.clone()).as_deref(), Some("ana"));
-
-        // A failed flush puts its claims back: unpersisted again, so still kept.
-        let (retaken, _) = index.take_pending();
-        index.restore_pending(retaken, Vec::new());
-        index.persisted(&[(phone.clone(), ana.clone())], &[]);
-        index.evict(std::slice::from_ref(&ana));
-        assert!(!index.owners.contains_key(&phone) && !index.owners.contains_key(&email));
-        assert!(index.owners.contains_key(&device), "back in the unpersisted claims");
-    }
-
-    /// A merge not yet persisted lives only in memory: neither of its profiles is evicted.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn profiles_of_an_unpersisted_merge_keep_their_identity_state() {
-        let store: Arc<dyn OperationalStore> = cohort_adapters::EmbeddedStore::in_memory().unwrap();
-        let index = IdentityIndex::new(store);
-        let (survivor, merged) = (profile("survivor"), profile("merged"));
-        let email = Identifier::new(IdentifierKind::Email, "sam@example.org");
-        index.claim(&email, &merged).unwrap();
-        let (taken, _) = index.take_pending();
-        index.persisted(&taken, &[]);
-        index.record_merge(IdentityMerged {
-            survivor: survivor.clone(),
-            merged: merged.clone(),
-            evidence: Vec::new(),
-            at: Utc::now(),
-            seq: 0,
-            reason: Default::default(),
-        });
-        assert_eq!(index.evict(&[survivor.clone(), merged.clone()]), 0);
-        assert_eq!(index.redirects.get(&merged).map(|r| r.clone()), Some(survivor.clone()));
-        assert!(index.owners.contains_key(&email));
-        // Taken by a flush: still only in memory until it commits.
-        let (_, merges) = index.take_pending();
-        assert_eq!(index.evict(&[survivor.clone(), merged.clone()]), 0);
-        index.persisted(&[], &merges);
-        assert_eq!(index.evict(&[survivor, merged.clone()]), 1);
-        assert!(index.redirects.get(&merged).is_none());
     }
 }

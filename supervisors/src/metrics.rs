@@ -18,8 +18,6 @@ pub struct Metrics {
     pub actor_restarts: IntCounterVec,
     pub actor_escalations: IntCounterVec,
     pub profile_actors_live: IntGauge,
-    /// Identifier owners the identity index holds in memory (live and recently used profiles).
-    pub identity_index_owners: IntGauge,
     pub mailbox_depth: IntGaugeVec,
     pub api_latency: HistogramVec,
     pub event_to_profile_latency: Histogram,
@@ -153,11 +151,6 @@ impl Metrics {
         )?;
         let profile_actors_live = IntGauge::new("profile_actors_live", "ProfileActors currently running")?;
         r.register(Box::new(profile_actors_live.clone()))?;
-        let identity_index_owners = IntGauge::new(
-            "identity_index_owners",
-            "Identifier owners held in memory by the identity index (passivated profiles' are dropped)",
-        )?;
-        r.register(Box::new(identity_index_owners.clone()))?;
         let mailbox_depth = IntGaugeVec::new(Opts::new("mailbox_depth", "Messages queued per actor kind"), &["actor"])?;
         r.register(Box::new(mailbox_depth.clone()))?;
         let api_latency = HistogramVec::new(
@@ -396,7 +389,6 @@ impl Metrics {
             actor_restarts,
             actor_escalations,
             profile_actors_live,
-            identity_index_owners,
             mailbox_depth,
             api_latency,
             event_to_profile_latency,
