@@ -162,6 +162,100 @@ async fn use_case_1_a_high_intent_mba_prospect_gets_a_task_and_an_email_list_but
     demo.stop().await.unwrap();
 }
 
+/// The identify a student opts in (or out) of channels with.
+fn consent_update(who: &str, email: &str, n: u32, whatsapp: bool) -> Value {
+    let mut identify = payloads::segment_identify(
+        &format!("{who}-consent-{n}"),
+        Some(&format!("anon-{who}")),
+        None,
+        json!({ "email": email }),
+        None,
+        Utc::now(),
+    );
+    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true, "whatsapp": whatsapp } });
+    identify
+}
+
+/// A member whose activation was skipped for want of consent gets it once she consents: the
+/// grant offers her memberships again, and nothing that already went out goes twice (nor does
+/// a failed one, which waits for an operator's retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_granted() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &use_case_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let email = "cara.m@gmail.com";
+    d.fail_next("sendgrid", 1_000_000);
+    prospect(c, "cara", email, "0035e00000CaraAAAA", true).await;
+    ok(c.segment(false, "track", &brochure("cara")).await.unwrap()).await;
+    drained(&demo).await;
+    assert!(d.received("twilio").is_empty(), "no WhatsApp consent yet");
+    assert_eq!(d.received("salesforce").len(), 1);
+    let failed = |status: &Value| status["destinations"]["sendgrid"]["failed"].clone();
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(failed(&status), 1, "{status}");
+
+    ok(c.segment(false, "identify", &consent_update("cara", email, 1, true)).await.unwrap()).await;
+    drained(&demo).await;
+    let wa = d.received("twilio");
+    assert_eq!(wa.len(), 1, "the advisor template once she consented");
+    assert_eq!(wa[0].body["To"], "whatsapp:+4915123456789", "{:?}", wa[0].body);
+    assert_eq!(wa[0].body["ContentSid"], "HX0123456789abcdef0123456789abcdef");
+    assert_eq!(d.received("salesforce").len(), 1, "nothing went twice");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(failed(&status), 1, "the failed list addition was not tried again: {status}");
+
+    // Withdrawn and granted again: the template went out already.
+    ok(c.segment(false, "identify", &consent_update("cara", email, 2, false)).await.unwrap()).await;
+    ok(c.segment(false, "identify", &consent_update("cara", email, 3, true)).await.unwrap()).await;
+    drained(&demo).await;
+    assert_eq!(d.received("twilio").len(), 1);
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["destinations"]["twilio"]["sent"], 1, "{status}");
+    demo.stop().await.unwrap();
+}
+
+/// The same when the consent comes with a merge: the survivor, in the segment without consent,
+/// takes over the grant the merged profile had, and its activation goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_skipped_for_want_of_consent_goes_out_once_a_merge_brings_the_consent() {
+    let d = Destinations::start().await;
+    let toml = format!(
+        "{}\n[[segments.define]]\nname = \"mba_interest\"\nrule = 'page_count(\"mba\") >= 1'\n\n\
+         [[activations]]\nname = \"mba_list\"\nsegment = \"mba_interest\"\ndestination = \"sendgrid\"\n\
+         action = \"add_to_list\"\nlist_id = \"list-mba\"\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let (email, now) = ("dana.k@uni.eu", Utc::now());
+    // The CRM contact (the older profile) reads about the MBA: in the segment, no consent.
+    let cdc = payloads::salesforce_contact_cdc(4_242, "0035e00000DanaAAAA", "CREATE", json!({ "Email": email }), now);
+    ok(c.salesforce_cdc(&cdc).await.unwrap()).await;
+    let mut page = payloads::segment_page("dana-p1", "anon-dana-web", "/programs/mba", now);
+    page["context"]["traits"] = json!({ "email": email });
+    ok(c.segment(false, "page", &page).await.unwrap()).await;
+    drained(&demo).await;
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["destinations"]["sendgrid"]["skipped"]["consent"], 1, "{status}");
+    // An anonymous app visitor consents to email, then logs in with the same address: merged.
+    let mut optin = payloads::segment_identify("dana-app-1", Some("anon-dana-app"), None, json!({}), None, now);
+    optin["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
+    ok(c.segment(true, "identify", &optin).await.unwrap()).await;
+    drained(&demo).await;
+    let login =
+        payloads::segment_identify("dana-app-2", Some("anon-dana-app"), None, json!({ "email": email }), None, now);
+    ok(c.segment(true, "identify", &login).await.unwrap()).await;
+    drained(&demo).await;
+
+    let metrics = ok(c.get("/metrics").await.unwrap()).await;
+    assert!(metrics.as_str().unwrap_or_default().contains("cohort_identity_merges_total 1"), "one merge");
+    let list = d.received("sendgrid");
+    assert_eq!(list.len(), 1, "the list addition once the merge brought the consent");
+    assert_eq!(list[0].body["contacts"][0]["email"], email);
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_are_defined_validated_and_listed_through_the_api_and_exits_happen_on_time() {
     let d = Destinations::start().await;

@@ -107,6 +107,31 @@ impl ProfileState {
 
     /// Re-evaluates the real-time segments after a change and reports entries, exits and when
     /// a window will slide next to the segment engine.
+    /// After a consent grant: the segments the profile is already in, offered to reverse ETL
+    /// again, since an `enter` activation skipped for want of consent is not retried by itself.
+    /// Segments entered by the same change go out through `evaluate_segments` as usual.
+    fn offer_memberships_again(&self) {
+        let Some(record) = self.record.as_ref().filter(|r| r.merged_into.is_none() && !r.segments.is_empty()) else {
+            return;
+        };
+        let Some(engine) = self.ctx.segment_engine.get() else { return };
+        let profile = Arc::new(activation_profile(record, Utc::now()));
+        let changes = record
+            .segments
+            .iter()
+            .map(|(segment, since)| SegmentChanged {
+                profile_id: self.profile_id.clone(),
+                segment: segment.clone(),
+                change: Change::Entered,
+                at: *since,
+                profile: profile.clone(),
+                caused_at: None,
+                trace: None,
+            })
+            .collect();
+        let _ = engine.send_message(SegmentMsg::ConsentGranted(changes));
+    }
+
     fn evaluate_segments(&mut self, caused_at: Option<DateTime<Utc>>, trace: Option<String>) {
         let registry = self.ctx.segments.clone();
         let Some(record) = self.record.as_mut() else { return };
@@ -184,6 +209,14 @@ async fn store_consents(
         ctx.store.record_consents(consents).await?;
     }
     Ok(())
+}
+
+/// Whether a channel's marketing consent went from not given (or refused) to granted.
+fn consent_granted(before: &BTreeMap<String, ConsentState>, after: &BTreeMap<String, ConsentState>) -> bool {
+    Channel::ALL
+        .into_iter()
+        .map(Channel::as_str)
+        .any(|key| after.get(key).is_some_and(|s| s.granted) && !before.get(key).is_some_and(|s| s.granted))
 }
 
 /// Every consent decision, kept (`profile/key/time`).
@@ -305,6 +338,9 @@ impl Actor for ProfileActor {
                     if changed {
                         record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event).await?;
                     }
+                    if consent_granted(&consent_before, &record.consent) {
+                        state.offer_memberships_again();
+                    }
                     state.evaluate_segments(Some(event.received_at), trace);
                 }
                 state.in_progress.store(0, Ordering::SeqCst);
@@ -365,7 +401,9 @@ impl Actor for ProfileActor {
                     own.trim_ledger(state.ctx.profiles.unmerge_window, limit);
                 }
                 // Idempotent, so a re-delivered Absorb after a restart repeats it harmlessly.
-                merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await?;
+                if merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await? {
+                    state.offer_memberships_again();
+                }
                 state.evaluate_segments(None, None);
             }
             ProfileMsg::Unmerge { merged, reply } => {
@@ -434,6 +472,9 @@ impl Actor for ProfileActor {
                 }
                 let record_now = record.clone();
                 store_consents(&state.ctx, &state.profile_id, &before, &record_now).await?;
+                if consent_granted(&before, &record_now.consent) {
+                    state.offer_memberships_again();
+                }
                 state.evaluate_segments(None, None);
                 if let Some(r) = reply {
                     let _ = r.send(ProfileRecordReply::Found(record_now.consent));
@@ -479,14 +520,15 @@ impl Actor for ProfileActor {
 /// refusal on either side wins; a decision only one side made carries over. Written under the
 /// survivor; the merged profile keeps its own decisions (an unmerge restores them unchanged, and
 /// never loosens the survivor's).
+/// Returns whether a grant carried over (the survivor had made no decision for that channel).
 async fn merge_consents(
     store: &dyn OperationalStore,
     survivor: &ProfileId,
     merged: &ProfileId,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let theirs = store.consents(merged).await?;
     if theirs.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let ours: BTreeMap<(String, &'static str), ConsentRecord> =
         store.consents(survivor).await?.into_iter().map(|c| ((c.purpose.clone(), c.channel.as_str()), c)).collect();
@@ -501,7 +543,9 @@ async fn merge_consents(
         }
     }
     if changes.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    store.record_consents(changes).await
+    let granted = changes.iter().any(|c| c.granted);
+    store.record_consents(changes).await?;
+    Ok(granted)
 }

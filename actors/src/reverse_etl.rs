@@ -998,6 +998,32 @@ impl Actor for ReverseEtlActor {
                     state.spawn(job);
                 }
             }
+            ReverseEtlMsg::ConsentGranted(changes) => {
+                let jobs = state.jobs(&changes);
+                let keys: Vec<String> = jobs.iter().map(|j| j.key.clone()).collect();
+                if keys.is_empty() {
+                    return Ok(());
+                }
+                let store = state.shared.store.clone();
+                let looked_up = async {
+                    Ok::<_, cohort_adapters::StoreError>((
+                        store.get_documents(SENT, &keys).await?,
+                        store.get_documents(FAILED, &keys).await?,
+                    ))
+                };
+                match looked_up.await {
+                    Ok((sent, failed)) => {
+                        // A failed job waits for an operator's retry, as it would without this.
+                        for ((job, sent), failed) in jobs.into_iter().zip(sent).zip(failed) {
+                            if sent.is_none() && failed.is_none() {
+                                state.spawn(job);
+                            }
+                        }
+                    }
+                    // The start-up catch-up sends them then.
+                    Err(e) => tracing::warn!(error = %e, "activations after a consent grant not checked"),
+                }
+            }
             ReverseEtlMsg::DispatchBatch { segment, changes } => {
                 let jobs = state.jobs(&changes);
                 let mut by_activation: BTreeMap<String, Vec<Job>> = BTreeMap::new();

@@ -531,6 +531,10 @@ pub enum SegmentMsg {
     RunBatch { name: String, reply: Option<RpcReplyPort<Result<BatchRun, String>>> },
     /// Wait until everything sent before was handled.
     Sync(RpcReplyPort<SegmentStats>),
+    /// A profile's marketing consent was granted: its current memberships, as `Entered`
+    /// changes stamped with their entry time, for reverse ETL to offer again (sent by
+    /// ProfileActors; nothing is stored or published).
+    ConsentGranted(Vec<crate::segment::SegmentChanged>),
 }
 
 /// One destination's ReverseEtl actor (Salesforce, SendGrid, Twilio, push): a bulkhead with
@@ -588,6 +592,10 @@ pub enum ReverseEtlMsg {
     Respawn {
         destination: String,
     },
+    /// A member's marketing consent was granted: its `enter` activations that no destination
+    /// has sent or failed yet go out now (one skipped for want of consent is not retried
+    /// otherwise). The changes carry the entry times, so their keys are the original jobs'.
+    ConsentGranted(Vec<crate::segment::SegmentChanged>),
 }
 
 /// A deletion request as the API hands it to the GdprCoordinator.

@@ -305,6 +305,11 @@ impl Actor for SegmentEngine {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+            SegmentMsg::ConsentGranted(changes) => {
+                if let Some(retl) = state.args.reverse_etl.get() {
+                    let _ = retl.send_message(ReverseEtlMsg::ConsentGranted(changes));
+                }
+            }
             SegmentMsg::Schedule { profile_id, at } => state.schedule(profile_id, at),
             SegmentMsg::Tick => {
                 let now = Utc::now();
