@@ -215,30 +215,56 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_gran
     demo.stop().await.unwrap();
 }
 
-/// The same when the consent comes with a merge: the survivor, in the segment without consent,
-/// takes over the grant the merged profile had, and its activation goes out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_activation_skipped_for_want_of_consent_goes_out_once_a_merge_brings_the_consent() {
-    let d = Destinations::start().await;
-    let toml = format!(
+/// Any page about the MBA puts a student in the segment; its SendGrid list needs email consent.
+fn mba_list_toml(d: &Destinations) -> String {
+    format!(
         "{}\n[[segments.define]]\nname = \"mba_interest\"\nrule = 'page_count(\"mba\") >= 1'\n\n\
          [[activations]]\nname = \"mba_list\"\nsegment = \"mba_interest\"\ndestination = \"sendgrid\"\n\
          action = \"add_to_list\"\nlist_id = \"list-mba\"\n",
         d.config_toml()
-    );
-    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    )
+}
+
+/// A CRM contact who reads about the MBA: in the segment, her list addition skipped (no consent).
+async fn member_without_consent(demo: &DemoServer, who: &str, email: &str) {
     let c = &demo.client;
-    let (email, now) = ("dana.k@uni.eu", Utc::now());
-    // The CRM contact (the older profile) reads about the MBA: in the segment, no consent.
-    let cdc = payloads::salesforce_contact_cdc(4_242, "0035e00000DanaAAAA", "CREATE", json!({ "Email": email }), now);
+    let contact = format!("0035e0000{:0>9}", who.to_uppercase());
+    let cdc =
+        payloads::salesforce_contact_cdc(rand_replay(who), &contact, "CREATE", json!({ "Email": email }), Utc::now());
     ok(c.salesforce_cdc(&cdc).await.unwrap()).await;
-    let mut page = payloads::segment_page("dana-p1", "anon-dana-web", "/programs/mba", now);
+    let mut page =
+        payloads::segment_page(&format!("{who}-p1"), &format!("anon-{who}-web"), "/programs/mba", Utc::now());
     page["context"]["traits"] = json!({ "email": email });
     ok(c.segment(false, "page", &page).await.unwrap()).await;
+    drained(demo).await;
+}
+
+fn sendgrid_skips(status: &Value, reason: &str) -> u64 {
+    status["destinations"]["sendgrid"]["skipped"][reason].as_u64().unwrap_or(0)
+}
+
+/// The same when the consent comes with a merge: the survivor, in the segment without consent,
+/// takes over the grant the merged profile had, and its activation goes out. A grant on another
+/// channel before that does not touch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_skipped_for_want_of_consent_goes_out_once_a_merge_brings_the_consent() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &mba_list_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let email = "dana.k@uni.eu";
+    member_without_consent(&demo, "dana", email).await;
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(sendgrid_skips(&status, "consent"), 1, "{status}");
+    // WhatsApp consent is not what the list needs: the skipped job is not run again.
+    let mut whatsapp =
+        payloads::segment_identify("dana-wa", Some("anon-dana-web"), None, json!({ "email": email }), None, Utc::now());
+    whatsapp["context"]["consent"] = json!({ "categoryPreferences": { "whatsapp": true } });
+    ok(c.segment(false, "identify", &whatsapp).await.unwrap()).await;
     drained(&demo).await;
     let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
-    assert_eq!(status["destinations"]["sendgrid"]["skipped"]["consent"], 1, "{status}");
+    assert_eq!(sendgrid_skips(&status, "consent"), 1, "only grants on the job's channel offer it: {status}");
     // An anonymous app visitor consents to email, then logs in with the same address: merged.
+    let now = Utc::now();
     let mut optin = payloads::segment_identify("dana-app-1", Some("anon-dana-app"), None, json!({}), None, now);
     optin["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
     ok(c.segment(true, "identify", &optin).await.unwrap()).await;
@@ -252,6 +278,31 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_a_merge_brings_
     assert!(metrics.as_str().unwrap_or_default().contains("cohort_identity_merges_total 1"), "one merge");
     let list = d.received("sendgrid");
     assert_eq!(list.len(), 1, "the list addition once the merge brought the consent");
+    assert_eq!(list[0].body["contacts"][0]["email"], email);
+    demo.stop().await.unwrap();
+}
+
+/// And when the consent is recorded through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_recorded_through_the_api() {
+    let d = Destinations::start().await;
+    let demo = DemoServer::start(None, &mba_list_toml(&d), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let email = "emil.b@uni.eu";
+    member_without_consent(&demo, "emil", email).await;
+    assert!(d.received("sendgrid").is_empty());
+    let put = c
+        .call(
+            "PUT",
+            &format!("/v1/profiles/email:{email}/consent"),
+            &json!({ "email": { "granted": true, "source": "advisor_call" } }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(put.status, 200, "{}", put.body);
+    drained(&demo).await;
+    let list = d.received("sendgrid");
+    assert_eq!(list.len(), 1, "the list addition once consent was recorded");
     assert_eq!(list[0].body["contacts"][0]["email"], email);
     demo.stop().await.unwrap();
 }

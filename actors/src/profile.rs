@@ -107,18 +107,24 @@ impl ProfileState {
 
     /// Re-evaluates the real-time segments after a change and reports entries, exits and when
     /// a window will slide next to the segment engine.
-    /// After a consent grant: the segments the profile is already in, offered to reverse ETL
-    /// again, since an `enter` activation skipped for want of consent is not retried by itself.
-    /// Segments entered by the same change go out through `evaluate_segments` as usual.
-    fn offer_memberships_again(&self) {
-        let Some(record) = self.record.as_ref().filter(|r| r.merged_into.is_none() && !r.segments.is_empty()) else {
+    /// After a consent grant on `channels`: the memberships the profile had before the change
+    /// and still has after evaluating it, offered to reverse ETL again, since an `enter`
+    /// activation skipped for want of consent is not retried by itself. Segments entered by the
+    /// same change went out through `evaluate_segments` as usual.
+    fn offer_memberships_again(&self, before: &BTreeMap<String, DateTime<Utc>>, channels: Vec<Channel>) {
+        if channels.is_empty() {
             return;
-        };
+        }
+        let Some(record) = self.record.as_ref().filter(|r| r.merged_into.is_none()) else { return };
+        let kept: Vec<(&String, &DateTime<Utc>)> =
+            record.segments.iter().filter(|(s, _)| before.contains_key(*s)).collect();
+        if kept.is_empty() {
+            return;
+        }
         let Some(engine) = self.ctx.segment_engine.get() else { return };
         let profile = Arc::new(activation_profile(record, Utc::now()));
-        let changes = record
-            .segments
-            .iter()
+        let changes = kept
+            .into_iter()
             .map(|(segment, since)| SegmentChanged {
                 profile_id: self.profile_id.clone(),
                 segment: segment.clone(),
@@ -129,7 +135,7 @@ impl ProfileState {
                 trace: None,
             })
             .collect();
-        let _ = engine.send_message(SegmentMsg::ConsentGranted(changes));
+        let _ = engine.send_message(SegmentMsg::ConsentGranted { channels, changes });
     }
 
     fn evaluate_segments(&mut self, caused_at: Option<DateTime<Utc>>, trace: Option<String>) {
@@ -211,12 +217,15 @@ async fn store_consents(
     Ok(())
 }
 
-/// Whether a channel's marketing consent went from not given (or refused) to granted.
-fn consent_granted(before: &BTreeMap<String, ConsentState>, after: &BTreeMap<String, ConsentState>) -> bool {
+/// The channels whose marketing consent went from not given (or refused) to granted.
+fn granted_channels(before: &BTreeMap<String, ConsentState>, after: &BTreeMap<String, ConsentState>) -> Vec<Channel> {
     Channel::ALL
         .into_iter()
-        .map(Channel::as_str)
-        .any(|key| after.get(key).is_some_and(|s| s.granted) && !before.get(key).is_some_and(|s| s.granted))
+        .filter(|c| {
+            let key = c.as_str();
+            after.get(key).is_some_and(|s| s.granted) && !before.get(key).is_some_and(|s| s.granted)
+        })
+        .collect()
 }
 
 /// Every consent decision, kept (`profile/key/time`).
@@ -338,10 +347,10 @@ impl Actor for ProfileActor {
                     if changed {
                         record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event).await?;
                     }
-                    if consent_granted(&consent_before, &record.consent) {
-                        state.offer_memberships_again();
-                    }
+                    let granted = granted_channels(&consent_before, &record.consent);
+                    let segments_before = record.segments.clone();
                     state.evaluate_segments(Some(event.received_at), trace);
+                    state.offer_memberships_again(&segments_before, granted);
                 }
                 state.in_progress.store(0, Ordering::SeqCst);
             }
@@ -397,14 +406,14 @@ impl Actor for ProfileActor {
                 let created = record.created_at;
                 let merged = record.profile_id.clone();
                 let own = state.record.get_or_insert_with(|| ProfileRecord::new(state.profile_id.clone(), created));
+                let segments_before = own.segments.clone();
                 if own.absorb(*record, limit) {
                     own.trim_ledger(state.ctx.profiles.unmerge_window, limit);
                 }
                 // Idempotent, so a re-delivered Absorb after a restart repeats it harmlessly.
-                if merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await? {
-                    state.offer_memberships_again();
-                }
+                let granted = merge_consents(state.ctx.store.as_ref(), &state.profile_id, &merged).await?;
                 state.evaluate_segments(None, None);
+                state.offer_memberships_again(&segments_before, granted);
             }
             ProfileMsg::Unmerge { merged, reply } => {
                 if let Some(survivor) = state.survivor() {
@@ -472,10 +481,9 @@ impl Actor for ProfileActor {
                 }
                 let record_now = record.clone();
                 store_consents(&state.ctx, &state.profile_id, &before, &record_now).await?;
-                if consent_granted(&before, &record_now.consent) {
-                    state.offer_memberships_again();
-                }
+                let granted = granted_channels(&before, &record_now.consent);
                 state.evaluate_segments(None, None);
+                state.offer_memberships_again(&record_now.segments, granted);
                 if let Some(r) = reply {
                     let _ = r.send(ProfileRecordReply::Found(record_now.consent));
                 }
@@ -520,15 +528,15 @@ impl Actor for ProfileActor {
 /// refusal on either side wins; a decision only one side made carries over. Written under the
 /// survivor; the merged profile keeps its own decisions (an unmerge restores them unchanged, and
 /// never loosens the survivor's).
-/// Returns whether a grant carried over (the survivor had made no decision for that channel).
+/// Returns the channels of the grants that carried over (the survivor had made no decision).
 async fn merge_consents(
     store: &dyn OperationalStore,
     survivor: &ProfileId,
     merged: &ProfileId,
-) -> Result<bool, StoreError> {
+) -> Result<Vec<Channel>, StoreError> {
     let theirs = store.consents(merged).await?;
     if theirs.is_empty() {
-        return Ok(false);
+        return Ok(Vec::new());
     }
     let ours: BTreeMap<(String, &'static str), ConsentRecord> =
         store.consents(survivor).await?.into_iter().map(|c| ((c.purpose.clone(), c.channel.as_str()), c)).collect();
@@ -543,9 +551,9 @@ async fn merge_consents(
         }
     }
     if changes.is_empty() {
-        return Ok(false);
+        return Ok(Vec::new());
     }
-    let granted = changes.iter().any(|c| c.granted);
+    let granted = changes.iter().filter(|c| c.granted && c.purpose == "marketing").map(|c| c.channel).collect();
     store.record_consents(changes).await?;
     Ok(granted)
 }

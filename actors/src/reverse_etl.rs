@@ -9,7 +9,7 @@
 //! keys are remembered so a re-delivered change is not sent twice; failures after the retries
 //! are kept and can be sent again.
 
-use crate::segments::engine::MEMBERS;
+use crate::segments::engine::{member_key, MEMBERS};
 use chrono::{DateTime, Utc};
 use cohort_adapters::{all_documents, OperationalStore};
 use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
@@ -604,8 +604,24 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Holds a job's key in `Shared::running` until the job's outcome is recorded.
+struct RunningKey<'a>(&'a Shared, &'a str);
+
+impl Drop for RunningKey<'_> {
+    fn drop(&mut self) {
+        self.0.running.lock().remove(self.1);
+    }
+}
+
 /// Runs a job; the router counted it as waiting when it was queued.
 async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
+    // The same change can reach a lane twice (catch-up and live, or offered again after a
+    // consent grant). The second waits for the first to end and then checks for itself: a
+    // duplicate if it was sent, a send if it was skipped for a consent granted meanwhile.
+    while !shared.running.lock().insert(job.key.clone()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _running = RunningKey(&shared, &job.key);
     let permit = lane.permits.acquire().await;
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
     let Ok(_permit) = permit else { return };
@@ -616,16 +632,12 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     // In flight until its outcome is recorded and counted (dropped at the end), so a drain
     // never sees a job finished whose failure is not yet stored for retry.
     let _in_flight = InFlight(&lane.in_flight);
-    let first = shared.running.lock().insert(job.key.clone());
-    let outcome = if first { attempt(&shared, &lane, &job).await } else { Ok(Some(Skip::Duplicate)) };
+    let outcome = attempt(&shared, &lane, &job).await;
     // Erased mid-way: a skip, never a failure record (which would keep the person's snapshot).
     let outcome = match outcome {
         Err(JobError::Erased) => Ok(Some(Skip::Erased)),
         other => other,
     };
-    if first {
-        shared.running.lock().remove(&job.key);
-    }
     let store = &shared.store;
     let d = lane.destination.as_str();
     match outcome {
@@ -847,6 +859,41 @@ impl ReverseEtlState {
 }
 
 impl ReverseEtlState {
+    /// A consent grant on `channels`: the `enter` jobs on those channels of the memberships
+    /// the store holds (at the entry time it holds, so the keys are the original jobs'), unless
+    /// sent or failed already; a failed one waits for an operator's retry as before.
+    async fn offer_again(
+        &mut self,
+        channels: &[Channel],
+        changes: &[SegmentChanged],
+    ) -> Result<(), cohort_adapters::StoreError> {
+        let store = self.shared.store.clone();
+        let keys: Vec<String> = changes.iter().map(|c| member_key(&c.segment, &c.profile_id)).collect();
+        let members = store.get_documents(MEMBERS, &keys).await?;
+        let stored: Vec<SegmentChanged> = changes
+            .iter()
+            .zip(members)
+            .filter_map(|(c, doc)| {
+                let since = doc?.get("since").and_then(|s| serde_json::from_value::<DateTime<Utc>>(s.clone()).ok())?;
+                Some(SegmentChanged { at: since, ..c.clone() })
+            })
+            .collect();
+        let jobs: Vec<Job> =
+            self.jobs(&stored).into_iter().filter(|j| channel_of(j).is_some_and(|c| channels.contains(&c))).collect();
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = jobs.iter().map(|j| j.key.clone()).collect();
+        let sent = store.get_documents(SENT, &keys).await?;
+        let failed = store.get_documents(FAILED, &keys).await?;
+        for ((job, sent), failed) in jobs.into_iter().zip(sent).zip(failed) {
+            if sent.is_none() && failed.is_none() {
+                self.spawn(job);
+            }
+        }
+        Ok(())
+    }
+
     /// Memberships whose `enter` activations have neither been sent nor recorded as failed.
     async fn catch_up(&mut self) -> Result<usize, cohort_adapters::StoreError> {
         let store = self.shared.store.clone();
@@ -998,30 +1045,14 @@ impl Actor for ReverseEtlActor {
                     state.spawn(job);
                 }
             }
-            ReverseEtlMsg::ConsentGranted(changes) => {
-                let jobs = state.jobs(&changes);
-                let keys: Vec<String> = jobs.iter().map(|j| j.key.clone()).collect();
-                if keys.is_empty() {
-                    return Ok(());
-                }
-                let store = state.shared.store.clone();
-                let looked_up = async {
-                    Ok::<_, cohort_adapters::StoreError>((
-                        store.get_documents(SENT, &keys).await?,
-                        store.get_documents(FAILED, &keys).await?,
-                    ))
-                };
-                match looked_up.await {
-                    Ok((sent, failed)) => {
-                        // A failed job waits for an operator's retry, as it would without this.
-                        for ((job, sent), failed) in jobs.into_iter().zip(sent).zip(failed) {
-                            if sent.is_none() && failed.is_none() {
-                                state.spawn(job);
-                            }
-                        }
-                    }
-                    // The start-up catch-up sends them then.
-                    Err(e) => tracing::warn!(error = %e, "activations after a consent grant not checked"),
+            ReverseEtlMsg::ConsentGranted { channels, changes } => {
+                if let Err(e) = state.offer_again(&channels, &changes).await {
+                    // Kept, like the engine keeps memberships: asked again until the store answers.
+                    tracing::warn!(error = %e, "activations after a consent grant not checked yet; retrying");
+                    myself.send_after(Duration::from_secs(1), move || ReverseEtlMsg::ConsentGranted {
+                        channels,
+                        changes,
+                    });
                 }
             }
             ReverseEtlMsg::DispatchBatch { segment, changes } => {

@@ -531,10 +531,10 @@ pub enum SegmentMsg {
     RunBatch { name: String, reply: Option<RpcReplyPort<Result<BatchRun, String>>> },
     /// Wait until everything sent before was handled.
     Sync(RpcReplyPort<SegmentStats>),
-    /// A profile's marketing consent was granted: its current memberships, as `Entered`
-    /// changes stamped with their entry time, for reverse ETL to offer again (sent by
+    /// A profile's marketing consent for `channels` was granted: the real-time memberships it
+    /// had before and still has, as `Entered` changes, for reverse ETL to offer again (sent by
     /// ProfileActors; nothing is stored or published).
-    ConsentGranted(Vec<crate::segment::SegmentChanged>),
+    ConsentGranted { channels: Vec<crate::Channel>, changes: Vec<crate::segment::SegmentChanged> },
 }
 
 /// One destination's ReverseEtl actor (Salesforce, SendGrid, Twilio, push): a bulkhead with
@@ -592,10 +592,14 @@ pub enum ReverseEtlMsg {
     Respawn {
         destination: String,
     },
-    /// A member's marketing consent was granted: its `enter` activations that no destination
-    /// has sent or failed yet go out now (one skipped for want of consent is not retried
-    /// otherwise). The changes carry the entry times, so their keys are the original jobs'.
-    ConsentGranted(Vec<crate::segment::SegmentChanged>),
+    /// A member's marketing consent for `channels` was granted: its `enter` activations on
+    /// those channels that no destination has sent or failed yet go out now (one skipped for
+    /// want of consent is not retried otherwise). Entry times come from the stored memberships,
+    /// so the keys are the original jobs'.
+    ConsentGranted {
+        channels: Vec<crate::Channel>,
+        changes: Vec<crate::segment::SegmentChanged>,
+    },
 }
 
 /// A deletion request as the API hands it to the GdprCoordinator.

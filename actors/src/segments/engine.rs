@@ -305,9 +305,9 @@ impl Actor for SegmentEngine {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            SegmentMsg::ConsentGranted(changes) => {
+            SegmentMsg::ConsentGranted { channels, changes } => {
                 if let Some(retl) = state.args.reverse_etl.get() {
-                    let _ = retl.send_message(ReverseEtlMsg::ConsentGranted(changes));
+                    let _ = retl.send_message(ReverseEtlMsg::ConsentGranted { channels, changes });
                 }
             }
             SegmentMsg::Schedule { profile_id, at } => state.schedule(profile_id, at),
