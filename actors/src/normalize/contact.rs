@@ -75,7 +75,10 @@ pub fn normalize_phone(raw: &str, region: &str) -> Option<String> {
     if !(4..=17).contains(&digits) || s.rfind('+').is_some_and(|p| p != 0) {
         return None;
     }
-    let region: Option<country::Id> = region.trim().to_ascii_uppercase().parse().ok();
+    // A number in international form names its country itself. The default region must not
+    // matter then, and with some regions the parser rejects such numbers (`+33 1 …` with `US`).
+    let region: Option<country::Id> =
+        if s.starts_with('+') { None } else { region.trim().to_ascii_uppercase().parse().ok() };
     let input = s.to_string();
     // The parser has internal unwraps on some inputs; no input may bring ingest down.
     std::panic::catch_unwind(move || {
@@ -164,6 +167,12 @@ mod tests {
         // without a usable region only international numbers parse
         assert_eq!(normalize_phone("01512 3456789", "??"), None);
         assert_eq!(normalize_phone("+4915123456789", "??"), want);
+        // an international number is the same whatever the default region (found by the
+        // property test: the parser refused this one with `US`)
+        for region in ["FR", "US", "DE", "GB", "NO"] {
+            assert_eq!(normalize_phone("+33 1 00 00 00 00", region).as_deref(), Some("+33100000000"), "{region}");
+        }
+        assert_eq!(normalize_phone("100000000", "FR").as_deref(), Some("+33100000000"));
     }
 
     #[test]
