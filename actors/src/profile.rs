@@ -348,7 +348,8 @@ impl Actor for ProfileActor {
                         record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event).await?;
                     }
                     let granted = granted_channels(&consent_before, &record.consent);
-                    let segments_before = record.segments.clone();
+                    // Only a grant needs them (an event rarely carries one).
+                    let segments_before = if granted.is_empty() { BTreeMap::new() } else { record.segments.clone() };
                     state.evaluate_segments(Some(event.received_at), trace);
                     state.offer_memberships_again(&segments_before, granted);
                 }
