@@ -790,6 +790,25 @@ async fn the_daily_quota_of_a_destination_is_never_exceeded() {
     demo.stop().await.unwrap();
 }
 
+/// The quota is counted in the store, not in memory: a restart does not start the day afresh
+/// (nor would another replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_quota_holds_across_a_restart() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra =
+        use_case_toml(&d).replacen("[reverse_etl.salesforce]\n", "[reverse_etl.salesforce]\ndaily_limit = 1\n", 1);
+    for (who, contact) in [("joe", "0035e00000JoeAAAAA"), ("kim", "0035e00000KimAAAAA")] {
+        let demo = DemoServer::start(Some(dir.path().to_path_buf()), &extra, SystemOptions::default()).await.unwrap();
+        prospect(&demo.client, who, &format!("{who}@gmail.com"), contact, true).await;
+        ok(demo.client.segment(false, "track", &brochure(who)).await.unwrap()).await;
+        drained(&demo).await;
+        demo.stop().await.unwrap();
+    }
+    assert_eq!(d.received("salesforce").len(), 1, "one request a day, restart or not");
+    assert_eq!(d.received("sendgrid").len(), 2, "other destinations are not limited by it");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contact_updates_are_incremental_only_changed_fields_are_sent() {
     let d = Destinations::start().await;

@@ -158,6 +158,58 @@ struct Lane {
     waiting: AtomicU64,
     in_flight: AtomicU64,
     stats: Mutex<LaneStats>,
+    /// Requests of today's quota this process reserved and has not used yet.
+    quota: tokio::sync::Mutex<QuotaBlock>,
+}
+
+#[derive(Default)]
+struct QuotaBlock {
+    day: Option<chrono::NaiveDate>,
+    left: u64,
+}
+
+/// `SagaRecord::kind` of a destination's daily quota record (`quota:DESTINATION:DAY`): the
+/// requests reserved that day by every process, so a restart or another replica cannot send
+/// past the destination's limit (Salesforce's is organisation-wide).
+pub const QUOTA_RECORD: &str = "reverse_etl_quota";
+
+/// Reserves up to a block of today's quota in the store (a compare-and-set on the versioned
+/// record); 0 when the day's limit is used up. A block spares a store write per request; what a
+/// process reserved and did not use before it stopped is lost for that day.
+async fn reserve_quota(
+    store: &dyn OperationalStore,
+    destination: Destination,
+    day: chrono::NaiveDate,
+    limit: u64,
+) -> Result<u64, cohort_adapters::StoreError> {
+    let id = format!("quota:{}:{day}", destination.as_str());
+    loop {
+        let stored = store.load_saga(&id).await?;
+        let (used, version, created_at) = match &stored {
+            Some(r) => (r.state.get("used").and_then(Value::as_u64).unwrap_or(0), r.version, r.created_at),
+            None => (0, 0, Utc::now()),
+        };
+        if used >= limit {
+            return Ok(0);
+        }
+        let grant = (limit / 100).clamp(1, 50).min(limit - used);
+        let record = cohort_messages::SagaRecord {
+            saga_id: id.clone(),
+            kind: QUOTA_RECORD.into(),
+            subject: destination.as_str().into(),
+            status: cohort_messages::SagaStatus::Running,
+            version: version + 1,
+            state: json!({ "used": used + grant, "limit": limit }),
+            created_at,
+            updated_at: Utc::now(),
+        };
+        match store.save_saga(&record).await {
+            Ok(()) => return Ok(grant),
+            // Another process reserved meanwhile: read again.
+            Err(e) if e.kind == cohort_adapters::StoreErrorKind::Conflict => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 struct Shared {
@@ -502,6 +554,7 @@ impl Lane {
             waiting: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             stats: Mutex::new(LaneStats::default()),
+            quota: tokio::sync::Mutex::new(QuotaBlock::default()),
         }))
     }
 
@@ -510,17 +563,30 @@ impl Lane {
         shared.metrics.reverse_etl_skipped.with_label_values(&[self.destination.as_str(), reason]).inc();
     }
 
-    /// Counts a request against the daily quota; refuses past it.
-    fn take_quota(&self) -> Result<(), JobError> {
+    /// Counts a request against the daily quota, which every process shares through the
+    /// store; refuses past it.
+    async fn take_quota(&self, store: &dyn OperationalStore) -> Result<(), JobError> {
         let limit = self.config.daily_limit;
-        let mut s = self.stats.lock();
         let today = Utc::now().date_naive();
+        if limit > 0 {
+            let mut block = self.quota.lock().await;
+            if block.day != Some(today) {
+                *block = QuotaBlock { day: Some(today), left: 0 };
+            }
+            if block.left == 0 {
+                block.left = reserve_quota(store, self.destination, today, limit)
+                    .await
+                    .map_err(|e| JobError::Transient(format!("daily quota unavailable: {e}")))?;
+            }
+            if block.left == 0 {
+                return Err(JobError::Quota(limit));
+            }
+            block.left -= 1;
+        }
+        let mut s = self.stats.lock();
         if s.day != Some(today) {
             s.day = Some(today);
             s.today = 0;
-        }
-        if limit > 0 && s.today >= limit {
-            return Err(JobError::Quota(limit));
         }
         s.today += 1;
         Ok(())
@@ -572,7 +638,7 @@ impl Lane {
                 return Err(JobError::Erased);
             }
             self.limiter.until_ready().await;
-            self.take_quota()?;
+            self.take_quota(shared.store.as_ref()).await?;
             first.get_or_insert_with(Utc::now);
             match self.send_once(req, key).await {
                 Ok(v) => return Ok(v),
@@ -1168,6 +1234,37 @@ pub fn failed_profile(doc: &Value) -> Option<ProfileId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Three processes on one store (replicas, or one process before and after a restart)
+    /// reserve from the same daily quota: together they never pass the limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn processes_sharing_a_store_never_pass_the_daily_limit_together() {
+        let store: Arc<dyn OperationalStore> = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let config = DestinationConfig { url: "http://127.0.0.1:9".into(), daily_limit: 7, ..Default::default() };
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let lane = Lane::new(Destination::Salesforce, config.clone(), Duration::from_secs(1)).unwrap();
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut taken = 0;
+                    while lane.take_quota(store.as_ref()).await.is_ok() {
+                        taken += 1;
+                    }
+                    taken
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        assert_eq!(total, 7);
+        let record = store.load_saga(&format!("quota:salesforce:{}", Utc::now().date_naive())).await.unwrap().unwrap();
+        assert_eq!((record.kind.as_str(), record.state["used"].as_u64()), (QUOTA_RECORD, Some(7)));
+        // A later process finds the day used up at once.
+        let late = Lane::new(Destination::Salesforce, config, Duration::from_secs(1)).unwrap();
+        assert!(matches!(late.take_quota(store.as_ref()).await, Err(JobError::Quota(7))));
+    }
 
     #[test]
     fn personal_data_is_recognized_in_free_text() {
