@@ -249,6 +249,7 @@ async fn malformed_and_oversized_payloads_are_refused_and_dead_lettered() {
     let huge = json!({"type": "track", "userId": "u", "event": "big", "properties": {"blob": "x".repeat(600_000)}});
     let a = c.segment(false, "track", &huge).await.unwrap();
     assert_eq!(a.status, 413);
+    assert_eq!(a.header("connection"), Some("close"), "the client must not reuse this connection");
     // unknown profile → 404, bad ref → 400
     assert_eq!(c.get("/v1/profiles/email:nobody@example.org").await.unwrap().status, 404);
     assert_eq!(c.get("/v1/profiles/prof_000000000000000000000000").await.unwrap().status, 404);

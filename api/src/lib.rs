@@ -90,7 +90,14 @@ async fn track_latency(State(state): State<ApiState>, req: Request, next: Next) 
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
-    let resp = next.run(req).await;
+    let http1 = req.version() <= axum::http::Version::HTTP_11;
+    let mut resp = next.run(req).await;
+    if http1 && resp.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        // A body refused for its size is not read to its end, so the server closes the
+        // connection after answering. Saying so keeps a keep-alive client from sending its next
+        // request into the closed socket (a broken pipe).
+        resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
     let status = resp.status().as_u16().to_string();
     state
         .metrics
