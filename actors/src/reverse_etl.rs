@@ -638,9 +638,15 @@ impl Lane {
                 return Err(JobError::Erased);
             }
             self.limiter.until_ready().await;
-            self.take_quota(shared.store.as_ref()).await?;
-            first.get_or_insert_with(Utc::now);
-            match self.send_once(req, key).await {
+            // An unreachable quota record is retried like a failed request; a used-up day is not.
+            let sent = match self.take_quota(shared.store.as_ref()).await {
+                Ok(()) => {
+                    first.get_or_insert_with(Utc::now);
+                    self.send_once(req, key).await
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(v) => return Ok(v),
                 Err(JobError::Transient(e)) if attempt < s.max_attempts => {
                     self.stats.lock().retries += 1;
