@@ -803,6 +803,13 @@ async fn the_daily_quota_holds_across_a_restart() {
         prospect(&demo.client, who, &format!("{who}@gmail.com"), contact, true).await;
         ok(demo.client.segment(false, "track", &brochure(who)).await.unwrap()).await;
         drained(&demo).await;
+        if who == "kim" {
+            // Refused for the quota, not for anything else.
+            let status = ok(demo.client.get("/v1/reverse-etl/status").await.unwrap()).await;
+            let sf = &status["destinations"]["salesforce"];
+            assert_eq!((sf["sent"].as_u64(), sf["failed"].as_u64()), (Some(0), Some(1)), "{status}");
+            assert!(sf["last_error"].as_str().unwrap_or_default().contains("daily limit of 1"), "{status}");
+        }
         demo.stop().await.unwrap();
     }
     assert_eq!(d.received("salesforce").len(), 1, "one request a day, restart or not");

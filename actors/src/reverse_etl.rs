@@ -183,7 +183,9 @@ async fn reserve_quota(
     limit: u64,
 ) -> Result<u64, cohort_adapters::StoreError> {
     let id = format!("quota:{}:{day}", destination.as_str());
-    loop {
+    // Each conflict is another process's success, so this ends; the bound guards against a
+    // record this code cannot advance.
+    for _ in 0..20 {
         let stored = store.load_saga(&id).await?;
         let (used, version, created_at) = match &stored {
             Some(r) => (r.state.get("used").and_then(Value::as_u64).unwrap_or(0), r.version, r.created_at),
@@ -210,6 +212,7 @@ async fn reserve_quota(
             Err(e) => return Err(e),
         }
     }
+    Err(cohort_adapters::StoreError::unavailable(format!("quota record {id} kept changing; not reserved")))
 }
 
 struct Shared {
@@ -574,9 +577,14 @@ impl Lane {
                 *block = QuotaBlock { day: Some(today), left: 0 };
             }
             if block.left == 0 {
-                block.left = reserve_quota(store, self.destination, today, limit)
-                    .await
-                    .map_err(|e| JobError::Transient(format!("daily quota unavailable: {e}")))?;
+                block.left = reserve_quota(store, self.destination, today, limit).await.map_err(|e| {
+                    let message = format!("daily quota unavailable: {e}");
+                    if e.is_retryable() {
+                        JobError::Transient(message)
+                    } else {
+                        JobError::Permanent(message)
+                    }
+                })?;
             }
             if block.left == 0 {
                 return Err(JobError::Quota(limit));
@@ -1270,6 +1278,26 @@ mod tests {
         // A later process finds the day used up at once.
         let late = Lane::new(Destination::Salesforce, config, Duration::from_secs(1)).unwrap();
         assert!(matches!(late.take_quota(store.as_ref()).await, Err(JobError::Quota(7))));
+    }
+
+    /// Blocks: a process reserves 1% of the limit (at most 50) at a time, and what it holds
+    /// unused is not the others' to take.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_quota_is_reserved_in_blocks_that_bind_the_other_processes() {
+        let store: Arc<dyn OperationalStore> = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let config = DestinationConfig { url: "http://127.0.0.1:9".into(), daily_limit: 5000, ..Default::default() };
+        let first = Lane::new(Destination::Salesforce, config.clone(), Duration::from_secs(1)).unwrap();
+        first.take_quota(store.as_ref()).await.unwrap();
+        let second = Lane::new(Destination::Salesforce, config, Duration::from_secs(1)).unwrap();
+        let mut taken = 0;
+        while second.take_quota(store.as_ref()).await.is_ok() {
+            taken += 1;
+        }
+        assert_eq!(taken, 4950, "the first process holds a block of 50");
+        for _ in 0..49 {
+            first.take_quota(store.as_ref()).await.unwrap();
+        }
+        assert!(matches!(first.take_quota(store.as_ref()).await, Err(JobError::Quota(5000))));
     }
 
     #[test]
