@@ -938,6 +938,18 @@ impl ReverseEtlState {
     }
 }
 
+/// When a stored membership (`segment_members` document) began.
+fn member_since(doc: &Value) -> Option<DateTime<Utc>> {
+    doc.get("since").and_then(|s| serde_json::from_value(s.clone()).ok())
+}
+
+/// For each job key, whether no destination has sent it nor recorded it as failed.
+async fn still_open(store: &dyn OperationalStore, keys: &[String]) -> Result<Vec<bool>, cohort_adapters::StoreError> {
+    let sent = store.get_documents(SENT, keys).await?;
+    let failed = store.get_documents(FAILED, keys).await?;
+    Ok(sent.into_iter().zip(failed).map(|(s, f)| s.is_none() && f.is_none()).collect())
+}
+
 impl ReverseEtlState {
     /// A consent grant on `channels`: the `enter` jobs on those channels of the memberships
     /// the store holds (at the entry time it holds, so the keys are the original jobs'), unless
@@ -953,10 +965,7 @@ impl ReverseEtlState {
         let stored: Vec<SegmentChanged> = changes
             .iter()
             .zip(members)
-            .filter_map(|(c, doc)| {
-                let since = doc?.get("since").and_then(|s| serde_json::from_value::<DateTime<Utc>>(s.clone()).ok())?;
-                Some(SegmentChanged { at: since, ..c.clone() })
-            })
+            .filter_map(|(c, doc)| Some(SegmentChanged { at: member_since(&doc?)?, ..c.clone() }))
             .collect();
         let jobs: Vec<Job> =
             self.jobs(&stored).into_iter().filter(|j| channel_of(j).is_some_and(|c| channels.contains(&c))).collect();
@@ -964,10 +973,9 @@ impl ReverseEtlState {
             return Ok(());
         }
         let keys: Vec<String> = jobs.iter().map(|j| j.key.clone()).collect();
-        let sent = store.get_documents(SENT, &keys).await?;
-        let failed = store.get_documents(FAILED, &keys).await?;
-        for ((job, sent), failed) in jobs.into_iter().zip(sent).zip(failed) {
-            if sent.is_none() && failed.is_none() {
+        let open = still_open(store.as_ref(), &keys).await?;
+        for (job, open) in jobs.into_iter().zip(open) {
+            if open {
                 self.spawn(job);
             }
         }
@@ -990,8 +998,7 @@ impl ReverseEtlState {
                 let mut pending = Vec::new();
                 for (key, doc) in &page {
                     let profile = key.strip_prefix(&prefix).and_then(ProfileId::parse);
-                    let since = doc.get("since").and_then(|s| serde_json::from_value::<DateTime<Utc>>(s.clone()).ok());
-                    let (Some(profile_id), Some(at)) = (profile, since) else { continue };
+                    let (Some(profile_id), Some(at)) = (profile, member_since(doc)) else { continue };
                     let change = SegmentChanged {
                         profile_id,
                         segment: a.segment.clone(),
@@ -1004,14 +1011,9 @@ impl ReverseEtlState {
                     pending.push((job_key(&a.name, &change), change));
                 }
                 let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
-                let sent = store.get_documents(SENT, &keys).await?;
-                let failed = store.get_documents(FAILED, &keys).await?;
-                let todo: Vec<(String, SegmentChanged)> = pending
-                    .into_iter()
-                    .zip(sent.into_iter().zip(failed))
-                    .filter(|(_, (s, f))| s.is_none() && f.is_none())
-                    .map(|(p, _)| p)
-                    .collect();
+                let open = still_open(store.as_ref(), &keys).await?;
+                let todo: Vec<(String, SegmentChanged)> =
+                    pending.into_iter().zip(open).filter(|(_, open)| *open).map(|(p, _)| p).collect();
                 if !todo.is_empty() {
                     let ids: Vec<ProfileId> = todo.iter().map(|(_, c)| c.profile_id.clone()).collect();
                     let records = store.load_profiles(&ids).await?;
