@@ -105,8 +105,6 @@ impl ProfileState {
         Ok(())
     }
 
-    /// Re-evaluates the real-time segments after a change and reports entries, exits and when
-    /// a window will slide next to the segment engine.
     /// After a consent grant on `channels`: the memberships the profile had before the change
     /// and still has after evaluating it, offered to reverse ETL again, since an `enter`
     /// activation skipped for want of consent is not retried by itself. Segments entered by the
@@ -138,6 +136,8 @@ impl ProfileState {
         let _ = engine.send_message(SegmentMsg::ConsentGranted { channels, changes });
     }
 
+    /// Re-evaluates the real-time segments after a change and reports entries, exits and when
+    /// a window will slide next to the segment engine.
     fn evaluate_segments(&mut self, caused_at: Option<DateTime<Utc>>, trace: Option<String>) {
         let registry = self.ctx.segments.clone();
         let Some(record) = self.record.as_mut() else { return };

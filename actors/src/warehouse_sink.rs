@@ -134,6 +134,10 @@ impl WarehouseSinkState {
         }
     }
 
+    fn set_outbox_gauge(&self, batches: u64) {
+        self.args.metrics.warehouse_outbox.set(i64::try_from(batches).unwrap_or(i64::MAX));
+    }
+
     /// One relay pass with its bookkeeping: metrics, and backoff after a failure.
     async fn relay(&mut self) -> Result<RelayReport, StoreError> {
         let attempt = async {
@@ -145,6 +149,7 @@ impl WarehouseSinkState {
         };
         match attempt.await {
             Ok(report) => {
+                self.set_outbox_gauge(report.remaining);
                 self.failures = 0;
                 self.next_relay = Instant::now();
                 Ok(report)
@@ -157,7 +162,7 @@ impl WarehouseSinkState {
                 // Operators alert on this gauge during an outage, when no relay moves anything:
                 // count what waits after a failure too.
                 match self.args.store.outbox_len().await {
-                    Ok(n) => self.args.metrics.warehouse_outbox.set(i64::try_from(n).unwrap_or(i64::MAX)),
+                    Ok(n) => self.set_outbox_gauge(n),
                     Err(e) => tracing::debug!(error = %e, "outbox length unreadable"),
                 }
                 tracing::warn!(
@@ -213,7 +218,6 @@ async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
     }
     // An idle tick found the outbox empty already: no count query every relay interval.
     report.remaining = if report.batches == 0 { 0 } else { args.store.outbox_len().await? };
-    args.metrics.warehouse_outbox.set(i64::try_from(report.remaining).unwrap_or(i64::MAX));
     Ok(report)
 }
 
@@ -401,6 +405,22 @@ mod tests {
         r
     }
 
+    /// A sink on an in-memory store and `warehouse`, with no timers of its own.
+    fn args(store: &Arc<EmbeddedStore>, warehouse: Arc<dyn Warehouse>, metrics: &Metrics) -> WarehouseSinkArgs {
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        WarehouseSinkArgs {
+            store: dyn_store.clone(),
+            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store)),
+            warehouse,
+            metrics: metrics.clone(),
+            relay_interval: Duration::from_secs(3600),
+            reconcile_interval: None,
+            erasures: Arc::new(crate::gdpr::Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
+            tokenize: None,
+            leader: None,
+        }
+    }
+
     /// Gold travels in the outbox as the flush took it: the relay writes the newest snapshot per
     /// profile without loading a record, and still loads the profiles older entries name.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,17 +428,7 @@ mod tests {
         let store = EmbeddedStore::in_memory().unwrap();
         let dyn_store: Arc<dyn OperationalStore> = store.clone();
         let warehouse = open_warehouse("memory://").await.unwrap();
-        let args = WarehouseSinkArgs {
-            store: dyn_store.clone(),
-            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store.clone())),
-            warehouse: warehouse.clone(),
-            metrics: Metrics::new().unwrap(),
-            relay_interval: Duration::from_secs(3600),
-            reconcile_interval: None,
-            erasures: Arc::new(crate::gdpr::Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
-            tokenize: None,
-            leader: None,
-        };
+        let args = args(&store, warehouse.clone(), &Metrics::new().unwrap());
         warehouse.ensure_schema().await.unwrap();
         // Never stored: only the outbox knows this profile, at two flushes.
         let (older, newer) = (record("ana", 1, 0), record("ana", 2, 5));
@@ -458,17 +468,7 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         std::fs::create_dir(&file).unwrap();
         let metrics = Metrics::new().unwrap();
-        let args = WarehouseSinkArgs {
-            store: dyn_store.clone(),
-            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store.clone())),
-            warehouse,
-            metrics: metrics.clone(),
-            relay_interval: Duration::from_secs(3600),
-            reconcile_interval: None,
-            erasures: Arc::new(crate::gdpr::Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
-            tokenize: None,
-            leader: None,
-        };
+        let args = args(&store, warehouse, &metrics);
         for n in 0..3 {
             let row = GoldProfileRow::from_record(&record(&format!("p{n}"), 1, n));
             let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
@@ -485,6 +485,10 @@ mod tests {
         assert_eq!(metrics.warehouse_outbox.get(), 3);
         assert_eq!(metrics.warehouse_failures.get(), 1);
         assert!(state.next_relay > Instant::now(), "the next relay waits out a backoff");
+        // The warehouse back: a relay that moves everything leaves the gauge at 0.
+        std::fs::remove_dir(&file).unwrap();
+        state.relay().await.unwrap();
+        assert_eq!(metrics.warehouse_outbox.get(), 0);
     }
 
     #[test]
