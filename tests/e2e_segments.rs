@@ -239,6 +239,13 @@ async fn member_without_consent(demo: &DemoServer, who: &str, email: &str) {
     drained(demo).await;
 }
 
+/// SendGrid got exactly one list addition, for `email`.
+fn assert_one_list_addition(d: &Destinations, email: &str, why: &str) {
+    let list = d.received("sendgrid");
+    assert_eq!(list.len(), 1, "{why}");
+    assert_eq!(list[0].body["contacts"][0]["email"], email);
+}
+
 fn sendgrid_skips(status: &Value, reason: &str) -> u64 {
     status["destinations"]["sendgrid"]["skipped"][reason].as_u64().unwrap_or(0)
 }
@@ -276,9 +283,7 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_a_merge_brings_
 
     let metrics = ok(c.get("/metrics").await.unwrap()).await;
     assert!(metrics.as_str().unwrap_or_default().contains("cohort_identity_merges_total 1"), "one merge");
-    let list = d.received("sendgrid");
-    assert_eq!(list.len(), 1, "the list addition once the merge brought the consent");
-    assert_eq!(list[0].body["contacts"][0]["email"], email);
+    assert_one_list_addition(&d, email, "the list addition once the merge brought the consent");
     demo.stop().await.unwrap();
 }
 
@@ -301,9 +306,7 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_reco
         .unwrap();
     assert_eq!(put.status, 200, "{}", put.body);
     drained(&demo).await;
-    let list = d.received("sendgrid");
-    assert_eq!(list.len(), 1, "the list addition once consent was recorded");
-    assert_eq!(list[0].body["contacts"][0]["email"], email);
+    assert_one_list_addition(&d, email, "the list addition once consent was recorded");
     demo.stop().await.unwrap();
 }
 
