@@ -22,9 +22,9 @@ use std::ops::Bound;
 use tokio::sync::{oneshot, watch};
 
 use self::tables::{
-    db_err, decode, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS,
-    DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX, PROFILES,
-    REVIEWS, SAGAS, SUPPRESSIONS,
+    db_err, decode, decode_packed, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY,
+    CONSENTS, DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX,
+    PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::writer::{Command, DocTable, Writer};
 use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
@@ -315,7 +315,7 @@ impl OperationalStore for EmbeddedStore {
         self.read(move |txn| {
             let profiles = txn.open_table(PROFILES).ctx("read profiles")?;
             let found = profiles.get(id.as_str()).ctx("read profiles")?;
-            found.map(|bytes| decode("profile", bytes.value())).transpose()
+            found.map(|bytes| decode_packed("profile", bytes.value())).transpose()
         })
         .await
     }
@@ -448,7 +448,7 @@ impl OperationalStore for EmbeddedStore {
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {
                 if let Some(bytes) = profiles.get(id.as_str()).ctx("read profiles")? {
-                    out.push(decode("profile", bytes.value())?);
+                    out.push(decode_packed("profile", bytes.value())?);
                 }
             }
             Ok(out)
@@ -462,7 +462,7 @@ impl OperationalStore for EmbeddedStore {
             let mut out = Vec::with_capacity(limit.min(256));
             for entry in outbox.iter().ctx("read outbox")?.take(limit) {
                 let (id, bytes) = entry.ctx("read outbox")?;
-                out.push((outbox_key(id.value()), decode("outbox batch", bytes.value())?));
+                out.push((outbox_key(id.value()), decode_packed("outbox batch", bytes.value())?));
             }
             Ok(out)
         })

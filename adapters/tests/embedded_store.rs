@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cohort_adapters::{AppendBatch, EmbeddedStore, EventLog, FlushBatch, OperationalStore, StoreErrorKind};
 use cohort_messages::msgs::IdentityMerged;
-use suite::{at, batch, dead_letter, email, event, profile, profile_id, raw, with_timeout, Fixture};
+use suite::{at, batch, dead_letter, email, event, outbox_batch, profile, profile_id, raw, with_timeout, Fixture};
 
 /// The page cache the file fixtures use: the configuration's default (`storage.cache_mb`).
 const CACHE: usize = 64 << 20;
@@ -228,4 +228,56 @@ async fn in_memory_stores_are_independent() {
     a.append(batch(None, &["only-in-a"])).await.unwrap();
     assert_eq!(a.read_after(0, 10).await.unwrap().len(), 1);
     assert!(b.read_after(0, 10).await.unwrap().is_empty());
+}
+
+/// Profiles and outbox batches are stored compressed; a file written before (plain JSON values)
+/// still reads, and new values go in beside the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn profiles_and_outbox_batches_are_stored_packed_and_plain_json_still_reads() {
+    use redb::{ReadableTable, TableDefinition};
+    const PROFILES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("profiles");
+    const OUTBOX: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("warehouse_outbox");
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.redb");
+        let packed = profile(1);
+        {
+            let store = EmbeddedStore::open(&path, CACHE).unwrap();
+            let flush = FlushBatch { profiles: vec![packed.clone()], outbox: outbox_batch(1), ..FlushBatch::default() };
+            store.commit_flush(flush).await.unwrap();
+            store.close().await;
+        }
+        let old_profile = profile(2);
+        let old_batch = outbox_batch(2);
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut profiles = txn.open_table(PROFILES).unwrap();
+                let mut outbox = txn.open_table(OUTBOX).unwrap();
+                let stored = profiles.get(packed.profile_id.as_str()).unwrap().unwrap().value().to_vec();
+                let json = serde_json::to_vec(&packed).unwrap();
+                assert_eq!(stored.first(), Some(&1), "a profile is written packed (format byte 1)");
+                assert!(stored.len() < json.len(), "packed {} bytes, JSON {}", stored.len(), json.len());
+                let stored = outbox.get(1).unwrap().unwrap().value().to_vec();
+                let json = serde_json::to_vec(&outbox_batch(1)).unwrap();
+                assert_eq!(stored.first(), Some(&1), "an outbox batch is written packed");
+                assert!(stored.len() < json.len(), "packed {} bytes, JSON {}", stored.len(), json.len());
+                // What a Cohort from before packing wrote: plain JSON.
+                let json = serde_json::to_vec(&old_profile).unwrap();
+                profiles.insert(old_profile.profile_id.as_str(), json.as_slice()).unwrap();
+                outbox.insert(1, serde_json::to_vec(&old_batch).unwrap().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
+        assert_eq!(store.load_profile(&packed.profile_id).await.unwrap(), Some(packed.clone()));
+        assert_eq!(store.load_profile(&old_profile.profile_id).await.unwrap(), Some(old_profile.clone()));
+        let both = store.load_profiles(&[packed.profile_id.clone(), old_profile.profile_id.clone()]).await.unwrap();
+        assert_eq!(both, vec![packed, old_profile]);
+        store.commit_flush(FlushBatch { outbox: outbox_batch(3), ..FlushBatch::default() }).await.unwrap();
+        let outbox: Vec<_> = store.read_outbox(10).await.unwrap().into_iter().map(|(_, b)| b).collect();
+        assert_eq!(outbox, vec![old_batch, outbox_batch(3)], "the plain-JSON batch reads, the new one after it");
+    })
+    .await;
 }

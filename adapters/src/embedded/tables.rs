@@ -1,7 +1,9 @@
 //! The redb layout of the embedded store: table definitions, key formats and value codecs.
 //!
-//! Values are JSON (serde_json) for now: easy to inspect and to evolve; a binary codec can
-//! replace it behind these helpers without touching the rest of the store.
+//! Values are JSON (serde_json): easy to inspect and to evolve. Profiles and outbox batches,
+//! the bulk of every flush, are stored compressed ([`encode_packed`]).
+
+use std::cell::RefCell;
 
 use chrono::{DateTime, Utc};
 use cohort_messages::{ProfileId, Source};
@@ -18,7 +20,7 @@ pub(super) const IDEMPOTENCY: TableDefinition<'static, &str, u64> = TableDefinit
 pub(super) const BRONZE: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("bronze");
 /// Bronze bodies: raw seq → the payload bytes, verbatim (no base64 blow-up, byte exact).
 pub(super) const BRONZE_BODY: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("bronze_body");
-/// Profiles: profile id → `ProfileRecord` (JSON).
+/// Profiles: profile id → `ProfileRecord` ([`encode_packed`]; plain JSON before).
 pub(super) const PROFILES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("profiles");
 /// Identity graph: `kind:value` → profile id.
 pub(super) const IDENTITIES: TableDefinition<'static, &str, &str> = TableDefinition::new("identities");
@@ -28,7 +30,8 @@ pub(super) const MERGES: TableDefinition<'static, &str, &[u8]> = TableDefinition
 pub(super) const DEAD_LETTERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Idempotency key ages: (recorded at, ms since epoch; event id), for expiry in time order.
 pub(super) const IDEMPOTENCY_AT: TableDefinition<'static, (u64, &str), ()> = TableDefinition::new("idempotency_at");
-/// Warehouse outbox: id → `WarehouseBatch` (JSON), relayed to the warehouse and then removed.
+/// Warehouse outbox: id → `WarehouseBatch` ([`encode_packed`]; plain JSON before), relayed to
+/// the warehouse and then removed.
 pub(super) const OUTBOX: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("warehouse_outbox");
 /// Consent decisions: `profile/purpose/channel` → `ConsentRecord` (JSON).
 pub(super) const CONSENTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("consents");
@@ -120,6 +123,53 @@ pub(super) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(format!("cannot decode stored {what}: {e}")))
 }
 
+/// First byte of a packed value: a zstd frame holding the JSON follows. A value written before
+/// packing is plain JSON, whose first byte is `{`.
+const PACKED_ZSTD_JSON: u8 = 1;
+/// Fast compression: the point is fewer bytes per flush, not the smallest value.
+const PACKED_ZSTD_LEVEL: i32 = 1;
+
+thread_local! {
+    /// One compression context per thread (in practice the store's writer), reused for every value.
+    static PACKER: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// [`encode`], then compressed, for values every flush rewrites (profiles) or writes in bulk
+/// (outbox batches). redb copies every page a write touches, so fewer bytes per record mean
+/// fewer pages per commit and a shorter `fsync`, which the journal's appends wait behind.
+pub(super) fn encode_packed<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    let json = encode(what, value)?;
+    let fail = |e: std::io::Error| StoreError::invalid(format!("cannot compress {what} for the embedded store: {e}"));
+    PACKER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let packer = match slot.as_mut() {
+            Some(p) => p,
+            None => slot.insert(zstd::bulk::Compressor::new(PACKED_ZSTD_LEVEL).map_err(fail)?),
+        };
+        let frame = packer.compress(&json).map_err(fail)?;
+        let mut out = Vec::with_capacity(frame.len() + 1);
+        out.push(PACKED_ZSTD_JSON);
+        out.extend_from_slice(&frame);
+        Ok(out)
+    })
+}
+
+/// Reads what [`encode_packed`] wrote, or plain JSON stored before values were packed.
+pub(super) fn decode_packed<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&PACKED_ZSTD_JSON, frame)) => {
+            let json = zstd::stream::decode_all(frame)
+                .map_err(|e| StoreError::corrupt(format!("cannot decompress stored {what}: {e}")))?;
+            decode(what, &json)
+        }
+        Some((b'{', _)) => decode(what, bytes),
+        Some((format, _)) => Err(StoreError::corrupt(format!(
+            "stored {what} is in an unknown format ({format}); written by a newer Cohort?"
+        ))),
+        None => Err(StoreError::corrupt(format!("stored {what} is empty"))),
+    }
+}
+
 /// Maps a redb error met while trying to `action` to a store error: corruption is not
 /// retryable, everything else (I/O, locks, transactions) means the backend is unavailable.
 pub(super) fn db_err(action: &'static str, err: impl Into<redb::Error>) -> StoreError {
@@ -145,6 +195,21 @@ impl<T, E: Into<redb::Error>> DbResult<T> for Result<T, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_values_round_trip_and_unknown_formats_are_corrupt() {
+        let value = serde_json::json!({"traits": {"programme": "MBA"}, "events": vec!["page"; 50]});
+        let packed = encode_packed("profile", &value).ok();
+        let Some(packed) = packed else {
+            panic!("a JSON value must pack");
+        };
+        assert!(packed.len() < encode("profile", &value).map(|j| j.len()).unwrap_or(0));
+        assert_eq!(decode_packed::<serde_json::Value>("profile", &packed).ok(), Some(value));
+        for bad in [&b"\x07\x28\xb5"[..], &b""[..], &[PACKED_ZSTD_JSON, 0, 1, 2][..]] {
+            let err = decode_packed::<serde_json::Value>("profile", bad).err();
+            assert_eq!(err.map(|e| e.kind), Some(crate::StoreErrorKind::Corrupt), "{bad:?}");
+        }
+    }
 
     #[test]
     fn merge_keys_of_a_profile_sort_by_seq_and_stay_inside_its_range() {

@@ -15,8 +15,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::erasure::ErasePlan;
 use super::tables::{
-    decode, encode, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, DOCUMENTS,
-    IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT,
+    decode, encode, encode_packed, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS,
+    DOCUMENTS, IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT,
     META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS, SAGAS,
     SUPPRESSIONS,
 };
@@ -226,7 +226,7 @@ impl<'txn> Tables<'txn> {
             self.identities.insert(identifier.key().as_str(), profile.as_str()).ctx("flush")?;
         }
         for record in &batch.profiles {
-            let bytes = encode("profile", record)?;
+            let bytes = encode_packed("profile", record)?;
             self.profiles.insert(record.profile_id.as_str(), bytes.as_slice()).ctx("flush")?;
         }
         for merge in &batch.merges {
@@ -244,7 +244,7 @@ impl<'txn> Tables<'txn> {
         }
         for part in batch.outbox.split(OUTBOX_ENTRY_ROWS) {
             c.outbox_id += 1;
-            let bytes = encode("outbox batch", &part)?;
+            let bytes = encode_packed("outbox batch", &part)?;
             self.outbox.insert(c.outbox_id, bytes.as_slice()).ctx("flush")?;
         }
         if let Some(checkpoint) = batch.checkpoint {

@@ -681,7 +681,7 @@ pub async fn compaction_forgets_only_old_covered_events(f: Fixture) {
     assert_eq!(again.seqs[0], Some(4), "seqs keep counting after compaction");
 }
 
-fn outbox_batch(n: u64) -> WarehouseBatch {
+pub fn outbox_batch(n: u64) -> WarehouseBatch {
     WarehouseBatch {
         bronze: vec![BronzeRow::from_record(n, &raw(format!("payload {n}").as_bytes()))],
         silver: vec![SilverRow::from_event(&event(&format!("o{n}")), &profile_id(n as u32))],
