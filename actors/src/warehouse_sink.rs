@@ -23,6 +23,17 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 /// Outbox batches merged into one warehouse write.
 const BATCHES_PER_WRITE: usize = 16;
+/// Outbox batches per write while a timed relay keeps up. An embedded warehouse works on the
+/// event path's cores, and one large write took a core long enough to push the event-to-profile
+/// p99 at 10,000 events/s to 370–450 ms; small writes with a pause after each brought it to
+/// about 100 ms (BENCHMARKS.md, session 19).
+const PACED_BATCHES_PER_WRITE: usize = 2;
+/// Above this many batches waiting, a timed relay writes flat out: the backlog must not grow
+/// without bound, and warehouse freshness then comes first.
+const PACED_BACKLOG: u64 = 64;
+/// The longest pause between paced writes, so a remote warehouse's slow answers (a network
+/// wait, not our CPU) barely slow the relay.
+const MAX_PAUSE: Duration = Duration::from_millis(250);
 /// Profiles loaded (and snapshotted) per store call.
 const PROFILE_PAGE: usize = 500;
 /// Longest wait between relay attempts while the warehouse keeps failing.
@@ -87,7 +98,8 @@ impl Actor for WarehouseSink {
                 if reply.is_none() && (Instant::now() < state.next_relay || !state.leads().await) {
                     return Ok(());
                 }
-                let result = state.relay().await.map_err(|e| e.to_string());
+                // An explicit request moves everything now; a tick leaves room for the event path.
+                let result = state.relay(reply.is_none()).await.map_err(|e| e.to_string());
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -96,7 +108,7 @@ impl Actor for WarehouseSink {
                 if reply.is_none() && !state.leads().await {
                     return Ok(());
                 }
-                let result = match state.relay().await {
+                let result = match state.relay(false).await {
                     Ok(_) => reconcile(&state.args).await,
                     Err(e) => Err(e),
                 };
@@ -139,13 +151,13 @@ impl WarehouseSinkState {
     }
 
     /// One relay pass with its bookkeeping: metrics, and backoff after a failure.
-    async fn relay(&mut self) -> Result<RelayReport, StoreError> {
+    async fn relay(&mut self, paced: bool) -> Result<RelayReport, StoreError> {
         let attempt = async {
             if !self.schema_ready {
                 self.args.warehouse.ensure_schema().await?;
                 self.schema_ready = true;
             }
-            relay(&self.args).await
+            relay(&self.args, paced).await
         };
         match attempt.await {
             Ok(report) => {
@@ -189,15 +201,29 @@ fn drop_erased(erasures: &crate::gdpr::Erasures, batch: &mut WarehouseBatch) -> 
     erased_raw.into_iter().collect()
 }
 
-/// Moves everything the outbox holds now, oldest first.
-async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
+/// The size of the next write and whether to pause after it, with `waiting` outbox batches known
+/// to wait (0 before the first write: an idle tick asks for no count).
+fn pacing(paced: bool, waiting: u64) -> (usize, bool) {
+    if paced && waiting <= PACED_BACKLOG {
+        (PACED_BATCHES_PER_WRITE, true)
+    } else {
+        (BATCHES_PER_WRITE, false)
+    }
+}
+
+/// Moves everything the outbox holds now, oldest first; `paced`, in small writes with a pause
+/// as long as each write took (see [`PACED_BATCHES_PER_WRITE`]) while the backlog is small.
+async fn relay(args: &WarehouseSinkArgs, paced: bool) -> Result<RelayReport, StoreError> {
     let mut report = RelayReport::default();
+    let mut waiting = 0;
     loop {
-        let batches = args.store.read_outbox(BATCHES_PER_WRITE).await?;
+        let (per_write, pause) = pacing(paced, waiting);
+        let started = Instant::now();
+        let batches = args.store.read_outbox(per_write).await?;
         if batches.is_empty() {
             break;
         }
-        let full = batches.len() == BATCHES_PER_WRITE;
+        let full = batches.len() == per_write;
         let mut merged = WarehouseBatch::default();
         let mut ids = Vec::with_capacity(batches.len());
         for (id, batch) in batches {
@@ -214,6 +240,12 @@ async fn relay(args: &WarehouseSinkArgs) -> Result<RelayReport, StoreError> {
         report.gold += counts.2;
         if !full {
             break;
+        }
+        if pause {
+            tokio::time::sleep(started.elapsed().min(MAX_PAUSE)).await;
+        }
+        if paced {
+            waiting = args.store.outbox_len().await?;
         }
     }
     // An idle tick found the outbox empty already: no count query every relay interval.
@@ -443,7 +475,7 @@ mod tests {
         for outbox in flushes.into_iter().rev() {
             dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
         }
-        let report = relay(&args).await.unwrap();
+        let report = relay(&args, false).await.unwrap();
         assert_eq!((report.batches, report.gold, report.remaining), (3, 2, 0));
         let gold = warehouse
             .query("SELECT profile_id, events_total FROM gold_profiles_latest ORDER BY events_total", &[])
@@ -481,14 +513,45 @@ mod tests {
             next_relay: Instant::now(),
             schema_ready: false,
         };
-        assert!(state.relay().await.is_err(), "the warehouse file cannot be opened");
+        assert!(state.relay(true).await.is_err(), "the warehouse file cannot be opened");
         assert_eq!(metrics.warehouse_outbox.get(), 3);
         assert_eq!(metrics.warehouse_failures.get(), 1);
         assert!(state.next_relay > Instant::now(), "the next relay waits out a backoff");
         // The warehouse back: a relay that moves everything leaves the gauge at 0.
         std::fs::remove_dir(&file).unwrap();
-        state.relay().await.unwrap();
+        state.relay(true).await.unwrap();
         assert_eq!(metrics.warehouse_outbox.get(), 0);
+    }
+
+    #[test]
+    fn a_timed_relay_writes_small_and_pauses_only_while_it_keeps_up() {
+        assert_eq!(pacing(true, 0), (PACED_BATCHES_PER_WRITE, true), "a tick starts small");
+        assert_eq!(pacing(true, PACED_BACKLOG), (PACED_BATCHES_PER_WRITE, true));
+        assert_eq!(pacing(true, PACED_BACKLOG + 1), (BATCHES_PER_WRITE, false), "a backlog goes flat out");
+        assert_eq!(pacing(false, 0), (BATCHES_PER_WRITE, false), "an explicit request goes flat out");
+    }
+
+    /// A paced pass still moves everything that waits, in several small writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paced_relay_moves_the_whole_outbox() {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        let warehouse = open_warehouse("memory://").await.unwrap();
+        let metrics = Metrics::new().unwrap();
+        let args = args(&store, warehouse.clone(), &metrics);
+        warehouse.ensure_schema().await.unwrap();
+        let n = 2 * PACED_BATCHES_PER_WRITE + 1;
+        for i in 0..n {
+            let row = GoldProfileRow::from_record(&record(&format!("p{i}"), 1, i as i64));
+            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
+            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        }
+        let report = relay(&args, true).await.unwrap();
+        assert_eq!((report.batches, report.gold, report.remaining), (n, n, 0));
+        let writes = metrics.warehouse_write_duration.with_label_values(&["gold", "ok"]).get_sample_count();
+        assert_eq!(writes, 3, "{n} batches in writes of {PACED_BATCHES_PER_WRITE}");
+        let gold = warehouse.query("SELECT count(*) FROM gold_profiles_latest", &[]).await.unwrap();
+        assert_eq!(gold.rows, vec![vec![serde_json::json!(n)]]);
     }
 
     #[test]
