@@ -98,8 +98,10 @@ impl Actor for WarehouseSink {
                 if reply.is_none() && (Instant::now() < state.next_relay || !state.leads().await) {
                     return Ok(());
                 }
-                // An explicit request moves everything now; a tick leaves room for the event path.
-                let result = state.relay(reply.is_none()).await.map_err(|e| e.to_string());
+                // An explicit request moves everything now; a tick to an embedded warehouse leaves
+                // room for the event path.
+                let paced = reply.is_none() && state.args.warehouse.runs_in_process();
+                let result = state.relay(paced).await.map_err(|e| e.to_string());
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -540,6 +542,7 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let args = args(&store, warehouse.clone(), &metrics);
         warehouse.ensure_schema().await.unwrap();
+        assert!(warehouse.runs_in_process(), "DuckDB shares our cores: its timed relays are paced");
         let n = 2 * PACED_BATCHES_PER_WRITE + 1;
         for i in 0..n {
             let row = GoldProfileRow::from_record(&record(&format!("p{i}"), 1, i as i64));

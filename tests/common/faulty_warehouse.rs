@@ -80,4 +80,7 @@ impl Warehouse for FaultyWarehouse {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+    fn runs_in_process(&self) -> bool {
+        self.inner.runs_in_process()
+    }
 }

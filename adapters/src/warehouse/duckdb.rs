@@ -817,6 +817,10 @@ impl Warehouse for DuckDbWarehouse {
     fn backend(&self) -> &'static str {
         "duckdb"
     }
+
+    fn runs_in_process(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -376,6 +376,11 @@ pub trait Warehouse: Send + Sync + 'static {
     fn table(&self, layer: Layer) -> String;
     /// The backend's name, for logs and health output.
     fn backend(&self) -> &'static str;
+    /// Whether writes run on this process's own cores (an embedded engine), so that a large one
+    /// takes CPU from the event path; timed relays to such a warehouse are paced.
+    fn runs_in_process(&self) -> bool {
+        false
+    }
 }
 
 /// Bronze rows whose payload (opened with `open`, for sealed payloads) mentions the person.

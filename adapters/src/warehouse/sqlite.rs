@@ -416,4 +416,8 @@ impl Warehouse for SqliteWarehouse {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+
+    fn runs_in_process(&self) -> bool {
+        true
+    }
 }
