@@ -25,14 +25,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 const BATCHES_PER_WRITE: usize = 16;
 /// Outbox batches per write while a timed relay keeps up. An embedded warehouse works on the
 /// event path's cores, and one large write took a core long enough to push the event-to-profile
-/// p99 at 10,000 events/s to 370–450 ms; small writes with a pause after each brought it to
-/// about 100 ms (BENCHMARKS.md, session 19).
+/// p99 at 10,000 events/s to 110–680 ms; small writes with a pause after each brought it to
+/// 90–220 ms (BENCHMARKS.md, session 19).
 const PACED_BATCHES_PER_WRITE: usize = 2;
 /// Above this many batches waiting, a timed relay writes flat out: the backlog must not grow
 /// without bound, and warehouse freshness then comes first.
 const PACED_BACKLOG: u64 = 64;
-/// The longest pause between paced writes, so a remote warehouse's slow answers (a network
-/// wait, not our CPU) barely slow the relay.
+/// The longest pause between paced writes, so one slow write (a checkpoint) does not stall the
+/// relay.
 const MAX_PAUSE: Duration = Duration::from_millis(250);
 /// Profiles loaded (and snapshotted) per store call.
 const PROFILE_PAGE: usize = 500;
@@ -98,10 +98,8 @@ impl Actor for WarehouseSink {
                 if reply.is_none() && (Instant::now() < state.next_relay || !state.leads().await) {
                     return Ok(());
                 }
-                // An explicit request moves everything now; a tick to an embedded warehouse leaves
-                // room for the event path.
-                let paced = reply.is_none() && state.args.warehouse.runs_in_process();
-                let result = state.relay(paced).await.map_err(|e| e.to_string());
+                let pass = if reply.is_some() { Pass::ALL } else { Pass::timed(&state.args) };
+                let result = state.relay(pass).await.map_err(|e| e.to_string());
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -110,7 +108,7 @@ impl Actor for WarehouseSink {
                 if reply.is_none() && !state.leads().await {
                     return Ok(());
                 }
-                let result = match state.relay(false).await {
+                let result = match state.relay(Pass::ALL).await {
                     Ok(_) => reconcile(&state.args).await,
                     Err(e) => Err(e),
                 };
@@ -153,13 +151,13 @@ impl WarehouseSinkState {
     }
 
     /// One relay pass with its bookkeeping: metrics, and backoff after a failure.
-    async fn relay(&mut self, paced: bool) -> Result<RelayReport, StoreError> {
+    async fn relay(&mut self, pass: Pass) -> Result<RelayReport, StoreError> {
         let attempt = async {
             if !self.schema_ready {
                 self.args.warehouse.ensure_schema().await?;
                 self.schema_ready = true;
             }
-            relay(&self.args, paced).await
+            relay(&self.args, pass).await
         };
         match attempt.await {
             Ok(report) => {
@@ -203,8 +201,29 @@ fn drop_erased(erasures: &crate::gdpr::Erasures, batch: &mut WarehouseBatch) -> 
     erased_raw.into_iter().collect()
 }
 
+/// How one relay pass runs.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// Small writes with pauses while the backlog is small (see [`PACED_BATCHES_PER_WRITE`]).
+    paced: bool,
+    /// Stop after the write that passes this, and leave the rest to the next tick: under steady
+    /// load a pass would otherwise never end, and explicit requests, reconciliations and the
+    /// outbox gauge would wait behind it.
+    until: Option<Instant>,
+}
+
+impl Pass {
+    /// An explicit request (a deletion saga, shutdown, a replay): everything, now.
+    const ALL: Pass = Pass { paced: false, until: None };
+
+    /// A timer tick: one relay interval's worth of work, paced when the warehouse shares our cores.
+    fn timed(args: &WarehouseSinkArgs) -> Pass {
+        Pass { paced: args.warehouse.runs_in_process(), until: Some(Instant::now() + args.relay_interval) }
+    }
+}
+
 /// The size of the next write and whether to pause after it, with `waiting` outbox batches known
-/// to wait (0 before the first write: an idle tick asks for no count).
+/// to wait (0 before the first write, so an idle tick asks for no count, and a pass starts small).
 fn pacing(paced: bool, waiting: u64) -> (usize, bool) {
     if paced && waiting <= PACED_BACKLOG {
         (PACED_BATCHES_PER_WRITE, true)
@@ -213,9 +232,10 @@ fn pacing(paced: bool, waiting: u64) -> (usize, bool) {
     }
 }
 
-/// Moves everything the outbox holds now, oldest first; `paced`, in small writes with a pause
-/// as long as each write took (see [`PACED_BATCHES_PER_WRITE`]) while the backlog is small.
-async fn relay(args: &WarehouseSinkArgs, paced: bool) -> Result<RelayReport, StoreError> {
+/// Moves what the outbox holds, oldest first: all of it, or until `pass.until`. A paced pass
+/// pauses after each write as long as the write's round (read, write, acknowledgement) took.
+async fn relay(args: &WarehouseSinkArgs, pass: Pass) -> Result<RelayReport, StoreError> {
+    let paced = pass.paced;
     let mut report = RelayReport::default();
     let mut waiting = 0;
     loop {
@@ -240,7 +260,7 @@ async fn relay(args: &WarehouseSinkArgs, paced: bool) -> Result<RelayReport, Sto
         report.bronze += counts.0;
         report.silver += counts.1;
         report.gold += counts.2;
-        if !full {
+        if !full || pass.until.is_some_and(|t| Instant::now() >= t) {
             break;
         }
         if pause {
@@ -477,7 +497,7 @@ mod tests {
         for outbox in flushes.into_iter().rev() {
             dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
         }
-        let report = relay(&args, false).await.unwrap();
+        let report = relay(&args, Pass::ALL).await.unwrap();
         assert_eq!((report.batches, report.gold, report.remaining), (3, 2, 0));
         let gold = warehouse
             .query("SELECT profile_id, events_total FROM gold_profiles_latest ORDER BY events_total", &[])
@@ -515,13 +535,13 @@ mod tests {
             next_relay: Instant::now(),
             schema_ready: false,
         };
-        assert!(state.relay(true).await.is_err(), "the warehouse file cannot be opened");
+        assert!(state.relay(Pass::timed(&state.args)).await.is_err(), "the warehouse file cannot be opened");
         assert_eq!(metrics.warehouse_outbox.get(), 3);
         assert_eq!(metrics.warehouse_failures.get(), 1);
         assert!(state.next_relay > Instant::now(), "the next relay waits out a backoff");
         // The warehouse back: a relay that moves everything leaves the gauge at 0.
         std::fs::remove_dir(&file).unwrap();
-        state.relay(true).await.unwrap();
+        state.relay(Pass::timed(&state.args)).await.unwrap();
         assert_eq!(metrics.warehouse_outbox.get(), 0);
     }
 
@@ -549,12 +569,21 @@ mod tests {
             let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
             dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
         }
-        let report = relay(&args, true).await.unwrap();
+        let report = relay(&args, Pass { paced: true, until: None }).await.unwrap();
         assert_eq!((report.batches, report.gold, report.remaining), (n, n, 0));
         let writes = metrics.warehouse_write_duration.with_label_values(&["gold", "ok"]).get_sample_count();
         assert_eq!(writes, 3, "{n} batches in writes of {PACED_BATCHES_PER_WRITE}");
         let gold = warehouse.query("SELECT count(*) FROM gold_profiles_latest", &[]).await.unwrap();
         assert_eq!(gold.rows, vec![vec![serde_json::json!(n)]]);
+        // A timed pass past its deadline stops after one write, leaving the rest to the next tick.
+        for i in 0..n {
+            let row = GoldProfileRow::from_record(&record(&format!("q{i}"), 1, i as i64));
+            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
+            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        }
+        let report = relay(&args, Pass { paced: true, until: Some(Instant::now()) }).await.unwrap();
+        let left = (n - PACED_BATCHES_PER_WRITE) as u64;
+        assert_eq!((report.batches, report.remaining), (PACED_BATCHES_PER_WRITE, left));
     }
 
     #[test]
