@@ -586,6 +586,31 @@ mod tests {
         assert_eq!((report.batches, report.remaining), (PACED_BATCHES_PER_WRITE, left));
     }
 
+    /// Behind a backlog a paced pass writes flat out until the backlog is small again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paced_relay_behind_a_backlog_writes_flat_out_until_it_is_small() {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        let warehouse = open_warehouse("memory://").await.unwrap();
+        let metrics = Metrics::new().unwrap();
+        let args = args(&store, warehouse.clone(), &metrics);
+        warehouse.ensure_schema().await.unwrap();
+        let n = PACED_BACKLOG as usize + 6;
+        for i in 0..n {
+            let row = GoldProfileRow::from_record(&record(&format!("p{i}"), 1, i as i64));
+            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
+            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        }
+        let report = relay(&args, Pass { paced: true, until: None }).await.unwrap();
+        assert_eq!((report.batches, report.remaining), (n, 0));
+        // 70 waiting: one small write (68 left, above the backlog), one flat-out write (52 left),
+        // then small writes for the rest.
+        let flat_out = n - PACED_BATCHES_PER_WRITE - BATCHES_PER_WRITE;
+        let expected = 2 + flat_out.div_ceil(PACED_BATCHES_PER_WRITE);
+        let writes = metrics.warehouse_write_duration.with_label_values(&["gold", "ok"]).get_sample_count();
+        assert_eq!(writes, expected as u64);
+    }
+
     #[test]
     fn of_several_snapshots_of_a_profile_the_latest_is_kept_in_first_seen_order() {
         let (a1, b, a2, a0) = (record("a", 1, 1), record("b", 1, 1), record("a", 2, 2), record("a", 0, 0));
