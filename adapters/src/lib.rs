@@ -13,6 +13,7 @@ pub mod mongo;
 pub mod sealed;
 pub mod store;
 pub mod warehouse;
+mod zstd_frame;
 
 pub use bus::{
     pack, unpack, EmbeddedBus, EventBus, Polled, RoutedPolled, RoutedSubscription, StreamPositions, Subscription,

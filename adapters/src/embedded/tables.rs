@@ -3,14 +3,12 @@
 //! Values are JSON (serde_json): easy to inspect and to evolve. Profiles and outbox batches,
 //! the bulk of every flush, are stored compressed ([`encode_packed`]).
 
-use std::cell::RefCell;
-
 use chrono::{DateTime, Utc};
 use cohort_messages::{ProfileId, Source};
 use redb::TableDefinition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::{BronzeRecord, StoreError};
+use crate::{zstd_frame, BronzeRecord, StoreError};
 
 /// Journal: seq → `CustomerEvent` (JSON).
 pub(super) const JOURNAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("journal");
@@ -126,70 +124,30 @@ pub(super) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
 /// First byte of a packed value: a zstd frame holding the JSON follows. A value written before
 /// packing is plain JSON, whose first byte is `{`.
 const PACKED_ZSTD_JSON: u8 = 1;
-/// Fast compression: the point is fewer bytes per flush, not the smallest value.
-const PACKED_ZSTD_LEVEL: i32 = 1;
-
-/// The most a packed value may claim to hold: far above any profile or outbox entry, so a
-/// damaged frame cannot make a read allocate without bound.
-const PACKED_MAX_BYTES: usize = 64 << 20;
-
-thread_local! {
-    /// One compression context per thread (in practice the store's writer), reused for every value.
-    static PACKER: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
-    /// One decompression context per reading thread, reused for every value.
-    static UNPACKER: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-}
 
 /// [`encode`], then compressed, for values every flush rewrites (profiles) or writes in bulk
 /// (outbox batches). redb copies every page a write touches, so fewer bytes per record mean
 /// fewer pages per commit and a shorter `fsync`, which the journal's appends wait behind.
 pub(super) fn encode_packed<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     let json = encode(what, value)?;
-    let fail = |e: std::io::Error| StoreError::invalid(format!("cannot compress {what} for the embedded store: {e}"));
-    PACKER.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let packer = match slot.as_mut() {
-            Some(p) => p,
-            None => slot.insert(zstd::bulk::Compressor::new(PACKED_ZSTD_LEVEL).map_err(fail)?),
-        };
-        let frame = packer.compress(&json).map_err(fail)?;
-        let mut out = Vec::with_capacity(frame.len() + 1);
-        out.push(PACKED_ZSTD_JSON);
-        out.extend_from_slice(&frame);
-        Ok(out)
-    })
+    zstd_frame::compress(PACKED_ZSTD_JSON, &json)
+        .map_err(|e| StoreError::invalid(format!("cannot compress {what} for the embedded store: {e}")))
 }
 
 /// Reads what [`encode_packed`] wrote, or plain JSON stored before values were packed.
 pub(super) fn decode_packed<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&PACKED_ZSTD_JSON, frame)) => decode(what, &unpack(what, frame)?),
+        Some((&PACKED_ZSTD_JSON, frame)) => {
+            let json = zstd_frame::decompress(frame)
+                .map_err(|why| StoreError::corrupt(format!("cannot decompress stored {what}: {why}")))?;
+            decode(what, &json)
+        }
         Some((b'{', _)) => decode(what, bytes),
         Some((format, _)) => Err(StoreError::corrupt(format!(
             "stored {what} is in an unknown format ({format}); written by a newer Cohort?"
         ))),
         None => Err(StoreError::corrupt(format!("stored {what} is empty"))),
     }
-}
-
-/// The JSON inside a packed value's zstd frame, which [`encode_packed`] always writes with its
-/// size.
-fn unpack(what: &'static str, frame: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |why: String| StoreError::corrupt(format!("cannot decompress stored {what}: {why}"));
-    match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(size)) if size <= PACKED_MAX_BYTES as u64 => {}
-        Ok(Some(size)) => return Err(corrupt(format!("it claims {size} bytes"))),
-        Ok(None) => return Err(corrupt("its size is not recorded".into())),
-        Err(_) => return Err(corrupt("it is not a zstd frame".into())),
-    }
-    UNPACKER.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let unpacker = match slot.as_mut() {
-            Some(u) => u,
-            None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?),
-        };
-        unpacker.decompress(frame, PACKED_MAX_BYTES).map_err(|e| corrupt(e.to_string()))
-    })
 }
 
 /// Maps a redb error met while trying to `action` to a store error: corruption is not
@@ -227,7 +185,7 @@ mod tests {
         let plain = encode("profile", &value).unwrap();
         assert_eq!(decode_packed::<serde_json::Value>("profile", &plain).unwrap(), value, "plain JSON still reads");
         // A frame claiming more than the cap is refused before anything is allocated for it.
-        let huge = zstd::bulk::compress(&vec![b' '; PACKED_MAX_BYTES + 1], 1).unwrap();
+        let huge = zstd::bulk::compress(&vec![b' '; zstd_frame::MAX_BYTES + 1], 1).unwrap();
         let mut bomb = vec![PACKED_ZSTD_JSON];
         bomb.extend_from_slice(&huge);
         for bad in [&b"\x07\x28\xb5"[..], &b""[..], &[PACKED_ZSTD_JSON, 0, 1, 2][..], &bomb[..]] {
@@ -235,7 +193,7 @@ mod tests {
             assert_eq!(err.map(|e| e.kind), Some(crate::StoreErrorKind::Corrupt), "{bad:?}");
         }
         let err = decode_packed::<serde_json::Value>("profile", &bomb).unwrap_err();
-        assert!(err.message.contains(&format!("claims {} bytes", PACKED_MAX_BYTES + 1)), "{}", err.message);
+        assert!(err.message.contains(&format!("claims {} bytes", zstd_frame::MAX_BYTES + 1)), "{}", err.message);
     }
 
     #[test]

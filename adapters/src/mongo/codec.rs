@@ -113,8 +113,6 @@ const PACKED_FIELDS: [&str; 4] = ["recent_events", "applied_seqs", "ledger", "ac
 const PACKED: &str = "packed";
 /// First byte of `packed`: what follows is a zstd frame holding a BSON document.
 const PACKED_ZSTD_BSON: u8 = 1;
-/// Fast compression: the point is fewer bytes for the database, not the smallest blob.
-const PACKED_ZSTD_LEVEL: i32 = 1;
 
 /// `{_id: profile id, ...fields of ProfileRecord, packed: the fields in PACKED_FIELDS}`.
 pub(super) fn profile_doc(record: &ProfileRecord) -> Result<Document, StoreError> {
@@ -133,11 +131,8 @@ pub(super) fn profile_doc(record: &ProfileRecord) -> Result<Document, StoreError
         packed.to_writer(&mut raw).map_err(|e| {
             StoreError::invalid(format!("cannot encode profile {id} for MongoDB: {}", redact_quoted(&e.to_string())))
         })?;
-        let compressed = zstd::bulk::compress(&raw, PACKED_ZSTD_LEVEL)
+        let bytes = crate::zstd_frame::compress(PACKED_ZSTD_BSON, &raw)
             .map_err(|e| StoreError::invalid(format!("cannot compress profile {id}: {e}")))?;
-        let mut bytes = Vec::with_capacity(compressed.len() + 1);
-        bytes.push(PACKED_ZSTD_BSON);
-        bytes.extend_from_slice(&compressed);
         doc.insert(PACKED, Binary { subtype: BinarySubtype::Generic, bytes });
     }
     Ok(doc)
@@ -159,7 +154,7 @@ pub(super) fn profile_from_doc(mut doc: Document) -> Result<ProfileRecord, Store
             }
             None => return Err(corrupt("are empty".into())),
         };
-        let raw = zstd::stream::decode_all(frame).map_err(|e| corrupt(format!("do not decompress: {e}")))?;
+        let raw = crate::zstd_frame::decompress(frame).map_err(|why| corrupt(format!("do not decompress: {why}")))?;
         let unpacked = Document::from_reader(raw.as_slice())
             .map_err(|e| corrupt(format!("are not BSON: {}", redact_quoted(&e.to_string()))))?;
         doc.extend(unpacked);
