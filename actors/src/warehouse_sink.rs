@@ -475,15 +475,35 @@ mod tests {
         }
     }
 
+    /// An in-memory store and DuckDB warehouse (schema made), and a sink's arguments on them.
+    async fn sink() -> (Arc<EmbeddedStore>, Arc<dyn Warehouse>, Metrics, WarehouseSinkArgs) {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let warehouse = open_warehouse("memory://").await.unwrap();
+        warehouse.ensure_schema().await.unwrap();
+        let metrics = Metrics::new().unwrap();
+        let args = args(&store, warehouse.clone(), &metrics);
+        (store, warehouse, metrics, args)
+    }
+
+    /// `n` outbox batches of one Gold row each, for profiles named `{prefix}{i}`.
+    async fn fill_outbox(store: &Arc<EmbeddedStore>, prefix: &str, n: usize) {
+        for i in 0..n {
+            let row = GoldProfileRow::from_record(&record(&format!("{prefix}{i}"), 1, i as i64));
+            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
+            store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        }
+    }
+
+    /// Successful Gold writes so far: one per relay write.
+    fn gold_writes(metrics: &Metrics) -> u64 {
+        metrics.warehouse_write_duration.with_label_values(&["gold", "ok"]).get_sample_count()
+    }
+
     /// Gold travels in the outbox as the flush took it: the relay writes the newest snapshot per
     /// profile without loading a record, and still loads the profiles older entries name.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_relay_writes_the_newest_gold_row_per_profile_and_loads_only_what_old_entries_name() {
-        let store = EmbeddedStore::in_memory().unwrap();
-        let dyn_store: Arc<dyn OperationalStore> = store.clone();
-        let warehouse = open_warehouse("memory://").await.unwrap();
-        let args = args(&store, warehouse.clone(), &Metrics::new().unwrap());
-        warehouse.ensure_schema().await.unwrap();
+        let (store, warehouse, _metrics, args) = sink().await;
         // Never stored: only the outbox knows this profile, at two flushes.
         let (older, newer) = (record("ana", 1, 0), record("ana", 2, 5));
         // Stored, and named by an entry of the earlier format.
@@ -493,9 +513,9 @@ mod tests {
             WarehouseBatch { gold_rows: vec![GoldProfileRow::from_record(&newer)], ..WarehouseBatch::default() },
             WarehouseBatch { gold: vec![named.profile_id.clone()], ..WarehouseBatch::default() },
         ];
-        dyn_store.commit_flush(FlushBatch { profiles: vec![named.clone()], ..FlushBatch::default() }).await.unwrap();
+        store.commit_flush(FlushBatch { profiles: vec![named.clone()], ..FlushBatch::default() }).await.unwrap();
         for outbox in flushes.into_iter().rev() {
-            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+            store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
         }
         let report = relay(&args, Pass::ALL).await.unwrap();
         assert_eq!((report.batches, report.gold, report.remaining), (3, 2, 0));
@@ -515,7 +535,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("w.duckdb");
         let store = EmbeddedStore::in_memory().unwrap();
-        let dyn_store: Arc<dyn OperationalStore> = store.clone();
         let warehouse = open_warehouse(&format!("duckdb://{}", file.display())).await.unwrap();
         // The file goes away and a folder takes its name: every later opening fails.
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -523,11 +542,7 @@ mod tests {
         std::fs::create_dir(&file).unwrap();
         let metrics = Metrics::new().unwrap();
         let args = args(&store, warehouse, &metrics);
-        for n in 0..3 {
-            let row = GoldProfileRow::from_record(&record(&format!("p{n}"), 1, n));
-            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
-            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
-        }
+        fill_outbox(&store, "p", 3).await;
         let mut state = WarehouseSinkState {
             args,
             _timers: Vec::new(),
@@ -556,31 +571,17 @@ mod tests {
     /// A paced pass still moves everything that waits, in several small writes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paced_relay_moves_the_whole_outbox() {
-        let store = EmbeddedStore::in_memory().unwrap();
-        let dyn_store: Arc<dyn OperationalStore> = store.clone();
-        let warehouse = open_warehouse("memory://").await.unwrap();
-        let metrics = Metrics::new().unwrap();
-        let args = args(&store, warehouse.clone(), &metrics);
-        warehouse.ensure_schema().await.unwrap();
+        let (store, warehouse, metrics, args) = sink().await;
         assert!(warehouse.runs_in_process(), "DuckDB shares our cores: its timed relays are paced");
         let n = 2 * PACED_BATCHES_PER_WRITE + 1;
-        for i in 0..n {
-            let row = GoldProfileRow::from_record(&record(&format!("p{i}"), 1, i as i64));
-            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
-            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
-        }
+        fill_outbox(&store, "p", n).await;
         let report = relay(&args, Pass { paced: true, until: None }).await.unwrap();
         assert_eq!((report.batches, report.gold, report.remaining), (n, n, 0));
-        let writes = metrics.warehouse_write_duration.with_label_values(&["gold", "ok"]).get_sample_count();
-        assert_eq!(writes, 3, "{n} batches in writes of {PACED_BATCHES_PER_WRITE}");
+        assert_eq!(gold_writes(&metrics), 3, "{n} batches in writes of {PACED_BATCHES_PER_WRITE}");
         let gold = warehouse.query("SELECT count(*) FROM gold_profiles_latest", &[]).await.unwrap();
         assert_eq!(gold.rows, vec![vec![serde_json::json!(n)]]);
         // A timed pass past its deadline stops after one write, leaving the rest to the next tick.
-        for i in 0..n {
-            let row = GoldProfileRow::from_record(&record(&format!("q{i}"), 1, i as i64));
-            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
-            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
-        }
+        fill_outbox(&store, "q", n).await;
         let report = relay(&args, Pass { paced: true, until: Some(Instant::now()) }).await.unwrap();
         let left = (n - PACED_BATCHES_PER_WRITE) as u64;
         assert_eq!((report.batches, report.remaining), (PACED_BATCHES_PER_WRITE, left));
@@ -589,26 +590,16 @@ mod tests {
     /// Behind a backlog a paced pass writes flat out until the backlog is small again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paced_relay_behind_a_backlog_writes_flat_out_until_it_is_small() {
-        let store = EmbeddedStore::in_memory().unwrap();
-        let dyn_store: Arc<dyn OperationalStore> = store.clone();
-        let warehouse = open_warehouse("memory://").await.unwrap();
-        let metrics = Metrics::new().unwrap();
-        let args = args(&store, warehouse.clone(), &metrics);
-        warehouse.ensure_schema().await.unwrap();
+        let (store, _warehouse, metrics, args) = sink().await;
         let n = PACED_BACKLOG as usize + 6;
-        for i in 0..n {
-            let row = GoldProfileRow::from_record(&record(&format!("p{i}"), 1, i as i64));
-            let outbox = WarehouseBatch { gold_rows: vec![row], ..WarehouseBatch::default() };
-            dyn_store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
-        }
+        fill_outbox(&store, "p", n).await;
         let report = relay(&args, Pass { paced: true, until: None }).await.unwrap();
         assert_eq!((report.batches, report.remaining), (n, 0));
         // 70 waiting: one small write (68 left, above the backlog), one flat-out write (52 left),
         // then small writes for the rest.
         let flat_out = n - PACED_BATCHES_PER_WRITE - BATCHES_PER_WRITE;
         let expected = 2 + flat_out.div_ceil(PACED_BATCHES_PER_WRITE);
-        let writes = metrics.warehouse_write_duration.with_label_values(&["gold", "ok"]).get_sample_count();
-        assert_eq!(writes, expected as u64);
+        assert_eq!(gold_writes(&metrics), expected as u64);
     }
 
     #[test]
