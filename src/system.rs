@@ -461,6 +461,7 @@ impl Cohort {
                 history_limit: config.profiles.history_limit,
                 passivate_after: Duration::from_secs(config.profiles.passivate_after_secs),
                 flush_interval: Duration::from_millis(config.profiles.flush_interval_ms),
+                snapshot_min_interval: Duration::from_millis(config.profiles.snapshot_min_interval_ms),
                 max_event_attempts: config.profiles.max_event_attempts,
                 restart_policy: policy,
                 unmerge_window: config.identity.unmerge_window,

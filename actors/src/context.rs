@@ -25,6 +25,8 @@ pub struct ProfileSettings {
     pub history_limit: usize,
     pub passivate_after: Duration,
     pub flush_interval: Duration,
+    /// A timed flush defers a profile it snapshotted less than this ago.
+    pub snapshot_min_interval: Duration,
     pub max_event_attempts: u32,
     pub restart_policy: RestartPolicy,
     /// Events after a merge for which it can still be undone (`identity.unmerge_window`).

@@ -76,6 +76,9 @@ struct Entry {
     status: Status,
     last_used: Instant,
     unflushed: VecDeque<Change>,
+    /// When the last flush took this profile's snapshot: a timed flush defers a profile it
+    /// snapshotted less than `snapshot_min_interval` ago (see [`ProfilesState::defers`]).
+    snapshot_at: Option<Instant>,
     /// Queries that arrived while the actor was passivating or restarting.
     waiting: Vec<ProfileMsg>,
     in_progress: Arc<AtomicU64>,
@@ -93,6 +96,7 @@ impl Entry {
             status: Status::Live,
             last_used: Instant::now(),
             unflushed: VecDeque::new(),
+            snapshot_at: None,
             waiting: Vec::new(),
             in_progress: Arc::new(AtomicU64::new(0)),
             tracker: RestartTracker::default(),
@@ -382,7 +386,9 @@ impl ProfilesState {
         stopped
     }
 
-    fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>) {
+    /// `paced`: a timed flush, which may defer profiles it snapshotted moments ago; a flush
+    /// somebody asked for takes every change.
+    fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>, paced: bool) {
         // Cluster mode: the partitions' tenures as this flush takes its snapshots; what it drops
         // now or a revocation drops later must not be recorded for a partition that came back.
         let tenure = self.ctx.ownership.as_ref().map(|o| o.tenure());
@@ -396,25 +402,43 @@ impl ProfilesState {
             }
         }
         self.flushing = true;
-        let lows = self.ctx.watermark.lows();
+        let mut lows = self.ctx.watermark.lows();
+        let durable = self.ctx.checkpoints.get();
+        let min_interval = if paced { self.ctx.profiles.snapshot_min_interval } else { Duration::ZERO };
+        let now = Instant::now();
         let warehouse = self.ctx.warehouse.is_some();
         let bronze = if warehouse { std::mem::take(&mut *self.ctx.staged_bronze.lock()) } else { Vec::new() };
         let mut complete = true;
         let mut pending = Vec::new();
         let mut applied: Vec<(ProfileId, Arc<CustomerEvent>)> = Vec::new();
-        for (id, entry) in &self.entries {
+        // Tracing: each traced event's trace records the write that made it durable.
+        let mut traced: Vec<String> = Vec::new();
+        let mut deferred = 0usize;
+        for (id, entry) in &mut self.entries {
             if entry.unflushed.is_empty() {
+                continue;
+            }
+            if defers(entry, now, min_interval, &durable) {
+                // Its events stay above this flush's checkpoint until a later flush covers them.
+                for change in &entry.unflushed {
+                    if let Change::Apply { seq, .. } = change {
+                        cap_below(&mut lows, *seq);
+                    }
+                }
+                deferred += 1;
                 continue;
             }
             match (&entry.actor, entry.status) {
                 (Some(actor), Status::Live) | (Some(actor), Status::Passivating) => {
                     let (tx, rx) = ractor::concurrency::oneshot();
                     if actor.send_message(ProfileMsg::TakeSnapshot(tx.into())).is_ok() {
-                        if warehouse {
-                            for change in &entry.unflushed {
-                                if let Change::Apply { event, .. } = change {
+                        entry.snapshot_at = Some(now);
+                        for change in &entry.unflushed {
+                            if let Change::Apply { event, .. } = change {
+                                if warehouse {
                                     applied.push((id.clone(), event.clone()));
                                 }
+                                traced.extend(event.trace.clone());
                             }
                         }
                         pending.push((id.clone(), entry.unflushed.len(), rx));
@@ -425,17 +449,7 @@ impl ProfilesState {
                 _ => complete = false,
             }
         }
-        // Tracing: each traced event's trace records the write that made it durable.
-        let traced: Vec<String> = self
-            .entries
-            .values()
-            .filter(|e| e.actor.is_some())
-            .flat_map(|e| e.unflushed.iter())
-            .filter_map(|c| match c {
-                Change::Apply { event, .. } => event.trace.clone(),
-                _ => None,
-            })
-            .collect();
+        self.ctx.metrics.flush_deferred_profiles.set(deferred as i64);
         let ctx = self.ctx.clone();
         let directory = myself.clone();
         tokio::spawn(async move {
@@ -586,6 +600,37 @@ impl ProfilesState {
     }
 }
 
+/// Most changes a deferred profile may hold: past it, the next timed flush takes its snapshot.
+const MAX_DEFERRED_CHANGES: usize = 256;
+
+/// Whether a timed flush leaves this profile for a later one. A profile that keeps changing
+/// would otherwise be cloned, sealed, encoded and written by every flush, every
+/// `flush_interval`; deferring it for `min_interval` bounds that work per profile, not per
+/// event. Only plain event applications wait, and only those after the durable checkpoint (a
+/// forwarded event may sit below it); merges, consent and restores go out with the next flush.
+fn defers(entry: &Entry, now: Instant, min_interval: Duration, durable: &cohort_adapters::StreamPositions) -> bool {
+    entry.status == Status::Live
+        && entry.actor.is_some()
+        && entry.unflushed.len() < MAX_DEFERRED_CHANGES
+        && entry.snapshot_at.is_some_and(|at| now.saturating_duration_since(at) < min_interval)
+        && entry.unflushed.iter().all(|c| match c {
+            Change::Apply { seq, .. } => {
+                let (stream, offset) = cohort_adapters::unpack(*seq);
+                durable.iter().find(|(s, _)| *s == stream).is_none_or(|(_, done)| offset > *done)
+            }
+            _ => false,
+        })
+}
+
+/// Lowers the stream's low watermark below `position`, so a checkpoint taken from it leaves the
+/// event to be replayed after a crash.
+fn cap_below(lows: &mut cohort_adapters::StreamPositions, position: u64) {
+    let (stream, offset) = cohort_adapters::unpack(position);
+    if let Some((_, low)) = lows.iter_mut().find(|(s, _)| *s == stream) {
+        *low = (*low).min(offset.saturating_sub(1));
+    }
+}
+
 impl Actor for ProfilesDirectory {
     type Msg = ProfilesMsg;
     type State = ProfilesState;
@@ -680,8 +725,9 @@ impl Actor for ProfilesDirectory {
                     state.next_flush_waiters.extend(reply);
                     state.flush_again = true;
                 } else {
+                    let paced = reply.is_none();
                     state.flush_waiters.extend(reply);
-                    state.start_flush(&myself);
+                    state.start_flush(&myself, paced);
                 }
             }
             ProfilesMsg::Flushed { result, covered } => {
@@ -705,7 +751,8 @@ impl Actor for ProfilesDirectory {
                 if state.flush_again {
                     state.flush_again = false;
                     state.flush_waiters = std::mem::take(&mut state.next_flush_waiters);
-                    state.start_flush(&myself);
+                    let paced = state.flush_waiters.is_empty();
+                    state.start_flush(&myself, paced);
                 }
             }
             ProfilesMsg::Respawn { profile_id } => {
@@ -990,6 +1037,11 @@ mod tests {
     /// The same, as one replica runs it (`cluster` false): no partitions, no outbound topic;
     /// with an in-memory warehouse if `warehouse`, so flushes write outbox rows.
     async fn stage_of(cluster: bool, warehouse: bool) -> Stage {
+        stage_with(cluster, warehouse, Duration::ZERO).await
+    }
+
+    /// The same, its timed flushes deferring a profile snapshotted less than `min_interval` ago.
+    async fn stage_with(cluster: bool, warehouse: bool, min_interval: Duration) -> Stage {
         let warehouse = match warehouse {
             true => Some(cohort_adapters::open_warehouse("memory://").await.unwrap()),
             false => None,
@@ -1012,6 +1064,7 @@ mod tests {
                 history_limit: 100,
                 passivate_after: Duration::from_secs(3600),
                 flush_interval: Duration::from_secs(3600),
+                snapshot_min_interval: min_interval,
                 max_event_attempts: 3,
                 restart_policy: RestartPolicy::default(),
                 unmerge_window: 10,
@@ -1288,5 +1341,77 @@ mod tests {
         let gold: Vec<(&ProfileId, u64)> =
             outbox.iter().flat_map(|(_, b)| &b.gold_rows).map(|r| (&r.profile_id, r.events_total)).collect();
         assert_eq!(gold, vec![(&profile, 2)]);
+    }
+
+    /// A timed flush leaves a profile it snapshotted moments ago for a later flush and keeps
+    /// the checkpoint below that profile's events, so a crash replays them; a profile never
+    /// snapshotted goes out at once, and a flush somebody asks for takes everything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timed_flush_defers_a_profile_it_just_took_and_keeps_the_checkpoint_below_its_events() {
+        let s = stage_with(false, true, Duration::from_secs(3600)).await;
+        let hot = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let fresh = elsewhere(&hot);
+        let apply = |profile: &ProfileId, n: u64, id: &str| {
+            s.ctx.watermark.dispatched(pack(0, n));
+            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap();
+        };
+        let stored_events = |profile: ProfileId| {
+            let store = s.store.clone();
+            async move { store.load_profile(&profile).await.unwrap().map_or(0, |r| r.counters.events_total) }
+        };
+        apply(&hot, 1, "e1");
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.ctx.checkpoints.stream0(), 1);
+
+        apply(&hot, 2, "e2");
+        apply(&fresh, 3, "e3");
+        s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut unflushed = usize::MAX;
+        while unflushed != 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            unflushed = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events;
+        }
+        assert_eq!(unflushed, 1, "the timed flush took the fresh profile and left e2 with the hot one");
+        assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 1);
+        assert_eq!(s.ctx.checkpoints.stream0(), 1, "e2 is not in the store yet, so the checkpoint stays below it");
+        assert_eq!(stored_events(hot.clone()).await, 1);
+        assert_eq!(stored_events(fresh.clone()).await, 1);
+        let silver = |outbox: Vec<(cohort_adapters::OutboxId, WarehouseBatch)>| -> Vec<String> {
+            outbox.iter().flat_map(|(_, b)| &b.silver).map(|r| r.event_id.as_str().to_string()).collect()
+        };
+        assert_eq!(silver(s.store.read_outbox(10).await.unwrap()), vec!["web:e1", "web:e3"]);
+
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.ctx.checkpoints.stream0(), 3);
+        assert_eq!(stored_events(hot).await, 2);
+        assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
+        assert_eq!(silver(s.store.read_outbox(10).await.unwrap()), vec!["web:e1", "web:e3", "web:e2"]);
+    }
+
+    /// An event a merged profile sends on may sit below the durable checkpoint already; the
+    /// profile holding it is never deferred, or a crash would lose it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timed_flush_takes_a_profile_holding_an_event_from_below_the_checkpoint() {
+        let s = stage_with(false, true, Duration::from_secs(3600)).await;
+        let hot = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let apply =
+            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+        s.ctx.watermark.dispatched(pack(0, 2));
+        s.directory.send_message(ProfilesMsg::Deliver { profile_id: hot.clone(), msg: apply(2, "e2") }).unwrap();
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.ctx.checkpoints.stream0(), 2);
+
+        s.directory.send_message(ProfilesMsg::Forward { profile_id: hot.clone(), msg: apply(1, "e1") }).unwrap();
+        s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stored = 0;
+        while stored != 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            stored = s.store.load_profile(&hot).await.unwrap().map_or(0, |r| r.counters.events_total);
+        }
+        assert_eq!(stored, 2, "the timed flush wrote the profile though it had just been written");
+        assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
     }
 }

@@ -377,6 +377,8 @@ pub struct ProfilesConfig {
     pub history_limit: usize,
     pub passivate_after_secs: u64,
     pub flush_interval_ms: u64,
+    /// A profile snapshotted less than this ago waits for a later timed flush (0: never waits).
+    pub snapshot_min_interval_ms: u64,
     pub max_event_attempts: u32,
 }
 

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub identity_reviews_decided: IntCounterVec,
     pub flush_duration: Histogram,
     pub flush_failures: IntCounter,
+    /// Profiles with changes the last timed flush left for a later one (`profiles.snapshot_min_interval_ms`).
+    pub flush_deferred_profiles: IntGauge,
     pub checkpoint: IntGauge,
     pub warehouse_rows: IntCounterVec,
     pub warehouse_failures: IntCounter,
@@ -313,6 +315,11 @@ impl Metrics {
         let flush_failures =
             IntCounter::new("profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
         r.register(Box::new(flush_failures.clone()))?;
+        let flush_deferred_profiles = IntGauge::new(
+            "profile_flush_deferred_profiles",
+            "Profiles with unflushed changes the last flush left for a later one, snapshotted moments before",
+        )?;
+        r.register(Box::new(flush_deferred_profiles.clone()))?;
         let checkpoint =
             IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
         r.register(Box::new(checkpoint.clone()))?;
@@ -405,6 +412,7 @@ impl Metrics {
             identity_reviews_decided,
             flush_duration,
             flush_failures,
+            flush_deferred_profiles,
             checkpoint,
             gdpr_saga_duration,
             gdpr_sagas,
