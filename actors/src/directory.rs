@@ -404,7 +404,12 @@ impl ProfilesState {
         self.flushing = true;
         let mut lows = self.ctx.watermark.lows();
         let durable = self.ctx.checkpoints.get();
-        let min_interval = if paced { self.ctx.profiles.snapshot_min_interval } else { Duration::ZERO };
+        // Not in cluster mode: a merged profile's forwards are published with every flush and
+        // get new positions there, so replaying a deferred one would apply them twice.
+        let min_interval = match (paced, &self.ctx.ownership) {
+            (true, None) => self.ctx.profiles.snapshot_min_interval,
+            _ => Duration::ZERO,
+        };
         let now = Instant::now();
         let warehouse = self.ctx.warehouse.is_some();
         let bronze = if warehouse { std::mem::take(&mut *self.ctx.staged_bronze.lock()) } else { Vec::new() };
@@ -608,6 +613,7 @@ const MAX_DEFERRED_CHANGES: usize = 256;
 /// `flush_interval`; deferring it for `min_interval` bounds that work per profile, not per
 /// event. Only plain event applications wait, and only those after the durable checkpoint (a
 /// forwarded event may sit below it); merges, consent and restores go out with the next flush.
+/// One replica only (see `start_flush`).
 fn defers(entry: &Entry, now: Instant, min_interval: Duration, durable: &cohort_adapters::StreamPositions) -> bool {
     entry.status == Status::Live
         && entry.actor.is_some()
@@ -1412,6 +1418,26 @@ mod tests {
             stored = s.store.load_profile(&hot).await.unwrap().map_or(0, |r| r.counters.events_total);
         }
         assert_eq!(stored, 2, "the timed flush wrote the profile though it had just been written");
+        assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
+    }
+
+    /// In cluster mode a timed flush defers nothing: forwards are published with every flush
+    /// at new positions, so replaying a deferred merged profile would apply them twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timed_flush_in_cluster_mode_takes_every_profile() {
+        let s = stage_with(true, false, Duration::from_secs(3600)).await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        s.read(&profile, 1, event("e1", "Lesson Completed"));
+        s.flush().await.unwrap().unwrap();
+        s.read(&profile, 2, event("e2", "Lesson Completed"));
+        s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut unflushed = usize::MAX;
+        while unflushed != 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            unflushed = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events;
+        }
+        assert_eq!(unflushed, 0, "the profile written moments ago was written again");
         assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
     }
 }

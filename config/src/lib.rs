@@ -793,6 +793,10 @@ impl Config {
         if self.profiles.flush_interval_ms == 0 {
             return Err(bad("profiles.flush_interval_ms", "must be positive"));
         }
+        if self.profiles.snapshot_min_interval_ms > 60_000 {
+            // The checkpoint waits for deferred profiles; longer means long replays after a crash.
+            return Err(bad("profiles.snapshot_min_interval_ms", "must be at most 60000 (one minute)"));
+        }
         if self.profiles.max_event_attempts == 0 {
             return Err(bad("profiles.max_event_attempts", "must be positive"));
         }
@@ -904,6 +908,10 @@ mod tests {
         assert!(err.contains("`identity.shards`"), "{err}");
         let err = Config::from_toml_str("[storage]\ncache_mb = 0\n").unwrap_err().to_string();
         assert!(err.contains("`storage.cache_mb`"), "{err}");
+        let err = Config::from_toml_str("[profiles]\nsnapshot_min_interval_ms = 60001\n").unwrap_err().to_string();
+        assert!(err.contains("`profiles.snapshot_min_interval_ms`"), "{err}");
+        assert_eq!(Config::from_toml_str("").unwrap().profiles.snapshot_min_interval_ms, 1000);
+        assert!(Config::from_toml_str("[profiles]\nsnapshot_min_interval_ms = 0\n").is_ok(), "0 turns deferral off");
         assert_eq!(Config::from_toml_str("").unwrap().storage.cache_mb, 64);
         assert_eq!(Config::from_toml_str("").unwrap().storage.cache_bytes(), 64 << 20);
         let err = Config::from_toml_str("[storage]\nurl = \"ftp://x\"\n").unwrap_err().to_string();

@@ -35,7 +35,8 @@ pub struct Metrics {
     pub identity_reviews_decided: IntCounterVec,
     pub flush_duration: Histogram,
     pub flush_failures: IntCounter,
-    /// Profiles with changes the last timed flush left for a later one (`profiles.snapshot_min_interval_ms`).
+    /// Profiles with changes the last flush left for a later one (`profiles.snapshot_min_interval_ms`);
+    /// 0 after a flush somebody asked for, which takes everything.
     pub flush_deferred_profiles: IntGauge,
     pub checkpoint: IntGauge,
     pub warehouse_rows: IntCounterVec,
