@@ -602,6 +602,27 @@ mod tests {
         assert_eq!(gold_writes(&metrics), expected as u64);
     }
 
+    /// The actor paces its timer's passes on an in-process warehouse, never a relay somebody
+    /// asked for (a deletion saga or shutdown waits on it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sink_paces_timed_relays_and_never_asked_for_ones() {
+        let (store, _warehouse, metrics, args) = sink().await;
+        let (sink, _) = Actor::spawn(None, WarehouseSink, args).await.unwrap();
+        let asked = || async { ractor::call_t!(sink, |reply| WarehouseMsg::Relay { reply: Some(reply) }, 10_000) };
+        let n = 2 * PACED_BATCHES_PER_WRITE + 1;
+        fill_outbox(&store, "p", n).await;
+        sink.send_message(WarehouseMsg::Relay { reply: None }).unwrap();
+        // Answered after the tick's pass, which went first.
+        let report = asked().await.unwrap().unwrap();
+        assert_eq!(report.batches, 0, "the tick moved everything");
+        assert_eq!(gold_writes(&metrics), 3, "the tick wrote {n} batches {PACED_BATCHES_PER_WRITE} at a time");
+        fill_outbox(&store, "q", n).await;
+        let report = asked().await.unwrap().unwrap();
+        assert_eq!((report.batches, report.remaining), (n, 0));
+        assert_eq!(gold_writes(&metrics), 4, "the asked-for relay wrote all {n} at once");
+        sink.stop(None);
+    }
+
     #[test]
     fn of_several_snapshots_of_a_profile_the_latest_is_kept_in_first_seen_order() {
         let (a1, b, a2, a0) = (record("a", 1, 1), record("b", 1, 1), record("a", 2, 2), record("a", 0, 0));
