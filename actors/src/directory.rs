@@ -1114,6 +1114,19 @@ mod tests {
         async fn handled(&self) {
             ractor::call_t!(self.directory, ProfilesMsg::GetStats, 5_000).unwrap();
         }
+
+        /// Sends a timer's flush and waits (up to 10 s) until `expected` changes are unflushed;
+        /// returns how many are.
+        async fn timed_flush_leaving(&self, expected: usize) -> usize {
+            self.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut unflushed = usize::MAX;
+            while unflushed != expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                unflushed = ractor::call_t!(self.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events;
+            }
+            unflushed
+        }
     }
 
     /// Starts a flush whose snapshot of `profile` (two events read) waits until the partition
@@ -1372,13 +1385,7 @@ mod tests {
 
         apply(&hot, 2, "e2");
         apply(&fresh, 3, "e3");
-        s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut unflushed = usize::MAX;
-        while unflushed != 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            unflushed = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events;
-        }
+        let unflushed = s.timed_flush_leaving(1).await;
         assert_eq!(unflushed, 1, "the timed flush took the fresh profile and left e2 with the hot one");
         assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 1);
         assert_eq!(s.ctx.checkpoints.stream0(), 1, "e2 is not in the store yet, so the checkpoint stays below it");
@@ -1430,13 +1437,7 @@ mod tests {
         s.read(&profile, 1, event("e1", "Lesson Completed"));
         s.flush().await.unwrap().unwrap();
         s.read(&profile, 2, event("e2", "Lesson Completed"));
-        s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut unflushed = usize::MAX;
-        while unflushed != 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            unflushed = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events;
-        }
+        let unflushed = s.timed_flush_leaving(0).await;
         assert_eq!(unflushed, 0, "the profile written moments ago was written again");
         assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
     }
