@@ -77,7 +77,7 @@ struct Entry {
     last_used: Instant,
     unflushed: VecDeque<Change>,
     /// When the last flush took this profile's snapshot: a timed flush defers a profile it
-    /// snapshotted less than `snapshot_min_interval` ago (see [`ProfilesState::defers`]).
+    /// snapshotted less than `snapshot_min_interval` ago (see [`defers`]).
     snapshot_at: Option<Instant>,
     /// Queries that arrived while the actor was passivating or restarting.
     waiting: Vec<ProfileMsg>,
