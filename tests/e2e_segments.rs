@@ -283,6 +283,13 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_a_merge_brings_
 
     let metrics = ok(c.get("/metrics").await.unwrap()).await;
     assert!(metrics.as_str().unwrap_or_default().contains("cohort_identity_merges_total 1"), "one merge");
+    // The survivor absorbs the merged record after the login event is settled: its offer may
+    // reach reverse ETL after `drained` returned.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.received("sendgrid").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drained(&demo).await;
     assert_one_list_addition(&d, email, "the list addition once the merge brought the consent");
     demo.stop().await.unwrap();
 }
