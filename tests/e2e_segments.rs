@@ -317,6 +317,49 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_reco
     demo.stop().await.unwrap();
 }
 
+/// And for a batch segment, whose memberships only the store knows: the grant offers them too,
+/// once, with the entry the run recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_member_skipped_for_want_of_consent_gets_the_activation_once_consent_is_granted() {
+    let d = Destinations::start().await;
+    let extra = format!(
+        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let email = "fay.q@uni.eu";
+    let id = payloads::segment_identify("fay-id", None, Some("fay"), json!({ "email": email }), None, Utc::now());
+    ok(c.segment(true, "identify", &id).await.unwrap()).await;
+    let quiz = payloads::segment_track("fay-quiz", "fay", "Quiz Completed", json!({}), Utc::now());
+    ok(c.segment(true, "track", &quiz).await.unwrap()).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    demo.cohort.relay_warehouse().await.unwrap();
+    let sql = "SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed'";
+    let define = json!({ "kind": "batch", "sql": sql, "every_secs": 3600 });
+    assert_eq!(c.call("PUT", "/v1/segments/quiz", &define).await.unwrap().status, 200);
+    assert_eq!(demo.cohort.run_batch_segment("quiz").await.unwrap().members, 1);
+    drained(&demo).await;
+    assert!(d.received("sendgrid").is_empty(), "no email consent yet");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(sendgrid_skips(&status, "consent"), 1, "{status}");
+
+    let grant = json!({ "email": { "granted": true, "source": "advisor_call" } });
+    let put = c.call("PUT", &format!("/v1/profiles/email:{email}/consent"), &grant).await.unwrap();
+    assert_eq!(put.status, 200, "{}", put.body);
+    drained(&demo).await;
+    assert_one_list_addition(&d, email, "the list addition once consent was recorded");
+    // Withdrawn and granted again: it went out already.
+    let withdraw = json!({ "email": { "granted": false, "source": "advisor_call" } });
+    for body in [&withdraw, &grant] {
+        let put = c.call("PUT", &format!("/v1/profiles/email:{email}/consent"), body).await.unwrap();
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    drained(&demo).await;
+    assert_one_list_addition(&d, email, "nothing went twice");
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_are_defined_validated_and_listed_through_the_api_and_exits_happen_on_time() {
     let d = Destinations::start().await;

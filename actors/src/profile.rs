@@ -116,7 +116,8 @@ impl ProfileState {
         let Some(record) = self.record.as_ref().filter(|r| r.merged_into.is_none()) else { return };
         let kept: Vec<(&String, &DateTime<Utc>)> =
             record.segments.iter().filter(|(s, _)| before.contains_key(*s)).collect();
-        if kept.is_empty() {
+        // Batch memberships are not in the record: the engine looks them up.
+        if kept.is_empty() && self.ctx.segments.batch_names().is_empty() {
             return;
         }
         let Some(engine) = self.ctx.segment_engine.get() else { return };
@@ -133,7 +134,12 @@ impl ProfileState {
                 trace: None,
             })
             .collect();
-        let _ = engine.send_message(SegmentMsg::ConsentGranted { channels, changes });
+        let _ = engine.send_message(SegmentMsg::ConsentGranted {
+            profile_id: self.profile_id.clone(),
+            profile,
+            channels,
+            changes,
+        });
     }
 
     /// Re-evaluates the real-time segments after a change and reports entries, exits and when

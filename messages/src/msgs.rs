@@ -533,8 +533,14 @@ pub enum SegmentMsg {
     Sync(RpcReplyPort<SegmentStats>),
     /// A profile's marketing consent for `channels` was granted: the real-time memberships it
     /// had before and still has, as `Entered` changes, for reverse ETL to offer again (sent by
-    /// ProfileActors; nothing is stored or published).
-    ConsentGranted { channels: Vec<crate::Channel>, changes: Vec<crate::segment::SegmentChanged> },
+    /// ProfileActors; nothing is stored or published). The engine adds the batch segments, whose
+    /// memberships only the store knows, with `profile` as their snapshot.
+    ConsentGranted {
+        profile_id: crate::ProfileId,
+        profile: std::sync::Arc<crate::segment::ActivationProfile>,
+        channels: Vec<crate::Channel>,
+        changes: Vec<crate::segment::SegmentChanged>,
+    },
 }
 
 /// One destination's ReverseEtl actor (Salesforce, SendGrid, Twilio, push): a bulkhead with

@@ -305,8 +305,21 @@ impl Actor for SegmentEngine {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            SegmentMsg::ConsentGranted { channels, changes } => {
-                if let Some(retl) = state.args.reverse_etl.get() {
+            SegmentMsg::ConsentGranted { profile_id, profile, channels, mut changes } => {
+                // Every batch segment, as if entered now: reverse ETL keeps those the profile is
+                // a stored member of, with the stored entry time (so the original jobs' keys).
+                for segment in state.args.registry.batch_names() {
+                    changes.push(SegmentChanged {
+                        profile_id: profile_id.clone(),
+                        segment,
+                        change: Change::Entered,
+                        at: Utc::now(),
+                        profile: profile.clone(),
+                        caused_at: None,
+                        trace: None,
+                    });
+                }
+                if let (Some(retl), false) = (state.args.reverse_etl.get(), changes.is_empty()) {
                     let _ = retl.send_message(ReverseEtlMsg::ConsentGranted { channels, changes });
                 }
             }

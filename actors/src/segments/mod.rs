@@ -121,6 +121,12 @@ impl SegmentRegistry {
     pub fn has_realtime(&self) -> bool {
         self.segments.read().values().any(|s| s.expr.is_some())
     }
+
+    /// The batch segments' names: their memberships are in the store, not in the profiles.
+    pub fn batch_names(&self) -> Vec<String> {
+        let segments = self.segments.read();
+        segments.iter().filter(|(_, s)| s.definition.kind == SegmentKind::Batch).map(|(n, _)| n.clone()).collect()
+    }
 }
 
 /// What evaluating a profile's real-time segments changed.
