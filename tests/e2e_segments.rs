@@ -695,7 +695,9 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
             json!({ "cohort": cohort }),
             Utc::now(),
         );
-        t["context"] = json!({ "consent": { "categoryPreferences": { "email": true } }, "traits": { "email": format!("{who}@uni.eu") } });
+        // q12 gives no email consent: a grant must not get round Gate 4's hold (below).
+        let consent = json!({ "categoryPreferences": { "email": (i != 12) } });
+        t["context"] = json!({ "consent": consent, "traits": { "email": format!("{who}@uni.eu") } });
         ok(c.segment(true, "track", &t).await.unwrap()).await;
         let id = payloads::segment_identify(
             &format!("{who}-id"),
@@ -741,6 +743,12 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
     assert_eq!(runs[0]["results"][0]["observed"]["previous"], 10);
     assert!(runs[1..].iter().any(|r| r["success"] == true));
     assert_eq!(c.post("/v1/reverse-etl/confirm/nothing", &json!({})).await.unwrap().status, 404);
+    // A held member consenting meanwhile is offered her membership again, and it stays held.
+    let grant = json!({ "email": { "granted": true, "source": "advisor_call" } });
+    let put = c.call("PUT", "/v1/profiles/email:q12@uni.eu/consent", &grant).await.unwrap();
+    assert_eq!(put.status, 200, "{}", put.body);
+    drained(&demo).await;
+    assert_eq!(adds(&d), 10, "a consent grant does not get round Gate 4");
     let gauge = |text: &str| text.lines().any(|l| l == "cohort_quality_gate_failing{gate=\"4\"} 1");
     let m = ok(c.get("/metrics").await.unwrap()).await;
     assert!(gauge(m.as_str().unwrap()), "a held sync sets the gate 4 gauge");

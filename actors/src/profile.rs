@@ -117,7 +117,7 @@ impl ProfileState {
         let kept: Vec<(&String, &DateTime<Utc>)> =
             record.segments.iter().filter(|(s, _)| before.contains_key(*s)).collect();
         // Batch memberships are not in the record: the engine looks them up.
-        if kept.is_empty() && self.ctx.segments.batch_names().is_empty() {
+        if kept.is_empty() && !self.ctx.segments.has_batch() {
             return;
         }
         let Some(engine) = self.ctx.segment_engine.get() else { return };

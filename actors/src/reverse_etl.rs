@@ -446,7 +446,12 @@ fn mapped_fields(job: &Job) -> Result<BTreeMap<String, String>, JobError> {
 /// What the job's channel needs before anything is sent: the consent to check (if any) and the
 /// address to check against the suppression list.
 fn channel_of(job: &Job) -> Option<Channel> {
-    match (job.destination, job.activation.action.as_str()) {
+    channel_for(job.destination, &job.activation.action)
+}
+
+/// The consent channel an action on a destination needs, if any.
+fn channel_for(destination: Destination, action: &str) -> Option<Channel> {
+    match (destination, action) {
         (Destination::Sendgrid, "add_to_list") => Some(Channel::Email),
         (Destination::Twilio, _) => Some(Channel::Whatsapp),
         (Destination::Push, _) => Some(Channel::Push),
@@ -960,15 +965,35 @@ impl ReverseEtlState {
         changes: &[SegmentChanged],
     ) -> Result<(), cohort_adapters::StoreError> {
         let store = self.shared.store.clone();
-        let keys: Vec<String> = changes.iter().map(|c| member_key(&c.segment, &c.profile_id)).collect();
-        let members = store.get_documents(MEMBERS, &keys).await?;
-        let stored: Vec<SegmentChanged> = changes
+        // Only memberships an `enter` job on a granted channel would use are looked up: the
+        // engine offers every batch segment, most of them with nothing for these channels.
+        let offered = |a: &ActivationConfig| {
+            a.on == "enter"
+                && Destination::parse(&a.destination)
+                    .and_then(|d| channel_for(d, &a.action))
+                    .is_some_and(|c| channels.contains(&c))
+        };
+        let wanted: Vec<&SegmentChanged> = changes
             .iter()
+            .filter(|c| self.activations.iter().any(|a| a.segment == c.segment && offered(a.as_ref())))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = wanted.iter().map(|c| member_key(&c.segment, &c.profile_id)).collect();
+        let members = store.get_documents(MEMBERS, &keys).await?;
+        let stored: Vec<SegmentChanged> = wanted
+            .into_iter()
             .zip(members)
             .filter_map(|(c, doc)| Some(SegmentChanged { at: member_since(&doc?)?, ..c.clone() }))
             .collect();
-        let jobs: Vec<Job> =
-            self.jobs(&stored).into_iter().filter(|j| channel_of(j).is_some_and(|c| channels.contains(&c))).collect();
+        // A batch run Gate 4 holds waits for a person, whatever consent says.
+        let held: std::collections::HashSet<&str> = self.held.values().flatten().map(|j| j.key.as_str()).collect();
+        let jobs: Vec<Job> = self
+            .jobs(&stored)
+            .into_iter()
+            .filter(|j| channel_of(j).is_some_and(|c| channels.contains(&c)) && !held.contains(j.key.as_str()))
+            .collect();
         if jobs.is_empty() {
             return Ok(());
         }

@@ -122,6 +122,11 @@ impl SegmentRegistry {
         self.segments.read().values().any(|s| s.expr.is_some())
     }
 
+    /// Whether any batch segment is defined here.
+    pub fn has_batch(&self) -> bool {
+        self.segments.read().values().any(|s| s.definition.kind == SegmentKind::Batch)
+    }
+
     /// The batch segments' names: their memberships are in the store, not in the profiles.
     pub fn batch_names(&self) -> Vec<String> {
         let segments = self.segments.read();
