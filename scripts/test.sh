@@ -24,6 +24,8 @@ echo "== format"
 cargo fmt --all -- --check
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== docs (broken or private intra-doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked
 echo "== build"
 cargo build --workspace --all-targets --locked
 echo "== test services (Kafka protocol: Tansu, MongoDB wire: SecantusDB, BigQuery API: bqemulator)"

@@ -105,7 +105,7 @@ pub struct QualityChecks {
     pub config: QualityConfig,
 }
 
-/// A Silver row as Gate 2 reads it (column order of [`silver_page`]).
+/// The Silver columns Gate 2 selects, in the order its checks index them.
 const SILVER_COLUMNS: [&str; 12] = [
     "event_id",
     "profile_id",

@@ -1,7 +1,7 @@
 //! The embedded backend: journal, Bronze layer and operational store in one redb database.
 //!
 //! This is what lets `cohort` run with nothing installed. Writes go through one writer thread
-//! that group-commits (see [`writer`]); reads run in read transactions on tokio's blocking
+//! that group-commits (see `embedded::writer`); reads run in read transactions on tokio's blocking
 //! pool, so neither ever stalls the async runtime.
 
 mod erasure;

@@ -5,7 +5,7 @@
 //! store suite runs through this decorator as through any backend.
 //!
 //! Sealing walks the JSON form of each record, so new record types are covered by naming their
-//! personal fields in [`PII_KEYS`], not by new code. Profiles and outbox batches, sealed on every
+//! personal fields in `PII_KEYS`, not by new code. Profiles and outbox batches, sealed on every
 //! flush, are sealed field by field instead, at the same places (tests compare the two).
 
 use std::sync::Arc;

@@ -68,7 +68,7 @@ struct Cli {
     /// The URL Twilio signatures cover, when the server sets `sources.whatsapp.public_url`.
     #[arg(long)]
     twilio_url: Option<String>,
-    /// Extra TOML for the in-process Cohort, e.g. "[identity]\nshards = 8" (ignored with --url).
+    /// Extra TOML for the in-process Cohort, e.g. `[identity]\nshards = 8` (ignored with --url).
     #[arg(long, default_value = "")]
     server_toml: String,
     /// Synthetic students (default 10,000; 1,000 with --quick).

@@ -78,7 +78,7 @@ impl Command {
         (Self { op: Op::AckOutbox(ids), reply: Reply::Count(tx) }, rx)
     }
 
-    /// Deletes the keys a GDPR erasure found (see [`erasure`]).
+    /// Deletes the keys a GDPR erasure found (see `embedded::erasure`).
     pub(super) fn erase(plan: ErasePlan) -> (Self, oneshot::Receiver<Result<ErasureCounts, StoreError>>) {
         let (tx, rx) = oneshot::channel();
         (Self { op: Op::Erase(Box::new(plan)), reply: Reply::Erased(tx) }, rx)

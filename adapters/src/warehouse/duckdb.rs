@@ -128,7 +128,7 @@ struct Opened {
 /// across relays pays that once per hold instead of once per relay; analysts wait longer for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Holding {
-    /// How long the file may stay open while calls keep coming; zero closes it [`LINGER`] after
+    /// How long the file may stay open while calls keep coming; zero closes it `LINGER` after
     /// each burst of calls.
     pub hold: Duration,
     /// How long an idle file stays open within the hold: longer than the gap between relays,
@@ -158,7 +158,7 @@ impl Holding {
 }
 
 impl Default for Holding {
-    /// Closed [`LINGER`] after each burst of calls: an analyst gets in between any two relays.
+    /// Closed `LINGER` after each burst of calls: an analyst gets in between any two relays.
     fn default() -> Self {
         Self { hold: Duration::ZERO, linger: LINGER }
     }
