@@ -4,7 +4,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use cohort_actors::segments::engine::{member_key, MEMBERS};
-use cohort_actors::segments::{valid_name, SegmentDefinition, SegmentKind};
+use cohort_actors::segments::{valid_name, SegmentDefinition};
 use cohort_messages::msgs::{ProfileMsg, ReverseEtlMsg, SegmentMsg};
 use ractor::rpc::CallResult;
 use serde::Deserialize;
@@ -137,13 +137,7 @@ pub async fn profile_segments(State(state): State<ApiState>, Path(r): Path<Strin
         .iter()
         .map(|(name, since)| (name.clone(), json!({ "since": since, "kind": "realtime" })))
         .collect();
-    let batch: Vec<String> = state
-        .segments
-        .snapshot()
-        .values()
-        .filter(|s| s.definition.kind == SegmentKind::Batch)
-        .map(|s| s.definition.name.clone())
-        .collect();
+    let batch = state.segments.batch_names();
     if !batch.is_empty() {
         let keys: Vec<String> = batch.iter().map(|s| member_key(s, &id)).collect();
         let found =
