@@ -317,16 +317,20 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_reco
     demo.stop().await.unwrap();
 }
 
+/// Members of the batch segment `quiz` go on the SendGrid list `quiz` (email consent needed).
+fn quiz_list_toml(d: &Destinations) -> String {
+    format!(
+        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n",
+        d.config_toml()
+    )
+}
+
 /// And for a batch segment, whose memberships only the store knows: the grant offers them too,
 /// once, with the entry the run recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_member_skipped_for_want_of_consent_gets_the_activation_once_consent_is_granted() {
     let d = Destinations::start().await;
-    let extra = format!(
-        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n",
-        d.config_toml()
-    );
-    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let demo = DemoServer::start(None, &quiz_list_toml(&d), SystemOptions::default()).await.unwrap();
     let c = &demo.client;
     let email = "fay.q@uni.eu";
     let id = payloads::segment_identify("fay-id", None, Some("fay"), json!({ "email": email }), None, Utc::now());
@@ -680,8 +684,8 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
         format!("SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed' AND (properties ->> '$.cohort') = '{cohort}'")
     };
     let extra = format!(
-        "{}\n[[activations]]\nname = \"quiz_list\"\nsegment = \"quiz\"\ndestination = \"sendgrid\"\naction = \"add_to_list\"\nlist_id = \"quiz\"\n\n[[activations]]\nname = \"quiz_list_exit\"\nsegment = \"quiz\"\non = \"exit\"\ndestination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"quiz\"\n",
-        d.config_toml()
+        "{}\n[[activations]]\nname = \"quiz_list_exit\"\nsegment = \"quiz\"\non = \"exit\"\ndestination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"quiz\"\n",
+        quiz_list_toml(&d)
     );
     let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
     let c = &demo.client;
