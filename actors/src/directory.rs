@@ -1441,4 +1441,23 @@ mod tests {
         assert_eq!(unflushed, 0, "the profile written moments ago was written again");
         assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
     }
+
+    /// A profile deferred long enough to gather `MAX_DEFERRED_CHANGES` changes is taken by the
+    /// next timed flush however recently it was written: what waits in memory stays bounded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timed_flush_takes_a_profile_holding_too_many_changes() {
+        let s = stage_with(false, false, Duration::from_secs(3600)).await;
+        let hot = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let apply = |n: u64| {
+            s.ctx.watermark.dispatched(pack(0, n));
+            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(&format!("e{n}"), "Page Viewed")) };
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: hot.clone(), msg }).unwrap();
+        };
+        apply(1);
+        s.flush().await.unwrap().unwrap();
+        let last = 1 + MAX_DEFERRED_CHANGES as u64;
+        (2..=last).for_each(apply);
+        assert_eq!(s.timed_flush_leaving(0).await, 0, "{MAX_DEFERRED_CHANGES} changes waiting: written");
+        assert_eq!(s.ctx.checkpoints.stream0(), last);
+    }
 }
