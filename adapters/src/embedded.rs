@@ -5,6 +5,7 @@
 //! pool, so neither ever stalls the async runtime.
 
 mod erasure;
+mod recent;
 mod tables;
 mod writer;
 
@@ -14,13 +15,14 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use cohort_messages::{msgs::IdentityMerged, CustomerEvent, DeadLetter, Identifier, ProfileId, ProfileRecord};
+use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use parking_lot::RwLock;
 use redb::backends::InMemoryBackend;
 use redb::{Database, DatabaseError, ReadTransaction, ReadableTable, ReadableTableMetadata};
 use std::ops::Bound;
 use tokio::sync::{oneshot, watch};
 
+use self::recent::Recent;
 use self::tables::{
     db_err, decode, decode_packed, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY,
     CONSENTS, DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX,
@@ -75,6 +77,7 @@ pub struct EmbeddedStore {
     location: Location,
     state: RwLock<Option<Open>>,
     head: watch::Sender<u64>,
+    recent: Arc<Recent>,
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -157,13 +160,14 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (head, _) = watch::channel(head_seq);
         let (commands, queue) = mpsc::channel();
-        let writer = Writer { db: Arc::clone(&db), head: head.clone(), commands: queue };
+        let recent = Arc::new(Recent::default());
+        let writer = Writer { db: Arc::clone(&db), head: head.clone(), commands: queue, recent: Arc::clone(&recent) };
         let writer = std::thread::Builder::new()
             .name("cohort-embedded-writer".to_string())
             .spawn(move || writer.run())
             .map_err(|e| StoreError::unavailable(format!("cannot start the embedded writer thread: {e}")))?;
         tracing::info!(location = %location, head = head_seq, "embedded store opened");
-        Ok(Arc::new(Self { location, state: RwLock::new(Some(Open { db, commands, writer })), head }))
+        Ok(Arc::new(Self { location, state: RwLock::new(Some(Open { db, commands, writer })), head, recent }))
     }
 
     fn closed(&self) -> StoreError {
@@ -250,13 +254,18 @@ impl EventLog for EmbeddedStore {
     }
 
     async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<JournaledEvent>, StoreError> {
+        let recent = Arc::clone(&self.recent);
         self.read(move |txn| {
             let journal = txn.open_table(JOURNAL).ctx("open journal")?;
             let mut out = Vec::with_capacity(limit.min(1024));
             for entry in journal.range(range_after(after)).ctx("read journal")?.take(limit) {
                 let (seq, bytes) = entry.ctx("read journal")?;
-                let event: CustomerEvent = decode("event", bytes.value())?;
-                out.push(JournaledEvent { seq: seq.value(), event });
+                let seq = seq.value();
+                let event = match recent.events.lock().take(seq) {
+                    Some(event) => event,
+                    None => decode("event", bytes.value())?,
+                };
+                out.push(JournaledEvent { seq, event });
             }
             Ok(out)
         })
@@ -457,12 +466,18 @@ impl OperationalStore for EmbeddedStore {
     }
 
     async fn read_outbox(&self, limit: usize) -> Result<Vec<(OutboxId, WarehouseBatch)>, StoreError> {
+        let recent = Arc::clone(&self.recent);
         self.read(move |txn| {
             let outbox = txn.open_table(OUTBOX).ctx("read outbox")?;
             let mut out = Vec::with_capacity(limit.min(256));
             for entry in outbox.iter().ctx("read outbox")?.take(limit) {
                 let (id, bytes) = entry.ctx("read outbox")?;
-                out.push((outbox_key(id.value()), decode_packed("outbox batch", bytes.value())?));
+                let id = id.value();
+                let batch = match recent.outbox.lock().take(id) {
+                    Some(batch) => batch,
+                    None => decode_packed("outbox batch", bytes.value())?,
+                };
+                out.push((outbox_key(id), batch));
             }
             Ok(out)
         })
@@ -729,5 +744,70 @@ mod tests {
             assert!(err.message.contains(&format!("`{url}`")), "{}", err.message);
             assert!(err.message.contains("embedded://") && err.message.contains("memory://"));
         }
+    }
+
+    fn tracked(id: &str, email: &str) -> cohort_messages::CustomerEvent {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        cohort_messages::CustomerEvent {
+            event_id: cohort_messages::EventId::new(cohort_messages::Source::Web, id),
+            source: cohort_messages::Source::Web,
+            kind: cohort_messages::EventKind::Track,
+            name: Some("quiz_completed".into()),
+            occurred_at: at,
+            received_at: at,
+            identifiers: vec![Identifier::new(cohort_messages::IdentifierKind::Email, email)],
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Default::default(),
+            trace: None,
+            raw: cohort_messages::RawRef { seq: None, index: 0 },
+        }
+    }
+
+    fn profile(n: &str) -> ProfileId {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        ProfileId::derive_from_event(&cohort_messages::EventId::new(cohort_messages::Source::Crm, n), at)
+    }
+
+    fn kept(store: &EmbeddedStore) -> (usize, usize) {
+        (store.recent.events.lock().len(), store.recent.outbox.lock().len())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_take_what_the_writer_kept_and_erasures_and_acks_drop_it() {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let events =
+            vec![tracked("e1", "a@example.edu"), tracked("e2", "b@example.edu"), tracked("e3", "a@example.edu")];
+        store.append(AppendBatch { raw: None, events }).await.unwrap();
+        let outbox = WarehouseBatch { gold: vec![profile("p1")], ..WarehouseBatch::default() };
+        store.commit_flush(FlushBatch { outbox, ..FlushBatch::default() }).await.unwrap();
+        assert_eq!(kept(&store), (3, 1), "the commit keeps its events and outbox batch");
+
+        assert_eq!(store.read_after(0, 1).await.unwrap().len(), 1);
+        assert_eq!(kept(&store), (2, 1), "a read takes what it returns");
+
+        let target = ErasureTarget {
+            profiles: vec![],
+            identifiers: vec![Identifier::new(cohort_messages::IdentifierKind::Email, "a@example.edu")],
+            contact_emails: vec![],
+        };
+        assert_eq!(store.erase_matching(&target).await.unwrap().journal_events, 2);
+        assert_eq!(kept(&store), (1, 1), "an erased event is not kept in memory either");
+        let left = store.read_after(0, 10).await.unwrap();
+        assert_eq!(left.iter().map(|j| j.event.event_id.as_str()).collect::<Vec<_>>(), vec!["web:e2"]);
+
+        let ids: Vec<OutboxId> = store.read_outbox(10).await.unwrap().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(kept(&store), (0, 0));
+        store
+            .commit_flush(FlushBatch {
+                outbox: WarehouseBatch { gold: vec![profile("p2")], ..WarehouseBatch::default() },
+                ..FlushBatch::default()
+            })
+            .await
+            .unwrap();
+        let second = format!("{:020}", 2);
+        store.ack_outbox(&[ids[0].clone(), second]).await.unwrap();
+        assert_eq!(kept(&store), (0, 0), "an acknowledged batch is dropped unread");
+        assert_eq!(store.outbox_len().await.unwrap(), 0);
     }
 }

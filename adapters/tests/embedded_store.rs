@@ -8,7 +8,9 @@ mod suite;
 use std::path::Path;
 use std::sync::Arc;
 
-use cohort_adapters::{AppendBatch, EmbeddedStore, EventLog, FlushBatch, OperationalStore, StoreErrorKind};
+use cohort_adapters::{
+    AppendBatch, EmbeddedStore, EventLog, FlushBatch, JournaledEvent, OperationalStore, StoreErrorKind,
+};
 use cohort_messages::msgs::IdentityMerged;
 use suite::{at, batch, dead_letter, email, event, outbox_batch, profile, profile_id, raw, with_timeout, Fixture};
 
@@ -278,6 +280,39 @@ async fn profiles_and_outbox_batches_are_stored_packed_and_plain_json_still_read
         store.commit_flush(FlushBatch { outbox: outbox_batch(3), ..FlushBatch::default() }).await.unwrap();
         let outbox: Vec<_> = store.read_outbox(10).await.unwrap().into_iter().map(|(_, b)| b).collect();
         assert_eq!(outbox, vec![old_batch, outbox_batch(3)], "the plain-JSON batch reads, the new one after it");
+    })
+    .await;
+}
+
+/// Reads right after a commit take the writer's decoded copies; reads after a reopen decode
+/// the file. Both must see exactly the same events and outbox batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_journal_tail_and_the_outbox_read_the_same_from_memory_and_from_the_file() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.redb");
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
+        store.append(batch(Some(b"{\"batch\":[1,2]}"), &["m1", "m2"])).await.unwrap();
+        store.append(batch(None, &["m3"])).await.unwrap();
+        for n in 1..=2 {
+            store.commit_flush(FlushBatch { outbox: outbox_batch(n), ..FlushBatch::default() }).await.unwrap();
+        }
+        let pairs = |read: Vec<JournaledEvent>| read.into_iter().map(|j| (j.seq, j.event)).collect::<Vec<_>>();
+        let fresh_events = pairs(store.read_after(0, 10).await.unwrap());
+        let fresh_outbox = store.read_outbox(10).await.unwrap();
+        assert_eq!(fresh_events.len(), 3);
+        assert_eq!(fresh_events[0].1.raw.seq, Some(1), "the kept copy carries the Bronze link");
+        assert_eq!(
+            fresh_outbox.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(),
+            vec![outbox_batch(1), outbox_batch(2)]
+        );
+        // Read again in the same process: what was taken is decoded now.
+        assert_eq!(pairs(store.read_after(0, 10).await.unwrap()), fresh_events);
+        drop(store);
+
+        let reopened = EmbeddedStore::open(&path, CACHE).unwrap();
+        assert_eq!(pairs(reopened.read_after(0, 10).await.unwrap()), fresh_events);
+        assert_eq!(reopened.read_outbox(10).await.unwrap(), fresh_outbox);
     })
     .await;
 }

@@ -129,8 +129,12 @@ const PACKED_ZSTD_JSON: u8 = 1;
 /// (outbox batches). redb copies every page a write touches, so fewer bytes per record mean
 /// fewer pages per commit and a shorter `fsync`, which the journal's appends wait behind.
 pub(super) fn encode_packed<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-    let json = encode(what, value)?;
-    zstd_frame::compress(PACKED_ZSTD_JSON, &json)
+    pack(what, &encode(what, value)?)
+}
+
+/// Compresses JSON from [`encode`] into the format [`decode_packed`] reads.
+pub(super) fn pack(what: &'static str, json: &[u8]) -> Result<Vec<u8>, StoreError> {
+    zstd_frame::compress(PACKED_ZSTD_JSON, json)
         .map_err(|e| StoreError::invalid(format!("cannot compress {what} for the embedded store: {e}")))
 }
 

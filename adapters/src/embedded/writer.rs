@@ -14,13 +14,14 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::erasure::ErasePlan;
+use super::recent::Recent;
 use super::tables::{
-    decode, encode, encode_packed, merge_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS,
-    DOCUMENTS, IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID, META_CHECKPOINT,
-    META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS, SAGAS,
-    SUPPRESSIONS,
+    decode, encode, encode_packed, merge_key, pack, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS,
+    DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID,
+    META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS,
+    SAGAS, SUPPRESSIONS,
 };
-use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError};
+use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError, WarehouseBatch};
 use cohort_messages::{AuditEntry, CustomerEvent, ErasureCounts, NewAuditEntry, SagaRecord};
 
 /// Rows of outbox data per stored outbox entry.
@@ -135,6 +136,28 @@ struct Tables<'txn> {
     merges: Table<'txn, &'static str, &'static [u8]>,
     dead_letters: Table<'txn, u64, &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
+    /// What this transaction wrote that readers will want decoded, kept once it commits.
+    fresh: Fresh,
+}
+
+/// Journal events and outbox batches of one transaction, with their stored sizes.
+#[derive(Default)]
+struct Fresh {
+    events: Vec<(u64, CustomerEvent, usize)>,
+    outbox: Vec<(u64, WarehouseBatch, usize)>,
+}
+
+impl Fresh {
+    fn keep_in(self, recent: &Recent) {
+        if !self.events.is_empty() {
+            let mut kept = recent.events.lock();
+            self.events.into_iter().for_each(|(seq, event, bytes)| kept.keep(seq, event, bytes));
+        }
+        if !self.outbox.is_empty() {
+            let mut kept = recent.outbox.lock();
+            self.outbox.into_iter().for_each(|(id, batch, bytes)| kept.keep(id, batch, bytes));
+        }
+    }
 }
 
 impl<'txn> Tables<'txn> {
@@ -151,6 +174,7 @@ impl<'txn> Tables<'txn> {
             merges: txn.open_table(MERGES).ctx("open table")?,
             dead_letters: txn.open_table(DEAD_LETTERS).ctx("open table")?,
             meta: txn.open_table(META).ctx("open table")?,
+            fresh: Fresh::default(),
         })
     }
 
@@ -216,6 +240,7 @@ impl<'txn> Tables<'txn> {
             self.idempotency_at.insert((now_ms, event.event_id.as_str()), ()).ctx("append")?;
             c.journal_seq = seq;
             seqs.push(Some(seq));
+            self.fresh.events.push((seq, event, bytes.len()));
         }
         Ok(AppendOutcome { raw_seq, seqs })
     }
@@ -244,8 +269,9 @@ impl<'txn> Tables<'txn> {
         }
         for part in batch.outbox.split(OUTBOX_ENTRY_ROWS) {
             c.outbox_id += 1;
-            let bytes = encode_packed("outbox batch", &part)?;
-            self.outbox.insert(c.outbox_id, bytes.as_slice()).ctx("flush")?;
+            let json = encode("outbox batch", &part)?;
+            self.outbox.insert(c.outbox_id, pack("outbox batch", &json)?.as_slice()).ctx("flush")?;
+            self.fresh.outbox.push((c.outbox_id, part, json.len()));
         }
         if let Some(checkpoint) = batch.checkpoint {
             // A late or replayed flush must never move replay start backwards.
@@ -360,6 +386,7 @@ pub(super) struct Writer {
     pub db: Arc<Database>,
     pub head: watch::Sender<u64>,
     pub commands: mpsc::Receiver<Command>,
+    pub recent: Arc<Recent>,
 }
 
 impl Writer {
@@ -439,7 +466,7 @@ impl Writer {
         // Acknowledged means on disk: an HTTP 2xx follows this commit.
         txn.set_durability(Durability::Immediate);
         let mut results = Vec::with_capacity(ops.len());
-        let head = {
+        let (head, fresh) = {
             let mut tables = Tables::open(&txn)?;
             let before = tables.counters()?;
             let mut c = before;
@@ -455,15 +482,27 @@ impl Writer {
                     Op::Audit(entries) => Applied::Ids(audit(&txn, &mut c, entries)?),
                     Op::Docs(table, docs) => Applied::Count(put_docs(&txn, table, docs)?),
                     Op::SaveSaga(saga) => Applied::Unit(save_saga(&txn, &saga)?),
-                    Op::AckOutbox(ids) => Applied::Count(tables.ack_outbox(&ids)?),
-                    Op::Expire { before, covered } => Applied::Count(tables.expire(before, covered)?),
-                    Op::Erase(plan) => Applied::Erased(tables.erase(&txn, &plan)?),
+                    Op::AckOutbox(ids) => {
+                        self.recent.outbox.lock().forget(ids.iter().copied());
+                        Applied::Count(tables.ack_outbox(&ids)?)
+                    }
+                    Op::Expire { before, covered } => {
+                        // Whatever is covered was read long ago.
+                        self.recent.events.lock().forget_through(covered);
+                        Applied::Count(tables.expire(before, covered)?)
+                    }
+                    Op::Erase(plan) => {
+                        self.recent.events.lock().forget(plan.journal.iter().copied());
+                        Applied::Erased(tables.erase(&txn, &plan)?)
+                    }
                 });
             }
             tables.save_counters(before, c)?;
-            c.journal_seq
+            (c.journal_seq, tables.fresh)
         };
         txn.commit().ctx("commit")?;
+        // Before the head moves: a reader woken by it finds them.
+        fresh.keep_in(&self.recent);
         Ok((results, head))
     }
 }
