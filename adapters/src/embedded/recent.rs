@@ -18,8 +18,11 @@ use crate::WarehouseBatch;
 /// Journal events kept at most, by the size of their stored JSON. The dispatcher's window
 /// (20,000 events) lags the head by less than this under saturation.
 const EVENT_BYTES: usize = 32 << 20;
-/// Outbox batches kept at most, by the size of their JSON before compression.
-const OUTBOX_BYTES: usize = 32 << 20;
+/// Outbox batches kept at most, by the size of their JSON before compression. A flush at
+/// saturation writes tens of MiB (Gold rows, Bronze payloads); at 32 MiB a third of them were
+/// evicted before the relay came. The relay takes what it reads, so this fills only while it
+/// reads nothing.
+const OUTBOX_BYTES: usize = 256 << 20;
 
 /// The journal events and outbox batches of recent commits, by seq and outbox id.
 pub(super) struct Recent {
