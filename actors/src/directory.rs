@@ -583,6 +583,7 @@ impl ProfilesState {
                         ctx.metrics.checkpoint.set(total as i64);
                     }
                     ctx.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
+                    ctx.metrics.flush_profiles_written.inc_by(n_profiles as u64);
                     Ok(FlushReport {
                         profiles: n_profiles,
                         identities: identities.len(),
@@ -1379,15 +1380,18 @@ mod tests {
             let store = s.store.clone();
             async move { store.load_profile(&profile).await.unwrap().map_or(0, |r| r.counters.events_total) }
         };
+        let written = || s.ctx.metrics.flush_profiles_written.get();
         apply(&hot, 1, "e1");
         s.flush().await.unwrap().unwrap();
         assert_eq!(s.ctx.checkpoints.stream0(), 1);
+        assert_eq!(written(), 1);
 
         apply(&hot, 2, "e2");
         apply(&fresh, 3, "e3");
         let unflushed = s.timed_flush_leaving(1).await;
         assert_eq!(unflushed, 1, "the timed flush took the fresh profile and left e2 with the hot one");
         assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 1);
+        assert_eq!(written(), 2, "only the fresh profile was written");
         assert_eq!(s.ctx.checkpoints.stream0(), 1, "e2 is not in the store yet, so the checkpoint stays below it");
         assert_eq!(stored_events(hot.clone()).await, 1);
         assert_eq!(stored_events(fresh.clone()).await, 1);
@@ -1400,6 +1404,7 @@ mod tests {
         assert_eq!(s.ctx.checkpoints.stream0(), 3);
         assert_eq!(stored_events(hot).await, 2);
         assert_eq!(s.ctx.metrics.flush_deferred_profiles.get(), 0);
+        assert_eq!(written(), 3);
         assert_eq!(silver(s.store.read_outbox(10).await.unwrap()), vec!["web:e1", "web:e3", "web:e2"]);
     }
 

@@ -815,6 +815,8 @@ struct ServerDeltas {
     actor_restarts: f64,
     flushes: f64,
     flush_seconds_mean: Option<f64>,
+    /// Profile records those flushes wrote (each a whole record, history included).
+    profiles_written: f64,
 }
 
 impl ServerDeltas {
@@ -833,6 +835,7 @@ impl ServerDeltas {
             identity_merges: d("cohort_identity_merges_total", &[]),
             actor_restarts: d("cohort_actor_restarts_total", &[]),
             flushes,
+            profiles_written: d("cohort_profile_flush_profiles_written_total", &[]),
             flush_seconds_mean: (flushes > 0.0).then(|| flush_sum / flushes),
         }
     }
@@ -2015,13 +2018,14 @@ impl Report<'_> {
             .collect();
         println!("  since receipt, p50/p99/mean ms: {}", stages.join(", "));
         println!(
-            "  server: {} profiles created, {} merges, {} dead letters after acceptance, {} restarts, {} flushes (mean {})",
+            "  server: {} profiles created, {} merges, {} dead letters after acceptance, {} restarts, {} flushes (mean {}) writing {} profile records",
             thousands(i.server.profiles_created as u64),
             thousands(i.server.identity_merges as u64),
             i.server.dead_letters_pipeline,
             i.server.actor_restarts,
             i.server.flushes,
             fmt_ms(i.server.flush_seconds_mean.map(|v| v * 1e3)),
+            thousands(i.server.profiles_written as u64),
         );
         if let Some(t) = &self.warehouse_tail {
             let quiet = match t.quiet {

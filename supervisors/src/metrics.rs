@@ -38,6 +38,9 @@ pub struct Metrics {
     /// Profiles with changes the last flush left for a later one (`profiles.snapshot_min_interval_ms`);
     /// 0 after a flush somebody asked for, which takes everything.
     pub flush_deferred_profiles: IntGauge,
+    /// Profile records the write-behind wrote: with events applied, how often a profile is
+    /// rewritten whole, the flush's main cost.
+    pub flush_profiles_written: IntCounter,
     pub checkpoint: IntGauge,
     pub warehouse_rows: IntCounterVec,
     pub warehouse_failures: IntCounter,
@@ -321,6 +324,9 @@ impl Metrics {
             "Profiles with unflushed changes the last flush left for a later one, snapshotted moments before",
         )?;
         r.register(Box::new(flush_deferred_profiles.clone()))?;
+        let flush_profiles_written =
+            IntCounter::new("profile_flush_profiles_written_total", "Profile records written by write-behind flushes")?;
+        r.register(Box::new(flush_profiles_written.clone()))?;
         let checkpoint =
             IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
         r.register(Box::new(checkpoint.clone()))?;
@@ -414,6 +420,7 @@ impl Metrics {
             flush_duration,
             flush_failures,
             flush_deferred_profiles,
+            flush_profiles_written,
             checkpoint,
             gdpr_saga_duration,
             gdpr_sagas,
