@@ -39,6 +39,7 @@ fn url(dataset: &str) -> String {
 async fn subject() -> Subject {
     let wh = open_warehouse(&url(&unique_dataset())).await.unwrap();
     assert_eq!(wh.backend(), "bigquery");
+    assert!(!wh.runs_in_process(), "BigQuery takes no CPU of ours: the sink never paces relays to it");
     Subject { wh, guard: None }
 }
 

@@ -110,3 +110,10 @@ async fn positional_parameters_are_refused() {
     let err = wh.query("SELECT * FROM silver WHERE event_id = ?", &[]).await.unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Invalid, "{err}");
 }
+
+/// SQLite writes on our own cores, so the sink paces its timed relays to it as it does DuckDB's.
+#[tokio::test]
+async fn sqlite_says_it_runs_in_process() {
+    assert!(memory_subject().await.wh.runs_in_process());
+    assert!(file_subject().await.wh.runs_in_process());
+}
