@@ -295,21 +295,19 @@ impl Subscription for JournalSubscription {
             let _ = tokio::time::timeout(wait, self.head.changed()).await;
             events = self.log.read_after(self.next_after, max).await?;
         }
-        if let Some(last) = events.last() {
-            self.next_after = last.seq;
-        }
-        if !self.with_raw {
-            return Ok(Polled { events, undecodable: Vec::new(), raw: Vec::new() });
-        }
         // Bronze seqs grow with journal seqs, so one range read finds every payload referenced.
         let seqs = events.iter().filter_map(|e| e.event.raw.seq);
-        let raw = match (seqs.clone().min(), seqs.max()) {
-            (Some(lo), Some(hi)) => {
+        let raw = match (self.with_raw, seqs.clone().min(), seqs.max()) {
+            (true, Some(lo), Some(hi)) => {
                 let span = usize::try_from(hi - lo + 1).unwrap_or(usize::MAX);
                 self.log.read_bronze_after(lo - 1, span).await?
             }
             _ => Vec::new(),
         };
+        // Only once the whole poll succeeded: a failed one is polled again from the same place.
+        if let Some(last) = events.last() {
+            self.next_after = last.seq;
+        }
         Ok(Polled { events, undecodable: Vec::new(), raw })
     }
 }
@@ -326,5 +324,76 @@ mod tests {
         // the embedded journal's seq is its own position
         assert_eq!(pack(0, 12345), 12345);
         assert!(pack(1, 0) > pack(0, OFFSET_MASK));
+    }
+
+    /// The journal, with reads of raw payloads failing while `fail_bronze` is set.
+    struct FlakyBronze {
+        inner: Arc<crate::EmbeddedStore>,
+        fail_bronze: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl EventLog for FlakyBronze {
+        async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, StoreError> {
+            self.inner.append(batch).await
+        }
+        async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<JournaledEvent>, StoreError> {
+            self.inner.read_after(after, limit).await
+        }
+        fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.inner.watch_head()
+        }
+        async fn read_bronze_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, BronzeRecord)>, StoreError> {
+            if self.fail_bronze.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::unavailable("bronze read failed"));
+            }
+            self.inner.read_bronze_after(after, limit).await
+        }
+        async fn erase_matching(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+            self.inner.erase_matching(target).await
+        }
+        async fn count_matching(&self, target: &ErasureTarget) -> Result<ErasureCounts, StoreError> {
+            self.inner.count_matching(target).await
+        }
+        async fn compact(&self, before: DateTime<Utc>, covered: u64) -> Result<u64, StoreError> {
+            self.inner.compact(before, covered).await
+        }
+    }
+
+    /// A poll whose raw payloads could not be read fails as a whole: the next poll returns the
+    /// same events instead of going on after them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_that_failed_reading_raw_payloads_returns_its_events_again() {
+        let inner = crate::EmbeddedStore::in_memory().unwrap();
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        let event = cohort_messages::CustomerEvent {
+            event_id: cohort_messages::EventId::new(cohort_messages::Source::Web, "e1"),
+            source: cohort_messages::Source::Web,
+            kind: cohort_messages::EventKind::Track,
+            name: Some("quiz_completed".into()),
+            occurred_at: at,
+            received_at: at,
+            identifiers: vec![],
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Default::default(),
+            trace: None,
+            raw: cohort_messages::RawRef { seq: None, index: 0 },
+        };
+        let raw = BronzeRecord {
+            source: cohort_messages::Source::Web,
+            format: "segment:track".into(),
+            content_type: "application/json".into(),
+            received_at: at,
+            body: b"{}".to_vec(),
+        };
+        inner.append(AppendBatch { raw: Some(raw), events: vec![event] }).await.unwrap();
+        let log = Arc::new(FlakyBronze { inner, fail_bronze: true.into() });
+        let mut sub = JournalSubscription { log: log.clone(), next_after: 0, head: log.watch_head(), with_raw: true };
+        assert!(sub.poll(10, Duration::from_millis(10)).await.is_err());
+        log.fail_bronze.store(false, std::sync::atomic::Ordering::SeqCst);
+        let polled = sub.poll(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(polled.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1], "the event is not skipped");
+        assert_eq!(polled.raw.len(), 1);
     }
 }
