@@ -24,9 +24,9 @@ use tokio::sync::{oneshot, watch};
 
 use self::recent::Recent;
 use self::tables::{
-    db_err, decode, decode_packed, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY,
-    CONSENTS, DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META, META_CHECKPOINT, OUTBOX,
-    PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
+    db_err, decode, decode_packed, decode_packed_within, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT,
+    BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META,
+    META_CHECKPOINT, OUTBOX, OUTBOX_MAX_BYTES, PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::writer::{Command, DocTable, Writer};
 use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
@@ -151,6 +151,8 @@ impl EmbeddedStore {
                 tracing::error!(location = %self.location, error = %e, "embedded store close failed")
             }
         }
+        // Personal data in the copies goes with the store, not with the last handle.
+        self.recent.clear();
         tracing::info!(location = %self.location, "embedded store closed");
     }
 
@@ -261,11 +263,18 @@ impl EventLog for EmbeddedStore {
             for entry in journal.range(range_after(after)).ctx("read journal")?.take(limit) {
                 let (seq, bytes) = entry.ctx("read journal")?;
                 let seq = seq.value();
-                let event = match recent.events.lock().take(seq) {
+                // Not held while decoding: the writer takes this lock after every commit.
+                let kept = recent.events.lock().take(seq);
+                let event = match kept {
                     Some(event) => event,
                     None => decode("event", bytes.value())?,
                 };
                 out.push(JournaledEvent { seq, event });
+            }
+            if let Some(last) = out.last() {
+                // Kept after this read decoded them (its snapshot began before the keep): nobody
+                // reads them again.
+                recent.events.lock().forget_through(last.seq);
             }
             Ok(out)
         })
@@ -473,9 +482,10 @@ impl OperationalStore for EmbeddedStore {
             for entry in outbox.iter().ctx("read outbox")?.take(limit) {
                 let (id, bytes) = entry.ctx("read outbox")?;
                 let id = id.value();
-                let batch = match recent.outbox.lock().take(id) {
+                let kept = recent.outbox.lock().take(id);
+                let batch = match kept {
                     Some(batch) => batch,
-                    None => decode_packed("outbox batch", bytes.value())?,
+                    None => decode_packed_within("outbox batch", bytes.value(), OUTBOX_MAX_BYTES)?,
                 };
                 out.push((outbox_key(id), batch));
             }
@@ -809,5 +819,19 @@ mod tests {
         store.ack_outbox(&[ids[0].clone(), second]).await.unwrap();
         assert_eq!(kept(&store), (0, 0), "an acknowledged batch is dropped unread");
         assert_eq!(store.outbox_len().await.unwrap(), 0);
+
+        // A copy kept after a read went past it (its snapshot began before the keep) is dropped
+        // by the next read; expiry drops what it covers; closing drops everything.
+        store.recent.events.lock().keep(1, tracked("late", "c@example.edu"), 10);
+        let events =
+            vec![tracked("e4", "d@example.edu"), tracked("e5", "d@example.edu"), tracked("e6", "d@example.edu")];
+        store.append(AppendBatch { raw: None, events }).await.unwrap();
+        assert_eq!(kept(&store).0, 4);
+        assert_eq!(store.read_after(3, 1).await.unwrap().len(), 1);
+        assert_eq!(kept(&store).0, 2, "the read took seq 4 and dropped the late copy below it");
+        store.compact(DateTime::from_timestamp(0, 0).unwrap_or_default(), 5).await.unwrap();
+        assert_eq!(kept(&store).0, 1, "seq 5 is covered");
+        store.close().await;
+        assert_eq!(kept(&store), (0, 0));
     }
 }

@@ -38,8 +38,13 @@ pub(crate) fn compress(format: u8, raw: &[u8]) -> io::Result<Vec<u8>> {
 /// What a frame written by [`compress`] (without its format byte) holds; the error says why
 /// it is unreadable.
 pub(crate) fn decompress(frame: &[u8]) -> Result<Vec<u8>, String> {
+    decompress_within(frame, MAX_BYTES)
+}
+
+/// [`decompress`] for values that may legitimately be larger than [`MAX_BYTES`], up to `limit`.
+pub(crate) fn decompress_within(frame: &[u8], limit: usize) -> Result<Vec<u8>, String> {
     match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(size)) if size <= MAX_BYTES as u64 => {}
+        Ok(Some(size)) if size <= limit as u64 => {}
         Ok(Some(size)) => return Err(format!("it claims {size} bytes")),
         Ok(None) => return Err("its size is not recorded".into()),
         Err(_) => return Err("it is not a zstd frame".into()),
@@ -50,6 +55,6 @@ pub(crate) fn decompress(frame: &[u8]) -> Result<Vec<u8>, String> {
             Some(u) => u,
             None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?),
         };
-        unpacker.decompress(frame, MAX_BYTES).map_err(|e| e.to_string())
+        unpacker.decompress(frame, limit).map_err(|e| e.to_string())
     })
 }

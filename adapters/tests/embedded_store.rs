@@ -316,3 +316,27 @@ async fn the_journal_tail_and_the_outbox_read_the_same_from_memory_and_from_the_
     })
     .await;
 }
+
+/// An outbox entry holding more than a profile may (a whole import chunk as escaped JSON text)
+/// still reads back from the file: at the profiles' bound it was written but never readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outbox_entry_above_the_profiles_size_bound_reads_back_from_the_file() {
+    with_timeout(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cohort.redb");
+        let body = "\"Id\",\"Email\"\n".repeat((65 << 20) / 14);
+        let big = cohort_adapters::WarehouseBatch {
+            bronze: vec![cohort_adapters::BronzeRow::from_record(1, &raw(body.as_bytes()))],
+            ..cohort_adapters::WarehouseBatch::default()
+        };
+        {
+            let store = EmbeddedStore::open(&path, CACHE).unwrap();
+            store.commit_flush(FlushBatch { outbox: big.clone(), ..FlushBatch::default() }).await.unwrap();
+        }
+        let reopened = EmbeddedStore::open(&path, CACHE).unwrap();
+        let read = reopened.read_outbox(10).await.unwrap();
+        assert_eq!(read.len(), 1);
+        assert!(read[0].1 == big, "the large entry reads back whole");
+    })
+    .await;
+}

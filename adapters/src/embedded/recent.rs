@@ -15,14 +15,14 @@ use parking_lot::Mutex;
 
 use crate::WarehouseBatch;
 
-/// Journal events kept at most, by the size of their stored JSON. The dispatcher's window
-/// (20,000 events) lags the head by less than this under saturation.
+/// Journal events kept at most, by the size of their stored JSON (decoded, they take a few
+/// times that). The dispatcher's window (20,000 events) lags the head by less than this under
+/// saturation.
 const EVENT_BYTES: usize = 32 << 20;
 /// Outbox batches kept at most, by the size of their JSON before compression. A flush at
 /// saturation writes tens of MiB (Gold rows, Bronze payloads); at 32 MiB a third of them were
-/// evicted before the relay came. The relay takes what it reads, so this fills only while it
-/// reads nothing.
-const OUTBOX_BYTES: usize = 256 << 20;
+/// still decoded.
+const OUTBOX_BYTES: usize = 128 << 20;
 
 /// The journal events and outbox batches of recent commits, by seq and outbox id.
 pub(super) struct Recent {
@@ -36,7 +36,17 @@ impl Default for Recent {
     }
 }
 
-/// Values by key, bounded by the stored size they stand for; the lowest keys go first.
+impl Recent {
+    /// Drops everything (the store closed).
+    pub(super) fn clear(&self) {
+        *self.events.lock() = Kept::new(EVENT_BYTES);
+        *self.outbox.lock() = Kept::new(OUTBOX_BYTES);
+    }
+}
+
+/// Values by key, bounded by the stored size they stand for. Full, it keeps nothing new: the
+/// readers go in key order, so while they lag they find the oldest kept and decode the rest,
+/// and the copies never grow past the cap.
 pub(super) struct Kept<T> {
     entries: BTreeMap<u64, (T, usize)>,
     bytes: usize,
@@ -48,21 +58,12 @@ impl<T> Kept<T> {
         Self { entries: BTreeMap::new(), bytes: 0, cap }
     }
 
-    /// Keeps `value`, which stands for `bytes` stored bytes, evicting the oldest entries over
-    /// the cap. A value larger than the whole cap is not kept.
+    /// Keeps `value`, which stands for `bytes` stored bytes, if it fits under the cap.
     pub(super) fn keep(&mut self, key: u64, value: T, bytes: usize) {
-        if bytes > self.cap {
-            return;
-        }
-        if let Some((_, old)) = self.entries.insert(key, (value, bytes)) {
-            self.bytes -= old;
-        }
-        self.bytes += bytes;
-        while self.bytes > self.cap {
-            match self.entries.pop_first() {
-                Some((_, (_, b))) => self.bytes -= b,
-                None => break,
-            }
+        self.take(key);
+        if self.bytes + bytes <= self.cap {
+            self.entries.insert(key, (value, bytes));
+            self.bytes += bytes;
         }
     }
 
@@ -98,7 +99,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kept_values_are_taken_once_and_the_oldest_go_first_over_the_cap() {
+    fn kept_values_are_taken_once_and_nothing_new_is_kept_over_the_cap() {
         let mut kept = Kept::new(10);
         kept.keep(1, "a", 4);
         kept.keep(2, "b", 4);
@@ -106,10 +107,11 @@ mod tests {
         assert_eq!(kept.take(1), None, "a value is served once");
         kept.keep(3, "c", 4);
         kept.keep(4, "d", 4);
-        assert_eq!(kept.take(2), None, "over the cap, the lowest key was evicted");
-        assert_eq!((kept.take(3), kept.take(4)), (Some("c"), Some("d")));
+        assert_eq!(kept.take(4), None, "over the cap, the new value was not kept");
+        assert_eq!((kept.take(2), kept.take(3)), (Some("b"), Some("c")), "the oldest stay for the lagging reader");
+        kept.keep(5, "e", 4);
         kept.keep(5, "too big", 11);
-        assert_eq!(kept.take(5), None, "a value larger than the cap is not kept");
+        assert_eq!(kept.take(5), None, "a value larger than the cap is not kept, nor the one it replaced");
         assert_eq!(kept.bytes, 0);
     }
 
