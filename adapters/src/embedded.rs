@@ -26,7 +26,7 @@ use self::recent::Recent;
 use self::tables::{
     db_err, decode, decode_packed, decode_packed_within, encode, merge_range, outbox_key, BronzeRow, DbResult, AUDIT,
     BRONZE, BRONZE_BODY, CONSENTS, DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDENTITIES, JOURNAL, MERGES, META,
-    META_CHECKPOINT, OUTBOX, OUTBOX_MAX_BYTES, PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
+    META_CHECKPOINT, OUTBOX, PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::writer::{Command, DocTable, Writer};
 use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
@@ -485,7 +485,7 @@ impl OperationalStore for EmbeddedStore {
                 let kept = recent.outbox.lock().take(id);
                 let batch = match kept {
                     Some(batch) => batch,
-                    None => decode_packed_within("outbox batch", bytes.value(), OUTBOX_MAX_BYTES)?,
+                    None => decode_packed_within("outbox batch", bytes.value(), crate::zstd_frame::MAX_OUTBOX_BYTES)?,
                 };
                 out.push((outbox_key(id), batch));
             }

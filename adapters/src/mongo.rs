@@ -27,10 +27,10 @@ use mongodb::options::{ClientOptions, InsertOneModel, ReplaceOneModel, ReturnDoc
 use mongodb::{Client, Collection, Database, IndexModel, Namespace};
 
 use self::codec::{
-    as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, profile_doc,
-    profile_from_doc, profile_id_of, record_doc, record_from_doc, to_i64, AUDIT, CONSENTS, DEAD_LETTERS, DOCUMENTS,
-    EVENT_IDS, IDENTITIES, MERGES, META, META_AUDIT_ID, META_CHECKPOINT, META_DEAD_LETTER_ID, OUTBOX, PROFILES,
-    REVIEWS, SAGAS, SUPPRESSIONS,
+    as_u64, dead_letter_doc, dead_letter_from_doc, identity_doc, merge_docs, merge_from_doc, outbox_docs,
+    outbox_from_doc, profile_doc, profile_from_doc, profile_id_of, record_doc, record_from_doc, to_i64, AUDIT,
+    CONSENTS, DEAD_LETTERS, DOCUMENTS, EVENT_IDS, IDENTITIES, MERGES, META, META_AUDIT_ID, META_CHECKPOINT,
+    META_DEAD_LETTER_ID, OUTBOX, OUTBOX_DOC_BYTES, PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
 };
 use self::errors::{store_error, DUPLICATE_KEY};
 use crate::store::{consent_key, document_key, suppression_key, DocumentRange};
@@ -473,9 +473,7 @@ impl OperationalStore for MongoStore {
         }
         // A retried flush inserts its outbox rows again; the warehouse's keys absorb that.
         let outbox = self.outbox.namespace();
-        for part in batch.outbox.split(OUTBOX_DOC_ROWS) {
-            let bytes = serde_json::to_vec(&part)
-                .map_err(|e| StoreError::invalid(format!("cannot encode an outbox batch: {e}")))?;
+        for bytes in outbox_docs(batch.outbox, OUTBOX_DOC_ROWS, OUTBOX_DOC_BYTES)? {
             let document = doc! {
                 "_id": ObjectId::new(),
                 "batch": Binary { subtype: BinarySubtype::Generic, bytes },
@@ -589,7 +587,7 @@ impl OperationalStore for MongoStore {
                 Some(Bson::Binary(b)) => &b.bytes,
                 _ => return Err(StoreError::corrupt(format!("outbox document {id} has no binary batch"))),
             };
-            let batch = serde_json::from_slice(bytes)
+            let batch = outbox_from_doc(bytes)
                 .map_err(|e| StoreError::corrupt(format!("outbox document {id} does not decode: {e}")))?;
             Ok((id, batch))
         })

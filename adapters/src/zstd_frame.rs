@@ -12,6 +12,11 @@ const LEVEL: i32 = 1;
 /// frame cannot make a read allocate without bound.
 pub(crate) const MAX_BYTES: usize = 64 << 20;
 
+/// The most an outbox entry may hold. One Bronze row carries a whole request body as JSON text,
+/// and an import chunk may be 64 MiB (`server.max_import_body_bytes`) before escaping: at
+/// [`MAX_BYTES`] such an entry was written but never readable, and the relay stopped at it.
+pub(crate) const MAX_OUTBOX_BYTES: usize = 1 << 30;
+
 thread_local! {
     /// One compression context per thread (in practice the store's writer), reused for every value.
     static PACKER: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };

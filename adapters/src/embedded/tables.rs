@@ -138,12 +138,6 @@ pub(super) fn pack(what: &'static str, json: &[u8]) -> Result<Vec<u8>, StoreErro
         .map_err(|e| StoreError::invalid(format!("cannot compress {what} for the embedded store: {e}")))
 }
 
-/// The most an outbox entry may hold. One Bronze row carries a whole request body as JSON text,
-/// and an import chunk may be 64 MiB (`server.max_import_body_bytes`) before escaping: at the
-/// profiles' 64 MiB bound such an entry was written but could never be read, and the relay
-/// stopped at it for good.
-pub(super) const OUTBOX_MAX_BYTES: usize = 1 << 30;
-
 /// Reads what [`encode_packed`] wrote, or plain JSON stored before values were packed.
 pub(super) fn decode_packed<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     decode_packed_within(what, bytes, zstd_frame::MAX_BYTES)

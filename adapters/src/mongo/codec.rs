@@ -16,7 +16,7 @@
 //! | `dead_letters` | id (`Int64`, from 1)               | the fields of `DeadLetter` except `id`        |
 //! | `meta`         | `checkpoint`, `dead_letter_id`     | `value` (`Int64`)                             |
 //! | `event_ids`    | event id                           | `at` (BSON date it was recorded, for expiry)  |
-//! | `warehouse_outbox` | ObjectId (time ordered)        | `batch` (binary: the `WarehouseBatch` JSON)   |
+//! | `warehouse_outbox` | ObjectId (time ordered)        | `batch` (binary: the `WarehouseBatch` JSON, see `outbox_docs`) |
 //! | `consents`     | `profile/purpose/channel`          | the fields of `ConsentRecord`                 |
 //! | `suppressions` | `channel:address`                  | the fields of `Suppression`                   |
 //! | `sagas`        | saga id                            | the fields of `SagaRecord` (`version` guards) |
@@ -26,7 +26,7 @@
 use cohort_messages::{msgs::IdentityMerged, DeadLetter, Identifier, ProfileId, ProfileRecord};
 use mongodb::bson::{self, doc, spec::BinarySubtype, Binary, Bson, Document};
 
-use crate::StoreError;
+use crate::{StoreError, WarehouseBatch};
 
 pub(super) const PROFILES: &str = "profiles";
 pub(super) const IDENTITIES: &str = "identities";
@@ -160,6 +160,68 @@ pub(super) fn profile_from_doc(mut doc: Document) -> Result<ProfileRecord, Store
         doc.extend(unpacked);
     }
     bson::from_document(doc).map_err(|e| decode_error("profile", &id, e))
+}
+
+/// What one outbox document's batch may take: MongoDB refuses documents over 16 MiB.
+pub(super) const OUTBOX_DOC_BYTES: usize = 15 << 20;
+/// First byte of an outbox batch stored compressed: a zstd frame holding the JSON follows. A
+/// plain batch is JSON, whose first byte is `{`.
+const PACKED_ZSTD_JSON: u8 = 1;
+
+/// An outbox batch as the `batch` values of documents that fit MongoDB: at most `max_rows` rows
+/// each, halved until each is at most `max_bytes` of JSON, and a single row still too large
+/// compressed. Counting rows alone let 1,000 Bronze payloads (a Segment batch may be 500 KB) make
+/// a document MongoDB refuses, and the failed flush, retried with more, never fitted again.
+pub(super) fn outbox_docs(
+    batch: WarehouseBatch,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut out = Vec::new();
+    for part in batch.split(max_rows) {
+        fit_outbox(part, max_bytes, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn fit_outbox(part: WarehouseBatch, max_bytes: usize, out: &mut Vec<Vec<u8>>) -> Result<(), StoreError> {
+    let json =
+        serde_json::to_vec(&part).map_err(|e| StoreError::invalid(format!("cannot encode an outbox batch: {e}")))?;
+    if json.len() <= max_bytes {
+        out.push(json);
+        return Ok(());
+    }
+    let rows = part.rows();
+    if rows > 1 {
+        for half in part.split(rows.div_ceil(2)) {
+            fit_outbox(half, max_bytes, out)?;
+        }
+        return Ok(());
+    }
+    let packed = crate::zstd_frame::compress(PACKED_ZSTD_JSON, &json)
+        .map_err(|e| StoreError::invalid(format!("cannot compress an outbox row: {e}")))?;
+    if packed.len() > max_bytes {
+        return Err(StoreError::invalid(format!(
+            "an outbox row of {} bytes ({} compressed) does not fit a MongoDB document",
+            json.len(),
+            packed.len()
+        )));
+    }
+    out.push(packed);
+    Ok(())
+}
+
+/// Reads a `batch` value [`outbox_docs`] wrote, plain or compressed.
+pub(super) fn outbox_from_doc(bytes: &[u8]) -> Result<WarehouseBatch, String> {
+    let unpacked;
+    let json = match bytes.split_first() {
+        Some((&PACKED_ZSTD_JSON, frame)) => {
+            unpacked = crate::zstd_frame::decompress_within(frame, crate::zstd_frame::MAX_OUTBOX_BYTES)?;
+            unpacked.as_slice()
+        }
+        _ => bytes,
+    };
+    serde_json::from_slice(json).map_err(|e| e.to_string())
 }
 
 /// `{_id: "kind:value", kind, value, profile_id}`: the key is unique by construction.
@@ -429,5 +491,60 @@ mod tests {
             redact_quoted(r#"invalid type: string "a@b.c", expected u64"#),
             r#"invalid type: string "…", expected u64"#
         );
+    }
+
+    fn bronze(n: u64, payload: String) -> crate::BronzeRow {
+        crate::BronzeRow {
+            raw_seq: n,
+            source: Source::Web,
+            format: "segment:batch".into(),
+            content_type: "application/json".into(),
+            received_at: at(0, 0),
+            payload_encoding: crate::warehouse::PayloadEncoding::Utf8,
+            payload,
+        }
+    }
+
+    #[test]
+    fn outbox_batches_are_halved_until_each_fits_and_read_back_in_order() {
+        let batch = WarehouseBatch {
+            bronze: (0..40).map(|n| bronze(n, format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(200)))).collect(),
+            ..WarehouseBatch::default()
+        };
+        let docs = outbox_docs(batch.clone(), 1000, 2_000).unwrap();
+        assert!(docs.len() >= 5, "{} documents", docs.len());
+        assert!(docs.iter().all(|d| d.len() <= 2_000), "every document fits");
+        let mut read = WarehouseBatch::default();
+        for d in &docs {
+            read.extend(outbox_from_doc(d).unwrap());
+        }
+        assert_eq!(read, batch, "all rows, in order");
+        assert_eq!(outbox_docs(batch.clone(), 1000, usize::MAX).unwrap().len(), 1, "small enough: one document");
+    }
+
+    #[test]
+    fn a_single_row_too_large_is_compressed_and_one_too_large_even_so_is_refused() {
+        let big = WarehouseBatch { bronze: vec![bronze(1, "a".repeat(50_000))], ..WarehouseBatch::default() };
+        let docs = outbox_docs(big.clone(), 1000, 10_000).unwrap();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].first(), Some(&PACKED_ZSTD_JSON));
+        assert_eq!(outbox_from_doc(&docs[0]).unwrap(), big);
+        // Plain JSON written before compression existed still reads.
+        assert_eq!(outbox_from_doc(&serde_json::to_vec(&big).unwrap()).unwrap(), big);
+
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: String = (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'0' + (x % 64) as u8)
+            })
+            .collect();
+        let err =
+            outbox_docs(WarehouseBatch { bronze: vec![bronze(2, noise)], ..WarehouseBatch::default() }, 1000, 10_000)
+                .unwrap_err();
+        assert_eq!(err.kind, crate::StoreErrorKind::Invalid);
+        assert!(err.message.contains("does not fit a MongoDB document"), "{}", err.message);
     }
 }

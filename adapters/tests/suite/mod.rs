@@ -96,6 +96,7 @@ macro_rules! operational_store_suite {
             flushed_event_ids_are_seen,
             outbox_keeps_batches_in_order_until_acknowledged,
             large_outbox_batches_are_split_and_kept_whole,
+            outbox_payloads_larger_than_a_document_are_kept_whole,
             profiles_load_in_one_call,
             flushed_event_ids_expire,
             consents_keep_the_latest_decision_per_purpose_and_channel,
@@ -706,6 +707,22 @@ pub async fn outbox_keeps_batches_in_order_until_acknowledged(f: StoreFixture) {
     assert_eq!(rest.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), vec![outbox_batch(2), outbox_batch(3)]);
     f.store.ack_outbox(&rest.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>()).await.unwrap();
     assert_eq!(f.store.outbox_len().await.unwrap(), 0);
+}
+
+/// 300 Segment batches of 100 KB in one flush: more than a MongoDB document holds (16 MiB),
+/// fewer rows than one outbox entry's row limit.
+pub async fn outbox_payloads_larger_than_a_document_are_kept_whole(f: StoreFixture) {
+    let mut big = WarehouseBatch::default();
+    for n in 0..300u64 {
+        let body = format!("{{\"batch\":[{}\"n\":{n}]}}", "{\"event\":\"Lesson Completed\"},".repeat(3_000));
+        big.bronze.push(BronzeRow::from_record(n + 1, &raw(body.as_bytes())));
+    }
+    f.store.commit_flush(FlushBatch { outbox: big.clone(), ..FlushBatch::default() }).await.unwrap();
+    let mut joined = WarehouseBatch::default();
+    for (_, b) in f.store.read_outbox(1000).await.unwrap() {
+        joined.extend(b);
+    }
+    assert!(joined == big, "every payload, whole and in order");
 }
 
 pub async fn large_outbox_batches_are_split_and_kept_whole(f: StoreFixture) {
