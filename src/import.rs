@@ -63,24 +63,18 @@ pub async fn salesforce_contacts(
     let url = format!("{}/v1/import/salesforce/contacts", base_url.trim_end_matches('/'));
     let mut summary = ImportSummary::default();
     let mut record = csv::StringRecord::new();
+    let mut rows = Vec::with_capacity(chunk_rows.min(100_000));
     loop {
-        let mut writer = csv::WriterBuilder::new().delimiter(delimiter).from_writer(Vec::with_capacity(1 << 20));
-        writer.write_record(&header)?;
-        let mut n = 0;
-        while n < chunk_rows && reader.read_record(&mut record)? {
-            writer.write_record(&record)?;
-            n += 1;
+        rows.clear();
+        while rows.len() < chunk_rows && reader.read_record(&mut record)? {
+            rows.push(record.clone());
         }
-        if n == 0 {
+        if rows.is_empty() {
             break;
         }
-        let body = writer.into_inner().map_err(|e| anyhow!("buffering a chunk: {e}"))?;
-        let receipt = post_chunk(&client, &url, token, body).await?;
-        summary.rows += n as u64;
-        summary.accepted += receipt.accepted;
-        summary.duplicates += receipt.duplicates;
-        summary.rejected += receipt.rejected.len() as u64;
-        summary.requests += 1;
+        let chunk = Chunk { header: &header, delimiter, rows: &rows };
+        summary.rows += rows.len() as u64;
+        post_rows(&client, &url, token, chunk, &mut summary).await?;
         bar.set_position(reader.position().byte());
         bar.set_message(format!("{} rows", summary.rows));
     }
@@ -89,24 +83,84 @@ pub async fn salesforce_contacts(
     Ok(summary)
 }
 
+/// Rows to post with the file's header, as the file delimits them.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    header: &'a csv::StringRecord,
+    delimiter: u8,
+    rows: &'a [csv::StringRecord],
+}
+
+impl Chunk<'_> {
+    fn body(&self) -> anyhow::Result<Vec<u8>> {
+        let mut writer = csv::WriterBuilder::new().delimiter(self.delimiter).from_writer(Vec::with_capacity(1 << 20));
+        writer.write_record(self.header)?;
+        for row in self.rows {
+            writer.write_record(row)?;
+        }
+        writer.into_inner().map_err(|e| anyhow!("buffering a chunk: {e}"))
+    }
+}
+
+/// Posts a chunk and adds its receipt to `summary`. A chunk Cohort refuses as too large (413: on
+/// Kafka, a request is one message of at most 1 MB) is posted again in halves.
+async fn post_rows(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    chunk: Chunk<'_>,
+    summary: &mut ImportSummary,
+) -> anyhow::Result<()> {
+    let mut pending = vec![chunk];
+    while let Some(chunk) = pending.pop() {
+        match post_chunk(client, url, token, chunk.body()?).await? {
+            Posted::Receipt(receipt) => {
+                summary.accepted += receipt.accepted;
+                summary.duplicates += receipt.duplicates;
+                summary.rejected += receipt.rejected.len() as u64;
+                summary.requests += 1;
+            }
+            Posted::TooLarge(_) if chunk.rows.len() > 1 => {
+                tracing::info!(rows = chunk.rows.len(), "chunk too large for Cohort, sending it in halves");
+                let (first, second) = chunk.rows.split_at(chunk.rows.len() / 2);
+                // Last in, first out: the first half goes first.
+                pending.push(Chunk { rows: second, ..chunk });
+                pending.push(Chunk { rows: first, ..chunk });
+            }
+            Posted::TooLarge(why) => bail!("a single row is larger than Cohort takes in one request: {why}"),
+        }
+    }
+    Ok(())
+}
+
+/// What posting a chunk came to.
+enum Posted {
+    Receipt(Receipt),
+    /// 413, with Cohort's reason.
+    TooLarge(String),
+}
+
 /// Posts one chunk, retrying while Cohort answers 503 (it never drops accepted rows).
-async fn post_chunk(client: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> anyhow::Result<Receipt> {
+async fn post_chunk(client: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> anyhow::Result<Posted> {
     let mut backoff = Duration::from_millis(200);
     for attempt in 0..10 {
         let resp =
             client.post(url).bearer_auth(token).header("content-type", "text/csv").body(body.clone()).send().await;
         match resp {
-            Ok(r) if r.status().is_success() => return r.json::<Receipt>().await.context("reading the import receipt"),
+            Ok(r) if r.status().is_success() => {
+                return r.json::<Receipt>().await.context("reading the import receipt").map(Posted::Receipt)
+            }
+            Ok(r) if r.status().as_u16() == 413 => return Ok(Posted::TooLarge(r.text().await.unwrap_or_default())),
             Ok(r) if r.status().as_u16() == 503 && attempt < 9 => {}
             Ok(r) if r.status().as_u16() == 400 => {
                 // Every row of this chunk was rejected; the server dead-lettered them.
                 let text = r.text().await.unwrap_or_default();
                 tracing::warn!(body = %text, "chunk rejected");
-                return Ok(Receipt {
+                return Ok(Posted::Receipt(Receipt {
                     accepted: 0,
                     duplicates: 0,
                     rejected: vec![serde_json::Value::Null; count_rows(&body)],
-                });
+                }));
             }
             Ok(r) => {
                 let status = r.status();

@@ -653,3 +653,31 @@ fn member_alive(view: &serde_json::Value, prefix: &str) -> Option<bool> {
     view["members"].as_array()?.iter().find(|m| m["name"].as_str().is_some_and(|n| n.starts_with(prefix)))?["alive"]
         .as_bool()
 }
+
+/// A request larger than Kafka takes as one message is refused as too large (413, with what to
+/// do), not as unavailable (503), which a client retries forever; the same rows in smaller
+/// chunks all go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_too_large_for_a_kafka_message_is_413_and_smaller_chunks_go_through() {
+    let id = unique("bigcsv");
+    let demo = DemoServer::start(None, &backends_toml(&id, &id), SystemOptions::default()).await.unwrap();
+    let header = "Id,FirstName,LastName,Email,Phone,MailingCity\n";
+    let rows: Vec<String> = (0..20_000)
+        .map(|n| format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,+4915112{n:06},Berlin\n"))
+        .collect();
+    let whole = format!("{header}{}", rows.concat());
+    assert!(whole.len() > 1_500_000, "{} bytes: more than a Kafka message once base64-encoded", whole.len());
+    let answer = demo.client.salesforce_csv(&whole).await.unwrap();
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert_eq!(answer.body["error"]["code"], json!("payload_too_large"), "{}", answer.body);
+    assert!(answer.body["error"]["message"].as_str().unwrap().contains("smaller parts"), "{}", answer.body);
+
+    // `cohort import` sends the chunk again in halves until each fits.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("contacts.csv");
+    std::fs::write(&file, &whole).unwrap();
+    let summary =
+        cohort::import::salesforce_contacts(&file, &demo.base, &demo.client.crm_token, 20_000, false).await.unwrap();
+    assert_eq!((summary.rows, summary.accepted, summary.rejected), (20_000, 20_000, 0), "{summary:?}");
+    assert!(summary.requests >= 2, "{summary:?}");
+}

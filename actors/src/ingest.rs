@@ -214,6 +214,10 @@ impl Actor for IngestActor {
                                 metrics.events_duplicate.with_label_values(&[&source_label]).inc_by(duplicates as u64);
                                 Ok(IngestReceipt { accepted, duplicates, rejected, suppressed })
                             }
+                            Err(e) if e.kind == cohort_adapters::StoreErrorKind::TooLarge => {
+                                tracing::warn!(source = %source_label, error = %e, "payload too large for the bus");
+                                Err(IngestError::TooLarge(e.message))
+                            }
                             Err(e) => {
                                 tracing::warn!(source = %source_label, error = %e, "journal append failed");
                                 Err(IngestError::Unavailable(e.to_string()))

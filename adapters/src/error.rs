@@ -11,6 +11,9 @@ pub enum StoreErrorKind {
     Invalid,
     /// A concurrent writer got there first (a saga version was taken): reload and decide again.
     Conflict,
+    /// The value is larger than the backend takes in one piece (a Kafka message over the
+    /// broker's limit): not retryable as it is; the sender must split it (HTTP 413).
+    TooLarge,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,6 +35,9 @@ impl StoreError {
     }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { kind: StoreErrorKind::Conflict, message: message.into() }
+    }
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self { kind: StoreErrorKind::TooLarge, message: message.into() }
     }
     pub fn is_retryable(&self) -> bool {
         self.kind == StoreErrorKind::Unavailable

@@ -166,6 +166,19 @@ fn kafka_unavailable(context: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::unavailable(format!("kafka {context}: {e}"))
 }
 
+/// A failed produce: a message over the size limit (librdkafka's `message.max.bytes`, 1 MB, or
+/// the broker's) fails the same way however often it is retried, so it is `TooLarge`, not
+/// `Unavailable`: an ingest request answered 503 was retried forever.
+fn produce_error(context: &str, e: &rdkafka::error::KafkaError) -> StoreError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => StoreError::too_large(format!(
+            "kafka {context}: the request is larger than Kafka takes as one message (1 MB by default, \
+             the raw body base64-encoded); send it in smaller parts: {e}"
+        )),
+        _ => kafka_unavailable(context, e),
+    }
+}
+
 pub struct KafkaBus {
     settings: KafkaSettings,
     topics: Topics,
@@ -546,7 +559,7 @@ impl KafkaBus {
                 Ok(f) => futures.push(f),
                 Err((e, _)) => {
                     self.recover_producer(is_fenced(&e));
-                    return Err(kafka_unavailable("produce", &e));
+                    return Err(produce_error("produce", &e));
                 }
             }
         }
@@ -555,7 +568,7 @@ impl KafkaBus {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
                     self.recover_producer(is_fenced(&e));
-                    return Err(kafka_unavailable("delivery", &e));
+                    return Err(produce_error("delivery", &e));
                 }
                 Err(_) => return Err(StoreError::unavailable("kafka producer dropped a delivery")),
             }
@@ -581,8 +594,7 @@ impl KafkaBus {
                 // W3C trace context for any consumer, not only Cohort (which reads the event's).
                 record = record.headers(OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(tp) }));
             }
-            let fut =
-                producer.send_result(record).map_err(|(e, _)| (kafka_unavailable("produce", &e), is_fenced(&e)))?;
+            let fut = producer.send_result(record).map_err(|(e, _)| (produce_error("produce", &e), is_fenced(&e)))?;
             futures.push((event.source, fut));
         }
         let mut seqs = Vec::with_capacity(futures.len());
@@ -590,7 +602,7 @@ impl KafkaBus {
             let delivery = fut
                 .await
                 .map_err(|_| (StoreError::unavailable("kafka producer dropped a delivery"), false))?
-                .map_err(|(e, _)| (kafka_unavailable("delivery", &e), is_fenced(&e)))?;
+                .map_err(|(e, _)| (produce_error("delivery", &e), is_fenced(&e)))?;
             let stream = (source_index(source) + 1) * PARTITIONS_PER_TOPIC + delivery.partition.max(0) as u32;
             let off = position_offset(delivery.offset);
             let mut published = self.published.lock();
