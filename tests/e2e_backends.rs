@@ -662,8 +662,13 @@ async fn a_request_too_large_for_a_kafka_message_is_413_and_smaller_chunks_go_th
     let id = unique("bigcsv");
     let demo = DemoServer::start(None, &backends_toml(&id, &id), SystemOptions::default()).await.unwrap();
     let header = "Id,FirstName,LastName,Email,Phone,MailingCity\n";
-    let rows: Vec<String> = (0..20_000)
-        .map(|n| format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,+4915112{n:06},Berlin\n"))
+    // One row without an `Id` is rejected: its dead letter must be recorded once, not once per
+    // attempt the request took.
+    let rows: Vec<String> = std::iter::once(",Ohne,Id,ohne.id@example.edu,,Berlin\n".to_string())
+        .chain(
+            (0..20_000)
+                .map(|n| format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,+4915112{n:06},Berlin\n")),
+        )
         .collect();
     let whole = format!("{header}{}", rows.concat());
     assert!(whole.len() > 1_500_000, "{} bytes: more than a Kafka message once base64-encoded", whole.len());
@@ -678,6 +683,47 @@ async fn a_request_too_large_for_a_kafka_message_is_413_and_smaller_chunks_go_th
     std::fs::write(&file, &whole).unwrap();
     let summary =
         cohort::import::salesforce_contacts(&file, &demo.base, &demo.client.crm_token, 20_000, false).await.unwrap();
-    assert_eq!((summary.rows, summary.accepted, summary.rejected), (20_000, 20_000, 0), "{summary:?}");
+    assert_eq!((summary.rows, summary.accepted, summary.rejected), (20_001, 20_000, 1), "{summary:?}");
     assert!(summary.requests >= 2, "{summary:?}");
+    assert_eq!(demo.cohort.ctx.store.count_dead_letters().await.unwrap(), 1, "one letter for the one bad row");
+}
+
+/// On MongoDB a raw payload travels whole in one outbox document (16 MiB at most): import bodies
+/// are capped at 8 MiB there, so one just under the cap is flushed and relayed, and one that
+/// would make every flush fail (21 MiB: sealed, it does not fit even compressed) is refused up
+/// front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_mongodb_an_import_body_is_capped_so_its_raw_payload_fits_an_outbox_document() {
+    let id = unique("mongocap");
+    let journal = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[storage]\nurl = \"{}\"\ndatabase = \"{id}\"\n[bus]\nurl = \"embedded://{}\"\n[warehouse]\nurl = \"duckdb://{}\"\n{}",
+        service("COHORT_TEST_MONGODB"),
+        journal.path().join("journal.redb").display(),
+        journal.path().join("warehouse.duckdb").display(),
+        key_toml(&id)
+    );
+    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    let csv = |rows: usize| {
+        let mut csv = String::from("Id,FirstName,LastName,Email,Description\n");
+        for n in 0..rows {
+            let note = "Interested in the evening MBA and the scholarship deadline ".repeat(50);
+            csv.push_str(&format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,{note}\n"));
+        }
+        csv
+    };
+    let too_big = csv(7_400);
+    assert!(too_big.len() > 21 << 20, "{}", too_big.len());
+    let answer = demo.client.salesforce_csv(&too_big).await.unwrap();
+    assert_eq!(answer.status, 413, "{}", answer.body);
+
+    let fits = csv(2_700);
+    assert!(fits.len() > 7 << 20 && fits.len() < 8 << 20, "{}", fits.len());
+    let answer = demo.client.salesforce_csv(&fits).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    demo.cohort.settle(Duration::from_secs(120)).await.unwrap();
+    let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
+    assert_eq!(relayed.remaining, 0, "{relayed:?}");
+    let wh = demo.cohort.ctx.warehouse.clone().unwrap();
+    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 1, "the payload reached the warehouse whole");
 }

@@ -3,7 +3,7 @@
 
 use crate::dead_letters;
 use crate::normalize::{normalize, NormalizeError, NormalizeOptions};
-use cohort_adapters::{AppendBatch, BronzeRecord, EventBus, NewDeadLetter, OperationalStore};
+use cohort_adapters::{AppendBatch, BronzeRecord, EventBus, NewDeadLetter, OperationalStore, StoreErrorKind};
 use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection, SegmentCall};
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::{Metrics, PipelineStages, QueueDepth};
@@ -194,10 +194,18 @@ impl Actor for IngestActor {
                 // this source's ingest loop free. Order within a payload is kept; concurrent
                 // requests have no order to keep.
                 tokio::spawn(async move {
-                    let append =
-                        if events.is_empty() { None } else { Some(bus.publish(AppendBatch { raw: bronze, events })) };
-                    dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
-                    let answer = match append {
+                    let appended = match events.is_empty() {
+                        true => None,
+                        false => Some(bus.publish(AppendBatch { raw: bronze, events }).await),
+                    };
+                    // A request too large for the bus is sent again in parts (`cohort import`
+                    // halves it), and its rejected rows are judged again then: recording them
+                    // now as well would record them once per attempt.
+                    let too_large = matches!(&appended, Some(Err(e)) if e.kind == StoreErrorKind::TooLarge);
+                    if !too_large {
+                        dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
+                    }
+                    let answer = match appended {
                         None => match rejected.first() {
                             Some(first) if suppressed == 0 => Err(IngestError::Malformed(format!(
                                 "no valid event in payload; first problem: {}",
@@ -205,7 +213,7 @@ impl Actor for IngestActor {
                             ))),
                             _ => Ok(IngestReceipt { suppressed, rejected, ..IngestReceipt::default() }),
                         },
-                        Some(fut) => match fut.await {
+                        Some(appended) => match appended {
                             Ok(outcome) => {
                                 let accepted = outcome.seqs.iter().filter(|s| s.is_some()).count();
                                 let duplicates = outcome.seqs.len() - accepted;
@@ -214,7 +222,7 @@ impl Actor for IngestActor {
                                 metrics.events_duplicate.with_label_values(&[&source_label]).inc_by(duplicates as u64);
                                 Ok(IngestReceipt { accepted, duplicates, rejected, suppressed })
                             }
-                            Err(e) if e.kind == cohort_adapters::StoreErrorKind::TooLarge => {
+                            Err(e) if e.kind == StoreErrorKind::TooLarge => {
                                 tracing::warn!(source = %source_label, error = %e, "payload too large for the bus");
                                 Err(IngestError::TooLarge(e.message))
                             }

@@ -41,6 +41,8 @@ use cohort_messages::{
 
 /// Rows of outbox data per outbox document, well under MongoDB's 16 MB document limit.
 const OUTBOX_DOC_ROWS: usize = 1000;
+/// See [`OperationalStore::max_raw_payload_bytes`] on [`MongoStore`].
+const MAX_RAW_PAYLOAD_BYTES: usize = 8 << 20;
 
 /// How long the driver looks for a usable server before an operation fails: an unreachable
 /// database must turn into a quick, retryable `Unavailable` (and a failing readiness probe),
@@ -562,6 +564,14 @@ impl OperationalStore for MongoStore {
     async fn list_merges(&self, profile: &ProfileId) -> Result<Vec<IdentityMerged>, StoreError> {
         self.find_sorted("list merges", &self.merges, doc! { "profile": profile.as_str() }, None, None, merge_from_doc)
             .await
+    }
+
+    /// A Bronze payload travels whole in one outbox document (at most 15 MiB of its 16). Sealed,
+    /// it is base64 of ciphertext, which does not compress, and a body that is not UTF-8 is
+    /// base64 before that: 8 MiB becomes at most 14.3 MiB. Larger imports were accepted, and the
+    /// flush holding them failed, and every retry with it.
+    fn max_raw_payload_bytes(&self) -> Option<usize> {
+        Some(MAX_RAW_PAYLOAD_BYTES)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -490,6 +490,10 @@ impl OperationalStore for SealedStore {
         self.inner.outbox_len().await
     }
 
+    fn max_raw_payload_bytes(&self) -> Option<usize> {
+        self.inner.max_raw_payload_bytes()
+    }
+
     async fn expire_before(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         self.inner.expire_before(before).await
     }

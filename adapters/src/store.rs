@@ -163,6 +163,11 @@ pub trait OperationalStore: Send + Sync + 'static {
     async fn ack_outbox(&self, ids: &[OutboxId]) -> Result<(), StoreError>;
     /// Outbox batches waiting for the warehouse.
     async fn outbox_len(&self) -> Result<u64, StoreError>;
+    /// The largest request body whose raw payload one outbox record can hold, where the backend
+    /// limits a record's size; requests above it are refused at the edge (413). `None`: no limit.
+    fn max_raw_payload_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Forgets the idempotency keys flushes recorded (`FlushBatch::event_ids`) before `before`.
     /// Returns how many were removed. An event redelivered after its key expired counts again:
     /// the retention is the deduplication window.

@@ -111,7 +111,8 @@ async fn track_latency(State(state): State<ApiState>, req: Request, next: Next) 
 pub fn router(state: ApiState) -> Router {
     let cfg = &state.config.server;
     let body_limit = cfg.max_body_bytes;
-    let import_limit = cfg.max_import_body_bytes;
+    // The store may hold less in one record than the configuration allows (MongoDB).
+    let import_limit = cfg.max_import_body_bytes.min(state.store.max_raw_payload_bytes().unwrap_or(usize::MAX));
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let import = Router::new()
         .route("/v1/import/salesforce/contacts", post(ingest::salesforce_csv))
