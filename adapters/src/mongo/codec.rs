@@ -193,6 +193,8 @@ fn fit_outbox(part: WarehouseBatch, max_bytes: usize, out: &mut Vec<Vec<u8>>) ->
     }
     let rows = part.rows();
     if rows > 1 {
+        // Not held while the halves are encoded.
+        drop(json);
         for half in part.split(rows.div_ceil(2)) {
             fit_outbox(half, max_bytes, out)?;
         }
