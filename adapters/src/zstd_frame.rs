@@ -2,6 +2,7 @@
 //! profiles and outbox batches, and MongoDB's packed profile bookkeeping. Each caller keeps its
 //! own format byte in front; this module only compresses and bounds what a read may allocate.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io;
 
@@ -22,6 +23,28 @@ thread_local! {
     static PACKER: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     /// One decompression context per reading thread, reused for every value.
     static UNPACKER: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// First byte of packed JSON: a zstd frame holding the JSON follows. JSON stored before values
+/// were packed is plain, and its first byte is `{`.
+pub(crate) const PACKED_JSON: u8 = 1;
+
+/// JSON as [`unpack_json`] reads it back: redb's profiles and outbox, MongoDB's outbox rows.
+pub(crate) fn pack_json(json: &[u8]) -> io::Result<Vec<u8>> {
+    compress(PACKED_JSON, json)
+}
+
+/// The JSON in what [`pack_json`] wrote, decompressing at most `limit` bytes, or plain JSON as
+/// it is; the error completes "the stored value ...".
+pub(crate) fn unpack_json(bytes: &[u8], limit: usize) -> Result<Cow<'_, [u8]>, String> {
+    match bytes.split_first() {
+        Some((&PACKED_JSON, frame)) => {
+            decompress_within(frame, limit).map(Cow::Owned).map_err(|why| format!("does not decompress: {why}"))
+        }
+        Some((b'{', _)) => Ok(Cow::Borrowed(bytes)),
+        Some((format, _)) => Err(format!("is in an unknown format ({format}); written by a newer Cohort?")),
+        None => Err("is empty".into()),
+    }
 }
 
 /// `format`, then `raw` as one zstd frame that records its size.
@@ -47,7 +70,7 @@ pub(crate) fn decompress(frame: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// [`decompress`] for values that may legitimately be larger than [`MAX_BYTES`], up to `limit`.
-pub(crate) fn decompress_within(frame: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+fn decompress_within(frame: &[u8], limit: usize) -> Result<Vec<u8>, String> {
     match zstd::zstd_safe::get_frame_content_size(frame) {
         Ok(Some(size)) if size <= limit as u64 => {}
         Ok(Some(size)) => return Err(format!("it claims {size} bytes")),

@@ -121,10 +121,6 @@ pub(super) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(format!("cannot decode stored {what}: {e}")))
 }
 
-/// First byte of a packed value: a zstd frame holding the JSON follows. A value written before
-/// packing is plain JSON, whose first byte is `{`.
-const PACKED_ZSTD_JSON: u8 = 1;
-
 /// [`encode`], then compressed, for values every flush rewrites (profiles) or writes in bulk
 /// (outbox batches). redb copies every page a write touches, so fewer bytes per record mean
 /// fewer pages per commit and a shorter `fsync`, which the journal's appends wait behind.
@@ -134,7 +130,7 @@ pub(super) fn encode_packed<T: Serialize>(what: &'static str, value: &T) -> Resu
 
 /// Compresses JSON from [`encode`] into the format [`decode_packed`] reads.
 pub(super) fn pack(what: &'static str, json: &[u8]) -> Result<Vec<u8>, StoreError> {
-    zstd_frame::compress(PACKED_ZSTD_JSON, json)
+    zstd_frame::pack_json(json)
         .map_err(|e| StoreError::invalid(format!("cannot compress {what} for the embedded store: {e}")))
 }
 
@@ -149,18 +145,9 @@ pub(super) fn decode_packed_within<T: DeserializeOwned>(
     bytes: &[u8],
     limit: usize,
 ) -> Result<T, StoreError> {
-    match bytes.split_first() {
-        Some((&PACKED_ZSTD_JSON, frame)) => {
-            let json = zstd_frame::decompress_within(frame, limit)
-                .map_err(|why| StoreError::corrupt(format!("cannot decompress stored {what}: {why}")))?;
-            decode(what, &json)
-        }
-        Some((b'{', _)) => decode(what, bytes),
-        Some((format, _)) => Err(StoreError::corrupt(format!(
-            "stored {what} is in an unknown format ({format}); written by a newer Cohort?"
-        ))),
-        None => Err(StoreError::corrupt(format!("stored {what} is empty"))),
-    }
+    let json =
+        zstd_frame::unpack_json(bytes, limit).map_err(|why| StoreError::corrupt(format!("stored {what} {why}")))?;
+    decode(what, &json)
 }
 
 /// Maps a redb error met while trying to `action` to a store error: corruption is not
@@ -199,9 +186,9 @@ mod tests {
         assert_eq!(decode_packed::<serde_json::Value>("profile", &plain).unwrap(), value, "plain JSON still reads");
         // A frame claiming more than the cap is refused before anything is allocated for it.
         let huge = zstd::bulk::compress(&vec![b' '; zstd_frame::MAX_BYTES + 1], 1).unwrap();
-        let mut bomb = vec![PACKED_ZSTD_JSON];
+        let mut bomb = vec![zstd_frame::PACKED_JSON];
         bomb.extend_from_slice(&huge);
-        for bad in [&b"\x07\x28\xb5"[..], &b""[..], &[PACKED_ZSTD_JSON, 0, 1, 2][..], &bomb[..]] {
+        for bad in [&b"\x07\x28\xb5"[..], &b""[..], &[zstd_frame::PACKED_JSON, 0, 1, 2][..], &bomb[..]] {
             let err = decode_packed::<serde_json::Value>("profile", bad).err();
             assert_eq!(err.map(|e| e.kind), Some(crate::StoreErrorKind::Corrupt), "{bad:?}");
         }

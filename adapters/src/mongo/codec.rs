@@ -164,9 +164,6 @@ pub(super) fn profile_from_doc(mut doc: Document) -> Result<ProfileRecord, Store
 
 /// What one outbox document's batch may take: MongoDB refuses documents over 16 MiB.
 pub(super) const OUTBOX_DOC_BYTES: usize = 15 << 20;
-/// First byte of an outbox batch stored compressed: a zstd frame holding the JSON follows. A
-/// plain batch is JSON, whose first byte is `{`.
-const PACKED_ZSTD_JSON: u8 = 1;
 
 /// An outbox batch as the `batch` values of documents that fit MongoDB: at most `max_rows` rows
 /// each, halved until each is at most `max_bytes` of JSON, and a single row still too large
@@ -200,7 +197,7 @@ fn fit_outbox(part: WarehouseBatch, max_bytes: usize, out: &mut Vec<Vec<u8>>) ->
         }
         return Ok(());
     }
-    let packed = crate::zstd_frame::compress(PACKED_ZSTD_JSON, &json)
+    let packed = crate::zstd_frame::pack_json(&json)
         .map_err(|e| StoreError::invalid(format!("cannot compress an outbox row: {e}")))?;
     if packed.len() > max_bytes {
         return Err(StoreError::invalid(format!(
@@ -215,15 +212,8 @@ fn fit_outbox(part: WarehouseBatch, max_bytes: usize, out: &mut Vec<Vec<u8>>) ->
 
 /// Reads a `batch` value [`outbox_docs`] wrote, plain or compressed.
 pub(super) fn outbox_from_doc(bytes: &[u8]) -> Result<WarehouseBatch, String> {
-    let unpacked;
-    let json = match bytes.split_first() {
-        Some((&PACKED_ZSTD_JSON, frame)) => {
-            unpacked = crate::zstd_frame::decompress_within(frame, crate::zstd_frame::MAX_OUTBOX_BYTES)?;
-            unpacked.as_slice()
-        }
-        _ => bytes,
-    };
-    serde_json::from_slice(json).map_err(|e| e.to_string())
+    let json = crate::zstd_frame::unpack_json(bytes, crate::zstd_frame::MAX_OUTBOX_BYTES)?;
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
 /// `{_id: "kind:value", kind, value, profile_id}`: the key is unique by construction.
@@ -529,7 +519,7 @@ mod tests {
         let big = WarehouseBatch { bronze: vec![bronze(1, "a".repeat(50_000))], ..WarehouseBatch::default() };
         let docs = outbox_docs(big.clone(), 1000, 10_000).unwrap();
         assert_eq!(docs.len(), 1);
-        assert_eq!(docs[0].first(), Some(&PACKED_ZSTD_JSON));
+        assert_eq!(docs[0].first(), Some(&crate::zstd_frame::PACKED_JSON));
         assert_eq!(outbox_from_doc(&docs[0]).unwrap(), big);
         // Plain JSON written before compression existed still reads.
         assert_eq!(outbox_from_doc(&serde_json::to_vec(&big).unwrap()).unwrap(), big);
