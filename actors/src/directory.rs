@@ -1116,6 +1116,13 @@ mod tests {
             ractor::call_t!(self.directory, ProfilesMsg::GetStats, 5_000).unwrap();
         }
 
+        /// Delivers `event` to `profile` at journal seq `n`, as the dispatcher does.
+        fn deliver(&self, profile: &ProfileId, n: u64, event: CustomerEvent) {
+            self.ctx.watermark.dispatched(pack(0, n));
+            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event) };
+            self.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap();
+        }
+
         /// Sends a timer's flush and waits (up to 10 s) until `expected` changes are unflushed;
         /// returns how many are.
         async fn timed_flush_leaving(&self, expected: usize) -> usize {
@@ -1371,11 +1378,7 @@ mod tests {
         let s = stage_with(false, true, Duration::from_secs(3600)).await;
         let hot = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let fresh = elsewhere(&hot);
-        let apply = |profile: &ProfileId, n: u64, id: &str| {
-            s.ctx.watermark.dispatched(pack(0, n));
-            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap();
-        };
+        let apply = |profile: &ProfileId, n: u64, id: &str| s.deliver(profile, n, event(id, "Lesson Completed"));
         let stored_events = |profile: ProfileId| {
             let store = s.store.clone();
             async move { store.load_profile(&profile).await.unwrap().map_or(0, |r| r.counters.events_total) }
@@ -1414,14 +1417,12 @@ mod tests {
     async fn a_timed_flush_takes_a_profile_holding_an_event_from_below_the_checkpoint() {
         let s = stage_with(false, true, Duration::from_secs(3600)).await;
         let hot = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
-        let apply =
-            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
-        s.ctx.watermark.dispatched(pack(0, 2));
-        s.directory.send_message(ProfilesMsg::Deliver { profile_id: hot.clone(), msg: apply(2, "e2") }).unwrap();
+        s.deliver(&hot, 2, event("e2", "Lesson Completed"));
         s.flush().await.unwrap().unwrap();
         assert_eq!(s.ctx.checkpoints.stream0(), 2);
 
-        s.directory.send_message(ProfilesMsg::Forward { profile_id: hot.clone(), msg: apply(1, "e1") }).unwrap();
+        let e1 = ProfileMsg::Apply { seq: pack(0, 1), event: Arc::new(event("e1", "Lesson Completed")) };
+        s.directory.send_message(ProfilesMsg::Forward { profile_id: hot.clone(), msg: e1 }).unwrap();
         s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut stored = 0;
@@ -1453,11 +1454,7 @@ mod tests {
     async fn a_timed_flush_takes_a_profile_holding_too_many_changes() {
         let s = stage_with(false, false, Duration::from_secs(3600)).await;
         let hot = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
-        let apply = |n: u64| {
-            s.ctx.watermark.dispatched(pack(0, n));
-            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(&format!("e{n}"), "Page Viewed")) };
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: hot.clone(), msg }).unwrap();
-        };
+        let apply = |n: u64| s.deliver(&hot, n, event(&format!("e{n}"), "Page Viewed"));
         apply(1);
         s.flush().await.unwrap().unwrap();
         let last = 1 + MAX_DEFERRED_CHANGES as u64;
