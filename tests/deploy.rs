@@ -33,7 +33,7 @@ fn tool(var: &str) -> String {
 fn registered() -> BTreeSet<String> {
     let src = read("supervisors/src/metrics.rs");
     let mut names = BTreeSet::new();
-    for call in ["counter_vec(", "gauge_vec(", "histogram(", "::new("] {
+    for call in ["counter(", "gauge(", "counter_vec(", "gauge_vec(", "histogram(", "::new("] {
         for (at, _) in src.match_indices(call) {
             let rest = &src[at + call.len()..];
             // The name is the first literal, unless the call's first argument closes first.

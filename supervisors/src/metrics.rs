@@ -107,6 +107,18 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
@@ -155,8 +167,7 @@ impl Metrics {
             "Failures escalated past a supervisor, per child kind",
             &["kind"],
         )?;
-        let profile_actors_live = IntGauge::new("profile_actors_live", "ProfileActors currently running")?;
-        r.register(Box::new(profile_actors_live.clone()))?;
+        let profile_actors_live = gauge(&r, "profile_actors_live", "ProfileActors currently running")?;
         let mailbox_depth = IntGaugeVec::new(Opts::new("mailbox_depth", "Messages queued per actor kind"), &["actor"])?;
         r.register(Box::new(mailbox_depth.clone()))?;
         let api_latency = HistogramVec::new(
@@ -179,15 +190,11 @@ impl Metrics {
         r.register(Box::new(stage_latency.clone()))?;
         let [journaled, polled, resolved, delivered] = PIPELINE_STAGES.map(|s| stage_latency.with_label_values(&[s]));
         let stages = PipelineStages { journaled, polled, resolved, delivered };
-        let profiles_created = IntCounter::new("profiles_created_total", "Profiles created by identity resolution")?;
-        r.register(Box::new(profiles_created.clone()))?;
-        let identity_merges = IntCounter::new("identity_merges_total", "Profile merges")?;
-        r.register(Box::new(identity_merges.clone()))?;
-        let identity_unmerges = IntCounter::new("identity_unmerges_total", "Merges undone")?;
-        r.register(Box::new(identity_unmerges.clone()))?;
+        let profiles_created = counter(&r, "profiles_created_total", "Profiles created by identity resolution")?;
+        let identity_merges = counter(&r, "identity_merges_total", "Profile merges")?;
+        let identity_unmerges = counter(&r, "identity_unmerges_total", "Merges undone")?;
         let segment_changes = counter_vec(&r, "segment_changes_total", "Segment entries and exits", &["change"])?;
-        let segment_evaluations = IntCounter::new("segment_evaluations_total", "Profile segment evaluations")?;
-        r.register(Box::new(segment_evaluations.clone()))?;
+        let segment_evaluations = counter(&r, "segment_evaluations_total", "Profile segment evaluations")?;
         let reverse_etl_requests = counter_vec(
             &r,
             "reverse_etl_requests_total",
@@ -306,8 +313,7 @@ impl Metrics {
             vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
         )?;
         let identity_reviews_opened =
-            IntCounter::new("identity_reviews_opened_total", "Probabilistic matches queued for review")?;
-        r.register(Box::new(identity_reviews_opened.clone()))?;
+            counter(&r, "identity_reviews_opened_total", "Probabilistic matches queued for review")?;
         let identity_reviews_decided = counter_vec(
             &r,
             "identity_reviews_decided_total",
@@ -317,47 +323,40 @@ impl Metrics {
         let flush_duration =
             histogram(&r, "profile_flush_seconds", "Write-behind flush duration", LATENCY_BUCKETS.to_vec())?;
         let flush_failures =
-            IntCounter::new("profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
-        r.register(Box::new(flush_failures.clone()))?;
-        let flush_deferred_profiles = IntGauge::new(
+            counter(&r, "profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
+        let flush_deferred_profiles = gauge(
+            &r,
             "profile_flush_deferred_profiles",
             "Profiles with unflushed changes the last flush left for a later one, snapshotted moments before",
         )?;
-        r.register(Box::new(flush_deferred_profiles.clone()))?;
         let flush_profiles_written =
-            IntCounter::new("profile_flush_profiles_written_total", "Profile records written by write-behind flushes")?;
-        r.register(Box::new(flush_profiles_written.clone()))?;
+            counter(&r, "profile_flush_profiles_written_total", "Profile records written by write-behind flushes")?;
         let checkpoint =
-            IntGauge::new("pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
-        r.register(Box::new(checkpoint.clone()))?;
+            gauge(&r, "pipeline_checkpoint", "Journal seq up to which every event is persisted in profiles")?;
         let warehouse_rows =
             counter_vec(&r, "warehouse_rows_written_total", "Rows written to the warehouse per layer", &["layer"])?;
-        let warehouse_failures = IntCounter::new(
+        let warehouse_failures = counter(
+            &r,
             "warehouse_relay_failures_total",
             "Outbox relays that failed (the outbox keeps the rows; retried with backoff)",
         )?;
-        r.register(Box::new(warehouse_failures.clone()))?;
-        let warehouse_outbox = IntGauge::new(
+        let warehouse_outbox = gauge(
+            &r,
             "warehouse_outbox_batches",
             "Outbox batches waiting for the warehouse, counted at the last relay attempt",
         )?;
-        r.register(Box::new(warehouse_outbox.clone()))?;
         let processed_published =
-            IntCounter::new("processed_events_published_total", "Events published to cdp.processed.events")?;
-        r.register(Box::new(processed_published.clone()))?;
-        let reconcile_runs = IntCounter::new("reconcile_runs_total", "Completed Gold reconciliations")?;
-        r.register(Box::new(reconcile_runs.clone()))?;
+            counter(&r, "processed_events_published_total", "Events published to cdp.processed.events")?;
+        let reconcile_runs = counter(&r, "reconcile_runs_total", "Completed Gold reconciliations")?;
         let reconcile_drift = IntGaugeVec::new(
             Opts::new("reconcile_drift_profiles", "Profiles out of step with Gold at the last reconciliation, by kind"),
             &["kind"],
         )?;
         r.register(Box::new(reconcile_drift.clone()))?;
         let reconcile_repaired =
-            IntCounter::new("reconcile_repaired_total", "Gold snapshots written or removed by reconciliation")?;
-        r.register(Box::new(reconcile_repaired.clone()))?;
+            counter(&r, "reconcile_repaired_total", "Gold snapshots written or removed by reconciliation")?;
         let idempotency_expired =
-            IntCounter::new("idempotency_keys_expired_total", "Idempotency keys removed by retention")?;
-        r.register(Box::new(idempotency_expired.clone()))?;
+            counter(&r, "idempotency_keys_expired_total", "Idempotency keys removed by retention")?;
         let identity_blocked = counter_vec(
             &r,
             "identity_blocked_identifiers_total",
@@ -369,11 +368,9 @@ impl Metrics {
             "Share of live profiles tied to a known person (email, phone, user id, Salesforce or WhatsApp id)",
         )?;
         r.register(Box::new(identity_match_rate.clone()))?;
-        let profiles_live = IntGauge::new("profiles_live", "Profiles not merged away, at the last count")?;
-        r.register(Box::new(profiles_live.clone()))?;
+        let profiles_live = gauge(&r, "profiles_live", "Profiles not merged away, at the last count")?;
         let profiles_known =
-            IntGauge::new("profiles_known", "Live profiles with an identifier of a known person, at the last count")?;
-        r.register(Box::new(profiles_known.clone()))?;
+            gauge(&r, "profiles_known", "Live profiles with an identifier of a known person, at the last count")?;
         let identity_links_refused = counter_vec(
             &r,
             "identity_links_refused_total",
