@@ -62,17 +62,24 @@ pub async fn salesforce_contacts(
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
     let url = format!("{}/v1/import/salesforce/contacts", base_url.trim_end_matches('/'));
     let mut summary = ImportSummary::default();
-    let mut record = csv::StringRecord::new();
-    let mut rows = Vec::with_capacity(chunk_rows.min(100_000));
+    // Each chunk reads into the records of the one before: no allocation per row.
+    let mut records: Vec<csv::StringRecord> = Vec::new();
     loop {
-        rows.clear();
-        while rows.len() < chunk_rows && reader.read_record(&mut record)? {
-            rows.push(record.clone());
+        let mut n = 0;
+        while n < chunk_rows {
+            if n == records.len() {
+                records.push(csv::StringRecord::new());
+            }
+            if !reader.read_record(&mut records[n])? {
+                break;
+            }
+            n += 1;
         }
-        if rows.is_empty() {
+        if n == 0 {
             break;
         }
-        let chunk = Chunk { header: &header, delimiter, rows: &rows };
+        let rows = &records[..n];
+        let chunk = Chunk { header: &header, delimiter, rows };
         summary.rows += rows.len() as u64;
         post_rows(&client, &url, token, chunk, &mut summary).await?;
         bar.set_position(reader.position().byte());
