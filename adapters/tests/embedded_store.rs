@@ -21,6 +21,13 @@ fn fixture_of(store: Arc<EmbeddedStore>, keep: Option<Box<dyn std::any::Any + Se
     Fixture { log: store.clone(), store, keep }
 }
 
+/// A store file's path in a fresh temp folder, which lives as long as the guard.
+fn store_path() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cohort.redb");
+    (dir, path)
+}
+
 async fn file_fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("cohort.redb"), CACHE).unwrap();
@@ -56,8 +63,7 @@ mod small_cache {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_small_page_cache_still_reads_back_everything_written_through_it() {
     with_timeout(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cohort.redb");
+        let (_dir, path) = store_path();
         let ids: Vec<_> = (0..3_000).map(profile_id).collect();
         {
             let store = EmbeddedStore::open(&path, SMALL_CACHE).unwrap();
@@ -149,8 +155,7 @@ async fn assert_populated(store: &Arc<EmbeddedStore>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn file_store_survives_drop_and_reopen() {
     with_timeout(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cohort.redb");
+        let (_dir, path) = store_path();
         let store = EmbeddedStore::open(&path, CACHE).unwrap();
         populate(&store).await;
         // Both trait-object handles share the store; dropping the last one releases the file.
@@ -167,8 +172,7 @@ async fn file_store_survives_drop_and_reopen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn close_releases_the_file_and_refuses_further_work() {
     with_timeout(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cohort.redb");
+        let (_dir, path) = store_path();
         let store = EmbeddedStore::open(&path, CACHE).unwrap();
         populate(&store).await;
         store.close().await;
@@ -190,8 +194,7 @@ async fn close_releases_the_file_and_refuses_further_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_file_open_elsewhere_is_unavailable() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cohort.redb");
+    let (_dir, path) = store_path();
     let _store = EmbeddedStore::open(&path, CACHE).unwrap();
     let err = EmbeddedStore::open(&path, CACHE).unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Unavailable);
@@ -240,8 +243,7 @@ async fn profiles_and_outbox_batches_are_stored_packed_and_plain_json_still_read
     const PROFILES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("profiles");
     const OUTBOX: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("warehouse_outbox");
     with_timeout(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cohort.redb");
+        let (_dir, path) = store_path();
         let packed = profile(1);
         {
             let store = EmbeddedStore::open(&path, CACHE).unwrap();
@@ -289,8 +291,7 @@ async fn profiles_and_outbox_batches_are_stored_packed_and_plain_json_still_read
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_journal_tail_and_the_outbox_read_the_same_from_memory_and_from_the_file() {
     with_timeout(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cohort.redb");
+        let (_dir, path) = store_path();
         let store = EmbeddedStore::open(&path, CACHE).unwrap();
         store.append(batch(Some(b"{\"batch\":[1,2]}"), &["m1", "m2"])).await.unwrap();
         store.append(batch(None, &["m3"])).await.unwrap();
@@ -322,8 +323,7 @@ async fn the_journal_tail_and_the_outbox_read_the_same_from_memory_and_from_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outbox_entry_above_the_profiles_size_bound_reads_back_from_the_file() {
     with_timeout(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cohort.redb");
+        let (_dir, path) = store_path();
         let body = "\"Id\",\"Email\"\n".repeat((65 << 20) / 14);
         let big = cohort_adapters::WarehouseBatch {
             bronze: vec![cohort_adapters::BronzeRow::from_record(1, &raw(body.as_bytes()))],
