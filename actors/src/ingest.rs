@@ -198,11 +198,10 @@ impl Actor for IngestActor {
                         true => None,
                         false => Some(bus.publish(AppendBatch { raw: bronze, events }).await),
                     };
-                    // A request too large for the bus is sent again in parts (`cohort import`
-                    // halves it), and its rejected rows are judged again then: recording them
-                    // now as well would record them once per attempt.
-                    let too_large = matches!(&appended, Some(Err(e)) if e.kind == StoreErrorKind::TooLarge);
-                    if !too_large {
+                    // A failed append (503, or 413 from the bus) tells the client to send the
+                    // request again, whole or in parts, and its rejected rows are judged again
+                    // then: recording them now as well would record them once per attempt.
+                    if !matches!(&appended, Some(Err(_))) {
                         dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
                     }
                     let answer = match appended {
