@@ -530,3 +530,80 @@ async fn the_shared_warehouse_outbox_is_relayed_by_one_replica() {
     }
     assert_eq!(after.iter().filter(|r| **r > 0.0).count(), 1, "relayed by both replicas: {relayed:?} then {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_defined_through_one_replica_is_evaluated_by_every_replica() {
+    let _one = ONE_CLUSTER.lock().await;
+    // Refreshes seconds apart: replica 1 mostly learns of the segment after replica 0 asked every
+    // profile to be evaluated again, so its own profiles enter through its own re-evaluation.
+    let (cluster, _) = start_cluster("segdef", 2, "[segments]\nrefresh_interval_secs = 8\n").await;
+    let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
+    const STUDENTS: usize = 16;
+    link_students(&clients, STUDENTS, "sd").await;
+    // Every student viewed the MBA page before the segment exists.
+    for s in 0..STUDENTS {
+        let view = payloads::segment_page(&format!("sd-{s}-mba"), &format!("anon-sd-{s}"), "/programs/mba", Utc::now());
+        assert_eq!(clients[s % 2].segment(false, "page", &view).await.unwrap().status, 200);
+    }
+    let mut owners = BTreeSet::new();
+    for s in 0..STUDENTS {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = clients[0].get(&format!("/v1/profiles/anonymous_id:anon-sd-{s}")).await.unwrap();
+            if p.body["counters"]["by_kind"]["page"].as_u64().is_some_and(|n| n >= 1) {
+                let owner = p.header("x-cohort-owner").unwrap_or_default();
+                owners.insert(owner.split('/').next().unwrap_or_default().to_string());
+                break;
+            }
+            assert!(Instant::now() < deadline, "student {s}'s page view never arrived: {}", p.body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(owners.len(), 2, "both replicas must own some of the students for this test: {owners:?}");
+
+    // Defined through replica 0: replica 1 lists it, and evaluates the students it owns.
+    let rule = r#"page_count("mba", 7d) >= 1"#;
+    let put = clients[0].call("PUT", "/v1/segments/mba_viewers", &json!({ "rule": rule })).await.unwrap();
+    assert_eq!(put.status, 200, "{}", put.body);
+    let seen_by_1 = |want: u16, field: &'static str, value: Value| {
+        let c = clients[1].clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = c.get("/v1/segments/mba_viewers").await.unwrap();
+                if got.status == want && (want != 200 || got.body[field] == value) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replica 1 still answers {} {}", got.status, got.body);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    seen_by_1(200, "rule", json!(rule)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = clients[1].get(&format!("/v1/segments/mba_viewers/members?limit={}", 2 * STUDENTS)).await.unwrap();
+        let n = m.body["members"].as_array().map(Vec::len).unwrap_or(0);
+        if n == STUDENTS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} of {STUDENTS} students entered: {}", m.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Changed and then deleted through replica 1: replica 0 follows both.
+    let described = json!({ "rule": rule, "description": "changed on replica 1" });
+    assert_eq!(clients[1].call("PUT", "/v1/segments/mba_viewers", &described).await.unwrap().status, 200);
+    let on_0 = |c: CohortClient| async move { c.get("/v1/segments/mba_viewers").await.unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while on_0(clients[0].clone()).await.body["description"] != json!("changed on replica 1") {
+        assert!(Instant::now() < deadline, "replica 0 never saw the change");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(clients[1].call("DELETE", "/v1/segments/mba_viewers", &json!({})).await.unwrap().status, 204);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while on_0(clients[0].clone()).await.status != 404 {
+        assert!(Instant::now() < deadline, "replica 0 still has the deleted segment");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1037,3 +1037,47 @@ async fn a_destination_never_goes_faster_than_its_rate_limit() {
     assert_eq!(d.received("sendgrid").len(), 4);
     demo.stop().await.unwrap();
 }
+
+/// A segment defined while the profiles are being evaluated for another still reaches every
+/// profile: the pass that was running had already passed some of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_defined_during_another_ones_backfill_is_evaluated_for_every_profile() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    // More profiles than one backfill page (500), so a pass takes several steps.
+    const STUDENTS: usize = 1_200;
+    for chunk in (0..STUDENTS).collect::<Vec<_>>().chunks(100) {
+        let views = chunk
+            .iter()
+            .map(|s| payloads::segment_page(&format!("bf-{s}"), &format!("anon-bf-{s}"), "/programs/mba", Utc::now()))
+            .collect();
+        let a = c.segment(false, "batch", &payloads::segment_batch(views)).await.unwrap();
+        assert_eq!(a.body["accepted"], json!(100), "{}", a.body);
+    }
+    demo.cohort.settle(Duration::from_secs(60)).await.unwrap();
+    let rule = json!({ "rule": r#"page_count("mba", 7d) >= 1"# });
+    for name in ["first", "second"] {
+        assert_eq!(c.call("PUT", &format!("/v1/segments/{name}"), &rule).await.unwrap().status, 200);
+    }
+    for name in ["first", "second"] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut members = 0;
+            let mut after = String::new();
+            loop {
+                let page = c.get(&format!("/v1/segments/{name}/members?limit=1000{after}")).await.unwrap().body;
+                members += page["members"].as_array().map(Vec::len).unwrap_or(0);
+                match page["next_after"].as_str() {
+                    Some(next) => after = format!("&after={next}"),
+                    None => break,
+                }
+            }
+            if members == STUDENTS {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{members} of {STUDENTS} profiles are in `{name}`");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    demo.stop().await.unwrap();
+}

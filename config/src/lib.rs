@@ -75,6 +75,9 @@ impl Config {
 pub struct SegmentsConfig {
     /// How often due window re-evaluations are fired.
     pub tick_ms: u64,
+    /// Cluster mode: how often each replica reads the stored definitions again, so a segment
+    /// defined, changed or deleted through another replica's API is evaluated here too.
+    pub refresh_interval_secs: u64,
     /// Segments defined in the file: `[[segments.define]]` with `name`, `rule` (or `kind`, `sql`,
     /// `every_secs`, `model`, `threshold`).
     #[serde(default)]
@@ -718,6 +721,9 @@ impl Config {
         if self.segments.tick_ms == 0 {
             return Err(bad("segments.tick_ms", "must be positive"));
         }
+        if self.segments.refresh_interval_secs == 0 {
+            return Err(bad("segments.refresh_interval_secs", "must be positive"));
+        }
         if self.reverse_etl.max_attempts == 0 {
             return Err(bad("reverse_etl.max_attempts", "must be at least 1"));
         }
@@ -944,6 +950,9 @@ mod tests {
         assert!(err.contains("`cluster.member_ttl_secs`"), "{err}");
         let err = Config::from_toml_str("[cluster]\nadvertise_url = \"pod-1:8080\"\n").unwrap_err().to_string();
         assert!(err.contains("`cluster.advertise_url`"), "{err}");
+        let err = Config::from_toml_str("[segments]\nrefresh_interval_secs = 0\n").unwrap_err().to_string();
+        assert!(err.contains("`segments.refresh_interval_secs`"), "{err}");
+        assert_eq!(Config::from_toml_str("").unwrap().segments.refresh_interval_secs, 5);
     }
 
     #[test]

@@ -522,8 +522,11 @@ pub enum SegmentMsg {
     },
     /// Remove a definition and its memberships.
     Delete { name: String, reply: RpcReplyPort<Result<bool, String>> },
-    /// Re-evaluate stored profiles after `after` (a page at a time) for a new definition.
-    Backfill { after: Option<ProfileId> },
+    /// Re-evaluate stored profiles after `after` (a page at a time) for a new definition; with
+    /// `owned`, only those this replica owns (cluster mode: a definition another replica made).
+    Backfill { after: Option<ProfileId>, owned: bool },
+    /// Timer (cluster mode): apply the definitions other replicas' APIs stored or deleted.
+    Refresh,
     /// Start-up: make the membership documents agree with the stored profiles' segments (a
     /// crash may have come between a profile's flush and the engine's write), a page at a time.
     Reconcile { after: Option<ProfileId> },

@@ -4,6 +4,7 @@
 
 use super::{Segment, SegmentDefinition, SegmentKind, SegmentRegistry};
 use chrono::{DateTime, Utc};
+use cohort_adapters::cluster::Ownership;
 use cohort_adapters::{all_documents, EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
 use cohort_messages::msgs::{BatchRun, ProfileMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg, SegmentStats};
 use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
@@ -11,7 +12,7 @@ use cohort_messages::ProfileId;
 use cohort_supervisors::{Metrics, Slot};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -36,6 +37,10 @@ pub struct SegmentEngineArgs {
     /// Definitions from the config file (stored ones of the same name win: the API edited them).
     pub configured: Vec<SegmentDefinition>,
     pub tick: Duration,
+    /// Cluster mode: how often the stored definitions are read again, and which profiles this
+    /// replica owns. Another replica's API may define, change or delete a segment, and the
+    /// profiles this replica owns must be evaluated against it too.
+    pub cluster: Option<(Duration, Arc<Ownership>)>,
 }
 
 pub struct SegmentEngineState {
@@ -46,6 +51,23 @@ pub struct SegmentEngineState {
     timers: Vec<JoinHandle<()>>,
     changes: u64,
     backfilling: bool,
+    /// A definition changed while a pass was running: run another (over owned profiles only
+    /// if every request was for those).
+    backfill_again: Option<bool>,
+}
+
+/// The definitions stored through the API (an unreadable one is logged and skipped).
+async fn stored_definitions(store: &dyn OperationalStore) -> Result<BTreeMap<String, SegmentDefinition>, StoreError> {
+    let mut out = BTreeMap::new();
+    for (name, doc) in all_documents(store, DEFINITIONS, "").await? {
+        match serde_json::from_value::<SegmentDefinition>(doc) {
+            Ok(d) => {
+                out.insert(name, d);
+            }
+            Err(e) => tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped"),
+        }
+    }
+    Ok(out)
 }
 
 /// The key of a membership document.
@@ -106,6 +128,65 @@ impl SegmentEngineState {
         let name = definition.name.clone();
         let handle = myself.send_interval(every, move || SegmentMsg::RunBatch { name: name.clone(), reply: None });
         self.batch_timers.insert(definition.name.clone(), handle);
+    }
+
+    /// Cluster mode: makes this replica's segments agree with what the other replicas' APIs
+    /// stored. A stored definition that differs from the one here replaces it; one here that is
+    /// no longer stored, and is not this replica's configured definition, was deleted. A segment
+    /// from the config file that another replica deleted stays here: a deletion leaves no record.
+    async fn refresh(&mut self, myself: &ActorRef<SegmentMsg>) -> Result<(), StoreError> {
+        let stored = stored_definitions(self.args.store.as_ref()).await?;
+        let here = self.args.registry.snapshot();
+        let mut realtime_changed = false;
+        for (name, definition) in &stored {
+            if here.get(name).is_some_and(|s| s.definition == *definition) {
+                continue;
+            }
+            match Segment::compile(definition.clone(), &self.args.registry.models) {
+                Ok(segment) => {
+                    tracing::info!(segment = %name, kind = ?definition.kind, "segment definition from another replica applied");
+                    realtime_changed |= segment.expr.is_some();
+                    self.args.registry.put(segment);
+                    match definition.kind {
+                        SegmentKind::Batch => self.start_batch_timer(myself, definition),
+                        _ => self.stop_batch_timer(name),
+                    }
+                }
+                Err(e) => tracing::error!(segment = %name, error = %e, "stored segment definition invalid; skipped"),
+            }
+        }
+        for (name, segment) in here.iter() {
+            let configured = self.args.configured.iter().any(|d| d.name == *name && *d == segment.definition);
+            if !stored.contains_key(name) && !configured {
+                tracing::info!(segment = %name, "segment deleted on another replica; removed here");
+                self.args.registry.remove(name);
+                self.stop_batch_timer(name);
+            }
+        }
+        if realtime_changed {
+            self.request_backfill(myself, true)
+                .map_err(|e| StoreError::unavailable(format!("segment engine cannot message itself: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Starts re-evaluating the stored profiles, or, when a pass is running, another pass after
+    /// it: profiles the running pass has already passed were evaluated without the new definition.
+    fn request_backfill(&mut self, myself: &ActorRef<SegmentMsg>, owned: bool) -> Result<(), ActorProcessingErr> {
+        if self.backfilling {
+            // One pass over all profiles also covers the owned ones.
+            self.backfill_again = Some(self.backfill_again.map_or(owned, |o| o && owned));
+            return Ok(());
+        }
+        self.backfilling = true;
+        myself.send_message(SegmentMsg::Backfill { after: None, owned })?;
+        Ok(())
+    }
+
+    fn stop_batch_timer(&mut self, name: &str) {
+        if let Some(t) = self.batch_timers.remove(name) {
+            t.abort();
+        }
     }
 
     async fn members(&self, segment: &str) -> Result<BTreeSet<ProfileId>, StoreError> {
@@ -223,16 +304,9 @@ impl Actor for SegmentEngine {
         _myself: ActorRef<SegmentMsg>,
         args: SegmentEngineArgs,
     ) -> Result<SegmentEngineState, ActorProcessingErr> {
-        let mut definitions: HashMap<String, SegmentDefinition> =
+        let mut definitions: BTreeMap<String, SegmentDefinition> =
             args.configured.iter().map(|d| (d.name.clone(), d.clone())).collect();
-        for (name, doc) in all_documents(args.store.as_ref(), DEFINITIONS, "").await? {
-            match serde_json::from_value::<SegmentDefinition>(doc) {
-                Ok(d) => {
-                    definitions.insert(name, d);
-                }
-                Err(e) => tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped"),
-            }
-        }
+        definitions.extend(stored_definitions(args.store.as_ref()).await?);
         for (name, definition) in definitions {
             match Segment::compile(definition, &args.registry.models) {
                 Ok(segment) => args.registry.put(segment),
@@ -247,6 +321,7 @@ impl Actor for SegmentEngine {
             timers: Vec::new(),
             changes: 0,
             backfilling: false,
+            backfill_again: None,
         })
     }
 
@@ -256,6 +331,9 @@ impl Actor for SegmentEngine {
         state: &mut SegmentEngineState,
     ) -> Result<(), ActorProcessingErr> {
         state.timers.push(myself.send_interval(state.args.tick, || SegmentMsg::Tick));
+        if let Some((every, _)) = &state.args.cluster {
+            state.timers.push(myself.send_interval(*every, || SegmentMsg::Refresh));
+        }
         myself.send_message(SegmentMsg::Reconcile { after: None })?;
         let batch: Vec<SegmentDefinition> = state
             .args
@@ -362,9 +440,8 @@ impl Actor for SegmentEngine {
                                         myself
                                             .send_message(SegmentMsg::RunBatch { name: d.name.clone(), reply: None })?;
                                     }
-                                    if realtime && !state.backfilling {
-                                        state.backfilling = true;
-                                        myself.send_message(SegmentMsg::Backfill { after: None })?;
+                                    if realtime {
+                                        state.request_backfill(&myself, false)?;
                                     }
                                     Ok(d)
                                 }
@@ -376,9 +453,7 @@ impl Actor for SegmentEngine {
             }
             SegmentMsg::Delete { name, reply } => {
                 let had = state.args.registry.remove(&name);
-                if let Some(t) = state.batch_timers.remove(&name) {
-                    t.abort();
-                }
+                state.stop_batch_timer(&name);
                 let mut result = state.args.store.put_documents(DEFINITIONS, vec![(name.clone(), None)]).await;
                 if result.is_ok() {
                     match state.members(&name).await {
@@ -397,12 +472,13 @@ impl Actor for SegmentEngine {
                 }
                 let _ = reply.send(result.map(|()| had).map_err(|e| format!("storage unavailable: {e}")));
             }
-            SegmentMsg::Backfill { after } => {
+            SegmentMsg::Backfill { after, owned } => {
                 let ids = state.args.store.list_profile_ids(after.as_ref(), BACKFILL_PAGE).await;
                 match ids {
                     Ok(ids) => {
+                        let ownership = state.args.cluster.as_ref().map(|(_, o)| o).filter(|_| owned);
                         if let Some(d) = state.args.directory.get() {
-                            for id in &ids {
+                            for id in ids.iter().filter(|id| ownership.is_none_or(|o| o.owns_profile(id))) {
                                 let _ = d.send_message(ProfilesMsg::Deliver {
                                     profile_id: id.clone(),
                                     msg: ProfileMsg::Reevaluate,
@@ -411,14 +487,17 @@ impl Actor for SegmentEngine {
                         }
                         match ids.last() {
                             Some(last) if ids.len() == BACKFILL_PAGE => {
-                                myself.send_message(SegmentMsg::Backfill { after: Some(last.clone()) })?
+                                myself.send_message(SegmentMsg::Backfill { after: Some(last.clone()), owned })?
                             }
-                            _ => state.backfilling = false,
+                            _ => match state.backfill_again.take() {
+                                Some(owned) => myself.send_message(SegmentMsg::Backfill { after: None, owned })?,
+                                None => state.backfilling = false,
+                            },
                         }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "segment backfill paused; retrying");
-                        myself.send_after(Duration::from_secs(1), move || SegmentMsg::Backfill { after });
+                        myself.send_after(Duration::from_secs(1), move || SegmentMsg::Backfill { after, owned });
                     }
                 }
             }
@@ -437,6 +516,11 @@ impl Actor for SegmentEngine {
                 }
                 if let Some(r) = reply {
                     let _ = r.send(result);
+                }
+            }
+            SegmentMsg::Refresh => {
+                if let Err(e) = state.refresh(&myself).await {
+                    tracing::warn!(error = %e, "segment definitions not refreshed; the next interval retries");
                 }
             }
             SegmentMsg::Sync(reply) => {
