@@ -162,6 +162,14 @@ struct Lane {
     quota: tokio::sync::Mutex<QuotaBlock>,
 }
 
+impl Lane {
+    /// Whether a job is queued or running. `waiting` is read first: a job counts as in flight
+    /// before it stops waiting, so one moving between the two is never missed.
+    fn busy(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0 || self.in_flight.load(Ordering::SeqCst) > 0
+    }
+}
+
 #[derive(Default)]
 struct QuotaBlock {
     day: Option<chrono::NaiveDate>,
@@ -708,15 +716,16 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     }
     let _running = RunningKey(&shared, &job.key);
     let permit = lane.permits.acquire().await;
+    // In flight before it stops waiting, so a drain (which reads `waiting` first) never sees
+    // the job in neither count; in flight until its outcome is recorded and counted (dropped at
+    // the end), so a drain never sees a job finished whose failure is not yet stored for retry.
+    lane.in_flight.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight(&lane.in_flight);
     lane.waiting.fetch_sub(1, Ordering::SeqCst);
     let Ok(_permit) = permit else { return };
     // Tracing: the destination request ends the trace of the event that caused it.
     let span = tracing::debug_span!("destination.send", destination = lane.destination.as_str());
     crate::trace::continue_from(&span, job.change.trace.as_deref());
-    lane.in_flight.fetch_add(1, Ordering::SeqCst);
-    // In flight until its outcome is recorded and counted (dropped at the end), so a drain
-    // never sees a job finished whose failure is not yet stored for retry.
-    let _in_flight = InFlight(&lane.in_flight);
     let outcome = attempt(&shared, &lane, &job).await;
     // Erased mid-way: a skip, never a failure record (which would keep the person's snapshot).
     let outcome = match outcome {
@@ -937,9 +946,7 @@ impl ReverseEtlState {
     }
 
     fn busy(&self) -> bool {
-        self.destinations
-            .values()
-            .any(|c| c.lane.in_flight.load(Ordering::SeqCst) + c.lane.waiting.load(Ordering::SeqCst) > 0)
+        self.destinations.values().any(|c| c.lane.busy())
     }
 }
 
@@ -1255,9 +1262,7 @@ impl Actor for ReverseEtlActor {
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                     while busy && tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(5)).await;
-                        busy = lanes
-                            .iter()
-                            .any(|l| l.in_flight.load(Ordering::SeqCst) + l.waiting.load(Ordering::SeqCst) > 0);
+                        busy = lanes.iter().any(|l| l.busy());
                     }
                     let _ = reply.send(());
                 });
