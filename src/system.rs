@@ -711,12 +711,10 @@ impl Cohort {
                 (segments.clone(), profiles_slot.clone(), reverse_etl_slot.clone(), ctx.segment_engine.clone());
             let (warehouse, configured) = (warehouse.clone(), configured_segments.clone());
             let tick = Duration::from_millis(config.segments.tick_ms);
-            // Cluster mode: definitions other replicas' APIs store are picked up here too.
-            let cluster = profile_ctx
-                .ownership
-                .clone()
-                .filter(|_| config.cluster.enabled)
-                .map(|o| (Duration::from_secs(config.segments.refresh_interval_secs), o));
+            // Cluster mode: definitions other replicas' APIs store are picked up here too, and
+            // batch segments run on one replica.
+            let refresh = config.cluster.enabled.then(|| Duration::from_secs(config.segments.refresh_interval_secs));
+            let leader = config.cluster.enabled.then(|| membership.clone());
             job_children.push(ChildSpec::new("segments", "segment_engine", move |sup| {
                 let args = SegmentEngineArgs {
                     store: store.clone(),
@@ -728,7 +726,8 @@ impl Cohort {
                     metrics: metrics.clone(),
                     configured: configured.clone(),
                     tick,
-                    cluster: cluster.clone(),
+                    refresh,
+                    leader: leader.clone(),
                 };
                 let slot = slot.clone();
                 async move {

@@ -534,8 +534,8 @@ async fn the_shared_warehouse_outbox_is_relayed_by_one_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_defined_through_one_replica_is_evaluated_by_every_replica() {
     let _one = ONE_CLUSTER.lock().await;
-    // Refreshes seconds apart: replica 1 mostly learns of the segment after replica 0 asked every
-    // profile to be evaluated again, so its own profiles enter through its own re-evaluation.
+    // Refreshes seconds apart: replica 1 mostly learns of the segment after replica 0's pass
+    // reached its profiles, so they enter through the pass replica 1 starts when it learns.
     let (cluster, _) = start_cluster("segdef", 2, "[segments]\nrefresh_interval_secs = 8\n").await;
     let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
     const STUDENTS: usize = 16;

@@ -232,6 +232,20 @@ pub async fn members(
     Ok(out)
 }
 
+/// Whether timed once-only work is this replica's: always outside cluster mode (`me` is
+/// `None`), else when it is the first live member by name, and when the membership cannot be
+/// read (`what` names the work for the log: a duplicate run is harmless, a missing one is not).
+pub async fn leads(store: &dyn OperationalStore, me: Option<&MembershipSettings>, what: &str) -> bool {
+    let Some(me) = me else { return true };
+    match members(store, Utc::now(), me.ttl()).await {
+        Ok(listed) => listed.iter().filter(|(_, alive)| *alive).map(|(m, _)| &m.name).min() == Some(&me.name),
+        Err(e) => {
+            tracing::debug!(error = %e, work = what, "membership unreadable; running anyway");
+            true
+        }
+    }
+}
+
 /// Whether the named replica is alive: its record exists and its heartbeat is recent.
 pub async fn is_alive(
     store: &dyn OperationalStore,
@@ -739,6 +753,20 @@ mod tests {
         assert!(ready.is_empty());
         assert_eq!(positions(&a.release(&[1])), vec![at(1, 7), at(1, 8)], "in the order read");
         assert!(a.release(&[1, 2]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn once_only_work_is_the_first_live_members_by_name() {
+        let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
+        let me = settings();
+        assert!(leads(store.as_ref(), None, "t").await, "outside cluster mode every replica leads");
+        list(store.as_ref(), "me/1/a", &[], Utc::now()).await;
+        list(store.as_ref(), "zeta/1/z", &[], Utc::now()).await;
+        assert!(leads(store.as_ref(), Some(&me), "t").await);
+        list(store.as_ref(), "alpha/1/a", &[], Utc::now() - chrono::Duration::seconds(10)).await;
+        assert!(leads(store.as_ref(), Some(&me), "t").await, "a dead member leads nothing");
+        list(store.as_ref(), "alpha/1/a", &[], Utc::now()).await;
+        assert!(!leads(store.as_ref(), Some(&me), "t").await, "a live member before it by name leads");
     }
 
     #[tokio::test]

@@ -136,14 +136,7 @@ impl WarehouseSinkState {
     /// Whether timed work is this replica's: always outside cluster mode, and when the
     /// membership cannot be read (a duplicate relay is harmless, a missing one is not).
     async fn leads(&self) -> bool {
-        let Some(me) = &self.args.leader else { return true };
-        match crate::cluster::members(self.args.store.as_ref(), chrono::Utc::now(), me.ttl()).await {
-            Ok(listed) => listed.iter().filter(|(_, alive)| *alive).map(|(m, _)| &m.name).min() == Some(&me.name),
-            Err(e) => {
-                tracing::debug!(error = %e, "membership unreadable; relaying anyway");
-                true
-            }
-        }
+        crate::cluster::leads(self.args.store.as_ref(), self.args.leader.as_ref(), "warehouse relay").await
     }
 
     fn set_outbox_gauge(&self, batches: u64) {

@@ -522,9 +522,8 @@ pub enum SegmentMsg {
     },
     /// Remove a definition and its memberships.
     Delete { name: String, reply: RpcReplyPort<Result<bool, String>> },
-    /// Re-evaluate stored profiles after `after` (a page at a time) for a new definition; with
-    /// `owned`, only those this replica owns (cluster mode: a definition another replica made).
-    Backfill { after: Option<ProfileId>, owned: bool },
+    /// Re-evaluate stored profiles after `after` (a page at a time) for a new definition.
+    Backfill { after: Option<ProfileId> },
     /// Timer (cluster mode): apply the definitions other replicas' APIs stored or deleted.
     Refresh,
     /// Start-up: make the membership documents agree with the stored profiles' segments (a
@@ -532,6 +531,8 @@ pub enum SegmentMsg {
     Reconcile { after: Option<ProfileId> },
     /// Run a batch segment's query now and apply the difference.
     RunBatch { name: String, reply: Option<RpcReplyPort<Result<BatchRun, String>>> },
+    /// Timer: a batch segment's interval passed; run it if this replica leads the cluster.
+    RunScheduledBatch { name: String },
     /// Wait until everything sent before was handled.
     Sync(RpcReplyPort<SegmentStats>),
     /// A profile's marketing consent for `channels` was granted: the real-time memberships it

@@ -4,7 +4,6 @@
 
 use super::{Segment, SegmentDefinition, SegmentKind, SegmentRegistry};
 use chrono::{DateTime, Utc};
-use cohort_adapters::cluster::Ownership;
 use cohort_adapters::{all_documents, EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
 use cohort_messages::msgs::{BatchRun, ProfileMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg, SegmentStats};
 use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
@@ -37,10 +36,11 @@ pub struct SegmentEngineArgs {
     /// Definitions from the config file (stored ones of the same name win: the API edited them).
     pub configured: Vec<SegmentDefinition>,
     pub tick: Duration,
-    /// Cluster mode: how often the stored definitions are read again, and which profiles this
-    /// replica owns. Another replica's API may define, change or delete a segment, and the
-    /// profiles this replica owns must be evaluated against it too.
-    pub cluster: Option<(Duration, Arc<Ownership>)>,
+    /// Cluster mode: how often the stored definitions are read again. Another replica's API may
+    /// define, change or delete a segment, and the profiles this replica owns must follow.
+    pub refresh: Option<Duration>,
+    /// Cluster mode: batch segments run on their timers only on the first live member.
+    pub leader: Option<crate::cluster::MembershipSettings>,
 }
 
 pub struct SegmentEngineState {
@@ -51,21 +51,23 @@ pub struct SegmentEngineState {
     timers: Vec<JoinHandle<()>>,
     changes: u64,
     backfilling: bool,
-    /// A definition changed while a pass was running: run another (over owned profiles only
-    /// if every request was for those).
-    backfill_again: Option<bool>,
+    /// A definition changed while a pass was running: run another after it.
+    backfill_again: bool,
 }
 
-/// The definitions stored through the API (an unreadable one is logged and skipped).
-async fn stored_definitions(store: &dyn OperationalStore) -> Result<BTreeMap<String, SegmentDefinition>, StoreError> {
+/// The definitions stored through the API, by name: `None` for one this version cannot read
+/// (logged), which a refresh must not take for deleted.
+async fn stored_definitions(
+    store: &dyn OperationalStore,
+) -> Result<BTreeMap<String, Option<SegmentDefinition>>, StoreError> {
     let mut out = BTreeMap::new();
     for (name, doc) in all_documents(store, DEFINITIONS, "").await? {
-        match serde_json::from_value::<SegmentDefinition>(doc) {
-            Ok(d) => {
-                out.insert(name, d);
-            }
-            Err(e) => tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped"),
-        }
+        let definition = serde_json::from_value::<SegmentDefinition>(doc)
+            .inspect_err(
+                |e| tracing::error!(segment = %name, error = %e, "stored segment definition unreadable; skipped"),
+            )
+            .ok();
+        out.insert(name, definition);
     }
     Ok(out)
 }
@@ -126,19 +128,20 @@ impl SegmentEngineState {
         }
         let every = Duration::from_secs(definition.every_secs.unwrap_or(3600).max(10));
         let name = definition.name.clone();
-        let handle = myself.send_interval(every, move || SegmentMsg::RunBatch { name: name.clone(), reply: None });
+        let handle = myself.send_interval(every, move || SegmentMsg::RunScheduledBatch { name: name.clone() });
         self.batch_timers.insert(definition.name.clone(), handle);
     }
 
     /// Cluster mode: makes this replica's segments agree with what the other replicas' APIs
     /// stored. A stored definition that differs from the one here replaces it; one here that is
-    /// no longer stored, and is not this replica's configured definition, was deleted. A segment
-    /// from the config file that another replica deleted stays here: a deletion leaves no record.
+    /// no longer stored, and is not this replica's configured definition, was deleted, and the
+    /// memberships profiles here recorded since are removed too. A segment from the config file
+    /// that another replica deleted stays here: a deletion leaves no record.
     async fn refresh(&mut self, myself: &ActorRef<SegmentMsg>) -> Result<(), StoreError> {
         let stored = stored_definitions(self.args.store.as_ref()).await?;
         let here = self.args.registry.snapshot();
         let mut realtime_changed = false;
-        for (name, definition) in &stored {
+        for (name, definition) in stored.iter().filter_map(|(n, d)| Some((n, d.as_ref()?))) {
             if here.get(name).is_some_and(|s| s.definition == *definition) {
                 continue;
             }
@@ -161,25 +164,25 @@ impl SegmentEngineState {
                 tracing::info!(segment = %name, "segment deleted on another replica; removed here");
                 self.args.registry.remove(name);
                 self.stop_batch_timer(name);
+                self.clear_members(name).await?;
             }
         }
         if realtime_changed {
-            self.request_backfill(myself, true)
+            // Every stored profile, not only those owned here: another replica's pass reached
+            // some before their owners knew the rule, and partitions may move meanwhile.
+            self.request_backfill(myself)
                 .map_err(|e| StoreError::unavailable(format!("segment engine cannot message itself: {e}")))?;
         }
         Ok(())
     }
 
-    /// Starts re-evaluating the stored profiles, or, when a pass is running, another pass after
-    /// it: profiles the running pass has already passed were evaluated without the new definition.
-    fn request_backfill(&mut self, myself: &ActorRef<SegmentMsg>, owned: bool) -> Result<(), ActorProcessingErr> {
-        if self.backfilling {
-            // One pass over all profiles also covers the owned ones.
-            self.backfill_again = Some(self.backfill_again.map_or(owned, |o| o && owned));
-            return Ok(());
+    /// Deletes every membership document of `segment`.
+    async fn clear_members(&self, segment: &str) -> Result<(), StoreError> {
+        let docs: Vec<(String, Option<serde_json::Value>)> =
+            self.members(segment).await?.iter().map(|p| (member_key(segment, p), None)).collect();
+        for chunk in docs.chunks(1000) {
+            self.args.store.put_documents(MEMBERS, chunk.to_vec()).await?;
         }
-        self.backfilling = true;
-        myself.send_message(SegmentMsg::Backfill { after: None, owned })?;
         Ok(())
     }
 
@@ -187,6 +190,18 @@ impl SegmentEngineState {
         if let Some(t) = self.batch_timers.remove(name) {
             t.abort();
         }
+    }
+
+    /// Starts re-evaluating the stored profiles, or, when a pass is running, another pass after
+    /// it: profiles the running pass has already passed were evaluated without the new definition.
+    fn request_backfill(&mut self, myself: &ActorRef<SegmentMsg>) -> Result<(), ActorProcessingErr> {
+        if self.backfilling {
+            self.backfill_again = true;
+            return Ok(());
+        }
+        self.backfilling = true;
+        myself.send_message(SegmentMsg::Backfill { after: None })?;
+        Ok(())
     }
 
     async fn members(&self, segment: &str) -> Result<BTreeSet<ProfileId>, StoreError> {
@@ -306,7 +321,8 @@ impl Actor for SegmentEngine {
     ) -> Result<SegmentEngineState, ActorProcessingErr> {
         let mut definitions: BTreeMap<String, SegmentDefinition> =
             args.configured.iter().map(|d| (d.name.clone(), d.clone())).collect();
-        definitions.extend(stored_definitions(args.store.as_ref()).await?);
+        definitions
+            .extend(stored_definitions(args.store.as_ref()).await?.into_iter().filter_map(|(n, d)| Some((n, d?))));
         for (name, definition) in definitions {
             match Segment::compile(definition, &args.registry.models) {
                 Ok(segment) => args.registry.put(segment),
@@ -321,7 +337,7 @@ impl Actor for SegmentEngine {
             timers: Vec::new(),
             changes: 0,
             backfilling: false,
-            backfill_again: None,
+            backfill_again: false,
         })
     }
 
@@ -331,8 +347,8 @@ impl Actor for SegmentEngine {
         state: &mut SegmentEngineState,
     ) -> Result<(), ActorProcessingErr> {
         state.timers.push(myself.send_interval(state.args.tick, || SegmentMsg::Tick));
-        if let Some((every, _)) = &state.args.cluster {
-            state.timers.push(myself.send_interval(*every, || SegmentMsg::Refresh));
+        if let Some(every) = state.args.refresh {
+            state.timers.push(myself.send_interval(every, || SegmentMsg::Refresh));
         }
         myself.send_message(SegmentMsg::Reconcile { after: None })?;
         let batch: Vec<SegmentDefinition> = state
@@ -441,7 +457,7 @@ impl Actor for SegmentEngine {
                                             .send_message(SegmentMsg::RunBatch { name: d.name.clone(), reply: None })?;
                                     }
                                     if realtime {
-                                        state.request_backfill(&myself, false)?;
+                                        state.request_backfill(&myself)?;
                                     }
                                     Ok(d)
                                 }
@@ -452,33 +468,24 @@ impl Actor for SegmentEngine {
                 let _ = reply.send(answer);
             }
             SegmentMsg::Delete { name, reply } => {
-                let had = state.args.registry.remove(&name);
-                state.stop_batch_timer(&name);
-                let mut result = state.args.store.put_documents(DEFINITIONS, vec![(name.clone(), None)]).await;
-                if result.is_ok() {
-                    match state.members(&name).await {
-                        Ok(members) => {
-                            let docs: Vec<(String, Option<serde_json::Value>)> =
-                                members.iter().map(|p| (member_key(&name, p), None)).collect();
-                            for chunk in docs.chunks(1000) {
-                                result = state.args.store.put_documents(MEMBERS, chunk.to_vec()).await;
-                                if result.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                        Err(e) => result = Err(e),
+                // Stored first: a deletion the store refused leaves the segment defined here too,
+                // where a refresh would otherwise put it back and enter its members again.
+                let result = match state.args.store.put_documents(DEFINITIONS, vec![(name.clone(), None)]).await {
+                    Ok(()) => {
+                        let had = state.args.registry.remove(&name);
+                        state.stop_batch_timer(&name);
+                        state.clear_members(&name).await.map(|()| had)
                     }
-                }
-                let _ = reply.send(result.map(|()| had).map_err(|e| format!("storage unavailable: {e}")));
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result.map_err(|e| format!("storage unavailable: {e}")));
             }
-            SegmentMsg::Backfill { after, owned } => {
+            SegmentMsg::Backfill { after } => {
                 let ids = state.args.store.list_profile_ids(after.as_ref(), BACKFILL_PAGE).await;
                 match ids {
                     Ok(ids) => {
-                        let ownership = state.args.cluster.as_ref().map(|(_, o)| o).filter(|_| owned);
                         if let Some(d) = state.args.directory.get() {
-                            for id in ids.iter().filter(|id| ownership.is_none_or(|o| o.owns_profile(id))) {
+                            for id in &ids {
                                 let _ = d.send_message(ProfilesMsg::Deliver {
                                     profile_id: id.clone(),
                                     msg: ProfileMsg::Reevaluate,
@@ -487,17 +494,17 @@ impl Actor for SegmentEngine {
                         }
                         match ids.last() {
                             Some(last) if ids.len() == BACKFILL_PAGE => {
-                                myself.send_message(SegmentMsg::Backfill { after: Some(last.clone()), owned })?
+                                myself.send_message(SegmentMsg::Backfill { after: Some(last.clone()) })?
                             }
-                            _ => match state.backfill_again.take() {
-                                Some(owned) => myself.send_message(SegmentMsg::Backfill { after: None, owned })?,
-                                None => state.backfilling = false,
-                            },
+                            _ if std::mem::take(&mut state.backfill_again) => {
+                                myself.send_message(SegmentMsg::Backfill { after: None })?
+                            }
+                            _ => state.backfilling = false,
                         }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "segment backfill paused; retrying");
-                        myself.send_after(Duration::from_secs(1), move || SegmentMsg::Backfill { after, owned });
+                        myself.send_after(Duration::from_secs(1), move || SegmentMsg::Backfill { after });
                     }
                 }
             }
@@ -518,6 +525,14 @@ impl Actor for SegmentEngine {
                     let _ = r.send(result);
                 }
             }
+            SegmentMsg::RunScheduledBatch { name } => {
+                // In a cluster every replica keeps the timer, and one runs it: concurrent runs
+                // would enter the same profiles at different times, so under different job keys.
+                let store = state.args.store.as_ref();
+                if crate::cluster::leads(store, state.args.leader.as_ref(), "batch segment").await {
+                    myself.send_message(SegmentMsg::RunBatch { name, reply: None })?;
+                }
+            }
             SegmentMsg::Refresh => {
                 if let Err(e) = state.refresh(&myself).await {
                     tracing::warn!(error = %e, "segment definitions not refreshed; the next interval retries");
@@ -533,5 +548,27 @@ impl Actor for SegmentEngine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use cohort_adapters::EmbeddedStore;
+
+    #[tokio::test]
+    async fn a_stored_definition_this_version_cannot_read_is_listed_as_unreadable_not_missing() {
+        let store: Arc<dyn OperationalStore> = EmbeddedStore::in_memory().unwrap();
+        let good = json!({ "name": "mba", "rule": r#"page_count("mba", 7d) >= 1"# });
+        let newer = json!({ "name": "later", "rule": "1 == 1", "field_from_a_newer_version": true });
+        store
+            .put_documents(DEFINITIONS, vec![("mba".into(), Some(good)), ("later".into(), Some(newer))])
+            .await
+            .unwrap();
+        let stored = stored_definitions(store.as_ref()).await.unwrap();
+        assert_eq!(stored.get("mba").and_then(|d| d.as_ref()).map(|d| d.name.as_str()), Some("mba"));
+        // Present but unreadable: a refresh keeps the segment rather than taking it for deleted.
+        assert_eq!(stored.get("later").map(Option::is_none), Some(true));
     }
 }
