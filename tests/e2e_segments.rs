@@ -687,7 +687,8 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
         "{}\n[[activations]]\nname = \"quiz_list_exit\"\nsegment = \"quiz\"\non = \"exit\"\ndestination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"quiz\"\n",
         quiz_list_toml(&d)
     );
-    let demo = DemoServer::start(None, &extra, SystemOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), &extra, SystemOptions::default()).await.unwrap();
     let c = &demo.client;
     for i in 0..13 {
         let who = format!("q{i}");
@@ -756,11 +757,41 @@ async fn a_batch_run_whose_size_moved_more_than_20_percent_waits_for_confirmatio
     let gauge = |text: &str| text.lines().any(|l| l == "cohort_quality_gate_failing{gate=\"4\"} 1");
     let m = ok(c.get("/metrics").await.unwrap()).await;
     assert!(gauge(m.as_str().unwrap()), "a held sync sets the gate 4 gauge");
+    // The hold is stored: a restart keeps it, its gauge included, and the start-up catch-up
+    // (memberships no destination has seen) leaves its members alone.
+    demo.stop().await.unwrap();
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), &extra, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    drained(&demo).await;
+    assert_eq!(adds(&d), 10, "still held after the restart");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["held_for_confirmation"]["quiz_list"], 3, "{status}");
+    let m = ok(c.get("/metrics").await.unwrap()).await;
+    assert!(gauge(m.as_str().unwrap()), "the gauge shows a hold from before the restart");
+    // A held member erased meanwhile leaves the hold, snapshot and all.
+    let asked = json!({ "profile": "user_id:q10", "regulation": "delete", "requested_by": "dpo-ticket-9" });
+    let asked = c.post("/v1/gdpr/deletions", &asked).await.unwrap();
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let url = format!("/v1/gdpr/deletions/{}", asked.body["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let s = ok(c.get(&url).await.unwrap()).await;
+        if s["status"] == "completed" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the erasure did not complete: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let documents = done["steps"].as_array().unwrap().iter().find(|s| s["step"] == "documents").cloned();
+    assert_eq!(documents.map(|s| s["detail"]["held_jobs"].clone()), Some(json!(1)), "{done}");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(status["held_for_confirmation"]["quiz_list"], 2, "{status}");
     ok(c.post("/v1/reverse-etl/confirm/quiz_list", &json!({})).await.unwrap()).await;
     drained(&demo).await;
-    assert_eq!(adds(&d), 13);
+    assert_eq!(adds(&d), 12, "the ten before, and the two held members still here");
     let m = ok(c.get("/metrics").await.unwrap()).await;
     assert!(!gauge(m.as_str().unwrap()), "confirming the held sync clears it");
+    assert_eq!(c.post("/v1/reverse-etl/confirm/quiz_list", &json!({})).await.unwrap().status, 404, "released once");
     demo.stop().await.unwrap();
 }
 

@@ -38,6 +38,13 @@ pub const FAILED: &str = "reverse_etl_failed";
 pub const RUNS: &str = "reverse_etl_runs";
 /// The Contact fields last written per activation and profile: updates send only what changed.
 pub const FIELDS: &str = "reverse_etl_fields";
+/// Batch runs Gate 4 holds, with what their jobs render (`activation/part`, [`HELD_PART_JOBS`]
+/// jobs a document): stored, so a restart keeps them and any replica can show, confirm or
+/// respect them.
+pub const HELD: &str = "reverse_etl_held";
+
+/// Held jobs per document: a batch of many members stays within MongoDB's document size.
+const HELD_PART_JOBS: usize = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -260,16 +267,89 @@ pub struct ReverseEtlState {
     /// Every configured destination (a lane whose URL is set).
     destinations: HashMap<Destination, Child>,
     policy: RestartPolicy,
-    /// Batch runs held by Gate 4 (size moved more than 20%), by activation.
-    held: HashMap<String, Vec<Job>>,
 }
 
 impl ReverseEtlState {
-    /// Gate 4's gauge: 1 while any batch sync is held for confirmation.
-    fn report_held(&self) {
-        let held = i64::from(!self.held.is_empty());
-        self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(held);
+    /// The batch runs Gate 4 holds (size moved beyond the tolerance), by activation: the jobs
+    /// of each, for an activation still configured. Also sets Gate 4's gauge (1 while any is held).
+    async fn held(&self) -> Result<BTreeMap<String, Vec<Job>>, cohort_adapters::StoreError> {
+        let mut out: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        for (key, doc) in all_documents(self.shared.store.as_ref(), HELD, "").await? {
+            let name = key.rsplit_once('/').map_or(key.as_str(), |(name, _)| name);
+            let Some(activation) = self.activations.iter().find(|a| a.name == name) else {
+                tracing::warn!(activation = %name, "held batch of an activation no longer configured; left as it is");
+                continue;
+            };
+            let Some(destination) = Destination::parse(&activation.destination) else { continue };
+            let held: Vec<HeldJob> = match doc.get("jobs").cloned().map(serde_json::from_value).transpose() {
+                Ok(jobs) => jobs.unwrap_or_default(),
+                Err(e) => {
+                    tracing::error!(activation = %name, error = %e, "held batch unreadable; left as it is");
+                    continue;
+                }
+            };
+            out.entry(name.to_string()).or_default().extend(held.into_iter().map(|h| Job {
+                key: h.key,
+                activation: activation.clone(),
+                destination,
+                change: SegmentChanged { profile: Arc::new(h.profile), ..h.change },
+            }));
+        }
+        let failing = i64::from(!out.is_empty());
+        self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(failing);
+        Ok(out)
     }
+
+    /// Replaces what is held for `activation` with `jobs` (none: releases it).
+    async fn hold(&self, activation: &str, segment: &str, jobs: Vec<Job>) -> Result<(), cohort_adapters::StoreError> {
+        let store = &self.shared.store;
+        let before = all_documents(store.as_ref(), HELD, &format!("{activation}/")).await?;
+        if !before.is_empty() {
+            store.put_documents(HELD, before.into_iter().map(|(k, _)| (k, None)).collect()).await?;
+        }
+        let held: Vec<HeldJob> = jobs
+            .into_iter()
+            .map(|j| HeldJob { key: j.key, profile: (*j.change.profile).clone(), change: j.change })
+            .collect();
+        let at = Utc::now();
+        for (part, chunk) in held.chunks(HELD_PART_JOBS).enumerate() {
+            let doc = json!({ "segment": segment, "held_at": at, "jobs": chunk });
+            store.put_documents(HELD, vec![(format!("{activation}/{part:06}"), Some(doc))]).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes the jobs of `target`'s profiles out of every held batch, or (`dry_run`) only counts
+/// them: a held job keeps the person's snapshot, which an erasure must not leave behind.
+pub async fn erase_held(
+    store: &dyn OperationalStore,
+    target: &cohort_messages::ErasureTarget,
+    dry_run: bool,
+) -> Result<u64, cohort_adapters::StoreError> {
+    let mut taken = 0;
+    for (activation, mut doc) in all_documents(store, HELD, "").await? {
+        let Some(jobs) = doc.get_mut("jobs").and_then(Value::as_array_mut) else { continue };
+        let before = jobs.len();
+        jobs.retain(|j| {
+            !j.pointer("/change/profile_id").and_then(Value::as_str).is_some_and(|p| target.names_profile(p))
+        });
+        let theirs = before - jobs.len();
+        if theirs > 0 && !dry_run {
+            store.put_documents(HELD, vec![(activation, Some(doc))]).await?;
+        }
+        taken += theirs as u64;
+    }
+    Ok(taken)
+}
+
+/// A held job as stored: the change and the profile snapshot its request renders (which the
+/// change's own serialization leaves out).
+#[derive(Serialize, serde::Deserialize)]
+struct HeldJob {
+    key: String,
+    change: SegmentChanged,
+    profile: ActivationProfile,
 }
 
 /// A supervised destination actor; jobs wait here while it restarts.
@@ -941,8 +1021,7 @@ impl ReverseEtlState {
             };
             out.insert(d.as_str().into(), v);
         }
-        let held: BTreeMap<&String, usize> = self.held.iter().map(|(k, v)| (k, v.len())).collect();
-        json!({ "destinations": out, "held_for_confirmation": held })
+        json!({ "destinations": out })
     }
 
     fn busy(&self) -> bool {
@@ -994,13 +1073,16 @@ impl ReverseEtlState {
             .zip(members)
             .filter_map(|(c, doc)| Some(SegmentChanged { at: member_since(&doc?)?, ..c.clone() }))
             .collect();
-        // A batch run Gate 4 holds waits for a person, whatever consent says.
-        let held: std::collections::HashSet<&str> = self.held.values().flatten().map(|j| j.key.as_str()).collect();
-        let jobs: Vec<Job> = self
-            .jobs(&stored)
-            .into_iter()
-            .filter(|j| channel_of(j).is_some_and(|c| channels.contains(&c)) && !held.contains(j.key.as_str()))
-            .collect();
+        let jobs: Vec<Job> =
+            self.jobs(&stored).into_iter().filter(|j| channel_of(j).is_some_and(|c| channels.contains(&c))).collect();
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        // A batch run Gate 4 holds waits for a person, whatever consent says (and wherever it
+        // was held: the store has it).
+        let held: std::collections::HashSet<String> =
+            self.held().await?.into_values().flatten().map(|j| j.key).collect();
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !held.contains(&j.key)).collect();
         if jobs.is_empty() {
             return Ok(());
         }
@@ -1018,6 +1100,9 @@ impl ReverseEtlState {
     async fn catch_up(&mut self) -> Result<usize, cohort_adapters::StoreError> {
         let store = self.shared.store.clone();
         let activations = self.activations.clone();
+        // Members of a batch run Gate 4 holds are stored, but wait for a person all the same.
+        let held: std::collections::HashSet<String> =
+            self.held().await?.into_values().flatten().map(|j| j.key).collect();
         let mut spawned = 0;
         for a in activations.iter().filter(|a| a.on == "enter") {
             let Some(destination) = Destination::parse(&a.destination) else { continue };
@@ -1044,8 +1129,12 @@ impl ReverseEtlState {
                 }
                 let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
                 let open = still_open(store.as_ref(), &keys).await?;
-                let todo: Vec<(String, SegmentChanged)> =
-                    pending.into_iter().zip(open).filter(|(_, open)| *open).map(|(p, _)| p).collect();
+                let todo: Vec<(String, SegmentChanged)> = pending
+                    .into_iter()
+                    .zip(open)
+                    .filter(|((key, _), open)| *open && !held.contains(key))
+                    .map(|(p, _)| p)
+                    .collect();
                 if !todo.is_empty() {
                     let ids: Vec<ProfileId> = todo.iter().map(|(_, c)| c.profile_id.clone()).collect();
                     let records = store.load_profiles(&ids).await?;
@@ -1094,7 +1183,6 @@ impl Actor for ReverseEtlActor {
             activations: args.activations.into_iter().map(Arc::new).collect(),
             destinations,
             policy: args.policy,
-            held: HashMap::new(),
         })
     }
 
@@ -1108,6 +1196,10 @@ impl Actor for ReverseEtlActor {
             state.start_destination(&myself, d).await?;
         }
         myself.send_message(ReverseEtlMsg::CatchUp)?;
+        // Gate 4's gauge for holds from before a restart.
+        if let Err(e) = state.held().await {
+            tracing::warn!(error = %e, "held batches not read; gate 4's gauge waits for the next batch");
+        }
         Ok(())
     }
 
@@ -1190,7 +1282,7 @@ impl Actor for ReverseEtlActor {
                     }
                     if !run.success {
                         tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved beyond the gate 4 tolerance; held for confirmation");
-                        state.held.insert(activation, jobs);
+                        state.hold(&activation, &segment, jobs).await?;
                         continue;
                     }
                     state.shared.store.put_documents(RUNS, vec![(activation, Some(json!({ "size": size })))]).await?;
@@ -1198,15 +1290,18 @@ impl Actor for ReverseEtlActor {
                         state.spawn(job);
                     }
                 }
-                state.report_held();
+                state.held().await?;
             }
             ReverseEtlMsg::Confirm { activation, reply } => {
-                let jobs = state.held.remove(&activation);
-                state.report_held();
+                let jobs = state.held().await?.remove(&activation);
                 let found = jobs.is_some();
                 if let Some(jobs) = jobs {
                     let size = jobs.len();
-                    state.shared.store.put_documents(RUNS, vec![(activation, Some(json!({ "size": size })))]).await?;
+                    let store = &state.shared.store;
+                    store.put_documents(RUNS, vec![(activation.clone(), Some(json!({ "size": size })))]).await?;
+                    // Taken out before the jobs go: a confirmation repeated meanwhile finds nothing.
+                    state.hold(&activation, "", Vec::new()).await?;
+                    state.held().await?;
                     for job in jobs {
                         state.spawn(job);
                     }
@@ -1252,7 +1347,14 @@ impl Actor for ReverseEtlActor {
                 }
             }
             ReverseEtlMsg::Status(reply) => {
-                let _ = reply.send(state.status());
+                let mut status = state.status();
+                // Unreadable store: the destinations' figures still answer, without the holds.
+                let held = match state.held().await {
+                    Ok(held) => json!(held.iter().map(|(a, jobs)| (a.clone(), jobs.len())).collect::<BTreeMap<_, _>>()),
+                    Err(e) => json!({ "error": format!("storage unavailable: {e}") }),
+                };
+                status["held_for_confirmation"] = held;
+                let _ = reply.send(status);
             }
             ReverseEtlMsg::Drain(reply) => {
                 let lanes: Vec<Arc<Lane>> = state.destinations.values().map(|c| c.lane.clone()).collect();

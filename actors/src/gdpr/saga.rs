@@ -429,7 +429,8 @@ impl GdprState {
                         store.put_documents(collection, keys.into_iter().map(|k| (k, None)).collect()).await?;
                     }
                 }
-                Ok(Outcome::Done(json!({ "documents": removed })))
+                let held = crate::reverse_etl::erase_held(store, target, false).await?;
+                Ok(Outcome::Done(json!({ "documents": removed, "held_jobs": held })))
             }
             DeletionStep::EventLog => {
                 let counts = a.bus.erase_person(target).await?;
@@ -570,6 +571,7 @@ impl GdprState {
         for collection in PROFILE_DOCUMENTS.iter().chain([&crate::features::FEATURES]) {
             documents += person_documents(store, collection, target).await?.len();
         }
+        documents += usize::try_from(crate::reverse_etl::erase_held(store, target, true).await?).unwrap_or(usize::MAX);
         if documents > 0 {
             found.insert("documents".into(), json!(documents));
         }
