@@ -38,13 +38,9 @@ pub const FAILED: &str = "reverse_etl_failed";
 pub const RUNS: &str = "reverse_etl_runs";
 /// The Contact fields last written per activation and profile: updates send only what changed.
 pub const FIELDS: &str = "reverse_etl_fields";
-/// Batch runs Gate 4 holds, with what their jobs render (`activation/part`, [`HELD_PART_JOBS`]
-/// jobs a document): stored, so a restart keeps them and any replica can show, confirm or
-/// respect them.
+/// Batch runs Gate 4 holds, with what their jobs render (`activation/000000`, ... parts):
+/// stored, so a restart keeps them and any replica can show, confirm or respect them.
 pub const HELD: &str = "reverse_etl_held";
-
-/// Held jobs per document: a batch of many members stays within MongoDB's document size.
-const HELD_PART_JOBS: usize = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -270,54 +266,125 @@ pub struct ReverseEtlState {
 }
 
 impl ReverseEtlState {
-    /// The batch runs Gate 4 holds (size moved beyond the tolerance), by activation: the jobs
-    /// of each, for an activation still configured. Also sets Gate 4's gauge (1 while any is held).
-    async fn held(&self) -> Result<BTreeMap<String, Vec<Job>>, cohort_adapters::StoreError> {
-        let mut out: BTreeMap<String, Vec<Job>> = BTreeMap::new();
-        for (key, doc) in all_documents(self.shared.store.as_ref(), HELD, "").await? {
-            let name = key.rsplit_once('/').map_or(key.as_str(), |(name, _)| name);
-            let Some(activation) = self.activations.iter().find(|a| a.name == name) else {
-                tracing::warn!(activation = %name, "held batch of an activation no longer configured; left as it is");
-                continue;
-            };
-            let Some(destination) = Destination::parse(&activation.destination) else { continue };
-            let held: Vec<HeldJob> = match doc.get("jobs").cloned().map(serde_json::from_value).transpose() {
-                Ok(jobs) => jobs.unwrap_or_default(),
-                Err(e) => {
-                    tracing::error!(activation = %name, error = %e, "held batch unreadable; left as it is");
-                    continue;
-                }
-            };
-            out.entry(name.to_string()).or_default().extend(held.into_iter().map(|h| Job {
+    /// The job keys of every batch run Gate 4 holds, by activation, from the index (no personal
+    /// data, so cheap to read whole); also sets Gate 4's gauge (1 while any is held).
+    async fn held_keys(&self) -> Result<BTreeMap<String, Vec<String>>, cohort_adapters::StoreError> {
+        let held = held_index(self.shared.store.as_ref()).await?;
+        let failing = i64::from(held.values().any(|keys| !keys.is_empty()));
+        self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(failing);
+        Ok(held)
+    }
+
+    /// The held jobs of `activation`, with the snapshots their requests render (none when it is
+    /// no longer configured: its hold is left as it is).
+    async fn held_jobs(&self, activation: &str) -> Result<Vec<Job>, cohort_adapters::StoreError> {
+        let Some(config) = self.activations.iter().find(|a| a.name == activation) else { return Ok(Vec::new()) };
+        let Some(destination) = Destination::parse(&config.destination) else { return Ok(Vec::new()) };
+        let mut jobs = Vec::new();
+        for (_, doc) in held_parts(self.shared.store.as_ref(), activation).await? {
+            let held: Vec<HeldJob> = doc
+                .get("jobs")
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| cohort_adapters::StoreError::corrupt(format!("held batch of {activation}: {e}")))?
+                .unwrap_or_default();
+            jobs.extend(held.into_iter().map(|h| Job {
                 key: h.key,
-                activation: activation.clone(),
+                activation: config.clone(),
                 destination,
                 change: SegmentChanged { profile: Arc::new(h.profile), ..h.change },
             }));
         }
-        let failing = i64::from(!out.is_empty());
-        self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(failing);
-        Ok(out)
+        Ok(jobs)
     }
 
-    /// Replaces what is held for `activation` with `jobs` (none: releases it).
-    async fn hold(&self, activation: &str, segment: &str, jobs: Vec<Job>) -> Result<(), cohort_adapters::StoreError> {
-        let store = &self.shared.store;
-        let before = all_documents(store.as_ref(), HELD, &format!("{activation}/")).await?;
-        if !before.is_empty() {
-            store.put_documents(HELD, before.into_iter().map(|(k, _)| (k, None)).collect()).await?;
-        }
-        let held: Vec<HeldJob> = jobs
+    /// Holds `jobs` for `activation` on top of what it already holds: the members of an earlier
+    /// held run are stored members now, and only a confirmation may send them.
+    async fn hold(&self, activation: &str, jobs: Vec<Job>) -> Result<(), cohort_adapters::StoreError> {
+        let mut all = self.held_jobs(activation).await?;
+        let new: std::collections::HashSet<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
+        all.retain(|j| !new.contains(j.key.as_str()));
+        all.extend(jobs);
+        let held: Vec<HeldJob> = all
             .into_iter()
             .map(|j| HeldJob { key: j.key, profile: (*j.change.profile).clone(), change: j.change })
             .collect();
-        let at = Utc::now();
-        for (part, chunk) in held.chunks(HELD_PART_JOBS).enumerate() {
-            let doc = json!({ "segment": segment, "held_at": at, "jobs": chunk });
-            store.put_documents(HELD, vec![(format!("{activation}/{part:06}"), Some(doc))]).await?;
-        }
-        Ok(())
+        write_held(self.shared.store.as_ref(), activation, &held).await
     }
+}
+
+/// Held jobs per document at most: a batch of many members stays well inside MongoDB's
+/// document size (16 MiB); parts are cut at [`HELD_PART_BYTES`] of JSON as well.
+const HELD_PART_JOBS: usize = 500;
+const HELD_PART_BYTES: usize = 4 << 20;
+
+/// Job keys of each activation's held jobs (`activation` -> `{"keys": [...]}`): what
+/// statuses, the gauge, consent re-offers and the start-up catch-up need, without the snapshots.
+pub const HELD_INDEX: &str = "reverse_etl_held_index";
+
+async fn held_index(
+    store: &dyn OperationalStore,
+) -> Result<BTreeMap<String, Vec<String>>, cohort_adapters::StoreError> {
+    let mut out = BTreeMap::new();
+    for (activation, doc) in all_documents(store, HELD_INDEX, "").await? {
+        let keys: Vec<String> =
+            doc.get("keys").cloned().and_then(|k| serde_json::from_value(k).ok()).unwrap_or_default();
+        if !keys.is_empty() {
+            out.insert(activation, keys);
+        }
+    }
+    Ok(out)
+}
+
+/// The part documents of `activation`'s hold (`activation/000000`, ...), not those of another
+/// activation whose name starts with `activation/`.
+async fn held_parts(
+    store: &dyn OperationalStore,
+    activation: &str,
+) -> Result<Vec<(String, Value)>, cohort_adapters::StoreError> {
+    let parts = all_documents(store, HELD, &format!("{activation}/")).await?;
+    Ok(parts.into_iter().filter(|(k, _)| k.rsplit_once('/').is_some_and(|(name, _)| name == activation)).collect())
+}
+
+/// Makes `held` what `activation` holds (empty: releases it): the parts first, then the index,
+/// so the index never names a job the parts do not have.
+async fn write_held(
+    store: &dyn OperationalStore,
+    activation: &str,
+    held: &[HeldJob],
+) -> Result<(), cohort_adapters::StoreError> {
+    let mut docs: Vec<(String, Option<Value>)> = Vec::new();
+    let (mut part, mut bytes) = (Vec::new(), 0);
+    let flush = |part: &mut Vec<&HeldJob>, docs: &mut Vec<(String, Option<Value>)>| {
+        if !part.is_empty() {
+            docs.push((format!("{activation}/{:06}", docs.len()), Some(json!({ "jobs": std::mem::take(part) }))));
+        }
+    };
+    for job in held {
+        let size = serde_json::to_vec(job).map(|v| v.len()).unwrap_or(0);
+        if !part.is_empty() && (part.len() >= HELD_PART_JOBS || bytes + size > HELD_PART_BYTES) {
+            flush(&mut part, &mut docs);
+            bytes = 0;
+        }
+        part.push(job);
+        bytes += size;
+    }
+    flush(&mut part, &mut docs);
+    let written: std::collections::HashSet<String> = docs.iter().map(|(k, _)| k.clone()).collect();
+    for (key, _) in held_parts(store, activation).await? {
+        if !written.contains(&key) {
+            docs.push((key, None));
+        }
+    }
+    if !docs.is_empty() {
+        store.put_documents(HELD, docs).await?;
+    }
+    let index = match held.is_empty() {
+        true => None,
+        false => Some(json!({ "keys": held.iter().map(|h| h.key.as_str()).collect::<Vec<_>>(), "at": Utc::now() })),
+    };
+    store.put_documents(HELD_INDEX, vec![(activation.to_string(), index)]).await
 }
 
 /// Takes the jobs of `target`'s profiles out of every held batch, or (`dry_run`) only counts
@@ -328,17 +395,28 @@ pub async fn erase_held(
     dry_run: bool,
 ) -> Result<u64, cohort_adapters::StoreError> {
     let mut taken = 0;
-    for (activation, mut doc) in all_documents(store, HELD, "").await? {
-        let Some(jobs) = doc.get_mut("jobs").and_then(Value::as_array_mut) else { continue };
-        let before = jobs.len();
-        jobs.retain(|j| {
-            !j.pointer("/change/profile_id").and_then(Value::as_str).is_some_and(|p| target.names_profile(p))
-        });
-        let theirs = before - jobs.len();
-        if theirs > 0 && !dry_run {
-            store.put_documents(HELD, vec![(activation, Some(doc))]).await?;
+    for (activation, keys) in held_index(store).await? {
+        // Job keys name the profile (`activation:profile:...`), so the index finds them.
+        let theirs = keys.iter().filter(|k| target.names_profile(k)).count();
+        if theirs == 0 {
+            continue;
         }
         taken += theirs as u64;
+        if dry_run {
+            continue;
+        }
+        let mut held: Vec<HeldJob> = Vec::new();
+        for (_, doc) in held_parts(store, &activation).await? {
+            let jobs: Vec<HeldJob> = doc
+                .get("jobs")
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| cohort_adapters::StoreError::corrupt(format!("held batch of {activation}: {e}")))?
+                .unwrap_or_default();
+            held.extend(jobs.into_iter().filter(|j| !target.names_profile(&j.key)));
+        }
+        write_held(store, &activation, &held).await?;
     }
     Ok(taken)
 }
@@ -1080,8 +1158,7 @@ impl ReverseEtlState {
         }
         // A batch run Gate 4 holds waits for a person, whatever consent says (and wherever it
         // was held: the store has it).
-        let held: std::collections::HashSet<String> =
-            self.held().await?.into_values().flatten().map(|j| j.key).collect();
+        let held: std::collections::HashSet<String> = self.held_keys().await?.into_values().flatten().collect();
         let jobs: Vec<Job> = jobs.into_iter().filter(|j| !held.contains(&j.key)).collect();
         if jobs.is_empty() {
             return Ok(());
@@ -1101,8 +1178,7 @@ impl ReverseEtlState {
         let store = self.shared.store.clone();
         let activations = self.activations.clone();
         // Members of a batch run Gate 4 holds are stored, but wait for a person all the same.
-        let held: std::collections::HashSet<String> =
-            self.held().await?.into_values().flatten().map(|j| j.key).collect();
+        let held: std::collections::HashSet<String> = self.held_keys().await?.into_values().flatten().collect();
         let mut spawned = 0;
         for a in activations.iter().filter(|a| a.on == "enter") {
             let Some(destination) = Destination::parse(&a.destination) else { continue };
@@ -1197,7 +1273,7 @@ impl Actor for ReverseEtlActor {
         }
         myself.send_message(ReverseEtlMsg::CatchUp)?;
         // Gate 4's gauge for holds from before a restart.
-        if let Err(e) = state.held().await {
+        if let Err(e) = state.held_keys().await {
             tracing::warn!(error = %e, "held batches not read; gate 4's gauge waits for the next batch");
         }
         Ok(())
@@ -1282,7 +1358,18 @@ impl Actor for ReverseEtlActor {
                     }
                     if !run.success {
                         tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved beyond the gate 4 tolerance; held for confirmation");
-                        state.hold(&activation, &segment, jobs).await?;
+                        // Held until stored, like the engine keeps memberships: sent, they would
+                        // pass the gate; dropped, the start-up catch-up would send them later.
+                        let mut backoff = Duration::from_millis(50);
+                        while let Err(e) = state.hold(&activation, jobs.clone()).await {
+                            if !e.is_retryable() {
+                                tracing::error!(activation = %activation, error = %e, "held batch not stored; not sent either");
+                                break;
+                            }
+                            tracing::warn!(activation = %activation, error = %e, "held batch not stored yet; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
                         continue;
                     }
                     state.shared.store.put_documents(RUNS, vec![(activation, Some(json!({ "size": size })))]).await?;
@@ -1290,23 +1377,36 @@ impl Actor for ReverseEtlActor {
                         state.spawn(job);
                     }
                 }
-                state.held().await?;
+                if let Err(e) = state.held_keys().await {
+                    tracing::warn!(error = %e, "gate 4's gauge not refreshed");
+                }
             }
             ReverseEtlMsg::Confirm { activation, reply } => {
-                let jobs = state.held().await?.remove(&activation);
-                let found = jobs.is_some();
-                if let Some(jobs) = jobs {
-                    let size = jobs.len();
-                    let store = &state.shared.store;
-                    store.put_documents(RUNS, vec![(activation.clone(), Some(json!({ "size": size })))]).await?;
-                    // Taken out before the jobs go: a confirmation repeated meanwhile finds nothing.
-                    state.hold(&activation, "", Vec::new()).await?;
-                    state.held().await?;
-                    for job in jobs {
-                        state.spawn(job);
+                let released = async {
+                    let held = state.held_keys().await?.contains_key(&activation);
+                    let jobs = state.held_jobs(&activation).await?;
+                    if !held && jobs.is_empty() {
+                        return Ok(None);
                     }
+                    let store = state.shared.store.as_ref();
+                    store.put_documents(RUNS, vec![(activation.clone(), Some(json!({ "size": jobs.len() })))]).await?;
+                    // Taken out before the jobs go: a confirmation repeated here finds nothing.
+                    write_held(store, &activation, &[]).await?;
+                    Ok::<_, cohort_adapters::StoreError>(Some(jobs))
                 }
-                let _ = reply.send(found);
+                .await;
+                let answer = match released {
+                    Ok(Some(jobs)) => {
+                        jobs.into_iter().for_each(|job| state.spawn(job));
+                        Ok(true)
+                    }
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(format!("storage unavailable: {e}")),
+                };
+                if let Err(e) = state.held_keys().await {
+                    tracing::warn!(error = %e, "gate 4's gauge not refreshed");
+                }
+                let _ = reply.send(answer);
             }
             ReverseEtlMsg::Retry { destination, reply } => {
                 let mut count = 0;
@@ -1349,8 +1449,8 @@ impl Actor for ReverseEtlActor {
             ReverseEtlMsg::Status(reply) => {
                 let mut status = state.status();
                 // Unreadable store: the destinations' figures still answer, without the holds.
-                let held = match state.held().await {
-                    Ok(held) => json!(held.iter().map(|(a, jobs)| (a.clone(), jobs.len())).collect::<BTreeMap<_, _>>()),
+                let held = match state.held_keys().await {
+                    Ok(held) => json!(held.iter().map(|(a, keys)| (a.clone(), keys.len())).collect::<BTreeMap<_, _>>()),
                     Err(e) => json!({ "error": format!("storage unavailable: {e}") }),
                 };
                 status["held_for_confirmation"] = held;
@@ -1382,6 +1482,51 @@ pub fn failed_profile(doc: &Value) -> Option<ProfileId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held_job(activation: &str, n: usize) -> HeldJob {
+        let change = SegmentChanged {
+            profile_id: ProfileId::parse(&format!("prof_{n:024x}")).unwrap(),
+            segment: "quiz".into(),
+            change: Change::Entered,
+            at: Utc::now(),
+            profile: Arc::default(),
+            caused_at: None,
+            trace: None,
+        };
+        HeldJob { key: job_key(activation, &change), change, profile: ActivationProfile::default() }
+    }
+
+    /// Parts are cut by count, a smaller hold leaves no stale part behind, an activation named
+    /// like another's prefix keeps its own hold, and an erasure empties the index with the parts.
+    #[tokio::test]
+    async fn held_batches_are_parted_replaced_kept_apart_and_erased() {
+        let store: Arc<dyn OperationalStore> = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let store = store.as_ref();
+        let many: Vec<HeldJob> = (0..1_200).map(|n| held_job("a", n)).collect();
+        write_held(store, "a", &many).await.unwrap();
+        write_held(store, "a/b", &[held_job("a/b", 5_000)]).await.unwrap();
+        assert_eq!(held_parts(store, "a").await.unwrap().len(), 3, "500 jobs a part");
+        assert_eq!(held_index(store).await.unwrap()["a"].len(), 1_200);
+        write_held(store, "a", &many[..10]).await.unwrap();
+        assert_eq!(held_parts(store, "a").await.unwrap().len(), 1, "stale parts removed");
+        assert_eq!(held_parts(store, "a/b").await.unwrap().len(), 1, "another activation's hold is kept");
+
+        let target = |n: usize| cohort_messages::ErasureTarget {
+            profiles: vec![ProfileId::parse(&format!("prof_{n:024x}")).unwrap()],
+            identifiers: Vec::new(),
+            contact_emails: Vec::new(),
+        };
+        assert_eq!(erase_held(store, &target(3), true).await.unwrap(), 1, "counted");
+        assert_eq!(held_index(store).await.unwrap()["a"].len(), 10, "a dry run changes nothing");
+        assert_eq!(erase_held(store, &target(3), false).await.unwrap(), 1);
+        let index = held_index(store).await.unwrap();
+        assert_eq!(index["a"].len(), 9);
+        let parts = held_parts(store, "a").await.unwrap();
+        assert!(!parts[0].1.to_string().contains(&format!("prof_{:024x}", 3)), "the snapshot is gone too");
+        assert_eq!(erase_held(store, &target(5_000), false).await.unwrap(), 1);
+        assert!(!held_index(store).await.unwrap().contains_key("a/b"), "an emptied hold is released");
+        assert!(held_parts(store, "a/b").await.unwrap().is_empty());
+    }
 
     /// Three processes on one store (replicas, or one process before and after a restart)
     /// reserve from the same daily quota: together they never pass the limit.

@@ -190,7 +190,10 @@ pub async fn retry(State(state): State<ApiState>, Query(q): Query<RetryQuery>) -
     security(("bearer" = ["segments:admin"])))]
 pub async fn confirm(State(state): State<ApiState>, Path(activation): Path<String>) -> Result<Json<Value>, ApiError> {
     let name = activation.clone();
-    if reverse_etl(&state, |reply| ReverseEtlMsg::Confirm { activation: name, reply }).await? {
+    let confirmed = reverse_etl(&state, |reply| ReverseEtlMsg::Confirm { activation: name, reply })
+        .await?
+        .map_err(ApiError::Unavailable)?;
+    if confirmed {
         Ok(Json(json!({ "confirmed": activation })))
     } else {
         Err(ApiError::NotFound(format!("no batch of {activation} is held")))

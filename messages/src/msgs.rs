@@ -591,7 +591,8 @@ pub enum ReverseEtlMsg {
     /// Allow the held batch of an activation whose size moved more than 20% (Gate 4).
     Confirm {
         activation: String,
-        reply: RpcReplyPort<bool>,
+        /// Whether a batch was held (and is now sent); an error when the store did not answer.
+        reply: RpcReplyPort<Result<bool, String>>,
     },
     /// Wait until every job queued before has finished (tests, shutdown).
     Drain(RpcReplyPort<()>),
