@@ -280,23 +280,16 @@ impl ReverseEtlState {
     async fn held_jobs(&self, activation: &str) -> Result<Vec<Job>, cohort_adapters::StoreError> {
         let Some(config) = self.activations.iter().find(|a| a.name == activation) else { return Ok(Vec::new()) };
         let Some(destination) = Destination::parse(&config.destination) else { return Ok(Vec::new()) };
-        let mut jobs = Vec::new();
-        for (_, doc) in held_parts(self.shared.store.as_ref(), activation).await? {
-            let held: Vec<HeldJob> = doc
-                .get("jobs")
-                .cloned()
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| cohort_adapters::StoreError::corrupt(format!("held batch of {activation}: {e}")))?
-                .unwrap_or_default();
-            jobs.extend(held.into_iter().map(|h| Job {
+        let held = held_jobs_of(self.shared.store.as_ref(), activation).await?;
+        Ok(held
+            .into_iter()
+            .map(|h| Job {
                 key: h.key,
                 activation: config.clone(),
                 destination,
                 change: SegmentChanged { profile: Arc::new(h.profile), ..h.change },
-            }));
-        }
-        Ok(jobs)
+            })
+            .collect())
     }
 
     /// Holds `jobs` for `activation` on top of what it already holds: the members of an earlier
@@ -345,6 +338,25 @@ async fn held_parts(
 ) -> Result<Vec<(String, Value)>, cohort_adapters::StoreError> {
     let parts = all_documents(store, HELD, &format!("{activation}/")).await?;
     Ok(parts.into_iter().filter(|(k, _)| k.rsplit_once('/').is_some_and(|(name, _)| name == activation)).collect())
+}
+
+/// Every job of `activation`'s hold, as stored.
+async fn held_jobs_of(
+    store: &dyn OperationalStore,
+    activation: &str,
+) -> Result<Vec<HeldJob>, cohort_adapters::StoreError> {
+    let mut held = Vec::new();
+    for (_, doc) in held_parts(store, activation).await? {
+        let jobs: Vec<HeldJob> = doc
+            .get("jobs")
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| cohort_adapters::StoreError::corrupt(format!("held batch of {activation}: {e}")))?
+            .unwrap_or_default();
+        held.extend(jobs);
+    }
+    Ok(held)
 }
 
 /// Makes `held` what `activation` holds (empty: releases it): the parts first, then the index,
@@ -405,17 +417,8 @@ pub async fn erase_held(
         if dry_run {
             continue;
         }
-        let mut held: Vec<HeldJob> = Vec::new();
-        for (_, doc) in held_parts(store, &activation).await? {
-            let jobs: Vec<HeldJob> = doc
-                .get("jobs")
-                .cloned()
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| cohort_adapters::StoreError::corrupt(format!("held batch of {activation}: {e}")))?
-                .unwrap_or_default();
-            held.extend(jobs.into_iter().filter(|j| !target.names_profile(&j.key)));
-        }
+        let mut held = held_jobs_of(store, &activation).await?;
+        held.retain(|j| !target.names_profile(&j.key));
         write_held(store, &activation, &held).await?;
     }
     Ok(taken)
