@@ -295,16 +295,23 @@ impl ReverseEtlState {
     /// Holds `jobs` for `activation` on top of what it already holds: the members of an earlier
     /// held run are stored members now, and only a confirmation may send them.
     async fn hold(&self, activation: &str, jobs: Vec<Job>) -> Result<(), cohort_adapters::StoreError> {
-        let mut all = self.held_jobs(activation).await?;
-        let new: std::collections::HashSet<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
-        all.retain(|j| !new.contains(j.key.as_str()));
-        all.extend(jobs);
-        let held: Vec<HeldJob> = all
+        let store = self.shared.store.as_ref();
+        let newer = jobs
             .into_iter()
             .map(|j| HeldJob { key: j.key, profile: (*j.change.profile).clone(), change: j.change })
             .collect();
-        write_held(self.shared.store.as_ref(), activation, &held).await
+        let held = add_to_hold(held_jobs_of(store, activation).await?, newer);
+        write_held(store, activation, &held).await
     }
+}
+
+/// What a hold holds after another held run: the older run's jobs (their members are stored
+/// members now, and only a confirmation may send them), then the newer run's, one per key.
+fn add_to_hold(mut older: Vec<HeldJob>, newer: Vec<HeldJob>) -> Vec<HeldJob> {
+    let keys: std::collections::HashSet<String> = newer.iter().map(|j| j.key.clone()).collect();
+    older.retain(|j| !keys.contains(&j.key));
+    older.extend(newer);
+    older
 }
 
 /// Held jobs per document at most: a batch of many members stays well inside MongoDB's
@@ -1497,6 +1504,15 @@ mod tests {
             trace: None,
         };
         HeldJob { key: job_key(activation, &change), change, profile: ActivationProfile::default() }
+    }
+
+    #[test]
+    fn a_newer_held_run_adds_to_the_older_one() {
+        let keys = |jobs: &[HeldJob]| jobs.iter().map(|j| j.key.clone()).collect::<Vec<_>>();
+        let older: Vec<HeldJob> = (0..3).map(|n| held_job("a", n)).collect();
+        let newer: Vec<HeldJob> = (2..5).map(|n| held_job("a", n)).collect();
+        let want = [keys(&older[..2]), keys(&newer)].concat();
+        assert_eq!(keys(&add_to_hold(older, newer)), want, "all five, the shared one once");
     }
 
     /// Parts are cut by count, a smaller hold leaves no stale part behind, an activation named
