@@ -263,13 +263,21 @@ pub struct ReverseEtlState {
     /// Every configured destination (a lane whose URL is set).
     destinations: HashMap<Destination, Child>,
     policy: RestartPolicy,
+    /// Held jobs the store has not taken yet, by activation: held all the same (statuses,
+    /// re-offers and the catch-up see them), and stored by `SaveHolds` retries.
+    unsaved: BTreeMap<String, Vec<Job>>,
+    /// Whether a `SaveHolds` retry is already scheduled.
+    save_scheduled: bool,
 }
 
 impl ReverseEtlState {
     /// The job keys of every batch run Gate 4 holds, by activation, from the index (no personal
     /// data, so cheap to read whole); also sets Gate 4's gauge (1 while any is held).
     async fn held_keys(&self) -> Result<BTreeMap<String, Vec<String>>, cohort_adapters::StoreError> {
-        let held = held_index(self.shared.store.as_ref()).await?;
+        let mut held = held_index(self.shared.store.as_ref()).await?;
+        for (activation, jobs) in &self.unsaved {
+            held.entry(activation.clone()).or_default().extend(jobs.iter().map(|j| j.key.clone()));
+        }
         let failing = i64::from(held.values().any(|keys| !keys.is_empty()));
         self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(failing);
         Ok(held)
@@ -294,14 +302,35 @@ impl ReverseEtlState {
 
     /// Holds `jobs` for `activation` on top of what it already holds: the members of an earlier
     /// held run are stored members now, and only a confirmation may send them.
-    async fn hold(&self, activation: &str, jobs: Vec<Job>) -> Result<(), cohort_adapters::StoreError> {
+    async fn hold(&self, activation: &str, jobs: &[Job]) -> Result<(), cohort_adapters::StoreError> {
         let store = self.shared.store.as_ref();
         let newer = jobs
-            .into_iter()
-            .map(|j| HeldJob { key: j.key, profile: (*j.change.profile).clone(), change: j.change })
+            .iter()
+            .map(|j| HeldJob { key: j.key.clone(), profile: (*j.change.profile).clone(), change: j.change.clone() })
             .collect();
+        let _writing = HELD_WRITES.lock().await;
         let held = add_to_hold(held_jobs_of(store, activation).await?, newer);
         write_held(store, activation, &held).await
+    }
+
+    /// Stores the holds the store has not taken yet; what it still refuses is retried in a
+    /// second, without holding up anything else the actor does meanwhile.
+    async fn save_holds(&mut self, myself: &ActorRef<ReverseEtlMsg>) {
+        for activation in self.unsaved.keys().cloned().collect::<Vec<_>>() {
+            let jobs = self.unsaved.get(&activation).cloned().unwrap_or_default();
+            match self.hold(&activation, &jobs).await {
+                Ok(()) => {
+                    self.unsaved.remove(&activation);
+                }
+                Err(e) => {
+                    tracing::warn!(activation = %activation, error = %e, "held batch not stored yet; held in memory, retrying")
+                }
+            }
+        }
+        if !self.unsaved.is_empty() && !self.save_scheduled {
+            self.save_scheduled = true;
+            myself.send_after(Duration::from_secs(1), || ReverseEtlMsg::SaveHolds);
+        }
     }
 }
 
@@ -319,32 +348,55 @@ fn add_to_hold(mut older: Vec<HeldJob>, newer: Vec<HeldJob>) -> Vec<HeldJob> {
 const HELD_PART_JOBS: usize = 500;
 const HELD_PART_BYTES: usize = 4 << 20;
 
-/// Job keys of each activation's held jobs (`activation` -> `{"keys": [...]}`): what
+/// The job keys of each part of every hold (`activation/000000` -> `{"keys": [...]}`): what
 /// statuses, the gauge, consent re-offers and the start-up catch-up need, without the snapshots.
 pub const HELD_INDEX: &str = "reverse_etl_held_index";
 
+/// Serializes this process's writes of holds: the reverse ETL actor's holds and confirmations
+/// and the erasure saga's rewrites would otherwise read and rewrite one hold at the same time.
+static HELD_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The activation a part key (`activation/000000`) belongs to.
+fn part_activation(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(name, _)| name)
+}
+
+/// Job keys by activation, from the index.
 async fn held_index(
     store: &dyn OperationalStore,
 ) -> Result<BTreeMap<String, Vec<String>>, cohort_adapters::StoreError> {
-    let mut out = BTreeMap::new();
-    for (activation, doc) in all_documents(store, HELD_INDEX, "").await? {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, doc) in all_documents(store, HELD_INDEX, "").await? {
         let keys: Vec<String> =
             doc.get("keys").cloned().and_then(|k| serde_json::from_value(k).ok()).unwrap_or_default();
         if !keys.is_empty() {
-            out.insert(activation, keys);
+            out.entry(part_activation(&key).to_string()).or_default().extend(keys);
         }
     }
     Ok(out)
 }
 
-/// The part documents of `activation`'s hold (`activation/000000`, ...), not those of another
-/// activation whose name starts with `activation/`.
+/// The part documents of `activation`'s hold in `collection` (`activation/000000`, ...), not
+/// those of another activation whose name starts with `activation/`.
 async fn held_parts(
     store: &dyn OperationalStore,
+    collection: &str,
     activation: &str,
 ) -> Result<Vec<(String, Value)>, cohort_adapters::StoreError> {
-    let parts = all_documents(store, HELD, &format!("{activation}/")).await?;
-    Ok(parts.into_iter().filter(|(k, _)| k.rsplit_once('/').is_some_and(|(name, _)| name == activation)).collect())
+    let parts = all_documents(store, collection, &format!("{activation}/")).await?;
+    Ok(parts.into_iter().filter(|(k, _)| part_activation(k) == activation).collect())
+}
+
+/// The jobs in one part; an unreadable part is logged and read as empty, so one damaged
+/// document cannot stop every later hold, confirmation or erasure.
+fn part_jobs(key: &str, doc: &Value) -> Vec<HeldJob> {
+    match doc.get("jobs").cloned().map(serde_json::from_value::<Vec<HeldJob>>).transpose() {
+        Ok(jobs) => jobs.unwrap_or_default(),
+        Err(e) => {
+            tracing::error!(part = %key, error = %e, "held batch part unreadable; skipped");
+            Vec::new()
+        }
+    }
 }
 
 /// Every job of `activation`'s hold, as stored.
@@ -352,81 +404,80 @@ async fn held_jobs_of(
     store: &dyn OperationalStore,
     activation: &str,
 ) -> Result<Vec<HeldJob>, cohort_adapters::StoreError> {
-    let mut held = Vec::new();
-    for (_, doc) in held_parts(store, activation).await? {
-        let jobs: Vec<HeldJob> = doc
-            .get("jobs")
-            .cloned()
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| cohort_adapters::StoreError::corrupt(format!("held batch of {activation}: {e}")))?
-            .unwrap_or_default();
-        held.extend(jobs);
-    }
-    Ok(held)
+    let parts = held_parts(store, HELD, activation).await?;
+    Ok(parts.iter().flat_map(|(key, doc)| part_jobs(key, doc)).collect())
 }
 
-/// Makes `held` what `activation` holds (empty: releases it): the parts first, then the index,
-/// so the index never names a job the parts do not have.
+/// Makes `held` what `activation` holds (empty: releases it). The index is written first: a
+/// hold that grows and fails half-way leaves listed jobs whose parts are missing (held, never
+/// sent unconfirmed), and one that shrinks (a release, an erasure) drops only jobs leaving it.
 async fn write_held(
     store: &dyn OperationalStore,
     activation: &str,
     held: &[HeldJob],
 ) -> Result<(), cohort_adapters::StoreError> {
-    let mut docs: Vec<(String, Option<Value>)> = Vec::new();
-    let (mut part, mut bytes) = (Vec::new(), 0);
-    let flush = |part: &mut Vec<&HeldJob>, docs: &mut Vec<(String, Option<Value>)>| {
-        if !part.is_empty() {
-            docs.push((format!("{activation}/{:06}", docs.len()), Some(json!({ "jobs": std::mem::take(part) }))));
-        }
-    };
+    let mut parts: Vec<Vec<&HeldJob>> = Vec::new();
+    let mut bytes = 0;
     for job in held {
         let size = serde_json::to_vec(job).map(|v| v.len()).unwrap_or(0);
-        if !part.is_empty() && (part.len() >= HELD_PART_JOBS || bytes + size > HELD_PART_BYTES) {
-            flush(&mut part, &mut docs);
-            bytes = 0;
+        match parts.last_mut() {
+            Some(part) if part.len() < HELD_PART_JOBS && bytes + size <= HELD_PART_BYTES => part.push(job),
+            _ => {
+                parts.push(vec![job]);
+                bytes = 0;
+            }
         }
-        part.push(job);
         bytes += size;
     }
-    flush(&mut part, &mut docs);
-    let written: std::collections::HashSet<String> = docs.iter().map(|(k, _)| k.clone()).collect();
-    for (key, _) in held_parts(store, activation).await? {
-        if !written.contains(&key) {
-            docs.push((key, None));
+    let index = parts.iter().map(|p| json!({ "keys": p.iter().map(|j| &j.key).collect::<Vec<_>>() })).collect();
+    put_parts(store, HELD_INDEX, activation, index).await?;
+    put_parts(store, HELD, activation, parts.iter().map(|p| json!({ "jobs": p })).collect()).await
+}
+
+/// Writes `docs` as `activation`'s parts in `collection` and deletes the parts beyond them.
+async fn put_parts(
+    store: &dyn OperationalStore,
+    collection: &str,
+    activation: &str,
+    docs: Vec<Value>,
+) -> Result<(), cohort_adapters::StoreError> {
+    let mut writes: Vec<(String, Option<Value>)> =
+        docs.into_iter().enumerate().map(|(n, d)| (format!("{activation}/{n:06}"), Some(d))).collect();
+    let written: std::collections::HashSet<String> = writes.iter().map(|(k, _)| k.clone()).collect();
+    for (stale, _) in held_parts(store, collection, activation).await? {
+        if !written.contains(&stale) {
+            writes.push((stale, None));
         }
     }
-    if !docs.is_empty() {
-        store.put_documents(HELD, docs).await?;
+    if writes.is_empty() {
+        return Ok(());
     }
-    let index = match held.is_empty() {
-        true => None,
-        false => Some(json!({ "keys": held.iter().map(|h| h.key.as_str()).collect::<Vec<_>>(), "at": Utc::now() })),
-    };
-    store.put_documents(HELD_INDEX, vec![(activation.to_string(), index)]).await
+    store.put_documents(collection, writes).await
 }
 
 /// Takes the jobs of `target`'s profiles out of every held batch, or (`dry_run`) only counts
-/// them: a held job keeps the person's snapshot, which an erasure must not leave behind.
+/// them: a held job keeps the person's snapshot, which an erasure must not leave behind. Reads
+/// the parts themselves, not the index, so nothing stored escapes it.
 pub async fn erase_held(
     store: &dyn OperationalStore,
     target: &cohort_messages::ErasureTarget,
     dry_run: bool,
 ) -> Result<u64, cohort_adapters::StoreError> {
+    let _writing = HELD_WRITES.lock().await;
+    let mut by_activation: BTreeMap<String, Vec<HeldJob>> = BTreeMap::new();
+    for (key, doc) in all_documents(store, HELD, "").await? {
+        by_activation.entry(part_activation(&key).to_string()).or_default().extend(part_jobs(&key, &doc));
+    }
     let mut taken = 0;
-    for (activation, keys) in held_index(store).await? {
-        // Job keys name the profile (`activation:profile:...`), so the index finds them.
-        let theirs = keys.iter().filter(|k| target.names_profile(k)).count();
-        if theirs == 0 {
-            continue;
-        }
-        taken += theirs as u64;
-        if dry_run {
-            continue;
-        }
-        let mut held = held_jobs_of(store, &activation).await?;
+    for (activation, mut held) in by_activation {
+        // Job keys name the profile (`activation:profile:...`).
+        let before = held.len();
         held.retain(|j| !target.names_profile(&j.key));
-        write_held(store, &activation, &held).await?;
+        let theirs = before - held.len();
+        taken += theirs as u64;
+        if theirs > 0 && !dry_run {
+            write_held(store, &activation, &held).await?;
+        }
     }
     Ok(taken)
 }
@@ -1269,6 +1320,8 @@ impl Actor for ReverseEtlActor {
             activations: args.activations.into_iter().map(Arc::new).collect(),
             destinations,
             policy: args.policy,
+            unsaved: BTreeMap::new(),
+            save_scheduled: false,
         })
     }
 
@@ -1368,18 +1421,9 @@ impl Actor for ReverseEtlActor {
                     }
                     if !run.success {
                         tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved beyond the gate 4 tolerance; held for confirmation");
-                        // Held until stored, like the engine keeps memberships: sent, they would
-                        // pass the gate; dropped, the start-up catch-up would send them later.
-                        let mut backoff = Duration::from_millis(50);
-                        while let Err(e) = state.hold(&activation, jobs.clone()).await {
-                            if !e.is_retryable() {
-                                tracing::error!(activation = %activation, error = %e, "held batch not stored; not sent either");
-                                break;
-                            }
-                            tracing::warn!(activation = %activation, error = %e, "held batch not stored yet; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
+                        // Held in memory until stored: sent, they would pass the gate; dropped,
+                        // the start-up catch-up would send them later.
+                        state.unsaved.entry(activation).or_default().extend(jobs);
                         continue;
                     }
                     state.shared.store.put_documents(RUNS, vec![(activation, Some(json!({ "size": size })))]).await?;
@@ -1387,22 +1431,45 @@ impl Actor for ReverseEtlActor {
                         state.spawn(job);
                     }
                 }
+                state.save_holds(&myself).await;
                 if let Err(e) = state.held_keys().await {
                     tracing::warn!(error = %e, "gate 4's gauge not refreshed");
                 }
             }
+            ReverseEtlMsg::SaveHolds => {
+                state.save_scheduled = false;
+                state.save_holds(&myself).await;
+            }
             ReverseEtlMsg::Confirm { activation, reply } => {
+                state.save_holds(&myself).await;
+                let configured = state.activations.iter().any(|a| a.name == activation);
                 let released = async {
-                    let held = state.held_keys().await?.contains_key(&activation);
-                    let jobs = state.held_jobs(&activation).await?;
+                    if state.unsaved.contains_key(&activation) {
+                        return Err("the held batch is not stored yet; try again shortly".to_string());
+                    }
+                    let held = state.held_keys().await.map_err(|e| e.to_string())?.contains_key(&activation);
+                    if held && !configured {
+                        return Err(format!("activation {activation} is not configured on this replica"));
+                    }
+                    let _writing = HELD_WRITES.lock().await;
+                    let jobs = state.held_jobs(&activation).await.map_err(|e| e.to_string())?;
                     if !held && jobs.is_empty() {
                         return Ok(None);
                     }
                     let store = state.shared.store.as_ref();
-                    store.put_documents(RUNS, vec![(activation.clone(), Some(json!({ "size": jobs.len() })))]).await?;
                     // Taken out before the jobs go: a confirmation repeated here finds nothing.
-                    write_held(store, &activation, &[]).await?;
-                    Ok::<_, cohort_adapters::StoreError>(Some(jobs))
+                    write_held(store, &activation, &[]).await.map_err(|e| e.to_string())?;
+                    if jobs.is_empty() {
+                        // Listed, but its parts never got stored: nothing to send, and the size
+                        // Gate 4 compares against stays the last one sent.
+                        return Ok(None);
+                    }
+                    let size = json!({ "size": jobs.len() });
+                    store
+                        .put_documents(RUNS, vec![(activation.clone(), Some(size))])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(Some(jobs))
                 }
                 .await;
                 let answer = match released {
@@ -1411,7 +1478,7 @@ impl Actor for ReverseEtlActor {
                         Ok(true)
                     }
                     Ok(None) => Ok(false),
-                    Err(e) => Err(format!("storage unavailable: {e}")),
+                    Err(e) => Err(e),
                 };
                 if let Err(e) = state.held_keys().await {
                     tracing::warn!(error = %e, "gate 4's gauge not refreshed");
@@ -1524,11 +1591,11 @@ mod tests {
         let many: Vec<HeldJob> = (0..1_200).map(|n| held_job("a", n)).collect();
         write_held(store, "a", &many).await.unwrap();
         write_held(store, "a/b", &[held_job("a/b", 5_000)]).await.unwrap();
-        assert_eq!(held_parts(store, "a").await.unwrap().len(), 3, "500 jobs a part");
+        assert_eq!(held_parts(store, HELD, "a").await.unwrap().len(), 3, "500 jobs a part");
         assert_eq!(held_index(store).await.unwrap()["a"].len(), 1_200);
         write_held(store, "a", &many[..10]).await.unwrap();
-        assert_eq!(held_parts(store, "a").await.unwrap().len(), 1, "stale parts removed");
-        assert_eq!(held_parts(store, "a/b").await.unwrap().len(), 1, "another activation's hold is kept");
+        assert_eq!(held_parts(store, HELD, "a").await.unwrap().len(), 1, "stale parts removed");
+        assert_eq!(held_parts(store, HELD, "a/b").await.unwrap().len(), 1, "another activation's hold is kept");
 
         let target = |n: usize| cohort_messages::ErasureTarget {
             profiles: vec![ProfileId::parse(&format!("prof_{n:024x}")).unwrap()],
@@ -1540,11 +1607,18 @@ mod tests {
         assert_eq!(erase_held(store, &target(3), false).await.unwrap(), 1);
         let index = held_index(store).await.unwrap();
         assert_eq!(index["a"].len(), 9);
-        let parts = held_parts(store, "a").await.unwrap();
+        let parts = held_parts(store, HELD, "a").await.unwrap();
         assert!(!parts[0].1.to_string().contains(&format!("prof_{:024x}", 3)), "the snapshot is gone too");
         assert_eq!(erase_held(store, &target(5_000), false).await.unwrap(), 1);
         assert!(!held_index(store).await.unwrap().contains_key("a/b"), "an emptied hold is released");
-        assert!(held_parts(store, "a/b").await.unwrap().is_empty());
+        assert!(held_parts(store, HELD, "a/b").await.unwrap().is_empty());
+        assert!(held_parts(store, HELD_INDEX, "a/b").await.unwrap().is_empty());
+
+        // A damaged part is skipped, not an error that stops every later hold and erasure.
+        let bad = vec![("c/000000".to_string(), Some(json!({ "jobs": "not a list" })))];
+        store.put_documents(HELD, bad).await.unwrap();
+        assert!(held_jobs_of(store, "c").await.unwrap().is_empty());
+        assert_eq!(erase_held(store, &target(1), false).await.unwrap(), 1, "the readable holds are still erased");
     }
 
     /// Three processes on one store (replicas, or one process before and after a restart)
