@@ -687,6 +687,8 @@ impl Cohort {
             let (store, metrics, slot) = (store.clone(), metrics.clone(), reverse_etl_slot.clone());
             let (settings, activations) = (config.reverse_etl.clone(), config.activations.clone());
             let (erasures, gate4) = (erasures.clone(), config.quality.gate4.clone());
+            // Outlives restarts of the actor: a hold the store refused is still held afterwards.
+            let unsaved = Arc::new(cohort_actors::reverse_etl::UnsavedHolds::default());
             job_children.push(ChildSpec::new("reverse_etl", "reverse_etl", move |sup| {
                 let args = ReverseEtlArgs {
                     erasures: erasures.clone(),
@@ -696,6 +698,7 @@ impl Cohort {
                     activations: activations.clone(),
                     policy,
                     gate4: gate4.clone(),
+                    unsaved: unsaved.clone(),
                 };
                 let slot = slot.clone();
                 async move {

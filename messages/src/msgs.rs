@@ -588,9 +588,9 @@ pub enum ReverseEtlMsg {
         destination: Option<String>,
         reply: RpcReplyPort<usize>,
     },
-    /// Allow the held batch of an activation whose size moved more than 20% (Gate 4).
     /// Timer: store the held batches the store refused before.
     SaveHolds,
+    /// Allow the held batch of an activation whose size moved more than 20% (Gate 4).
     Confirm {
         activation: String,
         /// Whether a batch was held (and is now sent); an error when the store did not answer.
