@@ -148,12 +148,7 @@ impl SegmentEngineState {
             match Segment::compile(definition.clone(), &self.args.registry.models) {
                 Ok(segment) => {
                     tracing::info!(segment = %name, kind = ?definition.kind, "segment definition from another replica applied");
-                    realtime_changed |= segment.expr.is_some();
-                    self.args.registry.put(segment);
-                    match definition.kind {
-                        SegmentKind::Batch => self.start_batch_timer(myself, definition),
-                        _ => self.stop_batch_timer(name),
-                    }
+                    realtime_changed |= self.apply(myself, segment);
                 }
                 Err(e) => tracing::error!(segment = %name, error = %e, "stored segment definition invalid; skipped"),
             }
@@ -162,9 +157,7 @@ impl SegmentEngineState {
             let configured = self.args.configured.iter().any(|d| d.name == *name && *d == segment.definition);
             if !stored.contains_key(name) && !configured {
                 tracing::info!(segment = %name, "segment deleted on another replica; removed here");
-                self.args.registry.remove(name);
-                self.stop_batch_timer(name);
-                self.clear_members(name).await?;
+                self.forget(name).await?;
             }
         }
         if realtime_changed {
@@ -174,6 +167,28 @@ impl SegmentEngineState {
                 .map_err(|e| StoreError::unavailable(format!("segment engine cannot message itself: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Makes `segment` the one evaluated under its name, its batch timer started (or stopped,
+    /// for a segment that is no longer batch); whether it has a rule, so that the stored profiles
+    /// need evaluating again.
+    fn apply(&mut self, myself: &ActorRef<SegmentMsg>, segment: Segment) -> bool {
+        let realtime = segment.expr.is_some();
+        let definition = segment.definition.clone();
+        self.args.registry.put(segment);
+        match definition.kind {
+            SegmentKind::Batch => self.start_batch_timer(myself, &definition),
+            _ => self.stop_batch_timer(&definition.name),
+        }
+        realtime
+    }
+
+    /// Stops evaluating `name` and deletes its memberships; whether it was defined here.
+    async fn forget(&mut self, name: &str) -> Result<bool, StoreError> {
+        let had = self.args.registry.remove(name);
+        self.stop_batch_timer(name);
+        self.clear_members(name).await?;
+        Ok(had)
     }
 
     /// Deletes every membership document of `segment`.
@@ -449,15 +464,12 @@ impl Actor for SegmentEngine {
                             {
                                 Err(e) => Err(format!("storage unavailable: {e}")),
                                 Ok(()) => {
-                                    let realtime = segment.expr.is_some();
-                                    state.args.registry.put(segment);
+                                    if state.apply(&myself, segment) {
+                                        state.request_backfill(&myself)?;
+                                    }
                                     if d.kind == SegmentKind::Batch {
-                                        state.start_batch_timer(&myself, &d);
                                         myself
                                             .send_message(SegmentMsg::RunBatch { name: d.name.clone(), reply: None })?;
-                                    }
-                                    if realtime {
-                                        state.request_backfill(&myself)?;
                                     }
                                     Ok(d)
                                 }
@@ -471,11 +483,7 @@ impl Actor for SegmentEngine {
                 // Stored first: a deletion the store refused leaves the segment defined here too,
                 // where a refresh would otherwise put it back and enter its members again.
                 let result = match state.args.store.put_documents(DEFINITIONS, vec![(name.clone(), None)]).await {
-                    Ok(()) => {
-                        let had = state.args.registry.remove(&name);
-                        state.stop_batch_timer(&name);
-                        state.clear_members(&name).await.map(|()| had)
-                    }
+                    Ok(()) => state.forget(&name).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result.map_err(|e| format!("storage unavailable: {e}")));
