@@ -262,6 +262,12 @@ pub struct ReverseEtlArgs {
 #[derive(Default)]
 pub struct UnsavedHolds(Mutex<BTreeMap<String, Vec<Job>>>);
 
+impl UnsavedHolds {
+    fn add(&self, activation: String, jobs: Vec<Job>) {
+        self.0.lock().entry(activation).or_default().extend(jobs);
+    }
+}
+
 /// The router: matches changes to activations and supervises one [`DestinationActor`] per
 /// configured destination.
 pub struct ReverseEtlState {
@@ -288,6 +294,12 @@ impl ReverseEtlState {
         let failing = i64::from(held.values().any(|keys| !keys.is_empty()));
         self.shared.metrics.quality_gate_failing.with_label_values(&["4"]).set(failing);
         Ok(held)
+    }
+
+    /// Every held job key, whatever its activation: what consent re-offers and the start-up
+    /// catch-up must leave alone.
+    async fn held_key_set(&self) -> Result<std::collections::HashSet<String>, cohort_adapters::StoreError> {
+        Ok(self.held_keys().await?.into_values().flatten().collect())
     }
 
     /// The held jobs of `activation`, with the snapshots their requests render (none when it is
@@ -390,11 +402,14 @@ async fn listed_only(
     let stored: std::collections::HashSet<&str> = stored.iter().map(|j| j.key.as_str()).collect();
     let mut keys = Vec::new();
     for (_, doc) in held_parts(store, HELD_INDEX, activation).await? {
-        let listed: Vec<String> =
-            doc.get("keys").cloned().and_then(|k| serde_json::from_value(k).ok()).unwrap_or_default();
-        keys.extend(listed.into_iter().filter(|k| !stored.contains(k.as_str())));
+        keys.extend(index_keys(&doc).into_iter().filter(|k| !stored.contains(k.as_str())));
     }
     Ok(keys)
+}
+
+/// The job keys one index document lists.
+fn index_keys(doc: &Value) -> Vec<String> {
+    doc.get("keys").cloned().and_then(|k| serde_json::from_value(k).ok()).unwrap_or_default()
 }
 
 /// Job keys by activation, from the index.
@@ -403,8 +418,7 @@ async fn held_index(
 ) -> Result<BTreeMap<String, Vec<String>>, cohort_adapters::StoreError> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (key, doc) in all_documents(store, HELD_INDEX, "").await? {
-        let keys: Vec<String> =
-            doc.get("keys").cloned().and_then(|k| serde_json::from_value(k).ok()).unwrap_or_default();
+        let keys = index_keys(&doc);
         if !keys.is_empty() {
             out.entry(part_activation(&key).to_string()).or_default().extend(keys);
         }
@@ -1259,7 +1273,7 @@ impl ReverseEtlState {
         }
         // A batch run Gate 4 holds waits for a person, whatever consent says (and wherever it
         // was held: the store has it).
-        let held: std::collections::HashSet<String> = self.held_keys().await?.into_values().flatten().collect();
+        let held = self.held_key_set().await?;
         let jobs: Vec<Job> = jobs.into_iter().filter(|j| !held.contains(&j.key)).collect();
         if jobs.is_empty() {
             return Ok(());
@@ -1279,7 +1293,7 @@ impl ReverseEtlState {
         let store = self.shared.store.clone();
         let activations = self.activations.clone();
         // Members of a batch run Gate 4 holds are stored, but wait for a person all the same.
-        let held: std::collections::HashSet<String> = self.held_keys().await?.into_values().flatten().collect();
+        let held = self.held_key_set().await?;
         let mut spawned = 0;
         for a in activations.iter().filter(|a| a.on == "enter") {
             let Some(destination) = Destination::parse(&a.destination) else { continue };
@@ -1454,7 +1468,7 @@ impl Actor for ReverseEtlActor {
                         Err(e) => {
                             // Gate 4 cannot judge the run: it waits for a person, as a moved one does.
                             tracing::warn!(activation = %activation, error = %e, "last batch size unreadable; held for confirmation");
-                            state.unsaved.0.lock().entry(activation).or_default().extend(jobs);
+                            state.unsaved.add(activation, jobs);
                             continue;
                         }
                     };
@@ -1472,7 +1486,7 @@ impl Actor for ReverseEtlActor {
                         tracing::warn!(activation = %activation, segment = %segment, size, previous, "batch size moved beyond the gate 4 tolerance; held for confirmation");
                         // Held in memory until stored: sent, they would pass the gate; dropped,
                         // the start-up catch-up would send them later.
-                        state.unsaved.0.lock().entry(activation).or_default().extend(jobs);
+                        state.unsaved.add(activation, jobs);
                         continue;
                     }
                     let baseline = vec![(activation.clone(), Some(json!({ "size": size })))];
@@ -1500,7 +1514,9 @@ impl Actor for ReverseEtlActor {
                     if state.unsaved.0.lock().contains_key(&activation) {
                         return Err("the held batch is not stored yet; try again shortly".to_string());
                     }
-                    let held = state.held_keys().await.map_err(|e| e.to_string())?.contains_key(&activation);
+                    let store = state.shared.store.as_ref();
+                    let listed = held_parts(store, HELD_INDEX, &activation).await.map_err(|e| e.to_string())?;
+                    let held = listed.iter().any(|(_, doc)| !index_keys(doc).is_empty());
                     if held && !configured {
                         return Err(format!("activation {activation} is not configured on this replica"));
                     }
@@ -1509,7 +1525,6 @@ impl Actor for ReverseEtlActor {
                     if !held && jobs.is_empty() {
                         return Ok(None);
                     }
-                    let store = state.shared.store.as_ref();
                     // Taken out before the jobs go: a confirmation repeated here finds nothing.
                     write_held(store, &activation, &[], &[]).await.map_err(|e| e.to_string())?;
                     if jobs.is_empty() {
