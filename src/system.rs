@@ -627,10 +627,12 @@ impl Cohort {
                 }
             }));
         }
+        // Cluster mode: who does timed once-only work (warehouse relays, batch segments).
+        let leader = config.cluster.enabled.then(|| membership.clone());
         if let Some(warehouse) = warehouse.clone() {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), warehouse_slot.clone());
             let erasures = erasures.clone();
-            let leader = config.cluster.enabled.then(|| membership.clone());
+            let leader = leader.clone();
             let tokenize = (config.warehouse.pii == WarehousePii::Tokenize).then(|| pii.clone());
             let relay_interval = Duration::from_millis(config.warehouse.relay_interval_ms);
             let reconcile_interval = match config.warehouse.reconcile_interval_secs {
@@ -717,7 +719,7 @@ impl Cohort {
             // Cluster mode: definitions other replicas' APIs store are picked up here too, and
             // batch segments run on one replica.
             let refresh = config.cluster.enabled.then(|| Duration::from_secs(config.segments.refresh_interval_secs));
-            let leader = config.cluster.enabled.then(|| membership.clone());
+            let leader = leader.clone();
             job_children.push(ChildSpec::new("segments", "segment_engine", move |sup| {
                 let args = SegmentEngineArgs {
                     store: store.clone(),
