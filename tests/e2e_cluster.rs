@@ -101,6 +101,13 @@ struct Cluster {
     replicas: Vec<Replica>,
 }
 
+impl Cluster {
+    /// A client of each replica, in replica order.
+    fn clients(&self) -> Vec<CohortClient> {
+        self.replicas.iter().map(|r| r.client.clone()).collect()
+    }
+}
+
 /// Starts `n` replicas in cluster mode on a fresh prefix and database (plus `extra` config) and
 /// waits until they share the partitions; returns the cluster and its `/v1/cluster` view.
 async fn start_cluster(tag: &str, n: usize, extra: &str) -> (Cluster, Value) {
@@ -463,7 +470,7 @@ async fn a_new_student_arriving_at_two_replicas_at_once_becomes_one_profile() {
 async fn an_erasure_asked_of_one_replica_is_carried_out_by_the_owners_of_the_profiles() {
     let _one = ONE_CLUSTER.lock().await;
     let (cluster, _) = start_cluster("erase", 2, "").await;
-    let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
+    let clients = cluster.clients();
     const STUDENTS: usize = 8;
     link_students(&clients, STUDENTS, "er").await;
 
@@ -504,7 +511,7 @@ async fn the_shared_warehouse_outbox_is_relayed_by_one_replica() {
         service("COHORT_TEST_BIGQUERY")
     );
     let (cluster, _) = start_cluster("relay", 2, &extra).await;
-    let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
+    let clients = cluster.clients();
     const STUDENTS: usize = 10;
     link_students(&clients, STUDENTS, "wh").await;
 
@@ -537,7 +544,7 @@ async fn a_segment_defined_through_one_replica_is_evaluated_by_every_replica() {
     // Refreshes seconds apart: replica 1 mostly learns of the segment after replica 0's pass
     // reached its profiles, so they enter through the pass replica 1 starts when it learns.
     let (cluster, _) = start_cluster("segdef", 2, "[segments]\nrefresh_interval_secs = 8\n").await;
-    let clients: Vec<CohortClient> = cluster.replicas.iter().map(|r| r.client.clone()).collect();
+    let clients = cluster.clients();
     const STUDENTS: usize = 16;
     link_students(&clients, STUDENTS, "sd").await;
     // Every student viewed the MBA page before the segment exists.
