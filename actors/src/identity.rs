@@ -1,5 +1,5 @@
 //! Deterministic identity resolution: a shared identity index and a sharded pool of
-//! IdentityResolver workers (a ractor factory routed by identifier key).
+//! IdentityResolver workers (a ractor factory; the dispatcher shards events by identifier key).
 
 use crate::context::PipelineContext;
 use crate::dead_letters;
@@ -15,11 +15,13 @@ use cohort_supervisors::{PipelineStages, Slot};
 use dashmap::{DashMap, DashSet};
 use parking_lot::Mutex;
 use ractor::factory::{
-    queues::DefaultQueue, routing::KeyPersistentRouting, Factory, FactoryArguments, FactoryMessage, Job, Worker,
-    WorkerBuilder, WorkerId,
+    queues::DefaultQueue,
+    routing::{CustomHashFunction, CustomRouting},
+    Factory, FactoryArguments, FactoryMessage, Job, Worker, WorkerBuilder, WorkerId,
 };
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -530,9 +532,12 @@ impl IdentityIndex {
 /// on one device) or the identifier has already linked more profiles than
 /// `identity.max_profiles_per_identifier` allows (a shared family phone): then it links nothing
 /// and stays with the profile it had. Of the profiles linked, the oldest survives.
+///
+/// The merges it decides are queued in `out` for the directory, after every fallible step, so a
+/// retried call never queues them twice.
 pub async fn resolve_event(
     ctx: &PipelineContext,
-    directory: &ActorRef<ProfilesMsg>,
+    out: &mut Vec<(ProfileId, ProfileMsg)>,
     seq: u64,
     event: &CustomerEvent,
 ) -> Result<Option<Placement>, StoreError> {
@@ -644,8 +649,7 @@ pub async fn resolve_event(
             reason: MergeReason::SharedIdentifier,
         });
         ctx.metrics.identity_merges.inc();
-        send_merge(directory, &target, merged)
-            .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
+        out.extend(merge_messages(&target, merged));
     }
     if linked.len() > 1 {
         for id in &links {
@@ -658,10 +662,9 @@ pub async fn resolve_event(
 
 /// Drops an erased person's event in the resolver: counted, and delivered as far as the
 /// checkpoint is concerned.
-fn drop_erased(ctx: &PipelineContext, seq: u64, key: String) -> String {
+fn drop_erased(ctx: &PipelineContext, seq: u64) {
     ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
     ctx.watermark.delivered(seq);
-    key
 }
 
 /// Tells the survivor a merge is coming (so it can tell later events apart on an unmerge), then
@@ -671,14 +674,15 @@ pub fn send_merge(
     survivor: &ProfileId,
     merged: &ProfileId,
 ) -> Result<(), ractor::MessagingErr<ProfilesMsg>> {
-    directory.send_message(ProfilesMsg::Deliver {
-        profile_id: survivor.clone(),
-        msg: ProfileMsg::BeginMerge { merged: merged.clone() },
-    })?;
-    directory.send_message(ProfilesMsg::Deliver {
-        profile_id: merged.clone(),
-        msg: ProfileMsg::MergeInto { survivor: survivor.clone() },
-    })
+    directory.send_message(ProfilesMsg::DeliverAll(merge_messages(survivor, merged).into()))
+}
+
+/// What `send_merge` sends, in its order.
+fn merge_messages(survivor: &ProfileId, merged: &ProfileId) -> [(ProfileId, ProfileMsg); 2] {
+    [
+        (survivor.clone(), ProfileMsg::BeginMerge { merged: merged.clone() }),
+        (merged.clone(), ProfileMsg::MergeInto { survivor: survivor.clone() }),
+    ]
 }
 
 /// Why a decided merge was not carried out.
@@ -723,10 +727,32 @@ pub struct IdentityResolverState {
     directory: Slot<ProfilesMsg>,
 }
 
-pub type IdentityFactoryMsg = FactoryMessage<String, IdentityMsg>;
+pub type IdentityFactoryMsg = FactoryMessage<usize, IdentityMsg>;
+
+/// Most placements a worker hands the directory in one message: a large batch still reaches its
+/// profiles in steps rather than all at its end.
+const DELIVER_CHUNK: usize = 128;
+
+/// The shard that resolves an event: every event with the same routing key goes to the same
+/// worker, in journal order, so two events of one new student cannot race to create two profiles.
+pub fn shard_of(event: &CustomerEvent, shards: usize) -> usize {
+    let mut hasher = std::hash::DefaultHasher::new();
+    event.routing_key().hash(&mut hasher);
+    (hasher.finish() % shards.max(1) as u64) as usize
+}
+
+/// Routes a shard's batch to the worker with that number (the factory's workers are 0..shards).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByShard;
+
+impl CustomHashFunction<usize> for ByShard {
+    fn hash(&self, shard: &usize, worker_count: usize) -> usize {
+        shard % worker_count.max(1)
+    }
+}
 
 impl Worker for IdentityResolver {
-    type Key = String;
+    type Key = usize;
     type Message = IdentityMsg;
     type State = IdentityResolverState;
     type Arguments = IdentityResolverArgs;
@@ -744,77 +770,91 @@ impl Worker for IdentityResolver {
         &self,
         _wid: WorkerId,
         _factory: &ActorRef<IdentityFactoryMsg>,
-        job: Job<String, IdentityMsg>,
+        job: Job<usize, IdentityMsg>,
         state: &mut IdentityResolverState,
-    ) -> Result<String, ActorProcessingErr> {
-        let IdentityMsg::Resolve { seq, mut event } = job.msg;
-        PipelineStages::observe(&state.ctx.metrics.stages.resolved, event.received_at, 1);
-        match state.ctx.erasures.screen(&event) {
-            crate::gdpr::Screen::Keep => {}
-            // An erased person's event already on the bus (a replay, a redelivery): dropped
-            // before it can re-create the profile.
-            crate::gdpr::Screen::Drop => return Ok(drop_erased(&state.ctx, seq, job.key)),
-            crate::gdpr::Screen::Strip(identifiers) => {
-                event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
-            }
-        }
+    ) -> Result<usize, ActorProcessingErr> {
+        let IdentityMsg::Resolve { events } = job.msg;
         let directory = state.directory.get().ok_or("profile directory is not running")?;
-        let span = tracing::debug_span!("identity.resolve", seq);
-        crate::trace::continue_from(&span, event.trace.as_deref());
-        if event.trace.is_some() {
-            // The profile update continues from here.
-            let mut traced = (*event).clone();
-            traced.trace = crate::trace::of(&span);
-            event = Arc::new(traced);
-        }
-        let mut backoff = Duration::from_millis(20);
-        let target = loop {
-            match resolve_event(&state.ctx, &directory, seq, &event).await {
-                Ok(t) => break t,
-                Err(e) if e.is_retryable() => {
-                    // Backpressure: hold this shard until the store answers again.
-                    tracing::warn!(seq, error = %e, backoff_ms = backoff.as_millis() as u64, "identity store unavailable, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    // An erasure may have run while the store was away: resolving now would give
-                    // the erased person a new profile.
-                    if state.ctx.erasures.suppresses(&event) {
-                        return Ok(drop_erased(&state.ctx, seq, job.key));
-                    }
-                }
-                Err(e) => {
-                    dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
-                    state.ctx.watermark.delivered(seq);
-                    return Ok(job.key);
-                }
-            }
-        };
-        match target {
-            Some(Placement { profile: profile_id, unlinked }) => {
-                let event = if unlinked.is_empty() {
-                    event
-                } else {
-                    let mut own = (*event).clone();
-                    own.identifiers.retain(|i| !unlinked.contains(i));
-                    Arc::new(own)
-                };
-                // The directory marks it delivered when it takes the message: only then is the
-                // event certain to be covered by the directory's next flush.
-                directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
-                return Ok(job.key);
-            }
-            // Nothing usable: no identifier at all, or only blocked ones.
-            None => {
-                let reason = if event.identifiers.is_empty() {
-                    "event carries no identifier"
-                } else {
-                    "every identifier of the event is blocked (test or placeholder data, see identity.blocked)"
-                };
-                dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, reason, 1).await;
+        let mut out = Vec::new();
+        for (seq, event) in events {
+            place(&state.ctx, seq, event, &mut out).await;
+            if out.len() >= DELIVER_CHUNK {
+                directory.send_message(ProfilesMsg::DeliverAll(std::mem::take(&mut out)))?;
             }
         }
-        state.ctx.watermark.delivered(seq);
+        if !out.is_empty() {
+            // The directory marks the events delivered when it takes the message: only then is
+            // each certain to be covered by the directory's next flush.
+            directory.send_message(ProfilesMsg::DeliverAll(out))?;
+        }
         Ok(job.key)
+    }
+}
+
+/// Resolves one journaled event and queues in `out` what the directory must receive for it;
+/// an event that reaches no profile (erased, unplaceable) is settled here.
+async fn place(ctx: &PipelineContext, seq: u64, mut event: Arc<CustomerEvent>, out: &mut Vec<(ProfileId, ProfileMsg)>) {
+    PipelineStages::observe(&ctx.metrics.stages.resolved, event.received_at, 1);
+    match ctx.erasures.screen(&event) {
+        crate::gdpr::Screen::Keep => {}
+        // An erased person's event already on the bus (a replay, a redelivery): dropped
+        // before it can re-create the profile.
+        crate::gdpr::Screen::Drop => return drop_erased(ctx, seq),
+        crate::gdpr::Screen::Strip(identifiers) => {
+            event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
+        }
+    }
+    let span = tracing::debug_span!("identity.resolve", seq);
+    crate::trace::continue_from(&span, event.trace.as_deref());
+    if event.trace.is_some() {
+        // The profile update continues from here.
+        let mut traced = (*event).clone();
+        traced.trace = crate::trace::of(&span);
+        event = Arc::new(traced);
+    }
+    let mut backoff = Duration::from_millis(20);
+    let target = loop {
+        match resolve_event(ctx, out, seq, &event).await {
+            Ok(t) => break t,
+            Err(e) if e.is_retryable() => {
+                // Backpressure: hold this shard until the store answers again.
+                tracing::warn!(seq, error = %e, backoff_ms = backoff.as_millis() as u64, "identity store unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // An erasure may have run while the store was away: resolving now would give
+                // the erased person a new profile.
+                if ctx.erasures.suppresses(&event) {
+                    return drop_erased(ctx, seq);
+                }
+            }
+            Err(e) => {
+                dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
+                ctx.watermark.delivered(seq);
+                return;
+            }
+        }
+    };
+    match target {
+        Some(Placement { profile: profile_id, unlinked }) => {
+            let event = if unlinked.is_empty() {
+                event
+            } else {
+                let mut own = (*event).clone();
+                own.identifiers.retain(|i| !unlinked.contains(i));
+                Arc::new(own)
+            };
+            out.push((profile_id, ProfileMsg::Apply { seq, event }));
+        }
+        // Nothing usable: no identifier at all, or only blocked ones.
+        None => {
+            let reason = if event.identifiers.is_empty() {
+                "event carries no identifier"
+            } else {
+                "every identifier of the event is blocked (test or placeholder data, see identity.blocked)"
+            };
+            dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, reason, 1).await;
+            ctx.watermark.delivered(seq);
+        }
     }
 }
 
@@ -830,12 +870,12 @@ impl WorkerBuilder<IdentityResolver, IdentityResolverArgs> for ResolverBuilder {
 }
 
 pub type IdentityFactory = Factory<
-    String,
+    usize,
     IdentityMsg,
     IdentityResolverArgs,
     IdentityResolver,
-    KeyPersistentRouting<String, IdentityMsg>,
-    DefaultQueue<String, IdentityMsg>,
+    CustomRouting<usize, IdentityMsg, ByShard>,
+    DefaultQueue<usize, IdentityMsg>,
 >;
 
 /// Starts the resolver pool under `supervisor`; the factory replaces crashed workers itself.
@@ -848,7 +888,7 @@ pub async fn spawn_identity_pool(
     let args = FactoryArguments {
         worker_builder: Box::new(ResolverBuilder { ctx, directory }),
         num_initial_workers: shards,
-        router: KeyPersistentRouting::default(),
+        router: CustomRouting::new(ByShard),
         queue: DefaultQueue::default(),
         discard_handler: None,
         discard_settings: ractor::factory::DiscardSettings::None,
@@ -864,6 +904,44 @@ pub async fn spawn_identity_pool(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cohort_messages::{EventId, EventKind, RawRef, Source, Utm};
+
+    fn event_with(id: &str, identifiers: Vec<Identifier>) -> CustomerEvent {
+        CustomerEvent {
+            event_id: EventId::new(Source::Web, id),
+            source: Source::Web,
+            kind: EventKind::Track,
+            name: None,
+            occurred_at: Utc::now(),
+            received_at: Utc::now(),
+            identifiers,
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Utm::default(),
+            trace: None,
+            raw: RawRef { seq: None, index: 0 },
+        }
+    }
+
+    #[test]
+    fn events_sharing_their_strongest_identifier_go_to_one_shard_and_shards_go_to_their_worker() {
+        let email = |v: &str| Identifier::new(IdentifierKind::Email, v);
+        let anon = |v: &str| Identifier::new(IdentifierKind::AnonymousId, v);
+        for shards in [1, 3, 4, 16] {
+            // The strongest identifier decides, whatever else an event carries.
+            let a = event_with("e1", vec![anon("a-1"), email("max@gmail.com")]);
+            let b = event_with("e2", vec![email("max@gmail.com"), anon("a-2")]);
+            assert_eq!(shard_of(&a, shards), shard_of(&b, shards));
+            let used: HashSet<usize> =
+                (0..200).map(|n| shard_of(&event_with("e", vec![email(&format!("s{n}@uni.de"))]), shards)).collect();
+            assert_eq!(used, (0..shards).collect(), "{shards} shards");
+            for shard in 0..shards {
+                assert_eq!(ByShard.hash(&shard, shards), shard);
+            }
+        }
+        // An event without identifiers still has a shard (whose worker dead-letters it).
+        assert!(shard_of(&event_with("e3", vec![]), 4) < 4);
+    }
 
     #[test]
     fn placeholder_numbers_and_listed_values_are_blocked() {

@@ -159,8 +159,10 @@ pub enum IngestMsg {
 /// Sharded identity resolver worker.
 #[derive(Debug)]
 pub enum IdentityMsg {
-    /// Place a journaled event on a profile (creating, linking or merging) and deliver it.
-    Resolve { seq: u64, event: Arc<CustomerEvent> },
+    /// Place journaled events, in journal order, on profiles (creating, linking or merging) and
+    /// deliver them. One message per shard and polled batch, not per event: at saturation the
+    /// per-message cost of the factory was as large as resolution itself.
+    Resolve { events: Vec<(u64, Arc<CustomerEvent>)> },
 }
 
 /// One student's live profile.
@@ -250,6 +252,8 @@ pub enum ProfilesMsg {
         profile_id: ProfileId,
         msg: ProfileMsg,
     },
+    /// `Deliver` for each message, in order: one resolver's placements for a batch of events.
+    DeliverAll(Vec<(ProfileId, ProfileMsg)>),
     /// A merged profile sends on a change addressed to it to its survivor: delivered as
     /// `Deliver` is, but not a new arrival, so the pipeline stage is not observed twice.
     Forward {
