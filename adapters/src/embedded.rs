@@ -7,6 +7,7 @@
 mod erasure;
 mod recent;
 mod tables;
+mod unindexed;
 mod writer;
 
 use std::fmt;
@@ -158,11 +159,12 @@ impl EmbeddedStore {
 
     /// Creates the tables, reads the head and starts the writer thread.
     fn start(db: Database, location: Location) -> Result<Arc<Self>, StoreError> {
-        let head_seq = writer::initialize(&db)?;
+        let (head_seq, unindexed) = writer::initialize(&db)?;
         let db = Arc::new(db);
         let (head, _) = watch::channel(head_seq);
         let (commands, queue) = mpsc::channel();
         let recent = Arc::new(Recent::default());
+        recent.unindexed.lock().extend(unindexed);
         let writer = Writer { db: Arc::clone(&db), head: head.clone(), commands: queue, recent: Arc::clone(&recent) };
         let writer = std::thread::Builder::new()
             .name("cohort-embedded-writer".to_string())
@@ -339,10 +341,19 @@ impl OperationalStore for EmbeddedStore {
     }
 
     async fn seen_event_ids(&self, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+        // The ids kept in memory before the read transaction starts: one that has left them
+        // since was written by a commit that transaction sees.
+        let kept: Vec<bool> = {
+            let unindexed = self.recent.unindexed.lock();
+            ids.iter().map(|id| unindexed.contains(id)).collect()
+        };
         let ids = ids.to_vec();
         self.read(move |txn| {
             let table = txn.open_table(IDEMPOTENCY).ctx("read idempotency keys")?;
-            ids.iter().map(|id| Ok(table.get(id.as_str()).ctx("read idempotency keys")?.is_some())).collect()
+            ids.iter()
+                .zip(kept)
+                .map(|(id, kept)| Ok(kept || table.get(id.as_str()).ctx("read idempotency keys")?.is_some()))
+                .collect()
         })
         .await
     }

@@ -340,3 +340,34 @@ async fn an_outbox_entry_above_the_profiles_size_bound_reads_back_from_the_file(
     })
     .await;
 }
+
+/// Ids are written to the idempotency tables many at a time (the writer keeps the newest in
+/// memory): those written and those still kept are duplicates before and after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ids_written_in_batches_and_ids_still_kept_stay_duplicates_across_a_reopen() {
+    with_timeout(async {
+        let (_dir, path) = store_path();
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
+        // The 17th append takes the ids kept past one batch (16,384): all 17,000 are written,
+        // and the last thousand are kept.
+        let ids: Vec<String> = (0..18_000).map(|n| format!("id-{n}")).collect();
+        for chunk in ids.chunks(1_000) {
+            let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let out = store.append(batch(None, &names)).await.unwrap();
+            assert!(out.seqs.iter().all(Option::is_some));
+        }
+        let old = ["id-0", "id-8000", "id-16999", "id-17000", "id-17999"];
+        let again = store.append(batch(None, &old)).await.unwrap();
+        assert_eq!(again.seqs, vec![None; old.len()], "duplicates while open");
+        let seen = store.seen_event_ids(&["web:id-3".into(), "web:id-17998".into(), "web:new".into()]).await.unwrap();
+        assert_eq!(seen, vec![true, true, false]);
+        drop(store);
+
+        let reopened = EmbeddedStore::open(&path, CACHE).unwrap();
+        let again = reopened.append(batch(None, &old)).await.unwrap();
+        assert_eq!(again.seqs, vec![None; old.len()], "duplicates after a reopen");
+        let fresh = reopened.append(batch(None, &["id-18000", "id-18000"])).await.unwrap();
+        assert_eq!(fresh.seqs, vec![Some(18_001), None], "a new id, then the same id within one batch");
+    })
+    .await;
+}

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use cohort_messages::CustomerEvent;
 use parking_lot::Mutex;
 
+use super::unindexed::Unindexed;
 use crate::WarehouseBatch;
 
 /// Journal events kept at most, by the size of their stored JSON (decoded, they take a few
@@ -25,14 +26,21 @@ const EVENT_BYTES: usize = 32 << 20;
 const OUTBOX_BYTES: usize = 128 << 20;
 
 /// The journal events and outbox batches of recent commits, by seq and outbox id.
+/// Also the event ids journaled but not yet in the idempotency tables, which unlike the
+/// copies are part of the truth until written (see `unindexed`).
 pub(super) struct Recent {
     pub events: Mutex<Kept<CustomerEvent>>,
     pub outbox: Mutex<Kept<WarehouseBatch>>,
+    pub unindexed: Mutex<Unindexed>,
 }
 
 impl Default for Recent {
     fn default() -> Self {
-        Self { events: Mutex::new(Kept::new(EVENT_BYTES)), outbox: Mutex::new(Kept::new(OUTBOX_BYTES)) }
+        Self {
+            events: Mutex::new(Kept::new(EVENT_BYTES)),
+            outbox: Mutex::new(Kept::new(OUTBOX_BYTES)),
+            unindexed: Mutex::new(Unindexed::default()),
+        }
     }
 }
 
@@ -41,6 +49,7 @@ impl Recent {
     pub(super) fn clear(&self) {
         *self.events.lock() = Kept::new(EVENT_BYTES);
         *self.outbox.lock() = Kept::new(OUTBOX_BYTES);
+        self.unindexed.lock().clear();
     }
 }
 

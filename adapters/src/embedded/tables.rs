@@ -58,6 +58,9 @@ pub(super) const META_DEAD_LETTER_ID: &str = "dead_letter_id";
 pub(super) const META_AUDIT_ID: &str = "audit_id";
 /// Meta key: the last outbox id assigned.
 pub(super) const META_OUTBOX_ID: &str = "outbox_id";
+/// Meta key: the ids of journal events up to this seq are in the idempotency tables; later
+/// ones are kept in memory (`unindexed`) and read back from the journal at open.
+pub(super) const META_INDEXED_SEQ: &str = "idempotency_indexed_seq";
 
 /// Outbox ids are zero-padded so the trait's string ids sort like the numbers.
 pub(super) fn outbox_key(id: u64) -> String {

@@ -6,6 +6,7 @@
 //! then answers each caller. Under load many appends share one fsync; with a single caller it
 //! degenerates to a plain commit.
 
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -18,9 +19,10 @@ use super::recent::Recent;
 use super::tables::{
     decode, encode, encode_packed, merge_key, pack, BronzeRow, DbResult, AUDIT, BRONZE, BRONZE_BODY, CONSENTS,
     DEAD_LETTERS, DOCUMENTS, IDEMPOTENCY, IDEMPOTENCY_AT, IDENTITIES, JOURNAL, MERGES, META, META_AUDIT_ID,
-    META_CHECKPOINT, META_DEAD_LETTER_ID, META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX, PROFILES, REVIEWS,
-    SAGAS, SUPPRESSIONS,
+    META_CHECKPOINT, META_DEAD_LETTER_ID, META_INDEXED_SEQ, META_JOURNAL_SEQ, META_OUTBOX_ID, META_RAW_SEQ, OUTBOX,
+    PROFILES, REVIEWS, SAGAS, SUPPRESSIONS,
 };
+use super::unindexed::{Pending, Unindexed};
 use crate::{AppendBatch, AppendOutcome, FlushBatch, NewDeadLetter, StoreError, WarehouseBatch};
 use cohort_messages::{AuditEntry, CustomerEvent, ErasureCounts, NewAuditEntry, SagaRecord};
 
@@ -140,15 +142,30 @@ struct Tables<'txn> {
     fresh: Fresh,
 }
 
-/// Journal events and outbox batches of one transaction, with their stored sizes.
+/// Journal events and outbox batches of one transaction, with their stored sizes, and the
+/// event ids it journaled.
 #[derive(Default)]
 struct Fresh {
     events: Vec<(u64, CustomerEvent, usize)>,
     outbox: Vec<(u64, WarehouseBatch, usize)>,
+    ids: HashMap<String, Pending>,
+    /// The ids kept before this transaction are in its idempotency rows.
+    indexed_kept: bool,
+    /// So are `ids`.
+    indexed_own: bool,
 }
 
 impl Fresh {
     fn keep_in(self, recent: &Recent) {
+        {
+            let mut unindexed = recent.unindexed.lock();
+            if self.indexed_kept {
+                unindexed.clear();
+            }
+            if !self.indexed_own {
+                unindexed.extend(self.ids);
+            }
+        }
         if !self.events.is_empty() {
             let mut kept = recent.events.lock();
             self.events.into_iter().for_each(|(seq, event, bytes)| kept.keep(seq, event, bytes));
@@ -211,7 +228,13 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Journals the events that were never seen before, in order; Bronze gets its own seq.
-    fn append(&mut self, c: &mut Counters, batch: AppendBatch, now_ms: u64) -> Result<AppendOutcome, StoreError> {
+    fn append(
+        &mut self,
+        c: &mut Counters,
+        batch: AppendBatch,
+        now_ms: u64,
+        unindexed: &Unindexed,
+    ) -> Result<AppendOutcome, StoreError> {
         let raw_seq = match batch.raw {
             Some(raw) => {
                 c.raw_seq += 1;
@@ -224,9 +247,12 @@ impl<'txn> Tables<'txn> {
         };
         let mut seqs = Vec::with_capacity(batch.events.len());
         for mut event in batch.events {
-            // The write transaction sees its own inserts, so this also catches an id repeated
-            // earlier in the same batch or in another batch of the same group.
-            if self.idempotency.get(event.event_id.as_str()).ctx("append")?.is_some() {
+            // Also an id repeated earlier in the same batch or in another batch of the group.
+            let id = event.event_id.as_str();
+            if self.fresh.ids.contains_key(id)
+                || unindexed.contains(id)
+                || self.idempotency.get(id).ctx("append")?.is_some()
+            {
                 seqs.push(None);
                 continue;
             }
@@ -236,13 +262,27 @@ impl<'txn> Tables<'txn> {
             let seq = c.journal_seq + 1;
             let bytes = encode("event", &event)?;
             self.journal.insert(seq, bytes.as_slice()).ctx("append")?;
-            self.idempotency.insert(event.event_id.as_str(), seq).ctx("append")?;
-            self.idempotency_at.insert((now_ms, event.event_id.as_str()), ()).ctx("append")?;
+            self.fresh.ids.insert(event.event_id.as_str().to_string(), Pending { seq, at_ms: now_ms });
             c.journal_seq = seq;
             seqs.push(Some(seq));
             self.fresh.events.push((seq, event, bytes.len()));
         }
         Ok(AppendOutcome { raw_seq, seqs })
+    }
+
+    /// Writes journaled ids into the idempotency tables in key order (neighbours share pages),
+    /// and how far the journal is indexed.
+    fn index(&mut self, mut ids: Vec<(String, Pending)>, through: u64) -> Result<(), StoreError> {
+        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (id, p) in &ids {
+            self.idempotency.insert(id.as_str(), p.seq).ctx("index")?;
+        }
+        ids.sort_unstable_by(|a, b| (a.1.at_ms, &a.0).cmp(&(b.1.at_ms, &b.0)));
+        for (id, p) in &ids {
+            self.idempotency_at.insert((p.at_ms, id.as_str()), ()).ctx("index")?;
+        }
+        self.meta.insert(META_INDEXED_SEQ, through).ctx("index")?;
+        Ok(())
     }
 
     /// Upserts the write-behind state; the checkpoint only moves forward.
@@ -466,14 +506,26 @@ impl Writer {
         // Acknowledged means on disk: an HTTP 2xx follows this commit.
         txn.set_durability(Durability::Immediate);
         let mut results = Vec::with_capacity(ops.len());
+        // An expiry reads the idempotency tables for what is old: the ids kept are written first.
+        let expiring = ops.iter().any(|op| matches!(op, Op::Expire { .. }));
         let (head, fresh) = {
             let mut tables = Tables::open(&txn)?;
             let before = tables.counters()?;
             let mut c = before;
             let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
+            if expiring {
+                let kept = self.recent.unindexed.lock().copies();
+                if !kept.is_empty() {
+                    tables.index(kept, c.journal_seq)?;
+                    tables.fresh.indexed_kept = true;
+                }
+            }
             for op in ops {
                 results.push(match op {
-                    Op::Append(batch) => Applied::Append(tables.append(&mut c, batch, now_ms)?),
+                    Op::Append(batch) => {
+                        let unindexed = self.recent.unindexed.lock();
+                        Applied::Append(tables.append(&mut c, batch, now_ms, &unindexed)?)
+                    }
                     Op::Flush(batch) => {
                         tables.flush(&mut c, batch, now_ms)?;
                         Applied::Flush
@@ -496,6 +548,21 @@ impl Writer {
                         Applied::Erased(tables.erase(&txn, &plan)?)
                     }
                 });
+            }
+            // The kept ids are written once there are many or they are old, and this group's
+            // with them.
+            let due = {
+                let unindexed = self.recent.unindexed.lock();
+                let any = !unindexed.is_empty() || !tables.fresh.ids.is_empty();
+                any && unindexed.due(tables.fresh.ids.len())
+            };
+            if due {
+                let mut ids =
+                    if tables.fresh.indexed_kept { Vec::new() } else { self.recent.unindexed.lock().copies() };
+                ids.extend(tables.fresh.ids.iter().map(|(id, p)| (id.clone(), *p)));
+                tables.index(ids, c.journal_seq)?;
+                tables.fresh.indexed_kept = true;
+                tables.fresh.indexed_own = true;
             }
             tables.save_counters(before, c)?;
             (c.journal_seq, tables.fresh)
@@ -593,20 +660,38 @@ fn save_saga(txn: &WriteTransaction, saga: &SagaRecord) -> Result<Result<(), Sto
     Ok(Ok(()))
 }
 
-/// Creates every table (so readers never meet a missing one) and returns the journal head.
-pub(super) fn initialize(db: &Database) -> Result<u64, StoreError> {
+/// Creates every table (so readers never meet a missing one) and returns the journal head and
+/// the ids of the journal events past the indexed seq, which the writer had kept in memory.
+pub(super) fn initialize(db: &Database) -> Result<(u64, Vec<(String, Pending)>), StoreError> {
     let mut txn = db.begin_write().ctx("begin write")?;
     txn.set_durability(Durability::Immediate);
-    let head = {
-        let tables = Tables::open(&txn)?;
+    let (head, unindexed) = {
+        let mut tables = Tables::open(&txn)?;
         txn.open_table(CONSENTS).ctx("open table")?;
         txn.open_table(SUPPRESSIONS).ctx("open table")?;
         txn.open_table(SAGAS).ctx("open table")?;
         txn.open_table(AUDIT).ctx("open table")?;
         txn.open_table(REVIEWS).ctx("open table")?;
         txn.open_table(DOCUMENTS).ctx("open table")?;
-        tables.meta(META_JOURNAL_SEQ)?
+        let head = tables.meta(META_JOURNAL_SEQ)?;
+        let mut unindexed = Vec::new();
+        let indexed = tables.meta.get(META_INDEXED_SEQ).ctx("read meta")?.map(|v| v.value());
+        match indexed {
+            // A file from before ids were kept: every journaled id is in the tables.
+            None => {
+                tables.meta.insert(META_INDEXED_SEQ, head).ctx("write meta")?;
+            }
+            Some(indexed) => {
+                for entry in tables.journal.range(indexed.saturating_add(1)..).ctx("read journal")? {
+                    let (seq, bytes) = entry.ctx("read journal")?;
+                    let event: CustomerEvent = decode("event", bytes.value())?;
+                    let at_ms = u64::try_from(event.received_at.timestamp_millis()).unwrap_or(0);
+                    unindexed.push((event.event_id.as_str().to_string(), Pending { seq: seq.value(), at_ms }));
+                }
+            }
+        }
+        (head, unindexed)
     };
     txn.commit().ctx("initialize tables")?;
-    Ok(head)
+    Ok((head, unindexed))
 }
