@@ -87,6 +87,45 @@ impl PipelineContext {
     }
 }
 
+#[cfg(test)]
+impl PipelineContext {
+    /// One process on an in-memory store: no warehouse, no cluster, no fault injector, and
+    /// flushes only when asked for.
+    pub(crate) fn for_tests(store: Arc<cohort_adapters::EmbeddedStore>) -> Self {
+        let dyn_store: Arc<dyn OperationalStore> = store.clone();
+        Self {
+            store: dyn_store.clone(),
+            bus: Arc::new(cohort_adapters::EmbeddedBus::new(store, dyn_store.clone())),
+            metrics: Metrics::new().expect("metrics register once per registry"),
+            watermark: Arc::new(Watermark::default()),
+            index: Arc::new(IdentityIndex::new(dyn_store)),
+            checkpoints: Arc::new(Checkpoints::default()),
+            pending_ids: Arc::new(PendingIds::default()),
+            profiles: ProfileSettings {
+                history_limit: 100,
+                passivate_after: Duration::from_secs(3600),
+                flush_interval: Duration::from_secs(3600),
+                snapshot_min_interval: Duration::ZERO,
+                max_event_attempts: 3,
+                restart_policy: RestartPolicy::default(),
+                unmerge_window: 10,
+            },
+            fault: None,
+            warehouse: None,
+            staged_bronze: Arc::default(),
+            matcher: Default::default(),
+            segments: Arc::new(SegmentRegistry::default()),
+            segment_engine: Default::default(),
+            person_fingerprints: Arc::default(),
+            erasures: Arc::new(crate::gdpr::Erasures::new(
+                cohort_adapters::crypto::KeyedHasher::from_secret(&[7u8; 32]).expect("a 32-byte secret"),
+            )),
+            outbound: None,
+            ownership: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for PipelineContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PipelineContext").field("profiles", &self.profiles).finish_non_exhaustive()

@@ -992,15 +992,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::context::{FaultInjector, ProfileSettings};
-    use crate::gdpr::Erasures;
-    use crate::identity::IdentityIndex;
-    use crate::segments::SegmentRegistry;
-    use crate::watermark::{Checkpoints, PendingIds, Watermark};
-    use cohort_adapters::crypto::KeyedHasher;
-    use cohort_adapters::{pack, EmbeddedBus, EmbeddedStore, OperationalStore};
+    use cohort_adapters::{pack, EmbeddedStore, OperationalStore};
     use cohort_messages::cluster::partition_of;
     use cohort_messages::{EventId, EventKind, Identifier, RawRef, Source, Utm};
-    use cohort_supervisors::{Metrics, RestartPolicy};
     use std::sync::mpsc;
 
     /// Holds the profile actor inside `before_apply` of the event named "held" until released,
@@ -1069,38 +1063,18 @@ mod tests {
             false => None,
         };
         let store = EmbeddedStore::in_memory().unwrap();
-        let dyn_store: Arc<dyn OperationalStore> = store.clone();
         let ownership = Arc::new(Ownership::new(3));
         ownership.assign(&[0, 1, 2]);
         ownership.arrived(&[0, 1, 2]);
         let (release, held) = mpsc::channel();
+        let base = PipelineContext::for_tests(store.clone());
         let ctx = PipelineContext {
-            store: dyn_store.clone(),
-            bus: Arc::new(EmbeddedBus::new(store.clone(), dyn_store.clone())),
-            metrics: Metrics::new().unwrap(),
-            watermark: Arc::new(Watermark::default()),
-            index: Arc::new(IdentityIndex::new(dyn_store.clone())),
-            checkpoints: Arc::new(Checkpoints::default()),
-            pending_ids: Arc::new(PendingIds::default()),
-            profiles: ProfileSettings {
-                history_limit: 100,
-                passivate_after: Duration::from_secs(3600),
-                flush_interval: Duration::from_secs(3600),
-                snapshot_min_interval: min_interval,
-                max_event_attempts: 3,
-                restart_policy: RestartPolicy::default(),
-                unmerge_window: 10,
-            },
+            profiles: ProfileSettings { snapshot_min_interval: min_interval, ..base.profiles.clone() },
             fault: Some(Arc::new(Hold(parking_lot::Mutex::new(Some(held))))),
             warehouse,
-            staged_bronze: Arc::default(),
-            matcher: Default::default(),
-            segments: Arc::new(SegmentRegistry::default()),
-            segment_engine: Default::default(),
-            person_fingerprints: Arc::default(),
-            erasures: Arc::new(Erasures::new(KeyedHasher::from_secret(&[7u8; 32]).unwrap())),
             outbound: cluster.then(Arc::default),
             ownership: cluster.then(|| ownership.clone()),
+            ..base
         };
         let (directory, _) = Actor::spawn(None, ProfilesDirectory, ProfilesArgs { ctx: ctx.clone() }).await.unwrap();
         Stage { ctx, store, ownership, directory, release }

@@ -533,10 +533,12 @@ impl IdentityIndex {
 /// `identity.max_profiles_per_identifier` allows (a shared family phone): then it links nothing
 /// and stays with the profile it had. Of the profiles linked, the oldest survives.
 ///
-/// The merges it decides are queued in `out` for the directory, after every fallible step, so a
-/// retried call never queues them twice.
+/// `out` holds what the caller has not yet sent to the directory. A merge is sent with it at
+/// once, before the identifiers are repointed: another shard that resolves to the survivor
+/// through them must find the merge ahead of its own messages.
 pub async fn resolve_event(
     ctx: &PipelineContext,
+    directory: &ActorRef<ProfilesMsg>,
     out: &mut Vec<(ProfileId, ProfileMsg)>,
     seq: u64,
     event: &CustomerEvent,
@@ -608,9 +610,10 @@ pub async fn resolve_event(
         }
     }
     let mut target = linked.first().cloned().unwrap_or_else(|| anchor.clone());
+    let mut claimed = false;
     for id in unowned.iter().copied().filter(|i| links.contains(i)) {
         match index.claim(id, &target) {
-            Ok(()) => {}
+            Ok(()) => claimed = true,
             Err(other) => {
                 // Another shard claimed it first: that profile is this student too, if it fits.
                 let other = index.root(&other).await?;
@@ -652,12 +655,16 @@ pub async fn resolve_event(
         out.extend(merge_messages(&target, merged));
     }
     if linked.len() > 1 {
+        directory
+            .send_message(ProfilesMsg::DeliverAll(std::mem::take(out)))
+            .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
         for id in &links {
             index.repoint(id, &target);
         }
     }
     let unlinked = event.identifiers.iter().filter(|i| !links.contains(i)).cloned().collect();
-    Ok(Some(Placement { profile: target, unlinked }))
+    let repointed = linked.len() > 1;
+    Ok(Some(Placement { profile: target, unlinked, repointed: claimed || repointed }))
 }
 
 /// Drops an erased person's event in the resolver: counted, and delivered as far as the
@@ -712,6 +719,9 @@ pub fn identity_events(merges: &[IdentityMerged], unmerges: &[IdentityUnmerged])
 pub struct Placement {
     pub profile: ProfileId,
     pub unlinked: Vec<Identifier>,
+    /// The event claimed identifiers or merged profiles: other shards now resolve to `profile`
+    /// through them, so its delivery must not wait behind the rest of a batch.
+    pub repointed: bool,
 }
 
 /// One shard of the resolver pool.
@@ -777,8 +787,8 @@ impl Worker for IdentityResolver {
         let directory = state.directory.get().ok_or("profile directory is not running")?;
         let mut out = Vec::new();
         for (seq, event) in events {
-            place(&state.ctx, seq, event, &mut out).await;
-            if out.len() >= DELIVER_CHUNK {
+            let repointed = place(&state.ctx, &directory, seq, event, &mut out).await;
+            if repointed || out.len() >= DELIVER_CHUNK {
                 directory.send_message(ProfilesMsg::DeliverAll(std::mem::take(&mut out)))?;
             }
         }
@@ -792,14 +802,24 @@ impl Worker for IdentityResolver {
 }
 
 /// Resolves one journaled event and queues in `out` what the directory must receive for it;
-/// an event that reaches no profile (erased, unplaceable) is settled here.
-async fn place(ctx: &PipelineContext, seq: u64, mut event: Arc<CustomerEvent>, out: &mut Vec<(ProfileId, ProfileMsg)>) {
+/// an event that reaches no profile (erased, unplaceable) is settled here. True when the event
+/// changed what other shards resolve to: the queue must go before the next event is resolved.
+async fn place(
+    ctx: &PipelineContext,
+    directory: &ActorRef<ProfilesMsg>,
+    seq: u64,
+    mut event: Arc<CustomerEvent>,
+    out: &mut Vec<(ProfileId, ProfileMsg)>,
+) -> bool {
     PipelineStages::observe(&ctx.metrics.stages.resolved, event.received_at, 1);
     match ctx.erasures.screen(&event) {
         crate::gdpr::Screen::Keep => {}
         // An erased person's event already on the bus (a replay, a redelivery): dropped
         // before it can re-create the profile.
-        crate::gdpr::Screen::Drop => return drop_erased(ctx, seq),
+        crate::gdpr::Screen::Drop => {
+            drop_erased(ctx, seq);
+            return false;
+        }
         crate::gdpr::Screen::Strip(identifiers) => {
             event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
         }
@@ -814,7 +834,7 @@ async fn place(ctx: &PipelineContext, seq: u64, mut event: Arc<CustomerEvent>, o
     }
     let mut backoff = Duration::from_millis(20);
     let target = loop {
-        match resolve_event(ctx, out, seq, &event).await {
+        match resolve_event(ctx, directory, out, seq, &event).await {
             Ok(t) => break t,
             Err(e) if e.is_retryable() => {
                 // Backpressure: hold this shard until the store answers again.
@@ -824,18 +844,19 @@ async fn place(ctx: &PipelineContext, seq: u64, mut event: Arc<CustomerEvent>, o
                 // An erasure may have run while the store was away: resolving now would give
                 // the erased person a new profile.
                 if ctx.erasures.suppresses(&event) {
-                    return drop_erased(ctx, seq);
+                    drop_erased(ctx, seq);
+                    return false;
                 }
             }
             Err(e) => {
                 dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
                 ctx.watermark.delivered(seq);
-                return;
+                return false;
             }
         }
     };
     match target {
-        Some(Placement { profile: profile_id, unlinked }) => {
+        Some(Placement { profile: profile_id, unlinked, repointed }) => {
             let event = if unlinked.is_empty() {
                 event
             } else {
@@ -844,6 +865,7 @@ async fn place(ctx: &PipelineContext, seq: u64, mut event: Arc<CustomerEvent>, o
                 Arc::new(own)
             };
             out.push((profile_id, ProfileMsg::Apply { seq, event }));
+            repointed
         }
         // Nothing usable: no identifier at all, or only blocked ones.
         None => {
@@ -854,6 +876,7 @@ async fn place(ctx: &PipelineContext, seq: u64, mut event: Arc<CustomerEvent>, o
             };
             dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, reason, 1).await;
             ctx.watermark.delivered(seq);
+            false
         }
     }
 }
@@ -921,6 +944,86 @@ mod tests {
             trace: None,
             raw: RawRef { seq: None, index: 0 },
         }
+    }
+
+    /// A directory that records, per message it takes, the kinds of the messages in it.
+    struct Recorder;
+
+    type Received = Arc<Mutex<Vec<Vec<&'static str>>>>;
+
+    impl Actor for Recorder {
+        type Msg = ProfilesMsg;
+        type State = Received;
+        type Arguments = Received;
+
+        async fn pre_start(&self, _me: ActorRef<ProfilesMsg>, got: Received) -> Result<Received, ActorProcessingErr> {
+            Ok(got)
+        }
+
+        async fn handle(
+            &self,
+            _me: ActorRef<ProfilesMsg>,
+            msg: ProfilesMsg,
+            got: &mut Received,
+        ) -> Result<(), ActorProcessingErr> {
+            let kind = |m: &ProfileMsg| match m {
+                ProfileMsg::Apply { .. } => "apply",
+                ProfileMsg::BeginMerge { .. } => "begin_merge",
+                ProfileMsg::MergeInto { .. } => "merge_into",
+                _ => "other",
+            };
+            let kinds = match &msg {
+                ProfilesMsg::DeliverAll(all) => all.iter().map(|(_, m)| kind(m)).collect(),
+                ProfilesMsg::Deliver { msg, .. } => vec![kind(msg)],
+                _ => vec!["other"],
+            };
+            got.lock().push(kinds);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resolver_sends_at_once_what_changed_the_index_and_batches_the_rest() {
+        let store = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let ctx = PipelineContext::for_tests(store);
+        let got: Received = Arc::default();
+        let (recorder, _) = Actor::spawn(None, Recorder, got.clone()).await.unwrap();
+        let directory = Slot::default();
+        directory.set(recorder.clone());
+        let supervisor = Actor::spawn(None, Recorder, Arc::default()).await.unwrap().0;
+        let pool = spawn_identity_pool(ctx.clone(), directory, 1, supervisor.get_cell()).await.unwrap();
+        let anon = |v: &str| Identifier::new(IdentifierKind::AnonymousId, v);
+        let user = |v: &str| Identifier::new(IdentifierKind::UserId, v);
+        let events = [
+            event_with("e1", vec![anon("a")]),            // a new profile: claims `a`
+            event_with("e2", vec![anon("a")]),            // the same profile: waits
+            event_with("e3", vec![user("u"), anon("b")]), // a second profile: claims both
+            event_with("e4", vec![anon("a"), anon("b")]), // merges the two: repoints
+            event_with("e5", vec![anon("a")]),            // the survivor: waits for the end
+        ];
+        let events: Vec<(u64, Arc<CustomerEvent>)> =
+            events.into_iter().enumerate().map(|(n, e)| (n as u64 + 1, Arc::new(e))).collect();
+        for (seq, _) in &events {
+            ctx.watermark.dispatched(*seq);
+        }
+        pool.dispatch(0, IdentityMsg::Resolve { events }).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.lock().len() < 5 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            *got.lock(),
+            vec![
+                vec!["apply"],
+                vec!["apply", "apply"],
+                vec!["begin_merge", "merge_into"],
+                vec!["apply"],
+                vec!["apply"],
+            ]
+        );
+        pool.stop(None);
+        recorder.stop(None);
+        supervisor.stop(None);
     }
 
     #[test]

@@ -371,3 +371,29 @@ async fn ids_written_in_batches_and_ids_still_kept_stay_duplicates_across_a_reop
     })
     .await;
 }
+
+/// An erasure deletes journal rows whose ids may still be kept in memory only: they are written
+/// first, so the erased event sent again after a restart is still a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_erased_events_id_stays_a_duplicate_after_a_reopen() {
+    with_timeout(async {
+        let (_dir, path) = store_path();
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
+        store.append(batch(Some(b"{\"anonymousId\":\"anon_er1\"}"), &["er1", "er2"])).await.unwrap();
+        let target = cohort_messages::ErasureTarget {
+            profiles: vec![],
+            identifiers: vec![cohort_messages::Identifier::new(
+                cohort_messages::IdentifierKind::AnonymousId,
+                "anon_er1",
+            )],
+            contact_emails: vec![],
+        };
+        assert_eq!(store.erase_matching(&target).await.unwrap().journal_events, 1);
+        drop(store);
+
+        let reopened = EmbeddedStore::open(&path, CACHE).unwrap();
+        let again = reopened.append(batch(None, &["er1", "er2", "er3"])).await.unwrap();
+        assert_eq!(again.seqs, vec![None, None, Some(3)]);
+    })
+    .await;
+}

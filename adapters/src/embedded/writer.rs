@@ -506,14 +506,15 @@ impl Writer {
         // Acknowledged means on disk: an HTTP 2xx follows this commit.
         txn.set_durability(Durability::Immediate);
         let mut results = Vec::with_capacity(ops.len());
-        // An expiry reads the idempotency tables for what is old: the ids kept are written first.
-        let expiring = ops.iter().any(|op| matches!(op, Op::Expire { .. }));
+        // The ids kept are written first when journal rows go: an expiry reads the idempotency
+        // tables for what is old, and an open could not read an erased event's id back.
+        let removes_rows = ops.iter().any(|op| matches!(op, Op::Expire { .. } | Op::Erase(_)));
         let (head, fresh) = {
             let mut tables = Tables::open(&txn)?;
             let before = tables.counters()?;
             let mut c = before;
             let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
-            if expiring {
+            if removes_rows {
                 let kept = self.recent.unindexed.lock().copies();
                 if !kept.is_empty() {
                     tables.index(kept, c.journal_seq)?;
@@ -681,11 +682,13 @@ pub(super) fn initialize(db: &Database) -> Result<(u64, Vec<(String, Pending)>),
             None => {
                 tables.meta.insert(META_INDEXED_SEQ, head).ctx("write meta")?;
             }
+            // Dated now: the journal has no append time, and later is the safe side of the
+            // deduplication window.
             Some(indexed) => {
+                let at_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
                 for entry in tables.journal.range(indexed.saturating_add(1)..).ctx("read journal")? {
                     let (seq, bytes) = entry.ctx("read journal")?;
                     let event: CustomerEvent = decode("event", bytes.value())?;
-                    let at_ms = u64::try_from(event.received_at.timestamp_millis()).unwrap_or(0);
                     unindexed.push((event.event_id.as_str().to_string(), Pending { seq: seq.value(), at_ms }));
                 }
             }
