@@ -180,6 +180,15 @@ fn programmes_are_found_by_name_and_alias_case_and_accent_insensitively() {
     };
     assert_eq!(analyze_text("Frage zu europaisches recht", &custom).entities, vec!["LL.M. Europarecht"]);
     assert!(analyze_text("MBA", &custom).entities.is_empty());
+    // The rules are compiled once per value: a clone of used options, changed, uses its own.
+    let mut changed = custom.clone();
+    changed.programmes.push(Programme { name: "MBA".into(), aliases: vec![] });
+    changed.sentiment_lexicon.insert("oder".into(), 0.5);
+    let analysis = analyze_text("MBA oder europäisches Recht", &changed);
+    assert_eq!(analysis.entities, vec!["MBA", "LL.M. Europarecht"]);
+    assert_eq!(analysis.sentiment, 0.5);
+    let original = analyze_text("MBA oder europäisches Recht", &custom);
+    assert_eq!((original.entities, original.sentiment), (vec!["LL.M. Europarecht".to_string()], 0.0));
 }
 
 #[test]

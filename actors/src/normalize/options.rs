@@ -40,6 +40,9 @@ pub struct NormalizeOptions {
     /// Connectors compiled in (not configuration: set by the binary).
     #[serde(skip)]
     pub connectors: super::connector::ConnectorSet,
+    /// The intent, programme and lexicon rules above, compiled on first use (not configuration).
+    #[serde(skip)]
+    pub text_rules: super::nlp::CompiledText,
 }
 
 /// How one mailbox provider reads addresses.
@@ -573,6 +576,7 @@ impl Default for NormalizeOptions {
             email_rules: default_email_rules(),
             date_order: super::person::DateOrder::DayFirst,
             connectors: super::connector::ConnectorSet::default(),
+            text_rules: super::nlp::CompiledText::default(),
         }
     }
 }
