@@ -1112,3 +1112,25 @@ async fn a_segment_defined_during_another_ones_backfill_is_evaluated_for_every_p
     }
     demo.stop().await.unwrap();
 }
+
+/// A batch segment runs on a timer; redefined with a rule, or deleted, it no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_segment_redefined_with_a_rule_or_deleted_stops_its_timed_runs() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let engine = demo.cohort.ctx.segment_engine.get().unwrap();
+    let timers =
+        || async { engine.call(SegmentMsg::Sync, Some(Duration::from_secs(10))).await.unwrap().unwrap().batch_timers };
+    let sql = "SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed'";
+    let batch = json!({ "kind": "batch", "sql": sql, "every_secs": 3600 });
+    for name in ["weekly", "nightly"] {
+        assert_eq!(c.call("PUT", &format!("/v1/segments/{name}"), &batch).await.unwrap().status, 200);
+    }
+    assert_eq!(timers().await, 2);
+    let rule = json!({ "rule": r#"page_count("mba", 7d) >= 1"# });
+    assert_eq!(c.call("PUT", "/v1/segments/weekly", &rule).await.unwrap().status, 200);
+    assert_eq!(timers().await, 1, "a rule replaced the batch definition");
+    assert_eq!(c.call("DELETE", "/v1/segments/nightly", &json!({})).await.unwrap().status, 204);
+    assert_eq!(timers().await, 0, "deleted");
+    demo.stop().await.unwrap();
+}

@@ -533,12 +533,12 @@ impl IdentityIndex {
 /// `identity.max_profiles_per_identifier` allows (a shared family phone): then it links nothing
 /// and stays with the profile it had. Of the profiles linked, the oldest survives.
 ///
-/// `out` holds what the caller has not yet sent to the directory. A merge is sent with it at
-/// once, before the identifiers are repointed: another shard that resolves to the survivor
-/// through them must find the merge ahead of its own messages.
+/// The merges it decides are queued in `out`, which holds what the caller has not yet sent to
+/// the directory, and the identifiers they move are returned in `Placement::repoint` rather than
+/// moved here: the caller sends the queue first, so another shard that resolves to the survivor
+/// through them finds the merge ahead of its own messages.
 pub async fn resolve_event(
     ctx: &PipelineContext,
-    directory: &ActorRef<ProfilesMsg>,
     out: &mut Vec<(ProfileId, ProfileMsg)>,
     seq: u64,
     event: &CustomerEvent,
@@ -654,17 +654,9 @@ pub async fn resolve_event(
         ctx.metrics.identity_merges.inc();
         out.extend(merge_messages(&target, merged));
     }
-    if linked.len() > 1 {
-        directory
-            .send_message(ProfilesMsg::DeliverAll(std::mem::take(out)))
-            .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
-        for id in &links {
-            index.repoint(id, &target);
-        }
-    }
+    let repoint = if linked.len() > 1 { links.iter().map(|i| (*i).clone()).collect() } else { Vec::new() };
     let unlinked = event.identifiers.iter().filter(|i| !links.contains(i)).cloned().collect();
-    let repointed = linked.len() > 1;
-    Ok(Some(Placement { profile: target, unlinked, repointed: claimed || repointed }))
+    Ok(Some(Placement { profile: target, unlinked, claimed, repoint }))
 }
 
 /// Drops an erased person's event in the resolver: counted, and delivered as far as the
@@ -719,9 +711,12 @@ pub fn identity_events(merges: &[IdentityMerged], unmerges: &[IdentityUnmerged])
 pub struct Placement {
     pub profile: ProfileId,
     pub unlinked: Vec<Identifier>,
-    /// The event claimed identifiers or merged profiles: other shards now resolve to `profile`
-    /// through them, so its delivery must not wait behind the rest of a batch.
-    pub repointed: bool,
+    /// The event claimed identifiers: other shards now resolve them to `profile`, so its
+    /// delivery must not wait behind the rest of a batch.
+    pub claimed: bool,
+    /// The event merged profiles: these identifiers are to point at `profile` once the merge
+    /// messages have gone to the directory.
+    pub repoint: Vec<Identifier>,
 }
 
 /// One shard of the resolver pool.
@@ -787,9 +782,14 @@ impl Worker for IdentityResolver {
         let directory = state.directory.get().ok_or("profile directory is not running")?;
         let mut out = Vec::new();
         for (seq, event) in events {
-            let repointed = place(&state.ctx, &directory, seq, event, &mut out).await;
-            if repointed || out.len() >= DELIVER_CHUNK {
+            let changed = place(&state.ctx, seq, event, &mut out).await;
+            if changed.is_some() || out.len() >= DELIVER_CHUNK {
                 directory.send_message(ProfilesMsg::DeliverAll(std::mem::take(&mut out)))?;
+            }
+            if let Some(Changed { profile, repoint }) = changed {
+                for id in &repoint {
+                    state.ctx.index.repoint(id, &profile);
+                }
             }
         }
         if !out.is_empty() {
@@ -801,16 +801,21 @@ impl Worker for IdentityResolver {
     }
 }
 
+/// An event that changed what other shards resolve to: the queue goes to the directory before
+/// the next event is resolved, and only then do the merged identifiers move to `profile`.
+struct Changed {
+    profile: ProfileId,
+    repoint: Vec<Identifier>,
+}
+
 /// Resolves one journaled event and queues in `out` what the directory must receive for it;
-/// an event that reaches no profile (erased, unplaceable) is settled here. True when the event
-/// changed what other shards resolve to: the queue must go before the next event is resolved.
+/// an event that reaches no profile (erased, unplaceable) is settled here.
 async fn place(
     ctx: &PipelineContext,
-    directory: &ActorRef<ProfilesMsg>,
     seq: u64,
     mut event: Arc<CustomerEvent>,
     out: &mut Vec<(ProfileId, ProfileMsg)>,
-) -> bool {
+) -> Option<Changed> {
     PipelineStages::observe(&ctx.metrics.stages.resolved, event.received_at, 1);
     match ctx.erasures.screen(&event) {
         crate::gdpr::Screen::Keep => {}
@@ -818,7 +823,7 @@ async fn place(
         // before it can re-create the profile.
         crate::gdpr::Screen::Drop => {
             drop_erased(ctx, seq);
-            return false;
+            return None;
         }
         crate::gdpr::Screen::Strip(identifiers) => {
             event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
@@ -834,7 +839,7 @@ async fn place(
     }
     let mut backoff = Duration::from_millis(20);
     let target = loop {
-        match resolve_event(ctx, directory, out, seq, &event).await {
+        match resolve_event(ctx, out, seq, &event).await {
             Ok(t) => break t,
             Err(e) if e.is_retryable() => {
                 // Backpressure: hold this shard until the store answers again.
@@ -845,18 +850,18 @@ async fn place(
                 // the erased person a new profile.
                 if ctx.erasures.suppresses(&event) {
                     drop_erased(ctx, seq);
-                    return false;
+                    return None;
                 }
             }
             Err(e) => {
                 dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
                 ctx.watermark.delivered(seq);
-                return false;
+                return None;
             }
         }
     };
     match target {
-        Some(Placement { profile: profile_id, unlinked, repointed }) => {
+        Some(Placement { profile: profile_id, unlinked, claimed, repoint }) => {
             let event = if unlinked.is_empty() {
                 event
             } else {
@@ -864,8 +869,9 @@ async fn place(
                 own.identifiers.retain(|i| !unlinked.contains(i));
                 Arc::new(own)
             };
+            let changed = (claimed || !repoint.is_empty()).then(|| Changed { profile: profile_id.clone(), repoint });
             out.push((profile_id, ProfileMsg::Apply { seq, event }));
-            repointed
+            changed
         }
         // Nothing usable: no identifier at all, or only blocked ones.
         None => {
@@ -876,7 +882,7 @@ async fn place(
             };
             dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, reason, 1).await;
             ctx.watermark.delivered(seq);
-            false
+            None
         }
     }
 }
@@ -1008,19 +1014,16 @@ mod tests {
         }
         pool.dispatch(0, IdentityMsg::Resolve { events }).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while got.lock().len() < 5 && std::time::Instant::now() < deadline {
+        while got.lock().len() < 4 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(
             *got.lock(),
-            vec![
-                vec!["apply"],
-                vec!["apply", "apply"],
-                vec!["begin_merge", "merge_into"],
-                vec!["apply"],
-                vec!["apply"],
-            ]
+            vec![vec!["apply"], vec!["apply", "apply"], vec!["begin_merge", "merge_into", "apply"], vec!["apply"]]
         );
+        // The merge moved `a` to the survivor only after it was sent: e5 went there.
+        let survivor = ctx.index.owner(&anon("a")).await.unwrap();
+        assert_eq!(survivor, ctx.index.owner(&anon("b")).await.unwrap());
         pool.stop(None);
         recorder.stop(None);
         supervisor.stop(None);

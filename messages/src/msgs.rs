@@ -573,6 +573,8 @@ pub struct SegmentStats {
     pub scheduled: usize,
     pub changes: u64,
     pub backfilling: bool,
+    /// Batch segments whose timed runs are scheduled here.
+    pub batch_timers: usize,
 }
 
 /// Reverse ETL: activations route segment changes to destination lanes.

@@ -6,7 +6,7 @@
 
 use super::options::NormalizeOptions;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::UnicodeNormalization;
 
@@ -143,7 +143,7 @@ impl Phrase {
 /// 150 µs of CPU). A clone compiles again, so a copy whose rules are then changed never uses
 /// the original's; change a used value's rules only through a clone.
 #[derive(Default)]
-pub struct CompiledText(OnceLock<Arc<TextRules>>);
+pub struct CompiledText(OnceLock<TextRules>);
 
 impl Clone for CompiledText {
     fn clone(&self) -> Self {
@@ -180,8 +180,8 @@ struct TextRules {
 }
 
 impl TextRules {
-    fn of(opts: &NormalizeOptions) -> Arc<Self> {
-        opts.text_rules.0.get_or_init(|| Arc::new(Self::compile(opts))).clone()
+    fn of(opts: &NormalizeOptions) -> &Self {
+        opts.text_rules.0.get_or_init(|| Self::compile(opts))
     }
 
     fn compile(opts: &NormalizeOptions) -> Self {

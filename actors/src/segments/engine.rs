@@ -552,6 +552,7 @@ impl Actor for SegmentEngine {
                     scheduled: state.scheduled.len(),
                     changes: state.changes,
                     backfilling: state.backfilling,
+                    batch_timers: state.batch_timers.len(),
                 });
             }
         }
