@@ -532,14 +532,9 @@ impl IdentityIndex {
 /// on one device) or the identifier has already linked more profiles than
 /// `identity.max_profiles_per_identifier` allows (a shared family phone): then it links nothing
 /// and stays with the profile it had. Of the profiles linked, the oldest survives.
-///
-/// The merges it decides are queued in `out`, which holds what the caller has not yet sent to
-/// the directory, and the identifiers they move are returned in `Placement::repoint` rather than
-/// moved here: the caller sends the queue first, so another shard that resolves to the survivor
-/// through them finds the merge ahead of its own messages.
 pub async fn resolve_event(
     ctx: &PipelineContext,
-    out: &mut Vec<(ProfileId, ProfileMsg)>,
+    directory: &ActorRef<ProfilesMsg>,
     seq: u64,
     event: &CustomerEvent,
 ) -> Result<Option<Placement>, StoreError> {
@@ -610,10 +605,9 @@ pub async fn resolve_event(
         }
     }
     let mut target = linked.first().cloned().unwrap_or_else(|| anchor.clone());
-    let mut claimed = false;
     for id in unowned.iter().copied().filter(|i| links.contains(i)) {
         match index.claim(id, &target) {
-            Ok(()) => claimed = true,
+            Ok(()) => {}
             Err(other) => {
                 // Another shard claimed it first: that profile is this student too, if it fits.
                 let other = index.root(&other).await?;
@@ -652,11 +646,16 @@ pub async fn resolve_event(
             reason: MergeReason::SharedIdentifier,
         });
         ctx.metrics.identity_merges.inc();
-        out.extend(merge_messages(&target, merged));
+        send_merge(directory, &target, merged)
+            .map_err(|e| StoreError::unavailable(format!("profile directory unavailable: {e}")))?;
     }
-    let repoint = if linked.len() > 1 { links.iter().map(|i| (*i).clone()).collect() } else { Vec::new() };
+    if linked.len() > 1 {
+        for id in &links {
+            index.repoint(id, &target);
+        }
+    }
     let unlinked = event.identifiers.iter().filter(|i| !links.contains(i)).cloned().collect();
-    Ok(Some(Placement { profile: target, unlinked, claimed, repoint }))
+    Ok(Some(Placement { profile: target, unlinked }))
 }
 
 /// Drops an erased person's event in the resolver: counted, and delivered as far as the
@@ -711,12 +710,6 @@ pub fn identity_events(merges: &[IdentityMerged], unmerges: &[IdentityUnmerged])
 pub struct Placement {
     pub profile: ProfileId,
     pub unlinked: Vec<Identifier>,
-    /// The event claimed identifiers: other shards now resolve them to `profile`, so its
-    /// delivery must not wait behind the rest of a batch.
-    pub claimed: bool,
-    /// The event merged profiles: these identifiers are to point at `profile` once the merge
-    /// messages have gone to the directory.
-    pub repoint: Vec<Identifier>,
 }
 
 /// One shard of the resolver pool.
@@ -733,10 +726,6 @@ pub struct IdentityResolverState {
 }
 
 pub type IdentityFactoryMsg = FactoryMessage<usize, IdentityMsg>;
-
-/// Most placements a worker hands the directory in one message: a large batch still reaches its
-/// profiles in steps rather than all at its end.
-const DELIVER_CHUNK: usize = 128;
 
 /// The shard that resolves an event: every event with the same routing key goes to the same
 /// worker, in journal order, so two events of one new student cannot race to create two profiles.
@@ -780,42 +769,23 @@ impl Worker for IdentityResolver {
     ) -> Result<usize, ActorProcessingErr> {
         let IdentityMsg::Resolve { events } = job.msg;
         let directory = state.directory.get().ok_or("profile directory is not running")?;
-        let mut out = Vec::new();
+        // One event at a time, each delivered before the next is resolved, as when every
+        // event was a job of its own: other shards see this one's claims and merges at once.
         for (seq, event) in events {
-            let changed = place(&state.ctx, seq, event, &mut out).await;
-            if changed.is_some() || out.len() >= DELIVER_CHUNK {
-                directory.send_message(ProfilesMsg::DeliverAll(std::mem::take(&mut out)))?;
-            }
-            if let Some(Changed { profile, repoint }) = changed {
-                for id in &repoint {
-                    state.ctx.index.repoint(id, &profile);
-                }
-            }
-        }
-        if !out.is_empty() {
-            // The directory marks the events delivered when it takes the message: only then is
-            // each certain to be covered by the directory's next flush.
-            directory.send_message(ProfilesMsg::DeliverAll(out))?;
+            place(&state.ctx, &directory, seq, event).await?;
         }
         Ok(job.key)
     }
 }
 
-/// An event that changed what other shards resolve to: the queue goes to the directory before
-/// the next event is resolved, and only then do the merged identifiers move to `profile`.
-struct Changed {
-    profile: ProfileId,
-    repoint: Vec<Identifier>,
-}
-
-/// Resolves one journaled event and queues in `out` what the directory must receive for it;
-/// an event that reaches no profile (erased, unplaceable) is settled here.
+/// Resolves one journaled event and delivers it; an event that reaches no profile (erased,
+/// unplaceable) is settled here.
 async fn place(
     ctx: &PipelineContext,
+    directory: &ActorRef<ProfilesMsg>,
     seq: u64,
     mut event: Arc<CustomerEvent>,
-    out: &mut Vec<(ProfileId, ProfileMsg)>,
-) -> Option<Changed> {
+) -> Result<(), ActorProcessingErr> {
     PipelineStages::observe(&ctx.metrics.stages.resolved, event.received_at, 1);
     match ctx.erasures.screen(&event) {
         crate::gdpr::Screen::Keep => {}
@@ -823,7 +793,7 @@ async fn place(
         // before it can re-create the profile.
         crate::gdpr::Screen::Drop => {
             drop_erased(ctx, seq);
-            return None;
+            return Ok(());
         }
         crate::gdpr::Screen::Strip(identifiers) => {
             event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
@@ -839,7 +809,7 @@ async fn place(
     }
     let mut backoff = Duration::from_millis(20);
     let target = loop {
-        match resolve_event(ctx, out, seq, &event).await {
+        match resolve_event(ctx, directory, seq, &event).await {
             Ok(t) => break t,
             Err(e) if e.is_retryable() => {
                 // Backpressure: hold this shard until the store answers again.
@@ -850,18 +820,18 @@ async fn place(
                 // the erased person a new profile.
                 if ctx.erasures.suppresses(&event) {
                     drop_erased(ctx, seq);
-                    return None;
+                    return Ok(());
                 }
             }
             Err(e) => {
                 dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
                 ctx.watermark.delivered(seq);
-                return None;
+                return Ok(());
             }
         }
     };
     match target {
-        Some(Placement { profile: profile_id, unlinked, claimed, repoint }) => {
+        Some(Placement { profile: profile_id, unlinked }) => {
             let event = if unlinked.is_empty() {
                 event
             } else {
@@ -869,9 +839,9 @@ async fn place(
                 own.identifiers.retain(|i| !unlinked.contains(i));
                 Arc::new(own)
             };
-            let changed = (claimed || !repoint.is_empty()).then(|| Changed { profile: profile_id.clone(), repoint });
-            out.push((profile_id, ProfileMsg::Apply { seq, event }));
-            changed
+            // The directory marks it delivered when it takes the message: only then is the
+            // event certain to be covered by the directory's next flush.
+            directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
         }
         // Nothing usable: no identifier at all, or only blocked ones.
         None => {
@@ -882,9 +852,9 @@ async fn place(
             };
             dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, reason, 1).await;
             ctx.watermark.delivered(seq);
-            None
         }
     }
+    Ok(())
 }
 
 struct ResolverBuilder {
@@ -989,7 +959,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_resolver_sends_at_once_what_changed_the_index_and_batches_the_rest() {
+    async fn a_resolver_delivers_each_event_of_a_batch_before_resolving_the_next() {
         let store = cohort_adapters::EmbeddedStore::in_memory().unwrap();
         let ctx = PipelineContext::for_tests(store);
         let got: Received = Arc::default();
@@ -1002,10 +972,10 @@ mod tests {
         let user = |v: &str| Identifier::new(IdentifierKind::UserId, v);
         let events = [
             event_with("e1", vec![anon("a")]),            // a new profile: claims `a`
-            event_with("e2", vec![anon("a")]),            // the same profile: waits
+            event_with("e2", vec![anon("a")]),            // the same profile
             event_with("e3", vec![user("u"), anon("b")]), // a second profile: claims both
-            event_with("e4", vec![anon("a"), anon("b")]), // merges the two: repoints
-            event_with("e5", vec![anon("a")]),            // the survivor: waits for the end
+            event_with("e4", vec![anon("a"), anon("b")]), // merges the two: the merge goes first
+            event_with("e5", vec![anon("a")]),            // the survivor
         ];
         let events: Vec<(u64, Arc<CustomerEvent>)> =
             events.into_iter().enumerate().map(|(n, e)| (n as u64 + 1, Arc::new(e))).collect();
@@ -1014,14 +984,22 @@ mod tests {
         }
         pool.dispatch(0, IdentityMsg::Resolve { events }).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while got.lock().len() < 4 && std::time::Instant::now() < deadline {
+        while got.lock().len() < 6 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let one = |kind| vec![kind];
         assert_eq!(
             *got.lock(),
-            vec![vec!["apply"], vec!["apply", "apply"], vec!["begin_merge", "merge_into", "apply"], vec!["apply"]]
+            vec![
+                one("apply"),
+                one("apply"),
+                one("apply"),
+                vec!["begin_merge", "merge_into"],
+                one("apply"),
+                one("apply")
+            ]
         );
-        // The merge moved `a` to the survivor only after it was sent: e5 went there.
+        // The merge moved `a` and `b` to the survivor.
         let survivor = ctx.index.owner(&anon("a")).await.unwrap();
         assert_eq!(survivor, ctx.index.owner(&anon("b")).await.unwrap());
         pool.stop(None);
