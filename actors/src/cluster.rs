@@ -288,18 +288,6 @@ pub struct ProfileRouterState {
 }
 
 impl ProfileRouterState {
-    /// Queues a resolved change for its profile's partition; an event counts as delivered once
-    /// queued, since the next flush produces the buffer before it commits.
-    fn route(&self, profile_id: &ProfileId, msg: &ProfileMsg) {
-        match (RoutedChange::of(profile_id, msg), &self.ctx.outbound) {
-            (Some(change), Some(outbound)) => outbound.lock().push(change),
-            _ => tracing::warn!(profile_id = %profile_id, "a message the resolver stage cannot route was dropped"),
-        }
-        if let ProfileMsg::Apply { seq, .. } = msg {
-            self.ctx.watermark.delivered(*seq);
-        }
-    }
-
     /// Produces the changes resolved so far, stores the identity claims and merges they rest
     /// on (and the Bronze rows staged with them), and only then commits the raw offsets.
     async fn flush(&mut self) -> Result<FlushReport, StoreError> {
@@ -430,10 +418,20 @@ impl Actor for ProfileRouter {
         state: &mut ProfileRouterState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ProfilesMsg::Deliver { profile_id, msg } => state.route(&profile_id, &msg),
-            ProfilesMsg::DeliverAll(messages) => {
-                for (profile_id, msg) in &messages {
-                    state.route(profile_id, msg);
+            ProfilesMsg::Deliver { profile_id, msg } => {
+                let seq = match &msg {
+                    ProfileMsg::Apply { seq, .. } => Some(*seq),
+                    _ => None,
+                };
+                match (RoutedChange::of(&profile_id, &msg), &state.ctx.outbound) {
+                    (Some(change), Some(outbound)) => outbound.lock().push(change),
+                    _ => {
+                        tracing::warn!(profile_id = %profile_id, "a message the resolver stage cannot route was dropped")
+                    }
+                }
+                // In the buffer the next flush produces before it commits: covered.
+                if let Some(seq) = seq {
+                    state.ctx.watermark.delivered(seq);
                 }
             }
             ProfilesMsg::Flush { reply } => {

@@ -195,27 +195,6 @@ impl ProfilesState {
         Ok(())
     }
 
-    /// A message asked for here: in cluster mode a change goes through its profile's partition.
-    fn take(
-        &mut self,
-        myself: &ActorRef<ProfilesMsg>,
-        profile_id: ProfileId,
-        msg: ProfileMsg,
-    ) -> Result<(), ActorProcessingErr> {
-        let routed = self
-            .ctx
-            .outbound
-            .as_ref()
-            .and_then(|o| cohort_messages::cluster::RoutedChange::of(&profile_id, &msg).map(|r| (o, r)));
-        match routed {
-            Some((outbound, change)) => {
-                outbound.lock().push(change);
-                Ok(())
-            }
-            None => self.deliver(myself, profile_id, msg, Arrival::First),
-        }
-    }
-
     fn deliver(
         &mut self,
         myself: &ActorRef<ProfilesMsg>,
@@ -720,10 +699,16 @@ impl Actor for ProfilesDirectory {
         state: &mut ProfilesState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ProfilesMsg::Deliver { profile_id, msg } => state.take(&myself, profile_id, msg)?,
-            ProfilesMsg::DeliverAll(messages) => {
-                for (profile_id, msg) in messages {
-                    state.take(&myself, profile_id, msg)?;
+            ProfilesMsg::Deliver { profile_id, msg } => {
+                let routed = state
+                    .ctx
+                    .outbound
+                    .as_ref()
+                    .and_then(|o| cohort_messages::cluster::RoutedChange::of(&profile_id, &msg).map(|r| (o, r)));
+                match routed {
+                    // Cluster mode: a change asked for here goes through its profile's partition.
+                    Some((outbound, change)) => outbound.lock().push(change),
+                    None => state.deliver(&myself, profile_id, msg, Arrival::First)?,
                 }
             }
             ProfilesMsg::Forward { profile_id, msg } => state.deliver(&myself, profile_id, msg, Arrival::Forwarded)?,

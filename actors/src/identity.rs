@@ -672,15 +672,14 @@ pub fn send_merge(
     survivor: &ProfileId,
     merged: &ProfileId,
 ) -> Result<(), ractor::MessagingErr<ProfilesMsg>> {
-    directory.send_message(ProfilesMsg::DeliverAll(merge_messages(survivor, merged).into()))
-}
-
-/// What `send_merge` sends, in its order.
-fn merge_messages(survivor: &ProfileId, merged: &ProfileId) -> [(ProfileId, ProfileMsg); 2] {
-    [
-        (survivor.clone(), ProfileMsg::BeginMerge { merged: merged.clone() }),
-        (merged.clone(), ProfileMsg::MergeInto { survivor: survivor.clone() }),
-    ]
+    directory.send_message(ProfilesMsg::Deliver {
+        profile_id: survivor.clone(),
+        msg: ProfileMsg::BeginMerge { merged: merged.clone() },
+    })?;
+    directory.send_message(ProfilesMsg::Deliver {
+        profile_id: merged.clone(),
+        msg: ProfileMsg::MergeInto { survivor: survivor.clone() },
+    })
 }
 
 /// Why a decided merge was not carried out.
@@ -922,10 +921,10 @@ mod tests {
         }
     }
 
-    /// A directory that records, per message it takes, the kinds of the messages in it.
+    /// A directory that records the kind of each message it takes, in order.
     struct Recorder;
 
-    type Received = Arc<Mutex<Vec<Vec<&'static str>>>>;
+    type Received = Arc<Mutex<Vec<&'static str>>>;
 
     impl Actor for Recorder {
         type Msg = ProfilesMsg;
@@ -948,12 +947,10 @@ mod tests {
                 ProfileMsg::MergeInto { .. } => "merge_into",
                 _ => "other",
             };
-            let kinds = match &msg {
-                ProfilesMsg::DeliverAll(all) => all.iter().map(|(_, m)| kind(m)).collect(),
-                ProfilesMsg::Deliver { msg, .. } => vec![kind(msg)],
-                _ => vec!["other"],
-            };
-            got.lock().push(kinds);
+            got.lock().push(match &msg {
+                ProfilesMsg::Deliver { msg, .. } => kind(msg),
+                _ => "other",
+            });
             Ok(())
         }
     }
@@ -984,21 +981,10 @@ mod tests {
         }
         pool.dispatch(0, IdentityMsg::Resolve { events }).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while got.lock().len() < 6 && std::time::Instant::now() < deadline {
+        while got.lock().len() < 7 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let one = |kind| vec![kind];
-        assert_eq!(
-            *got.lock(),
-            vec![
-                one("apply"),
-                one("apply"),
-                one("apply"),
-                vec!["begin_merge", "merge_into"],
-                one("apply"),
-                one("apply")
-            ]
-        );
+        assert_eq!(*got.lock(), ["apply", "apply", "apply", "begin_merge", "merge_into", "apply", "apply"]);
         // The merge moved `a` and `b` to the survivor.
         let survivor = ctx.index.owner(&anon("a")).await.unwrap();
         assert_eq!(survivor, ctx.index.owner(&anon("b")).await.unwrap());

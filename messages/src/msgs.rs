@@ -252,8 +252,6 @@ pub enum ProfilesMsg {
         profile_id: ProfileId,
         msg: ProfileMsg,
     },
-    /// `Deliver` for each message, in order: one resolver's placements for a batch of events.
-    DeliverAll(Vec<(ProfileId, ProfileMsg)>),
     /// A merged profile sends on a change addressed to it to its survivor: delivered as
     /// `Deliver` is, but not a new arrival, so the pipeline stage is not observed twice.
     Forward {
