@@ -270,6 +270,21 @@ impl<'txn> Tables<'txn> {
         Ok(AppendOutcome { raw_seq, seqs })
     }
 
+    /// Writes the ids kept before this transaction (unless it already did) and, with `own`,
+    /// those it journaled itself; `through` is the journal seq they then cover.
+    fn write_ids(&mut self, recent: &Recent, own: bool, through: u64) -> Result<(), StoreError> {
+        let mut ids = if self.fresh.indexed_kept { Vec::new() } else { recent.unindexed.lock().copies() };
+        if own {
+            ids.extend(self.fresh.ids.iter().map(|(id, p)| (id.clone(), *p)));
+        }
+        if !ids.is_empty() {
+            self.index(ids, through)?;
+        }
+        self.fresh.indexed_kept = true;
+        self.fresh.indexed_own |= own;
+        Ok(())
+    }
+
     /// Writes journaled ids into the idempotency tables in key order (neighbours share pages),
     /// and how far the journal is indexed.
     fn index(&mut self, mut ids: Vec<(String, Pending)>, through: u64) -> Result<(), StoreError> {
@@ -515,11 +530,7 @@ impl Writer {
             let mut c = before;
             let now_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
             if removes_rows {
-                let kept = self.recent.unindexed.lock().copies();
-                if !kept.is_empty() {
-                    tables.index(kept, c.journal_seq)?;
-                    tables.fresh.indexed_kept = true;
-                }
+                tables.write_ids(&self.recent, false, c.journal_seq)?;
             }
             for op in ops {
                 results.push(match op {
@@ -558,12 +569,7 @@ impl Writer {
                 any && unindexed.due(tables.fresh.ids.len())
             };
             if due {
-                let mut ids =
-                    if tables.fresh.indexed_kept { Vec::new() } else { self.recent.unindexed.lock().copies() };
-                ids.extend(tables.fresh.ids.iter().map(|(id, p)| (id.clone(), *p)));
-                tables.index(ids, c.journal_seq)?;
-                tables.fresh.indexed_kept = true;
-                tables.fresh.indexed_own = true;
+                tables.write_ids(&self.recent, true, c.journal_seq)?;
             }
             tables.save_counters(before, c)?;
             (c.journal_seq, tables.fresh)
