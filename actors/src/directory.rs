@@ -14,7 +14,8 @@ use cohort_adapters::cluster::{Ownership, Tenure};
 use cohort_adapters::kafka::processed_partition;
 use cohort_adapters::{FlushBatch, GoldProfileRow, SilverRow, WarehouseBatch};
 use cohort_messages::msgs::{
-    ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, ProfileMsg, ProfileSnapshot, ProfilesMsg, ProfilesStats,
+    ConsentDecision, FlushReport, MatchCandidate, MatcherMsg, PendingSnapshot, ProfileMsg, ProfileSnapshot,
+    ProfilesMsg, ProfilesStats,
 };
 use cohort_messages::{CustomerEvent, DeadLetterStage, IdentifierKind, ProfileId, ProfileRecord};
 use cohort_supervisors::{PipelineStages, RestartDecision, RestartTracker};
@@ -415,7 +416,6 @@ impl ProfilesState {
         let bronze = if warehouse { std::mem::take(&mut *self.ctx.staged_bronze.lock()) } else { Vec::new() };
         let mut complete = true;
         let mut pending = Vec::new();
-        let mut applied: Vec<(ProfileId, Arc<CustomerEvent>)> = Vec::new();
         // Tracing: each traced event's trace records the write that made it durable.
         let mut traced: Vec<String> = Vec::new();
         let mut deferred = 0usize;
@@ -433,25 +433,16 @@ impl ProfilesState {
                 deferred += 1;
                 continue;
             }
-            match (&entry.actor, entry.status) {
-                (Some(actor), Status::Live) | (Some(actor), Status::Passivating) => {
-                    let (tx, rx) = ractor::concurrency::oneshot();
-                    if actor.send_message(ProfileMsg::TakeSnapshot(tx.into())).is_ok() {
-                        entry.snapshot_at = Some(now);
-                        for change in &entry.unflushed {
-                            if let Change::Apply { event, .. } = change {
-                                if warehouse {
-                                    applied.push((id.clone(), event.clone()));
-                                }
-                                traced.extend(event.trace.clone());
-                            }
+            match request_snapshot(id, entry, 0, now, warehouse) {
+                Some(p) => {
+                    for change in &entry.unflushed {
+                        if let Change::Apply { event, .. } = change {
+                            traced.extend(event.trace.clone());
                         }
-                        pending.push((id.clone(), entry.unflushed.len(), rx));
-                    } else {
-                        complete = false;
                     }
+                    pending.push(p);
                 }
-                _ => complete = false,
+                None => complete = false,
             }
         }
         self.ctx.metrics.flush_deferred_profiles.set(deferred as i64);
@@ -467,19 +458,8 @@ impl ProfilesState {
                     span
                 })
                 .collect();
-            let mut covered = Vec::new();
-            let mut profiles = Vec::new();
-            for (id, n, rx) in pending {
-                match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                    Ok(Ok(ProfileSnapshot { record })) => {
-                        if let Some(r) = record {
-                            profiles.push(r);
-                        }
-                        covered.push((id, n));
-                    }
-                    _ => complete = false,
-                }
-            }
+            let (mut covered, profiles, applied, all_answered) = take_snapshots(&ctx, &directory, pending).await;
+            complete &= all_answered;
             // Cluster mode: the resolver stage stores the claims it made (before committing the
             // raw offsets they depend on).
             let (identities, merges) =
@@ -493,14 +473,9 @@ impl ProfilesState {
             };
             let outbox = if warehouse {
                 // A snapshot that timed out is flushed later; its events go with it then.
-                let taken: std::collections::HashSet<&ProfileId> = covered.iter().map(|(id, _)| id).collect();
                 WarehouseBatch {
                     bronze: bronze.clone(),
-                    silver: applied
-                        .iter()
-                        .filter(|(id, _)| taken.contains(id))
-                        .map(|(id, event)| SilverRow::from_event(event, id))
-                        .collect(),
+                    silver: applied.iter().map(|(id, event)| SilverRow::from_event(event, id)).collect(),
                     gold: Vec::new(),
                     gold_rows: profiles.iter().map(GoldProfileRow::from_record).collect(),
                 }
@@ -604,6 +579,120 @@ impl ProfilesState {
             let _ = directory.send_message(ProfilesMsg::Flushed { result, covered });
         });
     }
+}
+
+/// Asks a profile's actor for a snapshot of everything queued for it; an earlier round of the
+/// same flush took the first `from` changes. `None` when the actor cannot answer now.
+fn request_snapshot(
+    id: &ProfileId,
+    entry: &mut Entry,
+    from: usize,
+    now: Instant,
+    warehouse: bool,
+) -> Option<PendingSnapshot> {
+    let actor = match (&entry.actor, entry.status) {
+        (Some(actor), Status::Live | Status::Passivating) => actor,
+        _ => return None,
+    };
+    let (tx, rx) = ractor::concurrency::oneshot();
+    actor.send_message(ProfileMsg::TakeSnapshot(tx.into())).ok()?;
+    entry.snapshot_at = Some(now);
+    let applied = if warehouse {
+        let events = entry.unflushed.iter().skip(from);
+        events.filter_map(|c| if let Change::Apply { event, .. } = c { Some(event.clone()) } else { None }).collect()
+    } else {
+        Vec::new()
+    };
+    Some(PendingSnapshot { profile_id: id.clone(), covers: entry.unflushed.len(), applied, reply: rx })
+}
+
+/// Rounds of survivor snapshots one flush takes (a chain of merges needs one per link).
+const MAX_SNAPSHOT_ROUNDS: usize = 8;
+
+/// What a flush's snapshots gave: how many queued changes each covers, the records, the events
+/// to write as Silver rows, and whether every profile asked answered.
+type Taken = (Vec<(ProfileId, usize)>, Vec<ProfileRecord>, Vec<(ProfileId, Arc<CustomerEvent>)>, bool);
+
+/// Waits for a flush's snapshots. A merged profile sends its survivor what it held before it
+/// answers, so its survivors are snapshotted next, in further rounds while they have changes
+/// the flush has not covered (one replica only; in
+/// cluster mode those changes travel through the partition with this flush). Without that, a
+/// flush could store a merged profile's redirect while its state was still on its way to the
+/// survivor, and a crash before the next flush would lose it.
+async fn take_snapshots(
+    ctx: &PipelineContext,
+    directory: &ActorRef<ProfilesMsg>,
+    first: Vec<PendingSnapshot>,
+) -> Taken {
+    let mut covered: Vec<(ProfileId, usize)> = Vec::new();
+    let mut profiles: Vec<ProfileRecord> = Vec::new();
+    let mut applied = Vec::new();
+    let mut complete = true;
+    let mut rounds = 0;
+    let mut round = first;
+    loop {
+        let mut survivors = std::collections::BTreeSet::new();
+        for p in round {
+            let Ok(Ok(ProfileSnapshot { record })) = tokio::time::timeout(Duration::from_secs(10), p.reply).await
+            else {
+                complete = false;
+                continue;
+            };
+            if let Some(r) = record {
+                if let (Some(s), None) = (&r.merged_into, &ctx.outbound) {
+                    survivors.insert(s.clone());
+                }
+                profiles.push(r);
+            }
+            applied.extend(p.applied.into_iter().map(|e| (p.profile_id.clone(), e)));
+            covered.push((p.profile_id, p.covers));
+        }
+        if survivors.is_empty() {
+            break;
+        }
+        rounds += 1;
+        if rounds > MAX_SNAPSHOT_ROUNDS {
+            // Merged profiles still receiving events: what they send on goes with a later flush,
+            // and this one keeps the checkpoint where it is.
+            complete = false;
+            break;
+        }
+        // The latest count for each survivor taken already (a later snapshot covers more).
+        let asks = survivors
+            .into_iter()
+            .map(|s| {
+                let n = covered.iter().rev().find(|(id, _)| *id == s).map_or(0, |(_, n)| *n);
+                (s, n)
+            })
+            .collect();
+        let asked = directory
+            .call(|reply| ProfilesMsg::SnapshotSurvivors { survivors: asks, reply }, Some(Duration::from_secs(10)))
+            .await;
+        match asked {
+            Ok(ractor::rpc::CallResult::Success((next, all_answered))) => {
+                complete &= all_answered;
+                round = next;
+            }
+            _ => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    if rounds > 0 {
+        // A survivor snapshotted twice: its later snapshot covers the earlier one.
+        keep_last(&mut profiles, |r| r.profile_id.clone());
+        keep_last(&mut covered, |(id, _)| id.clone());
+    }
+    (covered, profiles, applied, complete)
+}
+
+/// Keeps the last item for each key, in order.
+fn keep_last<T>(items: &mut Vec<T>, key: impl Fn(&T) -> ProfileId) {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<T> = std::mem::take(items).into_iter().rev().filter(|t| seen.insert(key(t))).collect();
+    kept.reverse();
+    *items = kept;
 }
 
 /// Most changes a deferred profile may hold: past it, the next timed flush takes its snapshot.
@@ -736,6 +825,23 @@ impl Actor for ProfilesDirectory {
                     state.flush_waiters.extend(reply);
                     state.start_flush(&myself, paced);
                 }
+            }
+            ProfilesMsg::SnapshotSurvivors { survivors, reply } => {
+                let now = Instant::now();
+                let warehouse = state.ctx.warehouse.is_some();
+                let mut taken = Vec::new();
+                let mut all_answered = true;
+                for (id, covered) in survivors {
+                    // Nothing new since the flush took it (or erased meanwhile): nothing to add.
+                    let Some(entry) = state.entries.get_mut(&id).filter(|e| e.unflushed.len() > covered) else {
+                        continue;
+                    };
+                    match request_snapshot(&id, entry, covered, now, warehouse) {
+                        Some(p) => taken.push(p),
+                        None => all_answered = false,
+                    }
+                }
+                let _ = reply.send((taken, all_answered));
             }
             ProfilesMsg::Flushed { result, covered } => {
                 for (id, n) in covered {
@@ -1324,6 +1430,51 @@ mod tests {
         assert_eq!(view.recent_events, 3, "the survivor holds e1, e2 (absorbed) and e3 (sent on)");
         assert_eq!(view.merged_from, vec![merged]);
         assert_eq!(s.ctx.metrics.stages.delivered.get_sample_count(), 3, "one arrival per event, not per hop");
+    }
+
+    /// A flush that takes a merged profile's redirect also takes its survivor with what the
+    /// merged profile sent it, through a chain of merges, so that no crash between two flushes
+    /// can find a stored redirect whose state reached no stored profile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_flush_writes_a_merged_profile_and_its_survivor_with_what_it_absorbed() {
+        let s = stage_of(false, true).await;
+        let first = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let middle = elsewhere(&first);
+        let last = ProfileId::derive_from_event(&EventId::new(Source::Web, "z"), chrono::Utc::now());
+        let deliver = |profile: &ProfileId, msg| {
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
+        };
+        let apply =
+            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+        deliver(&first, apply(1, "e1"));
+        deliver(&middle, apply(2, "e2"));
+        deliver(&last, apply(3, "e3"));
+        s.flush().await.unwrap().unwrap();
+        let written: Vec<_> = s.store.read_outbox(10).await.unwrap().into_iter().map(|(k, _)| k).collect();
+        s.store.ack_outbox(&written).await.unwrap();
+
+        // The flush is asked for before either merged profile has sent anything on.
+        deliver(&middle, ProfileMsg::MergeInto { survivor: first.clone() });
+        deliver(&first, ProfileMsg::MergeInto { survivor: last.clone() });
+        s.flush().await.unwrap().unwrap();
+
+        let mut stored = s.events_of(&last).await;
+        stored.sort();
+        assert_eq!(stored, vec!["web:e1", "web:e2", "web:e3"], "the survivor as stored by that one flush");
+        for merged in [&middle, &first] {
+            let record = s.store.load_profile(merged).await.unwrap().unwrap();
+            assert!(record.merged_into.is_some(), "{merged} is stored as a redirect");
+        }
+        let stats = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap();
+        assert_eq!(stats.unflushed_events, 0, "nothing is left for a later flush");
+        let outbox = s.store.read_outbox(10).await.unwrap();
+        let gold: Vec<u64> = outbox
+            .iter()
+            .flat_map(|(_, b)| &b.gold_rows)
+            .filter(|r| r.profile_id == last)
+            .map(|r| r.events_total)
+            .collect();
+        assert_eq!(gold, vec![3], "one Gold row for the survivor, with everything it absorbed");
     }
 
     /// A flush's outbox carries the Gold row of each profile it writes, as the flush took it,

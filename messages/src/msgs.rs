@@ -241,6 +241,17 @@ pub struct ProfileSnapshot {
     pub record: Option<ProfileRecord>,
 }
 
+/// A snapshot the directory asked a ProfileActor for on a flush's behalf.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    pub profile_id: ProfileId,
+    /// How many of the profile's queued changes the snapshot covers.
+    pub covers: usize,
+    /// Events among them that this flush has not yet taken (its Silver rows).
+    pub applied: Vec<Arc<CustomerEvent>>,
+    pub reply: ractor::concurrency::OneshotReceiver<ProfileSnapshot>,
+}
+
 /// Directory and supervisor of all ProfileActors: spawns on demand, passivates idle ones,
 /// restarts failed ones from the store and re-delivers their unflushed messages.
 #[derive(Debug)]
@@ -268,6 +279,15 @@ pub enum ProfilesMsg {
     /// identity graph, then advance the checkpoint.
     Flush {
         reply: Option<RpcReplyPort<Result<FlushReport, String>>>,
+    },
+    /// A flush in flight took the snapshots of merged profiles, which sent their survivors
+    /// what they held (an absorbed record, forwarded events) before answering: snapshot those
+    /// survivors too, so that one write holds both sides of each merge. Each survivor comes with
+    /// how many of its queued changes the flush has already covered.
+    /// The answer says whether every survivor with new changes could be asked.
+    SnapshotSurvivors {
+        survivors: Vec<(ProfileId, usize)>,
+        reply: RpcReplyPort<(Vec<PendingSnapshot>, bool)>,
     },
     /// A flush task finished; `covered` says how many queued changes each snapshot covered.
     Flushed {
