@@ -985,18 +985,21 @@ impl Cohort {
 
     async fn settle_to(&self, target: StreamPositions, timeout: Duration) -> anyhow::Result<StreamPositions> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut failed = None;
         loop {
             if self.ctx.watermark.covers(&target) && self.ctx.watermark.in_flight() == 0 {
-                self.flush().await?;
+                // A failed flush (the store away, a profile restarting) is tried again.
+                failed = self.flush().await.err();
                 let durable = self.ctx.checkpoints.get();
                 let done = target.iter().all(|(s, off)| *off == 0 || durable.iter().any(|(ds, d)| ds == s && d >= off));
-                if done {
+                if done && failed.is_none() {
                     return Ok(durable);
                 }
             }
             if tokio::time::Instant::now() > deadline {
+                let last = failed.map_or_else(String::new, |e| format!("; last flush: {e}"));
                 return Err(anyhow!(
-                    "pipeline did not settle: published {:?}, delivered up to {:?}, in flight {}",
+                    "pipeline did not settle: published {:?}, delivered up to {:?}, in flight {}{last}",
                     target,
                     self.ctx.watermark.lows(),
                     self.ctx.watermark.in_flight()

@@ -85,6 +85,10 @@ struct Entry {
     in_progress: Arc<AtomicU64>,
     tracker: RestartTracker,
     attempts: HashMap<u64, u32>,
+    /// The flush in flight took a snapshot of this profile: (flush, round, changes covered).
+    taken: Option<(u64, u32, usize)>,
+    /// One replica: its queue holds a change another profile sent on (see `take_snapshots`).
+    forwarded_in: bool,
     /// Cluster mode: started for a read while another replica owned the profile, so it may hold
     /// a state from before that owner's last flush; never kept once this replica owns it.
     unowned: bool,
@@ -102,6 +106,8 @@ impl Entry {
             in_progress: Arc::new(AtomicU64::new(0)),
             tracker: RestartTracker::default(),
             attempts: HashMap::new(),
+            taken: None,
+            forwarded_in: false,
             unowned: false,
         }
     }
@@ -118,6 +124,12 @@ pub struct ProfilesState {
     entries: HashMap<ProfileId, Entry>,
     by_actor: HashMap<ActorId, ProfileId>,
     flushing: bool,
+    /// The flush in flight (counting from 1) and its round of snapshots.
+    flush_number: u64,
+    flush_round: u32,
+    /// One replica: changes sent on from one profile to another (from, to) while a flush is in
+    /// flight, since its last round of snapshots.
+    forwards: Vec<(ProfileId, ProfileId)>,
     /// Cluster mode: partitions that arrived while a flush was in flight, taken when it ends.
     arrivals: Vec<(Vec<i32>, RpcReplyPort<()>)>,
     /// Answered by the flush in flight: they asked before it took its snapshots.
@@ -222,6 +234,7 @@ impl ProfilesState {
         let change = change_of(&msg);
         if let Some(c) = &change {
             entry.unflushed.push_back(c.clone());
+            entry.forwarded_in |= arrival == Arrival::Forwarded;
         }
         if let ProfileMsg::Apply { seq, event } = &msg {
             // Now in the unflushed queue, so any flush handled after this message covers it.
@@ -387,6 +400,37 @@ impl ProfilesState {
         stopped
     }
 
+    /// The next round of the flush in flight: snapshots of the profiles that the last round's
+    /// profiles sent changes on to (and that have changes the flush has not covered); whether
+    /// each of them could be asked. A change sent on by a profile after its snapshot is left
+    /// to a later flush, so a profile that keeps sending on cannot keep a flush going.
+    fn snapshot_forwarded(&mut self) -> (Vec<PendingSnapshot>, bool) {
+        let last = (self.flush_number, self.flush_round);
+        self.flush_round += 1;
+        let mark = (self.flush_number, self.flush_round);
+        let mut targets: Vec<ProfileId> = std::mem::take(&mut self.forwards)
+            .into_iter()
+            .filter(|(from, _)| self.entries.get(from).is_some_and(|e| e.taken.is_some_and(|(f, r, _)| (f, r) == last)))
+            .map(|(_, to)| to)
+            .collect();
+        targets.sort();
+        targets.dedup();
+        let (now, warehouse) = (Instant::now(), self.ctx.warehouse.is_some());
+        let mut pending = Vec::new();
+        let mut all_asked = true;
+        for id in targets {
+            // Gone (erased) or nothing new since this flush took it: nothing to add.
+            let Some(entry) = self.entries.get_mut(&id).filter(|e| e.unflushed.len() > covered_by(e, mark.0)) else {
+                continue;
+            };
+            match request_snapshot(&id, entry, mark, now, warehouse) {
+                Some(p) => pending.push(p),
+                None => all_asked = false,
+            }
+        }
+        (pending, all_asked)
+    }
+
     /// `paced`: a timed flush, which may defer profiles it snapshotted moments ago; a flush
     /// somebody asked for takes every change.
     fn start_flush(&mut self, myself: &ActorRef<ProfilesMsg>, paced: bool) {
@@ -403,6 +447,10 @@ impl ProfilesState {
             }
         }
         self.flushing = true;
+        self.flush_number += 1;
+        self.flush_round = 1;
+        self.forwards.clear();
+        let mark = (self.flush_number, self.flush_round);
         let mut lows = self.ctx.watermark.lows();
         let durable = self.ctx.checkpoints.get();
         // Not in cluster mode: a merged profile's forwards are published with every flush and
@@ -416,6 +464,10 @@ impl ProfilesState {
         let bronze = if warehouse { std::mem::take(&mut *self.ctx.staged_bronze.lock()) } else { Vec::new() };
         let mut complete = true;
         let mut pending = Vec::new();
+        // Profiles holding changes sent on to them: a redirect this flush writes may depend on
+        // them, so it writes nothing unless each of them is taken as well.
+        let mut forwarded_in = std::collections::HashSet::new();
+        let mut whole = true;
         // Tracing: each traced event's trace records the write that made it durable.
         let mut traced: Vec<String> = Vec::new();
         let mut deferred = 0usize;
@@ -433,7 +485,7 @@ impl ProfilesState {
                 deferred += 1;
                 continue;
             }
-            match request_snapshot(id, entry, 0, now, warehouse) {
+            match request_snapshot(id, entry, mark, now, warehouse) {
                 Some(p) => {
                     for change in &entry.unflushed {
                         if let Change::Apply { event, .. } = change {
@@ -441,8 +493,14 @@ impl ProfilesState {
                         }
                     }
                     pending.push(p);
+                    if entry.forwarded_in {
+                        forwarded_in.insert(id.clone());
+                    }
                 }
-                None => complete = false,
+                None => {
+                    complete = false;
+                    whole &= !entry.forwarded_in;
+                }
             }
         }
         self.ctx.metrics.flush_deferred_profiles.set(deferred as i64);
@@ -458,8 +516,9 @@ impl ProfilesState {
                     span
                 })
                 .collect();
-            let (mut covered, profiles, applied, all_answered) = take_snapshots(&ctx, &directory, pending).await;
-            complete &= all_answered;
+            let taken = take_snapshots(&ctx, &directory, pending, &forwarded_in, whole).await;
+            let (mut covered, profiles, applied) = (taken.covered, taken.profiles, taken.applied);
+            complete &= taken.complete;
             // Cluster mode: the resolver stage stores the claims it made (before committing the
             // raw offsets they depend on).
             let (identities, merges) =
@@ -506,6 +565,11 @@ impl ProfilesState {
             // the snapshots (even if assigned back since, as an eager rebalance does).
             let mut lapsed = Lapsed::default();
             let written = match (sent, &ctx.ownership) {
+                // A merged profile's redirect without the survivor that took its state in would
+                // lose that state in a crash: nothing is written, and the next flush tries again.
+                _ if !taken.whole => Err(cohort_adapters::StoreError::unavailable(
+                    "a profile that received changes sent on during the flush could not be snapshotted",
+                )),
                 (Err(e), _) => Err(e),
                 (Ok(()), None) => ctx.store.commit_flush(batch).await,
                 (Ok(()), Some(ownership)) => {
@@ -581,12 +645,13 @@ impl ProfilesState {
     }
 }
 
-/// Asks a profile's actor for a snapshot of everything queued for it; an earlier round of the
-/// same flush took the first `from` changes. `None` when the actor cannot answer now.
+/// Asks a profile's actor for a snapshot of everything queued for it, for round `mark` of a
+/// flush; an earlier round of that flush may have covered the first changes. `None` when the
+/// actor cannot answer now.
 fn request_snapshot(
     id: &ProfileId,
     entry: &mut Entry,
-    from: usize,
+    mark: (u64, u32),
     now: Instant,
     warehouse: bool,
 ) -> Option<PendingSnapshot> {
@@ -596,99 +661,109 @@ fn request_snapshot(
     };
     let (tx, rx) = ractor::concurrency::oneshot();
     actor.send_message(ProfileMsg::TakeSnapshot(tx.into())).ok()?;
+    let from = covered_by(entry, mark.0);
+    let covers = entry.unflushed.len();
     entry.snapshot_at = Some(now);
+    entry.taken = Some((mark.0, mark.1, covers));
     let applied = if warehouse {
         let events = entry.unflushed.iter().skip(from);
         events.filter_map(|c| if let Change::Apply { event, .. } = c { Some(event.clone()) } else { None }).collect()
     } else {
         Vec::new()
     };
-    Some(PendingSnapshot { profile_id: id.clone(), covers: entry.unflushed.len(), applied, reply: rx })
+    Some(PendingSnapshot { profile_id: id.clone(), covers, applied, reply: rx })
 }
 
-/// Rounds of survivor snapshots one flush takes (a chain of merges needs one per link).
+/// How many of the entry's queued changes flush `flush` has taken a snapshot of.
+fn covered_by(entry: &Entry, flush: u64) -> usize {
+    entry.taken.filter(|(f, _, _)| *f == flush).map_or(0, |(_, _, n)| n)
+}
+
+/// Rounds of snapshots one flush takes after its first (a chain of merges needs one per link).
 const MAX_SNAPSHOT_ROUNDS: usize = 8;
 
-/// What a flush's snapshots gave: how many queued changes each covers, the records, the events
-/// to write as Silver rows, and whether every profile asked answered.
-type Taken = (Vec<(ProfileId, usize)>, Vec<ProfileRecord>, Vec<(ProfileId, Arc<CustomerEvent>)>, bool);
+/// What a flush's snapshots gave.
+struct Taken {
+    /// How many queued changes each snapshot covers.
+    covered: Vec<(ProfileId, usize)>,
+    profiles: Vec<ProfileRecord>,
+    /// The events to write as Silver rows, with the profile that holds each.
+    applied: Vec<(ProfileId, Arc<CustomerEvent>)>,
+    /// Every profile asked answered.
+    complete: bool,
+    /// Every profile that received changes sent on by a snapshotted one was snapshotted after
+    /// them: without that, nothing may be written.
+    whole: bool,
+}
 
-/// Waits for a flush's snapshots. A merged profile sends its survivor what it held before it
-/// answers, so its survivors are snapshotted next, in further rounds while they have changes
-/// the flush has not covered (one replica only; in
-/// cluster mode those changes travel through the partition with this flush). Without that, a
-/// flush could store a merged profile's redirect while its state was still on its way to the
-/// survivor, and a crash before the next flush would lose it.
+/// Waits for a flush's snapshots. A profile sends on what it no longer holds before it answers
+/// (a merged profile its record and events, a survivor the part an unmerge restores), so the
+/// profiles those went to are snapshotted next, in further rounds along a chain of merges (one
+/// replica only; in cluster mode those changes travel through the partition with this flush).
+/// Without that, a flush could store a merged profile's redirect while its state was still on
+/// its way to the survivor, and a crash before the next flush would lose it. For the same
+/// reason a flush is not `whole` when a profile holding changes sent on to it (`forwarded_in`,
+/// perhaps during an earlier flush that wrote nothing) could not be taken.
 async fn take_snapshots(
     ctx: &PipelineContext,
     directory: &ActorRef<ProfilesMsg>,
     first: Vec<PendingSnapshot>,
+    forwarded_in: &std::collections::HashSet<ProfileId>,
+    whole: bool,
 ) -> Taken {
-    let mut covered: Vec<(ProfileId, usize)> = Vec::new();
-    let mut profiles: Vec<ProfileRecord> = Vec::new();
-    let mut applied = Vec::new();
-    let mut complete = true;
+    let mut taken = Taken { covered: Vec::new(), profiles: Vec::new(), applied: Vec::new(), complete: true, whole };
     let mut rounds = 0;
     let mut round = first;
     loop {
-        let mut survivors = std::collections::BTreeSet::new();
+        let last = rounds > 0 && round.is_empty();
         for p in round {
             let Ok(Ok(ProfileSnapshot { record })) = tokio::time::timeout(Duration::from_secs(10), p.reply).await
             else {
-                complete = false;
+                taken.complete = false;
+                taken.whole &= rounds == 0 && !forwarded_in.contains(&p.profile_id);
                 continue;
             };
-            if let Some(r) = record {
-                if let (Some(s), None) = (&r.merged_into, &ctx.outbound) {
-                    survivors.insert(s.clone());
-                }
-                profiles.push(r);
-            }
-            applied.extend(p.applied.into_iter().map(|e| (p.profile_id.clone(), e)));
-            covered.push((p.profile_id, p.covers));
+            taken.profiles.extend(record);
+            taken.applied.extend(p.applied.into_iter().map(|e| (p.profile_id.clone(), e)));
+            taken.covered.push((p.profile_id, p.covers));
         }
-        if survivors.is_empty() {
+        if last || ctx.outbound.is_some() {
+            break;
+        }
+        if rounds == MAX_SNAPSHOT_ROUNDS {
+            // Still sending on: what comes of it goes with a later flush, and nothing now.
+            taken.whole = false;
             break;
         }
         rounds += 1;
-        if rounds > MAX_SNAPSHOT_ROUNDS {
-            // Merged profiles still receiving events: what they send on goes with a later flush,
-            // and this one keeps the checkpoint where it is.
-            complete = false;
-            break;
-        }
-        // The latest count for each survivor taken already (a later snapshot covers more).
-        let asks = survivors
-            .into_iter()
-            .map(|s| {
-                let n = covered.iter().rev().find(|(id, _)| *id == s).map_or(0, |(_, n)| *n);
-                (s, n)
-            })
-            .collect();
-        let asked = directory
-            .call(|reply| ProfilesMsg::SnapshotSurvivors { survivors: asks, reply }, Some(Duration::from_secs(10)))
-            .await;
+        let asked =
+            directory.call(|reply| ProfilesMsg::SnapshotForwarded { reply }, Some(Duration::from_secs(10))).await;
         match asked {
-            Ok(ractor::rpc::CallResult::Success((next, all_answered))) => {
-                complete &= all_answered;
+            Ok(ractor::rpc::CallResult::Success((next, all_asked))) => {
+                taken.whole &= all_asked;
                 round = next;
             }
             _ => {
-                complete = false;
+                taken.whole = false;
                 break;
             }
         }
     }
-    if rounds > 0 {
-        // A survivor snapshotted twice: its later snapshot covers the earlier one.
-        keep_last(&mut profiles, |r| r.profile_id.clone());
-        keep_last(&mut covered, |(id, _)| id.clone());
+    if rounds > 1 {
+        // A profile taken twice: its later snapshot covers the earlier one, and an event sent on
+        // is filed under the profile that holds it now.
+        keep_last(&mut taken.profiles, |r| r.profile_id.clone());
+        keep_last(&mut taken.covered, |(id, _)| id.clone());
+        keep_last(&mut taken.applied, |(_, e)| e.event_id.clone());
     }
-    (covered, profiles, applied, complete)
+    if !taken.whole {
+        taken.complete = false;
+    }
+    taken
 }
 
 /// Keeps the last item for each key, in order.
-fn keep_last<T>(items: &mut Vec<T>, key: impl Fn(&T) -> ProfileId) {
+fn keep_last<T, K: std::hash::Hash + Eq>(items: &mut Vec<T>, key: impl Fn(&T) -> K) {
     let mut seen = std::collections::HashSet::new();
     let mut kept: Vec<T> = std::mem::take(items).into_iter().rev().filter(|t| seen.insert(key(t))).collect();
     kept.reverse();
@@ -742,6 +817,9 @@ impl Actor for ProfilesDirectory {
             entries: HashMap::new(),
             by_actor: HashMap::new(),
             flushing: false,
+            flush_number: 0,
+            flush_round: 0,
+            forwards: Vec::new(),
             flush_waiters: Vec::new(),
             next_flush_waiters: Vec::new(),
             flush_again: false,
@@ -800,7 +878,12 @@ impl Actor for ProfilesDirectory {
                     None => state.deliver(&myself, profile_id, msg, Arrival::First)?,
                 }
             }
-            ProfilesMsg::Forward { profile_id, msg } => state.deliver(&myself, profile_id, msg, Arrival::Forwarded)?,
+            ProfilesMsg::Forward { from, profile_id, msg } => {
+                if state.flushing && state.ctx.outbound.is_none() {
+                    state.forwards.push((from, profile_id.clone()));
+                }
+                state.deliver(&myself, profile_id, msg, Arrival::Forwarded)?
+            }
             ProfilesMsg::DeliverRouted { profile_id, msg, seq, forwarded } => {
                 if state.ctx.owns(&profile_id) {
                     let is_apply = matches!(msg, ProfileMsg::Apply { .. });
@@ -826,28 +909,15 @@ impl Actor for ProfilesDirectory {
                     state.start_flush(&myself, paced);
                 }
             }
-            ProfilesMsg::SnapshotSurvivors { survivors, reply } => {
-                let now = Instant::now();
-                let warehouse = state.ctx.warehouse.is_some();
-                let mut taken = Vec::new();
-                let mut all_answered = true;
-                for (id, covered) in survivors {
-                    // Nothing new since the flush took it (or erased meanwhile): nothing to add.
-                    let Some(entry) = state.entries.get_mut(&id).filter(|e| e.unflushed.len() > covered) else {
-                        continue;
-                    };
-                    match request_snapshot(&id, entry, covered, now, warehouse) {
-                        Some(p) => taken.push(p),
-                        None => all_answered = false,
-                    }
-                }
-                let _ = reply.send((taken, all_answered));
+            ProfilesMsg::SnapshotForwarded { reply } => {
+                let _ = reply.send(state.snapshot_forwarded());
             }
             ProfilesMsg::Flushed { result, covered } => {
                 for (id, n) in covered {
                     if let Some(e) = state.entries.get_mut(&id) {
                         let n = n.min(e.unflushed.len());
                         e.unflushed.drain(..n);
+                        e.forwarded_in &= !e.unflushed.is_empty();
                     }
                 }
                 state.flushing = false;
@@ -1089,7 +1159,8 @@ mod tests {
     use std::sync::mpsc;
 
     /// Holds the profile actor inside `before_apply` of the event named "held" until released,
-    /// so a flush's snapshot request waits behind it; one named "slow" takes half a second.
+    /// so a flush's snapshot request waits behind it; one named "slow" takes half a second, and
+    /// one named "boom" fails the actor.
     struct Hold(parking_lot::Mutex<Option<mpsc::Receiver<()>>>);
 
     impl FaultInjector for Hold {
@@ -1101,6 +1172,7 @@ mod tests {
                     }
                 }
                 Some("slow") => tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(500))),
+                Some("boom") => panic!("injected failure"),
                 _ => {}
             }
         }
@@ -1149,6 +1221,15 @@ mod tests {
 
     /// The same, its timed flushes deferring a profile snapshotted less than `min_interval` ago.
     async fn stage_with(cluster: bool, warehouse: bool, min_interval: Duration) -> Stage {
+        stage_with_settings(cluster, warehouse, |p| ProfileSettings { snapshot_min_interval: min_interval, ..p }).await
+    }
+
+    /// The same, with the profile settings `settings` makes of the defaults.
+    async fn stage_with_settings(
+        cluster: bool,
+        warehouse: bool,
+        settings: impl FnOnce(ProfileSettings) -> ProfileSettings,
+    ) -> Stage {
         let warehouse = match warehouse {
             true => Some(cohort_adapters::open_warehouse("memory://").await.unwrap()),
             false => None,
@@ -1160,7 +1241,7 @@ mod tests {
         let (release, held) = mpsc::channel();
         let base = PipelineContext::for_tests(store.clone());
         let ctx = PipelineContext {
-            profiles: ProfileSettings { snapshot_min_interval: min_interval, ..base.profiles.clone() },
+            profiles: settings(base.profiles.clone()),
             fault: Some(Arc::new(Hold(parking_lot::Mutex::new(Some(held))))),
             warehouse,
             outbound: cluster.then(Arc::default),
@@ -1189,6 +1270,19 @@ mod tests {
             tokio::spawn(async move {
                 ractor::call_t!(directory, |reply| ProfilesMsg::Flush { reply: Some(reply) }, 20_000).unwrap()
             })
+        }
+
+        /// A flush asked for from this task, so it follows the messages this task sent.
+        async fn flush_now(&self) -> Result<FlushReport, String> {
+            ractor::call_t!(self.directory, |reply| ProfilesMsg::Flush { reply: Some(reply) }, 20_000).unwrap()
+        }
+
+        /// Asks for a flush, then releases the held event, and waits for the flush.
+        async fn flush_then_release(&self) -> Result<FlushReport, String> {
+            let (tx, rx) = ractor::concurrency::oneshot();
+            self.directory.send_message(ProfilesMsg::Flush { reply: Some(tx.into()) }).unwrap();
+            self.release.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(20), rx).await.unwrap().unwrap()
         }
 
         /// Returns once the directory has handled every message sent to it before.
@@ -1446,6 +1540,7 @@ mod tests {
         };
         let apply =
             |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+        let held = |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "held")) };
         deliver(&first, apply(1, "e1"));
         deliver(&middle, apply(2, "e2"));
         deliver(&last, apply(3, "e3"));
@@ -1453,14 +1548,16 @@ mod tests {
         let written: Vec<_> = s.store.read_outbox(10).await.unwrap().into_iter().map(|(k, _)| k).collect();
         s.store.ack_outbox(&written).await.unwrap();
 
-        // The flush is asked for before either merged profile has sent anything on.
-        deliver(&middle, ProfileMsg::MergeInto { survivor: first.clone() });
+        // `first` sends nothing on before the flush is asked for: it is held in an event.
+        deliver(&first, held(4, "h4"));
         deliver(&first, ProfileMsg::MergeInto { survivor: last.clone() });
-        s.flush().await.unwrap().unwrap();
+        deliver(&middle, ProfileMsg::MergeInto { survivor: first.clone() });
+        let report = s.flush_then_release().await.unwrap();
+        assert_eq!(report.profiles, 3, "both redirects and the survivor, in that one flush");
 
         let mut stored = s.events_of(&last).await;
         stored.sort();
-        assert_eq!(stored, vec!["web:e1", "web:e2", "web:e3"], "the survivor as stored by that one flush");
+        assert_eq!(stored, vec!["web:e1", "web:e2", "web:e3", "web:h4"], "the survivor as stored by that one flush");
         for merged in [&middle, &first] {
             let record = s.store.load_profile(merged).await.unwrap().unwrap();
             assert!(record.merged_into.is_some(), "{merged} is stored as a redirect");
@@ -1474,7 +1571,91 @@ mod tests {
             .filter(|r| r.profile_id == last)
             .map(|r| r.events_total)
             .collect();
-        assert_eq!(gold, vec![3], "one Gold row for the survivor, with everything it absorbed");
+        assert_eq!(gold, vec![4], "one Gold row for the survivor, with everything it absorbed");
+    }
+
+    /// A flush whose merged profile sent its state to a survivor that is restarting writes
+    /// nothing (the redirect alone would lose that state in a crash); a flush once the survivor
+    /// is back writes both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_that_cannot_take_a_survivor_writes_nothing_until_it_can() {
+        let s = stage_with_settings(false, false, |p| ProfileSettings {
+            max_event_attempts: 1,
+            restart_policy: cohort_supervisors::RestartPolicy {
+                backoff_initial: Duration::from_secs(1),
+                ..p.restart_policy
+            },
+            ..p
+        })
+        .await;
+        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let merged = elsewhere(&survivor);
+        let deliver = |profile: &ProfileId, n: u64, id: &str, name: &str| {
+            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, name)) };
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
+        };
+        deliver(&survivor, 1, "e1", "Lesson Completed");
+        deliver(&merged, 2, "e2", "Lesson Completed");
+        s.flush_now().await.unwrap();
+        deliver(&survivor, 3, "b3", "boom");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().restarts == 0 {
+            assert!(Instant::now() < deadline, "the survivor never failed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let msg = ProfileMsg::MergeInto { survivor: survivor.clone() };
+        s.directory.send_message(ProfilesMsg::Deliver { profile_id: merged.clone(), msg }).unwrap();
+        assert!(s.flush_now().await.is_err(), "the survivor is restarting: nothing is written");
+        let stored = s.store.load_profile(&merged).await.unwrap().unwrap();
+        assert_eq!(stored.merged_into, None, "no redirect without its survivor");
+        assert_eq!(s.events_of(&survivor).await, vec!["web:e1"]);
+
+        let written = loop {
+            match s.flush_now().await {
+                Ok(report) => break report,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the survivor never came back");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert_eq!(written.profiles, 2, "the redirect and the survivor together");
+        assert_eq!(s.store.load_profile(&merged).await.unwrap().unwrap().merged_into.as_ref(), Some(&survivor));
+        let mut kept = s.events_of(&survivor).await;
+        kept.sort();
+        assert_eq!(kept, vec!["web:e1", "web:e2"], "the failed event is a dead letter, the absorbed one kept");
+    }
+
+    /// An unmerge asked for just before a flush: that flush stores the survivor without the
+    /// unmerged profile's part and the unmerged profile with it, not a redirect to the survivor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_flush_writes_both_profiles_of_an_unmerge() {
+        let s = stage_of(false, true).await;
+        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let merged = elsewhere(&survivor);
+        let deliver = |profile: &ProfileId, msg| {
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
+        };
+        let apply =
+            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
+        let held = |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "held")) };
+        deliver(&survivor, apply(1, "e1"));
+        deliver(&merged, apply(2, "e2"));
+        deliver(&survivor, ProfileMsg::BeginMerge { merged: merged.clone() });
+        deliver(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        assert_eq!(s.flush_now().await.unwrap().profiles, 2, "the redirect and the survivor");
+        assert_eq!(s.events_of(&survivor).await.len(), 2, "merged and stored");
+
+        // The survivor sends nothing on before the flush is asked for: it is held in an event.
+        deliver(&survivor, held(3, "h3"));
+        deliver(&survivor, ProfileMsg::Unmerge { merged: merged.clone(), reply: None });
+        assert_eq!(s.flush_then_release().await.unwrap().profiles, 2, "the survivor and the restored profile");
+        let restored = s.store.load_profile(&merged).await.unwrap().unwrap();
+        assert_eq!(restored.merged_into, None, "stored as a profile of its own again");
+        let (kept, back) = (s.events_of(&survivor).await, s.events_of(&merged).await);
+        assert!(kept.contains(&"web:e1".to_string()) && !kept.contains(&"web:e2".to_string()), "{kept:?}");
+        assert!(back.contains(&"web:e2".to_string()) && !back.contains(&"web:e1".to_string()), "{back:?}");
     }
 
     /// A flush's outbox carries the Gold row of each profile it writes, as the flush took it,
@@ -1547,7 +1728,7 @@ mod tests {
         assert_eq!(s.ctx.checkpoints.stream0(), 2);
 
         let e1 = ProfileMsg::Apply { seq: pack(0, 1), event: Arc::new(event("e1", "Lesson Completed")) };
-        s.directory.send_message(ProfilesMsg::Forward { profile_id: hot.clone(), msg: e1 }).unwrap();
+        s.directory.send_message(ProfilesMsg::Forward { from: hot.clone(), profile_id: hot.clone(), msg: e1 }).unwrap();
         s.directory.send_message(ProfilesMsg::Flush { reply: None }).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut stored = 0;

@@ -101,7 +101,8 @@ impl ProfileState {
                 return Ok(());
             }
         }
-        self.directory.send_message(ProfilesMsg::Forward { profile_id: to, msg })?;
+        let from = self.profile_id.clone();
+        self.directory.send_message(ProfilesMsg::Forward { from, profile_id: to, msg })?;
         Ok(())
     }
 

@@ -264,6 +264,8 @@ pub enum ProfilesMsg {
     /// A merged profile sends on a change addressed to it to its survivor: delivered as
     /// `Deliver` is, but not a new arrival, so the pipeline stage is not observed twice.
     Forward {
+        /// The profile sending it on.
+        from: ProfileId,
         profile_id: ProfileId,
         msg: ProfileMsg,
     },
@@ -280,13 +282,13 @@ pub enum ProfilesMsg {
     Flush {
         reply: Option<RpcReplyPort<Result<FlushReport, String>>>,
     },
-    /// A flush in flight took the snapshots of merged profiles, which sent their survivors
-    /// what they held (an absorbed record, forwarded events) before answering: snapshot those
-    /// survivors too, so that one write holds both sides of each merge. Each survivor comes with
-    /// how many of its queued changes the flush has already covered.
-    /// The answer says whether every survivor with new changes could be asked.
-    SnapshotSurvivors {
-        survivors: Vec<(ProfileId, usize)>,
+    /// A flush in flight has its last round of snapshots. What those profiles sent on while
+    /// handling the changes they cover (a merged profile's record and its events to the
+    /// survivor, a restored part to an unmerged profile) reached this mailbox before they
+    /// answered: snapshot the profiles it went to as well, so that one write holds both sides.
+    /// The answer is empty when nothing was sent on, and says whether every such profile could
+    /// be asked.
+    SnapshotForwarded {
         reply: RpcReplyPort<(Vec<PendingSnapshot>, bool)>,
     },
     /// A flush task finished; `covered` says how many queued changes each snapshot covered.
