@@ -986,10 +986,14 @@ impl Cohort {
     async fn settle_to(&self, target: StreamPositions, timeout: Duration) -> anyhow::Result<StreamPositions> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut failed = None;
+        let mut pause = Duration::from_millis(5);
         loop {
             if self.ctx.watermark.covers(&target) && self.ctx.watermark.in_flight() == 0 {
-                // A failed flush (the store away, a profile restarting) is tried again.
+                // A failed flush (the store away, a profile restarting) is tried again, less
+                // and less often.
                 failed = self.flush().await.err();
+                pause =
+                    if failed.is_some() { (pause * 4).min(Duration::from_secs(1)) } else { Duration::from_millis(5) };
                 let durable = self.ctx.checkpoints.get();
                 let done = target.iter().all(|(s, off)| *off == 0 || durable.iter().any(|(ds, d)| ds == s && d >= off));
                 if done && failed.is_none() {
@@ -1005,7 +1009,7 @@ impl Cohort {
                     self.ctx.watermark.in_flight()
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(pause).await;
         }
     }
 

@@ -87,8 +87,9 @@ struct Entry {
     attempts: HashMap<u64, u32>,
     /// The flush in flight took a snapshot of this profile: (flush, round, changes covered).
     taken: Option<(u64, u32, usize)>,
-    /// One replica: its queue holds a change another profile sent on (see `take_snapshots`).
-    forwarded_in: bool,
+    /// One replica: how many queued changes, from the front, reach the last change another
+    /// profile sent on to this one (0: none queued; see `take_snapshots`).
+    forwarded_upto: usize,
     /// Cluster mode: started for a read while another replica owned the profile, so it may hold
     /// a state from before that owner's last flush; never kept once this replica owns it.
     unowned: bool,
@@ -107,7 +108,7 @@ impl Entry {
             tracker: RestartTracker::default(),
             attempts: HashMap::new(),
             taken: None,
-            forwarded_in: false,
+            forwarded_upto: 0,
             unowned: false,
         }
     }
@@ -234,7 +235,9 @@ impl ProfilesState {
         let change = change_of(&msg);
         if let Some(c) = &change {
             entry.unflushed.push_back(c.clone());
-            entry.forwarded_in |= arrival == Arrival::Forwarded;
+            if arrival == Arrival::Forwarded && self.ctx.outbound.is_none() {
+                entry.forwarded_upto = entry.unflushed.len();
+            }
         }
         if let ProfileMsg::Apply { seq, event } = &msg {
             // Now in the unflushed queue, so any flush handled after this message covers it.
@@ -285,6 +288,9 @@ impl ProfilesState {
                 if let Some(pos) =
                     entry.unflushed.iter().position(|c| matches!(c, Change::Apply { seq: s, .. } if *s == seq))
                 {
+                    if pos < entry.forwarded_upto {
+                        entry.forwarded_upto -= 1;
+                    }
                     if let Some(Change::Apply { event, .. }) = entry.unflushed.remove(pos) {
                         poison = Some((event, attempts));
                     }
@@ -403,16 +409,21 @@ impl ProfilesState {
     /// The next round of the flush in flight: snapshots of the profiles that the last round's
     /// profiles sent changes on to (and that have changes the flush has not covered); whether
     /// each of them could be asked. A change sent on by a profile after its snapshot is left
-    /// to a later flush, so a profile that keeps sending on cannot keep a flush going.
+    /// to a later flush, so a profile that keeps sending on cannot keep a flush going; one sent
+    /// on by a profile the flush has not taken is kept, as a later round may take that profile.
     fn snapshot_forwarded(&mut self) -> (Vec<PendingSnapshot>, bool) {
         let last = (self.flush_number, self.flush_round);
         self.flush_round += 1;
         let mark = (self.flush_number, self.flush_round);
-        let mut targets: Vec<ProfileId> = std::mem::take(&mut self.forwards)
-            .into_iter()
-            .filter(|(from, _)| self.entries.get(from).is_some_and(|e| e.taken.is_some_and(|(f, r, _)| (f, r) == last)))
-            .map(|(_, to)| to)
-            .collect();
+        let mut targets: Vec<ProfileId> = Vec::new();
+        for (from, to) in std::mem::take(&mut self.forwards) {
+            let taken = self.entries.get(&from).and_then(|e| e.taken).filter(|(f, _, _)| *f == last.0);
+            match taken {
+                None => self.forwards.push((from, to)),
+                Some((_, round, _)) if round == last.1 => targets.push(to),
+                Some(_) => {}
+            }
+        }
         targets.sort();
         targets.dedup();
         let (now, warehouse) = (Instant::now(), self.ctx.warehouse.is_some());
@@ -493,13 +504,13 @@ impl ProfilesState {
                         }
                     }
                     pending.push(p);
-                    if entry.forwarded_in {
+                    if entry.forwarded_upto > 0 {
                         forwarded_in.insert(id.clone());
                     }
                 }
                 None => {
                     complete = false;
-                    whole &= !entry.forwarded_in;
+                    whole &= entry.forwarded_upto == 0;
                 }
             }
         }
@@ -551,8 +562,11 @@ impl ProfilesState {
             };
             let n_profiles = batch.profiles.len();
             // Person fields rarely change: only profiles whose fingerprint moved are looked at.
-            let changed: Vec<&ProfileRecord> =
-                batch.profiles.iter().filter(|p| person_changed(&ctx.person_fingerprints, p)).collect();
+            // Not when nothing is written: the fingerprints would take changes never stored.
+            let changed: Vec<&ProfileRecord> = match taken.whole {
+                true => batch.profiles.iter().filter(|p| person_changed(&ctx.person_fingerprints, p)).collect(),
+                false => Vec::new(),
+            };
             for p in changed.iter().filter(|p| p.merged_into.is_none()) {
                 ctx.index.note_person(&p.profile_id, Person::from_traits(|k| p.traits.get(k).map(|t| &t.value)));
             }
@@ -702,8 +716,8 @@ struct Taken {
 /// replica only; in cluster mode those changes travel through the partition with this flush).
 /// Without that, a flush could store a merged profile's redirect while its state was still on
 /// its way to the survivor, and a crash before the next flush would lose it. For the same
-/// reason a flush is not `whole` when a profile holding changes sent on to it (`forwarded_in`,
-/// perhaps during an earlier flush that wrote nothing) could not be taken.
+/// reason a flush is not `whole` when a profile still holding changes sent on to it
+/// (`forwarded_in`, perhaps during an earlier flush that wrote nothing) could not be taken.
 async fn take_snapshots(
     ctx: &PipelineContext,
     directory: &ActorRef<ProfilesMsg>,
@@ -714,13 +728,20 @@ async fn take_snapshots(
     let mut taken = Taken { covered: Vec::new(), profiles: Vec::new(), applied: Vec::new(), complete: true, whole };
     let mut rounds = 0;
     let mut round = first;
+    // Taken again after its snapshot timed out, a profile's later snapshot would cover
+    // changes whose Silver rows went with the lost one.
+    let mut timed_out = std::collections::HashSet::new();
     loop {
         let last = rounds > 0 && round.is_empty();
         for p in round {
+            if timed_out.contains(&p.profile_id) {
+                taken.whole = false;
+            }
             let Ok(Ok(ProfileSnapshot { record })) = tokio::time::timeout(Duration::from_secs(10), p.reply).await
             else {
                 taken.complete = false;
                 taken.whole &= rounds == 0 && !forwarded_in.contains(&p.profile_id);
+                timed_out.insert(p.profile_id);
                 continue;
             };
             taken.profiles.extend(record);
@@ -750,16 +771,38 @@ async fn take_snapshots(
         }
     }
     if rounds > 1 {
-        // A profile taken twice: its later snapshot covers the earlier one, and an event sent on
-        // is filed under the profile that holds it now.
+        // A profile taken twice: its later snapshot covers the earlier one.
         keep_last(&mut taken.profiles, |r| r.profile_id.clone());
         keep_last(&mut taken.covered, |(id, _)| id.clone());
-        keep_last(&mut taken.applied, |(_, e)| e.event_id.clone());
     }
+    file_under_holders(&mut taken);
     if !taken.whole {
         taken.complete = false;
     }
     taken
+}
+
+/// An event a redirect sent on has a Silver row from each profile it passed through; only the
+/// row of the profile that holds it stays.
+fn file_under_holders(taken: &mut Taken) {
+    let redirects: std::collections::HashSet<&ProfileId> =
+        taken.profiles.iter().filter(|r| r.merged_into.is_some()).map(|r| &r.profile_id).collect();
+    if redirects.is_empty() || taken.applied.is_empty() {
+        return;
+    }
+    let passed: std::collections::HashSet<&cohort_messages::EventId> =
+        taken.applied.iter().filter(|(id, _)| redirects.contains(id)).map(|(_, e)| &e.event_id).collect();
+    let held: std::collections::HashSet<cohort_messages::EventId> = taken
+        .applied
+        .iter()
+        .filter(|(id, e)| !redirects.contains(id) && passed.contains(&e.event_id))
+        .map(|(_, e)| e.event_id.clone())
+        .collect();
+    if held.is_empty() {
+        return;
+    }
+    let redirects: std::collections::HashSet<ProfileId> = redirects.into_iter().cloned().collect();
+    taken.applied.retain(|(id, e)| !(redirects.contains(id) && held.contains(&e.event_id)));
 }
 
 /// Keeps the last item for each key, in order.
@@ -917,7 +960,7 @@ impl Actor for ProfilesDirectory {
                     if let Some(e) = state.entries.get_mut(&id) {
                         let n = n.min(e.unflushed.len());
                         e.unflushed.drain(..n);
-                        e.forwarded_in &= !e.unflushed.is_empty();
+                        e.forwarded_upto = e.forwarded_upto.saturating_sub(n);
                     }
                 }
                 state.flushing = false;
@@ -1572,6 +1615,45 @@ mod tests {
             .map(|r| r.events_total)
             .collect();
         assert_eq!(gold, vec![4], "one Gold row for the survivor, with everything it absorbed");
+    }
+
+    /// An event sent on through two redirects, the second of which the flush had not taken
+    /// when it sent it on, still reaches the stored survivor in that one flush.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_flush_follows_an_event_through_a_redirect_it_had_not_taken() {
+        let s = stage_of(false, true).await;
+        let id = |tag: &str| ProfileId::derive_from_event(&EventId::new(Source::Web, tag), chrono::Utc::now());
+        let (x, m, survivor, slow) = (id("x"), id("m"), id("s"), id("y"));
+        let deliver = |profile: &ProfileId, msg| {
+            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
+        };
+        let apply =
+            |n: u64, id: &str, name: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, name)) };
+        deliver(&survivor, apply(1, "e1", "Lesson Completed"));
+        deliver(&m, apply(2, "e2", "Lesson Completed"));
+        deliver(&x, apply(3, "e3", "Lesson Completed"));
+        deliver(&x, ProfileMsg::MergeInto { survivor: m.clone() });
+        s.flush_now().await.unwrap();
+        deliver(&m, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        s.flush_now().await.unwrap();
+        assert_eq!(s.events_of(&survivor).await.len(), 3);
+
+        // The slow profile holds the flush's first round for half a second, long after `m`
+        // has sent the event on to the survivor.
+        deliver(&slow, apply(4, "y4", "slow"));
+        deliver(&x, apply(5, "e5", "Lesson Completed"));
+        let report = s.flush_now().await.unwrap();
+        assert_eq!(report.profiles, 4, "the slow profile, both redirects and the survivor");
+        assert!(s.events_of(&survivor).await.contains(&"web:e5".to_string()), "{:?}", s.events_of(&survivor).await);
+        // One Silver row, filed under the profile that holds the event, not the redirects.
+        let outbox = s.store.read_outbox(10).await.unwrap();
+        let filed: Vec<&ProfileId> = outbox
+            .iter()
+            .flat_map(|(_, b)| &b.silver)
+            .filter(|r| r.event_id.to_string() == "web:e5")
+            .map(|r| &r.profile_id)
+            .collect();
+        assert_eq!(filed, vec![&survivor]);
     }
 
     /// A flush whose merged profile sent its state to a survivor that is restarting writes
