@@ -561,6 +561,7 @@ impl Cohort {
                     let args = DispatcherArgs {
                         ctx: ctx.clone(),
                         resolvers: resolvers.clone(),
+                        shards,
                         batch: DISPATCH_BATCH,
                         max_in_flight: MAX_IN_FLIGHT,
                     };

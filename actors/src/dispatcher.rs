@@ -2,7 +2,7 @@
 
 use crate::context::PipelineContext;
 use crate::dead_letters;
-use crate::identity::IdentityFactoryMsg;
+use crate::identity::{shard_of, IdentityFactoryMsg};
 use crate::watermark::describe;
 use chrono::Utc;
 use cohort_adapters::{BronzeRow, NewDeadLetter, StoreError, Subscription, Undecodable};
@@ -18,6 +18,8 @@ pub struct Dispatcher;
 pub struct DispatcherArgs {
     pub ctx: PipelineContext,
     pub resolvers: Slot<IdentityFactoryMsg>,
+    /// The resolver pool's size: a polled batch goes to it as one message per shard.
+    pub shards: usize,
     /// Events read from the bus per step.
     pub batch: usize,
     /// Backpressure: stop reading while this many events are between bus and profiles.
@@ -140,11 +142,15 @@ impl Actor for Dispatcher {
                 tracing::debug!(error = %e, "identity prefetch failed");
             }
             let resolvers = state.args.resolvers.get().ok_or("identity resolver pool is not running")?;
+            let shards = state.args.shards.max(1);
+            let mut batches: Vec<Vec<(u64, Arc<CustomerEvent>)>> = (0..shards).map(|_| Vec::new()).collect();
             for je in events {
-                let seq = je.seq;
-                let key = je.event.routing_key();
+                let shard = shard_of(&je.event, shards);
+                batches[shard].push((je.seq, Arc::new(je.event)));
+            }
+            for (shard, events) in batches.into_iter().enumerate().filter(|(_, b)| !b.is_empty()) {
                 resolvers
-                    .dispatch(key, IdentityMsg::Resolve { seq, event: Arc::new(je.event) })
+                    .dispatch(shard, IdentityMsg::Resolve { events })
                     .map_err(|e| format!("identity pool unavailable: {e}"))?;
             }
         }

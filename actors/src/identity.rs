@@ -1,5 +1,5 @@
 //! Deterministic identity resolution: a shared identity index and a sharded pool of
-//! IdentityResolver workers (a ractor factory routed by identifier key).
+//! IdentityResolver workers (a ractor factory; the dispatcher shards events by identifier key).
 
 use crate::context::PipelineContext;
 use crate::dead_letters;
@@ -15,11 +15,13 @@ use cohort_supervisors::{PipelineStages, Slot};
 use dashmap::{DashMap, DashSet};
 use parking_lot::Mutex;
 use ractor::factory::{
-    queues::DefaultQueue, routing::KeyPersistentRouting, Factory, FactoryArguments, FactoryMessage, Job, Worker,
-    WorkerBuilder, WorkerId,
+    queues::DefaultQueue,
+    routing::{CustomHashFunction, CustomRouting},
+    Factory, FactoryArguments, FactoryMessage, Job, Worker, WorkerBuilder, WorkerId,
 };
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -658,10 +660,9 @@ pub async fn resolve_event(
 
 /// Drops an erased person's event in the resolver: counted, and delivered as far as the
 /// checkpoint is concerned.
-fn drop_erased(ctx: &PipelineContext, seq: u64, key: String) -> String {
+fn drop_erased(ctx: &PipelineContext, seq: u64) {
     ctx.metrics.gdpr_suppressed_events.with_label_values(&["resolver"]).inc();
     ctx.watermark.delivered(seq);
-    key
 }
 
 /// Tells the survivor a merge is coming (so it can tell later events apart on an unmerge), then
@@ -723,10 +724,28 @@ pub struct IdentityResolverState {
     directory: Slot<ProfilesMsg>,
 }
 
-pub type IdentityFactoryMsg = FactoryMessage<String, IdentityMsg>;
+pub type IdentityFactoryMsg = FactoryMessage<usize, IdentityMsg>;
+
+/// The shard that resolves an event: every event with the same routing key goes to the same
+/// worker, in journal order, so two events of one new student cannot race to create two profiles.
+pub fn shard_of(event: &CustomerEvent, shards: usize) -> usize {
+    let mut hasher = std::hash::DefaultHasher::new();
+    event.routing_key().hash(&mut hasher);
+    (hasher.finish() % shards.max(1) as u64) as usize
+}
+
+/// Routes a shard's batch to the worker with that number (the factory's workers are 0..shards).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByShard;
+
+impl CustomHashFunction<usize> for ByShard {
+    fn hash(&self, shard: &usize, worker_count: usize) -> usize {
+        shard % worker_count.max(1)
+    }
+}
 
 impl Worker for IdentityResolver {
-    type Key = String;
+    type Key = usize;
     type Message = IdentityMsg;
     type State = IdentityResolverState;
     type Arguments = IdentityResolverArgs;
@@ -744,78 +763,97 @@ impl Worker for IdentityResolver {
         &self,
         _wid: WorkerId,
         _factory: &ActorRef<IdentityFactoryMsg>,
-        job: Job<String, IdentityMsg>,
+        job: Job<usize, IdentityMsg>,
         state: &mut IdentityResolverState,
-    ) -> Result<String, ActorProcessingErr> {
-        let IdentityMsg::Resolve { seq, mut event } = job.msg;
-        PipelineStages::observe(&state.ctx.metrics.stages.resolved, event.received_at, 1);
-        match state.ctx.erasures.screen(&event) {
-            crate::gdpr::Screen::Keep => {}
-            // An erased person's event already on the bus (a replay, a redelivery): dropped
-            // before it can re-create the profile.
-            crate::gdpr::Screen::Drop => return Ok(drop_erased(&state.ctx, seq, job.key)),
-            crate::gdpr::Screen::Strip(identifiers) => {
-                event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
-            }
-        }
+    ) -> Result<usize, ActorProcessingErr> {
+        let IdentityMsg::Resolve { events } = job.msg;
         let directory = state.directory.get().ok_or("profile directory is not running")?;
-        let span = tracing::debug_span!("identity.resolve", seq);
-        crate::trace::continue_from(&span, event.trace.as_deref());
-        if event.trace.is_some() {
-            // The profile update continues from here.
-            let mut traced = (*event).clone();
-            traced.trace = crate::trace::of(&span);
-            event = Arc::new(traced);
+        // One event at a time, each delivered before the next is resolved, as when every
+        // event was a job of its own: other shards see this one's claims and merges at once.
+        for (seq, event) in events {
+            place(&state.ctx, &directory, seq, event).await?;
         }
-        let mut backoff = Duration::from_millis(20);
-        let target = loop {
-            match resolve_event(&state.ctx, &directory, seq, &event).await {
-                Ok(t) => break t,
-                Err(e) if e.is_retryable() => {
-                    // Backpressure: hold this shard until the store answers again.
-                    tracing::warn!(seq, error = %e, backoff_ms = backoff.as_millis() as u64, "identity store unavailable, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    // An erasure may have run while the store was away: resolving now would give
-                    // the erased person a new profile.
-                    if state.ctx.erasures.suppresses(&event) {
-                        return Ok(drop_erased(&state.ctx, seq, job.key));
-                    }
-                }
-                Err(e) => {
-                    dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
-                    state.ctx.watermark.delivered(seq);
-                    return Ok(job.key);
-                }
-            }
-        };
-        match target {
-            Some(Placement { profile: profile_id, unlinked }) => {
-                let event = if unlinked.is_empty() {
-                    event
-                } else {
-                    let mut own = (*event).clone();
-                    own.identifiers.retain(|i| !unlinked.contains(i));
-                    Arc::new(own)
-                };
-                // The directory marks it delivered when it takes the message: only then is the
-                // event certain to be covered by the directory's next flush.
-                directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
-                return Ok(job.key);
-            }
-            // Nothing usable: no identifier at all, or only blocked ones.
-            None => {
-                let reason = if event.identifiers.is_empty() {
-                    "event carries no identifier"
-                } else {
-                    "every identifier of the event is blocked (test or placeholder data, see identity.blocked)"
-                };
-                dead_letters::record_event(&state.ctx, DeadLetterStage::Identity, &event, reason, 1).await;
-            }
-        }
-        state.ctx.watermark.delivered(seq);
         Ok(job.key)
     }
+}
+
+/// Resolves one journaled event and delivers it; an event that reaches no profile (erased,
+/// unplaceable) is settled here.
+async fn place(
+    ctx: &PipelineContext,
+    directory: &ActorRef<ProfilesMsg>,
+    seq: u64,
+    mut event: Arc<CustomerEvent>,
+) -> Result<(), ActorProcessingErr> {
+    PipelineStages::observe(&ctx.metrics.stages.resolved, event.received_at, 1);
+    match ctx.erasures.screen(&event) {
+        crate::gdpr::Screen::Keep => {}
+        // An erased person's event already on the bus (a replay, a redelivery): dropped
+        // before it can re-create the profile.
+        crate::gdpr::Screen::Drop => {
+            drop_erased(ctx, seq);
+            return Ok(());
+        }
+        crate::gdpr::Screen::Strip(identifiers) => {
+            event = Arc::new(CustomerEvent { identifiers, ..(*event).clone() });
+        }
+    }
+    let span = tracing::debug_span!("identity.resolve", seq);
+    crate::trace::continue_from(&span, event.trace.as_deref());
+    if event.trace.is_some() {
+        // The profile update continues from here.
+        let mut traced = (*event).clone();
+        traced.trace = crate::trace::of(&span);
+        event = Arc::new(traced);
+    }
+    let mut backoff = Duration::from_millis(20);
+    let target = loop {
+        match resolve_event(ctx, directory, seq, &event).await {
+            Ok(t) => break t,
+            Err(e) if e.is_retryable() => {
+                // Backpressure: hold this shard until the store answers again.
+                tracing::warn!(seq, error = %e, backoff_ms = backoff.as_millis() as u64, "identity store unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // An erasure may have run while the store was away: resolving now would give
+                // the erased person a new profile.
+                if ctx.erasures.suppresses(&event) {
+                    drop_erased(ctx, seq);
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, &e.to_string(), 1).await;
+                ctx.watermark.delivered(seq);
+                return Ok(());
+            }
+        }
+    };
+    match target {
+        Some(Placement { profile: profile_id, unlinked }) => {
+            let event = if unlinked.is_empty() {
+                event
+            } else {
+                let mut own = (*event).clone();
+                own.identifiers.retain(|i| !unlinked.contains(i));
+                Arc::new(own)
+            };
+            // The directory marks it delivered when it takes the message: only then is the
+            // event certain to be covered by the directory's next flush.
+            directory.send_message(ProfilesMsg::Deliver { profile_id, msg: ProfileMsg::Apply { seq, event } })?;
+        }
+        // Nothing usable: no identifier at all, or only blocked ones.
+        None => {
+            let reason = if event.identifiers.is_empty() {
+                "event carries no identifier"
+            } else {
+                "every identifier of the event is blocked (test or placeholder data, see identity.blocked)"
+            };
+            dead_letters::record_event(ctx, DeadLetterStage::Identity, &event, reason, 1).await;
+            ctx.watermark.delivered(seq);
+        }
+    }
+    Ok(())
 }
 
 struct ResolverBuilder {
@@ -830,12 +868,12 @@ impl WorkerBuilder<IdentityResolver, IdentityResolverArgs> for ResolverBuilder {
 }
 
 pub type IdentityFactory = Factory<
-    String,
+    usize,
     IdentityMsg,
     IdentityResolverArgs,
     IdentityResolver,
-    KeyPersistentRouting<String, IdentityMsg>,
-    DefaultQueue<String, IdentityMsg>,
+    CustomRouting<usize, IdentityMsg, ByShard>,
+    DefaultQueue<usize, IdentityMsg>,
 >;
 
 /// Starts the resolver pool under `supervisor`; the factory replaces crashed workers itself.
@@ -848,7 +886,7 @@ pub async fn spawn_identity_pool(
     let args = FactoryArguments {
         worker_builder: Box::new(ResolverBuilder { ctx, directory }),
         num_initial_workers: shards,
-        router: KeyPersistentRouting::default(),
+        router: CustomRouting::new(ByShard),
         queue: DefaultQueue::default(),
         discard_handler: None,
         discard_settings: ractor::factory::DiscardSettings::None,
@@ -864,6 +902,116 @@ pub async fn spawn_identity_pool(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cohort_messages::{EventId, EventKind, RawRef, Source, Utm};
+
+    fn event_with(id: &str, identifiers: Vec<Identifier>) -> CustomerEvent {
+        CustomerEvent {
+            event_id: EventId::new(Source::Web, id),
+            source: Source::Web,
+            kind: EventKind::Track,
+            name: None,
+            occurred_at: Utc::now(),
+            received_at: Utc::now(),
+            identifiers,
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Utm::default(),
+            trace: None,
+            raw: RawRef { seq: None, index: 0 },
+        }
+    }
+
+    /// A directory that records the kind of each message it takes, in order.
+    struct Recorder;
+
+    type Received = Arc<Mutex<Vec<&'static str>>>;
+
+    impl Actor for Recorder {
+        type Msg = ProfilesMsg;
+        type State = Received;
+        type Arguments = Received;
+
+        async fn pre_start(&self, _me: ActorRef<ProfilesMsg>, got: Received) -> Result<Received, ActorProcessingErr> {
+            Ok(got)
+        }
+
+        async fn handle(
+            &self,
+            _me: ActorRef<ProfilesMsg>,
+            msg: ProfilesMsg,
+            got: &mut Received,
+        ) -> Result<(), ActorProcessingErr> {
+            let kind = |m: &ProfileMsg| match m {
+                ProfileMsg::Apply { .. } => "apply",
+                ProfileMsg::BeginMerge { .. } => "begin_merge",
+                ProfileMsg::MergeInto { .. } => "merge_into",
+                _ => "other",
+            };
+            got.lock().push(match &msg {
+                ProfilesMsg::Deliver { msg, .. } => kind(msg),
+                _ => "other",
+            });
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resolver_delivers_each_event_of_a_batch_before_resolving_the_next() {
+        let store = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let ctx = PipelineContext::for_tests(store);
+        let got: Received = Arc::default();
+        let (recorder, _) = Actor::spawn(None, Recorder, got.clone()).await.unwrap();
+        let directory = Slot::default();
+        directory.set(recorder.clone());
+        let supervisor = Actor::spawn(None, Recorder, Arc::default()).await.unwrap().0;
+        let pool = spawn_identity_pool(ctx.clone(), directory, 1, supervisor.get_cell()).await.unwrap();
+        let anon = |v: &str| Identifier::new(IdentifierKind::AnonymousId, v);
+        let user = |v: &str| Identifier::new(IdentifierKind::UserId, v);
+        let events = [
+            event_with("e1", vec![anon("a")]),            // a new profile: claims `a`
+            event_with("e2", vec![anon("a")]),            // the same profile
+            event_with("e3", vec![user("u"), anon("b")]), // a second profile: claims both
+            event_with("e4", vec![anon("a"), anon("b")]), // merges the two: the merge goes first
+            event_with("e5", vec![anon("a")]),            // the survivor
+        ];
+        let events: Vec<(u64, Arc<CustomerEvent>)> =
+            events.into_iter().enumerate().map(|(n, e)| (n as u64 + 1, Arc::new(e))).collect();
+        for (seq, _) in &events {
+            ctx.watermark.dispatched(*seq);
+        }
+        pool.dispatch(0, IdentityMsg::Resolve { events }).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.lock().len() < 7 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*got.lock(), ["apply", "apply", "apply", "begin_merge", "merge_into", "apply", "apply"]);
+        // The merge moved `a` and `b` to the survivor.
+        let survivor = ctx.index.owner(&anon("a")).await.unwrap();
+        assert_eq!(survivor, ctx.index.owner(&anon("b")).await.unwrap());
+        pool.stop(None);
+        recorder.stop(None);
+        supervisor.stop(None);
+    }
+
+    #[test]
+    fn events_sharing_their_strongest_identifier_go_to_one_shard_and_shards_go_to_their_worker() {
+        let email = |v: &str| Identifier::new(IdentifierKind::Email, v);
+        let anon = |v: &str| Identifier::new(IdentifierKind::AnonymousId, v);
+        for shards in [1, 3, 4, 16] {
+            // The strongest identifier decides, whatever else an event carries.
+            let a = event_with("e1", vec![anon("a-1"), email("max@gmail.com")]);
+            let b = event_with("e2", vec![email("max@gmail.com"), anon("a-2")]);
+            assert_eq!(shard_of(&a, shards), shard_of(&b, shards));
+            let used: HashSet<usize> =
+                (0..200).map(|n| shard_of(&event_with("e", vec![email(&format!("s{n}@uni.de"))]), shards)).collect();
+            assert_eq!(used, (0..shards).collect(), "{shards} shards");
+            for shard in 0..shards {
+                assert_eq!(ByShard.hash(&shard, shards), shard);
+            }
+        }
+        // An event without identifiers still has a shard (whose worker dead-letters it).
+        assert!(shard_of(&event_with("e3", vec![]), 4) < 4);
+    }
 
     #[test]
     fn placeholder_numbers_and_listed_values_are_blocked() {

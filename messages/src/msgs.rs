@@ -159,8 +159,10 @@ pub enum IngestMsg {
 /// Sharded identity resolver worker.
 #[derive(Debug)]
 pub enum IdentityMsg {
-    /// Place a journaled event on a profile (creating, linking or merging) and deliver it.
-    Resolve { seq: u64, event: Arc<CustomerEvent> },
+    /// Place journaled events, in journal order, on profiles (creating, linking or merging) and
+    /// deliver them. One message per shard and polled batch, not per event: at saturation the
+    /// per-message cost of the factory was as large as resolution itself.
+    Resolve { events: Vec<(u64, Arc<CustomerEvent>)> },
 }
 
 /// One student's live profile.
