@@ -153,3 +153,24 @@ async fn connections_past_the_cap_are_closed_on_accept_and_counted() {
     assert!(refused >= 1.0, "refused connections not counted");
     demo.stop().await.unwrap();
 }
+
+/// A body whose Content-Length is over the route's limit is read to its end before the 413, so a
+/// client still sending it gets the answer, not a broken pipe (the server closing on unread
+/// data resets the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_read_to_its_end_and_answered_413() {
+    let demo = start("").await;
+    let body = vec![b'x'; 8 << 20];
+    let mut s = connect(&demo).await;
+    let head = format!(
+        "POST /webhooks/sendgrid/events HTTP/1.1\r\nHost: cohort\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body).await.expect("the server reads the whole body");
+    let (bytes, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&bytes);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"payload_too_large\"") && answer.contains("512000"), "{answer}");
+    demo.stop().await.unwrap();
+}

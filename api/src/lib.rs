@@ -107,6 +107,30 @@ async fn track_latency(State(state): State<ApiState>, req: Request, next: Next) 
     resp
 }
 
+/// The most of an oversized body read and thrown away before the 413, and for how long.
+const DRAIN_BYTES: u64 = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// A body its Content-Length puts over the route's limit is refused before anything reads it.
+/// It is read to its end and thrown away first (up to [`DRAIN_BYTES`], within [`DRAIN_TIME`]):
+/// a client still sending it when the server answers and closes would get a broken pipe instead
+/// of the 413.
+async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(length) = declared.filter(|n| *n > limit as u64) else { return next.run(req).await };
+    if length <= DRAIN_BYTES {
+        use futures::StreamExt;
+        let mut body = req.into_body().into_data_stream();
+        let _ = tokio::time::timeout(DRAIN_TIME, async { while let Some(Ok(_)) = body.next().await {} }).await;
+    }
+    ApiError::PayloadTooLarge(format!("the request body ({length} bytes) is over this route's limit of {limit} bytes"))
+        .into_response()
+}
+
 /// The whole HTTP API.
 pub fn router(state: ApiState) -> Router {
     let cfg = &state.config.server;
@@ -116,6 +140,7 @@ pub fn router(state: ApiState) -> Router {
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let import = Router::new()
         .route("/v1/import/salesforce/contacts", post(ingest::salesforce_csv))
+        .route_layer(middleware::from_fn_with_state(import_limit, refuse_oversized))
         .layer(DefaultBodyLimit::max(import_limit));
     let api = Router::new()
         .route("/v1/{call}", post(ingest::segment))
@@ -160,6 +185,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(body_limit, refuse_oversized))
         .layer(DefaultBodyLimit::max(body_limit));
     let limits =
         Arc::new(limits::Limits::new(cfg.ingest_requests_per_second, cfg.api_requests_per_second, cfg.max_in_flight));
