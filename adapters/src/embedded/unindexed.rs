@@ -10,11 +10,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Ids kept before they are written: at saturation about half a second of events, and what a
-/// restart reads back from the journal at most (plus one group).
-const INDEX_BATCH: usize = 16_384;
+/// Ids kept before they are written, and what a restart reads back from the journal at most
+/// (plus one group). Writing them holds the writer, and every journal append queued behind it,
+/// for about 2.6 µs per id: 4,096 keep that near 10 ms (16,384 added 20-25 ms to the
+/// journaled p99 at 10,000 events/s).
+const INDEX_BATCH: usize = 4_096;
 /// Longest an id waits to be written while the writer is busy at all.
-const INDEX_INTERVAL: Duration = Duration::from_secs(1);
+const INDEX_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where and when an id was journaled: its idempotency row and its expiry key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
