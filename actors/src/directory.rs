@@ -1238,6 +1238,15 @@ mod tests {
         }
     }
 
+    /// Event `id`, named `name`, at journal seq `n`.
+    fn apply_named(n: u64, id: &str, name: &str) -> ProfileMsg {
+        ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, name)) }
+    }
+
+    fn apply(n: u64, id: &str) -> ProfileMsg {
+        apply_named(n, id, "Lesson Completed")
+    }
+
     /// A position of `cdp.processed.events` partition `partition`.
     fn processed(partition: i32, offset: u64) -> u64 {
         (0..8192).map(|s| pack(s, offset)).find(|p| processed_partition(*p) == Some(partition)).unwrap()
@@ -1313,6 +1322,11 @@ mod tests {
             tokio::spawn(async move {
                 ractor::call_t!(directory, |reply| ProfilesMsg::Flush { reply: Some(reply) }, 20_000).unwrap()
             })
+        }
+
+        /// Sends `msg` to `profile` through the directory, as the resolver does.
+        fn send(&self, profile: &ProfileId, msg: ProfileMsg) {
+            self.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap();
         }
 
         /// A flush asked for from this task, so it follows the messages this task sent.
@@ -1539,15 +1553,10 @@ mod tests {
         let s = stage_of(false, false).await;
         let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let merged = elsewhere(&survivor);
-        let deliver = |profile: &ProfileId, msg| {
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
-        };
-        let apply =
-            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
-        deliver(&survivor, apply(1, "e1"));
-        deliver(&merged, apply(2, "e2"));
-        deliver(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
-        deliver(&merged, apply(3, "e3"));
+        s.send(&survivor, apply(1, "e1"));
+        s.send(&merged, apply(2, "e2"));
+        s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        s.send(&merged, apply(3, "e3"));
         let applied = &s.ctx.metrics.event_to_profile_latency;
         let deadline = Instant::now() + Duration::from_secs(10);
         while applied.get_sample_count() < 3 && Instant::now() < deadline {
@@ -1578,23 +1587,17 @@ mod tests {
         let first = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let middle = elsewhere(&first);
         let last = ProfileId::derive_from_event(&EventId::new(Source::Web, "z"), chrono::Utc::now());
-        let deliver = |profile: &ProfileId, msg| {
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
-        };
-        let apply =
-            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
-        let held = |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "held")) };
-        deliver(&first, apply(1, "e1"));
-        deliver(&middle, apply(2, "e2"));
-        deliver(&last, apply(3, "e3"));
+        s.send(&first, apply(1, "e1"));
+        s.send(&middle, apply(2, "e2"));
+        s.send(&last, apply(3, "e3"));
         s.flush().await.unwrap().unwrap();
         let written: Vec<_> = s.store.read_outbox(10).await.unwrap().into_iter().map(|(k, _)| k).collect();
         s.store.ack_outbox(&written).await.unwrap();
 
         // `first` sends nothing on before the flush is asked for: it is held in an event.
-        deliver(&first, held(4, "h4"));
-        deliver(&first, ProfileMsg::MergeInto { survivor: last.clone() });
-        deliver(&middle, ProfileMsg::MergeInto { survivor: first.clone() });
+        s.send(&first, apply_named(4, "h4", "held"));
+        s.send(&first, ProfileMsg::MergeInto { survivor: last.clone() });
+        s.send(&middle, ProfileMsg::MergeInto { survivor: first.clone() });
         let report = s.flush_then_release().await.unwrap();
         assert_eq!(report.profiles, 3, "both redirects and the survivor, in that one flush");
 
@@ -1624,24 +1627,19 @@ mod tests {
         let s = stage_of(false, true).await;
         let id = |tag: &str| ProfileId::derive_from_event(&EventId::new(Source::Web, tag), chrono::Utc::now());
         let (x, m, survivor, slow) = (id("x"), id("m"), id("s"), id("y"));
-        let deliver = |profile: &ProfileId, msg| {
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
-        };
-        let apply =
-            |n: u64, id: &str, name: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, name)) };
-        deliver(&survivor, apply(1, "e1", "Lesson Completed"));
-        deliver(&m, apply(2, "e2", "Lesson Completed"));
-        deliver(&x, apply(3, "e3", "Lesson Completed"));
-        deliver(&x, ProfileMsg::MergeInto { survivor: m.clone() });
+        s.send(&survivor, apply(1, "e1"));
+        s.send(&m, apply(2, "e2"));
+        s.send(&x, apply(3, "e3"));
+        s.send(&x, ProfileMsg::MergeInto { survivor: m.clone() });
         s.flush_now().await.unwrap();
-        deliver(&m, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        s.send(&m, ProfileMsg::MergeInto { survivor: survivor.clone() });
         s.flush_now().await.unwrap();
         assert_eq!(s.events_of(&survivor).await.len(), 3);
 
         // The slow profile holds the flush's first round for half a second, long after `m`
         // has sent the event on to the survivor.
-        deliver(&slow, apply(4, "y4", "slow"));
-        deliver(&x, apply(5, "e5", "Lesson Completed"));
+        s.send(&slow, apply_named(4, "y4", "slow"));
+        s.send(&x, apply(5, "e5"));
         let report = s.flush_now().await.unwrap();
         assert_eq!(report.profiles, 4, "the slow profile, both redirects and the survivor");
         assert!(s.events_of(&survivor).await.contains(&"web:e5".to_string()), "{:?}", s.events_of(&survivor).await);
@@ -1672,22 +1670,17 @@ mod tests {
         .await;
         let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let merged = elsewhere(&survivor);
-        let deliver = |profile: &ProfileId, n: u64, id: &str, name: &str| {
-            let msg = ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, name)) };
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
-        };
-        deliver(&survivor, 1, "e1", "Lesson Completed");
-        deliver(&merged, 2, "e2", "Lesson Completed");
+        s.send(&survivor, apply(1, "e1"));
+        s.send(&merged, apply(2, "e2"));
         s.flush_now().await.unwrap();
-        deliver(&survivor, 3, "b3", "boom");
+        s.send(&survivor, apply_named(3, "b3", "boom"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().restarts == 0 {
             assert!(Instant::now() < deadline, "the survivor never failed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
 
-        let msg = ProfileMsg::MergeInto { survivor: survivor.clone() };
-        s.directory.send_message(ProfilesMsg::Deliver { profile_id: merged.clone(), msg }).unwrap();
+        s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
         assert!(s.flush_now().await.is_err(), "the survivor is restarting: nothing is written");
         let stored = s.store.load_profile(&merged).await.unwrap().unwrap();
         assert_eq!(stored.merged_into, None, "no redirect without its survivor");
@@ -1716,22 +1709,16 @@ mod tests {
         let s = stage_of(false, true).await;
         let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let merged = elsewhere(&survivor);
-        let deliver = |profile: &ProfileId, msg| {
-            s.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap()
-        };
-        let apply =
-            |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "Lesson Completed")) };
-        let held = |n: u64, id: &str| ProfileMsg::Apply { seq: pack(0, n), event: Arc::new(event(id, "held")) };
-        deliver(&survivor, apply(1, "e1"));
-        deliver(&merged, apply(2, "e2"));
-        deliver(&survivor, ProfileMsg::BeginMerge { merged: merged.clone() });
-        deliver(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        s.send(&survivor, apply(1, "e1"));
+        s.send(&merged, apply(2, "e2"));
+        s.send(&survivor, ProfileMsg::BeginMerge { merged: merged.clone() });
+        s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
         assert_eq!(s.flush_now().await.unwrap().profiles, 2, "the redirect and the survivor");
         assert_eq!(s.events_of(&survivor).await.len(), 2, "merged and stored");
 
         // The survivor sends nothing on before the flush is asked for: it is held in an event.
-        deliver(&survivor, held(3, "h3"));
-        deliver(&survivor, ProfileMsg::Unmerge { merged: merged.clone(), reply: None });
+        s.send(&survivor, apply_named(3, "h3", "held"));
+        s.send(&survivor, ProfileMsg::Unmerge { merged: merged.clone(), reply: None });
         assert_eq!(s.flush_then_release().await.unwrap().profiles, 2, "the survivor and the restored profile");
         let restored = s.store.load_profile(&merged).await.unwrap().unwrap();
         assert_eq!(restored.merged_into, None, "stored as a profile of its own again");
