@@ -475,9 +475,8 @@ impl ProfilesState {
         let bronze = if warehouse { std::mem::take(&mut *self.ctx.staged_bronze.lock()) } else { Vec::new() };
         let mut complete = true;
         let mut pending = Vec::new();
-        // Profiles holding changes sent on to them: a redirect this flush writes may depend on
-        // them, so it writes nothing unless each of them is taken as well.
-        let mut forwarded_in = std::collections::HashSet::new();
+        // A profile holding changes sent on to it that cannot be asked: a redirect this flush
+        // writes may depend on them, so it writes nothing.
         let mut whole = true;
         // Tracing: each traced event's trace records the write that made it durable.
         let mut traced: Vec<String> = Vec::new();
@@ -504,9 +503,6 @@ impl ProfilesState {
                         }
                     }
                     pending.push(p);
-                    if entry.forwarded_upto > 0 {
-                        forwarded_in.insert(id.clone());
-                    }
                 }
                 None => {
                     complete = false;
@@ -527,7 +523,7 @@ impl ProfilesState {
                     span
                 })
                 .collect();
-            let taken = take_snapshots(&ctx, &directory, pending, &forwarded_in, whole).await;
+            let taken = take_snapshots(&ctx, &directory, pending, whole).await;
             let (mut covered, profiles, applied) = (taken.covered, taken.profiles, taken.applied);
             complete &= taken.complete;
             // Cluster mode: the resolver stage stores the claims it made (before committing the
@@ -685,7 +681,8 @@ fn request_snapshot(
     } else {
         Vec::new()
     };
-    Some(PendingSnapshot { profile_id: id.clone(), covers, applied, reply: rx })
+    let holds_forwarded = entry.forwarded_upto > 0;
+    Some(PendingSnapshot { profile_id: id.clone(), covers, applied, holds_forwarded, reply: rx })
 }
 
 /// How many of the entry's queued changes flush `flush` has taken a snapshot of.
@@ -716,13 +713,12 @@ struct Taken {
 /// replica only; in cluster mode those changes travel through the partition with this flush).
 /// Without that, a flush could store a merged profile's redirect while its state was still on
 /// its way to the survivor, and a crash before the next flush would lose it. For the same
-/// reason a flush is not `whole` when a profile still holding changes sent on to it
-/// (`forwarded_in`, perhaps during an earlier flush that wrote nothing) could not be taken.
+/// reason a flush is not `whole` when a profile still holding changes sent on to it (perhaps
+/// during an earlier flush that wrote nothing) could not be taken.
 async fn take_snapshots(
     ctx: &PipelineContext,
     directory: &ActorRef<ProfilesMsg>,
     first: Vec<PendingSnapshot>,
-    forwarded_in: &std::collections::HashSet<ProfileId>,
     whole: bool,
 ) -> Taken {
     let mut taken = Taken { covered: Vec::new(), profiles: Vec::new(), applied: Vec::new(), complete: true, whole };
@@ -740,7 +736,7 @@ async fn take_snapshots(
             let Ok(Ok(ProfileSnapshot { record })) = tokio::time::timeout(Duration::from_secs(10), p.reply).await
             else {
                 taken.complete = false;
-                taken.whole &= rounds == 0 && !forwarded_in.contains(&p.profile_id);
+                taken.whole &= !p.holds_forwarded;
                 timed_out.insert(p.profile_id);
                 continue;
             };

@@ -251,6 +251,9 @@ pub struct PendingSnapshot {
     pub covers: usize,
     /// Events among them that this flush has not yet taken (its Silver rows).
     pub applied: Vec<Arc<CustomerEvent>>,
+    /// Among them are changes another profile sent on: a flush without this snapshot must not
+    /// write the sender's side.
+    pub holds_forwarded: bool,
     pub reply: ractor::concurrency::OneshotReceiver<ProfileSnapshot>,
 }
 
