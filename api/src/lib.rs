@@ -93,8 +93,8 @@ async fn track_latency(State(state): State<ApiState>, req: Request, next: Next) 
     let http1 = req.version() <= axum::http::Version::HTTP_11;
     let mut resp = next.run(req).await;
     if http1 && resp.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        // A body refused for its size is not read to its end, so the server closes the
-        // connection after answering. Saying so keeps a keep-alive client from sending its next
+        // A body refused for its size may not have been read to its end (streamed, or over
+        // what `refuse_oversized` drains), so the server closes the connection after answering. Saying so keeps a keep-alive client from sending its next
         // request into the closed socket (a broken pipe).
         resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
     }
@@ -131,6 +131,12 @@ async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) 
         .into_response()
 }
 
+/// Bodies over `limit` get a 413: announced ones before anything reads them (drained first),
+/// streamed ones as they pass it.
+fn limit_bodies(routes: Router<ApiState>, limit: usize) -> Router<ApiState> {
+    routes.route_layer(middleware::from_fn_with_state(limit, refuse_oversized)).layer(DefaultBodyLimit::max(limit))
+}
+
 /// The whole HTTP API.
 pub fn router(state: ApiState) -> Router {
     let cfg = &state.config.server;
@@ -138,10 +144,8 @@ pub fn router(state: ApiState) -> Router {
     // The store may hold less in one record than the configuration allows (MongoDB).
     let import_limit = cfg.max_import_body_bytes.min(state.store.max_raw_payload_bytes().unwrap_or(usize::MAX));
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
-    let import = Router::new()
-        .route("/v1/import/salesforce/contacts", post(ingest::salesforce_csv))
-        .route_layer(middleware::from_fn_with_state(import_limit, refuse_oversized))
-        .layer(DefaultBodyLimit::max(import_limit));
+    let import = Router::new().route("/v1/import/salesforce/contacts", post(ingest::salesforce_csv));
+    let import = limit_bodies(import, import_limit);
     let api = Router::new()
         .route("/v1/{call}", post(ingest::segment))
         .route("/webhooks/twilio/whatsapp", post(ingest::twilio))
@@ -184,9 +188,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(openapi))
-        .route_layer(middleware::from_fn_with_state(body_limit, refuse_oversized))
-        .layer(DefaultBodyLimit::max(body_limit));
+        .route("/openapi.json", get(openapi));
+    let api = limit_bodies(api, body_limit);
     let limits =
         Arc::new(limits::Limits::new(cfg.ingest_requests_per_second, cfg.api_requests_per_second, cfg.max_in_flight));
     api.merge(import)
