@@ -348,15 +348,15 @@ async fn ids_written_in_batches_and_ids_still_kept_stay_duplicates_across_a_reop
     with_timeout(async {
         let (_dir, path) = store_path();
         let store = EmbeddedStore::open(&path, CACHE).unwrap();
-        // The 17th append takes the ids kept past one batch (16,384): all 17,000 are written,
-        // and the last thousand are kept.
+        // Every fifth append takes the ids kept past one batch (4,096; sooner if 250 ms pass):
+        // after 18 appends, 15,000 are written and the last 3,000 kept.
         let ids: Vec<String> = (0..18_000).map(|n| format!("id-{n}")).collect();
         for chunk in ids.chunks(1_000) {
             let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
             let out = store.append(batch(None, &names)).await.unwrap();
             assert!(out.seqs.iter().all(Option::is_some));
         }
-        let old = ["id-0", "id-8000", "id-16999", "id-17000", "id-17999"];
+        let old = ["id-0", "id-8000", "id-14999", "id-15000", "id-17999"];
         let again = store.append(batch(None, &old)).await.unwrap();
         assert_eq!(again.seqs, vec![None; old.len()], "duplicates while open");
         let seen = store.seen_event_ids(&["web:id-3".into(), "web:id-17998".into(), "web:new".into()]).await.unwrap();
