@@ -212,7 +212,8 @@ impl EmbeddedStore {
 
 impl Drop for EmbeddedStore {
     /// Stops the writer and waits for it, so the database file is unlocked when the last
-    /// handle is gone. The wait is at most one in-flight commit.
+    /// handle is gone. The wait is at most one in-flight commit, and writing the event ids kept
+    /// in memory.
     fn drop(&mut self) {
         if let Some(Open { db, commands, writer }) = self.state.get_mut().take() {
             drop(commands);

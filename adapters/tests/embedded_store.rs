@@ -397,3 +397,27 @@ async fn an_erased_events_id_stays_a_duplicate_after_a_reopen() {
     })
     .await;
 }
+
+/// A store closed cleanly writes the event ids it kept in memory: the tables then cover the
+/// whole journal, as a binary from before kept ids expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_close_writes_the_ids_kept_in_memory() {
+    const IDEMPOTENCY: redb::TableDefinition<'static, &str, u64> = redb::TableDefinition::new("idempotency");
+    const META: redb::TableDefinition<'static, &str, u64> = redb::TableDefinition::new("meta");
+    with_timeout(async {
+        let (_dir, path) = store_path();
+        let store = EmbeddedStore::open(&path, CACHE).unwrap();
+        store.append(batch(None, &["c1", "c2", "c3"])).await.unwrap();
+        drop(store);
+
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("idempotency_indexed_seq").unwrap().map(|v| v.value()), Some(3));
+        let ids = txn.open_table(IDEMPOTENCY).unwrap();
+        let seqs: Vec<Option<u64>> =
+            ["web:c1", "web:c2", "web:c3"].iter().map(|id| ids.get(*id).unwrap().map(|v| v.value())).collect();
+        assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
+    })
+    .await;
+}

@@ -458,7 +458,29 @@ impl Writer {
             }
             self.commit_group(group);
         }
+        if let Err(e) = self.write_kept_ids() {
+            tracing::warn!(error = %e, "event ids kept in memory not written at close; the next open reads them back");
+        }
         tracing::debug!("embedded store writer stopped");
+    }
+
+    /// At a clean stop the ids kept in memory go into the idempotency tables, so the next open
+    /// reads none back from the journal and an older binary finds them all.
+    fn write_kept_ids(&self) -> Result<(), StoreError> {
+        if self.recent.unindexed.lock().is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().ctx("begin write")?;
+        txn.set_durability(Durability::Immediate);
+        let fresh = {
+            let mut tables = Tables::open(&txn)?;
+            let head = tables.counters()?.journal_seq;
+            tables.write_ids(&self.recent, false, head)?;
+            tables.fresh
+        };
+        txn.commit().ctx("commit")?;
+        fresh.keep_in(&self.recent);
+        Ok(())
     }
 
     /// Applies a group in one transaction and answers every caller after the commit.
