@@ -29,19 +29,40 @@ use tokio::task::JoinHandle;
 /// A state change held in a ProfileActor's memory until the next successful flush.
 #[derive(Debug, Clone)]
 enum Change {
-    Apply { seq: u64, event: Arc<CustomerEvent> },
-    MergeInto { survivor: ProfileId },
-    BeginMerge { merged: ProfileId },
-    Absorb { record: Box<ProfileRecord> },
-    Unmerge { merged: ProfileId },
-    Restore { record: Box<ProfileRecord>, from: ProfileId },
+    Apply {
+        seq: u64,
+        event: Arc<CustomerEvent>,
+    },
+    MergeInto {
+        survivor: ProfileId,
+    },
+    BeginMerge {
+        merged: ProfileId,
+    },
+    Absorb {
+        record: Box<ProfileRecord>,
+    },
+    Unmerge {
+        merged: ProfileId,
+    },
+    Restore {
+        record: Box<ProfileRecord>,
+        from: ProfileId,
+    },
     Reevaluate,
-    SetConsent { decisions: Vec<ConsentDecision>, at: chrono::DateTime<chrono::Utc> },
+    SetConsent {
+        decisions: Vec<ConsentDecision>,
+        at: chrono::DateTime<chrono::Utc>,
+    },
+    /// An event the actor kept failing on, now a dead letter. It keeps its place: a flush in
+    /// flight drains the changes its snapshots covered by count, as `forwarded_upto` counts.
+    DeadLettered,
 }
 
 impl Change {
-    fn to_msg(&self) -> ProfileMsg {
-        match self {
+    /// What re-delivers this change to a restarted actor (nothing for a dead letter).
+    fn to_msg(&self) -> Option<ProfileMsg> {
+        Some(match self {
             Change::Apply { seq, event } => ProfileMsg::Apply { seq: *seq, event: event.clone() },
             Change::MergeInto { survivor } => ProfileMsg::MergeInto { survivor: survivor.clone() },
             Change::BeginMerge { merged } => ProfileMsg::BeginMerge { merged: merged.clone() },
@@ -53,7 +74,8 @@ impl Change {
             Change::SetConsent { decisions, at } => {
                 ProfileMsg::SetConsent { decisions: decisions.clone(), at: *at, reply: None }
             }
-        }
+            Change::DeadLettered => return None,
+        })
     }
 }
 
@@ -198,8 +220,8 @@ impl ProfilesState {
         self.spawn(myself, profile_id)?;
         if let Some(entry) = self.entries.get_mut(profile_id) {
             if let Some(actor) = &entry.actor {
-                for change in &entry.unflushed {
-                    let _ = actor.send_message(change.to_msg());
+                for msg in entry.unflushed.iter().filter_map(Change::to_msg) {
+                    let _ = actor.send_message(msg);
                 }
                 for q in entry.waiting.drain(..) {
                     let _ = actor.send_message(q);
@@ -285,13 +307,10 @@ impl ProfilesState {
             if *n >= max_attempts {
                 let attempts = *n;
                 entry.attempts.remove(&seq);
-                if let Some(pos) =
-                    entry.unflushed.iter().position(|c| matches!(c, Change::Apply { seq: s, .. } if *s == seq))
+                if let Some(change) =
+                    entry.unflushed.iter_mut().find(|c| matches!(c, Change::Apply { seq: s, .. } if *s == seq))
                 {
-                    if pos < entry.forwarded_upto {
-                        entry.forwarded_upto -= 1;
-                    }
-                    if let Some(Change::Apply { event, .. }) = entry.unflushed.remove(pos) {
+                    if let Change::Apply { event, .. } = std::mem::replace(change, Change::DeadLettered) {
                         poison = Some((event, attempts));
                     }
                 }
@@ -1199,8 +1218,8 @@ mod tests {
 
     /// Holds the profile actor inside `before_apply` of the event named "held" until released,
     /// so a flush's snapshot request waits behind it; one named "slow" takes half a second, and
-    /// one named "boom" fails the actor.
-    struct Hold(parking_lot::Mutex<Option<mpsc::Receiver<()>>>);
+    /// one named "boom" fails the actor, and one named "flaky" fails it when applied again.
+    struct Hold(parking_lot::Mutex<Option<mpsc::Receiver<()>>>, std::sync::atomic::AtomicU32);
 
     impl FaultInjector for Hold {
         fn before_apply(&self, _profile: &ProfileId, event: &CustomerEvent) {
@@ -1212,6 +1231,7 @@ mod tests {
                 }
                 Some("slow") => tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(500))),
                 Some("boom") => panic!("injected failure"),
+                Some("flaky") if self.1.fetch_add(1, Ordering::SeqCst) > 0 => panic!("injected failure"),
                 _ => {}
             }
         }
@@ -1290,7 +1310,7 @@ mod tests {
         let base = PipelineContext::for_tests(store.clone());
         let ctx = PipelineContext {
             profiles: settings(base.profiles.clone()),
-            fault: Some(Arc::new(Hold(parking_lot::Mutex::new(Some(held))))),
+            fault: Some(Arc::new(Hold(parking_lot::Mutex::new(Some(held)), Default::default()))),
             warehouse,
             outbound: cluster.then(Arc::default),
             ownership: cluster.then(|| ownership.clone()),
@@ -1696,6 +1716,52 @@ mod tests {
         let mut kept = s.events_of(&survivor).await;
         kept.sort();
         assert_eq!(kept, vec!["web:e1", "web:e2"], "the failed event is a dead letter, the absorbed one kept");
+    }
+
+    /// An event dead-lettered while a flush is in flight, after that flush's snapshot covered it
+    /// (it failed only when re-delivered after a restart), leaves the changes after it queued
+    /// for the next flush: the flush drains by count what its snapshots covered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_dead_lettered_during_a_flush_leaves_the_changes_after_it_for_the_next() {
+        let s = stage_with_settings(false, false, |p| ProfileSettings {
+            max_event_attempts: 1,
+            restart_policy: cohort_supervisors::RestartPolicy {
+                backoff_initial: Duration::from_millis(10),
+                ..p.restart_policy
+            },
+            ..p
+        })
+        .await;
+        let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let other = elsewhere(&profile);
+        s.send(&profile, apply_named(1, "a1", "flaky"));
+        s.send(&other, apply_named(2, "q2", "held"));
+        s.handled().await;
+        // The snapshot covers a1 alone; b3 then fails the actor, and a1 fails when re-delivered.
+        let (tx, flushed) = ractor::concurrency::oneshot();
+        s.directory.send_message(ProfilesMsg::Flush { reply: Some(tx.into()) }).unwrap();
+        s.send(&profile, apply_named(3, "b3", "boom"));
+        s.send(&profile, apply(4, "c4"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().poison_events < 2 {
+            assert!(Instant::now() < deadline, "the profile never failed on both events");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.release.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), flushed).await.unwrap().unwrap().unwrap();
+        let stats = ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap();
+        assert!(stats.unflushed_events > 0, "c4 was drained with what the snapshot covered");
+        assert_eq!(s.events_of(&profile).await, vec!["web:a1"], "the snapshot taken before the failures");
+        while ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().live < 2 {
+            assert!(Instant::now() < deadline, "the profile never came back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let written = s.flush_now().await.unwrap();
+        assert_eq!(written.profiles, 1);
+        // a1 is in it if the actor came back after the first flush stored its snapshot.
+        let stored = s.events_of(&profile).await;
+        assert!(stored.contains(&"web:c4".to_string()) && !stored.contains(&"web:b3".to_string()), "{stored:?}");
+        assert_eq!(ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events, 0);
     }
 
     /// An unmerge asked for just before a flush: that flush stores the survivor without the
