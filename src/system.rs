@@ -465,6 +465,7 @@ impl Cohort {
                 max_event_attempts: config.profiles.max_event_attempts,
                 restart_policy: policy,
                 unmerge_window: config.identity.unmerge_window,
+                snapshot_timeout: ProfileSettings::SNAPSHOT_TIMEOUT,
             },
             fault: options.fault.clone(),
             warehouse: warehouse.clone(),

@@ -31,6 +31,14 @@ pub struct ProfileSettings {
     pub restart_policy: RestartPolicy,
     /// Events after a merge for which it can still be undone (`identity.unmerge_window`).
     pub unmerge_window: usize,
+    /// How long a flush waits for one profile's snapshot; one that does not answer is flushed
+    /// later (its actor is stuck in a slow event, say).
+    pub snapshot_timeout: Duration,
+}
+
+impl ProfileSettings {
+    /// The default `snapshot_timeout`.
+    pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 #[derive(Clone)]
@@ -109,6 +117,7 @@ impl PipelineContext {
                 max_event_attempts: 3,
                 restart_policy: RestartPolicy::default(),
                 unmerge_window: 10,
+                snapshot_timeout: ProfileSettings::SNAPSHOT_TIMEOUT,
             },
             fault: None,
             warehouse: None,

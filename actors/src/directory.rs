@@ -663,8 +663,13 @@ impl ProfilesState {
                     ctx.index.restore_pending(identities, merges);
                     ctx.index.restore_unmerges(unmerges);
                     ctx.pending_ids.restore(ids);
-                    ctx.metrics.flush_failures.inc();
-                    tracing::warn!(error = %e, "profile flush failed, will retry");
+                    if taken.whole {
+                        ctx.metrics.flush_failures.inc();
+                        tracing::warn!(error = %e, "profile flush failed, will retry");
+                    } else {
+                        ctx.metrics.flush_postponed.inc();
+                        tracing::info!(reason = %e, "profile flush postponed, will retry");
+                    }
                     covered.clear();
                     Err(e.to_string())
                 }
@@ -752,7 +757,7 @@ async fn take_snapshots(
             if timed_out.contains(&p.profile_id) {
                 taken.whole = false;
             }
-            let Ok(Ok(ProfileSnapshot { record })) = tokio::time::timeout(Duration::from_secs(10), p.reply).await
+            let Ok(Ok(ProfileSnapshot { record })) = tokio::time::timeout(ctx.profiles.snapshot_timeout, p.reply).await
             else {
                 taken.complete = false;
                 taken.whole &= !p.holds_forwarded;
@@ -1698,6 +1703,7 @@ mod tests {
 
         s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
         assert!(s.flush_now().await.is_err(), "the survivor is restarting: nothing is written");
+        assert_eq!((s.ctx.metrics.flush_postponed.get(), s.ctx.metrics.flush_failures.get()), (1, 0));
         let stored = s.store.load_profile(&merged).await.unwrap().unwrap();
         assert_eq!(stored.merged_into, None, "no redirect without its survivor");
         assert_eq!(s.events_of(&survivor).await, vec!["web:e1"]);
@@ -1762,6 +1768,48 @@ mod tests {
         let stored = s.events_of(&profile).await;
         assert!(stored.contains(&"web:c4".to_string()) && !stored.contains(&"web:b3".to_string()), "{stored:?}");
         assert_eq!(ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events, 0);
+    }
+
+    /// A survivor stuck in an event while holding the state its merged profile sent on: its
+    /// snapshot times out, so the flush writes nothing (not the redirect alone); once it is
+    /// free, the next flush writes both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_that_times_out_holding_a_merged_state_keeps_the_redirect_unwritten() {
+        let s = stage_with_settings(false, false, |p| ProfileSettings {
+            snapshot_timeout: Duration::from_millis(300),
+            ..p
+        })
+        .await;
+        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+        let merged = elsewhere(&survivor);
+        s.send(&survivor, apply(1, "e1"));
+        s.send(&merged, apply(2, "e2"));
+        assert_eq!(s.flush_now().await.unwrap().profiles, 2);
+
+        s.send(&survivor, apply_named(3, "h3", "held"));
+        s.send(&survivor, ProfileMsg::BeginMerge { merged: merged.clone() });
+        s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
+        // Queued before the flush: h3, the merge, the merged state, and the redirect.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ractor::call_t!(s.directory, ProfilesMsg::GetStats, 5_000).unwrap().unflushed_events < 4 {
+            assert!(Instant::now() < deadline, "the merged profile never sent its state on");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        assert!(s.flush_now().await.is_err(), "the survivor's snapshot timed out: nothing is written");
+        assert!(started.elapsed() < Duration::from_secs(5), "the flush waited out the short timeout, not 10 s");
+        assert_eq!(s.ctx.metrics.flush_postponed.get(), 1, "counted as postponed");
+        assert_eq!(s.ctx.metrics.flush_failures.get(), 0, "not as a store failure");
+        let stored = s.store.load_profile(&merged).await.unwrap().unwrap();
+        assert_eq!(stored.merged_into, None, "no redirect without its survivor");
+
+        s.release.send(()).unwrap();
+        let written = s.flush_now().await.unwrap();
+        assert_eq!(written.profiles, 2, "the redirect and the survivor together");
+        assert_eq!(s.store.load_profile(&merged).await.unwrap().unwrap().merged_into.as_ref(), Some(&survivor));
+        let mut kept = s.events_of(&survivor).await;
+        kept.sort();
+        assert_eq!(kept, vec!["web:e1", "web:e2", "web:h3"]);
     }
 
     /// An unmerge asked for just before a flush: that flush stores the survivor without the

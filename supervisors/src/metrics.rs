@@ -35,6 +35,9 @@ pub struct Metrics {
     pub identity_reviews_decided: IntCounterVec,
     pub flush_duration: Histogram,
     pub flush_failures: IntCounter,
+    /// Flushes that wrote nothing because a profile holding state another sent on to it could
+    /// not be snapshotted (restarting, stuck): not a store failure, so apart from those.
+    pub flush_postponed: IntCounter,
     /// Profiles with changes the last flush left for a later one (`profiles.snapshot_min_interval_ms`);
     /// 0 after a flush somebody asked for, which takes everything.
     pub flush_deferred_profiles: IntGauge,
@@ -324,6 +327,11 @@ impl Metrics {
             histogram(&r, "profile_flush_seconds", "Write-behind flush duration", LATENCY_BUCKETS.to_vec())?;
         let flush_failures =
             counter(&r, "profile_flush_failures_total", "Write-behind flushes that failed and will be retried")?;
+        let flush_postponed = counter(
+            &r,
+            "profile_flush_postponed_total",
+            "Write-behind flushes that wrote nothing while a profile holding merged state could not be snapshotted",
+        )?;
         let flush_deferred_profiles = gauge(
             &r,
             "profile_flush_deferred_profiles",
@@ -416,6 +424,7 @@ impl Metrics {
             identity_reviews_decided,
             flush_duration,
             flush_failures,
+            flush_postponed,
             flush_deferred_profiles,
             flush_profiles_written,
             checkpoint,
