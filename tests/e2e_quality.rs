@@ -199,6 +199,68 @@ async fn gate_3_fails_the_batch_on_orphan_gold_records_and_low_completeness() {
     demo.stop().await.unwrap();
 }
 
+/// A batch whose many refused events would each store a copy of it gets one letter for all of
+/// them: it counts every refusal at Gate 1, stays while a replay refuses any again, and goes
+/// once a replay brings them all in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_many_refused_events_is_dead_lettered_once_and_replayed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = "[quality.gate1]\nmax_future_secs = 60\n";
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), strict, SystemOptions::default()).await.unwrap();
+    let ahead = Utc::now() + ChronoDuration::hours(2);
+    let mut batch = vec![payloads::segment_track("many-ok", "many-student", "Course Viewed", json!({}), Utc::now())];
+    batch.extend(
+        (0..300)
+            .map(|i| payloads::segment_track(&format!("many-{i}"), "many-student", "Quiz Started", json!({}), ahead)),
+    );
+    let body = json!({ "batch": batch });
+    assert!(300 * body.to_string().len() > 1 << 20, "one letter each would hold over a MiB");
+    let r = demo.client.segment(false, "batch", &body).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!((r.body["accepted"].as_u64(), r.body["rejected"].as_array().map(Vec::len)), (Some(1), Some(300)));
+    let dlq = demo.client.get("/v1/dlq").await.unwrap().body;
+    assert_eq!(dlq["total"], 1, "one letter for the payload: {dlq}");
+    let reason = dlq["dead_letters"][0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("300 rejections in this payload: ") && reason.contains("max_future_secs"), "{reason}");
+    assert!(reason.ends_with("; and 280 more"), "{reason}");
+    let text = demo.client.get("/metrics").await.unwrap().body;
+    let text = text.as_str().unwrap();
+    assert!(text.contains("cohort_dead_letters_total{stage=\"validation\"} 1"), "{text}");
+    assert!(text.contains("cohort_ingest_events_rejected_total{reason=\"invalid\",source=\"web\"} 300"), "{text}");
+    // Gate 1 counts the refusals the letter stands for, not the letter.
+    let run = run_gold(&demo).await;
+    let ids = run["detail"]["quality_runs"].as_array().unwrap();
+    let id = ids.iter().filter_map(Value::as_str).find(|id| id.ends_with(":ingest"));
+    let id = id.unwrap_or_else(|| panic!("no ingestion run in {run}"));
+    let ingestion = demo.client.get(&format!("/v1/quality/runs/{id}")).await.unwrap().body;
+    let observed = &ingestion["results"][0]["observed"];
+    assert_eq!(observed["dead_letters"], 300, "{ingestion}");
+    let by_reason = observed["by_reason"].as_object().unwrap();
+    assert_eq!(by_reason.values().filter_map(Value::as_u64).sum::<u64>(), 300, "{observed}");
+    assert!(by_reason.keys().all(|k| !k.starts_with("300 rejections")), "{observed}");
+
+    // Elements that can never be read (a track call without its event) are refused again.
+    let mut broken = vec![payloads::segment_track("many-ok-2", "many-student", "Course Viewed", json!({}), Utc::now())];
+    broken
+        .extend((0..300).map(|i| json!({ "type": "track", "userId": "many-student", "messageId": format!("b-{i}") })));
+    let r = demo.client.segment(false, "batch", &json!({ "batch": broken })).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["accepted"], 1);
+    let again = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
+    assert_eq!((again.body["replayed"].as_u64(), again.body["kept"].as_u64()), (Some(0), Some(2)), "{}", again.body);
+    assert!(again.body["results"].as_array().unwrap().iter().all(|r| r["outcome"] == "kept"), "{}", again.body);
+    demo.stop().await.unwrap();
+
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let again = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
+    assert_eq!((again.body["replayed"].as_u64(), again.body["kept"].as_u64()), (Some(1), Some(1)), "{}", again.body);
+    assert_eq!(demo.client.get("/v1/dlq").await.unwrap().body["total"], 1, "the unreadable elements' letter stays");
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let p = demo.client.get("/v1/profiles/user_id:many-student").await.unwrap();
+    assert_eq!(p.body["counters"]["events_total"], 302, "each accepted event once, the replayed ones once each");
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gate_1_dead_letters_an_event_outside_its_bounds_and_replay_brings_it_in_once_the_bound_is_fixed() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 use crate::dead_letters;
 use crate::normalize::{normalize, NormalizeError, NormalizeOptions};
 use cohort_adapters::{AppendBatch, BronzeRecord, EventBus, NewDeadLetter, OperationalStore, StoreErrorKind};
+use cohort_messages::dead_letter::{element_reason, summary_reason, GATE1_LETTER_BYTES};
 use cohort_messages::msgs::{IngestError, IngestMsg, IngestReceipt, PayloadFormat, RawPayload, Rejection, SegmentCall};
 use cohort_messages::{DeadLetterStage, Source};
 use cohort_supervisors::{Metrics, PipelineStages, QueueDepth};
@@ -98,6 +99,16 @@ fn raw_dead_letter(payload: &RawPayload, reason: String, event_id: Option<String
     }
 }
 
+/// Gate 1 letters for a payload's rejected elements: one each while their copies of the payload
+/// stay under [`GATE1_LETTER_BYTES`] together, else one for all of them.
+fn element_letters(payload: &RawPayload, rejected: &[Rejection]) -> Vec<NewDeadLetter> {
+    let reasons: Vec<String> = rejected.iter().map(|r| element_reason(r.index, &r.reason)).collect();
+    if reasons.len() > 1 && reasons.len().saturating_mul(payload.body.len()) > GATE1_LETTER_BYTES {
+        return vec![raw_dead_letter(payload, summary_reason(&reasons), None)];
+    }
+    reasons.into_iter().map(|reason| raw_dead_letter(payload, reason, None)).collect()
+}
+
 impl Actor for IngestActor {
     type Msg = IngestMsg;
     type State = IngestState;
@@ -169,14 +180,7 @@ impl Actor for IngestActor {
                 if !rejected.is_empty() {
                     m.events_rejected.with_label_values(&[source, "invalid"]).inc_by(rejected.len() as u64);
                 }
-                let letters: Vec<NewDeadLetter> = rejected
-                    .iter()
-                    .filter(|_| keep_letters)
-                    .map(|r| {
-                        let at = r.index.map(|i| format!("element {i}: ")).unwrap_or_default();
-                        raw_dead_letter(&payload, format!("{at}{}", r.reason), None)
-                    })
-                    .collect();
+                let letters = if keep_letters { element_letters(&payload, &rejected) } else { Vec::new() };
                 // A payload naming an erased person is not kept raw: Bronze would store them again.
                 let bronze = (!screened).then(|| BronzeRecord {
                     source: payload.source,

@@ -443,11 +443,13 @@ impl QualityChecks {
             let page = self.store.list_dead_letters(after, 1000).await?;
             let Some(last) = page.last().map(|d| d.id) else { break };
             for d in page.iter().filter(|d| d.recorded_at >= since) {
-                letters += 1;
+                // A summary letter stands for all of a payload's rejections, counted under the
+                // first reason it lists.
+                let n = d.summarized().unwrap_or(1);
+                letters += n;
                 // The reason's first words: "element 3: missing userId" → "missing userId".
-                let reason = d.reason.split_once(": ").map_or(d.reason.as_str(), |(_, r)| r);
-                let reason: String = reason.chars().take(60).collect();
-                *by_reason.entry(reason).or_default() += 1;
+                let reason: String = d.first_reason().chars().take(60).collect();
+                *by_reason.entry(reason).or_default() += n;
             }
             if page.len() < 1000 {
                 break;

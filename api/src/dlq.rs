@@ -61,11 +61,6 @@ fn format_of(state: &ApiState, letter: &DeadLetter) -> Result<PayloadFormat, Str
     })
 }
 
-/// The element a Gate 1 letter is about (`element 3: ...`), if it names one.
-fn element_of(letter: &DeadLetter) -> Option<usize> {
-    letter.reason.strip_prefix("element ")?.split_once(':')?.0.parse().ok()
-}
-
 /// Replays one payload's Gate 1 letters (they share it): which of them stay, and the outcome.
 async fn replay_payload(state: &ApiState, group: &[&DeadLetter]) -> Result<(Vec<u64>, Value), String> {
     let Some(first) = group.first() else { return Ok((Vec::new(), json!({}))) };
@@ -86,7 +81,9 @@ async fn replay_payload(state: &ApiState, group: &[&DeadLetter]) -> Result<(Vec<
             let mut unindexed = r.rejected.iter().filter(|x| x.index.is_none()).count();
             let kept: Vec<u64> = group
                 .iter()
-                .filter(|l| match element_of(l) {
+                .filter(|l| match l.element() {
+                    // A letter standing for all of the payload's rejections stays while any does.
+                    None if l.summarized().is_some() => !r.rejected.is_empty(),
                     Some(i) => refused.contains(&i),
                     None if unindexed > 0 => {
                         unindexed -= 1;
