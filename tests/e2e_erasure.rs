@@ -114,6 +114,32 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     let profiles_before = store.count_profiles().await.unwrap();
     let a = jana_writes_again(c, "jana-again", "anon-jana-new-device").await;
     assert_eq!((&a["suppressed"], &a["accepted"]), (&json!(1), &json!(0)), "{a}");
+    // Beside a refused element, a batch naming her is dead-lettered without its body.
+    let named = payloads::segment_identify(
+        "jana-batch",
+        Some("anon-x"),
+        None,
+        json!({ "email": JANA.email }),
+        None,
+        Utc::now(),
+    );
+    let batch = json!({ "batch": [named, { "type": "track", "userId": "someone-else" }] });
+    let a = c.segment(false, "batch", &batch).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
+    let letters = c.get("/v1/dlq?limit=1000").await.unwrap().body;
+    let newest = letters["dead_letters"].as_array().unwrap().last().cloned().unwrap();
+    assert!(newest["reason"].as_str().unwrap().starts_with("element 1: "), "{newest}");
+    assert!(!newest.to_string().contains(JANA.email), "{newest}");
+    assert!(newest["payload"].as_str().unwrap().contains("erased person"), "{newest}");
+    // Her event is dropped even when Gate 1 would refuse it (a timestamp a month ahead): never
+    // a dead letter naming her.
+    let ahead = Utc::now() + chrono::Duration::days(30);
+    let later =
+        payloads::segment_identify("jana-ahead", Some("anon-y"), None, json!({ "email": JANA.email }), None, ahead);
+    let a = c.segment(false, "identify", &later).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
+    let now = c.get("/v1/dlq?limit=1000").await.unwrap().body;
+    assert_eq!(now["total"], letters["total"], "{now}");
     let form = payloads::twilio_whatsapp_form("SMjanaagain00000000000000000001", JANA.phone, "hello again", "Jana");
     assert_eq!(c.twilio(&form).await.unwrap().status, 200, "Twilio gets its TwiML answer");
     // An event already on the bus (a replay, a redelivery) is dropped by the resolver.

@@ -267,6 +267,30 @@ async fn malformed_and_oversized_payloads_are_refused_and_dead_lettered() {
     demo.stop().await.unwrap();
 }
 
+/// A body that is not UTF-8 is refused and dead-lettered with a bounded, marked sample of it:
+/// decoded whole, each bad byte would take three, past what a store takes in one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_utf8_is_dead_lettered_as_a_bounded_sample() {
+    let demo = start().await;
+    let c = &demo.client;
+    let r = c
+        .http
+        .post(format!("{}/v1/batch", c.base))
+        .basic_auth(&c.web_key, Some(""))
+        .header("content-type", "application/json")
+        .body(vec![0xFFu8; 200_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let dlq = c.get("/v1/dlq").await.unwrap().body;
+    assert_eq!(dlq["total"], 1, "{dlq}");
+    let payload = dlq["dead_letters"][0]["payload"].as_str().unwrap();
+    assert!(payload.starts_with("(not UTF-8, 200000 bytes; the first 65536 decoded lossily) "), "{}", &payload[..80]);
+    assert!(payload.len() < 65_536 * 3 + 100, "bounded: {} bytes", payload.len());
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_endpoints_answer() {
     let demo = start().await;

@@ -82,13 +82,35 @@ pub fn parse_format_label(label: &str) -> Option<PayloadFormat> {
     })
 }
 
+/// What a letter keeps of a payload that is not UTF-8: it cannot be replayed as sent anyway, and
+/// decoded whole (each bad byte three bytes) it could outgrow what a store takes in one record.
+const NOT_UTF8_KEPT: usize = 64 << 10;
+
+/// A payload's text for its dead letters.
+fn letter_text(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(text) => text.to_string(),
+        Err(_) => {
+            let kept = String::from_utf8_lossy(&body[..body.len().min(NOT_UTF8_KEPT)]);
+            format!("(not UTF-8, {} bytes; the first {} decoded lossily) {kept}", body.len(), NOT_UTF8_KEPT)
+        }
+    }
+}
+
+/// Stands for the payload in letters of a payload that named an erased person.
+const WITHHELD: &str = "(withheld: the payload names an erased person)";
+
 fn raw_dead_letter(payload: &RawPayload, reason: String, event_id: Option<String>) -> NewDeadLetter {
+    letter_with(payload, letter_text(&payload.body), reason, event_id)
+}
+
+fn letter_with(payload: &RawPayload, text: String, reason: String, event_id: Option<String>) -> NewDeadLetter {
     NewDeadLetter {
         source: payload.source,
         stage: DeadLetterStage::Validation,
         reason,
         event_id,
-        payload: String::from_utf8_lossy(&payload.body).into_owned(),
+        payload: text,
         // A connector's letter names its connector, so a replay knows how to read it again.
         content_type: match payload.format {
             PayloadFormat::Connector { name } => format!("{}; connector={}", payload.content_type, name.as_str()),
@@ -101,12 +123,18 @@ fn raw_dead_letter(payload: &RawPayload, reason: String, event_id: Option<String
 
 /// Gate 1 letters for a payload's rejected elements: one each while their copies of the payload
 /// stay under [`GATE1_LETTER_BYTES`] together, else one for all of them.
-fn element_letters(payload: &RawPayload, rejected: &[Rejection]) -> Vec<NewDeadLetter> {
-    let reasons: Vec<String> = rejected.iter().map(|r| element_reason(r.index, &r.reason)).collect();
-    if reasons.len() > 1 && reasons.len().saturating_mul(payload.body.len()) > GATE1_LETTER_BYTES {
-        return vec![raw_dead_letter(payload, summary_reason(&reasons), None)];
+/// A payload that named an erased person (`screened`) is not kept in them: its other elements
+/// may name that person too.
+fn element_letters(payload: &RawPayload, rejected: &[Rejection], screened: bool) -> Vec<NewDeadLetter> {
+    if rejected.is_empty() {
+        return Vec::new();
     }
-    reasons.into_iter().map(|reason| raw_dead_letter(payload, reason, None)).collect()
+    let text = if screened { WITHHELD.to_string() } else { letter_text(&payload.body) };
+    let reasons: Vec<String> = rejected.iter().map(|r| element_reason(r.index, &r.reason)).collect();
+    if reasons.len() > 1 && reasons.len().saturating_mul(text.len()) > GATE1_LETTER_BYTES {
+        return vec![letter_with(payload, text, summary_reason(&reasons), None)];
+    }
+    reasons.into_iter().map(|reason| letter_with(payload, text.clone(), reason, None)).collect()
 }
 
 impl Actor for IngestActor {
@@ -157,18 +185,20 @@ impl Actor for IngestActor {
             Ok(normalized) => {
                 let mut rejected: Vec<Rejection> = normalized.rejected;
                 let (mut events, mut suppressed, mut screened) = (Vec::new(), 0, false);
-                for mut event in normalized.events {
+                for event in normalized.events {
+                    // Screened first: an erased person's event is dropped, never dead-lettered.
+                    let (kept, changed) = state.erasures.apply(event);
+                    screened |= changed;
+                    let Some(mut event) = kept else {
+                        suppressed += 1;
+                        continue;
+                    };
                     if let Some(reason) = timestamp_out_of_bounds(&state.gate1, event.occurred_at, event.received_at) {
                         rejected.push(Rejection { index: None, reason });
                         continue;
                     }
                     event.trace.clone_from(&event_trace);
-                    let (kept, changed) = state.erasures.apply(event);
-                    screened |= changed;
-                    match kept {
-                        Some(e) => events.push(e),
-                        None => suppressed += 1,
-                    }
+                    events.push(event);
                 }
                 if suppressed > 0 {
                     m.gdpr_suppressed_events.with_label_values(&["ingest"]).inc_by(suppressed as u64);
@@ -180,7 +210,7 @@ impl Actor for IngestActor {
                 if !rejected.is_empty() {
                     m.events_rejected.with_label_values(&[source, "invalid"]).inc_by(rejected.len() as u64);
                 }
-                let letters = if keep_letters { element_letters(&payload, &rejected) } else { Vec::new() };
+                let letters = if keep_letters { element_letters(&payload, &rejected, screened) } else { Vec::new() };
                 // A payload naming an erased person is not kept raw: Bronze would store them again.
                 let bronze = (!screened).then(|| BronzeRecord {
                     source: payload.source,
