@@ -199,6 +199,42 @@ async fn gate_3_fails_the_batch_on_orphan_gold_records_and_low_completeness() {
     demo.stop().await.unwrap();
 }
 
+/// A CSV import sent without a CSV content type (curl's default) is dead-lettered as CSV, so its
+/// replay reads it as CSV once the cause is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_import_sent_as_a_form_is_replayed_as_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = "[quality.gate1]\nmax_future_secs = 60\n";
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), strict, SystemOptions::default()).await.unwrap();
+    let ahead = (Utc::now() + ChronoDuration::hours(2)).format("%Y-%m-%dT%H:%M:%S.000Z");
+    let now = Utc::now().format("%Y-%m-%dT%H:%M:%S.000Z");
+    let csv = format!(
+        "Id,Email,LastModifiedDate\n003000000000001AAA,csv-one@example.org,{now}\n003000000000002AAA,csv-two@example.org,{ahead}\n"
+    );
+    let c = &demo.client;
+    let r = c
+        .http
+        .post(format!("{}/v1/import/salesforce/contacts", c.base))
+        .bearer_auth(&c.crm_token)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let dlq = c.get("/v1/dlq").await.unwrap().body;
+    assert_eq!(dlq["total"], 1, "{dlq}");
+    demo.stop().await.unwrap();
+
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), "", SystemOptions::default()).await.unwrap();
+    let again = demo.client.post("/v1/dlq/replay", &json!({})).await.unwrap();
+    assert_eq!((again.body["replayed"].as_u64(), again.body["kept"].as_u64()), (Some(1), Some(0)), "{}", again.body);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let p = demo.client.get("/v1/profiles/email:csv-two@example.org").await.unwrap();
+    assert_eq!(p.status, 200, "{}", p.body);
+    demo.stop().await.unwrap();
+}
+
 /// A batch whose many refused events would each store a copy of it gets one letter for all of
 /// them: it counts every refusal at Gate 1, stays while a replay refuses any again, and goes
 /// once a replay brings them all in.

@@ -114,6 +114,10 @@ fn letter_with(payload: &RawPayload, text: String, reason: String, event_id: Opt
         // A connector's letter names its connector, so a replay knows how to read it again.
         content_type: match payload.format {
             PayloadFormat::Connector { name } => format!("{}; connector={}", payload.content_type, name.as_str()),
+            // The route said CSV whatever the client's header did; a replay reads it as CSV.
+            PayloadFormat::SalesforceCsv if !payload.content_type.contains("csv") => {
+                format!("{}; format=csv", payload.content_type)
+            }
             _ => payload.content_type.clone(),
         },
         received_at: payload.received_at,

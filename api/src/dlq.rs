@@ -65,9 +65,12 @@ fn format_of(state: &ApiState, letter: &DeadLetter) -> Result<PayloadFormat, Str
 async fn replay_payload(state: &ApiState, group: &[&DeadLetter]) -> Result<(Vec<u64>, Value), String> {
     let Some(first) = group.first() else { return Ok((Vec::new(), json!({}))) };
     let format = format_of(state, first)?;
-    // The connector mark is Cohort's, not the payload's.
-    let content_type =
-        first.content_type.split(';').filter(|p| !p.trim().starts_with("connector=")).collect::<Vec<_>>();
+    // The connector and format marks are Cohort's, not the payload's.
+    let content_type = first
+        .content_type
+        .split(';')
+        .filter(|p| !p.trim().starts_with("connector=") && !p.trim().starts_with("format="))
+        .collect::<Vec<_>>();
     let payload = RawPayload {
         source: first.source,
         format,
