@@ -174,3 +174,51 @@ async fn a_body_over_the_limit_is_read_to_its_end_and_answered_413() {
     assert!(answer.contains("\"payload_too_large\"") && answer.contains("512000"), "{answer}");
     demo.stop().await.unwrap();
 }
+
+/// The whole answer to `request`, as text.
+async fn answer_to(demo: &DemoServer, request: &[u8]) -> String {
+    let mut s = connect(demo).await;
+    let _ = s.write_all(request).await;
+    let (bytes, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    String::from_utf8_lossy(&bytes).to_string()
+}
+
+/// The framework's own refusals (an undecodable path, an unknown route, a streamed body over the
+/// limit) carry the same JSON error body as Cohort's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_frameworks_own_refusals_answer_with_the_json_error_body() {
+    let demo = start("").await;
+    let close = "Connection: close\r\n";
+    let bad_path = answer_to(
+        &demo,
+        format!("POST /v1/%FF HTTP/1.1\r\nHost: c\r\n{close}Content-Length: 2\r\n\r\n{{}}").as_bytes(),
+    )
+    .await;
+    assert!(bad_path.starts_with("HTTP/1.1 400"), "{bad_path}");
+    assert!(bad_path.contains("application/json") && bad_path.contains("\"bad_request\""), "{bad_path}");
+    assert!(bad_path.contains("UTF-8"), "the framework's reason is kept: {bad_path}");
+
+    let unknown = answer_to(&demo, format!("GET /v1/nothing/here HTTP/1.1\r\nHost: c\r\n{close}\r\n").as_bytes()).await;
+    assert!(unknown.starts_with("HTTP/1.1 404") && unknown.contains("\"not_found\""), "{unknown}");
+
+    let auth = format!("Basic {}", base64_of(&format!("{}:", demo.client.web_key)));
+    let mut request = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: c\r\n{close}Authorization: {auth}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..10 {
+        request.extend_from_slice(format!("{:x}\r\n", 64 << 10).as_bytes());
+        request.extend(std::iter::repeat_n(b' ', 64 << 10));
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let streamed = answer_to(&demo, &request).await;
+    assert!(streamed.starts_with("HTTP/1.1 413"), "{}", &streamed[..streamed.len().min(300)]);
+    assert!(streamed.contains("\"payload_too_large\""), "{streamed}");
+    demo.stop().await.unwrap();
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}

@@ -198,6 +198,7 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn_with_state((state.clone(), limits), limits::limit))
         .layer(middleware::from_fn_with_state(state.clone(), track_latency))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(middleware::from_fn(error::json_errors))
         // Correlation: every request gets an `x-request-id` (the caller's, or a new UUID), which
         // every log line written while handling it carries and the response returns.
         .layer(PropagateRequestIdLayer::x_request_id())
