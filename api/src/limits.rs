@@ -13,6 +13,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -20,12 +21,35 @@ pub struct Limits {
     ingest: Option<DefaultKeyedRateLimiter<String>>,
     api: Option<DefaultKeyedRateLimiter<String>>,
     in_flight: Semaphore,
+    checks: AtomicU64,
 }
+
+/// Checks between two sweeps of the quotas' idle keys.
+const TIDY_EVERY: u64 = 4_096;
 
 impl Limits {
     pub fn new(ingest_rps: u32, api_rps: u32, max_in_flight: usize) -> Self {
         let keyed = |rps: u32| NonZeroU32::new(rps).map(|r| RateLimiter::keyed(Quota::per_second(r)));
-        Self { ingest: keyed(ingest_rps), api: keyed(api_rps), in_flight: Semaphore::new(max_in_flight) }
+        Self {
+            ingest: keyed(ingest_rps),
+            api: keyed(api_rps),
+            in_flight: Semaphore::new(max_in_flight),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets keys whose quota is back to full: every credential a client makes up (valid or
+    /// not) gets an entry, which would otherwise stay for good.
+    fn tidy(&self) {
+        for limiter in [&self.ingest, &self.api].into_iter().flatten() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        [&self.ingest, &self.api].into_iter().flatten().map(|l| l.len()).sum()
     }
 }
 
@@ -40,13 +64,13 @@ fn class(route: &str) -> Option<bool> {
 
 /// Whose quota a request uses: its credential (hashed: the key is kept in memory), or the
 /// route's shared one when it carries none in a header (Segment's body write key, webhooks).
+/// Basic auth counts by user alone: the password is ignored, so varying it is no new quota.
 fn key(req: &Request, route: &str) -> String {
-    match req.headers().get(header::AUTHORIZATION) {
-        Some(v) => {
-            let digest = Sha256::digest(v.as_bytes());
-            digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
-        }
-        None => format!("route:{route}"),
+    let digest = |bytes: &[u8]| Sha256::digest(bytes).iter().take(12).map(|b| format!("{b:02x}")).collect();
+    match (crate::auth::basic_user(req.headers()), req.headers().get(header::AUTHORIZATION)) {
+        (Some(user), _) => digest(format!("basic:{user}").as_bytes()),
+        (None, Some(v)) => digest(v.as_bytes()),
+        (None, None) => format!("route:{route}"),
     }
 }
 
@@ -62,6 +86,9 @@ pub async fn limit(State((state, limits)): State<(ApiState, Arc<Limits>)>, req: 
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
     let Some(ingest) = class(&route) else { return next.run(req).await };
     let limiter = if ingest { &limits.ingest } else { &limits.api };
+    if limits.checks.fetch_add(1, Ordering::Relaxed) % TIDY_EVERY == TIDY_EVERY - 1 {
+        limits.tidy();
+    }
     if let Some(limiter) = limiter {
         if let Err(not_until) = limiter.check_key(&key(&req, &route)) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -93,5 +120,38 @@ mod tests {
         assert_eq!(class("/v1/{call}"), Some(true));
         assert_eq!(class("/webhooks/twilio/whatsapp"), Some(true));
         assert_eq!(class("/v1/profiles/{ref}"), Some(false));
+    }
+
+    fn request(authorization: &str) -> Request {
+        Request::builder().header(header::AUTHORIZATION, authorization).body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn basic(user_and_password: &str) -> String {
+        use base64::Engine;
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_and_password))
+    }
+
+    #[test]
+    fn a_write_key_has_one_quota_whatever_password_comes_with_it() {
+        let route = "/v1/{call}";
+        let k = |a: &str| key(&request(a), route);
+        assert_eq!(k(&basic("wk_web:")), k(&basic("wk_web:anything")));
+        assert_eq!(k(&basic("wk_web")), k(&basic("wk_web:x")));
+        assert_ne!(k(&basic("wk_web:")), k(&basic("wk_mobile:")));
+        assert_ne!(k("Bearer a"), k("Bearer b"));
+        assert_eq!(key(&Request::new(axum::body::Body::empty()), route), "route:/v1/{call}");
+    }
+
+    #[test]
+    fn keys_whose_quota_is_full_again_are_forgotten() {
+        let limits = Limits::new(1_000, 1_000, 8);
+        let ingest = limits.ingest.as_ref().unwrap();
+        for i in 0..100 {
+            assert!(ingest.check_key(&format!("made-up-{i}")).is_ok());
+        }
+        assert_eq!(limits.keys(), 100);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        limits.tidy();
+        assert_eq!(limits.keys(), 0, "each key's quota refilled in a millisecond");
     }
 }
