@@ -795,6 +795,33 @@ mod tests {
         (store.recent.events.lock().len(), store.recent.outbox.lock().len())
     }
 
+    /// Expiry covering part of one payload's events keeps that payload for the events left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expiry_inside_a_payloads_events_keeps_the_payload_for_the_rest() {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let raw = || BronzeRecord {
+            source: cohort_messages::Source::Web,
+            format: "segment:batch".into(),
+            content_type: "application/json".into(),
+            received_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            body: b"{}".to_vec(),
+        };
+        let events = vec![tracked("e1", "a@example.edu"), tracked("e2", "b@example.edu")];
+        store.append(AppendBatch { raw: Some(raw()), events }).await.unwrap();
+        let events = vec![tracked("e3", "a@example.edu"), tracked("e4", "b@example.edu")];
+        store.append(AppendBatch { raw: Some(raw()), events }).await.unwrap();
+        let later = Utc::now();
+        let bronze = |store: Arc<EmbeddedStore>| async move {
+            store.read_bronze_after(0, 10).await.unwrap().into_iter().map(|(seq, _)| seq).collect::<Vec<_>>()
+        };
+
+        store.compact(later, 3).await.unwrap();
+        assert_eq!(store.read_after(0, 10).await.unwrap().len(), 1, "e4 is left");
+        assert_eq!(bronze(store.clone()).await, vec![2], "the first payload went, e4's stays");
+        store.compact(later, 4).await.unwrap();
+        assert_eq!(bronze(store.clone()).await, Vec::<u64>::new());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_take_what_the_writer_kept_and_erasures_and_acks_drop_it() {
         let store = EmbeddedStore::in_memory().unwrap();

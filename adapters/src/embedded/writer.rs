@@ -347,7 +347,7 @@ impl<'txn> Tables<'txn> {
 
     /// Removes idempotency keys recorded before `before`, then journal events received before
     /// it up to seq `covered` (what the pipeline has persisted), and the raw payloads only those
-    /// events referenced.
+    /// events referenced (not one an event left behind still points at).
     fn expire(&mut self, before: DateTime<Utc>, covered: u64) -> Result<u64, StoreError> {
         let cutoff = u64::try_from(before.timestamp_millis()).unwrap_or(0);
         let mut keys: Vec<(u64, String)> = Vec::new();
@@ -373,6 +373,14 @@ impl<'txn> Tables<'txn> {
         }
         for seq in expired_seqs {
             self.journal.remove(seq).ctx("expire")?;
+        }
+        // A payload's events are journaled together, in raw seq order: only the first event
+        // left can still point at the last payload read (the expiry stopped inside its batch).
+        if let Some(first) = self.journal.first().ctx("expire")? {
+            let event: CustomerEvent = decode("event", first.1.value())?;
+            if event.raw.seq == Some(last_raw) {
+                last_raw = last_raw.saturating_sub(1);
+            }
         }
         let raw: Vec<u64> = self
             .bronze
