@@ -142,7 +142,8 @@ impl Erasures {
         Ok(())
     }
 
-    /// Persists and applies a suppression.
+    /// Persists and applies a suppression. A temporary one (a plain delete) never replaces a
+    /// permanent one another saga recorded: its end would lift that too.
     pub async fn record_suppression(
         &self,
         store: &dyn OperationalStore,
@@ -151,20 +152,42 @@ impl Erasures {
         permanent: bool,
     ) -> Result<(), StoreError> {
         let at = chrono::Utc::now();
+        let held = match permanent {
+            true => vec![None; hashes.len()],
+            false => store.get_documents(SUPPRESSED, hashes).await?,
+        };
         let docs = hashes
             .iter()
-            .map(|h| (h.clone(), Some(json!({ "saga_id": saga_id, "permanent": permanent, "since": at }))))
+            .zip(held)
+            .filter(|(_, held)| !held.as_ref().is_some_and(|d| d["permanent"] == json!(true)))
+            .map(|(h, _)| (h.clone(), Some(json!({ "saga_id": saga_id, "permanent": permanent, "since": at }))))
             .collect();
         store.put_documents(SUPPRESSED, docs).await?;
         self.suppress(hashes.iter().cloned());
         Ok(())
     }
 
-    /// Persists and applies the end of a temporary suppression.
-    pub async fn lift_suppression(&self, store: &dyn OperationalStore, hashes: &[String]) -> Result<(), StoreError> {
-        store.put_documents(SUPPRESSED, hashes.iter().map(|h| (h.clone(), None)).collect()).await?;
-        self.lift(hashes);
-        Ok(())
+    /// Persists and applies the end of saga `saga_id`'s temporary suppression: only what it
+    /// recorded itself, never a permanent suppression or one a later saga recorded. Returns the
+    /// hashes lifted.
+    pub async fn lift_suppression(
+        &self,
+        store: &dyn OperationalStore,
+        saga_id: &str,
+        hashes: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let held = store.get_documents(SUPPRESSED, hashes).await?;
+        let ours: Vec<String> = hashes
+            .iter()
+            .zip(held)
+            .filter(|(_, d)| {
+                d.as_ref().is_some_and(|d| d["saga_id"] == json!(saga_id) && d["permanent"] != json!(true))
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        store.put_documents(SUPPRESSED, ours.iter().map(|h| (h.clone(), None)).collect()).await?;
+        self.lift(&ours);
+        Ok(ours)
     }
 
     /// Persists and applies erased profile ids.
@@ -202,6 +225,30 @@ mod tests {
             trace: None,
             raw: RawRef { seq: None, index: 0 },
         }
+    }
+
+    /// A plain delete filed after a suppressing request for the same person neither downgrades
+    /// nor ends that suppression; a plain delete's own suppression ends with it, and only with it.
+    #[tokio::test]
+    async fn a_temporary_suppression_never_ends_a_permanent_one() {
+        let store = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let secret = [7u8; 32];
+        let e = Erasures::new(KeyedHasher::from_secret(&secret).unwrap());
+        let hash = |v: &str| vec![e.hash(&Identifier::new(IdentifierKind::Email, v))];
+        let jana = hash("jana@uni.eu");
+        e.record_suppression(store.as_ref(), "saga-a", &jana, true).await.unwrap();
+        e.record_suppression(store.as_ref(), "saga-b", &jana, false).await.unwrap();
+        assert_eq!(e.lift_suppression(store.as_ref(), "saga-b", &jana).await.unwrap(), Vec::<String>::new());
+        assert_eq!(e.suppressed_len(), 1);
+        let reloaded = Erasures::new(KeyedHasher::from_secret(&secret).unwrap());
+        reloaded.load(store.as_ref()).await.unwrap();
+        assert_eq!(reloaded.suppressed_len(), 1, "still permanent in the store");
+
+        let tom = hash("tom@uni.eu");
+        e.record_suppression(store.as_ref(), "saga-c", &tom, false).await.unwrap();
+        assert!(e.lift_suppression(store.as_ref(), "saga-d", &tom).await.unwrap().is_empty(), "not saga-d's");
+        assert_eq!(e.lift_suppression(store.as_ref(), "saga-c", &tom).await.unwrap(), tom);
+        assert_eq!(e.suppressed_len(), 1, "only Jana's is left");
     }
 
     #[test]

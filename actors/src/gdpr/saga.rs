@@ -373,7 +373,7 @@ impl GdprState {
         let a = &self.args;
         let store = a.store.as_ref();
         if step == DeletionStep::Release {
-            return self.release(state).await;
+            return self.release(saga_id, state).await;
         }
         if step == DeletionStep::Audit {
             return self.audit(saga_id, state).await;
@@ -661,13 +661,13 @@ impl GdprState {
         Ok(Outcome::Done(json!({ "audit_id": ids.first() })))
     }
 
-    async fn release(&self, state: &mut DeletionState) -> Result<Outcome, StepError> {
+    async fn release(&self, saga_id: &str, state: &mut DeletionState) -> Result<Outcome, StepError> {
         let a = &self.args;
         let lifted = !state.regulation.suppresses();
         if lifted {
-            a.erasures.lift_suppression(a.store.as_ref(), &state.identifier_hashes).await?;
+            let ended = a.erasures.lift_suppression(a.store.as_ref(), saga_id, &state.identifier_hashes).await?;
             let records: Vec<(String, Option<Vec<u8>>)> =
-                state.identifier_hashes.iter().map(|h| (format!("suppress:{h}"), None)).collect();
+                ended.iter().map(|h| (format!("suppress:{h}"), None)).collect();
             a.bus.publish_gdpr(&records).await?;
         }
         state.sealed_target = None;
