@@ -67,10 +67,13 @@ impl ErasureTarget {
         event.identifiers.iter().any(|i| self.identifiers.contains(i))
     }
 
-    /// The strings a raw payload of the person contains: each identifier value, and a phone's
-    /// digits without `+` (form encoding turns `+` into `%2B`).
+    /// The strings a raw payload of the person contains: each identifier value, a phone's
+    /// digits without `+` (form encoding turns `+` into `%2B`), and each email address as the
+    /// student wrote it (identifiers are canonical: `Jana.Nowak+x@googlemail.com` is stored
+    /// as `jananowak@gmail.com`, and a raw payload holds only the first).
     pub fn needles(&self) -> Vec<String> {
-        let mut out = BTreeSet::new();
+        let mut out: BTreeSet<String> =
+            self.contact_emails.iter().filter(|e| e.len() >= MIN_NEEDLE).map(|e| e.to_ascii_lowercase()).collect();
         for id in &self.identifiers {
             if id.value.len() >= MIN_NEEDLE {
                 out.insert(id.value.clone());
@@ -334,5 +337,17 @@ mod tests {
         assert!(t.mentions(&n, b"From=whatsapp%3A%2B4915112345678&Body=hi"));
         assert!(t.mentions(&n, br#"{"email":"Jana.Nowak@example.edu"}"#));
         assert!(!t.mentions(&n, br#"{"email":"someone@example.edu"}"#));
+    }
+
+    #[test]
+    fn needles_find_an_address_as_written_not_only_in_its_canonical_form() {
+        let t = ErasureTarget {
+            profiles: vec![],
+            contact_emails: vec!["Jana.Nowak+news@googlemail.com".into()],
+            identifiers: vec![Identifier::new(IdentifierKind::Email, "jananowak@gmail.com")],
+        };
+        let n = t.needles();
+        assert!(t.mentions(&n, br#"[{"email":"jana.nowak+news@googlemail.com","event":"open"}]"#));
+        assert!(t.mentions(&n, br#"{"traits":{"email":"jananowak@gmail.com"}}"#));
     }
 }
