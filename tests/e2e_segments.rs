@@ -317,6 +317,48 @@ async fn an_activation_skipped_for_want_of_consent_goes_out_once_consent_is_reco
     demo.stop().await.unwrap();
 }
 
+/// Consent withdrawn while a request is backing off after a failure: the retry is not sent,
+/// and the job ends as skipped for want of consent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_withdrawn_while_a_request_retries_stops_the_retry() {
+    let d = Destinations::start().await;
+    let slow = mba_list_toml(&d).replacen("backoff_initial_ms = 20", "backoff_initial_ms = 1500", 1);
+    let demo = DemoServer::start(
+        None,
+        &slow.replacen("backoff_max_ms = 100", "backoff_max_ms = 2000", 1),
+        SystemOptions::default(),
+    )
+    .await
+    .unwrap();
+    let c = &demo.client;
+    d.fail_next("sendgrid", 1);
+    prospect(c, "wren", "wren.m@uni.eu", "0035e00000WrenAAAA", true).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+        if status["destinations"]["sendgrid"]["retries"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first request never failed: {status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let put = c
+        .call(
+            "PUT",
+            "/v1/profiles/email:wren.m@uni.eu/consent",
+            &json!({ "email": { "granted": false, "source": "unsubscribe" } }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(put.status, 200, "{}", put.body);
+    drained(&demo).await;
+    assert!(d.received("sendgrid").is_empty(), "the retry went out after consent was withdrawn");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(sendgrid_skips(&status, "consent"), 1, "{status}");
+    assert_eq!(status["destinations"]["sendgrid"]["failed"].as_u64(), Some(0), "{status}");
+    demo.stop().await.unwrap();
+}
+
 /// Members of the batch segment `quiz` go on the SendGrid list `quiz` (email consent needed).
 fn quiz_list_toml(d: &Destinations) -> String {
     format!(

@@ -112,6 +112,9 @@ enum JobError {
     Quota(u64),
     #[error("the person was erased")]
     Erased,
+    /// Consent withdrawn or the address suppressed while the request was retrying.
+    #[error("no longer allowed to contact: {0:?}")]
+    NoLongerAllowed(Skip),
 }
 
 /// The request a job sends.
@@ -927,9 +930,15 @@ impl Lane {
         let mut delay = Duration::from_millis(s.backoff_initial_ms.max(1));
         let mut attempt = 1;
         loop {
-            // An erasure that ran while this request was retrying ends it.
+            // An erasure that ran while this request was retrying ends it, and so does a consent
+            // withdrawn or an address suppressed meanwhile (a STOP reply, say).
             if shared.erasures.is_erased(&job.change.profile_id) {
                 return Err(JobError::Erased);
+            }
+            if attempt > 1 {
+                if let Some(skip) = contact_refused(shared.store.as_ref(), job).await? {
+                    return Err(JobError::NoLongerAllowed(skip));
+                }
             }
             self.limiter.until_ready().await;
             // An unreachable quota record is retried like a failed request; a used-up day is not.
@@ -1003,6 +1012,7 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     // Erased mid-way: a skip, never a failure record (which would keep the person's snapshot).
     let outcome = match outcome {
         Err(JobError::Erased) => Ok(Some(Skip::Erased)),
+        Err(JobError::NoLongerAllowed(skip)) => Ok(Some(skip)),
         other => other,
     };
     let store = &shared.store;
@@ -1065,6 +1075,26 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     }
 }
 
+/// Why the job may not contact the person on its channel now: no address, no marketing consent,
+/// or a suppressed address. Asked before the first request and before every retry.
+async fn contact_refused(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
+    let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
+    let Some(channel) = channel_of(job) else { return Ok(None) };
+    let to = match address(job) {
+        Ok(a) => a,
+        Err(skip) => return Ok(Some(skip)),
+    };
+    let consents = store.consents(&job.change.profile_id).await.map_err(unavailable)?;
+    if !consents.iter().any(|c| c.channel == channel && c.purpose == "marketing" && c.granted) {
+        return Ok(Some(Skip::Consent));
+    }
+    let listed = store.suppressed(&[(channel, to)]).await.map_err(unavailable)?;
+    if listed.first().is_some_and(Option::is_some) {
+        return Ok(Some(Skip::Suppressed));
+    }
+    Ok(None)
+}
+
 /// One job: idempotency, consent, suppression, Gate 4, then the request(s).
 async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>, JobError> {
     let store = &shared.store;
@@ -1085,16 +1115,8 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
         Ok(a) => a,
         Err(skip) => return Ok(Some(skip)),
     };
-    if let Some(channel) = channel_of(job) {
-        let consents = store.consents(&job.change.profile_id).await.map_err(unavailable)?;
-        let granted = consents.iter().any(|c| c.channel == channel && c.purpose == "marketing" && c.granted);
-        if !granted {
-            return Ok(Some(Skip::Consent));
-        }
-        let listed = store.suppressed(&[(channel, to.clone())]).await.map_err(unavailable)?;
-        if listed.first().is_some_and(Option::is_some) {
-            return Ok(Some(Skip::Suppressed));
-        }
+    if let Some(skip) = contact_refused(store.as_ref(), job).await? {
+        return Ok(Some(skip));
     }
     let mut fields = mapped_fields(job)?;
     // Incremental: a Contact update sends only the fields that differ from the last one written.
