@@ -419,6 +419,21 @@ async fn segments_are_defined_validated_and_listed_through_the_api_and_exits_hap
     assert!(bad.body["error"]["message"].as_str().unwrap().contains("at column 26"), "{}", bad.body);
     let bad_name = c.call("PUT", "/v1/segments/Recent MBA", &json!({ "rule": "1 == 1" })).await.unwrap();
     assert_eq!(bad_name.status, 400);
+    for (sql, why) in
+        [("SELEC profile_id FRM nowhere", "the query does not run"), ("SELECT 1 AS x", "profile_id column")]
+    {
+        let batch = json!({ "kind": "batch", "sql": sql, "every_secs": 3600 });
+        let refused = c.call("PUT", "/v1/segments/never_runs", &batch).await.unwrap();
+        assert_eq!(refused.status, 400, "{}", refused.body);
+        assert!(refused.body["error"]["message"].as_str().unwrap().contains(why), "{}", refused.body);
+    }
+    assert_eq!(c.get("/v1/segments/never_runs").await.unwrap().status, 404, "nothing stored");
+    for every in [json!(5), json!(u64::MAX)] {
+        let batch = json!({ "kind": "batch", "sql": "SELECT profile_id FROM gold_profiles", "every_secs": every });
+        let bad_period = c.call("PUT", "/v1/segments/yearly", &batch).await.unwrap();
+        assert_eq!(bad_period.status, 400, "{}", bad_period.body);
+        assert!(bad_period.body["error"]["message"].as_str().unwrap().contains("every_secs"), "{}", bad_period.body);
+    }
 
     // A student with one MBA view a few seconds "ago" in a 3-second window: in, then out on time.
     let now = Utc::now();
@@ -1166,7 +1181,8 @@ async fn a_batch_segment_redefined_with_a_rule_or_deleted_stops_its_timed_runs()
     let sql = "SELECT DISTINCT profile_id FROM silver_dedup WHERE name = 'Quiz Completed'";
     let batch = json!({ "kind": "batch", "sql": sql, "every_secs": 3600 });
     for name in ["weekly", "nightly"] {
-        assert_eq!(c.call("PUT", &format!("/v1/segments/{name}"), &batch).await.unwrap().status, 200);
+        let put = c.call("PUT", &format!("/v1/segments/{name}"), &batch).await.unwrap();
+        assert_eq!(put.status, 200, "{}", put.body);
     }
     assert_eq!(timers().await, 2);
     let rule = json!({ "rule": r#"page_count("mba", 7d) >= 1"# });

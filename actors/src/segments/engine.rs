@@ -126,7 +126,7 @@ impl SegmentEngineState {
         if let Some(old) = self.batch_timers.remove(&definition.name) {
             old.abort();
         }
-        let every = Duration::from_secs(definition.every_secs.unwrap_or(3600).max(10));
+        let every = Duration::from_secs(definition.every_secs.unwrap_or(3600).clamp(10, super::MAX_EVERY_SECS));
         let name = definition.name.clone();
         let handle = myself.send_interval(every, move || SegmentMsg::RunScheduledBatch { name: name.clone() });
         self.batch_timers.insert(definition.name.clone(), handle);
@@ -268,6 +268,30 @@ impl SegmentEngineState {
             self.record(&changes).await?;
         }
         Ok(ids.last().cloned().filter(|_| ids.len() == BACKFILL_PAGE))
+    }
+
+    /// A batch segment's SQL must run and return a `profile_id` column, checked on a run that
+    /// returns no rows: a definition that never could run is refused when it is given, not
+    /// logged later. An unreachable warehouse is `storage unavailable` (try again).
+    async fn check_batch_sql(&self, definition: &SegmentDefinition) -> Result<(), String> {
+        let Some(sql) = definition.sql.as_deref().filter(|_| definition.kind == SegmentKind::Batch) else {
+            return Ok(());
+        };
+        let warehouse = self.args.warehouse.clone().ok_or("batch segments need a warehouse (warehouse.url)")?;
+        // The layers' tables and views exist before the first relay writes to them.
+        warehouse
+            .ensure_schema()
+            .await
+            .map_err(|e| format!("storage unavailable: the warehouse did not answer: {e}"))?;
+        let probe = format!("SELECT * FROM (\n{}\n) AS candidate LIMIT 0", sql.trim().trim_end_matches(';'));
+        match warehouse.query(&probe, &[] as &[(String, QueryValue)]).await {
+            Err(e) if e.is_retryable() => Err(format!("storage unavailable: the warehouse did not answer: {e}")),
+            Err(e) => Err(format!("the query does not run: {e}")),
+            Ok(r) if !r.columns.is_empty() && !r.columns.iter().any(|c| c == "profile_id") => {
+                Err(format!("the query must return a profile_id column (it returns {})", r.columns.join(", ")))
+            }
+            Ok(_) => Ok(()),
+        }
     }
 
     /// Runs a batch segment's SQL and applies the difference with the stored membership.
@@ -449,8 +473,12 @@ impl Actor for SegmentEngine {
                 }
             }
             SegmentMsg::Define { definition, reply } => {
-                let answer = match Segment::compile(definition, &state.args.registry.models) {
+                let compiled = match Segment::compile(definition, &state.args.registry.models) {
                     Err(e) => Err(e.to_string()),
+                    Ok(segment) => state.check_batch_sql(&segment.definition).await.map(|()| segment),
+                };
+                let answer = match compiled {
+                    Err(e) => Err(e),
                     Ok(segment) => {
                         let d = segment.definition.clone();
                         let doc = serde_json::to_value(&d).map_err(|e| e.to_string());

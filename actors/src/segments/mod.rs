@@ -75,8 +75,10 @@ impl Segment {
                         "a batch segment needs `sql` returning a profile_id column".into(),
                     ));
                 }
-                if definition.every_secs.is_none_or(|s| s < 10) {
-                    return Err(DefinitionError::Invalid("a batch segment needs `every_secs` of at least 10".into()));
+                if definition.every_secs.is_none_or(|s| !(10..=MAX_EVERY_SECS).contains(&s)) {
+                    return Err(DefinitionError::Invalid(format!(
+                        "a batch segment needs `every_secs` between 10 and {MAX_EVERY_SECS} (a year)"
+                    )));
                 }
                 None
             }
@@ -84,6 +86,9 @@ impl Segment {
         Ok(Segment { definition, expr })
     }
 }
+
+/// Longest period of a batch segment: longer ones overflow the timer's clock.
+pub(crate) const MAX_EVERY_SECS: u64 = 366 * 24 * 3600;
 
 /// The segments ProfileActors evaluate: replaced as a whole when a definition changes, so an
 /// evaluation always sees one consistent set.
