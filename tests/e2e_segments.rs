@@ -359,6 +359,51 @@ async fn consent_withdrawn_while_a_request_retries_stops_the_retry() {
     demo.stop().await.unwrap();
 }
 
+/// Fails a profile actor once, on the first event named "Flaky".
+#[derive(Default)]
+struct FailOnce(std::sync::atomic::AtomicBool);
+
+impl cohort_actors::FaultInjector for FailOnce {
+    fn before_apply(&self, _profile: &cohort_messages::ProfileId, event: &cohort_messages::CustomerEvent) {
+        if event.name.as_deref() == Some("Flaky") && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("injected failure");
+        }
+    }
+}
+
+/// A profile actor that fails after entering a segment, before that entry was flushed, replays
+/// the event on restart and enters again: the trigger already sent is not sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_replayed_after_a_restart_does_not_send_its_trigger_twice() {
+    let d = Destinations::start().await;
+    let toml = format!("{}\n[profiles]\nflush_interval_ms = 60000\n", mba_list_toml(&d));
+    let options = SystemOptions { fault: Some(std::sync::Arc::new(FailOnce::default())), ..SystemOptions::default() };
+    let demo = DemoServer::start(None, &toml, options).await.unwrap();
+    let c = &demo.client;
+    let email = "rhea.k@uni.eu";
+    let mut identify =
+        payloads::segment_identify("rhea-id", Some("anon-rhea"), None, json!({ "email": email }), None, Utc::now());
+    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
+    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+
+    // Entered and sent, not yet flushed; then the actor fails and replays the page view.
+    let page = payloads::segment_page("rhea-p1", "anon-rhea", "/programs/mba", Utc::now());
+    ok(c.segment(false, "page", &page).await.unwrap()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.received("sendgrid").is_empty() {
+        assert!(Instant::now() < deadline, "the entry's list addition never went out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let flaky = json!({ "type": "track", "messageId": "rhea-flaky", "anonymousId": "anon-rhea", "event": "Flaky",
+        "timestamp": Utc::now().to_rfc3339() });
+    ok(c.segment(false, "track", &flaky).await.unwrap()).await;
+    drained(&demo).await;
+    assert_eq!(demo.cohort.profile_stats().await.unwrap().restarts, 1, "the actor failed once");
+    assert_one_list_addition(&d, email, "the replayed entry did not send again");
+    demo.stop().await.unwrap();
+}
+
 /// Members of the batch segment `quiz` go on the SendGrid list `quiz` (email consent needed).
 fn quiz_list_toml(d: &Destinations) -> String {
     format!(

@@ -79,11 +79,37 @@ pub fn member_key(segment: &str, profile: &ProfileId) -> String {
 
 impl SegmentEngineState {
     async fn record(&mut self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
-        self.store_and_publish(changes).await?;
+        let changes = self.as_first_recorded(changes).await?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.store_and_publish(&changes).await?;
         if let Some(retl) = self.args.reverse_etl.get() {
-            let _ = retl.send_message(ReverseEtlMsg::Dispatch(changes.to_vec()));
+            let _ = retl.send_message(ReverseEtlMsg::Dispatch(changes));
         }
         Ok(())
+    }
+
+    /// A profile that replays events after a restart re-evaluates its segments. An entry
+    /// already recorded keeps the time it was first recorded: its triggers' keys then match,
+    /// so one already sent is not sent again. An exit from a membership no longer recorded was
+    /// recorded before, and is dropped.
+    async fn as_first_recorded(&self, changes: &[SegmentChanged]) -> Result<Vec<SegmentChanged>, StoreError> {
+        let keys: Vec<String> = changes.iter().map(|c| member_key(&c.segment, &c.profile_id)).collect();
+        let docs = self.args.store.get_documents(MEMBERS, &keys).await?;
+        let since = |doc: &Option<serde_json::Value>| {
+            doc.as_ref()
+                .and_then(|d| d.get("since"))
+                .and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok())
+        };
+        Ok(changes
+            .iter()
+            .zip(docs)
+            .filter_map(|(c, doc)| match c.change {
+                Change::Entered => Some(SegmentChanged { at: since(&doc).unwrap_or(c.at), ..c.clone() }),
+                Change::Exited => doc.is_some().then(|| c.clone()),
+            })
+            .collect())
     }
 
     async fn store_and_publish(&mut self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
