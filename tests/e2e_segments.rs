@@ -359,6 +359,42 @@ async fn consent_withdrawn_while_a_request_retries_stops_the_retry() {
     demo.stop().await.unwrap();
 }
 
+/// An exit that is due because time passed comes on time after a restart too, though the
+/// profile has no event and no actor to tell the new process when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_due_with_time_happens_after_a_restart_without_new_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Destinations::start().await;
+    let demo =
+        DemoServer::start(Some(dir.path().to_path_buf()), &d.config_toml(), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let rule = json!({ "rule": r#"page_count("mba", 6s) >= 1"# });
+    assert_eq!(c.call("PUT", "/v1/segments/just_now", &rule).await.unwrap().status, 200);
+    let view = payloads::segment_page("r-1", "anon-r", "/programs/mba", Utc::now());
+    ok(c.segment(false, "page", &view).await.unwrap()).await;
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let members = |c: CohortClient| async move {
+        ok(c.get("/v1/segments/just_now/members").await.unwrap()).await["members"].as_array().map_or(0, Vec::len)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while members(c.clone()).await != 1 {
+        assert!(Instant::now() < deadline, "never entered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    demo.stop().await.unwrap();
+
+    let demo =
+        DemoServer::start(Some(dir.path().to_path_buf()), &d.config_toml(), SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    assert_eq!(members(c.clone()).await, 1, "still a member after the restart");
+    let out_by = Instant::now() + Duration::from_secs(12);
+    while members(c.clone()).await != 0 {
+        assert!(Instant::now() < out_by, "the exit never came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    demo.stop().await.unwrap();
+}
+
 /// Fails a profile actor once, on the first event named "Flaky".
 #[derive(Default)]
 struct FailOnce(std::sync::atomic::AtomicBool);

@@ -22,6 +22,9 @@ pub const DEFINITIONS: &str = "segments";
 pub const MEMBERS: &str = "segment_members";
 
 const BACKFILL_PAGE: usize = 500;
+/// When each profile is next to be evaluated again because time passed (`profile id` →
+/// `{"at"}`): an idle profile has no actor to tell the engine again after a restart.
+pub const SCHEDULES: &str = "segment_schedules";
 
 pub struct SegmentEngine;
 
@@ -47,6 +50,9 @@ pub struct SegmentEngineState {
     args: SegmentEngineArgs,
     due: BTreeSet<(DateTime<Utc>, ProfileId)>,
     scheduled: HashMap<ProfileId, DateTime<Utc>>,
+    /// Schedule changes not yet stored (`None`: none any more); written once per tick. One
+    /// replica only: in cluster mode a replica learns its profiles' schedules from their actors.
+    unsaved: HashMap<ProfileId, Option<DateTime<Utc>>>,
     batch_timers: HashMap<String, JoinHandle<()>>,
     timers: Vec<JoinHandle<()>>,
     changes: u64,
@@ -139,6 +145,9 @@ impl SegmentEngineState {
     }
 
     fn schedule(&mut self, profile: ProfileId, at: Option<DateTime<Utc>>) {
+        if self.persists_schedules() {
+            self.unsaved.insert(profile.clone(), at);
+        }
         if let Some(old) = self.scheduled.remove(&profile) {
             self.due.remove(&(old, profile.clone()));
         }
@@ -146,6 +155,43 @@ impl SegmentEngineState {
             self.due.insert((at, profile.clone()));
             self.scheduled.insert(profile, at);
         }
+    }
+
+    fn persists_schedules(&self) -> bool {
+        self.args.refresh.is_none()
+    }
+
+    /// Stores the schedule changes since the last tick (kept for the next one if the store is
+    /// away).
+    async fn save_schedules(&mut self) {
+        if self.unsaved.is_empty() {
+            return;
+        }
+        let docs: Vec<(String, Option<serde_json::Value>)> =
+            self.unsaved.iter().map(|(p, at)| (p.to_string(), at.map(|at| json!({ "at": at })))).collect();
+        match self.args.store.put_documents(SCHEDULES, docs).await {
+            Ok(()) => self.unsaved.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, pending = self.unsaved.len(), "segment schedules not stored; retrying")
+            }
+        }
+    }
+
+    /// The schedules stored before a restart; one already due fires at the next tick.
+    async fn load_schedules(&mut self) -> Result<(), StoreError> {
+        if !self.persists_schedules() {
+            return Ok(());
+        }
+        for (key, doc) in all_documents(self.args.store.as_ref(), SCHEDULES, "").await? {
+            let at = doc.get("at").and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok());
+            if let (Some(profile), Some(at)) = (ProfileId::parse(&key), at) {
+                if !self.scheduled.contains_key(&profile) {
+                    self.due.insert((at, profile.clone()));
+                    self.scheduled.insert(profile, at);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn start_batch_timer(&mut self, myself: &ActorRef<SegmentMsg>, definition: &SegmentDefinition) {
@@ -398,6 +444,7 @@ impl Actor for SegmentEngine {
             args,
             due: BTreeSet::new(),
             scheduled: HashMap::new(),
+            unsaved: HashMap::new(),
             batch_timers: HashMap::new(),
             timers: Vec::new(),
             changes: 0,
@@ -411,6 +458,10 @@ impl Actor for SegmentEngine {
         myself: ActorRef<SegmentMsg>,
         state: &mut SegmentEngineState,
     ) -> Result<(), ActorProcessingErr> {
+        if let Err(e) = state.load_schedules().await {
+            // Without them an idle profile's time-based change waits for its next event.
+            tracing::warn!(error = %e, "stored segment schedules not read");
+        }
         state.timers.push(myself.send_interval(state.args.tick, || SegmentMsg::Tick));
         if let Some(every) = state.args.refresh {
             state.timers.push(myself.send_interval(every, || SegmentMsg::Refresh));
@@ -438,6 +489,7 @@ impl Actor for SegmentEngine {
         for t in state.timers.drain(..) {
             t.abort();
         }
+        state.save_schedules().await;
         for (_, t) in state.batch_timers.drain() {
             t.abort();
         }
@@ -492,11 +544,16 @@ impl Actor for SegmentEngine {
                     }
                     state.due.remove(&(at, profile.clone()));
                     state.scheduled.remove(&profile);
+                    if state.persists_schedules() {
+                        // Its actor answers the re-evaluation with its next schedule, if any.
+                        state.unsaved.insert(profile.clone(), None);
+                    }
                     if let Some(d) = &directory {
                         let _ =
                             d.send_message(ProfilesMsg::Deliver { profile_id: profile, msg: ProfileMsg::Reevaluate });
                     }
                 }
+                state.save_schedules().await;
             }
             SegmentMsg::Define { definition, reply } => {
                 let compiled = match Segment::compile(definition, &state.args.registry.models) {
