@@ -140,6 +140,16 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     assert_eq!((a.status.as_u16(), &a.body["suppressed"]), (200, &json!(1)), "{}", a.body);
     let now = c.get("/v1/dlq?limit=1000").await.unwrap().body;
     assert_eq!(now["total"], letters["total"], "{now}");
+    // A batch whose refused element names her (an identify without ids) keeps her address
+    // neither in Bronze nor in its letter, though nothing of hers was read as an event.
+    let refused = json!({ "type": "identify", "traits": { "email": JANA.email } });
+    let other = payloads::segment_track("tom-batch", "tom-user", "Course Viewed", json!({}), Utc::now());
+    let a = c.segment(false, "batch", &json!({ "batch": [other, refused] })).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["accepted"]), (200, &json!(1)), "{}", a.body);
+    assert_eq!(bus.person_remnants(&target).await.unwrap(), Default::default(), "nothing of hers in the log");
+    let letters = c.get("/v1/dlq?limit=1000").await.unwrap().body;
+    let newest = letters["dead_letters"].as_array().unwrap().last().cloned().unwrap();
+    assert!(newest["payload"].as_str().unwrap().contains("erased person"), "{newest}");
     let form = payloads::twilio_whatsapp_form("SMjanaagain00000000000000000001", JANA.phone, "hello again", "Jana");
     assert_eq!(c.twilio(&form).await.unwrap().status, 200, "Twilio gets its TwiML answer");
     // An event already on the bus (a replay, a redelivery) is dropped by the resolver.

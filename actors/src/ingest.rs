@@ -97,6 +97,30 @@ fn letter_text(body: &[u8]) -> String {
     }
 }
 
+/// Whether a payload's text holds the email address of a suppressed person. Asked only of a
+/// payload with refused parts: those were never screened, and their raw text would otherwise
+/// be kept (Bronze, dead letters).
+fn names_suppressed(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, body: &[u8]) -> bool {
+    if erasures.suppressed_len() == 0 {
+        return false;
+    }
+    let text = String::from_utf8_lossy(body);
+    let b = text.as_bytes();
+    let local = |c: &u8| c.is_ascii_alphanumeric() || b"._%+-".contains(c);
+    let domain = |c: &u8| c.is_ascii_alphanumeric() || b".-".contains(c);
+    b.iter().enumerate().filter(|(_, c)| **c == b'@').any(|(at, _)| {
+        let start = b[..at].iter().rposition(|c| !local(c)).map_or(0, |p| p + 1);
+        let end = b[at + 1..].iter().position(|c| !domain(c)).map_or(b.len(), |p| at + 1 + p);
+        let canonical = text.get(start..end).and_then(crate::normalize::contact::normalize_email);
+        canonical.is_some_and(|e| {
+            erasures.suppresses_identifier(&cohort_messages::Identifier::new(
+                cohort_messages::IdentifierKind::Email,
+                opts.email_key(&e),
+            ))
+        })
+    })
+}
+
 /// Stands for the payload in letters of a payload that named an erased person.
 const WITHHELD: &str = "(withheld: the payload names an erased person)";
 
@@ -180,7 +204,13 @@ impl Actor for IngestActor {
                 let store = state.store.clone();
                 let bus = state.bus.clone();
                 let metrics = m.clone();
-                let letters = if keep_letters { vec![raw_dead_letter(&payload, e.to_string(), None)] } else { vec![] };
+                let letters = match keep_letters {
+                    false => vec![],
+                    true if names_suppressed(&state.erasures, &state.options, &payload.body) => {
+                        vec![letter_with(&payload, WITHHELD.to_string(), e.to_string(), None)]
+                    }
+                    true => vec![raw_dead_letter(&payload, e.to_string(), None)],
+                };
                 tokio::spawn(async move {
                     dead_letters::record(store.as_ref(), bus.as_ref(), &metrics, letters).await;
                     let _ = reply.send(Err(err));
@@ -213,6 +243,10 @@ impl Actor for IngestActor {
                     .inc_by((events.len() + rejected.len() + suppressed) as u64);
                 if !rejected.is_empty() {
                     m.events_rejected.with_label_values(&[source, "invalid"]).inc_by(rejected.len() as u64);
+                }
+                if !rejected.is_empty() && !screened {
+                    // The refused parts were never screened: their text may name an erased person.
+                    screened = names_suppressed(&state.erasures, &state.options, &payload.body);
                 }
                 let letters = if keep_letters { element_letters(&payload, &rejected, screened) } else { Vec::new() };
                 // A payload naming an erased person is not kept raw: Bronze would store them again.

@@ -62,9 +62,18 @@ pub struct ErasureTarget {
 const MIN_NEEDLE: usize = 5;
 
 impl ErasureTarget {
-    /// Whether the event carries one of the person's identifiers.
+    /// Whether the event is the person's: it carries one of their identifiers, unless all of
+    /// those are of kinds several people share (a family tablet's device id) and it names
+    /// someone else by a personal identifier. That is the other student's event, as ingest
+    /// screening keeps it too; erasing it would lose their data.
     pub fn matches_event(&self, event: &CustomerEvent) -> bool {
-        event.identifiers.iter().any(|i| self.identifiers.contains(i))
+        let theirs = |i: &Identifier| self.identifiers.contains(i);
+        if !event.identifiers.iter().any(theirs) {
+            return false;
+        }
+        let only_shared = event.identifiers.iter().filter(|i| theirs(i)).all(|i| i.kind.can_be_shared());
+        let someone_else = event.identifiers.iter().any(|i| !theirs(i) && !i.kind.can_be_shared());
+        !(only_shared && someone_else)
     }
 
     /// The strings a raw payload of the person contains: each identifier value, a phone's
@@ -337,6 +346,39 @@ mod tests {
         assert!(t.mentions(&n, b"From=whatsapp%3A%2B4915112345678&Body=hi"));
         assert!(t.mentions(&n, br#"{"email":"Jana.Nowak@example.edu"}"#));
         assert!(!t.mentions(&n, br#"{"email":"someone@example.edu"}"#));
+    }
+
+    #[test]
+    fn a_siblings_event_on_the_shared_tablet_is_not_the_persons() {
+        let t = ErasureTarget {
+            profiles: vec![],
+            contact_emails: vec![],
+            identifiers: vec![
+                Identifier::new(IdentifierKind::Email, "jana@uni.eu"),
+                Identifier::new(IdentifierKind::DeviceId, "tab-1"),
+            ],
+        };
+        let event = |ids: &[(IdentifierKind, &str)]| CustomerEvent {
+            event_id: crate::EventId::new(crate::Source::Web, "e1"),
+            source: crate::Source::Web,
+            kind: crate::EventKind::Track,
+            name: Some("Lesson Completed".into()),
+            occurred_at: Utc::now(),
+            received_at: Utc::now(),
+            identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+            traits: Default::default(),
+            properties: Default::default(),
+            utm: Default::default(),
+            trace: None,
+            raw: crate::RawRef { seq: None, index: 0 },
+        };
+        assert!(t.matches_event(&event(&[(IdentifierKind::Email, "jana@uni.eu")])));
+        assert!(t.matches_event(&event(&[(IdentifierKind::DeviceId, "tab-1")])), "the tablet alone is hers");
+        let tom = event(&[(IdentifierKind::DeviceId, "tab-1"), (IdentifierKind::Email, "tom@uni.eu")]);
+        assert!(!t.matches_event(&tom), "Tom's event on the shared tablet");
+        let both = event(&[(IdentifierKind::Email, "jana@uni.eu"), (IdentifierKind::Email, "tom@uni.eu")]);
+        assert!(t.matches_event(&both), "her personal identifier makes it hers");
+        assert!(!t.matches_event(&event(&[(IdentifierKind::Email, "tom@uni.eu")])));
     }
 
     #[test]

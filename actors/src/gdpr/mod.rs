@@ -88,6 +88,11 @@ impl Erasures {
         }
     }
 
+    /// Whether this identifier is a suppressed person's.
+    pub fn suppresses_identifier(&self, id: &Identifier) -> bool {
+        !self.suppressed.is_empty() && self.suppressed.contains(&self.hash(id))
+    }
+
     /// Whether the event belongs to a suppressed person (see [`Erasures::screen`]).
     pub fn suppresses(&self, event: &CustomerEvent) -> bool {
         matches!(self.screen(event), Screen::Drop)
