@@ -344,6 +344,13 @@ async fn a_deletion_while_a_merge_is_on_its_way_erases_the_merged_profile_too() 
         Utc::now(),
     );
     merged.merged_into = Some(survivor.clone());
+    // A phone only the merged half holds yet.
+    let phone = "+4915199990000";
+    merged.identifiers.push(cohort_messages::LinkedIdentifier {
+        identifier: cohort_messages::Identifier::new(cohort_messages::IdentifierKind::Phone, phone),
+        source: cohort_messages::Source::Whatsapp,
+        first_seen: Utc::now(),
+    });
     let merge = cohort_messages::msgs::IdentityMerged {
         survivor: survivor.clone(),
         merged: merged.profile_id.clone(),
@@ -356,11 +363,18 @@ async fn a_deletion_while_a_merge_is_on_its_way_erases_the_merged_profile_too() 
         cohort_adapters::FlushBatch { profiles: vec![merged.clone()], merges: vec![merge], ..Default::default() };
     store.commit_flush(batch).await.unwrap();
 
-    let url = request_deletion(c, &jana_ref, "delete").await;
+    let url = request_deletion(c, &jana_ref, "suppress_with_delete").await;
     let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
     let profiles: Vec<&str> = done["profiles"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
     assert!(profiles.contains(&merged.profile_id.as_str()), "{done}");
     assert!(store.load_profile(&merged.profile_id).await.unwrap().is_none(), "the merged half was left");
     assert!(store.load_profile(&survivor).await.unwrap().is_none());
+    // Its phone is hers too: suppressed, so her next message is dropped at ingest.
+    let suppressed = "cohort_gdpr_suppressed_events_total{stage=\"ingest\"}";
+    let before = metric(c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default(), suppressed);
+    let form = payloads::twilio_whatsapp_form("SMjanamerged000000000000000000001", phone, "hi", "Jana");
+    assert_eq!(c.twilio(&form).await.unwrap().status, 200);
+    let after = metric(c.get("/metrics").await.unwrap().body.as_str().unwrap_or_default(), suppressed);
+    assert_eq!(after - before, 1.0, "the merged half's phone was not suppressed");
     demo.stop().await.unwrap();
 }

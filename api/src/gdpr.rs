@@ -248,15 +248,26 @@ pub async fn request_deletion(
     let mut profiles = vec![id.clone()];
     profiles.extend(view.merged_from.iter().cloned());
     merging_into(&state, &mut profiles).await?;
-    let identifiers: Vec<_> = view.identifiers.iter().map(|l| l.identifier.clone()).collect();
-    let contact_emails: Vec<String> = view
-        .traits
-        .get("email")
-        .and_then(|t| t.value.as_str())
-        .map(str::to_string)
-        .filter(|e| !identifiers.iter().any(|i| i.kind == IdentifierKind::Email && i.value == *e))
+    let mut identifiers: Vec<_> = view.identifiers.iter().map(|l| l.identifier.clone()).collect();
+    let mut emails: Vec<String> =
+        view.traits.get("email").and_then(|t| t.value.as_str()).map(str::to_string).into_iter().collect();
+    // A profile whose merge has not reached the survivor's record yet holds identifiers of its
+    // own: they are the person's too (suppressed, searched for, verified gone).
+    for merged in profiles.iter().filter(|p| **p != id && !view.merged_from.contains(p)) {
+        let Some(record) = state.store.load_profile(merged).await.map_err(unavailable)? else { continue };
+        for linked in record.identifiers {
+            if !identifiers.contains(&linked.identifier) {
+                identifiers.push(linked.identifier);
+            }
+        }
+        emails.extend(record.traits.get("email").and_then(|t| t.value.as_str()).map(str::to_string));
+    }
+    let mut contact_emails: Vec<String> = emails
         .into_iter()
+        .filter(|e| !identifiers.iter().any(|i| i.kind == IdentifierKind::Email && i.value == *e))
         .collect();
+    contact_emails.sort();
+    contact_emails.dedup();
     let request = DeletionRequest {
         profile_id: id,
         target: ErasureTarget { profiles, identifiers, contact_emails },
