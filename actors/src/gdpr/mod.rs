@@ -42,6 +42,9 @@ pub struct Erasures {
     hasher: KeyedHasher,
     suppressed: DashSet<String>,
     erased: DashSet<ProfileId>,
+    /// What the last [`Erasures::load`] read: a hash in it and gone from the store since was
+    /// lifted (by another replica's saga, say).
+    loaded: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Erasures {
@@ -55,7 +58,7 @@ impl std::fmt::Debug for Erasures {
 
 impl Erasures {
     pub fn new(hasher: KeyedHasher) -> Self {
-        Self { hasher, suppressed: DashSet::new(), erased: DashSet::new() }
+        Self { hasher, suppressed: DashSet::new(), erased: DashSet::new(), loaded: Default::default() }
     }
 
     /// The keyed hash suppression matches an identifier by.
@@ -134,10 +137,20 @@ impl Erasures {
     }
 
     /// Loads what the store says (at start, and periodically so sagas run by another replica
-    /// take effect here too). Only adds: a lifted entry disappears at the next start.
+    /// take effect here too): new suppressions, and the end of those the last load saw that the
+    /// store no longer holds. One recorded here after this read began is in neither, so it stays.
     pub async fn load(&self, store: &dyn OperationalStore) -> Result<(), StoreError> {
-        for (hash, _) in all_documents(store, SUPPRESSED, "").await? {
-            self.suppressed.insert(hash);
+        let now: std::collections::HashSet<String> =
+            all_documents(store, SUPPRESSED, "").await?.into_iter().map(|(hash, _)| hash).collect();
+        {
+            let mut loaded = self.loaded.lock();
+            for lifted in loaded.difference(&now) {
+                self.suppressed.remove(lifted);
+            }
+            for hash in &now {
+                self.suppressed.insert(hash.clone());
+            }
+            *loaded = now;
         }
         for (id, _) in all_documents(store, ERASED, "").await? {
             if let Some(p) = ProfileId::parse(&id) {
@@ -254,6 +267,28 @@ mod tests {
         assert!(e.lift_suppression(store.as_ref(), "saga-d", &tom).await.unwrap().is_empty(), "not saga-d's");
         assert_eq!(e.lift_suppression(store.as_ref(), "saga-c", &tom).await.unwrap(), tom);
         assert_eq!(e.suppressed_len(), 1, "only Jana's is left");
+    }
+
+    /// Another replica's saga lifting a plain delete's suppression takes effect here at the next
+    /// load, not only at the next start; a suppression it never saw is left alone.
+    #[tokio::test]
+    async fn a_suppression_lifted_elsewhere_ends_here_at_the_next_load() {
+        let store = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let secret = [7u8; 32];
+        let (here, there) = (
+            Erasures::new(KeyedHasher::from_secret(&secret).unwrap()),
+            Erasures::new(KeyedHasher::from_secret(&secret).unwrap()),
+        );
+        let jana = vec![here.hash(&Identifier::new(IdentifierKind::Email, "jana@uni.eu"))];
+        there.record_suppression(store.as_ref(), "saga-x", &jana, false).await.unwrap();
+        here.load(store.as_ref()).await.unwrap();
+        assert_eq!(here.suppressed_len(), 1);
+        there.lift_suppression(store.as_ref(), "saga-x", &jana).await.unwrap();
+        // Recorded here only in memory (as if its store write raced this load): kept.
+        here.suppress(vec!["local-only".to_string()]);
+        here.load(store.as_ref()).await.unwrap();
+        assert_eq!(here.suppressed_len(), 1, "Jana's lifted, the unseen one kept");
+        assert!(!here.suppressed.contains(&jana[0]));
     }
 
     #[test]
