@@ -143,7 +143,15 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     // A batch whose refused element names her (an identify without ids) keeps her address
     // neither in Bronze nor in its letter, though nothing of hers was read as an event.
     let refused = json!({ "type": "identify", "traits": { "email": JANA.email } });
-    let other = payloads::segment_track("tom-batch", "tom-user", "Course Viewed", json!({}), Utc::now());
+    // Beside it, an element of Max's (no new profile).
+    let other = payloads::segment_identify(
+        "max-batch",
+        Some("anon-max-x"),
+        None,
+        json!({ "email": MAX.email }),
+        None,
+        Utc::now(),
+    );
     let a = c.segment(false, "batch", &json!({ "batch": [other, refused] })).await.unwrap();
     assert_eq!((a.status.as_u16(), &a.body["accepted"]), (200, &json!(1)), "{}", a.body);
     assert_eq!(bus.person_remnants(&target).await.unwrap(), Default::default(), "nothing of hers in the log");
