@@ -1325,6 +1325,17 @@ mod tests {
         Stage { ctx, store, ownership, directory, release }
     }
 
+    /// One replica's stage whose profiles dead-letter an event at its first failure, and
+    /// restart `backoff` after it.
+    async fn stage_dead_lettering_at_once(backoff: Duration) -> Stage {
+        stage_with_settings(false, false, |p| ProfileSettings {
+            max_event_attempts: 1,
+            restart_policy: cohort_supervisors::RestartPolicy { backoff_initial: backoff, ..p.restart_policy },
+            ..p
+        })
+        .await
+    }
+
     impl Stage {
         /// Reads `event` from the profile's partition at `offset`, as the routed dispatcher does.
         fn read(&self, profile: &ProfileId, offset: u64, event: CustomerEvent) -> u64 {
@@ -1680,15 +1691,7 @@ mod tests {
     /// is back writes both.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_that_cannot_take_a_survivor_writes_nothing_until_it_can() {
-        let s = stage_with_settings(false, false, |p| ProfileSettings {
-            max_event_attempts: 1,
-            restart_policy: cohort_supervisors::RestartPolicy {
-                backoff_initial: Duration::from_secs(1),
-                ..p.restart_policy
-            },
-            ..p
-        })
-        .await;
+        let s = stage_dead_lettering_at_once(Duration::from_secs(1)).await;
         let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let merged = elsewhere(&survivor);
         s.send(&survivor, apply(1, "e1"));
@@ -1729,15 +1732,7 @@ mod tests {
     /// for the next flush: the flush drains by count what its snapshots covered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_dead_lettered_during_a_flush_leaves_the_changes_after_it_for_the_next() {
-        let s = stage_with_settings(false, false, |p| ProfileSettings {
-            max_event_attempts: 1,
-            restart_policy: cohort_supervisors::RestartPolicy {
-                backoff_initial: Duration::from_millis(10),
-                ..p.restart_policy
-            },
-            ..p
-        })
-        .await;
+        let s = stage_dead_lettering_at_once(Duration::from_millis(10)).await;
         let profile = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
         let other = elsewhere(&profile);
         s.send(&profile, apply_named(1, "a1", "flaky"));
