@@ -1140,6 +1140,62 @@ async fn an_entry_stored_with_the_profile_but_never_recorded_by_the_engine_is_re
     demo.stop().await.unwrap();
 }
 
+/// An exit the engine recorded whose trigger never went (the process died first) is sent at
+/// the next start, as an entry's is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_recorded_but_never_sent_is_sent_at_start() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[[segments.define]]\nname = \"just_now\"\nrule = 'page_count(\"mba\", 3s) >= 1'\n\n\
+         [[activations]]\nname = \"now_list\"\nsegment = \"just_now\"\ndestination = \"sendgrid\"\n\
+         action = \"add_to_list\"\nlist_id = \"list-now\"\n\n\
+         [[activations]]\nname = \"now_list_exit\"\nsegment = \"just_now\"\non = \"exit\"\n\
+         destination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"list-now\"\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), &toml, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let mut identify = payloads::segment_identify(
+        "ola-id",
+        Some("anon-ola"),
+        None,
+        json!({ "email": "ola@uni.eu" }),
+        None,
+        Utc::now(),
+    );
+    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
+    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
+    let page = payloads::segment_page("ola-p1", "anon-ola", "/programs/mba", Utc::now());
+    ok(c.segment(false, "page", &page).await.unwrap()).await;
+    let removals =
+        || d.received("sendgrid").into_iter().filter(|r| r.path == "lists/list-now" && r.method == "DELETE").count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while removals() < 1 {
+        assert!(Instant::now() < deadline, "the exit never went out: {:?}", d.received("sendgrid"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drained(&demo).await;
+    // As if the process had died after the engine recorded the exit and before the request.
+    let store = demo.cohort.ctx.store.clone();
+    let sent = store.list_documents("reverse_etl_sent", "now_list_exit:", None, 10).await.unwrap();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    store.put_documents("reverse_etl_sent", sent.into_iter().map(|(k, _)| (k, None)).collect()).await.unwrap();
+    drop(store);
+    demo.stop().await.unwrap();
+
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), &toml, SystemOptions::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while removals() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drained(&demo).await;
+    assert_eq!(removals(), 2, "the recorded exit is sent once more at start");
+    let adds = d.received("sendgrid").into_iter().filter(|r| r.method == "PUT").count();
+    assert_eq!(adds, 1, "the entry went once");
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_embedded_bus_segment_changes_stream_to_subscribers() {
     let demo = DemoServer::start(

@@ -9,7 +9,7 @@
 //! keys are remembered so a re-delivered change is not sent twice; failures after the retries
 //! are kept and can be sent again.
 
-use crate::segments::engine::{member_key, MEMBERS};
+use crate::segments::engine::{member_key, EXITS, MEMBERS};
 use chrono::{DateTime, Utc};
 use cohort_adapters::{all_documents, OperationalStore};
 use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
@@ -1310,29 +1310,39 @@ impl ReverseEtlState {
         Ok(())
     }
 
-    /// Memberships whose `enter` activations have neither been sent nor recorded as failed.
+    /// Memberships whose `enter` activations, and recorded exits whose `exit` activations, have
+    /// neither been sent nor recorded as failed (a crash between the engine's write and the
+    /// request); then forgets exits recorded over [`EXIT_KEPT_DAYS`] ago.
     async fn catch_up(&mut self) -> Result<usize, cohort_adapters::StoreError> {
         let store = self.shared.store.clone();
         let activations = self.activations.clone();
         // Members of a batch run Gate 4 holds are stored, but wait for a person all the same.
         let held = self.held_key_set().await?;
         let mut spawned = 0;
-        for a in activations.iter().filter(|a| a.on == "enter") {
+        for a in activations.iter().filter(|a| a.on == "enter" || a.on == "exit") {
             let Some(destination) = Destination::parse(&a.destination) else { continue };
+            let (collection, kind) = match a.on.as_str() {
+                "exit" => (EXITS, Change::Exited),
+                _ => (MEMBERS, Change::Entered),
+            };
             let prefix = format!("{}/", a.segment);
             let mut after: Option<String> = None;
             loop {
-                let page = store.list_documents(MEMBERS, &prefix, after.as_deref(), 500).await?;
+                let page = store.list_documents(collection, &prefix, after.as_deref(), 500).await?;
                 let Some((last, _)) = page.last() else { break };
                 after = Some(last.clone());
                 let mut pending = Vec::new();
                 for (key, doc) in &page {
                     let profile = key.strip_prefix(&prefix).and_then(ProfileId::parse);
-                    let (Some(profile_id), Some(at)) = (profile, member_since(doc)) else { continue };
+                    let at = match kind {
+                        Change::Entered => member_since(doc),
+                        Change::Exited => exited_at(doc),
+                    };
+                    let (Some(profile_id), Some(at)) = (profile, at) else { continue };
                     let change = SegmentChanged {
                         profile_id,
                         segment: a.segment.clone(),
-                        change: Change::Entered,
+                        change: kind,
                         at,
                         profile: Arc::default(),
                         caused_at: None,
@@ -1364,8 +1374,40 @@ impl ReverseEtlState {
                 }
             }
         }
+        forget_old_exits(store.as_ref()).await?;
         Ok(spawned)
     }
+}
+
+/// How long a recorded exit is kept for the catch-up.
+const EXIT_KEPT_DAYS: i64 = 7;
+
+fn exited_at(doc: &Value) -> Option<DateTime<Utc>> {
+    doc.get("at").and_then(|s| serde_json::from_value(s.clone()).ok())
+}
+
+/// Removes the exits recorded over [`EXIT_KEPT_DAYS`] ago: their triggers went long since, or
+/// never will.
+async fn forget_old_exits(store: &dyn OperationalStore) -> Result<(), cohort_adapters::StoreError> {
+    let cutoff = Utc::now() - chrono::Duration::days(EXIT_KEPT_DAYS);
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_documents(EXITS, "", after.as_deref(), 500).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        let old: Vec<(String, Option<Value>)> = page
+            .iter()
+            .filter(|(_, doc)| exited_at(doc).is_none_or(|at| at < cutoff))
+            .map(|(key, _)| (key.clone(), None))
+            .collect();
+        if !old.is_empty() {
+            store.put_documents(EXITS, old).await?;
+        }
+        if page.len() < 500 {
+            break;
+        }
+    }
+    Ok(())
 }
 
 impl Actor for ReverseEtlActor {

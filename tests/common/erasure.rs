@@ -212,6 +212,7 @@ pub async fn assert_nothing_left(
     for collection in [
         "consent_history",
         "segment_members",
+        "segment_exits",
         "reverse_etl_sent",
         "reverse_etl_failed",
         "reverse_etl_fields",

@@ -20,6 +20,10 @@ use tokio::task::JoinHandle;
 pub const DEFINITIONS: &str = "segments";
 /// Memberships (`segment/profile` → `{"since": ...}`).
 pub const MEMBERS: &str = "segment_members";
+/// Exits recorded (`segment/profile` → `{"at"}`), written before the membership goes: the
+/// reverse-ETL catch-up sends an exit's triggers after a crash lost them, as it does entries'.
+/// A re-entry removes the key; the catch-up forgets exits older than a week.
+pub const EXITS: &str = "segment_exits";
 
 const BACKFILL_PAGE: usize = 500;
 /// When each profile is next to be evaluated again because time passed (`profile id` →
@@ -119,6 +123,17 @@ impl SegmentEngineState {
     }
 
     async fn store_and_publish(&mut self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
+        let exits: Vec<(String, Option<serde_json::Value>)> = changes
+            .iter()
+            .map(|c| {
+                let doc = match c.change {
+                    Change::Entered => None,
+                    Change::Exited => Some(json!({ "at": c.at })),
+                };
+                (member_key(&c.segment, &c.profile_id), doc)
+            })
+            .collect();
+        self.args.store.put_documents(EXITS, exits).await?;
         let docs = changes
             .iter()
             .map(|c| {
