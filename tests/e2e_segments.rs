@@ -39,7 +39,7 @@ segment = "high_intent_mba"
 destination = "sendgrid"
 action = "add_to_list"
 list_id = "7c1a2b3c-mba-prospects"
-fields = {{ first_name = "{{{{traits.first_name}}}}" }}
+fields = {{ first_name = "{{{{traits.first_name}}}}", e1_T = "MBA" }}
 
 [[activations]]
 name = "mba_advisor"
@@ -133,6 +133,7 @@ async fn use_case_1_a_high_intent_mba_prospect_gets_a_task_and_an_email_list_but
     assert_eq!(list[0].body["list_ids"], json!(["7c1a2b3c-mba-prospects"]));
     assert_eq!(list[0].body["contacts"][0]["email"], "anna.schmidt@gmail.com");
     assert_eq!(list[0].body["contacts"][0]["first_name"], "Anna");
+    assert_eq!(list[0].body["contacts"][0]["custom_fields"], json!({ "e1_T": "MBA" }), "a custom field by its id");
 
     drained(&demo).await;
     assert!(d.received("twilio").is_empty(), "no WhatsApp: she did not consent to it");

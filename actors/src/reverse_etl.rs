@@ -767,6 +767,26 @@ fn email_as_written(p: &ActivationProfile, canonical: &str) -> String {
     p.traits.get("email").map(|t| scalar(&t.value)).filter(|e| !e.is_empty()).unwrap_or_else(|| canonical.to_string())
 }
 
+/// The contact fields SendGrid's Marketing Campaigns API takes on the contact itself; others
+/// go under `custom_fields`, keyed by the custom field's id (`e1_T`).
+const SENDGRID_RESERVED_FIELDS: &[&str] = &[
+    "address_line_1",
+    "address_line_2",
+    "alternate_emails",
+    "city",
+    "country",
+    "first_name",
+    "last_name",
+    "postal_code",
+    "state_province_region",
+    "phone_number",
+    "whatsapp",
+    "line",
+    "facebook",
+    "unique_name",
+    "external_id",
+];
+
 fn build(job: &Job, lane: &Lane, to: &str, fields: BTreeMap<String, String>) -> Vec<Request> {
     let c = &lane.config;
     let a = &job.activation;
@@ -787,8 +807,16 @@ fn build(job: &Job, lane: &Lane, to: &str, fields: BTreeMap<String, String>) -> 
             body: Body::Json(json!(fields)),
         }],
         (Destination::Sendgrid, "add_to_list") => {
+            // Reserved fields sit on the contact; any other is a custom field, by its id.
+            let (reserved, custom): (Vec<_>, Vec<_>) =
+                fields.into_iter().partition(|(k, _)| SENDGRID_RESERVED_FIELDS.contains(&k.as_str()));
             let mut contact: serde_json::Map<String, Value> =
-                fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+                reserved.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            if !custom.is_empty() {
+                let custom: serde_json::Map<String, Value> =
+                    custom.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+                contact.insert("custom_fields".into(), Value::Object(custom));
+            }
             contact.insert("email".into(), Value::String(email_as_written(&job.change.profile, to)));
             vec![Request {
                 method: reqwest::Method::PUT,

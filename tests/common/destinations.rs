@@ -276,9 +276,32 @@ async fn sg_upsert(State(d): State<Destinations>, headers: HeaderMap, body: Byte
         Err(r) => return *r,
     };
     let lists_ok = v["list_ids"].as_array().is_some_and(|l| l.iter().all(Value::is_string));
-    let contacts_ok = v["contacts"]
-        .as_array()
-        .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["email"].as_str().is_some_and(|e| e.contains('@'))));
+    // Reserved fields on the contact, others only under `custom_fields` (an object).
+    const RESERVED: &[&str] = &[
+        "email",
+        "address_line_1",
+        "address_line_2",
+        "alternate_emails",
+        "city",
+        "country",
+        "first_name",
+        "last_name",
+        "postal_code",
+        "state_province_region",
+        "phone_number",
+        "whatsapp",
+        "line",
+        "facebook",
+        "unique_name",
+        "external_id",
+        "custom_fields",
+    ];
+    let contact_ok = |c: &Value| {
+        c["email"].as_str().is_some_and(|e| e.contains('@'))
+            && c.as_object().is_some_and(|o| o.keys().all(|k| RESERVED.contains(&k.as_str())))
+            && (c.get("custom_fields").is_none() || c["custom_fields"].is_object())
+    };
+    let contacts_ok = v["contacts"].as_array().is_some_and(|c| !c.is_empty() && c.iter().all(contact_ok));
     if !lists_ok || !contacts_ok {
         return (StatusCode::BAD_REQUEST, Json(json!({ "errors": [{ "field": "contacts", "message": "invalid" }] })))
             .into_response();
