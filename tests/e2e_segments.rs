@@ -441,6 +441,57 @@ async fn an_entry_replayed_after_a_restart_does_not_send_its_trigger_twice() {
     demo.stop().await.unwrap();
 }
 
+/// An entry's request backing off after a failure while its student leaves the segment is not
+/// sent afterwards: the exit speaks for her now, and the list is left as the exit left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_retrying_after_its_student_left_the_segment_is_not_sent() {
+    let d = Destinations::start().await;
+    let toml = format!(
+        "{}\n[[segments.define]]\nname = \"just_now\"\nrule = 'page_count(\"mba\", 2s) >= 1'\n\n\
+         [[activations]]\nname = \"now_list\"\nsegment = \"just_now\"\ndestination = \"sendgrid\"\n\
+         action = \"add_to_list\"\nlist_id = \"list-now\"\n",
+        d.config_toml().replacen("backoff_initial_ms = 20", "backoff_initial_ms = 10000", 1).replacen(
+            "backoff_max_ms = 100",
+            "backoff_max_ms = 10000",
+            1
+        )
+    );
+    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    d.fail_next("sendgrid", 1);
+    let mut identify = payloads::segment_identify(
+        "pia-id",
+        Some("anon-pia"),
+        None,
+        json!({ "email": "pia@uni.eu" }),
+        None,
+        Utc::now(),
+    );
+    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
+    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
+    ok(c.segment(false, "page", &payloads::segment_page("pia-p1", "anon-pia", "/programs/mba", Utc::now()))
+        .await
+        .unwrap())
+    .await;
+    // In, the request failed once and backs off (5 to 15 s); out after 2 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = ok(c.get("/v1/segments/just_now/members").await.unwrap()).await;
+        let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+        let retrying = status["destinations"]["sendgrid"]["retries"].as_u64() == Some(1);
+        if retrying && members["members"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never failed and left: {status} {members}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drained(&demo).await;
+    assert!(d.received("sendgrid").is_empty(), "the entry went out after she had left");
+    let status = ok(c.get("/v1/reverse-etl/status").await.unwrap()).await;
+    assert_eq!(sendgrid_skips(&status, "superseded"), 1, "{status}");
+    demo.stop().await.unwrap();
+}
+
 /// Members of the batch segment `quiz` go on the SendGrid list `quiz` (email consent needed).
 fn quiz_list_toml(d: &Destinations) -> String {
     format!(

@@ -98,6 +98,9 @@ enum Skip {
     Unchanged,
     /// The person was erased after the job was queued.
     Erased,
+    /// The membership changed again before the request went (an entry's student left the
+    /// segment, or an exit's came back): a later change's job speaks for her now.
+    Superseded,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -1055,6 +1058,7 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
                 Skip::Duplicate => "duplicate".into(),
                 Skip::Unchanged => "unchanged".into(),
                 Skip::Erased => "erased".into(),
+                Skip::Superseded => "superseded".into(),
             };
             tracing::debug!(destination = d, activation = %job.activation.name, reason = %reason, "activation skipped");
             lane.skip(&shared, &reason);
@@ -1103,9 +1107,27 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     }
 }
 
-/// Why the job may not contact the person on its channel now: no address, no marketing consent,
-/// or a suppressed address. Asked before the first request and before every retry.
+/// Whether the membership moved on since the change: an entry whose membership is gone or newer
+/// (a retry backing off, a manual retry, a held batch confirmed late), or an exit whose student is
+/// a member again. Per profile, only the latest change's requests go out.
+async fn superseded(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
+    let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
+    let key = member_key(&job.change.segment, &job.change.profile_id);
+    let doc = store.get_documents(MEMBERS, &[key]).await.map_err(unavailable)?.into_iter().next().flatten();
+    let moved_on = match job.change.change {
+        Change::Entered => doc.as_ref().and_then(member_since).is_none_or(|since| since != job.change.at),
+        Change::Exited => doc.is_some(),
+    };
+    Ok(moved_on.then_some(Skip::Superseded))
+}
+
+/// Why the job may not contact the person on its channel now: the membership moved on, no
+/// address, no marketing consent, or a suppressed address. Asked before the first request and
+/// before every retry.
 async fn contact_refused(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
+    if let Some(skip) = superseded(store, job).await? {
+        return Ok(Some(skip));
+    }
     let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
     let Some(channel) = channel_of(job) else { return Ok(None) };
     let to = match address(job) {
