@@ -722,8 +722,10 @@ impl Cohort {
             // batch segments run on one replica.
             let refresh = config.cluster.enabled.then(|| Duration::from_secs(config.segments.refresh_interval_secs));
             let leader = leader.clone();
+            let erasures = erasures.clone();
             job_children.push(ChildSpec::new("segments", "segment_engine", move |sup| {
                 let args = SegmentEngineArgs {
+                    erasures: erasures.clone(),
                     store: store.clone(),
                     bus: bus.clone(),
                     warehouse: warehouse.clone(),

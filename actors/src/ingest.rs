@@ -108,18 +108,31 @@ fn names_suppressed(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, b
     let b = text.as_bytes();
     let local = |c: &u8| c.is_ascii_alphanumeric() || b"._%+-".contains(c);
     let domain = |c: &u8| c.is_ascii_alphanumeric() || b".-".contains(c);
-    b.iter().enumerate().filter(|(_, c)| **c == b'@').any(|(at, _)| {
-        let start = b[..at].iter().rposition(|c| !local(c)).map_or(0, |p| p + 1);
-        let end = b[at + 1..].iter().position(|c| !domain(c)).map_or(b.len(), |p| at + 1 + p);
-        let canonical = text.get(start..end).and_then(crate::normalize::contact::normalize_email);
-        canonical.is_some_and(|e| {
-            erasures.suppresses_identifier(&cohort_messages::Identifier::new(
-                cohort_messages::IdentifierKind::Email,
-                opts.email_key(&e),
-            ))
+    // Each distinct address once, and a bounded number of them: a body of repeated or made-up
+    // addresses costs a keyed hash per distinct one, not per `@`.
+    let mut seen = std::collections::HashSet::new();
+    b.iter()
+        .enumerate()
+        .filter(|(_, c)| **c == b'@')
+        .filter_map(|(at, _)| {
+            let start = b[..at].iter().rposition(|c| !local(c)).map_or(0, |p| p + 1);
+            let end = b[at + 1..].iter().position(|c| !domain(c)).map_or(b.len(), |p| at + 1 + p);
+            text.get(start..end).filter(|a| a.len() > 2 && seen.insert(*a))
         })
-    })
+        .take(MAX_ADDRESSES_SCREENED)
+        .any(|address| {
+            crate::normalize::contact::normalize_email(address).is_some_and(|e| {
+                erasures.suppresses_identifier(&cohort_messages::Identifier::new(
+                    cohort_messages::IdentifierKind::Email,
+                    opts.email_key(&e),
+                ))
+            })
+        })
 }
+
+/// Distinct addresses [`names_suppressed`] looks at in one payload (a Segment batch holds at
+/// most a few hundred people).
+const MAX_ADDRESSES_SCREENED: usize = 10_000;
 
 /// Stands for the payload in letters of a payload that named an erased person.
 const WITHHELD: &str = "(withheld: the payload names an erased person)";

@@ -1378,9 +1378,21 @@ impl ReverseEtlState {
             let prefix = format!("{}/", a.segment);
             let mut after: Option<String> = None;
             loop {
-                let page = store.list_documents(collection, &prefix, after.as_deref(), 500).await?;
+                let mut page = store.list_documents(collection, &prefix, after.as_deref(), 500).await?;
                 let Some((last, _)) = page.last() else { break };
                 after = Some(last.clone());
+                let full = page.len() == 500;
+                if kind == Change::Exited {
+                    // A student who entered again since: her exit is over, and its record too.
+                    let keys: Vec<String> = page.iter().map(|(k, _)| k.clone()).collect();
+                    let members = store.get_documents(MEMBERS, &keys).await?;
+                    let back: Vec<(String, Option<Value>)> =
+                        keys.into_iter().zip(&members).filter(|(_, m)| m.is_some()).map(|(k, _)| (k, None)).collect();
+                    if !back.is_empty() {
+                        store.put_documents(EXITS, back).await?;
+                    }
+                    page = page.into_iter().zip(members).filter(|(_, m)| m.is_none()).map(|(p, _)| p).collect();
+                }
                 let mut pending = Vec::new();
                 for (key, doc) in &page {
                     let profile = key.strip_prefix(&prefix).and_then(ProfileId::parse);
@@ -1419,7 +1431,7 @@ impl ReverseEtlState {
                         spawned += 1;
                     }
                 }
-                if page.len() < 500 {
+                if !full {
                     break;
                 }
             }

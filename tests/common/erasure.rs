@@ -213,6 +213,7 @@ pub async fn assert_nothing_left(
         "consent_history",
         "segment_members",
         "segment_exits",
+        "segment_schedules",
         "reverse_etl_sent",
         "reverse_etl_failed",
         "reverse_etl_fields",

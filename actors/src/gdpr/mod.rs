@@ -43,8 +43,10 @@ pub struct Erasures {
     suppressed: DashSet<String>,
     erased: DashSet<ProfileId>,
     /// What the last [`Erasures::load`] read: a hash in it and gone from the store since was
-    /// lifted (by another replica's saga, say).
+    /// lifted (by another replica's saga, say), unless this replica recorded it again meanwhile.
     loaded: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Hashes this replica recorded since the last load began.
+    recorded: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Erasures {
@@ -58,7 +60,13 @@ impl std::fmt::Debug for Erasures {
 
 impl Erasures {
     pub fn new(hasher: KeyedHasher) -> Self {
-        Self { hasher, suppressed: DashSet::new(), erased: DashSet::new(), loaded: Default::default() }
+        Self {
+            hasher,
+            suppressed: DashSet::new(),
+            erased: DashSet::new(),
+            loaded: Default::default(),
+            recorded: Default::default(),
+        }
     }
 
     /// The keyed hash suppression matches an identifier by.
@@ -140,11 +148,13 @@ impl Erasures {
     /// take effect here too): new suppressions, and the end of those the last load saw that the
     /// store no longer holds. One recorded here after this read began is in neither, so it stays.
     pub async fn load(&self, store: &dyn OperationalStore) -> Result<(), StoreError> {
+        self.recorded.lock().clear();
         let now: std::collections::HashSet<String> =
             all_documents(store, SUPPRESSED, "").await?.into_iter().map(|(hash, _)| hash).collect();
         {
             let mut loaded = self.loaded.lock();
-            for lifted in loaded.difference(&now) {
+            let recorded = self.recorded.lock();
+            for lifted in loaded.difference(&now).filter(|h| !recorded.contains(*h)) {
                 self.suppressed.remove(lifted);
             }
             for hash in &now {
@@ -180,6 +190,7 @@ impl Erasures {
             .filter(|(_, held)| !held.as_ref().is_some_and(|d| d["permanent"] == json!(true)))
             .map(|(h, _)| (h.clone(), Some(json!({ "saga_id": saga_id, "permanent": permanent, "since": at }))))
             .collect();
+        self.recorded.lock().extend(hashes.iter().cloned());
         store.put_documents(SUPPRESSED, docs).await?;
         self.suppress(hashes.iter().cloned());
         Ok(())

@@ -20,7 +20,7 @@ use super::{erase_ack_key, Erasures, ERASE_ACKS, SUPPRESSED};
 use crate::identity::IdentityIndex;
 use crate::profile::CONSENT_HISTORY;
 use crate::reverse_etl::{FAILED, FIELDS, SENT};
-use crate::segments::engine::{EXITS, MEMBERS};
+use crate::segments::engine::{EXITS, MEMBERS, SCHEDULES};
 use cohort_adapters::crypto::Envelope;
 use cohort_adapters::warehouse::raw_mentioning;
 use cohort_adapters::{all_documents, EventBus, Layer, OperationalStore, QueryValue, StoreErrorKind, Warehouse};
@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Document collections that hold per-profile state, keyed by something containing the id.
-const PROFILE_DOCUMENTS: &[&str] = &[CONSENT_HISTORY, MEMBERS, EXITS, SENT, FAILED, FIELDS];
+const PROFILE_DOCUMENTS: &[&str] = &[CONSENT_HISTORY, MEMBERS, EXITS, SCHEDULES, SENT, FAILED, FIELDS];
 
 #[derive(Debug, Clone)]
 pub struct GdprSettings {

@@ -21,8 +21,8 @@ pub const DEFINITIONS: &str = "segments";
 /// Memberships (`segment/profile` → `{"since": ...}`).
 pub const MEMBERS: &str = "segment_members";
 /// Exits recorded (`segment/profile` → `{"at"}`), written before the membership goes: the
-/// reverse-ETL catch-up sends an exit's triggers after a crash lost them, as it does entries'.
-/// A re-entry removes the key; the catch-up forgets exits older than a week.
+/// reverse-ETL catch-up sends an exit's triggers after a crash lost them, as it does entries'
+/// (not while the student is a member again), and forgets exits older than a week.
 pub const EXITS: &str = "segment_exits";
 
 const BACKFILL_PAGE: usize = 500;
@@ -48,6 +48,8 @@ pub struct SegmentEngineArgs {
     pub refresh: Option<Duration>,
     /// Cluster mode: batch segments run on their timers only on the first live member.
     pub leader: Option<crate::cluster::MembershipSettings>,
+    /// Erased profiles: no schedule of theirs is stored (a deletion removes those there are).
+    pub erasures: Arc<crate::gdpr::Erasures>,
 }
 
 pub struct SegmentEngineState {
@@ -125,15 +127,12 @@ impl SegmentEngineState {
     async fn store_and_publish(&mut self, changes: &[SegmentChanged]) -> Result<(), StoreError> {
         let exits: Vec<(String, Option<serde_json::Value>)> = changes
             .iter()
-            .map(|c| {
-                let doc = match c.change {
-                    Change::Entered => None,
-                    Change::Exited => Some(json!({ "at": c.at })),
-                };
-                (member_key(&c.segment, &c.profile_id), doc)
-            })
+            .filter(|c| c.change == Change::Exited)
+            .map(|c| (member_key(&c.segment, &c.profile_id), Some(json!({ "at": c.at }))))
             .collect();
-        self.args.store.put_documents(EXITS, exits).await?;
+        if !exits.is_empty() {
+            self.args.store.put_documents(EXITS, exits).await?;
+        }
         let docs = changes
             .iter()
             .map(|c| {
@@ -182,8 +181,12 @@ impl SegmentEngineState {
         if self.unsaved.is_empty() {
             return;
         }
-        let docs: Vec<(String, Option<serde_json::Value>)> =
-            self.unsaved.iter().map(|(p, at)| (p.to_string(), at.map(|at| json!({ "at": at })))).collect();
+        let erasures = &self.args.erasures;
+        let docs: Vec<(String, Option<serde_json::Value>)> = self
+            .unsaved
+            .iter()
+            .map(|(p, at)| (p.to_string(), at.filter(|_| !erasures.is_erased(p)).map(|at| json!({ "at": at }))))
+            .collect();
         match self.args.store.put_documents(SCHEDULES, docs).await {
             Ok(()) => self.unsaved.clear(),
             Err(e) => {
@@ -284,6 +287,12 @@ impl SegmentEngineState {
             self.members(segment).await?.iter().map(|p| (member_key(segment, p), None)).collect();
         for chunk in docs.chunks(1000) {
             self.args.store.put_documents(MEMBERS, chunk.to_vec()).await?;
+        }
+        // A segment defined again under this name must not send the old one's exits.
+        let exits = all_documents(self.args.store.as_ref(), EXITS, &format!("{segment}/")).await?;
+        let exits: Vec<(String, Option<serde_json::Value>)> = exits.into_iter().map(|(k, _)| (k, None)).collect();
+        for chunk in exits.chunks(1000) {
+            self.args.store.put_documents(EXITS, chunk.to_vec()).await?;
         }
         Ok(())
     }
@@ -559,10 +568,12 @@ impl Actor for SegmentEngine {
                     }
                     state.due.remove(&(at, profile.clone()));
                     state.scheduled.remove(&profile);
-                    if state.persists_schedules() {
-                        // Its actor answers the re-evaluation with its next schedule, if any.
-                        state.unsaved.insert(profile.clone(), None);
+                    if state.args.erasures.is_erased(&profile) {
+                        state.unsaved.insert(profile, None);
+                        continue;
                     }
+                    // Its stored schedule stays until its actor answers with the next one: a
+                    // restart before that fires it again (one more re-evaluation, not a lost one).
                     if let Some(d) = &directory {
                         let _ =
                             d.send_message(ProfilesMsg::Deliver { profile_id: profile, msg: ProfileMsg::Reevaluate });
