@@ -87,6 +87,23 @@ async fn prospect(c: &CohortClient, who: &str, email: &str, contact: &str, email
     }
 }
 
+/// A visitor who consents to email and views the MBA page now.
+async fn consenting_mba_visitor(c: &CohortClient, who: &str, email: &str) {
+    let anon = format!("anon-{who}");
+    let mut identify = payloads::segment_identify(
+        &format!("{who}-id"),
+        Some(&anon),
+        None,
+        json!({ "email": email }),
+        None,
+        Utc::now(),
+    );
+    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
+    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
+    let page = payloads::segment_page(&format!("{who}-p1"), &anon, "/programs/mba", Utc::now());
+    ok(c.segment(false, "page", &page).await.unwrap()).await;
+}
+
 fn rand_replay(who: &str) -> u64 {
     who.bytes().fold(1000u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
 }
@@ -459,20 +476,7 @@ async fn an_entry_retrying_after_its_student_left_the_segment_is_not_sent() {
     let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
     let c = &demo.client;
     d.fail_next("sendgrid", 1);
-    let mut identify = payloads::segment_identify(
-        "pia-id",
-        Some("anon-pia"),
-        None,
-        json!({ "email": "pia@uni.eu" }),
-        None,
-        Utc::now(),
-    );
-    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
-    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
-    ok(c.segment(false, "page", &payloads::segment_page("pia-p1", "anon-pia", "/programs/mba", Utc::now()))
-        .await
-        .unwrap())
-    .await;
+    consenting_mba_visitor(c, "pia", "pia@uni.eu").await;
     // In, the request failed once and backs off (5 to 15 s); out after 2 s.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1208,18 +1212,7 @@ async fn an_exit_recorded_but_never_sent_is_sent_at_start() {
     );
     let demo = DemoServer::start(Some(dir.path().to_path_buf()), &toml, SystemOptions::default()).await.unwrap();
     let c = &demo.client;
-    let mut identify = payloads::segment_identify(
-        "ola-id",
-        Some("anon-ola"),
-        None,
-        json!({ "email": "ola@uni.eu" }),
-        None,
-        Utc::now(),
-    );
-    identify["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
-    ok(c.segment(false, "identify", &identify).await.unwrap()).await;
-    let page = payloads::segment_page("ola-p1", "anon-ola", "/programs/mba", Utc::now());
-    ok(c.segment(false, "page", &page).await.unwrap()).await;
+    consenting_mba_visitor(c, "ola", "ola@uni.eu").await;
     let removals =
         || d.received("sendgrid").into_iter().filter(|r| r.path == "lists/list-now" && r.method == "DELETE").count();
     let deadline = Instant::now() + Duration::from_secs(10);
