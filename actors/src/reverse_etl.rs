@@ -9,7 +9,7 @@
 //! keys are remembered so a re-delivered change is not sent twice; failures after the retries
 //! are kept and can be sent again.
 
-use crate::segments::engine::{member_key, EXITS, MEMBERS};
+use crate::segments::engine::{doc_time, member_key, EXITS, MEMBERS};
 use chrono::{DateTime, Utc};
 use cohort_adapters::{all_documents, OperationalStore};
 use cohort_config::{ActivationConfig, DestinationConfig, ReverseEtlConfig};
@@ -113,11 +113,10 @@ enum JobError {
     Transient(String),
     #[error("daily limit of {0} requests reached")]
     Quota(u64),
-    #[error("the person was erased")]
-    Erased,
-    /// Consent withdrawn or the address suppressed while the request was retrying.
-    #[error("no longer allowed to contact: {0:?}")]
-    NoLongerAllowed(Skip),
+    /// Found while the request was retrying: it is no longer to be made (the person was erased,
+    /// consent withdrawn, the address suppressed, the membership moved on).
+    #[error("no longer to be sent: {0:?}")]
+    Skipped(Skip),
 }
 
 /// The request a job sends.
@@ -964,11 +963,11 @@ impl Lane {
             // An erasure that ran while this request was retrying ends it, and so does a consent
             // withdrawn or an address suppressed meanwhile (a STOP reply, say).
             if shared.erasures.is_erased(&job.change.profile_id) {
-                return Err(JobError::Erased);
+                return Err(JobError::Skipped(Skip::Erased));
             }
             if attempt > 1 {
                 if let Some(skip) = contact_refused(shared.store.as_ref(), job).await? {
-                    return Err(JobError::NoLongerAllowed(skip));
+                    return Err(JobError::Skipped(skip));
                 }
             }
             self.limiter.until_ready().await;
@@ -1042,8 +1041,7 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     let outcome = attempt(&shared, &lane, &job).await;
     // Erased mid-way: a skip, never a failure record (which would keep the person's snapshot).
     let outcome = match outcome {
-        Err(JobError::Erased) => Ok(Some(Skip::Erased)),
-        Err(JobError::NoLongerAllowed(skip)) => Ok(Some(skip)),
+        Err(JobError::Skipped(skip)) => Ok(Some(skip)),
         other => other,
     };
     let store = &shared.store;
@@ -1296,7 +1294,7 @@ impl ReverseEtlState {
 
 /// When a stored membership (`segment_members` document) began.
 fn member_since(doc: &Value) -> Option<DateTime<Utc>> {
-    doc.get("since").and_then(|s| serde_json::from_value(s.clone()).ok())
+    doc_time(doc, "since")
 }
 
 /// For each job key, whether no destination has sent it nor recorded it as failed.
@@ -1445,7 +1443,7 @@ impl ReverseEtlState {
 const EXIT_KEPT_DAYS: i64 = 7;
 
 fn exited_at(doc: &Value) -> Option<DateTime<Utc>> {
-    doc.get("at").and_then(|s| serde_json::from_value(s.clone()).ok())
+    doc_time(doc, "at")
 }
 
 /// Removes the exits recorded over [`EXIT_KEPT_DAYS`] ago: their triggers went long since, or

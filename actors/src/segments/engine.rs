@@ -84,6 +84,12 @@ async fn stored_definitions(
     Ok(out)
 }
 
+/// A time a segment document holds in `field` (a membership's `since`, an exit's or a
+/// schedule's `at`).
+pub fn doc_time(doc: &serde_json::Value, field: &str) -> Option<DateTime<Utc>> {
+    doc.get(field).and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
 /// The key of a membership document.
 pub fn member_key(segment: &str, profile: &ProfileId) -> String {
     format!("{segment}/{profile}")
@@ -109,16 +115,14 @@ impl SegmentEngineState {
     async fn as_first_recorded(&self, changes: &[SegmentChanged]) -> Result<Vec<SegmentChanged>, StoreError> {
         let keys: Vec<String> = changes.iter().map(|c| member_key(&c.segment, &c.profile_id)).collect();
         let docs = self.args.store.get_documents(MEMBERS, &keys).await?;
-        let since = |doc: &Option<serde_json::Value>| {
-            doc.as_ref()
-                .and_then(|d| d.get("since"))
-                .and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok())
-        };
         Ok(changes
             .iter()
             .zip(docs)
             .filter_map(|(c, doc)| match c.change {
-                Change::Entered => Some(SegmentChanged { at: since(&doc).unwrap_or(c.at), ..c.clone() }),
+                Change::Entered => {
+                    let since = doc.as_ref().and_then(|d| doc_time(d, "since"));
+                    Some(SegmentChanged { at: since.unwrap_or(c.at), ..c.clone() })
+                }
                 Change::Exited => doc.is_some().then(|| c.clone()),
             })
             .collect())
@@ -201,8 +205,7 @@ impl SegmentEngineState {
             return Ok(());
         }
         for (key, doc) in all_documents(self.args.store.as_ref(), SCHEDULES, "").await? {
-            let at = doc.get("at").and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok());
-            if let (Some(profile), Some(at)) = (ProfileId::parse(&key), at) {
+            if let (Some(profile), Some(at)) = (ProfileId::parse(&key), doc_time(&doc, "at")) {
                 if !self.scheduled.contains_key(&profile) {
                     self.due.insert((at, profile.clone()));
                     self.scheduled.insert(profile, at);
