@@ -1119,13 +1119,19 @@ async fn superseded(store: &dyn OperationalStore, job: &Job) -> Result<Option<Sk
     Ok(moved_on.then_some(Skip::Superseded))
 }
 
-/// Why the job may not contact the person on its channel now: the membership moved on, no
-/// address, no marketing consent, or a suppressed address. Asked before the first request and
-/// before every retry.
+/// Why the job may not contact the person now: no address, no marketing consent or a
+/// suppressed address on its channel, else the membership moved on. Asked before the first
+/// request and before every retry; the person's own refusals come first, so a job without
+/// consent is skipped for consent however soon her profile merges (and a grant re-offers it).
 async fn contact_refused(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
-    if let Some(skip) = superseded(store, job).await? {
-        return Ok(Some(skip));
+    match channel_refused(store, job).await? {
+        Some(skip) => Ok(Some(skip)),
+        None => superseded(store, job).await,
     }
+}
+
+/// No address, no marketing consent, or a suppressed address on the job's channel.
+async fn channel_refused(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
     let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
     let Some(channel) = channel_of(job) else { return Ok(None) };
     let to = match address(job) {
