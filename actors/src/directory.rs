@@ -1361,6 +1361,16 @@ mod tests {
             self.directory.send_message(ProfilesMsg::Deliver { profile_id: profile.clone(), msg }).unwrap();
         }
 
+        /// Two profiles of different partitions, each with one event (e1, e2): the survivor and
+        /// the merged profile of the merge tests.
+        fn two_students(&self) -> (ProfileId, ProfileId) {
+            let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
+            let merged = elsewhere(&survivor);
+            self.send(&survivor, apply(1, "e1"));
+            self.send(&merged, apply(2, "e2"));
+            (survivor, merged)
+        }
+
         /// A flush asked for from this task, so it follows the messages this task sent.
         async fn flush_now(&self) -> Result<FlushReport, String> {
             ractor::call_t!(self.directory, |reply| ProfilesMsg::Flush { reply: Some(reply) }, 20_000).unwrap()
@@ -1583,10 +1593,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_sent_on_by_a_merged_profile_is_one_arrival_at_the_delivered_stage() {
         let s = stage_of(false, false).await;
-        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
-        let merged = elsewhere(&survivor);
-        s.send(&survivor, apply(1, "e1"));
-        s.send(&merged, apply(2, "e2"));
+        let (survivor, merged) = s.two_students();
         s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
         s.send(&merged, apply(3, "e3"));
         let applied = &s.ctx.metrics.event_to_profile_latency;
@@ -1692,10 +1699,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_that_cannot_take_a_survivor_writes_nothing_until_it_can() {
         let s = stage_dead_lettering_at_once(Duration::from_secs(1)).await;
-        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
-        let merged = elsewhere(&survivor);
-        s.send(&survivor, apply(1, "e1"));
-        s.send(&merged, apply(2, "e2"));
+        let (survivor, merged) = s.two_students();
         s.flush_now().await.unwrap();
         s.send(&survivor, apply_named(3, "b3", "boom"));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1775,10 +1779,7 @@ mod tests {
             ..p
         })
         .await;
-        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
-        let merged = elsewhere(&survivor);
-        s.send(&survivor, apply(1, "e1"));
-        s.send(&merged, apply(2, "e2"));
+        let (survivor, merged) = s.two_students();
         assert_eq!(s.flush_now().await.unwrap().profiles, 2);
 
         s.send(&survivor, apply_named(3, "h3", "held"));
@@ -1812,10 +1813,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_flush_writes_both_profiles_of_an_unmerge() {
         let s = stage_of(false, true).await;
-        let survivor = ProfileId::derive_from_event(&EventId::new(Source::Web, "a"), chrono::Utc::now());
-        let merged = elsewhere(&survivor);
-        s.send(&survivor, apply(1, "e1"));
-        s.send(&merged, apply(2, "e2"));
+        let (survivor, merged) = s.two_students();
         s.send(&survivor, ProfileMsg::BeginMerge { merged: merged.clone() });
         s.send(&merged, ProfileMsg::MergeInto { survivor: survivor.clone() });
         assert_eq!(s.flush_now().await.unwrap().profiles, 2, "the redirect and the survivor");
