@@ -61,8 +61,7 @@ fn with_header(mut response: Response, name: &'static str, value: &str) -> Respo
 }
 
 fn unavailable(why: &str) -> Response {
-    let body = axum::Json(serde_json::json!({ "error": { "code": "unavailable", "message": why } }));
-    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
+    crate::error::ApiError::Unavailable(why.to_string()).into_response()
 }
 
 /// Middleware on every route: profile routes of a profile owned elsewhere are forwarded to the

@@ -51,11 +51,15 @@ impl ApiError {
     }
 }
 
+/// Every error answer's body: `{"error": {"code", "message"}}`.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
-        let mut resp = (status, body).into_response();
+        let mut resp = error_response(status, self.code(), &self.to_string());
         match status {
             StatusCode::SERVICE_UNAVAILABLE => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -108,8 +112,8 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
         s if s.is_server_error() => "internal",
         _ => "error",
     };
-    let body = serde_json::to_vec(&json!({ "error": { "code": code, "message": text } })).unwrap_or_default();
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let (json_parts, body) = error_response(status, code, &text).into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(body))
+    parts.headers.extend(json_parts.headers);
+    Response::from_parts(parts, body)
 }

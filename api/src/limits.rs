@@ -6,11 +6,9 @@ use crate::state::ApiState;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,7 +73,7 @@ fn key(req: &Request, route: &str) -> String {
 }
 
 fn refuse(status: StatusCode, code: &str, message: String, retry_after_secs: u64) -> Response {
-    let mut resp = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
+    let mut resp = crate::error::error_response(status, code, &message);
     if let Ok(v) = HeaderValue::from_str(&retry_after_secs.max(1).to_string()) {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
