@@ -610,7 +610,11 @@ async fn segments_are_defined_validated_and_listed_through_the_api_and_exits_hap
     }
     let listed = ok(c.get("/v1/segments").await.unwrap()).await;
     assert_eq!(listed["segments"].as_array().unwrap().len(), 1);
+    let store = demo.cohort.ctx.store.clone();
+    let exits = || store.list_documents("segment_exits", "recent_mba/", None, 10);
+    assert_eq!(exits().await.unwrap().len(), 1, "her exit is recorded");
     assert_eq!(c.call("DELETE", "/v1/segments/recent_mba", &json!({})).await.unwrap().status, 204);
+    assert!(exits().await.unwrap().is_empty(), "a deleted segment's exits go with it");
     assert_eq!(c.get("/v1/segments/recent_mba").await.unwrap().status, 404);
     assert_eq!(c.call("DELETE", "/v1/segments/recent_mba", &json!({})).await.unwrap().status, 404);
     demo.stop().await.unwrap();
