@@ -221,7 +221,8 @@ fn csv_comma_with_quotes_and_bad_rows() {
     let max = &out.events[0];
     assert_eq!(max.kind, EventKind::ContactChanged);
     assert_eq!(max.source, Source::Crm);
-    assert_eq!(max.event_id.as_str(), "crm:csv:003Dp000004XyZ1IAK:2026-11-02T10:00:00.000+0000");
+    let id = max.event_id.as_str();
+    assert!(id.starts_with("crm:csv:003Dp000004XyZ1IAK:2026-11-02T10:00:00.000+0000:c"), "{id}");
     assert_eq!(max.occurred_at, Utc.with_ymd_and_hms(2026, 11, 2, 10, 0, 0).unwrap());
     assert!(has(&max.identifiers, IdentifierKind::SalesforceId, "003Dp000004XyZ1IAK"));
     assert!(has(&max.identifiers, IdentifierKind::Email, "maxmustermann@gmail.com"));
@@ -261,7 +262,8 @@ fn csv_semicolon_crlf_with_a_short_row() {
     assert_eq!(out.rejected.len(), 1);
     assert_eq!(out.rejected[0].index, Some(2));
     let sophie = &out.events[0];
-    assert_eq!(sophie.event_id.as_str(), "crm:csv:003Dp000004Semi1AAA:2026-11-01T10:00:00.000Z");
+    let id = sophie.event_id.as_str();
+    assert!(id.starts_with("crm:csv:003Dp000004Semi1AAA:2026-11-01T10:00:00.000Z:c"), "{id}");
     assert_eq!(sophie.traits["last_name"], json!("Müller"));
     assert_eq!(sophie.traits["email"], json!("sophie.mueller@uni-example.de"));
     assert_eq!(sophie.traits["phone"], json!("+493098765432"));
@@ -273,6 +275,25 @@ fn csv_semicolon_crlf_with_a_short_row() {
     let emma = &out.events[2];
     assert_eq!(emma.raw.index, 3);
     assert_eq!(emma.traits["email_raw"], json!("emma;wagner@example.de"), "a quoted delimiter stays in its cell");
+}
+
+/// The same record version sent again is one event; exported again with more columns, it is a
+/// new one (its new fields must reach the profile), and column order does not matter.
+#[test]
+fn csv_event_ids_follow_record_version_and_columns() {
+    let opts = NormalizeOptions::default();
+    let id = |header: Vec<&str>, row: Vec<&str>| {
+        let (header, row) = (csv::StringRecord::from(header), csv::StringRecord::from(row));
+        normalize_csv_record(&header, &row, 0, received(), &opts).unwrap().event_id
+    };
+    let lm = "2026-11-02T10:00:00.000+0000";
+    let first = id(vec!["Id", "Email", "LastModifiedDate"], vec!["003A", "a@b.de", lm]);
+    assert_eq!(first, id(vec!["Id", "Email", "LastModifiedDate"], vec!["003A", "a@b.de", lm]));
+    assert_eq!(first, id(vec!["LastModifiedDate", "Id", "Email"], vec![lm, "003A", "a@b.de"]));
+    let wider = id(vec!["Id", "Email", "Campus__c", "LastModifiedDate"], vec!["003A", "a@b.de", "Berlin", lm]);
+    assert_ne!(first, wider);
+    let later = id(vec!["Id", "Email", "LastModifiedDate"], vec!["003A", "a@b.de", "2026-11-03T10:00:00.000+0000"]);
+    assert_ne!(first, later);
 }
 
 #[test]

@@ -465,7 +465,13 @@ pub fn normalize_csv_record(
     properties.insert("change_origin".into(), Value::String("bulk_api_csv".into()));
     properties.insert("record_id".into(), Value::String(record_id.to_string()));
     let version = match last_modified {
-        Some(lm) => lm.trim().to_string(),
+        // The columns count too: a re-export of the same record version with more fields
+        // brings new facts, while the same file sent again (or reordered) is a duplicate.
+        Some(lm) => {
+            let mut columns: Vec<&[u8]> = header.iter().map(|h| h.trim().as_bytes()).collect();
+            columns.sort_unstable();
+            format!("{}:c{}", lm.trim(), content_hash(&columns))
+        }
         None => {
             let mut parts: Vec<&[u8]> = Vec::with_capacity(header.len() * 2);
             for (h, c) in header.iter().zip(row.iter()) {
