@@ -158,6 +158,15 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     let letters = c.get("/v1/dlq?limit=1000").await.unwrap().body;
     let newest = letters["dead_letters"].as_array().unwrap().last().cloned().unwrap();
     assert!(newest["payload"].as_str().unwrap().contains("erased person"), "{newest}");
+    // So does one whose refused element has only her number, written as people write it.
+    let refused = json!({ "type": "identify", "traits": { "phone": "0151 1234 5678" } });
+    let other = payloads::segment_page("max-batch-2", "anon-max-x", "/programs/mba", Utc::now());
+    let a = c.segment(false, "batch", &json!({ "batch": [other, refused] })).await.unwrap();
+    assert_eq!((a.status.as_u16(), &a.body["accepted"]), (200, &json!(1)), "{}", a.body);
+    let letters = c.get("/v1/dlq?limit=1000").await.unwrap().body;
+    let newest = letters["dead_letters"].as_array().unwrap().last().cloned().unwrap();
+    assert!(newest["payload"].as_str().unwrap().contains("erased person"), "{newest}");
+    assert!(!newest.to_string().contains("1234 5678"), "{newest}");
     let form = payloads::twilio_whatsapp_form("SMjanaagain00000000000000000001", JANA.phone, "hello again", "Jana");
     assert_eq!(c.twilio(&form).await.unwrap().status, 200, "Twilio gets its TwiML answer");
     // An event already on the bus (a replay, a redelivery) is dropped by the resolver.

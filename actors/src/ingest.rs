@@ -97,14 +97,28 @@ fn letter_text(body: &[u8]) -> String {
     }
 }
 
-/// Whether a payload's text holds the email address of a suppressed person. Asked only of a
-/// payload with refused parts: those were never screened, and their raw text would otherwise
-/// be kept (Bronze, dead letters).
-fn names_suppressed(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, body: &[u8]) -> bool {
+/// Whether a payload's text holds the email address or phone number of a suppressed person.
+/// Asked only of a payload with refused parts: those were never screened, and their raw text
+/// would otherwise be kept (Bronze, dead letters).
+fn names_suppressed(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, payload: &RawPayload) -> bool {
     if erasures.suppressed_len() == 0 {
         return false;
     }
-    let text = String::from_utf8_lossy(body);
+    let text = String::from_utf8_lossy(&payload.body);
+    names_suppressed_email(erasures, opts, &text)
+        || names_suppressed_phone(erasures, opts, &screened_text(payload, &text))
+}
+
+/// A form body's values decoded (Twilio writes `+` as `%2B`), else the text as it is.
+fn screened_text<'a>(payload: &RawPayload, text: &'a str) -> std::borrow::Cow<'a, str> {
+    let form = matches!(payload.format, PayloadFormat::TwilioForm) || payload.content_type.contains("urlencoded");
+    match form.then(|| serde_urlencoded::from_bytes::<Vec<(String, String)>>(&payload.body)).and_then(Result::ok) {
+        Some(pairs) => pairs.into_iter().map(|(_, v)| v).collect::<Vec<_>>().join("\n").into(),
+        None => text.into(),
+    }
+}
+
+fn names_suppressed_email(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, text: &str) -> bool {
     let b = text.as_bytes();
     let local = |c: &u8| c.is_ascii_alphanumeric() || b"._%+-".contains(c);
     let domain = |c: &u8| c.is_ascii_alphanumeric() || b".-".contains(c);
@@ -130,8 +144,33 @@ fn names_suppressed(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, b
         })
 }
 
-/// Distinct addresses [`names_suppressed`] looks at in one payload (a Segment batch holds at
-/// most a few hundred people).
+/// Looks for the numbers of suppressed people: runs of digits written the ways people write
+/// phone numbers, read in the default region, and also as E.164 without its `+` (a WhatsApp id).
+fn names_suppressed_phone(erasures: &crate::gdpr::Erasures, opts: &NormalizeOptions, text: &str) -> bool {
+    use cohort_messages::{Identifier, IdentifierKind};
+    let phone_char = |c: char| c.is_ascii_digit() || "+-(). /".contains(c);
+    let digits = |s: &str| s.bytes().filter(u8::is_ascii_digit).count();
+    let mut seen = std::collections::HashSet::new();
+    text.split(|c: char| !phone_char(c))
+        // A long run (digits listed with spaces) is read a token at a time as well.
+        .flat_map(|run| std::iter::once(run).chain(run.split(' ').filter(move |_| run.len() > 24)))
+        .map(|run| run.trim_matches(|c: char| !c.is_ascii_digit() && c != '+' && c != '('))
+        .filter(|run| (6..=17).contains(&digits(run)) && seen.insert(*run))
+        .take(MAX_ADDRESSES_SCREENED)
+        .any(|run| {
+            let suppressed = |n: &str| {
+                crate::normalize::contact::normalize_phone(n, &opts.default_region).is_some_and(|e164| {
+                    [IdentifierKind::Phone, IdentifierKind::WhatsappId]
+                        .into_iter()
+                        .any(|kind| erasures.suppresses_identifier(&Identifier::new(kind, e164.clone())))
+                })
+            };
+            suppressed(run) || (!run.starts_with('+') && suppressed(&format!("+{run}")))
+        })
+}
+
+/// Distinct addresses (and, apart, phone numbers) [`names_suppressed`] looks at in one payload
+/// (a Segment batch holds at most a few hundred people).
 const MAX_ADDRESSES_SCREENED: usize = 10_000;
 
 /// Stands for the payload in letters of a payload that named an erased person.
@@ -219,7 +258,7 @@ impl Actor for IngestActor {
                 let metrics = m.clone();
                 let letters = match keep_letters {
                     false => vec![],
-                    true if names_suppressed(&state.erasures, &state.options, &payload.body) => {
+                    true if names_suppressed(&state.erasures, &state.options, &payload) => {
                         vec![letter_with(&payload, WITHHELD.to_string(), e.to_string(), None)]
                     }
                     true => vec![raw_dead_letter(&payload, e.to_string(), None)],
@@ -259,7 +298,7 @@ impl Actor for IngestActor {
                 }
                 if !rejected.is_empty() && !screened {
                     // The refused parts were never screened: their text may name an erased person.
-                    screened = names_suppressed(&state.erasures, &state.options, &payload.body);
+                    screened = names_suppressed(&state.erasures, &state.options, &payload);
                 }
                 let letters = if keep_letters { element_letters(&payload, &rejected, screened) } else { Vec::new() };
                 // A payload naming an erased person is not kept raw: Bronze would store them again.
@@ -358,5 +397,40 @@ mod tests {
         assert_eq!(timestamp_out_of_bounds(&g, now - Duration::days(365), now), None);
         let old = timestamp_out_of_bounds(&g, now - Duration::days(400), now).unwrap();
         assert!(old.contains("400 days") && old.contains("max_age_days"), "{old}");
+    }
+
+    /// A refused payload is searched for a suppressed person's number in the ways it is
+    /// written: national format, E.164, a WhatsApp id without `+`, a form-encoded `whatsapp:`.
+    #[test]
+    fn a_suppressed_phone_number_is_found_in_raw_text_as_written() {
+        use cohort_messages::{Identifier, IdentifierKind};
+        let e = crate::gdpr::Erasures::new(cohort_adapters::crypto::KeyedHasher::from_secret(&[7u8; 32]).unwrap());
+        let opts = NormalizeOptions::default();
+        let payload = |format, content_type: &str, body: &str| RawPayload {
+            source: cohort_messages::Source::Web,
+            format,
+            content_type: content_type.into(),
+            received_at: chrono::Utc::now(),
+            body: body.as_bytes().to_vec().into(),
+        };
+        let json = |body: &str| payload(PayloadFormat::Segment { call: SegmentCall::Batch }, "application/json", body);
+        let form = |body: &str| payload(PayloadFormat::TwilioForm, "application/x-www-form-urlencoded", body);
+        let jana = r#"{"batch":[{"type":"identify","traits":{"phone":"0151 12345678"}}]}"#;
+        // Nobody suppressed: nothing found, whatever the text.
+        assert!(!names_suppressed(&e, &opts, &json(jana)));
+        e.suppress([e.hash(&Identifier::new(IdentifierKind::Phone, "+4915112345678"))]);
+        assert!(names_suppressed(&e, &opts, &json(jana)));
+        assert!(names_suppressed(&e, &opts, &json(r#"{"traits":{"phone":"+49 (151) 123-456-78"}}"#)));
+        assert!(names_suppressed(&e, &opts, &json(r#"{"waId":"4915112345678"}"#)));
+        assert!(names_suppressed(&e, &opts, &form("From=whatsapp%3A%2B4915112345678&Body=hi")));
+        // A form writes spaces as `+`: the number in a message text is read decoded.
+        assert!(names_suppressed(&e, &opts, &form("From=whatsapp%3A%2B4917000000000&Body=call+0151+12345678")));
+        // Someone else's number, timestamps and counts are not her.
+        let other = r#"{"phone":"0151 87654321","timestamp":"2026-11-30T10:00:00Z","n":[1,2,3]}"#;
+        assert!(!names_suppressed(&e, &opts, &json(other)));
+        assert!(!names_suppressed(&e, &opts, &form("From=whatsapp%3A%2B4915187654321&Body=hi")));
+        // A WhatsApp id is screened like a phone.
+        e.suppress([e.hash(&Identifier::new(IdentifierKind::WhatsappId, "+4915187654321"))]);
+        assert!(names_suppressed(&e, &opts, &form("From=whatsapp%3A%2B4915187654321&Body=hi")));
     }
 }
