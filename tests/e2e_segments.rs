@@ -1245,6 +1245,70 @@ async fn an_exit_recorded_but_never_sent_is_sent_at_start() {
     demo.stop().await.unwrap();
 }
 
+/// The start-up catch-up sends a recorded exit that never went out, except for a student who
+/// has entered again since: her exit is over, and its record is removed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_exit_of_a_student_who_entered_again_is_dropped_not_sent_at_start() {
+    let d = Destinations::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[[segments.define]]\nname = \"mba_week\"\nrule = 'page_count(\"mba\", 7d) >= 1'\n\n\
+         [[activations]]\nname = \"week_list\"\nsegment = \"mba_week\"\ndestination = \"sendgrid\"\n\
+         action = \"add_to_list\"\nlist_id = \"list-week\"\n\n\
+         [[activations]]\nname = \"week_list_exit\"\nsegment = \"mba_week\"\non = \"exit\"\n\
+         destination = \"sendgrid\"\naction = \"remove_from_list\"\nlist_id = \"list-week\"\n",
+        d.config_toml()
+    );
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), &toml, SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    // Pia is a member; Quinn never was (no MBA view).
+    consenting_mba_visitor(c, "pia", "pia@uni.eu").await;
+    let mut quinn = payloads::segment_identify(
+        "quinn-id",
+        Some("anon-quinn"),
+        None,
+        json!({ "email": "quinn@uni.eu" }),
+        None,
+        Utc::now(),
+    );
+    quinn["context"]["consent"] = json!({ "categoryPreferences": { "email": true } });
+    ok(c.segment(false, "identify", &quinn).await.unwrap()).await;
+    drained(&demo).await;
+    let id = |who: &'static str| async move {
+        ok(c.get(&format!("/v1/profiles/email:{who}@uni.eu")).await.unwrap()).await["profile_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (pia, quinn) = (id("pia").await, id("quinn").await);
+    let members = ok(c.get("/v1/segments/mba_week/members").await.unwrap()).await;
+    assert_eq!(members["members"][0]["profile_id"], json!(pia), "{members}");
+    // Exits recorded and never sent (as if the process had died after the engine wrote them):
+    // Pia's is stale, she is a member again; Quinn's is due.
+    let store = demo.cohort.ctx.store.clone();
+    let at = json!({ "at": Utc::now() - chrono::Duration::seconds(60) });
+    let exits = vec![(format!("mba_week/{pia}"), Some(at.clone())), (format!("mba_week/{quinn}"), Some(at))];
+    store.put_documents("segment_exits", exits).await.unwrap();
+    drop(store);
+    demo.stop().await.unwrap();
+
+    let demo = DemoServer::start(Some(dir.path().to_path_buf()), &toml, SystemOptions::default()).await.unwrap();
+    let removals = || d.received("sendgrid").into_iter().filter(|r| r.method == "DELETE").count();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while removals() < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drained(&demo).await;
+    assert_eq!(removals(), 1, "Quinn's exit only: {:?}", d.received("sendgrid"));
+    let store = demo.cohort.ctx.store.clone();
+    let left = store.get_documents("segment_exits", &[format!("mba_week/{pia}")]).await.unwrap();
+    assert_eq!(left, vec![None], "Pia's exit record is gone");
+    let still = ok(demo.client.get("/v1/segments/mba_week/members").await.unwrap()).await;
+    assert_eq!(still["members"][0]["profile_id"], json!(pia), "{still}");
+    drop(store);
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_embedded_bus_segment_changes_stream_to_subscribers() {
     let demo = DemoServer::start(
