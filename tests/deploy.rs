@@ -140,6 +140,21 @@ fn alerts_and_the_dashboard_use_only_catalogued_metrics() {
 }
 
 /// `kubectl kustomize DIR`, written to a temporary file.
+/// The `COHORT__` variables the image sets (`ENV` in deploy/Dockerfile, continuation lines
+/// joined).
+fn dockerfile_env() -> Vec<(String, String)> {
+    let text = read("deploy/Dockerfile").replace("\\\n", " ");
+    let vars: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|rest| rest.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|pair| pair.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter(|(k, _)| k.starts_with("COHORT__"))
+        .collect();
+    assert!(!vars.is_empty(), "the image sets its listen address");
+    vars
+}
+
 fn render(dir: &str, out: &Path) {
     render_path(&repo(dir), out)
 }
@@ -208,12 +223,23 @@ fn kubernetes_manifests_render_validate_and_carry_a_configuration_cohort_accepts
         let path = tmp.path().join("cohort.toml");
         std::fs::write(&path, &toml).unwrap();
         let secrets = kind(&docs, "Secret", "cohort-secrets")["stringData"].as_object().unwrap().clone();
+        // The image's variables first, then the container's literal ones, then the Secret's
+        // (each outranks the file, as it would in the pod).
+        let mut vars: Vec<(String, String)> = dockerfile_env();
+        for e in container["env"].as_array().unwrap() {
+            if let Some(v) = e["value"].as_str() {
+                vars.push((e["name"].as_str().unwrap().to_string(), v.to_string()));
+            }
+        }
         for (k, v) in &secrets {
             assert!(k.starts_with("COHORT__"), "{k}");
-            std::env::set_var(k, v.as_str().unwrap());
+            vars.push((k.clone(), v.as_str().unwrap().to_string()));
+        }
+        for (k, v) in &vars {
+            std::env::set_var(k, v);
         }
         let config = cohort_config::Config::load(Some(&path));
-        for k in secrets.keys() {
+        for (k, _) in &vars {
             std::env::remove_var(k);
         }
         let config =
