@@ -696,6 +696,48 @@ async fn a_request_too_large_for_a_kafka_message_is_413_and_smaller_chunks_go_th
     assert_eq!(demo.cohort.ctx.store.count_dead_letters().await.unwrap(), 1, "one letter for the one bad row");
 }
 
+/// With BigQuery as the warehouse a raw payload is one Bronze row of one insertAll request
+/// (about 9 MiB): import bodies are capped at 4 MiB there, so one just under the cap reaches
+/// Bronze whole (sealed, a third larger), and a 7 MiB one, which would stop the relay for
+/// everyone behind it, is refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_bigquery_an_import_body_is_capped_so_its_raw_payload_fits_an_insert_request() {
+    let id = unique("bqcap");
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[storage]\nurl = \"embedded://{}\"\n[warehouse]\nurl = \"bigquery://test-project/{id}?endpoint={}\"\n{}",
+        dir.path().join("cohort.redb").display(),
+        service("COHORT_TEST_BIGQUERY"),
+        key_toml(&id)
+    );
+    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    let csv = |rows: usize| {
+        let mut csv = String::from("Id,FirstName,LastName,Email,Description\n");
+        for n in 0..rows {
+            let note = "Interested in the evening MBA and the scholarship deadline ".repeat(50);
+            csv.push_str(&format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,{note}\n"));
+        }
+        csv
+    };
+    let too_big = csv(2_600);
+    assert!(too_big.len() > 7 << 20, "{}", too_big.len());
+    let answer = demo.client.salesforce_csv(&too_big).await.unwrap();
+    assert_eq!(answer.status, 413, "{}", answer.body);
+
+    let fits = csv(1_350);
+    assert!(fits.len() > 3 << 20 && fits.len() < 4 << 20, "{}", fits.len());
+    let answer = demo.client.salesforce_csv(&fits).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    demo.cohort.settle(Duration::from_secs(120)).await.unwrap();
+    let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
+    assert_eq!(relayed.remaining, 0, "{relayed:?}");
+    let wh = demo.cohort.ctx.warehouse.clone().unwrap();
+    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 1);
+    let stored = wh.raw_payloads(0, 10).await.unwrap();
+    assert!(stored[0].1.len() > fits.len(), "the payload reached the warehouse whole, sealed");
+    demo.stop().await.unwrap();
+}
+
 /// On MongoDB a raw payload travels whole in one outbox document (16 MiB at most): import bodies
 /// are capped at 8 MiB there, so one just under the cap is flushed and relayed, and one that
 /// would make every flush fail (21 MiB: sealed, it does not fit even compressed) is refused up

@@ -141,8 +141,13 @@ fn limit_bodies(routes: Router<ApiState>, limit: usize) -> Router<ApiState> {
 pub fn router(state: ApiState) -> Router {
     let cfg = &state.config.server;
     let body_limit = cfg.max_body_bytes;
-    // The store may hold less in one record than the configuration allows (MongoDB).
-    let import_limit = cfg.max_import_body_bytes.min(state.store.max_raw_payload_bytes().unwrap_or(usize::MAX));
+    // The store (MongoDB) or the warehouse (BigQuery) may hold less in one record than the
+    // configuration allows; the CLI importer halves its chunks when refused.
+    let import_limit =
+        [state.store.max_raw_payload_bytes(), state.warehouse.as_ref().and_then(|w| w.max_raw_payload_bytes())]
+            .into_iter()
+            .flatten()
+            .fold(cfg.max_import_body_bytes, usize::min);
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let import = Router::new().route("/v1/import/salesforce/contacts", post(ingest::salesforce_csv));
     let import = limit_bodies(import, import_limit);

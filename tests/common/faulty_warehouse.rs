@@ -41,6 +41,9 @@ impl Warehouse for FaultyWarehouse {
     async fn write_bronze(&self, rows: Vec<BronzeRow>) -> Result<(), StoreError> {
         self.inner.write_bronze(rows).await
     }
+    fn max_raw_payload_bytes(&self) -> Option<usize> {
+        self.inner.max_raw_payload_bytes()
+    }
     async fn write_silver(&self, rows: Vec<SilverRow>) -> Result<(), StoreError> {
         self.inner.write_silver(rows).await
     }

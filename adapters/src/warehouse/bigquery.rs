@@ -328,6 +328,37 @@ impl BigQueryWarehouse {
     }
 }
 
+/// The largest request body Cohort takes while BigQuery is the warehouse: its Bronze row must fit
+/// one insertAll request, after JSON escaping (a quote doubles) or sealing (base64, a third more).
+pub const MAX_RAW_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// A Bronze row as insertAll takes it. A payload that still does not fit one request (text full
+/// of control characters, escaped six bytes each) is stored as a marker with its size instead:
+/// refused, it would stop every later row behind it. The operational store keeps the payload
+/// until its retention.
+fn bronze_json(r: BronzeRow) -> Value {
+    let mut json = json!({
+        "raw_seq": r.raw_seq,
+        "source": r.source.as_str(),
+        "format": r.format,
+        "content_type": r.content_type,
+        "received_at": format_timestamp(r.received_at),
+        "payload_encoding": r.payload_encoding.as_str(),
+        "payload": r.payload,
+    });
+    let size = serde_json::to_vec(&json).map_or(usize::MAX, |v| v.len());
+    if size > INSERT_MAX_BYTES - 1024 {
+        tracing::warn!(
+            raw_seq = r.raw_seq,
+            bytes = size,
+            "raw payload over BigQuery's insert limit; Bronze keeps a marker"
+        );
+        json["payload_encoding"] = json!("omitted");
+        json["payload"] = json!(format!("(omitted: {size} bytes as JSON, over BigQuery's insert limit)"));
+    }
+    json
+}
+
 /// Splits keyed rows into insertAll requests of at most `max_rows` rows and about `max_bytes`.
 fn chunk_rows(
     table: &str,
@@ -617,22 +648,12 @@ impl Warehouse for BigQueryWarehouse {
     }
 
     async fn write_bronze(&self, rows: Vec<BronzeRow>) -> Result<(), StoreError> {
-        let rows = rows
-            .into_iter()
-            .map(|r| {
-                let json = json!({
-                    "raw_seq": r.raw_seq,
-                    "source": r.source.as_str(),
-                    "format": r.format,
-                    "content_type": r.content_type,
-                    "received_at": format_timestamp(r.received_at),
-                    "payload_encoding": r.payload_encoding.as_str(),
-                    "payload": r.payload,
-                });
-                (format!("bronze:{}", r.raw_seq), json)
-            })
-            .collect();
+        let rows = rows.into_iter().map(|r| (format!("bronze:{}", r.raw_seq), bronze_json(r))).collect();
         self.insert(Layer::Bronze.table_name(), rows).await
+    }
+
+    fn max_raw_payload_bytes(&self) -> Option<usize> {
+        Some(MAX_RAW_PAYLOAD_BYTES)
     }
 
     async fn write_silver(&self, rows: Vec<SilverRow>) -> Result<(), StoreError> {
@@ -833,6 +854,37 @@ mod tests {
         );
         assert_eq!(cell(Some(&f(FieldType::Json)), Some(json!("{\"a\":1}"))), json!("{\"a\":1}"));
         assert_eq!(cell(Some(&f(FieldType::String)), None), Value::Null);
+    }
+
+    /// A Bronze row that cannot fit one request even under the import cap becomes a marker
+    /// (refused, it would hold back every row after it); others go as they are.
+    #[test]
+    fn a_bronze_payload_over_the_insert_limit_is_stored_as_a_marker() {
+        let row = |payload: String| BronzeRow {
+            raw_seq: 7,
+            source: cohort_messages::Source::Crm,
+            format: "salesforce_csv".into(),
+            content_type: "text/csv".into(),
+            received_at: chrono::Utc::now(),
+            payload_encoding: crate::warehouse::PayloadEncoding::Utf8,
+            payload,
+        };
+        let kept = bronze_json(row("Id,Email\n\"003A\",a@b.de\n".repeat(1000)));
+        assert_eq!(
+            (kept["payload_encoding"].as_str(), kept["payload"].as_str().map(str::len)),
+            (Some("utf8"), Some(23_000))
+        );
+        // 3 MiB of control characters: 18 MiB escaped.
+        let control = bronze_json(row("\u{1}".repeat(3 << 20)));
+        assert_eq!(control["payload_encoding"], "omitted");
+        assert!(
+            control["payload"].as_str().unwrap().contains("over BigQuery's insert limit"),
+            "{}",
+            control["payload"]
+        );
+        let chunks =
+            chunk_rows("bronze", vec![("bronze:7".into(), control)], INSERT_MAX_ROWS, INSERT_MAX_BYTES).unwrap();
+        assert_eq!(chunks.len(), 1);
     }
 
     #[test]

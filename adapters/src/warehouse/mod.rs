@@ -348,6 +348,11 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn ensure_schema(&self) -> Result<(), StoreError>;
     /// Raw payloads as received; a `raw_seq` written twice is kept once.
     async fn write_bronze(&self, rows: Vec<BronzeRow>) -> Result<(), StoreError>;
+    /// The largest request body whose raw payload one Bronze row takes, where the warehouse
+    /// limits a row's size; requests above it are refused at the edge (413). `None`: no limit.
+    fn max_raw_payload_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Normalized events; an `event_id` written twice is kept once.
     async fn write_silver(&self, rows: Vec<SilverRow>) -> Result<(), StoreError>;
     /// Profile snapshots; the latest `snapshot_at` per profile is what [`Layer::Gold`] shows.
