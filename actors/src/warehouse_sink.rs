@@ -310,15 +310,16 @@ async fn write(args: &WarehouseSinkArgs, batch: WarehouseBatch) -> Result<(usize
     Ok((n_bronze, n_silver, n_gold))
 }
 
-/// One Gold row per profile, the latest snapshot (the first of equals), in first-seen order:
-/// a profile several flushes changed is written once per relay cycle.
+/// One Gold row per profile, the latest snapshot, in first-seen order: a profile several
+/// flushes changed is written once per relay cycle. Of equal times the later row wins: a merge
+/// changes a record without moving its time, and the outbox is in flush order.
 fn newest_per_profile(rows: Vec<GoldProfileRow>) -> Vec<GoldProfileRow> {
     let mut at: HashMap<ProfileId, usize> = HashMap::with_capacity(rows.len());
     let mut out: Vec<GoldProfileRow> = Vec::with_capacity(rows.len());
     for row in rows {
         match at.get(&row.profile_id) {
             Some(&i) => {
-                if let Some(kept) = out.get_mut(i).filter(|kept| row.snapshot_at > kept.snapshot_at) {
+                if let Some(kept) = out.get_mut(i).filter(|kept| row.snapshot_at >= kept.snapshot_at) {
                     *kept = row;
                 }
             }
@@ -365,21 +366,23 @@ async fn gold_snapshots(
     warehouse: &dyn Warehouse,
     after: &str,
     upto: Option<&str>,
-) -> Result<HashMap<String, String>, StoreError> {
+) -> Result<HashMap<String, (String, Option<u64>)>, StoreError> {
     let gold = warehouse.table(Layer::Gold);
     let mut params = vec![("after".to_string(), QueryValue::String(after.to_string()))];
+    let columns = "profile_id, snapshot_at, events_total";
     let sql = match upto {
         Some(upto) => {
             params.push(("upto".to_string(), QueryValue::String(upto.to_string())));
-            format!("SELECT profile_id, snapshot_at FROM {gold} WHERE profile_id > @after AND profile_id <= @upto")
+            format!("SELECT {columns} FROM {gold} WHERE profile_id > @after AND profile_id <= @upto")
         }
-        None => format!("SELECT profile_id, snapshot_at FROM {gold} WHERE profile_id > @after"),
+        None => format!("SELECT {columns} FROM {gold} WHERE profile_id > @after"),
     };
     let result = warehouse.query(&sql, &params).await?;
     let mut out = HashMap::with_capacity(result.rows.len());
     for row in result.rows {
         if let (Some(id), Some(at)) = (row.first().and_then(|v| v.as_str()), row.get(1).and_then(|v| v.as_str())) {
-            out.insert(id.to_string(), at.to_string());
+            let events = row.get(2).and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()));
+            out.insert(id.to_string(), (at.to_string(), events));
         }
     }
     Ok(out)
@@ -405,11 +408,18 @@ async fn reconcile(args: &WarehouseSinkArgs) -> Result<ReconcileReport, StoreErr
         report.orphaned += gold.keys().filter(|id| !known.contains(id.as_str())).count() as u64;
         let records = args.store.load_profiles(&ids).await?;
         let mut repair = Vec::new();
-        for record in &records {
+        // An erased profile's record may still be read before its deletion reaches the store;
+        // writing it would bring the person back into Gold.
+        for record in records.iter().filter(|r| !args.erasures.is_erased(&r.profile_id)) {
             report.profiles_checked += 1;
             match gold.get(record.profile_id.as_str()) {
                 None => report.missing += 1,
-                Some(at) if *at != format_timestamp(record.updated_at) => report.stale += 1,
+                // A merge adds events without moving the survivor's time.
+                Some((at, events))
+                    if *at != format_timestamp(record.updated_at) || *events != Some(record.counters.events_total) =>
+                {
+                    report.stale += 1
+                }
                 Some(_) => continue,
             }
             repair.push(tokenize_gold(args, GoldProfileRow::from_record(record)));
@@ -619,9 +629,43 @@ mod tests {
     #[test]
     fn of_several_snapshots_of_a_profile_the_latest_is_kept_in_first_seen_order() {
         let (a1, b, a2, a0) = (record("a", 1, 1), record("b", 1, 1), record("a", 2, 2), record("a", 0, 0));
-        let rows = [&a1, &b, &a2, &a0].map(GoldProfileRow::from_record).to_vec();
+        // Flushed after a merge that kept the time of `a2`.
+        let a3 = record("a", 3, 2);
+        let rows = [&a1, &b, &a2, &a0, &a3].map(GoldProfileRow::from_record).to_vec();
         let kept = newest_per_profile(rows);
-        assert_eq!(kept.iter().map(|r| r.events_total).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(kept.iter().map(|r| r.events_total).collect::<Vec<_>>(), vec![3, 1]);
         assert_eq!(kept[0].profile_id, a1.profile_id);
+    }
+
+    /// A Gold row as old as the record by its time but not by its content (a merge kept the
+    /// survivor's time) is stale: reconcile writes it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconcile_repairs_a_gold_row_whose_time_matches_but_whose_content_is_behind() {
+        let (store, warehouse, _metrics, args) = sink().await;
+        let (before, merged) = (record("ana", 1, 5), record("ana", 3, 5));
+        warehouse.write_gold_profiles(vec![GoldProfileRow::from_record(&before)]).await.unwrap();
+        store.commit_flush(FlushBatch { profiles: vec![merged], ..FlushBatch::default() }).await.unwrap();
+        let report = reconcile(&args).await.unwrap();
+        assert_eq!((report.stale, report.repaired), (1, 1), "{report:?}");
+        let gold = warehouse.query("SELECT events_total FROM gold_profiles_latest", &[]).await.unwrap();
+        assert_eq!(gold.rows, vec![vec![serde_json::json!(3)]]);
+        let again = reconcile(&args).await.unwrap();
+        assert_eq!((again.stale, again.repaired), (0, 0), "{again:?}");
+    }
+
+    /// Reconcile never writes an erased profile back, though its record is still in the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconcile_leaves_erased_profiles_out_of_gold() {
+        let (store, warehouse, _metrics, args) = sink().await;
+        let (gone, kept) = (record("ana", 1, 5), record("ben", 1, 5));
+        store
+            .commit_flush(FlushBatch { profiles: vec![gone.clone(), kept.clone()], ..FlushBatch::default() })
+            .await
+            .unwrap();
+        args.erasures.mark_erased([gone.profile_id.clone()]);
+        let report = reconcile(&args).await.unwrap();
+        assert_eq!((report.missing, report.repaired), (1, 1), "{report:?}");
+        let gold = warehouse.query("SELECT profile_id FROM gold_profiles_latest", &[]).await.unwrap();
+        assert_eq!(gold.rows, vec![vec![serde_json::json!(kept.profile_id)]]);
     }
 }

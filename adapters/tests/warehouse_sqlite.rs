@@ -50,6 +50,9 @@ async fn file_survives_reopening_and_is_in_wal_mode() {
     assert_eq!(wh.count_rows(Layer::Gold).await.unwrap(), 1);
     let mode = wh.query("PRAGMA journal_mode", &[]).await.unwrap();
     assert_eq!(mode.rows, vec![vec![serde_json::json!("wal")]]);
+    // Synced at every commit (2 = FULL): the relay drops the outbox rows once it returns.
+    let sync = wh.query("PRAGMA synchronous", &[]).await.unwrap();
+    assert_eq!(sync.rows, vec![vec![serde_json::json!(2)]]);
     // The analyst's view: a plain sqlite file any SQLite (or DuckDB's sqlite scanner) can read.
     let tables = wh
         .query(

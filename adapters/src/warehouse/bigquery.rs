@@ -359,6 +359,24 @@ fn bronze_json(r: BronzeRow) -> Value {
     json
 }
 
+/// A Gold row and its key. The content is in the key (hashed, see `insert_id`): a merge changes
+/// a record without moving its time, and BigQuery drops a row whose insertId it has seen.
+fn gold_row(r: GoldProfileRow) -> (String, Value) {
+    let snapshot_at = format_timestamp(r.snapshot_at);
+    let json = json!({
+        "profile_id": r.profile_id.as_str(),
+        "snapshot_at": snapshot_at,
+        "traits": json_text(&r.traits),
+        "counters": json_text(&r.counters),
+        "identifiers": json_text(&r.identifiers),
+        "events_total": r.events_total,
+        "first_seen": r.first_seen.map(format_timestamp),
+        "last_seen": r.last_seen.map(format_timestamp),
+        "merged_into": r.merged_into.as_ref().map(|p| p.as_str()),
+    });
+    (format!("{}@{snapshot_at}@{json}", r.profile_id), json)
+}
+
 /// Splits keyed rows into insertAll requests of at most `max_rows` rows and about `max_bytes`.
 fn chunk_rows(
     table: &str,
@@ -633,7 +651,8 @@ impl Warehouse for BigQueryWarehouse {
         let views = [
             (Layer::Bronze, "raw_seq", "received_at"),
             (Layer::Silver, "event_id", "received_at"),
-            (Layer::Gold, "profile_id", "snapshot_at DESC"),
+            // Of equal times, the merged (larger) record.
+            (Layer::Gold, "profile_id", "snapshot_at DESC, events_total DESC"),
         ];
         for (layer, key, order) in views {
             let sql = format!(
@@ -681,26 +700,7 @@ impl Warehouse for BigQueryWarehouse {
     }
 
     async fn write_gold_profiles(&self, rows: Vec<GoldProfileRow>) -> Result<(), StoreError> {
-        let rows = rows
-            .into_iter()
-            .map(|r| {
-                let snapshot_at = format_timestamp(r.snapshot_at);
-                let key = format!("{}@{snapshot_at}", r.profile_id);
-                let json = json!({
-                    "profile_id": r.profile_id.as_str(),
-                    "snapshot_at": snapshot_at,
-                    "traits": json_text(&r.traits),
-                    "counters": json_text(&r.counters),
-                    "identifiers": json_text(&r.identifiers),
-                    "events_total": r.events_total,
-                    "first_seen": r.first_seen.map(format_timestamp),
-                    "last_seen": r.last_seen.map(format_timestamp),
-                    "merged_into": r.merged_into.as_ref().map(|p| p.as_str()),
-                });
-                (key, json)
-            })
-            .collect();
-        self.insert(Layer::Gold.table_name(), rows).await
+        self.insert(Layer::Gold.table_name(), rows.into_iter().map(gold_row).collect()).await
     }
 
     async fn query(&self, sql: &str, params: &[(String, QueryValue)]) -> Result<QueryResult, StoreError> {
@@ -885,6 +885,22 @@ mod tests {
         let chunks =
             chunk_rows("bronze", vec![("bronze:7".into(), control)], INSERT_MAX_ROWS, INSERT_MAX_BYTES).unwrap();
         assert_eq!(chunks.len(), 1);
+    }
+
+    /// Two snapshots of a profile at one time but with other content are two rows to BigQuery;
+    /// the same snapshot sent again is one.
+    #[test]
+    fn gold_rows_of_one_time_and_other_content_have_other_insert_ids() {
+        let id = cohort_messages::ProfileId::derive_from_event(
+            &cohort_messages::EventId::new(cohort_messages::Source::Web, "a"),
+            chrono::DateTime::UNIX_EPOCH,
+        );
+        let mut record = cohort_messages::ProfileRecord::new(id, chrono::Utc::now());
+        let key = |r: &cohort_messages::ProfileRecord| insert_id(&gold_row(GoldProfileRow::from_record(r)).0);
+        let before = key(&record);
+        assert_eq!(before, key(&record));
+        record.counters.events_total += 2;
+        assert_ne!(before, key(&record));
     }
 
     #[test]

@@ -173,7 +173,9 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| map_err("set busy timeout", e))?;
     // GDPR: deleted rows are overwritten, not left readable in free pages.
     conn.pragma_update(None, "secure_delete", "ON").map_err(|e| map_err("enable secure_delete", e))?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| map_err("set synchronous", e))?;
+    // FULL, not WAL's usual NORMAL: the relay acknowledges the outbox after this commit, and
+    // NORMAL may roll a commit back at a power loss, with the rows gone from both sides.
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| map_err("set synchronous", e))?;
     Ok(())
 }
 
