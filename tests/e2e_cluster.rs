@@ -226,6 +226,15 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
         }
     }
     let orphan = orphan.expect("replica 2 owns some student");
+    // Through another replica, answered as the owner would: a HEAD is a read, and a body over
+    // the limit is 413 (503 would have the client send it again and again).
+    let profile = format!("/v1/profiles/anonymous_id:anon-clu-{orphan}");
+    let head = clients[0].call("HEAD", &profile, &Value::Null).await.unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.header("x-cohort-owner").is_some_and(|o| o.starts_with(&format!("{}/", replicas[2].name))));
+    let oversized = json!({ "email": { "granted": true, "legal_basis": "x".repeat(600_000) } });
+    let refused = clients[0].call("PUT", &format!("{profile}/consent"), &oversized).await.unwrap();
+    assert_eq!(refused.status, 413, "{}", refused.body);
     // Replica 2 is killed (SIGKILL, nothing flushed) once a third of the load is acknowledged.
     let mut victim = replicas[2].proc.take().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -256,6 +265,8 @@ async fn three_replicas_own_the_profiles_of_their_partitions_and_a_killed_one_lo
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(refused.header("retry-after").is_some(), "{}", refused.body);
+    let head = clients[0].call("HEAD", &profile, &Value::Null).await.unwrap();
+    assert_eq!((head.status.as_u16(), head.header("x-cohort-consistency")), (200, Some("snapshot")));
 
     // The survivors take its partitions over; every acknowledged event is in exactly one
     // history, and every counter equals its history, read through both survivors.

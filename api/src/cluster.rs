@@ -88,7 +88,7 @@ pub async fn route_to_owner(
     let root = state.index.root(&id).await.unwrap_or(id);
     let partition = partition_of(&root, ownership.partitions());
     let me = state.membership.name.clone();
-    let read = req.method() == axum::http::Method::GET;
+    let read = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     if ownership.owns(partition) {
         if !read {
             // Writes are flushed before they are answered; one whose partition moved meanwhile
@@ -127,17 +127,44 @@ pub async fn route_to_owner(
         return unavailable("the profile's partition has no owner");
     };
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, state.config.server.max_body_bytes).await {
+    let limit = state.config.server.max_body_bytes;
+    let body = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b.to_vec(),
+        // As the owner would answer it: sent again, it would be refused again.
+        Err(e) if is_length_limit(&e) => {
+            return crate::error::ApiError::PayloadTooLarge(format!("request body over {limit} bytes")).into_response()
+        }
         Err(e) => return unavailable(&format!("request body unreadable: {e}")),
     };
-    match forward(&state, &parts.method, &parts.uri, &parts.headers, body, &url, &me).await {
+    match forward(&state, &parts.method, &parts.uri, &parts.headers, body, &url, &me, write_timeout(&state)).await {
         Ok(response) => with_header(response, OWNER, &owner),
         Err(e) => {
             tracing::warn!(owner = %owner, error = %e, "forwarding to the profile's owner failed");
             unavailable("the profile's owner did not answer")
         }
     }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// How long a forwarded read waits for the owner before the store answers instead.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a forwarded write waits: the owner may take a call and a flush to answer (each up to
+/// the call timeout), and an answer cut short would report a stored write as failed. Less than
+/// this replica's own request timeout, so the client still hears why.
+fn write_timeout(state: &ApiState) -> std::time::Duration {
+    let own = std::time::Duration::from_millis(state.config.server.request_timeout_ms);
+    (state.call_timeout * 2 + READ_TIMEOUT).min(own.saturating_sub(std::time::Duration::from_secs(1))).max(READ_TIMEOUT)
 }
 
 /// A read of a profile this replica does not own, answered by the owner's live actor; or from the
@@ -152,7 +179,7 @@ async fn route_read_elsewhere(state: &ApiState, req: Request, next: Next, partit
     let Some((owner, url)) = state.owners.owner_of(state, partition).await else {
         return snapshot(next.run(req).await);
     };
-    match forward(state, req.method(), req.uri(), req.headers(), Vec::new(), &url, me).await {
+    match forward(state, req.method(), req.uri(), req.headers(), Vec::new(), &url, me, READ_TIMEOUT).await {
         Ok(response) => with_header(response, OWNER, &owner),
         Err(e) => {
             tracing::debug!(owner = %owner, error = %e, "profile owner unreachable; answering from the store");
@@ -161,7 +188,13 @@ async fn route_read_elsewhere(state: &ApiState, req: Request, next: Next, partit
     }
 }
 
+/// A peer request's error without its URL, whose path names the student (`email:...`).
+fn peer_error(e: reqwest::Error) -> String {
+    e.without_url().to_string()
+}
+
 /// Sends the request on to `base` as it came, and returns its answer.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &ApiState,
     method: &axum::http::Method,
@@ -170,16 +203,17 @@ async fn forward(
     body: Vec<u8>,
     base: &str,
     me: &str,
+    timeout: std::time::Duration,
 ) -> Result<Response, String> {
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
-    let mut out = state.http.request(method, format!("{base}{path}")).body(body);
+    let mut out = state.http.request(method, format!("{base}{path}")).timeout(timeout).body(body);
     for (name, value) in headers {
         if name != header::HOST && name != header::CONTENT_LENGTH {
             out = out.header(name.as_str(), value.as_bytes());
         }
     }
-    let answer = out.header(FORWARDED, me).send().await.map_err(|e| e.to_string())?;
+    let answer = out.header(FORWARDED, me).send().await.map_err(peer_error)?;
     let status = StatusCode::from_u16(answer.status().as_u16()).map_err(|e| e.to_string())?;
     let mut response = Response::builder().status(status);
     for (name, value) in answer.headers() {
@@ -187,6 +221,24 @@ async fn forward(
             response = response.header(name.as_str(), value.as_bytes());
         }
     }
-    let bytes = answer.bytes().await.map_err(|e| e.to_string())?;
+    let bytes = answer.bytes().await.map_err(peer_error)?;
     response.body(axum::body::Body::from(bytes)).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// Forwarding errors are logged: they must not carry the student's email from the path.
+    #[tokio::test]
+    async fn a_peer_error_leaves_the_students_reference_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let url = format!("http://127.0.0.1:{port}/v1/profiles/email:alice@example.edu/consent");
+        let e = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        assert!(e.to_string().contains("alice"), "the test means something: {e}");
+        let logged = super::peer_error(e);
+        assert!(!logged.contains("alice") && !logged.is_empty(), "{logged}");
+    }
 }
