@@ -235,8 +235,10 @@ pub struct MatchExplanation {
 /// Compares two records under `model`.
 pub fn compare(a: &MatchRecord, b: &MatchRecord, model: &MatchModel) -> MatchExplanation {
     let mut out = Vec::new();
-    // Swapped first and last names (common in forms) count as agreeing names.
+    // Swapped first and last names (common in forms) count as agreeing names; all four must be
+    // there (two missing names are not two agreeing ones).
     let swapped = a.first_name.is_some()
+        && a.last_name.is_some()
         && a.first_name == b.last_name
         && a.last_name == b.first_name
         && a.first_name != a.last_name;
@@ -413,6 +415,19 @@ mod tests {
         assert!(e.score > 0.99, "{e:?}");
         let c = rec("Müller", "Lena", Some((2001, 4, 3)), None);
         assert!(compare(&a, &c, &m).score > 0.85, "swapped names still match");
+    }
+
+    /// A first name alone and the same word as a last name alone are not swapped names.
+    #[test]
+    fn a_lone_first_name_equal_to_a_lone_last_name_is_not_a_swap() {
+        let m = MatchModel::default();
+        let phone = Some("+4915112345678".to_string());
+        let a = MatchRecord { first_name: normalize_name("Thomas"), phone: phone.clone(), ..MatchRecord::default() };
+        let b = MatchRecord { last_name: normalize_name("Thomas"), phone, ..MatchRecord::default() };
+        let e = compare(&a, &b, &m);
+        let first = e.comparisons.iter().find(|c| c.field == "first_name").unwrap();
+        assert_eq!(first.outcome, Outcome::Missing, "{e:?}");
+        assert!(e.score < 0.85, "{e:?}");
     }
 
     #[test]
