@@ -621,7 +621,14 @@ impl ProfileRecord {
         let mut theirs: BTreeSet<Identifier> = restored.identifiers.iter().map(|l| l.identifier.clone()).collect();
         let mut survivor = (*ledger.base).clone();
         survivor.ledger = None;
-        survivor.kept_apart = self.kept_apart.clone();
+        // Kept apart since the base (an earlier unmerge, a reviewer's no) still holds; what only
+        // the merged side brought goes with it (the merges that stay add theirs back).
+        survivor.kept_apart = self
+            .kept_apart
+            .iter()
+            .filter(|p| !record.kept_apart.contains(*p) || ledger.base.kept_apart.contains(*p))
+            .cloned()
+            .collect();
         let mut ours: BTreeSet<Identifier> =
             survivor.identifiers.iter().map(|l| l.identifier.clone()).filter(|i| !theirs.contains(i)).collect();
         for (i, entry) in ledger.entries.iter().enumerate() {
@@ -825,6 +832,28 @@ pub(crate) mod tests {
         assert_eq!(events(&r), vec![EventId::new(Source::Mobile, "4"), EventId::new(Source::Mobile, "2")]);
         assert_eq!(s.recent_events.len(), 3);
         assert!(s.ledger.is_none(), "no merge left to undo");
+    }
+
+    /// Undoing a merge takes back what the merged side was kept apart from: it is not the
+    /// survivor's own decision.
+    #[test]
+    fn unmerge_leaves_the_survivor_kept_apart_only_from_what_it_was_itself() {
+        let ids: Vec<ProfileId> =
+            (0..4).map(|i| ProfileId::derive_from_event(&EventId::from_raw(format!("k{i}")), at(i))).collect();
+        let (s_id, r_id, q_id, x_id) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+        let mut s = ProfileRecord::new(s_id.clone(), at(0));
+        s.apply(1, &person(Source::Web, "1", 1, &[email("s@uni.eu")], &[]), 50);
+        s.kept_apart.insert(x_id.clone());
+        // R was split from Q earlier.
+        let mut r = ProfileRecord::new(r_id.clone(), at(1));
+        r.apply(2, &person(Source::Web, "2", 2, &[email("r@uni.eu")], &[]), 50);
+        r.kept_apart.insert(q_id.clone());
+        s.absorb(r, 50);
+        assert!(s.kept_apart.contains(q_id));
+        let split = s.unmerge(r_id, 50, at(9)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!split.survivor.kept_apart.contains(q_id), "{:?}", split.survivor.kept_apart);
+        assert!(split.survivor.kept_apart.contains(x_id) && split.survivor.kept_apart.contains(r_id));
+        assert!(split.restored.kept_apart.contains(q_id) && split.restored.kept_apart.contains(s_id));
     }
 
     #[test]
