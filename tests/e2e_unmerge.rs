@@ -178,9 +178,9 @@ async fn probable_duplicates_wait_in_the_review_queue_and_approval_merges_them()
     demo.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_pair_stays_apart_and_is_not_asked_again() {
-    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+/// Two students alike enough to be reviewed (Jonas Weber with two university addresses); the
+/// open review item's id.
+async fn twins_in_review(demo: &DemoServer) -> String {
     let c = &demo.client;
     let twin = |email: &str| {
         json!({ "email": email, "firstName": "Jonas", "lastName": "Weber", "birthday": "2002-07-01",
@@ -188,10 +188,37 @@ async fn a_rejected_pair_stays_apart_and_is_not_asked_again() {
     };
     identify(c, "t1", None, twin("jonas.weber@tum.de"), None).await;
     identify(c, "t2", None, twin("j.weber@lmu.de"), None).await;
-    matcher_synced(&demo).await;
+    matcher_synced(demo).await;
     let items = c.get("/v1/identity/reviews").await.unwrap().body["reviews"].as_array().unwrap().clone();
     assert_eq!(items.len(), 1);
-    let id = items[0]["id"].as_str().unwrap();
+    items[0]["id"].as_str().unwrap().to_string()
+}
+
+/// A pair one of whom is being erased is never merged on approval: the survivor could be the
+/// erased profile, and the other's data would go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approving_a_pair_with_an_erased_profile_is_refused() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let id = twins_in_review(&demo).await;
+    let kept = profile_id(c, "email:jonas.weber@tum.de").await;
+    let gone = cohort_messages::ProfileId::parse(&profile_id(c, "email:j.weber@lmu.de").await).unwrap();
+    // As the deletion saga's first step does, before the review items are deleted.
+    demo.cohort.ctx.erasures.mark_erased([gone]);
+    let approved = c.post(&format!("/v1/identity/reviews/{id}/approve"), &json!({})).await.unwrap();
+    assert_eq!(approved.status, 409, "{}", approved.body);
+    settle(&demo).await;
+    assert_eq!(profile_id(c, "email:jonas.weber@tum.de").await, kept, "not merged into the erased profile");
+    let open = c.get("/v1/identity/reviews").await.unwrap().body;
+    assert_eq!(open["reviews"][0]["status"], "open", "{open}");
+    demo.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_pair_stays_apart_and_is_not_asked_again() {
+    let demo = DemoServer::start(None, "", SystemOptions::default()).await.unwrap();
+    let c = &demo.client;
+    let id = twins_in_review(&demo).await;
     let rejected = c.post(&format!("/v1/identity/reviews/{id}/reject"), &json!({})).await.unwrap();
     assert_eq!(rejected.status, 200, "{}", rejected.body);
     assert_eq!(rejected.body["review"]["status"], "rejected");

@@ -128,6 +128,14 @@ impl IdentityMatcherState {
     /// Carries out a decided merge: the graph first, then the merged profile hands its state over.
     async fn merge(&self, a: &ProfileId, b: &ProfileId, reason: MergeReason) -> Result<(), ReviewError> {
         let directory = self.directory()?;
+        // A deletion in progress: the erased profile could survive the merge and take the
+        // other student's data with it.
+        for p in [a, b] {
+            let root = self.args.index.root(p).await.map_err(|e| ReviewError::Unavailable(e.to_string()))?;
+            if self.args.erasures.is_erased(p) || self.args.erasures.is_erased(&root) {
+                return Err(ReviewError::Refused("one of the two profiles is being erased".into()));
+            }
+        }
         match self.args.index.merge_pair(a, b, reason).await {
             Ok(Some(IdentityMerged { survivor, merged, .. })) => {
                 self.args.metrics.identity_merges.inc();

@@ -182,17 +182,20 @@ pub async fn unmerge(
         UnmergeError::NotMerged(_) => ApiError::NotFound(e.to_string()),
         UnmergeError::Final(_) | UnmergeError::Nested { .. } => ApiError::Conflict(e.to_string()),
     })?;
-    flushed(&state).await?;
+    // Audited whether or not the flush answers in time: the split is applied, the next flush
+    // stores it, and the audit log is the only lasting record of who undid the merge.
+    let stored = flushed(&state).await;
     let audit = NewAuditEntry {
         at: Utc::now(),
         actor: by,
         action: "identity.unmerge".into(),
         subject: report.survivor.to_string(),
-        detail: json!({ "restored": report.restored }),
+        detail: json!({ "restored": report.restored, "stored_when_answered": stored.is_ok() }),
     };
     if let Err(e) = state.store.append_audit(vec![audit]).await {
         tracing::warn!(error = %e, "unmerge not written to the audit log");
     }
+    stored?;
     Ok(Json(serde_json::to_value(&report).unwrap_or(Value::Null)))
 }
 
