@@ -605,7 +605,8 @@ pub async fn resolve_event(
         }
     }
     let mut target = linked.first().cloned().unwrap_or_else(|| anchor.clone());
-    for id in unowned.iter().copied().filter(|i| links.contains(i)) {
+    let claimable: Vec<&Identifier> = unowned.iter().copied().filter(|i| links.contains(i)).collect();
+    for id in claimable {
         match index.claim(id, &target) {
             Ok(()) => {}
             Err(other) => {
@@ -617,7 +618,10 @@ pub async fn resolve_event(
                     held.extend(theirs);
                     linked.insert(other);
                 } else {
+                    // Refused, it is not this profile's: kept in `links`, it would be recorded
+                    // here and even repointed away from the student who claimed it.
                     refuse(id, "profile_limit");
+                    links.retain(|l| *l != id);
                 }
             }
         }
