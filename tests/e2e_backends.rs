@@ -696,6 +696,25 @@ async fn a_request_too_large_for_a_kafka_message_is_413_and_smaller_chunks_go_th
     assert_eq!(demo.cohort.ctx.store.count_dead_letters().await.unwrap(), 1, "one letter for the one bad row");
 }
 
+/// Topics made with one partition count and a configuration that says another: Cohort refuses
+/// to start, naming the key, instead of routing students to partitions nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_count_that_disagrees_with_the_topics_stops_the_start() {
+    let (prefix, db) = (unique("parts"), unique("parts"));
+    let toml = backends_toml(&prefix, &db);
+    let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
+    demo.stop().await.unwrap();
+    let more = toml.replace("partitions = 3", "partitions = 6");
+    assert_ne!(more, toml);
+    let refused = match DemoServer::start(None, &more, SystemOptions::default()).await {
+        Ok(_) => panic!("started with bus.partitions = 6 on topics of 3"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("has 3 partitions but bus.partitions = 6"), "{refused}");
+    // The same count starts again.
+    DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap().stop().await.unwrap();
+}
+
 /// With BigQuery as the warehouse a raw payload is one Bronze row of one insertAll request
 /// (about 9 MiB): import bodies are capped at 4 MiB there, so one just under the cap reaches
 /// Bronze whole (sealed, a third larger), and a 7 MiB one, which would stop the relay for

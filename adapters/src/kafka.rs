@@ -286,7 +286,8 @@ impl KafkaBus {
                 Err((name, code)) => return Err(kafka_unavailable(&format!("create topic {name}"), code)),
             }
         }
-        Ok(())
+        let names: Vec<String> = names.into_iter().map(|(name, _)| name).collect();
+        check_partitions(admin, names, partitions).await
     }
 
     /// A consumer in `group` that commits only what the pipeline made durable.
@@ -680,6 +681,37 @@ async fn resubscribe<C: ConsumerContext + 'static>(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&refs).map_err(|e| kafka_unavailable("subscribe", e))
+}
+
+/// Fails unless every topic has `expected` partitions. A student's partition is computed from
+/// `bus.partitions`: a topic with more would be written where nobody reads, a topic with fewer
+/// refused, and replicas that disagree would each run an actor for the same student.
+async fn check_partitions(
+    admin: AdminClient<DefaultClientContext>,
+    topics: Vec<String>,
+    expected: i32,
+) -> Result<(), StoreError> {
+    tokio::task::spawn_blocking(move || {
+        for topic in topics {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| kafka_unavailable("topic metadata", e))?;
+            for t in metadata.topics() {
+                let found = t.partitions().len();
+                if found != usize::try_from(expected).unwrap_or(0) {
+                    return Err(StoreError::invalid(format!(
+                        "kafka topic {} has {found} partitions but bus.partitions = {expected}; they must agree \
+                         (set bus.partitions = {found}, or repartition the topics on a stopped cluster)",
+                        t.name()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StoreError::unavailable(format!("kafka metadata task: {e}")))?
 }
 
 /// Every `topic/partition` of `topics`, from the broker's metadata (a blocking call, so off the
