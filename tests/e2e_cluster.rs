@@ -625,3 +625,95 @@ async fn a_segment_defined_through_one_replica_is_evaluated_by_every_replica() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A change sent to a profile that was merged into one another replica owns reaches the
+/// survivor, whichever replica made the merge: where a replica still takes the merged profile
+/// for a root it is refused for a retry (a read-only copy of the survivor is never stored, and
+/// an owner with an older view reads the store again), never acknowledged and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consent_change_for_a_profile_merged_into_another_replicas_profile_reaches_the_survivor() {
+    let _one = ONE_CLUSTER.lock().await;
+    let (cluster, _) = start_cluster("merged-away", 2, "").await;
+    let clients = cluster.clients();
+    let owner = |a: &cohort::client::Answer| {
+        let name = a.header("x-cohort-owner").unwrap_or_default();
+        cluster.replicas.iter().position(|r| name.starts_with(&format!("{}/", r.name)))
+    };
+    let until = |c: CohortClient, path: String, ok: Box<dyn Fn(&cohort::client::Answer) -> bool>| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = c.get(&path).await.unwrap();
+            if ok(&a) {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "{path}: {} {}", a.status, a.body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let live = |a: &cohort::client::Answer| a.status == 200 && a.header("x-cohort-consistency").is_none();
+    let id = |a: &cohort::client::Answer| a.body["profile_id"].as_str().unwrap().to_string();
+    let consent = json!({ "email": { "granted": true, "legal_basis": "consent" } });
+    // A survivor T (older: a user id and an email) and S (newer: an anonymous visitor) on
+    // different replicas, merged by a link (which replica resolves it is the broker's choice).
+    for k in 0..12 {
+        let (user, email, anon) = (format!("mx-{k}"), format!("mx{k}@uni.eu"), format!("anon-mx-{k}"));
+        let t = payloads::segment_identify(
+            &format!("{user}-t"),
+            None,
+            Some(&user),
+            json!({ "email": email }),
+            None,
+            Utc::now(),
+        );
+        assert_eq!(clients[0].segment(false, "identify", &t).await.unwrap().status, 200);
+        let t = until(clients[0].clone(), format!("/v1/profiles/user_id:{user}"), Box::new(live)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let s = payloads::segment_page(&format!("{user}-s"), &anon, "/programs/mba", Utc::now());
+        assert_eq!(clients[0].segment(false, "page", &s).await.unwrap().status, 200);
+        let s = until(clients[0].clone(), format!("/v1/profiles/anonymous_id:{anon}"), Box::new(live)).await;
+        let (Some(t_owner), Some(s_owner)) = (owner(&t), owner(&s)) else { continue };
+        if t_owner == s_owner {
+            continue;
+        }
+        let (t_id, s_id) = (id(&t), id(&s));
+        assert!(t_id < s_id, "T is the older");
+        // S's owner reads S (and so takes it for a root); then the link merges S into T.
+        let s_path = format!("/v1/profiles/{s_id}");
+        assert_eq!(clients[s_owner].get(&s_path).await.unwrap().body["profile_id"], json!(s_id));
+        let link = payloads::segment_identify(
+            &format!("{user}-l"),
+            Some(&anon),
+            None,
+            json!({ "email": email }),
+            None,
+            Utc::now(),
+        );
+        assert_eq!(clients[t_owner].segment(false, "identify", &link).await.unwrap().status, 200);
+        let merged = t_id.clone();
+        until(clients[s_owner].clone(), s_path.clone(), Box::new(move |a| a.body["profile_id"] == json!(merged))).await;
+        // Where S's replica made the merge it forwards the change to T's owner, which reads the
+        // merge from the store. Where T's replica made it, S's replica still takes S for a root
+        // and answers itself: with a refusal to retry, not with "done" for a change applied to
+        // a copy of T that no flush stores (the case this test is after).
+        let first = clients[s_owner].call("PUT", &format!("{s_path}/consent"), &consent).await.unwrap();
+        let answered_here = owner(&first) == Some(s_owner);
+        if answered_here {
+            assert_eq!(first.status, 503, "{}", first.body);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut taken = first;
+        while taken.status != 200 {
+            assert_eq!(taken.status, 503, "{}", taken.body);
+            assert!(Instant::now() < deadline, "never taken: {}", taken.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            taken = clients[s_owner].call("PUT", &format!("{s_path}/consent"), &consent).await.unwrap();
+        }
+        assert_eq!(owner(&taken), Some(t_owner), "{}", taken.body);
+        let t = clients[t_owner].get(&format!("/v1/profiles/{t_id}")).await.unwrap();
+        assert!(t.body["consent"].to_string().contains("\"granted\":true"), "{}", t.body);
+        if answered_here {
+            return;
+        }
+    }
+    panic!("no pair was merged by the survivor's replica");
+}

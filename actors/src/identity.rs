@@ -366,6 +366,29 @@ impl IdentityIndex {
         Err(StoreError::corrupt(format!("merge redirects of {profile} form a cycle")))
     }
 
+    /// [`IdentityIndex::root`] without what this process took for a root: a merge another
+    /// replica made reaches this one only through the store.
+    pub async fn refresh_root(&self, profile: &ProfileId) -> Result<ProfileId, StoreError> {
+        let mut current = profile.clone();
+        while let Some(next) = self.redirects.get(&current).map(|r| r.clone()) {
+            if next == current || next == *profile {
+                break;
+            }
+            current = next;
+        }
+        self.known_roots.remove(&current);
+        self.root(&current).await
+    }
+
+    /// Takes a merge another replica made, learned from the merged profile's actor: the next
+    /// `root` of `merged` is `survivor`, without asking the store.
+    pub fn learn_redirect(&self, merged: &ProfileId, survivor: &ProfileId) {
+        if merged != survivor {
+            self.known_roots.remove(merged);
+            self.redirects.insert(merged.clone(), survivor.clone());
+        }
+    }
+
     fn record_merge(&self, merged: IdentityMerged) {
         if let Some((_, values)) = self.limited.remove(&merged.merged) {
             let mut all = self.limited_values(&merged.survivor);

@@ -106,6 +106,25 @@ impl ProfileState {
         Ok(())
     }
 
+    /// In cluster mode a change with a reply for a merged profile is answered with the survivor
+    /// (`None` here): sent on, it could only reach the survivor through this replica's
+    /// directory, which holds a read-only copy when the survivor's partition is another
+    /// replica's, and the caller would hear "done" for a change no flush stores. The caller
+    /// asks where the survivor lives instead. Otherwise the reply goes on with the change.
+    fn answer_merged<T>(
+        &self,
+        survivor: &ProfileId,
+        reply: Option<ractor::RpcReplyPort<ProfileRecordReply<T>>>,
+    ) -> Option<Option<ractor::RpcReplyPort<ProfileRecordReply<T>>>> {
+        match reply {
+            Some(reply) if self.ctx.outbound.is_some() => {
+                let _ = reply.send(ProfileRecordReply::MergedInto(survivor.clone()));
+                None
+            }
+            reply => Some(reply),
+        }
+    }
+
     /// After a consent grant on `channels`: the memberships the profile had before the change
     /// and still has after evaluating it, offered to reverse ETL again, since an `enter`
     /// activation skipped for want of consent is not retried by itself. Segments entered by the
@@ -425,6 +444,7 @@ impl Actor for ProfileActor {
             }
             ProfileMsg::Unmerge { merged, reply } => {
                 if let Some(survivor) = state.survivor() {
+                    let Some(reply) = state.answer_merged(&survivor, reply) else { return Ok(()) };
                     return state.forward(survivor, ProfileMsg::Unmerge { merged, reply });
                 }
                 let limit = state.ctx.profiles.history_limit;
@@ -475,6 +495,7 @@ impl Actor for ProfileActor {
             }
             ProfileMsg::SetConsent { decisions, at, reply } => {
                 if let Some(survivor) = state.survivor() {
+                    let Some(reply) = state.answer_merged(&survivor, reply) else { return Ok(()) };
                     return state.forward(survivor, ProfileMsg::SetConsent { decisions, at, reply });
                 }
                 let Some(record) = state.record.as_mut() else {

@@ -85,8 +85,14 @@ pub async fn route_to_owner(
     let req = Request::from_parts(parts, body);
     // A ref that does not resolve is the handler's to answer (400, 404).
     let Ok(id) = resolve_ref(&state, &raw).await else { return next.run(req).await };
-    let root = state.index.root(&id).await.unwrap_or(id);
-    let partition = partition_of(&root, ownership.partitions());
+    let mut root = state.index.root(&id).await.unwrap_or_else(|_| id.clone());
+    let mut partition = partition_of(&root, ownership.partitions());
+    if req.headers().contains_key(FORWARDED) && !ownership.owns(partition) {
+        // The sender took this replica for the owner: its view of the profile's merges may be
+        // newer than ours (a merge another replica made), so ours is read again.
+        root = state.index.refresh_root(&id).await.unwrap_or(root);
+        partition = partition_of(&root, ownership.partitions());
+    }
     let me = state.membership.name.clone();
     let read = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     if ownership.owns(partition) {

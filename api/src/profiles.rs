@@ -82,7 +82,17 @@ async fn ask_with<T: Send + 'static>(
             .await;
         match result {
             Ok(CallResult::Success(ProfileRecordReply::Found(v))) => return Ok((id, v)),
-            Ok(CallResult::Success(ProfileRecordReply::MergedInto(s))) => id = s,
+            Ok(CallResult::Success(ProfileRecordReply::MergedInto(s))) => {
+                // A change for a survivor another replica owns would reach only a read-only
+                // copy here, which no flush stores: it goes to the owner when sent again.
+                if !retry_stopped && !owns(state, &s) {
+                    state.index.learn_redirect(&id, &s);
+                    return Err(ApiError::Unavailable(
+                        "the profile was merged into one another replica holds; send the request again".into(),
+                    ));
+                }
+                id = s
+            }
             Ok(CallResult::Success(ProfileRecordReply::NotFound)) => {
                 return Err(ApiError::NotFound(format!("no profile {id}")))
             }
@@ -97,6 +107,11 @@ async fn ask_with<T: Send + 'static>(
         }
     }
     Err(ApiError::Unavailable("too many merge redirects".into()))
+}
+
+/// Whether this replica holds the live actor of `id` (always, outside cluster mode).
+fn owns(state: &ApiState, id: &ProfileId) -> bool {
+    state.ownership.as_ref().is_none_or(|o| o.owns(cohort_messages::cluster::partition_of(id, o.partitions())))
 }
 
 /// The shared path of every Profile API read: token, ref resolution, live-actor query.
