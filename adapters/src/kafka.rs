@@ -842,29 +842,60 @@ struct RoutedKafkaSubscription {
 impl crate::bus::RoutedSubscription for RoutedKafkaSubscription {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<crate::bus::RoutedPolled, StoreError> {
         let mut out = crate::bus::RoutedPolled::default();
-        let mut timeout = wait;
-        while out.changes.len() + out.undecodable.len() < max {
-            let msg = match tokio::time::timeout(timeout, self.consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(kafka_unavailable("consume", e)),
-                Ok(Ok(m)) => m,
-            };
-            timeout = Duration::from_millis(1);
-            let stream = PROCESSED_STREAMS + msg.partition().max(0) as u32;
-            let seq = pack(stream, position_offset(msg.offset()));
-            let payload = msg.payload().unwrap_or_default();
-            match serde_json::from_slice::<cohort_messages::cluster::RoutedChange>(payload) {
-                Ok(change) => out.changes.push((seq, change)),
-                Err(e) => out.undecodable.push(Undecodable {
-                    seq,
-                    source: None,
-                    payload: String::from_utf8_lossy(payload).into_owned(),
-                    reason: e.to_string(),
-                }),
-            }
-        }
+        let consumer = &self.consumer;
+        receive(
+            || consumer.recv(),
+            max,
+            wait,
+            |msg| {
+                let stream = PROCESSED_STREAMS + msg.partition().max(0) as u32;
+                let seq = pack(stream, position_offset(msg.offset()));
+                let payload = msg.payload().unwrap_or_default();
+                match serde_json::from_slice::<cohort_messages::cluster::RoutedChange>(payload) {
+                    Ok(change) => out.changes.push((seq, change)),
+                    Err(e) => out.undecodable.push(Undecodable {
+                        seq,
+                        source: None,
+                        payload: String::from_utf8_lossy(payload).into_owned(),
+                        reason: e.to_string(),
+                    }),
+                }
+            },
+        )
+        .await?;
         Ok(out)
     }
+}
+
+/// Takes up to `max` messages from `recv`: waits up to `wait` for the first, then only for
+/// what is already buffered. An error after some messages ends the batch with them: they are
+/// consumed (the consumer does not deliver them again), and dropping them while later offsets
+/// are committed would lose them. An error that persists comes back on the next poll.
+async fn receive<M, E: std::fmt::Display, Fut: std::future::Future<Output = Result<M, E>>>(
+    mut recv: impl FnMut() -> Fut,
+    max: usize,
+    wait: Duration,
+    mut take: impl FnMut(M),
+) -> Result<(), StoreError> {
+    let mut timeout = wait;
+    let mut taken = 0;
+    while taken < max {
+        match tokio::time::timeout(timeout, recv()).await {
+            Err(_) => break,
+            Ok(Err(e)) if taken == 0 => return Err(kafka_unavailable("consume", e)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, taken, "kafka consume error after part of a batch; the part goes on");
+                break;
+            }
+            Ok(Ok(m)) => {
+                take(m);
+                taken += 1;
+                // After the first message, only take what is already buffered.
+                timeout = Duration::from_millis(1);
+            }
+        }
+    }
+    Ok(())
 }
 
 struct KafkaSubscription {
@@ -889,39 +920,38 @@ impl Subscription for KafkaSubscription {
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled, StoreError> {
         let mut out = Polled::default();
-        let mut timeout = wait;
-        while out.events.len() + out.undecodable.len() < max {
-            let msg = match tokio::time::timeout(timeout, self.consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(kafka_unavailable("consume", e)),
-                Ok(Ok(m)) => m,
-            };
-            // After the first message, only take what is already buffered.
-            timeout = Duration::from_millis(1);
-            let Some(idx) = self.topics.get(msg.topic()).copied() else { continue };
-            let stream = idx * PARTITIONS_PER_TOPIC + msg.partition().max(0) as u32;
-            let seq = pack(stream, position_offset(msg.offset()));
-            let payload = msg.payload().unwrap_or_default();
-            match serde_json::from_slice::<RawTopicRecord>(payload) {
-                Ok(RawTopicRecord { mut event, raw }) => {
-                    if event.trace.is_none() {
-                        event.trace = traceparent_header(&msg);
+        let (consumer, topics, with_raw) = (&self.consumer, &self.topics, self.with_raw);
+        receive(
+            || consumer.recv(),
+            max,
+            wait,
+            |msg| {
+                let Some(idx) = topics.get(msg.topic()).copied() else { return };
+                let stream = idx * PARTITIONS_PER_TOPIC + msg.partition().max(0) as u32;
+                let seq = pack(stream, position_offset(msg.offset()));
+                let payload = msg.payload().unwrap_or_default();
+                match serde_json::from_slice::<RawTopicRecord>(payload) {
+                    Ok(RawTopicRecord { mut event, raw }) => {
+                        if event.trace.is_none() {
+                            event.trace = traceparent_header(&msg);
+                        }
+                        // The record carrying the raw payload names it by its own position.
+                        if let Some(raw) = raw.filter(|_| with_raw).and_then(|r| r.into_record(event.source)) {
+                            event.raw.seq = Some(seq);
+                            out.raw.push((seq, raw));
+                        }
+                        out.events.push(JournaledEvent { seq, event })
                     }
-                    // The record carrying the raw payload names it by its own position.
-                    if let Some(raw) = raw.filter(|_| self.with_raw).and_then(|r| r.into_record(event.source)) {
-                        event.raw.seq = Some(seq);
-                        out.raw.push((seq, raw));
-                    }
-                    out.events.push(JournaledEvent { seq, event })
+                    Err(e) => out.undecodable.push(Undecodable {
+                        seq,
+                        source: KafkaBus::source_of_stream(stream),
+                        payload: String::from_utf8_lossy(payload).into_owned(),
+                        reason: e.to_string(),
+                    }),
                 }
-                Err(e) => out.undecodable.push(Undecodable {
-                    seq,
-                    source: KafkaBus::source_of_stream(stream),
-                    payload: String::from_utf8_lossy(payload).into_owned(),
-                    reason: e.to_string(),
-                }),
-            }
-        }
+            },
+        )
+        .await?;
         Ok(out)
     }
 }
@@ -956,6 +986,32 @@ mod tests {
         assert!(KafkaSettings::brokers_from_url("http://a:1").is_err());
         assert!(KafkaSettings::brokers_from_url("kafka://").is_err());
         assert!(KafkaSettings::brokers_from_url("kafka://nohostport").is_err());
+    }
+
+    /// Messages read before a consumer error are returned, not dropped: the consumer will not
+    /// deliver them again, and later offsets would be committed past them.
+    #[tokio::test]
+    async fn a_consume_error_after_some_messages_keeps_them() {
+        let mut queue: std::collections::VecDeque<Result<u32, &str>> =
+            [Ok(1), Ok(2), Err("broker transport failure"), Ok(3)].into();
+        let mut recv = move || {
+            let next = queue.pop_front();
+            async move {
+                match next {
+                    Some(r) => r,
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        receive(&mut recv, 10, Duration::from_millis(50), |m| first.push(m)).await.unwrap();
+        assert_eq!(first, [1, 2]);
+        receive(&mut recv, 10, Duration::from_millis(50), |m| second.push(m)).await.unwrap();
+        assert_eq!(second, [3]);
+        // An error with nothing read is the poll's error.
+        let mut failing = || async { Err::<u32, _>("all brokers down") };
+        let e = receive(&mut failing, 10, Duration::from_millis(50), |_| {}).await.unwrap_err();
+        assert!(e.message.contains("all brokers down"), "{e:?}");
     }
 
     #[test]
