@@ -373,3 +373,22 @@ fn dates_of_birth_become_iso_dates_and_unreadable_ones_are_kept_aside() {
     assert!(!out.events[0].traits.contains_key("date_of_birth"));
     assert_eq!(out.events[0].traits["date_of_birth_raw"], json!("sometime in spring"));
 }
+
+/// Values no store can hold as sent (an integer past `i64::MAX`, a NUL in a key) are made
+/// storable at the door: BSON refused them, and with them every later MongoDB flush.
+#[test]
+fn integers_past_i64_and_nul_keys_become_storable() {
+    let body = json!({
+        "type": "track", "event": "Quiz Scored", "userId": "u1", "messageId": "m-big",
+        "properties": { "n": 18446744073709551615u64, "ok": 7, "a\u{0}b": 1, "nested": [{ "m": 18446744073709551615u64 }] },
+        "context": { "traits": { "z\u{0}": "x" } }
+    });
+    let out = single(SegmentCall::Track, body);
+    let e = &out.events[0];
+    assert_eq!(e.properties["n"].as_f64(), Some(18446744073709551615u64 as f64));
+    assert!(e.properties["n"].as_u64().is_none() && e.properties["n"].as_i64().is_none());
+    assert_eq!(e.properties["ok"], json!(7), "ordinary integers stay integers");
+    assert_eq!(e.properties["a\u{fffd}b"], json!(1));
+    assert!(e.properties["nested"][0]["m"].is_f64());
+    assert!(e.traits.keys().all(|k| !k.contains('\0')), "{:?}", e.traits);
+}

@@ -64,12 +64,17 @@ pub enum NormalizeError {
 
 /// Normalizes one authenticated payload according to its wire format.
 pub fn normalize(payload: &RawPayload, opts: &NormalizeOptions) -> Result<Normalized, NormalizeError> {
-    match payload.format {
+    let mut normalized = match payload.format {
         PayloadFormat::Segment { call } => segment::normalize_segment(payload, call, opts),
         PayloadFormat::TwilioForm => twilio::normalize_twilio(payload, opts),
         PayloadFormat::SendgridEvents => sendgrid::normalize_sendgrid(payload, opts),
         PayloadFormat::SalesforceCdc => salesforce::normalize_cdc(payload, opts),
         PayloadFormat::SalesforceCsv => salesforce::normalize_csv(payload, opts),
         PayloadFormat::Connector { name } => connector::normalize_connector(name.as_str(), payload, opts),
+    }?;
+    for event in &mut normalized.events {
+        util::storable_map(&mut event.traits);
+        util::storable_map(&mut event.properties);
     }
+    Ok(normalized)
 }

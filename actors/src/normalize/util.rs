@@ -38,6 +38,30 @@ pub(crate) fn parse_json(body: &[u8], format: &'static str) -> Result<Value, Nor
     })
 }
 
+/// Makes a source's values storable in every backend: an integer above `i64::MAX` becomes a
+/// double (as JavaScript, which most senders are, reads it anyway) and a NUL in a key becomes
+/// U+FFFD. BSON holds neither, and one such value made every MongoDB flush fail.
+pub(crate) fn storable_map(map: &mut serde_json::Map<String, Value>) {
+    if map.keys().any(|k| k.contains('\0')) {
+        let entries: Vec<(String, Value)> = std::mem::take(map).into_iter().collect();
+        map.extend(entries.into_iter().map(|(k, v)| (k.replace('\0', "\u{fffd}"), v)));
+    }
+    map.values_mut().for_each(storable);
+}
+
+fn storable(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.as_u64().is_some_and(|u| i64::try_from(u).is_err()) => {
+            if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                *n = f;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(storable),
+        Value::Object(map) => storable_map(map),
+        _ => {}
+    }
+}
+
 /// Refuses bodies over a byte limit before any parsing.
 pub(crate) fn check_size(len: usize, limit: usize) -> Result<(), NormalizeError> {
     if len > limit {
