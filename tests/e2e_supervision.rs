@@ -104,6 +104,32 @@ async fn a_failing_profile_actor_restarts_and_poison_goes_to_the_dead_letter_sto
     demo.stop().await.unwrap();
 }
 
+/// Several poison events for one student are each dead-lettered after their attempts; together
+/// they do not use up the profile's restart budget and escalate the pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_poison_events_for_one_student_do_not_escalate() {
+    let faults = Arc::new(Faults::default());
+    let options = SystemOptions { fault: Some(faults.clone()), ..SystemOptions::default() };
+    let extra = "[profiles]\nmax_event_attempts = 3\n[supervision]\nmax_restarts = 4\nbackoff_initial_ms = 5\nbackoff_max_ms = 20\n";
+    let demo = DemoServer::start(None, extra, options).await.unwrap();
+    let c = &demo.client;
+    let events: Vec<Value> = (0..3)
+        .map(|i| track(&format!("p-{i}"), "alice", "Poison", i))
+        .chain([track("ok-1", "alice", "Lesson Completed", 5)])
+        .collect();
+    assert_eq!(c.segment(true, "batch", &payloads::segment_batch(events)).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(faults.panics.load(Ordering::SeqCst), 9, "three attempts of each, once");
+    let alice = c.get("/v1/profiles/user_id:alice").await.unwrap();
+    assert_eq!(alice.body["counters"]["events_total"], json!(1), "{}", alice.body);
+    let m = c.get("/metrics").await.unwrap();
+    let text = m.body.as_str().unwrap();
+    assert!(text.contains("cohort_dead_letters_total{stage=\"profile\"} 3"), "{text}");
+    assert!(!text.contains("cohort_actor_escalations_total{kind=\"profile\"} 1"), "{text}");
+    assert_eq!(c.get("/health/ready").await.unwrap().status, 200);
+    demo.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_profile_actors_passivate_and_rehydrate_on_demand() {
     let demo = DemoServer::start(

@@ -317,6 +317,12 @@ impl ProfilesState {
             }
         }
         tracing::warn!(profile_id = %profile_id, seq, reason = %reason, "profile actor failed");
+        if let Some((_, attempts)) = &poison {
+            // The event's earlier attempts go with it: several poison events for one student
+            // must not spend the budget meant for a profile that keeps failing and escalate
+            // the whole pipeline (whose replay would deliver them again, and again).
+            entry.tracker.forgive(attempts.saturating_sub(1) as usize);
+        }
         let decision = entry.tracker.decide(&policy, Instant::now());
         self.restarts += 1;
         self.ctx.metrics.actor_restarts.with_label_values(&["profile"]).inc();

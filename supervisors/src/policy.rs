@@ -67,6 +67,14 @@ impl RestartTracker {
         RestartDecision::Restart { after: policy.backoff(n), attempt: n + 1 }
     }
 
+    /// Takes back the `n` newest restarts: they were spent on a cause that is gone (a poison
+    /// event now dead-lettered), not on a child that keeps failing.
+    pub fn forgive(&mut self, n: usize) {
+        for _ in 0..n {
+            self.recent.pop_back();
+        }
+    }
+
     pub fn restarts_in_window(&self) -> usize {
         self.recent.len()
     }
