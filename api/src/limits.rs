@@ -65,10 +65,17 @@ fn class(route: &str) -> Option<bool> {
 /// Basic auth counts by user alone: the password is ignored, so varying it is no new quota.
 fn key(req: &Request, route: &str) -> String {
     let digest = |bytes: &[u8]| Sha256::digest(bytes).iter().take(12).map(|b| format!("{b:02x}")).collect();
-    match (crate::auth::basic_user(req.headers()), req.headers().get(header::AUTHORIZATION)) {
-        (Some(user), _) => digest(format!("basic:{user}").as_bytes()),
-        (None, Some(v)) => digest(v.as_bytes()),
-        (None, None) => format!("route:{route}"),
+    // Credentials as auth reads them, so another spelling of one (`bearer`, extra spaces) is
+    // no new quota.
+    match (
+        crate::auth::basic_user(req.headers()),
+        crate::auth::bearer(req.headers()),
+        req.headers().get(header::AUTHORIZATION),
+    ) {
+        (Some(user), _, _) => digest(format!("basic:{user}").as_bytes()),
+        (None, Some(token), _) => digest(format!("bearer:{token}").as_bytes()),
+        (None, None, Some(v)) => digest(v.as_bytes()),
+        (None, None, None) => format!("route:{route}"),
     }
 }
 
@@ -137,6 +144,9 @@ mod tests {
         assert_eq!(k(&basic("wk_web")), k(&basic("wk_web:x")));
         assert_ne!(k(&basic("wk_web:")), k(&basic("wk_mobile:")));
         assert_ne!(k("Bearer a"), k("Bearer b"));
+        // A token has one quota however the header spells it.
+        assert_eq!(k("Bearer a"), k("bearer a"));
+        assert_eq!(k("Bearer a"), k("BEARER   a "));
         assert_eq!(key(&Request::new(axum::body::Body::empty()), route), "route:/v1/{call}");
     }
 
