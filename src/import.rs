@@ -15,6 +15,8 @@ pub struct ImportSummary {
     pub accepted: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Rows of people who were erased with suppression: dropped, as every source's events are.
+    pub suppressed: u64,
     pub requests: u64,
     pub seconds: f64,
 }
@@ -24,6 +26,8 @@ struct Receipt {
     accepted: u64,
     duplicates: u64,
     rejected: Vec<serde_json::Value>,
+    #[serde(default)]
+    suppressed: u64,
 }
 
 /// The column delimiter of a header line: the Bulk API's candidates, most frequent wins.
@@ -125,6 +129,7 @@ async fn post_rows(
                 summary.accepted += receipt.accepted;
                 summary.duplicates += receipt.duplicates;
                 summary.rejected += receipt.rejected.len() as u64;
+                summary.suppressed += receipt.suppressed;
                 summary.requests += 1;
             }
             Posted::TooLarge(_) if chunk.rows.len() > 1 => {
@@ -167,6 +172,7 @@ async fn post_chunk(client: &reqwest::Client, url: &str, token: &str, body: Vec<
                     accepted: 0,
                     duplicates: 0,
                     rejected: vec![serde_json::Value::Null; count_rows(&body)],
+                    suppressed: 0,
                 }));
             }
             Ok(r) => {

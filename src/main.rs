@@ -498,6 +498,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if summary.rejected > 0 {
                 eprintln!("{} rows rejected; see GET /v1/dlq for the reasons", summary.rejected);
             }
+            // Nothing taken at all is a failed import (a script with --quiet must see it); some
+            // rows refused is reported above and in the summary.
+            if summary.rows > 0 && summary.rejected == summary.rows {
+                anyhow::bail!("every row was rejected; see GET /v1/dlq for the reasons");
+            }
             Ok(())
         }
     }

@@ -113,6 +113,13 @@ async fn csv_import_cli_streams_a_bulk_export_and_summarises() {
     let again: Value = serde_json::from_slice(&run(&csv_path).stdout).unwrap();
     assert_eq!(again["accepted"], json!(0));
     assert_eq!(again["duplicates"], json!(2500));
+    assert_eq!(again["suppressed"], json!(0));
+    // A file with no row Cohort takes (no `Id` column) is a failed import, not a quiet success.
+    let no_ids = dir.path().join("no-ids.csv");
+    std::fs::write(&no_ids, "FirstName;Email\r\nLena;lena@uni-example.de\r\n").unwrap();
+    let out = run(&no_ids);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("every row was rejected"));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let p = c.get("/v1/profiles/email:lena.schmidt2499@uni-example.de").await.unwrap();
