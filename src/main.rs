@@ -471,9 +471,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo { keep_running, data_dir } => cohort::demo::run(keep_running, data_dir).await,
         Command::Config { command: ConfigCommand::Check { file } } => {
-            match Config::load_file_only(&file).map_err(|e| e.to_string()).and_then(|c| {
-                NormalizeOptions::from_config(&c.normalize).map_err(|e| format!("invalid configuration: {e}"))
-            }) {
+            match Config::load_file_only(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|c| cohort::system::check_config(&c).map_err(|e| format!("{e:#}")))
+            {
                 Ok(_) => {
                     println!("{}: ok", file.display());
                     Ok(())

@@ -232,6 +232,32 @@ where
     }
 }
 
+/// Every check `Cohort::start` makes of a configuration before it opens anything, for
+/// `cohort config check`: a file it accepts is one `serve` starts with (backends aside).
+pub fn check_config(config: &Config) -> anyhow::Result<()> {
+    let normalize =
+        NormalizeOptions::from_config(&config.normalize).map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    identity_rules(config, &normalize)?;
+    segment_setup(config)?;
+    let key = config.sources.email.sendgrid_public_key.trim();
+    if !key.is_empty() {
+        parse_sendgrid_public_key(key)
+            .map_err(|e| anyhow!("invalid configuration: `sources.email.sendgrid_public_key`: {e}"))?;
+    }
+    let jobs = &config.jobs;
+    for (key, expr) in [
+        ("gold_reconcile", &jobs.gold_reconcile),
+        ("batch_segments", &jobs.batch_segments),
+        ("features", &jobs.features),
+    ] {
+        if !expr.trim().is_empty() {
+            let never: JobFn = Arc::new(|| Box::pin(async { Ok(serde_json::Value::Null) }));
+            JobSpec::new(key, expr, never).map_err(|e| anyhow!("invalid configuration: `jobs.{key}`: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// `identity.blocked` normalized the way ingest normalizes identifiers, so `Test@Example.com`
 /// in config blocks what ingest produces from any spelling of it.
 pub fn identity_rules(config: &Config, normalize: &NormalizeOptions) -> anyhow::Result<IdentityRules> {

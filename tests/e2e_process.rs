@@ -160,6 +160,21 @@ fn config_check_names_the_bad_key_and_accepts_a_good_file() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // and every other check `serve` makes before it opens anything, each naming its key
+    for (toml, key) in [
+        ("[jobs]\nfeatures = \"nightly\"\n", "jobs.features"),
+        ("[identity.max_values_per_profile]\nemial = 1\n", "identity.max_values_per_profile.emial"),
+        ("[identity]\nblocked = [\"email:not-an-address\"]\n", "identity.blocked"),
+        ("[[segments.define]]\nname = \"s\"\nrule = \"page_count(\"\n", "segments.define[0]"),
+        ("[sources.email]\nsendgrid_public_key = \"nope\"\n", "sources.email.sendgrid_public_key"),
+    ] {
+        let file = dir.path().join("more.toml");
+        std::fs::write(&file, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_cohort")).args(["config", "check"]).arg(&file).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{toml}: {stderr}");
+        assert!(stderr.contains(key), "{toml}: {stderr}");
+    }
     // the same error stops `serve` before it binds anything
     let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
         .arg("serve")
