@@ -94,6 +94,27 @@ async fn events_pages_newest_first() {
     assert_eq!(p3.body["next_offset"], Value::Null);
     let bad = demo.client.get("/v1/profiles/user_id:pager/events?limit=0").await.unwrap();
     assert_eq!(bad.status, 400);
+    // A cursor page stays put while new events arrive: nothing shown twice, nothing skipped.
+    let cursor = p1.body["next_cursor"].as_str().unwrap().to_string();
+    let newer = payloads::segment_track("pg-new", "pager", "Lesson Completed", json!({"lesson": 99}), Utc::now());
+    assert_eq!(demo.client.segment(true, "track", &newer).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let lessons = |a: &cohort::client::Answer| -> Vec<i64> {
+        a.body["events"].as_array().unwrap().iter().map(|e| e["properties"]["lesson"].as_i64().unwrap()).collect()
+    };
+    let p2 = demo.client.get(&format!("/v1/profiles/user_id:pager/events?limit=5&cursor={cursor}")).await.unwrap();
+    assert_eq!(lessons(&p2), vec![6, 5, 4, 3, 2], "{}", p2.body);
+    let cursor = p2.body["next_cursor"].as_str().unwrap();
+    let p3 = demo.client.get(&format!("/v1/profiles/user_id:pager/events?limit=5&cursor={cursor}")).await.unwrap();
+    assert_eq!(lessons(&p3), vec![1, 0]);
+    assert_eq!(p3.body["next_cursor"], Value::Null);
+    // The offset moved with the new event (what a cursor avoids).
+    let shifted = demo.client.get("/v1/profiles/user_id:pager/events?offset=5&limit=1").await.unwrap();
+    assert_eq!(lessons(&shifted), vec![7]);
+    for bad in ["cursor=nonsense!", &format!("cursor={cursor}&offset=5")] {
+        let a = demo.client.get(&format!("/v1/profiles/user_id:pager/events?{bad}")).await.unwrap();
+        assert_eq!(a.status, 400, "{bad}: {}", a.body);
+    }
     demo.stop().await.unwrap();
 }
 

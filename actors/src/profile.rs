@@ -534,8 +534,18 @@ impl Actor for ProfileActor {
                     let _ = reply.send(answer);
                 }
             }
-            ProfileMsg::GetEvents { offset, limit, reply } => {
-                let _ = reply.send(state.reply(|r| r.recent_events.iter().skip(offset).take(limit).cloned().collect()));
+            ProfileMsg::GetEvents { offset, after, limit, reply } => {
+                let _ = reply.send(state.reply(|r| {
+                    let start = match &after {
+                        None => offset,
+                        // After the cursor's event; if it left the history, after its time.
+                        Some(cursor) => match r.recent_events.iter().position(|e| e.event_id == cursor.1) {
+                            Some(i) => i + 1,
+                            None => r.recent_events.iter().position(|e| e.occurred_at < cursor.0).unwrap_or(usize::MAX),
+                        },
+                    };
+                    r.recent_events.iter().skip(start).take(limit).cloned().collect()
+                }));
             }
             ProfileMsg::GetIdentities(reply) => {
                 let _ = reply.send(state.reply(|r| r.identifiers.clone()));

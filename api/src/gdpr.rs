@@ -31,7 +31,8 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 pub async fn export(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
     let (id, view) = query(&state, &r, ProfileMsg::GetView).await?;
     let limit = state.config.profiles.history_limit;
-    let (_, events) = query(&state, id.as_str(), |reply| ProfileMsg::GetEvents { offset: 0, limit, reply }).await?;
+    let (_, events) =
+        query(&state, id.as_str(), |reply| ProfileMsg::GetEvents { offset: 0, after: None, limit, reply }).await?;
     let store = &state.store;
     // The profiles merged into this one were this person too: their own records count.
     let mut ids = vec![id.clone()];

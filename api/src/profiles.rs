@@ -180,14 +180,31 @@ pub async fn get_features(State(state): State<ApiState>, Path(r): Path<String>) 
 #[derive(Debug, Deserialize)]
 pub struct Paging {
     offset: Option<usize>,
+    cursor: Option<String>,
     limit: Option<usize>,
+}
+
+/// A page cursor: the last event's time and id, opaque to clients (base64url).
+fn cursor_of(e: &cohort_messages::EventSummary) -> String {
+    use base64::Engine;
+    let raw = format!("{}|{}", e.occurred_at.timestamp_micros(), e.event_id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn parse_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, cohort_messages::EventId)> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor.trim()).ok()?;
+    let (micros, id) = std::str::from_utf8(&raw).ok()?.split_once('|')?;
+    let at = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((at, cohort_messages::EventId::from_raw(id)))
 }
 
 #[utoipa::path(get, path = "/v1/profiles/{ref}/events", tag = "profiles",
     params(("ref" = String, Path, description = "A profile id or `type:value`"),
-        ("offset" = Option<usize>, Query, description = "Events to skip (default 0)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the page before: the page after it, unmoved by events that arrived since"),
+        ("offset" = Option<usize>, Query, description = "Events to skip (default 0); new events shift it, so follow `next_cursor` to page"),
         ("limit" = Option<usize>, Query, description = "Page size, 1-500 (default 50)")),
-    responses((status = 200, description = "Recent events, newest first"), (status = 401), (status = 404), (status = 503)),
+    responses((status = 200, description = "Recent events, newest first"), (status = 400), (status = 401), (status = 404), (status = 503)),
     security(("bearer" = ["profiles:read"])))]
 pub async fn get_events(
     State(state): State<ApiState>,
@@ -200,9 +217,23 @@ pub async fn get_events(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
     }
-    let (id, events) = query(&state, &r, |reply| ProfileMsg::GetEvents { offset, limit, reply }).await?;
-    let next = (events.len() == limit).then_some(offset + limit);
-    Ok(Json(json!({ "profile_id": id, "events": events, "offset": offset, "next_offset": next })))
+    let after = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(Box::new(
+            parse_cursor(c).ok_or_else(|| ApiError::BadRequest("cursor is not one this API gave".into()))?,
+        )),
+    };
+    if after.is_some() && p.offset.is_some() {
+        return Err(ApiError::BadRequest("give a cursor or an offset, not both".into()));
+    }
+    let (id, events) =
+        query(&state, &r, |reply| ProfileMsg::GetEvents { offset, after: after.clone(), limit, reply }).await?;
+    let full = events.len() == limit;
+    let next_offset = (full && after.is_none()).then_some(offset + limit);
+    let next_cursor = events.last().filter(|_| full).map(cursor_of);
+    Ok(Json(json!({
+        "profile_id": id, "events": events, "offset": offset, "next_offset": next_offset, "next_cursor": next_cursor,
+    })))
 }
 
 #[utoipa::path(get, path = "/v1/profiles/{ref}/identities", tag = "profiles",

@@ -191,6 +191,9 @@ pub enum ProfileMsg {
     GetViewJson(RpcReplyPort<ProfileRecordReply<bytes::Bytes>>),
     GetEvents {
         offset: usize,
+        /// Start after this event (`occurred_at`, id) instead of at `offset`: pages stay put
+        /// while new events arrive at the front.
+        after: Option<Box<(DateTime<Utc>, crate::EventId)>>,
         limit: usize,
         reply: RpcReplyPort<ProfileRecordReply<Vec<EventSummary>>>,
     },
