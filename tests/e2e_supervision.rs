@@ -188,8 +188,19 @@ async fn failures_beyond_the_restart_budget_escalate_up_the_tree() {
     .await
     .unwrap();
     let c = demo.client.clone();
+    // Three students live when it happens.
+    for s in ["ann", "bea", "cem"] {
+        assert_eq!(
+            c.segment(true, "track", &track(&format!("{s}-0"), s, "Lesson Completed", 1)).await.unwrap().status,
+            200
+        );
+    }
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(demo.cohort.ctx.metrics.profile_actors_live.get(), 3);
     assert_eq!(c.segment(true, "track", &track("e-0", "eve", "Poison", 1)).await.unwrap().status, 200);
     tokio::time::timeout(Duration::from_secs(20), demo.cohort.wait_root()).await.expect("root supervisor stops");
+    // Every directory that escalated uncounted its actors: none is running.
+    assert_eq!(demo.cohort.ctx.metrics.profile_actors_live.get(), 0);
     let ready = c.get("/health/ready").await.unwrap();
     assert_eq!(ready.status, 503);
     let sup = c.get("/v1/supervisors").await.unwrap();

@@ -341,6 +341,12 @@ impl ProfilesState {
             }
             RestartDecision::Escalate => {
                 self.ctx.metrics.actor_escalations.with_label_values(&["profile"]).inc();
+                // A failing actor's `post_stop` does not run: its live actors are uncounted here.
+                let live = self.entries.values().filter(|e| e.actor.is_some()).count() as i64;
+                self.ctx.metrics.profile_actors_live.sub(live);
+                for e in self.entries.values_mut() {
+                    e.actor = None;
+                }
                 myself.stop_children_and_wait(Some("directory escalating".into()), None).await;
                 Err(format!("profile {profile_id} exceeded its restart budget: {reason}").into())
             }
@@ -881,6 +887,9 @@ impl Actor for ProfilesDirectory {
         _myself: ActorRef<ProfilesMsg>,
         args: ProfilesArgs,
     ) -> Result<ProfilesState, ActorProcessingErr> {
+        // The only directory of the process starts with no actor: one that failed (a panic)
+        // never ran its `post_stop` to uncount its own.
+        args.ctx.metrics.profile_actors_live.set(0);
         Ok(ProfilesState {
             ctx: args.ctx,
             entries: HashMap::new(),
