@@ -371,7 +371,17 @@ impl Actor for ProfileActor {
                         || event.kind == EventKind::EmailActivity
                         || event.properties.contains_key("consent_change");
                     if changed {
-                        record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event).await?;
+                        let effects =
+                            record_consent_effects(&state.ctx, &state.profile_id, &consent_before, record, &event)
+                                .await;
+                        if let Err(e) = effects {
+                            if e.is_retryable() {
+                                // The store failed, not the event: the restart delivers it again
+                                // without counting an attempt towards dead-lettering it.
+                                state.in_progress.store(0, Ordering::SeqCst);
+                            }
+                            return Err(e.into());
+                        }
                     }
                     let granted = granted_channels(&consent_before, &record.consent);
                     // Only a grant needs them (an event rarely carries one).
