@@ -134,6 +134,22 @@ async fn the_feature_job_snapshots_computed_traits_and_an_erasure_removes_them()
     assert!(jobs["jobs"].as_array().unwrap().iter().any(|j| j["name"] == "features"), "{jobs}");
     let none = c.get("/v1/profiles/email:max@gmail.com/features").await.unwrap();
     assert_eq!(none.status, 404, "no snapshot before the first run: {}", none.body);
+    // A visitor on another device, then recognized as Max: a profile merged into his.
+    let page = cohort::payloads::segment_page("feat-p", "anon-feat", "/programs/mba", chrono::Utc::now());
+    assert_eq!(c.segment(false, "page", &page).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    let visitor =
+        c.get("/v1/profiles/anonymous_id:anon-feat").await.unwrap().body["profile_id"].as_str().unwrap().to_string();
+    let link = cohort::payloads::segment_identify(
+        "feat-l",
+        Some("anon-feat"),
+        None,
+        serde_json::json!({ "email": "max@gmail.com" }),
+        None,
+        chrono::Utc::now(),
+    );
+    assert_eq!(c.segment(false, "identify", &link).await.unwrap().status, 200);
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
 
     let run = c.post("/v1/jobs/features/run", &Value::Null).await.unwrap();
     assert_eq!(run.status, 200, "{}", run.body);
@@ -159,6 +175,14 @@ async fn the_feature_job_snapshots_computed_traits_and_an_erasure_removes_them()
     assert!(features["engagement_score"].as_f64().unwrap() > 0.0, "{features}");
     assert!(features["page_views_30d"].as_u64().unwrap() >= 1, "{features}");
     let id = f.body["profile_id"].as_str().unwrap().to_string();
+    // The merged visitor's id answers with Max's snapshot, like every other profile route.
+    let by_merged = c.get(&format!("/v1/profiles/{visitor}/features")).await.unwrap();
+    assert_eq!(
+        (by_merged.status.as_u16(), &by_merged.body["profile_id"]),
+        (200, &Value::from(id.clone())),
+        "{}",
+        by_merged.body
+    );
 
     // Erasure removes the snapshot in its feature_stores step.
     let a = c

@@ -167,7 +167,13 @@ pub async fn get_traits(State(state): State<ApiState>, Path(r): Path<String>) ->
         (status = 401), (status = 404, description = "No such profile, or no snapshot yet"), (status = 503)),
     security(("bearer" = ["profiles:read"])))]
 pub async fn get_features(State(state): State<ApiState>, Path(r): Path<String>) -> Result<Json<Value>, ApiError> {
+    // The survivor's snapshot for a merged id, and nothing for an erased one, as on every
+    // other profile route.
     let id = resolve_ref(&state, &r).await?;
+    let id = state.index.root(&id).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if state.erasures.is_erased(&id) {
+        return Err(ApiError::NotFound(format!("no profile {id}: it was erased")));
+    }
     let doc = cohort_actors::features::features_of(state.store.as_ref(), &id)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
