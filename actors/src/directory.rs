@@ -890,6 +890,11 @@ impl Actor for ProfilesDirectory {
         // The only directory of the process starts with no actor: one that failed (a panic)
         // never ran its `post_stop` to uncount its own.
         args.ctx.metrics.profile_actors_live.set(0);
+        // The pipeline restarts one for all, this directory first: until the new dispatcher
+        // sets them from its subscription, the positions delivered to the directory that died
+        // must not stand for events this one holds (a flush would checkpoint past them).
+        args.ctx.watermark.reset(&Vec::new());
+        args.ctx.pending_ids.reset();
         Ok(ProfilesState {
             ctx: args.ctx,
             entries: HashMap::new(),
@@ -1490,6 +1495,24 @@ mod tests {
             .map(|i| ProfileId::derive_from_event(&EventId::new(Source::Web, &format!("q{i}")), chrono::Utc::now()))
             .find(|q| partition_of(q, 3) != partition_of(of, 3))
             .unwrap()
+    }
+
+    /// A directory restarted with the pipeline checkpoints nothing its predecessor held until
+    /// the new dispatcher has set the positions again: the shared watermark still said what
+    /// was delivered to the directory that died, and a flush would have stored past it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_directory_does_not_checkpoint_what_the_one_before_it_held() {
+        let s = stage_of(false, false).await;
+        for seq in 1..=5 {
+            s.ctx.watermark.dispatched(seq);
+            s.ctx.watermark.delivered(seq);
+        }
+        assert!(!s.ctx.watermark.lows().is_empty());
+        s.directory.stop(None);
+        let (again, _) = Actor::spawn(None, ProfilesDirectory, ProfilesArgs { ctx: s.ctx.clone() }).await.unwrap();
+        ractor::call_t!(again, |reply| ProfilesMsg::Flush { reply: Some(reply) }, 20_000).unwrap().unwrap();
+        assert_eq!(s.store.checkpoint().await.unwrap(), 0, "nothing of the dead directory's is stored");
+        again.stop(None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
