@@ -595,3 +595,30 @@ async fn abuse_limits_answer_429_per_credential_and_503_when_overloaded() {
     assert!(shed >= 1, "30 concurrent runs never exceeded one in flight");
     demo.stop().await.unwrap();
 }
+
+/// A WhatsApp sender is found the way the webhook stored them: by the number as sent (also one
+/// the phone database does not know) and by the WhatsApp id as Twilio gives it, without `+`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_senders_are_found_by_their_number_and_their_whatsapp_id_as_sent() {
+    let demo = start().await;
+    let c = &demo.client;
+    for (sid, number) in
+        [("SMlookup000000000000000000000001", "+4915123456789"), ("SMlookup000000000000000000000002", "+999123456789")]
+    {
+        let form = payloads::twilio_whatsapp_form(sid, number, "Hallo", "Kim");
+        assert_eq!(c.twilio(&form).await.unwrap().status, 200);
+    }
+    demo.cohort.settle(Duration::from_secs(10)).await.unwrap();
+    for r in [
+        "phone:+4915123456789",
+        "whatsapp_id:4915123456789",
+        "whatsapp_id:+4915123456789",
+        "phone:+999123456789",
+        "whatsapp_id:999123456789",
+    ] {
+        let a = c.get(&format!("/v1/profiles/{}", r.replace('+', "%2B"))).await.unwrap();
+        assert_eq!(a.status, 200, "{r}: {}", a.body);
+    }
+    assert_eq!(c.get("/v1/profiles/phone:not-a-number").await.unwrap().status, 400);
+    demo.stop().await.unwrap();
+}

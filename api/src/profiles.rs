@@ -4,6 +4,7 @@ use crate::error::ApiError;
 use crate::state::ApiState;
 use axum::extract::{Path, Query, State};
 use axum::Json;
+use cohort_actors::normalize::contact::trusted_e164;
 use cohort_actors::normalize::{normalize_email, normalize_phone};
 use cohort_messages::msgs::{IdentityStatsMsg, ProfileMsg, ProfileRecordReply, ProfilesMsg};
 use cohort_messages::{Identifier, IdentifierKind, ProfileId, ProfileRef};
@@ -17,9 +18,12 @@ use std::time::Duration;
 fn normalize_ref_identifier(state: &ApiState, id: Identifier) -> Result<Identifier, ApiError> {
     let value = match id.kind {
         IdentifierKind::Email => normalize_email(&id.value).map(|e| state.normalize.email_key(&e)),
-        IdentifierKind::Phone | IdentifierKind::WhatsappId => {
-            normalize_phone(&id.value, &state.normalize.default_region)
-        }
+        // As the Twilio webhook stores them: a number the phone database does not know is
+        // kept as sent in E.164, and a WhatsApp id comes without its `+`.
+        IdentifierKind::Phone => normalize_phone(&id.value, &state.normalize.default_region).or_else(|| {
+            id.value.trim().starts_with('+').then(|| trusted_e164(&id.value, &state.normalize.default_region)).flatten()
+        }),
+        IdentifierKind::WhatsappId => trusted_e164(&id.value, &state.normalize.default_region),
         _ => Some(id.value.clone()),
     };
     value

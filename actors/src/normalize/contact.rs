@@ -94,7 +94,7 @@ pub fn normalize_phone(raw: &str, region: &str) -> Option<String> {
 
 /// A number the sender guarantees to be E.164 (Twilio's `From`, WhatsApp's `WaId` digits):
 /// validated when the metadata knows it, otherwise accepted on syntax (`+` and 8-15 digits).
-pub(crate) fn trusted_e164(raw: &str, region: &str) -> Option<String> {
+pub fn trusted_e164(raw: &str, region: &str) -> Option<String> {
     let s = strip_channel_prefix(raw);
     let with_plus = if s.starts_with('+') { s.to_string() } else { format!("+{s}") };
     if let Some(n) = normalize_phone(&with_plus, region) {
