@@ -92,6 +92,15 @@ fn config_mistakes_fail_at_start() {
     ] {
         assert!(NormalizeOptions::from_config(&table(bad.clone())).is_err(), "{bad}");
     }
+    // A value of the wrong type names its key, nested ones included.
+    for (bad, key) in [
+        (json!({"max_csv_bytes": "big"}), "normalize.max_csv_bytes"),
+        (json!({"date_order": "dmy"}), "normalize.date_order"),
+        (json!({"segment": {"max_batch_events": "x"}}), "normalize.segment.max_batch_events"),
+    ] {
+        let e = NormalizeOptions::from_config(&table(bad.clone())).unwrap_err();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
 }
 
 #[test]

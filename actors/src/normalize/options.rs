@@ -585,7 +585,12 @@ impl NormalizeOptions {
     /// Reads the `[normalize]` config table and validates it, so a typo fails at start.
     pub fn from_config(table: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
         let opts: Self =
-            serde_json::from_value(serde_json::Value::Object(table.clone())).map_err(|e| format!("normalize: {e}"))?;
+            serde_path_to_error::deserialize(serde_json::Value::Object(table.clone())).map_err(|e| {
+                match e.path().to_string().as_str() {
+                    "." => format!("normalize: {}", e.inner()),
+                    path => format!("normalize.{path}: {}", e.inner()),
+                }
+            })?;
         opts.validate()?;
         Ok(opts)
     }
