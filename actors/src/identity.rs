@@ -473,6 +473,10 @@ impl IdentityIndex {
             self.limited.remove(id);
             self.note_limited(id, record.identifiers.iter().map(|l| l.identifier.clone()).collect());
             self.apart.insert(id.clone(), record.kept_apart.clone());
+            // Each side is again only the person its own record describes: the survivor kept
+            // the merged student's name, and refused its own student's next event as another.
+            self.persons.remove(id);
+            self.note_person(id, Person::from_traits(|k| record.traits.get(k).map(|t| &t.value)));
         }
         self.unmerges.lock().push(IdentityUnmerged { survivor: s.clone(), restored: r.clone(), at: Utc::now() });
     }
@@ -980,6 +984,29 @@ mod tests {
             });
             Ok(())
         }
+    }
+
+    /// After an unmerge each side is the person of its own record again: the survivor no
+    /// longer carries the name it learned from the merged student.
+    #[test]
+    fn an_unmerge_gives_each_side_back_its_own_person() {
+        let store = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let index = IdentityIndex::new(store);
+        let id = |n: &str| ProfileId::derive_from_event(&EventId::new(Source::Web, n), Utc::now());
+        let (s, r) = (id("s"), id("r"));
+        let person = |name: &str| {
+            let v = serde_json::Value::from(name);
+            Person::from_traits(|k| (k == "first_name").then_some(&v))
+        };
+        // The merge taught the survivor (no name of its own) the merged student's name.
+        index.note_person(&s, person("Christian"));
+        let survivor = ProfileRecord::new(s.clone(), Utc::now());
+        let mut restored = ProfileRecord::new(r.clone(), Utc::now());
+        restored.set_trait("first_name", serde_json::Value::from("Christian"), Source::Web, Utc::now());
+        index.unmerge(&survivor, &restored);
+        let maria = person("Maria");
+        assert!(!index.different_person(&maria, &s, &s), "S's own student may be Maria");
+        assert!(index.different_person(&maria, &s, &r), "R is still Christian");
     }
 
     #[tokio::test]
