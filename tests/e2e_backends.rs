@@ -715,6 +715,39 @@ async fn a_partition_count_that_disagrees_with_the_topics_stops_the_start() {
     DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap().stop().await.unwrap();
 }
 
+/// A contacts export of `rows` rows of about 3 KB each.
+fn contacts_csv(rows: usize) -> String {
+    let mut csv = String::from("Id,FirstName,LastName,Email,Description\n");
+    for n in 0..rows {
+        let note = "Interested in the evening MBA and the scholarship deadline ".repeat(50);
+        csv.push_str(&format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,{note}\n"));
+    }
+    csv
+}
+
+/// Imports of `too_big` rows (over `over_mib`) are refused with 413, and one of `fits` rows
+/// (under `cap_mib`) reaches Bronze whole; returns that import's size.
+async fn import_cap_holds(
+    demo: &DemoServer,
+    (too_big, over_mib): (usize, usize),
+    (fits, cap_mib): (usize, usize),
+) -> usize {
+    let too_big = contacts_csv(too_big);
+    assert!(too_big.len() > over_mib << 20, "{}", too_big.len());
+    let answer = demo.client.salesforce_csv(&too_big).await.unwrap();
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    let fits = contacts_csv(fits);
+    assert!(fits.len() > (cap_mib - 1) << 20 && fits.len() < cap_mib << 20, "{}", fits.len());
+    let answer = demo.client.salesforce_csv(&fits).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    demo.cohort.settle(Duration::from_secs(120)).await.unwrap();
+    let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
+    assert_eq!(relayed.remaining, 0, "{relayed:?}");
+    let wh = demo.cohort.ctx.warehouse.clone().unwrap();
+    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 1, "the payload reached the warehouse whole");
+    fits.len()
+}
+
 /// With BigQuery as the warehouse a raw payload is one Bronze row of one insertAll request
 /// (about 9 MiB): import bodies are capped at 4 MiB there, so one just under the cap reaches
 /// Bronze whole (sealed, a third larger), and a 7 MiB one, which would stop the relay for
@@ -730,30 +763,9 @@ async fn on_bigquery_an_import_body_is_capped_so_its_raw_payload_fits_an_insert_
         key_toml(&id)
     );
     let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
-    let csv = |rows: usize| {
-        let mut csv = String::from("Id,FirstName,LastName,Email,Description\n");
-        for n in 0..rows {
-            let note = "Interested in the evening MBA and the scholarship deadline ".repeat(50);
-            csv.push_str(&format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,{note}\n"));
-        }
-        csv
-    };
-    let too_big = csv(2_600);
-    assert!(too_big.len() > 7 << 20, "{}", too_big.len());
-    let answer = demo.client.salesforce_csv(&too_big).await.unwrap();
-    assert_eq!(answer.status, 413, "{}", answer.body);
-
-    let fits = csv(1_350);
-    assert!(fits.len() > 3 << 20 && fits.len() < 4 << 20, "{}", fits.len());
-    let answer = demo.client.salesforce_csv(&fits).await.unwrap();
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    demo.cohort.settle(Duration::from_secs(120)).await.unwrap();
-    let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
-    assert_eq!(relayed.remaining, 0, "{relayed:?}");
-    let wh = demo.cohort.ctx.warehouse.clone().unwrap();
-    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 1);
-    let stored = wh.raw_payloads(0, 10).await.unwrap();
-    assert!(stored[0].1.len() > fits.len(), "the payload reached the warehouse whole, sealed");
+    let fits = import_cap_holds(&demo, (2_600, 7), (1_350, 4)).await;
+    let stored = demo.cohort.ctx.warehouse.clone().unwrap().raw_payloads(0, 10).await.unwrap();
+    assert!(stored[0].1.len() > fits, "sealed, a third larger");
     demo.stop().await.unwrap();
 }
 
@@ -773,26 +785,5 @@ async fn on_mongodb_an_import_body_is_capped_so_its_raw_payload_fits_an_outbox_d
         key_toml(&id)
     );
     let demo = DemoServer::start(None, &toml, SystemOptions::default()).await.unwrap();
-    let csv = |rows: usize| {
-        let mut csv = String::from("Id,FirstName,LastName,Email,Description\n");
-        for n in 0..rows {
-            let note = "Interested in the evening MBA and the scholarship deadline ".repeat(50);
-            csv.push_str(&format!("003{n:015},Studentin{n},Nachname{n},student{n}@example.edu,{note}\n"));
-        }
-        csv
-    };
-    let too_big = csv(7_400);
-    assert!(too_big.len() > 21 << 20, "{}", too_big.len());
-    let answer = demo.client.salesforce_csv(&too_big).await.unwrap();
-    assert_eq!(answer.status, 413, "{}", answer.body);
-
-    let fits = csv(2_700);
-    assert!(fits.len() > 7 << 20 && fits.len() < 8 << 20, "{}", fits.len());
-    let answer = demo.client.salesforce_csv(&fits).await.unwrap();
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    demo.cohort.settle(Duration::from_secs(120)).await.unwrap();
-    let relayed = demo.cohort.relay_warehouse().await.unwrap().unwrap();
-    assert_eq!(relayed.remaining, 0, "{relayed:?}");
-    let wh = demo.cohort.ctx.warehouse.clone().unwrap();
-    assert_eq!(wh.count_rows(Layer::Bronze).await.unwrap(), 1, "the payload reached the warehouse whole");
+    import_cap_holds(&demo, (7_400, 21), (2_700, 8)).await;
 }
