@@ -11,10 +11,26 @@ use std::time::Duration;
 /// publishes them to the bus's dead-letter stream (`cdp.dlq` on Kafka) for operators' tooling;
 /// the store stays the record, so a failed publish is logged, not retried.
 pub async fn record(store: &dyn OperationalStore, bus: &dyn EventBus, metrics: &Metrics, letters: Vec<NewDeadLetter>) {
-    if letters.is_empty() {
-        return;
-    }
     let stages: Vec<DeadLetterStage> = letters.iter().map(|l| l.stage).collect();
+    if !store_letters(store, bus, letters, 50).await {
+        tracing::error!(count = stages.len(), "dead letters could not be stored");
+    }
+    for s in stages {
+        metrics.dead_letters.with_label_values(&[s.as_str()]).inc();
+    }
+}
+
+/// Stores letters, retrying `retries` times while the store is unavailable, then publishes
+/// them; whether they were stored.
+async fn store_letters(
+    store: &dyn OperationalStore,
+    bus: &dyn EventBus,
+    letters: Vec<NewDeadLetter>,
+    retries: u32,
+) -> bool {
+    if letters.is_empty() {
+        return true;
+    }
     let mut backoff = Duration::from_millis(20);
     for attempt in 0.. {
         match store.put_dead_letters(letters.clone()).await {
@@ -25,22 +41,38 @@ pub async fn record(store: &dyn OperationalStore, bus: &dyn EventBus, metrics: &
                 if let Err(e) = bus.publish_dead_letters(&stored).await {
                     tracing::warn!(error = %e, count = stored.len(), "dead letters stored but not published to the bus");
                 }
-                break;
+                return true;
             }
-            Err(e) if e.is_retryable() && attempt < 50 => {
+            Err(e) if e.is_retryable() && attempt < retries => {
                 tracing::warn!(error = %e, attempt, "dead-letter store unavailable, retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                tracing::error!(error = %e, count = letters.len(), "dead letters could not be stored");
-                break;
+                tracing::warn!(error = %e, count = letters.len(), "dead letters not stored");
+                return false;
             }
         }
     }
-    for s in stages {
-        metrics.dead_letters.with_label_values(&[s.as_str()]).inc();
+    false
+}
+
+/// [`record_event`] retrying only briefly (about 0.6 s), for a caller that must not stall and
+/// keeps the event while it is not stored; counted only when stored.
+pub async fn record_event_briefly(
+    ctx: &PipelineContext,
+    stage: DeadLetterStage,
+    event: &CustomerEvent,
+    reason: &str,
+    attempts: u32,
+) -> bool {
+    let letter = event_dead_letter(event, stage, reason, attempts);
+    let stored = store_letters(ctx.store.as_ref(), ctx.bus.as_ref(), vec![letter], 5).await;
+    if stored {
+        tracing::warn!(event_id = %event.event_id, source = %event.source, stage = stage.as_str(), reason, "event dead-lettered");
+        ctx.metrics.dead_letters.with_label_values(&[stage.as_str()]).inc();
     }
+    stored
 }
 
 pub async fn record_event(

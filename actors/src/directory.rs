@@ -306,31 +306,41 @@ impl ProfilesState {
             *n += 1;
             if *n >= max_attempts {
                 let attempts = *n;
-                entry.attempts.remove(&seq);
-                if let Some(change) =
-                    entry.unflushed.iter_mut().find(|c| matches!(c, Change::Apply { seq: s, .. } if *s == seq))
-                {
-                    if let Change::Apply { event, .. } = std::mem::replace(change, Change::DeadLettered) {
-                        poison = Some((event, attempts));
-                    }
-                }
+                let event = entry.unflushed.iter().find_map(|c| match c {
+                    Change::Apply { seq: s, event } if *s == seq => Some(event.clone()),
+                    _ => None,
+                });
+                poison = event.map(|e| (e, attempts));
             }
         }
         tracing::warn!(profile_id = %profile_id, seq, reason = %reason, "profile actor failed");
-        if let Some((_, attempts)) = &poison {
+        self.restarts += 1;
+        self.ctx.metrics.actor_restarts.with_label_values(&["profile"]).inc();
+        // The letter first, for a short while only (this loop serves every student): while it
+        // is not stored the event stays queued, so no flush checkpoints past it, and its next
+        // failure tries again.
+        let mut dead_lettered = None;
+        if let Some((event, attempts)) = poison {
+            let why = format!("profile actor failed {attempts} times on this event: {reason}");
+            if dead_letters::record_event_briefly(&self.ctx, DeadLetterStage::Profile, &event, &why, attempts).await {
+                self.poison_events += 1;
+                dead_lettered = Some(attempts);
+            }
+        }
+        let Some(entry) = self.entries.get_mut(&profile_id) else { return Ok(()) };
+        if let Some(attempts) = dead_lettered {
+            entry.attempts.remove(&seq);
+            if let Some(change) =
+                entry.unflushed.iter_mut().find(|c| matches!(c, Change::Apply { seq: s, .. } if *s == seq))
+            {
+                *change = Change::DeadLettered;
+            }
             // The event's earlier attempts go with it: several poison events for one student
             // must not spend the budget meant for a profile that keeps failing and escalate
             // the whole pipeline (whose replay would deliver them again, and again).
             entry.tracker.forgive(attempts.saturating_sub(1) as usize);
         }
         let decision = entry.tracker.decide(&policy, Instant::now());
-        self.restarts += 1;
-        self.ctx.metrics.actor_restarts.with_label_values(&["profile"]).inc();
-        if let Some((event, attempts)) = poison {
-            self.poison_events += 1;
-            let why = format!("profile actor failed {attempts} times on this event: {reason}");
-            dead_letters::record_event(&self.ctx, DeadLetterStage::Profile, &event, &why, attempts).await;
-        }
         let Some(entry) = self.entries.get_mut(&profile_id) else { return Ok(()) };
         match decision {
             RestartDecision::Restart { after, .. } => {
