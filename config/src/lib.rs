@@ -545,7 +545,23 @@ impl Config {
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::check_file(file)?;
+        Self::check_env(std::env::vars())?;
         Self::from_figment(Self::figment(file, true))
+    }
+
+    /// Refuses variables that cannot say what they mean: names are lower-cased on the way in, so
+    /// a Salesforce field (`HasOptedOutOfEmail`) set through one would silently match nothing.
+    fn check_env(vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        for (name, _) in vars {
+            let Some(key) = name.strip_prefix("COHORT__") else { continue };
+            if key.to_ascii_uppercase().starts_with("NORMALIZE__SALESFORCE_FIELDS") {
+                return Err(bad(
+                    "normalize.salesforce_fields",
+                    &format!("cannot be set from the environment ({name}): Salesforce field names are case-sensitive; set it in the configuration file"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Defaults and `file` only: what `cohort config check FILE` validates.
@@ -887,6 +903,18 @@ fn render_figment_error(e: figment::Error) -> String {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A Salesforce field set through the environment is refused, naming the key; other
+    /// variables pass.
+    #[test]
+    fn salesforce_fields_cannot_come_from_the_environment() {
+        let vars =
+            |names: &[&str]| names.iter().map(|n| (n.to_string(), "x".to_string())).collect::<Vec<_>>().into_iter();
+        let e =
+            Config::check_env(vars(&["PATH", "COHORT__NORMALIZE__SALESFORCE_FIELDS__HASOPTEDOUTOFEMAIL"])).unwrap_err();
+        assert!(e.to_string().contains("normalize.salesforce_fields"), "{e}");
+        assert!(Config::check_env(vars(&["COHORT__NORMALIZE__DEFAULT_REGION", "COHORT__SERVER__LISTEN"])).is_ok());
+    }
 
     #[test]
     fn defaults_are_valid() {
