@@ -641,6 +641,7 @@ impl Cohort {
         {
             let (store, bus, metrics, health) = (store.clone(), bus.clone(), metrics.clone(), health.clone());
             let settings = membership.clone();
+            let ownership = profile_ctx.ownership.clone();
             job_children.push(ChildSpec::new("membership", "membership", move |sup| {
                 let args = MembershipArgs {
                     store: store.clone(),
@@ -648,6 +649,7 @@ impl Cohort {
                     health: health.clone(),
                     metrics: metrics.clone(),
                     settings: settings.clone(),
+                    ownership: ownership.clone(),
                 };
                 async move {
                     let (r, _) = Actor::spawn_linked(None, MembershipActor, args, sup).await?;

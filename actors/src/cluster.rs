@@ -45,6 +45,8 @@ pub struct MembershipArgs {
     pub health: HealthRegistry,
     pub metrics: Metrics,
     pub settings: MembershipSettings,
+    /// The profile partitions this replica owns and is taking over, for its record.
+    pub ownership: Option<Arc<cohort_adapters::cluster::Ownership>>,
 }
 
 pub struct MembershipState {
@@ -80,6 +82,7 @@ impl MembershipState {
             partitions: a.bus.assignment(),
             ready: a.health.is_ready(),
             failing,
+            arriving: a.ownership.as_ref().map(|o| o.arriving()).unwrap_or_default(),
         }
     }
 
@@ -710,6 +713,7 @@ mod tests {
             partitions: partitions.iter().map(|p| format!("t.cdp.processed.events/{p}")).collect(),
             ready: true,
             failing: Vec::new(),
+            arriving: Vec::new(),
         };
         store.put_documents(MEMBERS, vec![(name.into(), Some(serde_json::to_value(record).unwrap()))]).await.unwrap();
     }

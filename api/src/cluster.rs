@@ -38,19 +38,30 @@ impl Owners {
         }
         let m = &state.membership;
         let members = cohort_actors::cluster::members(state.store.as_ref(), chrono::Utc::now(), m.ttl()).await.ok()?;
-        let mut map = HashMap::new();
-        for (member, alive) in members {
-            if !alive || member.name == m.name {
-                continue;
-            }
-            for n in member.processed_partitions() {
-                map.insert(n, (member.name.clone(), member.advertise_url.clone()));
-            }
-        }
+        let map = owner_map(members, &m.name);
         let found = map.get(&partition).cloned();
         *self.cached.lock() = Some((Instant::now(), map));
         found
     }
+}
+
+/// The owner of each partition among the live members but `me`. During a rebalance two may
+/// list one partition: the one still holding it wins over the one taking it over, whatever
+/// order the records come in.
+fn owner_map(members: Vec<(cohort_messages::cluster::MemberRecord, bool)>, me: &str) -> OwnerMap {
+    let mut map: HashMap<i32, ((String, String), bool)> = HashMap::new();
+    for (member, alive) in members {
+        if !alive || member.name == me {
+            continue;
+        }
+        for n in member.processed_partitions() {
+            let arriving = member.arriving.contains(&n);
+            if map.get(&n).is_none_or(|(_, theirs)| *theirs && !arriving) {
+                map.insert(n, ((member.name.clone(), member.advertise_url.clone()), arriving));
+            }
+        }
+    }
+    map.into_iter().map(|(n, (owner, _))| (n, owner)).collect()
 }
 
 fn with_header(mut response: Response, name: &'static str, value: &str) -> Response {
@@ -234,6 +245,33 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    /// Of two live members listing a partition, the one holding it owns it, not the one still
+    /// taking it over, in either order.
+    #[test]
+    fn a_partition_being_taken_over_is_still_its_holders() {
+        let member = |name: &str, arriving: Vec<i32>| cohort_messages::cluster::MemberRecord {
+            name: name.into(),
+            advertise_url: format!("http://{name}"),
+            started_at: chrono::Utc::now(),
+            heartbeat_at: chrono::Utc::now(),
+            partitions: ["t.cdp.processed.events/1", "t.cdp.processed.events/2"].map(String::from).to_vec(),
+            ready: true,
+            failing: Vec::new(),
+            arriving,
+        };
+        for members in [
+            vec![(member("old", vec![]), true), (member("new", vec![1]), true)],
+            vec![(member("new", vec![1]), true), (member("old", vec![]), true)],
+        ] {
+            let map = super::owner_map(members, "me");
+            assert_eq!(map[&1].0, "old");
+        }
+        let map = super::owner_map(vec![(member("new", vec![1]), true), (member("me", vec![]), true)], "me");
+        assert_eq!(map[&1].0, "new", "the only other lister, arriving or not");
+        let map = super::owner_map(vec![(member("dead", vec![]), false)], "me");
+        assert!(map.is_empty());
+    }
 
     /// Forwarding errors are logged: they must not carry the student's email from the path.
     #[tokio::test]

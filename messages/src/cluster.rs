@@ -21,6 +21,10 @@ pub struct MemberRecord {
     pub ready: bool,
     /// Supervised children not running at the heartbeat.
     pub failing: Vec<String>,
+    /// Processed-event partitions assigned here whose previous holder may still hold them:
+    /// listed in `partitions`, but not owned yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arriving: Vec<i32>,
 }
 
 impl MemberRecord {
@@ -63,6 +67,7 @@ mod tests {
             partitions: Vec::new(),
             ready: true,
             failing: Vec::new(),
+            arriving: Vec::new(),
         };
         assert!(m.is_alive(now, chrono::Duration::seconds(10)));
         assert!(!m.is_alive(now, chrono::Duration::seconds(5)));
@@ -85,6 +90,7 @@ mod tests {
             .to_vec(),
             ready: true,
             failing: Vec::new(),
+            arriving: Vec::new(),
         };
         assert_eq!(m.processed_partitions().collect::<Vec<_>>(), vec![2, 11]);
     }
