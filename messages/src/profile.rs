@@ -390,9 +390,14 @@ impl ProfileRecord {
             }
             _ => {}
         }
+        // WhatsApp messages' own score in [-1, 1] only: another source's `sentiment` property
+        // (a survey's 1-5, a 1e308) is not it, and an infinite sum stored as JSON `null` made
+        // the whole profile unreadable.
         if let Some(s) = event.properties.get("sentiment").and_then(Value::as_f64) {
-            a.sentiment_sum += s;
-            a.sentiment_count += 1;
+            if event.source == Source::Whatsapp && s.is_finite() {
+                a.sentiment_sum += s.clamp(-1.0, 1.0);
+                a.sentiment_count += 1;
+            }
         }
         a.prune();
         // Consent: an explicit change (unsubscribe, STOP, Salesforce opt-out) or a consent object
@@ -754,6 +759,25 @@ pub(crate) mod tests {
         assert_eq!(p.traits["city"].value, Value::from("Hamburg"));
         p.apply(4, &event(Source::Web, "d", 5, &[("city", "Munich")]), 10);
         assert_eq!(p.traits["city"].value, Value::from("Hamburg"));
+    }
+
+    /// Only WhatsApp messages' scores count towards the sentiment average, bounded to [-1, 1]:
+    /// a web event's 1e308 would make the sum infinite and the stored profile unreadable.
+    #[test]
+    fn only_whatsapp_sentiment_in_range_is_averaged_and_the_record_stays_storable() {
+        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("s"), at(0)), at(0));
+        let with = |source, id: &str, s: f64| CustomerEvent {
+            properties: [("sentiment".to_string(), serde_json::json!(s))].into_iter().collect(),
+            ..event(source, id, 1, &[])
+        };
+        p.apply(1, &with(Source::Web, "w1", 1e308), 10);
+        p.apply(2, &with(Source::Web, "w2", 1e308), 10);
+        p.apply(3, &with(Source::Whatsapp, "m1", 0.5), 10);
+        p.apply(4, &with(Source::Whatsapp, "m2", 7.0), 10);
+        assert_eq!((p.activity.sentiment_count, p.activity.sentiment_sum), (2, 1.5));
+        let json = serde_json::to_vec(&p).unwrap();
+        let back: ProfileRecord = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back.activity.sentiment_sum, 1.5);
     }
 
     #[test]
