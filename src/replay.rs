@@ -46,6 +46,11 @@ pub struct ReplaySummary {
     pub new_events: u64,
     /// Payloads today's normalizers refuse (kept in Bronze, reported here).
     pub refused_payloads: u64,
+    /// Payloads received before the deduplication window (`retention.idempotency_hours`): their
+    /// events' ids are forgotten, so replayed they would count a second time. Not replayed.
+    pub outside_window: u64,
+    /// Events Gate 1's timestamp bounds refuse, as at ingest (they were dead letters then).
+    pub refused_events: u64,
     pub silver_rows: u64,
     pub seconds: f64,
 }
@@ -72,6 +77,12 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
     let started = Instant::now();
     let mut summary = ReplaySummary::default();
     let mut after: i64 = 0;
+    let window = i64::try_from(cohort.config.retention.idempotency_hours)
+        .ok()
+        .and_then(chrono::TimeDelta::try_hours)
+        .unwrap_or(chrono::TimeDelta::MAX);
+    let window_start =
+        chrono::Utc::now().checked_sub_signed(window).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     // A bar on a terminal (Bronze's size bounds the work; filters only shorten it).
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new(warehouse.count_rows(Layer::Bronze).await.unwrap_or(0))
@@ -89,6 +100,10 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
         let mut replayed = Vec::new();
         for row in &rows {
             summary.payloads += 1;
+            if row.received_at < window_start {
+                summary.outside_window += 1;
+                continue;
+            }
             let Some(format) = parse_format_label(&row.format) else {
                 summary.refused_payloads += 1;
                 tracing::warn!(raw_seq = row.raw_seq, format = %row.format, "unknown payload format in Bronze");
@@ -123,6 +138,12 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
                 }
             };
             let mut events = normalized.events;
+            let gate1 = &cohort.config.quality.gate1;
+            let before = events.len();
+            events.retain(|e| {
+                cohort_actors::ingest::timestamp_out_of_bounds(gate1, e.occurred_at, e.received_at).is_none()
+            });
+            summary.refused_events += (before - events.len()) as u64;
             if events.is_empty() {
                 continue;
             }

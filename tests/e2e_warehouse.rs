@@ -150,6 +150,13 @@ async fn replay_from_bronze_rebuilds_lost_profiles_and_silver_idempotently() {
     assert_eq!(run(config.clone(), whatsapp, SystemOptions::default()).await.unwrap().payloads, 1);
     let later = ReplayFilter { since: Some(chrono::Utc::now() + chrono::Duration::hours(1)), source: None };
     assert_eq!(run(config.clone(), later, SystemOptions::default()).await.unwrap().payloads, 0);
+    // Payloads older than the deduplication window are not replayed: their events' ids are
+    // forgotten, and they would count a second time.
+    analyst.query("UPDATE bronze SET received_at = received_at - INTERVAL 2 HOUR", &[]).await.unwrap();
+    let short =
+        cohort_config::Config::from_toml_layers(&[&storage, RAW, "[retention]\nidempotency_hours = 1\n"]).unwrap();
+    let old = run(short, ReplayFilter::default(), SystemOptions::default()).await.unwrap();
+    assert_eq!((old.payloads, old.outside_window, old.events, old.new_events), (6, 6, 0, 0), "{old:?}");
 
     let demo = DemoServer::start(Some(dir.path().to_path_buf()), RAW, SystemOptions::default()).await.unwrap();
     let after = fetch_profile(&demo.client, "email:max@gmail.com").await.unwrap()["profile"].clone();

@@ -64,6 +64,18 @@ fn format_of(state: &ApiState, letter: &DeadLetter) -> Result<PayloadFormat, Str
 /// Replays one payload's Gate 1 letters (they share it): which of them stay, and the outcome.
 async fn replay_payload(state: &ApiState, group: &[&DeadLetter]) -> Result<(Vec<u64>, Value), String> {
     let Some(first) = group.first() else { return Ok((Vec::new(), json!({}))) };
+    // A letter carries its whole payload: replayed after its events' ids were forgotten, the
+    // elements accepted the first time would count again.
+    let window = i64::try_from(state.config.retention.idempotency_hours)
+        .ok()
+        .and_then(chrono::TimeDelta::try_hours)
+        .unwrap_or(chrono::TimeDelta::MAX);
+    if chrono::Utc::now().signed_duration_since(first.received_at) > window {
+        return Err(format!(
+            "received before the deduplication window (retention.idempotency_hours = {}): replayed, the payload's accepted events would count twice; send the refused elements yourself",
+            state.config.retention.idempotency_hours
+        ));
+    }
     let format = format_of(state, first)?;
     // The connector and format marks are Cohort's, not the payload's.
     let content_type = first
