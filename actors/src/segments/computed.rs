@@ -231,7 +231,14 @@ impl Facts for ProfileFacts<'_> {
 
     fn field(&self, root: Option<&str>, name: &str) -> Val {
         match root {
-            Some("consent") => Val::Bool(self.record.consent.get(&name.to_lowercase()).is_some_and(|c| c.granted)),
+            // A category is stored folded (`marketing_email` as `marketing email`), a channel as is.
+            Some("consent") => Val::Bool(
+                self.record
+                    .consent
+                    .get(&name.to_lowercase())
+                    .or_else(|| self.record.consent.get(&cohort_messages::profile::fold_key(name)))
+                    .is_some_and(|c| c.granted),
+            ),
             Some("computed") => self.computed_field(name),
             Some("traits") | None => self.record.traits.get(name).map_or(Val::Null, |t| Val::from_json(&t.value)),
             Some(_) => Val::Null,
@@ -306,6 +313,21 @@ mod tests {
 
     fn profile(key: &str, now: DateTime<Utc>) -> ProfileRecord {
         ProfileRecord::new(cohort_messages::ProfileId::derive_from_event(&EventId::from_raw(key), now), now)
+    }
+
+    /// A category the website sends with `_` or `-` in its name is found by a rule that names
+    /// it as sent (it is stored folded).
+    #[test]
+    fn a_consent_category_is_found_as_the_website_names_it() {
+        let now = Utc::now();
+        let mut p = profile("c", now);
+        let consent = json!({ "consent": { "marketing_email": true, "ad-tracking": false } });
+        p.apply(1, &event(EventKind::Identify, None, 0, consent, json!({}), now), 100);
+        let models = crate::segments::models::Models::default();
+        let facts = ProfileFacts::new(&p, now, &models);
+        assert_eq!(facts.field(Some("consent"), "marketing_email"), Val::Bool(true));
+        assert_eq!(facts.field(Some("consent"), "ad-tracking"), Val::Bool(false));
+        assert_eq!(facts.field(Some("consent"), "nothing_sent"), Val::Bool(false));
     }
 
     #[test]

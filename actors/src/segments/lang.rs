@@ -581,11 +581,13 @@ pub fn eval(e: &Expr, facts: &dyn Facts, next_change: &mut Option<DateTime<Utc>>
                 Some(k) => Val::Num(count(facts, &k, window, next_change)),
                 None => {
                     let v = facts.call(name, text);
-                    // Day counts tick over at the next whole day since their reference.
+                    // Day counts are whole days (as documented: `== 3` holds for a whole day),
+                    // and tick over at the next whole day since their reference.
                     if let (Val::Num(days), true) = (&v, name.starts_with("days_since")) {
                         let tick =
                             facts.now() + Duration::seconds(((days.floor() + 1.0 - days) * 86_400.0).ceil() as i64);
                         lower(next_change, tick);
+                        return Val::Num(days.floor());
                     }
                     v
                 }
@@ -710,10 +712,14 @@ mod tests {
         assert_eq!(next, Some(f.now + Duration::days(1)));
         let mut next = None;
         assert_eq!(eval(&e, &facts(&[6, 3]), &mut next), Val::Bool(false));
-        let e = compile("not consent.whatsapp and (days_since_last_login() > 2 || 1 > 2)", &[]).unwrap();
+        let e = compile("not consent.whatsapp and (days_since_last_login() >= 2 || 1 > 2)", &[]).unwrap();
         let mut next = None;
         assert!(eval(&e, &f, &mut next).truthy());
         assert_eq!(next, Some(f.now + Duration::hours(12)), "the day count ticks at 3 days");
+        // Whole days: 2.5 days since the last login is day 2 until it is day 3.
+        for (rule, holds) in [("days_since_last_login() == 2", true), ("days_since_last_login() > 2", false)] {
+            assert_eq!(eval(&compile(rule, &[]).unwrap(), &f, &mut None).truthy(), holds, "{rule}");
+        }
         let e = compile("sentiment() < -0.25 or -1 > 2", &[]).unwrap();
         assert!(!eval(&e, &f, &mut None).truthy(), "no sentiment: null compares false");
         let e = compile(r#"enrollment_status in ["applicant", "INQUIRY"]"#, &[]).unwrap();
