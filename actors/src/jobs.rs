@@ -132,14 +132,20 @@ impl JobSchedulerState {
         let (store, me) = (self.args.store.clone(), myself.clone());
         tokio::spawn(async move {
             let mut run = run;
-            match work.await {
-                Ok(detail) => {
+            // In a task of its own: a job that panics is a failed run, not one that never ends
+            // (its `running` mark would refuse every later run until a restart).
+            match tokio::spawn(work).await {
+                Ok(Ok(detail)) => {
                     run.status = JobRunStatus::Succeeded;
                     run.detail = detail;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     run.status = JobRunStatus::Failed;
                     run.error = Some(e);
+                }
+                Err(e) => {
+                    run.status = JobRunStatus::Failed;
+                    run.error = Some(format!("the job stopped abnormally: {e}"));
                 }
             }
             run.finished_at = Some(Utc::now());
@@ -271,5 +277,30 @@ impl Actor for JobScheduler {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A job that panics is a failed run, and the next run of it starts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_panics_fails_its_run_and_can_run_again() {
+        let store: Arc<dyn OperationalStore> = cohort_adapters::EmbeddedStore::in_memory().unwrap();
+        let run: JobFn = Arc::new(|| Box::pin(async { panic!("injected job panic") }));
+        let spec = JobSpec::new("flaky", "0 0 3 * * *", run).unwrap();
+        let args = JobSchedulerArgs { store, metrics: Metrics::new().unwrap(), owner: "test".into(), jobs: vec![spec] };
+        let (jobs, _) = Actor::spawn(None, JobScheduler, args).await.unwrap();
+        for _ in 0..2 {
+            let run = ractor::call_t!(jobs, |reply| JobsMsg::RunNow { job: "flaky".into(), reply }, 10_000).unwrap();
+            let run = run.unwrap();
+            assert_eq!(run.status, JobRunStatus::Failed, "{run:?}");
+            assert!(run.error.unwrap_or_default().contains("abnormally"));
+            // `Finished` reaches the scheduler right after the reply.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        jobs.stop(None);
     }
 }

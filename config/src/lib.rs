@@ -707,6 +707,10 @@ impl Config {
         if q.gate4.row_count_tolerance.is_nan() || q.gate4.row_count_tolerance <= 0.0 {
             return Err(bad("quality.gate4.row_count_tolerance", "must be positive"));
         }
+        // Years are plenty; a larger value overflowed the window's start time (a panic in the job).
+        if !(1..=87_600).contains(&q.gate2.window_hours) {
+            return Err(bad("quality.gate2.window_hours", "must be between 1 and 87600 (ten years)"));
+        }
         for (col, ty) in &q.gate2.types {
             if !["object", "array", "string", "timestamp"].contains(&ty.as_str()) {
                 return Err(bad(
@@ -914,6 +918,14 @@ mod tests {
             Config::check_env(vars(&["PATH", "COHORT__NORMALIZE__SALESFORCE_FIELDS__HASOPTEDOUTOFEMAIL"])).unwrap_err();
         assert!(e.to_string().contains("normalize.salesforce_fields"), "{e}");
         assert!(Config::check_env(vars(&["COHORT__NORMALIZE__DEFAULT_REGION", "COHORT__SERVER__LISTEN"])).is_ok());
+    }
+
+    /// Gate 2's look-back is bounded: a huge one overflowed the window's start in the job.
+    #[test]
+    fn gate_2_window_is_bounded() {
+        let e = Config::from_toml_str("[quality.gate2]\nwindow_hours = 100000000000\n").unwrap_err();
+        assert!(e.to_string().contains("quality.gate2.window_hours"), "{e}");
+        assert!(Config::from_toml_str("[quality.gate2]\nwindow_hours = 48\n").is_ok());
     }
 
     #[test]
