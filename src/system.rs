@@ -861,11 +861,11 @@ impl Cohort {
                 );
             }
             if !config.jobs.features.trim().is_empty() {
-                let store = store.clone();
+                let (store, erasures) = (store.clone(), erasures.clone());
                 let run: JobFn = Arc::new(move || {
-                    let store = store.clone();
+                    let (store, erasures) = (store.clone(), erasures.clone());
                     Box::pin(async move {
-                        cohort_actors::features::compute_all(store.as_ref(), chrono::Utc::now())
+                        cohort_actors::features::compute_all(store.as_ref(), &erasures, chrono::Utc::now())
                             .await
                             .map_err(|e| e.to_string())
                     })
