@@ -371,6 +371,11 @@ async fn gold_with_gates(
     let started = chrono::Utc::now();
     let gate2 = checks.gate2("gold_reconcile").await.map_err(|e| format!("quality gate 2 could not run: {e}"))?;
     checks.record(&gate2).await.map_err(|e| e.to_string())?;
+    // Gate 1's summary whatever Gate 2 says: a bad rollout that floods the dead letters most
+    // likely fails Gate 2 as well, and then Gate 1 must not keep showing "passing".
+    let window = chrono::Duration::hours(i64::try_from(checks.config.gate2.window_hours).unwrap_or(24));
+    let gate1 = checks.gate1("gold_reconcile", started - window, gate2.evaluated).await.map_err(|e| e.to_string())?;
+    checks.record(&gate1).await.map_err(|e| e.to_string())?;
     if !gate2.success {
         let failed: Vec<&str> = gate2.failures().map(|r| r.expectation.as_str()).collect();
         return Err(format!("quality gate 2 failed ({}); Gold not rebuilt; see run {}", failed.join(", "), gate2.id));
@@ -380,9 +385,6 @@ async fn gold_with_gates(
         .map_err(|e| e.to_string())?;
     let gate3 = checks.gate3("gold_reconcile").await.map_err(|e| format!("quality gate 3 could not run: {e}"))?;
     checks.record(&gate3).await.map_err(|e| e.to_string())?;
-    let window = chrono::Duration::hours(i64::try_from(checks.config.gate2.window_hours).unwrap_or(24));
-    let gate1 = checks.gate1("gold_reconcile", started - window, gate2.evaluated).await.map_err(|e| e.to_string())?;
-    checks.record(&gate1).await.map_err(|e| e.to_string())?;
     if !gate3.success {
         let failed: Vec<&str> = gate3.failures().map(|r| r.expectation.as_str()).collect();
         return Err(format!("quality gate 3 failed ({}); see run {}", failed.join(", "), gate3.id));

@@ -95,9 +95,16 @@ async fn a_failing_gate_2_fails_the_gold_batch_raises_the_alert_and_is_reported_
         .await
         .unwrap();
     analyst.query("DELETE FROM gold_profiles", &[]).await.unwrap();
+    let gate1_runs = || async {
+        let r = demo.client.get("/v1/quality/runs?gate=1&limit=100").await.unwrap().body;
+        r["runs"].as_array().map_or(0, Vec::len)
+    };
+    let gate1_before = gate1_runs().await;
 
     let run = run_gold(&demo).await;
     assert_eq!(run["status"], "failed", "{run}");
+    // Gate 1's summary still runs: a bad rollout that floods the letters fails Gate 2 too.
+    assert_eq!(gate1_runs().await, gate1_before + 1);
     let error = run["error"].as_str().unwrap();
     assert!(error.contains("quality gate 2 failed") && error.contains("Gold not rebuilt"), "{error}");
     assert_eq!(analyst.count_rows(Layer::Gold).await.unwrap(), 0, "the failed batch left Gold alone");
