@@ -363,7 +363,7 @@ impl Drop for Cohort {
 }
 
 /// Silver → Gold between its gates: Gate 2 on Silver first (a failure fails the batch and Gold
-/// stays as it was), then the Gold rebuild, then Gate 3 on Gold and Gate 1's summary.
+/// stays as it was) with Gate 1's summary, then the Gold rebuild, then Gate 3 on Gold.
 async fn gold_with_gates(
     sink: &Slot<WarehouseMsg>,
     checks: &cohort_actors::quality::QualityChecks,
