@@ -437,9 +437,26 @@ fn validate(e: &Expr, models: &[String]) -> Result<(), RuleError> {
         Expr::Or(items) | Expr::And(items) | Expr::List(items) => items.iter().try_for_each(|i| validate(i, models)),
         Expr::Not(inner) => validate(inner, models),
         Expr::Cmp(_, l, r) => {
+            // A duration is a window argument only: compared with a number it was always false.
+            if let (Expr::Lit(Val::Dur(_)), other) | (other, Expr::Lit(Val::Dur(_))) = (l.as_ref(), r.as_ref()) {
+                let column = match other {
+                    Expr::Path { column, .. } | Expr::Call { column, .. } => *column,
+                    _ => 1,
+                };
+                return Err(RuleError {
+                    column,
+                    message: "a duration (7d, 12h) is only a window argument, as in page_count(\"mba\", 7d); \
+                              compare days as a number (days_since(\"enrolled_on\") >= 30)"
+                        .into(),
+                });
+            }
             validate(l, models)?;
             validate(r, models)
         }
+        Expr::Lit(Val::Dur(_)) => Err(RuleError {
+            column: 1,
+            message: "a duration (7d, 12h) is only a window argument, as in page_count(\"mba\", 7d)".into(),
+        }),
         Expr::Lit(_) => Ok(()),
         Expr::Path { parts, column } => {
             let root = parts[0].as_str();
@@ -699,6 +716,17 @@ mod tests {
                 ("consent.whatsapp".to_string(), Val::Bool(false)),
             ]),
         }
+    }
+
+    /// A duration outside a window argument is refused when the rule is defined: compared
+    /// with a number it could never hold.
+    #[test]
+    fn a_duration_is_only_a_window_argument() {
+        for rule in [r#"days_since("enrolled_on") >= 30d"#, "7d", r#"page_views(7d) > 2d"#] {
+            let e = compile(rule, &[]).unwrap_err();
+            assert!(e.message.contains("only a window argument"), "{rule}: {}", e.message);
+        }
+        assert!(compile(r#"days_since("enrolled_on") >= 30 and page_count("mba", 7d) >= 1"#, &[]).is_ok());
     }
 
     #[test]
