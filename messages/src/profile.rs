@@ -99,6 +99,14 @@ pub struct ProfileRecord {
 pub const ACTIVITY_DAYS: i64 = 90;
 pub const ACTIVITY_PER_KEY: usize = 500;
 
+/// Distinct activity keys and all-time topics a profile keeps: every word of a page path is a
+/// topic, and a sender of made-up paths would otherwise grow a profile without end. Keys past
+/// the bound are not noted; those already kept go on counting.
+pub const MAX_ACTIVITY_KEYS: usize = 2_000;
+
+/// Words of one path taken as topics (`/programs/mba/...`: the first ones say what it is).
+const MAX_PATH_TOPICS: usize = 16;
+
 /// Recent activity by key, oldest first: `page` and `page:TOPIC` (page and screen views),
 /// `event:NAME` (track events, name folded to lower case), `email:open`, `email:click`, `login`.
 /// Pruned by age relative to the newest activity (not the clock), so replays give the same state.
@@ -125,6 +133,9 @@ impl Activity {
 
     fn note(&mut self, key: String, at: DateTime<Utc>) {
         let at = at.timestamp_millis();
+        if self.recent.len() >= MAX_ACTIVITY_KEYS && !self.recent.contains_key(&key) {
+            return;
+        }
         let list = self.recent.entry(key).or_default();
         let pos = list.partition_point(|t| *t <= at);
         list.insert(pos, at);
@@ -156,6 +167,9 @@ impl Activity {
 
     fn absorb(&mut self, other: Activity) {
         for (key, times) in other.recent {
+            if self.recent.len() >= MAX_ACTIVITY_KEYS && !self.recent.contains_key(&key) {
+                continue;
+            }
             let list = self.recent.entry(key).or_default();
             list.extend(times);
             list.sort_unstable();
@@ -163,7 +177,9 @@ impl Activity {
             list.drain(..excess);
         }
         for (topic, n) in other.topics {
-            *self.topics.entry(topic).or_default() += n;
+            if self.topics.len() < MAX_ACTIVITY_KEYS || self.topics.contains_key(&topic) {
+                *self.topics.entry(topic).or_default() += n;
+            }
         }
         self.sentiment_sum += other.sentiment_sum;
         self.sentiment_count += other.sentiment_count;
@@ -242,10 +258,11 @@ pub fn page_topics(event: &CustomerEvent) -> BTreeSet<String> {
         }
     }
     if let Some(path) = event.properties.get("path").and_then(Value::as_str) {
-        for part in path.split(['/', '?', '#', '&', '=']).map(fold_key) {
-            if !part.is_empty() && !part.chars().all(|c| c.is_ascii_digit() || c == ' ') {
-                topics.insert(part);
-            }
+        let words = path.split(['/', '?', '#', '&', '=']).map(fold_key);
+        for part in
+            words.filter(|p| !p.is_empty() && !p.chars().all(|c| c.is_ascii_digit() || c == ' ')).take(MAX_PATH_TOPICS)
+        {
+            topics.insert(part);
         }
     }
     topics
@@ -371,7 +388,9 @@ impl ProfileRecord {
                 a.note("page".into(), at);
                 for topic in page_topics(event) {
                     a.note(format!("page:{topic}"), at);
-                    *a.topics.entry(topic).or_default() += 1;
+                    if a.topics.len() < MAX_ACTIVITY_KEYS || a.topics.contains_key(&topic) {
+                        *a.topics.entry(topic).or_default() += 1;
+                    }
                 }
             }
             EventKind::Track => {
@@ -759,6 +778,29 @@ pub(crate) mod tests {
         assert_eq!(p.traits["city"].value, Value::from("Hamburg"));
         p.apply(4, &event(Source::Web, "d", 5, &[("city", "Munich")]), 10);
         assert_eq!(p.traits["city"].value, Value::from("Hamburg"));
+    }
+
+    /// A sender of made-up page paths cannot grow a profile without bound: a path gives at most
+    /// 16 topics, and a profile keeps at most MAX_ACTIVITY_KEYS of them and of activity keys.
+    #[test]
+    fn page_paths_cannot_grow_a_profile_without_bound() {
+        let mut p = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("t"), at(0)), at(0));
+        let long: String = (0..100).map(|i| format!("/w{i}")).collect();
+        let view = |id: &str, path: &str| CustomerEvent {
+            kind: EventKind::Page,
+            properties: [("path".to_string(), serde_json::json!(path))].into_iter().collect(),
+            ..event(Source::Web, id, 1, &[])
+        };
+        p.apply(1, &view("long", &long), 10);
+        assert_eq!(p.activity.topics.len(), 16);
+        for i in 0..3_000u64 {
+            p.apply(10 + i, &view(&format!("v{i}"), &format!("/made-up-{i}")), 10);
+        }
+        assert!(p.activity.topics.len() <= MAX_ACTIVITY_KEYS, "{}", p.activity.topics.len());
+        assert!(p.activity.recent.len() <= MAX_ACTIVITY_KEYS, "{}", p.activity.recent.len());
+        // A topic already kept goes on counting.
+        p.apply(9_999, &view("again", "/w0"), 10);
+        assert_eq!(p.activity.topics["w0"], 2);
     }
 
     /// Only WhatsApp messages' scores count towards the sentiment average, bounded to [-1, 1]:
