@@ -642,12 +642,7 @@ impl KafkaBus {
             // Only partitions this consumer holds now: the marks of one that moved to another
             // replica are stale, and committing them would set its new owner's offset back (a
             // later rebalance would replay what was applied, past the idempotency window).
-            let assigned: std::collections::HashSet<(String, i32)> = consumer
-                .assignment()
-                .map(|tpl| tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect())
-                .unwrap_or_default();
-            let held: StreamPositions =
-                raw.into_iter().filter(|(s, _)| self.topic_of(*s).is_some_and(|tp| assigned.contains(&tp))).collect();
+            let held = self.consumed_here(raw);
             if !held.is_empty() {
                 commit(consumer, self.offsets(&held)?).await?;
             }

@@ -115,7 +115,7 @@ async fn ask_with<T: Send + 'static>(
 
 /// Whether this replica holds the live actor of `id` (always, outside cluster mode).
 fn owns(state: &ApiState, id: &ProfileId) -> bool {
-    state.ownership.as_ref().is_none_or(|o| o.owns(cohort_messages::cluster::partition_of(id, o.partitions())))
+    state.ownership.as_ref().is_none_or(|o| o.owns_profile(id))
 }
 
 /// The shared path of every Profile API read: token, ref resolution, live-actor query.
