@@ -329,13 +329,24 @@ impl IdentityIndex {
     /// Follows merge redirects to the surviving profile, consulting the store for profiles this
     /// process has not seen yet (their records say whether they were merged).
     pub async fn root(&self, profile: &ProfileId) -> Result<ProfileId, StoreError> {
+        self.root_from(profile, false).await
+    }
+
+    /// [`IdentityIndex::root`] without what this process took for a root: a merge another
+    /// replica made reaches this one only through the store.
+    pub async fn refresh_root(&self, profile: &ProfileId) -> Result<ProfileId, StoreError> {
+        self.root_from(profile, true).await
+    }
+
+    /// `fresh`: the store, not `known_roots`, says whether the profile redirects reaches is a root.
+    async fn root_from(&self, profile: &ProfileId, fresh: bool) -> Result<ProfileId, StoreError> {
         let mut current = profile.clone();
         for _ in 0..64 {
             if let Some(next) = self.redirects.get(&current).map(|r| r.clone()) {
                 current = next;
                 continue;
             }
-            if self.known_roots.contains(&current) {
+            if !fresh && self.known_roots.contains(&current) {
                 return Ok(current);
             }
             match self.store.load_profile(&current).await? {
@@ -364,20 +375,6 @@ impl IdentityIndex {
             }
         }
         Err(StoreError::corrupt(format!("merge redirects of {profile} form a cycle")))
-    }
-
-    /// [`IdentityIndex::root`] without what this process took for a root: a merge another
-    /// replica made reaches this one only through the store.
-    pub async fn refresh_root(&self, profile: &ProfileId) -> Result<ProfileId, StoreError> {
-        let mut current = profile.clone();
-        while let Some(next) = self.redirects.get(&current).map(|r| r.clone()) {
-            if next == current || next == *profile {
-                break;
-            }
-            current = next;
-        }
-        self.known_roots.remove(&current);
-        self.root(&current).await
     }
 
     /// Takes a merge another replica made, learned from the merged profile's actor: the next
