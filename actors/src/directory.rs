@@ -341,7 +341,6 @@ impl ProfilesState {
             entry.tracker.forgive(attempts.saturating_sub(1) as usize);
         }
         let decision = entry.tracker.decide(&policy, Instant::now());
-        let Some(entry) = self.entries.get_mut(&profile_id) else { return Ok(()) };
         match decision {
             RestartDecision::Restart { after, .. } => {
                 entry.status = Status::Restarting;
