@@ -85,7 +85,7 @@ impl Erasures {
         if self.suppressed.is_empty() {
             return Screen::Keep;
         }
-        let hit: Vec<bool> = event.identifiers.iter().map(|i| self.suppressed.contains(&self.hash(i))).collect();
+        let hit: Vec<bool> = event.identifiers.iter().map(|i| self.suppresses_identifier(i)).collect();
         if !hit.contains(&true) {
             return Screen::Keep;
         }
