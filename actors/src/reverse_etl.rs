@@ -1105,13 +1105,17 @@ async fn run(shared: Arc<Shared>, lane: Arc<Lane>, job: Job) {
     }
 }
 
+/// A store error while a job decides: it is retried like a failed request.
+fn store_unavailable(e: cohort_adapters::StoreError) -> JobError {
+    JobError::Transient(format!("store unavailable: {e}"))
+}
+
 /// Whether the membership moved on since the change: an entry whose membership is gone or newer
 /// (a retry backing off, a manual retry, a held batch confirmed late), or an exit whose student is
 /// a member again. Per profile, only the latest change's requests go out.
 async fn superseded(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
-    let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
     let key = member_key(&job.change.segment, &job.change.profile_id);
-    let doc = store.get_documents(MEMBERS, &[key]).await.map_err(unavailable)?.into_iter().next().flatten();
+    let doc = store.get_documents(MEMBERS, &[key]).await.map_err(store_unavailable)?.into_iter().next().flatten();
     let moved_on = match job.change.change {
         Change::Entered => doc.as_ref().and_then(member_since).is_none_or(|since| since != job.change.at),
         Change::Exited => doc.is_some(),
@@ -1132,17 +1136,16 @@ async fn contact_refused(store: &dyn OperationalStore, job: &Job) -> Result<Opti
 
 /// No address, no marketing consent, or a suppressed address on the job's channel.
 async fn channel_refused(store: &dyn OperationalStore, job: &Job) -> Result<Option<Skip>, JobError> {
-    let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
     let Some(channel) = channel_of(job) else { return Ok(None) };
     let to = match address(job) {
         Ok(a) => a,
         Err(skip) => return Ok(Some(skip)),
     };
-    let consents = store.consents(&job.change.profile_id).await.map_err(unavailable)?;
+    let consents = store.consents(&job.change.profile_id).await.map_err(store_unavailable)?;
     if !consents.iter().any(|c| c.channel == channel && c.purpose == "marketing" && c.granted) {
         return Ok(Some(Skip::Consent));
     }
-    let listed = store.suppressed(&[(channel, to)]).await.map_err(unavailable)?;
+    let listed = store.suppressed(&[(channel, to)]).await.map_err(store_unavailable)?;
     if listed.first().is_some_and(Option::is_some) {
         return Ok(Some(Skip::Suppressed));
     }
@@ -1152,14 +1155,13 @@ async fn channel_refused(store: &dyn OperationalStore, job: &Job) -> Result<Opti
 /// One job: idempotency, consent, suppression, Gate 4, then the request(s).
 async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>, JobError> {
     let store = &shared.store;
-    let unavailable = |e: cohort_adapters::StoreError| JobError::Transient(format!("store unavailable: {e}"));
     if shared.erasures.is_erased(&job.change.profile_id) {
         return Ok(Some(Skip::Erased));
     }
     if store
         .get_documents(SENT, std::slice::from_ref(&job.key))
         .await
-        .map_err(unavailable)?
+        .map_err(store_unavailable)?
         .first()
         .is_some_and(Option::is_some)
     {
@@ -1178,7 +1180,7 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
     let incremental = job.destination == Destination::Salesforce && job.activation.action == "update_contact";
     let all_fields = fields.clone();
     if incremental {
-        let last = store.get_documents(FIELDS, std::slice::from_ref(&fields_key)).await.map_err(unavailable)?;
+        let last = store.get_documents(FIELDS, std::slice::from_ref(&fields_key)).await.map_err(store_unavailable)?;
         if let Some(Some(Value::Object(last))) = last.into_iter().next() {
             fields.retain(|k, v| last.get(k).and_then(Value::as_str) != Some(v.as_str()));
         }
@@ -1216,9 +1218,12 @@ async fn attempt(shared: &Shared, lane: &Lane, job: &Job) -> Result<Option<Skip>
         return Ok(None);
     }
     if incremental {
-        store.put_documents(FIELDS, vec![(fields_key, Some(json!(all_fields)))]).await.map_err(unavailable)?;
+        store.put_documents(FIELDS, vec![(fields_key, Some(json!(all_fields)))]).await.map_err(store_unavailable)?;
     }
-    store.put_documents(SENT, vec![(job.key.clone(), Some(json!({ "at": Utc::now() })))]).await.map_err(unavailable)?;
+    store
+        .put_documents(SENT, vec![(job.key.clone(), Some(json!({ "at": Utc::now() })))])
+        .await
+        .map_err(store_unavailable)?;
     Ok(None)
 }
 
