@@ -1395,11 +1395,8 @@ impl ReverseEtlState {
                     // A student who entered again since: her exit is over, and its record too.
                     let keys: Vec<String> = page.iter().map(|(k, _)| k.clone()).collect();
                     let members = store.get_documents(MEMBERS, &keys).await?;
-                    let back: Vec<(String, Option<Value>)> =
-                        keys.into_iter().zip(&members).filter(|(_, m)| m.is_some()).map(|(k, _)| (k, None)).collect();
-                    if !back.is_empty() {
-                        store.put_documents(EXITS, back).await?;
-                    }
+                    let back = keys.into_iter().zip(&members).filter(|(_, m)| m.is_some()).map(|(k, _)| k);
+                    cohort_adapters::delete_documents(store.as_ref(), EXITS, back).await?;
                     page = page.into_iter().zip(members).filter(|(_, m)| m.is_none()).map(|(p, _)| p).collect();
                 }
                 let mut pending = Vec::new();
@@ -1461,24 +1458,9 @@ fn exited_at(doc: &Value) -> Option<DateTime<Utc>> {
 /// never will.
 async fn forget_old_exits(store: &dyn OperationalStore) -> Result<(), cohort_adapters::StoreError> {
     let cutoff = Utc::now() - chrono::Duration::days(EXIT_KEPT_DAYS);
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.list_documents(EXITS, "", after.as_deref(), 500).await?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        let old: Vec<(String, Option<Value>)> = page
-            .iter()
-            .filter(|(_, doc)| exited_at(doc).is_none_or(|at| at < cutoff))
-            .map(|(key, _)| (key.clone(), None))
-            .collect();
-        if !old.is_empty() {
-            store.put_documents(EXITS, old).await?;
-        }
-        if page.len() < 500 {
-            break;
-        }
-    }
-    Ok(())
+    let exits = all_documents(store, EXITS, "").await?;
+    let old = exits.into_iter().filter(|(_, doc)| exited_at(doc).is_none_or(|at| at < cutoff)).map(|(k, _)| k);
+    cohort_adapters::delete_documents(store, EXITS, old).await
 }
 
 impl Actor for ReverseEtlActor {

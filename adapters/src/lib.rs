@@ -24,8 +24,8 @@ pub use error::{StoreError, StoreErrorKind};
 pub use mongo::MongoStore;
 pub use sealed::{Pii, SealedStore};
 pub use store::{
-    all_documents, all_review_items, dead_letters_mentioning, erase_dead_letters, AppendBatch, AppendOutcome,
-    BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore, OutboxId,
+    all_documents, all_review_items, dead_letters_mentioning, delete_documents, erase_dead_letters, AppendBatch,
+    AppendOutcome, BronzeRecord, EventLog, FlushBatch, JournaledEvent, NewDeadLetter, OperationalStore, OutboxId,
 };
 pub use warehouse::{
     open_warehouse, open_warehouse_holding, BigQueryWarehouse, BronzeRow, DeleteOutcome, DuckDbWarehouse,

@@ -258,6 +258,19 @@ pub async fn all_documents(
     }
 }
 
+/// Deletes `keys` of a document collection, a bounded batch per write.
+pub async fn delete_documents(
+    store: &dyn OperationalStore,
+    collection: &str,
+    keys: impl IntoIterator<Item = String>,
+) -> Result<(), StoreError> {
+    let deletes: Vec<(String, Option<serde_json::Value>)> = keys.into_iter().map(|k| (k, None)).collect();
+    for chunk in deletes.chunks(1000) {
+        store.put_documents(collection, chunk.to_vec()).await?;
+    }
+    Ok(())
+}
+
 /// Ids of the dead letters whose payload mentions the person (or whose reason names one of
 /// their profiles), read a page at a time. Payloads are raw text, so this is a scan.
 pub async fn dead_letters_mentioning(

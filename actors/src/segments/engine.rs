@@ -4,7 +4,7 @@
 
 use super::{Segment, SegmentDefinition, SegmentKind, SegmentRegistry};
 use chrono::{DateTime, Utc};
-use cohort_adapters::{all_documents, EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
+use cohort_adapters::{all_documents, delete_documents, EventBus, OperationalStore, QueryValue, StoreError, Warehouse};
 use cohort_messages::msgs::{BatchRun, ProfileMsg, ProfilesMsg, ReverseEtlMsg, SegmentMsg, SegmentStats};
 use cohort_messages::segment::{ActivationProfile, Change, SegmentChanged};
 use cohort_messages::ProfileId;
@@ -286,18 +286,12 @@ impl SegmentEngineState {
 
     /// Deletes every membership document of `segment`.
     async fn clear_members(&self, segment: &str) -> Result<(), StoreError> {
-        let docs: Vec<(String, Option<serde_json::Value>)> =
-            self.members(segment).await?.iter().map(|p| (member_key(segment, p), None)).collect();
-        for chunk in docs.chunks(1000) {
-            self.args.store.put_documents(MEMBERS, chunk.to_vec()).await?;
-        }
+        let store = self.args.store.as_ref();
+        let members = self.members(segment).await?;
+        delete_documents(store, MEMBERS, members.iter().map(|p| member_key(segment, p))).await?;
         // A segment defined again under this name must not send the old one's exits.
-        let exits = all_documents(self.args.store.as_ref(), EXITS, &format!("{segment}/")).await?;
-        let exits: Vec<(String, Option<serde_json::Value>)> = exits.into_iter().map(|(k, _)| (k, None)).collect();
-        for chunk in exits.chunks(1000) {
-            self.args.store.put_documents(EXITS, chunk.to_vec()).await?;
-        }
-        Ok(())
+        let exits = all_documents(store, EXITS, &format!("{segment}/")).await?;
+        delete_documents(store, EXITS, exits.into_iter().map(|(k, _)| k)).await
     }
 
     fn stop_batch_timer(&mut self, name: &str) {
