@@ -39,15 +39,26 @@ impl ApiError {
     }
 
     fn code(&self) -> &'static str {
-        match self {
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::Unavailable(_) => "unavailable",
-        }
+        code_of(self.status())
+    }
+}
+
+/// The error body's `code` for a status: one table for Cohort's own errors and the framework's.
+fn code_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "error",
     }
 }
 
@@ -97,22 +108,7 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-    let code = match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::FORBIDDEN => "forbidden",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::CONFLICT => "conflict",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
-        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
-        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-        s if s.is_server_error() => "internal",
-        _ => "error",
-    };
-    let (json_parts, body) = error_response(status, code, &text).into_parts();
+    let (json_parts, body) = error_response(status, code_of(status), &text).into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.extend(json_parts.headers);
     Response::from_parts(parts, body)
