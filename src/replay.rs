@@ -77,12 +77,8 @@ pub async fn replay(cohort: &Cohort, filter: &ReplayFilter) -> anyhow::Result<Re
     let started = Instant::now();
     let mut summary = ReplaySummary::default();
     let mut after: i64 = 0;
-    let window = i64::try_from(cohort.config.retention.idempotency_hours)
-        .ok()
-        .and_then(chrono::TimeDelta::try_hours)
-        .unwrap_or(chrono::TimeDelta::MAX);
-    let window_start =
-        chrono::Utc::now().checked_sub_signed(window).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+    let keep = cohort_actors::retention::idempotency_keep(cohort.config.retention.idempotency_hours);
+    let window_start = cohort_actors::retention::dedup_window_start(keep, chrono::Utc::now());
     // A bar on a terminal (Bronze's size bounds the work; filters only shorten it).
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new(warehouse.count_rows(Layer::Bronze).await.unwrap_or(0))

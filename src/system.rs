@@ -793,7 +793,7 @@ impl Cohort {
         {
             let (store, bus, metrics, slot) = (store.clone(), bus.clone(), metrics.clone(), retention_slot.clone());
             let checkpoints = ctx.checkpoints.clone();
-            let keep = Duration::from_secs(config.retention.idempotency_hours.saturating_mul(3600));
+            let keep = cohort_actors::retention::idempotency_keep(config.retention.idempotency_hours);
             let every = Duration::from_secs(config.retention.interval_secs);
             job_children.push(ChildSpec::new("retention", "retention", move |sup| {
                 let args = RetentionArgs {

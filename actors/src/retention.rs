@@ -63,9 +63,20 @@ impl Actor for RetentionActor {
     }
 }
 
+/// How long event ids are remembered (`retention.idempotency_hours`): the deduplication window.
+pub fn idempotency_keep(hours: u64) -> Duration {
+    Duration::from_secs(hours.saturating_mul(3600))
+}
+
+/// The start of the deduplication window at `now`: ids of events received before it are
+/// forgotten, so such an event sent again (a replay) would count a second time.
+pub fn dedup_window_start(keep: Duration, now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+    now.checked_sub_signed(keep).unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
+}
+
 async fn expire(args: &RetentionArgs) -> Result<u64, StoreError> {
-    let keep = chrono::Duration::from_std(args.keep).unwrap_or(chrono::Duration::MAX);
-    let before = Utc::now().checked_sub_signed(keep).unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+    let before = dedup_window_start(args.keep, Utc::now());
     let from_store = args.store.expire_before(before).await?;
     let from_bus = args.bus.apply_retention(before, &args.checkpoints.get()).await?;
     let n = from_store + from_bus;

@@ -66,11 +66,8 @@ async fn replay_payload(state: &ApiState, group: &[&DeadLetter]) -> Result<(Vec<
     let Some(first) = group.first() else { return Ok((Vec::new(), json!({}))) };
     // A letter carries its whole payload: replayed after its events' ids were forgotten, the
     // elements accepted the first time would count again.
-    let window = i64::try_from(state.config.retention.idempotency_hours)
-        .ok()
-        .and_then(chrono::TimeDelta::try_hours)
-        .unwrap_or(chrono::TimeDelta::MAX);
-    if chrono::Utc::now().signed_duration_since(first.received_at) > window {
+    let keep = cohort_actors::retention::idempotency_keep(state.config.retention.idempotency_hours);
+    if first.received_at < cohort_actors::retention::dedup_window_start(keep, chrono::Utc::now()) {
         return Err(format!(
             "received before the deduplication window (retention.idempotency_hours = {}): replayed, the payload's accepted events would count twice; send the refused elements yourself",
             state.config.retention.idempotency_hours
