@@ -224,13 +224,15 @@ pub async fn gold_keeps_the_latest_snapshot_per_profile(s: &Subject) {
     wh.write_gold_profiles(vec![gold(&a, 3, 30)]).await.unwrap();
     // A stale snapshot arriving late (replay) must not win.
     wh.write_gold_profiles(vec![gold(&a, 2, 20)]).await.unwrap();
+    // One written later at the same time (a merge kept it) does: it holds more.
+    wh.write_gold_profiles(vec![gold(&b, 4, 10)]).await.unwrap();
     assert_eq!(wh.count_rows(Layer::Gold).await.unwrap(), 2);
     let sql =
         format!("SELECT profile_id, events_total, snapshot_at FROM {} ORDER BY profile_id", wh.table(Layer::Gold));
     let result = wh.query(&sql, &[]).await.unwrap();
     let mut expected = vec![
         vec![json!(a.to_string()), json!(3), json!("2024-01-02T03:04:35.123456Z")],
-        vec![json!(b.to_string()), json!(1), json!("2024-01-02T03:04:15.123456Z")],
+        vec![json!(b.to_string()), json!(4), json!("2024-01-02T03:04:15.123456Z")],
     ];
     expected.sort_by(|x, y| x[0].as_str().cmp(&y[0].as_str()));
     assert_eq!(result.rows, expected);
