@@ -801,6 +801,14 @@ pub(crate) mod tests {
         // A topic already kept goes on counting.
         p.apply(9_999, &view("again", "/w0"), 10);
         assert_eq!(p.activity.topics["w0"], 2);
+        // Nor does a merge of two full profiles grow it past the bound.
+        let mut q = ProfileRecord::new(ProfileId::derive_from_event(&EventId::from_raw("u"), at(0)), at(0));
+        for i in 0..2_500u64 {
+            q.apply(20_000 + i, &view(&format!("q{i}"), &format!("/other-{i}")), 10);
+        }
+        p.absorb(q, 10);
+        assert!(p.activity.topics.len() <= MAX_ACTIVITY_KEYS, "{}", p.activity.topics.len());
+        assert!(p.activity.recent.len() <= MAX_ACTIVITY_KEYS, "{}", p.activity.recent.len());
     }
 
     /// Only WhatsApp messages' scores count towards the sentiment average, bounded to [-1, 1]:
