@@ -62,8 +62,14 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     let indexed_before = indexed().await;
     assert!(indexed_before >= 2, "both students are in the matcher's index");
 
+    // An exit of hers recorded for the reverse-ETL catch-up goes with her too.
+    let exit_key = format!("mba_interest/{}", target.profiles[0]);
+    let exit = serde_json::json!({ "at": chrono::Utc::now() });
+    store.put_documents("segment_exits", vec![(exit_key.clone(), Some(exit))]).await.unwrap();
+
     let url = request_deletion(c, &jana_ref, "suppress_with_delete").await;
     let done = wait_deletion(c, &url, Duration::from_secs(30), completed).await;
+    assert_eq!(store.get_documents("segment_exits", &[exit_key]).await.unwrap(), vec![None]);
     assert_eq!(indexed().await, indexed_before - 1, "her person fields left the matcher's memory");
     for s in done["steps"].as_array().unwrap() {
         assert!(s["status"] == "done" || s["status"] == "skipped", "{s}");
@@ -158,6 +164,13 @@ async fn a_deletion_erases_the_person_from_every_store_and_destination_and_keeps
     let letters = c.get("/v1/dlq?limit=1000").await.unwrap().body;
     let newest = letters["dead_letters"].as_array().unwrap().last().cloned().unwrap();
     assert!(newest["payload"].as_str().unwrap().contains("erased person"), "{newest}");
+    // A payload refused whole (unreadable as a batch) that names her keeps only its reason.
+    let broken = json!({ "batch": { "traits": { "email": JANA.email } } });
+    assert_eq!(c.segment(false, "batch", &broken).await.unwrap().status, 400);
+    let letters = c.get("/v1/dlq?limit=1000").await.unwrap().body;
+    let newest = letters["dead_letters"].as_array().unwrap().last().cloned().unwrap();
+    assert!(newest["payload"].as_str().unwrap().contains("erased person"), "{newest}");
+    assert!(!newest.to_string().contains(JANA.email), "{newest}");
     // So does one whose refused element has only her number, written as people write it.
     let refused = json!({ "type": "identify", "traits": { "phone": "0151 1234 5678" } });
     let other = payloads::segment_page("max-batch-2", "anon-max-x", "/programs/mba", Utc::now());
