@@ -175,6 +175,16 @@ fn config_check_names_the_bad_key_and_accepts_a_good_file() {
         assert_eq!(out.status.code(), Some(2), "{toml}: {stderr}");
         assert!(stderr.contains(key), "{toml}: {stderr}");
     }
+    // a Salesforce field map given through the environment stops `serve` (its names would be
+    // lower-cased and match no column)
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .arg("serve")
+        .env("COHORT__NORMALIZE__SALESFORCE_FIELDS__HASOPTEDOUTOFEMAIL", "x")
+        .env("COHORT__STORAGE__URL", "memory://")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("normalize.salesforce_fields"));
     // the same error stops `serve` before it binds anything
     let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
         .arg("serve")
